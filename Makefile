@@ -1,0 +1,34 @@
+# The two Quick-start commands: `make demo` and `make test`. Each creates .venv and installs what it
+# needs the first time. TORCH pins the CPU build that installs from local disk on our machines;
+# override it elsewhere, e.g. `make test TORCH="torch>=2.5"`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+RECIPE ?= hybridkit/recipes/tiny_hybrid.yaml
+
+.PHONY: demo test lint gpu-test clean
+
+$(BIN)/hybridkit: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: $(BIN)/hybridkit
+	$(BIN)/hybridkit show $(RECIPE) --seq-len 4096
+	$(BIN)/hybridkit generate $(RECIPE) --prompt-ids 1,2,3,4 --max-new-tokens 16 --seed 0
+	$(BIN)/hybridkit check $(RECIPE)
+
+test: $(BIN)/hybridkit
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu" tests
+
+lint: $(BIN)/hybridkit
+	$(BIN)/ruff check hybridkit tests examples benchmarks
+	$(BIN)/ruff format --check hybridkit tests examples benchmarks
+
+gpu-test:
+	python -m pytest -q -m gpu tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

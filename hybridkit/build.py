@@ -1,0 +1,34 @@
+"""Compile a spec into a model: ``build_model(spec) -> HybridLM``."""
+
+from __future__ import annotations
+
+import torch
+
+import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
+from hybridkit.model import HybridLM
+from hybridkit.recipe import RecipeSpec
+from hybridkit.spec import ModelSpec
+
+
+def build_model(
+    spec: ModelSpec | RecipeSpec,
+    *,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> HybridLM:
+    """Build a randomly initialised :class:`HybridLM`.
+
+    ``spec`` may be a whole recipe (its ``model`` section is used). With ``seed`` the initial
+    weights are reproducible and the global RNG state is restored afterwards.
+    """
+    model_spec = spec.model if isinstance(spec, RecipeSpec) else spec
+    if seed is None:
+        model = HybridLM(model_spec)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = HybridLM(model_spec)
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model

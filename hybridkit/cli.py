@@ -1,0 +1,296 @@
+"""The ``hybridkit`` command line: one parser, one subcommand per job.
+
+Every subcommand that reads a recipe accepts ``--set key=value`` overrides (repeatable). Errors
+caused by input (a bad recipe key, a missing file, a foreign checkpoint) print one clear message
+and exit with status 2; only genuine bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hybridkit.errors import HybridkitError
+
+SET_HELP = "override a recipe key, e.g. --set model.d_model=512 (repeatable)"
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP
+    )
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_source(source: str, overrides: Sequence[str]):
+    """Load a recipe file, or a run directory (recipe.yaml + weights): -> (recipe, weights)."""
+    from hybridkit.recipe import load_recipe
+    from hybridkit.train.checkpoint import find_weights
+
+    path = Path(source)
+    if path.is_dir():
+        recipe_path = path / "recipe.yaml"
+        if not recipe_path.is_file():
+            raise HybridkitError(
+                f"{path} is a directory without recipe.yaml; pass a recipe file or a run directory"
+            )
+        return load_recipe(recipe_path, overrides), find_weights(path)
+    if not path.exists():
+        raise HybridkitError(f"no such recipe file or run directory: {source}")
+    return load_recipe(path, overrides), None
+
+
+# --- show -------------------------------------------------------------------------------------
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hybridkit.build import build_model
+    from hybridkit.summary import human_bytes, human_count, summarize
+
+    recipe, _ = load_source(args.recipe, args.overrides)
+    model = build_model(recipe, seed=recipe.seed)
+    device = _device(args.device)
+    s = summarize(model, seq_len=args.seq_len, act_dtype=args.dtype, device=device)
+    console = Console()
+    title = recipe.name or Path(args.recipe).stem
+    table = Table(
+        title=f"{title}: {len(s.rows)} layers, d_model {recipe.model.d_model}, "
+        f"vocab {recipe.model.vocab_size}"
+    )
+    for col, just in (
+        ("#", "right"),
+        ("template", "left"),
+        ("layers", "left"),
+        ("options", "left"),
+        ("params", "right"),
+    ):
+        table.add_column(col, justify=just)
+    for row in s.rows:
+        table.add_row(str(row.index), row.template, row.kinds, row.options, human_count(row.params))
+    console.print(table)
+    totals = Table(title="parameters", show_header=True)
+    totals.add_column("part")
+    totals.add_column("params", justify="right")
+    for kind, n in sorted(s.param_counts.items()):
+        totals.add_row(kind, f"{n:,}")
+    totals.add_row(
+        "[bold]total[/bold]", f"[bold]{s.total_params:,}[/bold] ({human_count(s.total_params)})"
+    )
+    console.print(totals)
+    mem = Table(
+        title=f"inference memory per sequence (k/v and KV cache in {args.dtype}, states fp32)"
+    )
+    mem.add_column("what")
+    mem.add_column("bytes", justify="right")
+    mem.add_row("recurrent state (all Mamba-3 layers)", human_bytes(s.state_bytes_per_seq))
+    mem.add_row("KV cache per token (all attention layers)", human_bytes(s.kv_bytes_per_token))
+    for length, n in s.kv_bytes_at.items():
+        mem.add_row(f"KV cache at {length:,} tokens", human_bytes(n))
+    for length, n in s.kv_bytes_at.items():
+        if length == args.seq_len:
+            mem.add_row(
+                f"[bold]total at --seq-len {length:,} x batch {args.batch}[/bold]",
+                human_bytes(args.batch * (n + s.state_bytes_per_seq)),
+            )
+    console.print(mem)
+    if s.backends:
+        be = Table(title=f"kernel backends on this machine ({device})")
+        be.add_column("op")
+        be.add_column("backend")
+        for op, name in s.backends.items():
+            be.add_row(op, name)
+        console.print(be)
+    return 0
+
+
+# --- generate ---------------------------------------------------------------------------------
+def _parse_prompts(text: str, batch: int) -> list[list[int]]:
+    try:
+        prompts = [[int(t) for t in part.split(",") if t.strip()] for part in text.split(";")]
+    except ValueError:
+        raise HybridkitError(
+            f"--prompt-ids must be comma-separated integers (';' between prompts), got {text!r}"
+        ) from None
+    if not prompts or any(not p for p in prompts):
+        raise HybridkitError("--prompt-ids needs at least one token per prompt")
+    if len({len(p) for p in prompts}) != 1:
+        raise HybridkitError("all prompts in --prompt-ids must have the same length")
+    if len(prompts) == 1:
+        prompts = prompts * batch
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from hybridkit.build import build_model
+    from hybridkit.train.checkpoint import load_weights
+
+    recipe, weights = load_source(args.source, args.overrides)
+    device = _device(args.device)
+    model = build_model(recipe, seed=recipe.seed)
+    if weights is not None:
+        load_weights(model, weights)
+    else:
+        print(
+            f"note: {args.source} is a recipe, so the weights are random (seed {recipe.seed})",
+            file=sys.stderr,
+        )
+    model = model.to(device).eval()
+    prompts = _parse_prompts(args.prompt_ids, args.batch)
+    vocab = recipe.model.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise HybridkitError(f"--prompt-ids has ids outside [0, {vocab}): {bad[:5]}")
+    ids = torch.tensor(prompts, device=device)
+    out = model.generate(
+        ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
+    )
+    for i, row in enumerate(out.tolist()):
+        prompt, new = row[: ids.shape[1]], row[ids.shape[1] :]
+        print(f"[{i}] prompt {prompt} -> {new}")
+    return 0
+
+
+# --- check ------------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hybridkit.check import consistency_check
+
+    recipe, _ = load_source(args.recipe, args.overrides)
+    report = consistency_check(
+        recipe.model, batch=args.batch, steps=args.steps, seed=args.seed, tolerance=args.tol
+    )
+    first, second, steps = report.lengths
+    table = Table(
+        title=f"decode vs full forward (float64): prefill {first} + continued prefill {second} "
+        f"+ {steps} steps"
+    )
+    for col in ("#", "layers", "max |diff|", "relative", "ok"):
+        table.add_column(col, justify="right" if col != "layers" else "left")
+    for e in report.layers:
+        table.add_row(
+            str(e.index),
+            e.kinds,
+            f"{e.max_abs:.2e}",
+            f"{e.rel:.2e}",
+            "yes" if e.rel <= report.tolerance else "[red]NO[/red]",
+        )
+    console = Console()
+    console.print(table)
+    verdict = "[green]PASS[/green]" if report.ok else "[red]FAIL[/red]"
+    console.print(
+        f"logits relative error {report.logits_rel:.2e} "
+        f"(tolerance {report.tolerance:.0e}): {verdict}"
+    )
+    return 0 if report.ok else 1
+
+
+# --- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridkit",
+        description="Compose, train and study hybrid Mamba-3 / attention language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("show", help="validate a recipe and print its layers, parameters and memory")
+    p.add_argument("recipe", help="recipe YAML file or run directory")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=2048,
+        help="sequence length for KV-cache bytes (default 2048)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=1, help="batch size for the memory total (default 1)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="activation dtype of k/v states and KV cache (default bfloat16)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="device whose kernel backends to report: auto|cpu|cuda (default auto)",
+    )
+    _add_set(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser(
+        "generate", help="sample tokens from a trained run or a randomly initialised recipe"
+    )
+    p.add_argument(
+        "source", help="run directory (recipe.yaml + weights) or recipe YAML (random weights)"
+    )
+    p.add_argument(
+        "--prompt-ids",
+        default="1",
+        help="comma-separated token ids; ';' separates prompts of equal length (default '1')",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="copies of a single prompt to sample in parallel (default 1)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to sample (default 32)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="sample among the k most likely tokens (default: all)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    _add_set(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "check",
+        help="check that prefill + token-by-token decode reproduces the full forward (float64)",
+    )
+    p.add_argument("recipe", help="recipe YAML file or run directory")
+    p.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
+    p.add_argument(
+        "--steps", type=int, default=6, help="decode steps after the prefills (default 6)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and ids (default 0)")
+    p.add_argument(
+        "--tol", type=float, default=1e-8, help="max relative error per layer (default 1e-8)"
+    )
+    _add_set(p)
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HybridkitError as err:
+        print(f"hybridkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Errors a user can act on.
+
+Every error raised because of bad input (a recipe key, a CLI flag, a checkpoint) derives from
+:class:`HybridkitError`. The CLI prints its message and exits with status 2 instead of showing a
+Python traceback, so the message itself must say *where* the problem is (file and dotted key) and
+*what would be accepted*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class HybridkitError(Exception):
+    """Base class for errors caused by user input; the CLI prints these without a traceback."""
+
+
+class RecipeError(HybridkitError):
+    """A recipe (YAML file, override or Python dict) failed validation.
+
+    ``problems`` is a list of ``(dotted_key, message)`` pairs so that callers and tests can
+    inspect individual problems; ``str(err)`` is the full, human-readable report.
+    """
+
+    def __init__(self, source: str, problems: Iterable[tuple[str, str]]):
+        self.source = source
+        self.problems = list(problems)
+        lines = [f"invalid recipe {source}:"]
+        for key, msg in self.problems:
+            lines.append(f"  {key or '<root>'}: {msg}")
+        super().__init__("\n".join(lines))
+
+
+class CheckpointError(HybridkitError):
+    """A checkpoint is missing, truncated, or belongs to a different model."""
+
+
+def describe_value(value: Any, limit: int = 60) -> str:
+    """Short repr of a user value for error messages (long values are cut)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

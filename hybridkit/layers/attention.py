@@ -1,0 +1,173 @@
+"""Causal multi-head attention (MHA / GQA / MQA) with RoPE or NoPE and an optional window."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from hybridkit.cache import InferenceCache, KVCache
+from hybridkit.kernels import attention as attn_ops
+from hybridkit.layers.base import LayerSpec
+from hybridkit.layers.norm import RMSNorm
+from hybridkit.layers.rotary import RotaryEmbedding, rotate_half_pairs
+from hybridkit.registry import register_layer
+
+
+def positions_for(
+    length: int, offset: int, cu_seqlens: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Absolute positions of the tokens of one call; restart at 0 in each packed sequence."""
+    pos = torch.arange(length, device=device) + offset
+    if cu_seqlens is not None:
+        starts = cu_seqlens[:-1].to(device)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+        pos = pos - torch.repeat_interleave(starts, lengths)
+    return pos
+
+
+class Attention(nn.Module):
+    """Attention mixer. Projections: fused ``wqkv`` and ``out_proj`` (a residual output)."""
+
+    residual_out_names = ("out_proj",)
+
+    def __init__(self, spec: AttentionSpec, *, d_model: int, layer_idx: int, n_layer: int):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        self.n_heads = spec.resolved_heads(d_model)
+        self.n_kv_heads = spec.n_kv_heads or self.n_heads
+        self.head_dim = spec.head_dim
+        qkv = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.wqkv = nn.Linear(d_model, qkv, bias=spec.qkv_bias)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=spec.out_bias)
+        self.q_norm = RMSNorm(self.head_dim) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if spec.qk_norm else None
+        self.rotary = (
+            RotaryEmbedding(self.head_dim, spec.rope_theta) if spec.position == "rope" else None
+        )
+
+    def allocate_cache(
+        self, batch: int, max_seqlen: int, dtype: torch.dtype, device: torch.device | None
+    ) -> KVCache:
+        shape = (batch, max_seqlen, self.n_kv_heads, self.head_dim)
+        return KVCache(
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache: InferenceCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, length, _ = x.shape
+        h, hk, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([h * d, hk * d, hk * d], dim=-1)
+        q, k, v = q.view(b, length, h, d), k.view(b, length, hk, d), v.view(b, length, hk, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        offset = cache.seqlen_offset if cache is not None else 0
+        if self.rotary is not None:
+            pos = positions_for(length, offset, cu_seqlens, x.device)
+            cos, sin = self.rotary(pos, x.dtype)
+            q, k = rotate_half_pairs(q, cos, sin), rotate_half_pairs(k, cos, sin)
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache")
+            kv = cache.layers.get(self.layer_idx)
+            if kv is None:
+                kv = self.allocate_cache(b, cache.max_seqlen, x.dtype, x.device)
+                cache.layers[self.layer_idx] = kv
+            k, v = kv.append(k, v)
+        out = attn_ops.attention(
+            q,
+            k,
+            v,
+            causal=True,
+            window=self.spec.window,
+            softmax_scale=self.spec.softmax_scale,
+            cu_seqlens=cu_seqlens,
+            backend=self.spec.backend,
+        )
+        return self.out_proj(out.reshape(b, length, h * d))
+
+
+@register_layer(Attention)
+class AttentionSpec(LayerSpec):
+    """Causal softmax attention. ``n_heads`` defaults to ``d_model // head_dim``."""
+
+    kind: Literal["attention"] = "attention"
+    n_heads: int | None = Field(default=None, gt=0)
+    n_kv_heads: int | None = Field(default=None, gt=0, description="GQA/MQA; default n_heads")
+    head_dim: int = Field(default=64, gt=0)
+    position: Literal["rope", "nope"] = "rope"
+    rope_theta: float = Field(default=10000.0, gt=0)
+    window: int | None = Field(
+        default=None, gt=0, description="sliding window (keys seen, self included)"
+    )
+    qk_norm: bool = False
+    softmax_scale: float | None = Field(default=None, gt=0)
+    causal: bool = True
+    qkv_bias: bool = False
+    out_bias: bool = False
+    backend: str = "auto"
+
+    @field_validator("causal")
+    @classmethod
+    def _causal_only(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "hybridkit builds autoregressive language models, so attention must be causal "
+                "(allowed: true)"
+            )
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in attn_ops.BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; allowed: {', '.join(attn_ops.BACKENDS)}")
+        return value
+
+    def resolved_heads(self, d_model: int) -> int:
+        return self.n_heads if self.n_heads is not None else d_model // self.head_dim
+
+    def check(self, d_model: int) -> list[tuple[str, str]]:
+        problems = []
+        if self.n_heads is None and d_model % self.head_dim:
+            problems.append(
+                (
+                    "head_dim",
+                    f"d_model {d_model} is not a multiple of head_dim {self.head_dim}; "
+                    "set n_heads explicitly or choose a head_dim that divides d_model",
+                )
+            )
+        heads = self.resolved_heads(d_model)
+        if heads < 1:
+            problems.append(("n_heads", f"resolves to {heads}; need at least one head"))
+        elif self.n_kv_heads is not None and heads % self.n_kv_heads:
+            problems.append(
+                (
+                    "n_kv_heads",
+                    f"n_heads {heads} is not a multiple of n_kv_heads {self.n_kv_heads}; "
+                    f"allowed: divisors of {heads}",
+                )
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            problems.append(("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}"))
+        return problems
+
+    def summary(self) -> str:
+        parts = [f"heads={self.n_heads or 'd/hd'}"]
+        if self.n_kv_heads:
+            parts.append(f"kv={self.n_kv_heads}")
+        parts += [f"hd={self.head_dim}", self.position]
+        if self.window:
+            parts.append(f"window={self.window}")
+        if self.qk_norm:
+            parts.append("qk_norm")
+        return " ".join(parts)

@@ -1,0 +1,59 @@
+"""Base class of every layer spec and the registry-backed dispatch on ``kind``.
+
+A recipe names a layer by ``kind``; pydantic validates it against the spec class registered for
+that kind (see :mod:`hybridkit.registry`). Using a wrap validator instead of a static
+``Union[...]`` keeps the union open: a user's own layer kind registered from another package is
+validated exactly like the built-in ones, with the same error paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch import nn
+
+from hybridkit.registry import LAYERS
+
+
+class StrictModel(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are re-validated on edit."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class LayerSpec(StrictModel):
+    """A layer (mixer or MLP) in a block. Subclasses set ``kind: Literal["..."]``."""
+
+    kind: str
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _dispatch_on_kind(cls, data: Any, handler: Any) -> Any:
+        # Only the open base class dispatches; a concrete subclass validates itself.
+        if cls is LayerSpec and isinstance(data, dict):
+            kind = data.get("kind")
+            if kind is None:
+                raise ValueError(f"missing 'kind'; allowed kinds: {', '.join(LAYERS.names())}")
+            if kind not in LAYERS:
+                raise ValueError(
+                    f"unknown layer kind {kind!r}; allowed kinds: {', '.join(LAYERS.names())}"
+                )
+            return LAYERS.get(kind).spec_cls.model_validate(data)
+        if cls is LayerSpec and isinstance(data, LayerSpec):
+            return data
+        return handler(data)
+
+    # --- hooks used by the model compiler and `hybridkit show` -------------------------------
+    def check(self, d_model: int) -> list[tuple[str, str]]:
+        """Cross-field checks that need the model width: ``[(key, message), ...]``."""
+        return []
+
+    def summary(self) -> str:
+        """Short description of the key options for the layer table."""
+        return ""
+
+    def build(self, d_model: int, layer_idx: int, n_layer: int) -> nn.Module:
+        """Instantiate the registered module class for this spec."""
+        module_cls = LAYERS.get(self.kind).module_cls
+        return module_cls(self, d_model=d_model, layer_idx=layer_idx, n_layer=n_layer)

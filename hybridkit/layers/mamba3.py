@@ -1,0 +1,306 @@
+"""The Mamba-3 mixer (SISO or MIMO) exactly as ``mamba3-spec.md`` section 1 describes it.
+
+Data flow: ``in_proj`` -> split [z | x | B | C | dd_dt | dd_A | trap | angles] -> scalar gates
+(dt, A, lambda) -> BCNorm on B and C -> SSM core (biases, data-dependent rotation, trapezoid
+recurrence, D skip; in :mod:`hybridkit.kernels.mamba3.ops`) -> output norm / SiLU(z) gate / MIMO
+down-projection -> ``out_proj``.
+
+Two ablation switches change the math for studies: ``rope: false`` removes the data-dependent
+rotation (a real-valued SSM; the angle columns disappear from ``in_proj``) and ``trapezoid:
+false`` uses exponential-Euler (lambda = 1, Mamba-2 style; the trap columns disappear).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from hybridkit.cache import InferenceCache
+from hybridkit.kernels.mamba3 import ops
+from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.layers.base import LayerSpec
+from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
+from hybridkit.registry import register_layer
+
+OutprojNorm = Literal["none", "grouped_pregate", "pregate", "postgate", "grouped_postgate"]
+
+
+def heavy_tail(v: torch.Tensor) -> torch.Tensor:
+    """phi(v) = 1 + v for v >= 0, 1 / (1 - v) for v < 0: positive, C1 at 0, phi(0) = 1."""
+    return torch.where(v >= 0, 1.0 + v, 1.0 / (1.0 - v.clamp(max=0.0)))
+
+
+def _no_decay(p: nn.Parameter) -> nn.Parameter:
+    p._no_weight_decay = True  # read by the optimizer builder
+    return p
+
+
+class Mamba3(nn.Module):
+    """Mamba-3 mixer; ``mimo_rank == 1`` is SISO (interleaved rotary pairs), R > 1 is MIMO."""
+
+    residual_out_names = ("out_proj",)
+
+    def __init__(self, spec: Mamba3Spec, *, d_model: int, layer_idx: int, n_layer: int):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        self.d_inner = spec.d_inner(d_model)
+        self.headdim, self.d_state = spec.headdim, spec.d_state
+        self.nheads = self.d_inner // spec.headdim
+        self.ngroups, self.rank = spec.ngroups, spec.mimo_rank
+        self.n_angles = spec.n_angles()
+        self.pairing = "interleaved" if self.rank == 1 else "halves"
+        h, n, g, r = self.nheads, self.d_state, self.ngroups, self.rank
+        n_trap = h if spec.trapezoid else 0
+        self.split_sizes = [
+            self.d_inner,
+            self.d_inner,
+            n * g * r,
+            n * g * r,
+            h,
+            h,
+            n_trap,
+            self.n_angles,
+        ]
+        self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False)
+
+        # dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max], floored (spec 1.9).
+        u = torch.rand(h)
+        dt0 = torch.exp(u * (math.log(spec.dt_max) - math.log(spec.dt_min)) + math.log(spec.dt_min))
+        dt0 = dt0.clamp(min=spec.dt_init_floor)
+        self.dt_bias = _no_decay(nn.Parameter(dt0 + torch.log(-torch.expm1(-dt0))))
+        self.B_bias = _no_decay(nn.Parameter(torch.ones(h, r, n)))
+        self.C_bias = _no_decay(nn.Parameter(torch.ones(h, r, n)))
+        self.B_norm = RMSNorm(n, eps=spec.norm_eps)
+        self.C_norm = RMSNorm(n, eps=spec.norm_eps)
+        if r > 1:
+            self.mimo_x = nn.Parameter(torch.full((h, r, spec.headdim), 1.0 / r))
+            self.mimo_z = nn.Parameter(torch.ones(h, r, spec.headdim))
+            self.mimo_o = nn.Parameter(torch.full((h, r, spec.headdim), 1.0 / r))
+        else:
+            self.mimo_x = self.mimo_z = self.mimo_o = None
+        self.D = _no_decay(nn.Parameter(torch.ones(h)))
+        norm = spec.outproj_norm
+        if norm == "none":
+            self.norm = None
+        else:
+            group = spec.headdim if norm.startswith("grouped") else self.d_inner
+            self.norm = GatedRMSNorm(
+                self.d_inner, group, norm_before_gate=norm.endswith("pregate"), eps=spec.norm_eps
+            )
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    # ------------------------------------------------------------------------------------------
+    def state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        h, p, n = self.nheads, self.headdim, self.d_state
+        return {
+            "angle": (batch, h, self.n_angles),
+            "ssm": (batch, h, p, n),
+            "k": (batch, self.rank, h, n),
+            "v": (batch, h, p),
+        }
+
+    def allocate_cache(
+        self, batch: int, max_seqlen: int, dtype: torch.dtype, device: torch.device | None
+    ) -> Mamba3State:
+        return Mamba3State.zeros(
+            batch,
+            self.nheads,
+            self.headdim,
+            self.d_state,
+            self.n_angles,
+            self.rank,
+            dtype=dtype,
+            device=device,
+        )
+
+    def gates(self, dd_dt: torch.Tensor, dd_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dt = softplus(dd_dt + dt_bias) and A*dt, in float32 (float64 for a float64 model)."""
+        ct = torch.float64 if dd_dt.dtype == torch.float64 else torch.float32
+        dt = F.softplus(dd_dt.to(ct) + self.dt_bias.to(ct))
+        a_in = dd_a.to(ct)
+        if self.spec.a_activation == "heavy_tail":
+            a = -heavy_tail(a_in).clamp(min=self.spec.a_floor)
+        else:
+            a = -F.softplus(a_in).clamp(min=self.spec.a_floor)
+        return dt, a * dt
+
+    def forward(
+        self,
+        u: torch.Tensor,
+        *,
+        cache: InferenceCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, length, _ = u.shape
+        h, p, n, g, r = self.nheads, self.headdim, self.d_state, self.ngroups, self.rank
+        z, x, bk, cq, dd_dt, dd_a, trap, ang = self.in_proj(u).split(self.split_sizes, dim=-1)
+        z, x = z.reshape(b, length, h, p), x.reshape(b, length, h, p)
+        k = self.B_norm(bk.reshape(b, length, r, g, n))
+        q = self.C_norm(cq.reshape(b, length, r, g, n))
+        dt, adt = self.gates(dd_dt, dd_a)
+        dt, adt = dt.transpose(1, 2), adt.transpose(1, 2)
+        trap = trap.transpose(1, 2) if self.spec.trapezoid else None
+        angles = ang[:, :, None, :].expand(b, length, h, self.n_angles) if self.n_angles else None
+        state = None
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache")
+            state = cache.layers.get(self.layer_idx)
+        y, final = ops.mamba3_scan(
+            q,
+            k,
+            x,
+            adt,
+            dt,
+            trap,
+            self.C_bias,
+            self.B_bias,
+            angles,
+            self.D,
+            self.mimo_x,
+            pairing=self.pairing,
+            initial_state=state,
+            cu_seqlens=cu_seqlens,
+            chunk_size=self.spec.chunk_size,
+            backend=self.spec.backend,
+        )
+        if cache is not None:
+            cache.layers[self.layer_idx] = Mamba3State(
+                final.angle, final.ssm, final.k.to(u.dtype), final.v.to(u.dtype)
+            )
+        return self.out_proj(self.output(y, z).to(u.dtype))
+
+    def output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Gate / norm / MIMO down-projection: y (B, L, R, H, P), z (B, L, H, P) -> (B, L, H*P)."""
+        b, length, r, h, p = y.shape
+        zr = z[:, :, None].to(y.dtype)
+        if self.mimo_z is not None:
+            zr = zr * self.mimo_z.transpose(0, 1).to(y.dtype)  # (R, H, P)
+        if self.norm is None:
+            o = y * F.silu(zr)
+        else:
+            o = self.norm(y.reshape(b, length, r, h * p), zr.reshape(b, length, r, h * p))
+            o = o.reshape(b, length, r, h, p)
+        if self.mimo_o is not None:
+            o = (o * self.mimo_o.transpose(0, 1).to(o.dtype)).sum(dim=2)
+        else:
+            o = o[:, :, 0]
+        return o.reshape(b, length, h * p)
+
+
+@register_layer(Mamba3)
+class Mamba3Spec(LayerSpec):
+    """Mamba-3 mixer options; defaults are the paper's (spec 1.1)."""
+
+    kind: Literal["mamba3"] = "mamba3"
+    d_state: int = Field(default=128, gt=0, description="N, the state size per head")
+    headdim: int = Field(default=64, gt=0, description="P, the value head dim")
+    expand: float = Field(default=2.0, gt=0, description="d_inner = int(expand * d_model)")
+    ngroups: int = Field(default=1, gt=0, description="G, number of B/C groups (GQA-like)")
+    mimo_rank: int = Field(default=1, description="R; 1 = SISO, > 1 = MIMO")
+    rope_fraction: float = Field(default=0.5, description="share of d_state rotated (0.5 or 1)")
+    rope: bool = Field(default=True, description="data-dependent rotation; false = real-valued SSM")
+    trapezoid: bool = Field(
+        default=True, description="exp-trapezoidal; false = exp-Euler (Mamba-2)"
+    )
+    outproj_norm: OutprojNorm = "none"
+    a_activation: Literal["heavy_tail", "softplus"] = "heavy_tail"
+    a_floor: float = Field(default=1e-4, gt=0)
+    dt_min: float = Field(default=1e-3, gt=0)
+    dt_max: float = Field(default=0.1, gt=0)
+    dt_init_floor: float = Field(default=1e-4, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0)
+    chunk_size: int = Field(default=64, gt=0, description="chunk length of the prefill scan")
+    backend: str = "auto"
+
+    @field_validator("mimo_rank")
+    @classmethod
+    def _rank(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"mimo_rank must be >= 1 (1 = SISO), got {value}")
+        return value
+
+    @field_validator("rope_fraction")
+    @classmethod
+    def _rope_fraction(cls, value: float) -> float:
+        if value not in (0.5, 1.0):
+            raise ValueError(f"rope_fraction must be 0.5 or 1, got {value}")
+        return value
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _pow2(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(
+                f"chunk_size must be a power of two (e.g. 16, 32, 64, 128), got {value}"
+            )
+        return value
+
+    @field_validator("d_state")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"d_state must be even (rotation works on pairs), got {value}")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; allowed: {', '.join(ops.BACKENDS)}")
+        return value
+
+    def d_inner(self, d_model: int) -> int:
+        return int(self.expand * d_model)
+
+    def n_angles(self) -> int:
+        """S, the rotary angles per token (spec 1.1); 0 when the rotation is switched off."""
+        if not self.rope:
+            return 0
+        s0 = int(self.d_state * self.rope_fraction)
+        return (s0 - s0 % 2) // 2
+
+    def check(self, d_model: int) -> list[tuple[str, str]]:
+        problems = []
+        d_inner = self.d_inner(d_model)
+        if d_inner % self.headdim:
+            problems.append(
+                (
+                    "headdim",
+                    f"d_inner = int(expand * d_model) = {d_inner} is not a multiple of "
+                    f"headdim {self.headdim}; allowed: divisors of {d_inner}",
+                )
+            )
+            return problems
+        nheads = d_inner // self.headdim
+        if nheads % self.ngroups:
+            problems.append(
+                (
+                    "ngroups",
+                    f"{nheads} heads are not a multiple of ngroups {self.ngroups}; "
+                    f"allowed: divisors of {nheads}",
+                )
+            )
+        if self.rope and self.n_angles() == 0:
+            problems.append(("d_state", f"d_state {self.d_state} leaves no rotary pair; use >= 4"))
+        if self.dt_min > self.dt_max:
+            problems.append(("dt_min", f"dt_min {self.dt_min} exceeds dt_max {self.dt_max}"))
+        return problems
+
+    def summary(self) -> str:
+        parts = [f"N={self.d_state}", f"P={self.headdim}"]
+        parts.append("SISO" if self.mimo_rank == 1 else f"MIMO R={self.mimo_rank}")
+        if self.ngroups != 1:
+            parts.append(f"G={self.ngroups}")
+        if self.outproj_norm != "none":
+            parts.append(f"norm={self.outproj_norm}")
+        if not self.rope:
+            parts.append("rope=off")
+        if not self.trapezoid:
+            parts.append("trapezoid=off")
+        return " ".join(parts)

@@ -1,0 +1,47 @@
+"""SwiGLU MLP (spec 6.1): ``fc2(value * silu(gate))`` with ``fc1`` producing [value | gate]."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from hybridkit.layers.base import LayerSpec
+from hybridkit.registry import register_layer
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP; ``fc2`` is a residual-branch output (scaled at init, see model.init_weights)."""
+
+    residual_out_names = ("fc2",)
+
+    def __init__(self, spec: MLPSpec, *, d_model: int, layer_idx: int, n_layer: int):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        d_ff = spec.resolved_d_ff(d_model)
+        self.fc1 = nn.Linear(d_model, 2 * d_ff, bias=spec.bias)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=spec.bias)
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        value, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(value * F.silu(gate))
+
+
+@register_layer(SwiGLU)
+class MLPSpec(LayerSpec):
+    """SwiGLU MLP. ``d_ff`` defaults to ``2 * d_model`` (the paper's 4096 for d_model 2048)."""
+
+    kind: Literal["mlp"] = "mlp"
+    d_ff: int | None = Field(default=None, gt=0, description="hidden width; default 2*d_model")
+    multiple_of: int = Field(default=1, gt=0, description="round d_ff up to a multiple of this")
+    bias: bool = False
+
+    def resolved_d_ff(self, d_model: int) -> int:
+        d_ff = self.d_ff if self.d_ff is not None else 2 * d_model
+        return -(-d_ff // self.multiple_of) * self.multiple_of
+
+    def summary(self) -> str:
+        return f"d_ff={self.d_ff if self.d_ff is not None else '2*d'}"

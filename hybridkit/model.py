@@ -1,0 +1,234 @@
+"""HybridLM: embedding -> pre-norm residual blocks (mixer + optional MLP) -> final norm -> head.
+
+The same module serves training (``forward`` over whole sequences, optionally packed with
+``cu_seqlens``), prefill (``forward`` with an :class:`InferenceCache`, which every recurrent layer
+continues from and updates) and decoding (``step``: one token per sequence). Token-by-token
+decoding reproduces the full forward (``hybridkit check`` measures it per layer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from hybridkit.cache import InferenceCache
+from hybridkit.layers.norm import RMSNorm
+
+if TYPE_CHECKING:
+    from hybridkit.spec import BlockSpec, ModelSpec
+
+
+class Block(nn.Module):
+    """``h += mixer(norm1(h)); h += mlp(norm2(h))`` (either part may be absent)."""
+
+    def __init__(self, spec: BlockSpec, *, d_model: int, layer_idx: int, n_layer: int, eps: float):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        self.norm1 = self.mixer = self.norm2 = self.mlp = None
+        if spec.mixer is not None:
+            self.norm1 = RMSNorm(d_model, eps)
+            self.mixer = spec.mixer.build(d_model, layer_idx, n_layer)
+        if spec.mlp is not None:
+            self.norm2 = RMSNorm(d_model, eps)
+            self.mlp = spec.mlp.build(d_model, layer_idx, n_layer)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        *,
+        cache: InferenceCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.mixer is not None:
+            h = h + self.mixer(self.norm1(h), cache=cache, cu_seqlens=cu_seqlens)
+        if self.mlp is not None:
+            h = h + self.mlp(self.norm2(h), cache=cache, cu_seqlens=cu_seqlens)
+        return h
+
+
+class HybridLM(nn.Module):
+    """A causal language model compiled from a :class:`~hybridkit.spec.ModelSpec`."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        layers = spec.layers()
+        n_layer = len(layers)
+        self.embedding = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.blocks = nn.ModuleList(
+            Block(b, d_model=spec.d_model, layer_idx=i, n_layer=n_layer, eps=spec.norm_eps)
+            for i, b in enumerate(layers)
+        )
+        self.norm_f = RMSNorm(spec.d_model, spec.norm_eps)
+        self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        self.init_weights()
+
+    # --- initialisation ---------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """GPT-2/Mamba-style init (spec 6.1).
+
+        Embeddings ~ N(0, init_std); Linear biases zero; every residual-branch output projection
+        (named by its module's ``residual_out_names``) is re-drawn and divided by
+        sqrt(number of residual branches), i.e. sqrt(2 * n_layer) when every block has a mixer
+        and an MLP, so the residual stream's variance does not grow with depth. Layer-specific
+        parameters (Mamba-3's dt_bias, biases, D) keep the values their constructors gave them.
+        """
+        nn.init.normal_(self.embedding.weight, std=self.spec.init_std)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        outs = [
+            getattr(layer, name).weight
+            for block in self.blocks
+            for layer in (block.mixer, block.mlp)
+            if layer is not None
+            for name in getattr(layer, "residual_out_names", ())
+        ]
+        scale = 1.0 / math.sqrt(
+            max(1, sum(1 for b in self.blocks for m in (b.mixer, b.mlp) if m is not None))
+        )
+        with torch.no_grad():
+            for weight in outs:
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                weight.mul_(scale)
+        if not self.spec.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=self.spec.init_std)
+
+    # --- running ----------------------------------------------------------------------------
+    def forward(
+        self,
+        ids: torch.Tensor,
+        *,
+        cache: InferenceCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """``ids`` (B, L) -> logits (B, L, vocab).
+
+        With ``cache`` the call continues the cached sequences (prefill or several new tokens)
+        and advances the cache. ``cu_seqlens`` packs sequences in a batch of one. With
+        ``return_hidden`` also returns each block's output (for per-layer checks).
+        """
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (batch, seqlen), got shape {tuple(ids.shape)}")
+        h = self.embedding(ids)
+        hidden = []
+        for block in self.blocks:
+            h = block(h, cache=cache, cu_seqlens=cu_seqlens)
+            if return_hidden:
+                hidden.append(h)
+        logits = self.lm_head(self.norm_f(h))
+        if cache is not None:
+            cache.seqlen_offset += ids.shape[1]
+        return (logits, hidden) if return_hidden else logits
+
+    def allocate_cache(
+        self,
+        batch_size: int,
+        max_seqlen: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> InferenceCache:
+        """Fresh per-layer states for ``batch_size`` sequences of up to ``max_seqlen`` tokens."""
+        ref = self.embedding.weight
+        dtype = dtype or ref.dtype
+        device = device or ref.device
+        cache = InferenceCache(batch_size, max_seqlen)
+        for block in self.blocks:
+            for layer in (block.mixer, block.mlp):
+                if layer is not None and hasattr(layer, "allocate_cache"):
+                    cache.layers[block.layer_idx] = layer.allocate_cache(
+                        batch_size, max_seqlen, dtype, device
+                    )
+        return cache
+
+    def step(self, token: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """Decode one token per sequence: ``token`` (B,) or (B, 1) -> logits (B, vocab)."""
+        if token.dim() == 1:
+            token = token[:, None]
+        return self.forward(token, cache=cache)[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        eos_id: int | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations for a batch of equal-length prompts.
+
+        ``temperature == 0`` is greedy. With ``seed`` the samples are reproducible (a private
+        generator; the global RNG is untouched). Sequences that emitted ``eos_id`` keep emitting it.
+        Returns (B, L + max_new_tokens) including the prompt.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        was_training = self.training
+        self.eval()
+        gen = torch.Generator(device=ids.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        cache = self.allocate_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+        out = [ids]
+        logits = self.forward(ids, cache=cache)[:, -1]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for i in range(max_new_tokens):
+            nxt = sample(logits, temperature=temperature, top_k=top_k, generator=gen)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt[:, None])
+            if i + 1 < max_new_tokens:
+                logits = self.step(nxt, cache)
+        self.train(was_training)
+        return torch.cat(out, dim=1)
+
+    # --- bookkeeping ------------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per layer kind (each block's pre-norm counted with its layer), plus
+        ``embedding``, ``head`` (0 when tied) and ``final_norm``."""
+        counts: dict[str, int] = defaultdict(int)
+        counts["embedding"] = self.embedding.weight.numel()
+        counts["head"] = 0 if self.spec.tie_embeddings else self.lm_head.weight.numel()
+        counts["final_norm"] = sum(p.numel() for p in self.norm_f.parameters())
+        for block in self.blocks:
+            for norm, layer in ((block.norm1, block.mixer), (block.norm2, block.mlp)):
+                if layer is not None:
+                    n = sum(p.numel() for p in layer.parameters()) + norm.weight.numel()
+                    counts[layer.spec.kind] += n
+        return dict(counts)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,286 @@
+"""Recipes: YAML in, a validated :class:`RecipeSpec` out, and back to YAML for the run directory.
+
+Everything a user can get wrong in a recipe ends up as one :class:`~hybridkit.errors.RecipeError`
+listing *all* problems, each as ``(dotted.key, message)``: the key is the path in the YAML file
+(``model.blocks.m.mixer.headdim``), the message names the bad value and what is allowed. The
+dotted key is simply pydantic's ``loc`` joined with dots; ``spec.py`` raises its own problems with
+a ``loc`` that already points at the key to edit, so no message parsing is needed here.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hybridkit.errors import RecipeError
+from hybridkit.layers.base import LayerSpec, StrictModel
+from hybridkit.registry import LAYERS
+from hybridkit.spec import ModelSpec, describe_error
+
+__all__ = ["RecipeSpec", "apply_overrides", "dump_recipe", "load_recipe", "recipe_to_dict"]
+
+
+class RecipeSpec(StrictModel):
+    """A whole recipe. Only the model section exists so far."""
+
+    name: str | None = None
+    description: str | None = None
+    seed: int = 0
+    model: ModelSpec
+    # Later issues add the `task`, `train` and `eval` sections here (each a StrictModel, so the
+    # error conversion below -- including "allowed keys" -- works for them unchanged).
+
+
+def load_recipe(
+    path_or_dict: str | os.PathLike[str] | Mapping[str, Any],
+    overrides: Sequence[str] = (),
+) -> RecipeSpec:
+    """Load, override (``"model.d_model=128"``) and validate a recipe file or dict."""
+    if isinstance(path_or_dict, Mapping):
+        source = "<dict>"
+        data: Any = copy.deepcopy(dict(path_or_dict))
+    else:
+        source = str(path_or_dict)
+        data = _read_yaml(Path(path_or_dict))
+    apply_overrides(data, overrides, source)
+    try:
+        return RecipeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(source, validation_problems(exc, data)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(source, [("", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(source, [("", f"cannot read the file: {exc}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(source, [("", f"YAML syntax error: {exc}")]) from None
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"a {type(data).__name__}"
+        raise RecipeError(
+            source,
+            [
+                (
+                    "",
+                    f"the top level must be a mapping of keys "
+                    f"(name, seed, model, ...); the file is {what}",
+                )
+            ],
+        )
+    return data
+
+
+# --- overrides ------------------------------------------------------------------------------------
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str) -> None:
+    """Apply ``"dotted.key=value"`` strings in place; the value is parsed as YAML.
+
+    Missing keys are created (pydantic then reports them if they are unknown); list items are
+    addressed by integer index. Every malformed override is reported, not only the first.
+    """
+    if isinstance(overrides, str):  # a lone "a.b=c" would otherwise be split into characters
+        overrides = [overrides]
+    problems: list[tuple[str, str]] = []
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part.strip() for part in key.split(".")):
+            problems.append(
+                (
+                    key or text,
+                    f"malformed override {text!r}; expected "
+                    "'dotted.key=value', e.g. 'model.d_model=128'",
+                )
+            )
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problems.append((key, f"override {text!r}: the value is not valid YAML ({exc})"))
+            continue
+        error = _set_path(data, [part.strip() for part in key.split(".")], value)
+        if error:
+            problems.append((key, f"override {text!r}: {error}"))
+    if problems:
+        raise RecipeError(source, problems)
+
+
+def _set_path(node: Any, parts: list[str], value: Any) -> str | None:
+    """Walk ``parts`` from ``node`` and set the last one; returns an error message or None."""
+    walked: list[str] = []
+    while parts:
+        if isinstance(node, dict):
+            key, used = _dict_key(node, parts)
+            walked += parts[:used]
+            parts = parts[used:]
+            if not parts:
+                node[key] = value
+                return None
+            if key not in node:
+                node[key] = {}
+            node = node[key]
+        elif isinstance(node, list):
+            part = parts.pop(0)
+            try:
+                index = int(part)
+            except ValueError:
+                return f"{'.'.join(walked) or '<root>'} is a list; {part!r} is not an integer index"
+            if not -len(node) <= index < len(node):
+                return (
+                    f"index {index} is out of range for {'.'.join(walked)} "
+                    f"(allowed: {-len(node)}..{len(node) - 1})"
+                )
+            walked.append(part)
+            if not parts:
+                node[index] = value
+                return None
+            node = node[index]
+        else:
+            return (
+                f"cannot set {'.'.join(parts)!r} inside {'.'.join(walked)!r}, which is "
+                f"{_yaml_type(node)}, not a mapping"
+            )
+    return None
+
+
+def _dict_key(node: dict[Any, Any], parts: list[str]) -> tuple[Any, int]:
+    """The key of ``node`` that the next path segments address, and how many segments it uses.
+
+    Prefers the longest existing dotted key (``overrides: {5: {mixer.window: 8}}`` has a key with
+    a dot in it) and matches integer keys written as text (``overrides.5``).
+    """
+    for used in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:used])
+        if candidate in node:
+            return candidate, used
+        if candidate.lstrip("-").isdigit() and int(candidate) in node:
+            return int(candidate), used
+    return parts[0], 1
+
+
+def _yaml_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+    return "null" if value is None else names.get(type(value), f"a {type(value).__name__}")
+
+
+# --- pydantic errors -> RecipeError problems ------------------------------------------------------
+def validation_problems(exc: ValidationError, data: Any) -> list[tuple[str, str]]:
+    """``(dotted.key, message)`` for every error; ``data`` is the validated input (for lookups)."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        allowed = None
+        if err["type"] == "extra_forbidden":
+            allowed = allowed_keys(RecipeSpec, data, loc[:-1])
+        problems.append((".".join(str(p) for p in loc), describe_error(err, allowed)))
+    return problems
+
+
+def allowed_keys(root: type[BaseModel], data: Any, loc: Sequence[Any]) -> list[str] | None:
+    """Field names of the model found at ``loc`` (walking annotations and the input together).
+
+    The input is needed because a layer's class depends on its ``kind`` value.
+    """
+    tp: Any = root
+    node = data
+    for key in loc:
+        tp = _child_type(tp, node, key)
+        node = _child_data(node, key)
+        if tp is None:
+            return None
+    cls = _model_class(tp, node)
+    return list(cls.model_fields) if cls is not None else None
+
+
+def _arms(tp: Any) -> list[Any]:
+    """Flatten ``Annotated``/``Optional``/``Union`` into the plain member types."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _arms(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [arm for arg in typing.get_args(tp) for arm in _arms(arg)]
+    return [tp]
+
+
+def _model_class(tp: Any, node: Any) -> type[BaseModel] | None:
+    for arm in _arms(tp):
+        if isinstance(arm, type) and issubclass(arm, BaseModel):
+            if issubclass(arm, LayerSpec) and isinstance(node, dict):
+                kind = node.get("kind")
+                if kind in LAYERS:
+                    return LAYERS.get(kind).spec_cls
+            return arm
+    return None
+
+
+def _child_type(tp: Any, node: Any, key: Any) -> Any:
+    cls = _model_class(tp, node)
+    if cls is not None:
+        field = cls.model_fields.get(str(key))
+        return field.annotation if field is not None else None
+    for arm in _arms(tp):
+        origin = typing.get_origin(arm)
+        if origin is dict and (node is None or isinstance(node, dict)):
+            return typing.get_args(arm)[1]
+        if origin is list and isinstance(key, int) and (node is None or isinstance(node, list)):
+            return typing.get_args(arm)[0]
+    return None
+
+
+def _child_data(node: Any, key: Any) -> Any:
+    if isinstance(node, dict):
+        for candidate in (key, str(key)):
+            if candidate in node:
+                return node[candidate]
+        text = str(key)
+        return node.get(int(text)) if text.lstrip("-").isdigit() else None
+    if isinstance(node, list) and isinstance(key, int) and -len(node) <= key < len(node):
+        return node[key]
+    return None
+
+
+# --- dumping --------------------------------------------------------------------------------------
+def recipe_to_dict(spec: RecipeSpec) -> dict[str, Any]:
+    """The fully resolved recipe (every default filled in) as plain JSON-compatible data."""
+    return spec.model_dump(mode="json")
+
+
+def dump_recipe(spec: RecipeSpec, path: str | os.PathLike[str] | None = None) -> str:
+    """YAML of the fully resolved recipe; with ``path``, also written there atomically.
+
+    The run directory keeps this file so a run can be reproduced even if defaults change later;
+    ``load_recipe`` of it gives back an equal spec.
+    """
+    text = yaml.safe_dump(recipe_to_dict(spec), sort_keys=False, allow_unicode=True)
+    if path is not None:
+        _write_atomic(Path(path), text)
+    return text
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory, so a crash never leaves half a recipe."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

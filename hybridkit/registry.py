@@ -1,0 +1,90 @@
+"""Registries that map a recipe ``kind`` to the classes that implement it.
+
+A layer kind is a pair (pydantic spec class, ``nn.Module`` class); a task kind is a spec class
+whose ``build()`` returns a generator. Users add their own kinds from their own package with the
+decorators below -- nothing in hybridkit needs editing (see ``examples/custom_layer.py``).
+
+The registries are the only process-wide tables in hybridkit. They are written once, at import
+time of the module that defines a kind, and never mutated while a model runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> entry table with a helpful error for unknown names."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._entries: dict[str, T] = {}
+
+    def add(self, name: str, entry: T, *, replace: bool = False) -> None:
+        if not replace and name in self._entries and self._entries[name] is not entry:
+            raise ValueError(
+                f"{self.what} kind {name!r} is already registered; pass replace=True to override it"
+            )
+        self._entries[name] = entry
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown {self.what} kind {name!r}; registered kinds: {', '.join(self.names())}"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+
+class LayerEntry:
+    """What the registry stores for one layer kind."""
+
+    def __init__(self, spec_cls: type, module_cls: type):
+        self.spec_cls = spec_cls
+        self.module_cls = module_cls
+
+
+LAYERS: Registry[LayerEntry] = Registry("layer")
+TASKS: Registry[type] = Registry("task")
+
+
+def register_layer(module_cls: type, *, replace: bool = False) -> Callable[[type], type]:
+    """Class decorator for a layer spec: ``@register_layer(MyModule) class MySpec(LayerSpec)``.
+
+    The spec class must declare ``kind: Literal["my_kind"] = "my_kind"``. The module class is
+    constructed as ``module_cls(spec, d_model=..., layer_idx=..., n_layer=...)``.
+    """
+
+    def deco(spec_cls: type) -> type:
+        LAYERS.add(_kind_of(spec_cls), LayerEntry(spec_cls, module_cls), replace=replace)
+        return spec_cls
+
+    return deco
+
+
+def register_task(spec_cls: type | None = None, *, replace: bool = False) -> Any:
+    """Class decorator for a task spec (``kind: Literal[...]`` field required)."""
+
+    def deco(cls: type) -> type:
+        TASKS.add(_kind_of(cls), cls, replace=replace)
+        return cls
+
+    return deco(spec_cls) if spec_cls is not None else deco
+
+
+def _kind_of(spec_cls: type) -> str:
+    field = getattr(spec_cls, "model_fields", {}).get("kind")
+    if field is None or not isinstance(field.default, str):
+        raise TypeError(
+            f"{spec_cls.__name__} needs a field `kind: Literal['name'] = 'name'` to be registered"
+        )
+    return field.default

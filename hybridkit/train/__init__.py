@@ -1,0 +1,1 @@
+"""Training: trainer, optimiser, checkpoints, distributed helpers."""

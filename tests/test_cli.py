@@ -1,0 +1,108 @@
+"""The command line: show / generate / check on every shipped recipe, and clean errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybridkit.cli import main
+
+RECIPES = sorted((Path(__file__).parent.parent / "hybridkit" / "recipes").glob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    assert len(RECIPES) >= 5
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_show_every_recipe(recipe, capsys):
+    assert main(["show", str(recipe), "--seq-len", "4096", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "params" in out and "recurrent state" in out and "KV cache at 4,096 tokens" in out
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_check_every_recipe(recipe, capsys):
+    assert main(["check", str(recipe), "--batch", "1", "--steps", "3"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_generate_random_recipe(capsys):
+    recipe = RECIPES[0]
+    args = [
+        "generate",
+        str(recipe),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and "prompt [1, 2, 3] ->" in first
+
+
+def test_generate_from_run_dir(tmp_path, capsys):
+    from hybridkit import build_model, dump_recipe, load_recipe
+    from hybridkit.train.checkpoint import save_weights
+
+    recipe = load_recipe(Path(__file__).parent.parent / "hybridkit/recipes/tiny_hybrid.yaml")
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    save_weights(build_model(recipe, seed=5), tmp_path / "model.safetensors")
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert "->" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_2_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model:\n  d_model: 32\n  vocab_size: 64\n  layout: 'm x 2'\n"
+        "  blocks:\n    m: {mixer: {kind: mamba3, headdim: 7}}\n"
+    )
+    assert main(["show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "headdim" in err and "Traceback" not in err
+    assert main(["show", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["show", str(RECIPES[0]), "--set", "model.d_model=abc"]) == 2
+    assert "model.d_model" in capsys.readouterr().err
+    assert main(["generate", str(RECIPES[0]), "--prompt-ids", "1,x"]) == 2
+    assert main(["generate", str(RECIPES[0]), "--prompt-ids", "99999"]) == 2
+
+
+def test_truncated_checkpoint_is_clear(tmp_path, capsys):
+    from hybridkit import dump_recipe, load_recipe
+
+    recipe = load_recipe(RECIPES[0])
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    (tmp_path / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    assert main(["generate", str(tmp_path)]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_python_dash_m_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "hybridkit", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "show" in out.stdout and "check" in out.stdout
