@@ -198,6 +198,70 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# --- train / eval / study ---------------------------------------------------------------------
+def _lengths(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise HybridkitError(f"--lengths must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise HybridkitError("--lengths needs at least one positive length")
+    return values
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hybridkit.recipe import load_recipe
+    from hybridkit.train.trainer import Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    resume = None if args.resume == "none" else args.resume
+    out = Trainer(recipe, args.out, resume=resume, progress=not args.no_progress).fit()
+    if "final_eval" in out:
+        for r in out["final_eval"]:
+            print(
+                f"eval at length {r['length']}: ex_match {100 * r['ex_match']:.1f}%  "
+                f"tok_acc {100 * r['tok_acc']:.1f}%  scaled {100 * r['scaled_acc']:.1f}%"
+            )
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hybridkit.eval.report import evaluate_run, markdown_table
+
+    def show(r: dict) -> None:
+        print(
+            f"length {r['length']:>6}: ex_match {100 * r['ex_match']:5.1f}%  "
+            f"tok_acc {100 * r['tok_acc']:5.1f}%"
+        )
+
+    payload = evaluate_run(
+        args.run,
+        lengths=_lengths(args.lengths),
+        overrides=args.overrides,
+        device=args.device,
+        out_dir=args.out,
+        on_length=show,
+    )
+    print(markdown_table(payload["results"], payload["train_length"]))
+    print(f"wrote eval.json, eval.md and eval.png to {args.out or args.run}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from hybridkit.study import run_study
+
+    out = args.out or str(Path("runs") / Path(args.study).stem)
+    run_study(
+        args.study, out, overrides=args.overrides, device=args.device, progress=not args.no_progress
+    )
+    print((Path(out) / "report.md").read_text())
+    print(f"report: {Path(out) / 'report.md'}; plot: {Path(out) / 'lengthgen.png'}")
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -276,6 +340,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train", help="train a recipe (task + model) into a run directory")
+    p.add_argument("recipe", help="recipe YAML file with model, task and train sections")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="run directory (created; holds checkpoints, metrics.jsonl)",
+    )
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (newest checkpoint in --out, the default), none, or a checkpoint directory",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+    _add_set(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a trained run at many lengths (eval.json, eval.md, eval.png)"
+    )
+    p.add_argument("run", help="run directory written by `hybridkit train`")
+    p.add_argument(
+        "--lengths",
+        default=None,
+        help="comma-separated lengths (default: recipe eval.lengths or the task's eval_lengths)",
+    )
+    p.add_argument(
+        "--out", default=None, help="where to write the results (default: the run directory)"
+    )
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    _add_set(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "study", help="train and compare variants of a recipe (report.md + lengthgen.png)"
+    )
+    p.add_argument("study", help="study YAML: base recipe, variants, seeds, learning rates")
+    p.add_argument("-o", "--out", default=None, help="output directory (default runs/<study name>)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_set(p)
+    p.set_defaults(func=cmd_study)
     return parser
 
 

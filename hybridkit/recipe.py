@@ -19,25 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError
 
+import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
+import hybridkit.tasks  # noqa: F401  (registers the built-in task kinds)
 from hybridkit.errors import RecipeError
+from hybridkit.eval.spec import EvalSpec
 from hybridkit.layers.base import LayerSpec, StrictModel
-from hybridkit.registry import LAYERS
+from hybridkit.registry import LAYERS, TASKS
 from hybridkit.spec import ModelSpec, describe_error
+from hybridkit.tasks.base import TaskSpec
+from hybridkit.train.spec import TrainSpec
 
 __all__ = ["RecipeSpec", "apply_overrides", "dump_recipe", "load_recipe", "recipe_to_dict"]
 
 
 class RecipeSpec(StrictModel):
-    """A whole recipe. Only the model section exists so far."""
+    """A whole recipe: the model, the task it is trained on, how to train and how to evaluate."""
 
     name: str | None = None
     description: str | None = None
     seed: int = 0
     model: ModelSpec
-    # Later issues add the `task`, `train` and `eval` sections here (each a StrictModel, so the
-    # error conversion below -- including "allowed keys" -- works for them unchanged).
+    task: SerializeAsAny[TaskSpec] | None = None
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
 
 
 def load_recipe(
@@ -178,14 +184,17 @@ def _yaml_type(value: Any) -> str:
 
 
 # --- pydantic errors -> RecipeError problems ------------------------------------------------------
-def validation_problems(exc: ValidationError, data: Any) -> list[tuple[str, str]]:
-    """``(dotted.key, message)`` for every error; ``data`` is the validated input (for lookups)."""
+def validation_problems(
+    exc: ValidationError, data: Any, root: type[BaseModel] | None = None
+) -> list[tuple[str, str]]:
+    """``(dotted.key, message)`` for every error; ``data`` is the validated input (for lookups)
+    and ``root`` the model class it was validated against (default :class:`RecipeSpec`)."""
     problems = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         allowed = None
         if err["type"] == "extra_forbidden":
-            allowed = allowed_keys(RecipeSpec, data, loc[:-1])
+            allowed = allowed_keys(root or RecipeSpec, data, loc[:-1])
         problems.append((".".join(str(p) for p in loc), describe_error(err, allowed)))
     return problems
 
@@ -223,6 +232,10 @@ def _model_class(tp: Any, node: Any) -> type[BaseModel] | None:
                 kind = node.get("kind")
                 if kind in LAYERS:
                     return LAYERS.get(kind).spec_cls
+            if issubclass(arm, TaskSpec) and isinstance(node, dict):
+                kind = node.get("kind")
+                if kind in TASKS:
+                    return TASKS.get(kind)
             return arm
     return None
 

@@ -34,17 +34,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the second name of tensors that share storage (``lm_head.weight`` tied to the
+    embedding): safetensors stores each tensor once and refuses aliases."""
+    out, seen = {}, set()
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if tensor.data_ptr() != 0 and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
 def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Save ``model.state_dict()`` (tied weights stored once) atomically as safetensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state, seen = {}, {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.stride())
-        if tensor.data_ptr() != 0 and key in seen:
-            continue  # a tied parameter (e.g. lm_head.weight = embedding.weight)
-        seen[key] = name
-        state[name] = tensor.detach().contiguous().cpu()
+    state = untie(model.state_dict())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -110,4 +117,101 @@ def find_weights(run_dir: str | os.PathLike) -> Path:
         raise CheckpointError(f"{latest} names {name!r} but {candidate} does not exist")
     raise CheckpointError(
         f"{run_dir} holds no weights: expected model.safetensors or checkpoints/latest"
+    )
+
+
+# --- training checkpoints (weights + optimizer + trainer state) --------------------------------
+#
+# checkpoints/step_000100/model.safetensors      the weights
+# checkpoints/step_000100/optimizer.safetensors  AdamW moments, keyed "<param name>/<state key>"
+# checkpoints/step_000100/trainer.json           step, RNG states, recipe, metrics so far
+# checkpoints/latest                             name of the newest complete checkpoint
+#
+# A checkpoint directory is written under a temporary name and renamed when complete, and
+# `latest` is replaced atomically afterwards, so a run killed at any moment (kill -9 included)
+# leaves the previous checkpoint intact and resumable.
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(untie(tensors), str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated"
+        ) from None
+
+
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, torch.Tensor],
+    trainer_state: dict,
+    keep: int,
+) -> Path:
+    """Write a complete checkpoint atomically and prune old ones; returns its directory."""
+    import json
+    import shutil
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        save_tensors(model_state, tmp / "model.safetensors")
+        save_tensors(optim_state, tmp / "optimizer.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(root / "latest", name.encode())
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run, or None if it has none."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    path = latest.parent / latest.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{latest} names {path.name!r}, which does not exist")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """(model tensors, optimizer tensors, trainer state) of a checkpoint directory."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a hybridkit checkpoint: missing {', '.join(missing)}")
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / 'trainer.json'} is corrupt ({err})") from None
+    if not isinstance(state, dict) or "step" not in state or state.get("format") != "hybridkit-1":
+        raise CheckpointError(f"{path} was not written by hybridkit's trainer")
+    return (
+        load_tensors(path / "model.safetensors"),
+        load_tensors(path / "optimizer.safetensors"),
+        state,
     )

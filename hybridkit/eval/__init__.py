@@ -1,0 +1,1 @@
+"""Evaluation across sequence lengths, plots, and the ``eval`` recipe section."""

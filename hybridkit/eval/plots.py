@@ -1,0 +1,80 @@
+"""Plots people would rather look at than read: accuracy vs length, NIAH depth x length."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_lengthgen(
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | Path,
+    *,
+    train_length: int | None = None,
+    metric: str = "ex_match",
+    title: str | None = None,
+) -> Path:
+    """One line per arm: ``metric`` vs evaluation length on a log2 axis, train length marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for name, points in curves.items():
+        xs = [x for x, _ in points]
+        ys = [100 * y for _, y in points]
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    if train_length:
+        ax.axvline(train_length, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(
+            "train length",
+            (train_length, 2),
+            rotation=90,
+            color="grey",
+            fontsize=8,
+            xytext=(3, 0),
+            textcoords="offset points",
+        )
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("evaluation length")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_depth_heatmap(
+    lengths: Sequence[int],
+    depth_rows: Sequence[Sequence[float | None]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """NIAH exact match per (needle depth bin, length); empty bins are blank."""
+    import numpy as np
+
+    grid = np.array([[np.nan if v is None else 100 * v for v in row] for row in depth_rows]).T
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lengths), 4.0), dpi=100)
+    im = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="viridis")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    bins = grid.shape[0]
+    ax.set_yticks(range(bins), [f"{i / bins:.1f}" for i in range(bins)])
+    ax.set_xlabel("length")
+    ax.set_ylabel("needle depth (bin start)")
+    fig.colorbar(im, ax=ax, label="ex_match (%)")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,310 @@
+"""Studies: a base recipe x named variants x seeds x learning rates, trained, evaluated, compared.
+
+Recurrent models are sensitive to the learning rate, so a comparison at one shared LR can say
+more about the LR than the architecture. A study therefore trains every variant at every LR (and
+seed), picks each variant's best LR on a *held-out* split at the training length (examples drawn
+with a different seed from the test sets), and only then evaluates the chosen runs at every
+length on the fixed test sets. Runs are resumable and finished runs are skipped, so an
+interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from hybridkit.build import build_model
+from hybridkit.errors import HybridkitError, RecipeError
+from hybridkit.eval.lengthgen import evaluate_lengths
+from hybridkit.eval.plots import plot_lengthgen
+from hybridkit.eval.report import evaluate_run, load_run
+from hybridkit.layers.base import StrictModel
+from hybridkit.recipe import RecipeSpec, load_recipe, validation_problems
+from hybridkit.summary import human_bytes, human_count, summarize
+from hybridkit.train.trainer import Trainer, resolve_device
+
+HELD_OUT_SEED_OFFSET = 7919
+
+
+class StudySpec(StrictModel):
+    """A study file. ``base`` is a recipe path relative to the study file."""
+
+    name: str | None = None
+    description: str | None = None
+    base: str = Field(description="recipe the variants start from (path relative to this file)")
+    set: list[str] = Field(default_factory=list, description="overrides applied to every run")
+    variants: dict[str, list[str]] = Field(
+        description="variant name -> list of key=value overrides"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], description="seeds per (variant, lr)")
+    lrs: list[float] | None = Field(default=None, description="learning rates; default train.lr")
+    lengths: list[int] | None = Field(default=None, description="test lengths; default: the task's")
+    select_metric: str = Field(default="ex_match", description="ex_match | tok_acc")
+    select_examples: int = Field(default=200, gt=0, description="held-out examples for LR choice")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not value:
+            raise ValueError("a study needs at least one variant")
+        for name in value:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"variant name {name!r} must be a plain folder name")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("seeds must not be empty")
+        return value
+
+    @field_validator("lrs")
+    @classmethod
+    def _lrs(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or min(value) <= 0):
+            raise ValueError("lrs must be a non-empty list of positive learning rates")
+        return value
+
+    @field_validator("select_metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in ("ex_match", "tok_acc"):
+            raise ValueError(f"select_metric must be ex_match or tok_acc, got {value!r}")
+        return value
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudySpec, Path]:
+    """Validate a study file; returns the spec and the resolved base recipe path."""
+    path = Path(path)
+    if not path.is_file():
+        raise HybridkitError(f"no such study file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise HybridkitError(f"{path}: YAML syntax error: {err}") from None
+    if not isinstance(data, dict):
+        raise HybridkitError(f"{path}: a study file must be a mapping of keys to values")
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(str(path), validation_problems(exc, data, root=StudySpec)) from None
+    base = (path.parent / spec.base).resolve()
+    if not base.is_file():
+        raise RecipeError(
+            str(path), [("base", f"recipe {spec.base!r} not found (looked at {base})")]
+        )
+    spec.set = list(spec.set) + list(overrides)
+    return spec, base
+
+
+def run_name(lr: float, seed: int) -> str:
+    return f"lr{lr:g}-seed{seed}"
+
+
+def variant_recipe(
+    spec: StudySpec, base: Path, variant: str, lr: float | None, seed: int
+) -> RecipeSpec:
+    extra = [f"train.lr={lr}"] if lr is not None else []
+    recipe = load_recipe(base, [*spec.set, *spec.variants[variant], *extra, f"seed={seed}"])
+    if recipe.task is None:
+        raise RecipeError(str(base), [("task", "a study's base recipe needs a task section")])
+    return recipe
+
+
+def run_study(
+    study_path: str | Path,
+    out_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Train, select, evaluate and report; returns the results dict (also results.json)."""
+    spec, base = load_study(study_path, overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Validate every variant before training anything: a typo in the last variant should not
+    # surface after an hour of training the first ones.
+    recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in spec.variants}
+    lrs = spec.lrs or [None]
+    t0 = time.time()
+    runs: dict[str, dict] = {}
+    for variant in spec.variants:
+        runs[variant] = {}
+        for lr in lrs:
+            for seed in spec.seeds:
+                recipe = variant_recipe(spec, base, variant, lr, seed)
+                run_dir = out / variant / run_name(recipe.train.lr, seed)
+                if not (run_dir / "final.json").is_file():
+                    print(
+                        f"[study] training {variant} lr={recipe.train.lr:g} seed={seed} "
+                        f"-> {run_dir}"
+                    )
+                    if recipe.train.device == "auto" and device != "auto":
+                        recipe.train.device = device
+                    Trainer(recipe, run_dir, resume="auto", progress=progress).fit()
+                runs[variant].setdefault(recipe.train.lr, []).append(run_dir)
+    # Learning-rate selection on held-out examples at the training length.
+    chosen: dict[str, float] = {}
+    selection: dict[str, dict[str, float]] = {}
+    for variant, by_lr in runs.items():
+        scores = {}
+        for lr, dirs in by_lr.items():
+            vals = [held_out_score(d, spec, device) for d in dirs]
+            scores[lr] = statistics.fmean(vals)
+        selection[variant] = {f"{lr:g}": s for lr, s in scores.items()}
+        chosen[variant] = max(scores, key=lambda lr: (scores[lr], -lr))
+    # Test evaluation of the chosen runs at every length.
+    results: dict[str, dict] = {}
+    for variant, lr in chosen.items():
+        per_seed = []
+        for run_dir in runs[variant][lr]:
+            cached = run_dir / "eval.json"
+            lengths = spec.lengths
+            if cached.is_file() and _same_lengths(cached, lengths):
+                payload = json.loads(cached.read_text())
+            else:
+                payload = evaluate_run(run_dir, lengths=lengths, device=device)
+            per_seed.append(payload)
+        results[variant] = summarize_variant(
+            variant, lr, per_seed, recipes[variant], runs[variant][lr]
+        )
+    report = {
+        "study": spec.name or Path(study_path).stem,
+        "base": str(base),
+        "selection_metric": spec.select_metric,
+        "lr_selection": selection,
+        "variants": results,
+        "wall_time_s": time.time() - t0,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    write_report(report, spec, out)
+    return report
+
+
+def _same_lengths(path: Path, lengths: Sequence[int] | None) -> bool:
+    if lengths is None:
+        return True
+    done = [r["length"] for r in json.loads(path.read_text())["results"]]
+    return done == list(lengths)
+
+
+def held_out_score(run_dir: Path, spec: StudySpec, device: str) -> float:
+    """Score at the training length on examples disjoint from the test sets (cached)."""
+    cache = run_dir / "heldout.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())[spec.select_metric]
+    recipe, model = load_run(run_dir)
+    task_spec = recipe.task.model_copy(
+        update={
+            "eval_seed": recipe.task.eval_seed + HELD_OUT_SEED_OFFSET,
+            "eval_examples": spec.select_examples,
+        }
+    )
+    model = model.to(resolve_device(device))
+    res = evaluate_lengths(
+        model,
+        task_spec.build(),
+        [task_spec.seq_len],
+        batch_size=recipe.eval.batch_size,
+        precision=recipe.train.precision,
+        decode_examples=0,
+    )[0]
+    cache.write_text(json.dumps(res))
+    return res[spec.select_metric]
+
+
+def summarize_variant(
+    variant: str, lr: float, per_seed: list[dict], recipe: RecipeSpec, dirs: list[Path]
+) -> dict:
+    lengths = [r["length"] for r in per_seed[0]["results"]]
+    table = {}
+    for i, length in enumerate(lengths):
+        vals = [p["results"][i] for p in per_seed]
+        table[str(length)] = {
+            "ex_match": statistics.fmean(v["ex_match"] for v in vals),
+            "tok_acc": statistics.fmean(v["tok_acc"] for v in vals),
+            "scaled_acc": statistics.fmean(v["scaled_acc"] for v in vals),
+            "per_seed_ex_match": [v["ex_match"] for v in vals],
+            "tokens": vals[0]["tokens"],
+        }
+    model = build_model(recipe, seed=0)
+    s = summarize(model, seq_len=per_seed[0]["train_length"])
+    wall = 0.0
+    for d in dirs:
+        final = d / "final.json"
+        if final.is_file():
+            wall += float(json.loads(final.read_text()).get("wall_time_s", 0.0))
+    return {
+        "lr": lr,
+        "runs": [str(d) for d in dirs],
+        "train_length": per_seed[0]["train_length"],
+        "params": s.total_params,
+        "state_bytes_per_seq": s.state_bytes_per_seq,
+        "kv_bytes_per_token": s.kv_bytes_per_token,
+        "train_wall_time_s": wall,
+        "by_length": table,
+    }
+
+
+def write_report(report: dict, spec: StudySpec, out: Path) -> None:
+    variants = report["variants"]
+    first = next(iter(variants.values()))
+    lengths = list(first["by_length"])
+    train_len = first["train_length"]
+    lines = [f"# Study: {report['study']}", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    lines += [
+        f"Base recipe: `{Path(report['base']).name}`; seeds {spec.seeds}; learning rates "
+        f"{spec.lrs or 'from the recipe'} (best per variant chosen on {spec.select_examples} "
+        f"held-out examples at the training length, metric {report['selection_metric']}). "
+        f"Trained at length {train_len}. Numbers are ex_match in %, mean over seeds.",
+        "",
+    ]
+    header = (
+        "| variant | params | state / seq | KV / token | lr | train time | "
+        + " | ".join(f"{n}{' (train)' if int(n) == train_len else ''}" for n in lengths)
+        + " | 2x / 1x |"
+    )
+    lines += [header, "|" + "---|" * (7 + len(lengths))]
+    for name, v in variants.items():
+        cells = [f"{100 * v['by_length'][n]['ex_match']:.1f}" for n in lengths]
+        one = v["by_length"].get(str(train_len), {}).get("ex_match")
+        two = v["by_length"].get(str(2 * train_len), {}).get("ex_match")
+        ratio = f"{two / one:.2f}" if one and two is not None else "-"
+        lines.append(
+            f"| {name} | {human_count(v['params'])} | {human_bytes(v['state_bytes_per_seq'])} | "
+            f"{human_bytes(v['kv_bytes_per_token'])} | {v['lr']:g} | "
+            f"{v['train_wall_time_s']:.0f} s | " + " | ".join(cells) + f" | {ratio} |"
+        )
+    lines += ["", "LR selection (held-out score per learning rate):", ""]
+    for name, scores in report["lr_selection"].items():
+        lines.append(
+            f"- {name}: " + ", ".join(f"lr {lr}: {100 * s:.1f}" for lr, s in scores.items())
+        )
+    lines += [
+        "",
+        f"Total wall time {report['wall_time_s']:.0f} s.",
+        "",
+        "![length generalisation](lengthgen.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    curves = {
+        name: [(int(n), v["by_length"][n]["ex_match"]) for n in lengths]
+        for name, v in variants.items()
+    }
+    plot_lengthgen(
+        curves,
+        out / "lengthgen.png",
+        train_length=train_len,
+        title=f"{report['study']}: ex_match vs length",
+    )

@@ -1,0 +1,500 @@
+"""Task specs, batches and the generator base class shared by every task kind.
+
+A recipe's ``task`` section names a kind; :class:`TaskSpec` validates it against the spec class
+registered for that kind (:data:`hybridkit.registry.TASKS`), exactly like ``LayerSpec`` does for
+layers. The union stays open: a user's own kind registered with ``@register_task`` from another
+package is validated, built and trained like the built-in ones (``examples/custom_task.py``).
+
+Conventions shared by every task (``docs/tasks.md`` section 0):
+
+* A generator returns ``inputs`` and ``targets`` of the same length. ``targets[t]`` is the token the
+  model must emit after reading ``inputs[0..t]``; positions that are not scored hold
+  :data:`IGNORE_INDEX`, so ``F.cross_entropy(..., ignore_index=IGNORE_INDEX)`` trains on the answer
+  only and :func:`hybridkit.tasks.metrics.score` scores the answer only.
+* ``length`` is measured in the task's *natural unit* (documented per task): total input tokens for
+  most tasks, number of bits / expression tokens for the state-tracking tasks, whose prompts add a
+  fixed number of framing tokens (see :meth:`TaskSpec.token_length`).
+* All randomness comes from ``numpy.random.Generator`` objects passed in (training) or derived from
+  ``eval_seed`` and the length (evaluation), never from a global RNG, so runs are reproducible and
+  evaluation sets do not depend on how much training data was drawn before.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import (
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from hybridkit.layers.base import StrictModel
+from hybridkit.registry import TASKS
+
+IGNORE_INDEX = -100
+"""Target value of unscored positions (PyTorch's default ``ignore_index``)."""
+
+POSITION_META = ("answer_group",)
+"""Meta keys holding one value per position ``(B, L)``; padded with -1 like the inputs."""
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+
+
+class LengthWeight(StrictModel):
+    """One component of a training length mixture."""
+
+    length: int = Field(gt=0, description="length in the task's natural unit")
+    weight: float = Field(default=1.0, gt=0, description="relative sampling weight")
+
+
+class CurriculumStage(StrictModel):
+    """A stage of a length curriculum: for ``steps`` optimizer steps each example's length is
+    drawn uniformly from the lengths in [min_len, max_len] the task can generate (e.g. only the
+    even ones for MQAR, the odd ones for modular arithmetic without brackets)."""
+
+    steps: int = Field(gt=0, description="optimizer steps spent in this stage")
+    min_len: int = Field(gt=0)
+    max_len: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CurriculumStage:
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len={self.min_len} is larger than max_len={self.max_len}")
+        return self
+
+
+class TaskSpec(StrictModel):
+    """Base of every task spec. Subclasses set ``kind: Literal["..."]`` and implement ``build``.
+
+    Length fields are in the task's natural unit. ``eval_lengths`` defaults to
+    ``[seq_len // 2, seq_len, 2, 4, 8 x seq_len]`` (the length-generalization protocol), each
+    snapped down to a valid length of the task and dropped if the task cannot generate it; after
+    validation it is always a list. The derived default is dumped as null, so changing
+    ``seq_len`` later (or in a reloaded recipe) re-derives it.
+
+    Problems are reported as pydantic errors located at the offending key (``seq_len``,
+    ``curriculum.0``, ``eval_lengths.2``, a knob), so a recipe loader can print ``task.<key>``.
+    """
+
+    kind: str
+    seq_len: int = Field(default=128, gt=0, description="training length (natural unit)")
+    length_mixture: list[LengthWeight] | None = Field(
+        default=None, description="train on several lengths, drawn per example by weight"
+    )
+    curriculum: list[CurriculumStage] | None = Field(
+        default=None, description="length stages; the last stage stays after its steps run out"
+    )
+    eval_lengths: list[int] | None = Field(
+        default=None, description="fixed evaluation lengths; default 0.5/1/2/4/8 x seq_len"
+    )
+    eval_examples: int = Field(default=500, gt=0, description="examples per evaluation length")
+    eval_seed: int = Field(default=1234, ge=0, description="seed of the fixed evaluation sets")
+    seed: int | None = Field(default=None, ge=0, description="training data seed; None = recipe")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # pydantic applies an assignment before the model validators run, so a rejected value
+        # would otherwise stay on the spec; restore the previous state instead.
+        saved = (dict(self.__dict__), set(self.__pydantic_fields_set__))
+        try:
+            super().__setattr__(name, value)
+        except ValidationError:
+            self.__dict__.clear()
+            self.__dict__.update(saved[0])
+            self.__pydantic_fields_set__.clear()
+            self.__pydantic_fields_set__.update(saved[1])
+            raise
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _dispatch_on_kind(cls, data: Any, handler: Any) -> Any:
+        # Only the open base class dispatches; a concrete subclass validates itself.
+        if cls is TaskSpec and isinstance(data, dict):
+            kind = data.get("kind")
+            if kind is None:
+                raise ValueError(f"missing 'kind'; allowed kinds: {', '.join(TASKS.names())}")
+            if kind not in TASKS:
+                raise ValueError(
+                    f"unknown task kind {kind!r}; allowed kinds: {', '.join(TASKS.names())}"
+                )
+            return TASKS.get(kind).model_validate(data)
+        if cls is TaskSpec and isinstance(data, TaskSpec):
+            return data
+        return handler(data)
+
+    @field_validator("length_mixture", "curriculum")
+    @classmethod
+    def _not_empty(cls, value: list | None) -> list | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty; leave it out (null) to train at seq_len")
+        return value
+
+    @field_validator("eval_lengths")
+    @classmethod
+    def _eval_lengths_positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) <= 0):
+            raise ValueError("must be a non-empty list of positive lengths")
+        return value
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> TaskSpec:
+        if type(self) is TaskSpec:
+            return self
+        if "eval_lengths" not in self.model_fields_set or self.eval_lengths is None:
+            # Written to __dict__ and marked unset: re-derived if seq_len changes later, and
+            # dumped as null (see _dump_eval_lengths) so a reloaded recipe derives it again.
+            self.__dict__["eval_lengths"] = self._default_eval_lengths()
+            self.__pydantic_fields_set__.discard("eval_lengths")
+        problems: list[tuple[str, str]] = []
+        if self.length_mixture is not None and self.curriculum is not None:
+            problems.append(
+                ("curriculum", "length_mixture and curriculum are mutually exclusive; set one")
+            )
+        problems += self.check()
+        for key, length in self._lengths_to_check():
+            problem = self.length_problem(length)
+            if problem is not None:
+                problems.append((key, problem))
+        for i, stage in enumerate(self.curriculum or []):
+            if not self._any_valid(stage.min_len, stage.max_len):
+                problems.append(
+                    (f"curriculum.{i}", f"no valid length in [{stage.min_len}, {stage.max_len}]")
+                )
+        if problems:
+            raise self._error(problems)
+        return self
+
+    def _error(self, problems: list[tuple[str, str]]) -> ValidationError:
+        """One error per (dotted key, message), located at the key so that a recipe loader
+        reports e.g. ``task.vocab_size`` instead of just ``task``."""
+        details = []
+        for key, message in dict.fromkeys(problems):
+            loc = tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else ()
+            value: Any = self
+            for part in loc:
+                try:
+                    value = value[part] if isinstance(part, int) else getattr(value, part)
+                except (AttributeError, IndexError, KeyError, TypeError):
+                    value = None
+                    break
+            details.append(
+                InitErrorDetails(
+                    type=PydanticCustomError("task_spec", "{message}", {"message": message}),
+                    loc=loc,
+                    input=value,
+                )
+            )
+        return ValidationError.from_exception_data(type(self).__name__, details)
+
+    @field_serializer("eval_lengths")
+    def _dump_eval_lengths(self, value: list[int] | None) -> list[int] | None:
+        return value if "eval_lengths" in self.model_fields_set else None
+
+    def _default_eval_lengths(self) -> list[int]:
+        # Derived lengths the task cannot generate (e.g. 0.5 x seq_len leaving no room for the
+        # MQAR queries) are dropped rather than reported: the user never wrote them.
+        raw = [max(1, self.seq_len // 2), self.seq_len] + [f * self.seq_len for f in (2, 4, 8)]
+        snapped = dict.fromkeys(self.snap_length(n) for n in raw)
+        valid = [n for n in snapped if n > 0 and self.length_problem(n) is None]
+        return valid or [self.seq_len]
+
+    def _lengths_to_check(self) -> list[tuple[str, int]]:
+        """Every fixed length a run will generate, with the key it comes from."""
+        out = [("seq_len", self.seq_len)]
+        for i, item in enumerate(self.length_mixture or []):
+            out.append((f"length_mixture.{i}.length", item.length))
+        if "eval_lengths" in self.model_fields_set:
+            for i, length in enumerate(self.eval_lengths or []):
+                out.append((f"eval_lengths.{i}", length))
+        return out
+
+    def _any_valid(self, lo: int, hi: int) -> bool:
+        return any(self.length_problem(n) is None for n in range(lo, hi + 1))
+
+    def valid_lengths(self, lo: int, hi: int) -> list[int]:
+        """The lengths in [lo, hi] this task can generate (curriculum draws pick among them)."""
+        return [n for n in range(lo, hi + 1) if self.length_problem(n) is None]
+
+    def max_train_length(self) -> int:
+        """Longest length training can draw (for vocabulary, memory and positional limits)."""
+        if self.length_mixture is not None:
+            return max(item.length for item in self.length_mixture)
+        if self.curriculum is not None:
+            return max(stage.max_len for stage in self.curriculum)
+        return self.seq_len
+
+    # --- hooks for task kinds -----------------------------------------------------------------
+    def check(self) -> list[tuple[str, str]]:
+        """Cross-field problems of the knobs as ``[(dotted key, message), ...]`` (the
+        ``LayerSpec.check`` convention); lengths are checked separately by ``length_problem``."""
+        return []
+
+    def length_problem(self, length: int) -> str | None:
+        """Why ``length`` cannot be generated (``None`` if it can); checked for every length."""
+        return None if length >= 1 else f"length must be positive, got {length}"
+
+    def snap_length(self, length: int) -> int:
+        """Nearest valid length <= ``length`` (e.g. even for MQAR); used for derived defaults."""
+        return length
+
+    def token_length(self, length: int) -> int:
+        """Number of input tokens of an example of natural length ``length``."""
+        return length
+
+    def build(self) -> Task:
+        """Instantiate the generator of this task kind."""
+        raise NotImplementedError(f"task kind {self.kind!r} does not implement build()")
+
+
+# --------------------------------------------------------------------------------------------
+# Batch
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """``inputs`` and ``targets`` (B, L) int64, plus per-example ``meta``.
+
+    ``meta`` values are tensors whose first dimension is B, or lists of length B. Every task sets
+    ``meta["length"]`` (natural length per example). ``meta["answer_group"]`` (B, L), when present,
+    splits the scored positions of one sequence into several answers that ``ex_match`` counts
+    separately (multi-query NIAH); without it a sequence is one answer.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    meta: dict[str, torch.Tensor | list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Copy tensors (including tensor meta) to ``device``."""
+        meta = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.meta.items()}
+        return Batch(self.inputs.to(device), self.targets.to(device), meta)
+
+    def select(self, index: slice) -> Batch:
+        """Rows ``index`` of the batch (meta sliced alike)."""
+        meta = {k: v[index] for k, v in self.meta.items()}
+        return Batch(self.inputs[index], self.targets[index], meta)
+
+    def split(self, size: int) -> list[Batch]:
+        """Minibatches of at most ``size`` examples, e.g. to evaluate a large eval set."""
+        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    @staticmethod
+    def concat(batches: Sequence[Batch], pad_id: int) -> Batch:
+        """Stack batches of possibly different lengths, right-padding to the longest.
+
+        Right padding is invisible to a causal model (no real position attends to or is updated
+        by a later one) and padded targets are IGNORE_INDEX, so padding never affects loss or
+        metrics.
+        """
+        if len(batches) == 1:
+            return batches[0]
+        width = max(b.inputs.shape[1] for b in batches)
+
+        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        inputs = torch.cat([pad(b.inputs, pad_id) for b in batches])
+        targets = torch.cat([pad(b.targets, IGNORE_INDEX) for b in batches])
+        meta: dict[str, torch.Tensor | list] = {}
+        for key in batches[0].meta:
+            parts = [b.meta[key] for b in batches]
+            if key in POSITION_META:
+                meta[key] = torch.cat([pad(p, -1) for p in parts])
+            elif torch.is_tensor(parts[0]):
+                meta[key] = torch.cat(parts)
+            else:
+                meta[key] = [x for p in parts for x in p]
+        return Batch(inputs, targets, meta)
+
+
+def make_batch(
+    inputs: np.ndarray, targets: np.ndarray, length: int, **meta: torch.Tensor | list
+) -> Batch:
+    """Wrap numpy arrays into a :class:`Batch` with ``meta["length"]`` filled in."""
+    n = inputs.shape[0]
+    meta = {"length": torch.full((n,), length, dtype=torch.long), **meta}
+    return Batch(
+        torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)),
+        meta,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Task
+# --------------------------------------------------------------------------------------------
+
+
+class Task(ABC):
+    """A seeded generator of one task kind.
+
+    Subclasses set ``vocab_size`` (the model's vocabulary must be at least this), ``chance`` (the
+    probability that a uniform guess of one scored token is right, for ``scaled_acc``) and
+    ``pad_id``, and implement :meth:`sample`. Generators never look at a model: answers are a
+    function of the inputs alone, which the tests recompute with independent evaluators.
+    """
+
+    vocab_size: int
+    chance: float
+    pad_id: int = 0
+
+    def __init__(self, spec: TaskSpec):
+        # A private copy: later edits of the recipe cannot change a running generator.
+        self.spec = spec.model_copy(deep=True)
+        self._eval_cache: dict[int, Batch] = {}
+        self._stage_lengths: dict[int, np.ndarray] = {}
+
+    @abstractmethod
+    def sample(self, n: int, length: int, rng: np.random.Generator) -> Batch:
+        """``n`` examples of natural length ``length``."""
+
+    # --- training -----------------------------------------------------------------------------
+    def make_rng(self, recipe_seed: int = 0, rank: int = 0) -> np.random.Generator:
+        """Training RNG: ``spec.seed`` (or the recipe seed) mixed with the data-parallel rank."""
+        seed = self.spec.seed if self.spec.seed is not None else recipe_seed
+        return np.random.default_rng(np.random.SeedSequence([seed, rank]))
+
+    def lengths_at(self, step: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        """Natural length of each example of the training batch at ``step``."""
+        spec = self.spec
+        if spec.length_mixture is not None:
+            lengths = np.array([m.length for m in spec.length_mixture])
+            weights = np.array([m.weight for m in spec.length_mixture], dtype=np.float64)
+            return rng.choice(lengths, size=batch_size, p=weights / weights.sum())
+        if spec.curriculum is not None:
+            index = self.stage_index(step)
+            if index not in self._stage_lengths:
+                stage = spec.curriculum[index]
+                self._stage_lengths[index] = np.array(
+                    spec.valid_lengths(stage.min_len, stage.max_len)
+                )
+            return rng.choice(self._stage_lengths[index], size=batch_size)
+        return np.full(batch_size, spec.seq_len)
+
+    def stage_index(self, step: int) -> int:
+        """Curriculum stage of ``step`` (0-based); the last stage stays once all have run."""
+        stages = self.spec.curriculum
+        if not stages:
+            raise ValueError("this task has no curriculum")
+        end = 0
+        for i, stage in enumerate(stages):
+            end += stage.steps
+            if step < end:
+                return i
+        return len(stages) - 1
+
+    def stage_at(self, step: int) -> CurriculumStage:
+        """The curriculum stage (its steps and length range) active at ``step``."""
+        return self.spec.curriculum[self.stage_index(step)]
+
+    def train_batch(self, step: int, batch_size: int, rng: np.random.Generator) -> Batch:
+        """A fresh training batch; lengths follow the mixture/curriculum (else ``seq_len``).
+
+        Examples of different lengths are right-padded with ``pad_id`` inputs and IGNORE_INDEX
+        targets. Examples are grouped by length (so the order within the batch is by length);
+        the order does not matter for a loss averaged over the batch.
+        """
+        lengths = self.lengths_at(step, batch_size, rng)
+        values, counts = np.unique(lengths, return_counts=True)
+        parts = [self.sample(int(c), int(v), rng) for v, c in zip(values, counts)]
+        return Batch.concat(parts, self.pad_id)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @property
+    def eval_lengths(self) -> list[int]:
+        return list(self.spec.eval_lengths or [])
+
+    def eval_rng(self, length: int) -> np.random.Generator:
+        """RNG of the evaluation set at ``length``: a function of ``eval_seed`` and ``length``."""
+        return np.random.default_rng(np.random.SeedSequence([self.spec.eval_seed, length]))
+
+    def eval_set(self, length: int) -> Batch:
+        """The fixed evaluation set at ``length`` (``eval_examples`` examples).
+
+        Depends only on the spec, ``eval_seed`` and ``length`` -- not on training draws or call
+        order -- so every run and every arm is scored on the same examples. Cached per length;
+        treat the returned batch as read-only.
+        """
+        if length not in self._eval_cache:
+            self.check_length(length)
+            self._eval_cache[length] = self.sample(
+                self.spec.eval_examples, length, self.eval_rng(length)
+            )
+        return self._eval_cache[length]
+
+    # --- helpers ------------------------------------------------------------------------------
+    def check_length(self, length: int) -> None:
+        """Raise ``ValueError`` if the task cannot generate ``length``."""
+        problem = self.spec.length_problem(length)
+        if problem is not None:
+            raise ValueError(f"task {self.spec.kind!r}: {problem}")
+
+    def describe(self) -> str:
+        """One line for logs: kind, vocabulary size and chance level."""
+        return f"{self.spec.kind}: vocab {self.vocab_size}, chance {self.chance:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling helpers shared by the generators
+# --------------------------------------------------------------------------------------------
+
+
+def sample_distinct(rng: np.random.Generator, n: int, pool: int, k: int) -> np.ndarray:
+    """(n, k) ints in [0, pool), distinct within each row, in uniformly random order.
+
+    Small samples from a large pool (k * k <= pool) use rejection: draw with replacement and
+    redraw the rows that repeat a value (rare by the birthday bound), which costs O(n * k)
+    memory. Otherwise take the k smallest of ``pool`` uniforms per row (argpartition) ordered by
+    their uniform, which makes both the subset and its order uniform. The branch depends only on
+    the shape, so results stay deterministic for a given generator state.
+    """
+    if k > pool:
+        raise ValueError(f"cannot draw {k} distinct values from {pool}")
+    if k <= 1 or k * k <= pool:
+        out = rng.integers(0, pool, size=(n, k))
+        while k > 1:
+            s = np.sort(out, axis=1)
+            bad = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1))
+            if bad.size == 0:
+                break
+            out[bad] = rng.integers(0, pool, size=(bad.size, k))
+        return out.astype(np.int64)
+    u = rng.random((n, pool))
+    idx = np.argpartition(u, k - 1, axis=1)[:, :k] if k < pool else np.tile(np.arange(pool), (n, 1))
+    order = np.argsort(np.take_along_axis(u, idx, axis=1), axis=1)
+    return np.take_along_axis(idx, order, axis=1).astype(np.int64)
+
+
+def weighted_distinct(rng: np.random.Generator, log_weights: np.ndarray, n: int, k: int):
+    """(n, k) distinct indices per row, drawn without replacement with P proportional to weights.
+
+    Gumbel-top-k: adding Gumbel noise to the log-weights and keeping the k largest is equivalent
+    to drawing k times without replacement proportionally to the weights.
+    """
+    keys = log_weights[None, :] + rng.gumbel(size=(n, log_weights.shape[0]))
+    idx = np.argpartition(-keys, k - 1, axis=1)[:, :k]
+    return idx.astype(np.int64)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def long_tensor(values: np.ndarray | Sequence[int]) -> torch.Tensor:
+    """int64 tensor from a numpy array or list (for ``meta`` entries)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64).copy())

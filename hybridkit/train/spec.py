@@ -1,0 +1,56 @@
+"""The ``train`` section of a recipe: optimisation, precision, logging and checkpoint cadence."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from hybridkit.layers.base import StrictModel
+
+
+class TrainSpec(StrictModel):
+    """How to train. ``batch_size`` is the *global* number of examples per optimizer step; it is
+    split over data-parallel ranks and gradient-accumulation micro-batches."""
+
+    steps: int = Field(default=1000, gt=0, description="optimizer steps")
+    batch_size: int = Field(default=32, gt=0, description="global examples per optimizer step")
+    grad_accum: int = Field(default=1, gt=0, description="micro-batches per step and rank")
+    lr: float = Field(default=1e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="final lr / peak lr")
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int | None = Field(default=None, ge=0, description="default: 5% of steps")
+    decay_fraction: float = Field(
+        default=0.2, gt=0, le=1, description="WSD: share of steps in decay"
+    )
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float | None = Field(default=1.0, gt=0, description="max grad norm; null = off")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
+    )
+    compile: bool = Field(default=False, description="torch.compile the model")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="data parallelism under torchrun (FSDP2 = fully_shard)"
+    )
+    log_every: int = Field(default=10, gt=0)
+    eval_every: int = Field(default=0, ge=0, description="in-training eval cadence; 0 = at the end")
+    checkpoint_every: int = Field(default=200, ge=0, description="0 = only the final checkpoint")
+    keep_checkpoints: int = Field(default=2, gt=0, description="checkpoints kept on disk")
+    seed: int | None = Field(default=None, description="data/init seed; null = the recipe's seed")
+    tensorboard: bool = Field(default=True, description="also log to TensorBoard if installed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSpec:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"
+            )
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} must be below steps {self.steps}")
+        return self
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)

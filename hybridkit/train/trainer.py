@@ -1,0 +1,397 @@
+"""One trainer for every task: synthetic tasks and plain next-token LM alike.
+
+Determinism is by construction: the training batch of step ``s`` is drawn from a generator seeded
+with ``(seed, s)`` and nothing else, the learning rate is a pure function of ``s``, and a
+checkpoint stores weights, AdamW moments and RNG states. Resuming from the checkpoint at step
+``s`` therefore replays exactly the steps an uninterrupted run would have taken.
+
+Loss: cross-entropy summed over the scored positions of the global batch and divided by their
+count, so gradient accumulation and data-parallel ranks (each summing its own slice, divided by
+the *global* count) give the same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hybridkit.build import build_model
+from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
+from hybridkit.eval.lengthgen import autocast_for, evaluate_lengths
+from hybridkit.recipe import RecipeSpec, dump_recipe
+from hybridkit.tasks.base import IGNORE_INDEX, Task
+from hybridkit.train import distributed as dist_utils
+from hybridkit.train.checkpoint import (
+    latest_checkpoint,
+    read_checkpoint,
+    save_weights,
+    write_checkpoint,
+)
+from hybridkit.train.metrics import MetricsLog
+from hybridkit.train.optim import build_optimizer, lr_at
+
+
+class TrainingDiverged(HybridkitError):
+    """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HybridkitError("train.device asks for CUDA but no GPU is available; use cpu or auto")
+    return device
+
+
+def model_fingerprint(recipe: RecipeSpec) -> str:
+    """Hash of the model section: a checkpoint only loads into the architecture that wrote it."""
+    text = json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Train ``recipe`` into ``run_dir``; ``resume`` is None, ``"auto"`` or a checkpoint path."""
+
+    def __init__(
+        self,
+        recipe: RecipeSpec,
+        run_dir: str | Path,
+        *,
+        resume: str | None = "auto",
+        progress: bool = True,
+        stop_after: int | None = None,
+    ):
+        if recipe.task is None:
+            raise RecipeError(
+                "<recipe>", [("task", "training needs a task section (e.g. kind: mqar)")]
+            )
+        self.recipe, self.spec = recipe, recipe.train
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.stop_after = stop_after
+        self.seed = self.spec.seed if self.spec.seed is not None else recipe.seed
+        probe = resolve_device(self.spec.device)
+        self.dist = dist_utils.init_distributed(probe.type)
+        self.device = resolve_device(self.spec.device, self.dist.local_rank)
+        self.task: Task = recipe.task.build()
+        if self.task.vocab_size > recipe.model.vocab_size:
+            raise RecipeError(
+                "<recipe>",
+                [
+                    (
+                        "model.vocab_size",
+                        f"{recipe.model.vocab_size} is smaller than the vocabulary of "
+                        f"task {recipe.task.kind!r} ({self.task.vocab_size}); "
+                        f"allowed: >= {self.task.vocab_size}",
+                    )
+                ],
+            )
+        per_rank = self.spec.batch_size // self.spec.grad_accum
+        if per_rank % self.dist.world_size:
+            raise RecipeError(
+                "<recipe>",
+                [
+                    (
+                        "train.batch_size",
+                        f"{self.spec.batch_size} examples do not split over "
+                        f"{self.spec.grad_accum} micro-batches x {self.dist.world_size} ranks",
+                    )
+                ],
+            )
+        self.micro_size = per_rank // self.dist.world_size
+        self.model = build_model(recipe, seed=self.seed).to(self.device)
+        self.module = dist_utils.wrap_model(self.model, self.dist, self.spec.parallel, self.device)
+        self.forward = torch.compile(self.module) if self.spec.compile else self.module
+        self.optimizer = build_optimizer(self.model, self.spec)
+        self.step = 0
+        self._t_start = time.time()
+        self.elapsed = 0.0  # training wall time of earlier (interrupted) sessions
+        self.history: list[dict] = []
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist_utils.barrier(self.dist)
+        self.log = MetricsLog(
+            self.run_dir, enabled=self.dist.is_main, tensorboard=self.spec.tensorboard
+        )
+        if resume is not None:
+            self._resume(resume)
+        if self.dist.is_main:
+            dump_recipe(recipe, self.run_dir / "recipe.yaml")
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def _state_dicts(self) -> tuple[dict, dict]:
+        """Full (unsharded) weights and optimizer moments keyed by parameter name."""
+        if self.dist.enabled and self.spec.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+            flat = {
+                f"{name}/{k}": v for name, st in optim_sd["state"].items() for k, v in st.items()
+            }
+            return model_sd, flat
+        flat = {}
+        state = self.optimizer.state
+        for group in self.optimizer.param_groups:
+            for name, p in zip(group["names"], group["params"]):
+                for k, v in state.get(p, {}).items():
+                    flat[f"{name}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        return self.model.state_dict(), flat
+
+    def _load_state_dicts(self, model_sd: dict, optim_flat: dict) -> None:
+        by_name: dict[str, dict] = {}
+        for key, value in optim_flat.items():
+            name, _, k = key.rpartition("/")
+            by_name.setdefault(name, {})[k] = value
+        if self.dist.enabled and self.spec.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            groups = [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+            ]
+            for g, src in zip(groups, self.optimizer.param_groups):
+                g["params"] = list(src["names"])
+            opts = StateDictOptions(full_state_dict=True)
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=model_sd,
+                optim_state_dict={"state": by_name, "param_groups": groups},
+                options=opts,
+            )
+            return
+        missing = [k for k in self.model.state_dict() if k not in model_sd]
+        if missing and missing != ["lm_head.weight"]:
+            raise CheckpointError(f"checkpoint lacks weights for {missing[:3]}")
+        self.model.load_state_dict(model_sd, strict=False)
+        for group in self.optimizer.param_groups:
+            for name, p in zip(group["names"], group["params"]):
+                if name in by_name:
+                    self.optimizer.state[p] = {k: v.to(p.device) for k, v in by_name[name].items()}
+
+    def _resume(self, resume: str) -> None:
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        model_sd, optim_flat, state = read_checkpoint(path)
+        if state.get("model_fingerprint") != model_fingerprint(self.recipe):
+            raise CheckpointError(
+                f"{path} was written by a different model architecture; refusing to resume "
+                "(use a new run directory or the same recipe)"
+            )
+        self._load_state_dicts(model_sd, optim_flat)
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self.log.truncate_after(self.step)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    def save_checkpoint(self) -> None:
+        model_sd, optim_flat = self._state_dicts()
+        if self.dist.is_main:
+            state = {
+                "format": "hybridkit-1",
+                "step": self.step,
+                "model_fingerprint": model_fingerprint(self.recipe),
+                "torch_rng": torch.get_rng_state().tolist(),
+                "history": self.history[-50:],
+                "elapsed_s": self.elapsed + time.time() - self._t_start,
+                "time": time.time(),
+            }
+            write_checkpoint(
+                self.run_dir, self.step, model_sd, optim_flat, state, self.spec.keep_checkpoints
+            )
+        dist_utils.barrier(self.dist)
+
+    # --- one step -------------------------------------------------------------------------------
+    def batch_for(self, step: int):
+        """The global batch of ``step``: a function of (seed, step) only."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
+        return self.task.train_batch(step, self.spec.batch_size, rng)
+
+    def train_step(self) -> dict:
+        spec, step = self.spec, self.step
+        lr = lr_at(step, spec)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.batch_for(step)
+        n_scored = int((batch.targets != IGNORE_INDEX).sum())
+        if n_scored == 0:
+            raise HybridkitError(
+                f"the task produced a batch without scored positions at step {step}"
+            )
+        rank_rows = batch.select(
+            slice(
+                self.dist.rank * self.micro_size * spec.grad_accum,
+                (self.dist.rank + 1) * self.micro_size * spec.grad_accum,
+            )
+        )
+        scale = self.dist.world_size / n_scored
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        t0 = time.perf_counter()
+        for micro, part in enumerate(rank_rows.split(self.micro_size)):
+            inputs, targets = part.inputs.to(self.device), part.targets.to(self.device)
+            sync = micro == spec.grad_accum - 1
+            ctx = (
+                self.module.no_sync()
+                if (self.dist.enabled and not sync and hasattr(self.module, "no_sync"))
+                else _null()
+            )
+            with ctx:
+                with autocast_for(self.device, spec.precision):
+                    logits = self.forward(inputs)
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                (loss * scale).backward()
+            loss_sum += loss.detach().double()
+        total = dist_utils.all_reduce_sum(loss_sum, self.dist).item() / n_scored
+        if spec.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
+            )
+        grad_norm = float(
+            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        )
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {total}, grad norm {grad_norm}. "
+                f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}; "
+                "lower train.lr or raise train.warmup_steps and resume from it."
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tokens = int(batch.inputs.numel())
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": total,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / dt,
+            "step_time": dt,
+        }
+
+    # --- evaluation inside training ----------------------------------------------------------
+    def evaluate(self, lengths: list[int] | None = None) -> list[dict]:
+        ev = self.recipe.eval
+        lengths = lengths or [self.recipe.task.seq_len]
+        return evaluate_lengths(
+            self.model,
+            self.task,
+            lengths,
+            batch_size=ev.batch_size,
+            precision=self.spec.precision,
+            decode_examples=0,
+        )
+
+    # --- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to ``train.steps`` (or ``stop_after``); returns the last metrics record."""
+        spec = self.spec
+        end = spec.steps if self.stop_after is None else min(spec.steps, self.stop_after)
+        last: dict = {"step": self.step}
+        self._t_start = time.time()
+        bar = _progress(
+            self.progress and self.dist.is_main, spec.steps, self.step, self.run_dir.name
+        )
+        try:
+            while self.step < end:
+                record = self.train_step()
+                last = record
+                if self.step % spec.log_every == 0 or self.step == end:
+                    self.log.log(record)
+                    self.history.append({"step": self.step, "loss": record["loss"]})
+                if spec.eval_every and self.step % spec.eval_every == 0 and self.step < spec.steps:
+                    res = self.evaluate()
+                    self.log.log(
+                        {"step": self.step, "eval": {str(r["length"]): r["ex_match"] for r in res}}
+                    )
+                if spec.checkpoint_every and self.step % spec.checkpoint_every == 0:
+                    self.save_checkpoint()
+                bar.update(self.step, record)
+            if self.step >= spec.steps:
+                self.save_checkpoint()
+                res = self.evaluate()
+                last = {
+                    **last,
+                    "final_eval": res,
+                    "wall_time_s": self.elapsed + time.time() - self._t_start,
+                }
+                self.log.log(
+                    {"step": self.step, "eval": {str(r["length"]): r["ex_match"] for r in res}}
+                )
+                if self.dist.is_main:
+                    save_weights(self.model, self.run_dir / "model.safetensors")
+                    (self.run_dir / "final.json").write_text(
+                        json.dumps(last, indent=1, default=str)
+                    )
+        finally:
+            bar.close()
+            self.log.close()
+        return last
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _progress:
+    """A rich progress bar with loss and ETA (silent when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int, name: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn(f"[bold]{name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-")
+            self.bar.start()
+
+    def update(self, step: int, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
