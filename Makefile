@@ -7,7 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 RECIPE ?= hybridkit/recipes/tiny_hybrid.yaml
 
-.PHONY: demo test lint gpu-test clean
+STUDY ?= hybridkit/recipes/studies/lengthgen_quickstart.yaml
+
+.PHONY: demo show test lint gpu-test clean
 
 $(BIN)/hybridkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +17,13 @@ $(BIN)/hybridkit: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
+# The main job: train four architectures on a retrieval task and compare them at 1x-8x the
+# training length (report + plot in runs/quickstart; a few minutes on 2 CPU cores).
 demo: $(BIN)/hybridkit
+	$(BIN)/hybridkit study $(STUDY) -o runs/quickstart
+
+# Inspect a recipe: layer table, memory, a short generation, decode == forward check.
+show: $(BIN)/hybridkit
 	$(BIN)/hybridkit show $(RECIPE) --seq-len 4096
 	$(BIN)/hybridkit generate $(RECIPE) --prompt-ids 1,2,3,4 --max-new-tokens 16 --seed 0
 	$(BIN)/hybridkit check $(RECIPE)

@@ -112,7 +112,14 @@ def variant_recipe(
     spec: StudySpec, base: Path, variant: str, lr: float | None, seed: int
 ) -> RecipeSpec:
     extra = [f"train.lr={lr}"] if lr is not None else []
-    recipe = load_recipe(base, [*spec.set, *spec.variants[variant], *extra, f"seed={seed}"])
+    try:
+        recipe = load_recipe(base, [*spec.set, *spec.variants[variant], *extra, f"seed={seed}"])
+    except RecipeError as err:
+        # Name the variant: the bad key is usually in its overrides, not in the base file.
+        raise RecipeError(
+            f"{base} with the study's `set` and the overrides of variant {variant!r}",
+            err.problems,
+        ) from None
     if recipe.task is None:
         raise RecipeError(str(base), [("task", "a study's base recipe needs a task section")])
     return recipe
@@ -256,33 +263,49 @@ def summarize_variant(
 
 def write_report(report: dict, spec: StudySpec, out: Path) -> None:
     variants = report["variants"]
-    first = next(iter(variants.values()))
-    lengths = list(first["by_length"])
-    train_len = first["train_length"]
+    # Variants may be trained on different tasks (a state-tracking study mixes parity and
+    # arithmetic), so columns are the union of lengths and missing cells show "-".
+    lengths = sorted({int(n) for v in variants.values() for n in v["by_length"]})
+    train_lens = {v["train_length"] for v in variants.values()}
+    train_len = next(iter(train_lens)) if len(train_lens) == 1 else None
     lines = [f"# Study: {report['study']}", ""]
     if spec.description:
-        lines += [spec.description, ""]
+        lines += [spec.description.strip(), ""]
+    trained = (
+        f"Trained at length {train_len}. "
+        if train_len
+        else "Training lengths differ per variant (column `train len`). "
+    )
     lines += [
         f"Base recipe: `{Path(report['base']).name}`; seeds {spec.seeds}; learning rates "
         f"{spec.lrs or 'from the recipe'} (best per variant chosen on {spec.select_examples} "
         f"held-out examples at the training length, metric {report['selection_metric']}). "
-        f"Trained at length {train_len}. Numbers are ex_match in %, mean over seeds.",
+        + trained
+        + "Cells: ex_match % (scaled accuracy %) per evaluation length, mean over seeds; "
+        "- = not evaluated for that variant.",
         "",
     ]
     header = (
-        "| variant | params | state / seq | KV / token | lr | train time | "
-        + " | ".join(f"{n}{' (train)' if int(n) == train_len else ''}" for n in lengths)
+        "| variant | params | state / seq | KV / token | lr | train len | train time | "
+        + " | ".join(str(n) for n in lengths)
         + " | 2x / 1x |"
     )
-    lines += [header, "|" + "---|" * (7 + len(lengths))]
+    lines += [header, "|" + "---|" * (8 + len(lengths))]
     for name, v in variants.items():
-        cells = [f"{100 * v['by_length'][n]['ex_match']:.1f}" for n in lengths]
-        one = v["by_length"].get(str(train_len), {}).get("ex_match")
-        two = v["by_length"].get(str(2 * train_len), {}).get("ex_match")
+        cells = []
+        for n in lengths:
+            cell = v["by_length"].get(str(n))
+            cells.append(
+                "-"
+                if cell is None
+                else f"{100 * cell['ex_match']:.1f} ({100 * cell['scaled_acc']:.1f})"
+            )
+        one = v["by_length"].get(str(v["train_length"]), {}).get("ex_match")
+        two = v["by_length"].get(str(2 * v["train_length"]), {}).get("ex_match")
         ratio = f"{two / one:.2f}" if one and two is not None else "-"
         lines.append(
             f"| {name} | {human_count(v['params'])} | {human_bytes(v['state_bytes_per_seq'])} | "
-            f"{human_bytes(v['kv_bytes_per_token'])} | {v['lr']:g} | "
+            f"{human_bytes(v['kv_bytes_per_token'])} | {v['lr']:g} | {v['train_length']} | "
             f"{v['train_wall_time_s']:.0f} s | " + " | ".join(cells) + f" | {ratio} |"
         )
     lines += ["", "LR selection (held-out score per learning rate):", ""]
@@ -299,7 +322,7 @@ def write_report(report: dict, spec: StudySpec, out: Path) -> None:
     ]
     (out / "report.md").write_text("\n".join(lines))
     curves = {
-        name: [(int(n), v["by_length"][n]["ex_match"]) for n in lengths]
+        name: [(int(n), cell["ex_match"]) for n, cell in v["by_length"].items()]
         for name, v in variants.items()
     }
     plot_lengthgen(

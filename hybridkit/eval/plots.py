@@ -21,10 +21,19 @@ def plot_lengthgen(
 ) -> Path:
     """One line per arm: ``metric`` vs evaluation length on a log2 axis, train length marked."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for name, points in curves.items():
+    markers = "osD^vP*X"
+    for i, (name, points) in enumerate(curves.items()):
         xs = [x for x, _ in points]
         ys = [100 * y for _, y in points]
-        ax.plot(xs, ys, marker="o", label=name)
+        # Distinct markers and dash patterns keep arms that overlap (e.g. all at 0) visible.
+        ax.plot(
+            xs,
+            ys,
+            marker=markers[i % len(markers)],
+            linestyle=["-", "--", ":", "-."][i % 4],
+            markersize=6 - (i % 3),
+            label=name,
+        )
     ax.set_xscale("log", base=2)
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1)
