@@ -213,11 +213,18 @@ def _lengths(text: str | None) -> list[int] | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hybridkit.recipe import load_recipe
+    from hybridkit.train import distributed as dist_utils
     from hybridkit.train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
     resume = None if args.resume == "none" else args.resume
-    out = Trainer(recipe, args.out, resume=resume, progress=not args.no_progress).fit()
+    trainer = Trainer(recipe, args.out, resume=resume, progress=not args.no_progress)
+    try:
+        out = trainer.fit()
+    finally:
+        dist_utils.shutdown(trainer.dist)
+    if not trainer.dist.is_main:
+        return 0  # under torchrun only rank 0 reports
     if "final_eval" in out:
         for r in out["final_eval"]:
             print(

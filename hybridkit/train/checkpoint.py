@@ -47,11 +47,12 @@ def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Save ``model.state_dict()`` (tied weights stored once) atomically as safetensors."""
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Save ``model.state_dict()`` (or a state dict; tied weights stored once) atomically as
+    safetensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = untie(model.state_dict())
+    state = untie(model.state_dict() if isinstance(model, torch.nn.Module) else model)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -177,8 +178,13 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_bytes(root / "latest", name.encode())
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in complete[:-keep]:
+    # Keep the newest `keep` checkpoints up to this one. Later steps belong to an abandoned
+    # trajectory (a restart with --resume none, or a resume from an older checkpoint): drop them
+    # rather than this one, which `latest` now names.
+    others = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
+    older = [p for p in others if p.name < name]
+    stale = [p for p in others if p.name > name] + older[: max(0, len(older) - (keep - 1))]
+    for old in stale:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -51,9 +51,15 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str, device: torch.device
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # fully_shard swaps every parameter for a new (DTensor) one, which drops attributes such
+        # as ``_no_weight_decay``; carry them over so the optimizer groups match DDP's.
+        flagged = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", 0)}
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
+        for name, param in model.named_parameters():
+            if name in flagged:
+                param._no_weight_decay = True
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -34,7 +34,7 @@ class MetricsLog:
         kept = [
             line
             for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
+            if (record := _parse(line)) is not None and record.get("step", 0) <= step
         ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -56,11 +56,20 @@ class MetricsLog:
             self.writer.close()
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    """A record, or None for a blank line or the torn last line of a killed process."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for line in path.read_text().splitlines() if (r := _parse(line)) is not None]
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

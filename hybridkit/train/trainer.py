@@ -17,6 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from hybridkit.recipe import RecipeSpec, dump_recipe
 from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import (
+    atomic_write_bytes,
     latest_checkpoint,
     read_checkpoint,
     save_weights,
@@ -114,6 +116,7 @@ class Trainer:
         self.forward = torch.compile(self.module) if self.spec.compile else self.module
         self.optimizer = build_optimizer(self.model, self.spec)
         self.step = 0
+        self._saved_step = -1  # step of the newest checkpoint on disk (written or resumed)
         self._t_start = time.time()
         self.elapsed = 0.0  # training wall time of earlier (interrupted) sessions
         self.history: list[dict] = []
@@ -125,6 +128,9 @@ class Trainer:
         )
         if resume is not None:
             self._resume(resume)
+        # Records past the starting step come from an interrupted session (possibly killed
+        # before its first checkpoint) and are about to be replayed: drop them.
+        self.log.truncate_after(self.step)
         if self.dist.is_main:
             dump_recipe(recipe, self.run_dir / "recipe.yaml")
 
@@ -136,8 +142,11 @@ class Trainer:
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+            # With cpu_offload only rank 0 receives the full state; the others get empty dicts.
             flat = {
-                f"{name}/{k}": v for name, st in optim_sd["state"].items() for k, v in st.items()
+                f"{name}/{k}": v
+                for name, st in optim_sd.get("state", {}).items()
+                for k, v in st.items()
             }
             return model_sd, flat
         flat = {}
@@ -191,14 +200,46 @@ class Trainer:
             )
         self._load_state_dicts(model_sd, optim_flat)
         self.step = int(state["step"])
+        if path.resolve().parent == (self.run_dir / "checkpoints").resolve():
+            self._saved_step = self.step
+            if resume != "auto" and self.dist.is_main:
+                # An explicit older checkpoint of this run: the metrics past it are dropped
+                # below, so `latest` must name it too, or `--resume auto` would jump back to
+                # the abandoned trajectory's newer checkpoint.
+                atomic_write_bytes(self.run_dir / "checkpoints" / "latest", path.name.encode())
         self.history = list(state.get("history", []))
         self.elapsed = float(state.get("elapsed_s", 0.0))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        self.log.truncate_after(self.step)
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}")
 
+    def _diverged(self, what: str) -> NoReturn:
+        last = latest_checkpoint(self.run_dir)
+        raise TrainingDiverged(
+            f"training diverged {what}. "
+            f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}; "
+            "lower train.lr or raise train.warmup_steps and resume from it."
+        )
+
+    def _weights_finite(self) -> bool:
+        """All parameters finite on every rank (one reduction, no per-tensor sync)."""
+        flags = []
+        for p in self.model.parameters():
+            local = p.detach()
+            local = local.to_local() if hasattr(local, "to_local") else local  # FSDP shard
+            flags.append(~torch.isfinite(local).all())
+        bad = torch.stack(flags).sum().to(torch.float64)
+        return dist_utils.all_reduce_sum(bad, self.dist).item() == 0
+
     def save_checkpoint(self) -> None:
+        if self._saved_step == self.step:
+            # Already on disk (saved in the loop, or the resumed run had finished): rewriting it
+            # would delete the directory `latest` names before its replacement is in place.
+            return
+        if not self._weights_finite():
+            # A finite loss can still be followed by an update that overflows the weights;
+            # never let such a checkpoint replace the last good one.
+            self._diverged(f"by step {self.step}: the weights hold NaN/inf")
         model_sd, optim_flat = self._state_dicts()
         if self.dist.is_main:
             state = {
@@ -213,6 +254,7 @@ class Trainer:
             write_checkpoint(
                 self.run_dir, self.step, model_sd, optim_flat, state, self.spec.keep_checkpoints
             )
+        self._saved_step = self.step
         dist_utils.barrier(self.dist)
 
     # --- one step -------------------------------------------------------------------------------
@@ -272,12 +314,7 @@ class Trainer:
         )
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.run_dir)
-            raise TrainingDiverged(
-                f"training diverged at step {step}: loss {total}, grad norm {grad_norm}. "
-                f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}; "
-                "lower train.lr or raise train.warmup_steps and resume from it."
-            )
+            self._diverged(f"at step {step + 1}: loss {total}, grad norm {grad_norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -343,10 +380,17 @@ class Trainer:
                 self.log.log(
                     {"step": self.step, "eval": {str(r["length"]): r["ex_match"] for r in res}}
                 )
-                if self.dist.is_main:
+                if self.dist.enabled and self.spec.parallel == "fsdp":
+                    # model.state_dict() holds shards (DTensors): gather the full weights first.
+                    weights, _ = self._state_dicts()
+                    if self.dist.is_main:
+                        save_weights(weights, self.run_dir / "model.safetensors")
+                elif self.dist.is_main:
                     save_weights(self.model, self.run_dir / "model.safetensors")
-                    (self.run_dir / "final.json").write_text(
-                        json.dumps(last, indent=1, default=str)
+                if self.dist.is_main:
+                    atomic_write_bytes(
+                        self.run_dir / "final.json",
+                        json.dumps(last, indent=1, default=str).encode(),
                     )
         finally:
             bar.close()
