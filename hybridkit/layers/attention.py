@@ -19,12 +19,17 @@ from hybridkit.registry import register_layer
 def positions_for(
     length: int, offset: int, cu_seqlens: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
-    """Absolute positions of the tokens of one call; restart at 0 in each packed sequence."""
+    """Absolute positions of the tokens of one call; restart at 0 in each packed sequence.
+
+    Packed positions come from ``searchsorted`` (each token's sequence, then its start) rather
+    than ``repeat_interleave`` with data-dependent lengths, so ``torch.compile`` traces them
+    without a graph break and no host sync happens.
+    """
     pos = torch.arange(length, device=device) + offset
     if cu_seqlens is not None:
-        starts = cu_seqlens[:-1].to(device)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
-        pos = pos - torch.repeat_interleave(starts, lengths)
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        seq = torch.searchsorted(cu[1:].contiguous(), pos - offset, right=True)
+        pos = pos - cu[seq]
     return pos
 
 

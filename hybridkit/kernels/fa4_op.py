@@ -1,0 +1,344 @@
+"""FlashAttention-4 (package ``flash-attn-4``, module ``flash_attn.cute``) as ``torch.library`` ops.
+
+Why a custom op: FA4's public ``flash_attn_func`` is a plain ``torch.autograd.Function`` whose
+forward is hundreds of lines of host Python (config choice, JIT-compile cache look-ups), so
+Dynamo cannot trace it and ``torch.compile(fullgraph=True)`` of a model that calls it fails. Two
+opaque ops with fake (meta) implementations and a registered autograd formula let the compiler
+treat attention as one node:
+
+* ``hybridkit::fa4_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left,
+  return_lse) -> (out, lse)``
+* ``hybridkit::fa4_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal,
+  window_left) -> (dq, dk, dv)``
+
+Layout is FA4's own, (batch, seqlen, heads, head_dim), so the ops pass tensors straight through:
+no copies, no transposes (packed sequences are a batch of one; ``q[0]`` is a view). ``window_left``
+is FA4's left window (``None`` = unbounded); causal masks are bottom-right aligned, as in FA4.
+``lse`` (float32, (B, H, Lq), or (H, total) when packed) is only computed when ``return_lse`` is
+true, i.e. when a backward will follow; otherwise it is an empty tensor.
+
+The CUDA kernels are FA4's forward/backward entry points (``_flash_attn_fwd`` / ``_flash_attn_bwd``
+of ``flash_attn.cute.interface``; private names, pinned to flash-attn-4 4.0.0b36 and checked at
+import). The CPU kernels emulate the same contract in float32 math, so the op registration (schema,
+fake impl, autograd, ``torch.compile``) is testable on machines without a GPU; they are not a
+backend anyone should run for speed.
+
+Importing this module does no CUDA work and does not import ``flash_attn``; the first call does
+(once, cached by :func:`fa4_interface`).
+"""
+
+import functools
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FA4_MODULE = "flash_attn.cute.interface"
+_FA4_ENTRY_POINTS = ("_flash_attn_fwd", "_flash_attn_bwd")
+
+
+@functools.cache
+def _import_fa4() -> tuple[Optional[ModuleType], Optional[str]]:  # noqa: UP045
+    """Import FA4 once; return (module, None) or (None, why not). Never raises."""
+    try:
+        import importlib
+
+        module = importlib.import_module(FA4_MODULE)
+    except Exception as exc:  # ImportError, or a version-skew error raised while importing
+        return None, f"{type(exc).__name__}: {exc}"
+    missing = [name for name in _FA4_ENTRY_POINTS if not hasattr(module, name)]
+    if missing:
+        return None, f"{FA4_MODULE} lacks {', '.join(missing)} (tested with flash-attn-4 4.0.0b36)"
+    return module, None
+
+
+def fa4_interface() -> Optional[ModuleType]:  # noqa: UP045
+    """``flash_attn.cute.interface`` if it imports (cached), else None."""
+    return _import_fa4()[0]
+
+
+def fa4_import_error() -> Optional[str]:  # noqa: UP045
+    """Why ``flash_attn.cute`` cannot be used (None when it can)."""
+    return _import_fa4()[1]
+
+
+def fa4_version() -> Optional[str]:  # noqa: UP045
+    """Installed flash-attn-4 version, without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flash-attn-4")
+    except PackageNotFoundError:
+        return None
+
+
+def _interface() -> ModuleType:
+    module, error = _import_fa4()
+    if module is None:
+        raise RuntimeError(f"FlashAttention-4 is not available: {error}")
+    return module
+
+
+def _lse_shape(q: Tensor, varlen: bool) -> tuple[int, ...]:
+    b, s, h, _ = q.shape
+    return (h, s) if varlen else (b, h, s)
+
+
+# --- the FA4 calls (shared by the custom ops and the eager autograd.Function) -----------------
+def fa4_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Optional[Tensor],  # noqa: UP045
+    max_seqlen: Optional[int],  # noqa: UP045
+    softmax_scale: float,
+    causal: bool,
+    window_left: Optional[int],  # noqa: UP045
+    return_lse: bool,
+) -> tuple[Tensor, Tensor]:
+    """FA4 forward; q (B, Lq, H, D), k/v (B, Lk, Hkv, D); packed: B == 1 plus ``cu_seqlens``."""
+    fa = _interface()
+    varlen = cu_seqlens is not None
+    if varlen:
+        q, k, v = q[0], k[0], v[0]
+    out, lse = fa._flash_attn_fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size_left=window_left,
+        window_size_right=None,
+        return_lse=return_lse,
+    )[:2]
+    if varlen:
+        out = out.unsqueeze(0)
+    if lse is None or not return_lse:
+        lse = out.new_empty(0, dtype=torch.float32)
+    return out, lse
+
+
+def fa4_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Optional[Tensor],  # noqa: UP045
+    max_seqlen: Optional[int],  # noqa: UP045
+    softmax_scale: float,
+    causal: bool,
+    window_left: Optional[int],  # noqa: UP045
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FA4 backward (SM90+): gradients of q, k, v, each contiguous with its input's shape."""
+    fa = _interface()
+    varlen = cu_seqlens is not None
+    if varlen:
+        dout, q, k, v, out = dout[0], q[0], k[0], v[0], out[0]
+    dq, dk, dv = fa._flash_attn_bwd(
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        softmax_scale,
+        causal,
+        0.0,
+        window_size_left=window_left,
+        window_size_right=None,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+    )[:3]
+    if varlen:
+        dq, dk, dv = dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
+    # FA4 allocates contiguous gradients except for dense-but-permuted inputs; the fake impl
+    # promises contiguous ones, so make that true (a no-op in every layout hybridkit produces).
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+# --- forward op -------------------------------------------------------------------------------
+@torch.library.custom_op("hybridkit::fa4_fwd", mutates_args=(), device_types="cuda")
+def fa4_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Optional[Tensor],  # noqa: UP045
+    max_seqlen: Optional[int],  # noqa: UP045
+    softmax_scale: float,
+    causal: bool,
+    window_left: Optional[int],  # noqa: UP045
+    return_lse: bool,
+) -> tuple[Tensor, Tensor]:
+    """FA4 forward; q (B, Lq, H, D), k/v (B, Lk, Hkv, D); packed: B == 1 plus ``cu_seqlens``."""
+    return fa4_forward(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left, return_lse
+    )
+
+
+@fa4_fwd.register_fake
+def _fa4_fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left, return_lse):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    shape = _lse_shape(q, cu_seqlens is not None) if return_lse else (0,)
+    return out, q.new_empty(shape, dtype=torch.float32)
+
+
+# --- backward op ------------------------------------------------------------------------------
+@torch.library.custom_op("hybridkit::fa4_bwd", mutates_args=(), device_types="cuda")
+def fa4_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Optional[Tensor],  # noqa: UP045
+    max_seqlen: Optional[int],  # noqa: UP045
+    softmax_scale: float,
+    causal: bool,
+    window_left: Optional[int],  # noqa: UP045
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FA4 backward (SM90+): gradients of q, k, v, each contiguous with its input's shape."""
+    return fa4_backward(
+        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window_left
+    )
+
+
+@fa4_bwd.register_fake
+def _fa4_bwd_fake(
+    dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window_left
+):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# --- autograd ---------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left, _return_lse = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
+    ctx.causal, ctx.window_left = causal, window_left
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout: Tensor, _dlse: Tensor):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    if lse.numel() == 0:
+        raise RuntimeError(
+            "hybridkit::fa4_fwd ran with return_lse=False, so it cannot be differentiated; "
+            "call it through hybridkit.kernels.attention.attention, which sets the flag"
+        )
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = fa4_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        ctx.max_seqlen,
+        ctx.softmax_scale,
+        ctx.causal,
+        ctx.window_left,
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- eager fast path --------------------------------------------------------------------------
+class FA4Function(torch.autograd.Function):
+    """The same FA4 calls as the ops, without the dispatcher: for eager mode only, where the
+    custom op's host-side layers (dispatcher, autograd wrapper, Dynamo-disable guard) would add
+    latency to every call. ``torch.compile`` must see the ops instead (this class would break
+    the graph, as FA4's own autograd.Function does)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left):
+        return_lse = any(ctx.needs_input_grad[:3])
+        out, lse = fa4_forward(
+            q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left, return_lse
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, softmax_scale, causal, window_left)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = fa4_backward(dout, q, k, v, out, lse, cu_seqlens, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# --- CPU emulation (tests of the op registration only) ----------------------------------------
+def _emulated_scores(q, k, cu_seqlens, softmax_scale, causal, window_left):
+    """float32/64 scores (B, H, Lq, Lk) with FA4's masks (-inf where masked)."""
+    from hybridkit.kernels import attention as attn_ops
+
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rep = q.shape[2] // k.shape[2]
+    qf = q.to(ct).transpose(1, 2)
+    kf = k.to(ct).repeat_interleave(rep, dim=2).transpose(1, 2)
+    scores = qf @ kf.transpose(-1, -2) * softmax_scale
+    window = None if window_left is None else window_left + 1
+    if cu_seqlens is None:
+        mask = attn_ops.attention_mask(q.shape[1], k.shape[1], causal=causal, window=window)
+    else:
+        mask = attn_ops.packed_attention_mask(cu_seqlens, q.shape[1], causal=causal, window=window)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores
+
+
+def _emulated_forward(q, k, v, cu_seqlens, softmax_scale, causal, window_left):
+    scores = _emulated_scores(q, k, cu_seqlens, softmax_scale, causal, window_left)
+    rep = q.shape[2] // k.shape[2]
+    vf = v.to(scores.dtype).repeat_interleave(rep, dim=2).transpose(1, 2)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq)
+    out = (torch.exp(scores - lse[..., None]) @ vf).transpose(1, 2).to(q.dtype)
+    if cu_seqlens is not None:
+        lse = lse[0]
+    return out, lse.float()
+
+
+@fa4_fwd.register_kernel("cpu")
+def _fa4_fwd_cpu(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left, return_lse):
+    out, lse = _emulated_forward(q, k, v, cu_seqlens, softmax_scale, causal, window_left)
+    return out.contiguous(), lse if return_lse else q.new_empty(0, dtype=torch.float32)
+
+
+@fa4_bwd.register_kernel("cpu")
+def _fa4_bwd_cpu(
+    dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window_left
+):
+    # Explicit softmax backward: autograd does not record below the op's autograd key.
+    scores = _emulated_scores(q, k, cu_seqlens, softmax_scale, causal, window_left)
+    ct, rep = scores.dtype, q.shape[2] // k.shape[2]
+    b, lk, hk, d = k.shape
+    probs = torch.softmax(scores, dim=-1).nan_to_num()  # (B, H, Lq, Lk)
+    qf = q.to(ct).transpose(1, 2)
+    kf = k.to(ct).repeat_interleave(rep, dim=2).transpose(1, 2)
+    vf = v.to(ct).repeat_interleave(rep, dim=2).transpose(1, 2)
+    do = dout.to(ct).transpose(1, 2)
+    dv = probs.transpose(-1, -2) @ do
+    dp = do @ vf.transpose(-1, -2)
+    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * softmax_scale
+    dq = ds @ kf
+    dk = ds.transpose(-1, -2) @ qf
+
+    def to_kv(g: Tensor, like: Tensor) -> Tensor:  # (B, H, Lk, D) -> (B, Lk, Hkv, D), GQA summed
+        g = g.reshape(b, hk, rep, lk, g.shape[-1]).sum(2).transpose(1, 2)
+        return g.to(like.dtype).contiguous()
+
+    return dq.transpose(1, 2).to(q.dtype).contiguous(), to_kv(dk, k), to_kv(dv, v)
