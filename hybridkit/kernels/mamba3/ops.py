@@ -21,21 +21,32 @@ import torch
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
 
-BACKENDS = ("auto", "reference", "chunked")
+BACKENDS = ("auto", "reference", "chunked", "triton")
 
 ScanFn = Callable[..., tuple[torch.Tensor, Mamba3State]]
 
 
-def resolve_backend(backend: str, device: torch.device | str | None = None, length: int = 2) -> str:
+def resolve_backend(
+    backend: str,
+    device: torch.device | str | None = None,
+    length: int = 2,
+    rank: int = 1,
+    triton_ok: bool = True,
+) -> str:
     """Name of the implementation ``backend`` runs for a call of ``length`` tokens on ``device``.
 
     ``auto``: one token (decode) goes through the sequential recurrence, which is exactly the
-    single-step update; longer inputs through the chunked path.
+    single-step update; longer SISO inputs (``rank == 1``) on a CUDA device through the Triton
+    kernels (when ``triton_ok``: no float64, no mimo_x, power-of-two sizes), everything else
+    through the chunked path.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown Mamba-3 backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "reference" if length == 1 else "chunked"
+        if length == 1:
+            return "reference"
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return "triton" if (on_cuda and rank == 1 and triton_ok) else "chunked"
     return backend
 
 
@@ -59,9 +70,18 @@ def mamba3_scan(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, Mamba3State]:
     """Run the Mamba-3 SSM core (see the module docstring for shapes)."""
-    name = resolve_backend(backend, q.device, q.shape[1])
+    triton_ok = True
+    if backend == "auto" and q.device.type == "cuda":
+        from hybridkit.kernels.mamba3 import siso_op
+
+        triton_ok = siso_op.supports(q, v, mimo_x, pairing) and chunk_size in (16, 32, 64, 128)
+    name = resolve_backend(backend, q.device, q.shape[1], q.shape[2], triton_ok)
     kwargs = dict(pairing=pairing, initial_state=initial_state, cu_seqlens=cu_seqlens)
     args = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x)
     if name == "reference":
         return reference.mamba3_scan_sequential(*args, **kwargs)
+    if name == "triton":
+        from hybridkit.kernels.mamba3.siso_op import mamba3_scan_triton
+
+        return mamba3_scan_triton(*args, **kwargs, chunk_size=chunk_size)
     return chunked.mamba3_scan_chunked(*args, **kwargs, chunk_size=chunk_size)

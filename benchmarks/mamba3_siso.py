@@ -1,0 +1,213 @@
+"""Benchmark: Mamba-3 SISO chunked scan, Triton kernels vs the torch chunked path and the roofline.
+
+Times forward (inference: no saved states) and forward + backward with ``triton.testing.do_bench``
+medians after warm-up (autotuning happens in the warm-up, never in the timed region; do_bench
+clears L2 between repetitions). bf16 q/k/v/trap/angles, fp32 adt/dt/biases/D, chunk 64, G = 1,
+angles expanded over heads as the layer passes them (stride 0), S = N / 4 rotary pairs.
+
+    python benchmarks/mamba3_siso.py --out benchmarks/results/mamba3_siso  [--profile]
+
+Writes ``<out>.json`` and ``<out>.md`` (device, versions, shapes, medians, TFLOP/s, GB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked
+from hybridkit.kernels.mamba3.siso_op import mamba3_scan_triton
+
+SHAPES = [(8, 4096, 32, 64, 128), (1, 16384, 32, 64, 128), (8, 4096, 32, 64, 64)]
+OFFICIAL = {  # official Mamba-3 SISO Triton kernel on our H100 (performance.md 2.6), ms
+    (8, 4096, 32, 64, 128): (1.48, 4.33),
+    (1, 16384, 32, 64, 128): (3.42, 7.29),
+}
+TARGET = {(8, 4096, 32, 64, 128): (1.0, 3.3), (1, 16384, 32, 64, 128): (1.2, 3.6)}
+
+
+def make_inputs(B, L, H, P, N, C=64, G=1, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    S = N // 4
+    bf = torch.bfloat16
+
+    def rn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    def unit(t):
+        return (t / t.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).to(bf)
+
+    dt = torch.exp(torch.empty(B, H, L, device=device).uniform_(-6.9, -0.7, generator=g))
+    ang = rn(B, L, 1, S, dtype=bf).expand(B, L, H, S)
+    return dict(
+        q=unit(rn(B, L, 1, G, N)),
+        k=unit(rn(B, L, 1, G, N)),
+        v=rn(B, L, H, P, dtype=bf),
+        adt=-torch.empty(B, H, L, device=device).uniform_(0.5, 4.0, generator=g) * dt,
+        dt=dt,
+        trap=rn(B, H, L, dtype=bf),
+        q_bias=rn(H, 1, N),
+        k_bias=rn(H, 1, N),
+        angles=ang,
+        D=rn(H),
+    )
+
+
+def flops_bytes(B, L, H, P, N, C=64, G=1):
+    """Forward FLOPs (dense C x C tiles, performance.md 3.2) and the fewest bytes moved."""
+    S = N // 4
+    fwd_flops = B * L * H * (2 * C * (N + P) + 4 * N * P)
+    tok_in = B * L * (2 * G * N * 2 + H * P * 2 + H * (4 + 4 + 2) + S * 2)  # q,k,v,adt,dt,trap,ang
+    fwd_bytes = tok_in + B * L * H * P * 2  # + y
+    # backward: reads inputs + dy (+ saved bf16 chunk states), writes every gradient once
+    grads = tok_in + B * L * H * S * 2 - B * L * S * 2  # dangles are per head
+    bwd_bytes = tok_in + B * L * H * P * 2 + grads
+    return fwd_flops, fwd_bytes, 3 * fwd_flops, fwd_bytes + bwd_bytes
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def bench_shape(shape, reps: int, chunked: bool, profile: bool):
+    B, L, H, P, N = shape
+    sets = [make_inputs(B, L, H, P, N, seed=s) for s in range(2)]
+    for inp in sets:
+        for name in ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "D"):
+            inp[name].requires_grad_(True)
+    dys = [torch.randn(B, L, 1, H, P, device="cuda", dtype=torch.bfloat16) for _ in sets]
+    it = {"i": 0}
+
+    def nxt():
+        it["i"] ^= 1
+        return sets[it["i"]], dys[it["i"]]
+
+    def fwd(fn=mamba3_scan_triton):
+        inp, _ = nxt()
+        with torch.no_grad():
+            return fn(**inp, chunk_size=64)
+
+    def fwdbwd(fn=mamba3_scan_triton):
+        inp, dy = nxt()
+        y, _ = fn(**inp, chunk_size=64)
+        torch.autograd.backward(y, dy.to(y.dtype))
+
+    res = {}
+    for _ in range(3):  # warm-up incl. autotuning of every kernel variant
+        fwd()
+        fwdbwd()
+    torch.cuda.synchronize()
+    res["fwd_ms"] = do_bench(fwd, warmup=100, rep=reps, return_mode="median")
+    res["fwdbwd_ms"] = do_bench(fwdbwd, warmup=100, rep=reps, return_mode="median")
+    if chunked:
+        try:
+            fc = lambda: fwd(mamba3_scan_chunked)  # noqa: E731
+            fbc = lambda: fwdbwd(mamba3_scan_chunked)  # noqa: E731
+            fc()
+            fbc()
+            res["torch_chunked_fwd_ms"] = do_bench(fc, warmup=1, rep=200, return_mode="median")
+            res["torch_chunked_fwdbwd_ms"] = do_bench(fbc, warmup=1, rep=200, return_mode="median")
+        except torch.OutOfMemoryError:
+            res["torch_chunked_fwd_ms"] = res["torch_chunked_fwdbwd_ms"] = None
+        torch.cuda.empty_cache()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+            rows = []
+            for e in p.key_averages():
+                t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                if t > 0:
+                    rows.append((e.key[:60], e.count // 5, t / 5 / 1000))
+            rows.sort(key=lambda r: -r[2])
+            res[f"profile_{name}"] = rows[:12]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/mamba3_siso")
+    ap.add_argument("--reps", type=int, default=500, help="do_bench rep budget (ms)")
+    ap.add_argument("--no-chunked", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    dev = torch.cuda.get_device_name()
+    meta = dict(
+        device=dev,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        python=platform.python_version(),
+        copy_bandwidth_GBps=bw / 1e9,
+        peak_bf16_TFLOPs=989.0,
+        method="triton.testing.do_bench median, L2 cleared per rep; "
+        "two input sets alternated; autotune finished in warm-up",
+    )
+    rows = []
+    for shape in SHAPES:
+        r = bench_shape(shape, args.reps, not args.no_chunked, args.profile)
+        ff, fb, bf_, bb = flops_bytes(*shape)
+        r.update(
+            shape=dict(zip("BLHPN", shape, strict=True)),
+            chunk=64,
+            G=1,
+            S=shape[4] // 4,
+            fwd_TFLOPs=ff / (r["fwd_ms"] * 1e-3) / 1e12,
+            fwd_GBps=fb / (r["fwd_ms"] * 1e-3) / 1e9,
+            fwd_floor_ms=max(ff / 989e12, fb / bw) * 1e3,
+            fwdbwd_TFLOPs=bf_ / (r["fwdbwd_ms"] * 1e-3) / 1e12,
+            fwdbwd_GBps=bb / (r["fwdbwd_ms"] * 1e-3) / 1e9,
+            fwdbwd_floor_ms=max(bf_ / 989e12, bb / bw) * 1e3,
+            official_ms=OFFICIAL.get(shape),
+            target_ms=TARGET.get(shape),
+        )
+        rows.append(r)
+        print(json.dumps(r, default=str), flush=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=2, default=str)
+    lines = [
+        "# Mamba-3 SISO scan (Triton) benchmark",
+        "",
+        f"{dev}; torch {torch.__version__}; triton {triton.__version__}; {meta['date']}; "
+        f"measured copy bandwidth {bw / 1e9:.0f} GB/s. {meta['method']}. bf16, chunk 64, G 1, "
+        "S = N/4, D + trapezoid + rotation on, no z gate.",
+        "",
+        "| (B, L, H, P, N) | fwd ms | fwd+bwd ms | target fwd / f+b | official fwd / f+b "
+        "| torch chunked fwd / f+b | fwd TFLOP/s, GB/s | f+b TFLOP/s, GB/s | floor fwd / f+b ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r["shape"]
+        tc = r.get("torch_chunked_fwd_ms")
+        tcs = f"{tc:.2f} / {r['torch_chunked_fwdbwd_ms']:.2f}" if tc else "-"
+        tg = r["target_ms"]
+        of = r["official_ms"]
+        lines.append(
+            f"| ({s['B']}, {s['L']}, {s['H']}, {s['P']}, {s['N']}) | {r['fwd_ms']:.3f} | "
+            f"{r['fwdbwd_ms']:.3f} | {f'{tg[0]} / {tg[1]}' if tg else 'report'} | "
+            f"{f'{of[0]} / {of[1]}' if of else '-'} | {tcs} | "
+            f"{r['fwd_TFLOPs']:.0f}, {r['fwd_GBps']:.0f} | {r['fwdbwd_TFLOPs']:.0f}, "
+            f"{r['fwdbwd_GBps']:.0f} | {r['fwd_floor_ms']:.3f} / {r['fwdbwd_floor_ms']:.3f} |"
+        )
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
