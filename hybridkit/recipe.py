@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
 import hybridkit.tasks  # noqa: F401  (registers the built-in task kinds)
 from hybridkit.errors import RecipeError
 from hybridkit.eval.spec import EvalSpec
+from hybridkit.fsutil import atomic_write_text
 from hybridkit.layers.base import LayerSpec, StrictModel
 from hybridkit.registry import LAYERS, TASKS
 from hybridkit.spec import ModelSpec, describe_error
@@ -280,20 +280,5 @@ def dump_recipe(spec: RecipeSpec, path: str | os.PathLike[str] | None = None) ->
     """
     text = yaml.safe_dump(recipe_to_dict(spec), sort_keys=False, allow_unicode=True)
     if path is not None:
-        _write_atomic(Path(path), text)
+        atomic_write_text(path, text)
     return text
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory, so a crash never leaves half a recipe."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -81,6 +81,22 @@ def register_task(spec_cls: type | None = None, *, replace: bool = False) -> Any
     return deco(spec_cls) if spec_cls is not None else deco
 
 
+def dispatch_kind(data: dict, registry: Registry, spec_of: Callable[[Any], type]) -> Any:
+    """Validate ``data`` against the spec class registered for ``data["kind"]``.
+
+    Used by the open base classes (``LayerSpec``, ``TaskSpec``) in a pydantic wrap validator, so
+    a kind registered from another package is validated like a built-in one, with the same error
+    paths. Unknown or missing kinds list the registered ones.
+    """
+    kind = data.get("kind")
+    allowed = ", ".join(registry.names())
+    if kind is None:
+        raise ValueError(f"missing 'kind'; allowed kinds: {allowed}")
+    if kind not in registry:
+        raise ValueError(f"unknown {registry.what} kind {kind!r}; allowed kinds: {allowed}")
+    return spec_of(registry.get(kind)).model_validate(data)
+
+
 def _kind_of(spec_cls: type) -> str:
     field = getattr(spec_cls, "model_fields", {}).get("kind")
     if field is None or not isinstance(field.default, str):

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
-from hybridkit.registry import LAYERS
+from hybridkit.registry import LAYERS, dispatch_kind
 
 
 class StrictModel(BaseModel):
@@ -32,14 +32,7 @@ class LayerSpec(StrictModel):
     def _dispatch_on_kind(cls, data: Any, handler: Any) -> Any:
         # Only the open base class dispatches; a concrete subclass validates itself.
         if cls is LayerSpec and isinstance(data, dict):
-            kind = data.get("kind")
-            if kind is None:
-                raise ValueError(f"missing 'kind'; allowed kinds: {', '.join(LAYERS.names())}")
-            if kind not in LAYERS:
-                raise ValueError(
-                    f"unknown layer kind {kind!r}; allowed kinds: {', '.join(LAYERS.names())}"
-                )
-            return LAYERS.get(kind).spec_cls.model_validate(data)
+            return dispatch_kind(data, LAYERS, lambda entry: entry.spec_cls)
         if cls is LayerSpec and isinstance(data, LayerSpec):
             return data
         return handler(data)

@@ -38,7 +38,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from hybridkit.layers.base import StrictModel
-from hybridkit.registry import TASKS
+from hybridkit.registry import TASKS, dispatch_kind
 
 IGNORE_INDEX = -100
 """Target value of unscored positions (PyTorch's default ``ignore_index``)."""
@@ -121,14 +121,7 @@ class TaskSpec(StrictModel):
     def _dispatch_on_kind(cls, data: Any, handler: Any) -> Any:
         # Only the open base class dispatches; a concrete subclass validates itself.
         if cls is TaskSpec and isinstance(data, dict):
-            kind = data.get("kind")
-            if kind is None:
-                raise ValueError(f"missing 'kind'; allowed kinds: {', '.join(TASKS.names())}")
-            if kind not in TASKS:
-                raise ValueError(
-                    f"unknown task kind {kind!r}; allowed kinds: {', '.join(TASKS.names())}"
-                )
-            return TASKS.get(kind).model_validate(data)
+            return dispatch_kind(data, TASKS, lambda entry: entry)
         if cls is TaskSpec and isinstance(data, TaskSpec):
             return data
         return handler(data)

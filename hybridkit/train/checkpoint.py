@@ -17,21 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hybridkit.errors import CheckpointError
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from hybridkit.fsutil import atomic_write_bytes
 
 
 def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

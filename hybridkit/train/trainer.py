@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
 from hybridkit.eval.lengthgen import autocast_for, evaluate_lengths
+from hybridkit.fsutil import atomic_write_bytes
 from hybridkit.recipe import RecipeSpec, dump_recipe
 from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import (
-    atomic_write_bytes,
     latest_checkpoint,
     read_checkpoint,
     save_weights,
