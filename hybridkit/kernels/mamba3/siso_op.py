@@ -252,74 +252,6 @@ def _fwd_impl(
         segom = torch.empty(plan.nsegs, H, max(S, 1), dtype=f32, device=dev)
         sstart = torch.empty(plan.nsegs, H, P, N, dtype=f32, device=dev)
         thstart = torch.empty(plan.nsegs, H, max(S, 1), dtype=f32, device=dev)
-        args = (
-            q,
-            k,
-            v,
-            adt,
-            dt,
-            opt(trap),
-            q_bias,
-            k_bias,
-            opt(angles),
-            opt(D),
-            opt(z),
-            out,
-            segtab,
-            sstart,
-            thstart,
-            opt(issm),
-            opt(ia),
-            opt(ik),
-            opt(iv),
-            fs,
-            fa,
-            fk,
-            fv,
-            stc,
-            thc,
-            sloc,
-            sega,
-            segom,
-        )
-        _FWD[(plan.nsegs * H,)](
-            *args,
-            *strides,
-            *sizes,
-            C=C,
-            P=P,
-            N2=N // 2,
-            LOCAL=True,
-            STORE=False,
-            FAST=fast,
-            **_kw(_FWD, **has),
-        )
-        K._siso_fwd_chain_kernel[(nseq * H,)](
-            plan.seqtab if plan.varlen else dummy,
-            sloc,
-            sega,
-            segom,
-            sstart,
-            thstart,
-            opt(issm),
-            opt(ia),
-            opt(ik),
-            opt(iv),
-            dt,
-            opt(trap),
-            *_strides3(dt),
-            *_strides3(trap),
-            H,
-            S,
-            plan.NSEG,
-            P=P,
-            N2=N // 2,
-            HAS_TRAP=has["HAS_TRAP"],
-            HAS_INIT=has["HAS_INIT"],
-            VARLEN=plan.varlen,
-            HAS_ANG=has["HAS_ANG"],
-            num_warps=4,
-        )
     else:
         sstart = thstart = sloc = sega = segom = dummy
     args = (
@@ -352,18 +284,51 @@ def _fwd_impl(
         sega,
         segom,
     )
-    _FWD[(plan.nsegs * H,)](
-        *args,
-        *strides,
-        *sizes,
-        C=C,
-        P=P,
-        N2=N // 2,
-        LOCAL=False,
-        STORE=store,
-        FAST=fast,
-        **_kw(_FWD, **has),
-    )
+
+    def launch(local: bool) -> None:
+        # The local pass (segment end states from zero) and the main pass share every argument.
+        _FWD[(plan.nsegs * H,)](
+            *args,
+            *strides,
+            *sizes,
+            C=C,
+            P=P,
+            N2=N // 2,
+            LOCAL=local,
+            STORE=store and not local,
+            FAST=fast,
+            **_kw(_FWD, **has),
+        )
+
+    if plan.multi:
+        launch(True)
+        K._siso_fwd_chain_kernel[(nseq * H,)](
+            plan.seqtab if plan.varlen else dummy,
+            sloc,
+            sega,
+            segom,
+            sstart,
+            thstart,
+            opt(issm),
+            opt(ia),
+            opt(ik),
+            opt(iv),
+            dt,
+            opt(trap),
+            *_strides3(dt),
+            *_strides3(trap),
+            H,
+            S,
+            plan.NSEG,
+            P=P,
+            N2=N // 2,
+            HAS_TRAP=has["HAS_TRAP"],
+            HAS_INIT=has["HAS_INIT"],
+            VARLEN=plan.varlen,
+            HAS_ANG=has["HAS_ANG"],
+            num_warps=4,
+        )
+    launch(False)
     return out, fa, fs, fk, fv, stc, thc
 
 
@@ -453,64 +418,71 @@ def _bwd_impl(
         )
         strides = _common_args(q, k, v, adt, dt, trap, angles, z, dout)
         sizes = (L, H, H // G, S, plan.NSEG, plan.SEG_CH, plan.NC)
+
+        def bwd_args(dstate_in, gloc, sega):
+            # The local pass (no incoming state gradient) and the main pass share the rest.
+            return (
+                q,
+                k,
+                v,
+                adt,
+                dt,
+                opt(trap),
+                q_bias,
+                k_bias,
+                opt(angles),
+                opt(D),
+                opt(z),
+                dout,
+                segtab,
+                stc,
+                thc,
+                dstate_in,
+                opt(ia),
+                opt(ik),
+                opt(iv),
+                dfk,
+                dfv,
+                dqh,
+                dkh,
+                dx,
+                opt(dz),
+                dadt,
+                dkap,
+                dgam,
+                dth,
+                dthtot,
+                dqbp,
+                dkbp,
+                ddp,
+                dh0,
+                dkprev,
+                dvprev,
+                deta0,
+                gloc,
+                sega,
+            )
+
+        def launch(dstate_in, gloc, sega, local: bool, full: bool) -> None:
+            _BWD[(plan.nsegs * H,)](
+                *bwd_args(dstate_in, gloc, sega),
+                *strides,
+                *sizes,
+                C=C,
+                P=P,
+                N2=N // 2,
+                LOCAL=local,
+                FAST=fast,
+                FULL=full,
+                **_kw(_BWD, **has),
+            )
+
         if plan.multi or plan.varlen:
             gloc = torch.zeros(plan.nsegs, H, P, N, dtype=f32, device=dev)
             sega = torch.zeros(plan.nsegs, H, dtype=f32, device=dev)
             dsend = torch.empty(plan.nsegs, H, P, N, dtype=f32, device=dev)
             if plan.multi:
-                args = (
-                    q,
-                    k,
-                    v,
-                    adt,
-                    dt,
-                    opt(trap),
-                    q_bias,
-                    k_bias,
-                    opt(angles),
-                    opt(D),
-                    opt(z),
-                    dout,
-                    segtab,
-                    stc,
-                    thc,
-                    dummy,
-                    opt(ia),
-                    opt(ik),
-                    opt(iv),
-                    dfk,
-                    dfv,
-                    dqh,
-                    dkh,
-                    dx,
-                    opt(dz),
-                    dadt,
-                    dkap,
-                    dgam,
-                    dth,
-                    dthtot,
-                    dqbp,
-                    dkbp,
-                    ddp,
-                    dh0,
-                    dkprev,
-                    dvprev,
-                    deta0,
-                    gloc,
-                    sega,
-                )
-                _BWD[(plan.nsegs * H,)](
-                    *args,
-                    *strides,
-                    *sizes,
-                    C=C,
-                    P=P,
-                    N2=N // 2,
-                    LOCAL=True,
-                    FAST=fast,
-                    FULL=z is not None,
-                    **_kw(_BWD, **has),
-                )
+                launch(dummy, gloc, sega, local=True, full=z is not None)
             K._siso_bwd_chain_kernel[(nseq * H,)](
                 plan.seqtab if plan.varlen else dummy,
                 gloc,
@@ -527,59 +499,7 @@ def _bwd_impl(
         else:
             dsend = dfs
             gloc = sega = dummy
-        args = (
-            q,
-            k,
-            v,
-            adt,
-            dt,
-            opt(trap),
-            q_bias,
-            k_bias,
-            opt(angles),
-            opt(D),
-            opt(z),
-            dout,
-            segtab,
-            stc,
-            thc,
-            dsend,
-            opt(ia),
-            opt(ik),
-            opt(iv),
-            dfk,
-            dfv,
-            dqh,
-            dkh,
-            dx,
-            opt(dz),
-            dadt,
-            dkap,
-            dgam,
-            dth,
-            dthtot,
-            dqbp,
-            dkbp,
-            ddp,
-            dh0,
-            dkprev,
-            dvprev,
-            deta0,
-            gloc,
-            sega,
-        )
-        _BWD[(plan.nsegs * H,)](
-            *args,
-            *strides,
-            *sizes,
-            C=C,
-            P=P,
-            N2=N // 2,
-            LOCAL=False,
-            FAST=fast,
-            FULL=True,
-            **_kw(_BWD, **has),
-        )
+        launch(dsend, gloc, sega, local=False, full=True)
 
         # angle-gradient carry per chunk: sum of dTheta over all later tokens of the sequence
         if angles is not None:
