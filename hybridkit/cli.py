@@ -23,12 +23,23 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _device(name: str) -> str:
+def _device(name: str, *, must_exist: bool = True) -> str:
+    """``--device`` value -> a torch device string (clear error for unknown names).
+
+    ``must_exist=False`` lets ``show`` report the backends of a GPU from a CPU-only machine.
+    """
     import torch
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    from hybridkit.train.trainer import resolve_device
+
+    if not must_exist and name.startswith("cuda"):
+        try:
+            return str(torch.device(name))
+        except RuntimeError:
+            raise HybridkitError(
+                f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N"
+            ) from None
+    return str(resolve_device(name))
 
 
 def load_source(source: str, overrides: Sequence[str]):
@@ -59,7 +70,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     recipe, _ = load_source(args.recipe, args.overrides)
     model = build_model(recipe, seed=recipe.seed)
-    device = _device(args.device)
+    device = _device(args.device, must_exist=False)
     s = summarize(model, seq_len=args.seq_len, act_dtype=args.dtype, device=device)
     console = Console()
     title = recipe.name or Path(args.recipe).stem

@@ -106,3 +106,12 @@ def test_python_dash_m_help():
         [sys.executable, "-m", "hybridkit", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "show" in out.stdout and "check" in out.stdout
+
+
+def test_bad_device_is_a_clear_error(capsys):
+    assert main(["show", str(RECIPES[0]), "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+    assert main(["show", str(RECIPES[0]), "--device", "cuda"]) == 0  # report GPU backends anywhere
+    capsys.readouterr()
+    assert main(["check", str(RECIPES[0]), "--set", "train.device=banana"]) == 2
+    assert "train.device" in capsys.readouterr().err

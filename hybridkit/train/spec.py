@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hybridkit.layers.base import StrictModel
 
@@ -41,6 +42,13 @@ class TrainSpec(StrictModel):
     keep_checkpoints: int = Field(default=2, gt=0, description="checkpoints kept on disk")
     seed: int | None = Field(default=None, description="data/init seed; null = the recipe's seed")
     tensorboard: bool = Field(default=True, description="also log to TensorBoard if installed")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}; allowed: auto, cpu, cuda, cuda:N")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
