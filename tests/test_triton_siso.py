@@ -42,7 +42,6 @@ class Case:
     C: int = 16
     init: bool = False
     z: bool = False
-    seg: int = 0  # chunks per segment (0 = automatic; 1 forces the chunk-parallel split)
     cu: tuple[int, ...] | None = None
     trap: bool = True
     angles: bool = True
@@ -127,7 +126,6 @@ def check(
         initial_state=Mamba3State(*sl) if sl else None,
         cu_seqlens=cu,
         chunk_size=c.C,
-        seg_chunks=c.seg,
         fast=fast,
     )
     g = torch.Generator().manual_seed(seed + 7)
@@ -169,11 +167,11 @@ def check(
 
 CPU_CASES = {
     "basic": Case(),
-    "init_gate_split_grouped": Case(H=4, G=2, init=True, z=True, seg=1),
+    "init_gate_split_grouped": Case(H=4, G=2, init=True, z=True),
     "len1_init": Case(L=1, init=True),
-    "varlen_init_split": Case(B=1, L=40, H=4, G=2, init=True, seg=1, cu=(0, 5, 5, 22, 40)),
+    "varlen_init_split": Case(B=1, L=40, H=4, G=2, init=True, cu=(0, 5, 5, 22, 40)),
     "euler_norotation_noD": Case(L=20, trap=False, angles=False, D=False, init=True),
-    "n32_p32_c32": Case(B=1, L=40, N=32, P=32, S=8, C=32, seg=1),
+    "n32_p32_c32": Case(B=1, L=40, N=32, P=32, S=8, C=32),
 }
 
 
@@ -224,7 +222,6 @@ def test_fake_impl_and_registration():
     c = Case(L=20, H=2, init=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     inp = _inputs(c, torch.float32, dev, 4)
-    st = _state(c, dev, 5, torch.float32)
     args = (
         inp["q"],
         inp["k"],
@@ -237,10 +234,9 @@ def test_fake_impl_and_registration():
         inp["angles"],
         inp["D"],
         None,
-        *st,
+        torch.randn(c.B, c.H, c.P, c.N, device=dev),  # initial state, relative frame
         None,
         16,
-        0,
         False,
         True,
     )
@@ -319,9 +315,9 @@ def test_auto_dispatch_uses_triton_on_gpu():
 
 GPU_CASES = {
     "n128_p64_init": (Case(B=2, L=2345, H=4, G=1, N=128, P=64, S=32, C=64, init=True), "fp32"),
-    "n64_p32_g2_split": (Case(B=2, L=2345, H=4, G=2, N=64, P=32, S=16, C=64, seg=4), "fp32"),
+    "n64_p32_g2_split": (Case(B=2, L=2345, H=4, G=2, N=64, P=32, S=16, C=64), "fp32"),
     "n32_p64_c32_gate_split": (
-        Case(B=2, L=1000, H=4, G=1, N=32, P=64, S=8, C=32, init=True, z=True, seg=3),
+        Case(B=2, L=1000, H=4, G=1, N=32, P=64, S=8, C=32, init=True, z=True),
         "fp32",
     ),
     "varlen_n64_p64": (
@@ -335,7 +331,6 @@ GPU_CASES = {
             S=16,
             C=64,
             init=True,
-            seg=4,
             cu=(0, 700, 700, 701, 2001, 2346),
         ),
         "fp32",
@@ -354,12 +349,13 @@ GPU_CASES = {
             C=64,
             init=True,
             z=True,
-            seg=4,
             cu=(0, 1000, 1001, 2346),
         ),
         "bf16",
     ),
     "bf16_n64_p32_c128_g2": (Case(B=2, L=700, H=4, G=2, N=64, P=32, S=16, C=128), "bf16"),
+    # the benchmark's third shape in miniature (bf16, N 64, P 64, chunk 64, G 1)
+    "bf16_n64_p64_c64": (Case(B=2, L=700, H=4, G=1, N=64, P=64, S=16, C=64), "bf16"),
 }
 
 

@@ -3,17 +3,24 @@
 Public entry point: :func:`mamba3_scan_triton` (same signature and results as the other scan
 backends, plus an optional fused SiLU(z) gate). Two opaque custom ops carry the work:
 
-* ``hybridkit::mamba3_siso_fwd`` returns the output, the final state and, when a backward will
-  follow, the per-chunk start states and angles (the only activations the backward re-reads);
+* ``hybridkit::mamba3_siso_fwd`` returns the output, the end state in the relative frame (see
+  :mod:`.triton_siso`), the sequence's total angle and, for the backward, the per-chunk start
+  states (and the pre-gate output when gated): the only activations the backward re-reads;
 * ``hybridkit::mamba3_siso_bwd`` returns the gradient of every input.
 
-Both have fake (meta) implementations, so a model using them compiles with
+The conversion between the absolute-frame :class:`Mamba3State` and the kernels' relative frame
+(rotate the initial state by ``-angle``, add the first token's trapezoid term of the previous
+token; rotate the end state by the final angle, pick the last key / value) is plain torch on
+(sequences, H, P, N) tensors in :func:`mamba3_scan_triton`, so autograd differentiates it and the
+kernels never see the initial angle, key or value.
+
+Both ops have fake (meta) implementations, so a model using them compiles with
 ``torch.compile(fullgraph=True)``; shapes depend only on static sizes (for packed batches the
 per-chunk buffers have the static upper bound ``L // C + nseq`` slots). The backward reads
 ``ctx.saved_tensors`` exactly once, so non-reentrant activation checkpointing works.
 
 Precision: ``fast=True`` (default for bf16/fp16 ``v``) uses bf16 tensor-core operands with fp32
-accumulation and PTX approximations of tanh/sin/cos, and saves the per-chunk states in bf16;
+accumulation, PTX approximations of tanh/sin/cos and bf16 per-chunk state buffers;
 ``fast=False`` is fp32 throughout with exact ``ieee`` dots (the float64-checked mode).
 """
 
@@ -22,35 +29,46 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch import Tensor
 
 from hybridkit.kernels.mamba3 import triton_siso as K
+from hybridkit.kernels.mamba3.reference import rotate_pairs, wrap_angle
 from hybridkit.kernels.mamba3.state import Mamba3State
 
 __all__ = ["mamba3_scan_triton", "supports"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_KEYS = ["C", "P", "N2", "LOCAL", "HAS_TRAP", "HAS_ANG", "HAS_D", "HAS_Z", "HAS_INIT", "VARLEN"]
+_FLAGS = ["C", "P", "N2", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST"]
 
 
-def _tuned(fn, keys: list[str], warps: tuple[int, ...]):
-    """Autotune over warps x stages on a GPU (keys never include batch or length).
+def _tuned(fn, keys: list[str], warps: tuple[int, ...] = (4, 8, 16)):
+    """Autotune the number of warps on a GPU (keys never include batch or length).
 
-    ``HYBRIDKIT_MAMBA3_AUTOTUNE=0`` (read at import) uses one fixed config instead (tests).
+    Only for kernels that write fresh outputs (the element-wise passes update their buffer in
+    place and must run exactly once). Read at import: ``HYBRIDKIT_MAMBA3_AUTOTUNE=0`` uses one
+    fixed configuration (8 warps); ``HYBRIDKIT_MAMBA3_WARPS=8,16`` restricts the candidates.
     """
-    if _INTERPRET or os.environ.get("HYBRIDKIT_MAMBA3_AUTOTUNE", "1") == "0":
-        return fn
-    # num_stages stays 1: on the H100 (Triton 3.6) a pipelined config (2 or 3 stages) made an
-    # illegal memory access at N = 64 / chunk 128; only 1-stage configs are verified by the tests
+    if _INTERPRET or os.environ.get("HYBRIDKIT_MAMBA3_AUTOTUNE", "1") == "0" or warps == (8,):
+        return fn  # launched with 8 warps (``_kw``)
+    allowed = os.environ.get("HYBRIDKIT_MAMBA3_WARPS")
+    if allowed:
+        warps = tuple(w for w in warps if str(w) in allowed.split(",")) or (8,)
+    # the chunk kernels have no loop: software pipelining (num_stages) has nothing to overlap
     configs = [triton.Config({}, num_warps=w, num_stages=1) for w in warps]
-    # configs that need more shared memory than the GPU has are pruned by the autotuner
     return triton.autotune(configs=configs, key=keys)(fn)
 
 
-_FWD = _tuned(K._siso_fwd_kernel, _KEYS + ["STORE", "FAST"], (4, 8))
-_BWD = _tuned(K._siso_bwd_kernel, _KEYS + ["FAST"], (4, 8))
+_FWD_STATE = _tuned(K._fwd_state_kernel, _FLAGS)
+_FWD_OUT = _tuned(K._fwd_out_kernel, _FLAGS + ["HAS_D", "HAS_Z", "SAVE_Y"], (4, 8))
+_BWD_DSTATE = _tuned(K._bwd_dstate_kernel, ["C", "P", "N2", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"])
+# Backward chunk kernels: 8 warps. 4 warps made an illegal memory access inside the autotuner
+# at N = 64 (H100, Triton 3.6); 16 warps caps registers at 128 per thread and spills more.
+_BWD_Q = _tuned(K._bwd_q_kernel, _FLAGS, (8,))
+_BWD_K = _tuned(K._bwd_k_kernel, _FLAGS, (8,))
+_BWD_X = _tuned(K._bwd_x_kernel, _FLAGS + ["HAS_D"], (8,))
 
 
 def supports(q: Tensor, v: Tensor, mimo_x: Tensor | None, pairing: str) -> bool:
@@ -68,106 +86,57 @@ def supports(q: Tensor, v: Tensor, mimo_x: Tensor | None, pairing: str) -> bool:
 
 
 class _Plan:
-    """How the (sequence, chunk) grid is cut into segments; host-side, deterministic."""
+    """Chunk slots of a call: ``B * ceil(L / C)`` in order, or per packed sequence."""
 
-    def __init__(self, B, L, H, C, cu: Tensor | None, seg_chunks: int, device):
+    def __init__(self, B: int, L: int, C: int, cu: Tensor | None, device):
         self.varlen = cu is not None
-        self.segtab = self.seqtab = self.chtab = None
+        self.chtab = self.seqtab = None
         if cu is None:
             self.nseq = B
-            nc = max(1, -(-L // C))
-            self.NC = nc
-            sc = seg_chunks if seg_chunks > 0 else self._auto(B * H, nc, device)
-            sc = min(sc, nc)
-            self.NSEG = -(-nc // sc)
-            self.SEG_CH = sc
-            self.nsegs = B * self.NSEG
-            self.nchunks = B * nc
-            self.multi = self.NSEG > 1
-            self.empty: list[int] = []
+            self.NC = -(-L // C)
+            self.nchunks = B * self.NC
+            self.lengths = [L] * B
             return
         bounds = [int(b) for b in cu.tolist()]
-        lens = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
-        self.nseq = len(lens)
-        max_nc = max([-(-n // C) for n in lens] + [1])
-        sc = seg_chunks if seg_chunks > 0 else self._auto(self.nseq * H, max_nc, device)
-        self.NC, self.NSEG, self.SEG_CH = 1, 1, sc
-        segs, seqs, chs = [], [], []
-        cbase = 0
-        self.empty = [i for i, n in enumerate(lens) if n == 0]
-        self.chunk_seq: list[int] = []
-        self.seq_cbase: list[int] = []
-        self.seq_cend: list[int] = []
-        for i, (s0, n) in enumerate(zip(bounds[:-1], lens, strict=True)):
+        self.lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+        self.nseq, self.NC = len(self.lengths), 1
+        chs, seqs = [], []
+        for i, (s0, n) in enumerate(zip(bounds[:-1], self.lengths, strict=True)):
             nc = -(-n // C)
-            nseg = -(-nc // sc) if nc else 0
-            seqs.append([len(segs), nseg, s0, s0 + n])
-            self.seq_cbase.append(cbase)
-            for j in range(nseg):
-                t0 = s0 + j * sc * C
-                t1 = min(t0 + sc * C, s0 + n)
-                segs.append(
-                    [i, t0, t1, s0, s0 + n, cbase + j * sc, int(j == 0), int(j == nseg - 1)]
-                )
-            for c in range(nc):
-                chs.append([i, s0 + c * C, min(s0 + (c + 1) * C, s0 + n), s0])
-                self.chunk_seq.append(i)
-            cbase += nc
-            self.seq_cend.append(cbase)
-        self.nsegs = len(segs)
-        self.nchunks = cbase
-        self.multi = any(r[1] > 1 for r in seqs)
+            seqs.append([len(chs), nc])
+            chs += [[i, s0 + c * C, min(s0 + (c + 1) * C, s0 + n), s0 + n] for c in range(nc)]
+        self.nchunks = len(chs)
 
         def tab(rows, width):
-            t = torch.tensor(rows if rows else [[0] * width], dtype=torch.int64)
-            return t.to(device)
+            return torch.tensor(rows or [[0] * width], dtype=torch.int64).to(device)
 
-        self.segtab, self.seqtab, self.chtab = tab(segs, 8), tab(seqs, 4), tab(chs, 4)
+        self.chtab, self.seqtab = tab(chs, 4), tab(seqs, 2)
 
-    @staticmethod
-    def _auto(bh: int, nc: int, device) -> int:
-        """Chunks per segment: one segment per sequence when (batch x heads) fills the GPU."""
-        if device.type == "cuda":
-            target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            target = 8
-        if bh * 4 >= target * 3:
-            return nc
-        nseg = min(nc, -(-target // bh))
-        return -(-nc // nseg)
+    def tiles(self, H: int, N: int, P: int, device) -> int:
+        """Row tiles of the element-wise passes: enough programs to fill the GPU, each still
+        moving >= 512 state elements per chunk."""
+        sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if (device.type == "cuda")
+            else 2
+        )
+        nt = 1
+        while nt < P and self.nseq * H * nt < 4 * sms and (P // (2 * nt)) * N >= 512:
+            nt *= 2
+        return nt
 
 
 def _slots(B: int, L: int, C: int, nseq: int, varlen: bool) -> int:
-    return (L // C + nseq) if varlen else B * max(1, -(-L // C))
+    return (L // C + nseq) if varlen else B * (-(-L // C))
 
 
-def _nang(angles: Tensor | None, ia: Tensor | None) -> int:
-    if angles is not None:
-        return angles.shape[-1]
-    return ia.shape[-1] if ia is not None else 0
+def _strides(t: Tensor | None, dims=(0, 1, 2)) -> tuple[int, ...]:
+    return (0,) * len(dims) if t is None else tuple(t.stride(d) for d in dims)
 
 
-def _strides3(t: Tensor | None, dims=(0, 1, 2)) -> tuple[int, int, int]:
-    return (0, 0, 0) if t is None else tuple(t.stride(d) for d in dims)
-
-
-def _common_args(q, k, v, adt, dt, trap, angles, z, out):
-    return (
-        *_strides3(q, (0, 1, 3)),
-        *_strides3(k, (0, 1, 3)),
-        *_strides3(v),
-        *_strides3(adt),
-        *_strides3(dt),
-        *_strides3(trap),
-        *_strides3(angles),
-        *_strides3(z),
-        *_strides3(out),
-    )
-
-
-def _kw(launch_fn, **kw):
-    if not hasattr(launch_fn, "configs"):
-        kw.setdefault("num_warps", 8)
+def _kw(fn, **kw):
+    if not hasattr(fn, "configs"):
+        kw.setdefault("num_warps", 8 if not _INTERPRET else 1)
         kw.setdefault("num_stages", 1)
     return kw
 
@@ -175,398 +144,182 @@ def _kw(launch_fn, **kw):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_impl(
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    D,
-    z,
-    ia,
-    issm,
-    ik,
-    iv,
-    cu,
-    chunk_size: int,
-    seg_chunks: int,
-    fast: bool,
-    store: bool,
-):
+def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, fast, store):
     B, L, _, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
-    C = chunk_size
-    dev = q.device
-    plan = _Plan(B, L, H, C, cu, seg_chunks, dev)
-    nseq, S = plan.nseq, _nang(angles, ia)
-    f32 = torch.float32
-    out = torch.empty(B, L, H, P, dtype=v.dtype, device=dev)
-    if plan.empty:
-        fa = ia.clone() if ia is not None else torch.zeros(nseq, H, S, dtype=f32, device=dev)
-        fs = issm.clone() if issm is not None else torch.zeros(nseq, H, P, N, dtype=f32, device=dev)
-        fk = (
-            ik.float().clone()
-            if ik is not None
-            else torch.zeros(nseq, 1, H, N, dtype=f32, device=dev)
-        )
-        fv = (
-            iv.to(v.dtype).clone()
-            if iv is not None
-            else torch.zeros(nseq, H, P, dtype=v.dtype, device=dev)
-        )
-    else:
-        fa = torch.empty(nseq, H, S, dtype=f32, device=dev)
-        fs = torch.empty(nseq, H, P, N, dtype=f32, device=dev)
-        fk = torch.empty(nseq, 1, H, N, dtype=f32, device=dev)
-        fv = torch.empty(nseq, H, P, dtype=v.dtype, device=dev)
-    slots = _slots(B, L, C, nseq, plan.varlen)
+    N2, S = N // 2, (angles.shape[-1] if angles is not None else 0)
+    dev, f32 = q.device, torch.float32
+    plan = _Plan(B, L, C, cu, dev)
+    nseq = plan.nseq
     st_dtype = torch.bfloat16 if fast else f32
-    if store:
-        stc = torch.empty(slots, H, P, N, dtype=st_dtype, device=dev)
-        thc = torch.empty(slots, H, S, dtype=f32, device=dev)
-    else:
-        stc = torch.empty(0, dtype=st_dtype, device=dev)
-        thc = torch.empty(0, dtype=f32, device=dev)
-    if L == 0 or plan.nsegs == 0:
-        return out, fa, fs, fk, fv, stc, thc
+    out = torch.empty(B, L, H, P, dtype=v.dtype, device=dev)
+    tot = torch.zeros(nseq, H, S, dtype=f32, device=dev)
+    st = torch.empty(_slots(B, L, C, nseq, plan.varlen), H, P, N, dtype=st_dtype, device=dev)
+    ypre = (
+        torch.empty(B, L, H, P, dtype=v.dtype, device=dev)
+        if (store and z is not None)
+        else (torch.empty(0, dtype=v.dtype, device=dev))
+    )
+    if plan.nchunks == 0:
+        send = s0.clone() if s0 is not None else torch.zeros(nseq, H, P, N, dtype=f32, device=dev)
+        return out, tot, send, st, ypre
+    send = torch.empty(nseq, H, P, N, dtype=f32, device=dev)
+    ca = torch.empty(plan.nchunks, H, dtype=f32, device=dev)
+    com = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)
     dummy = out
-    segtab = plan.segtab if plan.varlen else dummy
-    has = dict(
-        HAS_TRAP=trap is not None,
-        HAS_ANG=angles is not None,
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
-        HAS_INIT=issm is not None,
-        VARLEN=plan.varlen,
-    )
-    strides = _common_args(q, k, v, adt, dt, trap, angles, z, out)
-    sizes = (L, H, H // G, S, plan.NSEG, plan.SEG_CH, plan.NC)
     opt = lambda t: dummy if t is None else t  # noqa: E731
-    if plan.multi:
-        sloc = torch.empty(plan.nsegs, H, P, N, dtype=f32, device=dev)
-        sega = torch.empty(plan.nsegs, H, dtype=f32, device=dev)
-        segom = torch.empty(plan.nsegs, H, max(S, 1), dtype=f32, device=dev)
-        sstart = torch.empty(plan.nsegs, H, P, N, dtype=f32, device=dev)
-        thstart = torch.empty(plan.nsegs, H, max(S, 1), dtype=f32, device=dev)
-    else:
-        sstart = thstart = sloc = sega = segom = dummy
-    args = (
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        opt(trap),
-        q_bias,
-        k_bias,
-        opt(angles),
-        opt(D),
-        opt(z),
-        out,
-        segtab,
-        sstart,
-        thstart,
-        opt(issm),
-        opt(ia),
-        opt(ik),
-        opt(iv),
-        fs,
-        fa,
-        fk,
-        fv,
-        stc,
-        thc,
-        sloc,
-        sega,
-        segom,
-    )
-
-    def launch(local: bool) -> None:
-        # The local pass (segment end states from zero) and the main pass share every argument.
-        _FWD[(plan.nsegs * H,)](
-            *args,
-            *strides,
-            *sizes,
-            C=C,
-            P=P,
-            N2=N // 2,
-            LOCAL=local,
-            STORE=store and not local,
-            FAST=fast,
-            **_kw(_FWD, **has),
-        )
-
-    if plan.multi:
-        launch(True)
-        K._siso_fwd_chain_kernel[(nseq * H,)](
-            plan.seqtab if plan.varlen else dummy,
-            sloc,
-            sega,
-            segom,
-            sstart,
-            thstart,
-            opt(issm),
-            opt(ia),
-            opt(ik),
-            opt(iv),
-            dt,
-            opt(trap),
-            *_strides3(dt),
-            *_strides3(trap),
-            H,
-            S,
-            plan.NSEG,
-            P=P,
-            N2=N // 2,
-            HAS_TRAP=has["HAS_TRAP"],
-            HAS_INIT=has["HAS_INIT"],
-            VARLEN=plan.varlen,
-            HAS_ANG=has["HAS_ANG"],
-            num_warps=4,
-        )
-    launch(False)
-    return out, fa, fs, fk, fv, stc, thc
+    chtab = plan.chtab if plan.varlen else dummy
+    gates = (*_strides(adt), *_strides(dt), *_strides(trap), *_strides(angles))
+    flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
+    flags.update(VARLEN=plan.varlen, FAST=fast)
+    grid = (plan.nchunks * H,)
+    _FWD_STATE[grid](
+        k, v, adt, dt, opt(trap), k_bias, opt(angles), chtab, st, ca, com,
+        *_strides(k, (0, 1, 3)), *_strides(v), *gates,
+        L, H, H // G, S, plan.NC,
+        **_kw(_FWD_STATE, **flags),
+    )  # fmt: skip
+    nt = plan.tiles(H, N, P, dev)
+    K._fwd_pass_kernel[(nseq * H * nt,)](
+        st, ca, com, opt(s0), send, tot, plan.seqtab if plan.varlen else dummy,
+        H, S, plan.NC, nt,
+        P=P, N2=N2, PB=P // nt, HAS_INIT=s0 is not None, HAS_ANG=angles is not None,
+        VARLEN=plan.varlen, num_warps=4,
+    )  # fmt: skip
+    _FWD_OUT[grid](
+        q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angles), opt(D), opt(z), out,
+        ypre if ypre.numel() else dummy, chtab, st,
+        *_strides(q, (0, 1, 3)), *_strides(k, (0, 1, 3)), *_strides(v), *gates,
+        *_strides(z), *_strides(out),
+        L, H, H // G, S, plan.NC,
+        **_kw(_FWD_OUT, HAS_D=D is not None, HAS_Z=z is not None, SAVE_Y=ypre.numel() > 0,
+              **flags),
+    )  # fmt: skip
+    return out, tot, send, st, ypre
 
 
 # ----------------------------------------------------------------------------- backward
 
 
+def _seq_starts(plan: _Plan, L: int, dev) -> Tensor:
+    """(L,) True at the first token of every sequence (no trapezoid term crosses it)."""
+    starts = torch.zeros(L, dtype=torch.bool, device=dev)
+    offs, pos = [], 0
+    for n in plan.lengths:
+        if n:
+            offs.append(pos)
+        pos += n
+    starts[torch.tensor(offs, dtype=torch.int64, device=dev)] = True
+    return starts
+
+
+def _gate_grads(plan, dgam, dkap, ddta, dt, trap, L):
+    """d dt and d trap from d gamma, d kappa (kappa_t = gamma_t + (1 - lam_{t+1}) dt_{t+1})."""
+    dgt = dgam + dkap
+    if trap is None:
+        return dgt + ddta, None
+    lam = torch.sigmoid(trap.float())
+    dkp = F.pad(dkap[..., :-1], (1, 0))  # the first token has no predecessor in this call
+    if plan.varlen:
+        dkp = dkp.masked_fill(_seq_starts(plan, L, dkap.device), 0.0)
+    ddt = dgt * lam + dkp * (1.0 - lam) + ddta
+    dtrap = (dgt - dkp) * dt.float() * lam * (1.0 - lam)
+    return ddt, dtrap
+
+
 def _bwd_impl(
-    dout,
-    dfa,
-    dfs,
-    dfk,
-    dfv,
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    D,
-    z,
-    ia,
-    issm,
-    ik,
-    iv,
-    cu,
-    stc,
-    thc,
-    chunk_size: int,
-    seg_chunks: int,
-    fast: bool,
-):
+    dout, dtot, dsend, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, st, ypre,
+    C, fast,
+):  # fmt: skip
     B, L, _, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
-    C = chunk_size
-    dev = q.device
-    f32 = torch.float32
-    plan = _Plan(B, L, H, C, cu, seg_chunks, dev)
-    nseq, S = plan.nseq, _nang(angles, ia)
+    N2, S = N // 2, (angles.shape[-1] if angles is not None else 0)
+    dev, f32 = q.device, torch.float32
+    plan = _Plan(B, L, C, cu, dev)
+    nseq = plan.nseq
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    dfs = (
+    dsend = (
         torch.zeros(nseq, H, P, N, dtype=f32, device=dev)
-        if dfs is None
-        else dfs.float().contiguous()
+        if dsend is None
+        else dsend.float().contiguous()
     )
-    dfk = torch.zeros(nseq, 1, H, N, dtype=f32, device=dev) if dfk is None else dfk.contiguous()
-    dfv = torch.zeros(nseq, H, P, dtype=f32, device=dev) if dfv is None else dfv.contiguous()
-    dfa = torch.zeros(nseq, H, S, dtype=f32, device=dev) if dfa is None else dfa.float()
-
-    # per-head dq / dk before the sum over the heads of a group (bf16 in fast mode: bytes)
-    dh_dtype = torch.bfloat16 if fast else f32
-    dqh = torch.empty(B, L, H, N, dtype=dh_dtype, device=dev)
-    dkh = torch.empty(B, L, H, N, dtype=dh_dtype, device=dev)
-    dx = torch.empty_like(v, memory_format=torch.contiguous_format)
-    dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
-    dadt = torch.empty(B, H, L, dtype=f32, device=dev)
-    dkap = torch.empty(B, H, L, dtype=f32, device=dev)
-    dgam = torch.empty(B, H, L, dtype=f32, device=dev)
-    slots = _slots(B, L, C, nseq, plan.varlen)
-    dth = torch.empty(B, L, H, S, dtype=f32, device=dev)
-    dthtot = torch.zeros(slots, H, S, dtype=f32, device=dev)
-    nsg = max(plan.nsegs, 1)
-    dqbp = torch.zeros(nsg, H, N, dtype=f32, device=dev)
-    dkbp = torch.zeros(nsg, H, N, dtype=f32, device=dev)
-    ddp = torch.zeros(nsg, H, dtype=f32, device=dev)
-    dh0 = torch.zeros(nseq, H, P, N, dtype=f32, device=dev)
-    dkprev = torch.zeros(nseq, 1, H, N, dtype=f32, device=dev)
-    dvprev = torch.zeros(nseq, H, P, dtype=f32, device=dev)
-    deta0 = torch.zeros(nseq, H, dtype=f32, device=dev)
-    ddt = torch.zeros(B, H, L, dtype=f32, device=dev)
-    dtrap = torch.zeros(B, H, L, dtype=f32, device=dev)
-    dang = torch.zeros(B, L, H, S, dtype=angles.dtype, device=dev) if angles is not None else None
-
-    if L > 0 and plan.nsegs > 0:
+    dtot = (
+        torch.zeros(nseq, H, max(S, 1), dtype=f32, device=dev)
+        if dtot is None
+        else dtot.float().contiguous()
+    )
+    # packed batches may leave tokens outside every sequence: zero-fill only there
+    new = torch.zeros if plan.varlen else torch.empty
+    dh_dtype = torch.bfloat16 if fast else f32  # per-head dq / dk before the group sum
+    dqh = new(B, L, H, N, dtype=dh_dtype, device=dev)
+    dkh = new(B, L, H, N, dtype=dh_dtype, device=dev)
+    dx = new(B, L, H, P, dtype=v.dtype, device=dev)
+    dz = new(B, L, H, P, dtype=z.dtype, device=dev) if z is not None else None
+    dadt, dkap, dgam = (new(B, H, L, dtype=f32, device=dev) for _ in range(3))
+    ddta = (new if angles is not None else torch.zeros)(B, H, L, dtype=f32, device=dev)
+    dang = new(B, L, H, S, dtype=angles.dtype, device=dev) if angles is not None else None
+    nsl = max(plan.nchunks, 1)
+    dqbp = torch.zeros(nsl, H, N, dtype=f32, device=dev)
+    dkbp = torch.zeros(nsl, H, N, dtype=f32, device=dev)
+    ddp = torch.zeros(nsl, H, dtype=f32, device=dev)
+    ds0 = dsend.clone()
+    if plan.nchunks > 0:
         dummy = dqh
         opt = lambda t: dummy if t is None else t  # noqa: E731
-        segtab = plan.segtab if plan.varlen else dummy
-        has = dict(
-            HAS_TRAP=trap is not None,
-            HAS_ANG=angles is not None,
-            HAS_D=D is not None,
-            HAS_Z=z is not None,
-            HAS_INIT=issm is not None,
-            VARLEN=plan.varlen,
+        chtab = plan.chtab if plan.varlen else dummy
+        seqtab = plan.seqtab if plan.varlen else dummy
+        dg = torch.empty(plan.nchunks, H, P, N, dtype=st.dtype, device=dev)
+        ca = torch.empty(plan.nchunks, H, dtype=f32, device=dev)
+        com = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)
+        dy = (
+            torch.empty(B, L, H, P, dtype=v.dtype if fast else f32, device=dev)
+            if (z is not None)
+            else dout
         )
-        strides = _common_args(q, k, v, adt, dt, trap, angles, z, dout)
-        sizes = (L, H, H // G, S, plan.NSEG, plan.SEG_CH, plan.NC)
-
-        def bwd_args(dstate_in, gloc, sega):
-            # The local pass (no incoming state gradient) and the main pass share the rest.
-            return (
-                q,
-                k,
-                v,
-                adt,
-                dt,
-                opt(trap),
-                q_bias,
-                k_bias,
-                opt(angles),
-                opt(D),
-                opt(z),
-                dout,
-                segtab,
-                stc,
-                thc,
-                dstate_in,
-                opt(ia),
-                opt(ik),
-                opt(iv),
-                dfk,
-                dfv,
-                dqh,
-                dkh,
-                dx,
-                opt(dz),
-                dadt,
-                dkap,
-                dgam,
-                dth,
-                dthtot,
-                dqbp,
-                dkbp,
-                ddp,
-                dh0,
-                dkprev,
-                dvprev,
-                deta0,
-                gloc,
-                sega,
-            )
-
-        def launch(dstate_in, gloc, sega, local: bool, full: bool) -> None:
-            _BWD[(plan.nsegs * H,)](
-                *bwd_args(dstate_in, gloc, sega),
-                *strides,
-                *sizes,
-                C=C,
-                P=P,
-                N2=N // 2,
-                LOCAL=local,
-                FAST=fast,
-                FULL=full,
-                **_kw(_BWD, **has),
-            )
-
-        if plan.multi or plan.varlen:
-            gloc = torch.zeros(plan.nsegs, H, P, N, dtype=f32, device=dev)
-            sega = torch.zeros(plan.nsegs, H, dtype=f32, device=dev)
-            dsend = torch.empty(plan.nsegs, H, P, N, dtype=f32, device=dev)
-            if plan.multi:
-                launch(dummy, gloc, sega, local=True, full=z is not None)
-            K._siso_bwd_chain_kernel[(nseq * H,)](
-                plan.seqtab if plan.varlen else dummy,
-                gloc,
-                sega,
-                dfs,
-                dsend,
-                H,
-                plan.NSEG,
-                P=P,
-                N2=N // 2,
-                VARLEN=plan.varlen,
-                num_warps=4,
-            )
-        else:
-            dsend = dfs
-            gloc = sega = dummy
-        launch(dsend, gloc, sega, local=False, full=True)
-
-        # angle-gradient carry per chunk: sum of dTheta over all later tokens of the sequence
-        if angles is not None:
-            tot = dthtot[: plan.nchunks].double()
-            if not plan.varlen:
-                t4 = tot.view(B, plan.NC, H, S)
-                rc = t4.flip(1).cumsum(1).flip(1)
-                carry = (rc - t4 + dfa.double()[:, None]).reshape(plan.nchunks, H, S)
-                dth0 = rc[:, 0] + dfa.double()
-            else:
-                rc = tot.flip(0).cumsum(0).flip(0)
-                rce = torch.cat((rc, rc.new_zeros(1, H, S)))
-                cs_ = torch.tensor(plan.chunk_seq, dtype=torch.int64, device=dev)
-                ends = torch.tensor(plan.seq_cend, dtype=torch.int64, device=dev)
-                starts = torch.tensor(plan.seq_cbase, dtype=torch.int64, device=dev)
-                carry = rc - tot - rce[ends[cs_]] + dfa.double()[cs_]
-                dth0 = rce[starts] - rce[ends] + dfa.double()
-            carry = carry.float().contiguous()
-        else:
-            carry = dummy
-            dth0 = dfa
-        K._siso_bwd_gates_kernel[(plan.nchunks * H,)](
-            opt(angles),
-            dt,
-            opt(trap),
-            dkap,
-            dgam,
-            deta0,
-            dth,
-            carry,
-            plan.chtab if plan.varlen else dummy,
-            opt(dang),
-            ddt,
-            dtrap,
-            *_strides3(dt),
-            *_strides3(trap),
-            *_strides3(angles),
-            L,
-            H,
-            S,
-            plan.NC,
-            C=C,
-            N2=triton.next_power_of_2(max(S, 1)),
-            HAS_TRAP=has["HAS_TRAP"],
-            HAS_ANG=has["HAS_ANG"],
-            HAS_INIT=has["HAS_INIT"],
-            VARLEN=plan.varlen,
-            FAST=fast,
+        gates = (*_strides(adt), *_strides(dt), *_strides(trap), *_strides(angles))
+        grid = (plan.nchunks * H,)
+        _BWD_DSTATE[grid](
+            q, adt, dt, q_bias, opt(angles), opt(z), ypre if ypre.numel() else dummy, dout,
+            chtab, dy, opt(dz), dg, ca, com,
+            *_strides(q, (0, 1, 3)), *_strides(adt), *_strides(dt), *_strides(angles),
+            *_strides(z), *_strides(dout),
+            L, H, H // G, S, plan.NC,
+            **_kw(_BWD_DSTATE, C=C, P=P, N2=N2, HAS_ANG=angles is not None, HAS_Z=z is not None,
+                  VARLEN=plan.varlen, FAST=fast),
+        )  # fmt: skip
+        nt = plan.tiles(H, N, P, dev)
+        K._bwd_pass_kernel[(nseq * H * nt,)](
+            dg, ca, com, dsend, ds0, seqtab, H, S, plan.NC, nt,
+            P=P, N2=N2, PB=P // nt, HAS_ANG=angles is not None, VARLEN=plan.varlen,
             num_warps=4,
-        )
-    else:
-        dth0 = dfa
-
+        )  # fmt: skip
+        gin, du = torch.empty(B, H, L, dtype=f32, device=dev), torch.empty_like(dadt)
+        das = torch.empty(plan.nchunks, H, dtype=f32, device=dev)
+        common = (
+            *_strides(q, (0, 1, 3)), *_strides(k, (0, 1, 3)), *_strides(v), *gates,
+            *_strides(dy), L, H, H // G, S, plan.NC,
+        )  # fmt: skip
+        flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
+        flags.update(HAS_D=D is not None, VARLEN=plan.varlen, FAST=fast)
+        inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angles))
+        rq = torch.empty(B, L, H, S, dtype=f32, device=dev) if angles is not None else dummy
+        doms = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)
+        _BWD_Q[grid](
+            *inputs, dy, chtab, st, dg, dqh, dqbp, rq, gin, das, doms,
+            *common, **_kw(_BWD_Q, **flags),
+        )  # fmt: skip
+        _BWD_K[grid](
+            *inputs, dy, chtab, dg, dtot, rq, doms, dkh, dkbp, opt(dang), ddta, du,
+            *common, **_kw(_BWD_K, **flags),
+        )  # fmt: skip
+        _BWD_X[grid](
+            *inputs, opt(D), dy, chtab, dg, gin, du, das, dx, dadt, dkap, dgam, ddp,
+            *common, **_kw(_BWD_X, **flags),
+        )  # fmt: skip
+    ddt, dtrap = _gate_grads(plan, dgam, dkap, ddta, dt, trap, L)
     hpg = H // G
     dq = dqh.view(B, L, G, hpg, N).sum(3, dtype=f32).unsqueeze(2).to(q.dtype)
     dk = dkh.view(B, L, G, hpg, N).sum(3, dtype=f32).unsqueeze(2).to(k.dtype)
-    dqb = dqbp.sum(0).view(H, 1, N).to(q_bias.dtype)
-    dkb = dkbp.sum(0).view(H, 1, N).to(k_bias.dtype)
-    dD = ddp.sum(0).to(D.dtype) if D is not None else None
-    dia = dth0.float() if angles is not None else dfa.clone()
-    if plan.empty:
-        idx = torch.tensor(plan.empty, dtype=torch.int64, device=dev)
-        dh0[idx] = dfs[idx]
-        dkprev[idx] = dfk[idx].float()
-        dvprev[idx] = dfv[idx].float()
-        dia = dia.clone()
-        dia[idx] = dfa[idx]
     grads = [
         dq,
         dk,
@@ -574,15 +327,12 @@ def _bwd_impl(
         dadt.to(adt.dtype),
         ddt.to(dt.dtype),
         dtrap.to(trap.dtype) if trap is not None else None,
-        dqb,
-        dkb,
+        dqbp.sum(0).view(H, 1, N).to(q_bias.dtype),
+        dkbp.sum(0).view(H, 1, N).to(k_bias.dtype),
         dang,
-        dD,
+        ddp.sum(0).to(D.dtype) if D is not None else None,
         dz,
-        dia if ia is not None else None,
-        dh0 if issm is not None else None,
-        dkprev.to(ik.dtype) if ik is not None else None,
-        dvprev.to(iv.dtype) if iv is not None else None,
+        ds0 if s0 is not None else None,
     ]
     return [torch.empty(0, device=dev) if g_ is None else g_ for g_ in grads]
 
@@ -603,90 +353,43 @@ def _fwd_op(
     angles: Tensor | None,
     D: Tensor | None,
     z: Tensor | None,
-    init_angle: Tensor | None,
-    init_ssm: Tensor | None,
-    init_k: Tensor | None,
-    init_v: Tensor | None,
+    init_state: Tensor | None,
     cu_seqlens: Tensor | None,
     chunk_size: int,
-    seg_chunks: int,
     fast: bool,
     store: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _fwd_impl(
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D,
-        z,
-        init_angle,
-        init_ssm,
-        init_k,
-        init_v,
-        cu_seqlens,
-        chunk_size,
-        seg_chunks,
-        fast,
-        store,
-    )
+        q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, init_state, cu_seqlens,
+        chunk_size, fast, store,
+    )  # fmt: skip
 
 
 @_fwd_op.register_fake
-def _(
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    D,
-    z,
-    init_angle,
-    init_ssm,
-    init_k,
-    init_v,
-    cu_seqlens,
-    chunk_size,
-    seg_chunks,
-    fast,
-    store,
-):
+def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, init_state, cu_seqlens, chunk_size,
+      fast, store):  # fmt: skip
     B, L, _, _, N = q.shape
     H, P = v.shape[2], v.shape[3]
     varlen = cu_seqlens is not None
     nseq = cu_seqlens.shape[0] - 1 if varlen else B
-    S = _nang(angles, init_angle)
+    S = angles.shape[-1] if angles is not None else 0
     f32 = torch.float32
-    slots = (L // chunk_size + nseq) if varlen else B * ((L + chunk_size - 1) // chunk_size)
-    st_dtype = torch.bfloat16 if fast else f32
     new = q.new_empty
+    slots = _slots(B, L, chunk_size, nseq, varlen)
     return (
         new(B, L, H, P, dtype=v.dtype),
         new(nseq, H, S, dtype=f32),
         new(nseq, H, P, N, dtype=f32),
-        new(nseq, 1, H, N, dtype=f32),
-        new(nseq, H, P, dtype=v.dtype),
-        new(slots, H, P, N, dtype=st_dtype) if store else new(0, dtype=st_dtype),
-        new(slots, H, S, dtype=f32) if store else new(0, dtype=f32),
+        new(slots, H, P, N, dtype=torch.bfloat16 if fast else f32),
+        new(B, L, H, P, dtype=v.dtype) if (store and z is not None) else new(0, dtype=v.dtype),
     )
 
 
 @torch.library.custom_op("hybridkit::mamba3_siso_bwd", mutates_args=())
 def _bwd_op(
     dout: Tensor,
-    d_angle: Tensor | None,
-    d_ssm: Tensor | None,
-    d_k: Tensor | None,
-    d_v: Tensor | None,
+    d_tot: Tensor | None,
+    d_send: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -698,132 +401,41 @@ def _bwd_op(
     angles: Tensor | None,
     D: Tensor | None,
     z: Tensor | None,
-    init_angle: Tensor | None,
-    init_ssm: Tensor | None,
-    init_k: Tensor | None,
-    init_v: Tensor | None,
+    init_state: Tensor | None,
     cu_seqlens: Tensor | None,
     states: Tensor,
-    chunk_angles: Tensor,
+    ypre: Tensor,
     chunk_size: int,
-    seg_chunks: int,
     fast: bool,
 ) -> list[Tensor]:
     return _bwd_impl(
-        dout,
-        d_angle,
-        d_ssm,
-        d_k,
-        d_v,
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D,
-        z,
-        init_angle,
-        init_ssm,
-        init_k,
-        init_v,
-        cu_seqlens,
-        states,
-        chunk_angles,
-        chunk_size,
-        seg_chunks,
-        fast,
-    )
+        dout, d_tot, d_send, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, init_state,
+        cu_seqlens, states, ypre, chunk_size, fast,
+    )  # fmt: skip
 
 
 @_bwd_op.register_fake
-def _(
-    dout,
-    d_angle,
-    d_ssm,
-    d_k,
-    d_v,
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    D,
-    z,
-    init_angle,
-    init_ssm,
-    init_k,
-    init_v,
-    cu_seqlens,
-    states,
-    chunk_angles,
-    chunk_size,
-    seg_chunks,
-    fast,
-):
+def _(dout, d_tot, d_send, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, init_state,
+      cu_seqlens, states, ypre, chunk_size, fast):  # fmt: skip
     like = lambda t: torch.empty_like(t) if t is not None else q.new_empty(0)  # noqa: E731
-    dia = (
-        q.new_empty(init_angle.shape, dtype=torch.float32)
-        if init_angle is not None
-        else q.new_empty(0)
-    )
-    dis = (
-        q.new_empty(init_ssm.shape, dtype=torch.float32) if init_ssm is not None else q.new_empty(0)
-    )
-    return [
-        like(q),
-        like(k),
-        like(v),
-        like(adt),
-        like(dt),
-        like(trap),
-        like(q_bias),
-        like(k_bias),
-        like(angles),
-        like(D),
-        like(z),
-        dia,
-        dis,
-        like(init_k),
-        like(init_v),
-    ]
+    return [like(t) for t in (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, init_state)]
 
 
-_N_TENSOR_IN = 16  # q ... cu_seqlens
+_N_TENSOR_IN = 13  # q ... cu_seqlens
 
 
 def _setup_context(ctx, inputs, output):
     tensors = list(inputs[:_N_TENSOR_IN])
     ctx.present = [t is not None for t in tensors]
-    ctx.chunk_size, ctx.seg_chunks, ctx.fast = inputs[16], inputs[17], inputs[18]
-    ctx.save_for_backward(*tensors, output[5], output[6])
+    ctx.chunk_size, ctx.fast = inputs[13], inputs[14]
+    ctx.save_for_backward(*tensors, output[3], output[4])
 
 
-def _backward(ctx, dy, d_angle, d_ssm, d_k, d_v, _d_states, _d_chunk_angles):
+def _backward(ctx, dy, d_tot, d_send, _d_states, _d_ypre):
     saved = ctx.saved_tensors  # read exactly once (activation checkpointing)
-    tensors, states, chunk_angles = saved[:_N_TENSOR_IN], saved[-2], saved[-1]
-    grads = torch.ops.hybridkit.mamba3_siso_bwd(
-        dy,
-        d_angle,
-        d_ssm,
-        d_k,
-        d_v,
-        *tensors,
-        states,
-        chunk_angles,
-        ctx.chunk_size,
-        ctx.seg_chunks,
-        ctx.fast,
-    )
-    out = [g if present else None for g, present in zip(grads, ctx.present[:15], strict=True)]
-    return (*out, None, None, None, None, None)
+    grads = torch.ops.hybridkit.mamba3_siso_bwd(dy, d_tot, d_send, *saved, ctx.chunk_size, ctx.fast)
+    out = [g if present else None for g, present in zip(grads, ctx.present[:12], strict=True)]
+    return (*out, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -831,11 +443,35 @@ torch.library.register_autograd(
 )
 
 
-# ----------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------- frames
+
+
+def _deinterleave(s: Tensor) -> Tensor:
+    """(..., N) with pairs (2j, 2j+1) -> (..., N) as [even columns, odd columns]."""
+    return s.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def _interleave(s: Tensor) -> Tensor:
+    return s.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+
+
+def _first_last(t: Tensor, cu: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Values of ``t`` (B, L, ...) at the first and last token of every sequence (clamped;
+    zeros when there are no tokens at all)."""
+    if t.shape[1] == 0:
+        zero = t.new_zeros(t.shape[0] if cu is None else cu.shape[0] - 1, *t.shape[2:])
+        return zero, zero
+    if cu is None:
+        return t[:, 0], t[:, -1]
+    hi = max(t.shape[1] - 1, 0)
+    return t[0, cu[:-1].clamp(max=hi)], t[0, (cu[1:] - 1).clamp(min=0, max=hi)]
 
 
 def _c(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- public API
 
 
 def mamba3_scan_triton(
@@ -857,14 +493,13 @@ def mamba3_scan_triton(
     chunk_size: int = 64,
     z: Tensor | None = None,
     fast: bool | None = None,
-    seg_chunks: int = 0,
 ) -> tuple[Tensor, Mamba3State]:
     """Mamba-3 SISO scan on Triton; shapes and semantics as the reference scans (R must be 1).
 
     Returns y (B, L, 1, H, P) in ``v``'s dtype (times ``silu(z)`` when ``z`` (B, L, H, P) is
     given) and the final :class:`Mamba3State` (angle, ssm and k in float32, v in ``v``'s dtype).
     ``fast`` (default: ``v`` is bf16/fp16) selects bf16 tensor-core operands and approximate
-    transcendentals; ``seg_chunks`` (0 = automatic) is the number of chunks one program walks.
+    transcendentals.
     """
     if not supports(q, v, mimo_x, pairing):
         raise ValueError(
@@ -883,16 +518,33 @@ def mamba3_scan_triton(
         raise ValueError("mamba3 scan: interleaved pairing needs 2*S <= N")
     if fast is None:
         fast = v.dtype in (torch.bfloat16, torch.float16)
-    ia = issm = ik = iv = None
-    if initial_state is not None:
-        ia = initial_state.angle.float().contiguous()
-        issm = initial_state.ssm.float().contiguous()
-        ik = initial_state.k.contiguous()
-        iv = initial_state.v.contiguous()
     f32 = torch.float32
-    tensors = [q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, ia, issm, ik, iv]
+    cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int64)
+    lengths = (cu[1:] - cu[:-1]) if cu is not None else torch.full((B,), L, device=q.device)
+    empty = (lengths == 0).view(-1, 1, 1)  # (nseq, 1, 1)
+    st = initial_state
+    rotate = angles is not None
+
+    # initial state -> relative frame, with the first token's trapezoid term of the previous one
+    s0 = None
+    if st is not None:
+        dt0, _ = _first_last(dt.transpose(1, 2), cu)  # (nseq, H)
+        lam0 = (
+            torch.sigmoid(_first_last(trap.transpose(1, 2), cu)[0].float())
+            if trap is not None
+            else 1.0
+        )
+        eta0 = ((1.0 - lam0) * dt0.float()).masked_fill(empty[:, :, 0], 0.0)
+        h0 = st.ssm.float() + eta0[..., None, None] * (
+            st.v.float()[..., :, None] * st.k[:, 0].float()[..., None, :]
+        )
+        if rotate:
+            h0 = rotate_pairs(h0, -st.angle.float()[:, :, None, :], "interleaved")
+        s0 = _deinterleave(h0).contiguous()
+
+    tensors = [q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0]
     store = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, fa, fs, fk, fv, _, _ = torch.ops.hybridkit.mamba3_siso_fwd(
+    y, tot, send, _, _ = torch.ops.hybridkit.mamba3_siso_fwd(
         _c(q),
         _c(k),
         _c(v),
@@ -904,14 +556,32 @@ def mamba3_scan_triton(
         _c(angles),
         None if D is None else D.contiguous(),
         _c(z),
-        ia,
-        issm,
-        ik,
-        iv,
-        None if cu_seqlens is None else cu_seqlens.to(torch.int64),
+        s0,
+        cu,
         chunk_size,
-        seg_chunks,
         bool(fast),
         bool(store),
     )
-    return y.unsqueeze(2), Mamba3State(fa, fs, fk, fv)
+
+    # end state -> absolute frame; last key (rotated) and value of every sequence
+    nseq = lengths.shape[0]
+    ia = st.angle.float() if st is not None else None
+    if rotate:
+        angle = wrap_angle(tot if ia is None else ia + tot)
+    else:
+        angle = ia if ia is not None else torch.zeros(nseq, H, 0, dtype=f32, device=q.device)
+    ssm = _interleave(send)
+    kl = _first_last(k[:, :, 0], cu)[1].float().repeat_interleave(H // G, dim=1)
+    kl = kl + k_bias[:, 0].float()
+    if rotate:
+        ssm = rotate_pairs(ssm, angle[:, :, None, :], "interleaved")
+        kl = rotate_pairs(kl, angle, "interleaved")
+    vl = _first_last(v, cu)[1]
+    if st is not None:  # an empty sequence keeps its state
+        kl = torch.where(empty, st.k[:, 0].float(), kl)
+        vl = torch.where(empty, st.v.to(v.dtype), vl)
+        ssm = torch.where(empty[..., None], st.ssm.float(), ssm)
+    elif cu is not None or L == 0:
+        kl = kl.masked_fill(empty, 0.0)
+        vl = vl.masked_fill(empty, 0.0)
+    return y.unsqueeze(2), Mamba3State(angle, ssm, kl.unsqueeze(1), vl)

@@ -1,24 +1,34 @@
 """Triton kernels for the Mamba-3 SISO chunked scan (forward and backward).
 
-Work decomposition (spec 3.2, made chunk-parallel where the official kernel is not):
+Work decomposition (spec 3.2), chunk-parallel everywhere except one element-wise pass:
 
-* A *segment* is a run of ``seg_chunks`` consecutive chunks of one sequence. One program owns one
-  (segment, head) and walks the segment's chunks in order, carrying the P x N state in registers
-  (as two P x N/2 tiles: even and odd state columns, so the interleaved rotary pairs are plain
-  element-wise operations and no shuffles are needed).
-* With one segment per sequence (large batch x heads) the forward is a single launch, like the
-  official kernel. With several (small batch, long sequences) a *local* pass computes every
-  segment's end state from zero in its own rotary frame, a short *chain* pass per (sequence,
-  head) turns those into each segment's true start state (rotating the local states by the
-  segment's start angle), and the main pass runs all segments in parallel. The backward mirrors
-  this with the state gradient flowing in reverse.
-* The state carried between chunks and segments is the "pre-added" one of spec 2.7, so every
-  token of the next chunk sees the previous token's trapezoid term through the ordinary decay.
+* Every (chunk, head) is one program. All heavy work (scores, masked intra-chunk products,
+  rotations, the chunk's own state contribution and every gradient) depends on the chunk's
+  inputs plus *one* state tile, so it runs fully in parallel: 16k programs at
+  (B 8, L 4096, H 32), 8k at (B 1, L 16384); batch 1 fills the GPU as well as batch 8.
+* The only sequential dependency, ``S_{c+1} = R(-Omega_c) (exp(A_c) S_c + dS_c)``, is an
+  element-wise pass over chunks per (sequence, head, tile of state columns) (``_fwd_pass``
+  forward, ``_bwd_pass`` in reverse for the state gradient). It reads and writes one P x N tile
+  per chunk and does no matrix products.
+* **Frames.** A rotation by the absolute angle ``Theta_t`` would make every chunk depend on all
+  earlier angles. Instead each chunk works in its own frame: ``q~_t = R(theta_t) q_t`` with
+  ``theta_t`` the angle accumulated *inside the chunk* (so ``q~_t . k~_s`` is exact within a
+  chunk), and the state of chunk c is stored rotated back by the chunk's start angle,
+  ``S~_c = R(-Theta_c) S_c``, which turns ``S_c qbar_t`` into ``S~_c q~_t``. Chunks only
+  exchange their total angle ``Omega_c``, applied in the element-wise pass. The initial and
+  final states are converted between the absolute and the relative frame by the caller (plain
+  differentiable torch on (sequences, H, P, N) tensors).
+* The state carried between chunks is the "pre-added" one of spec 2.7 (it already holds the next
+  token's trapezoid term), so every chunk sees its predecessor through the ordinary decay.
+* Internal state buffers store a P x N state with its columns de-interleaved (the N/2 even
+  columns of the rotary pairs, then the N/2 odd ones): the pair rotation is element-wise on two
+  contiguous halves and every contraction is a ``tl.dot`` over N/2.
 
-Precision: ``FAST`` selects bf16 tensor-core operands (fp32 accumulate) and PTX approximations
-of tanh / sin / cos; otherwise dots are fp32 with ``input_precision="ieee"`` and transcendentals
-are exact ``tl`` functions (also what the CPU interpreter can run). All offsets that involve a
-token, batch or chunk index are int64.
+Precision: ``FAST`` selects bf16 tensor-core operands (fp32 accumulate), bf16 state buffers and
+PTX approximations of tanh / sin / cos; otherwise dots are fp32 with ``input_precision="ieee"``,
+buffers fp32 and transcendentals exact ``tl`` functions (also what the CPU interpreter can run).
+All offsets that involve a token, batch or chunk index are int64; grids put (chunk, head) or
+(sequence, head, tile) on axis 0.
 """
 
 from __future__ import annotations
@@ -76,37 +86,12 @@ def _dot(a, b, FAST: tl.constexpr):
 
 
 @triton.jit
-def _band(m, c):
-    """``m & c`` for a boolean tile m and a scalar c, in a form the CPU interpreter accepts."""
-    return m & ((m.to(tl.int32) * 0 + c.to(tl.int32)) != 0)
-
-
-@triton.jit
-def _segment(seg, SEGTAB, L, NSEG, SEG_CH, NC, C: tl.constexpr, VARLEN: tl.constexpr):
-    """(batch, seq, tok_start, tok_end, seq_start, seq_end, chunk_base, is_first, is_last)."""
-    if VARLEN:
-        row = SEGTAB + seg.to(tl.int64) * 8
-        seq = tl.load(row)
-        tok_start = tl.load(row + 1)
-        tok_end = tl.load(row + 2)
-        seq_start = tl.load(row + 3)
-        seq_end = tl.load(row + 4)
-        chunk_base = tl.load(row + 5)
-        is_first = tl.load(row + 6) != 0
-        is_last = tl.load(row + 7) != 0
-        bat = seq * 0
+def _operand(x, FAST: tl.constexpr):
+    """A tile used only as a dot operand: bf16 in fast mode (half the registers), else fp32."""
+    if FAST:
+        return x.to(tl.bfloat16)
     else:
-        seq = (seg // NSEG).to(tl.int64)
-        j = (seg % NSEG).to(tl.int64)
-        tok_start = j * SEG_CH * C
-        tok_end = tl.minimum(tok_start + SEG_CH * C, L)
-        seq_start = seq * 0
-        seq_end = seq * 0 + L
-        chunk_base = seq * NC + j * SEG_CH
-        is_first = j == 0
-        is_last = j == NSEG - 1
-        bat = seq
-    return bat, seq, tok_start, tok_end, seq_start, seq_end, chunk_base, is_first, is_last
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -153,23 +138,40 @@ def _gates(
 
 
 @triton.jit
-def _load_qk(
-    Qp,
-    QB,
-    bat,
-    g,
-    h,
-    tt,
-    mc,
-    offs_j,
-    s_b,
-    s_l,
-    s_g,
-    HAS_ANG: tl.constexpr,
-    cosv,
-    sinv,
-):
-    """Even / odd columns of q (or k) + per-head bias, rotated by the pair angles."""
+def _chunk(gc, CHTAB, L, NC, C: tl.constexpr, VARLEN: tl.constexpr):
+    """(batch, sequence, first token, end token, sequence end) of chunk slot ``gc``."""
+    if VARLEN:
+        row = CHTAB + gc * 4
+        seq = tl.load(row)
+        tok_start = tl.load(row + 1)
+        tok_end = tl.load(row + 2)
+        seq_end = tl.load(row + 3)
+        bat = seq * 0
+    else:
+        seq = gc // NC
+        tok_start = (gc % NC) * C
+        tok_end = tl.minimum(tok_start + C, L)
+        seq_end = seq * 0 + L
+        bat = seq
+    return bat, seq, tok_start, tok_end, seq_end
+
+
+@triton.jit
+def _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST: tl.constexpr):
+    """Per-pair angle increments of one chunk, their in-chunk cumsum's cos / sin, and tanh."""
+    am = mc[:, None] & mj[None, :]
+    ang = tl.load(
+        ANG + bat * s_gb + tt[:, None] * s_gl + h * s_gh + offs_j[None, :], mask=am, other=0.0
+    ).to(tl.float32)
+    t = _tanh(ang, FAST)
+    om = PI * t * dt[:, None]
+    th = _mod2pi(tl.cumsum(om, 0))
+    return om, _cos(th, FAST), _sin(th, FAST), t
+
+
+@triton.jit
+def _load_qk(Qp, QB, bat, g, h, tt, mc, offs_j, s_b, s_l, s_g, HAS_ANG: tl.constexpr, cosv, sinv):
+    """Even / odd columns of q (or k) + per-head bias, rotated by the in-chunk angles."""
     base = Qp + bat * s_b + tt[:, None] * s_l + g * s_g + 2 * offs_j[None, :]
     qe = tl.load(base, mask=mc[:, None], other=0.0).to(tl.float32)
     qo = tl.load(base + 1, mask=mc[:, None], other=0.0).to(tl.float32)
@@ -178,18 +180,215 @@ def _load_qk(
     qe = tl.where(mc[:, None], qe + be[None, :], 0.0)
     qo = tl.where(mc[:, None], qo + bo[None, :], 0.0)
     if HAS_ANG:
-        re = qe * cosv - qo * sinv
-        ro = qe * sinv + qo * cosv
-        return re, ro, qe, qo
+        return qe * cosv - qo * sinv, qe * sinv + qo * cosv
     else:
-        return qe, qo, qe, qo
+        return qe, qo
+
+
+@triton.jit
+def _scores(qe, qo, ke, ko, cs, gamma, kappa, C: tl.constexpr, FAST: tl.constexpr):
+    """q~ k~^T, the strictly-lower decay mask and the masked weights W (gamma on the diagonal)."""
+    offs_c = tl.arange(0, C)
+    ii = offs_c[:, None]
+    jj = offs_c[None, :]
+    sc = _dot(qe, tl.trans(ke), FAST) + _dot(qo, tl.trans(ko), FAST)
+    dec = tl.where(ii > jj, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+    w = dec * kappa[None, :] + tl.where(ii == jj, gamma[None, :], 0.0)
+    return sc, dec, w
+
+
+@triton.jit
+def _state_tile(buf, slot, h, H, offs_p, offs_j, N2: tl.constexpr, P: tl.constexpr):
+    """Addresses of the even / odd halves of rows ``offs_p`` of one (slot, head) P x N state
+    (de-interleaved columns)."""
+    base = buf + (slot * H + h) * (P * 2 * N2)
+    pe = base + offs_p[:, None] * (2 * N2) + offs_j[None, :]
+    return pe, pe + N2
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _siso_fwd_kernel(
+def _fwd_state_kernel(
+    K,
+    V,
+    ADT,
+    DT,
+    TRAP,
+    KB,
+    ANG,
+    CHTAB,
+    ST,
+    CA,
+    COM,
+    s_kb,
+    s_kl,
+    s_kg,
+    s_vb,
+    s_vl,
+    s_vh,
+    s_ab,
+    s_ah,
+    s_al,
+    s_db,
+    s_dh,
+    s_dl,
+    s_tb,
+    s_th,
+    s_tl,
+    s_gb,
+    s_gl,
+    s_gh,
+    L,
+    H,
+    HPG,
+    NANG,
+    NC,
+    C: tl.constexpr,
+    P: tl.constexpr,
+    N2: tl.constexpr,
+    HAS_TRAP: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+    VARLEN: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Per (chunk, head): the chunk's own state contribution sum_t u_t x_t k~_t^T (its frame),
+    its total log decay A_c and its total angle Omega_c."""
+    pid = tl.program_id(0)
+    h = (pid % H).to(tl.int64)
+    gc = (pid // H).to(tl.int64)
+    g = h // HPG
+    bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_p = tl.arange(0, P)
+    offs_j = tl.arange(0, N2)
+    mj = offs_j < NANG
+    tt = tok_start + offs_c
+    mc = tt < tok_end
+    adt, dt, gamma, kappa = _gates(
+        ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
+        s_tl, HAS_TRAP,
+    )  # fmt: skip
+    cs = tl.cumsum(adt, 0)
+    a_c = tl.sum(adt, 0)
+    if HAS_ANG:
+        om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST)
+        tl.store(COM + (gc * H + h) * NANG + offs_j, tl.sum(om, 0), mask=mj)
+    else:
+        cosv = 0.0
+        sinv = 0.0
+    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
+    ke = _operand(ke, FAST)
+    ko = _operand(ko, FAST)
+    x = tl.load(
+        V + bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :],
+        mask=mc[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    xu = _operand(x * (tl.exp(a_c - cs) * kappa)[:, None], FAST)
+    pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
+    tl.store(pe, _dot(tl.trans(xu), ke, FAST).to(ST.dtype.element_ty))
+    tl.store(po, _dot(tl.trans(xu), ko, FAST).to(ST.dtype.element_ty))
+    tl.store(CA + gc * H + h, a_c)
+
+
+@triton.jit
+def _pass_setup(SEQTAB, NC, NT, H, P: tl.constexpr, PB: tl.constexpr, VARLEN: tl.constexpr):
+    """(sequence, head, first chunk slot, chunk count, state rows) of an element-wise pass
+    program; a program owns PB full rows of the P x N state (coalesced, no pair split)."""
+    pid = tl.program_id(0)
+    tile = pid % NT
+    h = ((pid // NT) % H).to(tl.int64)
+    seq = (pid // (NT * H)).to(tl.int64)
+    if VARLEN:
+        c0 = tl.load(SEQTAB + seq * 2)
+        nch = tl.load(SEQTAB + seq * 2 + 1)
+    else:
+        c0 = seq * NC
+        nch = seq * 0 + NC
+    return seq, h, c0, nch, tile, tile * PB + tl.arange(0, PB)
+
+
+@triton.jit
+def _pass_load(
+    buf, CA, COM, slot, h, H, NANG, offs_p, offs_j, mj, N2: tl.constexpr, P: tl.constexpr
+):
+    pe, po = _state_tile(buf, slot, h, H, offs_p, offs_j, N2, P)
+    de = tl.load(pe).to(tl.float32)
+    do = tl.load(po).to(tl.float32)
+    a = tl.load(CA + slot * H + h)
+    om = tl.load(COM + (slot * H + h) * NANG + offs_j, mask=mj, other=0.0)
+    return de, do, a, om
+
+
+@triton.jit
+def _fwd_pass_kernel(
+    ST,
+    CA,
+    COM,
+    S0,
+    SEND,
+    TOT,
+    SEQTAB,
+    H,
+    NANG,
+    NC,
+    NT,
+    P: tl.constexpr,
+    N2: tl.constexpr,
+    PB: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """Per (sequence, head, PB state rows): walk the chunks, replacing each chunk's own
+    contribution in ``ST`` by its start state (relative frame), then write the end state and
+    the sequence's total angle (mod 2 pi). The next chunk's tile is loaded before the current
+    one is used, so two loads are in flight per program."""
+    seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
+    offs_j = tl.arange(0, N2)
+    mj = offs_j < NANG
+    ie, io = _state_tile(S0, seq, h, H, offs_p, offs_j, N2, P)
+    if HAS_INIT:
+        se = tl.load(ie)
+        so = tl.load(io)
+    else:
+        se = tl.zeros((PB, N2), dtype=tl.float32)
+        so = tl.zeros((PB, N2), dtype=tl.float32)
+    tot = tl.zeros((N2,), dtype=tl.float32)
+    last = tl.maximum(nch - 1, 0)
+    de, do, a, om = _pass_load(ST, CA, COM, c0, h, H, NANG, offs_p, offs_j, mj, N2, P)
+    for c in range(0, nch):
+        slot = c0 + c
+        ne, no, na, nom = _pass_load(
+            ST, CA, COM, c0 + tl.minimum(c + 1, last), h, H, NANG, offs_p, offs_j, mj, N2, P
+        )
+        pe, po = _state_tile(ST, slot, h, H, offs_p, offs_j, N2, P)
+        tl.store(pe, se.to(ST.dtype.element_ty))
+        tl.store(po, so.to(ST.dtype.element_ty))
+        ea = tl.exp(a)
+        te = ea * se + de
+        to = ea * so + do
+        if HAS_ANG:
+            cw = tl.cos(om)[None, :]
+            sw = tl.sin(om)[None, :]
+            se = cw * te + sw * to
+            so = cw * to - sw * te
+            tot = _mod2pi(tot + om)
+        else:
+            se = te
+            so = to
+        de, do, a, om = ne, no, na, nom
+    fe, fo = _state_tile(SEND, seq, h, H, offs_p, offs_j, N2, P)
+    tl.store(fe, se)
+    tl.store(fo, so)
+    if HAS_ANG:
+        tl.store(TOT + (seq * H + h) * NANG + offs_j, tot, mask=mj & ((offs_j * 0 + tile) == 0))
+
+
+@triton.jit
+def _fwd_out_kernel(
     Q,
     K,
     V,
@@ -202,22 +401,9 @@ def _siso_fwd_kernel(
     DSKIP,
     Z,
     OUT,
-    SEGTAB,
-    SSTART,
-    THSTART,
-    H0,
-    TH0,
-    KPREV,
-    VPREV,
-    FSSM,
-    FANG,
-    FK,
-    FV,
-    STC,
-    THC,
-    SLOC,
-    SEGA,
-    SEGOM,
+    YPRE,
+    CHTAB,
+    ST,
     s_qb,
     s_ql,
     s_qg,
@@ -249,283 +435,512 @@ def _siso_fwd_kernel(
     H,
     HPG,
     NANG,
-    NSEG,
-    SEG_CH,
     NC,
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
-    LOCAL: tl.constexpr,
     HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
-    HAS_INIT: tl.constexpr,
+    SAVE_Y: tl.constexpr,
     VARLEN: tl.constexpr,
-    STORE: tl.constexpr,
     FAST: tl.constexpr,
 ):
+    """Per (chunk, head): y = (q~k~^T * W) x + exp(cs) q~ S~_c^T + D x, times silu(z)."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
-    seg = pid // H
+    gc = (pid // H).to(tl.int64)
     g = h // HPG
-    bat, seq, tok_start, tok_end, seq_start, seq_end, chunk_base, is_first, is_last = _segment(
-        seg, SEGTAB, L, NSEG, SEG_CH, NC, C, VARLEN
-    )
-    N: tl.constexpr = 2 * N2
+    bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
     offs_c = tl.arange(0, C)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
-    pn = offs_p[:, None] * N + 2 * offs_j[None, :]  # even state columns of a (P, N) block
-    nck = tl.cdiv(tok_end - tok_start, C)
-
-    if LOCAL:
-        # segment-local end state from zero, rotary frame starting at angle 0
-        se = tl.zeros((P, N2), dtype=tl.float32)
-        so = tl.zeros((P, N2), dtype=tl.float32)
-        thc = tl.zeros((N2,), dtype=tl.float32)
-        nck = tl.where(is_last, 0, nck)
+    tt = tok_start + offs_c
+    mc = tt < tok_end
+    adt, dt, gamma, kappa = _gates(
+        ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
+        s_tl, HAS_TRAP,
+    )  # fmt: skip
+    cs = tl.cumsum(adt, 0)
+    if HAS_ANG:
+        _om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST)
     else:
-        first = is_first.to(tl.float32)
-        sb = SSTART + (seg.to(tl.int64) * H + h) * (P * N)
-        nf = ~is_first
-        se = tl.load(sb + pn, mask=_band((pn >= 0), nf), other=0.0).to(tl.float32)
-        so = tl.load(sb + pn + 1, mask=_band((pn >= 0), nf), other=0.0).to(tl.float32)
-        thc = tl.load(
-            THSTART + (seg.to(tl.int64) * H + h) * NANG + offs_j, mask=_band(mj, nf), other=0.0
-        ).to(tl.float32)
-        if HAS_INIT:
-            ib = H0 + (seq * H + h) * (P * N)
-            se += tl.load(ib + pn, mask=_band((pn >= 0), is_first), other=0.0)
-            so += tl.load(ib + pn + 1, mask=_band((pn >= 0), is_first), other=0.0)
-            thc += tl.load(TH0 + (seq * H + h) * NANG + offs_j, mask=_band(mj, is_first), other=0.0)
-            dt0 = tl.load(DT + bat * s_db + h * s_dh + seq_start * s_dl).to(tl.float32)
-            if HAS_TRAP:
-                lam0 = tl.sigmoid(
-                    tl.load(TRAP + bat * s_tb + h * s_th + seq_start * s_tl).to(tl.float32)
-                )
-            else:
-                lam0 = 1.0
-            eta0 = (1.0 - lam0) * dt0 * first
-            xp = tl.load(VPREV + (seq * H + h) * P + offs_p).to(tl.float32)
-            kpe = tl.load(KPREV + (seq * H + h) * N + 2 * offs_j).to(tl.float32)
-            kpo = tl.load(KPREV + (seq * H + h) * N + 2 * offs_j + 1).to(tl.float32)
-            se += eta0 * xp[:, None] * kpe[None, :]
-            so += eta0 * xp[:, None] * kpo[None, :]
-        if HAS_D:
-            dsk = tl.load(DSKIP + h).to(tl.float32)
-
-    a_tot = 0.0
-    for ci in range(0, nck):
-        t0 = tok_start + ci * C
-        tt = t0 + offs_c
-        mc = tt < tok_end
-        adt, dt, gamma, kappa = _gates(
-            ADT,
-            DT,
-            TRAP,
-            bat,
-            h,
-            tt,
-            mc,
-            seq_end,
-            s_ab,
-            s_ah,
-            s_al,
-            s_db,
-            s_dh,
-            s_dl,
-            s_tb,
-            s_th,
-            s_tl,
-            HAS_TRAP,
-        )
-        cs = tl.cumsum(adt, 0)
-        a_c = tl.sum(adt, 0)
-        if HAS_ANG:
-            am = mc[:, None] & mj[None, :]
-            ang = tl.load(
-                ANG + bat * s_gb + tt[:, None] * s_gl + h * s_gh + offs_j[None, :],
-                mask=am,
-                other=0.0,
-            ).to(tl.float32)
-            om = PI * _tanh(ang, FAST) * dt[:, None]
-            th = thc[None, :] + tl.cumsum(om, 0)
-            cosv = _cos(th, FAST)
-            sinv = _sin(th, FAST)
-        else:
-            cosv = 0.0
-            sinv = 0.0
-        kre, kro, _ke, _ko = _load_qk(
-            K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv
-        )
-        x = tl.load(
-            V + bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :],
-            mask=mc[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        if not LOCAL:
-            gc = chunk_base + ci
-            if STORE:
-                cb = STC + (gc * H + h) * (P * N)
-                tl.store(cb + pn, se.to(STC.dtype.element_ty))
-                tl.store(cb + pn + 1, so.to(STC.dtype.element_ty))
-                tl.store(THC + (gc * H + h) * NANG + offs_j, thc, mask=mj)
-            qre, qro, _qe, _qo = _load_qk(
-                Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv
-            )
-            sc = _dot(qre, tl.trans(kre), FAST) + _dot(qro, tl.trans(kro), FAST)
-            ii = offs_c[:, None]
-            jj = offs_c[None, :]
-            dec = tl.where(ii > jj, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-            w = dec * kappa[None, :] + tl.where(ii == jj, gamma[None, :], 0.0)
-            y = _dot(sc * w, x, FAST)
-            y += tl.exp(cs)[:, None] * (
-                _dot(qre, tl.trans(se), FAST) + _dot(qro, tl.trans(so), FAST)
-            )
-            if HAS_D:
-                y += dsk * x
-            if HAS_Z:
-                zt = tl.load(
-                    Z + bat * s_zb + tt[:, None] * s_zl + h * s_zh + offs_p[None, :],
-                    mask=mc[:, None],
-                    other=0.0,
-                ).to(tl.float32)
-                y = y * zt * tl.sigmoid(zt)
-            tl.store(
-                OUT + bat * s_ob + tt[:, None] * s_ol + h * s_oh + offs_p[None, :],
-                y.to(OUT.dtype.element_ty),
-                mask=mc[:, None],
-            )
-            # final k (rotated, unscaled) and v of the sequence's last token
-            fm = _band(tt == seq_end - 1, is_last)
-            fkb = FK + (seq * H + h) * N + 2 * offs_j[None, :] + offs_c[:, None] * 0
-            tl.store(fkb, kre, mask=fm[:, None])
-            tl.store(fkb + 1, kro, mask=fm[:, None])
-            fvb = FV + (seq * H + h) * P + offs_p[None, :] + offs_c[:, None] * 0
-            tl.store(fvb, x.to(FV.dtype.element_ty), mask=fm[:, None])
-        # state update: S <- exp(A) S + (x * exp(A - cs) kappa)^T kbar
-        u = tl.exp(a_c - cs) * kappa
-        xu = x * u[:, None]
-        ea = tl.exp(a_c)
-        se = ea * se + _dot(tl.trans(xu), kre, FAST)
-        so = ea * so + _dot(tl.trans(xu), kro, FAST)
-        a_tot += a_c
-        if HAS_ANG:
-            thc = _mod2pi(thc + tl.sum(om, 0))
-
-    if LOCAL:
-        nl = ~is_last
-        lb = SLOC + (seg.to(tl.int64) * H + h) * (P * N)
-        tl.store(lb + pn, se, mask=_band((pn >= 0), nl))
-        tl.store(lb + pn + 1, so, mask=_band((pn >= 0), nl))
-        tl.store(SEGA + seg.to(tl.int64) * H + h, a_tot, mask=nl)
-        tl.store(SEGOM + (seg.to(tl.int64) * H + h) * NANG + offs_j, thc, mask=_band(mj, nl))
-    else:
-        fb = FSSM + (seq * H + h) * (P * N)
-        tl.store(fb + pn, se, mask=_band((pn >= 0), is_last))
-        tl.store(fb + pn + 1, so, mask=_band((pn >= 0), is_last))
-        tl.store(FANG + (seq * H + h) * NANG + offs_j, thc, mask=_band(mj, is_last))
-
-
-@triton.jit
-def _siso_fwd_chain_kernel(
-    SEQTAB,
-    SLOC,
-    SEGA,
-    SEGOM,
-    SSTART,
-    THSTART,
-    H0,
-    TH0,
-    KPREV,
-    VPREV,
-    DT,
-    TRAP,
-    s_db,
-    s_dh,
-    s_dl,
-    s_tb,
-    s_th,
-    s_tl,
-    H,
-    NANG,
-    NSEG,
-    P: tl.constexpr,
-    N2: tl.constexpr,
-    HAS_TRAP: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    HAS_ANG: tl.constexpr,
-):
-    """Per (sequence, head): true start state and angle of every segment after the first."""
-    pid = tl.program_id(0)
-    h = (pid % H).to(tl.int64)
-    seq = (pid // H).to(tl.int64)
-    if VARLEN:
-        first_seg = tl.load(SEQTAB + seq * 4)
-        nseg = tl.load(SEQTAB + seq * 4 + 1)
-        seq_start = tl.load(SEQTAB + seq * 4 + 2)
-        bat = seq * 0
-    else:
-        first_seg = seq * NSEG
-        nseg = seq * 0 + NSEG
-        seq_start = seq * 0
-        bat = seq
-    N: tl.constexpr = 2 * N2
-    offs_p = tl.arange(0, P)
-    offs_j = tl.arange(0, N2)
-    mj = offs_j < NANG
-    pn = offs_p[:, None] * N + 2 * offs_j[None, :]
-    se = tl.zeros((P, N2), dtype=tl.float32)
-    so = tl.zeros((P, N2), dtype=tl.float32)
-    th = tl.zeros((N2,), dtype=tl.float32)
-    if HAS_INIT:
-        ib = H0 + (seq * H + h) * (P * N)
-        se += tl.load(ib + pn)
-        so += tl.load(ib + pn + 1)
-        th += tl.load(TH0 + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
-        dt0 = tl.load(DT + bat * s_db + h * s_dh + seq_start * s_dl).to(tl.float32)
-        if HAS_TRAP:
-            lam0 = tl.sigmoid(
-                tl.load(TRAP + bat * s_tb + h * s_th + seq_start * s_tl).to(tl.float32)
-            )
-        else:
-            lam0 = 1.0
-        eta0 = (1.0 - lam0) * dt0
-        xp = tl.load(VPREV + (seq * H + h) * P + offs_p).to(tl.float32)
-        kpe = tl.load(KPREV + (seq * H + h) * N + 2 * offs_j).to(tl.float32)
-        kpo = tl.load(KPREV + (seq * H + h) * N + 2 * offs_j + 1).to(tl.float32)
-        se += eta0 * xp[:, None] * kpe[None, :]
-        so += eta0 * xp[:, None] * kpo[None, :]
-    for j in range(1, nseg):
-        sp = (first_seg + j - 1) * H + h
-        le = tl.load(SLOC + sp * (P * N) + pn)
-        lo = tl.load(SLOC + sp * (P * N) + pn + 1)
-        a = tl.load(SEGA + sp)
-        om = tl.load(SEGOM + sp * NANG + offs_j, mask=mj, other=0.0)
-        ea = tl.exp(a)
-        if HAS_ANG:
-            c = tl.cos(th)[None, :]
-            s = tl.sin(th)[None, :]
-            se = ea * se + (le * c - lo * s)
-            so = ea * so + (le * s + lo * c)
-        else:
-            se = ea * se + le
-            so = ea * so + lo
-        th = _mod2pi(th + om)
-        sn = (first_seg + j) * H + h
-        tl.store(SSTART + sn * (P * N) + pn, se)
-        tl.store(SSTART + sn * (P * N) + pn + 1, so)
-        tl.store(THSTART + sn * NANG + offs_j, th, mask=mj)
+        cosv = 0.0
+        sinv = 0.0
+    # inter-chunk term first, so the state tile is dead before the C x C work starts
+    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
+    qe = _operand(qe, FAST)
+    qo = _operand(qo, FAST)
+    pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
+    se = _operand(tl.load(pe), FAST)
+    so = _operand(tl.load(po), FAST)
+    y = tl.exp(cs)[:, None] * (_dot(qe, tl.trans(se), FAST) + _dot(qo, tl.trans(so), FAST))
+    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
+    vo = bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :]
+    x = tl.load(V + vo, mask=mc[:, None], other=0.0).to(tl.float32)
+    sc, _dec, w = _scores(qe, qo, _operand(ke, FAST), _operand(ko, FAST), cs, gamma, kappa, C,
+                          FAST)  # fmt: skip
+    y += _dot(sc * w, x, FAST)
+    if HAS_D:
+        y += tl.load(DSKIP + h).to(tl.float32) * x
+    if HAS_Z:
+        zo = bat * s_zb + tt[:, None] * s_zl + h * s_zh + offs_p[None, :]
+        zt = tl.load(Z + zo, mask=mc[:, None], other=0.0).to(tl.float32)
+        if SAVE_Y:
+            co = ((bat * L + tt[:, None]) * H + h) * P + offs_p[None, :]
+            tl.store(YPRE + co, y.to(YPRE.dtype.element_ty), mask=mc[:, None])
+        y = y * zt * tl.sigmoid(zt)
+    tl.store(
+        OUT + bat * s_ob + tt[:, None] * s_ol + h * s_oh + offs_p[None, :],
+        y.to(OUT.dtype.element_ty),
+        mask=mc[:, None],
+    )
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _siso_bwd_kernel(
+def _bwd_dstate_kernel(
+    Q,
+    ADT,
+    DT,
+    QB,
+    ANG,
+    Z,
+    YPRE,
+    DOUT,
+    CHTAB,
+    DY,
+    DZ,
+    DG,
+    CA,
+    COM,
+    s_qb,
+    s_ql,
+    s_qg,
+    s_ab,
+    s_ah,
+    s_al,
+    s_db,
+    s_dh,
+    s_dl,
+    s_gb,
+    s_gl,
+    s_gh,
+    s_zb,
+    s_zl,
+    s_zh,
+    s_ob,
+    s_ol,
+    s_oh,
+    L,
+    H,
+    HPG,
+    NANG,
+    NC,
+    C: tl.constexpr,
+    P: tl.constexpr,
+    N2: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    VARLEN: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Per (chunk, head): the state gradient the chunk's outputs send to its start state,
+    sum_t exp(cs_t) dy_t q~_t^T, plus A_c and Omega_c for the reverse pass (and dz, dy when
+    the output is gated)."""
+    pid = tl.program_id(0)
+    h = (pid % H).to(tl.int64)
+    gc = (pid // H).to(tl.int64)
+    g = h // HPG
+    bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_p = tl.arange(0, P)
+    offs_j = tl.arange(0, N2)
+    mj = offs_j < NANG
+    tt = tok_start + offs_c
+    mc = tt < tok_end
+    adt = tl.load(ADT + bat * s_ab + h * s_ah + tt * s_al, mask=mc, other=0.0).to(tl.float32)
+    cs = tl.cumsum(adt, 0)
+    tl.store(CA + gc * H + h, tl.sum(adt, 0))
+    if HAS_ANG:
+        dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
+        om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST)
+        tl.store(COM + (gc * H + h) * NANG + offs_j, tl.sum(om, 0), mask=mj)
+    else:
+        cosv = 0.0
+        sinv = 0.0
+    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
+    dy = tl.load(
+        DOUT + bat * s_ob + tt[:, None] * s_ol + h * s_oh + offs_p[None, :],
+        mask=mc[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    if HAS_Z:
+        vo = ((bat * L + tt[:, None]) * H + h) * P + offs_p[None, :]  # contiguous buffers
+        zo = bat * s_zb + tt[:, None] * s_zl + h * s_zh + offs_p[None, :]
+        zt = tl.load(Z + zo, mask=mc[:, None], other=0.0).to(tl.float32)
+        yp = tl.load(YPRE + vo, mask=mc[:, None], other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zt)
+        tl.store(DZ + vo, (dy * yp * sz * (1.0 + zt * (1.0 - sz))).to(DZ.dtype.element_ty),
+                 mask=mc[:, None])  # fmt: skip
+        dy = dy * zt * sz
+        tl.store(DY + vo, dy.to(DY.dtype.element_ty), mask=mc[:, None])
+    dye = _operand(dy * tl.exp(cs)[:, None], FAST)
+    qe = _operand(qe, FAST)
+    qo = _operand(qo, FAST)
+    pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
+    tl.store(pe, _dot(tl.trans(dye), qe, FAST).to(DG.dtype.element_ty))
+    tl.store(po, _dot(tl.trans(dye), qo, FAST).to(DG.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_pass_kernel(
+    DG,
+    CA,
+    COM,
+    DSEND,
+    DS0,
+    SEQTAB,
+    H,
+    NANG,
+    NC,
+    NT,
+    P: tl.constexpr,
+    N2: tl.constexpr,
+    PB: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """Per (sequence, head, PB state rows), last chunk first: replace each chunk's own
+    state gradient in ``DG`` by the gradient of its end state (in its frame, before the
+    rotation by Omega_c) and write the gradient of the start state of the sequence."""
+    seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
+    offs_j = tl.arange(0, N2)
+    mj = offs_j < NANG
+    fe, fo = _state_tile(DSEND, seq, h, H, offs_p, offs_j, N2, P)
+    ge = tl.load(fe)
+    go = tl.load(fo)
+    top = c0 + tl.maximum(nch - 1, 0)
+    de, do, a, om = _pass_load(DG, CA, COM, top, h, H, NANG, offs_p, offs_j, mj, N2, P)
+    for it in range(0, nch):
+        slot = top - it
+        ne, no, na, nom = _pass_load(
+            DG, CA, COM, tl.maximum(slot - 1, c0), h, H, NANG, offs_p, offs_j, mj, N2, P
+        )
+        if HAS_ANG:
+            cw = tl.cos(om)[None, :]
+            sw = tl.sin(om)[None, :]
+            re = cw * ge - sw * go
+            ro = sw * ge + cw * go
+        else:
+            re = ge
+            ro = go
+        pe, po = _state_tile(DG, slot, h, H, offs_p, offs_j, N2, P)
+        tl.store(pe, re.to(DG.dtype.element_ty))
+        tl.store(po, ro.to(DG.dtype.element_ty))
+        ea = tl.exp(a)
+        ge = ea * re + de
+        go = ea * ro + do
+        de, do, a, om = ne, no, na, nom
+    ie, io = _state_tile(DS0, seq, h, H, offs_p, offs_j, N2, P)
+    tl.store(ie, ge)
+    tl.store(io, go)
+
+
+@triton.jit
+def _bwd_prologue(
+    Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
+    s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb, s_gl, s_gh,
+    s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr,
+    HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr, VARLEN: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """What every backward chunk kernel recomputes: gates, in-chunk rotation, q~, k~, x, dy."""
+    g = h // HPG
+    bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_p = tl.arange(0, P)
+    offs_j = tl.arange(0, N2)
+    mj = offs_j < NANG
+    tt = tok_start + offs_c
+    mc = tt < tok_end
+    adt, dt, gamma, kappa = _gates(
+        ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
+        s_tl, HAS_TRAP,
+    )  # fmt: skip
+    cs = tl.cumsum(adt, 0)
+    a_c = tl.sum(adt, 0)
+    u = tl.exp(a_c - cs) * kappa
+    if HAS_ANG:
+        _om, cosv, sinv, tnh = _rotation(
+            ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST
+        )
+    else:
+        cosv = 0.0
+        sinv = 0.0
+        tnh = 0.0
+    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
+    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
+    vo = bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :]
+    x = tl.load(V + vo, mask=mc[:, None], other=0.0).to(tl.float32)
+    dy = tl.load(
+        DY + bat * s_yb + tt[:, None] * s_yl + h * s_yh + offs_p[None, :],
+        mask=mc[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    bo = (bat * H + h) * L + tt
+    return (
+        bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv,
+        tnh, qe, qo, ke, ko, x, dy, vo, bo,
+    )  # fmt: skip
+
+
+@triton.jit
+def _store_qk_grad(
+    DH, DBP, de, do, cosv, sinv, bat, L, tt, mc, H, h, gc, offs_j, N2: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+):  # fmt: skip
+    """Rotate a q~ / k~ gradient back to the input frame; store it per head (interleaved
+    pairs) and its per-(chunk, head) column sum (the bias gradient's partial sum)."""
+    if HAS_ANG:
+        ue = de * cosv + do * sinv
+        uo = do * cosv - de * sinv
+    else:
+        ue = de
+        uo = do
+    hb = ((bat * L + tt[:, None]) * H + h) * (2 * N2) + 2 * offs_j[None, :]
+    tl.store(DH + hb, ue.to(DH.dtype.element_ty), mask=mc[:, None])
+    tl.store(DH + hb + 1, uo.to(DH.dtype.element_ty), mask=mc[:, None])
+    sb = (gc * H + h) * (2 * N2) + 2 * offs_j
+    tl.store(DBP + sb, tl.sum(ue, 0))
+    tl.store(DBP + sb + 1, tl.sum(uo, 0))
+
+
+@triton.jit
+def _pw(dy, x, cs, gamma, kappa, C: tl.constexpr, FAST: tl.constexpr):
+    """dP * W: the gradient of the masked score matrix (dP = dy x^T)."""
+    offs_c = tl.arange(0, C)
+    ii = offs_c[:, None]
+    jj = offs_c[None, :]
+    dec = tl.where(ii > jj, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+    w = dec * kappa[None, :] + tl.where(ii == jj, gamma[None, :], 0.0)
+    return _dot(dy, tl.trans(x), FAST) * w
+
+
+@triton.jit
+def _bwd_q_kernel(
+    Q,
+    K,
+    V,
+    ADT,
+    DT,
+    TRAP,
+    QB,
+    KB,
+    ANG,
+    DY,
+    CHTAB,
+    ST,
+    DG,
+    DQH,
+    DQBP,
+    RQ,
+    GIN,
+    DAS,
+    DOMS,
+    s_qb,
+    s_ql,
+    s_qg,
+    s_kb,
+    s_kl,
+    s_kg,
+    s_vb,
+    s_vl,
+    s_vh,
+    s_ab,
+    s_ah,
+    s_al,
+    s_db,
+    s_dh,
+    s_dl,
+    s_tb,
+    s_th,
+    s_tl,
+    s_gb,
+    s_gl,
+    s_gh,
+    s_yb,
+    s_yl,
+    s_yh,
+    L,
+    H,
+    HPG,
+    NANG,
+    NC,
+    C: tl.constexpr,
+    P: tl.constexpr,
+    N2: tl.constexpr,
+    HAS_TRAP: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+    HAS_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Per (chunk, head), q side: per-head dq (summed over the group's heads by the caller)
+    and its bias partial sum, the in-chunk reverse cumsum of the q share of d theta (``RQ``),
+    and the terms the other kernels need: ``GIN`` (d cs through exp(cs) q~ S~), ``DAS``
+    (exp(A) <S~, G^>, d A_c) and ``DOMS`` (the state's share of d Omega_c).
+
+    One kernel for the q and k sides was 1.2x faster at N = 128 on the H100 but, with bf16
+    operands at N = 64, P = 64, made an illegal memory access (Triton 3.6; the same code runs
+    in fp32 and at N = 128): both halves fill the 255 registers, so the split costs little."""
+    pid = tl.program_id(0)
+    h = (pid % H).to(tl.int64)
+    gc = (pid // H).to(tl.int64)
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, tnh, \
+        qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
+            Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
+            s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
+            s_gl, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
+            FAST,
+        )  # fmt: skip
+    eq = tl.exp(cs)
+    ea = tl.exp(a_c)
+    pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
+    se = tl.load(pe).to(tl.float32)
+    so = tl.load(po).to(tl.float32)
+    pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
+    ge = tl.load(pe).to(tl.float32)
+    go = tl.load(po).to(tl.float32)
+    tl.store(DAS + gc * H + h, ea * (tl.sum(tl.sum(se * ge, 1), 0) + tl.sum(tl.sum(so * go, 1), 0)))
+    if HAS_ANG:
+        oms = ea * (tl.sum(ge * so, 0) - tl.sum(go * se, 0))
+        tl.store(DOMS + (gc * H + h) * NANG + offs_j, oms, mask=mj)
+    pw = _operand(_pw(dy, x, cs, gamma, kappa, C, FAST), FAST)
+    ie = _dot(dy, se, FAST)
+    io = _dot(dy, so, FAST)
+    tl.store(GIN + bo, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
+    dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
+    dqo = _dot(pw, ko, FAST) + eq[:, None] * io
+    if HAS_ANG:
+        rq = tl.cumsum(dqo * qe - dqe * qo, 0, reverse=True)
+        tl.store(
+            RQ + ((bat * L + tt[:, None]) * H + h) * NANG + offs_j[None, :],
+            rq,
+            mask=mc[:, None] & mj[None, :],
+        )
+    _store_qk_grad(
+        DQH, DQBP, dqe, dqo, cosv, sinv, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
+    )  # fmt: skip
+
+
+@triton.jit
+def _bwd_k_kernel(
+    Q,
+    K,
+    V,
+    ADT,
+    DT,
+    TRAP,
+    QB,
+    KB,
+    ANG,
+    DY,
+    CHTAB,
+    DG,
+    DTOT,
+    RQ,
+    DOMS,
+    DKH,
+    DKBP,
+    DANG,
+    DDTA,
+    DU,
+    s_qb,
+    s_ql,
+    s_qg,
+    s_kb,
+    s_kl,
+    s_kg,
+    s_vb,
+    s_vl,
+    s_vh,
+    s_ab,
+    s_ah,
+    s_al,
+    s_db,
+    s_dh,
+    s_dl,
+    s_tb,
+    s_th,
+    s_tl,
+    s_gb,
+    s_gl,
+    s_gh,
+    s_yb,
+    s_yl,
+    s_yh,
+    L,
+    H,
+    HPG,
+    NANG,
+    NC,
+    C: tl.constexpr,
+    P: tl.constexpr,
+    N2: tl.constexpr,
+    HAS_TRAP: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+    HAS_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Per (chunk, head), k side: per-head dk and its bias partial sum, ``DU`` (d u per token)
+    and the angle gradients: d theta of the chunk's tokens (q share from ``RQ``), d Omega_c
+    through the rotation of the end state, and the sequence total's gradient ``DTOT``."""
+    pid = tl.program_id(0)
+    h = (pid % H).to(tl.int64)
+    gc = (pid // H).to(tl.int64)
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, tnh, \
+        qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
+            Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
+            s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
+            s_gl, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
+            FAST,
+        )  # fmt: skip
+    pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
+    ge = tl.load(pe).to(tl.float32)
+    go = tl.load(po).to(tl.float32)
+    ve = _dot(x, ge, FAST)
+    vv = _dot(x, go, FAST)
+    tl.store(DU + bo, tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1), mask=mc)
+    pw = _operand(_pw(dy, x, cs, gamma, kappa, C, FAST), FAST)
+    dke = _dot(tl.trans(pw), _operand(qe, FAST), FAST) + u[:, None] * ve
+    dko = _dot(tl.trans(pw), _operand(qo, FAST), FAST) + u[:, None] * vv
+    if HAS_ANG:
+        # in-chunk angles: every later token of the chunk; Omega_c: the whole chunk (through
+        # the rotation of the end state); the sequence total: every token of the sequence
+        d_om = tl.sum(u[:, None] * (ve * ko - vv * ke), 0)
+        d_om += tl.load(DOMS + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        d_om += tl.load(DTOT + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        am = mc[:, None] & mj[None, :]
+        ao = ((bat * L + tt[:, None]) * H + h) * NANG + offs_j[None, :]
+        dom = tl.cumsum(dko * ke - dke * ko, 0, reverse=True) + d_om[None, :]
+        dom += tl.load(RQ + ao, mask=am, other=0.0)
+        tl.store(
+            DANG + ao, (dom * PI * (1.0 - tnh * tnh) * dt[:, None]).to(DANG.dtype.element_ty),
+            mask=am,
+        )  # fmt: skip
+        tl.store(DDTA + bo, tl.sum(tl.where(am, dom * PI * tnh, 0.0), 1), mask=mc)
+    _store_qk_grad(
+        DKH, DKBP, dke, dko, cosv, sinv, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
+    )  # fmt: skip
+
+
+@triton.jit
+def _bwd_x_kernel(
     Q,
     K,
     V,
@@ -536,35 +951,17 @@ def _siso_bwd_kernel(
     KB,
     ANG,
     DSKIP,
-    Z,
-    DOUT,
-    SEGTAB,
-    STC,
-    THC,
-    DSEND,
-    TH0,
-    KPREV,
-    VPREV,
-    DFK,
-    DFV,
-    DQH,
-    DKH,
+    DY,
+    CHTAB,
+    DG,
+    GIN,
+    DU,
+    DAS,
     DX,
-    DZ,
     DADT,
     DKAP,
     DGAM,
-    DTH,
-    DTHTOT,
-    DQBP,
-    DKBP,
     DDP,
-    DH0,
-    DKPREV,
-    DVPREV,
-    DETA0,
-    GLOC,
-    SEGA,
     s_qb,
     s_ql,
     s_qg,
@@ -586,402 +983,53 @@ def _siso_bwd_kernel(
     s_gb,
     s_gl,
     s_gh,
-    s_zb,
-    s_zl,
-    s_zh,
-    s_ob,
-    s_ol,
-    s_oh,
+    s_yb,
+    s_yl,
+    s_yh,
     L,
     H,
     HPG,
     NANG,
-    NSEG,
-    SEG_CH,
     NC,
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
-    LOCAL: tl.constexpr,
     HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    FAST: tl.constexpr,
-    FULL: tl.constexpr,
-):
-    """Reverse walk over one (segment, head). LOCAL: only the state gradient a segment sends to
-    its start (from zero), for segments after the first; main: every gradient."""
-    pid = tl.program_id(0)
-    h = (pid % H).to(tl.int64)
-    seg = pid // H
-    g = h // HPG
-    bat, seq, tok_start, tok_end, seq_start, seq_end, chunk_base, is_first, is_last = _segment(
-        seg, SEGTAB, L, NSEG, SEG_CH, NC, C, VARLEN
-    )
-    N: tl.constexpr = 2 * N2
-    offs_c = tl.arange(0, C)
-    offs_p = tl.arange(0, P)
-    offs_j = tl.arange(0, N2)
-    mj = offs_j < NANG
-    pn = offs_p[:, None] * N + 2 * offs_j[None, :]
-    nck = tl.cdiv(tok_end - tok_start, C)
-    ii = offs_c[:, None]
-    jj = offs_c[None, :]
-    if LOCAL:
-        dse = tl.zeros((P, N2), dtype=tl.float32)
-        dso = tl.zeros((P, N2), dtype=tl.float32)
-        nck = tl.where(is_first, 0, nck)
-    else:
-        db = DSEND + (seg.to(tl.int64) * H + h) * (P * N)
-        dse = tl.load(db + pn)
-        dso = tl.load(db + pn + 1)
-        dqbe = tl.zeros((N2,), dtype=tl.float32)
-        dqbo = tl.zeros((N2,), dtype=tl.float32)
-        dkbe = tl.zeros((N2,), dtype=tl.float32)
-        dkbo = tl.zeros((N2,), dtype=tl.float32)
-        dd_acc = 0.0
-    if HAS_D:
-        dsk = tl.load(DSKIP + h).to(tl.float32)
-    else:
-        dsk = 0.0
-    a_tot = 0.0
-    for it in range(0, nck):
-        ci = nck - 1 - it
-        gc = chunk_base + ci
-        t0 = tok_start + ci * C
-        tt = t0 + offs_c
-        mc = tt < tok_end
-        adt, dt, gamma, kappa = _gates(
-            ADT,
-            DT,
-            TRAP,
-            bat,
-            h,
-            tt,
-            mc,
-            seq_end,
-            s_ab,
-            s_ah,
-            s_al,
-            s_db,
-            s_dh,
-            s_dl,
-            s_tb,
-            s_th,
-            s_tl,
-            HAS_TRAP,
-        )
-        cs = tl.cumsum(adt, 0)
-        a_c = tl.sum(adt, 0)
-        eq = tl.exp(cs)
-        if HAS_ANG:
-            am = mc[:, None] & mj[None, :]
-            thc = tl.load(THC + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
-            ang = tl.load(
-                ANG + bat * s_gb + tt[:, None] * s_gl + h * s_gh + offs_j[None, :],
-                mask=am,
-                other=0.0,
-            ).to(tl.float32)
-            om = PI * _tanh(ang, FAST) * dt[:, None]
-            th = thc[None, :] + tl.cumsum(om, 0)
-            cosv = _cos(th, FAST)
-            sinv = _sin(th, FAST)
-        else:
-            cosv = 0.0
-            sinv = 0.0
-        qre, qro, _qe, _qo = _load_qk(
-            Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv
-        )
-        vo = bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :]
-        do = tl.load(
-            DOUT + bat * s_ob + tt[:, None] * s_ol + h * s_oh + offs_p[None, :],
-            mask=mc[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        if FULL:
-            kre, kro, _ke, _ko = _load_qk(
-                K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv
-            )
-            x = tl.load(V + vo, mask=mc[:, None], other=0.0).to(tl.float32)
-            cb = STC + (gc * H + h) * (P * N)
-            se = tl.load(cb + pn).to(tl.float32)
-            so = tl.load(cb + pn + 1).to(tl.float32)
-            sc = _dot(qre, tl.trans(kre), FAST) + _dot(qro, tl.trans(kro), FAST)
-            dec = tl.where(ii > jj, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-            w = dec * kappa[None, :] + tl.where(ii == jj, gamma[None, :], 0.0)
-            scw = sc * w
-            if HAS_Z:
-                zt = tl.load(
-                    Z + bat * s_zb + tt[:, None] * s_zl + h * s_zh + offs_p[None, :],
-                    mask=mc[:, None],
-                    other=0.0,
-                ).to(tl.float32)
-                y = _dot(scw, x, FAST)
-                y += eq[:, None] * (_dot(qre, tl.trans(se), FAST) + _dot(qro, tl.trans(so), FAST))
-                y += dsk * x
-                sz = tl.sigmoid(zt)
-                dy = do * zt * sz
-                if not LOCAL:
-                    dz = do * y * sz * (1.0 + zt * (1.0 - sz))
-                    tl.store(
-                        DZ + bat * s_zb + tt[:, None] * s_zl + h * s_zh + offs_p[None, :],
-                        dz.to(DZ.dtype.element_ty),
-                        mask=mc[:, None],
-                    )
-            else:
-                dy = do
-        else:
-            dy = do
-        if not LOCAL:
-            dp = _dot(dy, tl.trans(x), FAST)
-            pw = dp * w
-            dwt = dp * sc
-            ie = _dot(dy, se, FAST)
-            io = _dot(dy, so, FAST)
-            dqe = _dot(pw, kre, FAST) + eq[:, None] * ie
-            dqo = _dot(pw, kro, FAST) + eq[:, None] * io
-            ve = _dot(x, dse, FAST)
-            vv = _dot(x, dso, FAST)
-            u = tl.exp(a_c - cs) * kappa
-            dke = _dot(tl.trans(pw), qre, FAST) + u[:, None] * ve
-            dko = _dot(tl.trans(pw), qro, FAST) + u[:, None] * vv
-            fm = _band((tt == seq_end - 1) & mc, is_last)
-            fkb = DFK + (seq * H + h) * N + 2 * offs_j[None, :] + offs_c[:, None] * 0
-            dke += tl.load(fkb, mask=fm[:, None], other=0.0).to(tl.float32)
-            dko += tl.load(fkb + 1, mask=fm[:, None], other=0.0).to(tl.float32)
-            dx = _dot(tl.trans(scw), dy, FAST)
-            dx += u[:, None] * (_dot(kre, tl.trans(dse), FAST) + _dot(kro, tl.trans(dso), FAST))
-            dx += dsk * dy
-            fvb = DFV + (seq * H + h) * P + offs_p[None, :] + offs_c[:, None] * 0
-            dx += tl.load(fvb, mask=fm[:, None], other=0.0).to(tl.float32)
-            tl.store(DX + vo, dx.to(DX.dtype.element_ty), mask=mc[:, None])
-            if HAS_D:
-                dd_acc += tl.sum(tl.sum(dy * x, 1), 0)
-            # scalar gradients
-            g_in = eq * (tl.sum(ie * qre, 1) + tl.sum(io * qro, 1))
-            du = tl.sum(ve * kre, 1) + tl.sum(vv * kro, 1)
-            ea = tl.exp(a_c)
-            d_a = ea * (tl.sum(tl.sum(se * dse, 1), 0) + tl.sum(tl.sum(so * dso, 1), 0))
-            d_a += tl.sum(u * du, 0)
-            ms = dwt * dec * kappa[None, :]
-            dcs = g_in + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
-            dkap = tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0)
-            dgam = tl.sum(tl.where(ii == jj, dwt, 0.0), 1)
-            dadt = tl.cumsum(dcs, 0, reverse=True) + d_a
-            bo = (bat * H + h) * L + tt
-            tl.store(DADT + bo, dadt, mask=mc)
-            tl.store(DKAP + bo, dkap, mask=mc)
-            tl.store(DGAM + bo, dgam, mask=mc)
-            if HAS_ANG:
-                dth = -dqe * qro + dqo * qre - dke * kro + dko * kre
-                tl.store(
-                    DTH + ((bat * L + tt[:, None]) * H + h) * NANG + offs_j[None, :],
-                    dth,
-                    mask=mc[:, None] & mj[None, :],
-                )
-                tl.store(DTHTOT + (gc * H + h) * NANG + offs_j, tl.sum(dth, 0), mask=mj)
-                que = dqe * cosv + dqo * sinv
-                quo = dqo * cosv - dqe * sinv
-                kue = dke * cosv + dko * sinv
-                kuo = dko * cosv - dke * sinv
-            else:
-                que = dqe
-                quo = dqo
-                kue = dke
-                kuo = dko
-            hb = ((bat * L + tt[:, None]) * H + h) * N + 2 * offs_j[None, :]
-            tl.store(DQH + hb, que.to(DQH.dtype.element_ty), mask=mc[:, None])
-            tl.store(DQH + hb + 1, quo.to(DQH.dtype.element_ty), mask=mc[:, None])
-            tl.store(DKH + hb, kue.to(DKH.dtype.element_ty), mask=mc[:, None])
-            tl.store(DKH + hb + 1, kuo.to(DKH.dtype.element_ty), mask=mc[:, None])
-            dqbe += tl.sum(que, 0)
-            dqbo += tl.sum(quo, 0)
-            dkbe += tl.sum(kue, 0)
-            dkbo += tl.sum(kuo, 0)
-        # state gradient: dS <- exp(A) dS + (dy * exp(cs))^T qbar
-        ea2 = tl.exp(a_c)
-        dye = dy * eq[:, None]
-        dse = ea2 * dse + _dot(tl.trans(dye), qre, FAST)
-        dso = ea2 * dso + _dot(tl.trans(dye), qro, FAST)
-        a_tot += a_c
-
-    if LOCAL:
-        nf = ~is_first
-        lb = GLOC + (seg.to(tl.int64) * H + h) * (P * N)
-        tl.store(lb + pn, dse, mask=_band((pn >= 0), nf))
-        tl.store(lb + pn + 1, dso, mask=_band((pn >= 0), nf))
-        tl.store(SEGA + seg.to(tl.int64) * H + h, a_tot, mask=nf)
-    else:
-        sh = seg.to(tl.int64) * H + h
-        tl.store(DQBP + sh * N + 2 * offs_j, dqbe)
-        tl.store(DQBP + sh * N + 2 * offs_j + 1, dqbo)
-        tl.store(DKBP + sh * N + 2 * offs_j, dkbe)
-        tl.store(DKBP + sh * N + 2 * offs_j + 1, dkbo)
-        tl.store(DDP + sh, dd_acc)
-        if HAS_INIT:
-            ib = seq * H + h
-            tl.store(DH0 + ib * (P * N) + pn, dse, mask=_band((pn >= 0), is_first))
-            tl.store(DH0 + ib * (P * N) + pn + 1, dso, mask=_band((pn >= 0), is_first))
-            dt0 = tl.load(DT + bat * s_db + h * s_dh + seq_start * s_dl).to(tl.float32)
-            if HAS_TRAP:
-                lam0 = tl.sigmoid(
-                    tl.load(TRAP + bat * s_tb + h * s_th + seq_start * s_tl).to(tl.float32)
-                )
-            else:
-                lam0 = 1.0
-            eta0 = (1.0 - lam0) * dt0
-            xp = tl.load(VPREV + ib * P + offs_p).to(tl.float32)
-            kpe = tl.load(KPREV + ib * N + 2 * offs_j).to(tl.float32)
-            kpo = tl.load(KPREV + ib * N + 2 * offs_j + 1).to(tl.float32)
-            tk = dse * kpe[None, :] + dso * kpo[None, :]  # (P, N2)
-            dxp = eta0 * tl.sum(tk, 1)
-            tl.store(DVPREV + ib * P + offs_p, dxp, mask=_band((offs_p >= 0), is_first))
-            tl.store(
-                DKPREV + ib * N + 2 * offs_j,
-                eta0 * tl.sum(dse * xp[:, None], 0),
-                mask=_band((offs_j >= 0), is_first),
-            )
-            tl.store(
-                DKPREV + ib * N + 2 * offs_j + 1,
-                eta0 * tl.sum(dso * xp[:, None], 0),
-                mask=_band((offs_j >= 0), is_first),
-            )
-            tl.store(DETA0 + ib, tl.sum(tl.sum(tk * xp[:, None], 1), 0), mask=is_first)
-
-
-@triton.jit
-def _siso_bwd_chain_kernel(
-    SEQTAB,
-    GLOC,
-    SEGA,
-    DFSSM,
-    DSEND,
-    H,
-    NSEG,
-    P: tl.constexpr,
-    N2: tl.constexpr,
-    VARLEN: tl.constexpr,
-):
-    """Per (sequence, head): the state gradient at the end of every segment, last to first."""
-    pid = tl.program_id(0)
-    h = (pid % H).to(tl.int64)
-    seq = (pid // H).to(tl.int64)
-    if VARLEN:
-        first_seg = tl.load(SEQTAB + seq * 4)
-        nseg = tl.load(SEQTAB + seq * 4 + 1)
-    else:
-        first_seg = seq * NSEG
-        nseg = seq * 0 + NSEG
-    N: tl.constexpr = 2 * N2
-    offs_p = tl.arange(0, P)
-    offs_j = tl.arange(0, N2)
-    pn = offs_p[:, None] * N + 2 * offs_j[None, :]
-    fb = DFSSM + (seq * H + h) * (P * N)
-    dse = tl.load(fb + pn)
-    dso = tl.load(fb + pn + 1)
-    for it in range(0, nseg):
-        j = nseg - 1 - it
-        sn = (first_seg + j) * H + h
-        tl.store(DSEND + sn * (P * N) + pn, dse)
-        tl.store(DSEND + sn * (P * N) + pn + 1, dso)
-        mk = j > 0  # segment 0 sends nothing further back
-        ea = tl.exp(tl.load(SEGA + sn, mask=mk, other=0.0))
-        dse = ea * dse + tl.load(GLOC + sn * (P * N) + pn, mask=_band((pn >= 0), mk), other=0.0)
-        dso = ea * dso + tl.load(GLOC + sn * (P * N) + pn + 1, mask=_band((pn >= 0), mk), other=0.0)
-
-
-@triton.jit
-def _siso_bwd_gates_kernel(
-    ANG,
-    DT,
-    TRAP,
-    DKAP,
-    DGAM,
-    DETA0,
-    DTH,
-    CARRY,
-    CHTAB,
-    DANG,
-    DDT,
-    DTRAP,
-    s_db,
-    s_dh,
-    s_dl,
-    s_tb,
-    s_th,
-    s_tl,
-    s_gb,
-    s_gl,
-    s_gh,
-    L,
-    H,
-    NANG,
-    NC,
-    C: tl.constexpr,
-    N2: tl.constexpr,
-    HAS_TRAP: tl.constexpr,
-    HAS_ANG: tl.constexpr,
-    HAS_INIT: tl.constexpr,
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
 ):
-    """Per (chunk, head): dt, trap and angle gradients from dkappa, dgamma and dTheta."""
+    """Per (chunk, head): dx (intra-chunk, through the end state, D skip), D's partial sum and
+    the gradients of the per-token gates (d adt, d kappa, d gamma), using the per-token terms
+    ``_bwd_qk_kernel`` stored."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    if VARLEN:
-        seq = tl.load(CHTAB + gc * 4)
-        tok_start = tl.load(CHTAB + gc * 4 + 1)
-        tok_end = tl.load(CHTAB + gc * 4 + 2)
-        seq_start = tl.load(CHTAB + gc * 4 + 3)
-        bat = seq * 0
-    else:
-        seq = gc // NC
-        tok_start = (gc % NC) * C
-        tok_end = tl.minimum(tok_start + C, L)
-        seq_start = seq * 0
-        bat = seq
-    offs_c = tl.arange(0, C)
-    tt = tok_start + offs_c
-    mc = tt < tok_end
-    bo = (bat * H + h) * L + tt
-    dkap = tl.load(DKAP + bo, mask=mc, other=0.0)
-    dgt = tl.load(DGAM + bo, mask=mc, other=0.0) + dkap
-    dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
-    if HAS_TRAP:
-        lam = tl.sigmoid(
-            tl.load(TRAP + bat * s_tb + h * s_th + tt * s_tl, mask=mc, other=0.0).to(tl.float32)
-        )
-        dkp = tl.load(DKAP + bo - 1, mask=mc & (tt > seq_start), other=0.0)
-        if HAS_INIT:
-            de0 = tl.load(DETA0 + seq * H + h)
-            dkp = tl.where(tt == seq_start, de0, dkp)
-        ddt = dgt * lam + dkp * (1.0 - lam)
-        dtrap = (dgt - dkp) * dt * lam * (1.0 - lam)
-        tl.store(DTRAP + bo, dtrap, mask=mc)
-    else:
-        ddt = dgt
-    if HAS_ANG:
-        offs_j = tl.arange(0, N2)
-        mj = offs_j < NANG
-        am = mc[:, None] & mj[None, :]
-        dth = tl.load(
-            DTH + ((bat * L + tt[:, None]) * H + h) * NANG + offs_j[None, :], mask=am, other=0.0
-        )
-        carry = tl.load(CARRY + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
-        dom = tl.cumsum(dth, 0, reverse=True) + carry[None, :]
-        ang = tl.load(
-            ANG + bat * s_gb + tt[:, None] * s_gl + h * s_gh + offs_j[None, :], mask=am, other=0.0
-        ).to(tl.float32)
-        t = _tanh(ang, FAST)
-        dang = dom * PI * (1.0 - t * t) * dt[:, None]
-        tl.store(
-            DANG + ((bat * L + tt[:, None]) * H + h) * NANG + offs_j[None, :],
-            dang.to(DANG.dtype.element_ty),
-            mask=am,
-        )
-        ddt += tl.sum(tl.where(am, dom * PI * t, 0.0), 1)
-    tl.store(DDT + bo, ddt, mask=mc)
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, tnh, \
+        qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
+            Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
+            s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
+            s_gl, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
+            FAST,
+        )  # fmt: skip
+    sc, dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
+    pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
+    ge = tl.load(pe).to(tl.float32)
+    go = tl.load(po).to(tl.float32)
+    dx = _dot(tl.trans(sc * w), dy, FAST)
+    dx += u[:, None] * (_dot(ke, tl.trans(ge), FAST) + _dot(ko, tl.trans(go), FAST))
+    if HAS_D:
+        dx += tl.load(DSKIP + h).to(tl.float32) * dy
+        tl.store(DDP + gc * H + h, tl.sum(tl.sum(dy * x, 1), 0))
+    co = ((bat * L + tt[:, None]) * H + h) * P + offs_p[None, :]  # dx is contiguous
+    tl.store(DX + co, dx.to(DX.dtype.element_ty), mask=mc[:, None])
+    dwt = _dot(dy, tl.trans(x), FAST) * sc
+    du = tl.load(DU + bo, mask=mc, other=0.0)
+    ms = dwt * dec * kappa[None, :]
+    dcs = tl.load(GIN + bo, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
+    d_a = tl.load(DAS + gc * H + h) + tl.sum(u * du, 0)
+    tl.store(DADT + bo, tl.cumsum(dcs, 0, reverse=True) + d_a, mask=mc)
+    tl.store(DKAP + bo, tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), mask=mc)
+    offs_c2 = offs_c[:, None]
+    tl.store(DGAM + bo, tl.sum(tl.where(offs_c2 == offs_c[None, :], dwt, 0.0), 1), mask=mc)
