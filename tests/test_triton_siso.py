@@ -172,6 +172,7 @@ CPU_CASES = {
     "varlen_init_split": Case(B=1, L=40, H=4, G=2, init=True, cu=(0, 5, 5, 22, 40)),
     "euler_norotation_noD": Case(L=20, trap=False, angles=False, D=False, init=True),
     "n32_p32_c32": Case(B=1, L=40, N=32, P=32, S=8, C=32),
+    "varlen_empty_first_and_last": Case(B=1, L=20, H=2, init=True, cu=(0, 0, 7, 20, 20)),
 }
 
 
@@ -180,6 +181,20 @@ def test_triton_siso_matches_reference_cpu(name: str):
     if torch.cuda.is_available():
         pytest.skip("interpreter test; the GPU runs the gpu-marked grid")
     check(CPU_CASES[name], torch.float32, "cpu", fast=False, tol_f=1e-5, tol_b=1e-5)
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_empty_input_returns_initial_state(init: bool):
+    """L = 0: an empty output and the initial state (or zeros) back unchanged."""
+    c = Case(B=2, L=0, init=init)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    inp = _inputs(c, torch.float32, dev, 0)
+    st = _state(c, dev, 1, torch.float32)
+    y, fs = mamba3_scan_triton(**inp, initial_state=st, chunk_size=16, fast=False)
+    expect = st if st is not None else Mamba3State.zeros(2, c.H, c.P, c.N, c.S, device=dev)
+    assert y.shape == (2, 0, 1, c.H, c.P)
+    for a, b in zip(fs, expect, strict=True):
+        assert a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
 def test_dispatch_rules():
