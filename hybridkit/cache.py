@@ -1,9 +1,10 @@
 """Inference state of a whole model: one entry per layer that remembers the past.
 
 Mamba-3 layers keep a constant-size :class:`~hybridkit.kernels.mamba3.state.Mamba3State`;
-attention layers keep a :class:`KVCache` that grows with the sequence. The cache knows how many
-tokens have been consumed (``seqlen_offset``) so attention can place RoPE positions and its causal
-mask correctly when the model is called again.
+attention layers keep a :class:`KVCache` that grows with the sequence, or, for a sliding-window
+layer, holds at most ``2 * window`` tokens (only the last ``window - 1`` keys can still be seen
+by a new query). The cache knows how many tokens have been consumed (``seqlen_offset``) so
+attention can place RoPE positions and its causal mask correctly when the model is called again.
 """
 
 from __future__ import annotations
@@ -14,24 +15,56 @@ from typing import Any
 import torch
 
 
+def kv_capacity(max_seqlen: int, window: int | None) -> int:
+    """Slots a layer's KV cache allocates for sequences of up to ``max_seqlen`` tokens.
+
+    A windowed layer keeps ``2 * window`` slots: it slides its last ``window - 1`` keys to the
+    front when the buffer is full, so one copy of ``window - 1`` rows buys ``window + 1`` cheap
+    one-token appends.
+    """
+    return max_seqlen if window is None else min(max_seqlen, 2 * window)
+
+
 @dataclass
 class KVCache:
-    """Pre-allocated keys/values (B, max_seqlen, kv_heads, head_dim) and how many are filled."""
+    """Pre-allocated keys/values (B, capacity, kv_heads, head_dim) and how many slots are filled.
+
+    ``window`` (keys a query sees, itself included) makes the cache a sliding one: ``append``
+    returns at least the last ``window - 1`` earlier keys followed by the new ones, which with the
+    attention's bottom-right causal window mask is exactly what every new query can see.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+    window: int | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values after the filled part; return all filled keys and values."""
-        new = self.length + k.shape[1]
-        if new > self.k.shape[1]:
-            raise ValueError(
-                f"KV cache holds {self.k.shape[1]} tokens, asked for {new}; "
-                "allocate the InferenceCache with a larger max_seqlen"
-            )
-        self.k[:, self.length : new] = k.to(self.k.dtype)
-        self.v[:, self.length : new] = v.to(self.v.dtype)
+        """Write new keys/values after the filled part; return the keys/values to attend over."""
+        n, cap = k.shape[1], self.k.shape[1]
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if self.length + n > cap:
+            if self.window is None:
+                raise ValueError(
+                    f"KV cache holds {cap} tokens, asked for {self.length + n}; "
+                    "allocate the InferenceCache with a larger max_seqlen"
+                )
+            keep = min(self.length, self.window - 1)
+            if keep + n > cap:  # longer than the buffer (a long prefill): attend, keep the tail
+                k_all = torch.cat((self.k[:, self.length - keep : self.length], k), dim=1)
+                v_all = torch.cat((self.v[:, self.length - keep : self.length], v), dim=1)
+                tail = min(k_all.shape[1], self.window - 1)
+                self.k[:, :tail] = k_all[:, k_all.shape[1] - tail :]
+                self.v[:, :tail] = v_all[:, v_all.shape[1] - tail :]
+                self.length = tail
+                return k_all, v_all
+            # slide the visible tail to the front (clone: source and target may overlap)
+            self.k[:, :keep] = self.k[:, self.length - keep : self.length].clone()
+            self.v[:, :keep] = self.v[:, self.length - keep : self.length].clone()
+            self.length = keep
+        new = self.length + n
+        self.k[:, self.length : new] = k
+        self.v[:, self.length : new] = v
         self.length = new
         return self.k[:, :new], self.v[:, :new]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hybridkit.cache import kv_capacity
 from hybridkit.kernels import attention as attn_ops
 from hybridkit.kernels.mamba3 import ops as m3_ops
 from hybridkit.layers.attention import Attention
@@ -31,8 +32,8 @@ class ModelSummary:
     param_counts: dict[str, int]
     total_params: int
     state_bytes_per_seq: int
-    kv_bytes_per_token: int
-    kv_bytes_at: dict[int, int]
+    kv_bytes_per_token: int  # while every cache still grows (windowed caches stop at 2 * window)
+    kv_bytes_at: dict[int, int]  # allocated KV cache for a sequence of that length
     backends: dict[str, str] = field(default_factory=dict)
 
 
@@ -77,7 +78,7 @@ def summarize(
         rows.append(LayerRow(i, names[i], " + ".join(kinds), "; ".join(options), params))
     kv_at = {}
     for length in sorted({seq_len, 1024, 4096, 32768} if seq_len else {1024}):
-        kv_at[length] = sum(per * length for per, _w in windows)
+        kv_at[length] = sum(per * kv_capacity(length, w) for per, w in windows)
     counts = model.param_counts()
     return ModelSummary(
         rows=rows,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hybridkit import build_model
+from hybridkit.cache import KVCache
 from hybridkit.check import consistency_check
 from hybridkit.kernels import attention as attn_ops
 from hybridkit.kernels import fa4_op
@@ -162,6 +163,22 @@ def test_hybrid_decode_equals_forward(backend, window):
     report = consistency_check(_hybrid_recipe(backend, window=window).model, batch=2, steps=5)
     assert report.ok, [(e.index, e.kinds, e.rel) for e in report.layers]
     assert report.logits_rel < 1e-10
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_windowed_kv_cache_is_capped_and_exact(window):
+    """A windowed layer's cache holds 2 * window slots; decoding far past it (slides) and a
+    prefill longer than it (attend over kept + new keys) still reproduce the full forward."""
+    spec = _hybrid_recipe("sdpa", window=window).model
+    report = consistency_check(spec, batch=2, prefill=11, steps=4 * window + 5)
+    assert report.ok, [(e.index, e.kinds, e.rel) for e in report.layers]
+    assert report.logits_rel < 1e-10
+    model = build_model(spec, seed=0)
+    cache = model.allocate_cache(2, 1000)
+    sizes = {kv.k.shape[1] for kv in cache.layers.values() if isinstance(kv, KVCache)}
+    assert sizes == {2 * window}
+    kv = summarize(model, seq_len=64).kv_bytes_at
+    assert kv[4096] == kv[64]  # capped: no growth with length
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from hybridkit.cache import InferenceCache, KVCache
+from hybridkit.cache import InferenceCache, KVCache, kv_capacity
 from hybridkit.kernels import attention as attn_ops
 from hybridkit.layers.base import LayerSpec
 from hybridkit.layers.norm import RMSNorm
@@ -56,10 +56,11 @@ class Attention(nn.Module):
     def allocate_cache(
         self, batch: int, max_seqlen: int, dtype: torch.dtype, device: torch.device | None
     ) -> KVCache:
-        shape = (batch, max_seqlen, self.n_kv_heads, self.head_dim)
+        shape = (batch, kv_capacity(max_seqlen, self.spec.window), self.n_kv_heads, self.head_dim)
         return KVCache(
             torch.empty(shape, dtype=dtype, device=device),
             torch.empty(shape, dtype=dtype, device=device),
+            window=self.spec.window,
         )
 
     def forward(
