@@ -5,7 +5,7 @@ medians after warm-up (autotuning happens in the warm-up, never in the timed reg
 clears L2 between repetitions). bf16 q/k/v/trap/angles, fp32 adt/dt/biases/D, chunk 64, G = 1,
 angles expanded over heads as the layer passes them (stride 0), S = N / 4 rotary pairs.
 
-    python benchmarks/mamba3_siso.py --out benchmarks/results/mamba3_siso  [--profile]
+    python benchmarks/mamba3_siso.py --out benchmarks/results/mamba3_siso  [--profile] [--shapes 0,2]
 
 Writes ``<out>.json`` and ``<out>.md`` (device, versions, shapes, medians, TFLOP/s, GB/s).
 """
@@ -189,7 +189,13 @@ def main():
     ap.add_argument("--reps", type=int, default=500, help="do_bench rep budget (ms)")
     ap.add_argument("--no-chunked", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--shapes",
+        default="",
+        help="indices into SHAPES to run, e.g. 0,2 (default: all); for quick experiments",
+    )
     args = ap.parse_args()
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     meta = dict(
@@ -204,7 +210,7 @@ def main():
         "two input sets alternated; autotune finished in warm-up",
     )
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         r = bench_shape(shape, args.reps, not args.no_chunked, args.profile)
         ff, fb, bf_, bb = flops_bytes(*shape)
         r.update(
