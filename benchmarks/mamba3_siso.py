@@ -5,7 +5,7 @@ medians after warm-up (autotuning happens in the warm-up, never in the timed reg
 clears L2 between repetitions). bf16 q/k/v/trap/angles, fp32 adt/dt/biases/D, chunk 64, G = 1,
 angles expanded over heads as the layer passes them (stride 0), S = N / 4 rotary pairs.
 
-    python benchmarks/mamba3_siso.py --out benchmarks/results/mamba3_siso  [--profile] [--shapes 0,2]
+    python benchmarks/mamba3_siso.py --out OUT [--profile] [--no-chunked] [--shapes 0,2]
 
 Writes ``<out>.json`` and ``<out>.md`` (device, versions, shapes, medians, TFLOP/s, GB/s).
 """
