@@ -130,3 +130,19 @@ def test_custom_layer_example():
     result = ex.main()
     assert result["check_ok"]
     assert result["counts"]["shortconv"] > 0
+
+
+@pytest.mark.parametrize("name", ["siso", "mimo", "mixed"])
+def test_gradients_have_the_parameters_strides(name: str):
+    """DDP copies gradients into bucket views laid out like the parameters; a gradient with
+    other strides (even only in a size-1 dimension) costs a copy and a warning every step."""
+    layout, blocks = LAYOUTS[name]
+    model = build_model(tiny_recipe(layout, **blocks).model, seed=0)
+    ids = torch.randint(0, model.spec.vocab_size, (2, 11))
+    model(ids).float().square().mean().backward()
+    bad = {
+        n: (tuple(p.grad.stride()), tuple(p.stride()))
+        for n, p in model.named_parameters()
+        if p.grad is not None and p.grad.stride() != p.stride()
+    }
+    assert not bad, bad

@@ -217,9 +217,17 @@ def prepare_scan_inputs(
     def up(t: Tensor) -> Tensor:
         return t.to(dtype)
 
+    def heads_after_rank(bias: Tensor) -> Tensor:
+        # (H, R, N) -> (R, H, N). For R = 1 this is a reshape, whose gradient is contiguous like
+        # the parameter; a transpose's gradient would differ in the size-1 dimension's stride,
+        # which DDP reports as "grad strides do not match bucket view strides".
+        if rank == 1:
+            return up(bias).reshape(1, nheads, bias.shape[-1])
+        return up(bias).transpose(0, 1)
+
     group_size = nheads // ngroups
-    q_h = up(q).repeat_interleave(group_size, dim=3) + up(q_bias).transpose(0, 1)
-    k_h = up(k).repeat_interleave(group_size, dim=3) + up(k_bias).transpose(0, 1)
+    q_h = up(q).repeat_interleave(group_size, dim=3) + heads_after_rank(q_bias)
+    k_h = up(k).repeat_interleave(group_size, dim=3) + heads_after_rank(k_bias)
     if mimo_x is None:
         psi = torch.ones(rank, nheads, headdim, dtype=dtype, device=device)
     else:
