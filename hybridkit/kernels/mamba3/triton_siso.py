@@ -7,9 +7,12 @@ Work decomposition (spec 3.2), chunk-parallel everywhere except one element-wise
   inputs plus *one* state tile, so it runs fully in parallel: 16k programs at
   (B 8, L 4096, H 32), 8k at (B 1, L 16384); batch 1 fills the GPU as well as batch 8.
 * The only sequential dependency, ``S_{c+1} = R(-Omega_c) (exp(A_c) S_c + dS_c)``, is an
-  element-wise pass over chunks per (sequence, head, tile of state columns) (``_fwd_pass``
-  forward, ``_bwd_pass`` in reverse for the state gradient). It reads and writes one P x N tile
-  per chunk and does no matrix products.
+  element-wise pass over chunks per (sequence, head, tile of state rows) (``_fwd_pass``
+  forward, ``_bwd_pass`` in reverse for the state gradient). It reads and writes one tile per
+  chunk (prefetching the next) and does no matrix products.
+* Kernels: forward ``_fwd_state`` -> ``_fwd_pass`` -> ``_fwd_out``; backward ``_bwd_dstate`` ->
+  ``_bwd_pass`` -> ``_bwd_q`` -> ``_bwd_k`` -> ``_bwd_x`` (the launch order in ``siso_op``).
+  Per-head dq / dk and the bias / D partial sums are reduced by torch afterwards.
 * **Frames.** A rotation by the absolute angle ``Theta_t`` would make every chunk depend on all
   earlier angles. Instead each chunk works in its own frame: ``q~_t = R(theta_t) q_t`` with
   ``theta_t`` the angle accumulated *inside the chunk* (so ``q~_t . k~_s`` is exact within a
