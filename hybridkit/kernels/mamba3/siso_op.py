@@ -95,7 +95,6 @@ class _Plan:
             self.nseq = B
             self.NC = -(-L // C)
             self.nchunks = B * self.NC
-            self.lengths = [L] * B
             return
         bounds = [int(b) for b in cu.tolist()]
         self.lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -262,7 +261,8 @@ def _bwd_impl(
     dqbp = torch.zeros(nsl, H, N, dtype=f32, device=dev)
     dkbp = torch.zeros(nsl, H, N, dtype=f32, device=dev)
     ddp = torch.zeros(nsl, H, dtype=f32, device=dev)
-    ds0 = dsend.clone()
+    # the reverse pass writes the initial-state gradient; with no chunk it is d(end state)
+    ds0 = torch.empty_like(dsend) if plan.nchunks > 0 else dsend.clone()
     if plan.nchunks > 0:
         dummy = dqh
         opt = lambda t: dummy if t is None else t  # noqa: E731
@@ -520,8 +520,12 @@ def mamba3_scan_triton(
         fast = v.dtype in (torch.bfloat16, torch.float16)
     f32 = torch.float32
     cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int64)
-    lengths = (cu[1:] - cu[:-1]) if cu is not None else torch.full((B,), L, device=q.device)
-    empty = (lengths == 0).view(-1, 1, 1)  # (nseq, 1, 1)
+    nseq = B if cu is None else cu.shape[0] - 1
+    # only packed or zero-length calls can hold empty sequences (which keep their state)
+    empty = None
+    if cu is not None or L == 0:
+        lengths = cu[1:] - cu[:-1] if cu is not None else torch.zeros(B, device=q.device)
+        empty = (lengths == 0).view(-1, 1, 1)  # (nseq, 1, 1)
     st = initial_state
     rotate = angles is not None
 
@@ -534,7 +538,9 @@ def mamba3_scan_triton(
             if trap is not None
             else 1.0
         )
-        eta0 = ((1.0 - lam0) * dt0.float()).masked_fill(empty[:, :, 0], 0.0)
+        eta0 = (1.0 - lam0) * dt0.float()
+        if empty is not None:
+            eta0 = eta0.masked_fill(empty[:, :, 0], 0.0)
         h0 = st.ssm.float() + eta0[..., None, None] * (
             st.v.float()[..., :, None] * st.k[:, 0].float()[..., None, :]
         )
@@ -564,7 +570,6 @@ def mamba3_scan_triton(
     )
 
     # end state -> absolute frame; last key (rotated) and value of every sequence
-    nseq = lengths.shape[0]
     ia = st.angle.float() if st is not None else None
     if rotate:
         angle = wrap_angle(tot if ia is None else ia + tot)
@@ -577,11 +582,11 @@ def mamba3_scan_triton(
         ssm = rotate_pairs(ssm, angle[:, :, None, :], "interleaved")
         kl = rotate_pairs(kl, angle, "interleaved")
     vl = _first_last(v, cu)[1]
-    if st is not None:  # an empty sequence keeps its state
+    if empty is not None and st is not None:
         kl = torch.where(empty, st.k[:, 0].float(), kl)
         vl = torch.where(empty, st.v.to(v.dtype), vl)
         ssm = torch.where(empty[..., None], st.ssm.float(), ssm)
-    elif cu is not None or L == 0:
+    elif empty is not None:
         kl = kl.masked_fill(empty, 0.0)
         vl = vl.masked_fill(empty, 0.0)
     return y.unsqueeze(2), Mamba3State(angle, ssm, kl.unsqueeze(1), vl)
