@@ -197,6 +197,23 @@ def test_empty_input_returns_initial_state(init: bool):
         assert a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "chunked", "reference"])
+def test_return_state_false_skips_the_state(backend: str):
+    """``return_state=False`` (what training layers pass): same output and gradients, no state."""
+    c = Case(L=20, H=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    inp = _inputs(c, torch.float32, dev, 4)
+    grads = []
+    for rs in (True, False):
+        leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
+        y, st = ops.mamba3_scan(**leaves, chunk_size=16, backend=backend, return_state=rs)
+        assert (st is None) == (not rs)
+        y.pow(2).sum().backward()
+        grads.append([y.detach()] + [t.grad for t in leaves.values()])
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < 1e-6
+
+
 def test_dispatch_rules():
     assert ops.resolve_backend("auto", "cuda", 64, 1) == "triton"
     assert ops.resolve_backend("auto", "cuda", 1, 1) == "reference"

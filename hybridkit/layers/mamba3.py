@@ -168,6 +168,7 @@ class Mamba3(nn.Module):
             cu_seqlens=cu_seqlens,
             chunk_size=self.spec.chunk_size,
             backend=self.spec.backend,
+            return_state=cache is not None,
         )
         if cache is not None:
             cache.layers[self.layer_idx] = Mamba3State(

@@ -68,8 +68,12 @@ def mamba3_scan(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     backend: str = "auto",
-) -> tuple[torch.Tensor, Mamba3State]:
-    """Run the Mamba-3 SSM core (see the module docstring for shapes)."""
+    return_state: bool = True,
+) -> tuple[torch.Tensor, Mamba3State | None]:
+    """Run the Mamba-3 SSM core (see the module docstring for shapes).
+
+    ``return_state=False`` returns None instead of the final state (every backend), which lets
+    the Triton path skip the end-state conversion when nothing reads it (training)."""
     triton_ok = True
     if backend == "auto" and q.device.type == "cuda":
         from hybridkit.kernels.mamba3 import siso_op
@@ -79,9 +83,11 @@ def mamba3_scan(
     kwargs = dict(pairing=pairing, initial_state=initial_state, cu_seqlens=cu_seqlens)
     args = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x)
     if name == "reference":
-        return reference.mamba3_scan_sequential(*args, **kwargs)
-    if name == "triton":
+        y, state = reference.mamba3_scan_sequential(*args, **kwargs)
+    elif name == "triton":
         from hybridkit.kernels.mamba3.siso_op import mamba3_scan_triton
 
-        return mamba3_scan_triton(*args, **kwargs, chunk_size=chunk_size)
-    return chunked.mamba3_scan_chunked(*args, **kwargs, chunk_size=chunk_size)
+        return mamba3_scan_triton(*args, **kwargs, chunk_size=chunk_size, return_state=return_state)
+    else:
+        y, state = chunked.mamba3_scan_chunked(*args, **kwargs, chunk_size=chunk_size)
+    return y, (state if return_state else None)

@@ -143,6 +143,21 @@ def _kw(fn, **kw):
 # ----------------------------------------------------------------------------- forward
 
 
+def _angles_tokens_last(angles: Tensor | None) -> tuple[Tensor | None, tuple[int, int, int]]:
+    """The (B, L, H, S) angles with tokens contiguous, and their (batch, pair, head) strides.
+
+    The kernels scan the angles over the tokens of a chunk; Triton scans cheaply only along a
+    tile's contiguous axis. Angles shared by all heads (stride 0, as the layer passes them)
+    become one (B, S, L) copy (L * S elements per sequence, tiny next to q / k / v)."""
+    if angles is None:
+        return None, (0, 0, 0)
+    if angles.shape[2] == 1 or angles.stride(2) == 0:
+        t = angles[:, :, 0].transpose(1, 2).contiguous()  # (B, S, L)
+        return t, (t.stride(0), t.stride(1), 0)
+    t = angles.permute(0, 2, 3, 1).contiguous()  # (B, H, S, L)
+    return t, (t.stride(0), t.stride(2), t.stride(1))
+
+
 def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, fast, store):
     B, L, _, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
@@ -168,12 +183,13 @@ def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, f
     dummy = out
     opt = lambda t: dummy if t is None else t  # noqa: E731
     chtab = plan.chtab if plan.varlen else dummy
-    gates = (*_strides(adt), *_strides(dt), *_strides(trap), *_strides(angles))
+    angt, gstr = _angles_tokens_last(angles)
+    gates = (*_strides(adt), *_strides(dt), *_strides(trap), *gstr)
     flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
     flags.update(VARLEN=plan.varlen, FAST=fast)
     grid = (plan.nchunks * H,)
     _FWD_STATE[grid](
-        k, v, adt, dt, opt(trap), k_bias, opt(angles), chtab, st, ca, com,
+        k, v, adt, dt, opt(trap), k_bias, opt(angt), chtab, st, ca, com,
         *_strides(k, (0, 1, 3)), *_strides(v), *gates,
         L, H, H // G, S, plan.NC,
         **_kw(_FWD_STATE, **flags),
@@ -186,7 +202,7 @@ def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, f
         VARLEN=plan.varlen, num_warps=4,
     )  # fmt: skip
     _FWD_OUT[grid](
-        q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angles), opt(D), opt(z), out,
+        q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angt), opt(D), opt(z), out,
         ypre if ypre.numel() else dummy, chtab, st,
         *_strides(q, (0, 1, 3)), *_strides(k, (0, 1, 3)), *_strides(v), *gates,
         *_strides(z), *_strides(out),
@@ -276,12 +292,13 @@ def _bwd_impl(
             if (z is not None)
             else dout
         )
-        gates = (*_strides(adt), *_strides(dt), *_strides(trap), *_strides(angles))
+        angt, gstr = _angles_tokens_last(angles)
+        gates = (*_strides(adt), *_strides(dt), *_strides(trap), *gstr)
         grid = (plan.nchunks * H,)
         _BWD_DSTATE[grid](
-            q, adt, dt, q_bias, opt(angles), opt(z), ypre if ypre.numel() else dummy, dout,
+            q, adt, dt, q_bias, opt(angt), opt(z), ypre if ypre.numel() else dummy, dout,
             chtab, dy, opt(dz), dg, ca, com,
-            *_strides(q, (0, 1, 3)), *_strides(adt), *_strides(dt), *_strides(angles),
+            *_strides(q, (0, 1, 3)), *_strides(adt), *_strides(dt), *gstr,
             *_strides(z), *_strides(dout),
             L, H, H // G, S, plan.NC,
             **_kw(_BWD_DSTATE, C=C, P=P, N2=N2, HAS_ANG=angles is not None, HAS_Z=z is not None,
@@ -301,7 +318,7 @@ def _bwd_impl(
         )  # fmt: skip
         flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
         flags.update(HAS_D=D is not None, VARLEN=plan.varlen, FAST=fast)
-        inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angles))
+        inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angt))
         rq = torch.empty(B, L, H, S, dtype=f32, device=dev) if angles is not None else dummy
         doms = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)
         _BWD_Q[grid](
@@ -493,11 +510,14 @@ def mamba3_scan_triton(
     chunk_size: int = 64,
     z: Tensor | None = None,
     fast: bool | None = None,
-) -> tuple[Tensor, Mamba3State]:
+    return_state: bool = True,
+) -> tuple[Tensor, Mamba3State | None]:
     """Mamba-3 SISO scan on Triton; shapes and semantics as the reference scans (R must be 1).
 
     Returns y (B, L, 1, H, P) in ``v``'s dtype (times ``silu(z)`` when ``z`` (B, L, H, P) is
-    given) and the final :class:`Mamba3State` (angle, ssm and k in float32, v in ``v``'s dtype).
+    given) and the final :class:`Mamba3State` (angle, ssm and k in float32, v in ``v``'s dtype),
+    or None with ``return_state=False``: converting the end state to the absolute frame is ~20
+    small torch ops, most of the host time of a call (training never reads the state).
     ``fast`` (default: ``v`` is bf16/fp16) selects bf16 tensor-core operands and approximate
     transcendentals.
     """
@@ -569,6 +589,8 @@ def mamba3_scan_triton(
         bool(store),
     )
 
+    if not return_state:
+        return y.unsqueeze(2), None
     # end state -> absolute frame; last key (rotated) and value of every sequence
     ia = st.angle.float() if st is not None else None
     if rotate:

@@ -160,28 +160,37 @@ def _chunk(gc, CHTAB, L, NC, C: tl.constexpr, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST: tl.constexpr):
-    """Per-pair angle increments of one chunk, their in-chunk cumsum's cos / sin, and tanh."""
-    am = mc[:, None] & mj[None, :]
+def _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST: tl.constexpr):
+    """Per-pair angle increments of one chunk, their in-chunk cumsum's cos / sin, and tanh,
+    as C x N/2 tiles.
+
+    The angles arrive with tokens contiguous (pairs x tokens, see ``siso_op``), so the tile is
+    loaded as N/2 x C and scanned along its contiguous axis, which Triton keeps inside a warp
+    (in-thread + shuffles). Scanning a C x N/2 tile over tokens went through shared memory
+    ~120 times per thread and was a third of the instructions of the chunk kernels."""
+    am = mj[:, None] & mc[None, :]
     ang = tl.load(
-        ANG + bat * s_gb + tt[:, None] * s_gl + h * s_gh + offs_j[None, :], mask=am, other=0.0
+        ANG + bat * s_gb + h * s_gh + offs_j[:, None] * s_gs + tt[None, :], mask=am, other=0.0
     ).to(tl.float32)
     t = _tanh(ang, FAST)
-    om = PI * t * dt[:, None]
-    th = _mod2pi(tl.cumsum(om, 0))
-    return om, _cos(th, FAST), _sin(th, FAST), t
+    om = PI * t * dt[None, :]
+    th = _mod2pi(tl.cumsum(om, 1))
+    return tl.trans(om), tl.trans(_cos(th, FAST)), tl.trans(_sin(th, FAST)), tl.trans(t)
 
 
 @triton.jit
 def _load_qk(Qp, QB, bat, g, h, tt, mc, offs_j, s_b, s_l, s_g, HAS_ANG: tl.constexpr, cosv, sinv):
-    """Even / odd columns of q (or k) + per-head bias, rotated by the in-chunk angles."""
-    base = Qp + bat * s_b + tt[:, None] * s_l + g * s_g + 2 * offs_j[None, :]
-    qe = tl.load(base, mask=mc[:, None], other=0.0).to(tl.float32)
-    qo = tl.load(base + 1, mask=mc[:, None], other=0.0).to(tl.float32)
-    be = tl.load(QB + h * (2 * offs_j.shape[0]) + 2 * offs_j).to(tl.float32)
-    bo = tl.load(QB + h * (2 * offs_j.shape[0]) + 2 * offs_j + 1).to(tl.float32)
-    qe = tl.where(mc[:, None], qe + be[None, :], 0.0)
-    qo = tl.where(mc[:, None], qo + bo[None, :], 0.0)
+    """Even / odd columns of q (or k) + per-head bias, rotated by the in-chunk angles.
+
+    Rows are loaded whole (16-byte vectors) and split into the pair halves in registers: two
+    stride-2 loads issued one 2-byte load per element and kept the load unit saturated."""
+    offs_n = tl.arange(0, 2 * offs_j.shape[0])
+    qv = tl.load(
+        Qp + bat * s_b + tt[:, None] * s_l + g * s_g + offs_n[None, :], mask=mc[:, None], other=0.0
+    ).to(tl.float32)
+    bv = tl.load(QB + h * offs_n.shape[0] + offs_n).to(tl.float32)
+    qv = tl.where(mc[:, None], qv + bv[None, :], 0.0)
+    qe, qo = tl.split(tl.reshape(qv, (tt.shape[0], offs_j.shape[0], 2)))
     if HAS_ANG:
         return qe * cosv - qo * sinv, qe * sinv + qo * cosv
     else:
@@ -241,7 +250,7 @@ def _fwd_state_kernel(
     s_th,
     s_tl,
     s_gb,
-    s_gl,
+    s_gs,
     s_gh,
     L,
     H,
@@ -276,7 +285,7 @@ def _fwd_state_kernel(
     cs = tl.cumsum(adt, 0)
     a_c = tl.sum(adt, 0)
     if HAS_ANG:
-        om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST)
+        om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
         tl.store(COM + (gc * H + h) * NANG + offs_j, tl.sum(om, 0), mask=mj)
     else:
         cosv = 0.0
@@ -426,7 +435,7 @@ def _fwd_out_kernel(
     s_th,
     s_tl,
     s_gb,
-    s_gl,
+    s_gs,
     s_gh,
     s_zb,
     s_zl,
@@ -468,23 +477,25 @@ def _fwd_out_kernel(
     )  # fmt: skip
     cs = tl.cumsum(adt, 0)
     if HAS_ANG:
-        _om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST)
+        _om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
     else:
         cosv = 0.0
         sinv = 0.0
-    # inter-chunk term first, so the state tile is dead before the C x C work starts
+    # rotate q and k right away (cos / sin die), keep them as dot operands only
     qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
     qe = _operand(qe, FAST)
     qo = _operand(qo, FAST)
+    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
+    ke = _operand(ke, FAST)
+    ko = _operand(ko, FAST)
+    # inter-chunk term first, so the state tile is dead before the C x C work starts
     pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
     se = _operand(tl.load(pe), FAST)
     so = _operand(tl.load(po), FAST)
     y = tl.exp(cs)[:, None] * (_dot(qe, tl.trans(se), FAST) + _dot(qo, tl.trans(so), FAST))
-    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
     vo = bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :]
     x = tl.load(V + vo, mask=mc[:, None], other=0.0).to(tl.float32)
-    sc, _dec, w = _scores(qe, qo, _operand(ke, FAST), _operand(ko, FAST), cs, gamma, kappa, C,
-                          FAST)  # fmt: skip
+    sc, _dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
     y += _dot(sc * w, x, FAST)
     if HAS_D:
         y += tl.load(DSKIP + h).to(tl.float32) * x
@@ -531,7 +542,7 @@ def _bwd_dstate_kernel(
     s_dh,
     s_dl,
     s_gb,
-    s_gl,
+    s_gs,
     s_gh,
     s_zb,
     s_zl,
@@ -571,7 +582,7 @@ def _bwd_dstate_kernel(
     tl.store(CA + gc * H + h, tl.sum(adt, 0))
     if HAS_ANG:
         dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
-        om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST)
+        om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
         tl.store(COM + (gc * H + h) * NANG + offs_j, tl.sum(om, 0), mask=mj)
     else:
         cosv = 0.0
@@ -657,7 +668,7 @@ def _bwd_pass_kernel(
 @triton.jit
 def _bwd_prologue(
     Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
-    s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb, s_gl, s_gh,
+    s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb, s_gs, s_gh,
     s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr,
     HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr, VARLEN: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
@@ -679,7 +690,7 @@ def _bwd_prologue(
     u = tl.exp(a_c - cs) * kappa
     if HAS_ANG:
         _om, cosv, sinv, tnh = _rotation(
-            ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gl, s_gh, FAST
+            ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST
         )
     else:
         cosv = 0.0
@@ -687,13 +698,21 @@ def _bwd_prologue(
         tnh = 0.0
     qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
     ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
+    # rotated q~ / k~ as dot operands (bf16 in fast mode: half the registers of four tiles)
+    qe = _operand(qe, FAST)
+    qo = _operand(qo, FAST)
+    ke = _operand(ke, FAST)
+    ko = _operand(ko, FAST)
     vo = bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :]
-    x = tl.load(V + vo, mask=mc[:, None], other=0.0).to(tl.float32)
-    dy = tl.load(
-        DY + bat * s_yb + tt[:, None] * s_yl + h * s_yh + offs_p[None, :],
-        mask=mc[:, None],
-        other=0.0,
-    ).to(tl.float32)
+    x = _operand(tl.load(V + vo, mask=mc[:, None], other=0.0), FAST)
+    dy = _operand(
+        tl.load(
+            DY + bat * s_yb + tt[:, None] * s_yl + h * s_yh + offs_p[None, :],
+            mask=mc[:, None],
+            other=0.0,
+        ),
+        FAST,
+    )
     bo = (bat * H + h) * L + tt
     return (
         bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv,
@@ -714,12 +733,12 @@ def _store_qk_grad(
     else:
         ue = de
         uo = do
-    hb = ((bat * L + tt[:, None]) * H + h) * (2 * N2) + 2 * offs_j[None, :]
-    tl.store(DH + hb, ue.to(DH.dtype.element_ty), mask=mc[:, None])
-    tl.store(DH + hb + 1, uo.to(DH.dtype.element_ty), mask=mc[:, None])
-    sb = (gc * H + h) * (2 * N2) + 2 * offs_j
-    tl.store(DBP + sb, tl.sum(ue, 0))
-    tl.store(DBP + sb + 1, tl.sum(uo, 0))
+    # interleaved pairs again: whole contiguous rows
+    u = tl.reshape(tl.join(ue, uo), (tt.shape[0], 2 * N2))
+    offs_n = tl.arange(0, 2 * N2)
+    hb = ((bat * L + tt[:, None]) * H + h) * (2 * N2) + offs_n[None, :]
+    tl.store(DH + hb, u.to(DH.dtype.element_ty), mask=mc[:, None])
+    tl.store(DBP + (gc * H + h) * (2 * N2) + offs_n, tl.sum(u, 0))
 
 
 @triton.jit
@@ -773,7 +792,7 @@ def _bwd_q_kernel(
     s_th,
     s_tl,
     s_gb,
-    s_gl,
+    s_gs,
     s_gh,
     s_yb,
     s_yl,
@@ -807,20 +826,22 @@ def _bwd_q_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gl, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
+            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
             FAST,
         )  # fmt: skip
     eq = tl.exp(cs)
     ea = tl.exp(a_c)
     pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
-    se = tl.load(pe).to(tl.float32)
-    so = tl.load(po).to(tl.float32)
+    se = _operand(tl.load(pe), FAST)
+    so = _operand(tl.load(po), FAST)
     pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
-    ge = tl.load(pe).to(tl.float32)
-    go = tl.load(po).to(tl.float32)
-    tl.store(DAS + gc * H + h, ea * (tl.sum(tl.sum(se * ge, 1), 0) + tl.sum(tl.sum(so * go, 1), 0)))
+    ge = _operand(tl.load(pe), FAST)
+    go = _operand(tl.load(po), FAST)
+    f32 = tl.float32  # products of bf16 operand tiles in fp32
+    sef, sof, gef, gof = se.to(f32), so.to(f32), ge.to(f32), go.to(f32)
+    tl.store(DAS + gc * H + h, ea * (tl.sum(tl.sum(sef * gef + sof * gof, 1), 0)))
     if HAS_ANG:
-        oms = ea * (tl.sum(ge * so, 0) - tl.sum(go * se, 0))
+        oms = ea * (tl.sum(gef * sof, 0) - tl.sum(gof * sef, 0))
         tl.store(DOMS + (gc * H + h) * NANG + offs_j, oms, mask=mj)
     pw = _operand(_pw(dy, x, cs, gamma, kappa, C, FAST), FAST)
     ie = _dot(dy, se, FAST)
@@ -881,7 +902,7 @@ def _bwd_k_kernel(
     s_th,
     s_tl,
     s_gb,
-    s_gl,
+    s_gs,
     s_gh,
     s_yb,
     s_yl,
@@ -910,12 +931,12 @@ def _bwd_k_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gl, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
+            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
             FAST,
         )  # fmt: skip
     pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
-    ge = tl.load(pe).to(tl.float32)
-    go = tl.load(po).to(tl.float32)
+    ge = _operand(tl.load(pe), FAST)
+    go = _operand(tl.load(po), FAST)
     ve = _dot(x, ge, FAST)
     vv = _dot(x, go, FAST)
     tl.store(DU + bo, tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1), mask=mc)
@@ -984,7 +1005,7 @@ def _bwd_x_kernel(
     s_th,
     s_tl,
     s_gb,
-    s_gl,
+    s_gs,
     s_gh,
     s_yb,
     s_yl,
@@ -1013,18 +1034,18 @@ def _bwd_x_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gl, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
+            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
             FAST,
         )  # fmt: skip
     sc, dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
     pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
-    ge = tl.load(pe).to(tl.float32)
-    go = tl.load(po).to(tl.float32)
+    ge = _operand(tl.load(pe), FAST)
+    go = _operand(tl.load(po), FAST)
     dx = _dot(tl.trans(sc * w), dy, FAST)
     dx += u[:, None] * (_dot(ke, tl.trans(ge), FAST) + _dot(ko, tl.trans(go), FAST))
     if HAS_D:
         dx += tl.load(DSKIP + h).to(tl.float32) * dy
-        tl.store(DDP + gc * H + h, tl.sum(tl.sum(dy * x, 1), 0))
+        tl.store(DDP + gc * H + h, tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), 1), 0))
     co = ((bat * L + tt[:, None]) * H + h) * P + offs_p[None, :]  # dx is contiguous
     tl.store(DX + co, dx.to(DX.dtype.element_ty), mask=mc[:, None])
     dwt = _dot(dy, tl.trans(x), FAST) * sc
