@@ -51,7 +51,7 @@ def _tuned(fn, keys: list[str], warps: tuple[int, ...] = (4, 8, 16)):
     place and must run exactly once). Read at import: ``HYBRIDKIT_MAMBA3_AUTOTUNE=0`` uses one
     fixed configuration (8 warps); ``HYBRIDKIT_MAMBA3_WARPS=8,16`` restricts the candidates.
     """
-    if _INTERPRET or os.environ.get("HYBRIDKIT_MAMBA3_AUTOTUNE", "1") == "0" or warps == (8,):
+    if _INTERPRET or os.environ.get("HYBRIDKIT_MAMBA3_AUTOTUNE", "1") == "0":
         return fn  # launched with 8 warps (``_kw``)
     allowed = os.environ.get("HYBRIDKIT_MAMBA3_WARPS")
     if allowed:
@@ -64,11 +64,13 @@ def _tuned(fn, keys: list[str], warps: tuple[int, ...] = (4, 8, 16)):
 _FWD_STATE = _tuned(K._fwd_state_kernel, _FLAGS)
 _FWD_OUT = _tuned(K._fwd_out_kernel, _FLAGS + ["HAS_D", "HAS_Z", "SAVE_Y"], (4, 8))
 _BWD_DSTATE = _tuned(K._bwd_dstate_kernel, ["C", "P", "N2", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"])
-# Backward chunk kernels: 8 warps. 4 warps made an illegal memory access inside the autotuner
-# at N = 64 (H100, Triton 3.6); 16 warps caps registers at 128 per thread and spills more.
-_BWD_Q = _tuned(K._bwd_q_kernel, _FLAGS, (8,))
-_BWD_K = _tuned(K._bwd_k_kernel, _FLAGS, (8,))
-_BWD_X = _tuned(K._bwd_x_kernel, _FLAGS + ["HAS_D"], (8,))
+# Backward chunk kernels: a fixed warp count (no autotuning), 4 unless
+# ``HYBRIDKIT_MAMBA3_BWD_WARPS`` says otherwise (read at import). On the H100 at
+# (8, 4096, 32, 64, 128), 4 warps ran q / k / x in 1.22 / 1.91 / 0.86 ms against 2.08 / 2.13 /
+# 1.83 at 8: both fill the 255 registers, but two 4-warp programs per SM overlap each other's
+# latency. 16 warps caps registers at 128 per thread and spills more.
+_BWD_WARPS = int(os.environ.get("HYBRIDKIT_MAMBA3_BWD_WARPS", "4"))
+_BWD_Q, _BWD_K, _BWD_X = K._bwd_q_kernel, K._bwd_k_kernel, K._bwd_x_kernel
 
 
 def supports(q: Tensor, v: Tensor, mimo_x: Tensor | None, pairing: str) -> bool:
@@ -131,6 +133,10 @@ def _slots(B: int, L: int, C: int, nseq: int, varlen: bool) -> int:
 
 def _strides(t: Tensor | None, dims=(0, 1, 2)) -> tuple[int, ...]:
     return (0,) * len(dims) if t is None else tuple(t.stride(d) for d in dims)
+
+
+def _bwd_warps() -> int:
+    return 1 if _INTERPRET else _BWD_WARPS
 
 
 def _kw(fn, **kw):
@@ -323,15 +329,15 @@ def _bwd_impl(
         doms = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)
         _BWD_Q[grid](
             *inputs, dy, chtab, st, dg, dqh, dqbp, rq, gin, das, doms,
-            *common, **_kw(_BWD_Q, **flags),
+            *common, **_kw(_BWD_Q, num_warps=_bwd_warps(), **flags),
         )  # fmt: skip
         _BWD_K[grid](
             *inputs, dy, chtab, dg, dtot, rq, doms, dkh, dkbp, opt(dang), ddta, du,
-            *common, **_kw(_BWD_K, **flags),
+            *common, **_kw(_BWD_K, num_warps=_bwd_warps(), **flags),
         )  # fmt: skip
         _BWD_X[grid](
             *inputs, opt(D), dy, chtab, dg, gin, du, das, dx, dadt, dkap, dgam, ddp,
-            *common, **_kw(_BWD_X, **flags),
+            *common, **_kw(_BWD_X, num_warps=_bwd_warps(), **flags),
         )  # fmt: skip
     ddt, dtrap = _gate_grads(plan, dgam, dkap, ddta, dt, trap, L)
     hpg = H // G

@@ -1,0 +1,122 @@
+"""Resource report of the Triton SISO kernels for sm_90, built on a machine with no GPU.
+
+Compiles each chunk kernel for an H100 target with Triton's own ``ptxas`` (the benchmark shape's
+flags: C 64, P 64, N 128, bf16 fast mode, 16-byte aligned pointers as a real launch would
+specialise them) and prints, per kernel: registers and spills (``ptxas -v``), global load /
+store instructions by width (scalar ``b16`` loads mean an uncoalesced gather), and the source
+lines with the most PTX instructions. It is how the v3 fixes in ``NOTES_mamba3_siso.md`` were
+found between GPU runs; numbers come from the local Triton, not the GPU machine's (3.6), so
+compare variants, not absolute values.
+
+    python benchmarks/siso_sm90_report.py [--warps 4] [--top 12] [kernel ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hybridkit.kernels.mamba3 import triton_siso as K
+
+KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x")
+FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=True)
+FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False)
+# fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
+FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
+FP32 |= {"DKH", "DQBP", "DKBP", "DDTA", "DADT", "DKAP", "DGAM", "DDP", "DTOT"}
+UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
+SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
+
+
+def compile_kernel(name: str, warps: int):
+    """Compile ``triton_siso.<name>_kernel`` for sm_90 with the benchmark's specialisation."""
+    fn = getattr(K, name + "_kernel")
+    sig, const, attrs = {}, {}, {}
+    for i, a in enumerate(fn.arg_names):
+        if a in UNIT_STRIDES:
+            sig[a], const[a] = "constexpr", 1
+            continue
+        if a in FLAGS:
+            sig[a], const[a] = "constexpr", FLAGS[a]
+            continue
+        attrs[(i,)] = [["tt.divisibility", 16]]
+        if a.startswith("s_") or a in SIZES:
+            sig[a] = "i32"
+        elif a == "CHTAB":
+            sig[a] = "*i64"
+        else:
+            sig[a] = "*fp32" if a in FP32 else "*bf16"
+    src = ASTSource(fn, sig, const, attrs)
+    opts = dict(num_warps=warps, num_stages=1)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def ptxas_summary(ptx: str) -> str:
+    """Registers and spill bytes from ``ptxas -v`` (the newest ptxas Triton ships)."""
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    exe = next(
+        (os.path.join(bindir, b) for b in ("ptxas-blackwell", "ptxas") if b in os.listdir(bindir)),
+        "ptxas",
+    )
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run(
+            [exe, "-arch=sm_90a", "-v", path, "-o", os.path.join(d, "k.o")],
+            capture_output=True,
+            text=True,
+        )
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    if regs is None:
+        return "ptxas failed: " + r.stderr.strip().splitlines()[-1]
+    sp = f", spills {spill.group(1)} / {spill.group(2)} bytes" if spill else ""
+    return f"{regs.group(1)} registers{sp}"
+
+
+def ptx_profile(ptx: str) -> tuple[collections.Counter, collections.Counter]:
+    """(global memory ops by width, instruction count by source line) of straight-line PTX."""
+    files = dict(re.findall(r'\.file\s+(\d+)\s+"([^"]+)"', ptx))
+    mem, lines = collections.Counter(), collections.Counter()
+    loc = "?"
+    for raw in ptx.splitlines():
+        t = raw.strip()
+        m = re.match(r"\.loc\s+(\d+)\s+(\d+)", t)
+        if m:
+            loc = f"{os.path.basename(files.get(m.group(1), '?'))}:{m.group(2)}"
+            continue
+        if not t or t.startswith(("//", ".", "$", "{", "}")) or t.endswith(":"):
+            continue
+        lines[loc] += 1
+        g = re.search(r"\b((?:ld|st)\.global[\w.]*)", t)
+        if g:
+            mem[g.group(1)] += 1
+    return mem, lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kernels", nargs="*", default=list(KERNELS))
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--top", type=int, default=8, help="source lines to list per kernel")
+    args = ap.parse_args()
+    for name in args.kernels:
+        ptx = compile_kernel(name, args.warps).asm["ptx"]
+        mem, lines = ptx_profile(ptx)
+        print(f"{name} ({args.warps} warps): {ptxas_summary(ptx)}; {sum(lines.values())} PTX")
+        print("  global:", ", ".join(f"{op} x{n}" for op, n in sorted(mem.items())))
+        for loc, n in lines.most_common(args.top):
+            print(f"  {n:6d}  {loc}")
+
+
+if __name__ == "__main__":
+    main()
