@@ -61,6 +61,13 @@ def _tuned(fn, keys: list[str], warps: tuple[int, ...] = (4, 8, 16)):
     return triton.autotune(configs=configs, key=keys)(fn)
 
 
+def _env_warps(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    if value not in ("1", "2", "4", "8", "16"):
+        raise ValueError(f"{name}={value!r}: allowed values are 1, 2, 4, 8, 16 (warps)")
+    return int(value)
+
+
 _FWD_STATE = _tuned(K._fwd_state_kernel, _FLAGS)
 _FWD_OUT = _tuned(K._fwd_out_kernel, _FLAGS + ["HAS_D", "HAS_Z", "SAVE_Y"], (4, 8))
 _BWD_DSTATE = _tuned(K._bwd_dstate_kernel, ["C", "P", "N2", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"])
@@ -69,7 +76,7 @@ _BWD_DSTATE = _tuned(K._bwd_dstate_kernel, ["C", "P", "N2", "HAS_ANG", "HAS_Z", 
 # (8, 4096, 32, 64, 128), 4 warps ran q / k / x in 1.22 / 1.91 / 0.86 ms against 2.08 / 2.13 /
 # 1.83 at 8: both fill the 255 registers, but two 4-warp programs per SM overlap each other's
 # latency. 16 warps caps registers at 128 per thread and spills more.
-_BWD_WARPS = int(os.environ.get("HYBRIDKIT_MAMBA3_BWD_WARPS", "4"))
+_BWD_WARPS = _env_warps("HYBRIDKIT_MAMBA3_BWD_WARPS", "4")
 _BWD_Q, _BWD_K, _BWD_X = K._bwd_q_kernel, K._bwd_k_kernel, K._bwd_x_kernel
 
 
