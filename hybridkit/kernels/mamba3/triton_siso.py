@@ -941,8 +941,8 @@ def _bwd_k_kernel(
     vv = _dot(x, go, FAST)
     tl.store(DU + bo, tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1), mask=mc)
     pw = _operand(_pw(dy, x, cs, gamma, kappa, C, FAST), FAST)
-    dke = _dot(tl.trans(pw), _operand(qe, FAST), FAST) + u[:, None] * ve
-    dko = _dot(tl.trans(pw), _operand(qo, FAST), FAST) + u[:, None] * vv
+    dke = _dot(tl.trans(pw), qe, FAST) + u[:, None] * ve
+    dko = _dot(tl.trans(pw), qo, FAST) + u[:, None] * vv
     if HAS_ANG:
         # in-chunk angles: every later token of the chunk; Omega_c: the whole chunk (through
         # the rotation of the end state); the sequence total: every token of the sequence
