@@ -332,16 +332,22 @@ def _bwd_impl(
         flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
         flags.update(HAS_D=D is not None, VARLEN=plan.varlen, FAST=fast)
         inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angt))
-        rq = torch.empty(B, L, H, S, dtype=f32, device=dev) if angles is not None else dummy
+        # per-token d theta terms, tokens last (scanned by ``_bwd_angle``)
+        rq = torch.empty(B, H, S, L, dtype=f32, device=dev) if angles is not None else dummy
         doms = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)
         _BWD_Q[grid](
             *inputs, dy, chtab, st, dg, dqh, dqbp, rq, gin, das, doms,
             *common, **_kw(_BWD_Q, num_warps=_bwd_warps(), **flags),
         )  # fmt: skip
         _BWD_K[grid](
-            *inputs, dy, chtab, dg, dtot, rq, doms, dkh, dkbp, opt(dang), ddta, du,
+            *inputs, dy, chtab, dg, dtot, rq, doms, dkh, dkbp, du,
             *common, **_kw(_BWD_K, num_warps=_bwd_warps(), **flags),
         )  # fmt: skip
+        if angles is not None:
+            K._bwd_angle_kernel[grid](
+                angt, dt, rq, doms, chtab, dang, ddta, *gstr, *_strides(dt), L, H, S, plan.NC,
+                C=C, N2=N2, VARLEN=plan.varlen, FAST=fast, num_warps=4 if not _INTERPRET else 1,
+            )  # fmt: skip
         _BWD_X[grid](
             *inputs, opt(D), dy, chtab, dg, gin, du, das, dx, dadt, dkap, dgam, ddp,
             *common, **_kw(_BWD_X, num_warps=_bwd_warps(), **flags),

@@ -11,7 +11,8 @@ Work decomposition (spec 3.2), chunk-parallel everywhere except one element-wise
   forward, ``_bwd_pass`` in reverse for the state gradient). It reads and writes one tile per
   chunk (prefetching the next) and does no matrix products.
 * Kernels: forward ``_fwd_state`` -> ``_fwd_pass`` -> ``_fwd_out``; backward ``_bwd_dstate`` ->
-  ``_bwd_pass`` -> ``_bwd_q`` -> ``_bwd_k`` -> ``_bwd_x`` (the launch order in ``siso_op``).
+  ``_bwd_pass`` -> ``_bwd_q`` -> ``_bwd_k`` -> ``_bwd_angle`` -> ``_bwd_x`` (the launch order
+  in ``siso_op``).
   Per-head dq / dk and the bias / D partial sums are reduced by torch afterwards.
 * **Frames.** A rotation by the absolute angle ``Theta_t`` would make every chunk depend on all
   earlier angles. Instead each chunk works in its own frame: ``q~_t = R(theta_t) q_t`` with
@@ -812,7 +813,7 @@ def _bwd_q_kernel(
     FAST: tl.constexpr,
 ):
     """Per (chunk, head), q side: per-head dq (summed over the group's heads by the caller)
-    and its bias partial sum, the in-chunk reverse cumsum of the q share of d theta (``RQ``),
+    and its bias partial sum, the per-token q share of d theta (``RQ``, tokens last),
     and the terms the other kernels need: ``GIN`` (d cs through exp(cs) q~ S~), ``DAS``
     (exp(A) <S~, G^>, d A_c) and ``DOMS`` (the state's share of d Omega_c).
 
@@ -849,11 +850,10 @@ def _bwd_q_kernel(
     tl.store(GIN + bo, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
     dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
     dqo = _dot(pw, ko, FAST) + eq[:, None] * io
-    if HAS_ANG:
-        rq = tl.cumsum(dqo * qe - dqe * qo, 0, reverse=True)
+    if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_angle``), tokens last
         tl.store(
-            RQ + ((bat * L + tt[:, None]) * H + h) * NANG + offs_j[None, :],
-            rq,
+            RQ + ((bat * H + h) * NANG + offs_j[None, :]) * L + tt[:, None],
+            dqo * qe - dqe * qo,
             mask=mc[:, None] & mj[None, :],
         )
     _store_qk_grad(
@@ -880,8 +880,6 @@ def _bwd_k_kernel(
     DOMS,
     DKH,
     DKBP,
-    DANG,
-    DDTA,
     DU,
     s_qb,
     s_ql,
@@ -922,8 +920,9 @@ def _bwd_k_kernel(
     FAST: tl.constexpr,
 ):
     """Per (chunk, head), k side: per-head dk and its bias partial sum, ``DU`` (d u per token)
-    and the angle gradients: d theta of the chunk's tokens (q share from ``RQ``), d Omega_c
-    through the rotation of the end state, and the sequence total's gradient ``DTOT``."""
+    and the angle-gradient terms ``_bwd_angle`` finishes: the per-token k share of d theta added
+    to the q share in ``RQ``, and in ``DOMS`` the whole gradient every token of the chunk gets
+    (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOT``)."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
@@ -949,18 +948,70 @@ def _bwd_k_kernel(
         d_om = tl.sum(u[:, None] * (ve * ko - vv * ke), 0)
         d_om += tl.load(DOMS + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
         d_om += tl.load(DTOT + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        tl.store(DOMS + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # now the whole d Omega
         am = mc[:, None] & mj[None, :]
-        ao = ((bat * L + tt[:, None]) * H + h) * NANG + offs_j[None, :]
-        dom = tl.cumsum(dko * ke - dke * ko, 0, reverse=True) + d_om[None, :]
-        dom += tl.load(RQ + ao, mask=am, other=0.0)
-        tl.store(
-            DANG + ao, (dom * PI * (1.0 - tnh * tnh) * dt[:, None]).to(DANG.dtype.element_ty),
-            mask=am,
-        )  # fmt: skip
-        tl.store(DDTA + bo, tl.sum(tl.where(am, dom * PI * tnh, 0.0), 1), mask=mc)
+        ao = ((bat * H + h) * NANG + offs_j[None, :]) * L + tt[:, None]
+        tl.store(RQ + ao, dko * ke - dke * ko + tl.load(RQ + ao, mask=am, other=0.0), mask=am)
     _store_qk_grad(
         DKH, DKBP, dke, dko, cosv, sinv, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
     )  # fmt: skip
+
+
+@triton.jit
+def _bwd_angle_kernel(
+    ANG,
+    DT,
+    RQ,
+    DOMS,
+    CHTAB,
+    DANG,
+    DDTA,
+    s_gb,
+    s_gs,
+    s_gh,
+    s_db,
+    s_dh,
+    s_dl,
+    L,
+    H,
+    NANG,
+    NC,
+    C: tl.constexpr,
+    N2: tl.constexpr,
+    VARLEN: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Per (chunk, head): d angles and the angles' share of d dt from the per-token terms.
+
+    d theta_t is the reverse in-chunk cumsum of the per-token terms (``RQ``, q and k shares)
+    plus the chunk's ``DOMS``; d omega = d theta * pi (1 - tanh^2) dt, d dt += sum d theta * pi
+    tanh. Kept out of ``_bwd_q`` / ``_bwd_k`` because a scan over tokens is cheap only along a
+    tile's contiguous axis: here the tile is pairs x tokens with tokens contiguous, there it
+    was ~550 shared-memory instructions per thread in kernels already at 255 registers."""
+    pid = tl.program_id(0)
+    h = (pid % H).to(tl.int64)
+    gc = (pid // H).to(tl.int64)
+    bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_j = tl.arange(0, N2)
+    mj = offs_j < NANG
+    tt = tok_start + offs_c
+    mc = tt < tok_end
+    am = mj[:, None] & mc[None, :]
+    dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
+    ang = tl.load(
+        ANG + bat * s_gb + h * s_gh + offs_j[:, None] * s_gs + tt[None, :], mask=am, other=0.0
+    ).to(tl.float32)
+    t = _tanh(ang, FAST)
+    a = tl.load(RQ + ((bat * H + h) * NANG + offs_j[:, None]) * L + tt[None, :], mask=am, other=0.0)
+    d_om = tl.load(DOMS + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
+    dth = tl.where(am, tl.cumsum(a, 1, reverse=True) + d_om[:, None], 0.0)
+    tl.store(
+        DANG + ((bat * L + tt[None, :]) * H + h) * NANG + offs_j[:, None],
+        (dth * PI * (1.0 - t * t) * dt[None, :]).to(DANG.dtype.element_ty),
+        mask=am,
+    )
+    tl.store(DDTA + (bat * H + h) * L + tt, tl.sum(dth * PI * t, 0), mask=mc)
 
 
 @triton.jit
