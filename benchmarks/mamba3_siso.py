@@ -146,6 +146,8 @@ def bench_shape(shape, reps: int, chunked: bool, profile: bool):
                     rows.append((e.key[:60], e.count // 5, t / 5 / 1000))
             rows.sort(key=lambda r: -r[2])
             res[f"profile_{name}"] = rows[:12]
+            # GPU busy time per call: above it, the measured median is host time
+            res[f"kernels_{name}_ms"] = sum(r[2] for r in rows)
     return res
 
 
@@ -166,6 +168,47 @@ def sanity(B=2, L=1000, H=8, P=64, N=128) -> dict[str, float]:
 
     out = {"y": rel(y, yr)}
     out.update({f"d{k}": rel(leaves[k].grad, ref[k].grad) for k in leaves})
+    return out
+
+
+def host_overhead(calls: int = 50, batches: int = 7) -> dict[str, float]:
+    """Host (CPU) time per call at a tiny shape where the GPU work is negligible: median of
+    ``batches`` runs of ``calls`` calls, timed without synchronizing. Where a shape's GPU time
+    is below this, its benchmark median is host time (batch 1 at L 16384 is close). The
+    backward is timed with autograd's default per-device worker thread and on the calling
+    thread (``torch.autograd.set_multithreading_enabled(False)``)."""
+    import time
+
+    inp = make_inputs(1, 256, 4, 64, 128, seed=9)
+    for t in inp.values():
+        t.requires_grad_(True)
+    dy = torch.randn(1, 256, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad():
+            mamba3_scan_triton(**inp, chunk_size=64, return_state=False)
+
+    def fwdbwd():
+        for t in inp.values():
+            t.grad = None
+        y, _ = mamba3_scan_triton(**inp, chunk_size=64, return_state=False)
+        torch.autograd.backward(y, dy)
+
+    def per_call(fn) -> float:
+        times = []
+        for _ in range(batches):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t0) / calls * 1e3)
+        torch.cuda.synchronize()
+        return sorted(times)[batches // 2]
+
+    fwd(), fwdbwd()
+    out = {"fwd_ms": per_call(fwd), "fwdbwd_ms": per_call(fwdbwd)}
+    with torch.autograd.set_multithreading_enabled(False):
+        out["fwdbwd_calling_thread_ms"] = per_call(fwdbwd)
     return out
 
 
@@ -240,6 +283,8 @@ def main():
         )
         rows.append(r)
         print(json.dumps(r, default=str), flush=True)
+    meta["host_ms_per_call_tiny_shape"] = host_overhead()
+    print(json.dumps(meta["host_ms_per_call_tiny_shape"]), flush=True)
     meta["sanity_rel_err_vs_chunked_fp32"] = {f"N{n}": sanity(N=n) for n in (128, 64)}
     print(json.dumps(meta["sanity_rel_err_vs_chunked_fp32"]), flush=True)
     if args.profile:
@@ -271,6 +316,23 @@ def main():
             f"{r['fwd_TFLOPs']:.0f}, {r['fwd_GBps']:.0f} | {r['fwdbwd_TFLOPs']:.0f}, "
             f"{r['fwdbwd_GBps']:.0f} | {r['fwd_floor_ms']:.3f} / {r['fwdbwd_floor_ms']:.3f} |"
         )
+    ho = meta["host_ms_per_call_tiny_shape"]
+    lines += [
+        "",
+        f"Host time per call at a tiny shape (1, 256, 4, 64, 128), GPU work negligible: "
+        f"fwd {ho['fwd_ms']:.2f} ms, fwd+bwd {ho['fwdbwd_ms']:.2f} ms "
+        f"({ho['fwdbwd_calling_thread_ms']:.2f} ms with the autograd engine on the calling "
+        "thread). A shape whose GPU time is below these is host-bound.",
+    ]
+    if args.profile:
+        lines += ["", "| (B, L, H, P, N) | GPU busy fwd ms | GPU busy fwd+bwd ms |"]
+        lines.append("|---|---|---|")
+        for r in rows:
+            s = r["shape"]
+            lines.append(
+                f"| ({s['B']}, {s['L']}, {s['H']}, {s['P']}, {s['N']}) | "
+                f"{r['kernels_fwd_ms']:.3f} | {r['kernels_fwdbwd_ms']:.3f} |"
+            )
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
