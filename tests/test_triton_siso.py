@@ -233,6 +233,36 @@ def test_state_only_loss_matches_the_reference():
         assert rel_err(a, b) < 1e-5 if b.abs().max() > 0 else a.abs().max() < 1e-6, name
 
 
+def test_warp_tuner_times_each_candidate_once_per_key():
+    """The forward kernels' warp choice: every candidate timed on the first launch of a key
+    (flags + tensor dtypes), the fastest kept, later launches of that key not timed again."""
+    from hybridkit.kernels.mamba3.siso_op import _WarpTuned
+
+    launches, timed = [], []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, kw["num_warps"], kw["C"]))
+
+    cost = {4: 2.0, 8: 1.0, 16: 3.0}
+
+    def timer(fn):
+        fn()
+        timed.append(launches[-1][1])
+        return cost[launches[-1][1]]
+
+    tuned = _WarpTuned(FakeKernel(), ["C"], (4, 8, 16), timer=timer)
+    x = torch.zeros(2)
+    for _ in range(3):
+        tuned[(5,)](x, 7, C=64)
+    assert timed == [4, 8, 16]
+    assert launches[3:] == [((5,), 8, 64)] * 3  # the fastest, once per call after tuning
+    tuned[(5,)](x.double(), 7, C=64)  # another dtype: a new key, timed again
+    tuned[(5,)](x, 7, C=32)  # another flag value: a new key
+    assert timed == [4, 8, 16] * 3
+    assert len(tuned.best) == 3
+
+
 def test_dispatch_rules():
     assert ops.resolve_backend("auto", "cuda", 64, 1) == "triton"
     assert ops.resolve_backend("auto", "cuda", 1, 1) == "reference"

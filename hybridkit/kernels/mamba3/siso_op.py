@@ -30,7 +30,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 
 from hybridkit.kernels.mamba3 import triton_siso as K
@@ -44,21 +43,68 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FLAGS = ["C", "P", "N2", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST"]
 
 
+class _WarpTuned:
+    """A Triton kernel whose warp count is chosen once per key by timing each candidate.
+
+    ``triton.autotune`` does the same, but its wrapper costs ~75 us of host time per launch on
+    the H100 machine (it rebuilds a dict of all ~50 arguments on every call), a quarter of the
+    host time of a batch-1 forward, which is host-bound. Here a launch after the first one for a
+    key costs a tuple and a dict lookup. The key is the constexpr flags named in ``keys`` plus
+    the dtypes of the tensor arguments (never batch or length). Candidates are timed on the
+    first launch for a key, never during CUDA graph capture (there the first candidate runs and
+    nothing is cached). Only for kernels that write fresh outputs: each candidate runs several
+    times.
+    """
+
+    def __init__(self, fn, keys: list[str], warps: tuple[int, ...], timer=None):
+        self.fn, self.keys, self.warps = fn, tuple(keys), tuple(warps)
+        self.best: dict[tuple, int] = {}
+        self._timer = timer or _median_ms
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            key = tuple(kw[k] for k in self.keys)
+            key += tuple(a.dtype for a in args if isinstance(a, Tensor))
+            w = self.best.get(key)
+            if w is None:
+                w = self._choose(grid, args, kw, key)
+            return self.fn[grid](*args, num_warps=w, num_stages=1, **kw)
+
+        return launch
+
+    def _choose(self, grid, args, kw, key) -> int:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return self.warps[0]
+        times = {
+            w: self._timer(lambda w=w: self.fn[grid](*args, num_warps=w, num_stages=1, **kw))
+            for w in self.warps
+        }
+        self.best[key] = min(times, key=times.get)
+        return self.best[key]
+
+
+def _median_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
 def _tuned(fn, keys: list[str], warps: tuple[int, ...] = (4, 8, 16)):
-    """Autotune the number of warps on a GPU (keys never include batch or length).
+    """Tune the number of warps on a GPU (:class:`_WarpTuned`; keys never include batch or
+    length).
 
     Only for kernels that write fresh outputs (the element-wise passes update their buffer in
     place and must run exactly once). Read at import: ``HYBRIDKIT_MAMBA3_AUTOTUNE=0`` uses one
     fixed configuration (8 warps); ``HYBRIDKIT_MAMBA3_WARPS=8,16`` restricts the candidates.
+    The chunk kernels have no loop, so software pipelining (``num_stages``) has nothing to
+    overlap: always 1.
     """
     if _INTERPRET or os.environ.get("HYBRIDKIT_MAMBA3_AUTOTUNE", "1") == "0":
         return fn  # launched with 8 warps (``_kw``)
     allowed = os.environ.get("HYBRIDKIT_MAMBA3_WARPS")
     if allowed:
         warps = tuple(w for w in warps if str(w) in allowed.split(",")) or (8,)
-    # the chunk kernels have no loop: software pipelining (num_stages) has nothing to overlap
-    configs = [triton.Config({}, num_warps=w, num_stages=1) for w in warps]
-    return triton.autotune(configs=configs, key=keys)(fn)
+    return _WarpTuned(fn, keys, warps)
 
 
 def _env_warps(name: str, default: str) -> int:
@@ -147,7 +193,7 @@ def _bwd_warps() -> int:
 
 
 def _kw(fn, **kw):
-    if not hasattr(fn, "configs"):
+    if not isinstance(fn, _WarpTuned):
         kw.setdefault("num_warps", 8 if not _INTERPRET else 1)
         kw.setdefault("num_stages", 1)
     return kw
@@ -250,8 +296,11 @@ def _gate_grads(plan, dgam, dkap, ddta, dt, trap, L):
     dkp = F.pad(dkap[..., :-1], (1, 0))  # the first token has no predecessor in this call
     if plan.varlen:
         dkp = dkp.masked_fill(_seq_starts(plan, L, dkap.device), 0.0)
-    ddt = dgt * lam + dkp * (1.0 - lam) + ddta
-    dtrap = (dgt - dkp) * dt.float() * lam * (1.0 - lam)
+    # fused / in-place forms of lam dgt + (1 - lam) dkp + ddta and (dgt - dkp) dt lam (1 - lam):
+    # every op here is a launch plus host time, and at batch 1 the backward is host-bound
+    diff = dgt - dkp
+    ddt = torch.addcmul(dkp.add_(ddta), lam, diff)
+    dtrap = diff.mul_(dt).mul_(lam - lam * lam)
     return ddt, dtrap
 
 
@@ -356,8 +405,10 @@ def _bwd_impl(
         )  # fmt: skip
     ddt, dtrap = _gate_grads(plan, dgam, dkap, ddta, dt, trap, L)
     hpg = H // G
-    dq = dqh.view(B, L, G, hpg, N).sum(3, dtype=f32).unsqueeze(2).to(q.dtype)
-    dk = dkh.view(B, L, G, hpg, N).sum(3, dtype=f32).unsqueeze(2).to(k.dtype)
+    # sums over the group's heads accumulate in fp32 also for bf16 buffers (torch's reduction
+    # accumulator), so the result is rounded once, as with an fp32 sum and a cast
+    dq = dqh.view(B, L, G, hpg, N).sum(3).unsqueeze(2).to(q.dtype)
+    dk = dkh.view(B, L, G, hpg, N).sum(3).unsqueeze(2).to(k.dtype)
     grads = [
         dq,
         dk,
@@ -472,19 +523,44 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, d_tot, d_send, _d_states, _d_ypre):
+def _run_backward(ctx, dy, d_tot, d_send, bwd):
     saved = ctx.saved_tensors  # read exactly once (activation checkpointing)
     if dy is None:  # only the final state was used
         v = saved[2]
         dy = v.new_zeros(v.shape)
-    grads = torch.ops.hybridkit.mamba3_siso_bwd(dy, d_tot, d_send, *saved, ctx.chunk_size, ctx.fast)
+    grads = bwd(dy, d_tot, d_send, *saved, ctx.chunk_size, ctx.fast)
     out = [g if present else None for g, present in zip(grads, ctx.present[:12], strict=True)]
     return (*out, None, None, None, None)
+
+
+def _backward(ctx, dy, d_tot, d_send, _d_states, _d_ypre):
+    return _run_backward(ctx, dy, d_tot, d_send, torch.ops.hybridkit.mamba3_siso_bwd)
 
 
 torch.library.register_autograd(
     "hybridkit::mamba3_siso_fwd", _backward, setup_context=_setup_context
 )
+
+
+class _ScanFunction(torch.autograd.Function):
+    """The same forward / backward as the ops, without the dispatcher: for eager mode only.
+
+    Through the ops every call also pays the dispatcher, the autograd wrapper's argument
+    filling (``fill_defaults`` rebuilds the schema's argument list per argument, ~0.1-0.25 ms for
+    16 arguments) and the Dynamo-disable guard; at batch 1 the forward + backward is host-bound,
+    so that time is the step time. ``torch.compile`` must see the ops instead (their fake
+    implementations), so :func:`mamba3_scan_triton` uses this class only when not compiling."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _fwd_impl(*args)
+        _setup_context(ctx, args, out)
+        ctx.mark_non_differentiable(out[3], out[4])
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, d_tot, d_send, _d_states, _d_ypre):
+        return _run_backward(ctx, dy, d_tot, d_send, _bwd_impl)
 
 
 # ----------------------------------------------------------------------------- frames
@@ -597,7 +673,12 @@ def mamba3_scan_triton(
 
     tensors = [q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0]
     store = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, tot, send, _, _ = torch.ops.hybridkit.mamba3_siso_fwd(
+    op = (
+        torch.ops.hybridkit.mamba3_siso_fwd
+        if torch.compiler.is_compiling()
+        else _ScanFunction.apply
+    )
+    y, tot, send, _, _ = op(
         _c(q),
         _c(k),
         _c(v),
