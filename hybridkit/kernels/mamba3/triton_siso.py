@@ -706,13 +706,10 @@ def _bwd_prologue(
     a_c = tl.sum(adt, 0)
     u = tl.exp(a_c - cs) * kappa
     if HAS_ANG:
-        _om, cosv, sinv, tnh = _rotation(
-            ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST
-        )
+        _om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
     else:
         cosv = 0.0
         sinv = 0.0
-        tnh = 0.0
     qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
     ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
     # rotated q~ / k~ as dot operands (bf16 in fast mode: half the registers of four tiles)
@@ -733,7 +730,7 @@ def _bwd_prologue(
     bo = (bat * H + h) * L + tt
     return (
         bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv,
-        tnh, qe, qo, ke, ko, x, dy, vo, bo,
+        qe, qo, ke, ko, x, dy, vo, bo,
     )  # fmt: skip
 
 
@@ -839,7 +836,7 @@ def _bwd_q_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, tnh, \
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, \
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
@@ -942,7 +939,7 @@ def _bwd_k_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, tnh, \
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, \
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
@@ -1097,7 +1094,7 @@ def _bwd_x_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, tnh, \
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, \
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
