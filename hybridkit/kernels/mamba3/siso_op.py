@@ -359,9 +359,16 @@ def _bwd_impl(
         angt, gstr = _angles_tokens_last(angles)
         gates = (*_strides(adt), *_strides(dt), *_strides(trap), *gstr)
         grid = (plan.nchunks * H,)
+        # cos / sin of the in-chunk angles, written once by ``_bwd_dstate`` and loaded by the
+        # q / k / x kernels (fp16 in fast mode: 2^-11 next to the bf16 operands they rotate)
+        csn = (
+            torch.empty(B, L, H, 2 * S, dtype=torch.float16 if fast else f32, device=dev)
+            if angles is not None
+            else dummy
+        )
         _BWD_DSTATE[grid](
             q, adt, dt, q_bias, opt(angt), opt(z), ypre if ypre.numel() else dummy, dout,
-            chtab, dy, opt(dz), dg, ca, com,
+            chtab, dy, opt(dz), dg, ca, com, csn,
             *_strides(q, (0, 1, 3)), *_strides(adt), *_strides(dt), *gstr,
             *_strides(z), *_strides(dout),
             L, H, H // G, S, plan.NC,
@@ -382,7 +389,7 @@ def _bwd_impl(
         )  # fmt: skip
         flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
         flags.update(HAS_D=D is not None, VARLEN=plan.varlen, FAST=fast)
-        inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angt))
+        inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, csn)
         # per-token d theta terms, tokens last (scanned by ``_bwd_angle``)
         rq = torch.empty(B, H, S, L, dtype=f32, device=dev) if angles is not None else dummy
         doms = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)

@@ -196,6 +196,25 @@ def _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST: tl.co
 
 
 @triton.jit
+def _csn_offsets(bat, tt, h, L, H, offs_j, NANG):
+    """Offsets of the cos half of a C x N/2 tile of the per-token cos / sin buffer, laid out
+    (B, L, H, 2, S): per token and head, S cosines then S sines (contiguous rows)."""
+    return ((bat * L + tt[:, None]) * H + h) * (2 * NANG) + offs_j[None, :]
+
+
+@triton.jit
+def _load_csn(CSN, bat, tt, mc, h, L, H, offs_j, mj, NANG):
+    """cos / sin of the in-chunk angles, as ``_bwd_dstate`` stored them (padded pairs and
+    tokens: cos 1, sin 0). Loaded where used, so the two C x N/2 fp32 tiles (64 registers per
+    thread at 4 warps, C 64, N 128) need not stay live through a backward kernel."""
+    o = _csn_offsets(bat, tt, h, L, H, offs_j, NANG)
+    m = mc[:, None] & mj[None, :]
+    cosv = tl.load(CSN + o, mask=m, other=1.0).to(tl.float32)
+    sinv = tl.load(CSN + o + NANG, mask=m, other=0.0).to(tl.float32)
+    return cosv, sinv
+
+
+@triton.jit
 def _load_qk(Qp, QB, bat, g, h, tt, mc, offs_j, s_b, s_l, s_g, HAS_ANG: tl.constexpr, cosv, sinv):
     """Even / odd columns of q (or k) + per-head bias, rotated by the in-chunk angles.
 
@@ -549,6 +568,7 @@ def _bwd_dstate_kernel(
     DG,
     CA,
     COM,
+    CSN,
     s_qb,
     s_ql,
     s_qg,
@@ -582,7 +602,8 @@ def _bwd_dstate_kernel(
 ):
     """Per (chunk, head): the state gradient the chunk's outputs send to its start state,
     sum_t exp(cs_t) dy_t q~_t^T, plus A_c and Omega_c for the reverse pass (and dz, dy when
-    the output is gated)."""
+    the output is gated), and the cos / sin of the in-chunk angles (``CSN``) that the other
+    backward chunk kernels load instead of recomputing the angle scan."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
@@ -601,6 +622,10 @@ def _bwd_dstate_kernel(
         dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
         om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
         tl.store(COM + (gc * H + h) * NANG + offs_j, tl.sum(om, 0), mask=mj)
+        o = _csn_offsets(bat, tt, h, L, H, offs_j, NANG)
+        m = mc[:, None] & mj[None, :]
+        tl.store(CSN + o, cosv.to(CSN.dtype.element_ty), mask=m)
+        tl.store(CSN + o + NANG, sinv.to(CSN.dtype.element_ty), mask=m)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -705,8 +730,8 @@ def _bwd_prologue(
     cs = tl.cumsum(adt, 0)
     a_c = tl.sum(adt, 0)
     u = tl.exp(a_c - cs) * kappa
-    if HAS_ANG:
-        _om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
+    if HAS_ANG:  # ``ANG`` is the cos / sin buffer ``_bwd_dstate`` wrote
+        cosv, sinv = _load_csn(ANG, bat, tt, mc, h, L, H, offs_j, mj, NANG)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -736,12 +761,14 @@ def _bwd_prologue(
 
 @triton.jit
 def _store_qk_grad(
-    DH, DBP, de, do, cosv, sinv, bat, L, tt, mc, H, h, gc, offs_j, N2: tl.constexpr,
+    DH, DBP, de, do, CSN, mj, NANG, bat, L, tt, mc, H, h, gc, offs_j, N2: tl.constexpr,
     HAS_ANG: tl.constexpr,
 ):  # fmt: skip
-    """Rotate a q~ / k~ gradient back to the input frame; store it per head (interleaved
-    pairs) and its per-(chunk, head) column sum (the bias gradient's partial sum)."""
+    """Rotate a q~ / k~ gradient back to the input frame (cos / sin loaded again from
+    ``CSN``); store it per head (interleaved pairs) and its per-(chunk, head) column sum (the
+    bias gradient's partial sum)."""
     if HAS_ANG:
+        cosv, sinv = _load_csn(CSN, bat, tt, mc, h, L, H, offs_j, mj, NANG)
         ue = de * cosv + do * sinv
         uo = do * cosv - de * sinv
     else:
@@ -870,7 +897,7 @@ def _bwd_q_kernel(
             mask=mc[:, None] & mj[None, :],
         )
     _store_qk_grad(
-        DQH, DQBP, dqe, dqo, cosv, sinv, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
+        DQH, DQBP, dqe, dqo, ANG, mj, NANG, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
     )  # fmt: skip
 
 
@@ -966,7 +993,7 @@ def _bwd_k_kernel(
         ao = ((bat * H + h) * NANG + offs_j[None, :]) * L + tt[:, None]
         tl.store(RQ + ao, dko * ke - dke * ko + tl.load(RQ + ao, mask=am, other=0.0), mask=am)
     _store_qk_grad(
-        DKH, DKBP, dke, dko, cosv, sinv, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
+        DKH, DKBP, dke, dko, ANG, mj, NANG, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
     )  # fmt: skip
 
 
