@@ -31,12 +31,13 @@ FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=
 FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
-FP32 |= {"DKH", "DQBP", "DKBP", "DDTA", "DADT", "DKAP", "DGAM", "DDP", "DTOT"}
+FP32 |= {"DKH", "DQBP", "DKBP", "DDTA", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DASP"}
+FP32 |= {"DOMSP"}
 UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
 SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
 
 
-def compile_kernel(name: str, warps: int):
+def compile_kernel(name: str, warps: int, maxnreg: int | None = None):
     """Compile ``triton_siso.<name>_kernel`` for sm_90 with the benchmark's specialisation."""
     fn = getattr(K, name + "_kernel")
     sig, const, attrs = {}, {}, {}
@@ -56,6 +57,8 @@ def compile_kernel(name: str, warps: int):
             sig[a] = "*fp32" if a in FP32 else "*bf16"
     src = ASTSource(fn, sig, const, attrs)
     opts = dict(num_warps=warps, num_stages=1)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg  # a register cap, as the ``maxnreg`` launch option sets
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
@@ -108,9 +111,10 @@ def main() -> None:
     ap.add_argument("kernels", nargs="*", default=list(KERNELS))
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--top", type=int, default=8, help="source lines to list per kernel")
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
     args = ap.parse_args()
     for name in args.kernels:
-        ptx = compile_kernel(name, args.warps).asm["ptx"]
+        ptx = compile_kernel(name, args.warps, args.maxnreg).asm["ptx"]
         mem, lines = ptx_profile(ptx)
         print(f"{name} ({args.warps} warps): {ptxas_summary(ptx)}; {sum(lines.values())} PTX")
         print("  global:", ", ".join(f"{op} x{n}" for op, n in sorted(mem.items())))

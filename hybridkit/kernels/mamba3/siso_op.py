@@ -123,6 +123,21 @@ _BWD_DSTATE = _tuned(K._bwd_dstate_kernel, ["C", "P", "N2", "HAS_ANG", "HAS_Z", 
 # 1.83 at 8: both fill the 255 registers, but two 4-warp programs per SM overlap each other's
 # latency. 16 warps caps registers at 128 per thread and spills more.
 _BWD_WARPS = _env_warps("HYBRIDKIT_MAMBA3_BWD_WARPS", "4")
+
+
+def _env_maxnreg(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    if value in ("", "0"):
+        return None
+    if not value.isdigit() or not 24 <= int(value) <= 255:
+        raise ValueError(f"{name}={value!r}: allowed values are 0 (no cap) or 24..255 (registers)")
+    return int(value)
+
+
+# Experimental register cap for the backward chunk kernels (``maxnreg``): at 255 registers two
+# 4-warp programs fit per SM; at <= 168 three do, at the price of spills (sm_90 compile of the
+# current kernels at 168: 0.5-1.1 KB of spill stores per thread). Unset: no cap.
+_BWD_MAXNREG = _env_maxnreg("HYBRIDKIT_MAMBA3_BWD_MAXNREG")
 _BWD_Q, _BWD_K, _BWD_X = K._bwd_q_kernel, K._bwd_k_kernel, K._bwd_x_kernel
 
 
@@ -190,6 +205,13 @@ def _strides(t: Tensor | None, dims=(0, 1, 2)) -> tuple[int, ...]:
 
 def _bwd_warps() -> int:
     return 1 if _INTERPRET else _BWD_WARPS
+
+
+def _bwd_kw(fn, **kw):
+    """Launch options of the backward chunk kernels: fixed warps, optional register cap."""
+    if _BWD_MAXNREG and not _INTERPRET:
+        kw["maxnreg"] = _BWD_MAXNREG
+    return _kw(fn, num_warps=_bwd_warps(), **kw)
 
 
 def _kw(fn, **kw):
@@ -376,13 +398,16 @@ def _bwd_impl(
                   VARLEN=plan.varlen, FAST=fast),
         )  # fmt: skip
         nt = plan.tiles(H, N, P, dev)
+        # per (chunk, head, row tile of the pass): partial sums of d A_c and of the state's share
+        # of d Omega_c, added up by ``_bwd_x`` / ``_bwd_k``
+        dasp = torch.empty(plan.nchunks, H, nt, dtype=f32, device=dev)
+        domsp = torch.empty(plan.nchunks, H, nt, max(S, 1), dtype=f32, device=dev)
         K._bwd_pass_kernel[(nseq * H * nt,)](
-            dg, ca, com, dsend, ds0, seqtab, H, S, plan.NC, nt,
+            dg, ca, com, dsend, ds0, seqtab, st, dasp, domsp, H, S, plan.NC, nt,
             P=P, N2=N2, PB=P // nt, HAS_ANG=angles is not None, VARLEN=plan.varlen,
             num_warps=4,
         )  # fmt: skip
         gin, du = torch.empty(B, H, L, dtype=f32, device=dev), torch.empty_like(dadt)
-        das = torch.empty(plan.nchunks, H, dtype=f32, device=dev)
         common = (
             *_strides(q, (0, 1, 3)), *_strides(k, (0, 1, 3)), *_strides(v), *gates,
             *_strides(dy), L, H, H // G, S, plan.NC,
@@ -394,12 +419,12 @@ def _bwd_impl(
         rq = torch.empty(B, H, S, L, dtype=f32, device=dev) if angles is not None else dummy
         doms = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)
         _BWD_Q[grid](
-            *inputs, dy, chtab, st, dg, dqh, dqbp, rq, gin, das, doms,
-            *common, **_kw(_BWD_Q, num_warps=_bwd_warps(), **flags),
+            *inputs, dy, chtab, st, dqh, dqbp, rq, gin,
+            *common, **_bwd_kw(_BWD_Q, **flags),
         )  # fmt: skip
         _BWD_K[grid](
-            *inputs, dy, chtab, dg, dtot, rq, doms, dkh, dkbp, du,
-            *common, **_kw(_BWD_K, num_warps=_bwd_warps(), **flags),
+            *inputs, dy, chtab, dg, dtot, rq, doms, domsp, nt, dkh, dkbp, du,
+            *common, **_bwd_kw(_BWD_K, **flags),
         )  # fmt: skip
         if angles is not None:
             K._bwd_angle_kernel[grid](
@@ -407,8 +432,8 @@ def _bwd_impl(
                 C=C, N2=N2, VARLEN=plan.varlen, FAST=fast, num_warps=4 if not _INTERPRET else 1,
             )  # fmt: skip
         _BWD_X[grid](
-            *inputs, opt(D), dy, chtab, dg, gin, du, das, dx, dadt, dkap, dgam, ddp,
-            *common, **_kw(_BWD_X, num_warps=_bwd_warps(), **flags),
+            *inputs, opt(D), dy, chtab, dg, gin, du, dasp, nt, dx, dadt, dkap, dgam, ddp,
+            *common, **_bwd_kw(_BWD_X, **flags),
         )  # fmt: skip
     ddt, dtrap = _gate_grads(plan, dgam, dkap, ddta, dt, trap, L)
     hpg = H // G

@@ -661,6 +661,9 @@ def _bwd_pass_kernel(
     DSEND,
     DS0,
     SEQTAB,
+    ST,
+    DASP,
+    DOMSP,
     H,
     NANG,
     NC,
@@ -673,7 +676,13 @@ def _bwd_pass_kernel(
 ):
     """Per (sequence, head, PB state rows), last chunk first: replace each chunk's own
     state gradient in ``DG`` by the gradient of its end state (in its frame, before the
-    rotation by Omega_c) and write the gradient of the start state of the sequence."""
+    rotation by Omega_c) and write the gradient of the start state of the sequence.
+
+    With that gradient G^ and the chunk's start state S~ (``ST``) both in hand, it also writes
+    this row tile's partial sums of d A_c = exp(A_c) <S~, G^> (``DASP``) and of the state's
+    share of d Omega_c, exp(A_c) sum_p (G^e S~o - G^o S~e) (``DOMSP``), per (chunk, head,
+    tile); the chunk kernels add the NT partials. Here they cost one more read of the states;
+    in ``_bwd_q`` they kept four more P x N/2 tiles live in a kernel at 255 registers."""
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
@@ -699,6 +708,17 @@ def _bwd_pass_kernel(
         tl.store(pe, re.to(DG.dtype.element_ty))
         tl.store(po, ro.to(DG.dtype.element_ty))
         ea = tl.exp(a)
+        pe, po = _state_tile(ST, slot, h, H, offs_p, offs_j, N2, P)
+        se = tl.load(pe).to(tl.float32)
+        so = tl.load(po).to(tl.float32)
+        part = (slot * H + h) * NT + tile
+        tl.store(DASP + part, ea * tl.sum(tl.sum(se * re + so * ro, 1), 0))
+        if HAS_ANG:
+            tl.store(
+                DOMSP + part * NANG + offs_j,
+                ea * (tl.sum(re * so, 0) - tl.sum(ro * se, 0)),
+                mask=mj,
+            )
         ge = ea * re + de
         go = ea * ro + do
         de, do, a, om = ne, no, na, nom
@@ -807,13 +827,10 @@ def _bwd_q_kernel(
     DY,
     CHTAB,
     ST,
-    DG,
     DQH,
     DQBP,
     RQ,
     GIN,
-    DAS,
-    DOMS,
     s_qb,
     s_ql,
     s_qg,
@@ -854,8 +871,8 @@ def _bwd_q_kernel(
 ):
     """Per (chunk, head), q side: per-head dq (summed over the group's heads by the caller)
     and its bias partial sum, the per-token q share of d theta (``RQ``, tokens last),
-    and the terms the other kernels need: ``GIN`` (d cs through exp(cs) q~ S~), ``DAS``
-    (exp(A) <S~, G^>, d A_c) and ``DOMS`` (the state's share of d Omega_c).
+    and ``GIN`` (d cs through exp(cs) q~ S~) for ``_bwd_x``. (d A_c and the state's share of
+    d Omega_c come from ``_bwd_pass``.)
 
     One kernel for the q and k sides was 1.2x faster at N = 128 on the H100 but, with bf16
     operands at N = 64, P = 64, made an illegal memory access (Triton 3.6; the same code runs
@@ -871,19 +888,9 @@ def _bwd_q_kernel(
             FAST,
         )  # fmt: skip
     eq = tl.exp(cs)
-    ea = tl.exp(a_c)
     pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
     se = _operand(tl.load(pe), FAST)
     so = _operand(tl.load(po), FAST)
-    pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
-    ge = _operand(tl.load(pe), FAST)
-    go = _operand(tl.load(po), FAST)
-    f32 = tl.float32  # products of bf16 operand tiles in fp32
-    sef, sof, gef, gof = se.to(f32), so.to(f32), ge.to(f32), go.to(f32)
-    tl.store(DAS + gc * H + h, ea * (tl.sum(tl.sum(sef * gef + sof * gof, 1), 0)))
-    if HAS_ANG:
-        oms = ea * (tl.sum(gef * sof, 0) - tl.sum(gof * sef, 0))
-        tl.store(DOMS + (gc * H + h) * NANG + offs_j, oms, mask=mj)
     pw = _operand(_pw(dy, x, cs, gamma, kappa, C, FAST), FAST)
     ie = _dot(dy, se, FAST)
     io = _dot(dy, so, FAST)
@@ -918,6 +925,8 @@ def _bwd_k_kernel(
     DTOT,
     RQ,
     DOMS,
+    DOMSP,
+    NT,
     DKH,
     DKBP,
     DU,
@@ -986,7 +995,8 @@ def _bwd_k_kernel(
         # in-chunk angles: every later token of the chunk; Omega_c: the whole chunk (through
         # the rotation of the end state); the sequence total: every token of the sequence
         d_om = tl.sum(u[:, None] * (ve * ko - vv * ke), 0)
-        d_om += tl.load(DOMS + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        for t in range(0, NT):  # the state's share, in row-tile partials from the pass
+            d_om += tl.load(DOMSP + ((gc * H + h) * NT + t) * NANG + offs_j, mask=mj, other=0.0)
         d_om += tl.load(DTOT + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
         tl.store(DOMS + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # now the whole d Omega
         am = mc[:, None] & mj[None, :]
@@ -1071,7 +1081,8 @@ def _bwd_x_kernel(
     DG,
     GIN,
     DU,
-    DAS,
+    DASP,
+    NT,
     DX,
     DADT,
     DKAP,
@@ -1143,7 +1154,9 @@ def _bwd_x_kernel(
     du = tl.load(DU + bo, mask=mc, other=0.0)
     ms = dwt * dec * kappa[None, :]
     dcs = tl.load(GIN + bo, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
-    d_a = tl.load(DAS + gc * H + h) + tl.sum(u * du, 0)
+    d_a = tl.sum(u * du, 0)
+    for t in range(0, NT):  # exp(A_c) <S~, G^>, in row-tile partials from the pass
+        d_a += tl.load(DASP + (gc * H + h) * NT + t)
     tl.store(DADT + bo, tl.cumsum(dcs, 0, reverse=True) + d_a, mask=mc)
     tl.store(DKAP + bo, tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), mask=mc)
     offs_c2 = offs_c[:, None]
