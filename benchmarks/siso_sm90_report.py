@@ -26,13 +26,13 @@ from triton.compiler import ASTSource
 
 from hybridkit.kernels.mamba3 import triton_siso as K
 
-KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x")
+KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x", "_bwd_gates")
 FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=True)
 FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
-FP32 |= {"DKH", "DQBP", "DKBP", "DDTA", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DASP"}
-FP32 |= {"DOMSP"}
+FP32 |= {"DKH", "DQBP", "DKBP", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DASP"}
+FP32 |= {"DOMSP", "DDT"}
 UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
 SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
 
@@ -51,7 +51,7 @@ def compile_kernel(name: str, warps: int, maxnreg: int | None = None):
         attrs[(i,)] = [["tt.divisibility", 16]]
         if a.startswith("s_") or a in SIZES:
             sig[a] = "i32"
-        elif a == "CHTAB":
+        elif a in ("CHTAB", "SEQTAB"):
             sig[a] = "*i64"
         else:
             sig[a] = "*fp32" if a in FP32 else "*bf16"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hybridkit.kernels.mamba3 import triton_siso as K
@@ -297,35 +296,6 @@ def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, f
 # ----------------------------------------------------------------------------- backward
 
 
-def _seq_starts(plan: _Plan, L: int, dev) -> Tensor:
-    """(L,) True at the first token of every sequence (no trapezoid term crosses it)."""
-    starts = torch.zeros(L, dtype=torch.bool, device=dev)
-    offs, pos = [], 0
-    for n in plan.lengths:
-        if n:
-            offs.append(pos)
-        pos += n
-    starts[torch.tensor(offs, dtype=torch.int64, device=dev)] = True
-    return starts
-
-
-def _gate_grads(plan, dgam, dkap, ddta, dt, trap, L):
-    """d dt and d trap from d gamma, d kappa (kappa_t = gamma_t + (1 - lam_{t+1}) dt_{t+1})."""
-    dgt = dgam + dkap
-    if trap is None:
-        return dgt + ddta, None
-    lam = torch.sigmoid(trap.float())
-    dkp = F.pad(dkap[..., :-1], (1, 0))  # the first token has no predecessor in this call
-    if plan.varlen:
-        dkp = dkp.masked_fill(_seq_starts(plan, L, dkap.device), 0.0)
-    # fused / in-place forms of lam dgt + (1 - lam) dkp + ddta and (dgt - dkp) dt lam (1 - lam):
-    # every op here is a launch plus host time, and at batch 1 the backward is host-bound
-    diff = dgt - dkp
-    ddt = torch.addcmul(dkp.add_(ddta), lam, diff)
-    dtrap = diff.mul_(dt).mul_(lam - lam * lam)
-    return ddt, dtrap
-
-
 def _bwd_impl(
     dout, dtot, dsend, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, st, ypre,
     C, fast,
@@ -355,7 +325,10 @@ def _bwd_impl(
     dx = new(B, L, H, P, dtype=v.dtype, device=dev)
     dz = new(B, L, H, P, dtype=z.dtype, device=dev) if z is not None else None
     dadt, dkap, dgam = (new(B, H, L, dtype=f32, device=dev) for _ in range(3))
-    ddta = (new if angles is not None else torch.zeros)(B, H, L, dtype=f32, device=dev)
+    # written by ``_bwd_gates`` (zeros where there is no chunk)
+    gnew = new if plan.nchunks > 0 else torch.zeros
+    ddt = gnew(B, H, L, dtype=dt.dtype, device=dev)
+    dtrap = gnew(B, H, L, dtype=trap.dtype, device=dev) if trap is not None else None
     dang = new(B, L, H, S, dtype=angles.dtype, device=dev) if angles is not None else None
     # per-(chunk, head) partial sums: every slot is written when there is a chunk
     nsl = max(plan.nchunks, 1)
@@ -415,7 +388,7 @@ def _bwd_impl(
         flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
         flags.update(HAS_D=D is not None, VARLEN=plan.varlen, FAST=fast)
         inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, csn)
-        # per-token d theta terms, tokens last (scanned by ``_bwd_angle``)
+        # per-token d theta terms, tokens last (scanned by ``_bwd_gates``)
         rq = torch.empty(B, H, S, L, dtype=f32, device=dev) if angles is not None else dummy
         doms = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)
         _BWD_Q[grid](
@@ -426,16 +399,16 @@ def _bwd_impl(
             *inputs, dy, chtab, dg, dtot, rq, doms, domsp, nt, dkh, dkbp, du,
             *common, **_bwd_kw(_BWD_K, **flags),
         )  # fmt: skip
-        if angles is not None:
-            K._bwd_angle_kernel[grid](
-                angt, dt, rq, doms, chtab, dang, ddta, *gstr, *_strides(dt), L, H, S, plan.NC,
-                C=C, N2=N2, VARLEN=plan.varlen, FAST=fast, num_warps=4 if not _INTERPRET else 1,
-            )  # fmt: skip
         _BWD_X[grid](
             *inputs, opt(D), dy, chtab, dg, gin, du, dasp, nt, dx, dadt, dkap, dgam, ddp,
             *common, **_bwd_kw(_BWD_X, **flags),
         )  # fmt: skip
-    ddt, dtrap = _gate_grads(plan, dgam, dkap, ddta, dt, trap, L)
+        K._bwd_gates_kernel[grid](
+            opt(angt), dt, opt(trap), rq, doms, chtab, seqtab, dgam, dkap, opt(dang), ddt,
+            opt(dtrap), *gstr, *_strides(dt), *_strides(trap), L, H, S, plan.NC,
+            C=C, N2=N2, HAS_ANG=angles is not None, HAS_TRAP=trap is not None,
+            VARLEN=plan.varlen, FAST=fast, num_warps=4 if not _INTERPRET else 1,
+        )  # fmt: skip
     hpg = H // G
     # sums over the group's heads accumulate in fp32 also for bf16 buffers (torch's reduction
     # accumulator), so the result is rounded once, as with an fp32 sum and a cast
@@ -446,8 +419,8 @@ def _bwd_impl(
         dk,
         dx,
         dadt.to(adt.dtype),
-        ddt.to(dt.dtype),
-        dtrap.to(trap.dtype) if trap is not None else None,
+        ddt,
+        dtrap,
         dqbp.sum(0).view(H, 1, N).to(q_bias.dtype),
         dkbp.sum(0).view(H, 1, N).to(k_bias.dtype),
         dang,

@@ -11,7 +11,7 @@ Work decomposition (spec 3.2), chunk-parallel everywhere except one element-wise
   forward, ``_bwd_pass`` in reverse for the state gradient). It reads and writes one tile per
   chunk (prefetching the next) and does no matrix products.
 * Kernels: forward ``_fwd_state`` -> ``_fwd_pass`` -> ``_fwd_out``; backward ``_bwd_dstate`` ->
-  ``_bwd_pass`` -> ``_bwd_q`` -> ``_bwd_k`` -> ``_bwd_angle`` -> ``_bwd_x`` (the launch order
+  ``_bwd_pass`` -> ``_bwd_q`` -> ``_bwd_k`` -> ``_bwd_x`` -> ``_bwd_gates`` (the launch order
   in ``siso_op``).
   Per-head dq / dk and the bias / D partial sums are reduced by torch afterwards.
 * **Frames.** A rotation by the absolute angle ``Theta_t`` would make every chunk depend on all
@@ -897,7 +897,7 @@ def _bwd_q_kernel(
     tl.store(GIN + bo, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
     dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
     dqo = _dot(pw, ko, FAST) + eq[:, None] * io
-    if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_angle``), tokens last
+    if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_gates``), tokens last
         tl.store(
             RQ + ((bat * H + h) * NANG + offs_j[None, :]) * L + tt[:, None],
             dqo * qe - dqe * qo,
@@ -969,7 +969,7 @@ def _bwd_k_kernel(
     FAST: tl.constexpr,
 ):
     """Per (chunk, head), k side: per-head dk and its bias partial sum, ``DU`` (d u per token)
-    and the angle-gradient terms ``_bwd_angle`` finishes: the per-token k share of d theta added
+    and the angle-gradient terms ``_bwd_gates`` finishes: the per-token k share of d theta added
     to the q share in ``RQ``, and in ``DOMS`` the whole gradient every token of the chunk gets
     (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOT``)."""
     pid = tl.program_id(0)
@@ -1008,60 +1008,101 @@ def _bwd_k_kernel(
 
 
 @triton.jit
-def _bwd_angle_kernel(
+def _bwd_gates_kernel(
     ANG,
     DT,
+    TRAP,
     RQ,
     DOMS,
     CHTAB,
+    SEQTAB,
+    DGAM,
+    DKAP,
     DANG,
-    DDTA,
+    DDT,
+    DTRAP,
     s_gb,
     s_gs,
     s_gh,
     s_db,
     s_dh,
     s_dl,
+    s_tb,
+    s_th,
+    s_tl,
     L,
     H,
     NANG,
     NC,
     C: tl.constexpr,
     N2: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+    HAS_TRAP: tl.constexpr,
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
 ):
-    """Per (chunk, head): d angles and the angles' share of d dt from the per-token terms.
+    """Per (chunk, head), after ``_bwd_x``: d angles and the gradients of dt and trap.
 
     d theta_t is the reverse in-chunk cumsum of the per-token terms (``RQ``, q and k shares)
-    plus the chunk's ``DOMS``; d omega = d theta * pi (1 - tanh^2) dt, d dt += sum d theta * pi
-    tanh. Kept out of ``_bwd_q`` / ``_bwd_k`` because a scan over tokens is cheap only along a
-    tile's contiguous axis: here the tile is pairs x tokens with tokens contiguous, there it
-    was ~550 shared-memory instructions per thread in kernels already at 255 registers."""
+    plus the chunk's ``DOMS``; d omega = d theta * pi (1 - tanh^2) dt, and dt gets
+    sum_j d theta * pi tanh. The scan runs here because a scan over tokens is cheap only along
+    a tile's contiguous axis (pairs x tokens, tokens contiguous); inside ``_bwd_q`` / ``_bwd_k``
+    it was ~550 shared-memory instructions per thread in kernels already at 255 registers.
+
+    Gates (gamma_t = lam_t dt_t, kappa_t = gamma_t + (1 - lam_{t+1}) dt_{t+1}): with
+    dg_t = d gamma_t + d kappa_t and the predecessor's d kappa_{t-1} (none at a sequence
+    start), d dt_t = lam_t dg_t + (1 - lam_t) d kappa_{t-1} and d trap_t = (dg_t - d kappa_{t-1})
+    dt_t lam_t (1 - lam_t). Done here instead of ~11 torch ops on (B, H, L) tensors, which at
+    batch 1 were host time on the critical path."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
     bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
     offs_c = tl.arange(0, C)
-    offs_j = tl.arange(0, N2)
-    mj = offs_j < NANG
     tt = tok_start + offs_c
     mc = tt < tok_end
-    am = mj[:, None] & mc[None, :]
     dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
-    ang = tl.load(
-        ANG + bat * s_gb + h * s_gh + offs_j[:, None] * s_gs + tt[None, :], mask=am, other=0.0
-    ).to(tl.float32)
-    t = _tanh(ang, FAST)
-    a = tl.load(RQ + ((bat * H + h) * NANG + offs_j[:, None]) * L + tt[None, :], mask=am, other=0.0)
-    d_om = tl.load(DOMS + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
-    dth = tl.where(am, tl.cumsum(a, 1, reverse=True) + d_om[:, None], 0.0)
-    tl.store(
-        DANG + ((bat * L + tt[None, :]) * H + h) * NANG + offs_j[:, None],
-        (dth * PI * (1.0 - t * t) * dt[None, :]).to(DANG.dtype.element_ty),
-        mask=am,
-    )
-    tl.store(DDTA + (bat * H + h) * L + tt, tl.sum(dth * PI * t, 0), mask=mc)
+    bo = (bat * H + h) * L + tt
+    dg = tl.load(DGAM + bo, mask=mc, other=0.0) + tl.load(DKAP + bo, mask=mc, other=0.0)
+    if HAS_ANG:
+        offs_j = tl.arange(0, N2)
+        mj = offs_j < NANG
+        am = mj[:, None] & mc[None, :]
+        ang = tl.load(
+            ANG + bat * s_gb + h * s_gh + offs_j[:, None] * s_gs + tt[None, :], mask=am, other=0.0
+        ).to(tl.float32)
+        t = _tanh(ang, FAST)
+        a = tl.load(
+            RQ + ((bat * H + h) * NANG + offs_j[:, None]) * L + tt[None, :], mask=am, other=0.0
+        )
+        d_om = tl.load(DOMS + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        dth = tl.where(am, tl.cumsum(a, 1, reverse=True) + d_om[:, None], 0.0)
+        tl.store(
+            DANG + ((bat * L + tt[None, :]) * H + h) * NANG + offs_j[:, None],
+            (dth * PI * (1.0 - t * t) * dt[None, :]).to(DANG.dtype.element_ty),
+            mask=am,
+        )
+        d_dt = tl.sum(dth * PI * t, 0)
+    else:
+        d_dt = dt * 0.0
+    if HAS_TRAP:
+        lam = _sigmoid(
+            tl.load(TRAP + bat * s_tb + h * s_th + tt * s_tl, mask=mc, other=0.0).to(tl.float32),
+            FAST,
+        )
+        # the first token of a sequence has no predecessor; its chunk is the sequence's first
+        if VARLEN:
+            c0 = tl.load(SEQTAB + seq * 2)
+        else:
+            c0 = gc - gc % NC
+        mp = mc & ((tt > tok_start) | (offs_c * 0 + gc > c0))
+        dkp = tl.load(DKAP + bo - 1, mask=mp, other=0.0)
+        d_dt += lam * dg + (1.0 - lam) * dkp
+        dtr = (dg - dkp) * dt * lam * (1.0 - lam)
+        tl.store(DTRAP + bo, dtr.to(DTRAP.dtype.element_ty), mask=mc)
+    else:
+        d_dt += dg
+    tl.store(DDT + bo, d_dt.to(DDT.dtype.element_ty), mask=mc)
 
 
 @triton.jit
