@@ -28,7 +28,7 @@ from hybridkit.kernels.mamba3 import triton_siso as K
 
 KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x", "_bwd_gates")
 FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=True)
-FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False)
+FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False, HAS_DTOT=False)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
 FP32 |= {"DKH", "DQBP", "DKBP", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DASP"}

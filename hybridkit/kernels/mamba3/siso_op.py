@@ -247,7 +247,8 @@ def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, f
     nseq = plan.nseq
     st_dtype = torch.bfloat16 if fast else f32
     out = torch.empty(B, L, H, P, dtype=v.dtype, device=dev)
-    tot = torch.zeros(nseq, H, S, dtype=f32, device=dev)
+    # ``_fwd_pass`` writes every sequence's total angle; with no chunk it stays zero
+    tot = (torch.empty if plan.nchunks > 0 else torch.zeros)(nseq, H, S, dtype=f32, device=dev)
     st = torch.empty(_slots(B, L, C, nseq, plan.varlen), H, P, N, dtype=st_dtype, device=dev)
     ypre = (
         torch.empty(B, L, H, P, dtype=v.dtype, device=dev)
@@ -307,16 +308,13 @@ def _bwd_impl(
     plan = _Plan(B, L, C, cu, dev)
     nseq = plan.nseq
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    dsend = (
-        torch.zeros(nseq, H, P, N, dtype=f32, device=dev)
-        if dsend is None
-        else dsend.float().contiguous()
-    )
-    dtot = (
-        torch.zeros(nseq, H, max(S, 1), dtype=f32, device=dev)
-        if dtot is None
-        else dtot.float().contiguous()
-    )
+    # unused end-state outputs (training) arrive as None: the kernels then read no gradient
+    # for them (``HAS_DSEND`` / ``HAS_DTOT``) instead of zero-filled buffers
+    if dsend is not None:
+        dsend = dsend.float().contiguous()
+    elif plan.nchunks == 0:
+        dsend = torch.zeros(nseq, H, P, N, dtype=f32, device=dev)
+    dtot = dtot.float().contiguous() if dtot is not None else None
     # packed batches may leave tokens outside every sequence: zero-fill only there
     new = torch.zeros if plan.varlen else torch.empty
     dh_dtype = torch.bfloat16 if fast else f32  # per-head dq / dk before the group sum
@@ -337,7 +335,7 @@ def _bwd_impl(
     dkbp = part(nsl, H, N, dtype=f32, device=dev)
     ddp = part(nsl, H, dtype=f32, device=dev)
     # the reverse pass writes the initial-state gradient; with no chunk it is d(end state)
-    ds0 = torch.empty_like(dsend) if plan.nchunks > 0 else dsend.clone()
+    ds0 = torch.empty(nseq, H, P, N, dtype=f32, device=dev) if plan.nchunks > 0 else dsend.clone()
     if plan.nchunks > 0:
         dummy = dqh
         opt = lambda t: dummy if t is None else t  # noqa: E731
@@ -376,9 +374,9 @@ def _bwd_impl(
         dasp = torch.empty(plan.nchunks, H, nt, dtype=f32, device=dev)
         domsp = torch.empty(plan.nchunks, H, nt, max(S, 1), dtype=f32, device=dev)
         K._bwd_pass_kernel[(nseq * H * nt,)](
-            dg, ca, com, dsend, ds0, seqtab, st, dasp, domsp, H, S, plan.NC, nt,
-            P=P, N2=N2, PB=P // nt, HAS_ANG=angles is not None, VARLEN=plan.varlen,
-            num_warps=4,
+            dg, ca, com, opt(dsend), ds0, seqtab, st, dasp, domsp, H, S, plan.NC, nt,
+            P=P, N2=N2, PB=P // nt, HAS_ANG=angles is not None, HAS_DSEND=dsend is not None,
+            VARLEN=plan.varlen, num_warps=4,
         )  # fmt: skip
         gin, du = torch.empty(B, H, L, dtype=f32, device=dev), torch.empty_like(dadt)
         common = (
@@ -396,8 +394,8 @@ def _bwd_impl(
             *common, **_bwd_kw(_BWD_Q, **flags),
         )  # fmt: skip
         _BWD_K[grid](
-            *inputs, dy, chtab, dg, dtot, rq, doms, domsp, nt, dkh, dkbp, du,
-            *common, **_bwd_kw(_BWD_K, **flags),
+            *inputs, dy, chtab, dg, opt(dtot), rq, doms, domsp, nt, dkh, dkbp, du,
+            *common, **_bwd_kw(_BWD_K, HAS_DTOT=dtot is not None, **flags),
         )  # fmt: skip
         _BWD_X[grid](
             *inputs, opt(D), dy, chtab, dg, gin, du, dasp, nt, dx, dadt, dkap, dgam, ddp,

@@ -672,6 +672,7 @@ def _bwd_pass_kernel(
     N2: tl.constexpr,
     PB: tl.constexpr,
     HAS_ANG: tl.constexpr,
+    HAS_DSEND: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     """Per (sequence, head, PB state rows), last chunk first: replace each chunk's own
@@ -686,9 +687,13 @@ def _bwd_pass_kernel(
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
-    fe, fo = _state_tile(DSEND, seq, h, H, offs_p, offs_j, N2, P)
-    ge = tl.load(fe)
-    go = tl.load(fo)
+    if HAS_DSEND:
+        fe, fo = _state_tile(DSEND, seq, h, H, offs_p, offs_j, N2, P)
+        ge = tl.load(fe)
+        go = tl.load(fo)
+    else:  # the end state was not used
+        ge = tl.zeros((PB, N2), dtype=tl.float32)
+        go = tl.zeros((PB, N2), dtype=tl.float32)
     top = c0 + tl.maximum(nch - 1, 0)
     de, do, a, om = _pass_load(DG, CA, COM, top, h, H, NANG, offs_p, offs_j, mj, N2, P)
     for it in range(0, nch):
@@ -967,6 +972,7 @@ def _bwd_k_kernel(
     HAS_D: tl.constexpr,
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
+    HAS_DTOT: tl.constexpr,
 ):
     """Per (chunk, head), k side: per-head dk and its bias partial sum, ``DU`` (d u per token)
     and the angle-gradient terms ``_bwd_gates`` finishes: the per-token k share of d theta added
@@ -997,7 +1003,8 @@ def _bwd_k_kernel(
         d_om = tl.sum(u[:, None] * (ve * ko - vv * ke), 0)
         for t in range(0, NT):  # the state's share, in row-tile partials from the pass
             d_om += tl.load(DOMSP + ((gc * H + h) * NT + t) * NANG + offs_j, mask=mj, other=0.0)
-        d_om += tl.load(DTOT + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        if HAS_DTOT:  # the sequence's total angle was used
+            d_om += tl.load(DTOT + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
         tl.store(DOMS + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # now the whole d Omega
         am = mc[:, None] & mj[None, :]
         ao = ((bat * H + h) * NANG + offs_j[None, :]) * L + tt[:, None]
