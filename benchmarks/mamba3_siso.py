@@ -231,10 +231,23 @@ def kernel_resources() -> list[dict]:
                         regs=getattr(kern, "n_regs", None),
                         spills=getattr(kern, "n_spills", None),
                         warps=getattr(md, "num_warps", None),
+                        maxnreg=getattr(md, "maxnreg", None),
                         shared=getattr(md, "shared", None),
                     )
                 )
     return rows
+
+
+def tuner_choices() -> dict[str, list[str]]:
+    """The launch configuration each tuned kernel picked, per key (flags + dtypes)."""
+    from hybridkit.kernels.mamba3 import siso_op
+
+    out = {}
+    for name in ("_FWD_STATE", "_FWD_OUT", "_BWD_DSTATE"):
+        tuned = getattr(siso_op, name)
+        if isinstance(tuned, siso_op._WarpTuned):
+            out[name] = [f"{k}: {v}" for k, v in tuned.best.items()]
+    return out
 
 
 def main():
@@ -290,6 +303,8 @@ def main():
     if args.profile:
         meta["kernels"] = kernel_resources()
         print(json.dumps(meta["kernels"]), flush=True)
+    meta["tuned"] = tuner_choices()
+    print(json.dumps(meta["tuned"]), flush=True)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=2, default=str)
     lines = [

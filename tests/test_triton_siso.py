@@ -234,32 +234,37 @@ def test_state_only_loss_matches_the_reference():
 
 
 def test_warp_tuner_times_each_candidate_once_per_key():
-    """The forward kernels' warp choice: every candidate timed on the first launch of a key
-    (flags + tensor dtypes), the fastest kept, later launches of that key not timed again."""
+    """The tuned kernels' launch choice: every candidate (warps, optional register cap) timed
+    on the first launch of a key (flags + tensor dtypes), the fastest kept, later launches of
+    that key not timed again."""
     from hybridkit.kernels.mamba3.siso_op import _WarpTuned
 
     launches, timed = [], []
 
     class FakeKernel:
         def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((grid, kw["num_warps"], kw["C"]))
+            def launch(*args, **kw):
+                assert kw["num_stages"] == 1
+                launches.append((grid, kw["num_warps"], kw.get("maxnreg"), kw["C"]))
 
-    cost = {4: 2.0, 8: 1.0, 16: 3.0}
+            return launch
+
+    cost = {(4, None): 2.0, (4, 168): 1.0, (8, None): 1.5, (16, None): 3.0}
 
     def timer(fn):
         fn()
-        timed.append(launches[-1][1])
-        return cost[launches[-1][1]]
+        timed.append(launches[-1][1:3])
+        return cost[launches[-1][1:3]]
 
-    tuned = _WarpTuned(FakeKernel(), ["C"], (4, 8, 16), timer=timer)
+    tuned = _WarpTuned(FakeKernel(), ["C"], (4, (4, 168), 8, 16), timer=timer)
     x = torch.zeros(2)
     for _ in range(3):
         tuned[(5,)](x, 7, C=64)
-    assert timed == [4, 8, 16]
-    assert launches[3:] == [((5,), 8, 64)] * 3  # the fastest, once per call after tuning
+    assert timed == list(cost)
+    assert launches[4:] == [((5,), 4, 168, 64)] * 3  # the fastest, once per call after tuning
     tuned[(5,)](x.double(), 7, C=64)  # another dtype: a new key, timed again
     tuned[(5,)](x, 7, C=32)  # another flag value: a new key
-    assert timed == [4, 8, 16] * 3
+    assert timed == list(cost) * 3
     assert len(tuned.best) == 3
 
 

@@ -43,7 +43,8 @@ _FLAGS = ["C", "P", "N2", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST"]
 
 
 class _WarpTuned:
-    """A Triton kernel whose warp count is chosen once per key by timing each candidate.
+    """A Triton kernel whose launch configuration (warps, optional register cap) is chosen once
+    per key by timing each candidate.
 
     ``triton.autotune`` does the same, but its wrapper costs ~75 us of host time per launch on
     the H100 machine (it rebuilds a dict of all ~50 arguments on every call), a quarter of the
@@ -53,32 +54,46 @@ class _WarpTuned:
     first launch for a key, never during CUDA graph capture (there the first candidate runs and
     nothing is cached). Only for kernels that write fresh outputs: each candidate runs several
     times.
+
+    A candidate is a warp count or ``(warps, maxnreg)``. The cap matters because occupancy
+    moves in steps: a 4-warp program at 169-255 registers per thread leaves room for two per
+    SM, at <= 168 for three, so a cap that costs a few spilled bytes can win (Triton 3.6 sm_90
+    compile: ``_fwd_out`` 253 registers, 52 spill bytes at 168).
     """
 
-    def __init__(self, fn, keys: list[str], warps: tuple[int, ...], timer=None):
-        self.fn, self.keys, self.warps = fn, tuple(keys), tuple(warps)
-        self.best: dict[tuple, int] = {}
+    def __init__(self, fn, keys: list[str], configs: tuple, timer=None):
+        self.fn, self.keys = fn, tuple(keys)
+        self.configs = tuple(c if isinstance(c, tuple) else (c, None) for c in configs)
+        self.best: dict[tuple, dict] = {}
         self._timer = timer or _median_ms
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
             key = tuple(kw[k] for k in self.keys)
             key += tuple(a.dtype for a in args if isinstance(a, Tensor))
-            w = self.best.get(key)
-            if w is None:
-                w = self._choose(grid, args, kw, key)
-            return self.fn[grid](*args, num_warps=w, num_stages=1, **kw)
+            opts = self.best.get(key)
+            if opts is None:
+                opts = self._choose(grid, args, kw, key)
+            return self.fn[grid](*args, **opts, **kw)
 
         return launch
 
-    def _choose(self, grid, args, kw, key) -> int:
+    @staticmethod
+    def _options(config: tuple) -> dict:
+        warps, maxnreg = config
+        opts = dict(num_warps=warps, num_stages=1)
+        if maxnreg:
+            opts["maxnreg"] = maxnreg
+        return opts
+
+    def _choose(self, grid, args, kw, key) -> dict:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return self.warps[0]
+            return self._options(self.configs[0])
         times = {
-            w: self._timer(lambda w=w: self.fn[grid](*args, num_warps=w, num_stages=1, **kw))
-            for w in self.warps
+            c: self._timer(lambda c=c: self.fn[grid](*args, **self._options(c), **kw))
+            for c in self.configs
         }
-        self.best[key] = min(times, key=times.get)
+        self.best[key] = self._options(min(times, key=times.get))
         return self.best[key]
 
 
@@ -88,22 +103,25 @@ def _median_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def _tuned(fn, keys: list[str], warps: tuple[int, ...] = (4, 8, 16)):
-    """Tune the number of warps on a GPU (:class:`_WarpTuned`; keys never include batch or
-    length).
+def _tuned(fn, keys: list[str], configs: tuple = (4, 8, 16)):
+    """Tune the launch configuration on a GPU (:class:`_WarpTuned`; keys never include batch
+    or length).
 
     Only for kernels that write fresh outputs (the element-wise passes update their buffer in
     place and must run exactly once). Read at import: ``HYBRIDKIT_MAMBA3_AUTOTUNE=0`` uses one
-    fixed configuration (8 warps); ``HYBRIDKIT_MAMBA3_WARPS=8,16`` restricts the candidates.
-    The chunk kernels have no loop, so software pipelining (``num_stages``) has nothing to
-    overlap: always 1.
+    fixed configuration (8 warps); ``HYBRIDKIT_MAMBA3_WARPS=8,16`` restricts the candidates'
+    warp counts. The chunk kernels have no loop, so software pipelining (``num_stages``) has
+    nothing to overlap: always 1.
     """
     if _INTERPRET or os.environ.get("HYBRIDKIT_MAMBA3_AUTOTUNE", "1") == "0":
         return fn  # launched with 8 warps (``_kw``)
     allowed = os.environ.get("HYBRIDKIT_MAMBA3_WARPS")
     if allowed:
-        warps = tuple(w for w in warps if str(w) in allowed.split(",")) or (8,)
-    return _WarpTuned(fn, keys, warps)
+        warps = allowed.split(",")
+        configs = tuple(
+            c for c in configs if str(c[0] if isinstance(c, tuple) else c) in warps
+        ) or (8,)
+    return _WarpTuned(fn, keys, configs)
 
 
 def _env_warps(name: str, default: str) -> int:
@@ -113,9 +131,15 @@ def _env_warps(name: str, default: str) -> int:
     return int(value)
 
 
-_FWD_STATE = _tuned(K._fwd_state_kernel, _FLAGS)
-_FWD_OUT = _tuned(K._fwd_out_kernel, _FLAGS + ["HAS_D", "HAS_Z", "SAVE_Y"], (4, 8))
-_BWD_DSTATE = _tuned(K._bwd_dstate_kernel, ["C", "P", "N2", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"])
+# (Triton 3.6, sm_90, 4 warps, the benchmark's flags: ``_fwd_state`` 183 registers, 12 spill
+# bytes at a 168 cap; ``_fwd_out`` 253, 52 bytes; ``_bwd_dstate`` 190, 108 bytes.)
+_FWD_STATE = _tuned(K._fwd_state_kernel, _FLAGS, (4, (4, 168), 8, 16))
+_FWD_OUT = _tuned(K._fwd_out_kernel, _FLAGS + ["HAS_D", "HAS_Z", "SAVE_Y"], (4, (4, 168), 8))
+_BWD_DSTATE = _tuned(
+    K._bwd_dstate_kernel,
+    ["C", "P", "N2", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"],
+    (4, (4, 168), 8, 16),
+)
 # Backward chunk kernels: a fixed warp count (no autotuning), 4 unless
 # ``HYBRIDKIT_MAMBA3_BWD_WARPS`` says otherwise (read at import). On the H100 at
 # (8, 4096, 32, 64, 128), 4 warps ran q / k / x in 1.22 / 1.91 / 0.86 ms against 2.08 / 2.13 /
