@@ -27,8 +27,10 @@ from triton.compiler import ASTSource
 from hybridkit.kernels.mamba3 import triton_siso as K
 
 KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x", "_bwd_gates")
+PASSES = ("_fwd_pass", "_bwd_pass")  # also accepted by name; PB as at batch 8
 FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=True)
-FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False, HAS_DTOT=False)
+FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False, HAS_DTOT=False, HAS_INIT=False)
+FLAGS.update(HAS_DSEND=False, PB=16)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
 FP32 |= {"DKH", "DQBP", "DKBP", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DASP"}
@@ -114,9 +116,14 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
     args = ap.parse_args()
     for name in args.kernels:
-        ptx = compile_kernel(name, args.warps, args.maxnreg).asm["ptx"]
+        kern = compile_kernel(name, args.warps, args.maxnreg)
+        ptx = kern.asm["ptx"]
         mem, lines = ptx_profile(ptx)
-        print(f"{name} ({args.warps} warps): {ptxas_summary(ptx)}; {sum(lines.values())} PTX")
+        smem = kern.metadata.shared
+        print(
+            f"{name} ({args.warps} warps): {ptxas_summary(ptx)}; {smem} B shared; "
+            f"{sum(lines.values())} PTX"
+        )
         print("  global:", ", ".join(f"{op} x{n}" for op, n in sorted(mem.items())))
         for loc, n in lines.most_common(args.top):
             print(f"  {n:6d}  {loc}")

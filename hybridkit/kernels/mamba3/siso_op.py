@@ -379,7 +379,7 @@ def _bwd_impl(
         # cos / sin of the in-chunk angles, written once by ``_bwd_dstate`` and loaded by the
         # q / k / x kernels (fp16 in fast mode: 2^-11 next to the bf16 operands they rotate)
         csn = (
-            torch.empty(B, L, H, 2 * S, dtype=torch.float16 if fast else f32, device=dev)
+            torch.empty(B, H, 2 * S, L, dtype=torch.float16 if fast else f32, device=dev)
             if angles is not None
             else dummy
         )
@@ -393,12 +393,8 @@ def _bwd_impl(
                   VARLEN=plan.varlen, FAST=fast),
         )  # fmt: skip
         nt = plan.tiles(H, N, P, dev)
-        # per (chunk, head, row tile of the pass): partial sums of d A_c and of the state's share
-        # of d Omega_c, added up by ``_bwd_x`` / ``_bwd_k``
-        dasp = torch.empty(plan.nchunks, H, nt, dtype=f32, device=dev)
-        domsp = torch.empty(plan.nchunks, H, nt, max(S, 1), dtype=f32, device=dev)
         K._bwd_pass_kernel[(nseq * H * nt,)](
-            dg, ca, com, opt(dsend), ds0, seqtab, st, dasp, domsp, H, S, plan.NC, nt,
+            dg, ca, com, opt(dsend), ds0, seqtab, H, S, plan.NC, nt,
             P=P, N2=N2, PB=P // nt, HAS_ANG=angles is not None, HAS_DSEND=dsend is not None,
             VARLEN=plan.varlen, num_warps=4,
         )  # fmt: skip
@@ -418,11 +414,11 @@ def _bwd_impl(
             *common, **_bwd_kw(_BWD_Q, **flags),
         )  # fmt: skip
         _BWD_K[grid](
-            *inputs, dy, chtab, dg, opt(dtot), rq, doms, domsp, nt, dkh, dkbp, du,
+            *inputs, dy, chtab, dg, opt(dtot), rq, doms, dkh, dkbp, du,
             *common, **_bwd_kw(_BWD_K, HAS_DTOT=dtot is not None, **flags),
         )  # fmt: skip
         _BWD_X[grid](
-            *inputs, opt(D), dy, chtab, dg, gin, du, dasp, nt, dx, dadt, dkap, dgam, ddp,
+            *inputs, opt(D), dy, chtab, dg, gin, du, st, doms, dx, dadt, dkap, dgam, ddp,
             *common, **_bwd_kw(_BWD_X, **flags),
         )  # fmt: skip
         K._bwd_gates_kernel[grid](

@@ -197,21 +197,23 @@ def _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST: tl.co
 
 @triton.jit
 def _csn_offsets(bat, tt, h, L, H, offs_j, NANG):
-    """Offsets of the cos half of a C x N/2 tile of the per-token cos / sin buffer, laid out
-    (B, L, H, 2, S): per token and head, S cosines then S sines (contiguous rows)."""
-    return ((bat * L + tt[:, None]) * H + h) * (2 * NANG) + offs_j[None, :]
+    """Offsets of the cos half of an N/2 x C tile of the per-token cos / sin buffer, laid out
+    tokens last, (B, H, 2, S, L), like the angles: ``_bwd_dstate`` stores the tiles its scan
+    produced without a layout change. (Stored tokens-first, Triton 3.6 recomputed the whole
+    angle scan in a second layout for the store: 168 -> 241 registers, 2 programs per SM.)"""
+    return ((bat * H + h) * (2 * NANG) + offs_j[:, None]) * L + tt[None, :]
 
 
 @triton.jit
 def _load_csn(CSN, bat, tt, mc, h, L, H, offs_j, mj, NANG):
-    """cos / sin of the in-chunk angles, as ``_bwd_dstate`` stored them (padded pairs and
-    tokens: cos 1, sin 0). Loaded where used, so the two C x N/2 fp32 tiles (64 registers per
-    thread at 4 warps, C 64, N 128) need not stay live through a backward kernel."""
+    """cos / sin of the in-chunk angles as C x N/2 tiles, as ``_bwd_dstate`` stored them
+    (padded pairs and tokens: cos 1, sin 0). Loaded where used, so the two C x N/2 fp32 tiles
+    (64 registers per thread at 4 warps, C 64, N 128) need not stay live through a kernel."""
     o = _csn_offsets(bat, tt, h, L, H, offs_j, NANG)
-    m = mc[:, None] & mj[None, :]
+    m = mj[:, None] & mc[None, :]
     cosv = tl.load(CSN + o, mask=m, other=1.0).to(tl.float32)
-    sinv = tl.load(CSN + o + NANG, mask=m, other=0.0).to(tl.float32)
-    return cosv, sinv
+    sinv = tl.load(CSN + o + NANG * L, mask=m, other=0.0).to(tl.float32)
+    return tl.trans(cosv), tl.trans(sinv)
 
 
 @triton.jit
@@ -359,12 +361,16 @@ def _pass_setup(SEQTAB, NC, NT, H, P: tl.constexpr, PB: tl.constexpr, VARLEN: tl
 
 
 @triton.jit
+def _state_load(buf, slot, h, H, offs_p, offs_j, N2: tl.constexpr, P: tl.constexpr):
+    pe, po = _state_tile(buf, slot, h, H, offs_p, offs_j, N2, P)
+    return tl.load(pe).to(tl.float32), tl.load(po).to(tl.float32)
+
+
+@triton.jit
 def _pass_load(
     buf, CA, COM, slot, h, H, NANG, offs_p, offs_j, mj, N2: tl.constexpr, P: tl.constexpr
 ):
-    pe, po = _state_tile(buf, slot, h, H, offs_p, offs_j, N2, P)
-    de = tl.load(pe).to(tl.float32)
-    do = tl.load(po).to(tl.float32)
+    de, do = _state_load(buf, slot, h, H, offs_p, offs_j, N2, P)
     a = tl.load(CA + slot * H + h)
     om = tl.load(COM + (slot * H + h) * NANG + offs_j, mask=mj, other=0.0)
     return de, do, a, om
@@ -622,10 +628,11 @@ def _bwd_dstate_kernel(
         dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
         om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
         tl.store(COM + (gc * H + h) * NANG + offs_j, tl.sum(om, 0), mask=mj)
+        # stored from the scan's own (pairs x tokens) tiles; see ``_csn_offsets``
         o = _csn_offsets(bat, tt, h, L, H, offs_j, NANG)
-        m = mc[:, None] & mj[None, :]
-        tl.store(CSN + o, cosv.to(CSN.dtype.element_ty), mask=m)
-        tl.store(CSN + o + NANG, sinv.to(CSN.dtype.element_ty), mask=m)
+        m = mj[:, None] & mc[None, :]
+        tl.store(CSN + o, tl.trans(cosv).to(CSN.dtype.element_ty), mask=m)
+        tl.store(CSN + o + NANG * L, tl.trans(sinv).to(CSN.dtype.element_ty), mask=m)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -661,9 +668,6 @@ def _bwd_pass_kernel(
     DSEND,
     DS0,
     SEQTAB,
-    ST,
-    DASP,
-    DOMSP,
     H,
     NANG,
     NC,
@@ -679,11 +683,10 @@ def _bwd_pass_kernel(
     state gradient in ``DG`` by the gradient of its end state (in its frame, before the
     rotation by Omega_c) and write the gradient of the start state of the sequence.
 
-    With that gradient G^ and the chunk's start state S~ (``ST``) both in hand, it also writes
-    this row tile's partial sums of d A_c = exp(A_c) <S~, G^> (``DASP``) and of the state's
-    share of d Omega_c, exp(A_c) sum_p (G^e S~o - G^o S~e) (``DOMSP``), per (chunk, head,
-    tile); the chunk kernels add the NT partials. Here they cost one more read of the states;
-    in ``_bwd_q`` they kept four more P x N/2 tiles live in a kernel at 255 registers."""
+    The scalars that need G^ and the start state S~ together (d A_c, the state's share of
+    d Omega_c) are left to ``_bwd_k``: computed here, as row-tile partial sums, their
+    reductions (across warps, every step of a chain of dependent steps) and the extra read of
+    S~ took this pass from 0.20 to 0.46-0.50 ms at (8, 4096, 32, 64, 128) on the H100."""
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
@@ -698,9 +701,9 @@ def _bwd_pass_kernel(
     de, do, a, om = _pass_load(DG, CA, COM, top, h, H, NANG, offs_p, offs_j, mj, N2, P)
     for it in range(0, nch):
         slot = top - it
-        ne, no, na, nom = _pass_load(
-            DG, CA, COM, tl.maximum(slot - 1, c0), h, H, NANG, offs_p, offs_j, mj, N2, P
-        )
+        # the next (earlier) chunk's tiles load while this one is processed
+        prev = tl.maximum(slot - 1, c0)
+        ne, no, na, nom = _pass_load(DG, CA, COM, prev, h, H, NANG, offs_p, offs_j, mj, N2, P)
         if HAS_ANG:
             cw = tl.cos(om)[None, :]
             sw = tl.sin(om)[None, :]
@@ -713,17 +716,6 @@ def _bwd_pass_kernel(
         tl.store(pe, re.to(DG.dtype.element_ty))
         tl.store(po, ro.to(DG.dtype.element_ty))
         ea = tl.exp(a)
-        pe, po = _state_tile(ST, slot, h, H, offs_p, offs_j, N2, P)
-        se = tl.load(pe).to(tl.float32)
-        so = tl.load(po).to(tl.float32)
-        part = (slot * H + h) * NT + tile
-        tl.store(DASP + part, ea * tl.sum(tl.sum(se * re + so * ro, 1), 0))
-        if HAS_ANG:
-            tl.store(
-                DOMSP + part * NANG + offs_j,
-                ea * (tl.sum(re * so, 0) - tl.sum(ro * se, 0)),
-                mask=mj,
-            )
         ge = ea * re + de
         go = ea * ro + do
         de, do, a, om = ne, no, na, nom
@@ -930,8 +922,6 @@ def _bwd_k_kernel(
     DTOT,
     RQ,
     DOMS,
-    DOMSP,
-    NT,
     DKH,
     DKBP,
     DU,
@@ -977,7 +967,8 @@ def _bwd_k_kernel(
     """Per (chunk, head), k side: per-head dk and its bias partial sum, ``DU`` (d u per token)
     and the angle-gradient terms ``_bwd_gates`` finishes: the per-token k share of d theta added
     to the q share in ``RQ``, and in ``DOMS`` the whole gradient every token of the chunk gets
-    (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOT``)."""
+    (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOT``;
+    ``_bwd_x`` adds the share of the state S~)."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
@@ -1001,11 +992,9 @@ def _bwd_k_kernel(
         # in-chunk angles: every later token of the chunk; Omega_c: the whole chunk (through
         # the rotation of the end state); the sequence total: every token of the sequence
         d_om = tl.sum(u[:, None] * (ve * ko - vv * ke), 0)
-        for t in range(0, NT):  # the state's share, in row-tile partials from the pass
-            d_om += tl.load(DOMSP + ((gc * H + h) * NT + t) * NANG + offs_j, mask=mj, other=0.0)
         if HAS_DTOT:  # the sequence's total angle was used
             d_om += tl.load(DTOT + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
-        tl.store(DOMS + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # now the whole d Omega
+        tl.store(DOMS + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # ``_bwd_x`` completes it
         am = mc[:, None] & mj[None, :]
         ao = ((bat * H + h) * NANG + offs_j[None, :]) * L + tt[:, None]
         tl.store(RQ + ao, dko * ke - dke * ko + tl.load(RQ + ao, mask=am, other=0.0), mask=am)
@@ -1129,8 +1118,8 @@ def _bwd_x_kernel(
     DG,
     GIN,
     DU,
-    DASP,
-    NT,
+    ST,
+    DOMS,
     DX,
     DADT,
     DKAP,
@@ -1202,10 +1191,18 @@ def _bwd_x_kernel(
     du = tl.load(DU + bo, mask=mc, other=0.0)
     ms = dwt * dec * kappa[None, :]
     dcs = tl.load(GIN + bo, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
-    d_a = tl.sum(u * du, 0)
-    for t in range(0, NT):  # exp(A_c) <S~, G^>, in row-tile partials from the pass
-        d_a += tl.load(DASP + (gc * H + h) * NT + t)
-    tl.store(DADT + bo, tl.cumsum(dcs, 0, reverse=True) + d_a, mask=mc)
+    dadt = tl.cumsum(dcs, 0, reverse=True) + tl.sum(u * du, 0)
     tl.store(DKAP + bo, tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), mask=mc)
     offs_c2 = offs_c[:, None]
     tl.store(DGAM + bo, tl.sum(tl.where(offs_c2 == offs_c[None, :], dwt, 0.0), 1), mask=mc)
+    # last, when the chunk tiles are dead: G^ (again, from L2) and the start state S~ for
+    # d A_c's state term exp(A_c) <S~, G^> and the state's share of d Omega_c,
+    # exp(A_c) sum_p (G^e S~o - G^o S~e)
+    ea = tl.exp(a_c)
+    ge, go = _state_load(DG, gc, h, H, offs_p, offs_j, N2, P)
+    se, so = _state_load(ST, gc, h, H, offs_p, offs_j, N2, P)
+    tl.store(DADT + bo, dadt + ea * tl.sum(tl.sum(se * ge + so * go, 1), 0), mask=mc)
+    if HAS_ANG:
+        om = DOMS + (gc * H + h) * NANG + offs_j
+        d_om = ea * (tl.sum(ge * so, 0) - tl.sum(go * se, 0))
+        tl.store(om, tl.load(om, mask=mj, other=0.0) + d_om, mask=mj)
