@@ -158,8 +158,9 @@ def _env_maxnreg(name: str) -> int | None:
 
 
 # Experimental register cap for the backward chunk kernels (``maxnreg``): at 255 registers two
-# 4-warp programs fit per SM; at <= 168 three do, at the price of spills (sm_90 compile of the
-# current kernels at 168: 0.5-1.1 KB of spill stores per thread). Unset: no cap.
+# 4-warp programs fit per SM; at <= 168 three do, at the price of spills. Measured on the H100
+# at (8, 4096, 32, 64, 128): 168 made _bwd_q / _bwd_k / _bwd_x 1.7x / 1.6x / 1.6x slower (0.5-1.1
+# KB of spill stores per thread), so it stays unset by default; kept for experiments.
 _BWD_MAXNREG = _env_maxnreg("HYBRIDKIT_MAMBA3_BWD_MAXNREG")
 _BWD_Q, _BWD_K, _BWD_X = K._bwd_q_kernel, K._bwd_k_kernel, K._bwd_x_kernel
 
