@@ -33,8 +33,7 @@ FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False, HAS_DTOT=False, HAS_INIT=Fal
 FLAGS.update(HAS_DSEND=False, PB=16)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
-FP32 |= {"DKH", "DQBP", "DKBP", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DASP"}
-FP32 |= {"DOMSP", "DDT"}
+FP32 |= {"DKH", "DQBP", "DKBP", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DDT"}
 UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
 SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
 

@@ -869,7 +869,8 @@ def _bwd_q_kernel(
     """Per (chunk, head), q side: per-head dq (summed over the group's heads by the caller)
     and its bias partial sum, the per-token q share of d theta (``RQ``, tokens last),
     and ``GIN`` (d cs through exp(cs) q~ S~) for ``_bwd_x``. (d A_c and the state's share of
-    d Omega_c come from ``_bwd_pass``.)
+    d Omega_c, which pair S~ with the end-state gradient, are computed at the end of
+    ``_bwd_x``.)
 
     One kernel for the q and k sides was 1.2x faster at N = 128 on the H100 but, with bf16
     operands at N = 64, P = 64, made an illegal memory access (Triton 3.6; the same code runs
