@@ -268,6 +268,27 @@ def test_warp_tuner_times_each_candidate_once_per_key():
     assert len(tuned.best) == 3
 
 
+def test_kernel_environment_knobs_are_validated(monkeypatch):
+    """The launch knobs read from the environment: bad values name the variable and what it
+    accepts; unset / 0 means no register cap."""
+    from hybridkit.kernels.mamba3.siso_op import _env_maxnreg, _env_warps
+
+    monkeypatch.setenv("HYBRIDKIT_MAMBA3_BWD_WARPS", "8")
+    assert _env_warps("HYBRIDKIT_MAMBA3_BWD_WARPS", "4") == 8
+    monkeypatch.setenv("HYBRIDKIT_MAMBA3_BWD_WARPS", "3")
+    with pytest.raises(ValueError, match=r"HYBRIDKIT_MAMBA3_BWD_WARPS='3'.*1, 2, 4, 8, 16"):
+        _env_warps("HYBRIDKIT_MAMBA3_BWD_WARPS", "4")
+    monkeypatch.delenv("HYBRIDKIT_MAMBA3_BWD_MAXNREG", raising=False)
+    assert _env_maxnreg("HYBRIDKIT_MAMBA3_BWD_MAXNREG") is None
+    for value, want in (("0", None), ("168", 168), ("255", 255)):
+        monkeypatch.setenv("HYBRIDKIT_MAMBA3_BWD_MAXNREG", value)
+        assert _env_maxnreg("HYBRIDKIT_MAMBA3_BWD_MAXNREG") == want
+    for bad in ("16", "256", "many"):
+        monkeypatch.setenv("HYBRIDKIT_MAMBA3_BWD_MAXNREG", bad)
+        with pytest.raises(ValueError, match=r"HYBRIDKIT_MAMBA3_BWD_MAXNREG=.*24\.\.255"):
+            _env_maxnreg("HYBRIDKIT_MAMBA3_BWD_MAXNREG")
+
+
 def test_dispatch_rules():
     assert ops.resolve_backend("auto", "cuda", 64, 1) == "triton"
     assert ops.resolve_backend("auto", "cuda", 1, 1) == "reference"
