@@ -137,6 +137,10 @@ def bench_shape(shape, reps: int, chunked: bool, profile: bool):
         for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
             with prof(activities=[ProfilerActivity.CUDA]) as p:
                 for _ in range(5):
+                    # as in the timed runs: without it the 2nd..5th backward add into .grad
+                    # (element-wise kernels that are not the op's work: ~0.17 ms at batch 8)
+                    for t in leaves:
+                        t.grad = None
                     fn()
                 torch.cuda.synchronize()
             rows = []
