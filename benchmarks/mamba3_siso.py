@@ -243,12 +243,12 @@ def kernel_resources() -> list[dict]:
 
 
 def tuner_choices() -> dict[str, list[str]]:
-    """The launch configuration each tuned kernel picked, per key (flags + dtypes)."""
+    """The launch configuration each tuned kernel picked, per key (flags + dtypes): every
+    tuner ``siso_op`` defines, so the same script reports any version of the kernels."""
     from hybridkit.kernels.mamba3 import siso_op
 
     out = {}
-    for name in ("_FWD_STATE", "_FWD_OUT", "_BWD_DSTATE"):
-        tuned = getattr(siso_op, name)
+    for name, tuned in sorted(vars(siso_op).items()):
         if isinstance(tuned, siso_op._WarpTuned):
             out[name] = [f"{k}: {v}" for k, v in tuned.best.items()]
     return out
