@@ -362,6 +362,7 @@ def _pass_setup(SEQTAB, NC, NT, H, P: tl.constexpr, PB: tl.constexpr, VARLEN: tl
 
 @triton.jit
 def _state_load(buf, slot, h, H, offs_p, offs_j, N2: tl.constexpr, P: tl.constexpr):
+    """Even / odd halves of rows ``offs_p`` of one (slot, head) state, as fp32 tiles."""
     pe, po = _state_tile(buf, slot, h, H, offs_p, offs_j, N2, P)
     return tl.load(pe).to(tl.float32), tl.load(po).to(tl.float32)
 
@@ -684,7 +685,7 @@ def _bwd_pass_kernel(
     rotation by Omega_c) and write the gradient of the start state of the sequence.
 
     The scalars that need G^ and the start state S~ together (d A_c, the state's share of
-    d Omega_c) are left to ``_bwd_k``: computed here, as row-tile partial sums, their
+    d Omega_c) are left to ``_bwd_x``: computed here, as row-tile partial sums, their
     reductions (across warps, every step of a chain of dependent steps) and the extra read of
     S~ took this pass from 0.20 to 0.46-0.50 ms at (8, 4096, 32, 64, 128) on the H100."""
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
