@@ -9,7 +9,8 @@
 #
 # ``run`` benchmarks every staged variant with this tree's benchmark script, the variant's
 # package first on PYTHONPATH; results land in ${OUT:-.}/variants/<name>.{json,md}, and the
-# summary lines (shape, fwd ms, f+b ms) are printed per variant. Tests are not run: run
+# summary lines (shape, fwd ms, f+b ms) are printed per variant; each run's whole log is kept
+# next to its results (the tail is printed when a variant fails). Tests are not run: run
 # benchmarks/siso_gpu_check.sh on the branch you keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +34,11 @@ case "${1:-}" in
     for dir in "$root"/*/; do
       name=$(basename "$dir")
       echo "== $name"
+      # the whole log is kept: a variant that fails to compile or run shows why there
       PYTHONPATH="$dir${PYTHONPATH:+:$PYTHONPATH}" python benchmarks/mamba3_siso.py \
-        --out "$out/$name" --no-chunked --profile ${SHAPES:+--shapes "$SHAPES"} 2>&1 \
-        | grep -E '^\| \(' || echo "$name: failed (see $out)"
+        --out "$out/$name" --no-chunked --profile ${SHAPES:+--shapes "$SHAPES"} \
+        > "$out/$name.log" 2>&1 || { echo "$name: failed; last lines of $out/$name.log:"; tail -15 "$out/$name.log"; }
+      grep -E '^\| \(' "$out/$name.log" || true
     done
     ;;
   *)
