@@ -30,7 +30,7 @@ KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x"
 PASSES = ("_fwd_pass", "_bwd_pass")  # also accepted by name; PB as at batch 8
 FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=True)
 FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False, HAS_DTOT=False, HAS_INIT=False)
-FLAGS.update(HAS_DSEND=False, PB=16)
+FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
 FP32 |= {"DKH", "DQBP", "DKBP", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DDT"}

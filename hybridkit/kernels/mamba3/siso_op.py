@@ -133,11 +133,11 @@ def _env_warps(name: str, default: str) -> int:
 
 # (Triton 3.6, sm_90, 4 warps, the benchmark's flags: ``_fwd_state`` 183 registers, 12 spill
 # bytes at a 168 cap; ``_fwd_out`` 253, 52 bytes; ``_bwd_dstate`` 190, 108 bytes.)
-_FWD_STATE = _tuned(K._fwd_state_kernel, _FLAGS, (4, (4, 168), 8, 16))
-_FWD_OUT = _tuned(K._fwd_out_kernel, _FLAGS + ["HAS_D", "HAS_Z", "SAVE_Y"], (4, (4, 168), 8))
+_FWD_STATE = _tuned(K._fwd_state_kernel, _FLAGS + ["NA"], (4, (4, 168), (4, 128), 8, 16))
+_FWD_OUT = _tuned(K._fwd_out_kernel, _FLAGS + ["NA", "HAS_D", "HAS_Z", "SAVE_Y"], (4, (4, 168), 8))
 _BWD_DSTATE = _tuned(
     K._bwd_dstate_kernel,
-    ["C", "P", "N2", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"],
+    ["C", "P", "N2", "NA", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"],
     (4, (4, 168), 8, 16),
 )
 # Backward chunk kernels: a fixed warp count (no autotuning), 4 unless
@@ -263,6 +263,12 @@ def _angles_tokens_last(angles: Tensor | None) -> tuple[Tensor | None, tuple[int
     return t, (t.stride(0), t.stride(2), t.stride(1))
 
 
+def _angle_width(N2: int, S: int) -> int:
+    """NA, the width of the kernels' angle tiles: the rotated pairs rounded up to N2 / 2 or N2
+    (rope_fraction 0.5 rotates half the pairs; the angle pipeline then skips the other half)."""
+    return N2 // 2 if N2 >= 2 and S <= N2 // 2 else N2
+
+
 def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, fast, store):
     B, L, _, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
@@ -292,7 +298,7 @@ def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, f
     angt, gstr = _angles_tokens_last(angles)
     gates = (*_strides(adt), *_strides(dt), *_strides(trap), *gstr)
     flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
-    flags.update(VARLEN=plan.varlen, FAST=fast)
+    flags.update(VARLEN=plan.varlen, FAST=fast, NA=_angle_width(N2, S))
     grid = (plan.nchunks * H,)
     _FWD_STATE[grid](
         k, v, adt, dt, opt(trap), k_bias, opt(angt), chtab, st, ca, com,
@@ -390,8 +396,8 @@ def _bwd_impl(
             *_strides(q, (0, 1, 3)), *_strides(adt), *_strides(dt), *gstr,
             *_strides(z), *_strides(dout),
             L, H, H // G, S, plan.NC,
-            **_kw(_BWD_DSTATE, C=C, P=P, N2=N2, HAS_ANG=angles is not None, HAS_Z=z is not None,
-                  VARLEN=plan.varlen, FAST=fast),
+            **_kw(_BWD_DSTATE, C=C, P=P, N2=N2, NA=_angle_width(N2, S), HAS_ANG=angles is not None,
+                  HAS_Z=z is not None, VARLEN=plan.varlen, FAST=fast),
         )  # fmt: skip
         nt = plan.tiles(H, N, P, dev)
         K._bwd_pass_kernel[(nseq * H * nt,)](
@@ -405,7 +411,7 @@ def _bwd_impl(
             *_strides(dy), L, H, H // G, S, plan.NC,
         )  # fmt: skip
         flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
-        flags.update(HAS_D=D is not None, VARLEN=plan.varlen, FAST=fast)
+        flags.update(HAS_D=D is not None, VARLEN=plan.varlen, FAST=fast, NA=_angle_width(N2, S))
         inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, csn)
         # per-token d theta terms, tokens last (scanned by ``_bwd_gates``)
         rq = torch.empty(B, H, S, L, dtype=f32, device=dev) if angles is not None else dummy
@@ -425,7 +431,8 @@ def _bwd_impl(
         K._bwd_gates_kernel[grid](
             opt(angt), dt, opt(trap), rq, doms, chtab, seqtab, dgam, dkap, opt(dang), ddt,
             opt(dtrap), *gstr, *_strides(dt), *_strides(trap), L, H, S, plan.NC,
-            C=C, N2=N2, HAS_ANG=angles is not None, HAS_TRAP=trap is not None,
+            C=C, N2=N2, NA=_angle_width(N2, S), HAS_ANG=angles is not None,
+            HAS_TRAP=trap is not None,
             VARLEN=plan.varlen, FAST=fast, num_warps=4 if not _INTERPRET else 1,
         )  # fmt: skip
     hpg = H // G

@@ -177,22 +177,57 @@ def _chunk(gc, CHTAB, L, NC, C: tl.constexpr, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST: tl.constexpr):
-    """Per-pair angle increments of one chunk, their in-chunk cumsum's cos / sin, and tanh,
-    as C x N/2 tiles.
+def _widen(a, fill, N2: tl.constexpr):
+    """A C x NA tile as C x N2 (NA = N2 or N2 / 2): the rotated pairs, then ``fill`` for the
+    pairs that do not rotate (cos 1, sin 0). Concatenation is a join plus a transpose of the
+    two halves (``tl.reshape`` keeps the logical order)."""
+    if a.shape[1] == N2:
+        return a
+    else:
+        b = tl.join(a, tl.full(a.shape, fill, a.dtype))  # C x NA x 2
+        return tl.reshape(tl.permute(b, (0, 2, 1)), (a.shape[0], N2))
+
+
+@triton.jit
+def _narrow(a, NA: tl.constexpr):
+    """The first NA columns of a C x N2 tile (the rotated pairs; inverse of ``_widen``)."""
+    if a.shape[1] == NA:
+        return a
+    else:
+        lo, _hi = tl.split(tl.permute(tl.reshape(a, (a.shape[0], 2, NA)), (0, 2, 1)))
+        return lo
+
+
+@triton.jit
+def _rotation(
+    ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2: tl.constexpr, NA: tl.constexpr,
+    FAST: tl.constexpr,
+):  # fmt: skip
+    """The in-chunk rotation: per-pair angle increments, their in-chunk cumsum and its cos /
+    sin. Returns the chunk's total angle per pair (NA), the cos / sin as NA x C tiles (tokens
+    last, as scanned) and as C x N2 tiles for rotating q / k.
 
     The angles arrive with tokens contiguous (pairs x tokens, see ``siso_op``), so the tile is
-    loaded as N/2 x C and scanned along its contiguous axis, which Triton keeps inside a warp
+    loaded as NA x C and scanned along its contiguous axis, which Triton keeps inside a warp
     (in-thread + shuffles). Scanning a C x N/2 tile over tokens went through shared memory
-    ~120 times per thread and was a third of the instructions of the chunk kernels."""
-    am = mj[:, None] & mc[None, :]
+    ~120 times per thread and was a third of the instructions of the chunk kernels.
+
+    Only the first NANG pairs rotate; with the default rope_fraction 0.5 that is half of them,
+    so the angle pipeline (tanh, scan, mod 2 pi, cos, sin) runs on an NA = N2 / 2 wide tile and
+    is widened with cos 1 / sin 0 afterwards (``_widen``), instead of computing a masked
+    N2-wide tile whose second half is thrown away."""
+    offs_a = tl.arange(0, NA)
+    am = (offs_a < NANG)[:, None] & mc[None, :]
     ang = tl.load(
-        ANG + bat * s_gb + h * s_gh + offs_j[:, None] * s_gs + tt[None, :], mask=am, other=0.0
+        ANG + bat * s_gb + h * s_gh + offs_a[:, None] * s_gs + tt[None, :], mask=am, other=0.0
     ).to(tl.float32)
-    t = _tanh(ang, FAST)
-    om = PI * t * dt[None, :]
+    om = PI * _tanh(ang, FAST) * dt[None, :]
     th = _mod2pi(tl.cumsum(om, 1))
-    return tl.trans(om), tl.trans(_cos(th, FAST)), tl.trans(_sin(th, FAST)), tl.trans(t)
+    cos_a = _cos(th, FAST)
+    sin_a = _sin(th, FAST)
+    cosv = _widen(tl.trans(cos_a), 1.0, N2)
+    sinv = _widen(tl.trans(sin_a), 0.0, N2)
+    return tl.sum(om, 1), cos_a, sin_a, cosv, sinv
 
 
 @triton.jit
@@ -205,15 +240,17 @@ def _csn_offsets(bat, tt, h, L, H, offs_j, NANG):
 
 
 @triton.jit
-def _load_csn(CSN, bat, tt, mc, h, L, H, offs_j, mj, NANG):
-    """cos / sin of the in-chunk angles as C x N/2 tiles, as ``_bwd_dstate`` stored them
-    (padded pairs and tokens: cos 1, sin 0). Loaded where used, so the two C x N/2 fp32 tiles
-    (64 registers per thread at 4 warps, C 64, N 128) need not stay live through a kernel."""
-    o = _csn_offsets(bat, tt, h, L, H, offs_j, NANG)
-    m = mj[:, None] & mc[None, :]
+def _load_csn(CSN, bat, tt, mc, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexpr):
+    """cos / sin of the in-chunk angles as C x N/2 tiles, as ``_bwd_dstate`` stored them:
+    loaded NA wide (the rotated pairs; padded pairs and tokens: cos 1, sin 0) and widened
+    (``_widen``). Loaded where used, so the two C x N/2 fp32 tiles (64 registers per thread at
+    4 warps, C 64, N 128) need not stay live through a kernel."""
+    offs_a = tl.arange(0, NA)
+    o = _csn_offsets(bat, tt, h, L, H, offs_a, NANG)
+    m = (offs_a < NANG)[:, None] & mc[None, :]
     cosv = tl.load(CSN + o, mask=m, other=1.0).to(tl.float32)
     sinv = tl.load(CSN + o + NANG * L, mask=m, other=0.0).to(tl.float32)
-    return tl.trans(cosv), tl.trans(sinv)
+    return _widen(tl.trans(cosv), 1.0, N2), _widen(tl.trans(sinv), 0.0, N2)
 
 
 @triton.jit
@@ -298,6 +335,7 @@ def _fwd_state_kernel(
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
+    NA: tl.constexpr,
     HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -313,7 +351,6 @@ def _fwd_state_kernel(
     offs_c = tl.arange(0, C)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    mj = offs_j < NANG
     tt = tok_start + offs_c
     mc = tt < tok_end
     adt, dt, gamma, kappa = _gates(
@@ -323,8 +360,11 @@ def _fwd_state_kernel(
     cs = tl.cumsum(adt, 0)
     a_c = tl.sum(adt, 0)
     if HAS_ANG:
-        om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
-        tl.store(COM + (gc * H + h) * NANG + offs_j, tl.sum(om, 0), mask=mj)
+        om, _c, _s, cosv, sinv = _rotation(
+            ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
+        )  # fmt: skip
+        offs_a = tl.arange(0, NA)
+        tl.store(COM + (gc * H + h) * NANG + offs_a, om, mask=offs_a < NANG)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -494,6 +534,7 @@ def _fwd_out_kernel(
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
+    NA: tl.constexpr,
     HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
@@ -511,7 +552,6 @@ def _fwd_out_kernel(
     offs_c = tl.arange(0, C)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    mj = offs_j < NANG
     tt = tok_start + offs_c
     mc = tt < tok_end
     adt, dt, gamma, kappa = _gates(
@@ -520,7 +560,9 @@ def _fwd_out_kernel(
     )  # fmt: skip
     cs = tl.cumsum(adt, 0)
     if HAS_ANG:
-        _om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
+        _om, _c, _s, cosv, sinv = _rotation(
+            ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
+        )  # fmt: skip
     else:
         cosv = 0.0
         sinv = 0.0
@@ -602,6 +644,7 @@ def _bwd_dstate_kernel(
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
+    NA: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_Z: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -619,7 +662,6 @@ def _bwd_dstate_kernel(
     offs_c = tl.arange(0, C)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    mj = offs_j < NANG
     tt = tok_start + offs_c
     mc = tt < tok_end
     adt = tl.load(ADT + bat * s_ab + h * s_ah + tt * s_al, mask=mc, other=0.0).to(tl.float32)
@@ -627,13 +669,17 @@ def _bwd_dstate_kernel(
     tl.store(CA + gc * H + h, tl.sum(adt, 0))
     if HAS_ANG:
         dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
-        om, cosv, sinv, _t = _rotation(ANG, bat, h, tt, mc, dt, offs_j, mj, s_gb, s_gs, s_gh, FAST)
-        tl.store(COM + (gc * H + h) * NANG + offs_j, tl.sum(om, 0), mask=mj)
+        om, cos_a, sin_a, cosv, sinv = _rotation(
+            ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
+        )  # fmt: skip
+        offs_a = tl.arange(0, NA)
+        ma = offs_a < NANG
+        tl.store(COM + (gc * H + h) * NANG + offs_a, om, mask=ma)
         # stored from the scan's own (pairs x tokens) tiles; see ``_csn_offsets``
-        o = _csn_offsets(bat, tt, h, L, H, offs_j, NANG)
-        m = mj[:, None] & mc[None, :]
-        tl.store(CSN + o, tl.trans(cosv).to(CSN.dtype.element_ty), mask=m)
-        tl.store(CSN + o + NANG * L, tl.trans(sinv).to(CSN.dtype.element_ty), mask=m)
+        o = _csn_offsets(bat, tt, h, L, H, offs_a, NANG)
+        m = ma[:, None] & mc[None, :]
+        tl.store(CSN + o, cos_a.to(CSN.dtype.element_ty), mask=m)
+        tl.store(CSN + o + NANG * L, sin_a.to(CSN.dtype.element_ty), mask=m)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -730,6 +776,7 @@ def _bwd_prologue(
     Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
     s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb, s_gs, s_gh,
     s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr,
+    NA: tl.constexpr,
     HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr, VARLEN: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """What every backward chunk kernel recomputes: gates, in-chunk rotation, q~, k~, x, dy."""
@@ -749,7 +796,7 @@ def _bwd_prologue(
     a_c = tl.sum(adt, 0)
     u = tl.exp(a_c - cs) * kappa
     if HAS_ANG:  # ``ANG`` is the cos / sin buffer ``_bwd_dstate`` wrote
-        cosv, sinv = _load_csn(ANG, bat, tt, mc, h, L, H, offs_j, mj, NANG)
+        cosv, sinv = _load_csn(ANG, bat, tt, mc, h, L, H, NANG, N2, NA)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -779,14 +826,14 @@ def _bwd_prologue(
 
 @triton.jit
 def _store_qk_grad(
-    DH, DBP, de, do, CSN, mj, NANG, bat, L, tt, mc, H, h, gc, offs_j, N2: tl.constexpr,
+    DH, DBP, de, do, CSN, NANG, bat, L, tt, mc, H, h, gc, N2: tl.constexpr, NA: tl.constexpr,
     HAS_ANG: tl.constexpr,
 ):  # fmt: skip
     """Rotate a q~ / k~ gradient back to the input frame (cos / sin loaded again from
     ``CSN``); store it per head (interleaved pairs) and its per-(chunk, head) column sum (the
     bias gradient's partial sum)."""
     if HAS_ANG:
-        cosv, sinv = _load_csn(CSN, bat, tt, mc, h, L, H, offs_j, mj, NANG)
+        cosv, sinv = _load_csn(CSN, bat, tt, mc, h, L, H, NANG, N2, NA)
         ue = de * cosv + do * sinv
         uo = do * cosv - de * sinv
     else:
@@ -861,6 +908,7 @@ def _bwd_q_kernel(
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
+    NA: tl.constexpr,
     HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
@@ -883,8 +931,8 @@ def _bwd_q_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
-            FAST,
+            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_TRAP, HAS_ANG,
+            VARLEN, FAST,
         )  # fmt: skip
     eq = tl.exp(cs)
     pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
@@ -897,13 +945,14 @@ def _bwd_q_kernel(
     dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
     dqo = _dot(pw, ko, FAST) + eq[:, None] * io
     if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_gates``), tokens last
+        offs_a = tl.arange(0, NA)
         tl.store(
-            RQ + ((bat * H + h) * NANG + offs_j[None, :]) * L + tt[:, None],
-            dqo * qe - dqe * qo,
-            mask=mc[:, None] & mj[None, :],
+            RQ + ((bat * H + h) * NANG + offs_a[None, :]) * L + tt[:, None],
+            _narrow(dqo * qe - dqe * qo, NA),
+            mask=mc[:, None] & (offs_a < NANG)[None, :],
         )
     _store_qk_grad(
-        DQH, DQBP, dqe, dqo, ANG, mj, NANG, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
+        DQH, DQBP, dqe, dqo, ANG, NANG, bat, L, tt, mc, H, h, gc, N2, NA, HAS_ANG
     )  # fmt: skip
 
 
@@ -959,6 +1008,7 @@ def _bwd_k_kernel(
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
+    NA: tl.constexpr,
     HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
@@ -978,8 +1028,8 @@ def _bwd_k_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
-            FAST,
+            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_TRAP, HAS_ANG,
+            VARLEN, FAST,
         )  # fmt: skip
     pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
     ge = _operand(tl.load(pe), FAST)
@@ -997,11 +1047,13 @@ def _bwd_k_kernel(
         if HAS_DTOT:  # the sequence's total angle was used
             d_om += tl.load(DTOT + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
         tl.store(DOMS + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # ``_bwd_x`` completes it
-        am = mc[:, None] & mj[None, :]
-        ao = ((bat * H + h) * NANG + offs_j[None, :]) * L + tt[:, None]
-        tl.store(RQ + ao, dko * ke - dke * ko + tl.load(RQ + ao, mask=am, other=0.0), mask=am)
+        offs_a = tl.arange(0, NA)
+        am = mc[:, None] & (offs_a < NANG)[None, :]
+        ao = ((bat * H + h) * NANG + offs_a[None, :]) * L + tt[:, None]
+        r = _narrow(dko * ke - dke * ko, NA)
+        tl.store(RQ + ao, r + tl.load(RQ + ao, mask=am, other=0.0), mask=am)
     _store_qk_grad(
-        DKH, DKBP, dke, dko, ANG, mj, NANG, bat, L, tt, mc, H, h, gc, offs_j, N2, HAS_ANG
+        DKH, DKBP, dke, dko, ANG, NANG, bat, L, tt, mc, H, h, gc, N2, NA, HAS_ANG
     )  # fmt: skip
 
 
@@ -1034,6 +1086,7 @@ def _bwd_gates_kernel(
     NC,
     C: tl.constexpr,
     N2: tl.constexpr,
+    NA: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_TRAP: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -1063,7 +1116,7 @@ def _bwd_gates_kernel(
     bo = (bat * H + h) * L + tt
     dg = tl.load(DGAM + bo, mask=mc, other=0.0) + tl.load(DKAP + bo, mask=mc, other=0.0)
     if HAS_ANG:
-        offs_j = tl.arange(0, N2)
+        offs_j = tl.arange(0, NA)  # the rotated pairs only (see ``_rotation``)
         mj = offs_j < NANG
         am = mj[:, None] & mc[None, :]
         ang = tl.load(
@@ -1159,6 +1212,7 @@ def _bwd_x_kernel(
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
+    NA: tl.constexpr,
     HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
@@ -1175,8 +1229,8 @@ def _bwd_x_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
             s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, HAS_TRAP, HAS_ANG, VARLEN,
-            FAST,
+            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_TRAP, HAS_ANG,
+            VARLEN, FAST,
         )  # fmt: skip
     sc, dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
     pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
