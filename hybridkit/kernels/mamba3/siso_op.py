@@ -134,10 +134,14 @@ def _env_warps(name: str, default: str) -> int:
 # (Triton 3.6, sm_90, 4 warps, the benchmark's flags: ``_fwd_state`` 183 registers, 12 spill
 # bytes at a 168 cap; ``_fwd_out`` 253, 52 bytes; ``_bwd_dstate`` 190, 108 bytes.)
 _FWD_STATE = _tuned(K._fwd_state_kernel, _FLAGS + ["NA"], (4, (4, 168), (4, 128), 8, 16))
-_FWD_OUT = _tuned(K._fwd_out_kernel, _FLAGS + ["NA", "HAS_D", "HAS_Z", "SAVE_Y"], (4, (4, 168), 8))
+_FWD_OUT = _tuned(
+    K._fwd_out_kernel,
+    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "HAS_Z", "SAVE_Y"],
+    (4, (4, 168), 8),
+)
 _BWD_DSTATE = _tuned(
     K._bwd_dstate_kernel,
-    ["C", "P", "N2", "NA", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"],
+    ["C", "P", "N2", "NA", "HAS_TRAP", "HAS_ANG", "HAS_Z", "VARLEN", "FAST"],
     (4, (4, 168), 8, 16),
 )
 # Backward chunk kernels: a fixed warp count (no autotuning), 4 unless
@@ -300,8 +304,11 @@ def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, f
     flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
     flags.update(VARLEN=plan.varlen, FAST=fast, NA=_angle_width(N2, S))
     grid = (plan.nchunks * H,)
+    # per-token gamma, kappa and in-chunk cumsum of adt, written by ``_fwd_state`` for
+    # ``_fwd_out`` (3 x 4 B per token and head)
+    gk = torch.empty(B, H, 3, L, dtype=f32, device=dev)
     _FWD_STATE[grid](
-        k, v, adt, dt, opt(trap), k_bias, opt(angt), chtab, st, ca, com,
+        k, v, adt, dt, opt(trap), k_bias, opt(angt), chtab, st, ca, com, gk,
         *_strides(k, (0, 1, 3)), *_strides(v), *gates,
         L, H, H // G, S, plan.NC,
         **_kw(_FWD_STATE, **flags),
@@ -313,10 +320,11 @@ def _fwd_impl(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, s0, cu, C, f
         P=P, N2=N2, PB=P // nt, HAS_INIT=s0 is not None, HAS_ANG=angles is not None,
         VARLEN=plan.varlen, num_warps=4,
     )  # fmt: skip
+    flags.pop("HAS_TRAP")  # the trapezoid is inside the saved gates
     _FWD_OUT[grid](
-        q, k, v, adt, dt, opt(trap), q_bias, k_bias, opt(angt), opt(D), opt(z), out,
+        q, k, v, gk, dt, q_bias, k_bias, opt(angt), opt(D), opt(z), out,
         ypre if ypre.numel() else dummy, chtab, st,
-        *_strides(q, (0, 1, 3)), *_strides(k, (0, 1, 3)), *_strides(v), *gates,
+        *_strides(q, (0, 1, 3)), *_strides(k, (0, 1, 3)), *_strides(v), *_strides(dt), *gstr,
         *_strides(z), *_strides(out),
         L, H, H // G, S, plan.NC,
         **_kw(_FWD_OUT, HAS_D=D is not None, HAS_Z=z is not None, SAVE_Y=ypre.numel() > 0,
@@ -381,8 +389,9 @@ def _bwd_impl(
             else dout
         )
         angt, gstr = _angles_tokens_last(angles)
-        gates = (*_strides(adt), *_strides(dt), *_strides(trap), *gstr)
         grid = (plan.nchunks * H,)
+        # gamma, kappa, in-chunk cumsum of adt: written by ``_bwd_dstate``, loaded by q / k / x
+        gk = torch.empty(B, H, 3, L, dtype=f32, device=dev)
         # cos / sin of the in-chunk angles, written once by ``_bwd_dstate`` and loaded by the
         # q / k / x kernels (fp16 in fast mode: 2^-11 next to the bf16 operands they rotate)
         csn = (
@@ -391,13 +400,14 @@ def _bwd_impl(
             else dummy
         )
         _BWD_DSTATE[grid](
-            q, adt, dt, q_bias, opt(angt), opt(z), ypre if ypre.numel() else dummy, dout,
-            chtab, dy, opt(dz), dg, ca, com, csn,
-            *_strides(q, (0, 1, 3)), *_strides(adt), *_strides(dt), *gstr,
+            q, adt, dt, opt(trap), q_bias, opt(angt), opt(z), ypre if ypre.numel() else dummy,
+            dout, chtab, dy, opt(dz), dg, ca, com, csn, gk,
+            *_strides(q, (0, 1, 3)), *_strides(adt), *_strides(dt), *_strides(trap), *gstr,
             *_strides(z), *_strides(dout),
             L, H, H // G, S, plan.NC,
-            **_kw(_BWD_DSTATE, C=C, P=P, N2=N2, NA=_angle_width(N2, S), HAS_ANG=angles is not None,
-                  HAS_Z=z is not None, VARLEN=plan.varlen, FAST=fast),
+            **_kw(_BWD_DSTATE, C=C, P=P, N2=N2, NA=_angle_width(N2, S),
+                  HAS_TRAP=trap is not None, HAS_ANG=angles is not None, HAS_Z=z is not None,
+                  VARLEN=plan.varlen, FAST=fast),
         )  # fmt: skip
         nt = plan.tiles(H, N, P, dev)
         K._bwd_pass_kernel[(nseq * H * nt,)](
@@ -407,12 +417,12 @@ def _bwd_impl(
         )  # fmt: skip
         gin, du = torch.empty(B, H, L, dtype=f32, device=dev), torch.empty_like(dadt)
         common = (
-            *_strides(q, (0, 1, 3)), *_strides(k, (0, 1, 3)), *_strides(v), *gates,
-            *_strides(dy), L, H, H // G, S, plan.NC,
+            *_strides(q, (0, 1, 3)), *_strides(k, (0, 1, 3)), *_strides(v), *_strides(dy),
+            L, H, H // G, S, plan.NC,
         )  # fmt: skip
-        flags = dict(C=C, P=P, N2=N2, HAS_TRAP=trap is not None, HAS_ANG=angles is not None)
-        flags.update(HAS_D=D is not None, VARLEN=plan.varlen, FAST=fast, NA=_angle_width(N2, S))
-        inputs = (q, k, v, adt, dt, opt(trap), q_bias, k_bias, csn)
+        flags = dict(C=C, P=P, N2=N2, HAS_ANG=angles is not None, HAS_D=D is not None)
+        flags.update(VARLEN=plan.varlen, FAST=fast, NA=_angle_width(N2, S))
+        inputs = (q, k, v, gk, ca, q_bias, k_bias, csn)
         # per-token d theta terms, tokens last (scanned by ``_bwd_gates``)
         rq = torch.empty(B, H, S, L, dtype=f32, device=dev) if angles is not None else dummy
         doms = torch.empty(plan.nchunks, H, max(S, 1), dtype=f32, device=dev)

@@ -158,6 +158,35 @@ def _gates(
 
 
 @triton.jit
+def _gate_offsets(bat, h, H, L, tt):
+    """Offsets of gamma in the per-token gate buffer (B, H, 3, L): gamma, kappa, cs planes."""
+    return ((bat * H + h) * 3) * L + tt
+
+
+@triton.jit
+def _store_gates(GK, bat, h, H, L, tt, mc, gamma, kappa, cs):
+    """Save a chunk's gamma, kappa and in-chunk cumsum of adt for the kernels after this one.
+
+    ``_gates`` is ~450 PTX instructions per thread where its results meet C x C tiles (two
+    sigmoids, shifted loads, a scan, each rematerialised in every layout that needs them), a
+    tenth of a backward chunk kernel; loading three vectors costs a few."""
+    o = _gate_offsets(bat, h, H, L, tt)
+    tl.store(GK + o, gamma, mask=mc)
+    tl.store(GK + o + L, kappa, mask=mc)
+    tl.store(GK + o + 2 * L, cs, mask=mc)
+
+
+@triton.jit
+def _load_gates(GK, bat, h, H, L, tt, mc):
+    """gamma, kappa and cs of one chunk as ``_store_gates`` saved them (padded tokens: 0)."""
+    o = _gate_offsets(bat, h, H, L, tt)
+    gamma = tl.load(GK + o, mask=mc, other=0.0)
+    kappa = tl.load(GK + o + L, mask=mc, other=0.0)
+    cs = tl.load(GK + o + 2 * L, mask=mc, other=0.0)
+    return gamma, kappa, cs
+
+
+@triton.jit
 def _chunk(gc, CHTAB, L, NC, C: tl.constexpr, VARLEN: tl.constexpr):
     """(batch, sequence, first token, end token, sequence end) of chunk slot ``gc``."""
     if VARLEN:
@@ -309,6 +338,7 @@ def _fwd_state_kernel(
     ST,
     CA,
     COM,
+    GK,
     s_kb,
     s_kl,
     s_kg,
@@ -359,6 +389,7 @@ def _fwd_state_kernel(
     )  # fmt: skip
     cs = tl.cumsum(adt, 0)
     a_c = tl.sum(adt, 0)
+    _store_gates(GK, bat, h, H, L, tt, mc, gamma, kappa, cs)
     if HAS_ANG:
         om, _c, _s, cosv, sinv = _rotation(
             ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
@@ -487,9 +518,8 @@ def _fwd_out_kernel(
     Q,
     K,
     V,
-    ADT,
+    GK,
     DT,
-    TRAP,
     QB,
     KB,
     ANG,
@@ -508,15 +538,9 @@ def _fwd_out_kernel(
     s_vb,
     s_vl,
     s_vh,
-    s_ab,
-    s_ah,
-    s_al,
     s_db,
     s_dh,
     s_dl,
-    s_tb,
-    s_th,
-    s_tl,
     s_gb,
     s_gs,
     s_gh,
@@ -535,7 +559,6 @@ def _fwd_out_kernel(
     P: tl.constexpr,
     N2: tl.constexpr,
     NA: tl.constexpr,
-    HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
@@ -554,12 +577,9 @@ def _fwd_out_kernel(
     offs_j = tl.arange(0, N2)
     tt = tok_start + offs_c
     mc = tt < tok_end
-    adt, dt, gamma, kappa = _gates(
-        ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
-        s_tl, HAS_TRAP, FAST,
-    )  # fmt: skip
-    cs = tl.cumsum(adt, 0)
+    gamma, kappa, cs = _load_gates(GK, bat, h, H, L, tt, mc)  # ``_fwd_state`` saved them
     if HAS_ANG:
+        dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
         _om, _c, _s, cosv, sinv = _rotation(
             ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
         )  # fmt: skip
@@ -606,6 +626,7 @@ def _bwd_dstate_kernel(
     Q,
     ADT,
     DT,
+    TRAP,
     QB,
     ANG,
     Z,
@@ -618,6 +639,7 @@ def _bwd_dstate_kernel(
     CA,
     COM,
     CSN,
+    GK,
     s_qb,
     s_ql,
     s_qg,
@@ -627,6 +649,9 @@ def _bwd_dstate_kernel(
     s_db,
     s_dh,
     s_dl,
+    s_tb,
+    s_th,
+    s_tl,
     s_gb,
     s_gs,
     s_gh,
@@ -645,6 +670,7 @@ def _bwd_dstate_kernel(
     P: tl.constexpr,
     N2: tl.constexpr,
     NA: tl.constexpr,
+    HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_Z: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -664,11 +690,14 @@ def _bwd_dstate_kernel(
     offs_j = tl.arange(0, N2)
     tt = tok_start + offs_c
     mc = tt < tok_end
-    adt = tl.load(ADT + bat * s_ab + h * s_ah + tt * s_al, mask=mc, other=0.0).to(tl.float32)
+    adt, dt, gamma, kappa = _gates(
+        ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
+        s_tl, HAS_TRAP, FAST,
+    )  # fmt: skip
     cs = tl.cumsum(adt, 0)
     tl.store(CA + gc * H + h, tl.sum(adt, 0))
+    _store_gates(GK, bat, h, H, L, tt, mc, gamma, kappa, cs)  # for ``_bwd_q`` / ``_k`` / ``_x``
     if HAS_ANG:
-        dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
         om, cos_a, sin_a, cosv, sinv = _rotation(
             ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
         )  # fmt: skip
@@ -773,13 +802,13 @@ def _bwd_pass_kernel(
 
 @triton.jit
 def _bwd_prologue(
-    Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
-    s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb, s_gs, s_gh,
-    s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr,
-    NA: tl.constexpr,
-    HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr, VARLEN: tl.constexpr, FAST: tl.constexpr,
+    Q, K, V, GK, CA, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
+    s_vb, s_vl, s_vh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C: tl.constexpr, P: tl.constexpr,
+    N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, VARLEN: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
-    """What every backward chunk kernel recomputes: gates, in-chunk rotation, q~, k~, x, dy."""
+    """What every backward chunk kernel loads or recomputes: the gates ``_bwd_dstate`` saved,
+    the in-chunk rotation, q~, k~, x, dy."""
     g = h // HPG
     bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
     offs_c = tl.arange(0, C)
@@ -788,12 +817,8 @@ def _bwd_prologue(
     mj = offs_j < NANG
     tt = tok_start + offs_c
     mc = tt < tok_end
-    adt, dt, gamma, kappa = _gates(
-        ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
-        s_tl, HAS_TRAP, FAST,
-    )  # fmt: skip
-    cs = tl.cumsum(adt, 0)
-    a_c = tl.sum(adt, 0)
+    gamma, kappa, cs = _load_gates(GK, bat, h, H, L, tt, mc)
+    a_c = tl.load(CA + gc * H + h)
     u = tl.exp(a_c - cs) * kappa
     if HAS_ANG:  # ``ANG`` is the cos / sin buffer ``_bwd_dstate`` wrote
         cosv, sinv = _load_csn(ANG, bat, tt, mc, h, L, H, NANG, N2, NA)
@@ -819,7 +844,7 @@ def _bwd_prologue(
     )
     bo = (bat * H + h) * L + tt
     return (
-        bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv,
+        bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, gamma, kappa, cs, a_c, u, cosv, sinv,
         qe, qo, ke, ko, x, dy, vo, bo,
     )  # fmt: skip
 
@@ -863,9 +888,8 @@ def _bwd_q_kernel(
     Q,
     K,
     V,
-    ADT,
-    DT,
-    TRAP,
+    GK,
+    CA,
     QB,
     KB,
     ANG,
@@ -885,18 +909,6 @@ def _bwd_q_kernel(
     s_vb,
     s_vl,
     s_vh,
-    s_ab,
-    s_ah,
-    s_al,
-    s_db,
-    s_dh,
-    s_dl,
-    s_tb,
-    s_th,
-    s_tl,
-    s_gb,
-    s_gs,
-    s_gh,
     s_yb,
     s_yl,
     s_yh,
@@ -909,7 +921,6 @@ def _bwd_q_kernel(
     P: tl.constexpr,
     N2: tl.constexpr,
     NA: tl.constexpr,
-    HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -927,11 +938,10 @@ def _bwd_q_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, \
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, gamma, kappa, cs, a_c, u, cosv, sinv, \
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
-            Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
-            s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_TRAP, HAS_ANG,
+            Q, K, V, GK, CA, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
+            s_vb, s_vl, s_vh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_ANG,
             VARLEN, FAST,
         )  # fmt: skip
     eq = tl.exp(cs)
@@ -961,9 +971,8 @@ def _bwd_k_kernel(
     Q,
     K,
     V,
-    ADT,
-    DT,
-    TRAP,
+    GK,
+    CA,
     QB,
     KB,
     ANG,
@@ -985,18 +994,6 @@ def _bwd_k_kernel(
     s_vb,
     s_vl,
     s_vh,
-    s_ab,
-    s_ah,
-    s_al,
-    s_db,
-    s_dh,
-    s_dl,
-    s_tb,
-    s_th,
-    s_tl,
-    s_gb,
-    s_gs,
-    s_gh,
     s_yb,
     s_yl,
     s_yh,
@@ -1009,7 +1006,6 @@ def _bwd_k_kernel(
     P: tl.constexpr,
     N2: tl.constexpr,
     NA: tl.constexpr,
-    HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -1024,11 +1020,10 @@ def _bwd_k_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, \
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, gamma, kappa, cs, a_c, u, cosv, sinv, \
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
-            Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
-            s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_TRAP, HAS_ANG,
+            Q, K, V, GK, CA, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
+            s_vb, s_vl, s_vh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_ANG,
             VARLEN, FAST,
         )  # fmt: skip
     pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
@@ -1161,9 +1156,8 @@ def _bwd_x_kernel(
     Q,
     K,
     V,
-    ADT,
-    DT,
-    TRAP,
+    GK,
+    CA,
     QB,
     KB,
     ANG,
@@ -1189,18 +1183,6 @@ def _bwd_x_kernel(
     s_vb,
     s_vl,
     s_vh,
-    s_ab,
-    s_ah,
-    s_al,
-    s_db,
-    s_dh,
-    s_dl,
-    s_tb,
-    s_th,
-    s_tl,
-    s_gb,
-    s_gs,
-    s_gh,
     s_yb,
     s_yl,
     s_yh,
@@ -1213,7 +1195,6 @@ def _bwd_x_kernel(
     P: tl.constexpr,
     N2: tl.constexpr,
     NA: tl.constexpr,
-    HAS_TRAP: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_D: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -1225,11 +1206,10 @@ def _bwd_x_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, dt, gamma, kappa, cs, a_c, u, cosv, sinv, \
+    bat, seq, tt, mc, offs_c, offs_p, offs_j, mj, gamma, kappa, cs, a_c, u, cosv, sinv, \
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
-            Q, K, V, ADT, DT, TRAP, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl,
-            s_kg, s_vb, s_vl, s_vh, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th, s_tl, s_gb,
-            s_gs, s_gh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_TRAP, HAS_ANG,
+            Q, K, V, GK, CA, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
+            s_vb, s_vl, s_vh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_ANG,
             VARLEN, FAST,
         )  # fmt: skip
     sc, dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
