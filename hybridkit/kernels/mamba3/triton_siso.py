@@ -283,28 +283,17 @@ def _load_csn(CSN, bat, tt, mc, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexp
 
 
 @triton.jit
-def _load_qk(
-    Qp, QB, bat, g, h, tt, mc, offs_j, s_b, s_l, s_g, HAS_ANG: tl.constexpr, cosv, sinv,
-    ZERO: tl.constexpr,
-):  # fmt: skip
+def _load_qk(Qp, QB, bat, g, h, tt, mc, offs_j, s_b, s_l, s_g, HAS_ANG: tl.constexpr, cosv, sinv):
     """Even / odd columns of q (or k) + per-head bias, rotated by the in-chunk angles.
 
     Rows are loaded whole (16-byte vectors) and split into the pair halves in registers: two
-    stride-2 loads issued one 2-byte load per element and kept the load unit saturated.
-
-    Rows past the chunk's last token hold just the bias (finite), not zeros: every product
-    they enter also has a factor that is zero there (x, dy, kappa, gamma and u load as 0), and
-    their own outputs are not stored. Zeroing them costs ~140 PTX instructions per load, so
-    only ``ZERO`` kernels do: ``_fwd_out`` and ``_bwd_x``, where without it Triton 3.6 scheduled
-    the rest worse (``_bwd_x``: 64 -> 484 spilled bytes per thread, sm_90)."""
+    stride-2 loads issued one 2-byte load per element and kept the load unit saturated."""
     offs_n = tl.arange(0, 2 * offs_j.shape[0])
     qv = tl.load(
         Qp + bat * s_b + tt[:, None] * s_l + g * s_g + offs_n[None, :], mask=mc[:, None], other=0.0
     ).to(tl.float32)
     bv = tl.load(QB + h * offs_n.shape[0] + offs_n).to(tl.float32)
-    qv = qv + bv[None, :]
-    if ZERO:
-        qv = tl.where(mc[:, None], qv, 0.0)
+    qv = tl.where(mc[:, None], qv + bv[None, :], 0.0)
     qe, qo = tl.split(tl.reshape(qv, (tt.shape[0], offs_j.shape[0], 2)))
     if HAS_ANG:
         return qe * cosv - qo * sinv, qe * sinv + qo * cosv
@@ -410,9 +399,7 @@ def _fwd_state_kernel(
     else:
         cosv = 0.0
         sinv = 0.0
-    ke, ko = _load_qk(
-        K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv, False
-    )
+    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
     ke = _operand(ke, FAST)
     ko = _operand(ko, FAST)
     x = tl.load(
@@ -600,10 +587,10 @@ def _fwd_out_kernel(
         cosv = 0.0
         sinv = 0.0
     # rotate q and k right away (cos / sin die), keep them as dot operands only
-    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv, True)
+    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
     qe = _operand(qe, FAST)
     qo = _operand(qo, FAST)
-    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv, True)
+    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
     ke = _operand(ke, FAST)
     ko = _operand(ko, FAST)
     # inter-chunk term first, so the state tile is dead before the C x C work starts
@@ -725,9 +712,7 @@ def _bwd_dstate_kernel(
     else:
         cosv = 0.0
         sinv = 0.0
-    qe, qo = _load_qk(
-        Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv, False
-    )
+    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
     dy = tl.load(
         DOUT + bat * s_ob + tt[:, None] * s_ol + h * s_oh + offs_p[None, :],
         mask=mc[:, None],
@@ -820,7 +805,7 @@ def _bwd_prologue(
     Q, K, V, GK, CA, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
     s_vb, s_vl, s_vh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C: tl.constexpr, P: tl.constexpr,
     N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, VARLEN: tl.constexpr,
-    FAST: tl.constexpr, ZERO: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
     """What every backward chunk kernel loads or recomputes: the gates ``_bwd_dstate`` saved,
     the in-chunk rotation, q~, k~, x, dy."""
@@ -840,8 +825,8 @@ def _bwd_prologue(
     else:
         cosv = 0.0
         sinv = 0.0
-    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv, ZERO)
-    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv, ZERO)
+    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
+    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
     # rotated q~ / k~ as dot operands (bf16 in fast mode: half the registers of four tiles)
     qe = _operand(qe, FAST)
     qo = _operand(qo, FAST)
@@ -957,7 +942,7 @@ def _bwd_q_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, GK, CA, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
             s_vb, s_vl, s_vh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_ANG,
-            VARLEN, FAST, False,
+            VARLEN, FAST,
         )  # fmt: skip
     eq = tl.exp(cs)
     pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
@@ -1039,7 +1024,7 @@ def _bwd_k_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, GK, CA, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
             s_vb, s_vl, s_vh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_ANG,
-            VARLEN, FAST, False,
+            VARLEN, FAST,
         )  # fmt: skip
     pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
     ge = _operand(tl.load(pe), FAST)
@@ -1225,7 +1210,7 @@ def _bwd_x_kernel(
         qe, qo, ke, ko, x, dy, vo, bo = _bwd_prologue(
             Q, K, V, GK, CA, QB, KB, ANG, DY, CHTAB, h, gc, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
             s_vb, s_vl, s_vh, s_yb, s_yl, s_yh, L, H, HPG, NANG, NC, C, P, N2, NA, HAS_ANG,
-            VARLEN, FAST, True,
+            VARLEN, FAST,
         )  # fmt: skip
     sc, dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
     pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
