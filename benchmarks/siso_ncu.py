@@ -1,0 +1,123 @@
+"""Nsight Compute profile of the Triton SISO chunk kernels at a benchmark shape.
+
+Two modes. Under ``ncu`` (profiling only the marked region), run one forward+backward after a
+warm-up call (compilation and the launch tuner stay outside the profile)::
+
+    ncu --clock-control none --profile-from-start off \\
+        --kernel-name regex:'_(fwd|bwd)_[a-z]+_kernel' \\
+        --section SpeedOfLight --section Occupancy --section LaunchStats \\
+        --section WarpStateStats --section SchedulerStats --csv --page raw \\
+        python benchmarks/siso_ncu.py --shape 0 > ncu.csv
+
+then summarise the CSV (one row per kernel: duration, throughputs, occupancy, registers, issue
+rate and the largest warp stall reasons)::
+
+    python benchmarks/siso_ncu.py --summarize ncu.csv
+
+``--clock-control none`` leaves the clocks as the benchmark sees them; durations under ncu are
+per kernel with caches flushed between replays, so compare them with each other, not with the
+benchmark's medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+# (raw metric, short column name); durations are converted to ms
+COLUMNS = [
+    ("gpu__time_duration.sum", "ms"),
+    ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "SM %"),
+    ("gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", "mem %"),
+    ("launch__registers_per_thread", "regs"),
+    ("sm__maximum_warps_per_active_cycle_pct", "occ. theor. %"),
+    ("sm__warps_active.avg.pct_of_peak_sustained_active", "occ. achieved %"),
+    ("smsp__issue_active.avg.pct_of_peak_sustained_active", "issue active %"),
+]
+_TO_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+
+
+def profile(shape: int) -> None:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mamba3_siso import SHAPES, make_inputs
+
+    from hybridkit.kernels.mamba3.siso_op import mamba3_scan_triton
+
+    B, L, H, P, N = SHAPES[shape]
+    inp = make_inputs(B, L, H, P, N, seed=1)
+    for t in inp.values():
+        t.requires_grad_(True)
+    dy = torch.randn(B, L, 1, H, P, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> None:
+        y, _ = mamba3_scan_triton(**inp, chunk_size=64, return_state=False)
+        torch.autograd.backward(y, dy)
+
+    step()  # compile + tune
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _stall_name(metric: str) -> str:
+    """``smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio`` ->
+    ``long_scoreboard``."""
+    tail = metric.split("issue_stalled_", 1)[1]
+    return tail.split("_per_", 1)[0].split(".", 1)[0]
+
+
+def summarize(path: str) -> str:
+    """A markdown table of the kernels in an ncu ``--csv --page raw`` export (one row per
+    kernel launch, a units row first)."""
+    lines = Path(path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    reader = csv.DictReader(lines[start:])
+    units = next(reader)
+    stall_cols = [
+        c for c in reader.fieldnames or [] if "issue_stalled" in c and c.endswith(".ratio")
+    ]
+    head = [c for _, c in COLUMNS] + ["top stalls (warps per issued instruction)"]
+    out = ["| kernel | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    rows = []
+    for r in reader:
+        cells = []
+        for metric, _ in COLUMNS:
+            v = _number(r.get(metric, ""))
+            if v is not None and metric == "gpu__time_duration.sum":
+                v *= _TO_MS.get(units.get(metric, ""), 1.0)
+            cells.append("-" if v is None else f"{v:.3g}")
+        stalls = {_stall_name(c): _number(r[c]) for c in stall_cols}
+        top = sorted(((v, k) for k, v in stalls.items() if v), reverse=True)[:3]
+        cells.append(", ".join(f"{k} {v:.2g}" for v, k in top) or "-")
+        dur = _number(r.get("gpu__time_duration.sum", "")) or 0.0
+        rows.append((dur, f"| {r['Kernel Name'].split('(')[0]} | " + " | ".join(cells) + " |"))
+    out += [line for _, line in sorted(rows, reverse=True)]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, default=0, help="index into the benchmark's SHAPES")
+    ap.add_argument("--summarize", metavar="CSV", help="print a table of an ncu CSV export")
+    args = ap.parse_args()
+    if args.summarize:
+        print(summarize(args.summarize))
+    else:
+        profile(args.shape)
+
+
+if __name__ == "__main__":
+    main()
