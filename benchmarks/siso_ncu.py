@@ -83,7 +83,9 @@ def summarize(path: str) -> str:
     """A markdown table of the kernels in an ncu ``--csv --page raw`` export (one row per
     kernel launch, a units row first)."""
     lines = Path(path).read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise SystemExit(f"{path}: no ncu CSV table (did ncu profile any kernel?)")
     reader = csv.DictReader(lines[start:])
     units = next(reader)
     stall_cols = [
