@@ -31,12 +31,15 @@ COLUMNS = [
     ("gpu__time_duration.sum", "ms"),
     ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "SM %"),
     ("gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", "mem %"),
+    ("dram__cycles_active.avg.pct_of_peak_sustained_elapsed", "DRAM %"),
+    ("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed", "tensor pipe %"),
     ("launch__registers_per_thread", "regs"),
     ("sm__maximum_warps_per_active_cycle_pct", "occ. theor. %"),
     ("sm__warps_active.avg.pct_of_peak_sustained_active", "occ. achieved %"),
     ("smsp__issue_active.avg.pct_of_peak_sustained_active", "issue active %"),
 ]
-_TO_MS = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+_TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+_TO_MS.update(nsecond=1e-6, usecond=1e-3, msecond=1.0, second=1e3)
 
 
 def profile(shape: int) -> None:
@@ -101,7 +104,9 @@ def summarize(path: str) -> str:
             if v is not None and metric == "gpu__time_duration.sum":
                 v *= _TO_MS.get(units.get(metric, ""), 1.0)
             cells.append("-" if v is None else f"{v:.3g}")
+        # "selected" is the issuing warp itself, not a stall
         stalls = {_stall_name(c): _number(r[c]) for c in stall_cols}
+        stalls.pop("selected", None)
         top = sorted(((v, k) for k, v in stalls.items() if v), reverse=True)[:3]
         cells.append(", ".join(f"{k} {v:.2g}" for v, k in top) or "-")
         dur = _number(r.get("gpu__time_duration.sum", "")) or 0.0
