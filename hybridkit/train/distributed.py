@@ -37,10 +37,13 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
+            # naming the device binds NCCL's communicator to it: without it NCCL guesses the
+            # device from the global rank (and warns that a heterogeneous mapping can hang)
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank, world, local)
 
 
