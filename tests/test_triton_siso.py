@@ -173,6 +173,10 @@ CPU_CASES = {
     "euler_norotation_noD": Case(L=20, trap=False, angles=False, D=False, init=True),
     "n32_p32_c32": Case(B=1, L=40, N=32, P=32, S=8, C=32),
     "varlen_empty_first_and_last": Case(B=1, L=20, H=2, init=True, cu=(0, 0, 7, 20, 20)),
+    # every pair rotates (rope_fraction 1): the angle tiles are N/2 wide, nothing is widened
+    "full_rotation_init": Case(S=8, init=True),
+    # more than half of the pairs rotate: still N/2-wide angle tiles, masked past S
+    "rotation_above_half_gate": Case(S=5, z=True),
 }
 
 
