@@ -14,6 +14,9 @@ Work decomposition (spec 3.2), chunk-parallel everywhere except one element-wise
   ``_bwd_pass`` -> ``_bwd_q`` -> ``_bwd_k`` -> ``_bwd_x`` -> ``_bwd_gates`` (the launch order
   in ``siso_op``).
   Per-head dq / dk and the bias / D partial sums are reduced by torch afterwards.
+* The first chunk kernel of each pass (``_fwd_state``, ``_bwd_dstate``) also saves the per-token
+  gates (gamma, kappa and the in-chunk cumsum of adt) in a (B, H, 3, L) buffer, and the in-chunk
+  angle pipeline runs only over the pairs that rotate (N/4 of them at rope_fraction 0.5).
 * **Frames.** A rotation by the absolute angle ``Theta_t`` would make every chunk depend on all
   earlier angles. Instead each chunk works in its own frame: ``q~_t = R(theta_t) q_t`` with
   ``theta_t`` the angle accumulated *inside the chunk* (so ``q~_t . k~_s`` is exact within a
