@@ -391,6 +391,7 @@ def _bwd_impl(
             else dout
         )
         angt, gstr = _angles_tokens_last(angles)
+        na = _angle_width(N2, S)
         grid = (plan.nchunks * H,)
         # gamma, kappa, in-chunk cumsum of adt: written by ``_bwd_dstate``, loaded by q / k / x
         gk = torch.empty(B, H, 3, L, dtype=f32, device=dev)
@@ -407,7 +408,7 @@ def _bwd_impl(
             *_strides(q, (0, 1, 3)), *_strides(adt), *_strides(dt), *_strides(trap), *gstr,
             *_strides(z), *_strides(dout),
             L, H, H // G, S, plan.NC,
-            **_kw(_BWD_DSTATE, C=C, P=P, N2=N2, NA=_angle_width(N2, S),
+            **_kw(_BWD_DSTATE, C=C, P=P, N2=N2, NA=na,
                   HAS_TRAP=trap is not None, HAS_ANG=angles is not None, HAS_Z=z is not None,
                   VARLEN=plan.varlen, FAST=fast),
         )  # fmt: skip
@@ -423,7 +424,7 @@ def _bwd_impl(
             L, H, H // G, S, plan.NC,
         )  # fmt: skip
         flags = dict(C=C, P=P, N2=N2, HAS_ANG=angles is not None, HAS_D=D is not None)
-        flags.update(VARLEN=plan.varlen, FAST=fast, NA=_angle_width(N2, S))
+        flags.update(VARLEN=plan.varlen, FAST=fast, NA=na)
         inputs = (q, k, v, gk, ca, q_bias, k_bias, csn)
         # per-token d theta terms, tokens last (scanned by ``_bwd_gates``)
         rq = torch.empty(B, H, S, L, dtype=f32, device=dev) if angles is not None else dummy
@@ -443,7 +444,7 @@ def _bwd_impl(
         K._bwd_gates_kernel[grid](
             opt(angt), dt, opt(trap), rq, doms, chtab, seqtab, dgam, dkap, opt(dang), ddt,
             opt(dtrap), *gstr, *_strides(dt), *_strides(trap), L, H, S, plan.NC,
-            C=C, N2=N2, NA=_angle_width(N2, S), HAS_ANG=angles is not None,
+            C=C, N2=N2, NA=na, HAS_ANG=angles is not None,
             HAS_TRAP=trap is not None,
             VARLEN=plan.varlen, FAST=fast, num_warps=4 if not _INTERPRET else 1,
         )  # fmt: skip
