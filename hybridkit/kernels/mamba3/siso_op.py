@@ -444,7 +444,7 @@ def _bwd_impl(
         K._bwd_gates_kernel[grid](
             opt(angt), dt, opt(trap), rq, doms, chtab, seqtab, dgam, dkap, opt(dang), ddt,
             opt(dtrap), *gstr, *_strides(dt), *_strides(trap), L, H, S, plan.NC,
-            C=C, N2=N2, NA=na, HAS_ANG=angles is not None,
+            C=C, NA=na, HAS_ANG=angles is not None,
             HAS_TRAP=trap is not None,
             VARLEN=plan.varlen, FAST=fast, num_warps=4 if not _INTERPRET else 1,
         )  # fmt: skip

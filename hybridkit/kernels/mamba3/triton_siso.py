@@ -1083,7 +1083,6 @@ def _bwd_gates_kernel(
     NANG,
     NC,
     C: tl.constexpr,
-    N2: tl.constexpr,
     NA: tl.constexpr,
     HAS_ANG: tl.constexpr,
     HAS_TRAP: tl.constexpr,
