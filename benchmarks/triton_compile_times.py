@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def run_case(case: tuple[int, int, int, int], timeout: float) -> dict:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        start_new_session=True,  # so a stall's ptxas children die with it (they hold the pipe)
     )
     return {"case": dict(C=C, N=N, P=P, fast=bool(fast)), "proc": proc, "t0": t0, "to": timeout}
 
@@ -76,7 +78,7 @@ def finish(job: dict) -> dict:
         out, _ = proc.communicate(timeout=remaining)
         status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         status = "stall"
     res = dict(job["case"], status=status, wall_s=round(time.perf_counter() - job["t0"], 1))
