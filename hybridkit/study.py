@@ -24,8 +24,8 @@ from hybridkit.errors import HybridkitError, RecipeError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
 from hybridkit.eval.report import evaluate_run, load_run
-from hybridkit.layers.base import StrictModel
 from hybridkit.recipe import RecipeSpec, load_recipe, validation_problems
+from hybridkit.schema import StrictModel
 from hybridkit.summary import human_bytes, human_count, summarize
 from hybridkit.train.trainer import Trainer, resolve_device
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from hybridkit.layers.base import StrictModel
+from hybridkit.schema import StrictModel
 
 
 class EvalSpec(StrictModel):

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 from torch import nn
 
 from hybridkit.registry import LAYERS, dispatch_kind
-
-
-class StrictModel(BaseModel):
-    """Base for every recipe section: unknown keys are errors, values are re-validated on edit."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+from hybridkit.schema import StrictModel
 
 
 class LayerSpec(StrictModel):

@@ -37,8 +37,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from hybridkit.layers.base import StrictModel
 from hybridkit.registry import TASKS, dispatch_kind
+from hybridkit.schema import StrictModel, get_path, split_path
 
 IGNORE_INDEX = -100
 """Target value of unscored positions (PyTorch's default ``ignore_index``)."""
@@ -173,19 +173,12 @@ class TaskSpec(StrictModel):
         reports e.g. ``task.vocab_size`` instead of just ``task``."""
         details = []
         for key, message in dict.fromkeys(problems):
-            loc = tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else ()
-            value: Any = self
-            for part in loc:
-                try:
-                    value = value[part] if isinstance(part, int) else getattr(value, part)
-                except (AttributeError, IndexError, KeyError, TypeError):
-                    value = None
-                    break
+            loc = split_path(key)
             details.append(
                 InitErrorDetails(
                     type=PydanticCustomError("task_spec", "{message}", {"message": message}),
                     loc=loc,
-                    input=value,
+                    input=get_path(self, loc),
                 )
             )
         return ValidationError.from_exception_data(type(self).__name__, details)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hybridkit.layers.base import StrictModel
+from hybridkit.schema import StrictModel
 
 
 class TrainSpec(StrictModel):
