@@ -23,14 +23,13 @@ from pydantic import BaseModel, Field, SerializeAsAny, ValidationError
 import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
 import hybridkit.tasks  # noqa: F401  (registers the built-in task kinds)
 from hybridkit.errors import RecipeError
-from hybridkit.eval.spec import EvalSpec
 from hybridkit.fsutil import atomic_write_text
 from hybridkit.layers.base import LayerSpec
+from hybridkit.recipe_sections import EvalSpec, TrainSpec
 from hybridkit.registry import LAYERS, TASKS
 from hybridkit.schema import StrictModel, get_path, set_path
 from hybridkit.spec import ModelSpec, describe_error
 from hybridkit.tasks.base import TaskSpec
-from hybridkit.train.spec import TrainSpec
 
 __all__ = ["RecipeSpec", "apply_overrides", "dump_recipe", "load_recipe", "recipe_to_dict"]
 
