@@ -23,11 +23,13 @@ from hybridkit.build import build_model
 from hybridkit.errors import HybridkitError, RecipeError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
-from hybridkit.eval.report import evaluate_run, load_run
+from hybridkit.eval.report import evaluate_run
 from hybridkit.recipe import RecipeSpec, load_recipe, validation_problems
+from hybridkit.rundir import load_run
+from hybridkit.runtime import resolve_device
 from hybridkit.schema import StrictModel
 from hybridkit.summary import human_bytes, human_count, summarize
-from hybridkit.train.trainer import Trainer, resolve_device
+from hybridkit.train.trainer import Trainer
 
 HELD_OUT_SEED_OFFSET = 7919
 

@@ -22,10 +22,11 @@ from hybridkit.cli import main
 from hybridkit.errors import CheckpointError, RecipeError
 from hybridkit.recipe import dump_recipe, load_recipe
 from hybridkit.recipe_sections import TrainSpec
-from hybridkit.train.checkpoint import latest_checkpoint, read_checkpoint
+from hybridkit.train.checkpoint import read_checkpoint
 from hybridkit.train.metrics import read_metrics
 from hybridkit.train.optim import build_optimizer, lr_at, param_groups
 from hybridkit.train.trainer import Trainer, TrainingDiverged
+from hybridkit.weights import latest_checkpoint
 
 ROOT = Path(__file__).parent.parent
 
