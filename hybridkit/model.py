@@ -25,16 +25,16 @@ if TYPE_CHECKING:
 class Block(nn.Module):
     """``h += mixer(norm1(h)); h += mlp(norm2(h))`` (either part may be absent)."""
 
-    def __init__(self, spec: BlockSpec, *, d_model: int, layer_idx: int, n_layer: int, eps: float):
+    def __init__(self, spec: BlockSpec, *, d_model: int, layer_idx: int, eps: float):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
         self.norm1 = self.mixer = self.norm2 = self.mlp = None
         if spec.mixer is not None:
             self.norm1 = RMSNorm(d_model, eps)
-            self.mixer = spec.mixer.build(d_model, layer_idx, n_layer)
+            self.mixer = spec.mixer.build(d_model, layer_idx)
         if spec.mlp is not None:
             self.norm2 = RMSNorm(d_model, eps)
-            self.mlp = spec.mlp.build(d_model, layer_idx, n_layer)
+            self.mlp = spec.mlp.build(d_model, layer_idx)
 
     def forward(
         self,
@@ -78,10 +78,9 @@ class HybridLM(nn.Module):
         super().__init__()
         self.spec = spec
         layers = spec.layers()
-        n_layer = len(layers)
         self.embedding = nn.Embedding(spec.vocab_size, spec.d_model)
         self.blocks = nn.ModuleList(
-            Block(b, d_model=spec.d_model, layer_idx=i, n_layer=n_layer, eps=spec.norm_eps)
+            Block(b, d_model=spec.d_model, layer_idx=i, eps=spec.norm_eps)
             for i, b in enumerate(layers)
         )
         self.norm_f = RMSNorm(spec.d_model, spec.norm_eps)

@@ -61,7 +61,7 @@ def register_layer(module_cls: type, *, replace: bool = False) -> Callable[[type
     """Class decorator for a layer spec: ``@register_layer(MyModule) class MySpec(LayerSpec)``.
 
     The spec class must declare ``kind: Literal["my_kind"] = "my_kind"``. The module class is
-    constructed as ``module_cls(spec, d_model=..., layer_idx=..., n_layer=...)``.
+    constructed as ``module_cls(spec, d_model=..., layer_idx=...)``.
     """
 
     def deco(spec_cls: type) -> type:

@@ -38,7 +38,7 @@ class Attention(nn.Module):
 
     residual_out_names = ("out_proj",)
 
-    def __init__(self, spec: AttentionSpec, *, d_model: int, layer_idx: int, n_layer: int):
+    def __init__(self, spec: AttentionSpec, *, d_model: int, layer_idx: int):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
         self.n_heads = spec.resolved_heads(d_model)

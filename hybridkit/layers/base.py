@@ -41,7 +41,12 @@ class LayerSpec(StrictModel):
         """Short description of the key options for the layer table."""
         return ""
 
-    def build(self, d_model: int, layer_idx: int, n_layer: int) -> nn.Module:
-        """Instantiate the registered module class for this spec."""
+    def build(self, d_model: int, layer_idx: int) -> nn.Module:
+        """Instantiate the registered module class for this spec.
+
+        ``layer_idx`` is the layer's slot in the model, which stateful layers use as their key in
+        the :class:`~hybridkit.cache.InferenceCache`. Depth-dependent init scaling is the model's
+        job (``HybridLM.init_weights``), so layers are not told how many layers there are.
+        """
         module_cls = LAYERS.get(self.kind).module_cls
-        return module_cls(self, d_model=d_model, layer_idx=layer_idx, n_layer=n_layer)
+        return module_cls(self, d_model=d_model, layer_idx=layer_idx)
