@@ -12,9 +12,10 @@ get a base class).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = ["MISSING", "StrictModel", "get_path", "set_path", "split_path", "yaml_type"]
 
@@ -28,6 +29,27 @@ class StrictModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    removed_keys: ClassVar[dict[str, str]] = {}
+    """Keys this section used to accept -> what to do instead. A removed setting gets an error
+    that explains itself rather than the generic "unknown key" a typo gets."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.removed_keys:
+            problems = [
+                InitErrorDetails(
+                    type=PydanticCustomError("removed_key", "{message}", {"message": message}),
+                    loc=(key,),
+                    input=data[key],
+                )
+                for key, message in cls.removed_keys.items()
+                if key in data
+            ]
+            if problems:
+                raise ValidationError.from_exception_data(cls.__name__, problems)
+        return data
 
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
