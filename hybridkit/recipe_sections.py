@@ -50,7 +50,10 @@ class TrainSpec(StrictModel):
     eval_every: int = Field(default=0, ge=0, description="in-training eval cadence; 0 = at the end")
     checkpoint_every: int = Field(default=200, ge=0, description="0 = only the final checkpoint")
     keep_checkpoints: int = Field(default=2, gt=0, description="checkpoints kept on disk")
-    seed: int | None = Field(default=None, description="data/init seed; null = the recipe's seed")
+    seed: int | None = Field(
+        default=None,
+        description="init seed, and data seed unless task.seed is set; null = the recipe's seed",
+    )
     tensorboard: bool = Field(default=True, description="also log to TensorBoard if installed")
 
     @field_validator("device")

@@ -101,7 +101,11 @@ class TaskSpec(StrictModel):
     )
     eval_examples: int = Field(default=500, gt=0, description="examples per evaluation length")
     eval_seed: int = Field(default=1234, ge=0, description="seed of the fixed evaluation sets")
-    seed: int | None = Field(default=None, ge=0, description="training data seed; None = recipe")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        description="seed of the training data stream only; null = train.seed, else the recipe's",
+    )
 
     def __setattr__(self, name: str, value: Any) -> None:
         # pydantic applies an assignment before the model validators run, so a rejected value
@@ -350,10 +354,16 @@ class Task(ABC):
         """``n`` examples of natural length ``length``."""
 
     # --- training -----------------------------------------------------------------------------
-    def make_rng(self, recipe_seed: int = 0, rank: int = 0) -> np.random.Generator:
-        """Training RNG: ``spec.seed`` (or the recipe seed) mixed with the data-parallel rank."""
-        seed = self.spec.seed if self.spec.seed is not None else recipe_seed
-        return np.random.default_rng(np.random.SeedSequence([seed, rank]))
+    def train_rng(self, step: int, default_seed: int = 0) -> np.random.Generator:
+        """RNG of the training batch of ``step``: a function of the data seed and ``step`` only.
+
+        The data seed is ``spec.seed`` when set, else ``default_seed`` (the trainer passes its
+        init seed). Keeping it apart from the init seed lets a study vary the initialisation on
+        the same data stream, or the data on the same initialisation; deriving it per step is
+        what lets a resumed run draw exactly the batches an uninterrupted one would have.
+        """
+        seed = self.spec.seed if self.spec.seed is not None else default_seed
+        return np.random.default_rng(np.random.SeedSequence([seed, step]))
 
     def lengths_at(self, step: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         """Natural length of each example of the training batch at ``step``."""
@@ -429,10 +439,6 @@ class Task(ABC):
         problem = self.spec.length_problem(length)
         if problem is not None:
             raise ValueError(f"task {self.spec.kind!r}: {problem}")
-
-    def describe(self) -> str:
-        """One line for logs: kind, vocabulary size and chance level."""
-        return f"{self.spec.kind}: vocab {self.vocab_size}, chance {self.chance:.3g}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """One trainer for every task: synthetic tasks and plain next-token LM alike.
 
 Determinism is by construction: the training batch of step ``s`` is drawn from a generator seeded
-with ``(seed, s)`` and nothing else, the learning rate is a pure function of ``s``, and a
+with ``(data seed, s)`` and nothing else, the learning rate is a pure function of ``s``, and a
 checkpoint stores weights, AdamW moments and RNG states. Resuming from the checkpoint at step
 ``s`` therefore replays exactly the steps an uninterrupted run would have taken.
 
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -246,8 +245,12 @@ class Trainer:
 
     # --- one step -------------------------------------------------------------------------------
     def batch_for(self, step: int):
-        """The global batch of ``step``: a function of (seed, step) only."""
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
+        """The global batch of ``step``: a function of (data seed, step) only.
+
+        The data seed is ``task.seed`` when the recipe sets it, else the init seed
+        (``train.seed``, else the recipe's ``seed``); see :meth:`Task.train_rng`.
+        """
+        rng = self.task.train_rng(step, default_seed=self.seed)
         return self.task.train_batch(step, self.spec.batch_size, rng)
 
     def train_step(self) -> dict:
