@@ -31,7 +31,14 @@ from hybridkit.schema import StrictModel, get_path, set_path
 from hybridkit.spec import ModelSpec, describe_error
 from hybridkit.tasks.base import TaskSpec
 
-__all__ = ["RecipeSpec", "apply_overrides", "dump_recipe", "load_recipe", "recipe_to_dict"]
+__all__ = [
+    "RecipeSpec",
+    "apply_overrides",
+    "dump_recipe",
+    "load_recipe",
+    "read_yaml_mapping",
+    "recipe_to_dict",
+]
 
 
 class RecipeSpec(StrictModel):
@@ -56,7 +63,7 @@ def load_recipe(
         data: Any = copy.deepcopy(dict(path_or_dict))
     else:
         source = str(path_or_dict)
-        data = _read_yaml(Path(path_or_dict))
+        data = read_yaml_mapping(path_or_dict)
     apply_overrides(data, overrides, source)
     try:
         return RecipeSpec.model_validate(data)
@@ -64,30 +71,29 @@ def load_recipe(
         raise RecipeError(source, validation_problems(exc, data)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(
+    path: str | os.PathLike[str], what: str = "recipe", keys: str = "name, seed, model, ..."
+) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (a ``what`` file whose keys are like ``keys``).
+
+    Recipes and study files share this so that a missing file, bad YAML or a file that is not a
+    mapping reads the same way for both, as a :class:`RecipeError` naming the file.
+    """
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(source, [("", "file not found")]) from None
+        raise RecipeError(source, [("", f"no such {what} file (not found)")], what) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(source, [("", f"cannot read the file: {exc}")]) from None
+        raise RecipeError(source, [("", f"cannot read the file: {exc}")], what) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(source, [("", f"YAML syntax error: {exc}")]) from None
+        raise RecipeError(source, [("", f"YAML syntax error: {exc}")], what) from None
     if not isinstance(data, dict):
-        what = "empty" if data is None else f"a {type(data).__name__}"
-        raise RecipeError(
-            source,
-            [
-                (
-                    "",
-                    f"the top level must be a mapping of keys "
-                    f"(name, seed, model, ...); the file is {what}",
-                )
-            ],
-        )
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        message = f"the top level must be a mapping of keys ({keys}); the file is {kind}"
+        raise RecipeError(source, [("", message)], what)
     return data
 
 
