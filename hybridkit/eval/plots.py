@@ -22,6 +22,14 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Lay the figure out and write it (the format follows the file's extension)."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
 def plot_lengthgen(
     curves: Mapping[str, Sequence[tuple[int, float]]],
     path: str | Path,
@@ -66,10 +74,7 @@ def plot_lengthgen(
         ax.set_title(title)
     if len(curves) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def plot_depth_heatmap(
@@ -94,7 +99,4 @@ def plot_depth_heatmap(
     fig.colorbar(im, ax=ax, label="ex_match (%)")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)

@@ -25,12 +25,7 @@ class LayerSpec(StrictModel):
     @model_validator(mode="wrap")
     @classmethod
     def _dispatch_on_kind(cls, data: Any, handler: Any) -> Any:
-        # Only the open base class dispatches; a concrete subclass validates itself.
-        if cls is LayerSpec and isinstance(data, dict):
-            return dispatch_kind(data, LAYERS, lambda entry: entry.spec_cls)
-        if cls is LayerSpec and isinstance(data, LayerSpec):
-            return data
-        return handler(data)
+        return dispatch_kind(cls, LayerSpec, data, handler, LAYERS, lambda entry: entry.spec_cls)
 
     # --- hooks used by the model compiler and `hybridkit show` -------------------------------
     def check(self, d_model: int) -> list[tuple[str, str]]:

@@ -123,12 +123,7 @@ class TaskSpec(StrictModel):
     @model_validator(mode="wrap")
     @classmethod
     def _dispatch_on_kind(cls, data: Any, handler: Any) -> Any:
-        # Only the open base class dispatches; a concrete subclass validates itself.
-        if cls is TaskSpec and isinstance(data, dict):
-            return dispatch_kind(data, TASKS, lambda entry: entry)
-        if cls is TaskSpec and isinstance(data, TaskSpec):
-            return data
-        return handler(data)
+        return dispatch_kind(cls, TaskSpec, data, handler, TASKS, lambda entry: entry)
 
     @field_validator("length_mixture", "curriculum")
     @classmethod
