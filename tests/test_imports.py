@@ -3,8 +3,8 @@
 Why a test: a cycle or an upward import is invisible until someone imports modules in a new
 order (or moves a function) and gets a half-initialised module, and every upward import makes the
 lower layer impossible to use, test or reason about without the upper one (an evaluator that
-needs the trainer, a task that needs the layer package). ``docs/architecture.md`` and the design
-note describe the picture; this file is the rule the code is held to.
+needs the trainer, a task that needs the layer package). The README's "Layout" section and the
+design note describe the picture; :data:`LEVELS` below is the rule the code is held to.
 
 How: every module of the package is parsed with :mod:`ast` (nothing is imported). All import
 statements count -- module level, inside functions and methods (a deferred import is still a
