@@ -5,7 +5,7 @@ hybrid stacks. A layer kind is two classes:
 
 * a pydantic spec deriving from ``LayerSpec`` with ``kind: Literal["<name>"]`` (its fields are
   the recipe keys, validated with the same error messages as built-in layers), and
-* an ``nn.Module`` built as ``Module(spec, d_model=..., layer_idx=..., n_layer=...)`` whose
+* an ``nn.Module`` built as ``Module(spec, d_model=..., layer_idx=...)`` whose
   ``forward(x, *, cache=None, cu_seqlens=None)`` maps (B, L, d_model) to (B, L, d_model).
   Layers that remember the past implement ``allocate_cache`` and keep their state in
   ``cache.layers[self.layer_idx]`` so prefill + decoding works.
@@ -34,7 +34,7 @@ class ShortConv(nn.Module):
 
     residual_out_names = ("out_proj",)  # scaled at init like every residual-branch output
 
-    def __init__(self, spec: ShortConvSpec, *, d_model: int, layer_idx: int, n_layer: int):
+    def __init__(self, spec: ShortConvSpec, *, d_model: int, layer_idx: int):
         super().__init__()
         self.spec, self.layer_idx, self.width = spec, layer_idx, spec.width
         self.weight = nn.Parameter(torch.randn(d_model, spec.width) / spec.width)

@@ -77,8 +77,7 @@ def main() -> dict:
         {"kind": "reverse", "seq_len": 6, "num_symbols": 8, "eval_lengths": [6, 12]}
     )
     task = spec.build()
-    rng = task.make_rng(recipe_seed=0)
-    train = task.train_batch(step=0, batch_size=4, rng=rng)
+    train = task.train_batch(step=0, batch_size=4, rng=task.train_rng(step=0))
     evals = {n: score(oracle(task.eval_set(n).inputs), task.eval_set(n)) for n in task.eval_lengths}
     print(f"kind {spec.kind!r}: vocab {task.vocab_size}, chance {task.chance:.3f}")
     print(f"train batch inputs {tuple(train.inputs.shape)}; first row {train.inputs[0].tolist()}")

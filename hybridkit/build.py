@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
 from hybridkit.model import HybridLM
-from hybridkit.recipe import RecipeSpec
 from hybridkit.spec import ModelSpec
+
+if TYPE_CHECKING:  # recipe.py sits above build.py (it reads task and train sections too)
+    from hybridkit.recipe import RecipeSpec
 
 
 def build_model(
@@ -22,7 +26,7 @@ def build_model(
     ``spec`` may be a whole recipe (its ``model`` section is used). With ``seed`` the initial
     weights are reproducible and the global RNG state is restored afterwards.
     """
-    model_spec = spec.model if isinstance(spec, RecipeSpec) else spec
+    model_spec = spec if isinstance(spec, ModelSpec) else spec.model
     if seed is None:
         model = HybridLM(model_spec)
     else:

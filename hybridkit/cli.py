@@ -30,7 +30,7 @@ def _device(name: str, *, must_exist: bool = True) -> str:
     """
     import torch
 
-    from hybridkit.train.trainer import resolve_device
+    from hybridkit.runtime import resolve_device
 
     if not must_exist and name.startswith("cuda"):
         try:
@@ -42,30 +42,13 @@ def _device(name: str, *, must_exist: bool = True) -> str:
     return str(resolve_device(name))
 
 
-def load_source(source: str, overrides: Sequence[str]):
-    """Load a recipe file, or a run directory (recipe.yaml + weights): -> (recipe, weights)."""
-    from hybridkit.recipe import load_recipe
-    from hybridkit.train.checkpoint import find_weights
-
-    path = Path(source)
-    if path.is_dir():
-        recipe_path = path / "recipe.yaml"
-        if not recipe_path.is_file():
-            raise HybridkitError(
-                f"{path} is a directory without recipe.yaml; pass a recipe file or a run directory"
-            )
-        return load_recipe(recipe_path, overrides), find_weights(path)
-    if not path.exists():
-        raise HybridkitError(f"no such recipe file or run directory: {source}")
-    return load_recipe(path, overrides), None
-
-
 # --- show -------------------------------------------------------------------------------------
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from hybridkit.build import build_model
+    from hybridkit.rundir import load_source
     from hybridkit.summary import human_bytes, human_count, summarize
 
     recipe, _ = load_source(args.recipe, args.overrides)
@@ -145,7 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from hybridkit.build import build_model
-    from hybridkit.train.checkpoint import load_weights
+    from hybridkit.rundir import load_source
+    from hybridkit.weights import load_weights
 
     recipe, weights = load_source(args.source, args.overrides)
     device = _device(args.device)
@@ -179,6 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from hybridkit.check import consistency_check
+    from hybridkit.rundir import load_source
 
     recipe, _ = load_source(args.recipe, args.overrides)
     report = consistency_check(

@@ -17,16 +17,17 @@ class HybridkitError(Exception):
 
 
 class RecipeError(HybridkitError):
-    """A recipe (YAML file, override or Python dict) failed validation.
+    """A recipe (YAML file, override or Python dict) or a study file failed validation.
 
     ``problems`` is a list of ``(dotted_key, message)`` pairs so that callers and tests can
-    inspect individual problems; ``str(err)`` is the full, human-readable report.
+    inspect individual problems; ``str(err)`` is the full, human-readable report. ``what`` names
+    the kind of file in that report (``recipe`` or ``study``).
     """
 
-    def __init__(self, source: str, problems: Iterable[tuple[str, str]]):
+    def __init__(self, source: str, problems: Iterable[tuple[str, str]], what: str = "recipe"):
         self.source = source
         self.problems = list(problems)
-        lines = [f"invalid recipe {source}:"]
+        lines = [f"invalid {what} {source}:"]
         for key, msg in self.problems:
             lines.append(f"  {key or '<root>'}: {msg}")
         super().__init__("\n".join(lines))

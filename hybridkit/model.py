@@ -25,16 +25,16 @@ if TYPE_CHECKING:
 class Block(nn.Module):
     """``h += mixer(norm1(h)); h += mlp(norm2(h))`` (either part may be absent)."""
 
-    def __init__(self, spec: BlockSpec, *, d_model: int, layer_idx: int, n_layer: int, eps: float):
+    def __init__(self, spec: BlockSpec, *, d_model: int, layer_idx: int, eps: float):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
         self.norm1 = self.mixer = self.norm2 = self.mlp = None
         if spec.mixer is not None:
             self.norm1 = RMSNorm(d_model, eps)
-            self.mixer = spec.mixer.build(d_model, layer_idx, n_layer)
+            self.mixer = spec.mixer.build(d_model, layer_idx)
         if spec.mlp is not None:
             self.norm2 = RMSNorm(d_model, eps)
-            self.mlp = spec.mlp.build(d_model, layer_idx, n_layer)
+            self.mlp = spec.mlp.build(d_model, layer_idx)
 
     def forward(
         self,
@@ -49,6 +49,27 @@ class Block(nn.Module):
             h = h + self.mlp(self.norm2(h), cache=cache, cu_seqlens=cu_seqlens)
         return h
 
+    def part_params(self) -> list[tuple[str, int]]:
+        """``(layer kind, parameters)`` of each present part, its pre-norm counted with it.
+
+        The one place that decides how a block's parameters are attributed, so that the totals
+        per kind (:meth:`HybridLM.param_counts`) and the per-layer rows of ``hybridkit show``
+        always add up to the same numbers.
+        """
+        return [
+            (layer.spec.kind, _count(layer) + _count(norm))
+            for norm, layer in ((self.norm1, self.mixer), (self.norm2, self.mlp))
+            if layer is not None
+        ]
+
+    def num_params(self) -> int:
+        """Parameters of the whole block (both parts with their pre-norms)."""
+        return sum(n for _, n in self.part_params())
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
 
 class HybridLM(nn.Module):
     """A causal language model compiled from a :class:`~hybridkit.spec.ModelSpec`."""
@@ -57,10 +78,9 @@ class HybridLM(nn.Module):
         super().__init__()
         self.spec = spec
         layers = spec.layers()
-        n_layer = len(layers)
         self.embedding = nn.Embedding(spec.vocab_size, spec.d_model)
         self.blocks = nn.ModuleList(
-            Block(b, d_model=spec.d_model, layer_idx=i, n_layer=n_layer, eps=spec.norm_eps)
+            Block(b, d_model=spec.d_model, layer_idx=i, eps=spec.norm_eps)
             for i, b in enumerate(layers)
         )
         self.norm_f = RMSNorm(spec.d_model, spec.norm_eps)
@@ -168,9 +188,12 @@ class HybridLM(nn.Module):
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` continuations for a batch of equal-length prompts.
 
-        ``temperature == 0`` is greedy. With ``seed`` the samples are reproducible (a private
-        generator; the global RNG is untouched). Sequences that emitted ``eos_id`` keep emitting it.
-        Returns (B, L + max_new_tokens) including the prompt.
+        ``temperature == 0`` is greedy. Sampling draws from a private ``torch.Generator``: seeded
+        with ``seed`` the samples are reproducible, without one it starts from fresh OS entropy.
+        Either way torch's global RNG is neither read nor re-seeded, so calling ``generate`` in
+        the middle of a seeded training or evaluation run does not change what that run draws
+        next. Sequences that emitted ``eos_id`` keep emitting it. Returns
+        (B, L + max_new_tokens) including the prompt.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -181,7 +204,10 @@ class HybridLM(nn.Module):
         was_training = self.training
         self.eval()
         gen = torch.Generator(device=ids.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            gen.seed()  # nondeterministic, and only this generator's state changes
+        else:
+            gen.manual_seed(seed)
         cache = self.allocate_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
         out = [ids]
         logits = self.forward(ids, cache=cache)[:, -1]
@@ -204,16 +230,15 @@ class HybridLM(nn.Module):
         counts: dict[str, int] = defaultdict(int)
         counts["embedding"] = self.embedding.weight.numel()
         counts["head"] = 0 if self.spec.tie_embeddings else self.lm_head.weight.numel()
-        counts["final_norm"] = sum(p.numel() for p in self.norm_f.parameters())
+        counts["final_norm"] = _count(self.norm_f)
         for block in self.blocks:
-            for norm, layer in ((block.norm1, block.mixer), (block.norm2, block.mlp)):
-                if layer is not None:
-                    n = sum(p.numel() for p in layer.parameters()) + norm.weight.numel()
-                    counts[layer.spec.kind] += n
+            for kind, n in block.part_params():
+                counts[kind] += n
         return dict(counts)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """All parameters, a tied head counted once (``parameters()`` yields shared ones once)."""
+        return _count(self)
 
 
 def sample(

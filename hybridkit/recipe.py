@@ -23,15 +23,22 @@ from pydantic import BaseModel, Field, SerializeAsAny, ValidationError
 import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
 import hybridkit.tasks  # noqa: F401  (registers the built-in task kinds)
 from hybridkit.errors import RecipeError
-from hybridkit.eval.spec import EvalSpec
 from hybridkit.fsutil import atomic_write_text
-from hybridkit.layers.base import LayerSpec, StrictModel
+from hybridkit.layers.base import LayerSpec
+from hybridkit.recipe_sections import EvalSpec, TrainSpec
 from hybridkit.registry import LAYERS, TASKS
+from hybridkit.schema import StrictModel, get_path, set_path
 from hybridkit.spec import ModelSpec, describe_error
 from hybridkit.tasks.base import TaskSpec
-from hybridkit.train.spec import TrainSpec
 
-__all__ = ["RecipeSpec", "apply_overrides", "dump_recipe", "load_recipe", "recipe_to_dict"]
+__all__ = [
+    "RecipeSpec",
+    "apply_overrides",
+    "dump_recipe",
+    "load_recipe",
+    "read_yaml_mapping",
+    "recipe_to_dict",
+]
 
 
 class RecipeSpec(StrictModel):
@@ -56,7 +63,7 @@ def load_recipe(
         data: Any = copy.deepcopy(dict(path_or_dict))
     else:
         source = str(path_or_dict)
-        data = _read_yaml(Path(path_or_dict))
+        data = read_yaml_mapping(path_or_dict)
     apply_overrides(data, overrides, source)
     try:
         return RecipeSpec.model_validate(data)
@@ -64,30 +71,29 @@ def load_recipe(
         raise RecipeError(source, validation_problems(exc, data)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(
+    path: str | os.PathLike[str], what: str = "recipe", keys: str = "name, seed, model, ..."
+) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (a ``what`` file whose keys are like ``keys``).
+
+    Recipes and study files share this so that a missing file, bad YAML or a file that is not a
+    mapping reads the same way for both, as a :class:`RecipeError` naming the file.
+    """
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(source, [("", "file not found")]) from None
+        raise RecipeError(source, [("", f"no such {what} file (not found)")], what) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(source, [("", f"cannot read the file: {exc}")]) from None
+        raise RecipeError(source, [("", f"cannot read the file: {exc}")], what) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(source, [("", f"YAML syntax error: {exc}")]) from None
+        raise RecipeError(source, [("", f"YAML syntax error: {exc}")], what) from None
     if not isinstance(data, dict):
-        what = "empty" if data is None else f"a {type(data).__name__}"
-        raise RecipeError(
-            source,
-            [
-                (
-                    "",
-                    f"the top level must be a mapping of keys "
-                    f"(name, seed, model, ...); the file is {what}",
-                )
-            ],
-        )
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        message = f"the top level must be a mapping of keys ({keys}); the file is {kind}"
+        raise RecipeError(source, [("", message)], what)
     return data
 
 
@@ -118,69 +124,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
         except yaml.YAMLError as exc:
             problems.append((key, f"override {text!r}: the value is not valid YAML ({exc})"))
             continue
-        error = _set_path(data, [part.strip() for part in key.split(".")], value)
+        error = set_path(data, [part.strip() for part in key.split(".")], value, create=True)
         if error:
             problems.append((key, f"override {text!r}: {error}"))
     if problems:
         raise RecipeError(source, problems)
-
-
-def _set_path(node: Any, parts: list[str], value: Any) -> str | None:
-    """Walk ``parts`` from ``node`` and set the last one; returns an error message or None."""
-    walked: list[str] = []
-    while parts:
-        if isinstance(node, dict):
-            key, used = _dict_key(node, parts)
-            walked += parts[:used]
-            parts = parts[used:]
-            if not parts:
-                node[key] = value
-                return None
-            if key not in node:
-                node[key] = {}
-            node = node[key]
-        elif isinstance(node, list):
-            part = parts.pop(0)
-            try:
-                index = int(part)
-            except ValueError:
-                return f"{'.'.join(walked) or '<root>'} is a list; {part!r} is not an integer index"
-            if not -len(node) <= index < len(node):
-                return (
-                    f"index {index} is out of range for {'.'.join(walked)} "
-                    f"(allowed: {-len(node)}..{len(node) - 1})"
-                )
-            walked.append(part)
-            if not parts:
-                node[index] = value
-                return None
-            node = node[index]
-        else:
-            return (
-                f"cannot set {'.'.join(parts)!r} inside {'.'.join(walked)!r}, which is "
-                f"{_yaml_type(node)}, not a mapping"
-            )
-    return None
-
-
-def _dict_key(node: dict[Any, Any], parts: list[str]) -> tuple[Any, int]:
-    """The key of ``node`` that the next path segments address, and how many segments it uses.
-
-    Prefers the longest existing dotted key (``overrides: {5: {mixer.window: 8}}`` has a key with
-    a dot in it) and matches integer keys written as text (``overrides.5``).
-    """
-    for used in range(len(parts), 0, -1):
-        candidate = ".".join(parts[:used])
-        if candidate in node:
-            return candidate, used
-        if candidate.lstrip("-").isdigit() and int(candidate) in node:
-            return int(candidate), used
-    return parts[0], 1
-
-
-def _yaml_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
-    return "null" if value is None else names.get(type(value), f"a {type(value).__name__}")
 
 
 # --- pydantic errors -> RecipeError problems ------------------------------------------------------
@@ -208,7 +156,7 @@ def allowed_keys(root: type[BaseModel], data: Any, loc: Sequence[Any]) -> list[s
     node = data
     for key in loc:
         tp = _child_type(tp, node, key)
-        node = _child_data(node, key)
+        node = get_path(node, [key])
         if tp is None:
             return None
     cls = _model_class(tp, node)
@@ -251,18 +199,6 @@ def _child_type(tp: Any, node: Any, key: Any) -> Any:
             return typing.get_args(arm)[1]
         if origin is list and isinstance(key, int) and (node is None or isinstance(node, list)):
             return typing.get_args(arm)[0]
-    return None
-
-
-def _child_data(node: Any, key: Any) -> Any:
-    if isinstance(node, dict):
-        for candidate in (key, str(key)):
-            if candidate in node:
-                return node[candidate]
-        text = str(key)
-        return node.get(int(text)) if text.lstrip("-").isdigit() else None
-    if isinstance(node, list) and isinstance(key, int) and -len(node) <= key < len(node):
-        return node[key]
     return None
 
 

@@ -61,7 +61,7 @@ def register_layer(module_cls: type, *, replace: bool = False) -> Callable[[type
     """Class decorator for a layer spec: ``@register_layer(MyModule) class MySpec(LayerSpec)``.
 
     The spec class must declare ``kind: Literal["my_kind"] = "my_kind"``. The module class is
-    constructed as ``module_cls(spec, d_model=..., layer_idx=..., n_layer=...)``.
+    constructed as ``module_cls(spec, d_model=..., layer_idx=...)``.
     """
 
     def deco(spec_cls: type) -> type:
@@ -81,13 +81,28 @@ def register_task(spec_cls: type | None = None, *, replace: bool = False) -> Any
     return deco(spec_cls) if spec_cls is not None else deco
 
 
-def dispatch_kind(data: dict, registry: Registry, spec_of: Callable[[Any], type]) -> Any:
-    """Validate ``data`` against the spec class registered for ``data["kind"]``.
+def dispatch_kind(
+    cls: type,
+    base: type,
+    data: Any,
+    handler: Callable[[Any], Any],
+    registry: Registry,
+    spec_of: Callable[[Any], type],
+) -> Any:
+    """The body of the pydantic wrap validator of an open base class (``LayerSpec``, ``TaskSpec``).
 
-    Used by the open base classes (``LayerSpec``, ``TaskSpec``) in a pydantic wrap validator, so
-    a kind registered from another package is validated like a built-in one, with the same error
-    paths. Unknown or missing kinds list the registered ones.
+    Validating against the open ``base`` looks up the spec class registered for
+    ``data["kind"]`` and validates against it, so a kind registered from another package is
+    validated like a built-in one, with the same error paths; unknown or missing kinds list the
+    registered ones. A concrete subclass (``cls`` is not ``base``) validates itself through
+    ``handler``, and an already validated spec passes through unchanged.
     """
+    if cls is not base:
+        return handler(data)
+    if isinstance(data, base):
+        return data
+    if not isinstance(data, dict):
+        return handler(data)
     kind = data.get("kind")
     allowed = ", ".join(registry.names())
     if kind is None:

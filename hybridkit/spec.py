@@ -32,8 +32,9 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
 from hybridkit.errors import describe_value
-from hybridkit.layers.base import LayerSpec, StrictModel
+from hybridkit.layers.base import LayerSpec
 from hybridkit.registry import LAYERS
+from hybridkit.schema import StrictModel, get_path, set_path
 
 SPEC_PROBLEM = "spec_problem"
 """Error type of the problems raised by this module; their message is already user-ready."""
@@ -666,30 +667,22 @@ def _flatten(changes: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, A
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> str | None:
-    """Set ``data[a][b] = value`` for key ``"a.b"``; returns an error message or None."""
+    """Set ``data[a][b] = value`` for key ``"a.b"``; returns an error message or None.
+
+    A block has exactly the keys ``mixer`` and ``mlp``, so an unknown first segment is reported
+    here with every dotted key an override may set; deeper unknown leaves are left to
+    re-validation, which knows the layer's fields.
+    """
     parts = key.split(".")
     if any(not p for p in parts):
         return f"malformed key {key!r}"
-    node: Any = data
-    for depth, part in enumerate(parts[:-1]):
-        if part not in node:
-            return f"unknown key {'.'.join(parts[: depth + 1])!r}"
-        if not isinstance(node[part], dict):
-            what = "not set in this block" if node[part] is None else "not a mapping"
-            return f"{'.'.join(parts[: depth + 1])!r} is {what}"
-        node = node[part]
-    if len(parts) == 1 and parts[0] not in data:
-        # Deeper unknown leaves are left to re-validation, which knows the layer's fields.
+    if parts[0] not in data:
         return f"unknown key {parts[0]!r}"
-    node[parts[-1]] = value
-    return None
+    return set_path(data, parts, value, create=False)
 
 
 def _get_dotted(block: BlockSpec, key: str) -> Any:
-    node: Any = block
-    for part in key.split("."):
-        node = getattr(node, part, None)
-    return node
+    return get_path(block, key.split("."))
 
 
 def _block_keys(block: BlockSpec) -> str:

@@ -16,18 +16,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from hybridkit.build import build_model
-from hybridkit.errors import HybridkitError, RecipeError
+from hybridkit.errors import RecipeError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
-from hybridkit.eval.report import evaluate_run, load_run
-from hybridkit.layers.base import StrictModel
-from hybridkit.recipe import RecipeSpec, load_recipe, validation_problems
+from hybridkit.eval.report import evaluate_run
+from hybridkit.recipe import RecipeSpec, load_recipe, read_yaml_mapping, validation_problems
+from hybridkit.rundir import load_run
+from hybridkit.runtime import resolve_device
+from hybridkit.schema import StrictModel
 from hybridkit.summary import human_bytes, human_count, summarize
-from hybridkit.train.trainer import Trainer, resolve_device
+from hybridkit.train.trainer import Trainer
 
 HELD_OUT_SEED_OFFSET = 7919
 
@@ -83,23 +84,17 @@ class StudySpec(StrictModel):
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudySpec, Path]:
     """Validate a study file; returns the spec and the resolved base recipe path."""
     path = Path(path)
-    if not path.is_file():
-        raise HybridkitError(f"no such study file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise HybridkitError(f"{path}: YAML syntax error: {err}") from None
-    if not isinstance(data, dict):
-        raise HybridkitError(f"{path}: a study file must be a mapping of keys to values")
+    data = read_yaml_mapping(path, what="study", keys="base, variants, seeds, ...")
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(str(path), validation_problems(exc, data, root=StudySpec)) from None
+        raise RecipeError(
+            str(path), validation_problems(exc, data, root=StudySpec), "study"
+        ) from None
     base = (path.parent / spec.base).resolve()
     if not base.is_file():
-        raise RecipeError(
-            str(path), [("base", f"recipe {spec.base!r} not found (looked at {base})")]
-        )
+        problem = ("base", f"recipe {spec.base!r} not found (looked at {base})")
+        raise RecipeError(str(path), [problem], "study")
     spec.set = list(spec.set) + list(overrides)
     return spec, base
 

@@ -52,7 +52,7 @@ def test_generate_random_recipe(capsys):
 
 def test_generate_from_run_dir(tmp_path, capsys):
     from hybridkit import build_model, dump_recipe, load_recipe
-    from hybridkit.train.checkpoint import save_weights
+    from hybridkit.weights import save_weights
 
     recipe = load_recipe(Path(__file__).parent.parent / "hybridkit/recipes/tiny_hybrid.yaml")
     dump_recipe(recipe, tmp_path / "recipe.yaml")

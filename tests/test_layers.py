@@ -15,7 +15,7 @@ from hybridkit.layers.mamba3 import Mamba3, Mamba3Spec, heavy_tail
 
 def make_layer(d_model=16, dtype=torch.float64, **kw) -> Mamba3:
     spec = Mamba3Spec(**{"d_state": 8, "headdim": 8, "chunk_size": 4, **kw})
-    layer = Mamba3(spec, d_model=d_model, layer_idx=0, n_layer=1).to(dtype)
+    layer = Mamba3(spec, d_model=d_model, layer_idx=0).to(dtype)
     with torch.no_grad():  # move every parameter off its structured init
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -116,18 +116,15 @@ def test_layer_matches_spec_loop(kw):
 
 def test_in_proj_layout_widths():
     # Din 128, H 8, N 16, S 4: 2*128 + 2*16 + 3*8 + 4 (spec 1.2)
-    layer = Mamba3(Mamba3Spec(d_state=16, headdim=16), d_model=64, layer_idx=0, n_layer=1)
+    layer = Mamba3(Mamba3Spec(d_state=16, headdim=16), d_model=64, layer_idx=0)
     assert layer.in_proj.weight.shape == (316, 64)
-    mimo = Mamba3(
-        Mamba3Spec(d_state=16, headdim=16, mimo_rank=4), d_model=64, layer_idx=0, n_layer=1
-    )
+    mimo = Mamba3(Mamba3Spec(d_state=16, headdim=16, mimo_rank=4), d_model=64, layer_idx=0)
     assert mimo.in_proj.weight.shape == (316 + 2 * 16 * 3, 64)
     assert mimo.mimo_x.shape == (8, 4, 16)
     ablated = Mamba3(
         Mamba3Spec(d_state=16, headdim=16, rope=False, trapezoid=False),
         d_model=64,
         layer_idx=0,
-        n_layer=1,
     )
     assert ablated.in_proj.weight.shape == (316 - 4 - 8, 64)
 
@@ -145,7 +142,7 @@ def test_paper_sizes():
 
 def test_gates_and_init():
     spec = Mamba3Spec(d_state=8, headdim=8, dt_min=1e-3, dt_max=0.1)
-    layer = Mamba3(spec, d_model=64, layer_idx=0, n_layer=1)
+    layer = Mamba3(spec, d_model=64, layer_idx=0)
     dt0 = F.softplus(layer.dt_bias)
     assert (dt0 >= 1e-3 - 1e-7).all() and (dt0 <= 0.1 + 1e-7).all()
     assert all(
@@ -162,9 +159,7 @@ def test_gates_and_init():
 
 
 def test_mimo_inits():
-    layer = Mamba3(
-        Mamba3Spec(d_state=8, headdim=8, mimo_rank=4), d_model=16, layer_idx=0, n_layer=1
-    )
+    layer = Mamba3(Mamba3Spec(d_state=8, headdim=8, mimo_rank=4), d_model=16, layer_idx=0)
     assert torch.allclose(layer.mimo_x, torch.full_like(layer.mimo_x, 0.25))
     assert torch.allclose(layer.mimo_z, torch.ones_like(layer.mimo_z))
     assert torch.allclose(layer.mimo_o, torch.full_like(layer.mimo_o, 0.25))

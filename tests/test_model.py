@@ -60,6 +60,19 @@ def test_forward_shapes_and_param_counts():
     assert set(counts) >= {"mamba3", "attention", "mlp", "embedding"}
 
 
+def test_block_param_counts_add_up_and_match_the_show_table():
+    from hybridkit.summary import summarize
+
+    model = build_model(tiny_recipe("m a m"), seed=0)
+    counts = model.param_counts()
+    blocks = sum(b.num_params() for b in model.blocks)
+    assert blocks + counts["embedding"] + counts["head"] + counts["final_norm"] == (
+        model.num_params()
+    )
+    rows = summarize(model, seq_len=16).rows
+    assert [r.params for r in rows] == [b.num_params() for b in model.blocks]
+
+
 def test_build_seed_reproducible():
     recipe = tiny_recipe()
     a, b = build_model(recipe, seed=3), build_model(recipe, seed=3)
@@ -78,6 +91,23 @@ def test_generate_deterministic_with_seed():
     assert g1.shape == (2, 13) and torch.equal(g1[:, :5], ids)
     assert torch.equal(g1, g2)
     assert not torch.equal(g1, g3)
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_generate_leaves_the_global_rng_alone(seed):
+    model = build_model(tiny_recipe(), seed=0)
+    ids = torch.randint(0, 64, (2, 5))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    model.generate(ids, 4, temperature=1.0, seed=seed)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_generate_without_seed_differs_between_calls():
+    model = build_model(tiny_recipe(), seed=0)
+    ids = torch.randint(0, 64, (2, 5))
+    draws = {tuple(model.generate(ids, 12, temperature=1.0).flatten().tolist()) for _ in range(3)}
+    assert len(draws) > 1  # fresh entropy per call; 3 equal draws of 24 tokens are ~impossible
 
 
 def test_greedy_generate_matches_full_forward_argmax():

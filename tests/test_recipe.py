@@ -200,7 +200,12 @@ def test_error_text_names_file_key_value_and_allowed(tmp_path: Path) -> None:
         (
             with_block("mixer", "a", causal=False),
             "model.blocks.a.mixer.causal",
-            ["allowed: true", "False"],
+            ["always causal", "delete this key", "False"],
+        ),
+        (
+            with_block("mixer", "a", causal=True),
+            "model.blocks.a.mixer.causal",
+            ["always causal", "delete this key", "True"],
         ),
         (
             with_block("mixer", "a", position="alibi"),
@@ -275,6 +280,7 @@ def test_layout_errors(layout: Any, needles: list[str]) -> None:
         ({0: {"mixer.chunk_size": 24}}, "model.overrides.0.mixer.chunk_size", ["power of two"]),
         ({2: {"mixer.n_kv_heads": 3}}, "model.overrides.2.mixer.n_kv_heads", ["divisors of 4"]),
         ({0: {"mixer.headdim": 48}}, "model.overrides.0.mixer.headdim", ["divisors of 128"]),
+        ({2: {"mixer.causal": True}}, "model.overrides.2.mixer.causal", ["always causal"]),
     ],
 )
 def test_override_errors(overrides: dict[int, Any], key: str, needles: list[str]) -> None:
@@ -376,7 +382,7 @@ def test_dump_is_fully_resolved() -> None:
     mixer = dumped["model"]["blocks"]["m"]["mixer"]
     assert mixer["expand"] == 2.0 and mixer["a_activation"] == "heavy_tail"
     assert mixer["outproj_norm"] == "grouped_pregate"
-    assert dumped["model"]["blocks"]["a"]["mixer"]["causal"] is True
+    assert "causal" not in dumped["model"]["blocks"]["a"]["mixer"]  # always causal, no setting
     assert dumped["model"]["symbols"] == {"M": "mamba", "*": "attention", "-": "mlp"}
     assert dumped["description"] is None and dumped["seed"] == 0
 

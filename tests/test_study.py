@@ -220,8 +220,9 @@ def test_bad_study_values(tmp_path, capsys):
 
 
 def test_study_file_problems(tmp_path, capsys):
-    with pytest.raises(HybridkitError, match="no such study file"):
+    with pytest.raises(HybridkitError, match="no such study file") as err:
         load_study(tmp_path / "missing.yaml")
+    assert str(err.value).startswith(f"invalid study {tmp_path / 'missing.yaml'}:")
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: [unclosed\n")
     with pytest.raises(HybridkitError, match="YAML syntax error"):

@@ -17,7 +17,7 @@ import torch
 from pydantic import SerializeAsAny, ValidationError
 
 from hybridkit.errors import HybridkitError
-from hybridkit.layers.base import StrictModel
+from hybridkit.schema import StrictModel
 from hybridkit.tasks import IGNORE_INDEX, Batch, Metrics, TaskSpec, score
 from hybridkit.tasks.base import sample_distinct
 

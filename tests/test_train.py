@@ -21,11 +21,12 @@ from safetensors.torch import load_file
 from hybridkit.cli import main
 from hybridkit.errors import CheckpointError, RecipeError
 from hybridkit.recipe import dump_recipe, load_recipe
-from hybridkit.train.checkpoint import latest_checkpoint, read_checkpoint
+from hybridkit.recipe_sections import TrainSpec
+from hybridkit.train.checkpoint import read_checkpoint
 from hybridkit.train.metrics import read_metrics
 from hybridkit.train.optim import build_optimizer, lr_at, param_groups
-from hybridkit.train.spec import TrainSpec
 from hybridkit.train.trainer import Trainer, TrainingDiverged
+from hybridkit.weights import latest_checkpoint
 
 ROOT = Path(__file__).parent.parent
 
@@ -181,6 +182,28 @@ def test_weight_decay_groups():
     assert len(decay) + len(plain) == n_params
     opt = build_optimizer(model, recipe.train)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+# --- seeds ----------------------------------------------------------------------------------------
+def test_task_seed_sets_the_data_stream_and_train_seed_the_init(tmp_path):
+    def trainer(name: str, task_seed: int | None = None, **train: Any) -> Trainer:
+        recipe = make({**MQAR, "seed": task_seed}, **train)
+        return Trainer(recipe, tmp_path / name, resume=None, progress=False)
+
+    def same_batches(x: Trainer, y: Trainer) -> bool:
+        return all(torch.equal(x.batch_for(s).inputs, y.batch_for(s).inputs) for s in (0, 3))
+
+    def same_init(x: Trainer, y: Trainer) -> bool:
+        pairs = zip(x.model.parameters(), y.model.parameters())
+        return all(torch.equal(p, q) for p, q in pairs)
+
+    default = trainer("default")  # recipe seed 0 for both
+    data5 = trainer("data5", task_seed=5)
+    both5 = trainer("both5", seed=5)  # train.seed: init and, without task.seed, data
+    init9 = trainer("init9", task_seed=0, seed=9)
+    assert same_init(default, data5) and not same_batches(default, data5)
+    assert same_batches(data5, both5) and not same_init(data5, both5)
+    assert same_batches(default, init9) and not same_init(default, init9)
 
 
 # --- exact resume ---------------------------------------------------------------------------------

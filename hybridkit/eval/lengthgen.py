@@ -8,22 +8,15 @@ bugs that a full forward would never exercise (tasks.md section 0).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 
+from hybridkit.runtime import autocast_for
 from hybridkit.tasks.base import IGNORE_INDEX, Batch, Task
 from hybridkit.tasks.metrics import Metrics, score
 
 DEPTH_BINS = 10
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when precision is bf16/auto; nothing otherwise."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -1,14 +1,33 @@
-"""Plots people would rather look at than read: accuracy vs length, NIAH depth x length."""
+"""Plots people would rather look at than read: accuracy vs length, NIAH depth x length.
+
+Every figure is a bare :class:`matplotlib.figure.Figure` drawn by its own Agg canvas. Nothing
+here calls ``matplotlib.use`` or touches ``pyplot``: the backend is process-wide state that
+belongs to whoever embeds hybridkit (a notebook, a GUI, a test), and pyplot keeps every figure it
+creates alive in a global registry until closed. Writing PNG files needs neither.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _figure(width: float, height: float) -> Figure:
+    """A figure with its own Agg canvas (no display, no pyplot, no global backend)."""
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Lay the figure out and write it (the format follows the file's extension)."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
 
 
 def plot_lengthgen(
@@ -20,7 +39,8 @@ def plot_lengthgen(
     title: str | None = None,
 ) -> Path:
     """One line per arm: ``metric`` vs evaluation length on a log2 axis, train length marked."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig = _figure(6.4, 4.0)
+    ax = fig.subplots()
     markers = "osD^vP*X"
     for i, (name, points) in enumerate(curves.items()):
         xs = [x for x, _ in points]
@@ -54,11 +74,7 @@ def plot_lengthgen(
         ax.set_title(title)
     if len(curves) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_depth_heatmap(
@@ -72,7 +88,8 @@ def plot_depth_heatmap(
     import numpy as np
 
     grid = np.array([[np.nan if v is None else 100 * v for v in row] for row in depth_rows]).T
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lengths), 4.0), dpi=100)
+    fig = _figure(1.2 + 0.8 * len(lengths), 4.0)
+    ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="viridis")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     bins = grid.shape[0]
@@ -82,8 +99,4 @@ def plot_depth_heatmap(
     fig.colorbar(im, ax=ax, label="ex_match (%)")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

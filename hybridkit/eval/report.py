@@ -6,28 +6,11 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
-from hybridkit.build import build_model
 from hybridkit.errors import HybridkitError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_depth_heatmap, plot_lengthgen
-from hybridkit.recipe import RecipeSpec, load_recipe
-from hybridkit.train.checkpoint import find_weights, load_weights
-from hybridkit.train.trainer import resolve_device
-
-
-def load_run(
-    run_dir: str | Path, overrides: Sequence[str] = ()
-) -> tuple[RecipeSpec, torch.nn.Module]:
-    """The recipe and trained model of a run directory (weights of its newest checkpoint)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise HybridkitError(f"{run_dir} is not a run directory (no recipe.yaml)")
-    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
-    model = build_model(recipe, seed=recipe.seed)
-    load_weights(model, find_weights(run_dir))
-    return recipe, model
+from hybridkit.rundir import load_run
+from hybridkit.runtime import resolve_device
 
 
 def markdown_table(results: Sequence[dict], train_length: int | None) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -38,7 +38,7 @@ class Attention(nn.Module):
 
     residual_out_names = ("out_proj",)
 
-    def __init__(self, spec: AttentionSpec, *, d_model: int, layer_idx: int, n_layer: int):
+    def __init__(self, spec: AttentionSpec, *, d_model: int, layer_idx: int):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
         self.n_heads = spec.resolved_heads(d_model)
@@ -117,20 +117,15 @@ class AttentionSpec(LayerSpec):
     )
     qk_norm: bool = False
     softmax_scale: float | None = Field(default=None, gt=0)
-    causal: bool = True
     qkv_bias: bool = False
     out_bias: bool = False
     backend: str = "auto"
 
-    @field_validator("causal")
-    @classmethod
-    def _causal_only(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError(
-                "hybridkit builds autoregressive language models, so attention must be causal "
-                "(allowed: true)"
-            )
-        return value
+    removed_keys: ClassVar[dict[str, str]] = {
+        "causal": "attention is always causal (hybridkit builds autoregressive language models), "
+        "so there is no causal setting; delete this key (recipe.yaml files of older runs wrote "
+        "'causal: true')"
+    }
 
     @field_validator("backend")
     @classmethod

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 from torch import nn
 
 from hybridkit.registry import LAYERS, dispatch_kind
-
-
-class StrictModel(BaseModel):
-    """Base for every recipe section: unknown keys are errors, values are re-validated on edit."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+from hybridkit.schema import StrictModel
 
 
 class LayerSpec(StrictModel):
@@ -30,12 +25,7 @@ class LayerSpec(StrictModel):
     @model_validator(mode="wrap")
     @classmethod
     def _dispatch_on_kind(cls, data: Any, handler: Any) -> Any:
-        # Only the open base class dispatches; a concrete subclass validates itself.
-        if cls is LayerSpec and isinstance(data, dict):
-            return dispatch_kind(data, LAYERS, lambda entry: entry.spec_cls)
-        if cls is LayerSpec and isinstance(data, LayerSpec):
-            return data
-        return handler(data)
+        return dispatch_kind(cls, LayerSpec, data, handler, LAYERS, lambda entry: entry.spec_cls)
 
     # --- hooks used by the model compiler and `hybridkit show` -------------------------------
     def check(self, d_model: int) -> list[tuple[str, str]]:
@@ -46,7 +36,12 @@ class LayerSpec(StrictModel):
         """Short description of the key options for the layer table."""
         return ""
 
-    def build(self, d_model: int, layer_idx: int, n_layer: int) -> nn.Module:
-        """Instantiate the registered module class for this spec."""
+    def build(self, d_model: int, layer_idx: int) -> nn.Module:
+        """Instantiate the registered module class for this spec.
+
+        ``layer_idx`` is the layer's slot in the model, which stateful layers use as their key in
+        the :class:`~hybridkit.cache.InferenceCache`. Depth-dependent init scaling is the model's
+        job (``HybridLM.init_weights``), so layers are not told how many layers there are.
+        """
         module_cls = LAYERS.get(self.kind).module_cls
-        return module_cls(self, d_model=d_model, layer_idx=layer_idx, n_layer=n_layer)
+        return module_cls(self, d_model=d_model, layer_idx=layer_idx)

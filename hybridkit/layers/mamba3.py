@@ -45,7 +45,7 @@ class Mamba3(nn.Module):
 
     residual_out_names = ("out_proj",)
 
-    def __init__(self, spec: Mamba3Spec, *, d_model: int, layer_idx: int, n_layer: int):
+    def __init__(self, spec: Mamba3Spec, *, d_model: int, layer_idx: int):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
         self.d_inner = spec.d_inner(d_model)

@@ -18,7 +18,7 @@ class SwiGLU(nn.Module):
 
     residual_out_names = ("fc2",)
 
-    def __init__(self, spec: MLPSpec, *, d_model: int, layer_idx: int, n_layer: int):
+    def __init__(self, spec: MLPSpec, *, d_model: int, layer_idx: int):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
         d_ff = spec.resolved_d_ff(d_model)

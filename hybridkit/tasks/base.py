@@ -37,8 +37,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from hybridkit.layers.base import StrictModel
 from hybridkit.registry import TASKS, dispatch_kind
+from hybridkit.schema import StrictModel, get_path, split_path
 
 IGNORE_INDEX = -100
 """Target value of unscored positions (PyTorch's default ``ignore_index``)."""
@@ -101,7 +101,11 @@ class TaskSpec(StrictModel):
     )
     eval_examples: int = Field(default=500, gt=0, description="examples per evaluation length")
     eval_seed: int = Field(default=1234, ge=0, description="seed of the fixed evaluation sets")
-    seed: int | None = Field(default=None, ge=0, description="training data seed; None = recipe")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        description="seed of the training data stream only; null = train.seed, else the recipe's",
+    )
 
     def __setattr__(self, name: str, value: Any) -> None:
         # pydantic applies an assignment before the model validators run, so a rejected value
@@ -119,12 +123,7 @@ class TaskSpec(StrictModel):
     @model_validator(mode="wrap")
     @classmethod
     def _dispatch_on_kind(cls, data: Any, handler: Any) -> Any:
-        # Only the open base class dispatches; a concrete subclass validates itself.
-        if cls is TaskSpec and isinstance(data, dict):
-            return dispatch_kind(data, TASKS, lambda entry: entry)
-        if cls is TaskSpec and isinstance(data, TaskSpec):
-            return data
-        return handler(data)
+        return dispatch_kind(cls, TaskSpec, data, handler, TASKS, lambda entry: entry)
 
     @field_validator("length_mixture", "curriculum")
     @classmethod
@@ -173,19 +172,12 @@ class TaskSpec(StrictModel):
         reports e.g. ``task.vocab_size`` instead of just ``task``."""
         details = []
         for key, message in dict.fromkeys(problems):
-            loc = tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else ()
-            value: Any = self
-            for part in loc:
-                try:
-                    value = value[part] if isinstance(part, int) else getattr(value, part)
-                except (AttributeError, IndexError, KeyError, TypeError):
-                    value = None
-                    break
+            loc = split_path(key)
             details.append(
                 InitErrorDetails(
                     type=PydanticCustomError("task_spec", "{message}", {"message": message}),
                     loc=loc,
-                    input=value,
+                    input=get_path(self, loc),
                 )
             )
         return ValidationError.from_exception_data(type(self).__name__, details)
@@ -357,10 +349,16 @@ class Task(ABC):
         """``n`` examples of natural length ``length``."""
 
     # --- training -----------------------------------------------------------------------------
-    def make_rng(self, recipe_seed: int = 0, rank: int = 0) -> np.random.Generator:
-        """Training RNG: ``spec.seed`` (or the recipe seed) mixed with the data-parallel rank."""
-        seed = self.spec.seed if self.spec.seed is not None else recipe_seed
-        return np.random.default_rng(np.random.SeedSequence([seed, rank]))
+    def train_rng(self, step: int, default_seed: int = 0) -> np.random.Generator:
+        """RNG of the training batch of ``step``: a function of the data seed and ``step`` only.
+
+        The data seed is ``spec.seed`` when set, else ``default_seed`` (the trainer passes its
+        init seed). Keeping it apart from the init seed lets a study vary the initialisation on
+        the same data stream, or the data on the same initialisation; deriving it per step is
+        what lets a resumed run draw exactly the batches an uninterrupted one would have.
+        """
+        seed = self.spec.seed if self.spec.seed is not None else default_seed
+        return np.random.default_rng(np.random.SeedSequence([seed, step]))
 
     def lengths_at(self, step: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         """Natural length of each example of the training batch at ``step``."""
@@ -436,10 +434,6 @@ class Task(ABC):
         problem = self.spec.length_problem(length)
         if problem is not None:
             raise ValueError(f"task {self.spec.kind!r}: {problem}")
-
-    def describe(self) -> str:
-        """One line for logs: kind, vocabulary size and chance level."""
-        return f"{self.spec.kind}: vocab {self.vocab_size}, chance {self.chance:.3g}"
 
 
 # --------------------------------------------------------------------------------------------

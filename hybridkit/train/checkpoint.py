@@ -1,110 +1,26 @@
-"""Model weights on disk: safetensors only (never pickle), written atomically.
+"""Training checkpoints: weights, AdamW moments and trainer state, written so a kill never hurts.
 
-A *run directory* holds ``recipe.yaml`` (the fully resolved recipe) and the weights, either as
-``model.safetensors`` in the directory itself or in the newest checkpoint named by the file
-``checkpoints/latest``. Writes go to a temporary file in the same directory followed by
-``os.replace``, so a crash never leaves a half-written file under the final name.
+Plain model weights (``save_weights``/``load_weights``/``find_weights``) live in
+:mod:`hybridkit.weights`, which evaluation reads without importing the trainer; this module adds
+what only training needs to resume exactly.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hybridkit.errors import CheckpointError
 from hybridkit.fsutil import atomic_write_bytes
+from hybridkit.weights import read_safetensors, untie
 
-
-def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the second name of tensors that share storage (``lm_head.weight`` tied to the
-    embedding): safetensors stores each tensor once and refuses aliases."""
-    out, seen = {}, set()
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
-        if tensor.data_ptr() != 0 and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Save ``model.state_dict()`` (or a state dict; tied weights stored once) atomically as
-    safetensors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = untie(model.state_dict() if isinstance(model, torch.nn.Module) else model)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load safetensors weights into ``model``; a foreign or truncated file is a CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no weights file at {path}")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}); it may be truncated"
-        ) from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _is_tied_alias(model, k, state)]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append("shape mismatch: " + "; ".join(wrong[:3]))
-        raise CheckpointError(f"{path} does not match this model: " + ", ".join(parts))
-    model.load_state_dict(state, strict=False)
-
-
-def _is_tied_alias(model: torch.nn.Module, key: str, state: dict) -> bool:
-    if key != "lm_head.weight":
-        return False
-    return (
-        getattr(getattr(model, "spec", None), "tie_embeddings", False)
-        and "embedding.weight" in state
-    )
-
-
-def find_weights(run_dir: str | os.PathLike) -> Path:
-    """The weights file of a run directory (see the module docstring)."""
-    run_dir = Path(run_dir)
-    direct = run_dir / "model.safetensors"
-    if direct.is_file():
-        return direct
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        candidate = run_dir / "checkpoints" / name / "model.safetensors"
-        if candidate.is_file():
-            return candidate
-        raise CheckpointError(f"{latest} names {name!r} but {candidate} does not exist")
-    raise CheckpointError(
-        f"{run_dir} holds no weights: expected model.safetensors or checkpoints/latest"
-    )
+__all__ = ["CHECKPOINT_FILES", "read_checkpoint", "write_checkpoint"]
 
 
 # --- training checkpoints (weights + optimizer + trainer state) --------------------------------
@@ -125,17 +41,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(untie(tensors), str(path))
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}); it may be truncated"
-        ) from None
-
-
 def write_checkpoint(
     run_dir: Path,
     step: int,
@@ -145,9 +50,6 @@ def write_checkpoint(
     keep: int,
 ) -> Path:
     """Write a complete checkpoint atomically and prune old ones; returns its directory."""
-    import json
-    import shutil
-
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -175,21 +77,8 @@ def write_checkpoint(
     return final
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run, or None if it has none."""
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    path = latest.parent / latest.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{latest} names {path.name!r}, which does not exist")
-    return path
-
-
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     """(model tensors, optimizer tensors, trainer state) of a checkpoint directory."""
-    import json
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
@@ -203,7 +92,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     if not isinstance(state, dict) or "step" not in state or state.get("format") != "hybridkit-1":
         raise CheckpointError(f"{path} was not written by hybridkit's trainer")
     return (
-        load_tensors(path / "model.safetensors"),
-        load_tensors(path / "optimizer.safetensors"),
+        read_safetensors(path / "model.safetensors", "checkpoint file"),
+        read_safetensors(path / "optimizer.safetensors", "checkpoint file"),
         state,
     )

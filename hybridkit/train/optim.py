@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from hybridkit.train.spec import TrainSpec
+from hybridkit.recipe_sections import TrainSpec
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:

@@ -1,7 +1,7 @@
 """One trainer for every task: synthetic tasks and plain next-token LM alike.
 
 Determinism is by construction: the training batch of step ``s`` is drawn from a generator seeded
-with ``(seed, s)`` and nothing else, the learning rate is a pure function of ``s``, and a
+with ``(data seed, s)`` and nothing else, the learning rate is a pure function of ``s``, and a
 checkpoint stores weights, AdamW moments and RNG states. Resuming from the checkpoint at step
 ``s`` therefore replays exactly the steps an uninterrupted run would have taken.
 
@@ -12,6 +12,7 @@ the *global* count) give the same gradient as one big batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -19,43 +20,25 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
-from hybridkit.eval.lengthgen import autocast_for, evaluate_lengths
+from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.fsutil import atomic_write_bytes
 from hybridkit.recipe import RecipeSpec, dump_recipe
+from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
-from hybridkit.train.checkpoint import (
-    latest_checkpoint,
-    read_checkpoint,
-    save_weights,
-    write_checkpoint,
-)
+from hybridkit.train.checkpoint import read_checkpoint, write_checkpoint
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
+from hybridkit.weights import latest_checkpoint, save_weights
 
 
 class TrainingDiverged(HybridkitError):
     """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise HybridkitError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HybridkitError("train.device asks for CUDA but no GPU is available; use cpu or auto")
-    return device
 
 
 def model_fingerprint(recipe: RecipeSpec) -> str:
@@ -262,8 +245,12 @@ class Trainer:
 
     # --- one step -------------------------------------------------------------------------------
     def batch_for(self, step: int):
-        """The global batch of ``step``: a function of (seed, step) only."""
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
+        """The global batch of ``step``: a function of (data seed, step) only.
+
+        The data seed is ``task.seed`` when the recipe sets it, else the init seed
+        (``train.seed``, else the recipe's ``seed``); see :meth:`Task.train_rng`.
+        """
+        rng = self.task.train_rng(step, default_seed=self.seed)
         return self.task.train_batch(step, self.spec.batch_size, rng)
 
     def train_step(self) -> dict:
@@ -292,7 +279,7 @@ class Trainer:
             ctx = (
                 self.module.no_sync()
                 if (self.dist.enabled and not sync and hasattr(self.module, "no_sync"))
-                else _null()
+                else contextlib.nullcontext()
             )
             with ctx:
                 with autocast_for(self.device, spec.precision):
@@ -399,14 +386,6 @@ class Trainer:
             bar.close()
             self.log.close()
         return last
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _progress:

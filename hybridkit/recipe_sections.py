@@ -1,4 +1,12 @@
-"""The ``train`` section of a recipe: optimisation, precision, logging and checkpoint cadence."""
+"""The ``train`` and ``eval`` sections of a recipe: plain settings, validated like the rest.
+
+They sit next to ``recipe.py`` rather than inside ``train/`` and ``eval/`` because the recipe is
+*read* by those packages: a recipe that imported them to get its own sections would make the
+model-and-data side of hybridkit depend on the trainer and the evaluator, and ``train`` on
+``eval`` on ``train`` (see the import levels in ``tests/test_imports.py``). Nothing here knows how
+training or evaluation is done; ``train/optim.py`` and ``train/trainer.py`` interpret these
+fields.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hybridkit.layers.base import StrictModel
+from hybridkit.schema import StrictModel
+
+__all__ = ["EvalSpec", "TrainSpec"]
 
 
 class TrainSpec(StrictModel):
@@ -40,7 +50,10 @@ class TrainSpec(StrictModel):
     eval_every: int = Field(default=0, ge=0, description="in-training eval cadence; 0 = at the end")
     checkpoint_every: int = Field(default=200, ge=0, description="0 = only the final checkpoint")
     keep_checkpoints: int = Field(default=2, gt=0, description="checkpoints kept on disk")
-    seed: int | None = Field(default=None, description="data/init seed; null = the recipe's seed")
+    seed: int | None = Field(
+        default=None,
+        description="init seed, and data seed unless task.seed is set; null = the recipe's seed",
+    )
     tensorboard: bool = Field(default=True, description="also log to TensorBoard if installed")
 
     @field_validator("device")
@@ -62,3 +75,21 @@ class TrainSpec(StrictModel):
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+
+
+class EvalSpec(StrictModel):
+    """Length-generalisation evaluation. Lengths are in the task's natural unit."""
+
+    lengths: list[int] | None = Field(
+        default=None, description="lengths to evaluate; default: the task's eval_lengths"
+    )
+    batch_size: int = Field(default=64, gt=0, description="examples per forward pass")
+    examples: int | None = Field(
+        default=None, gt=0, description="examples per length; default: task.eval_examples"
+    )
+    decode_examples: int = Field(
+        default=8, ge=0, description="examples per length also run through token-by-token decode"
+    )
+    decode_max_length: int = Field(
+        default=1024, ge=0, description="skip the decode-path check above this many tokens"
+    )

@@ -1,0 +1,46 @@
+"""Open what a command is pointed at: a recipe file, or a run directory with its weights.
+
+``show``, ``generate`` and ``check`` accept either; ``eval`` and studies need a trained run. One
+loader serves them all, so "is this a run directory?" and "which weights does it hold?" have one
+answer and one error message (the layout itself is described in :mod:`hybridkit.weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hybridkit.build import build_model
+from hybridkit.errors import HybridkitError
+from hybridkit.model import HybridLM
+from hybridkit.recipe import RecipeSpec, load_recipe
+from hybridkit.weights import find_weights, load_weights
+
+__all__ = ["load_run", "load_source"]
+
+
+def load_source(
+    source: str | Path, overrides: Sequence[str] = (), *, run_only: bool = False
+) -> tuple[RecipeSpec, Path | None]:
+    """A recipe file or a run directory -> ``(recipe, weights path or None)``.
+
+    With ``run_only`` a recipe file is refused: the caller needs trained weights.
+    """
+    path = Path(source)
+    if path.is_dir() or run_only:
+        recipe_path = path / "recipe.yaml"
+        if not recipe_path.is_file():
+            hint = "" if run_only else "; pass a recipe file or a run directory"
+            raise HybridkitError(f"{path} is not a run directory (no recipe.yaml){hint}")
+        return load_recipe(recipe_path, overrides), find_weights(path)
+    if not path.exists():
+        raise HybridkitError(f"no such recipe file or run directory: {source}")
+    return load_recipe(path, overrides), None
+
+
+def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[RecipeSpec, HybridLM]:
+    """The recipe and trained model of a run directory (weights of its newest checkpoint)."""
+    recipe, weights = load_source(run_dir, overrides, run_only=True)
+    model = build_model(recipe, seed=recipe.seed)
+    load_weights(model, weights)
+    return recipe, model

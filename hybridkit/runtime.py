@@ -1,0 +1,50 @@
+"""Where and in which precision a model runs: device names and the autocast context.
+
+Training, evaluation, studies and the CLI all turn a user's ``device`` string into a
+``torch.device`` and wrap forwards in the same autocast policy. Those callers sit at different
+levels (``eval`` must not import ``train``; see ``tests/test_imports.py``), so the shared rules
+live down here, next to nothing but torch and the error types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from hybridkit.errors import HybridkitError
+
+__all__ = ["autocast_for", "resolve_device"]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto | cpu | cuda | cuda:N`` -> a device that exists on this machine.
+
+    ``auto`` prefers the GPU; a bare ``cuda`` means this process's GPU under ``torchrun``
+    (``local_rank``), so every rank of a data-parallel run gets its own. Asking for CUDA on a
+    machine without one is a user error with a fix, not a crash deep inside the first ``.to()``.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HybridkitError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HybridkitError(
+            f"device {name!r} asks for CUDA but no GPU is available; use cpu or auto"
+        )
+    return device
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``precision`` is ``bf16`` or ``auto``; nothing otherwise.
+
+    CPUs run fp32 under ``auto`` because bf16 matmuls there are slower and the tiny CPU recipes
+    are meant to match a reference run closely; ``fp32`` forces full precision everywhere.
+    """
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

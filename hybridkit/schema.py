@@ -1,0 +1,160 @@
+"""The bottom of every recipe section: the strict pydantic base class and dotted-path helpers.
+
+Recipe sections live in many packages (layer specs in ``layers/``, task specs in ``tasks/``, the
+train and eval sections in ``recipe_sections.py``, study files in ``study.py``). They all need the
+same base class, and several of them walk nested data along a dotted key (``--set a.b.0=c``,
+``overrides: {5: {mixer.window: 8}}``, the value behind a pydantic error's ``loc``). Keeping both
+here, with nothing above it imported, lets every one of those packages depend on this module
+alone instead of on each other (a task spec has no business importing the layer package just to
+get a base class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+__all__ = ["MISSING", "StrictModel", "get_path", "set_path", "split_path", "yaml_type"]
+
+
+class StrictModel(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are re-validated on edit.
+
+    ``extra="forbid"`` is what turns a typo in a YAML key into an error naming the allowed keys
+    instead of a silently ignored setting; ``validate_assignment`` keeps a spec valid when code or
+    a study edits it after loading.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    removed_keys: ClassVar[dict[str, str]] = {}
+    """Keys this section used to accept -> what to do instead. A removed setting gets an error
+    that explains itself rather than the generic "unknown key" a typo gets."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.removed_keys:
+            problems = [
+                InitErrorDetails(
+                    type=PydanticCustomError("removed_key", "{message}", {"message": message}),
+                    loc=(key,),
+                    input=data[key],
+                )
+                for key, message in cls.removed_keys.items()
+                if key in data
+            ]
+            if problems:
+                raise ValidationError.from_exception_data(cls.__name__, problems)
+        return data
+
+
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
+"""Returned by :func:`get_path` for a path that leads nowhere (``None`` can be a real value)."""
+
+
+def split_path(key: str) -> tuple[str | int, ...]:
+    """``"curriculum.0.min_len"`` -> ``("curriculum", 0, "min_len")``: a pydantic-style ``loc``.
+
+    Digit segments become ints because that is how pydantic locates list items.
+    """
+    return tuple(int(p) if p.isdigit() else p for p in key.split(".")) if key else ()
+
+
+def _child(node: Any, part: Any) -> Any:
+    """One step of a path: a mapping key (also an int key written as text), a list index or an
+    attribute (pydantic models). :data:`MISSING` if there is nothing there."""
+    if isinstance(node, Mapping):
+        text = str(part)
+        candidates = [part, text] + ([int(text)] if text.lstrip("-").isdigit() else [])
+        for candidate in candidates:
+            if candidate in node:
+                return node[candidate]
+        return MISSING
+    if isinstance(node, Sequence) and not isinstance(node, str):
+        try:
+            index = int(part)
+        except (TypeError, ValueError):
+            return MISSING
+        return node[index] if -len(node) <= index < len(node) else MISSING
+    return getattr(node, part, MISSING) if isinstance(part, str) else MISSING
+
+
+def get_path(node: Any, parts: Sequence[Any], default: Any = None) -> Any:
+    """The value at ``parts`` below ``node`` (mappings, lists and objects mixed), or ``default``."""
+    for part in parts:
+        node = _child(node, part)
+        if node is MISSING:
+            return default
+    return node
+
+
+def yaml_type(value: Any) -> str:
+    """How a user would call ``value``'s type in a YAML file (for error messages)."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+    return "null" if value is None else names.get(type(value), f"a {type(value).__name__}")
+
+
+def set_path(node: Any, parts: Sequence[str], value: Any, *, create: bool) -> str | None:
+    """Set the value at ``parts`` below ``node`` in place; returns an error message or None.
+
+    Mappings and lists are walked (list items by integer index). With ``create`` a missing mapping
+    on the way is created (a ``--set`` may name a section the YAML file leaves out; pydantic then
+    judges the key); without it, a missing intermediate key is an error, while a missing *last*
+    key is still set, so that re-validation can report it with the allowed keys of its model.
+    """
+    parts = list(parts)
+    walked: list[str] = []
+    while parts:
+        if isinstance(node, dict):
+            key, used = _dict_key(node, parts)
+            walked += parts[:used]
+            parts = parts[used:]
+            if not parts:
+                node[key] = value
+                return None
+            if key not in node:
+                if not create:
+                    return f"unknown key {'.'.join(walked)!r}"
+                node[key] = {}
+            node = node[key]
+        elif isinstance(node, list):
+            part = parts.pop(0)
+            try:
+                index = int(part)
+            except ValueError:
+                return f"{'.'.join(walked) or '<root>'} is a list; {part!r} is not an integer index"
+            if not -len(node) <= index < len(node):
+                return (
+                    f"index {index} is out of range for {'.'.join(walked)} "
+                    f"(allowed: {-len(node)}..{len(node) - 1})"
+                )
+            walked.append(part)
+            if not parts:
+                node[index] = value
+                return None
+            node = node[index]
+        else:
+            return (
+                f"cannot set {'.'.join(parts)!r} inside {'.'.join(walked)!r}, which is "
+                f"{yaml_type(node)}, not a mapping"
+            )
+    return None
+
+
+def _dict_key(node: dict[Any, Any], parts: Sequence[str]) -> tuple[Any, int]:
+    """The key of ``node`` that the next path segments address, and how many segments it uses.
+
+    Prefers the longest existing dotted key (``overrides: {5: {mixer.window: 8}}`` has a key with
+    a dot in it) and matches integer keys written as text (``overrides.5``).
+    """
+    for used in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:used])
+        if candidate in node:
+            return candidate, used
+        if candidate.lstrip("-").isdigit() and int(candidate) in node:
+            return int(candidate), used
+    return parts[0], 1

@@ -1,0 +1,38 @@
+"""Plots are written as PNG files without touching matplotlib's process-wide state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from hybridkit.eval.plots import plot_depth_heatmap, plot_lengthgen
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_write_pngs(tmp_path):
+    curves = {"a": [(32, 0.9), (64, 0.5)], "b": [(32, 1.0), (64, 0.0)]}
+    out = plot_lengthgen(curves, tmp_path / "len.png", train_length=32, title="t")
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    heat = plot_depth_heatmap([32, 64], [[1.0, None], [0.5, 0.25]], tmp_path / "heat.png")
+    assert heat.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_importing_and_plotting_leave_the_backend_and_pyplot_alone(tmp_path):
+    # A fresh interpreter: the first import is the one that used to switch the backend.
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import matplotlib
+        matplotlib.use("svg")
+        import hybridkit.eval.plots as plots
+        assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+        plots.plot_lengthgen({{"a": [(8, 0.5), (16, 0.25)]}}, {str(tmp_path / "p.png")!r})
+        assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+        assert "matplotlib.pyplot" not in sys.modules
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
