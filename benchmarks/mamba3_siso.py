@@ -22,10 +22,10 @@ import triton
 from triton.testing import do_bench
 
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked
-from hybridkit.kernels.mamba3.siso_op import mamba3_scan_triton
+from hybridkit.kernels.mamba3.siso import mamba3_scan_triton
 
 SHAPES = [(8, 4096, 32, 64, 128), (1, 16384, 32, 64, 128), (8, 4096, 32, 64, 64)]
-OFFICIAL = {  # official Mamba-3 SISO Triton kernel on our H100 (performance.md 2.6), ms
+OFFICIAL = {  # official Mamba-3 SISO Triton kernel on our H100 (docs/kernels.md), ms
     (8, 4096, 32, 64, 128): (1.48, 4.33),
     (1, 16384, 32, 64, 128): (3.42, 7.29),
 }
@@ -218,11 +218,10 @@ def host_overhead(calls: int = 50, batches: int = 7) -> dict[str, float]:
 
 def kernel_resources() -> list[dict]:
     """Registers, spills and warps of every compiled Triton SISO kernel (profile evidence)."""
-    from hybridkit.kernels.mamba3 import triton_siso
+    from hybridkit.kernels.mamba3.siso import backward, forward
 
     rows = []
-    for name in dir(triton_siso):
-        fn = getattr(triton_siso, name)
+    for name, fn in [*vars(forward).items(), *vars(backward).items()]:
         caches = getattr(fn, "device_caches", None)
         if not name.endswith("_kernel") or caches is None:
             continue
@@ -244,12 +243,12 @@ def kernel_resources() -> list[dict]:
 
 def tuner_choices() -> dict[str, list[str]]:
     """The launch configuration each tuned kernel picked, per key (flags + dtypes): every
-    tuner ``siso_op`` defines, so the same script reports any version of the kernels."""
-    from hybridkit.kernels.mamba3 import siso_op
+    tuner ``siso.launch`` defines."""
+    from hybridkit.kernels.mamba3.siso import launch
 
     out = {}
-    for name, tuned in sorted(vars(siso_op).items()):
-        if isinstance(tuned, siso_op._WarpTuned):
+    for name, tuned in sorted(vars(launch).items()):
+        if isinstance(tuned, launch.TunedKernel):
             out[name] = [f"{k}: {v}" for k, v in tuned.best.items()]
     return out
 

@@ -24,12 +24,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hybridkit.kernels.mamba3 import triton_siso as K
+from hybridkit.kernels.mamba3.siso import backward, forward
 
 KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x", "_bwd_gates")
 PASSES = ("_fwd_pass", "_bwd_pass")  # also accepted by name; PB as at batch 8
 FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=True)
-FLAGS.update(HAS_D=True, HAS_Z=False, SAVE_Y=False, HAS_DTOT=False, HAS_INIT=False)
+FLAGS.update(HAS_D=True, HAS_DTOT=False, HAS_INIT=False)
 FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
@@ -39,8 +39,8 @@ SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
 
 
 def compile_kernel(name: str, warps: int, maxnreg: int | None = None):
-    """Compile ``triton_siso.<name>_kernel`` for sm_90 with the benchmark's specialisation."""
-    fn = getattr(K, name + "_kernel")
+    """Compile the SISO kernel ``<name>_kernel`` for sm_90 with the benchmark's specialisation."""
+    fn = getattr(forward, name + "_kernel", None) or getattr(backward, name + "_kernel")
     sig, const, attrs = {}, {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in UNIT_STRIDES:

@@ -86,8 +86,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     mem.add_column("what")
     mem.add_column("bytes", justify="right")
-    mem.add_row("recurrent state (all Mamba-3 layers)", human_bytes(s.state_bytes_per_seq))
-    mem.add_row("KV cache per token (all attention layers)", human_bytes(s.kv_bytes_per_token))
+    mem.add_row("recurrent state (all layers)", human_bytes(s.state_bytes_per_seq))
+    mem.add_row("KV cache per token (all layers)", human_bytes(s.kv_bytes_per_token))
     for length, n in s.kv_bytes_at.items():
         mem.add_row(f"KV cache at {length:,} tokens", human_bytes(n))
     for length, n in s.kv_bytes_at.items():

@@ -1,20 +1,20 @@
 """What ``hybridkit show`` reports: per-layer table, parameter totals, state and KV-cache bytes,
-and the kernel backend each op would use on this machine."""
+and the kernel backend each op would use on this machine.
+
+Every number comes from the layers themselves (:class:`hybridkit.layers.base.Layer`'s
+questions, which built-in and registered layer kinds answer alike) and every backend from the
+kernels' dispatch points through the layers, so nothing here re-implements either.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
-from hybridkit.cache import kv_capacity
-from hybridkit.kernels import attention as attn_ops
-from hybridkit.kernels.mamba3 import ops as m3_ops
-from hybridkit.layers.attention import Attention
-from hybridkit.layers.mamba3 import Mamba3
+from hybridkit.layers.base import ask
 from hybridkit.model import HybridLM
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
 @dataclass
@@ -37,58 +37,51 @@ class ModelSummary:
     backends: dict[str, str] = field(default_factory=dict)
 
 
-def mamba3_state_bytes(layer: Mamba3, act_bytes: int) -> int:
-    """Recurrent state per sequence: fp32 angle and ssm, k and v in the activation dtype."""
-    shapes = layer.state_shapes(1)
-    n = lambda s: int(torch.Size(s).numel())  # noqa: E731
-    return 4 * (n(shapes["angle"]) + n(shapes["ssm"])) + act_bytes * (
-        n(shapes["k"]) + n(shapes["v"])
-    )
-
-
 def summarize(
     model: HybridLM, *, seq_len: int, act_dtype: str = "bfloat16", device: str = "cpu"
 ) -> ModelSummary:
-    act_bytes = DTYPE_BYTES[act_dtype]
+    """The report for ``model`` with activations (and k / v caches) in ``act_dtype``."""
+    dtype = getattr(torch, act_dtype)
     names = model.spec.layer_names()
     rows, state_bytes, kv_per_token = [], 0, 0
-    windows: list[tuple[int, int | None]] = []
-    backends: dict[str, str] = {}
+    lengths = sorted({seq_len, 1024, 4096, 32768} if seq_len else {1024})
+    kv_at = dict.fromkeys(lengths, 0)
+    found: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, block in enumerate(model.blocks):
         kinds, options = [], []
-        params = 0
-        for norm, layer in ((block.norm1, block.mixer), (block.norm2, block.mlp)):
+        for layer in (block.mixer, block.mlp):
             if layer is None:
                 continue
             kinds.append(layer.spec.kind)
             if layer.spec.summary():
                 options.append(layer.spec.summary())
-            params += sum(p.numel() for p in layer.parameters()) + norm.weight.numel()
-            if isinstance(layer, Mamba3):
-                state_bytes += mamba3_state_bytes(layer, act_bytes)
-                for length, label in ((seq_len, "prefill"), (1, "decode")):
-                    backends[f"mamba3 {label}"] = m3_ops.resolve_backend(
-                        layer.spec.backend, device, length
-                    )
-            if isinstance(layer, Attention):
-                per_tok = 2 * layer.n_kv_heads * layer.head_dim * act_bytes
-                kv_per_token += per_tok
-                windows.append((per_tok, layer.spec.window))
-                backends["attention"] = attn_ops.resolve_backend(layer.spec.backend, device)
-        rows.append(LayerRow(i, names[i], " + ".join(kinds), "; ".join(options), params))
-    kv_at = {}
-    for length in sorted({seq_len, 1024, 4096, 32768} if seq_len else {1024}):
-        kv_at[length] = sum(per * kv_capacity(length, w) for per, w in windows)
-    counts = model.param_counts()
+            state = ask(layer, "decode_state_bytes", dtype)
+            state_bytes += state
+            kv_per_token += ask(layer, "kv_bytes_per_token", dtype)
+            for length in lengths:
+                kv_at[length] += ask(layer, "cache_bytes", length, dtype) - state
+            for label, length in (("prefill", max(seq_len, 2)), ("decode", 1)):
+                for op, name in ask(layer, "backends", device, dtype, length).items():
+                    found[f"{op} ({label})"][name].append(i)
+        rows.append(
+            LayerRow(i, names[i], " + ".join(kinds), "; ".join(options), block.num_params())
+        )
     return ModelSummary(
         rows=rows,
-        param_counts=counts,
+        param_counts=model.param_counts(),
         total_params=model.num_params(),
         state_bytes_per_seq=state_bytes,
         kv_bytes_per_token=kv_per_token,
         kv_bytes_at=kv_at,
-        backends=backends,
+        backends={op: _join(by_name) for op, by_name in found.items()},
     )
+
+
+def _join(by_name: dict[str, list[int]]) -> str:
+    """One backend name, or each with the layers that run it when layers differ."""
+    if len(by_name) == 1:
+        return next(iter(by_name))
+    return "; ".join(f"{name}: layers {', '.join(map(str, idx))}" for name, idx in by_name.items())
 
 
 def human_bytes(n: float) -> str:

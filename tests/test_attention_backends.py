@@ -18,11 +18,12 @@ from hybridkit import build_model
 from hybridkit.cache import KVCache
 from hybridkit.check import consistency_check
 from hybridkit.kernels import attention as attn_ops
-from hybridkit.kernels import fa4_op
+from hybridkit.kernels.attention import fa4 as fa4_op
+from hybridkit.kernels.attention import ops as attn_dispatch
 from hybridkit.summary import summarize
 from tests.helpers import attn_block, mamba_block, tiny_recipe
 
-LOGGER = "hybridkit.kernels.attention"
+LOGGER = "hybridkit.kernels.attention.ops"
 
 
 def qkv(b, lq, lk, h, hk, d, dtype=torch.float64, device="cpu", grad=False):
@@ -119,7 +120,7 @@ def _separate(fn, q, k, v, cu):
 @pytest.mark.parametrize("mask_path", [True, False])
 def test_packed_equals_separate_with_grads(backend, window, mask_path, monkeypatch):
     if not mask_path:  # force the per-sequence loop used for long packed inputs in eager mode
-        monkeypatch.setattr(attn_ops, "PACKED_MASK_MAX_TOKENS", 0)
+        monkeypatch.setattr(attn_dispatch, "PACKED_MASK_MAX_TOKENS", 0)
     q, k, v, cu = _packed_case()
     kw = dict(window=window, backend=backend)
     out, dout = fwd_bwd(lambda *t: attn_ops.attention(*t, cu_seqlens=cu, **kw), q, k, v)
@@ -348,7 +349,7 @@ def test_missing_package_falls_back_with_one_log_line(caplog, fresh_logs, monkey
     """Pretend to be on a Hopper GPU without flash-attn-4: sdpa, one warning, no crash."""
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn...` fail
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(attn_ops, "_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(fa4_op, "_capability", lambda index=None: (9, 0))
     attn_ops.clear_backend_caches()
     assert fa4_op.fa4_interface() is None
     assert "flash_attn" in fa4_op.fa4_import_error()
@@ -363,9 +364,9 @@ def test_missing_package_falls_back_with_one_log_line(caplog, fresh_logs, monkey
 
 def test_old_gpu_and_float32_reasons(monkeypatch, fresh_logs):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(attn_ops, "_capability", lambda index=None: (8, 0))
+    monkeypatch.setattr(fa4_op, "_capability", lambda index=None: (8, 0))
     assert "9.0" in attn_ops.fa4_unavailable("cuda:0", torch.bfloat16)
-    monkeypatch.setattr(attn_ops, "_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(fa4_op, "_capability", lambda index=None: (9, 0))
     monkeypatch.setattr(fa4_op, "fa4_import_error", lambda: None)
     assert attn_ops.fa4_unavailable("cuda:0", torch.bfloat16) == ""
     assert "bfloat16" in attn_ops.fa4_unavailable("cuda:0", torch.float32)
@@ -391,7 +392,8 @@ def test_fa4_module_is_not_imported_eagerly():
 
 def test_show_reports_attention_backend():
     model = build_model(_hybrid_recipe("auto"), seed=0)
-    assert summarize(model, seq_len=64, device="cpu").backends["attention"] == "sdpa"
+    backends = summarize(model, seq_len=64, device="cpu").backends
+    assert backends["attention (prefill)"] == backends["attention (decode)"] == "sdpa"
 
 
 # --- GPU: FlashAttention-4 ----------------------------------------------------------------------
@@ -442,7 +444,9 @@ def test_fa4_eager_paths_agree_bitwise(packed):
 
     def path(eager_function):
         def run(q, k, v):
-            return attn_ops._fa4(q, k, v, True, 33, 0.1, cu, None, eager_function=eager_function)
+            return fa4_op.fa4_attention(
+                q, k, v, True, 33, 0.1, cu, None, eager_function=eager_function
+            )
 
         return run
 

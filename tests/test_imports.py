@@ -57,14 +57,6 @@ LEVELS: list[tuple[int, str, tuple[str, ...]]] = [
 everything below it (``hybridkit.kernels`` covers ``hybridkit.kernels.mamba3.ops``); the longest
 matching prefix decides, so ``hybridkit`` itself only catches the package root."""
 
-KNOWN_CYCLES: list[frozenset[str]] = [
-    # fa4_op's CPU emulation borrows the masks of kernels/attention.py, which dispatches to fa4_op.
-    # Owned by the kernels reorganisation; delete this entry when that lands (a test below fails
-    # once the cycle is gone, so the exemption cannot outlive it).
-    frozenset({"hybridkit.kernels.attention", "hybridkit.kernels.fa4_op"}),
-]
-"""Cycles that exist today and are tolerated until their owner removes them. Keep it empty."""
-
 
 @dataclass(frozen=True)
 class Edge:
@@ -228,19 +220,10 @@ def test_no_import_cycles():
     edges = import_graph()
     bad = []
     for component in cycles(edges):
-        if frozenset(component) in KNOWN_CYCLES:
-            continue
         inside = set(component)
         lines = [str(e) for e in edges if e.source in inside and e.target in inside]
         bad.append(f"cycle between {', '.join(component)}:\n  " + "\n  ".join(lines))
     assert not bad, "\n".join(bad)
-
-
-def test_known_cycles_still_exist():
-    """An exemption outlives its cycle only by mistake: remove the entry once the cycle is gone."""
-    present = {frozenset(c) for c in cycles(import_graph())}
-    stale = [sorted(c) for c in KNOWN_CYCLES if c not in present]
-    assert not stale, f"these cycles are gone; delete them from KNOWN_CYCLES: {stale}"
 
 
 # --- the checker itself ------------------------------------------------------------------------

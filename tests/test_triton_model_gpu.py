@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridkit import build_model
-from hybridkit.kernels.mamba3 import siso_op
+from hybridkit.kernels.mamba3 import siso
 from hybridkit.recipe import load_recipe
 from hybridkit.train.metrics import read_metrics
 from hybridkit.train.trainer import Trainer
@@ -43,13 +43,13 @@ def _model_recipe(backend: str):
 def triton_calls(monkeypatch) -> Iterator[list[bool]]:
     """Records ``return_state`` of every call into the Triton scan."""
     calls: list[bool] = []
-    real = siso_op.mamba3_scan_triton
+    real = siso.mamba3_scan_triton
 
     def spy(*args, **kwargs):
         calls.append(bool(kwargs.get("return_state", True)))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(siso_op, "mamba3_scan_triton", spy)
+    monkeypatch.setattr(siso, "mamba3_scan_triton", spy)
     yield calls
 
 

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked  # noqa: E402
 from hybridkit.kernels.mamba3.reference import mamba3_scan_sequential  # noqa: E402
-from hybridkit.kernels.mamba3.siso_op import mamba3_scan_triton  # noqa: E402
+from hybridkit.kernels.mamba3.siso import mamba3_scan_triton  # noqa: E402
 from hybridkit.kernels.mamba3.state import Mamba3State  # noqa: E402
 
 F64 = torch.float64
@@ -41,7 +41,6 @@ class Case:
     S: int = 3
     C: int = 16
     init: bool = False
-    z: bool = False
     cu: tuple[int, ...] | None = None
     trap: bool = True
     angles: bool = True
@@ -72,7 +71,6 @@ def _inputs(c: Case, dtype: torch.dtype, device: str, seed: int) -> dict[str, Te
         "k_bias": randn(c.H, 1, c.N).float(),
         "angles": randn(B, c.L, c.H, c.S).to(dtype) if c.angles else None,
         "D": randn(c.H).float() if c.D else None,
-        "z": randn(B, c.L, c.H, c.P).to(dtype) if c.z else None,
     }
     return {k: (v.to(device) if v is not None else None) for k, v in inp.items()}
 
@@ -139,11 +137,8 @@ def check(
 
     l64 = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
     s64 = [t.detach().double().requires_grad_() for t in sl] if sl else None
-    z64 = l64.get("z")
-    args = {k: l64.get(k) for k in inp if k != "z"}
+    args = {k: l64.get(k) for k in inp}
     yr, fr = reference(**args, initial_state=Mamba3State(*s64) if s64 else None, cu_seqlens=cu)
-    if z64 is not None:
-        yr = yr * (z64 * torch.sigmoid(z64)).unsqueeze(2)
     lr = (yr * wy).sum() + sum((a * b).sum() for a, b in zip(fr, ws, strict=True))
     lr.backward()
 
@@ -167,7 +162,7 @@ def check(
 
 CPU_CASES = {
     "basic": Case(),
-    "init_gate_split_grouped": Case(H=4, G=2, init=True, z=True),
+    "init_split_grouped": Case(H=4, G=2, init=True),
     "len1_init": Case(L=1, init=True),
     "varlen_init_split": Case(B=1, L=40, H=4, G=2, init=True, cu=(0, 5, 5, 22, 40)),
     "euler_norotation_noD": Case(L=20, trap=False, angles=False, D=False, init=True),
@@ -176,7 +171,7 @@ CPU_CASES = {
     # every pair rotates (rope_fraction 1): the angle tiles are N/2 wide, nothing is widened
     "full_rotation_init": Case(S=8, init=True),
     # more than half of the pairs rotate: still N/2-wide angle tiles, masked past S
-    "rotation_above_half_gate": Case(S=5, z=True),
+    "rotation_above_half": Case(S=5),
 }
 
 
@@ -237,21 +232,23 @@ def test_state_only_loss_matches_the_reference():
         assert rel_err(a, b) < 1e-5 if b.abs().max() > 0 else a.abs().max() < 1e-6, name
 
 
-def test_warp_tuner_times_each_candidate_once_per_key():
+def test_tuner_times_each_candidate_once_per_key(monkeypatch):
     """The tuned kernels' launch choice: every candidate (warps, optional register cap) timed
     on the first launch of a key (flags + tensor dtypes), the fastest kept, later launches of
-    that key not timed again."""
-    from hybridkit.kernels.mamba3.siso_op import _WarpTuned
+    that key not timed again; with autotune off the default runs untimed."""
+    from hybridkit.kernels import config
+    from hybridkit.kernels.mamba3.siso import launch
 
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # real launch options, not 1 warp
     launches, timed = [], []
 
     class FakeKernel:
         def __getitem__(self, grid):
-            def launch(*args, **kw):
+            def run(*args, **kw):
                 assert kw["num_stages"] == 1
                 launches.append((grid, kw["num_warps"], kw.get("maxnreg"), kw["C"]))
 
-            return launch
+            return run
 
     cost = {(4, None): 2.0, (4, 168): 1.0, (8, None): 1.5, (16, None): 3.0}
 
@@ -260,46 +257,89 @@ def test_warp_tuner_times_each_candidate_once_per_key():
         timed.append(launches[-1][1:3])
         return cost[launches[-1][1:3]]
 
-    tuned = _WarpTuned(FakeKernel(), ["C"], (4, (4, 168), 8, 16), timer=timer)
+    monkeypatch.setattr(launch, "_median_ms", timer)
+    tuned = launch.TunedKernel(FakeKernel(), ["C"], (4, (4, 168), 8, 16), default=8)
     x = torch.zeros(2)
-    for _ in range(3):
-        tuned[(5,)](x, 7, C=64)
-    assert timed == list(cost)
-    assert launches[4:] == [((5,), 4, 168, 64)] * 3  # the fastest, once per call after tuning
-    tuned[(5,)](x.double(), 7, C=64)  # another dtype: a new key, timed again
-    tuned[(5,)](x, 7, C=32)  # another flag value: a new key
+    with config.kernel_config(autotune=True):
+        for _ in range(3):
+            tuned[(5,)](x, 7, C=64)
+        assert timed == list(cost)
+        assert launches[4:] == [((5,), 4, 168, 64)] * 3  # the fastest, once per call after tuning
+        tuned[(5,)](x.double(), 7, C=64)  # another dtype: a new key, timed again
+        tuned[(5,)](x, 7, C=32)  # another flag value: a new key
     assert timed == list(cost) * 3
     assert len(tuned.best) == 3
+    with config.kernel_config(autotune=False):
+        tuned[(5,)](x, 7, C=16)
+    assert timed == list(cost) * 3 and launches[-1] == ((5,), 8, None, 16)
 
 
-def test_kernel_environment_knobs_are_validated(monkeypatch):
-    """The launch knobs read from the environment: bad values name the variable and what it
-    accepts; unset / 0 means no register cap."""
-    from hybridkit.kernels.mamba3.siso_op import _env_maxnreg, _env_warps
+def test_kernel_config_from_code_and_environment(monkeypatch):
+    """One configuration: the variable is read at launch time (not import), bad values name
+    the variable, the key and what it accepts; ``kernel_config`` overrides it in a block."""
+    from hybridkit.kernels import config
 
-    monkeypatch.setenv("HYBRIDKIT_MAMBA3_BWD_WARPS", "8")
-    assert _env_warps("HYBRIDKIT_MAMBA3_BWD_WARPS", "4") == 8
-    monkeypatch.setenv("HYBRIDKIT_MAMBA3_BWD_WARPS", "3")
-    with pytest.raises(ValueError, match=r"HYBRIDKIT_MAMBA3_BWD_WARPS='3'.*1, 2, 4, 8, 16"):
-        _env_warps("HYBRIDKIT_MAMBA3_BWD_WARPS", "4")
-    monkeypatch.delenv("HYBRIDKIT_MAMBA3_BWD_MAXNREG", raising=False)
-    assert _env_maxnreg("HYBRIDKIT_MAMBA3_BWD_MAXNREG") is None
-    for value, want in (("0", None), ("168", 168), ("255", 255)):
-        monkeypatch.setenv("HYBRIDKIT_MAMBA3_BWD_MAXNREG", value)
-        assert _env_maxnreg("HYBRIDKIT_MAMBA3_BWD_MAXNREG") == want
-    for bad in ("16", "256", "many"):
-        monkeypatch.setenv("HYBRIDKIT_MAMBA3_BWD_MAXNREG", bad)
-        with pytest.raises(ValueError, match=r"HYBRIDKIT_MAMBA3_BWD_MAXNREG=.*24\.\.255"):
-            _env_maxnreg("HYBRIDKIT_MAMBA3_BWD_MAXNREG")
+    monkeypatch.setenv(config.ENV_VAR, "autotune=0,bwd_warps=8,bwd_maxnreg=168,chunk_sizes=32:64")
+    cfg = config.current_config()
+    assert (cfg.autotune, cfg.bwd_warps, cfg.bwd_maxnreg, cfg.chunk_sizes) == (
+        False,
+        8,
+        168,
+        (32, 64),
+    )
+    with config.kernel_config(bwd_warps=4) as inner:
+        assert config.current_config() is inner and inner.bwd_warps == 4 and not inner.autotune
+    assert config.current_config().bwd_warps == 8
+    monkeypatch.setenv(config.ENV_VAR, "")
+    assert config.current_config() == config.KernelConfig()
+    for bad, match in (
+        ("bwd_warps=3", r"HYBRIDKIT_KERNELS=.*bwd_warps=3: allowed \(1, 2, 4, 8, 16\)"),
+        ("bwd_maxnreg=300", r"HYBRIDKIT_KERNELS=.*24\.\.255"),
+        ("chunk_sizes=48", r"HYBRIDKIT_KERNELS=.*subset of \(16, 32, 64, 128\)"),
+        ("autotune=maybe", r"HYBRIDKIT_KERNELS=.*autotune: 'maybe': allowed 0, 1"),
+        ("warps=8", r"HYBRIDKIT_KERNELS=.*'warps=8'.*autotune, bwd_maxnreg"),
+    ):
+        monkeypatch.setenv(config.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=match):
+            config.current_config()
+
+
+def test_triton_chunk_narrows_only_what_cannot_compile():
+    """fp32 (precise) kernels keep C x max(N, P) <= 4096, bf16 ones <= 16384; the dispatch
+    point reports the narrower chunk and the scan's result does not depend on it."""
+    from hybridkit.kernels.config import triton_chunk
+
+    assert triton_chunk(128, 128, 32, fast=False) == 32  # the configuration that stalled
+    assert triton_chunk(64, 64, 64, fast=False) == 64
+    assert triton_chunk(128, 128, 64, fast=True) == 128
+    assert triton_chunk(128, 256, 64, fast=True) == 64
+    assert triton_chunk(16, 512, 64, fast=False) == 16  # never below the smallest chunk
+    plan = ops.plan_scan(
+        "auto", device="cuda", dtype=torch.float32, length=5, rank=1, d_state=128, headdim=32,
+        chunk_size=128,
+    )  # fmt: skip
+    assert plan == ops.ScanPlan("triton", 32, "chunk 32") and plan.describe() == "triton (chunk 32)"
 
 
 def test_dispatch_rules():
-    assert ops.resolve_backend("auto", "cuda", 64, 1) == "triton"
-    assert ops.resolve_backend("auto", "cuda", 1, 1) == "reference"
-    assert ops.resolve_backend("auto", "cuda", 64, 2) == "chunked"
-    assert ops.resolve_backend("auto", "cpu", 64, 1) == "chunked"
-    assert ops.resolve_backend("auto", "cuda", 64, 1, triton_ok=False) == "chunked"
-    assert ops.resolve_backend("triton", "cpu", 64) == "triton"
+    def plan(
+        device="cuda", length=64, rank=1, dtype=torch.bfloat16, chunk=64, n=128, backend="auto"
+    ):
+        return ops.plan_scan(
+            backend, device=device, dtype=dtype, length=length, rank=rank, d_state=n,
+            headdim=64, chunk_size=chunk,
+        ).backend  # fmt: skip
+
+    assert plan() == "triton"
+    assert plan(length=1) == "reference"
+    assert plan(rank=2) == "chunked"
+    assert plan(device="cpu") == "chunked"
+    assert plan(dtype=torch.float64) == "chunked"
+    assert plan(chunk=256) == "chunked"
+    assert plan(n=48) == "chunked"
+    assert plan(device="cpu", backend="triton") == "triton"
+    with pytest.raises(ValueError, match="allowed: auto, reference, chunked, triton"):
+        plan(backend="cute")
 
 
 def test_checkpointing_reads_saved_tensors_once():
@@ -329,35 +369,31 @@ def test_checkpointing_reads_saved_tensors_once():
 
 
 def test_fake_impl_and_registration():
-    """Schema, fake (meta) implementation and autograd registration via opcheck."""
+    """Schema, fake (meta) implementation and autograd registration via opcheck, with the
+    gates as the layer passes them: (B, H, L) views of (B, L, H) tensors (the real backward
+    returns contiguous gradients for them, and so must the fake one, or ``torch.compile``
+    fails in the backward)."""
     c = Case(L=20, H=2, init=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     inp = _inputs(c, torch.float32, dev, 4)
-    args = (
-        inp["q"],
-        inp["k"],
-        inp["v"],
-        inp["adt"],
-        inp["dt"],
-        inp["trap"],
-        inp["q_bias"],
-        inp["k_bias"],
-        inp["angles"],
-        inp["D"],
-        None,
-        torch.randn(c.B, c.H, c.P, c.N, device=dev),  # initial state, relative frame
-        None,
-        16,
-        False,
-        True,
-    )
-    args = tuple(
-        a.requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args
-    )
+    gates = {k: inp[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("adt", "dt", "trap")}
+    assert gates["dt"].stride(-1) != 1
+    init = torch.randn(c.B, c.H, c.P, c.N, device=dev)  # initial state, relative frame
+    names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D")
+    tensors = [gates.get(k, inp[k]) for k in names] + [init, None]
+    args = tuple(t.requires_grad_() if t is not None else None for t in tensors) + (16, False)
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_siso_fwd.default,
         args,
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    y, total, end, states = torch.ops.hybridkit.mamba3_siso_fwd(*args)
+    bwd_args = (torch.randn_like(y), torch.randn_like(total), torch.randn_like(end))
+    bwd_args += tuple(t.detach() if t is not None else None for t in tensors) + (states, 16, False)
+    torch.library.opcheck(
+        torch.ops.hybridkit.mamba3_siso_bwd.default,
+        bwd_args,
+        test_utils=("test_schema", "test_faketensor"),
     )
 
 
@@ -418,7 +454,7 @@ def test_auto_dispatch_uses_triton_on_gpu():
     c = Case(B=2, L=300, H=4, G=1, N=64, P=64, S=16, C=64, init=True)
     inp = _inputs(c, torch.float32, "cuda", 9)
     st = _state(c, "cuda", 10, torch.float32)
-    args = {k: v for k, v in inp.items() if k != "z"}
+    args = dict(inp)
     y, fs = ops.mamba3_scan(**args, initial_state=st, chunk_size=64, backend="auto")
     yr, fr = ops.mamba3_scan(**args, initial_state=st, chunk_size=64, backend="chunked")
     assert y.dtype == torch.float32 and rel_err(y, yr) < 1e-4 and rel_err(fs.ssm, fr.ssm) < 1e-4
@@ -427,8 +463,8 @@ def test_auto_dispatch_uses_triton_on_gpu():
 GPU_CASES = {
     "n128_p64_init": (Case(B=2, L=2345, H=4, G=1, N=128, P=64, S=32, C=64, init=True), "fp32"),
     "n64_p32_g2_split": (Case(B=2, L=2345, H=4, G=2, N=64, P=32, S=16, C=64), "fp32"),
-    "n32_p64_c32_gate_split": (
-        Case(B=2, L=1000, H=4, G=1, N=32, P=64, S=8, C=32, init=True, z=True),
+    "n32_p64_c32_split": (
+        Case(B=2, L=1000, H=4, G=1, N=32, P=64, S=8, C=32, init=True),
         "fp32",
     ),
     "varlen_n64_p64": (
@@ -448,7 +484,7 @@ GPU_CASES = {
     ),
     "len1": (Case(B=2, L=1, H=4, N=64, P=64, S=16, C=64, init=True), "fp32"),
     "bf16_n128_p64_init": (Case(B=2, L=2345, H=4, G=1, N=128, P=64, S=32, C=64, init=True), "bf16"),
-    "bf16_varlen_gate": (
+    "bf16_varlen": (
         Case(
             B=1,
             L=2346,
@@ -459,7 +495,6 @@ GPU_CASES = {
             S=32,
             C=64,
             init=True,
-            z=True,
             cu=(0, 1000, 1001, 2346),
         ),
         "bf16",

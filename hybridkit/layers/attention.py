@@ -10,7 +10,7 @@ from torch import nn
 
 from hybridkit.cache import InferenceCache, KVCache, kv_capacity
 from hybridkit.kernels import attention as attn_ops
-from hybridkit.layers.base import LayerSpec
+from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.layers.norm import RMSNorm
 from hybridkit.layers.rotary import RotaryEmbedding, rotate_half_pairs
 from hybridkit.registry import register_layer
@@ -33,7 +33,7 @@ def positions_for(
     return pos
 
 
-class Attention(nn.Module):
+class Attention(Layer):
     """Attention mixer. Projections: fused ``wqkv`` and ``out_proj`` (a residual output)."""
 
     residual_out_names = ("out_proj",)
@@ -62,6 +62,14 @@ class Attention(nn.Module):
             torch.empty(shape, dtype=dtype, device=device),
             window=self.spec.window,
         )
+
+    def backends(
+        self, device: torch.device | str, dtype: torch.dtype, length: int
+    ) -> dict[str, str]:
+        """The attention backend, as the dispatch point resolves it for this layer's inputs."""
+        return {
+            "attention": attn_ops.resolve_backend(self.spec.backend, device, dtype, self.head_dim)
+        }
 
     def forward(
         self,

@@ -23,7 +23,7 @@ from torch import nn
 from hybridkit.cache import InferenceCache
 from hybridkit.kernels.mamba3 import ops
 from hybridkit.kernels.mamba3.state import Mamba3State
-from hybridkit.layers.base import LayerSpec
+from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
 from hybridkit.registry import register_layer
 
@@ -40,7 +40,7 @@ def _no_decay(p: nn.Parameter) -> nn.Parameter:
     return p
 
 
-class Mamba3(nn.Module):
+class Mamba3(Layer):
     """Mamba-3 mixer; ``mimo_rank == 1`` is SISO (interleaved rotary pairs), R > 1 is MIMO."""
 
     residual_out_names = ("out_proj",)
@@ -117,6 +117,24 @@ class Mamba3(nn.Module):
             dtype=dtype,
             device=device,
         )
+
+    def backends(
+        self, device: torch.device | str, dtype: torch.dtype, length: int
+    ) -> dict[str, str]:
+        """The scan backend for a call of ``length`` tokens, as the dispatch point decides."""
+        plan = ops.plan_scan(
+            self.spec.backend,
+            device=device,
+            dtype=dtype,
+            length=length,
+            rank=self.rank,
+            d_state=self.d_state,
+            headdim=self.headdim,
+            chunk_size=self.spec.chunk_size,
+            pairing=self.pairing,
+            has_mimo_x=self.mimo_x is not None,
+        )
+        return {"mamba3 scan": plan.describe()}
 
     def gates(self, dd_dt: torch.Tensor, dd_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dt = softplus(dd_dt + dt_bias) and A*dt, in float32 (float64 for a float64 model)."""

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from hybridkit.layers.base import LayerSpec
+from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.registry import register_layer
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(Layer):
     """Gated MLP; ``fc2`` is a residual-branch output (scaled at init, see model.init_weights)."""
 
     residual_out_names = ("fc2",)

@@ -15,9 +15,11 @@ and nowhere else, so layers never change when a kernel does.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
+from hybridkit.kernels.config import current_config, triton_chunk
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
 
@@ -26,28 +28,66 @@ BACKENDS = ("auto", "reference", "chunked", "triton")
 ScanFn = Callable[..., tuple[torch.Tensor, Mamba3State]]
 
 
-def resolve_backend(
+class ScanPlan(NamedTuple):
+    """What a scan call runs: the backend, the chunk it uses, and why ``auto`` chose it."""
+
+    backend: str
+    chunk_size: int
+    reason: str = ""
+
+    def describe(self) -> str:
+        """``triton``, ``triton (chunk 32)`` when narrower than asked, ``chunked (why)``."""
+        text = self.backend
+        if self.backend in ("triton", "chunked") and self.reason:
+            text += f" ({self.reason})"
+        return text
+
+
+def plan_scan(
     backend: str,
-    device: torch.device | str | None = None,
-    length: int = 2,
-    rank: int = 1,
-    triton_ok: bool = True,
-) -> str:
-    """Name of the implementation ``backend`` runs for a call of ``length`` tokens on ``device``.
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    length: int,
+    rank: int,
+    d_state: int,
+    headdim: int,
+    chunk_size: int,
+    pairing: str = "interleaved",
+    has_mimo_x: bool = False,
+) -> ScanPlan:
+    """The implementation ``backend`` runs for a call with these static properties.
 
     ``auto``: one token (decode) goes through the sequential recurrence, which is exactly the
-    single-step update; longer SISO inputs (``rank == 1``) on a CUDA device through the Triton
-    kernels (when ``triton_ok``: no float64, no mimo_x, power-of-two sizes), everything else
-    through the chunked path.
-    """
+    single-step update; longer inputs on a CUDA device through the Triton kernels when they
+    cover the call (SISO, no float64, power-of-two sizes, a configured chunk size), everything
+    else through the chunked torch path. Layers and ``hybridkit show`` ask this function, so
+    what they report is what runs."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown Mamba-3 backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        if length == 1:
-            return "reference"
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        return "triton" if (on_cuda and rank == 1 and triton_ok) else "chunked"
-    return backend
+    fast = dtype in (torch.bfloat16, torch.float16)
+    if backend != "auto":
+        chunk = (
+            triton_chunk(chunk_size, d_state, headdim, fast) if backend == "triton" else chunk_size
+        )
+        return ScanPlan(backend, chunk)
+    if length == 1:
+        return ScanPlan("reference", chunk_size, "one token")
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if not on_cuda:
+        return ScanPlan("chunked", chunk_size)
+    from hybridkit.kernels.mamba3.siso import unsupported_reason
+
+    why = unsupported_reason(rank, d_state, headdim, dtype, True, pairing)
+    if why is None and has_mimo_x:
+        why = "mimo_x scaling has no Triton kernel yet"
+    allowed = current_config().chunk_sizes
+    if why is None and chunk_size not in allowed:
+        why = f"chunk_size {chunk_size} not among the Triton chunk sizes {allowed}"
+    if why is not None:
+        return ScanPlan("chunked", chunk_size, why)
+    chunk = triton_chunk(chunk_size, d_state, headdim, fast)
+    return ScanPlan("triton", chunk, f"chunk {chunk}" if chunk != chunk_size else "")
 
 
 def mamba3_scan(
@@ -74,18 +114,25 @@ def mamba3_scan(
 
     ``return_state=False`` returns None instead of the final state (every backend), which lets
     the Triton path skip the end-state conversion when nothing reads it (training)."""
-    triton_ok = True
-    if backend == "auto" and q.device.type == "cuda":
-        from hybridkit.kernels.mamba3 import siso_op
-
-        triton_ok = siso_op.supports(q, v, mimo_x, pairing) and chunk_size in (16, 32, 64, 128)
-    name = resolve_backend(backend, q.device, q.shape[1], q.shape[2], triton_ok)
+    dtype = torch.float64 if torch.float64 in (q.dtype, v.dtype) else v.dtype
+    plan = plan_scan(
+        backend,
+        device=q.device,
+        dtype=dtype,
+        length=q.shape[1],
+        rank=q.shape[2],
+        d_state=q.shape[-1],
+        headdim=v.shape[-1],
+        chunk_size=chunk_size,
+        pairing=pairing,
+        has_mimo_x=mimo_x is not None,
+    )
     kwargs = dict(pairing=pairing, initial_state=initial_state, cu_seqlens=cu_seqlens)
     args = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x)
-    if name == "reference":
+    if plan.backend == "reference":
         y, state = reference.mamba3_scan_sequential(*args, **kwargs)
-    elif name == "triton":
-        from hybridkit.kernels.mamba3.siso_op import mamba3_scan_triton
+    elif plan.backend == "triton":
+        from hybridkit.kernels.mamba3.siso import mamba3_scan_triton
 
         return mamba3_scan_triton(*args, **kwargs, chunk_size=chunk_size, return_state=return_state)
     else:

@@ -27,12 +27,21 @@ Importing this module does no CUDA work and does not import ``flash_attn``; the 
 (once, cached by :func:`fa4_interface`).
 """
 
+from __future__ import annotations
+
 import functools
 from types import ModuleType
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from hybridkit.kernels.attention.reference import (
+    attention_mask,
+    expand_kv,
+    masked_scores,
+    packed_attention_mask,
+)
 
 FA4_MODULE = "flash_attn.cute.interface"
 _FA4_ENTRY_POINTS = ("_flash_attn_fwd", "_flash_attn_bwd")
@@ -61,16 +70,6 @@ def fa4_interface() -> Optional[ModuleType]:  # noqa: UP045
 def fa4_import_error() -> Optional[str]:  # noqa: UP045
     """Why ``flash_attn.cute`` cannot be used (None when it can)."""
     return _import_fa4()[1]
-
-
-def fa4_version() -> Optional[str]:  # noqa: UP045
-    """Installed flash-attn-4 version, without importing it."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("flash-attn-4")
-    except PackageNotFoundError:
-        return None
 
 
 def _interface() -> ModuleType:
@@ -284,27 +283,17 @@ class FA4Function(torch.autograd.Function):
 # --- CPU emulation (tests of the op registration only) ----------------------------------------
 def _emulated_scores(q, k, cu_seqlens, softmax_scale, causal, window_left):
     """float32/64 scores (B, H, Lq, Lk) with FA4's masks (-inf where masked)."""
-    from hybridkit.kernels import attention as attn_ops
-
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rep = q.shape[2] // k.shape[2]
-    qf = q.to(ct).transpose(1, 2)
-    kf = k.to(ct).repeat_interleave(rep, dim=2).transpose(1, 2)
-    scores = qf @ kf.transpose(-1, -2) * softmax_scale
     window = None if window_left is None else window_left + 1
     if cu_seqlens is None:
-        mask = attn_ops.attention_mask(q.shape[1], k.shape[1], causal=causal, window=window)
+        mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window)
     else:
-        mask = attn_ops.packed_attention_mask(cu_seqlens, q.shape[1], causal=causal, window=window)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores
+        mask = packed_attention_mask(cu_seqlens, q.shape[1], causal=causal, window=window)
+    return masked_scores(q, k, softmax_scale, mask)
 
 
 def _emulated_forward(q, k, v, cu_seqlens, softmax_scale, causal, window_left):
     scores = _emulated_scores(q, k, cu_seqlens, softmax_scale, causal, window_left)
-    rep = q.shape[2] // k.shape[2]
-    vf = v.to(scores.dtype).repeat_interleave(rep, dim=2).transpose(1, 2)
+    vf = expand_kv(v, q.shape[2], scores.dtype)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq)
     out = (torch.exp(scores - lse[..., None]) @ vf).transpose(1, 2).to(q.dtype)
     if cu_seqlens is not None:
@@ -328,8 +317,7 @@ def _fa4_bwd_cpu(
     b, lk, hk, d = k.shape
     probs = torch.softmax(scores, dim=-1).nan_to_num()  # (B, H, Lq, Lk)
     qf = q.to(ct).transpose(1, 2)
-    kf = k.to(ct).repeat_interleave(rep, dim=2).transpose(1, 2)
-    vf = v.to(ct).repeat_interleave(rep, dim=2).transpose(1, 2)
+    kf, vf = expand_kv(k, q.shape[2], ct), expand_kv(v, q.shape[2], ct)
     do = dout.to(ct).transpose(1, 2)
     dv = probs.transpose(-1, -2) @ do
     dp = do @ vf.transpose(-1, -2)
@@ -342,3 +330,78 @@ def _fa4_bwd_cpu(
         return g.to(like.dtype).contiguous()
 
     return dq.transpose(1, 2).to(q.dtype).contiguous(), to_kv(dk, k), to_kv(dv, v)
+
+
+# --- availability and the call the dispatch point makes ----------------------------------------
+FA4_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@torch.compiler.assume_constant_result
+def _capability_major(index: int) -> int:
+    return _capability(index if index >= 0 else None)[0]
+
+
+def fa4_unavailable(device: torch.device | str | None, dtype: torch.dtype | None = None) -> str:
+    """Why FA4 cannot run on ``device`` for ``dtype`` inputs ("" when it can).
+
+    Checks, cheapest first: a CUDA device, compute capability >= 9.0 (FA4's backward needs SM90+),
+    the package importing (lazily, once), a bf16/fp16 dtype.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cuda":
+        return f"FlashAttention-4 needs a CUDA GPU, the inputs are on {dev.type}"
+    if not torch.cuda.is_available():
+        return "FlashAttention-4 needs a CUDA GPU, and torch sees none"
+    major, minor = _capability(dev.index)
+    if major < 9:
+        return f"FlashAttention-4 needs compute capability >= 9.0, this GPU is {major}.{minor}"
+    error = fa4_import_error()
+    if error is not None:
+        return f"flash-attn-4 (flash_attn.cute) is not importable: {error}"
+    if dtype is not None and dtype not in FA4_DTYPES:
+        return f"FlashAttention-4 needs bfloat16 or float16 inputs, got {dtype}"
+    return ""
+
+
+def fa4_head_dim_ok(head_dim: int, capability_major: int = 9) -> bool:
+    """FA4's head_dim limits: SM90 8..256 in steps of 8; SM100+ up to 128, or 256."""
+    if head_dim % 8 or head_dim < 8:
+        return False
+    return head_dim <= 256 if capability_major == 9 else head_dim <= 128 or head_dim == 256
+
+
+#: In eager mode, call FA4 through :class:`FA4Function` (the same FA4 calls, no
+#: dispatcher) instead of the ``hybridkit::fa4_fwd`` op; ``torch.compile`` always sees the op.
+#: Why: on torch 2.11 the custom op's eager autograd layers cost ~0.3 ms of host time per
+#: forward+backward, more than FA4's whole GPU time at small shapes (8x2048x16x64: 0.72 ms), so
+#: eager training through the op was host-bound at 0.63x FA4 (benchmarks/results/attention_*).
+FA4_EAGER_AUTOGRAD_FUNCTION = True
+
+
+def fa4_attention(
+    q, k, v, causal, window, scale, cu_seqlens, max_seqlen, *, eager_function: bool | None = None
+):
+    """FA4 in our layout and mask rules (``window`` counts keys, FA4's left window is one
+    less); packed sequences pass ``cu_seqlens``."""
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        if max_seqlen is None and not torch.compiler.is_compiling():
+            # a tight bound keeps FA4's grid small; it costs one host sync (pass max_seqlen to
+            # avoid it); under torch.compile FA4 bounds lengths by the total instead (correct)
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    window_left = None if window is None else window - 1
+    if eager_function is None:
+        eager_function = FA4_EAGER_AUTOGRAD_FUNCTION
+    if eager_function and not torch.compiler.is_compiling():
+        args = (q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left)
+        return FA4Function.apply(*args)
+    return_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out, _lse = torch.ops.hybridkit.fa4_fwd(
+        q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left, return_lse
+    )
+    return out

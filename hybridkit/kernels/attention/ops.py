@@ -1,0 +1,158 @@
+"""The one dispatch point for attention: backend resolution and :func:`attention`.
+
+Layout and contract are in :mod:`hybridkit.kernels.attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from hybridkit.kernels.attention import fa4
+from hybridkit.kernels.attention.reference import packed_attention_mask, reference_attention
+from hybridkit.kernels.attention.sdpa import sdpa_attention
+
+BACKENDS = ("auto", "reference", "sdpa", "fa4")
+
+#: Packed (``cu_seqlens``) inputs up to this many tokens go through sdpa/reference as one call
+#: with a block-diagonal mask (no host sync, traceable by ``torch.compile``); longer ones, in
+#: eager mode, loop over the sequences (one ``.tolist()`` sync) to avoid a total**2 mask.
+PACKED_MASK_MAX_TOKENS = 4096
+
+logger = logging.getLogger(__name__)
+
+
+# --- backend resolution -----------------------------------------------------------------------
+@functools.cache
+def _log_once_cached(level: int, message: str) -> None:
+    logger.log(level, message)
+
+
+@torch.compiler.assume_constant_result
+def _log_once(level: int, message: str) -> bool:
+    """Log ``message`` the first time only; run at trace time under ``torch.compile``."""
+    _log_once_cached(level, message)
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, device_index: int, dtype: torch.dtype | None) -> str:
+    """``resolve_backend`` on plain constants, so Dynamo runs it once at trace time."""
+    if backend in ("reference", "sdpa"):
+        return backend
+    device = torch.device(device_type, device_index if device_index >= 0 else None)
+    reason = fa4.fa4_unavailable(device, dtype)
+    if not reason:
+        return "fa4"
+    if backend == "fa4":
+        _log_once(logging.WARNING, f"attention backend 'fa4' falls back to 'sdpa': {reason}")
+    elif device.type == "cuda":
+        _log_once(logging.INFO, f"attention backend 'auto' uses 'sdpa': {reason}")
+    return "sdpa"
+
+
+def resolve_backend(
+    backend: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+) -> str:
+    """The backend that runs for ``backend`` on ``device`` (``auto`` and fallbacks resolved).
+
+    ``dtype``/``head_dim`` of the inputs refine the answer when known (``hybridkit show`` passes
+    neither and learns what a bf16 model would get). Eager calls hit a cache (one dict look-up
+    per attention call); under ``torch.compile`` the checks run once, at trace time.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if torch.compiler.is_compiling():
+        return _resolve_uncached(backend, device, dtype, head_dim)
+    return _resolve_cached(backend, device, dtype, head_dim)
+
+
+@torch.compiler.assume_constant_result
+def _capability_major(index: int) -> int:
+    return fa4._capability(index if index >= 0 else None)[0]
+
+
+def _resolve_uncached(backend, device, dtype, head_dim) -> str:
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    name = _resolve(backend, dev.type, -1 if dev.index is None else dev.index, dtype)
+    if name == "fa4" and head_dim is not None:
+        major = _capability_major(dev.index if dev.index is not None else -1)
+        if not fa4.fa4_head_dim_ok(head_dim, major):
+            level = logging.WARNING if backend == "fa4" else logging.INFO
+            _log_once(
+                level,
+                f"attention backend {backend!r} uses 'sdpa': FlashAttention-4 does not support "
+                f"this head_dim on compute capability {major}.x (SM90: multiples of 8 up to 256; "
+                "SM100+: up to 128, or 256)",
+            )
+            return "sdpa"
+    return name
+
+
+_resolve_cached = functools.cache(_resolve_uncached)
+
+
+def clear_backend_caches() -> None:
+    """Forget resolved backends, logged fallbacks, GPU capabilities and the FA4 import (tests)."""
+    for cached in (_resolve_cached, _log_once_cached, fa4._capability, fa4._import_fa4):
+        clear = getattr(cached, "cache_clear", None)  # tests may have swapped one for a stub
+        if clear is not None:
+            clear()
+
+
+AttnFn = Callable[..., torch.Tensor]
+_IMPLS: dict[str, AttnFn] = {"reference": reference_attention, "sdpa": sdpa_attention}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Scaled dot-product attention; returns (B, Lq, H, D) in q's dtype.
+
+    ``cu_seqlens`` (nseq+1,) packs several sequences along the length axis of a batch of one;
+    attention never crosses a sequence boundary (q and k must then have the same length).
+    ``max_seqlen`` (the longest packed sequence) is optional; fa4 uses it to size its grid.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention expects (batch, seqlen, heads, head_dim) tensors")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"heads {q.shape[2]} is not a multiple of kv heads {k.shape[2]}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if cu_seqlens is not None and (q.shape[0] != 1 or k.shape[1] != q.shape[1]):
+        raise ValueError("cu_seqlens needs batch 1 and equal query/key lengths")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if name == "fa4":
+        return fa4.fa4_attention(q, k, v, causal, window, scale, cu_seqlens, max_seqlen)
+    impl = _IMPLS[name]
+    if cu_seqlens is None:
+        return impl(q, k, v, causal, window, scale)
+    total = q.shape[1]
+    if name == "reference" or torch.compiler.is_compiling() or total <= PACKED_MASK_MAX_TOKENS:
+        mask = packed_attention_mask(cu_seqlens.to(q.device), total, causal=causal, window=window)
+        return impl(q, k, v, causal, window, scale, mask)
+    bounds = cu_seqlens.tolist()
+    outs = [
+        impl(q[:, s:e], k[:, s:e], v[:, s:e], causal, window, scale)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outs, dim=1)

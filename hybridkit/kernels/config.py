@@ -1,0 +1,142 @@
+"""The one configuration of our Triton kernel launches, settable from code or one variable.
+
+Fields (defaults in :class:`KernelConfig`):
+
+* ``autotune``: time the launch-configuration candidates of the tuned kernels once per
+  specialisation and keep the fastest (off: each kernel's measured default, no timing runs);
+* ``bwd_warps``: warps of the SISO backward chunk kernels, which are never tuned;
+* ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
+* ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
+  one runs the torch chunked path (``hybridkit show`` says so).
+
+In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local). From the
+shell: ``HYBRIDKIT_KERNELS="autotune=0,bwd_warps=8,chunk_sizes=32:64"``. The variable is read
+when a kernel launches, never at import, so a process may set it after importing hybridkit.
+Measured effects of these settings are in ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+ENV_VAR = "HYBRIDKIT_KERNELS"
+WARP_COUNTS = (1, 2, 4, 8, 16)
+TRITON_CHUNK_SIZES = (16, 32, 64, 128)
+
+# The widest chunk a SISO kernel may use is bounded by its largest register tiles,
+# C x max(N, P) elements. fp32 (precise) tiles hold twice the registers of bf16 ones and their
+# dots run in fp32: at C 64 / N 128 the backward kernels spill tens of KB per thread and take
+# minutes to compile, at C 128 they did not finish (docs/kernels.md, "Compile time"). The scan's
+# result does not depend on the chunk, so a wider request simply runs narrower chunks.
+_MAX_TILE = {False: 32 * 128, True: 128 * 128}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch settings of our Triton kernels (see the module docstring)."""
+
+    autotune: bool = True
+    bwd_warps: int = 4
+    bwd_maxnreg: int | None = None
+    chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
+
+    def __post_init__(self) -> None:
+        if self.bwd_warps not in WARP_COUNTS:
+            raise ValueError(f"bwd_warps={self.bwd_warps}: allowed {WARP_COUNTS}")
+        if self.bwd_maxnreg is not None and not 24 <= self.bwd_maxnreg <= 255:
+            raise ValueError(f"bwd_maxnreg={self.bwd_maxnreg}: allowed None or 24..255")
+        bad = [c for c in self.chunk_sizes if c not in TRITON_CHUNK_SIZES]
+        if bad or not self.chunk_sizes:
+            raise ValueError(
+                f"chunk_sizes={self.chunk_sizes}: allowed a non-empty subset of "
+                f"{TRITON_CHUNK_SIZES}"
+            )
+
+
+_OVERRIDE: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar(
+    "hybridkit_kernel_config", default=None
+)
+
+
+def parse_env(text: str) -> KernelConfig:
+    """A :class:`KernelConfig` from ``key=value[,key=value]`` (the ``HYBRIDKIT_KERNELS`` form)."""
+    fields = {f.name for f in dataclasses.fields(KernelConfig)}
+    values: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(
+                f"{ENV_VAR}={text!r}: {item!r} is not key=value with a key among "
+                f"{', '.join(sorted(fields))}"
+            )
+        try:
+            values[key] = _parse_value(key, raw.strip())
+        except ValueError as err:
+            raise ValueError(f"{ENV_VAR}={text!r}: {key}: {err}") from None
+    try:
+        return KernelConfig(**values)
+    except ValueError as err:
+        raise ValueError(f"{ENV_VAR}={text!r}: {err}") from None
+
+
+def _parse_value(key: str, raw: str) -> object:
+    if key == "autotune":
+        if raw not in ("0", "1", "true", "false"):
+            raise ValueError(f"{raw!r}: allowed 0, 1, true, false")
+        return raw in ("1", "true")
+    if key == "chunk_sizes":
+        return tuple(int(c) for c in raw.split(":")) if raw else ()
+    if key == "bwd_maxnreg" and raw in ("", "0", "none"):
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{raw!r}: expected a whole number")
+    return int(raw)
+
+
+def current_config() -> KernelConfig:
+    """The settings in force: the innermost :func:`kernel_config`, else ``HYBRIDKIT_KERNELS``."""
+    override = _OVERRIDE.get()
+    if override is not None:
+        return override
+    return _env_config(os.environ.get(ENV_VAR, ""))
+
+
+_ENV_CACHE: dict[str, KernelConfig] = {}
+
+
+def _env_config(text: str) -> KernelConfig:
+    # parsed once per distinct value: launches read the variable on every call
+    if text not in _ENV_CACHE:
+        _ENV_CACHE[text] = parse_env(text)
+    return _ENV_CACHE[text]
+
+
+@contextlib.contextmanager
+def kernel_config(**changes: object) -> Iterator[KernelConfig]:
+    """Run a block with some settings changed, e.g. ``kernel_config(autotune=False)``."""
+    cfg = dataclasses.replace(current_config(), **changes)
+    token = _OVERRIDE.set(cfg)
+    try:
+        yield cfg
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_chunk(chunk: int, d_state: int, headdim: int, fast: bool) -> int:
+    """The chunk the SISO kernels run for a requested ``chunk``: the request, halved until the
+    widest register tile fits (precise fp32 mode: C x max(N, P) <= 4096; bf16: 16384)."""
+    width = max(d_state, headdim)
+    while chunk > TRITON_CHUNK_SIZES[0] and chunk * width > _MAX_TILE[bool(fast)]:
+        chunk //= 2
+    return chunk

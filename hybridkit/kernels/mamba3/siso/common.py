@@ -1,0 +1,329 @@
+"""Triton helpers shared by the SISO forward and backward kernels.
+
+Per-token gates (dt, gamma, kappa and the in-chunk cumsum of adt) and the buffer that carries
+them from a pass's first chunk kernel to the later ones; chunk-slot bookkeeping (dense or
+packed); the in-chunk rotation (angle scan, cos / sin, pair widening); loads of q / k with bias
+and rotation; the masked score matrix; addresses of de-interleaved P x N state tiles; and the
+set-up of the element-wise passes over chunks. Every function here is inlined into the kernels
+of :mod:`.forward` and :mod:`.backward`. The design is in ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+PI = tl.constexpr(3.141592653589793)
+TWO_PI = tl.constexpr(6.283185307179586)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _mod2pi(x):
+    return x - TWO_PI * tl.floor(x * (1.0 / TWO_PI))
+
+
+@triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    """``tl.sigmoid`` divides with IEEE rounding (a ~10-instruction sequence with a branch);
+    per token it was 3-5 % of every chunk kernel's stall samples. Fast: ex2 + rcp.approx."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + tl.exp(-x)], dtype=tl.float32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
+def _cos(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "cos.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.cos(x)
+
+
+@triton.jit
+def _sin(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "sin.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.sin(x)
+
+
+@triton.jit
+def _dot(a, b, FAST: tl.constexpr):
+    if FAST:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _operand(x, FAST: tl.constexpr):
+    """A tile used only as a dot operand: bf16 in fast mode (half the registers), else fp32."""
+    if FAST:
+        return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _gates(
+    ADT,
+    DT,
+    TRAP,
+    bat,
+    h,
+    tt,
+    mc,
+    seq_end,
+    s_ab,
+    s_ah,
+    s_al,
+    s_db,
+    s_dh,
+    s_dl,
+    s_tb,
+    s_th,
+    s_tl,
+    HAS_TRAP: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Per-token scalars of one chunk: adt, dt, gamma, kappa (padded rows: zeros)."""
+    adt = tl.load(ADT + bat * s_ab + h * s_ah + tt * s_al, mask=mc, other=0.0).to(tl.float32)
+    dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
+    mn = mc & (tt + 1 < seq_end)
+    dtn = tl.load(DT + bat * s_db + h * s_dh + (tt + 1) * s_dl, mask=mn, other=0.0).to(tl.float32)
+    if HAS_TRAP:
+        lam = _sigmoid(
+            tl.load(TRAP + bat * s_tb + h * s_th + tt * s_tl, mask=mc, other=0.0).to(tl.float32),
+            FAST,
+        )
+        lamn = _sigmoid(
+            tl.load(TRAP + bat * s_tb + h * s_th + (tt + 1) * s_tl, mask=mn, other=0.0).to(
+                tl.float32
+            ),
+            FAST,
+        )
+        gamma = lam * dt
+        eta = (1.0 - lamn) * dtn
+    else:
+        gamma = dt
+        eta = dtn * 0.0
+    return adt, dt, gamma, gamma + eta
+
+
+@triton.jit
+def _gate_offsets(bat, h, H, L, tt):
+    """Offsets of gamma in the per-token gate buffer (B, H, 3, L): gamma, kappa, cs planes."""
+    return ((bat * H + h) * 3) * L + tt
+
+
+@triton.jit
+def _store_gates(GK, bat, h, H, L, tt, mc, gamma, kappa, cs):
+    """Save a chunk's gamma, kappa and in-chunk cumsum of adt for the kernels after this one.
+
+    ``_gates`` is ~450 PTX instructions per thread where its results meet C x C tiles (two
+    sigmoids, shifted loads, a scan, each rematerialised in every layout that needs them), a
+    tenth of a backward chunk kernel; loading three vectors costs a few."""
+    o = _gate_offsets(bat, h, H, L, tt)
+    tl.store(GK + o, gamma, mask=mc)
+    tl.store(GK + o + L, kappa, mask=mc)
+    tl.store(GK + o + 2 * L, cs, mask=mc)
+
+
+@triton.jit
+def _load_gates(GK, bat, h, H, L, tt, mc):
+    """gamma, kappa and cs of one chunk as ``_store_gates`` saved them (padded tokens: 0)."""
+    o = _gate_offsets(bat, h, H, L, tt)
+    gamma = tl.load(GK + o, mask=mc, other=0.0)
+    kappa = tl.load(GK + o + L, mask=mc, other=0.0)
+    cs = tl.load(GK + o + 2 * L, mask=mc, other=0.0)
+    return gamma, kappa, cs
+
+
+@triton.jit
+def _chunk(gc, CHTAB, L, NC, C: tl.constexpr, VARLEN: tl.constexpr):
+    """(batch, sequence, first token, end token, sequence end) of chunk slot ``gc``."""
+    if VARLEN:
+        row = CHTAB + gc * 4
+        seq = tl.load(row)
+        tok_start = tl.load(row + 1)
+        tok_end = tl.load(row + 2)
+        seq_end = tl.load(row + 3)
+        bat = seq * 0
+    else:
+        seq = gc // NC
+        tok_start = (gc % NC) * C
+        tok_end = tl.minimum(tok_start + C, L)
+        seq_end = seq * 0 + L
+        bat = seq
+    return bat, seq, tok_start, tok_end, seq_end
+
+
+@triton.jit
+def _widen(a, fill, N2: tl.constexpr):
+    """A C x NA tile as C x N2 (NA = N2 or N2 / 2): the rotated pairs, then ``fill`` for the
+    pairs that do not rotate (cos 1, sin 0). Concatenation is a join plus a transpose of the
+    two halves (``tl.reshape`` keeps the logical order)."""
+    if a.shape[1] == N2:
+        return a
+    else:
+        b = tl.join(a, tl.full(a.shape, fill, a.dtype))  # C x NA x 2
+        return tl.reshape(tl.permute(b, (0, 2, 1)), (a.shape[0], N2))
+
+
+@triton.jit
+def _narrow(a, NA: tl.constexpr):
+    """The first NA columns of a C x N2 tile (the rotated pairs; inverse of ``_widen``)."""
+    if a.shape[1] == NA:
+        return a
+    else:
+        lo, _hi = tl.split(tl.permute(tl.reshape(a, (a.shape[0], 2, NA)), (0, 2, 1)))
+        return lo
+
+
+@triton.jit
+def _rotation(
+    ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2: tl.constexpr, NA: tl.constexpr,
+    FAST: tl.constexpr,
+):  # fmt: skip
+    """The in-chunk rotation: per-pair angle increments, their in-chunk cumsum and its cos /
+    sin. Returns the chunk's total angle per pair (NA), the cos / sin as NA x C tiles (tokens
+    last, as scanned) and as C x N2 tiles for rotating q / k.
+
+    The angles arrive with tokens contiguous (pairs x tokens, see ``siso_op``), so the tile is
+    loaded as NA x C and scanned along its contiguous axis, which Triton keeps inside a warp
+    (in-thread + shuffles). Scanning a C x N/2 tile over tokens went through shared memory
+    ~120 times per thread and was a third of the instructions of the chunk kernels.
+
+    Only the first NANG pairs rotate; with the default rope_fraction 0.5 that is half of them,
+    so the angle pipeline (tanh, scan, mod 2 pi, cos, sin) runs on an NA = N2 / 2 wide tile and
+    is widened with cos 1 / sin 0 afterwards (``_widen``), instead of computing a masked
+    N2-wide tile whose second half is thrown away."""
+    offs_a = tl.arange(0, NA)
+    am = (offs_a < NANG)[:, None] & mc[None, :]
+    ang = tl.load(
+        ANG + bat * s_gb + h * s_gh + offs_a[:, None] * s_gs + tt[None, :], mask=am, other=0.0
+    ).to(tl.float32)
+    om = PI * _tanh(ang, FAST) * dt[None, :]
+    th = _mod2pi(tl.cumsum(om, 1))
+    cos_a = _cos(th, FAST)
+    sin_a = _sin(th, FAST)
+    cosv = _widen(tl.trans(cos_a), 1.0, N2)
+    sinv = _widen(tl.trans(sin_a), 0.0, N2)
+    return tl.sum(om, 1), cos_a, sin_a, cosv, sinv
+
+
+@triton.jit
+def _csn_offsets(bat, tt, h, L, H, offs_j, NANG):
+    """Offsets of the cos half of an N/2 x C tile of the per-token cos / sin buffer, laid out
+    tokens last, (B, H, 2, S, L), like the angles: ``_bwd_dstate`` stores the tiles its scan
+    produced without a layout change. (Stored tokens-first, Triton 3.6 recomputed the whole
+    angle scan in a second layout for the store: 168 -> 241 registers, 2 programs per SM.)"""
+    return ((bat * H + h) * (2 * NANG) + offs_j[:, None]) * L + tt[None, :]
+
+
+@triton.jit
+def _load_csn(CSN, bat, tt, mc, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexpr):
+    """cos / sin of the in-chunk angles as C x N/2 tiles, as ``_bwd_dstate`` stored them:
+    loaded NA wide (the rotated pairs; padded pairs and tokens: cos 1, sin 0) and widened
+    (``_widen``). Loaded where used, so the two C x N/2 fp32 tiles (64 registers per thread at
+    4 warps, C 64, N 128) need not stay live through a kernel."""
+    offs_a = tl.arange(0, NA)
+    o = _csn_offsets(bat, tt, h, L, H, offs_a, NANG)
+    m = (offs_a < NANG)[:, None] & mc[None, :]
+    cosv = tl.load(CSN + o, mask=m, other=1.0).to(tl.float32)
+    sinv = tl.load(CSN + o + NANG * L, mask=m, other=0.0).to(tl.float32)
+    return _widen(tl.trans(cosv), 1.0, N2), _widen(tl.trans(sinv), 0.0, N2)
+
+
+@triton.jit
+def _load_qk(Qp, QB, bat, g, h, tt, mc, offs_j, s_b, s_l, s_g, HAS_ANG: tl.constexpr, cosv, sinv):
+    """Even / odd columns of q (or k) + per-head bias, rotated by the in-chunk angles.
+
+    Rows are loaded whole (16-byte vectors) and split into the pair halves in registers: two
+    stride-2 loads issued one 2-byte load per element and kept the load unit saturated."""
+    offs_n = tl.arange(0, 2 * offs_j.shape[0])
+    qv = tl.load(
+        Qp + bat * s_b + tt[:, None] * s_l + g * s_g + offs_n[None, :], mask=mc[:, None], other=0.0
+    ).to(tl.float32)
+    bv = tl.load(QB + h * offs_n.shape[0] + offs_n).to(tl.float32)
+    qv = tl.where(mc[:, None], qv + bv[None, :], 0.0)
+    qe, qo = tl.split(tl.reshape(qv, (tt.shape[0], offs_j.shape[0], 2)))
+    if HAS_ANG:
+        return qe * cosv - qo * sinv, qe * sinv + qo * cosv
+    else:
+        return qe, qo
+
+
+@triton.jit
+def _scores(qe, qo, ke, ko, cs, gamma, kappa, C: tl.constexpr, FAST: tl.constexpr):
+    """q~ k~^T, the strictly-lower decay mask and the masked weights W (gamma on the diagonal)."""
+    offs_c = tl.arange(0, C)
+    ii = offs_c[:, None]
+    jj = offs_c[None, :]
+    sc = _dot(qe, tl.trans(ke), FAST) + _dot(qo, tl.trans(ko), FAST)
+    dec = tl.where(ii > jj, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+    w = dec * kappa[None, :] + tl.where(ii == jj, gamma[None, :], 0.0)
+    return sc, dec, w
+
+
+@triton.jit
+def _state_tile(buf, slot, h, H, offs_p, offs_j, N2: tl.constexpr, P: tl.constexpr):
+    """Addresses of the even / odd halves of rows ``offs_p`` of one (slot, head) P x N state
+    (de-interleaved columns)."""
+    base = buf + (slot * H + h) * (P * 2 * N2)
+    pe = base + offs_p[:, None] * (2 * N2) + offs_j[None, :]
+    return pe, pe + N2
+
+
+@triton.jit
+def _pass_setup(SEQTAB, NC, NT, H, P: tl.constexpr, PB: tl.constexpr, VARLEN: tl.constexpr):
+    """(sequence, head, first chunk slot, chunk count, state rows) of an element-wise pass
+    program; a program owns PB full rows of the P x N state (coalesced, no pair split)."""
+    pid = tl.program_id(0)
+    tile = pid % NT
+    h = ((pid // NT) % H).to(tl.int64)
+    seq = (pid // (NT * H)).to(tl.int64)
+    if VARLEN:
+        c0 = tl.load(SEQTAB + seq * 2)
+        nch = tl.load(SEQTAB + seq * 2 + 1)
+    else:
+        c0 = seq * NC
+        nch = seq * 0 + NC
+    return seq, h, c0, nch, tile, tile * PB + tl.arange(0, PB)
+
+
+@triton.jit
+def _state_load(buf, slot, h, H, offs_p, offs_j, N2: tl.constexpr, P: tl.constexpr):
+    """Even / odd halves of rows ``offs_p`` of one (slot, head) state, as fp32 tiles."""
+    pe, po = _state_tile(buf, slot, h, H, offs_p, offs_j, N2, P)
+    return tl.load(pe).to(tl.float32), tl.load(po).to(tl.float32)
+
+
+@triton.jit
+def _pass_load(
+    buf, CA, COM, slot, h, H, NANG, offs_p, offs_j, mj, N2: tl.constexpr, P: tl.constexpr
+):
+    de, do = _state_load(buf, slot, h, H, offs_p, offs_j, N2, P)
+    a = tl.load(CA + slot * H + h)
+    om = tl.load(COM + (slot * H + h) * NANG + offs_j, mask=mj, other=0.0)
+    return de, do, a, om

@@ -1,0 +1,218 @@
+"""The public entry of the Triton SISO scan: frame conversion around the custom op.
+
+:func:`mamba3_scan_triton` has the signature and results of the other scan backends. The
+conversion between the absolute-frame :class:`Mamba3State` and the kernels' relative frame
+(rotate the initial state by ``-angle``, add the first token's trapezoid term of the previous
+token; rotate the end state by the final angle, pick the last key / value) is plain torch on
+(sequences, H, P, N) tensors here, so autograd differentiates it and the kernels never see the
+initial angle, key or value (``docs/mamba3.md`` section 3.2).
+
+Precision: ``fast=True`` (default for bf16/fp16 ``v``) uses bf16 tensor-core operands with fp32
+accumulation, PTX approximations of tanh / sin / cos and bf16 per-chunk state buffers;
+``fast=False`` is fp32 throughout with exact ``ieee`` dots (the float64-checked mode).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybridkit.kernels.config import current_config, triton_chunk
+from hybridkit.kernels.mamba3.reference import rotate_pairs, wrap_angle
+from hybridkit.kernels.mamba3.siso.op import scan_op
+from hybridkit.kernels.mamba3.state import Mamba3State
+
+__all__ = ["mamba3_scan_triton", "supports", "unsupported_reason"]
+
+
+def unsupported_reason(
+    rank: int, d_state: int, headdim: int, dtype: torch.dtype, on_gpu: bool, pairing: str
+) -> str | None:
+    """Why the Triton SISO path cannot run a call with these static properties (None: it can)."""
+    if rank != 1:
+        return f"rank {rank} (MIMO) has no Triton kernel yet"
+    if pairing != "interleaved":
+        return f"{pairing!r} rotary pairing (the kernels pair interleaved columns)"
+    if dtype == torch.float64:
+        return "float64 inputs"
+    lo = 32 if on_gpu else 4  # tl.dot needs every dimension >= 16 on a GPU (N/2, P)
+    pow2 = lambda x: x >= 1 and (x & (x - 1)) == 0  # noqa: E731
+    if not (pow2(d_state) and d_state >= lo and pow2(headdim) and headdim >= lo // 2):
+        return (
+            f"d_state {d_state} / headdim {headdim}: needs powers of two, d_state >= {lo}, "
+            f"headdim >= {lo // 2}"
+        )
+    return None
+
+
+def supports(q: Tensor, v: Tensor, mimo_x: Tensor | None, pairing: str) -> bool:
+    """Whether the Triton SISO path handles this call (else use the chunked torch path)."""
+    if q.dim() != 5 or mimo_x is not None:
+        return False
+    dtype = torch.float64 if torch.float64 in (q.dtype, v.dtype) else v.dtype
+    reason = unsupported_reason(q.shape[2], q.shape[-1], v.shape[-1], dtype, q.is_cuda, pairing)
+    return reason is None
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def _deinterleave(s: Tensor) -> Tensor:
+    """(..., N) with pairs (2j, 2j+1) -> (..., N) as [even columns, odd columns]."""
+    return s.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def _interleave(s: Tensor) -> Tensor:
+    return s.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+
+
+def _first_last(t: Tensor, cu: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Values of ``t`` (B, L, ...) at the first and last token of every sequence (clamped;
+    zeros when there are no tokens at all)."""
+    if t.shape[1] == 0:
+        zero = t.new_zeros(t.shape[0] if cu is None else cu.shape[0] - 1, *t.shape[2:])
+        return zero, zero
+    if cu is None:
+        return t[:, 0], t[:, -1]
+    hi = max(t.shape[1] - 1, 0)
+    return t[0, cu[:-1].clamp(max=hi)], t[0, (cu[1:] - 1).clamp(min=0, max=hi)]
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    """``t`` with a unit last stride (the kernels load whole rows)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def mamba3_scan_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adt: Tensor,
+    dt: Tensor,
+    trap: Tensor | None,
+    q_bias: Tensor,
+    k_bias: Tensor,
+    angles: Tensor | None,
+    D: Tensor | None,
+    mimo_x: Tensor | None = None,
+    *,
+    pairing: str = "interleaved",
+    initial_state: Mamba3State | None = None,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+    fast: bool | None = None,
+    return_state: bool = True,
+) -> tuple[Tensor, Mamba3State | None]:
+    """Mamba-3 SISO scan on Triton; shapes and semantics as the reference scans (R must be 1).
+
+    Returns y (B, L, 1, H, P) in ``v``'s dtype and the final :class:`Mamba3State` (angle, ssm
+    and k in float32, v in ``v``'s dtype), or None with ``return_state=False``: converting the
+    end state to the absolute frame is ~20 small torch ops, most of the host time of a call
+    (training never reads the state). ``fast`` (default: ``v`` is bf16/fp16) selects bf16
+    tensor-core operands and approximate transcendentals. The kernels may run a narrower chunk
+    than ``chunk_size`` (:func:`hybridkit.kernels.config.triton_chunk`); the result is the same.
+    """
+    if not supports(q, v, mimo_x, pairing):
+        raise ValueError(
+            "mamba3_scan_triton: needs R = 1, interleaved pairing, no mimo_x, "
+            "power-of-two N and P and no float64 inputs"
+        )
+    allowed = current_config().chunk_sizes
+    if chunk_size not in allowed:
+        raise ValueError(
+            f"mamba3_scan_triton: chunk_size must be one of {allowed}, got {chunk_size}"
+        )
+    B, L, _, G, N = q.shape
+    H = v.shape[2]
+    if H % G != 0:
+        raise ValueError(f"mamba3 scan: nheads ({H}) must be a multiple of ngroups ({G})")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"mamba3 scan: cu_seqlens requires batch size 1, got {B}")
+    if angles is not None and 2 * angles.shape[-1] > N:
+        raise ValueError("mamba3 scan: interleaved pairing needs 2*S <= N")
+    if fast is None:
+        fast = v.dtype in (torch.bfloat16, torch.float16)
+    cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int64)
+    # only packed or zero-length calls can hold empty sequences (which keep their state)
+    empty = None
+    if cu is not None or L == 0:
+        lengths = cu[1:] - cu[:-1] if cu is not None else torch.zeros(B, device=q.device)
+        empty = (lengths == 0).view(-1, 1, 1)  # (nseq, 1, 1)
+    s0 = None
+    if initial_state is not None:
+        s0 = _relative_initial_state(initial_state, dt, trap, angles is not None, cu, empty)
+    y, total_angle, end_state, _ = scan_op(
+        _c(q),
+        _c(k),
+        _c(v),
+        adt,
+        dt,
+        trap,
+        q_bias.to(torch.float32).contiguous(),
+        k_bias.to(torch.float32).contiguous(),
+        _c(angles),
+        None if D is None else D.contiguous(),
+        s0,
+        cu,
+        triton_chunk(chunk_size, N, v.shape[-1], bool(fast)),
+        bool(fast),
+    )
+    if not return_state:
+        return y.unsqueeze(2), None
+    state = _absolute_end_state(
+        total_angle, end_state, k, v, k_bias, angles is not None, initial_state, cu, empty, G
+    )
+    return y.unsqueeze(2), state
+
+
+def _relative_initial_state(
+    st: Mamba3State, dt: Tensor, trap: Tensor | None, rotate: bool, cu, empty
+) -> Tensor:
+    """The initial state in the kernels' frame: the first token's trapezoid term of the
+    previous token added (the "pre-added" state), rotated back by the initial angle,
+    de-interleaved; (sequences, H, P, N) float32."""
+    dt0, _ = _first_last(dt.transpose(1, 2), cu)  # (nseq, H)
+    lam0 = (
+        torch.sigmoid(_first_last(trap.transpose(1, 2), cu)[0].float()) if trap is not None else 1.0
+    )
+    eta0 = (1.0 - lam0) * dt0.float()
+    if empty is not None:
+        eta0 = eta0.masked_fill(empty[:, :, 0], 0.0)
+    h0 = st.ssm.float() + eta0[..., None, None] * (
+        st.v.float()[..., :, None] * st.k[:, 0].float()[..., None, :]
+    )
+    if rotate:
+        h0 = rotate_pairs(h0, -st.angle.float()[:, :, None, :], "interleaved")
+    return _deinterleave(h0).contiguous()
+
+
+def _absolute_end_state(
+    total_angle, end_state, k, v, k_bias, rotate: bool, st: Mamba3State | None, cu, empty, G: int
+) -> Mamba3State:
+    """The end state back in the absolute frame, with every sequence's last key (biased,
+    rotated) and value; empty packed sequences keep their initial state."""
+    nseq, H = end_state.shape[0], end_state.shape[1]
+    f32 = torch.float32
+    ia = st.angle.float() if st is not None else None
+    if rotate:
+        angle = wrap_angle(total_angle if ia is None else ia + total_angle)
+    else:
+        angle = ia if ia is not None else torch.zeros(nseq, H, 0, dtype=f32, device=k.device)
+    ssm = _interleave(end_state)
+    kl = _first_last(k[:, :, 0], cu)[1].float().repeat_interleave(H // G, dim=1)
+    kl = kl + k_bias[:, 0].float()
+    if rotate:
+        ssm = rotate_pairs(ssm, angle[:, :, None, :], "interleaved")
+        kl = rotate_pairs(kl, angle, "interleaved")
+    vl = _first_last(v, cu)[1]
+    if empty is not None and st is not None:
+        kl = torch.where(empty, st.k[:, 0].float(), kl)
+        vl = torch.where(empty, st.v.to(v.dtype), vl)
+        ssm = torch.where(empty[..., None], st.ssm.float(), ssm)
+    elif empty is not None:
+        kl = kl.masked_fill(empty, 0.0)
+        vl = vl.masked_fill(empty, 0.0)
+    return Mamba3State(angle, ssm, kl.unsqueeze(1), vl)
