@@ -1,10 +1,20 @@
-"""Small recipe builders shared by the tests."""
+"""Helpers shared by the tests: ``slow`` parameters and small recipe builders."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import pytest
+
 from hybridkit.recipe import load_recipe
+
+
+def slow_params(values: Iterable[str], slow: set[str]) -> list:
+    """``values`` for ``parametrize``, those in ``slow`` marked ``slow``."""
+    values = list(values)
+    assert slow <= set(values), f"no such parameters: {sorted(slow - set(values))}"
+    return [pytest.param(v, marks=pytest.mark.slow) if v in slow else v for v in values]
 
 
 def mamba_block(**mixer: Any) -> dict:

@@ -287,6 +287,7 @@ def test_fa4_op_compiles_fullgraph_with_backward():
 
 
 # --- torch.compile of hybrid models (CPU, sdpa) ------------------------------------------------
+@pytest.mark.slow
 def test_hybrid_compiles_fullgraph_sdpa():
     model = build_model(_hybrid_recipe("sdpa", window=5), seed=0)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -297,6 +298,7 @@ def test_hybrid_compiles_fullgraph_sdpa():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_attention_model_compiles_fullgraph_packed_sdpa():
     """Packed attention (block-diagonal mask, searchsorted positions) traces without breaks."""
     model = build_model(
@@ -309,6 +311,7 @@ def test_attention_model_compiles_fullgraph_packed_sdpa():
     torch.testing.assert_close(compiled(ids, cu_seqlens=cu), model(ids, cu_seqlens=cu))
 
 
+@pytest.mark.slow
 def test_attention_compiles_with_inductor():
     q, k, v = qkv(2, 9, 9, 4, 2, 16, dtype=torch.float32)
     f = torch.compile(lambda *t: attn_ops.attention(*t, window=4, backend="sdpa"), fullgraph=True)
@@ -378,6 +381,7 @@ def test_fa4_head_dim_rules():
     assert not attn_ops.fa4_head_dim_ok(192, 10)
 
 
+@pytest.mark.slow
 def test_fa4_module_is_not_imported_eagerly():
     """Importing hybridkit never imports flash_attn (it loads CUDA libraries and compiles)."""
     import subprocess

@@ -101,6 +101,7 @@ def test_truncated_checkpoint_is_clear(tmp_path, capsys):
     assert "truncated" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m_help():
     out = subprocess.run(
         [sys.executable, "-m", "hybridkit", "--help"], capture_output=True, text=True

@@ -291,6 +291,7 @@ def _ckpt_steps(run: Path) -> list[int]:
     return [] if latest is None else [int(latest.name.split("_")[1])]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(tmp_path):
     """A CLI run killed with SIGKILL after a checkpoint resumes to the same losses as an
     uninterrupted run, without duplicated steps in metrics.jsonl."""
