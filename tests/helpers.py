@@ -61,8 +61,11 @@ def attn_block(**mixer: Any) -> dict:
     return {"mixer": base, "mlp": {"kind": "mlp", "d_ff": 32}}
 
 
-def tiny_recipe(layout: str = "m a", *, d_model: int = 16, vocab: int = 64, **blocks: dict):
+def tiny_model(layout: str = "m a", *, d_model: int = 16, vocab: int = 64, **blocks: dict) -> dict:
+    """A recipe's ``model`` section; by default one Mamba-3 block ``m`` and one attention ``a``."""
     blocks = blocks or {"m": mamba_block(), "a": attn_block()}
-    return load_recipe(
-        {"model": {"d_model": d_model, "vocab_size": vocab, "blocks": blocks, "layout": layout}}
-    )
+    return {"d_model": d_model, "vocab_size": vocab, "blocks": blocks, "layout": layout}
+
+
+def tiny_recipe(layout: str = "m a", *, d_model: int = 16, vocab: int = 64, **blocks: dict):
+    return load_recipe({"model": tiny_model(layout, d_model=d_model, vocab=vocab, **blocks)})

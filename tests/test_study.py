@@ -15,27 +15,14 @@ from hybridkit.errors import HybridkitError, RecipeError
 from hybridkit.recipe import dump_recipe, load_recipe
 from hybridkit.study import load_study, run_study, variant_recipe
 from hybridkit.train.metrics import read_metrics
+from tests.helpers import tiny_model
 
 STUDIES = sorted((Path(__file__).parent.parent / "hybridkit/recipes/studies").glob("*.yaml"))
 
 BASE = {
     "name": "tiny",
     "seed": 0,
-    "model": {
-        "d_model": 16,
-        "vocab_size": 32,
-        "layout": "m a",
-        "blocks": {
-            "m": {
-                "mixer": {"kind": "mamba3", "d_state": 8, "headdim": 8, "chunk_size": 8},
-                "mlp": {"kind": "mlp", "d_ff": 32},
-            },
-            "a": {
-                "mixer": {"kind": "attention", "n_heads": 2, "head_dim": 8, "position": "nope"},
-                "mlp": {"kind": "mlp", "d_ff": 32},
-            },
-        },
-    },
+    "model": tiny_model("m a", vocab=32),
     "task": {
         "kind": "mqar",
         "vocab_size": 32,

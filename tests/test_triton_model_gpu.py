@@ -17,7 +17,7 @@ from hybridkit.kernels.mamba3 import siso_op
 from hybridkit.recipe import load_recipe
 from hybridkit.train.metrics import read_metrics
 from hybridkit.train.trainer import Trainer
-from tests.helpers import attn_block, mamba_block, rel_err
+from tests.helpers import attn_block, mamba_block, rel_err, tiny_model, tiny_recipe
 
 pytestmark = pytest.mark.gpu
 
@@ -34,9 +34,7 @@ def _blocks(backend: str) -> dict:
 
 
 def _model_recipe(backend: str):
-    return load_recipe(
-        {"model": {"d_model": 128, "vocab_size": 97, "layout": "m a g", "blocks": _blocks(backend)}}
-    )
+    return tiny_recipe("m a g", d_model=128, vocab=97, **_blocks(backend))
 
 
 @pytest.fixture
@@ -97,12 +95,7 @@ def test_bf16_training_run_learns(tmp_path, triton_calls):
         {
             "name": "gpu-smoke",
             "seed": 0,
-            "model": {
-                "d_model": 128,
-                "vocab_size": 97,
-                "layout": "m a g",
-                "blocks": _blocks("auto"),
-            },
+            "model": tiny_model("m a g", d_model=128, vocab=97, **_blocks("auto")),
             "task": {"kind": "mqar", "vocab_size": 97, "seq_len": 64, "num_kv_pairs": 8},
             "train": {
                 "steps": 60,
