@@ -1,6 +1,6 @@
-# The two Quick-start commands: `make demo` and `make test`. Each creates .venv and installs what it
-# needs the first time. TORCH pins the CPU build that installs from local disk on our machines;
-# override it elsewhere, e.g. `make test TORCH="torch>=2.5"`.
+# The two Quick-start commands: `make demo` and `make test` (CI runs `make test-all`). Each creates
+# .venv and installs what it needs the first time. TORCH pins the CPU build that installs from local
+# disk on our machines; override it elsewhere, e.g. `make test TORCH="torch>=2.5"`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -9,7 +9,7 @@ RECIPE ?= hybridkit/recipes/tiny_hybrid.yaml
 
 STUDY ?= hybridkit/recipes/studies/lengthgen_quickstart.yaml
 
-.PHONY: demo show test lint gpu-test clean
+.PHONY: demo show test test-all lint gpu-test clean
 
 $(BIN)/hybridkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ show: $(BIN)/hybridkit
 	$(BIN)/hybridkit generate $(RECIPE) --prompt-ids 1,2,3,4 --max-new-tokens 16 --seed 0
 	$(BIN)/hybridkit check $(RECIPE)
 
+# The fast CPU suite: all but the GPU-only and the slow tests (Triton kernels in the interpreter).
 test: $(BIN)/hybridkit
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" tests
+
+# The whole CPU suite, slow tests too (torchrun, subprocesses, torch.compile, learning runs): CI.
+test-all: $(BIN)/hybridkit
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu" tests
 
 lint: $(BIN)/hybridkit

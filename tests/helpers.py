@@ -1,12 +1,54 @@
-"""Small recipe builders shared by the tests."""
+"""Helpers shared by the tests: ``slow`` parameters, random inputs, error measures and small
+recipe builders. (Shared fixtures live in ``conftest.py``.)"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
 
 from hybridkit.recipe import load_recipe
 
 
+def slow_params(values: Iterable[str], slow: set[str]) -> list:
+    """``values`` for ``parametrize``, those in ``slow`` marked ``slow``."""
+    values = list(values)
+    assert slow <= set(values), f"no such parameters: {sorted(slow - set(values))}"
+    return [pytest.param(v, marks=pytest.mark.slow) if v in slow else v for v in values]
+
+
+# --- random inputs and error measures -------------------------------------------------------------
+def qkv(b, lq, lk, h, hk, d, dtype=torch.float64, device="cpu", grad=False) -> list[Tensor]:
+    """Random attention inputs: q (b, lq, h, d); k and v (b, lk, hk, d), drawn in that order."""
+    out = [
+        torch.randn(b, lq, h, d, dtype=dtype, device=device),
+        torch.randn(b, lk, hk, d, dtype=dtype, device=device),
+        torch.randn(b, lk, hk, d, dtype=dtype, device=device),
+    ]
+    return [t.requires_grad_(grad) for t in out]
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """Relative error of ``a`` in norm against the reference ``b`` (absolute when ``b`` is zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def angle_err(a: Tensor, b: Tensor) -> float:
+    """Max difference of two angles modulo 2 pi (the representative may legitimately differ)."""
+    if a.numel() == 0:
+        return 0.0
+    d = torch.remainder(a.double() - b.double() + math.pi, 2 * math.pi) - math.pi
+    return d.abs().max().item()
+
+
+# --- tiny recipes ---------------------------------------------------------------------------------
 def mamba_block(**mixer: Any) -> dict:
     base = {"kind": "mamba3", "d_state": 8, "headdim": 8, "chunk_size": 8}
     base.update(mixer)
@@ -19,8 +61,11 @@ def attn_block(**mixer: Any) -> dict:
     return {"mixer": base, "mlp": {"kind": "mlp", "d_ff": 32}}
 
 
-def tiny_recipe(layout: str = "m a", *, d_model: int = 16, vocab: int = 64, **blocks: dict):
+def tiny_model(layout: str = "m a", *, d_model: int = 16, vocab: int = 64, **blocks: dict) -> dict:
+    """A recipe's ``model`` section; by default one Mamba-3 block ``m`` and one attention ``a``."""
     blocks = blocks or {"m": mamba_block(), "a": attn_block()}
-    return load_recipe(
-        {"model": {"d_model": d_model, "vocab_size": vocab, "blocks": blocks, "layout": layout}}
-    )
+    return {"d_model": d_model, "vocab_size": vocab, "blocks": blocks, "layout": layout}
+
+
+def tiny_recipe(layout: str = "m a", *, d_model: int = 16, vocab: int = 64, **blocks: dict):
+    return load_recipe({"model": tiny_model(layout, d_model=d_model, vocab=vocab, **blocks)})

@@ -21,18 +21,9 @@ from hybridkit.kernels import attention as attn_ops
 from hybridkit.kernels.attention import fa4 as fa4_op
 from hybridkit.kernels.attention import ops as attn_dispatch
 from hybridkit.summary import summarize
-from tests.helpers import attn_block, mamba_block, tiny_recipe
+from tests.helpers import attn_block, mamba_block, qkv, rel_err, tiny_recipe
 
 LOGGER = "hybridkit.kernels.attention.ops"
-
-
-def qkv(b, lq, lk, h, hk, d, dtype=torch.float64, device="cpu", grad=False):
-    out = [
-        torch.randn(b, lq, h, d, dtype=dtype, device=device),
-        torch.randn(b, lk, hk, d, dtype=dtype, device=device),
-        torch.randn(b, lk, hk, d, dtype=dtype, device=device),
-    ]
-    return [t.requires_grad_(grad) for t in out]
 
 
 def fwd_bwd(fn, q, k, v, dout=None):
@@ -40,11 +31,6 @@ def fwd_bwd(fn, q, k, v, dout=None):
     out = fn(q, k, v)
     dout = torch.randn_like(out) if dout is None else dout
     return (out, *torch.autograd.grad(out, (q, k, v), dout)), dout
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @pytest.fixture
@@ -288,6 +274,7 @@ def test_fa4_op_compiles_fullgraph_with_backward():
 
 
 # --- torch.compile of hybrid models (CPU, sdpa) ------------------------------------------------
+@pytest.mark.slow
 def test_hybrid_compiles_fullgraph_sdpa():
     model = build_model(_hybrid_recipe("sdpa", window=5), seed=0)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -298,6 +285,7 @@ def test_hybrid_compiles_fullgraph_sdpa():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_attention_model_compiles_fullgraph_packed_sdpa():
     """Packed attention (block-diagonal mask, searchsorted positions) traces without breaks."""
     model = build_model(
@@ -310,6 +298,7 @@ def test_attention_model_compiles_fullgraph_packed_sdpa():
     torch.testing.assert_close(compiled(ids, cu_seqlens=cu), model(ids, cu_seqlens=cu))
 
 
+@pytest.mark.slow
 def test_attention_compiles_with_inductor():
     q, k, v = qkv(2, 9, 9, 4, 2, 16, dtype=torch.float32)
     f = torch.compile(lambda *t: attn_ops.attention(*t, window=4, backend="sdpa"), fullgraph=True)
@@ -379,6 +368,7 @@ def test_fa4_head_dim_rules():
     assert not attn_ops.fa4_head_dim_ok(192, 10)
 
 
+@pytest.mark.slow
 def test_fa4_module_is_not_imported_eagerly():
     """Importing hybridkit never imports flash_attn (it loads CUDA libraries and compiles)."""
     import subprocess
@@ -419,7 +409,7 @@ def test_fa4_forward_and_grads_match_reference(head_dim, kv_heads, window):
     want, _ = fwd_bwd(lambda *t: attn_ops.attention(*t, **kw, backend="reference"), q, k, v, dout)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert rel(a, b) < 2e-2, (name, rel(a, b))
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
 
 
 @pytest.mark.gpu
@@ -473,7 +463,7 @@ def test_fa4_packed_unequal_lengths_with_grads():
         dout,
     )
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert rel(a, b) < 2e-2, (name, rel(a, b))
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
 
 
 @pytest.mark.gpu
@@ -487,7 +477,7 @@ def test_fa4_decode_against_cache_view(lq, lk):
     k, v = cache_k[:, :lk], cache_v[:, :lk]
     got = attn_ops.attention(q, k, v, backend="fa4")
     want = attn_ops.attention(q, k, v, backend="reference")
-    assert rel(got, want) < 2e-2
+    assert rel_err(got, want) < 2e-2
 
 
 @pytest.mark.gpu
@@ -502,7 +492,7 @@ def test_sdpa_on_gpu_matches_reference(backend, lq, lk, window, kv_heads):
         lambda *t: attn_ops.attention(*t, window=window, backend="reference"), q, k, v, dout
     )
     for a, b in zip(got, want):
-        assert rel(a, b) < 2e-2
+        assert rel_err(a, b) < 2e-2
 
 
 def _gpu_hybrid(backend: str = "fa4", device: str = "cuda", **attn):
@@ -526,13 +516,13 @@ def test_fa4_hybrid_decode_equals_forward():
         parts = [model(ids[:, :29], cache=cache), model(ids[:, 29:33], cache=cache)]
         parts += [model.step(ids[:, t], cache)[:, None] for t in range(33, 40)]
         inc = torch.cat(parts, dim=1).float()
-    assert rel(inc, full) < 3e-2, rel(inc, full)
+    assert rel_err(inc, full) < 3e-2, rel_err(inc, full)
     # and the same model with sdpa attention agrees with FA4
     for block in model.blocks:
         if block.mixer is not None and block.mixer.spec.kind == "attention":
             block.mixer.spec.backend = "sdpa"
     with torch.no_grad():
-        assert rel(model(ids).float(), full) < 3e-2
+        assert rel_err(model(ids).float(), full) < 3e-2
 
 
 @pytest.mark.gpu
@@ -547,7 +537,7 @@ def test_fa4_hybrid_generate_and_packed():
     with torch.no_grad():
         packed = model(torch.cat(seqs, dim=1), cu_seqlens=cu).float()
         separate = torch.cat([model(s) for s in seqs], dim=1).float()
-    assert rel(packed, separate) < 3e-2
+    assert rel_err(packed, separate) < 3e-2
 
 
 @pytest.mark.gpu
@@ -558,7 +548,7 @@ def test_fa4_hybrid_trains_and_compiles_fullgraph():
     eager = model(ids)
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(ids)
-    assert rel(out.float(), eager.float()) < 3e-2
+    assert rel_err(out.float(), eager.float()) < 3e-2
     loss = torch.nn.functional.cross_entropy(
         out[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
     )

@@ -1,5 +1,5 @@
 """Layer math: the Mamba-3 block against a from-scratch per-token loop written from the spec,
-projection layout, gates, init, output-norm variants; attention backends."""
+projection layout, gates, init, output-norm variants; attention masks and errors."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from hybridkit.kernels import attention as attn_ops
 from hybridkit.layers.mamba3 import Mamba3, Mamba3Spec, heavy_tail
+from tests.helpers import qkv
 
 
 def make_layer(d_model=16, dtype=torch.float64, **kw) -> Mamba3:
@@ -174,22 +175,8 @@ def test_backends_agree_in_layer():
 
 
 # --- attention --------------------------------------------------------------------------------
-@pytest.mark.parametrize("lq,lk", [(7, 7), (1, 9), (3, 10)])
-@pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_attention_sdpa_matches_reference(lq, lk, window, kv_heads):
-    q = torch.randn(2, lq, 4, 8, dtype=torch.float64)
-    k = torch.randn(2, lk, kv_heads, 8, dtype=torch.float64)
-    v = torch.randn(2, lk, kv_heads, 8, dtype=torch.float64)
-    ref = attn_ops.attention(q, k, v, window=window, backend="reference")
-    out = attn_ops.attention(q, k, v, window=window, backend="sdpa")
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-
-
 def test_attention_bottom_right_and_window_semantics():
-    q = torch.randn(1, 2, 1, 4, dtype=torch.float64)
-    k = torch.randn(1, 5, 1, 4, dtype=torch.float64)
-    v = torch.randn(1, 5, 1, 4, dtype=torch.float64)
+    q, k, v = qkv(1, 2, 5, 1, 1, 4)
     out = attn_ops.attention(q, k, v, window=2, backend="reference")
     # the last query sits at key position 4 and sees keys 3 and 4 only
     s = (q[0, 1, 0] @ k[0, 3:5, 0].T) / 2.0

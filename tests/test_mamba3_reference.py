@@ -22,6 +22,7 @@ from torch import Tensor
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked
 from hybridkit.kernels.mamba3.reference import mamba3_scan_quadratic, mamba3_scan_sequential
 from hybridkit.kernels.mamba3.state import Mamba3State
+from tests.helpers import angle_err, rel_err
 
 F64 = torch.float64
 ScanFn = Callable[..., tuple[Tensor, Mamba3State]]
@@ -110,22 +111,6 @@ def make_state(cfg: Cfg, seed: int, *, batch: int | None = None, dtype=F64) -> M
         k=torch.randn(B, cfg.R, cfg.H, cfg.N, generator=g, dtype=F64).to(dtype),
         v=torch.randn(B, cfg.H, cfg.P, generator=g, dtype=F64).to(dtype),
     )
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    """Relative error in norm (absolute when the reference is zero)."""
-    a, b = a.double(), b.double()
-    denom = b.norm().item()
-    diff = (a - b).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
-def angle_err(a: Tensor, b: Tensor) -> float:
-    """Max difference of two angles modulo 2 pi (the representative may legitimately differ)."""
-    if a.numel() == 0:
-        return 0.0
-    d = torch.remainder(a.double() - b.double() + math.pi, 2 * math.pi) - math.pi
-    return d.abs().max().item()
 
 
 def assert_same(

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from hybridkit.cli import main
@@ -15,27 +14,16 @@ from hybridkit.errors import HybridkitError, RecipeError
 from hybridkit.recipe import dump_recipe, load_recipe
 from hybridkit.study import load_study, run_study, variant_recipe
 from hybridkit.train.metrics import read_metrics
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STUDIES = sorted((Path(__file__).parent.parent / "hybridkit/recipes/studies").glob("*.yaml"))
 
 BASE = {
     "name": "tiny",
     "seed": 0,
-    "model": {
-        "d_model": 16,
-        "vocab_size": 32,
-        "layout": "m a",
-        "blocks": {
-            "m": {
-                "mixer": {"kind": "mamba3", "d_state": 8, "headdim": 8, "chunk_size": 8},
-                "mlp": {"kind": "mlp", "d_ff": 32},
-            },
-            "a": {
-                "mixer": {"kind": "attention", "n_heads": 2, "head_dim": 8, "position": "nope"},
-                "mlp": {"kind": "mlp", "d_ff": 32},
-            },
-        },
-    },
+    "model": tiny_model("m a", vocab=32),
     "task": {
         "kind": "mqar",
         "vocab_size": 32,
@@ -65,16 +53,6 @@ STUDY = {
     "lengths": [16, 32],
     "select_examples": 16,
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast on an idle machine and many times faster on a
-    busy one, where OpenMP workers wait for a free core at every op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_study(tmp_path: Path, **changes) -> Path:
@@ -175,48 +153,47 @@ def test_interrupted_study_resumes_only_the_unfinished_run(tmp_path, capsys):
 
 
 # --- bad study files ------------------------------------------------------------------------------
-def study_error(tmp_path: Path, capsys, **changes) -> str:
+def study_error(tmp_path: Path, cli_error, **changes) -> str:
     path = write_study(tmp_path, **changes)
     with pytest.raises(HybridkitError) as info:
         run_study(path, tmp_path / "out", device="cpu", progress=False)
-    rc = main(["study", str(path), "-o", str(tmp_path / "out"), "--no-progress"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err and err.startswith("hybridkit study: error:")
+    err = cli_error("study", str(path), "-o", str(tmp_path / "out"), "--no-progress")
+    assert err.startswith("hybridkit study: error:")
     assert not list((tmp_path / "out").glob("*/*/metrics.jsonl")), "trained before failing"
     return str(info.value)
 
 
-def test_unknown_study_key(tmp_path, capsys):
-    msg = study_error(tmp_path, capsys, varaints={"x": []})
+def test_unknown_study_key(tmp_path, cli_error):
+    msg = study_error(tmp_path, cli_error, varaints={"x": []})
     assert "varaints: unknown key" in msg and "allowed keys" in msg and "variants" in msg
 
 
-def test_empty_variants(tmp_path, capsys):
-    msg = study_error(tmp_path, capsys, variants={})
+def test_empty_variants(tmp_path, cli_error):
+    msg = study_error(tmp_path, cli_error, variants={})
     assert "variants" in msg and "at least one variant" in msg
 
 
-def test_bad_base_path(tmp_path, capsys):
-    msg = study_error(tmp_path, capsys, base="recipes/nope.yaml")
+def test_bad_base_path(tmp_path, cli_error):
+    msg = study_error(tmp_path, cli_error, base="recipes/nope.yaml")
     assert "base" in msg and "nope.yaml" in msg and "not found" in msg
 
 
-def test_bad_variant_override_key_names_the_variant_and_key(tmp_path, capsys):
+def test_bad_variant_override_key_names_the_variant_and_key(tmp_path, cli_error):
     variants = {"hybrid": [], "typo": ["model.d_modle=32"]}
-    msg = study_error(tmp_path, capsys, variants=variants)
+    msg = study_error(tmp_path, cli_error, variants=variants)
     assert "model.d_modle" in msg and "unknown key" in msg and "'typo'" in msg
-    msg = study_error(tmp_path, capsys, variants={"hybrid": ["task.num_kv_pair=3"]})
+    msg = study_error(tmp_path, cli_error, variants={"hybrid": ["task.num_kv_pair=3"]})
     assert "task.num_kv_pair" in msg and "'hybrid'" in msg
-    msg = study_error(tmp_path, capsys, variants={"hybrid": ["model.layout=m x"]})
+    msg = study_error(tmp_path, cli_error, variants={"hybrid": ["model.layout=m x"]})
     assert "model.layout" in msg and "'hybrid'" in msg
 
 
-def test_bad_study_values(tmp_path, capsys):
-    assert "lrs" in study_error(tmp_path, capsys, lrs=[1e-3, -1.0])
-    assert "seeds must not be empty" in study_error(tmp_path, capsys, seeds=[])
-    assert "select_metric" in study_error(tmp_path, capsys, select_metric="loss")
-    assert "plain folder name" in study_error(tmp_path, capsys, variants={"a/b": []})
-    assert "set" in study_error(tmp_path, capsys, set="train.lr=1")
+def test_bad_study_values(tmp_path, cli_error):
+    assert "lrs" in study_error(tmp_path, cli_error, lrs=[1e-3, -1.0])
+    assert "seeds must not be empty" in study_error(tmp_path, cli_error, seeds=[])
+    assert "select_metric" in study_error(tmp_path, cli_error, select_metric="loss")
+    assert "plain folder name" in study_error(tmp_path, cli_error, variants={"a/b": []})
+    assert "set" in study_error(tmp_path, cli_error, set="train.lr=1")
 
 
 def test_study_file_problems(tmp_path, capsys):

@@ -28,19 +28,11 @@ from hybridkit.train.optim import build_optimizer, lr_at, param_groups
 from hybridkit.train.trainer import Trainer, TrainingDiverged
 from hybridkit.weights import latest_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).parent.parent
 
 MQAR = {"kind": "mqar", "vocab_size": 64, "seq_len": 16, "num_kv_pairs": 2, "eval_examples": 32}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast on an idle machine and many times faster on a
-    busy one, where OpenMP workers wait for a free core at every op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def recipe_dict(
@@ -314,6 +306,7 @@ def _ckpt_steps(run: Path) -> list[int]:
     return [] if latest is None else [int(latest.name.split("_")[1])]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(tmp_path):
     """A CLI run killed with SIGKILL after a checkpoint resumes to the same losses as an
     uninterrupted run, without duplicated steps in metrics.jsonl."""
@@ -367,23 +360,21 @@ def test_resume_after_kill_9(tmp_path):
 
 
 # --- clear checkpoint errors ----------------------------------------------------------------------
-def _cli_train_error(run: Path, capsys, *extra: str) -> str:
+def _cli_train_error(run: Path, cli_error, *extra: str) -> str:
     recipe = run.parent / "recipe-in.yaml"
     shutil.copy(run / "recipe.yaml", recipe)
-    rc = main(["train", str(recipe), "-o", str(run), "--no-progress", *extra])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err and err.startswith("hybridkit train: error:")
+    err = cli_error("train", str(recipe), "-o", str(run), "--no-progress", *extra)
+    assert err.startswith("hybridkit train: error:")
     return err
 
 
-def test_truncated_weights_give_a_clear_error(run_copy, capsys):
+def test_truncated_weights_give_a_clear_error(run_copy, cli_error):
     ckpt = latest_checkpoint(run_copy)
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         Trainer(make(steps=8), run_copy, resume="auto", progress=False)
-    assert "model.safetensors" in _cli_train_error(run_copy, capsys)
+    assert "model.safetensors" in _cli_train_error(run_copy, cli_error)
 
 
 def test_truncated_optimizer_state_gives_a_clear_error(run_copy):
@@ -393,15 +384,15 @@ def test_truncated_optimizer_state_gives_a_clear_error(run_copy):
         Trainer(make(steps=8), run_copy, resume="auto", progress=False)
 
 
-def test_corrupt_trainer_json_gives_a_clear_error(run_copy, capsys):
+def test_corrupt_trainer_json_gives_a_clear_error(run_copy, cli_error):
     ckpt = latest_checkpoint(run_copy)
     (ckpt / "trainer.json").write_text('{"format": "hybridkit-1", "step": ')
     with pytest.raises(CheckpointError, match=r"trainer\.json is corrupt"):
         Trainer(make(steps=8), run_copy, resume="auto", progress=False)
-    assert "corrupt" in _cli_train_error(run_copy, capsys)
+    assert "corrupt" in _cli_train_error(run_copy, cli_error)
 
 
-def test_foreign_checkpoint_gives_a_clear_error(run_copy, tmp_path, capsys):
+def test_foreign_checkpoint_gives_a_clear_error(run_copy, tmp_path, cli_error):
     ckpt = latest_checkpoint(run_copy)
     (ckpt / "trainer.json").write_text(json.dumps({"step": 3, "something": "else"}))
     with pytest.raises(CheckpointError, match="not written by hybridkit"):
@@ -411,9 +402,9 @@ def test_foreign_checkpoint_gives_a_clear_error(run_copy, tmp_path, capsys):
         Trainer(make(steps=8), run_copy, resume="auto", progress=False)
     not_ckpt = tmp_path / "not-a-checkpoint"
     not_ckpt.mkdir()
-    err = _cli_train_error(run_copy, capsys, "--resume", str(not_ckpt))
+    err = _cli_train_error(run_copy, cli_error, "--resume", str(not_ckpt))
     assert "not a hybridkit checkpoint" in err
-    err = _cli_train_error(run_copy, capsys, "--resume", str(tmp_path / "nowhere"))
+    err = _cli_train_error(run_copy, cli_error, "--resume", str(tmp_path / "nowhere"))
     assert "no checkpoint directory" in err
 
 
@@ -423,18 +414,17 @@ def test_latest_pointing_nowhere_gives_a_clear_error(run_copy):
         Trainer(make(steps=8), run_copy, resume="auto", progress=False)
 
 
-def test_other_architecture_refuses_to_resume(run_copy, capsys):
+def test_other_architecture_refuses_to_resume(run_copy, cli_error):
     with pytest.raises(CheckpointError, match="different model architecture"):
         Trainer(make(steps=8, d_model=16), run_copy, resume="auto", progress=False)
     recipe = write_recipe(run_copy.parent / "other.yaml", steps=8)
-    rc = main(["train", str(recipe), "-o", str(run_copy), "--set", "model.d_model=16"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "different model architecture" in err and "Traceback" not in err
+    err = cli_error("train", str(recipe), "-o", str(run_copy), "--set", "model.d_model=16")
+    assert "different model architecture" in err
     # a changed train section (more steps) is allowed
     assert Trainer(make(steps=10), run_copy, resume="auto", progress=False).step == 8
 
 
-def test_bad_task_and_train_keys_give_clear_errors(tmp_path, capsys):
+def test_bad_task_and_train_keys_give_clear_errors(tmp_path, cli_error):
     recipe = write_recipe(tmp_path / "r.yaml")
     for override, key in (
         ("task.num_kv_pair=3", "task.num_kv_pair"),
@@ -443,9 +433,8 @@ def test_bad_task_and_train_keys_give_clear_errors(tmp_path, capsys):
         ("train.schedule=linear", "train.schedule"),
         ("train.batch_sise=3", "train.batch_sise"),
     ):
-        rc = main(["train", str(recipe), "-o", str(tmp_path / "x"), "--set", override])
-        err = capsys.readouterr().err
-        assert rc == 2 and key in err and "Traceback" not in err, (override, err)
+        err = cli_error("train", str(recipe), "-o", str(tmp_path / "x"), "--set", override)
+        assert key in err, (override, err)
     with pytest.raises(RecipeError, match="model.vocab_size"):
         Trainer(make({**MQAR, "vocab_size": 128}, steps=2), tmp_path / "y", progress=False)
     with pytest.raises(RecipeError, match="task"):
@@ -477,13 +466,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert out["step"] == 12 and sorted(losses(run)) == list(range(1, 13))
 
 
-def test_huge_lr_diverges_with_a_clear_message(tmp_path, capsys):
+def test_huge_lr_diverges_with_a_clear_message(tmp_path, cli_error):
     recipe = write_recipe(
         tmp_path / "r.yaml", steps=20, lr=1e6, schedule="constant", warmup_steps=0, grad_clip=None
     )
-    rc = main(["train", str(recipe), "-o", str(tmp_path / "run"), "--no-progress"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "training diverged" in err and "Traceback" not in err
+    err = cli_error("train", str(recipe), "-o", str(tmp_path / "run"), "--no-progress")
+    assert "training diverged" in err
     assert "last good checkpoint" in err
 
 
@@ -663,14 +651,12 @@ def test_eval_writes_its_files(run_copy, tmp_path, capsys):
     assert [r["length"] for r in results] == [16]
 
 
-def test_eval_errors_are_clear(run_copy, tmp_path, capsys):
+def test_eval_errors_are_clear(run_copy, tmp_path, capsys, cli_error):
     for args, text in (
         (["--lengths", "15"], "MQAR length must be even"),
         (["--lengths", "a,b"], "comma-separated integers"),
     ):
-        assert main(["eval", str(run_copy), "--device", "cpu", *args]) == 2
-        err = capsys.readouterr().err
-        assert text in err and "Traceback" not in err
+        assert text in cli_error("eval", str(run_copy), "--device", "cpu", *args)
     assert main(["eval", str(tmp_path), "--device", "cpu"]) == 2
     assert "not a run directory" in capsys.readouterr().err
     (run_copy / "model.safetensors").write_bytes(b"garbage")

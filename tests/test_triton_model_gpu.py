@@ -17,7 +17,7 @@ from hybridkit.kernels.mamba3 import siso
 from hybridkit.recipe import load_recipe
 from hybridkit.train.metrics import read_metrics
 from hybridkit.train.trainer import Trainer
-from tests.helpers import attn_block, mamba_block
+from tests.helpers import attn_block, mamba_block, rel_err, tiny_model, tiny_recipe
 
 pytestmark = pytest.mark.gpu
 
@@ -34,9 +34,7 @@ def _blocks(backend: str) -> dict:
 
 
 def _model_recipe(backend: str):
-    return load_recipe(
-        {"model": {"d_model": 128, "vocab_size": 97, "layout": "m a g", "blocks": _blocks(backend)}}
-    )
+    return tiny_recipe("m a g", d_model=128, vocab=97, **_blocks(backend))
 
 
 @pytest.fixture
@@ -53,10 +51,6 @@ def triton_calls(monkeypatch) -> Iterator[list[bool]]:
     yield calls
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def test_model_gradients_match_chunked_path(triton_calls):
     ids = torch.randint(0, 97, (2, 300), device="cuda")  # 300: not a multiple of the chunk
     out = {}
@@ -68,11 +62,11 @@ def test_model_gradients_match_chunked_path(triton_calls):
         out[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
     assert triton_calls == [False, False], "auto on CUDA must run both SISO layers in Triton"
     (loss_t, grads_t), (loss_c, grads_c) = out["auto"], out["chunked"]
-    assert _rel(loss_t, loss_c) < 1e-5
+    assert rel_err(loss_t, loss_c) < 1e-5
     assert grads_t.keys() == grads_c.keys()
     for name, g in grads_c.items():
         assert grads_t[name] is not None and torch.isfinite(grads_t[name]).all(), name
-        assert _rel(grads_t[name], g) < 1e-4, name
+        assert rel_err(grads_t[name], g) < 1e-4, name
 
 
 def test_prefill_hands_over_to_decode(triton_calls):
@@ -92,7 +86,7 @@ def test_prefill_hands_over_to_decode(triton_calls):
             model.step(ids[:, t], cache)[:, None] for t in range(first + second, ids.shape[1])
         ]
     assert triton_calls == [False, False, True, True, True, True]
-    assert _rel(torch.cat(parts, dim=1), full) < 1e-4
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
 
 
 def test_bf16_training_run_learns(tmp_path, triton_calls):
@@ -101,12 +95,7 @@ def test_bf16_training_run_learns(tmp_path, triton_calls):
         {
             "name": "gpu-smoke",
             "seed": 0,
-            "model": {
-                "d_model": 128,
-                "vocab_size": 97,
-                "layout": "m a g",
-                "blocks": _blocks("auto"),
-            },
+            "model": tiny_model("m a g", d_model=128, vocab=97, **_blocks("auto")),
             "task": {"kind": "mqar", "vocab_size": 97, "seq_len": 64, "num_kv_pairs": 8},
             "train": {
                 "steps": 60,
