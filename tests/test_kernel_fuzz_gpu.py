@@ -29,9 +29,10 @@ from hybridkit.kernels.config import kernel_config
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked
 from hybridkit.kernels.mamba3.ops import mamba3_scan
 from hybridkit.kernels.mamba3.state import Mamba3State
-from tests.test_triton_siso import Case, _inputs, _state, angle_err, rel_err
+from tests.helpers import angle_err, rel_err
+from tests.test_triton_siso import Case, _inputs, _state
 
-N_CASES = 120
+N_CASES = 100
 CASE_SECONDS = 240
 CHUNKS = (16, 32, 64, 128)
 

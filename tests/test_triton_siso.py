@@ -164,7 +164,7 @@ CPU_CASES = {
 
 
 @pytest.mark.parametrize(
-    "name", slow_params(CPU_CASES, {"init_gate_split_grouped", "varlen_init_split"})
+    "name", slow_params(CPU_CASES, {"init_split_grouped", "varlen_init_split"})
 )
 def test_triton_siso_matches_reference_cpu(name: str):
     if torch.cuda.is_available():
