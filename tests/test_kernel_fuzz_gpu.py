@@ -9,7 +9,8 @@ included) fails instead of hanging the suite. Every failure prints the case, whi
 ``pytest tests/test_kernel_fuzz_gpu.py -k "case-<seed>"``.
 
 Run them all in one call, compilations spread over processes:
-``python -m pytest -m gpu -n 12 tests/test_kernel_fuzz_gpu.py``.
+``python -m pytest -m gpu -n 14 --dist loadgroup tests`` (the 64-bit offset tests, ~45 GB
+each, then run one after the other).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def draw(seed: int) -> FuzzCase:
         H=H,
         G=rng.choice([1, H]),
         N=N,
-        P=rng.choice([16, 32, 64]),
+        P=rng.choice([32, 64]),
         S=int(N * rope) // 2 if rope else 1,
         C=C,
         init=rng.random() < 0.4,
@@ -155,8 +156,9 @@ def _run(fc: FuzzCase) -> dict[str, float]:
         loss(y, fs).backward()
         loss(yr, fr).backward()
         errs |= {f"d{k}": rel_err(leaves[k].grad, ref_leaves[k].grad) for k in leaves}
-        for name, a, b in zip(Mamba3State._fields, init or [], ref_init or [], strict=True):
-            errs[f"dinit.{name}"] = rel_err(a.grad, b.grad)
+        if init:
+            for name, a, b in zip(Mamba3State._fields, init, ref_init, strict=True):
+                errs[f"dinit.{name}"] = rel_err(a.grad, b.grad)
     return errs
 
 
@@ -177,6 +179,8 @@ def test_fuzz_triton_matches_chunked(fc: FuzzCase):
             errs = _run(fc)
     except Exception as err:
         pytest.fail(f"{fc}\n{type(err).__name__}: {err}")
+    finally:
+        torch.cuda.empty_cache()  # leave the memory to the 64-bit offset tests in parallel
     tol_f, tol_b, loose = _limits(fc)
     bad = {
         k: e
@@ -241,6 +245,7 @@ def _halves(t: torch.Tensor, packed: bool, axis: int) -> tuple[torch.Tensor, tor
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("past_int32")  # ~45 GB each: one at a time (``--dist loadgroup``)
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "varlen"])
 def test_offsets_past_int32(packed: bool):
     """Two identical sequences whose tensors pass 2^31 elements (B * L * H * P): identical,

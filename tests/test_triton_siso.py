@@ -301,8 +301,8 @@ def test_triton_chunk_narrows_only_what_cannot_compile():
 
     assert triton_chunk(128, 128, 32, fast=False) == 32  # the configuration that stalled
     assert triton_chunk(64, 64, 64, fast=False) == 64
-    assert triton_chunk(128, 128, 64, fast=True) == 128
-    assert triton_chunk(128, 256, 64, fast=True) == 64
+    assert triton_chunk(128, 64, 64, fast=True) == 128
+    assert triton_chunk(128, 128, 64, fast=True) == 64  # non-finite at C 128 (GPU fuzz)
     assert triton_chunk(16, 512, 64, fast=False) == 16  # never below the smallest chunk
     plan = ops.plan_scan(
         "auto", device="cuda", dtype=torch.float32, length=5, rank=1, d_state=128, headdim=32,
@@ -327,6 +327,10 @@ def test_dispatch_rules():
     assert plan(dtype=torch.float64) == "chunked"
     assert plan(chunk=256) == "chunked"
     assert plan(n=48) == "chunked"
+    assert ops.plan_scan(
+        "auto", device="cuda", dtype=torch.bfloat16, length=9, rank=1, d_state=128,
+        headdim=16, chunk_size=64,
+    ).reason.startswith("d_state 128 / headdim 16")  # fmt: skip
     assert plan(device="cpu", backend="triton") == "triton"
     with pytest.raises(ValueError, match="allowed: auto, reference, chunked, triton"):
         plan(backend="cute")

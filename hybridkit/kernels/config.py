@@ -31,9 +31,10 @@ TRITON_CHUNK_SIZES = (16, 32, 64, 128)
 # The widest chunk a SISO kernel may use is bounded by its largest register tiles,
 # C x max(N, P) elements. fp32 (precise) tiles hold twice the registers of bf16 ones and their
 # dots run in fp32: at C 64 / N 128 the backward kernels spill tens of KB per thread and take
-# minutes to compile, at C 128 they did not finish (docs/kernels.md, "Compile time"). The scan's
-# result does not depend on the chunk, so a wider request simply runs narrower chunks.
-_MAX_TILE = {False: 32 * 128, True: 128 * 128}
+# minutes to compile, at C 128 they did not finish. In bf16, C 128 at N 128 gave non-finite
+# outputs in the GPU fuzz (Triton 3.6, H200). The scan's result does not depend on the chunk,
+# so a wider request runs narrower chunks (docs/kernels.md, "Chunk width").
+_MAX_TILE = {False: 32 * 128, True: 64 * 128}
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def interpreting() -> bool:
 
 def triton_chunk(chunk: int, d_state: int, headdim: int, fast: bool) -> int:
     """The chunk the SISO kernels run for a requested ``chunk``: the request, halved until the
-    widest register tile fits (precise fp32 mode: C x max(N, P) <= 4096; bf16: 16384)."""
+    widest register tile fits (precise fp32 mode: C x max(N, P) <= 4096; bf16: 8192)."""
     width = max(d_state, headdim)
     while chunk > TRITON_CHUNK_SIZES[0] and chunk * width > _MAX_TILE[bool(fast)]:
         chunk //= 2
