@@ -91,7 +91,7 @@ class HybridLM(nn.Module):
 
     # --- initialisation ---------------------------------------------------------------------
     def init_weights(self) -> None:
-        """GPT-2/Mamba-style init (spec 6.1).
+        """GPT-2/Mamba-style init (docs/mamba3.md 6.1).
 
         Embeddings ~ N(0, init_std); Linear biases zero; every residual-branch output projection
         (named by its module's ``residual_out_names``) is re-drawn and divided by

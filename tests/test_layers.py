@@ -24,7 +24,7 @@ def make_layer(d_model=16, dtype=torch.float64, **kw) -> Mamba3:
 
 
 def spec_loop(layer: Mamba3, u: torch.Tensor) -> torch.Tensor:
-    """The whole Mamba-3 block for one sequence, token by token, straight from mamba3-spec.md."""
+    """The whole Mamba-3 block for one sequence, token by token, straight from docs/mamba3.md."""
     s = layer.spec
     B, L, _ = u.shape
     H, P, N, G, R, S = layer.nheads, s.headdim, s.d_state, s.ngroups, s.mimo_rank, layer.n_angles
@@ -116,7 +116,7 @@ def test_layer_matches_spec_loop(kw):
 
 
 def test_in_proj_layout_widths():
-    # Din 128, H 8, N 16, S 4: 2*128 + 2*16 + 3*8 + 4 (spec 1.2)
+    # Din 128, H 8, N 16, S 4: 2*128 + 2*16 + 3*8 + 4 (docs/mamba3.md 1.2)
     layer = Mamba3(Mamba3Spec(d_state=16, headdim=16), d_model=64, layer_idx=0)
     assert layer.in_proj.weight.shape == (316, 64)
     mimo = Mamba3(Mamba3Spec(d_state=16, headdim=16, mimo_rank=4), d_model=64, layer_idx=0)
@@ -131,7 +131,7 @@ def test_in_proj_layout_widths():
 
 
 def test_paper_sizes():
-    # spec 1.2 worked example: Dm 2048, SISO Dproj 8672, MIMO R=4 9440; S = 32
+    # docs/mamba3.md 1.2 worked example: Dm 2048, SISO Dproj 8672, MIMO R=4 9440; S = 32
     spec = Mamba3Spec()
     assert spec.n_angles() == 32
     h = 64

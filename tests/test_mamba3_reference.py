@@ -1,6 +1,6 @@
 """Tests for the Mamba-3 scans: sequential recurrence, quadratic closed form and chunked path.
 
-The sequential and quadratic forms are independent derivations of spec section 2, so their
+The sequential and quadratic forms are independent derivations of docs/mamba3.md section 2, so their
 agreement to ~1e-10 in float64 pins down the trapezoid shift, the initial-state rule and the
 final state; a hand-written per-(batch, head) loop with explicit N x N rotation matrices checks
 the conventions (rotation sign, pairing, groups, biases, psi) that the two share. The chunked

@@ -3,7 +3,7 @@
 Every length is scored through the same code path as training (a full chunked forward over the
 whole sequence). A small subset is *also* run through incremental inference -- a prefill up to
 the first scored position, then one ``step`` per token -- to catch state hand-off or chunk-boundary
-bugs that a full forward would never exercise (tasks.md section 0).
+bugs that a full forward would never exercise (docs/tasks.md section 0).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Mamba-3 mixer (SISO or MIMO) exactly as ``mamba3-spec.md`` section 1 describes it.
+"""The Mamba-3 mixer (SISO or MIMO) exactly as ``docs/mamba3.md`` section 1 describes it.
 
 Data flow: ``in_proj`` -> split [z | x | B | C | dd_dt | dd_A | trap | angles] -> scalar gates
 (dt, A, lambda) -> BCNorm on B and C -> SSM core (biases, data-dependent rotation, trapezoid
@@ -68,7 +68,7 @@ class Mamba3(Layer):
         ]
         self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False)
 
-        # dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max], floored (spec 1.9).
+        # dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max], floored (docs/mamba3.md 1.9).
         u = torch.rand(h)
         dt0 = torch.exp(u * (math.log(spec.dt_max) - math.log(spec.dt_min)) + math.log(spec.dt_min))
         dt0 = dt0.clamp(min=spec.dt_init_floor)
@@ -214,7 +214,7 @@ class Mamba3(Layer):
 
 @register_layer(Mamba3)
 class Mamba3Spec(LayerSpec):
-    """Mamba-3 mixer options; defaults are the paper's (spec 1.1)."""
+    """Mamba-3 mixer options; defaults are the paper's (docs/mamba3.md 1.1)."""
 
     kind: Literal["mamba3"] = "mamba3"
     d_state: int = Field(default=128, gt=0, description="N, the state size per head")
@@ -278,7 +278,7 @@ class Mamba3Spec(LayerSpec):
         return int(self.expand * d_model)
 
     def n_angles(self) -> int:
-        """S, the rotary angles per token (spec 1.1); 0 when the rotation is switched off."""
+        """S, the rotary angles per token (docs/mamba3.md 1.1); 0 when the rotation is switched off."""
         if not self.rope:
             return 0
         s0 = int(self.d_state * self.rope_fraction)

@@ -1,6 +1,6 @@
 """The one dispatch point for the Mamba-3 scan: layers call these, never a kernel directly.
 
-Tensor layout (spec 3.2, with an explicit rank axis R so SISO is simply R = 1):
+Tensor layout (docs/mamba3.md 3.2, with an explicit rank axis R so SISO is simply R = 1):
 
 * ``q``, ``k``: (B, L, R, G, N), BCNorm applied, bias not yet added, unrotated;
 * ``v``: (B, L, H, P); ``adt``, ``dt``, ``trap``: (B, H, L); biases (H, R, N);

@@ -1,6 +1,6 @@
 """Ground-truth Mamba-3 scans: the token-by-token recurrence and the closed (quadratic) form.
 
-Both implement spec section 2 exactly (exponential-trapezoidal update, data-dependent rotation,
+Both implement docs/mamba3.md section 2 exactly (exponential-trapezoidal update, data-dependent rotation,
 per-head biases, MIMO rank R with SISO as R = 1) and run in float64 whenever any input is
 float64. They exist to be *obviously* correct rather than fast: every faster path (the chunked
 torch scan, later Triton kernels) is tested against them, and the two are tested against each
@@ -448,7 +448,7 @@ def mamba3_scan_sequential(
     initial_state: Mamba3State | None = None,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Mamba3State]:
-    """Token-by-token Mamba-3 recurrence (spec 2.4/2.5, rank R; SISO is R = 1).
+    """Token-by-token Mamba-3 recurrence (docs/mamba3.md 2.4/2.5, rank R; SISO is R = 1).
 
     Shapes: q, k (B, L, R, G, N) after BCNorm, before bias, unrotated; v (B, L, H, P);
     adt, dt, trap (B, H, L) (trap raw pre-sigmoid, None => lambda = 1); q_bias, k_bias (H, R, N);
@@ -498,7 +498,7 @@ def mamba3_scan_quadratic(
     initial_state: Mamba3State | None = None,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Mamba3State]:
-    """Closed (quadratic, L x L masked) form of the Mamba-3 scan (spec 2.6).
+    """Closed (quadratic, L x L masked) form of the Mamba-3 scan (docs/mamba3.md 2.6).
 
     Same signature and results as :func:`mamba3_scan_sequential`. Evaluating the whole sequence
     as one masked contraction is an independent derivation of the same math (it has no
