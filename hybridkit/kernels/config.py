@@ -24,6 +24,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 ENV_VAR = "HYBRIDKIT_KERNELS"
 WARP_COUNTS = (1, 2, 4, 8, 16)
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)
@@ -127,6 +129,13 @@ def kernel_config(**changes: object) -> Iterator[KernelConfig]:
         yield cfg
     finally:
         _OVERRIDE.reset(token)
+
+
+@torch.compiler.assume_constant_result
+def triton_chunk_sizes() -> tuple[int, ...]:
+    """``current_config().chunk_sizes``, read once at trace time under ``torch.compile``
+    (Dynamo cannot trace a ``ContextVar`` read; the value is a constant of the graph)."""
+    return current_config().chunk_sizes
 
 
 def interpreting() -> bool:

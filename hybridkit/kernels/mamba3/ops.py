@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from hybridkit.kernels.config import current_config, triton_chunk
+from hybridkit.kernels.config import triton_chunk, triton_chunk_sizes
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
 
@@ -81,7 +81,7 @@ def plan_scan(
     why = unsupported_reason(rank, d_state, headdim, dtype, True, pairing)
     if why is None and has_mimo_x:
         why = "mimo_x scaling has no Triton kernel yet"
-    allowed = current_config().chunk_sizes
+    allowed = triton_chunk_sizes()
     if why is None and chunk_size not in allowed:
         why = f"chunk_size {chunk_size} not among the Triton chunk sizes {allowed}"
     if why is not None:

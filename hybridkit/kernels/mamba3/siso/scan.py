@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hybridkit.kernels.config import current_config, triton_chunk
+from hybridkit.kernels.config import triton_chunk, triton_chunk_sizes
 from hybridkit.kernels.mamba3.reference import rotate_pairs, wrap_angle
 from hybridkit.kernels.mamba3.siso.op import scan_op
 from hybridkit.kernels.mamba3.state import Mamba3State
@@ -119,7 +119,7 @@ def mamba3_scan_triton(
             "mamba3_scan_triton: needs R = 1, interleaved pairing, no mimo_x, "
             "power-of-two N and P and no float64 inputs"
         )
-    allowed = current_config().chunk_sizes
+    allowed = triton_chunk_sizes()
     if chunk_size not in allowed:
         raise ValueError(
             f"mamba3_scan_triton: chunk_size must be one of {allowed}, got {chunk_size}"
