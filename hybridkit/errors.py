@@ -29,7 +29,8 @@ class RecipeError(HybridkitError):
         self.problems = list(problems)
         lines = [f"invalid {what} {source}:"]
         for key, msg in self.problems:
-            lines.append(f"  {key or '<root>'}: {msg}")
+            # A problem of the whole file (bad YAML, not a mapping) has no key to name.
+            lines.append(f"  {key}: {msg}" if key else f"  {msg}")
         super().__init__("\n".join(lines))
 
 

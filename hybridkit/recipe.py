@@ -22,12 +22,13 @@ from pydantic import BaseModel, Field, SerializeAsAny, ValidationError
 
 import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
 import hybridkit.tasks  # noqa: F401  (registers the built-in task kinds)
-from hybridkit.errors import RecipeError
+from hybridkit.errors import RecipeError, describe_value
 from hybridkit.fsutil import atomic_write_text
 from hybridkit.layers.base import LayerSpec
 from hybridkit.recipe_sections import EvalSpec, TrainSpec
 from hybridkit.registry import LAYERS, TASKS
-from hybridkit.schema import StrictModel, get_path, set_path
+from hybridkit.safeyaml import MAX_BYTES, YAMLProblem, decode_text, load_yaml
+from hybridkit.schema import StrictModel, get_path, set_path, yaml_type
 from hybridkit.spec import ModelSpec, describe_error
 from hybridkit.tasks.base import TaskSpec
 
@@ -77,21 +78,35 @@ def read_yaml_mapping(
     """The top-level mapping of a YAML file (a ``what`` file whose keys are like ``keys``).
 
     Recipes and study files share this so that a missing file, bad YAML or a file that is not a
-    mapping reads the same way for both, as a :class:`RecipeError` naming the file.
+    mapping reads the same way for both, as a :class:`RecipeError` naming the file. The file is
+    read through :mod:`hybridkit.safeyaml`, so no content can hang or crash the reader; only
+    regular files are opened (a FIFO or ``/dev/zero`` would block or never end).
     """
     source = str(path)
+
+    def fail(message: str) -> RecipeError:
+        return RecipeError(source, [("", message)], what)
+
+    file = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(source, [("", f"no such {what} file (not found)")], what) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(source, [("", f"cannot read the file: {exc}")], what) from None
+        if not file.exists():
+            raise fail(f"no such {what} file (not found)")
+        if file.is_dir():
+            raise fail(f"is a directory, not a {what} file")
+        if not file.is_file():
+            raise fail(f"is not a regular file; pass a {what} YAML file")
+        with file.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise fail(f"cannot read the file: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(source, [("", f"YAML syntax error: {exc}")], what) from None
+        if len(raw) > MAX_BYTES:
+            raise YAMLProblem(f"larger than {MAX_BYTES // 1024} KiB; {what} files are small")
+        data = load_yaml(decode_text(raw))
+    except YAMLProblem as exc:
+        raise fail(exc.describe()) from None
     if not isinstance(data, dict):
-        kind = "empty" if data is None else f"a {type(data).__name__}"
+        kind = "empty" if data is None else f"{yaml_type(data)}"
         message = f"the top level must be a mapping of keys ({keys}); the file is {kind}"
         raise RecipeError(source, [("", message)], what)
     return data
@@ -120,9 +135,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
             )
             continue
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            problems.append((key, f"override {text!r}: the value is not valid YAML ({exc})"))
+            value = load_yaml(raw)
+        except YAMLProblem as exc:
+            why = exc.describe()
+            problems.append((key, f"override {describe_value(text)}: the value is not valid {why}"))
             continue
         error = set_path(data, [part.strip() for part in key.split(".")], value, create=True)
         if error:

@@ -13,7 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from hybridkit.errors import describe_value
+from hybridkit.schema import raise_problems, spec_problem, yaml_type
+
 T = TypeVar("T")
+
+PLUGIN_HINT = (
+    "a kind defined in your own code is found once its module is imported: pass "
+    "--plugin MODULE_OR_FILE.py, list it under `plugins:` in the recipe, or set "
+    "HYBRIDKIT_PLUGINS"
+)
+"""How to load a user's kinds; every unknown-kind error ends with it (see plugins.py)."""
 
 
 class Registry(Generic[T]):
@@ -31,15 +41,29 @@ class Registry(Generic[T]):
         self._entries[name] = entry
 
     def get(self, name: str) -> T:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(
-                f"unknown {self.what} kind {name!r}; registered kinds: {', '.join(self.names())}"
-            ) from None
+        if name not in self:
+            raise KeyError(self.kind_problem(name))
+        return self._entries[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        # A recipe may put anything where a kind belongs (``kind: {nested: 1}``): answer "no"
+        # for values that cannot be a name instead of failing on an unhashable one.
+        return isinstance(name, str) and name in self._entries
+
+    def kind_problem(self, kind: Any) -> str:
+        """Why ``kind`` names no entry: missing, not a string, or unknown (with the plugin hint).
+
+        The one wording of this error for layers and tasks, wherever it is detected.
+        """
+        allowed = f"allowed kinds: {', '.join(self.names())}"
+        if kind is None:
+            return f"missing 'kind'; {allowed}"
+        if not isinstance(kind, str):
+            return (
+                f"kind must be a string naming a {self.what} kind; got {yaml_type(kind)} "
+                f"{describe_value(kind)}; {allowed}"
+            )
+        return f"unknown {self.what} kind {kind!r}; {allowed}. Hint: {PLUGIN_HINT}"
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -94,8 +118,9 @@ def dispatch_kind(
     Validating against the open ``base`` looks up the spec class registered for
     ``data["kind"]`` and validates against it, so a kind registered from another package is
     validated like a built-in one, with the same error paths; unknown or missing kinds list the
-    registered ones. A concrete subclass (``cls`` is not ``base``) validates itself through
-    ``handler``, and an already validated spec passes through unchanged.
+    registered ones and say how to load a plugin. A concrete subclass (``cls`` is not ``base``)
+    validates itself through ``handler``, and an already validated spec passes through
+    unchanged.
     """
     if cls is not base:
         return handler(data)
@@ -104,11 +129,9 @@ def dispatch_kind(
     if not isinstance(data, dict):
         return handler(data)
     kind = data.get("kind")
-    allowed = ", ".join(registry.names())
-    if kind is None:
-        raise ValueError(f"missing 'kind'; allowed kinds: {allowed}")
     if kind not in registry:
-        raise ValueError(f"unknown {registry.what} kind {kind!r}; allowed kinds: {allowed}")
+        # Located at the ``kind`` key itself, so the error names e.g. ``task.kind``.
+        raise_problems(base.__name__, [spec_problem(("kind",), registry.kind_problem(kind), kind)])
     return spec_of(registry.get(kind)).model_validate(data)
 
 

@@ -17,7 +17,41 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-__all__ = ["MISSING", "StrictModel", "get_path", "set_path", "split_path", "yaml_type"]
+__all__ = [
+    "MAX_KEY_PARTS",
+    "MISSING",
+    "SPEC_PROBLEM",
+    "StrictModel",
+    "get_path",
+    "raise_problems",
+    "set_path",
+    "spec_problem",
+    "split_path",
+    "yaml_type",
+]
+
+SPEC_PROBLEM = "spec_problem"
+"""Error type of problems whose message is already user-ready (it names the bad value and what
+is allowed); the recipe loader prints such a message as it is, at its ``loc``."""
+
+
+def spec_problem(loc: tuple[Any, ...], message: str, value: Any) -> InitErrorDetails:
+    """One pydantic line error with a ready-made message, located at ``loc``."""
+    return {
+        "type": PydanticCustomError(SPEC_PROBLEM, "{message}", {"message": message}),
+        "loc": loc,
+        "input": value,
+    }
+
+
+def raise_problems(title: str, problems: list[InitErrorDetails]) -> None:
+    """Raise all collected problems at once, so the user can fix them in one go.
+
+    Raised inside a validator, pydantic prefixes each ``loc`` with the path of the value being
+    validated, so the problem lands on the exact key (``model.blocks.m.mixer.kind``).
+    """
+    if problems:
+        raise ValidationError.from_exception_data(title, problems)
 
 
 class StrictModel(BaseModel):
@@ -51,6 +85,9 @@ class StrictModel(BaseModel):
                 raise ValidationError.from_exception_data(cls.__name__, problems)
         return data
 
+
+MAX_KEY_PARTS = 64
+"""Most segments a dotted key (``--set a.b.c=...``, an ``overrides`` key) may have."""
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
 """Returned by :func:`get_path` for a path that leads nowhere (``None`` can be a real value)."""
@@ -107,6 +144,9 @@ def set_path(node: Any, parts: Sequence[str], value: Any, *, create: bool) -> st
     key is still set, so that re-validation can report it with the allowed keys of its model.
     """
     parts = list(parts)
+    if len(parts) > MAX_KEY_PARTS:
+        # Matching dotted keys costs len(parts)**2 per level; no recipe key is this deep.
+        return f"the key has {len(parts)} dotted parts; allowed: at most {MAX_KEY_PARTS}"
     walked: list[str] = []
     while parts:
         if isinstance(node, dict):

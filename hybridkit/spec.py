@@ -28,36 +28,25 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails
 
 import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
 from hybridkit.errors import describe_value
 from hybridkit.layers.base import LayerSpec
 from hybridkit.registry import LAYERS
-from hybridkit.schema import StrictModel, get_path, set_path
-
-SPEC_PROBLEM = "spec_problem"
-"""Error type of the problems raised by this module; their message is already user-ready."""
+from hybridkit.schema import (
+    SPEC_PROBLEM,
+    StrictModel,
+    get_path,
+    raise_problems,
+    set_path,
+    spec_problem,
+)
 
 MAX_LAYERS = 100_000
 """A layout that expands beyond this is certainly a typo (``x 1000`` nested twice)."""
 
 Loc = tuple[str | int, ...]
-
-
-def spec_problem(loc: Loc, message: str, value: Any) -> InitErrorDetails:
-    """One pydantic line error with a ready-made message (see the module docstring)."""
-    return {
-        "type": PydanticCustomError(SPEC_PROBLEM, "{message}", {"message": message}),
-        "loc": loc,
-        "input": value,
-    }
-
-
-def raise_problems(title: str, problems: list[InitErrorDetails]) -> None:
-    """Raise all collected problems at once, so the user can fix them in one go."""
-    if problems:
-        raise ValidationError.from_exception_data(title, problems)
 
 
 def describe_error(err: Any, allowed_keys: list[str] | None = None) -> str:
@@ -90,11 +79,7 @@ def _layer_kind_error(value: Any) -> None:
     """Reject a missing/unknown ``kind`` at the ``kind`` key itself (not at the whole layer)."""
     if isinstance(value, dict) and value.get("kind") not in LAYERS:
         kind = value.get("kind")
-        what = "missing 'kind'" if kind is None else f"unknown layer kind {kind!r}"
-        raise_problems(
-            "LayerSpec",
-            [spec_problem(("kind",), f"{what}; allowed kinds: {', '.join(LAYERS.names())}", kind)],
-        )
+        raise_problems("LayerSpec", [spec_problem(("kind",), LAYERS.kind_problem(kind), kind)])
 
 
 class _AtomicAssignment(StrictModel):
