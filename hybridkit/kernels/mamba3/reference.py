@@ -1,7 +1,7 @@
 """Ground-truth Mamba-3 scans: the token-by-token recurrence and the closed (quadratic) form.
 
-Both implement docs/mamba3.md section 2 exactly (exponential-trapezoidal update, data-dependent rotation,
-per-head biases, MIMO rank R with SISO as R = 1) and run in float64 whenever any input is
+Both implement docs/mamba3.md section 2 exactly (exponential-trapezoidal update, data-dependent
+rotation, per-head biases, MIMO rank R with SISO as R = 1) and run in float64 whenever any input is
 float64. They exist to be *obviously* correct rather than fast: every faster path (the chunked
 torch scan, later Triton kernels) is tested against them, and the two are tested against each
 other to ~1e-10, which pins down the trapezoid shift, the initial-state rule and the final state.
