@@ -4,7 +4,7 @@ Compiles each chunk kernel for an H100 target with Triton's own ``ptxas`` (the b
 flags: C 64, P 64, N 128, bf16 fast mode, 16-byte aligned pointers as a real launch would
 specialise them) and prints, per kernel: registers and spills (``ptxas -v``), global load /
 store instructions by width (scalar ``b16`` loads mean an uncoalesced gather), and the source
-lines with the most PTX instructions. It is how the v3 fixes in ``NOTES_mamba3_siso.md`` were
+lines with the most PTX instructions. It is how the fixes listed in ``docs/kernels.md`` were
 found between GPU runs; numbers come from the local Triton, not the GPU machine's (3.6), so
 compare variants, not absolute values.
 

@@ -163,8 +163,8 @@ def _bwd_pass_kernel(
 
     The scalars that need G^ and the start state S~ together (d A_c, the state's share of
     d Omega_c) are left to ``_bwd_x``: computed here, as row-tile partial sums, their
-    reductions (across warps, every step of a chain of dependent steps) and the extra read of
-    S~ took this pass from 0.20 to 0.46-0.50 ms at (8, 4096, 32, 64, 128) on the H100."""
+    reductions (across warps, in every step of a chain of dependent steps) and the extra read
+    of S~ more than doubled this pass's time (docs/kernels.md, "Tried and dropped")."""
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
@@ -331,9 +331,8 @@ def _bwd_q_kernel(
     d Omega_c, which pair S~ with the end-state gradient, are computed at the end of
     ``_bwd_x``.)
 
-    One kernel for the q and k sides was 1.2x faster at N = 128 on the H100 but, with bf16
-    operands at N = 64, P = 64, made an illegal memory access (Triton 3.6; the same code runs
-    in fp32 and at N = 128): both halves fill the 255 registers, so the split costs little."""
+    The q and k sides are separate kernels: merged, they were barely faster and made an
+    illegal memory access at bf16, N 64, P 64 (docs/kernels.md, "Tried and dropped")."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)

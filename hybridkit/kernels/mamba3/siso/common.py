@@ -236,8 +236,8 @@ def _rotation(
 def _csn_offsets(bat, tt, h, L, H, offs_j, NANG):
     """Offsets of the cos half of an N/2 x C tile of the per-token cos / sin buffer, laid out
     tokens last, (B, H, 2, S, L), like the angles: ``_bwd_dstate`` stores the tiles its scan
-    produced without a layout change. (Stored tokens-first, Triton 3.6 recomputed the whole
-    angle scan in a second layout for the store: 168 -> 241 registers, 2 programs per SM.)"""
+    produced without a layout change. (Stored tokens-first, the compiler recomputed the whole
+    angle scan in a second layout for the store; docs/kernels.md, "Tried and dropped".)"""
     return ((bat * H + h) * (2 * NANG) + offs_j[:, None]) * L + tt[None, :]
 
 
