@@ -32,8 +32,33 @@ FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=
 FLAGS.update(HAS_D=True, HAS_DTOT=False, HAS_INIT=False)
 FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
-FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
-FP32 |= {"DKH", "DQBP", "DKBP", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DDT", "GK"}
+FP32 = {
+    "ADT",
+    "DT",
+    "QB",
+    "KB",
+    "DSKIP",
+    "DECAY",
+    "OMEGA",
+    "DCS_STATE",
+    "DAS",
+    "DOMEGA",
+    "DTHETA",
+    "DU",
+    "DQ_HEADS",
+}
+FP32 |= {
+    "DK_HEADS",
+    "DQ_BIAS_PART",
+    "DK_BIAS_PART",
+    "DADT",
+    "DKAPPA",
+    "DGAMMA",
+    "DD_PART",
+    "DTOTAL_ANGLE",
+    "DDT",
+    "GATES",
+}
 UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
 SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
 
