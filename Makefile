@@ -40,8 +40,10 @@ lint: $(BIN)/hybridkit
 	$(BIN)/ruff check hybridkit tests examples benchmarks
 	$(BIN)/ruff format --check hybridkit tests examples benchmarks
 
+# On the GPU machine: every GPU test, compilations spread over 14 processes (pytest-xdist);
+# the 64-bit offset tests (~45 GB each) run one after the other (--dist loadgroup).
 gpu-test:
-	python -m pytest -q -m gpu tests
+	python -m pytest -q -m gpu -n 14 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

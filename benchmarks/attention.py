@@ -2,7 +2,7 @@
 
 Causal, bf16, (batch, seqlen, heads, head_dim) in {(4, 4096, 16, 128), (8, 2048, 16, 64),
 (1, 16384, 16, 128)}; forward and forward+backward; TFLOP/s by the FlashAttention formula
-(forward 4*b*s*s*h*d, halved for causal; backward 2.5x forward). Targets : our op
+(forward 4*b*s*s*h*d, halved for causal; backward 2.5x forward). Targets: our op
 >= 0.97x FA4 direct everywhere (the wrapper adds no copies or transposes), and >= 1.15x SDPA on
 forward+backward.
 

@@ -60,7 +60,8 @@ def make_inputs(B, L, H, P, N, C=64, G=1, seed=0, device="cuda"):
 
 
 def flops_bytes(B, L, H, P, N, C=64, G=1):
-    """Forward FLOPs (dense C x C tiles, docs/kernels.md, 'Rooflines') and the fewest bytes moved."""
+    """Forward FLOPs (dense C x C tiles; docs/kernels.md, "Rooflines") and the fewest bytes
+    moved."""
     S = N // 4
     fwd_flops = B * L * H * (2 * C * (N + P) + 4 * N * P)
     tok_in = B * L * (2 * G * N * 2 + H * P * 2 + H * (4 + 4 + 2) + S * 2)  # q,k,v,adt,dt,trap,ang

@@ -4,7 +4,7 @@ Compiles each chunk kernel for an H100 target with Triton's own ``ptxas`` (the b
 flags: C 64, P 64, N 128, bf16 fast mode, 16-byte aligned pointers as a real launch would
 specialise them) and prints, per kernel: registers and spills (``ptxas -v``), global load /
 store instructions by width (scalar ``b16`` loads mean an uncoalesced gather), and the source
-lines with the most PTX instructions. It is how the v3 fixes in ``NOTES_mamba3_siso.md`` were
+lines with the most PTX instructions. It is how the fixes listed in ``docs/kernels.md`` were
 found between GPU runs; numbers come from the local Triton, not the GPU machine's (3.6), so
 compare variants, not absolute values.
 
@@ -32,8 +32,33 @@ FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=
 FLAGS.update(HAS_D=True, HAS_DTOT=False, HAS_INIT=False)
 FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
-FP32 = {"ADT", "DT", "QB", "KB", "DSKIP", "CA", "COM", "GIN", "DAS", "DOMS", "RQ", "DU", "DQH"}
-FP32 |= {"DKH", "DQBP", "DKBP", "DADT", "DKAP", "DGAM", "DDP", "DTOT", "DDT", "GK"}
+FP32 = {
+    "ADT",
+    "DT",
+    "QB",
+    "KB",
+    "DSKIP",
+    "DECAY",
+    "OMEGA",
+    "DCS_STATE",
+    "DAS",
+    "DOMEGA",
+    "DTHETA",
+    "DU",
+    "DQ_HEADS",
+}
+FP32 |= {
+    "DK_HEADS",
+    "DQ_BIAS_PART",
+    "DK_BIAS_PART",
+    "DADT",
+    "DKAPPA",
+    "DGAMMA",
+    "DD_PART",
+    "DTOTAL_ANGLE",
+    "DDT",
+    "GATES",
+}
 UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
 SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
 

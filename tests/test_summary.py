@@ -24,8 +24,8 @@ def test_mimo_recipe_reports_the_chunked_path_on_cuda():
 
 def test_backends_listed_per_layer_when_layers_differ():
     blocks = {
-        "m": mamba_block(d_state=32, headdim=16, chunk_size=64),
-        "w": mamba_block(d_state=32, headdim=16, chunk_size=256),  # no Triton kernel for it
+        "m": mamba_block(d_state=32, headdim=32, chunk_size=64),
+        "w": mamba_block(d_state=32, headdim=32, chunk_size=256),  # no Triton kernel for it
         "a": attn_block(),
     }
     model = build_model(tiny_recipe("m w a", d_model=32, **blocks), seed=0)

@@ -68,7 +68,8 @@ class Mamba3(Layer):
         ]
         self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False)
 
-        # dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max], floored (docs/mamba3.md 1.9).
+        # dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max], floored
+        # (docs/mamba3.md 1.9).
         u = torch.rand(h)
         dt0 = torch.exp(u * (math.log(spec.dt_max) - math.log(spec.dt_min)) + math.log(spec.dt_min))
         dt0 = dt0.clamp(min=spec.dt_init_floor)
@@ -278,7 +279,7 @@ class Mamba3Spec(LayerSpec):
         return int(self.expand * d_model)
 
     def n_angles(self) -> int:
-        """S, the rotary angles per token (docs/mamba3.md 1.1); 0 when the rotation is switched off."""
+        """S, the rotary angles per token (docs/mamba3.md 1.1); 0 when the rotation is off."""
         if not self.rope:
             return 0
         s0 = int(self.d_state * self.rope_fraction)

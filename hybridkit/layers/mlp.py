@@ -1,4 +1,4 @@
-"""SwiGLU MLP (docs/mamba3.md 6.1): ``fc2(value * silu(gate))`` with ``fc1`` producing [value | gate]."""
+"""SwiGLU MLP (docs/mamba3.md 6.1): ``fc2(value * silu(gate))``, ``fc1`` giving [value | gate]."""
 
 from __future__ import annotations
 

@@ -44,9 +44,9 @@ class GatedRMSNorm(nn.Module):
 
     ``norm_before_gate=True`` ("pre-gate"):  ``w * y / rms(y) * silu(z)``;
     ``norm_before_gate=False`` ("post-gate"): ``w * g / rms(g)`` with ``g = y * silu(z)``.
-    ``group_size = headdim`` normalises each head on its own ("grouped", docs/mamba3.md 1.8); ``group_size =
-    dim`` normalises the whole inner width ("default"). The weight has ``dim`` entries and is
-    shared by all MIMO ranks.
+    ``group_size = headdim`` normalises each head on its own ("grouped", docs/mamba3.md 1.8);
+    ``group_size = dim`` normalises the whole inner width ("default"). The weight has ``dim``
+    entries and is shared by all MIMO ranks.
     """
 
     def __init__(self, dim: int, group_size: int, norm_before_gate: bool, eps: float = 1e-5):

@@ -478,10 +478,6 @@ def weighted_distinct(rng: np.random.Generator, log_weights: np.ndarray, n: int,
     return idx.astype(np.int64)
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def long_tensor(values: np.ndarray | Sequence[int]) -> torch.Tensor:
     """int64 tensor from a numpy array or list (for ``meta`` entries)."""
     return torch.from_numpy(np.asarray(values, dtype=np.int64).copy())

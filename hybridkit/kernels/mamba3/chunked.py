@@ -1,7 +1,8 @@
 """Chunked Mamba-3 scan in plain torch: the fast CPU path and the template for GPU kernels.
 
 The sequence is cut into chunks of ``chunk_size`` tokens. Inside a chunk the closed form of
-docs/mamba3.md 2.6 is a (C*R) x (C*R) masked matmul; between chunks only a P x N state per head is carried.
+docs/mamba3.md 2.6 is a (C*R) x (C*R) masked matmul; between chunks only a P x N state per head
+is carried.
 Cost is O(L * C * R^2) instead of O(L^2 R^2) (quadratic form) and the work per step is matmuls
 instead of the L tiny updates of the recurrence.
 
@@ -9,9 +10,9 @@ The state carried across a chunk boundary is the *pre-added* one of docs/mamba3.
 ``S_c = h_e + eta_e * sum_r x~_{e,r} (x) kbar_{e,r}`` for the chunk's last token e, where
 ``eta_e = (1 - lambda_{e+1}) dt_{e+1}``. Carrying it means every token of the next chunk sees the
 previous token's trapezoid contribution through the ordinary decay ``exp(cs_t)``, exactly like
-the initial-state rule ``H0 + eta_init xprev (x) kprev`` of docs/mamba3.md 2.6 (which is the same formula
-applied to an externally supplied state). Because ``eta`` of the sequence's last token is 0, the
-state after the last chunk is the true ``h_{L-1}``.
+the initial-state rule ``H0 + eta_init xprev (x) kprev`` of docs/mamba3.md 2.6 (which is the same
+formula applied to an externally supplied state). Because ``eta`` of the sequence's last token
+is 0, the state after the last chunk is the true ``h_{L-1}``.
 
 Precision choices (they matter in float32): the decay cumsum restarts in every chunk (no large
 global cumsum differences), all decays are ``exp`` of non-positive numbers, and the rotation

@@ -1,7 +1,7 @@
 """Ground-truth Mamba-3 scans: the token-by-token recurrence and the closed (quadratic) form.
 
-Both implement docs/mamba3.md section 2 exactly (exponential-trapezoidal update, data-dependent rotation,
-per-head biases, MIMO rank R with SISO as R = 1) and run in float64 whenever any input is
+Both implement docs/mamba3.md section 2 exactly (exponential-trapezoidal update, data-dependent
+rotation, per-head biases, MIMO rank R with SISO as R = 1) and run in float64 whenever any input is
 float64. They exist to be *obviously* correct rather than fast: every faster path (the chunked
 torch scan, later Triton kernels) is tested against them, and the two are tested against each
 other to ~1e-10, which pins down the trapezoid shift, the initial-state rule and the final state.
@@ -104,29 +104,9 @@ def _shape_error(name: str, tensor: Tensor, expected: str) -> ValueError:
     return ValueError(f"mamba3 scan: {name} must have shape {expected}, got {tuple(tensor.shape)}")
 
 
-def prepare_scan_inputs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    adt: Tensor,
-    dt: Tensor,
-    trap: Tensor | None,
-    q_bias: Tensor,
-    k_bias: Tensor,
-    angles: Tensor | None,
-    D: Tensor | None,
-    mimo_x: Tensor | None,
-    pairing: str,
-    initial_state: Mamba3State | None,
-    cu_seqlens: Tensor | None,
-) -> tuple[ScanInputs, list[int] | None]:
-    """Validate shapes, pick the compute dtype, upcast and broadcast the per-token inputs.
-
-    Returns the prepared inputs and, for varlen calls, the sequence boundaries as a Python list
-    (the per-sequence loop needs them on the host anyway).
-    """
-    if q.dim() != 5:
-        raise _shape_error("q", q, "(B, L, R, G, N)")
+def _check_shapes(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x, pairing) -> int:
+    """Raise a ValueError naming the first input whose shape is off; return S (0 without
+    angles)."""
     batch, length, rank, ngroups, dstate = q.shape
     if k.shape != q.shape:
         raise _shape_error("k", k, f"{tuple(q.shape)} (same as q)")
@@ -166,25 +146,82 @@ def prepare_scan_inputs(
         raise _shape_error("D", D, f"({nheads},)")
     if mimo_x is not None and mimo_x.shape != (nheads, rank, headdim):
         raise _shape_error("mimo_x", mimo_x, str((nheads, rank, headdim)))
+    return n_angles
 
-    bounds: list[int] | None = None
-    nstates = batch
-    if cu_seqlens is not None:
-        if batch != 1:
-            raise ValueError(f"mamba3 scan: cu_seqlens requires batch size 1, got {batch}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise _shape_error("cu_seqlens", cu_seqlens, "(nseq + 1,) with nseq >= 1")
-        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex:
-            raise ValueError(f"mamba3 scan: cu_seqlens must be integer, got {cu_seqlens.dtype}")
-        bounds = [int(b) for b in cu_seqlens.tolist()]
-        if bounds[0] != 0 or bounds[-1] != length:
-            raise ValueError(
-                f"mamba3 scan: cu_seqlens must start at 0 and end at L={length}, got {bounds}"
-            )
-        if any(b1 < b0 for b0, b1 in zip(bounds[:-1], bounds[1:], strict=True)):
-            raise ValueError(f"mamba3 scan: cu_seqlens must be non-decreasing, got {bounds}")
-        nstates = len(bounds) - 1
 
+def _sequence_bounds(cu_seqlens: Tensor | None, batch: int, length: int) -> list[int] | None:
+    """The packed sequences' boundaries as a host list (validated), or None."""
+    if cu_seqlens is None:
+        return None
+    if batch != 1:
+        raise ValueError(f"mamba3 scan: cu_seqlens requires batch size 1, got {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise _shape_error("cu_seqlens", cu_seqlens, "(nseq + 1,) with nseq >= 1")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex:
+        raise ValueError(f"mamba3 scan: cu_seqlens must be integer, got {cu_seqlens.dtype}")
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != length:
+        raise ValueError(
+            f"mamba3 scan: cu_seqlens must start at 0 and end at L={length}, got {bounds}"
+        )
+    if any(b1 < b0 for b0, b1 in zip(bounds[:-1], bounds[1:], strict=True)):
+        raise ValueError(f"mamba3 scan: cu_seqlens must be non-decreasing, got {bounds}")
+    return bounds
+
+
+def _initial_state(
+    st: Mamba3State | None, shape: tuple[int, ...], n_angles: int, has_angles: bool, dtype, device
+) -> Mamba3State:
+    """The initial state validated against ``shape`` = (sequences, H, P, N, R) and cast to the
+    compute dtype, or zeros."""
+    nstates, nheads, headdim, dstate, rank = shape
+    if st is None:
+        return Mamba3State.zeros(
+            nstates, nheads, headdim, dstate, n_angles, rank, dtype=dtype, device=device
+        )
+    if st.angle.dim() != 3 or st.angle.shape[:2] != (nstates, nheads):
+        raise _shape_error("initial_state.angle", st.angle, f"({nstates}, {nheads}, S)")
+    if has_angles and st.angle.shape[2] != n_angles:
+        raise _shape_error("initial_state.angle", st.angle, f"({nstates}, {nheads}, {n_angles})")
+    checks = (
+        ("initial_state.ssm", st.ssm, (nstates, nheads, headdim, dstate)),
+        ("initial_state.k", st.k, (nstates, rank, nheads, dstate)),
+        ("initial_state.v", st.v, (nstates, nheads, headdim)),
+    )
+    for name, t, want in checks:
+        if t.shape != want:
+            raise _shape_error(name, t, str(want))
+    return Mamba3State(*(t.to(device=device, dtype=dtype) for t in st))
+
+
+def prepare_scan_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adt: Tensor,
+    dt: Tensor,
+    trap: Tensor | None,
+    q_bias: Tensor,
+    k_bias: Tensor,
+    angles: Tensor | None,
+    D: Tensor | None,
+    mimo_x: Tensor | None,
+    pairing: str,
+    initial_state: Mamba3State | None,
+    cu_seqlens: Tensor | None,
+) -> tuple[ScanInputs, list[int] | None]:
+    """Validate shapes, pick the compute dtype, upcast and broadcast the per-token inputs.
+
+    Returns the prepared inputs and, for varlen calls, the sequence boundaries as a Python list
+    (the per-sequence loop needs them on the host anyway).
+    """
+    if q.dim() != 5:
+        raise _shape_error("q", q, "(B, L, R, G, N)")
+    batch, length, rank, ngroups, dstate = q.shape
+    n_angles = _check_shapes(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x, pairing)
+    nheads, headdim = v.shape[2], v.shape[3]
+    bounds = _sequence_bounds(cu_seqlens, batch, length)
+    nstates = batch if bounds is None else len(bounds) - 1
     floats = [q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x]
     if initial_state is not None:
         floats.extend(initial_state)
@@ -192,27 +229,8 @@ def prepare_scan_inputs(
     dtype = torch.float64 if any64 else torch.float32
     device = q.device
 
-    if initial_state is not None:
-        st = initial_state
-        if st.angle.dim() != 3 or st.angle.shape[:2] != (nstates, nheads):
-            raise _shape_error("initial_state.angle", st.angle, f"({nstates}, {nheads}, S)")
-        if angles is not None and st.angle.shape[2] != n_angles:
-            raise _shape_error(
-                "initial_state.angle", st.angle, f"({nstates}, {nheads}, {n_angles})"
-            )
-        checks = (
-            ("initial_state.ssm", st.ssm, (nstates, nheads, headdim, dstate)),
-            ("initial_state.k", st.k, (nstates, rank, nheads, dstate)),
-            ("initial_state.v", st.v, (nstates, nheads, headdim)),
-        )
-        for name, t, shape in checks:
-            if t.shape != shape:
-                raise _shape_error(name, t, str(shape))
-        init = Mamba3State(*(t.to(device=device, dtype=dtype) for t in st))
-    else:
-        init = Mamba3State.zeros(
-            nstates, nheads, headdim, dstate, n_angles, rank, dtype=dtype, device=device
-        )
+    shape = (nstates, nheads, headdim, dstate, rank)
+    init = _initial_state(initial_state, shape, n_angles, angles is not None, dtype, device)
 
     def up(t: Tensor) -> Tensor:
         return t.to(dtype)

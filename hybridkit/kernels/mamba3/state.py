@@ -1,4 +1,4 @@
-"""The recurrent state a Mamba-3 layer hands from one call to the next (docs/mamba3.md section 4.1)."""
+"""The recurrent state a Mamba-3 layer hands from one call to the next (docs/mamba3.md 4.1)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ class Mamba3State(NamedTuple):
     * ``v``     (B, H, P): the last token's raw x (for MIMO *before* the psi scaling).
 
     ``k`` and ``v`` exist because the trapezoid term of the next token needs the previous key and
-    value with the *next* token's coefficients (docs/mamba3.md 2.3). For varlen calls B is the number of
-    sequences.
+    value with the *next* token's coefficients (docs/mamba3.md 2.3). For varlen calls B is the
+    number of sequences.
     """
 
     angle: torch.Tensor

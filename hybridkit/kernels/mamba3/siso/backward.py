@@ -51,11 +51,11 @@ def _bwd_dstate_kernel(
     ANG,
     DOUT,
     CHTAB,
-    DG,
-    CA,
-    COM,
-    CSN,
-    GK,
+    DSTATES,
+    DECAY,
+    OMEGA,
+    COS_SIN,
+    GATES,
     s_qb,
     s_ql,
     s_qg,
@@ -90,7 +90,7 @@ def _bwd_dstate_kernel(
 ):
     """Per (chunk, head): the state gradient the chunk's outputs send to its start state,
     sum_t exp(cs_t) dy_t q~_t^T, plus A_c and Omega_c for the reverse pass, and the cos / sin
-    of the in-chunk angles (``CSN``) that the other backward chunk kernels load instead of
+    of the in-chunk angles (``COS_SIN``) that the other backward chunk kernels load instead of
     recomputing the angle scan."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
@@ -107,20 +107,20 @@ def _bwd_dstate_kernel(
         s_tl, HAS_TRAP, FAST,
     )  # fmt: skip
     cs = tl.cumsum(adt, 0)
-    tl.store(CA + gc * H + h, tl.sum(adt, 0))
-    _store_gates(GK, bat, h, H, L, tt, mc, gamma, kappa, cs)  # for ``_bwd_q`` / ``_k`` / ``_x``
+    tl.store(DECAY + gc * H + h, tl.sum(adt, 0))
+    _store_gates(GATES, bat, h, H, L, tt, mc, gamma, kappa, cs)  # for ``_bwd_q`` / ``_k`` / ``_x``
     if HAS_ANG:
         om, cos_a, sin_a, cosv, sinv = _rotation(
             ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
         )  # fmt: skip
         offs_a = tl.arange(0, NA)
         ma = offs_a < NANG
-        tl.store(COM + (gc * H + h) * NANG + offs_a, om, mask=ma)
+        tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=ma)
         # stored from the scan's own (pairs x tokens) tiles; see ``_csn_offsets``
         o = _csn_offsets(bat, tt, h, L, H, offs_a, NANG)
         m = ma[:, None] & mc[None, :]
-        tl.store(CSN + o, cos_a.to(CSN.dtype.element_ty), mask=m)
-        tl.store(CSN + o + NANG * L, sin_a.to(CSN.dtype.element_ty), mask=m)
+        tl.store(COS_SIN + o, cos_a.to(COS_SIN.dtype.element_ty), mask=m)
+        tl.store(COS_SIN + o + NANG * L, sin_a.to(COS_SIN.dtype.element_ty), mask=m)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -133,18 +133,18 @@ def _bwd_dstate_kernel(
     dye = _operand(dy * tl.exp(cs)[:, None], FAST)
     qe = _operand(qe, FAST)
     qo = _operand(qo, FAST)
-    pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
-    tl.store(pe, _dot(tl.trans(dye), qe, FAST).to(DG.dtype.element_ty))
-    tl.store(po, _dot(tl.trans(dye), qo, FAST).to(DG.dtype.element_ty))
+    pe, po = _state_tile(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
+    tl.store(pe, _dot(tl.trans(dye), qe, FAST).to(DSTATES.dtype.element_ty))
+    tl.store(po, _dot(tl.trans(dye), qo, FAST).to(DSTATES.dtype.element_ty))
 
 
 @triton.jit
 def _bwd_pass_kernel(
-    DG,
-    CA,
-    COM,
-    DSEND,
-    DS0,
+    DSTATES,
+    DECAY,
+    OMEGA,
+    DEND_STATE,
+    DINIT,
     SEQTAB,
     H,
     NANG,
@@ -158,30 +158,32 @@ def _bwd_pass_kernel(
     VARLEN: tl.constexpr,
 ):
     """Per (sequence, head, PB state rows), last chunk first: replace each chunk's own
-    state gradient in ``DG`` by the gradient of its end state (in its frame, before the
+    state gradient in ``DSTATES`` by the gradient of its end state (in its frame, before the
     rotation by Omega_c) and write the gradient of the start state of the sequence.
 
     The scalars that need G^ and the start state S~ together (d A_c, the state's share of
     d Omega_c) are left to ``_bwd_x``: computed here, as row-tile partial sums, their
-    reductions (across warps, every step of a chain of dependent steps) and the extra read of
-    S~ took this pass from 0.20 to 0.46-0.50 ms at (8, 4096, 32, 64, 128) on the H100."""
+    reductions (across warps, in every step of a chain of dependent steps) and the extra read
+    of S~ more than doubled this pass's time (docs/kernels.md, "Tried and dropped")."""
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
     if HAS_DSEND:
-        fe, fo = _state_tile(DSEND, seq, h, H, offs_p, offs_j, N2, P)
+        fe, fo = _state_tile(DEND_STATE, seq, h, H, offs_p, offs_j, N2, P)
         ge = tl.load(fe)
         go = tl.load(fo)
     else:  # the end state was not used
         ge = tl.zeros((PB, N2), dtype=tl.float32)
         go = tl.zeros((PB, N2), dtype=tl.float32)
     top = c0 + tl.maximum(nch - 1, 0)
-    de, do, a, om = _pass_load(DG, CA, COM, top, h, H, NANG, offs_p, offs_j, mj, N2, P)
+    de, do, a, om = _pass_load(DSTATES, DECAY, OMEGA, top, h, H, NANG, offs_p, offs_j, mj, N2, P)
     for it in range(0, nch):
         slot = top - it
         # the next (earlier) chunk's tiles load while this one is processed
         prev = tl.maximum(slot - 1, c0)
-        ne, no, na, nom = _pass_load(DG, CA, COM, prev, h, H, NANG, offs_p, offs_j, mj, N2, P)
+        ne, no, na, nom = _pass_load(
+            DSTATES, DECAY, OMEGA, prev, h, H, NANG, offs_p, offs_j, mj, N2, P
+        )
         if HAS_ANG:
             cw = tl.cos(om)[None, :]
             sw = tl.sin(om)[None, :]
@@ -190,14 +192,14 @@ def _bwd_pass_kernel(
         else:
             re = ge
             ro = go
-        pe, po = _state_tile(DG, slot, h, H, offs_p, offs_j, N2, P)
-        tl.store(pe, re.to(DG.dtype.element_ty))
-        tl.store(po, ro.to(DG.dtype.element_ty))
+        pe, po = _state_tile(DSTATES, slot, h, H, offs_p, offs_j, N2, P)
+        tl.store(pe, re.to(DSTATES.dtype.element_ty))
+        tl.store(po, ro.to(DSTATES.dtype.element_ty))
         ea = tl.exp(a)
         ge = ea * re + de
         go = ea * ro + do
         de, do, a, om = ne, no, na, nom
-    ie, io = _state_tile(DS0, seq, h, H, offs_p, offs_j, N2, P)
+    ie, io = _state_tile(DINIT, seq, h, H, offs_p, offs_j, N2, P)
     tl.store(ie, ge)
     tl.store(io, go)
 
@@ -211,24 +213,24 @@ def _chunk_tokens(CHTAB, gc, L, NC, C: tl.constexpr, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _saved_gates(GK, CA, bat, gc, h, H, L, tt, mc):
+def _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc):
     """gamma, kappa and the in-chunk cumsum of adt that ``_bwd_dstate`` saved, and the chunk's
     total log decay A_c."""
-    gamma, kappa, cs = _load_gates(GK, bat, h, H, L, tt, mc)
-    return gamma, kappa, cs, tl.load(CA + gc * H + h)
+    gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tt, mc)
+    return gamma, kappa, cs, tl.load(DECAY + gc * H + h)
 
 
 @triton.jit
 def _rotated_qk(
-    Q, K, QB, KB, CSN, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
+    Q, K, QB, KB, COS_SIN, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
     N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """q~ and k~ of one chunk (bias added, rotated by the in-chunk angles whose cos / sin
-    ``_bwd_dstate`` stored in ``CSN``) as even / odd dot operands (bf16 in fast mode: half the
+    ``_bwd_dstate`` stored in ``COS_SIN``) as even / odd dot operands (bf16 in fast mode: half the
     registers of four C x N/2 tiles)."""
     offs_j = tl.arange(0, N2)
     if HAS_ANG:
-        cosv, sinv = _load_csn(CSN, bat, tt, mc, h, L, H, NANG, N2, NA)
+        cosv, sinv = _load_csn(COS_SIN, bat, tt, mc, h, L, H, NANG, N2, NA)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -250,14 +252,14 @@ def _head_rows(X, bat, tt, mc, h, s_b, s_l, s_h, P: tl.constexpr, FAST: tl.const
 
 @triton.jit
 def _store_qk_grad(
-    DH, DBP, de, do, CSN, NANG, bat, L, tt, mc, H, h, gc, N2: tl.constexpr, NA: tl.constexpr,
-    HAS_ANG: tl.constexpr,
+    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, mc, H, h, gc, N2: tl.constexpr,
+    NA: tl.constexpr, HAS_ANG: tl.constexpr,
 ):  # fmt: skip
     """Rotate a q~ / k~ gradient back to the input frame (cos / sin loaded again from
-    ``CSN``); store it per head (interleaved pairs) and its per-(chunk, head) column sum (the
+    ``COS_SIN``); store it per head (interleaved pairs) and its per-(chunk, head) column sum (the
     bias gradient's partial sum)."""
     if HAS_ANG:
-        cosv, sinv = _load_csn(CSN, bat, tt, mc, h, L, H, NANG, N2, NA)
+        cosv, sinv = _load_csn(COS_SIN, bat, tt, mc, h, L, H, NANG, N2, NA)
         ue = de * cosv + do * sinv
         uo = do * cosv - de * sinv
     else:
@@ -267,8 +269,8 @@ def _store_qk_grad(
     u = tl.reshape(tl.join(ue, uo), (tt.shape[0], 2 * N2))
     offs_n = tl.arange(0, 2 * N2)
     hb = ((bat * L + tt[:, None]) * H + h) * (2 * N2) + offs_n[None, :]
-    tl.store(DH + hb, u.to(DH.dtype.element_ty), mask=mc[:, None])
-    tl.store(DBP + (gc * H + h) * (2 * N2) + offs_n, tl.sum(u, 0))
+    tl.store(DHEADS + hb, u.to(DHEADS.dtype.element_ty), mask=mc[:, None])
+    tl.store(DBIAS_PART + (gc * H + h) * (2 * N2) + offs_n, tl.sum(u, 0))
 
 
 @triton.jit
@@ -287,18 +289,18 @@ def _bwd_q_kernel(
     Q,
     K,
     V,
-    GK,
-    CA,
+    GATES,
+    DECAY,
     QB,
     KB,
     ANG,
     DY,
     CHTAB,
-    ST,
-    DQH,
-    DQBP,
-    RQ,
-    GIN,
+    STATES,
+    DQ_HEADS,
+    DQ_BIAS_PART,
+    DTHETA,
+    DCS_STATE,
     s_qb,
     s_ql,
     s_qg,
@@ -326,19 +328,18 @@ def _bwd_q_kernel(
     FAST: tl.constexpr,
 ):
     """Per (chunk, head), q side: per-head dq (summed over the group's heads by the caller)
-    and its bias partial sum, the per-token q share of d theta (``RQ``, tokens last),
-    and ``GIN`` (d cs through exp(cs) q~ S~) for ``_bwd_x``. (d A_c and the state's share of
+    and its bias partial sum, the per-token q share of d theta (``DTHETA``, tokens last),
+    and ``DCS_STATE`` (d cs through exp(cs) q~ S~) for ``_bwd_x``. (d A_c and the state's share of
     d Omega_c, which pair S~ with the end-state gradient, are computed at the end of
     ``_bwd_x``.)
 
-    One kernel for the q and k sides was 1.2x faster at N = 128 on the H100 but, with bf16
-    operands at N = 64, P = 64, made an illegal memory access (Triton 3.6; the same code runs
-    in fp32 and at N = 128): both halves fill the 255 registers, so the split costs little."""
+    The q and k sides are separate kernels: merged, they were barely faster and made an
+    illegal memory access at bf16, N 64, P 64 (docs/kernels.md, "Tried and dropped")."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
     bat, seq, tt, mc = _chunk_tokens(CHTAB, gc, L, NC, C, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GK, CA, bat, gc, h, H, L, tt, mc)
+    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
     qe, qo, ke, ko = _rotated_qk(
         Q, K, QB, KB, ANG, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
         N2, NA, HAS_ANG, FAST,
@@ -349,24 +350,24 @@ def _bwd_q_kernel(
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     eq = tl.exp(cs)
-    pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
+    pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
     se = _operand(tl.load(pe), FAST)
     so = _operand(tl.load(po), FAST)
     pw = _operand(_pw(dy, x, cs, gamma, kappa, C, FAST), FAST)
     ie = _dot(dy, se, FAST)
     io = _dot(dy, so, FAST)
-    tl.store(GIN + bo, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
+    tl.store(DCS_STATE + bo, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
     dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
     dqo = _dot(pw, ko, FAST) + eq[:, None] * io
     if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_gates``), tokens last
         offs_a = tl.arange(0, NA)
         tl.store(
-            RQ + ((bat * H + h) * NANG + offs_a[None, :]) * L + tt[:, None],
+            DTHETA + ((bat * H + h) * NANG + offs_a[None, :]) * L + tt[:, None],
             _narrow(dqo * qe - dqe * qo, NA),
             mask=mc[:, None] & (offs_a < NANG)[None, :],
         )
     _store_qk_grad(
-        DQH, DQBP, dqe, dqo, ANG, NANG, bat, L, tt, mc, H, h, gc, N2, NA, HAS_ANG
+        DQ_HEADS, DQ_BIAS_PART, dqe, dqo, ANG, NANG, bat, L, tt, mc, H, h, gc, N2, NA, HAS_ANG
     )  # fmt: skip
 
 
@@ -375,19 +376,19 @@ def _bwd_k_kernel(
     Q,
     K,
     V,
-    GK,
-    CA,
+    GATES,
+    DECAY,
     QB,
     KB,
     ANG,
     DY,
     CHTAB,
-    DG,
-    DTOT,
-    RQ,
-    DOMS,
-    DKH,
-    DKBP,
+    DSTATES,
+    DTOTAL_ANGLE,
+    DTHETA,
+    DOMEGA,
+    DK_HEADS,
+    DK_BIAS_PART,
     DU,
     s_qb,
     s_ql,
@@ -418,14 +419,14 @@ def _bwd_k_kernel(
 ):
     """Per (chunk, head), k side: per-head dk and its bias partial sum, ``DU`` (d u per token)
     and the angle-gradient terms ``_bwd_gates`` finishes: the per-token k share of d theta added
-    to the q share in ``RQ``, and in ``DOMS`` the whole gradient every token of the chunk gets
-    (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOT``;
+    to the q share in ``DTHETA``, and in ``DOMEGA`` the whole gradient every token of the chunk gets
+    (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOTAL_ANGLE``;
     ``_bwd_x`` adds the share of the state S~)."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
     bat, seq, tt, mc = _chunk_tokens(CHTAB, gc, L, NC, C, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GK, CA, bat, gc, h, H, L, tt, mc)
+    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
     u = tl.exp(a_c - cs) * kappa
     qe, qo, ke, ko = _rotated_qk(
         Q, K, QB, KB, ANG, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
@@ -437,7 +438,7 @@ def _bwd_k_kernel(
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
-    pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
+    pe, po = _state_tile(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
     ge = _operand(tl.load(pe), FAST)
     go = _operand(tl.load(po), FAST)
     ve = _dot(x, ge, FAST)
@@ -451,15 +452,15 @@ def _bwd_k_kernel(
         # the rotation of the end state); the sequence total: every token of the sequence
         d_om = tl.sum(u[:, None] * (ve * ko - vv * ke), 0)
         if HAS_DTOT:  # the sequence's total angle was used
-            d_om += tl.load(DTOT + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
-        tl.store(DOMS + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # ``_bwd_x`` completes it
+            d_om += tl.load(DTOTAL_ANGLE + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        tl.store(DOMEGA + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # ``_bwd_x`` completes it
         offs_a = tl.arange(0, NA)
         am = mc[:, None] & (offs_a < NANG)[None, :]
         ao = ((bat * H + h) * NANG + offs_a[None, :]) * L + tt[:, None]
         r = _narrow(dko * ke - dke * ko, NA)
-        tl.store(RQ + ao, r + tl.load(RQ + ao, mask=am, other=0.0), mask=am)
+        tl.store(DTHETA + ao, r + tl.load(DTHETA + ao, mask=am, other=0.0), mask=am)
     _store_qk_grad(
-        DKH, DKBP, dke, dko, ANG, NANG, bat, L, tt, mc, H, h, gc, N2, NA, HAS_ANG
+        DK_HEADS, DK_BIAS_PART, dke, dko, ANG, NANG, bat, L, tt, mc, H, h, gc, N2, NA, HAS_ANG
     )  # fmt: skip
 
 
@@ -468,12 +469,12 @@ def _bwd_gates_kernel(
     ANG,
     DT,
     TRAP,
-    RQ,
-    DOMS,
+    DTHETA,
+    DOMEGA,
     CHTAB,
     SEQTAB,
-    DGAM,
-    DKAP,
+    DGAMMA,
+    DKAPPA,
     DANG,
     DDT,
     DTRAP,
@@ -499,8 +500,8 @@ def _bwd_gates_kernel(
 ):
     """Per (chunk, head), after ``_bwd_x``: d angles and the gradients of dt and trap.
 
-    d theta_t is the reverse in-chunk cumsum of the per-token terms (``RQ``, q and k shares)
-    plus the chunk's ``DOMS``; d omega = d theta * pi (1 - tanh^2) dt, and dt gets
+    d theta_t is the reverse in-chunk cumsum of the per-token terms (``DTHETA``, q and k shares)
+    plus the chunk's ``DOMEGA``; d omega = d theta * pi (1 - tanh^2) dt, and dt gets
     sum_j d theta * pi tanh. The scan runs here because a scan over tokens is cheap only along
     a tile's contiguous axis (pairs x tokens, tokens contiguous); inside ``_bwd_q`` / ``_bwd_k``
     it was ~550 shared-memory instructions per thread in kernels already at 255 registers.
@@ -519,7 +520,7 @@ def _bwd_gates_kernel(
     mc = tt < tok_end
     dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
     bo = (bat * H + h) * L + tt
-    dg = tl.load(DGAM + bo, mask=mc, other=0.0) + tl.load(DKAP + bo, mask=mc, other=0.0)
+    dg = tl.load(DGAMMA + bo, mask=mc, other=0.0) + tl.load(DKAPPA + bo, mask=mc, other=0.0)
     if HAS_ANG:
         offs_j = tl.arange(0, NA)  # the rotated pairs only (see ``_rotation``)
         mj = offs_j < NANG
@@ -529,9 +530,9 @@ def _bwd_gates_kernel(
         ).to(tl.float32)
         t = _tanh(ang, FAST)
         a = tl.load(
-            RQ + ((bat * H + h) * NANG + offs_j[:, None]) * L + tt[None, :], mask=am, other=0.0
+            DTHETA + ((bat * H + h) * NANG + offs_j[:, None]) * L + tt[None, :], mask=am, other=0.0
         )
-        d_om = tl.load(DOMS + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        d_om = tl.load(DOMEGA + (gc * H + h) * NANG + offs_j, mask=mj, other=0.0)
         dth = tl.where(am, tl.cumsum(a, 1, reverse=True) + d_om[:, None], 0.0)
         tl.store(
             DANG + ((bat * L + tt[None, :]) * H + h) * NANG + offs_j[:, None],
@@ -552,7 +553,7 @@ def _bwd_gates_kernel(
         else:
             c0 = gc - gc % NC
         mp = mc & ((tt > tok_start) | (offs_c * 0 + gc > c0))
-        dkp = tl.load(DKAP + bo - 1, mask=mp, other=0.0)
+        dkp = tl.load(DKAPPA + bo - 1, mask=mp, other=0.0)
         d_dt += lam * dg + (1.0 - lam) * dkp
         dtr = (dg - dkp) * dt * lam * (1.0 - lam)
         tl.store(DTRAP + bo, dtr.to(DTRAP.dtype.element_ty), mask=mc)
@@ -566,24 +567,24 @@ def _bwd_x_kernel(
     Q,
     K,
     V,
-    GK,
-    CA,
+    GATES,
+    DECAY,
     QB,
     KB,
     ANG,
     DSKIP,
     DY,
     CHTAB,
-    DG,
-    GIN,
+    DSTATES,
+    DCS_STATE,
     DU,
-    ST,
-    DOMS,
+    STATES,
+    DOMEGA,
     DX,
     DADT,
-    DKAP,
-    DGAM,
-    DDP,
+    DKAPPA,
+    DGAMMA,
+    DD_PART,
     s_qb,
     s_ql,
     s_qg,
@@ -617,7 +618,7 @@ def _bwd_x_kernel(
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
     bat, seq, tt, mc = _chunk_tokens(CHTAB, gc, L, NC, C, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GK, CA, bat, gc, h, H, L, tt, mc)
+    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
     u = tl.exp(a_c - cs) * kappa
     qe, qo, ke, ko = _rotated_qk(
         Q, K, QB, KB, ANG, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
@@ -631,32 +632,32 @@ def _bwd_x_kernel(
     mj = offs_j < NANG
     offs_c = tl.arange(0, C)
     sc, dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
-    pe, po = _state_tile(DG, gc, h, H, offs_p, offs_j, N2, P)
+    pe, po = _state_tile(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
     ge = _operand(tl.load(pe), FAST)
     go = _operand(tl.load(po), FAST)
     dx = _dot(tl.trans(sc * w), dy, FAST)
     dx += u[:, None] * (_dot(ke, tl.trans(ge), FAST) + _dot(ko, tl.trans(go), FAST))
     if HAS_D:
         dx += tl.load(DSKIP + h).to(tl.float32) * dy
-        tl.store(DDP + gc * H + h, tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), 1), 0))
+        tl.store(DD_PART + gc * H + h, tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), 1), 0))
     co = ((bat * L + tt[:, None]) * H + h) * P + offs_p[None, :]  # dx is contiguous
     tl.store(DX + co, dx.to(DX.dtype.element_ty), mask=mc[:, None])
     dwt = _dot(dy, tl.trans(x), FAST) * sc
     du = tl.load(DU + bo, mask=mc, other=0.0)
     ms = dwt * dec * kappa[None, :]
-    dcs = tl.load(GIN + bo, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
+    dcs = tl.load(DCS_STATE + bo, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
     dadt = tl.cumsum(dcs, 0, reverse=True) + tl.sum(u * du, 0)
-    tl.store(DKAP + bo, tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), mask=mc)
+    tl.store(DKAPPA + bo, tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), mask=mc)
     offs_c2 = offs_c[:, None]
-    tl.store(DGAM + bo, tl.sum(tl.where(offs_c2 == offs_c[None, :], dwt, 0.0), 1), mask=mc)
+    tl.store(DGAMMA + bo, tl.sum(tl.where(offs_c2 == offs_c[None, :], dwt, 0.0), 1), mask=mc)
     # last, when the chunk tiles are dead: G^ (again, from L2) and the start state S~ for
     # d A_c's state term exp(A_c) <S~, G^> and the state's share of d Omega_c,
     # exp(A_c) sum_p (G^e S~o - G^o S~e)
     ea = tl.exp(a_c)
-    ge, go = _state_load(DG, gc, h, H, offs_p, offs_j, N2, P)
-    se, so = _state_load(ST, gc, h, H, offs_p, offs_j, N2, P)
+    ge, go = _state_load(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
+    se, so = _state_load(STATES, gc, h, H, offs_p, offs_j, N2, P)
     tl.store(DADT + bo, dadt + ea * tl.sum(tl.sum(se * ge + so * go, 1), 0), mask=mc)
     if HAS_ANG:
-        om = DOMS + (gc * H + h) * NANG + offs_j
+        om = DOMEGA + (gc * H + h) * NANG + offs_j
         d_om = ea * (tl.sum(ge * so, 0) - tl.sum(go * se, 0))
         tl.store(om, tl.load(om, mask=mj, other=0.0) + d_om, mask=mj)

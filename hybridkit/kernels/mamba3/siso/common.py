@@ -137,25 +137,25 @@ def _gate_offsets(bat, h, H, L, tt):
 
 
 @triton.jit
-def _store_gates(GK, bat, h, H, L, tt, mc, gamma, kappa, cs):
+def _store_gates(GATES, bat, h, H, L, tt, mc, gamma, kappa, cs):
     """Save a chunk's gamma, kappa and in-chunk cumsum of adt for the kernels after this one.
 
     ``_gates`` is ~450 PTX instructions per thread where its results meet C x C tiles (two
     sigmoids, shifted loads, a scan, each rematerialised in every layout that needs them), a
     tenth of a backward chunk kernel; loading three vectors costs a few."""
     o = _gate_offsets(bat, h, H, L, tt)
-    tl.store(GK + o, gamma, mask=mc)
-    tl.store(GK + o + L, kappa, mask=mc)
-    tl.store(GK + o + 2 * L, cs, mask=mc)
+    tl.store(GATES + o, gamma, mask=mc)
+    tl.store(GATES + o + L, kappa, mask=mc)
+    tl.store(GATES + o + 2 * L, cs, mask=mc)
 
 
 @triton.jit
-def _load_gates(GK, bat, h, H, L, tt, mc):
+def _load_gates(GATES, bat, h, H, L, tt, mc):
     """gamma, kappa and cs of one chunk as ``_store_gates`` saved them (padded tokens: 0)."""
     o = _gate_offsets(bat, h, H, L, tt)
-    gamma = tl.load(GK + o, mask=mc, other=0.0)
-    kappa = tl.load(GK + o + L, mask=mc, other=0.0)
-    cs = tl.load(GK + o + 2 * L, mask=mc, other=0.0)
+    gamma = tl.load(GATES + o, mask=mc, other=0.0)
+    kappa = tl.load(GATES + o + L, mask=mc, other=0.0)
+    cs = tl.load(GATES + o + 2 * L, mask=mc, other=0.0)
     return gamma, kappa, cs
 
 
@@ -236,13 +236,13 @@ def _rotation(
 def _csn_offsets(bat, tt, h, L, H, offs_j, NANG):
     """Offsets of the cos half of an N/2 x C tile of the per-token cos / sin buffer, laid out
     tokens last, (B, H, 2, S, L), like the angles: ``_bwd_dstate`` stores the tiles its scan
-    produced without a layout change. (Stored tokens-first, Triton 3.6 recomputed the whole
-    angle scan in a second layout for the store: 168 -> 241 registers, 2 programs per SM.)"""
+    produced without a layout change. (Stored tokens-first, the compiler recomputed the whole
+    angle scan in a second layout for the store; docs/kernels.md, "Tried and dropped".)"""
     return ((bat * H + h) * (2 * NANG) + offs_j[:, None]) * L + tt[None, :]
 
 
 @triton.jit
-def _load_csn(CSN, bat, tt, mc, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexpr):
+def _load_csn(COS_SIN, bat, tt, mc, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexpr):
     """cos / sin of the in-chunk angles as C x N/2 tiles, as ``_bwd_dstate`` stored them:
     loaded NA wide (the rotated pairs; padded pairs and tokens: cos 1, sin 0) and widened
     (``_widen``). Loaded where used, so the two C x N/2 fp32 tiles (64 registers per thread at
@@ -250,8 +250,8 @@ def _load_csn(CSN, bat, tt, mc, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexp
     offs_a = tl.arange(0, NA)
     o = _csn_offsets(bat, tt, h, L, H, offs_a, NANG)
     m = (offs_a < NANG)[:, None] & mc[None, :]
-    cosv = tl.load(CSN + o, mask=m, other=1.0).to(tl.float32)
-    sinv = tl.load(CSN + o + NANG * L, mask=m, other=0.0).to(tl.float32)
+    cosv = tl.load(COS_SIN + o, mask=m, other=1.0).to(tl.float32)
+    sinv = tl.load(COS_SIN + o + NANG * L, mask=m, other=0.0).to(tl.float32)
     return _widen(tl.trans(cosv), 1.0, N2), _widen(tl.trans(sinv), 0.0, N2)
 
 
@@ -321,9 +321,9 @@ def _state_load(buf, slot, h, H, offs_p, offs_j, N2: tl.constexpr, P: tl.constex
 
 @triton.jit
 def _pass_load(
-    buf, CA, COM, slot, h, H, NANG, offs_p, offs_j, mj, N2: tl.constexpr, P: tl.constexpr
+    buf, DECAY, OMEGA, slot, h, H, NANG, offs_p, offs_j, mj, N2: tl.constexpr, P: tl.constexpr
 ):
     de, do = _state_load(buf, slot, h, H, offs_p, offs_j, N2, P)
-    a = tl.load(CA + slot * H + h)
-    om = tl.load(COM + (slot * H + h) * NANG + offs_j, mask=mj, other=0.0)
+    a = tl.load(DECAY + slot * H + h)
+    om = tl.load(OMEGA + (slot * H + h) * NANG + offs_j, mask=mj, other=0.0)
     return de, do, a, om

@@ -42,10 +42,10 @@ def _fwd_state_kernel(
     KB,
     ANG,
     CHTAB,
-    ST,
-    CA,
-    COM,
-    GK,
+    STATES,
+    DECAY,
+    OMEGA,
+    GATES,
     s_kb,
     s_kl,
     s_kg,
@@ -96,13 +96,13 @@ def _fwd_state_kernel(
     )  # fmt: skip
     cs = tl.cumsum(adt, 0)
     a_c = tl.sum(adt, 0)
-    _store_gates(GK, bat, h, H, L, tt, mc, gamma, kappa, cs)
+    _store_gates(GATES, bat, h, H, L, tt, mc, gamma, kappa, cs)
     if HAS_ANG:
         om, _c, _s, cosv, sinv = _rotation(
             ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
         )  # fmt: skip
         offs_a = tl.arange(0, NA)
-        tl.store(COM + (gc * H + h) * NANG + offs_a, om, mask=offs_a < NANG)
+        tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=offs_a < NANG)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -115,20 +115,20 @@ def _fwd_state_kernel(
         other=0.0,
     ).to(tl.float32)
     xu = _operand(x * (tl.exp(a_c - cs) * kappa)[:, None], FAST)
-    pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
-    tl.store(pe, _dot(tl.trans(xu), ke, FAST).to(ST.dtype.element_ty))
-    tl.store(po, _dot(tl.trans(xu), ko, FAST).to(ST.dtype.element_ty))
-    tl.store(CA + gc * H + h, a_c)
+    pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
+    tl.store(pe, _dot(tl.trans(xu), ke, FAST).to(STATES.dtype.element_ty))
+    tl.store(po, _dot(tl.trans(xu), ko, FAST).to(STATES.dtype.element_ty))
+    tl.store(DECAY + gc * H + h, a_c)
 
 
 @triton.jit
 def _fwd_pass_kernel(
-    ST,
-    CA,
-    COM,
-    S0,
-    SEND,
-    TOT,
+    STATES,
+    DECAY,
+    OMEGA,
+    INIT,
+    END_STATE,
+    TOTAL_ANGLE,
     SEQTAB,
     H,
     NANG,
@@ -142,13 +142,13 @@ def _fwd_pass_kernel(
     VARLEN: tl.constexpr,
 ):
     """Per (sequence, head, PB state rows): walk the chunks, replacing each chunk's own
-    contribution in ``ST`` by its start state (relative frame), then write the end state and
+    contribution in ``STATES`` by its start state (relative frame), then write the end state and
     the sequence's total angle (mod 2 pi). The next chunk's tile is loaded before the current
     one is used, so two loads are in flight per program."""
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
-    ie, io = _state_tile(S0, seq, h, H, offs_p, offs_j, N2, P)
+    ie, io = _state_tile(INIT, seq, h, H, offs_p, offs_j, N2, P)
     if HAS_INIT:
         se = tl.load(ie)
         so = tl.load(io)
@@ -157,15 +157,26 @@ def _fwd_pass_kernel(
         so = tl.zeros((PB, N2), dtype=tl.float32)
     tot = tl.zeros((N2,), dtype=tl.float32)
     last = tl.maximum(nch - 1, 0)
-    de, do, a, om = _pass_load(ST, CA, COM, c0, h, H, NANG, offs_p, offs_j, mj, N2, P)
+    de, do, a, om = _pass_load(STATES, DECAY, OMEGA, c0, h, H, NANG, offs_p, offs_j, mj, N2, P)
     for c in range(0, nch):
         slot = c0 + c
         ne, no, na, nom = _pass_load(
-            ST, CA, COM, c0 + tl.minimum(c + 1, last), h, H, NANG, offs_p, offs_j, mj, N2, P
+            STATES,
+            DECAY,
+            OMEGA,
+            c0 + tl.minimum(c + 1, last),
+            h,
+            H,
+            NANG,
+            offs_p,
+            offs_j,
+            mj,
+            N2,
+            P,
         )
-        pe, po = _state_tile(ST, slot, h, H, offs_p, offs_j, N2, P)
-        tl.store(pe, se.to(ST.dtype.element_ty))
-        tl.store(po, so.to(ST.dtype.element_ty))
+        pe, po = _state_tile(STATES, slot, h, H, offs_p, offs_j, N2, P)
+        tl.store(pe, se.to(STATES.dtype.element_ty))
+        tl.store(po, so.to(STATES.dtype.element_ty))
         ea = tl.exp(a)
         te = ea * se + de
         to = ea * so + do
@@ -179,11 +190,13 @@ def _fwd_pass_kernel(
             se = te
             so = to
         de, do, a, om = ne, no, na, nom
-    fe, fo = _state_tile(SEND, seq, h, H, offs_p, offs_j, N2, P)
+    fe, fo = _state_tile(END_STATE, seq, h, H, offs_p, offs_j, N2, P)
     tl.store(fe, se)
     tl.store(fo, so)
     if HAS_ANG:
-        tl.store(TOT + (seq * H + h) * NANG + offs_j, tot, mask=mj & ((offs_j * 0 + tile) == 0))
+        tl.store(
+            TOTAL_ANGLE + (seq * H + h) * NANG + offs_j, tot, mask=mj & ((offs_j * 0 + tile) == 0)
+        )
 
 
 @triton.jit
@@ -191,7 +204,7 @@ def _fwd_out_kernel(
     Q,
     K,
     V,
-    GK,
+    GATES,
     DT,
     QB,
     KB,
@@ -199,7 +212,7 @@ def _fwd_out_kernel(
     DSKIP,
     OUT,
     CHTAB,
-    ST,
+    STATES,
     s_qb,
     s_ql,
     s_qg,
@@ -243,7 +256,7 @@ def _fwd_out_kernel(
     offs_j = tl.arange(0, N2)
     tt = tok_start + offs_c
     mc = tt < tok_end
-    gamma, kappa, cs = _load_gates(GK, bat, h, H, L, tt, mc)  # ``_fwd_state`` saved them
+    gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tt, mc)  # ``_fwd_state`` saved them
     if HAS_ANG:
         dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
         _om, _c, _s, cosv, sinv = _rotation(
@@ -260,7 +273,7 @@ def _fwd_out_kernel(
     ke = _operand(ke, FAST)
     ko = _operand(ko, FAST)
     # inter-chunk term first, so the state tile is dead before the C x C work starts
-    pe, po = _state_tile(ST, gc, h, H, offs_p, offs_j, N2, P)
+    pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
     se = _operand(tl.load(pe), FAST)
     so = _operand(tl.load(po), FAST)
     y = tl.exp(cs)[:, None] * (_dot(qe, tl.trans(se), FAST) + _dot(qo, tl.trans(so), FAST))

@@ -1,0 +1,251 @@
+"""Training throughput of a recipe's model: tokens/s, achieved FLOP/s, MFU, memory, breakdown.
+
+What ``hybridkit bench train`` runs. Real optimizer steps (forward, backward, AdamW with the
+recipe's settings, bf16 autocast on a GPU) on random tokens of the recipe's vocabulary, after
+warm-up steps that absorb compilation and the kernels' launch tuning; the step time is the
+median of the timed steps.
+
+FLOPs per token use the usual dense-model count, printed with every result so it can be
+checked: ``6 * N`` for the parameters that multiply activations (every weight matrix, the
+output head once; the embedding lookup does none) plus, per attention layer,
+``12 * heads * head_dim * seq_len`` (QK^T and PV, forward and backward, not halved for the
+causal mask). Mamba-3 scans are not counted (they are a few percent of the matmul FLOPs at
+the paper's sizes), so MFU slightly understates the work. MFU is reported against the dense
+bf16 datasheet peak and against a large bf16 matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hybridkit.model import HybridLM
+from hybridkit.runtime import autocast_for
+
+#: Dense bf16 tensor-core peak by device name (datasheet, TFLOP/s); MFU's usual denominator.
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+#: Breakdown categories, matched in order against the lower-cased names of profiled kernels.
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mamba3 scan", ("_fwd_state", "_fwd_pass", "_fwd_out", "_bwd_", "mamba3")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax_warp")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
+    ("norms", ("rms", "norm")),
+    ("matmuls (projections, MLP, head)", ("gemm", "matmul", "cutlass", "xmma", "sm90_", "mm_")),
+)
+
+
+@dataclass
+class FlopCount:
+    per_token: float
+    formula: str
+
+
+def flops_per_token(model: HybridLM, seq_len: int) -> FlopCount:
+    """Training FLOPs per token by the dense-model formula (see the module docstring)."""
+    matmul_params = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.dim() >= 2 and "embedding" not in name
+    )
+    if model.spec.tie_embeddings:
+        matmul_params += model.embedding.weight.numel()  # the tied head still multiplies
+    attn = 0
+    for block in model.blocks:
+        layer = block.mixer
+        if layer is not None and layer.spec.kind == "attention":
+            attn += 12 * layer.n_heads * layer.head_dim * seq_len
+    return FlopCount(
+        per_token=6.0 * matmul_params + attn,
+        formula=f"6 x {matmul_params:,} matmul parameters + {attn:,} attention (12 h d L per "
+        "attention layer); Mamba-3 scans not counted",
+    )
+
+
+def measured_matmul_tflops(device: torch.device, size: int = 8192, reps: int = 10) -> float:
+    """bf16 (CUDA) or fp32 (CPU) matmul rate on random inputs, TFLOP/s: the run's own ceiling."""
+    if device.type != "cuda":
+        size, dtype = min(size, 512), torch.float32
+    else:
+        dtype = torch.bfloat16
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start = _now(device)
+        a @ b
+        times.append(_elapsed(device, start))
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def _now(device: torch.device):
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _elapsed(device: torch.device, start) -> float:
+    """Seconds since ``start`` (device time on CUDA, after a synchronisation)."""
+    if device.type == "cuda":
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return time.perf_counter() - start
+
+
+@dataclass
+class TrainBench:
+    batch: int
+    seq_len: int
+    compiled: bool
+    device: str
+    step_ms: float
+    tokens_per_s: float
+    tflops: float
+    mfu_datasheet: float | None
+    mfu_measured: float
+    matmul_tflops: float
+    peak_memory_gb: float | None
+    flops: dict
+    breakdown_ms: dict = field(default_factory=dict)
+    step_ms_all: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench_train(
+    model: HybridLM,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch: int,
+    seq_len: int,
+    steps: int = 10,
+    warmup: int = 3,
+    precision: str = "auto",
+    compile_model: bool = False,
+    profile: bool = True,
+) -> TrainBench:
+    """Time ``steps`` optimizer steps of ``model`` after ``warmup`` (see the module docstring).
+
+    The model and optimizer are used as given (built from a recipe by the caller), so what is
+    measured is exactly what training runs."""
+    device = next(model.parameters()).device
+    vocab = model.spec.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    forward = torch.compile(model) if compile_model else model
+
+    def step() -> None:
+        with autocast_for(device, precision):
+            logits = forward(inputs)
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = _now(device)
+        step()
+        times.append(_elapsed(device, start))
+    step_s = statistics.median(times)
+    count = flops_per_token(model, seq_len)
+    tokens = batch * seq_len
+    achieved = count.per_token * tokens / step_s / 1e12
+    matmul = measured_matmul_tflops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+    return TrainBench(
+        batch=batch,
+        seq_len=seq_len,
+        compiled=compile_model,
+        device=name,
+        step_ms=step_s * 1e3,
+        tokens_per_s=tokens / step_s,
+        tflops=achieved,
+        mfu_datasheet=achieved / peak if peak else None,
+        mfu_measured=achieved / matmul,
+        matmul_tflops=matmul,
+        peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9
+        if device.type == "cuda"
+        else None,
+        flops={"per_token": count.per_token, "formula": count.formula},
+        breakdown_ms=profile_breakdown(step, device) if profile else {},
+        step_ms_all=[t * 1e3 for t in times],
+    )
+
+
+def categorize(kernel_name: str) -> str:
+    """The breakdown category of a profiled kernel or op, by name (``CATEGORIES``)."""
+    lower = kernel_name.lower()
+    for category, keys in CATEGORIES:
+        if any(key in lower for key in keys):
+            return category
+    return "other"
+
+
+def profile_breakdown(step, device: torch.device) -> dict[str, float]:
+    """Milliseconds per category in one profiled step: device kernels on a GPU, top-level ops'
+    self time on a CPU. Attribution is by kernel name, so it is approximate (a matmul inside
+    the Mamba-3 layer's projections counts as a matmul)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            us = getattr(event, "self_device_time_total", None)
+            if us is None:
+                us = getattr(event, "self_cuda_time_total", 0.0)
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            totals[categorize(event.key)] += us / 1e3
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def markdown(result: TrainBench) -> str:
+    """A short report: the numbers, the FLOP formula and the breakdown."""
+    mfu = f"{result.mfu_datasheet:.1%}" if result.mfu_datasheet is not None else "n/a"
+    mem = f"{result.peak_memory_gb:.1f} GB" if result.peak_memory_gb is not None else "n/a"
+    lines = [
+        f"# Training throughput ({result.device}, batch {result.batch} x {result.seq_len}, "
+        f"{'compiled' if result.compiled else 'eager'})",
+        "",
+        "| step ms (median) | tokens/s | TFLOP/s | MFU (datasheet) | MFU (measured matmul "
+        f"{result.matmul_tflops:.0f} TFLOP/s) | peak memory |",
+        "|---|---|---|---|---|---|",
+        f"| {result.step_ms:.1f} | {result.tokens_per_s:,.0f} | {result.tflops:.1f} | {mfu} | "
+        f"{result.mfu_measured:.1%} | {mem} |",
+        "",
+        f"FLOPs per token: {result.flops['per_token']:.3g} ({result.flops['formula']}).",
+    ]
+    if result.breakdown_ms:
+        total = sum(result.breakdown_ms.values())
+        lines += ["", "| one profiled step | ms | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.2f} | {v / total:.0%} |" for k, v in result.breakdown_ms.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,48 @@
+"""``hybridkit.train.bench``: the FLOP formula, real optimizer steps, the report (CPU, tiny)."""
+
+from __future__ import annotations
+
+import torch
+
+from hybridkit import build_model
+from hybridkit.recipe_sections import TrainSpec
+from hybridkit.train.bench import bench_train, categorize, flops_per_token, markdown
+from hybridkit.train.optim import build_optimizer
+from tests.helpers import tiny_recipe
+
+
+def test_flops_per_token_counts_matmul_weights_and_attention():
+    recipe = tiny_recipe("m a", d_model=16, vocab=64)
+    model = build_model(recipe, seed=0)
+    count = flops_per_token(model, seq_len=32)
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2)
+    weights -= model.embedding.weight.numel()  # a lookup, no FLOPs...
+    if model.spec.tie_embeddings:
+        weights += model.embedding.weight.numel()  # ...but the tied head multiplies
+    attn = model.blocks[1].mixer
+    expected = 6 * weights + 12 * attn.n_heads * attn.head_dim * 32
+    assert count.per_token == expected
+    assert "6 x" in count.formula and "attention" in count.formula
+
+
+def test_bench_runs_real_optimizer_steps_and_reports():
+    recipe = tiny_recipe("m a", d_model=16, vocab=64)
+    model = build_model(recipe, seed=0)
+    optimizer = build_optimizer(model, TrainSpec(lr=1e-3))
+    before = [p.detach().clone() for p in model.parameters()]
+    result = bench_train(model, optimizer, batch=2, seq_len=16, steps=3, warmup=1)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert moved, "the benchmark must take real optimizer steps"
+    assert result.tokens_per_s > 0 and result.step_ms > 0 and len(result.step_ms_all) == 3
+    assert result.mfu_measured > 0 and result.mfu_datasheet is None  # no GPU here
+    assert result.breakdown_ms and all(v >= 0 for v in result.breakdown_ms.values())
+    text = markdown(result)
+    assert "tokens/s" in text and "FLOPs per token" in text and "one profiled step" in text
+
+
+def test_kernel_names_fall_into_categories():
+    assert categorize("_bwd_x_kernel") == "mamba3 scan"
+    assert categorize("flash_fwd_kernel") == "attention"
+    assert categorize("multi_tensor_apply_kernel") == "optimizer"
+    assert categorize("sm90_xmma_gemm_bf16") == "matmuls (projections, MLP, head)"
+    assert categorize("aten::add") == "other"
