@@ -40,5 +40,8 @@ class CheckpointError(HybridkitError):
 
 def describe_value(value: Any, limit: int = 60) -> str:
     """Short repr of a user value for error messages (long values are cut)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
     return text if len(text) <= limit else text[: limit - 3] + "..."

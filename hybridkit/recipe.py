@@ -47,7 +47,7 @@ class RecipeSpec(StrictModel):
 
     name: str | None = None
     description: str | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, description="seeds everything unless overridden")
     model: ModelSpec
     task: SerializeAsAny[TaskSpec] | None = None
     train: TrainSpec = Field(default_factory=TrainSpec)

@@ -11,7 +11,7 @@ fields.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -35,7 +35,10 @@ class TrainSpec(StrictModel):
         default=0.2, gt=0, le=1, description="WSD: share of steps in decay"
     )
     weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.95,
+    )
     eps: float = Field(default=1e-8, gt=0)
     grad_clip: float | None = Field(default=1.0, gt=0, description="max grad norm; null = off")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -52,6 +55,7 @@ class TrainSpec(StrictModel):
     keep_checkpoints: int = Field(default=2, gt=0, description="checkpoints kept on disk")
     seed: int | None = Field(
         default=None,
+        ge=0,
         description="init seed, and data seed unless task.seed is set; null = the recipe's seed",
     )
     tensorboard: bool = Field(default=True, description="also log to TensorBoard if installed")

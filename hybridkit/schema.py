@@ -59,14 +59,32 @@ class StrictModel(BaseModel):
 
     ``extra="forbid"`` is what turns a typo in a YAML key into an error naming the allowed keys
     instead of a silently ignored setting; ``validate_assignment`` keeps a spec valid when code or
-    a study edits it after loading.
+    a study edits it after loading. NaN and infinity are never a sensible setting (``lr: .inf``
+    only diverges later), so float fields refuse them, and an integer that does not fit in 64
+    bits is refused wherever it appears (no tensor, seed or numpy array can hold it; sizes that
+    large would reach torch as an overflow traceback).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
     removed_keys: ClassVar[dict[str, str]] = {}
     """Keys this section used to accept -> what to do instead. A removed setting gets an error
     that explains itself rather than the generic "unknown key" a typo gets."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_huge_integers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            raise_problems(
+                cls.__name__,
+                [
+                    spec_problem(loc, f"{describe_int(value)} is out of range; {INT64_ALLOWED}", 0)
+                    for loc, value in _huge_integers(data)
+                ],
+            )
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -84,6 +102,35 @@ class StrictModel(BaseModel):
             if problems:
                 raise ValidationError.from_exception_data(cls.__name__, problems)
         return data
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT64_ALLOWED = "allowed: a 64-bit integer (at most 9223372036854775807 in magnitude)"
+
+
+def describe_int(value: int) -> str:
+    """``integer 123`` or, past Python's digit limit for ``str(int)``, ``a 5000-digit integer``."""
+    digits = len(str(abs(value))) if value.bit_length() < 10_000 else None
+    if digits is not None and digits <= 40:
+        return f"integer {value}"
+    digits = digits or int(value.bit_length() * 0.30103) + 1
+    return f"a {digits}-digit integer"
+
+
+def _huge_integers(data: Any) -> list[tuple[tuple[Any, ...], int]]:
+    """``(loc, value)`` of every integer below ``data`` that does not fit in 64 bits."""
+    found = []
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while stack:
+        loc, node = stack.pop()
+        if isinstance(node, int) and not isinstance(node, bool):
+            if not INT64_MIN <= node <= INT64_MAX:
+                found.append((loc, node))
+        elif isinstance(node, dict):
+            stack.extend(((*loc, k), v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(((*loc, i), v) for i, v in enumerate(node))
+    return sorted(found, key=lambda item: [str(p) for p in item[0]])
 
 
 MAX_KEY_PARTS = 64

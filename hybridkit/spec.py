@@ -43,8 +43,10 @@ from hybridkit.schema import (
     spec_problem,
 )
 
-MAX_LAYERS = 100_000
-"""A layout that expands beyond this is certainly a typo (``x 1000`` nested twice)."""
+MAX_LAYERS = 1024
+"""A layout that expands beyond this is certainly a typo (``x 100`` nested twice). Real hybrids
+have at most a few hundred layers; the cap keeps ``hybridkit show`` of any recipe quick (it builds
+every layer, if only on the meta device)."""
 
 Loc = tuple[str | int, ...]
 
@@ -153,8 +155,8 @@ _INLINE = TypeAdapter(dict[int, BlockSpec])
 class ModelSpec(_AtomicAssignment):
     """Width, vocabulary, block templates and their layout; see the module docstring."""
 
-    d_model: int = Field(default=256, gt=0, description="residual stream width")
-    vocab_size: int = Field(gt=0, description="number of token ids")
+    d_model: int = Field(default=256, gt=0, le=65536, description="residual stream width")
+    vocab_size: int = Field(gt=0, le=2**24, description="number of token ids")
     blocks: dict[str, BlockSpec] = Field(
         default_factory=dict,
         description="named block templates; built-ins mamba/attention/mlp unless redefined",
@@ -419,7 +421,16 @@ class _Resolver:
 
     def run(self) -> _Resolver:
         self._check_symbols()
-        if self._layout_names() is not None:
+        names = self._layout_names()
+        if names is not None and len(names) > MAX_LAYERS:
+            # Pattern layouts are counted before expanding them; lists and Megatron strings here.
+            self.add(
+                ("layout",),
+                f"the layout has {len(names)} layers; allowed: at most {MAX_LAYERS}",
+                describe_value(self.spec.layout),
+            )
+            return self
+        if names is not None:
             self._apply_overrides()
             self._check_layers()
         return self

@@ -15,8 +15,9 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from hybridkit.build import build_model
 from hybridkit.errors import RecipeError
@@ -43,11 +44,20 @@ class StudySpec(StrictModel):
     variants: dict[str, list[str]] = Field(
         description="variant name -> list of key=value overrides"
     )
-    seeds: list[int] = Field(default_factory=lambda: [0], description="seeds per (variant, lr)")
-    lrs: list[float] | None = Field(default=None, description="learning rates; default train.lr")
-    lengths: list[int] | None = Field(default=None, description="test lengths; default: the task's")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0], description="seeds per (variant, lr)"
+    )
+    lrs: list[Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, description="learning rates; default train.lr"
+    )
+    lengths: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, description="test lengths; default: the task's"
+    )
     select_metric: str = Field(default="ex_match", description="ex_match | tok_acc")
     select_examples: int = Field(default=200, gt=0, description="held-out examples for LR choice")
+
+    _source: str | None = PrivateAttr(default=None)  # the study file (for error messages)
+    _file_set: int = PrivateAttr(default=0)  # how many `set` items the file holds (then --set)
 
     @field_validator("variants")
     @classmethod
@@ -69,7 +79,7 @@ class StudySpec(StrictModel):
     @field_validator("lrs")
     @classmethod
     def _lrs(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (not value or min(value) <= 0):
+        if value is not None and not value:
             raise ValueError("lrs must be a non-empty list of positive learning rates")
         return value
 
@@ -82,7 +92,12 @@ class StudySpec(StrictModel):
 
 
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudySpec, Path]:
-    """Validate a study file; returns the spec and the resolved base recipe path."""
+    """Validate a study file; returns the spec and the resolved base recipe path.
+
+    ``overrides`` (the command line's ``--set``) are appended to the study's ``set``; the spec
+    remembers the file and which ``set`` items came from it, so that a bad override found later
+    (when a variant's recipe is loaded) is reported at the study key that holds it.
+    """
     path = Path(path)
     data = read_yaml_mapping(path, what="study", keys="base, variants, seeds, ...")
     try:
@@ -95,8 +110,27 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudySp
     if not base.is_file():
         problem = ("base", f"recipe {spec.base!r} not found (looked at {base})")
         raise RecipeError(str(path), [problem], "study")
+    spec._source, spec._file_set = str(path), len(spec.set)
     spec.set = list(spec.set) + list(overrides)
     return spec, base
+
+
+def _override_origin(spec: StudySpec, variant: str, key: str) -> str | None:
+    """The study key of the last override that sets ``key`` (or a key above it), if any.
+
+    Overrides apply in order (``set``, then the variant's list), so the last one that touches a
+    key is the one that decided its value.
+    """
+    sources = [
+        (f"set.{i}" if i < spec._file_set else "--set", text) for i, text in enumerate(spec.set)
+    ]
+    sources += [(f"variants.{variant}.{i}", text) for i, text in enumerate(spec.variants[variant])]
+    origin = None
+    for where, text in sources:
+        target = text.partition("=")[0].strip()
+        if target and (key == target or key.startswith(target + ".") or target.startswith(key + ".")):
+            origin = where
+    return origin
 
 
 def run_name(lr: float, seed: int) -> str:
@@ -110,11 +144,14 @@ def variant_recipe(
     try:
         recipe = load_recipe(base, [*spec.set, *spec.variants[variant], *extra, f"seed={seed}"])
     except RecipeError as err:
-        # Name the variant: the bad key is usually in its overrides, not in the base file.
-        raise RecipeError(
-            f"{base} with the study's `set` and the overrides of variant {variant!r}",
-            err.problems,
-        ) from None
+        # Name the study file, the variant and the study key of the override that caused each
+        # problem: the bad key is usually in the study's overrides, not in the base file.
+        problems = []
+        for key, message in err.problems:
+            origin = _override_origin(spec, variant, key)
+            problems.append((f"{origin}: {key}" if origin else key, message))
+        source = f"{spec._source or '<study>'}: variant {variant!r} (base recipe {base})"
+        raise RecipeError(source, problems, "study") from None
     if recipe.task is None:
         raise RecipeError(str(base), [("task", "a study's base recipe needs a task section")])
     return recipe
@@ -130,11 +167,11 @@ def run_study(
 ) -> dict:
     """Train, select, evaluate and report; returns the results dict (also results.json)."""
     spec, base = load_study(study_path, overrides)
+    # Validate every variant before training anything (a typo in the last variant should not
+    # surface after an hour of training the first ones) and before writing anything.
+    recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in spec.variants}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Validate every variant before training anything: a typo in the last variant should not
-    # surface after an hour of training the first ones.
-    recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in spec.variants}
     lrs = spec.lrs or [None]
     t0 = time.time()
     runs: dict[str, dict] = {}

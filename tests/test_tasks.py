@@ -566,8 +566,14 @@ MIXED_LENGTHS = {
 @pytest.mark.parametrize(
     "spec,loc,message",
     [
-        ({"kind": "nope"}, (), "unknown task kind 'nope'; allowed kinds: induction, modarith"),
-        ({"seq_len": 64}, (), "missing 'kind'"),
+        (
+            {"kind": "nope"},
+            ("kind",),
+            "unknown task kind 'nope'; allowed kinds: induction, modarith",
+        ),
+        ({"kind": "nope"}, ("kind",), "Hint: a kind defined in your own code"),
+        ({"kind": {"nested": 1}}, ("kind",), "kind must be a string naming a task kind"),
+        ({"seq_len": 64}, ("kind",), "missing 'kind'"),
         ({"kind": "mqar", "vocab_size": 64}, ("vocab_size",), "vocab_size=64 must exceed"),
         ({"kind": "mqar", "seq_len": 63, "vocab_size": 512}, ("seq_len",), "must be even"),
         (

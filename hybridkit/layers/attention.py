@@ -115,13 +115,15 @@ class AttentionSpec(LayerSpec):
     """Causal softmax attention. ``n_heads`` defaults to ``d_model // head_dim``."""
 
     kind: Literal["attention"] = "attention"
-    n_heads: int | None = Field(default=None, gt=0)
-    n_kv_heads: int | None = Field(default=None, gt=0, description="GQA/MQA; default n_heads")
-    head_dim: int = Field(default=64, gt=0)
+    n_heads: int | None = Field(default=None, gt=0, le=4096)
+    n_kv_heads: int | None = Field(
+        default=None, gt=0, le=4096, description="GQA/MQA; default n_heads"
+    )
+    head_dim: int = Field(default=64, gt=0, le=4096)
     position: Literal["rope", "nope"] = "rope"
     rope_theta: float = Field(default=10000.0, gt=0)
     window: int | None = Field(
-        default=None, gt=0, description="sliding window (keys seen, self included)"
+        default=None, gt=0, le=2**24, description="sliding window (keys seen, self included)"
     )
     qk_norm: bool = False
     softmax_scale: float | None = Field(default=None, gt=0)

@@ -218,11 +218,11 @@ class Mamba3Spec(LayerSpec):
     """Mamba-3 mixer options; defaults are the paper's (docs/mamba3.md 1.1)."""
 
     kind: Literal["mamba3"] = "mamba3"
-    d_state: int = Field(default=128, gt=0, description="N, the state size per head")
-    headdim: int = Field(default=64, gt=0, description="P, the value head dim")
-    expand: float = Field(default=2.0, gt=0, description="d_inner = int(expand * d_model)")
-    ngroups: int = Field(default=1, gt=0, description="G, number of B/C groups (GQA-like)")
-    mimo_rank: int = Field(default=1, description="R; 1 = SISO, > 1 = MIMO")
+    d_state: int = Field(default=128, gt=0, le=4096, description="N, the state size per head")
+    headdim: int = Field(default=64, gt=0, le=4096, description="P, the value head dim")
+    expand: float = Field(default=2.0, gt=0, le=64, description="d_inner = int(expand * d_model)")
+    ngroups: int = Field(default=1, gt=0, le=4096, description="G, number of B/C groups (GQA-like)")
+    mimo_rank: int = Field(default=1, le=64, description="R; 1 = SISO, > 1 = MIMO")
     rope_fraction: float = Field(default=0.5, description="share of d_state rotated (0.5 or 1)")
     rope: bool = Field(default=True, description="data-dependent rotation; false = real-valued SSM")
     trapezoid: bool = Field(
@@ -235,7 +235,9 @@ class Mamba3Spec(LayerSpec):
     dt_max: float = Field(default=0.1, gt=0)
     dt_init_floor: float = Field(default=1e-4, gt=0)
     norm_eps: float = Field(default=1e-5, gt=0)
-    chunk_size: int = Field(default=64, gt=0, description="chunk length of the prefill scan")
+    chunk_size: int = Field(
+        default=64, gt=0, le=4096, description="chunk length of the prefill scan"
+    )
     backend: str = "auto"
 
     @field_validator("mimo_rank")

@@ -35,8 +35,12 @@ class MLPSpec(LayerSpec):
     """SwiGLU MLP. ``d_ff`` defaults to ``2 * d_model`` (the paper's 4096 for d_model 2048)."""
 
     kind: Literal["mlp"] = "mlp"
-    d_ff: int | None = Field(default=None, gt=0, description="hidden width; default 2*d_model")
-    multiple_of: int = Field(default=1, gt=0, description="round d_ff up to a multiple of this")
+    d_ff: int | None = Field(
+        default=None, gt=0, le=2**20, description="hidden width; default 2*d_model"
+    )
+    multiple_of: int = Field(
+        default=1, gt=0, le=2**16, description="round d_ff up to a multiple of this"
+    )
     bias: bool = False
 
     def resolved_d_ff(self, d_model: int) -> int:

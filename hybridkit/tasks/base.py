@@ -21,10 +21,11 @@ Conventions shared by every task (``docs/tasks.md`` section 0):
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -42,6 +43,10 @@ from hybridkit.schema import StrictModel, get_path, split_path
 
 IGNORE_INDEX = -100
 """Target value of unscored positions (PyTorch's default ``ignore_index``)."""
+
+MAX_LENGTH = 2**24
+"""Longest length any task may be asked for (16M tokens): past it a recipe is a typo, and the
+generators would allocate more memory than any machine has."""
 
 POSITION_META = ("answer_group",)
 """Meta keys holding one value per position ``(B, L)``; padded with -1 like the inputs."""
@@ -96,10 +101,12 @@ class TaskSpec(StrictModel):
     curriculum: list[CurriculumStage] | None = Field(
         default=None, description="length stages; the last stage stays after its steps run out"
     )
-    eval_lengths: list[int] | None = Field(
+    eval_lengths: list[Annotated[int, Field(gt=0)]] | None = Field(
         default=None, description="fixed evaluation lengths; default 0.5/1/2/4/8 x seq_len"
     )
-    eval_examples: int = Field(default=500, gt=0, description="examples per evaluation length")
+    eval_examples: int = Field(
+        default=500, gt=0, le=10**7, description="examples per evaluation length"
+    )
     eval_seed: int = Field(default=1234, ge=0, description="seed of the fixed evaluation sets")
     seed: int | None = Field(
         default=None,
@@ -135,7 +142,7 @@ class TaskSpec(StrictModel):
     @field_validator("eval_lengths")
     @classmethod
     def _eval_lengths_positive(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or min(value) <= 0):
+        if value is not None and not value:
             raise ValueError("must be a non-empty list of positive lengths")
         return value
 
@@ -153,6 +160,17 @@ class TaskSpec(StrictModel):
             problems.append(
                 ("curriculum", "length_mixture and curriculum are mutually exclusive; set one")
             )
+        too_long = [
+            (key, f"length {length} is too long; allowed: at most {MAX_LENGTH}")
+            for key, length in self._lengths_to_check()
+            + [
+                (f"curriculum.{i}.max_len", stage.max_len)
+                for i, stage in enumerate(self.curriculum or [])
+            ]
+            if length > MAX_LENGTH
+        ]
+        if too_long:  # the checks below would compute with these lengths
+            raise self._error(problems + too_long)
         problems += self.check()
         for key, length in self._lengths_to_check():
             problem = self.length_problem(length)
@@ -205,7 +223,18 @@ class TaskSpec(StrictModel):
         return out
 
     def _any_valid(self, lo: int, hi: int) -> bool:
-        return any(self.length_problem(n) is None for n in range(lo, hi + 1))
+        """Whether [lo, hi] holds a length the task can generate.
+
+        Valid lengths are a lower bound plus a parity or step in every task we know, so the
+        ends of a wide range and a sample of its middle decide; a range of millions is never
+        walked length by length (validation must stay fast for any input).
+        """
+        if hi - lo <= 4096:
+            candidates: Iterable[int] = range(lo, hi + 1)
+        else:
+            middle = range(lo + 2048, hi - 2048, max(1, (hi - lo) // 1024))
+            candidates = itertools.chain(range(lo, lo + 2048), range(hi - 2047, hi + 1), middle)
+        return any(self.length_problem(n) is None for n in candidates)
 
     def valid_lengths(self, lo: int, hi: int) -> list[int]:
         """The lengths in [lo, hi] this task can generate (curriculum draws pick among them)."""

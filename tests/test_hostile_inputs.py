@@ -1,0 +1,371 @@
+"""Hostile inputs: mutated recipes, study files and ``--set`` values never hang, crash or write.
+
+A new user's typo, a file from an untrusted source and a fuzzer look alike to the loader. This
+module generates a few hundred of them from the shipped recipes and studies with its own seeded
+generator -- unknown keys, wrong types at every key, bad enum values, YAML syntax errors, bytes
+that are not UTF-8, unsafe tags, deep nesting, alias bombs, huge numbers, NaN / inf, negative and
+zero sizes, empty files, lists where mappings belong -- and runs each through the command line
+in-process (``hybridkit show`` for recipes and ``--set`` values, ``hybridkit study`` for study
+files). Every case must
+
+* exit with status 2 (a few mutations can also yield a valid file: those may exit 0),
+* print a message that names the file and the key (or, for text that is not valid YAML, the line),
+* print no traceback,
+* finish within :data:`TIME_LIMIT` seconds (a hard alarm turns a hang into a failure), and
+* write nothing: each case runs in its own empty directory, which must hold only its input after.
+
+The generator walks the parsed file for every key path and mutates a seeded sample of them, so a
+new recipe or a new key is fuzzed without editing this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hybridkit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "hybridkit" / "recipes").glob("*.yaml"))
+STUDIES = sorted((ROOT / "hybridkit" / "recipes" / "studies").glob("*.yaml"))
+TIME_LIMIT = 2.0
+RAW = "__RAW_SNIPPET__"
+
+# Values that fail wherever they are put (each is of a type or size no recipe key accepts).
+DEEP_FLOW = "[" * 3000 + "]" * 3000
+ALIAS_BOMB = (
+    "[&a0 [x, x, x, x, x, x, x, x, x], "
+    + ", ".join(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9))
+    + "]"
+)
+UNSAFE_TAGS = (
+    "!!python/object/apply:os.system ['touch PWNED']",
+    "!!python/name:os.system",
+    "!!binary aGVsbG8=",
+    "!!set {a, b}",
+    "!custom 1",
+)
+SYNTAX_ERRORS = (
+    "zz_broken: [1, 2",
+    "zz_broken: {a: 1",
+    "zz_broken: 'unterminated",
+    "\tzz_broken: 1",
+    "zz_broken: *undefined_alias",
+    "@zz_broken: 1",
+    "zz_broken: a: b",
+)
+EMPTY_FILES = ("", "\n\n", "# only a comment\n", "---\n", "~\n", "[]\n", "42\n", "just text\n")
+FREE_TEXT = {"name", "description", "base", "path"}  # any string is valid there
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: its text, the command around it, and what the error must name."""
+
+    id: str
+    text: bytes
+    needle: str  # the error must contain this: a dotted key, or "line " for YAML-level errors
+    must_fail: bool = True
+    set_args: tuple[str, ...] = ()  # extra --set values (the --set fuzz)
+
+
+# --- the generator -----------------------------------------------------------------------------
+def key_paths(data: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """Every (path, value) below the top level, depth first; list items by index."""
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list)
+        else ()
+    )
+    for key, value in items:
+        yield (*path, key), value
+        yield from key_paths(value, (*path, key))
+
+
+def dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def replaced(data: Any, path: tuple, value: Any) -> Any:
+    out = copy.deepcopy(data)
+    node = out
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return out
+
+
+def dump(data: Any, raw: str | None = None) -> bytes:
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
+    if raw is not None:
+        assert text.count(RAW) == 1, text
+        text = text.replace(RAW, raw)
+    return text.encode("utf-8")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def wrong_type(value: Any) -> Any:
+    """A value of a type the key cannot take (given what the file holds there now)."""
+    if isinstance(value, str):
+        return {"zz_wrong_type": 1}
+    if isinstance(value, (list, dict)):
+        return "zz_wrong_type"
+    if value is None:
+        return [1, 2]
+    return "zz_wrong_type"  # numbers and booleans
+
+
+def mutations(data: dict, rng: random.Random, per_kind: int) -> Iterator[Case]:
+    """Cases derived from one parsed file; ``per_kind`` sampled key paths per mutation kind."""
+    paths = list(key_paths(data))
+    mappings = [(p, v) for p, v in paths if isinstance(v, dict)] + [((), data)]
+    strings = [(p, v) for p, v in paths if isinstance(v, str) and p[-1] not in FREE_TEXT]
+    numbers = [(p, v) for p, v in paths if is_number(v)]
+
+    def sample(pool: list, k: int = per_kind) -> list:
+        return rng.sample(pool, min(k, len(pool)))
+
+    for path, _ in sample(mappings):
+        key = (*path, "zz_unknown_key")
+        yield Case(f"unknown_key:{dotted(key)}", dump(replaced(data, key, 1)), dotted(key))
+    for path, value in sample(paths, 2 * per_kind):
+        new = replaced(data, path, wrong_type(value))
+        yield Case(f"wrong_type:{dotted(path)}", dump(new), dotted(path))
+    for path, _ in sample(strings):
+        new = replaced(data, path, "zz_bad_value")
+        yield Case(f"bad_value:{dotted(path)}", dump(new), dotted(path), must_fail=False)
+    for path, value in sample([(p, v) for p, v in paths if isinstance(v, dict)]):
+        new = replaced(data, path, list(value.items()))
+        yield Case(f"list_for_mapping:{dotted(path)}", dump(new), dotted(path))
+    for path, _ in sample(numbers):
+        for label, raw in (
+            ("huge_int", str(10**30)),
+            ("huge_negative", str(-(2**70))),
+            ("digits", "9" * 5000),
+            ("overflow_float", "1.0e+400"),
+            ("nan", ".nan"),
+            ("neg_inf", "-.inf"),
+        ):
+            needle = "line " if label == "digits" else dotted(path)
+            text = dump(replaced(data, path, RAW), raw)
+            yield Case(f"{label}:{dotted(path)}", text, needle)
+        yield Case(f"negative:{dotted(path)}", dump(replaced(data, path, -1)), dotted(path))
+        yield Case(
+            f"zero:{dotted(path)}", dump(replaced(data, path, 0)), dotted(path), must_fail=False
+        )
+    for path, _ in sample(paths, 1):
+        for label, raw in (("deep_nesting", DEEP_FLOW), ("alias_bomb", ALIAS_BOMB)):
+            text = dump(replaced(data, path, RAW), raw)
+            yield Case(f"{label}:{dotted(path)}", text, "line ")
+        yield Case(
+            f"recursive_alias:{dotted(path)}",
+            dump(replaced(data, path, RAW), "&self [1, *self]"),
+            "line ",
+        )
+    for path, _ in sample(paths, 1):
+        tag = rng.choice(UNSAFE_TAGS)
+        yield Case(f"unsafe_tag:{dotted(path)}", dump(replaced(data, path, RAW), tag), "line ")
+    lines = dump(data).decode().splitlines(keepends=True)
+    for snippet in rng.sample(SYNTAX_ERRORS, 2):
+        at = rng.randrange(len(lines) + 1)
+        text = "".join(lines[:at]) + snippet + "\n" + "".join(lines[at:])
+        yield Case(f"syntax:{snippet.strip()[:12]}@{at}", text.encode(), "line ")
+    body = dump(data)
+    at = rng.randrange(len(body))
+    yield Case("not_utf8", body[:at] + b"\xff\xfe" + body[at:], "UTF-8")
+    yield Case("block_nesting", dump(data) + nested_block(200), "line ")
+    yield Case("duplicate_key", dump(data) + dump({next(iter(data)): None}), "line ")
+
+
+def nested_block(depth: int) -> bytes:
+    return "".join(f"{'  ' * i}zz{i}:\n" for i in range(depth)).encode() + b"  " * depth + b"x\n"
+
+
+def recipe_cases() -> list[Case]:
+    cases = []
+    for path in RECIPES:
+        rng = random.Random(path.stem)
+        data = yaml.safe_load(path.read_text())
+        for case in mutations(data, rng, per_kind=1):
+            cases.append(Case(f"{path.stem}/{case.id}", case.text, case.needle, case.must_fail))
+    for i, text in enumerate(EMPTY_FILES):
+        cases.append(Case(f"empty/{i}", text.encode(), "mapping"))
+    return cases
+
+
+def set_cases() -> list[Case]:
+    """Hostile ``--set KEY=VALUE`` on a valid recipe: the error must name KEY."""
+    base = ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml"
+    data = yaml.safe_load(base.read_text())
+    text = base.read_bytes()
+    rng = random.Random("--set")
+    cases = []
+    paths = list(key_paths(data))
+    for path, value in rng.sample(paths, 12):
+        key = dotted(path)
+        for label, raw in (
+            ("wrong_type", yaml.safe_dump(wrong_type(value), default_flow_style=True).strip()),
+            ("deep_nesting", DEEP_FLOW),
+            ("alias_bomb", ALIAS_BOMB),
+            ("unsafe_tag", rng.choice(UNSAFE_TAGS)),
+            ("huge_int", "9" * 5000),
+            ("nan", ".nan"),
+            ("syntax", "[1, 2"),
+            ("not_utf8", "caf\udce9"),  # how Python hands undecodable argv bytes over
+        ):
+            cases.append(Case(f"set/{label}:{key}", text, key, set_args=(f"{key}={raw}",)))
+    deep_key = ".".join(["model"] + ["zz"] * 5000)
+    cases.append(Case("set/long_key", text, "model.zz", set_args=(f"{deep_key}=1",)))
+    cases.append(Case("set/unknown", text, "model.zz_unknown", set_args=("model.zz_unknown=1",)))
+    cases.append(Case("set/no_equals", text, "model.d_model", set_args=("model.d_model",)))
+    return cases
+
+
+def study_cases() -> list[Case]:
+    cases = []
+    for path in STUDIES:
+        rng = random.Random(path.stem)
+        data = yaml.safe_load(path.read_text())
+        data["base"] = str((path.parent / data["base"]).resolve())
+        for case in mutations(data, rng, per_kind=1):
+            if not case.must_fail:
+                continue  # a valid study would start training
+            cases.append(Case(f"{path.stem}/{case.id}", case.text, case.needle))
+        # Overrides are only judged when a variant's recipe is loaded: still before any output.
+        variant = rng.choice(sorted(data["variants"]))
+        for label, text, needle in (
+            ("variant_override", "model.zz_unknown_key=1", f"variants.{variant}."),
+            ("variant_value", "model.d_model=zz_wrong_type", "model.d_model"),
+            ("variant_kind", "model.blocks.m.mixer.kind={zz: 1}", "mixer.kind"),
+        ):
+            new = copy.deepcopy(data)
+            new["variants"][variant] = [*new["variants"][variant], text]
+            cases.append(Case(f"{path.stem}/{label}:{variant}", dump(new), needle))
+        new = dict(data, set=[*data.get("set", []), "train.lr=.inf"])
+        cases.append(Case(f"{path.stem}/study_set", dump(new), "set."))
+    return cases
+
+
+RECIPE_CASES = recipe_cases()
+SET_CASES = set_cases()
+STUDY_CASES = study_cases()
+
+
+# --- running a case ----------------------------------------------------------------------------
+class _Hang(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Hang(f"no answer within {4 * TIME_LIMIT} s")
+
+
+def run_case(case: Case, command: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    name = "study.yaml" if command == "study" else "recipe.yaml"
+    (work / name).write_bytes(case.text)
+    args = [command, str(work / name)]
+    if command == "study":
+        args += ["-o", str(work / "out"), "--no-progress", "--device", "cpu"]
+    else:
+        args += ["--device", "cpu"]
+    for value in case.set_args:
+        args += ["--set", value]
+    capsys.readouterr()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, 4 * TIME_LIMIT)
+    start = time.perf_counter()
+    try:
+        rc = main(args)
+    finally:
+        elapsed = time.perf_counter() - start
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert elapsed < TIME_LIMIT, f"{case.id} took {elapsed:.2f} s"
+    assert sorted(p.name for p in work.iterdir()) == [name], "the command wrote files"
+    if case.must_fail or rc != 0:
+        assert rc == 2, (rc, err)
+        assert str(work / name) in err, err
+        assert case.needle in err, f"expected {case.needle!r} in:\n{err}"
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """A study that validates would train: fail loudly instead of spending minutes."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fuzzed study file passed validation and started training")
+
+    monkeypatch.setattr("hybridkit.study.Trainer", refuse)
+
+
+@pytest.mark.parametrize("case", RECIPE_CASES, ids=lambda c: c.id)
+def test_hostile_recipe(case, tmp_path, capsys, monkeypatch, one_thread):
+    run_case(case, "show", tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("case", SET_CASES, ids=lambda c: c.id)
+def test_hostile_set_value(case, tmp_path, capsys, monkeypatch, one_thread):
+    run_case(case, "show", tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("case", STUDY_CASES, ids=lambda c: c.id)
+def test_hostile_study_file(case, tmp_path, capsys, monkeypatch, no_training):
+    run_case(case, "study", tmp_path, capsys, monkeypatch)
+
+
+def test_the_fuzz_covers_every_kind_of_mutation():
+    """The generator really produces each kind of hostile input, in the hundreds."""
+    cases = RECIPE_CASES + SET_CASES + STUDY_CASES
+    kinds = {c.id.split("/")[-1].split(":")[0].split("@")[0] for c in cases}
+    expected = {
+        "unknown_key", "wrong_type", "bad_value", "list_for_mapping", "huge_int", "digits",
+        "overflow_float", "nan", "neg_inf", "negative", "zero", "deep_nesting", "alias_bomb",
+        "recursive_alias", "unsafe_tag", "syntax", "not_utf8", "block_nesting", "duplicate_key",
+        "variant_override", "variant_value", "variant_kind", "study_set",
+    }  # fmt: skip
+    assert expected <= kinds, expected - kinds
+    assert any(c.id.startswith("empty/") for c in cases)
+    assert 300 <= len(cases) <= 1000, len(cases)
+
+
+def test_the_three_reported_inputs_read_clearly(tmp_path, cli_error):
+    """The inputs of the original report: deep nesting (was a RecursionError), a mapping as a
+    layer kind (was ``TypeError: unhashable type``) and an alias bomb (never finished)."""
+    tiny = yaml.safe_load((ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml").read_text())
+    deep = tmp_path / "deep.yaml"
+    deep.write_bytes(dump(replaced(tiny, ("name",), RAW), DEEP_FLOW))
+    assert "YAML error at line 1, column 70: nested more than 64 levels deep" in cli_error(
+        "show", str(deep)
+    )
+    kind = tmp_path / "kind.yaml"
+    kind.write_bytes(dump(replaced(tiny, ("model", "blocks", "m", "mixer", "kind"), {"nested": 1})))
+    msg = cli_error("show", str(kind))
+    assert "model.blocks.m.mixer.kind: kind must be a string naming a layer kind" in msg
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_bytes(dump(replaced(tiny, ("description",), RAW), ALIAS_BOMB))
+    assert "aliases expand to more than 20000 values" in cli_error("show", str(bomb))
+    reuse = tmp_path / "reuse.yaml"  # aliases within the budget are fine
+    text = (ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml").read_text()
+    text = text.replace("mlp: {kind: mlp, d_ff: 64}", "mlp: &mlp {kind: mlp, d_ff: 64}", 1)
+    reuse.write_text(text.replace("mlp: {kind: mlp, d_ff: 64}", "mlp: *mlp"))
+    assert "*mlp" in reuse.read_text()
+    assert main(["show", str(reuse), "--device", "cpu"]) == 0
