@@ -24,9 +24,15 @@ def build_model(
     """Build a randomly initialised :class:`HybridLM`.
 
     ``spec`` may be a whole recipe (its ``model`` section is used). With ``seed`` the initial
-    weights are reproducible and the global RNG state is restored afterwards.
+    weights are reproducible and the global RNG state is restored afterwards. ``device="meta"``
+    builds the model without allocating or initialising any weight: the structure, parameter
+    counts and cache sizes of a model of any size, in milliseconds (``hybridkit show``).
     """
     model_spec = spec if isinstance(spec, ModelSpec) else spec.model
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            model = HybridLM(model_spec)
+        return model if dtype is None else model.to(dtype=dtype)
     if seed is None:
         model = HybridLM(model_spec)
     else:

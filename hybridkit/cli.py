@@ -52,7 +52,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from hybridkit.summary import human_bytes, human_count, summarize
 
     recipe, _ = load_source(args.recipe, args.overrides)
-    model = build_model(recipe, seed=recipe.seed)
+    # Structure only (no weights are allocated), so a recipe of any size shows at once.
+    model = build_model(recipe, device="meta")
     device = _device(args.device, must_exist=False)
     s = summarize(model, seq_len=args.seq_len, act_dtype=args.dtype, device=device)
     console = Console()

@@ -128,7 +128,9 @@ def _override_origin(spec: StudySpec, variant: str, key: str) -> str | None:
     origin = None
     for where, text in sources:
         target = text.partition("=")[0].strip()
-        if target and (key == target or key.startswith(target + ".") or target.startswith(key + ".")):
+        if target and (
+            key == target or key.startswith(target + ".") or target.startswith(key + ".")
+        ):
             origin = where
     return origin
 

@@ -369,3 +369,14 @@ def test_the_three_reported_inputs_read_clearly(tmp_path, cli_error):
     reuse.write_text(text.replace("mlp: {kind: mlp, d_ff: 64}", "mlp: *mlp"))
     assert "*mlp" in reuse.read_text()
     assert main(["show", str(reuse), "--device", "cpu"]) == 0
+
+
+def test_show_of_the_largest_allowed_model_is_quick(capsys):
+    """Sizes at their upper bounds are valid; ``show`` builds them on the meta device."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "hybrid_l.yaml")
+    sets = ["model.d_model=65536", "model.vocab_size=16777216", "model.layout=(m a) x 128"]
+    sets += ["model.blocks.a.mixer.n_heads=1024", "model.blocks.m.mixer.d_state=4096"]
+    start = time.perf_counter()
+    assert main(["show", recipe, "--device", "cpu", *[f"--set={s}" for s in sets]]) == 0
+    assert time.perf_counter() - start < 4 * TIME_LIMIT
+    assert "256 layers" in capsys.readouterr().out
