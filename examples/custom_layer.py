@@ -10,8 +10,13 @@ hybrid stacks. A layer kind is two classes:
   Layers that remember the past implement ``allocate_cache`` and keep their state in
   ``cache.layers[self.layer_idx]`` so prefill + decoding works.
 
-``@register_layer(Module)`` on the spec makes the kind available to every recipe.
-Run: ``python examples/custom_layer.py``.
+``@register_layer(Module)`` on the spec makes the kind available to every recipe of a process
+that has imported this module. From the command line that is what ``--plugin`` does::
+
+    hybridkit train examples/custom_layer.yaml -o runs/conv --plugin examples/custom_layer.py
+    hybridkit eval runs/conv         # the run directory records the plugin
+
+Run ``python examples/custom_layer.py`` for the layer on its own (a model and the decode check).
 """
 
 from __future__ import annotations

@@ -10,8 +10,13 @@ backwards. A task kind is two classes:
   ``IGNORE_INDEX`` on the positions that are not scored. Training batches (mixtures, curricula,
   padding) and the fixed evaluation sets come from the base class.
 
-``@register_task`` on the spec makes the kind available to every recipe.
-Run: ``python examples/custom_task.py``.
+``@register_task`` on the spec makes the kind available to every recipe of a process that has
+imported this module. From the command line that is what ``--plugin`` does::
+
+    hybridkit train examples/custom_task.yaml -o runs/reverse --plugin examples/custom_task.py
+    hybridkit eval runs/reverse      # the run directory records the plugin
+
+Run ``python examples/custom_task.py`` for the task on its own (batches and a perfect score).
 """
 
 from __future__ import annotations

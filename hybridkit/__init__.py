@@ -12,6 +12,7 @@ from hybridkit.build import build_model
 from hybridkit.cache import InferenceCache
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
 from hybridkit.model import HybridLM
+from hybridkit.plugins import load_plugins
 from hybridkit.recipe import RecipeSpec, dump_recipe, load_recipe
 from hybridkit.registry import register_layer, register_task
 from hybridkit.spec import BlockSpec, ModelSpec
@@ -29,6 +30,7 @@ __all__ = [
     "RecipeSpec",
     "build_model",
     "dump_recipe",
+    "load_plugins",
     "load_recipe",
     "register_layer",
     "register_task",

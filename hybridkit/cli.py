@@ -13,13 +13,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hybridkit.errors import HybridkitError
+from hybridkit.plugins import env_plugins, load_plugins
 
 SET_HELP = "override a recipe key, e.g. --set model.d_model=512 (repeatable)"
+PLUGIN_HELP = (
+    "import a module (mypkg.tasks) or a .py file that registers your own layer or task kinds, "
+    "before the recipe is read (repeatable; also HYBRIDKIT_PLUGINS=a,b and `plugins:` in a "
+    "recipe); a run directory records the plugins it was trained with"
+)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
+    """The options every subcommand shares: ``--set`` overrides and ``--plugin`` modules."""
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP
+    )
+    p.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE.py",
+        help=PLUGIN_HELP,
     )
 
 
@@ -51,7 +66,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from hybridkit.rundir import load_source
     from hybridkit.summary import human_bytes, human_count, summarize
 
-    recipe, _ = load_source(args.recipe, args.overrides)
+    recipe, _ = load_source(args.recipe, args.overrides, plugins=args.plugins)
     # Structure only (no weights are allocated), so a recipe of any size shows at once.
     model = build_model(recipe, device="meta")
     device = _device(args.device, must_exist=False)
@@ -132,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hybridkit.rundir import load_source
     from hybridkit.weights import load_weights
 
-    recipe, weights = load_source(args.source, args.overrides)
+    recipe, weights = load_source(args.source, args.overrides, plugins=args.plugins)
     device = _device(args.device)
     model = build_model(recipe, seed=recipe.seed)
     if weights is not None:
@@ -166,7 +181,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from hybridkit.check import consistency_check
     from hybridkit.rundir import load_source
 
-    recipe, _ = load_source(args.recipe, args.overrides)
+    recipe, _ = load_source(args.recipe, args.overrides, plugins=args.plugins)
     report = consistency_check(
         recipe.model, batch=args.batch, steps=args.steps, seed=args.seed, tolerance=args.tol
     )
@@ -213,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hybridkit.train import distributed as dist_utils
     from hybridkit.train.trainer import Trainer
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, plugins=args.plugins)
     resume = None if args.resume == "none" else args.resume
     trainer = Trainer(recipe, args.out, resume=resume, progress=not args.no_progress)
     try:
@@ -259,7 +274,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     out = args.out or str(Path("runs") / Path(args.study).stem)
     run_study(
-        args.study, out, overrides=args.overrides, device=args.device, progress=not args.no_progress
+        args.study,
+        out,
+        overrides=args.overrides,
+        device=args.device,
+        progress=not args.no_progress,
+        plugins=args.plugins,
     )
     print((Path(out) / "report.md").read_text())
     print(f"report: {Path(out) / 'report.md'}; plot: {Path(out) / 'lengthgen.png'}")
@@ -394,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Imported before anything is read, so that every recipe (and a run directory's, which
+        # names its own plugins too) can use the kinds they register.
+        load_plugins([*env_plugins(), *args.plugins])
         return args.func(args)
     except HybridkitError as err:
         print(f"hybridkit {args.command}: error: {err}", file=sys.stderr)

@@ -25,6 +25,7 @@ import hybridkit.tasks  # noqa: F401  (registers the built-in task kinds)
 from hybridkit.errors import RecipeError, describe_value
 from hybridkit.fsutil import atomic_write_text
 from hybridkit.layers.base import LayerSpec
+from hybridkit.plugins import PluginError, env_plugins, load_plugin, plugin_of
 from hybridkit.recipe_sections import EvalSpec, TrainSpec
 from hybridkit.registry import LAYERS, TASKS
 from hybridkit.safeyaml import MAX_BYTES, YAMLProblem, decode_text, load_yaml
@@ -38,6 +39,8 @@ __all__ = [
     "dump_recipe",
     "load_recipe",
     "read_yaml_mapping",
+    "import_plugins",
+    "plugins_in_use",
     "recipe_to_dict",
 ]
 
@@ -52,24 +55,94 @@ class RecipeSpec(StrictModel):
     task: SerializeAsAny[TaskSpec] | None = None
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules or .py files (relative to the recipe) imported before validation",
+    )
 
 
 def load_recipe(
     path_or_dict: str | os.PathLike[str] | Mapping[str, Any],
     overrides: Sequence[str] = (),
+    *,
+    plugins: Sequence[str] = (),
 ) -> RecipeSpec:
-    """Load, override (``"model.d_model=128"``) and validate a recipe file or dict."""
+    """Load, override (``"model.d_model=128"``) and validate a recipe file or dict.
+
+    Plugins (see :mod:`hybridkit.plugins`) are imported after the overrides are applied and
+    before validation, so that a recipe can use the kinds they register: those the recipe lists
+    under ``plugins``, then ``HYBRIDKIT_PLUGINS``, then ``plugins`` (e.g. the command line's
+    ``--plugin``). The returned spec's ``plugins`` lists all of them plus the module of every
+    kind the recipe uses that is not hybridkit's own, by the reference that imports it again:
+    the run directory's ``recipe.yaml`` is then enough to rebuild the model and the task.
+    """
     if isinstance(path_or_dict, Mapping):
-        source = "<dict>"
+        source, base_dir = "<dict>", None
         data: Any = copy.deepcopy(dict(path_or_dict))
     else:
-        source = str(path_or_dict)
+        source, base_dir = str(path_or_dict), Path(path_or_dict).parent
         data = read_yaml_mapping(path_or_dict)
     apply_overrides(data, overrides, source)
+    import_plugins(data, source, base_dir, [*env_plugins(), *plugins])
     try:
-        return RecipeSpec.model_validate(data)
+        spec = RecipeSpec.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(source, validation_problems(exc, data)) from None
+    recorded = list(dict.fromkeys([*spec.plugins, *plugins_in_use(spec)]))
+    if recorded != spec.plugins:
+        spec.plugins = recorded
+    return spec
+
+
+def import_plugins(
+    data: dict[str, Any],
+    source: str,
+    base_dir: Path | None,
+    extra: Sequence[str] = (),
+    what: str = "recipe",
+) -> list[str]:
+    """Import the plugins ``data["plugins"]`` lists (paths relative to ``base_dir``) and the
+    ``extra`` ones (paths relative to the current directory), before ``data`` is validated.
+
+    ``data["plugins"]`` is replaced by the canonical references of all of them (absolute paths
+    for files), so that the validated spec records what to import in another directory or
+    process. Shared by recipes and study files.
+    """
+    listed = data.get("plugins")
+    listed = [] if listed is None else listed
+    if not isinstance(listed, list) or not all(isinstance(p, str) and p.strip() for p in listed):
+        problem = (
+            "plugins",
+            "must be a list of module names (mypkg.tasks) or .py file paths; "
+            f"got {describe_value(listed)}",
+        )
+        raise RecipeError(source, [problem], what)
+    refs, problems = [], []
+    for key, ref, where in [(f"plugins.{i}", ref, base_dir) for i, ref in enumerate(listed)] + [
+        ("--plugin / HYBRIDKIT_PLUGINS", ref, None) for ref in extra
+    ]:
+        try:
+            refs.append(load_plugin(ref, base_dir=where))
+        except PluginError as exc:
+            problems.append((key, str(exc)))
+    if problems:
+        raise RecipeError(source, problems, what)
+    data["plugins"] = list(dict.fromkeys(refs))
+    return data["plugins"]
+
+
+def plugins_in_use(spec: RecipeSpec) -> list[str]:
+    """Plugin references of the modules that define the layer and task kinds ``spec`` uses
+    (every layer after overrides, every template, the task); hybridkit's own kinds need none."""
+    classes: list[type] = []
+    blocks = [*spec.model.layers(), *spec.model.blocks.values()]
+    for block in blocks:
+        for _, part in block.parts():
+            classes += [type(part), LAYERS.get(part.kind).module_cls]
+    if spec.task is not None:
+        classes.append(type(spec.task))
+    refs = (plugin_of(cls.__module__) for cls in dict.fromkeys(classes))
+    return [ref for ref in dict.fromkeys(refs) if ref is not None]
 
 
 def read_yaml_mapping(
@@ -220,8 +293,14 @@ def _child_type(tp: Any, node: Any, key: Any) -> Any:
 
 # --- dumping --------------------------------------------------------------------------------------
 def recipe_to_dict(spec: RecipeSpec) -> dict[str, Any]:
-    """The fully resolved recipe (every default filled in) as plain JSON-compatible data."""
-    return spec.model_dump(mode="json")
+    """The fully resolved recipe (every default filled in) as plain JSON-compatible data.
+
+    ``plugins`` also names the modules of the user's kinds the recipe uses, even for a spec
+    built in Python (where nothing recorded them), so that the dump loads in a new process.
+    """
+    data = spec.model_dump(mode="json")
+    data["plugins"] = list(dict.fromkeys([*spec.plugins, *plugins_in_use(spec)]))
+    return data
 
 
 def dump_recipe(spec: RecipeSpec, path: str | os.PathLike[str] | None = None) -> str:

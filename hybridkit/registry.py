@@ -10,6 +10,8 @@ time of the module that defines a kind, and never mutated while a model runs.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -34,7 +36,13 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def add(self, name: str, entry: T, *, replace: bool = False) -> None:
-        if not replace and name in self._entries and self._entries[name] is not entry:
+        old = self._entries.get(name)
+        if (
+            not replace
+            and old is not None
+            and old is not entry
+            and not _same_definition(old, entry)
+        ):
             raise ValueError(
                 f"{self.what} kind {name!r} is already registered; pass replace=True to override it"
             )
@@ -75,6 +83,31 @@ class LayerEntry:
     def __init__(self, spec_cls: type, module_cls: type):
         self.spec_cls = spec_cls
         self.module_cls = module_cls
+
+
+def _same_definition(old: Any, new: Any) -> bool:
+    """Whether two entries come from the same source: the same class in the same file.
+
+    The same file can run twice in one process -- imported as ``examples.custom_task`` by one
+    caller and loaded as a plugin file by another, or a notebook cell run again -- and register
+    its kinds twice. The newer definition replaces the older one quietly; two *different*
+    definitions of one kind name are still an error.
+    """
+    old_cls = old.spec_cls if isinstance(old, LayerEntry) else old
+    new_cls = new.spec_cls if isinstance(new, LayerEntry) else new
+    if not (isinstance(old_cls, type) and isinstance(new_cls, type)):
+        return False
+    if old_cls.__qualname__ != new_cls.__qualname__:
+        return False
+    old_file, new_file = _source_file(old_cls), _source_file(new_cls)
+    if old_file is None or new_file is None:
+        return old_cls.__module__ == new_cls.__module__ == "__main__"
+    return old_file == new_file
+
+
+def _source_file(cls: type) -> str | None:
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return os.path.realpath(file) if isinstance(file, str) else None
 
 
 LAYERS: Registry[LayerEntry] = Registry("layer")

@@ -20,11 +20,16 @@ __all__ = ["load_run", "load_source"]
 
 
 def load_source(
-    source: str | Path, overrides: Sequence[str] = (), *, run_only: bool = False
+    source: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    run_only: bool = False,
+    plugins: Sequence[str] = (),
 ) -> tuple[RecipeSpec, Path | None]:
     """A recipe file or a run directory -> ``(recipe, weights path or None)``.
 
-    With ``run_only`` a recipe file is refused: the caller needs trained weights.
+    With ``run_only`` a recipe file is refused: the caller needs trained weights. ``plugins``
+    are imported before the recipe is validated (a run directory's recipe names its own).
     """
     path = Path(source)
     if path.is_dir() or run_only:
@@ -32,10 +37,10 @@ def load_source(
         if not recipe_path.is_file():
             hint = "" if run_only else "; pass a recipe file or a run directory"
             raise HybridkitError(f"{path} is not a run directory (no recipe.yaml){hint}")
-        return load_recipe(recipe_path, overrides), find_weights(path)
+        return load_recipe(recipe_path, overrides, plugins=plugins), find_weights(path)
     if not path.exists():
         raise HybridkitError(f"no such recipe file or run directory: {source}")
-    return load_recipe(path, overrides), None
+    return load_recipe(path, overrides, plugins=plugins), None
 
 
 def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[RecipeSpec, HybridLM]:

@@ -24,7 +24,14 @@ from hybridkit.errors import RecipeError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
 from hybridkit.eval.report import evaluate_run
-from hybridkit.recipe import RecipeSpec, load_recipe, read_yaml_mapping, validation_problems
+from hybridkit.plugins import env_plugins
+from hybridkit.recipe import (
+    RecipeSpec,
+    import_plugins,
+    load_recipe,
+    read_yaml_mapping,
+    validation_problems,
+)
 from hybridkit.rundir import load_run
 from hybridkit.runtime import resolve_device
 from hybridkit.schema import StrictModel
@@ -55,6 +62,10 @@ class StudySpec(StrictModel):
     )
     select_metric: str = Field(default="ex_match", description="ex_match | tok_acc")
     select_examples: int = Field(default=200, gt=0, description="held-out examples for LR choice")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules or .py files (relative to this file) imported before validation",
+    )
 
     _source: str | None = PrivateAttr(default=None)  # the study file (for error messages)
     _file_set: int = PrivateAttr(default=0)  # how many `set` items the file holds (then --set)
@@ -91,15 +102,21 @@ class StudySpec(StrictModel):
         return value
 
 
-def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudySpec, Path]:
+def load_study(
+    path: str | Path, overrides: Sequence[str] = (), *, plugins: Sequence[str] = ()
+) -> tuple[StudySpec, Path]:
     """Validate a study file; returns the spec and the resolved base recipe path.
 
     ``overrides`` (the command line's ``--set``) are appended to the study's ``set``; the spec
     remembers the file and which ``set`` items came from it, so that a bad override found later
-    (when a variant's recipe is loaded) is reported at the study key that holds it.
+    (when a variant's recipe is loaded) is reported at the study key that holds it. The study's
+    ``plugins`` (relative to the study file), ``HYBRIDKIT_PLUGINS`` and ``plugins`` (the
+    command line's ``--plugin``) are imported first and passed on to every variant's recipe,
+    whose run directory records them.
     """
     path = Path(path)
     data = read_yaml_mapping(path, what="study", keys="base, variants, seeds, ...")
+    import_plugins(data, str(path), path.parent, [*env_plugins(), *plugins], what="study")
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
@@ -144,7 +161,8 @@ def variant_recipe(
 ) -> RecipeSpec:
     extra = [f"train.lr={lr}"] if lr is not None else []
     try:
-        recipe = load_recipe(base, [*spec.set, *spec.variants[variant], *extra, f"seed={seed}"])
+        overrides = [*spec.set, *spec.variants[variant], *extra, f"seed={seed}"]
+        recipe = load_recipe(base, overrides, plugins=spec.plugins)
     except RecipeError as err:
         # Name the study file, the variant and the study key of the override that caused each
         # problem: the bad key is usually in the study's overrides, not in the base file.
@@ -166,9 +184,10 @@ def run_study(
     overrides: Sequence[str] = (),
     device: str = "auto",
     progress: bool = True,
+    plugins: Sequence[str] = (),
 ) -> dict:
     """Train, select, evaluate and report; returns the results dict (also results.json)."""
-    spec, base = load_study(study_path, overrides)
+    spec, base = load_study(study_path, overrides, plugins=plugins)
     # Validate every variant before training anything (a typo in the last variant should not
     # surface after an hour of training the first ones) and before writing anything.
     recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in spec.variants}
