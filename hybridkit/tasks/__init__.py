@@ -12,6 +12,7 @@ from hybridkit.tasks.base import (
     CurriculumStage,
     LengthWeight,
     Task,
+    TaskError,
     TaskSpec,
     make_batch,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ParitySpec",
     "SelectiveCopySpec",
     "Task",
+    "TaskError",
     "TaskSpec",
     "TextSpec",
     "TokensSpec",

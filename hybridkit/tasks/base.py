@@ -21,11 +21,12 @@ Conventions shared by every task (``docs/tasks.md`` section 0):
 
 from __future__ import annotations
 
+import functools
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from hybridkit.errors import HybridkitError
 from hybridkit.registry import TASKS, dispatch_kind
 from hybridkit.schema import StrictModel, get_path, split_path
 
@@ -354,6 +356,12 @@ def make_batch(
 # --------------------------------------------------------------------------------------------
 
 
+class TaskError(HybridkitError):
+    """A task's generator broke the Task API contract (docs/tasks.md section 9): a bad batch or
+    a missing attribute. Caught where batches are made, it names the task and what is wrong,
+    instead of an ``IndexError`` from the embedding or a shape error from the loss."""
+
+
 class Task(ABC):
     """A seeded generator of one task kind.
 
@@ -361,6 +369,10 @@ class Task(ABC):
     probability that a uniform guess of one scored token is right, for ``scaled_acc``) and
     ``pad_id``, and implement :meth:`sample`. Generators never look at a model: answers are a
     function of the inputs alone, which the tests recompute with independent evaluators.
+
+    Every batch a subclass's ``sample`` (or an overridden ``eval_set``) returns is checked
+    against the contract by :meth:`check_batch` on its way out (the wrapping is installed by
+    ``__init_subclass__``, so a user's task gets it without calling anything).
     """
 
     vocab_size: int
@@ -372,6 +384,112 @@ class Task(ABC):
         self.spec = spec.model_copy(deep=True)
         self._eval_cache: dict[int, Batch] = {}
         self._stage_lengths: dict[int, np.ndarray] = {}
+        self._checked_lengths: set[int] = set()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "sample" in cls.__dict__:
+            cls.sample = _checked_sample(cls.__dict__["sample"])  # type: ignore[method-assign]
+        if "eval_set" in cls.__dict__:
+            cls.eval_set = _checked_eval_set(cls.__dict__["eval_set"])  # type: ignore[method-assign]
+
+    # --- the contract -------------------------------------------------------------------------
+    def check_attributes(self) -> None:
+        """``vocab_size``, ``chance`` and ``pad_id`` are set and sensible (raises TaskError)."""
+        name = f"task {self.spec.kind!r} ({type(self).__qualname__})"
+        vocab = getattr(self, "vocab_size", None)
+        if isinstance(vocab, bool) or not isinstance(vocab, (int, np.integer)) or vocab < 1:
+            raise TaskError(
+                f"{name} must set vocab_size to a positive int (ids are in [0, vocab_size)); "
+                f"got {vocab!r}"
+            )
+        chance = getattr(self, "chance", None)
+        if not isinstance(chance, (int, float, np.floating)) or not 0 <= chance < 1:
+            raise TaskError(
+                f"{name} must set chance, the probability in [0, 1) that a uniform guess of one "
+                f"scored token is right; got {chance!r}"
+            )
+        pad = getattr(self, "pad_id", None)
+        if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < vocab:
+            raise TaskError(f"{name} must set pad_id to an id in [0, {vocab}); got {pad!r}")
+
+    def check_batch(self, batch: Any, *, n: int, length: int, where: str = "") -> None:
+        """Raise :class:`TaskError` unless ``batch`` keeps the contract for ``n`` examples of
+        natural length ``length`` (docs/tasks.md section 9.3).
+
+        The first batch of each length gets every check; later ones the cheap ones (type,
+        shapes, dtypes, the id ranges and that something is scored: a few element-wise passes,
+        far below the cost of a forward pass). ``where`` names the call in the message.
+        """
+        first = length not in getattr(self, "_checked_lengths", set())
+        if first:
+            self.check_attributes()
+        prefix = f"task {self.spec.kind!r} returned a bad batch from {where or 'sample'}: "
+
+        def fail(problem: str) -> NoReturn:
+            raise TaskError(prefix + problem)
+
+        if not isinstance(batch, Batch):
+            fail(f"expected a Batch (see make_batch), got {type(batch).__name__}")
+        inputs, targets = batch.inputs, batch.targets
+        for name, t in (("inputs", inputs), ("targets", targets)):
+            if not torch.is_tensor(t):
+                fail(f"{name} is a {type(t).__name__}, not a torch tensor (make_batch converts)")
+            if t.dtype != torch.int64:
+                fail(f"{name} are {t.dtype}; ids must be torch.int64 (make_batch converts)")
+            if t.dim() != 2:
+                fail(f"{name} have shape {tuple(t.shape)}; expected (n, tokens) = ({n}, T)")
+        if inputs.shape != targets.shape:
+            fail(
+                f"targets have shape {tuple(targets.shape)} but inputs {tuple(inputs.shape)}; "
+                "targets[i, t] is the token expected after inputs[i, :t+1], so the shapes match"
+            )
+        if inputs.shape[0] != n:
+            fail(f"{inputs.shape[0]} examples were returned for n={n}")
+        width = self.spec.token_length(length)
+        if inputs.shape[1] != width:
+            fail(
+                f"{inputs.shape[1]} tokens per example, but token_length({length}) = {width}; "
+                "every row is token_length(length) wide (pad on the right: pad_id inputs, "
+                "IGNORE_INDEX targets), or fix token_length"
+            )
+        vocab = int(self.vocab_size)
+        outside = (inputs < 0) | (inputs >= vocab)
+        if outside.any():
+            row, pos = outside.nonzero()[0].tolist()
+            fail(
+                f"input id {int(inputs[row, pos])} at row {row}, position {pos} is outside the "
+                f"task's vocabulary [0, {vocab}) (vocab_size {vocab})"
+            )
+        scored = targets != IGNORE_INDEX
+        outside = scored & ((targets < 0) | (targets >= vocab))
+        if outside.any():
+            row, pos = outside.nonzero()[0].tolist()
+            fail(
+                f"target {int(targets[row, pos])} at row {row}, position {pos} is neither an id "
+                f"in [0, {vocab}) nor IGNORE_INDEX ({IGNORE_INDEX})"
+            )
+        if not first:
+            if n and not scored.any():
+                fail(f"no position is scored (every target is IGNORE_INDEX = {IGNORE_INDEX})")
+            return
+        empty = (~scored.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            fail(
+                f"row {empty[0]} has no scored position (every target is IGNORE_INDEX = "
+                f"{IGNORE_INDEX}); each example needs at least one ({len(empty)} rows have none)"
+            )
+        if "length" not in batch.meta:
+            fail('meta["length"] is missing (make_batch fills it in)')
+        for key, value in batch.meta.items():
+            rows = len(value) if isinstance(value, list) else None
+            if torch.is_tensor(value) and value.dim():
+                rows = value.shape[0]
+            if rows != n:
+                fail(f"meta[{key!r}] must be a tensor with first dimension {n} or a list of {n}")
+            if key in POSITION_META and tuple(value.shape) != tuple(inputs.shape):
+                fail(f"meta[{key!r}] has shape {tuple(value.shape)}, not the inputs' shape")
+        self._checked_lengths.add(length)
 
     @abstractmethod
     def sample(self, n: int, length: int, rng: np.random.Generator) -> Batch:
@@ -463,6 +581,32 @@ class Task(ABC):
         problem = self.spec.length_problem(length)
         if problem is not None:
             raise ValueError(f"task {self.spec.kind!r}: {problem}")
+
+
+def _checked_sample(sample: Any) -> Any:
+    """``sample`` of a task class, with its batches checked against the contract."""
+
+    @functools.wraps(sample)
+    def checked(self: Task, n: int, length: int, rng: np.random.Generator) -> Batch:
+        batch = sample(self, n, length, rng)
+        where = f"{type(self).__qualname__}.sample(n={n}, length={length})"
+        self.check_batch(batch, n=n, length=length, where=where)
+        return batch
+
+    return checked
+
+
+def _checked_eval_set(eval_set: Any) -> Any:
+    """An overridden ``eval_set`` (file tasks read their held-out tail), checked alike."""
+
+    @functools.wraps(eval_set)
+    def checked(self: Task, length: int) -> Batch:
+        batch = eval_set(self, length)
+        where = f"{type(self).__qualname__}.eval_set({length})"
+        self.check_batch(batch, n=self.spec.eval_examples, length=length, where=where)
+        return batch
+
+    return checked
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class Trainer:
         self.dist = dist_utils.init_distributed(probe.type)
         self.device = resolve_device(self.spec.device, self.dist.local_rank)
         self.task: Task = recipe.task.build()
+        self.task.check_attributes()
         if self.task.vocab_size > recipe.model.vocab_size:
             raise RecipeError(
                 "<recipe>",
