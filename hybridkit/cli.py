@@ -57,6 +57,27 @@ def _device(name: str, *, must_exist: bool = True) -> str:
     return str(resolve_device(name))
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"  # how argparse names the type in its message
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_nonnegative_int.__name__ = "non-negative integer"
+
+
 # --- show -------------------------------------------------------------------------------------
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -183,7 +204,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     recipe, _ = load_source(args.recipe, args.overrides, plugins=args.plugins)
     report = consistency_check(
-        recipe.model, batch=args.batch, steps=args.steps, seed=args.seed, tolerance=args.tol
+        recipe.model,
+        batch=args.batch,
+        prefill=args.prefill,
+        steps=args.steps,
+        seed=args.seed,
+        tolerance=args.tol,
     )
     first, second, steps = report.lengths
     table = Table(
@@ -354,9 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="check that prefill + token-by-token decode reproduces the full forward (float64)",
     )
     p.add_argument("recipe", help="recipe YAML file or run directory")
-    p.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="sequences (default 2)")
     p.add_argument(
-        "--steps", type=int, default=6, help="decode steps after the prefills (default 6)"
+        "--prefill",
+        type=_positive_int,
+        default=None,
+        help="tokens of the first prefill (default: the smallest Mamba-3 chunk + 3, so that the "
+        "prefill ends inside a chunk); a continued prefill of chunk/2 + 1 tokens follows",
+    )
+    p.add_argument(
+        "--steps",
+        type=_nonnegative_int,
+        default=6,
+        help="decode steps after the prefills (default 6)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for weights and ids (default 0)")
     p.add_argument(

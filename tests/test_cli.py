@@ -115,3 +115,16 @@ def test_bad_device_is_a_clear_error(capsys):
     capsys.readouterr()
     assert main(["check", str(RECIPES[0]), "--set", "train.device=banana"]) == 2
     assert "train.device" in capsys.readouterr().err
+
+
+def test_check_sets_the_first_prefill_length(capsys):
+    args = ["check", str(RECIPES[0]), "--batch", "1", "--steps", "2"]
+    for prefill in ("1", "40"):
+        assert main([*args, "--prefill", prefill]) == 0
+        out = " ".join(capsys.readouterr().out.split())  # rich wraps the title
+        assert f"prefill {prefill} + continued prefill" in out and "PASS" in out
+    for bad in ("0", "-3", "x"):
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--prefill", bad])
+        assert info.value.code == 2
+        assert "argument --prefill: invalid positive integer value" in capsys.readouterr().err
