@@ -359,7 +359,108 @@ def test_resume_after_kill_9(tmp_path):
     assert all(p.startswith((".step_", ".latest.")) for p in leftovers), leftovers
 
 
-# --- clear checkpoint errors ----------------------------------------------------------------------
+FREEZE_PLUGIN = '''
+"""Test plugin: freeze the trainer half way through writing one checkpoint, to be killed there."""
+import os
+import time
+from pathlib import Path
+
+import hybridkit.train.checkpoint as ck
+from safetensors.torch import save
+
+STEP = f"step_{int(os.environ['HK_FREEZE_STEP']):07d}"
+PHASE = os.environ["HK_FREEZE_PHASE"]
+READY = Path(os.environ["HK_FREEZE_READY"])
+_save_tensors, _atomic_write_bytes = ck.save_tensors, ck.atomic_write_bytes
+
+
+def freeze():
+    READY.write_text("frozen")
+    time.sleep(600)
+
+
+def save_tensors(tensors, path):
+    if PHASE == "tensors" and STEP in str(path) and path.name == "optimizer.safetensors":
+        data = save(ck.untie(tensors))
+        with open(path, "wb") as f:  # half of the file on disk, as a kill mid-write leaves it
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        freeze()
+    _save_tensors(tensors, path)
+
+
+def atomic_write_bytes(path, data):
+    if PHASE == "latest" and data == STEP.encode():
+        freeze()  # the checkpoint directory is complete and in place; `latest` not yet moved
+    _atomic_write_bytes(path, data)
+
+
+ck.save_tensors, ck.atomic_write_bytes = save_tensors, atomic_write_bytes
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["tensors", "latest"])
+def test_killed_while_writing_a_checkpoint_resumes_exactly(phase, tmp_path):
+    """SIGKILL while the checkpoint of step 8 is being written (a tensor file half written, or
+    the directory complete but ``latest`` not yet moved): the run resumes from step 4 and ends
+    where an uninterrupted run ends. The freeze comes from a plugin, so the kill lands at a known
+    point of the write instead of wherever a timer happens to fall."""
+    train = {"steps": 12, "checkpoint_every": 4, "schedule": "constant", "warmup_steps": 2}
+    recipe = write_recipe(tmp_path / "r.yaml", **train)
+    plugin, ready, run = tmp_path / "freeze.py", tmp_path / "ready", tmp_path / "run"
+    plugin.write_text(FREEZE_PLUGIN)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "HK_FREEZE_STEP": "8",
+        "HK_FREEZE_PHASE": phase,
+        "HK_FREEZE_READY": str(ready),
+    }
+    cmd = [sys.executable, "-m", "hybridkit", "train", str(recipe), "-o", str(run)]
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress", "--plugin", str(plugin)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "the training subprocess never reached step 8"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    checkpoints = run / "checkpoints"
+    assert latest_checkpoint(run).name == "step_0000004"
+    if phase == "tensors":  # the half-written directory never got its name
+        assert not (checkpoints / "step_0000008").exists()
+        assert any(p.name.startswith(".step_0000008.") for p in checkpoints.iterdir())
+    else:  # complete but not yet named by `latest`: not trusted, a later step replaces it
+        assert (checkpoints / "step_0000008" / "trainer.json").is_file()
+    assert main(["train", str(recipe), "-o", str(run), "--no-progress"]) == 0
+    reference = tmp_path / "reference"
+    Trainer(make(**train), reference, resume=None, progress=False).fit()
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == list(range(1, 13))
+    assert_losses_close(got, want, rtol=1e-6)  # two processes: equal up to rounding noise
+    w, ref = weights(run), weights(reference)
+    for k in ref:
+        torch.testing.assert_close(w[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000008", "step_0000012"]
+    _, _, state = read_checkpoint(checkpoints / "step_0000012")
+    assert state["step"] == 12
+
+
+# --- damaged checkpoints: clear errors, and --resume auto falls back to an intact one ----------
 def _cli_train_error(run: Path, cli_error, *extra: str) -> str:
     recipe = run.parent / "recipe-in.yaml"
     shutil.copy(run / "recipe.yaml", recipe)
@@ -368,38 +469,89 @@ def _cli_train_error(run: Path, cli_error, *extra: str) -> str:
     return err
 
 
-def test_truncated_weights_give_a_clear_error(run_copy, cli_error):
-    ckpt = latest_checkpoint(run_copy)
-    data = (ckpt / "model.safetensors").read_bytes()
-    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated"):
-        Trainer(make(steps=8), run_copy, resume="auto", progress=False)
-    assert "model.safetensors" in _cli_train_error(run_copy, cli_error)
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
 
 
-def test_truncated_optimizer_state_gives_a_clear_error(run_copy):
-    ckpt = latest_checkpoint(run_copy)
-    (ckpt / "optimizer.safetensors").write_bytes(b"\x08\x00\x00")
-    with pytest.raises(CheckpointError, match="optimizer.safetensors.*truncated"):
-        Trainer(make(steps=8), run_copy, resume="auto", progress=False)
+def _flip_last_byte(path: Path) -> None:
+    """Same size, one bit different: only the recorded SHA-256 can tell."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
-def test_corrupt_trainer_json_gives_a_clear_error(run_copy, cli_error):
-    ckpt = latest_checkpoint(run_copy)
-    (ckpt / "trainer.json").write_text('{"format": "hybridkit-1", "step": ')
-    with pytest.raises(CheckpointError, match=r"trainer\.json is corrupt"):
-        Trainer(make(steps=8), run_copy, resume="auto", progress=False)
-    assert "corrupt" in _cli_train_error(run_copy, cli_error)
+DAMAGE = {
+    # name: (how, the file the message names, what the message says)
+    "truncated_weights": (
+        lambda c: _truncate(c / "model.safetensors"),
+        "model.safetensors",
+        "truncated",
+    ),
+    "truncated_optimizer": (
+        lambda c: (c / "optimizer.safetensors").write_bytes(b"\x08\x00\x00"),
+        "optimizer.safetensors",
+        "truncated",
+    ),
+    "flipped_bit": (
+        lambda c: _flip_last_byte(c / "model.safetensors"),
+        "model.safetensors",
+        "SHA-256",
+    ),
+    "corrupt_trainer_json": (
+        lambda c: (c / "trainer.json").write_text('{"format": "hybridkit-1", "step": '),
+        "trainer.json",
+        "is corrupt",
+    ),
+    "foreign_trainer_json": (
+        lambda c: (c / "trainer.json").write_text(json.dumps({"step": 3, "something": "else"})),
+        "step_0000008",
+        "not written by hybridkit",
+    ),
+    "missing_trainer_json": (lambda c: (c / "trainer.json").unlink(), "trainer.json", "missing"),
+}
 
 
-def test_foreign_checkpoint_gives_a_clear_error(run_copy, tmp_path, cli_error):
-    ckpt = latest_checkpoint(run_copy)
-    (ckpt / "trainer.json").write_text(json.dumps({"step": 3, "something": "else"}))
-    with pytest.raises(CheckpointError, match="not written by hybridkit"):
-        Trainer(make(steps=8), run_copy, resume="auto", progress=False)
-    (ckpt / "trainer.json").unlink()
-    with pytest.raises(CheckpointError, match="missing trainer.json"):
-        Trainer(make(steps=8), run_copy, resume="auto", progress=False)
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_and_resumes_exactly(
+    damage, run_copy, trained_run, capsys
+):
+    how, file, what = DAMAGE[damage]
+    newest = latest_checkpoint(run_copy)
+    assert newest.name == "step_0000008"
+    how(newest)
+    resumed = Trainer(make(steps=8), run_copy, resume="auto", progress=False)
+    err = capsys.readouterr().err
+    assert resumed.step == 4
+    assert "warning: skipping a damaged checkpoint" in err and file in err and what in err, err
+    assert "resuming from the newest intact checkpoint" in err and "step_0000004" in err
+    assert latest_checkpoint(run_copy).name == "step_0000004"
+    resumed.fit()
+    assert losses(run_copy) == losses(trained_run)  # bitwise: steps 5-8 replayed exactly
+    w, want = weights(run_copy), weights(trained_run)
+    assert all(torch.equal(w[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_checkpoint_named_explicitly_is_a_clear_error(damage, run_copy, cli_error):
+    how, file, what = DAMAGE[damage]
+    newest = latest_checkpoint(run_copy)
+    how(newest)
+    with pytest.raises(CheckpointError, match=what):
+        Trainer(make(steps=8), run_copy, resume=str(newest), progress=False)
+    err = _cli_train_error(run_copy, cli_error, "--resume", str(newest))
+    assert file in err and what in err and "Traceback" not in err
+
+
+def test_no_intact_checkpoint_is_an_error_naming_every_one(run_copy, cli_error):
+    for ckpt in (run_copy / "checkpoints").glob("step_*"):
+        _truncate(ckpt / "model.safetensors")
+    err = _cli_train_error(run_copy, cli_error)
+    assert "no intact checkpoint to resume from" in err and "--resume none" in err
+    assert "step_0000004/model.safetensors" in err and "step_0000008/model.safetensors" in err
+
+
+def test_not_a_checkpoint_directory(run_copy, tmp_path, cli_error):
     not_ckpt = tmp_path / "not-a-checkpoint"
     not_ckpt.mkdir()
     err = _cli_train_error(run_copy, cli_error, "--resume", str(not_ckpt))
@@ -408,10 +560,18 @@ def test_foreign_checkpoint_gives_a_clear_error(run_copy, tmp_path, cli_error):
     assert "no checkpoint directory" in err
 
 
-def test_latest_pointing_nowhere_gives_a_clear_error(run_copy):
+def test_latest_pointing_nowhere_falls_back_to_the_newest_checkpoint(run_copy, capsys):
     (run_copy / "checkpoints" / "latest").write_text("step_0000999")
-    with pytest.raises(CheckpointError, match="step_0000999"):
-        Trainer(make(steps=8), run_copy, resume="auto", progress=False)
+    assert Trainer(make(steps=8), run_copy, resume="auto", progress=False).step == 8
+    assert "latest names 'step_0000999'" in capsys.readouterr().err
+
+
+def test_checkpoints_record_sizes_and_hashes(trained_run):
+    _, _, state = read_checkpoint(latest_checkpoint(trained_run))
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        entry = state["files"][name]
+        assert entry["bytes"] == (latest_checkpoint(trained_run) / name).stat().st_size
+        assert len(entry["sha256"]) == 64
 
 
 def test_other_architecture_refuses_to_resume(run_copy, cli_error):

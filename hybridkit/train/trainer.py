@@ -31,7 +31,7 @@ from hybridkit.recipe import RecipeSpec, dump_recipe
 from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
-from hybridkit.train.checkpoint import read_checkpoint, write_checkpoint
+from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint, write_checkpoint
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
 from hybridkit.weights import latest_checkpoint, save_weights
@@ -176,10 +176,16 @@ class Trainer:
                     self.optimizer.state[p] = {k: v.to(p.device) for k, v in by_name[name].items()}
 
     def _resume(self, resume: str) -> None:
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        model_sd, optim_flat, state = read_checkpoint(path)
+        """Continue from ``resume``: a checkpoint directory, or ``"auto"`` for the newest intact
+        checkpoint of this run (a damaged newer one is skipped with a warning)."""
+        if resume == "auto":
+            found = newest_valid_checkpoint(self.run_dir, warn=self.dist.is_main)
+            if found is None:
+                return
+            path, (model_sd, optim_flat, state) = found
+        else:
+            path = Path(resume)
+            model_sd, optim_flat, state = read_checkpoint(path)
         if state.get("model_fingerprint") != model_fingerprint(self.recipe):
             raise CheckpointError(
                 f"{path} was written by a different model architecture; refusing to resume "
@@ -189,11 +195,13 @@ class Trainer:
         self.step = int(state["step"])
         if path.resolve().parent == (self.run_dir / "checkpoints").resolve():
             self._saved_step = self.step
-            if resume != "auto" and self.dist.is_main:
-                # An explicit older checkpoint of this run: the metrics past it are dropped
-                # below, so `latest` must name it too, or `--resume auto` would jump back to
-                # the abandoned trajectory's newer checkpoint.
-                atomic_write_bytes(self.run_dir / "checkpoints" / "latest", path.name.encode())
+            latest = self.run_dir / "checkpoints" / "latest"
+            named = latest.read_bytes() if latest.is_file() else None
+            if named != path.name.encode() and self.dist.is_main:
+                # An explicit older checkpoint of this run, or the intact one `auto` fell back
+                # to: the metrics past it are dropped below, so `latest` must name it too, or
+                # `--resume auto` would jump back to the abandoned (or damaged) newer one.
+                atomic_write_bytes(latest, path.name.encode())
         self.history = list(state.get("history", []))
         self.elapsed = float(state.get("elapsed_s", 0.0))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
