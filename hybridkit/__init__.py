@@ -1,12 +1,20 @@
 """hybridkit: compose, train and study hybrid Mamba-3 / attention language models.
 
-Typical use::
+The Python API (README "Python API")::
 
-    from hybridkit import load_recipe, build_model
-    recipe = load_recipe("hybridkit/recipes/tiny_hybrid.yaml", overrides=["model.d_model=64"])
-    model = build_model(recipe, seed=0)
-    logits = model(ids)
+    from hybridkit import Trainer, evaluate_run, load_recipe, load_run
+    recipe = load_recipe("hybridkit/recipes/induction_tiny.yaml", overrides=["train.steps=100"])
+    Trainer(recipe, "runs/demo").fit()              # checkpoints, metrics.jsonl, final eval
+    payload = evaluate_run("runs/demo", lengths=[32, 64])  # eval.json / eval.md / eval.png
+    recipe, model = load_run("runs/demo")             # the trained model
+    model.generate(ids, max_new_tokens=8)
+
+The training and evaluation entry points are imported on first use (``hybridkit.Trainer``), so
+that ``import hybridkit`` for building a model does not also load the trainer, the evaluator
+and matplotlib.
 """
+
+from typing import Any
 
 from hybridkit.build import build_model
 from hybridkit.cache import InferenceCache
@@ -28,10 +36,40 @@ __all__ = [
     "ModelSpec",
     "RecipeError",
     "RecipeSpec",
+    "Trainer",
     "build_model",
     "dump_recipe",
+    "evaluate_lengths",
+    "evaluate_run",
     "load_plugins",
     "load_recipe",
+    "load_run",
     "register_layer",
     "register_task",
+    "run_study",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The training, evaluation and study entry points, imported when first asked for."""
+    if name == "Trainer":
+        from hybridkit.train.trainer import Trainer
+
+        return Trainer
+    if name == "evaluate_run":
+        from hybridkit.eval.report import evaluate_run
+
+        return evaluate_run
+    if name == "evaluate_lengths":
+        from hybridkit.eval.lengthgen import evaluate_lengths
+
+        return evaluate_lengths
+    if name == "load_run":
+        from hybridkit.rundir import load_run
+
+        return load_run
+    if name == "run_study":
+        from hybridkit.study import run_study
+
+        return run_study
+    raise AttributeError(f"module 'hybridkit' has no attribute {name!r}")

@@ -48,7 +48,19 @@ def model_fingerprint(recipe: RecipeSpec) -> str:
 
 
 class Trainer:
-    """Train ``recipe`` into ``run_dir``; ``resume`` is None, ``"auto"`` or a checkpoint path."""
+    """Train ``recipe`` into ``run_dir``: the object behind ``hybridkit train`` and the Python
+    API (README "Python API").
+
+    ``resume`` is ``"auto"`` (continue from the newest intact checkpoint in ``run_dir``, if
+    any), ``None`` (start over) or a checkpoint directory. ``fit()`` trains to
+    ``train.steps`` (or ``stop_after``) and returns the last metrics record: ``step``,
+    ``loss``, ``lr``, ``grad_norm``, ..., plus, once the run is complete, ``final_eval`` (one
+    dict per length: ``ex_match``, ``tok_acc``, ``scaled_acc``, ...) and ``wall_time_s``. The
+    run directory then holds ``recipe.yaml`` (with its plugins), ``metrics.jsonl``,
+    checkpoints, ``model.safetensors`` and ``final.json``; ``trainer.model`` is the trained
+    model. Problems with the recipe, the task or a checkpoint raise
+    :class:`~hybridkit.errors.HybridkitError` subclasses with a message naming what is wrong.
+    """
 
     def __init__(
         self,
