@@ -566,11 +566,9 @@ MIXED_LENGTHS = {
 @pytest.mark.parametrize(
     "spec,loc,message",
     [
-        (
-            {"kind": "nope"},
-            ("kind",),
-            "unknown task kind 'nope'; allowed kinds: induction, modarith",
-        ),
+        # (other tests register kinds of their own, so only the built-in run is checked)
+        ({"kind": "nope"}, ("kind",), "unknown task kind 'nope'; allowed kinds: "),
+        ({"kind": "nope"}, ("kind",), "induction, modarith, mqar, niah, parity"),
         ({"kind": "nope"}, ("kind",), "Hint: a kind defined in your own code"),
         ({"kind": {"nested": 1}}, ("kind",), "kind must be a string naming a task kind"),
         ({"seq_len": 64}, ("kind",), "missing 'kind'"),
