@@ -198,11 +198,14 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
     for text in overrides:
         key, sep, raw = text.partition("=")
         key = key.strip()
+        # A runaway key or value would fill the screen; their start says enough.
+        shown = key if len(key) <= 120 else key[:117] + "..."
+        quoted = describe_value(text, 120)
         if not sep or not key or any(not part.strip() for part in key.split(".")):
             problems.append(
                 (
-                    key or text,
-                    f"malformed override {text!r}; expected "
+                    shown or quoted,
+                    f"malformed override {quoted}; expected "
                     "'dotted.key=value', e.g. 'model.d_model=128'",
                 )
             )
@@ -211,11 +214,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
             value = load_yaml(raw)
         except YAMLProblem as exc:
             why = exc.describe()
-            problems.append((key, f"override {describe_value(text)}: the value is not valid {why}"))
+            problems.append((shown, f"override {quoted}: the value is not valid {why}"))
             continue
         error = set_path(data, [part.strip() for part in key.split(".")], value, create=True)
         if error:
-            problems.append((key, f"override {text!r}: {error}"))
+            problems.append((shown, f"override {quoted}: {error}"))
     if problems:
         raise RecipeError(source, problems)
 

@@ -124,11 +124,12 @@ class _Loader(yaml.SafeLoader):
     def construct_yaml_int(self, node: ScalarNode) -> int:
         try:
             return super().construct_yaml_int(node)
-        except ValueError as exc:  # e.g. Python's limit on the digits of an int from text
+        except ValueError:  # past Python's limit on the digits of an int read from text
+            digits = sum(ch.isdigit() for ch in node.value)
             raise ConstructorError(
                 None,
                 None,
-                f"cannot read {node.value[:20]!r}... as an integer ({exc})",
+                f"an integer of {digits} digits is out of range; allowed: a 64-bit integer",
                 node.start_mark,
             ) from None
 

@@ -74,6 +74,9 @@ def describe_error(err: Any, allowed_keys: list[str] | None = None) -> str:
         return text if got in text else f"{text} (got {got})"
     if msg.startswith("Input should be "):
         msg = "must be " + msg[len("Input should be ") :]
+    # "a valid dictionary or instance of BlockSpec": a YAML user writes a mapping.
+    msg = re.sub(r"a valid dictionary or instance of \w+", "a mapping (key: value, ...)", msg)
+    msg = msg.replace("a valid dictionary", "a mapping (key: value, ...)")
     return f"{msg}; got {got}"
 
 
