@@ -8,6 +8,7 @@ and exit with status 2; only genuine bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,25 +58,43 @@ def _device(name: str, *, must_exist: bool = True) -> str:
     return str(resolve_device(name))
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
+def _int_arg(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]. A bad value becomes argparse's usage error
+    (exit status 2, the option named) instead of a traceback from deep inside the command."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+
+    return parse
 
 
-_positive_int.__name__ = "positive integer"  # how argparse names the type in its message
+def _float_arg(low: float, *, inclusive: bool):
+    """An argparse type: a finite float above ``low`` (or equal to it with ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-_nonnegative_int.__name__ = "non-negative integer"
+_positive_int = _int_arg(1)
+_nonnegative_int = _int_arg(0)
+_seed = _int_arg(0, 2**63 - 1)
+MAX_SEQ_LEN = 2**32
 
 
 # --- show -------------------------------------------------------------------------------------
@@ -238,6 +257,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # --- train / eval / study ---------------------------------------------------------------------
 def _lengths(text: str | None) -> list[int] | None:
+    from hybridkit.tasks.base import MAX_LENGTH
+
     if text is None:
         return None
     try:
@@ -246,6 +267,8 @@ def _lengths(text: str | None) -> list[int] | None:
         raise HybridkitError(f"--lengths must be comma-separated integers, got {text!r}") from None
     if not values or min(values) <= 0:
         raise HybridkitError("--lengths needs at least one positive length")
+    if max(values) > MAX_LENGTH:
+        raise HybridkitError(f"--lengths: {max(values)} is too long; allowed: at most {MAX_LENGTH}")
     return values
 
 
@@ -324,12 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML file or run directory")
     p.add_argument(
         "--seq-len",
-        type=int,
+        type=_int_arg(1, MAX_SEQ_LEN),
         default=2048,
         help="sequence length for KV-cache bytes (default 2048)",
     )
     p.add_argument(
-        "--batch", type=int, default=1, help="batch size for the memory total (default 1)"
+        "--batch", type=_positive_int, default=1, help="batch size for the memory total (default 1)"
     )
     p.add_argument(
         "--dtype",
@@ -358,19 +381,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch",
-        type=int,
+        type=_positive_int,
         default=1,
         help="copies of a single prompt to sample in parallel (default 1)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to sample (default 32)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument(
+        "--max-new-tokens", type=_nonnegative_int, default=32, help="tokens to sample (default 32)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=_float_arg(0.0, inclusive=True),
+        default=1.0,
+        help="0 = greedy (default 1.0)",
+    )
     p.add_argument(
         "--top-k",
-        type=int,
+        type=_positive_int,
         default=None,
         help="sample among the k most likely tokens (default: all)",
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     _add_set(p)
     p.set_defaults(func=cmd_generate)
@@ -394,9 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=6,
         help="decode steps after the prefills (default 6)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and ids (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for weights and ids (default 0)")
     p.add_argument(
-        "--tol", type=float, default=1e-8, help="max relative error per layer (default 1e-8)"
+        "--tol",
+        type=_float_arg(0.0, inclusive=False),
+        default=1e-8,
+        help="max relative error per layer (default 1e-8)",
     )
     _add_set(p)
     p.set_defaults(func=cmd_check)

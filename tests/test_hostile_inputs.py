@@ -380,3 +380,40 @@ def test_show_of_the_largest_allowed_model_is_quick(capsys):
     assert main(["show", recipe, "--device", "cpu", *[f"--set={s}" for s in sets]]) == 0
     assert time.perf_counter() - start < 4 * TIME_LIMIT
     assert "256 layers" in capsys.readouterr().out
+
+
+BAD_OPTIONS = [
+    ("show", "--seq-len", "100000000000000000000"),
+    ("show", "--seq-len", "-5"),
+    ("show", "--batch", "0"),
+    ("generate", "--batch", "0"),
+    ("generate", "--max-new-tokens", "-1"),
+    ("generate", "--top-k", "0"),
+    ("generate", "--temperature", "nan"),
+    ("generate", "--temperature", "-1"),
+    ("generate", "--seed", "-1"),
+    ("check", "--tol", "-1"),
+    ("check", "--tol", "inf"),
+    ("check", "--prefill", "0"),
+    ("check", "--steps", "x"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "value"), BAD_OPTIONS)
+def test_hostile_option_values(command, option, value, capsys):
+    """Command-line values are checked where argparse reads them: a usage error naming the
+    option (exit status 2), never a traceback from deep inside the command."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml")
+    with pytest.raises(SystemExit) as info:
+        main([command, recipe, option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {option}: " in err and "Traceback" not in err
+
+
+def test_eval_lengths_are_bounded(tmp_path, cli_error):
+    from hybridkit.recipe import dump_recipe, load_recipe
+
+    dump_recipe(
+        load_recipe(ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml"), tmp_path / "recipe.yaml"
+    )
+    assert "too long" in cli_error("eval", str(tmp_path), "--lengths", "64,100000000000")
