@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hybridkit.cache import InferenceCache
 from hybridkit.layers.norm import RMSNorm
@@ -85,6 +86,9 @@ class HybridLM(nn.Module):
         )
         self.norm_f = RMSNorm(spec.d_model, spec.norm_eps)
         self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        # recompute each block in the backward instead of keeping its activations (training
+        # only: a call with a cache or without gradients runs the blocks directly)
+        self.activation_checkpointing = False
         if spec.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         self.init_weights()
@@ -139,8 +143,14 @@ class HybridLM(nn.Module):
             raise ValueError(f"ids must be (batch, seqlen), got shape {tuple(ids.shape)}")
         h = self.embedding(ids)
         hidden = []
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, cache=cache, cu_seqlens=cu_seqlens)
+            if recompute:
+                # non-reentrant: works with kwargs, under torch.compile, and with the Triton
+                # scan op (its backward reads the saved tensors exactly once)
+                h = checkpoint(block, h, cu_seqlens=cu_seqlens, use_reentrant=False)
+            else:
+                h = block(h, cache=cache, cu_seqlens=cu_seqlens)
             if return_hidden:
                 hidden.append(h)
         logits = self.lm_head(self.norm_f(h))

@@ -45,6 +45,10 @@ class TrainSpec(StrictModel):
         default="auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
     )
     compile: bool = Field(default=False, description="torch.compile the model")
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="recompute each block's activations in the backward (long contexts fit)",
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     parallel: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="data parallelism under torchrun (FSDP2 = fully_shard)"

@@ -111,6 +111,7 @@ class Trainer:
             )
         self.micro_size = per_rank // self.dist.world_size
         self.model = build_model(recipe, seed=self.seed).to(self.device)
+        self.model.activation_checkpointing = self.spec.activation_checkpointing
         self.module = dist_utils.wrap_model(self.model, self.dist, self.spec.parallel, self.device)
         self.forward = torch.compile(self.module) if self.spec.compile else self.module
         self.optimizer = build_optimizer(self.model, self.spec)
