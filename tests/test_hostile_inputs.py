@@ -15,7 +15,8 @@ files). Every case must
 * write nothing: each case runs in its own empty directory, which must hold only its input after.
 
 The generator walks the parsed file for every key path and mutates a seeded sample of them, so a
-new recipe or a new key is fuzzed without editing this file.
+new recipe or a new key is fuzzed without editing this file (about 530 cases, ~15 s on 2 cores).
+Bad command-line option values (``--seq-len``, ``--temperature``, ...) are checked at the end.
 """
 
 from __future__ import annotations
