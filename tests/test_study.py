@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hybridkit.build import build_model
 from hybridkit.cli import main
 from hybridkit.errors import HybridkitError, RecipeError
+from hybridkit.kernels.attention.fa4 import fa4_head_dim_ok
+from hybridkit.layers.attention import Attention
 from hybridkit.recipe import dump_recipe, load_recipe
 from hybridkit.study import (
     RESULT_FILE,
@@ -27,12 +30,14 @@ from hybridkit.study import (
     run_study,
     select_slots,
 )
+from hybridkit.summary import summarize
 from hybridkit.train.metrics import read_metrics
 from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STUDIES = sorted((Path(__file__).parent.parent / "hybridkit/recipes/studies").glob("*.yaml"))
+CPU_STUDIES = {"lengthgen_quickstart"}  # the rest are sized for a GPU
 
 BASE = {
     "name": "tiny",
@@ -539,3 +544,29 @@ def test_shipped_studies_validate(path):
     for variant in plan.variants:
         for lr in plan.lrs[variant]:
             assert plan.recipe(variant, lr, plan.spec.seeds[0]).task is not None
+    if path.stem in CPU_STUDIES:
+        # `make demo` trains every run of the quickstart on a laptop CPU: keep it one seed.
+        assert len(plan.slots) <= 4 and plan.spec.seeds == [0]
+    else:
+        assert len(plan.spec.seeds) >= 3
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in STUDIES if p.stem not in CPU_STUDIES], ids=lambda p: p.stem
+)
+def test_gpu_studies_use_the_triton_and_fa4_kernels_in_bf16(path):
+    """On a GPU every Mamba-3 layer of every arm must plan the Triton scan and every attention
+    layer must have a head_dim FlashAttention-4 takes on an H100/H200, with bf16 autocast: a
+    study that silently fell back to the torch paths would measure a different program."""
+    plan = plan_study(path)
+    for variant in plan.variants:
+        recipe = plan.recipe(variant, plan.lrs[variant][0], plan.spec.seeds[0])
+        assert recipe.train.precision in ("auto", "bf16"), variant
+        model = build_model(recipe, seed=0)
+        backends = summarize(model, seq_len=recipe.task.seq_len, device="cuda").backends
+        if "mamba3 scan (prefill)" in backends:
+            assert backends["mamba3 scan (prefill)"] == "triton", (variant, backends)
+        for layer in model.modules():
+            if isinstance(layer, Attention):
+                assert layer.spec.backend == "auto", variant
+                assert fa4_head_dim_ok(layer.head_dim, 9), (variant, layer.head_dim)
