@@ -652,6 +652,8 @@ def write_study_report(plan: StudyPlan, out: Path) -> dict:
             f"LR chosen per variant by held-out {spec.select_metric} ({spec.select_examples} "
             f"examples at the training length) of the seed-{plan.first_seed} runs, ties to the "
             "smaller LR; the other seeds train at the chosen LR only"
+            if any(len(x) > 1 for x in plan.lrs.values())
+            else "one LR per variant, nothing to choose (held-out scores shown for reference)"
         ),
         "runs_total": len(plan.slots),
         "runs_finished": statuses.count("finished"),
@@ -805,10 +807,15 @@ def write_report(report: dict, plan: StudyPlan, out: Path) -> None:
         out / "lengthgen.png",
         train_length=train_len,
         metric=metric,
-        title=f"{report['study']}: {metric} vs length (bars: ±1 s.e.; band: seed range)",
+        title=f"{report['study']}: {metric} vs length\n{_legend_note(n_seeds)}",
         errors=errors,
         bands=bands if n_seeds > 1 else None,
     )
+
+
+def _legend_note(n_seeds: int) -> str:
+    note = "bars: ±1 binomial standard error"
+    return note + ("; shaded: range over seeds" if n_seeds > 1 else "")
 
 
 def _sweep_section(report: dict, plan: StudyPlan, out: Path, images: list[str]) -> list[str]:
@@ -845,7 +852,7 @@ def _sweep_section(report: dict, plan: StudyPlan, out: Path, images: list[str]) 
             curves,
             out / "sweep.png",
             metric=metric,
-            title=f"{report['study']}: {metric} at the training length",
+            title=f"{report['study']}: {metric} at the training length\n{_legend_note(n_seeds)}",
             errors=errors,
             bands=bands if n_seeds > 1 else None,
             xlabel=label,

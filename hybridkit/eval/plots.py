@@ -82,6 +82,11 @@ def plot_lengthgen(
             hi = [100 * b for _, b in bands[name]]
             ax.fill_between(xs, lo, hi, color=line.lines[0].get_color(), alpha=0.15, linewidth=0)
     ax.set_xscale("log", base=2)
+    # Label the measured points with their values (256, not 2^8): that is what readers look up.
+    ticks = sorted({x for points in curves.values() for x, _ in points})
+    if 0 < len(ticks) <= 12:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1)
         ax.annotate(
@@ -98,7 +103,7 @@ def plot_lengthgen(
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     if len(curves) > 1:
         ax.legend(fontsize=8)
     return _save(fig, path)
