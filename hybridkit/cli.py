@@ -319,19 +319,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from hybridkit.study import run_study
+    from hybridkit.study import list_study, parse_shard, report_study, run_study
 
     out = args.out or str(Path("runs") / Path(args.study).stem)
-    run_study(
-        args.study,
-        out,
-        overrides=args.overrides,
-        device=args.device,
-        progress=not args.no_progress,
-        plugins=args.plugins,
-    )
-    print((Path(out) / "report.md").read_text())
-    print(f"report: {Path(out) / 'report.md'}; plot: {Path(out) / 'lengthgen.png'}")
+    if args.report and (args.shard or args.only or args.list):
+        raise HybridkitError(
+            "--report merges every finished run into the report and trains nothing; "
+            "it takes no --shard, --only or --list"
+        )
+    shard = parse_shard(args.shard) if args.shard else None
+    if args.list:
+        rows = list_study(
+            args.study,
+            out,
+            overrides=args.overrides,
+            shard=shard,
+            only=args.only,
+            plugins=args.plugins,
+        )
+        for slot, status, run in rows:
+            print(f"{slot.describe():<48} {status}" + (f"  [{run}]" if run else ""))
+        print(f"{len(rows)} run(s) selected; study folder {out}")
+        return 0
+    if args.report:
+        report = report_study(args.study, out, overrides=args.overrides, plugins=args.plugins)
+    else:
+        report = run_study(
+            args.study,
+            out,
+            overrides=args.overrides,
+            device=args.device,
+            progress=not args.no_progress,
+            shard=shard,
+            only=args.only or None,
+            plugins=args.plugins,
+        )
+    if report["complete"]:
+        print((Path(out) / "report.md").read_text())
+    else:
+        print(
+            f"{report['runs_finished']} of {report['runs_total']} runs finished; "
+            f"{len(report['missing'])} missing (listed in the report)"
+        )
+    print(f"report: {Path(out) / 'report.md'}; results: {Path(out) / 'results.json'}")
     return 0
 
 
@@ -474,6 +504,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=None, help="output directory (default runs/<study name>)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only every N-th run of the study starting at the I-th (0 <= I < N), "
+        "e.g. one shard per GPU call; finished runs are skipped either way",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="run only these runs: variant=NAME[,NAME...] and/or seed=S[,S...], "
+        "e.g. --only variant=mamba3,seed=1,2 (repeatable; applied before --shard)",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: merge the finished runs in --out into report.md, results.json "
+        "and the plots, listing the missing runs",
+    )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="train nothing: print the selected runs and their status (finished, waiting, ...)",
+    )
     _add_set(p)
     p.set_defaults(func=cmd_study)
     return parser

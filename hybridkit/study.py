@@ -1,29 +1,57 @@
 """Studies: a base recipe x named variants x seeds x learning rates, trained, evaluated, compared.
 
-Recurrent models are sensitive to the learning rate, so a comparison at one shared LR can say
-more about the LR than the architecture. A study therefore trains every variant at every LR (and
-seed), picks each variant's best LR on a *held-out* split at the training length (examples drawn
-with a different seed from the test sets), and only then evaluates the chosen runs at every
-length on the fixed test sets. Runs are resumable and finished runs are skipped, so an
-interrupted study continues where it stopped.
+**Learning rates.** Recurrent models are sensitive to the learning rate, so a comparison at one
+shared LR can say more about the LR than about the architecture. Every variant is therefore
+trained at each of the study's ``lrs`` with the *first* seed, and its LR is chosen on a held-out
+split at the training length (examples drawn with a different ``eval_seed`` from the test sets,
+so the choice never looks at a test number; ties go to the smaller LR). The other seeds then train
+at the chosen LR only. Why not sweep every seed: the sweep's job is to put each arm near its best
+LR, and seeds exist to measure training noise *at* that LR; sweeping all of them multiplies the
+cost by the number of seeds for a choice the first seed already makes. With one LR there is
+nothing to choose and every seed can run at once.
+
+**Runs are units of work.** A run is one (variant, seed, LR) and lives in
+``OUT/<variant>/lr<lr>-seed<seed>/``. It is finished when its ``result.json`` exists: the run was
+trained, scored on the held-out split and evaluated at every length, and the record holds all
+the report needs (relative paths only). Because each run is self-contained, a study can be
+split over several processes or machines (``--shard i/n``, ``--only variant=...,seed=...``), and
+a re-run skips finished runs, finishes the evaluation of trained ones and resumes a half-trained
+one from its newest checkpoint. The report (``report.md``, ``results.json``, PNGs) is a
+function of the ``result.json`` files alone, rewritten at the end of every invocation and by
+``--report``, which trains nothing: copying those small files from several machines into one
+folder and running ``--report`` merges them. Every run is evaluated at every length -- also the
+LR-sweep runs that will not be chosen -- since a shard cannot know the choice when it finishes a
+sweep run, and coming back later to evaluate would make a run depend on other shards.
+
+**Order and shards.** The runs are listed seed-major: the first seed's runs (the LR sweep) for
+every variant, then each further seed for every variant. Shard ``i/n`` takes every n-th run of
+that list starting at the i-th (0-based), so shards are disjoint, together cover the study, and
+each gets a mix of variants. A run of a later seed needs its variant's LR choice; with several
+LRs and shards running side by side it may find the sweep unfinished, says so and is skipped (run
+``--only seed=<first>`` first, then the rest). ``sweep`` (optional) crosses every variant with
+the values of one recipe key, e.g. the number of MQAR key-value pairs; the report then adds a
+table and a plot of the metric at the training length against that key.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from hybridkit.build import build_model
-from hybridkit.errors import RecipeError
+from hybridkit.errors import HybridkitError, RecipeError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
-from hybridkit.eval.report import evaluate_run
+from hybridkit.eval.report import binomial_stderr, evaluate_run, spread
+from hybridkit.fsutil import atomic_write_text
 from hybridkit.plugins import env_plugins
 from hybridkit.recipe import (
     RecipeSpec,
@@ -39,6 +67,39 @@ from hybridkit.summary import human_bytes, human_count, summarize
 from hybridkit.train.trainer import Trainer
 
 HELD_OUT_SEED_OFFSET = 7919
+RESULT_FILE = "result.json"
+METRICS = ("ex_match", "tok_acc", "scaled_acc")
+
+
+class SweepSpec(StrictModel):
+    """One recipe key crossed with every variant (e.g. ``task.num_kv_pairs`` for MQAR capacity)."""
+
+    key: str = Field(description="dotted recipe key, e.g. task.num_kv_pairs")
+    values: list[int | float | str] = Field(description="one run group per value")
+    name: str | None = Field(
+        default=None, description="short tag in variant names (default: the key's last part)"
+    )
+    label: str | None = Field(default=None, description="axis label of the plot (default: key)")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not value or "=" in value or value.startswith(".") or value.endswith("."):
+            raise ValueError(f"sweep.key must be a dotted recipe key, got {value!r}")
+        return value
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, value: list) -> list:
+        if not value:
+            raise ValueError("sweep.values must not be empty")
+        if len({str(v) for v in value}) != len(value):
+            raise ValueError(f"sweep.values must be distinct, got {value}")
+        return value
+
+    @property
+    def tag(self) -> str:
+        return self.name or self.key.rsplit(".", 1)[-1]
 
 
 class StudySpec(StrictModel):
@@ -51,8 +112,12 @@ class StudySpec(StrictModel):
     variants: dict[str, list[str]] = Field(
         description="variant name -> list of key=value overrides"
     )
+    sweep: SweepSpec | None = Field(
+        default=None, description="cross every variant with the values of one recipe key"
+    )
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=lambda: [0], description="seeds per (variant, lr)"
+        default_factory=lambda: [0],
+        description="every variant runs at each seed; the LR sweep runs at the first",
     )
     lrs: list[Annotated[float, Field(gt=0)]] | None = Field(
         default=None, description="learning rates; default train.lr"
@@ -60,7 +125,9 @@ class StudySpec(StrictModel):
     lengths: list[Annotated[int, Field(gt=0)]] | None = Field(
         default=None, description="test lengths; default: the task's"
     )
-    select_metric: str = Field(default="ex_match", description="ex_match | tok_acc")
+    select_metric: str = Field(
+        default="ex_match", description="ex_match | tok_acc: chooses the LR, heads the report"
+    )
     select_examples: int = Field(default=200, gt=0, description="held-out examples for LR choice")
     plugins: list[str] = Field(
         default_factory=list,
@@ -85,6 +152,8 @@ class StudySpec(StrictModel):
     def _seeds(cls, value: list[int]) -> list[int]:
         if not value:
             raise ValueError("seeds must not be empty")
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds must be distinct, got {value}")
         return value
 
     @field_validator("lrs")
@@ -135,13 +204,21 @@ def load_study(
 def _override_origin(spec: StudySpec, variant: str, key: str) -> str | None:
     """The study key of the last override that sets ``key`` (or a key above it), if any.
 
-    Overrides apply in order (``set``, then the variant's list), so the last one that touches a
-    key is the one that decided its value.
+    Overrides apply in order (``set``, then the variant's list, then a sweep's value), so the
+    last one that touches a key is the one that decided its value.
     """
     sources = [
         (f"set.{i}" if i < spec._file_set else "--set", text) for i, text in enumerate(spec.set)
     ]
-    sources += [(f"variants.{variant}.{i}", text) for i, text in enumerate(spec.variants[variant])]
+    arm, value_index = variant, None
+    if spec.sweep is not None:
+        for name in spec.variants:
+            for k, value in enumerate(spec.sweep.values):
+                if sweep_variant(spec, name, value) == variant:
+                    arm, value_index = name, k
+    sources += [(f"variants.{arm}.{i}", text) for i, text in enumerate(spec.variants[arm])]
+    if value_index is not None:
+        sources.append((f"sweep.values.{value_index}", f"{spec.sweep.key}=..."))
     origin = None
     for where, text in sources:
         target = text.partition("=")[0].strip()
@@ -152,6 +229,23 @@ def _override_origin(spec: StudySpec, variant: str, key: str) -> str | None:
     return origin
 
 
+def sweep_variant(spec: StudySpec, arm: str, value: object) -> str:
+    """The name of ``arm`` at one sweep value: ``<arm>-<tag><value>`` (e.g. ``mamba3-D16``)."""
+    return f"{arm}-{spec.sweep.tag}{value}"
+
+
+def study_variants(spec: StudySpec) -> dict[str, list[str]]:
+    """Variant name -> overrides, with ``sweep`` expanded (one variant per arm and value)."""
+    if spec.sweep is None:
+        return dict(spec.variants)
+    sw = spec.sweep
+    return {
+        sweep_variant(spec, arm, value): [*overrides, f"{sw.key}={value}"]
+        for arm, overrides in spec.variants.items()
+        for value in sw.values
+    }
+
+
 def run_name(lr: float, seed: int) -> str:
     return f"lr{lr:g}-seed{seed}"
 
@@ -160,9 +254,11 @@ def variant_recipe(
     spec: StudySpec, base: Path, variant: str, lr: float | None, seed: int
 ) -> RecipeSpec:
     extra = [f"train.lr={lr}"] if lr is not None else []
+    overrides = study_variants(spec)[variant]
     try:
-        overrides = [*spec.set, *spec.variants[variant], *extra, f"seed={seed}"]
-        recipe = load_recipe(base, overrides, plugins=spec.plugins)
+        recipe = load_recipe(
+            base, [*spec.set, *overrides, *extra, f"seed={seed}"], plugins=spec.plugins
+        )
     except RecipeError as err:
         # Name the study file, the variant and the study key of the override that caused each
         # problem: the bad key is usually in the study's overrides, not in the base file.
@@ -177,90 +273,179 @@ def variant_recipe(
     return recipe
 
 
-def run_study(
-    study_path: str | Path,
-    out_dir: str | Path,
-    *,
-    overrides: Sequence[str] = (),
-    device: str = "auto",
-    progress: bool = True,
-    plugins: Sequence[str] = (),
-) -> dict:
-    """Train, select, evaluate and report; returns the results dict (also results.json)."""
+# --- the plan: which runs a study consists of --------------------------------------------------
+@dataclass(frozen=True)
+class Slot:
+    """One run of the study. ``lr`` None: the variant's chosen LR (known once its sweep is done)."""
+
+    variant: str
+    seed: int
+    lr: float | None
+
+    def describe(self) -> str:
+        lr = "chosen lr" if self.lr is None else f"lr={self.lr:g}"
+        return f"{self.variant} seed={self.seed} {lr}"
+
+
+@dataclass
+class StudyPlan:
+    """A validated study and the ordered list of its runs (see the module docstring)."""
+
+    spec: StudySpec
+    base: Path
+    path: Path
+    variants: dict[str, list[str]]
+    lrs: dict[str, list[float]]  # per variant: the study's lrs, else the variant recipe's lr
+    slots: list[Slot]
+    arm_of: dict[str, tuple[str, object]]  # sweep only: variant -> (arm, sweep value)
+
+    @property
+    def first_seed(self) -> int:
+        return self.spec.seeds[0]
+
+    def recipe(self, variant: str, lr: float, seed: int) -> RecipeSpec:
+        # Pass train.lr only when the study sweeps it, so a run's recipe.yaml equals the
+        # variant's own recipe otherwise.
+        given = lr if self.spec.lrs is not None else None
+        return variant_recipe(self.spec, self.base, variant, given, seed)
+
+
+def plan_study(
+    study_path: str | Path, overrides: Sequence[str] = (), plugins: Sequence[str] = ()
+) -> StudyPlan:
+    """Validate the study and every variant (before anything trains) and list its runs;
+    ``plugins`` (``--plugin``) are imported first (see :func:`load_study`)."""
     spec, base = load_study(study_path, overrides, plugins=plugins)
-    # Validate every variant before training anything (a typo in the last variant should not
-    # surface after an hour of training the first ones) and before writing anything.
-    recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in spec.variants}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lrs = spec.lrs or [None]
-    t0 = time.time()
-    runs: dict[str, dict] = {}
-    for variant in spec.variants:
-        runs[variant] = {}
-        for lr in lrs:
-            for seed in spec.seeds:
-                recipe = variant_recipe(spec, base, variant, lr, seed)
-                run_dir = out / variant / run_name(recipe.train.lr, seed)
-                if not (run_dir / "final.json").is_file():
-                    print(
-                        f"[study] training {variant} lr={recipe.train.lr:g} seed={seed} "
-                        f"-> {run_dir}"
-                    )
-                    if recipe.train.device == "auto" and device != "auto":
-                        recipe.train.device = device
-                    Trainer(recipe, run_dir, resume="auto", progress=progress).fit()
-                runs[variant].setdefault(recipe.train.lr, []).append(run_dir)
-    # Learning-rate selection on held-out examples at the training length.
-    chosen: dict[str, float] = {}
-    selection: dict[str, dict[str, float]] = {}
-    for variant, by_lr in runs.items():
-        scores = {}
-        for lr, dirs in by_lr.items():
-            vals = [held_out_score(d, spec, device) for d in dirs]
-            scores[lr] = statistics.fmean(vals)
-        selection[variant] = {f"{lr:g}": s for lr, s in scores.items()}
-        chosen[variant] = max(scores, key=lambda lr: (scores[lr], -lr))
-    # Test evaluation of the chosen runs at every length.
-    results: dict[str, dict] = {}
-    for variant, lr in chosen.items():
-        per_seed = []
-        for run_dir in runs[variant][lr]:
-            cached = run_dir / "eval.json"
-            lengths = spec.lengths
-            if cached.is_file() and _same_lengths(cached, lengths):
-                payload = json.loads(cached.read_text())
+    variants = study_variants(spec)
+    # A typo in the last variant should not surface after an hour of training the first ones.
+    recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in variants}
+    lrs = {v: list(spec.lrs) if spec.lrs else [recipes[v].train.lr] for v in variants}
+    first, rest = spec.seeds[0], spec.seeds[1:]
+    slots = [Slot(v, first, lr) for v in variants for lr in lrs[v]]
+    for seed in rest:
+        slots += [Slot(v, seed, lrs[v][0] if len(lrs[v]) == 1 else None) for v in variants]
+    arm_of: dict[str, tuple[str, object]] = {}
+    if spec.sweep is not None:
+        for arm in spec.variants:
+            for value in spec.sweep.values:
+                arm_of[sweep_variant(spec, arm, value)] = (arm, value)
+    return StudyPlan(spec, base, Path(study_path), variants, lrs, slots, arm_of)
+
+
+SHARD_FORM = "I/N with integers 0 <= I < N (e.g. --shard 0/4 ... --shard 3/4)"
+ONLY_FORM = "comma-separated KEY=VALUE items, KEY variant or seed (e.g. variant=mamba3,seed=1,2)"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``; a clear error naming the flag otherwise."""
+    parts = text.split("/")
+    try:
+        i, n = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        i = n = None
+    if i is None or n is None or n < 1 or not 0 <= i < n:
+        raise HybridkitError(f"--shard must be {SHARD_FORM}; got {text!r}")
+    return i, n
+
+
+def parse_only(texts: Sequence[str], plan: StudyPlan) -> dict[str, set]:
+    """``--only`` values -> ``{"variant": {...}, "seed": {...}}``.
+
+    Items are comma separated; an item without ``=`` adds a value to the previous key, so
+    ``seed=1,2`` and ``seed=1,seed=2`` mean the same. Keys may repeat across flags."""
+    chosen: dict[str, set] = {}
+    for text in texts:
+        key = None
+        for item in (t.strip() for t in text.split(",")):
+            if not item:
+                continue
+            if "=" in item:
+                key, value = (s.strip() for s in item.split("=", 1))
+            elif key is not None:
+                value = item
             else:
-                payload = evaluate_run(run_dir, lengths=lengths, device=device)
-            per_seed.append(payload)
-        results[variant] = summarize_variant(
-            variant, lr, per_seed, recipes[variant], runs[variant][lr]
-        )
-    report = {
-        "study": spec.name or Path(study_path).stem,
-        "base": str(base),
-        "selection_metric": spec.select_metric,
-        "lr_selection": selection,
-        "variants": results,
-        "wall_time_s": time.time() - t0,
-    }
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    write_report(report, spec, out)
-    return report
+                raise HybridkitError(f"--only must be {ONLY_FORM}; got {text!r}")
+            if key == "variant":
+                # With a sweep, an arm's name stands for all of its variants.
+                names = [v for v, (arm, _) in plan.arm_of.items() if arm == value]
+                if value in plan.variants:
+                    names = [value]
+                if not names:
+                    allowed = [*plan.variants, *(plan.spec.variants if plan.arm_of else ())]
+                    raise HybridkitError(
+                        f"--only variant={value}: no such variant; allowed: " + ", ".join(allowed)
+                    )
+                chosen.setdefault(key, set()).update(names)
+            elif key == "seed":
+                try:
+                    seed = int(value)
+                except ValueError:
+                    seed = None
+                if seed not in plan.spec.seeds:
+                    raise HybridkitError(
+                        f"--only seed={value}: not a seed of this study; allowed: "
+                        + ", ".join(str(s) for s in plan.spec.seeds)
+                    )
+                chosen.setdefault(key, set()).add(seed)
+            else:
+                raise HybridkitError(f"--only {key}=...: unknown key; must be {ONLY_FORM}")
+    return chosen
 
 
-def _same_lengths(path: Path, lengths: Sequence[int] | None) -> bool:
-    if lengths is None:
-        return True
-    done = [r["length"] for r in json.loads(path.read_text())["results"]]
-    return done == list(lengths)
+def select_slots(
+    slots: Sequence[Slot],
+    only: Mapping[str, set] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[Slot]:
+    """The runs ``--only`` keeps, then every n-th of those for ``--shard i/n``."""
+    only = only or {}
+    kept = [
+        s
+        for s in slots
+        if s.variant in only.get("variant", {s.variant}) and s.seed in only.get("seed", {s.seed})
+    ]
+    if shard is None:
+        return kept
+    i, n = shard
+    return kept[i::n]
 
 
-def held_out_score(run_dir: Path, spec: StudySpec, device: str) -> float:
-    """Score at the training length on examples disjoint from the test sets (cached)."""
+# --- run records -------------------------------------------------------------------------------
+def read_record(run_dir: Path, spec: StudySpec) -> dict | None:
+    """A run's ``result.json`` if it exists and was made with the study's evaluation settings."""
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("select_examples") != spec.select_examples:
+        return None
+    if spec.lengths is not None and record.get("lengths_requested") != list(spec.lengths):
+        return None
+    return record
+
+
+def chosen_lr(plan: StudyPlan, variant: str, out: Path) -> tuple[float | None, dict[float, float]]:
+    """The variant's LR (None while its sweep is unfinished) and the held-out scores so far."""
+    lrs = plan.lrs[variant]
+    scores: dict[float, float] = {}
+    for lr in lrs:
+        rec = read_record(out / variant / run_name(lr, plan.first_seed), plan.spec)
+        if rec is not None:
+            scores[lr] = rec["heldout"][plan.spec.select_metric]
+    if len(lrs) == 1:
+        return lrs[0], scores
+    if len(scores) < len(lrs):
+        return None, scores
+    return max(scores, key=lambda lr: (scores[lr], -lr)), scores
+
+
+def held_out_eval(run_dir: Path, spec: StudySpec, device: str) -> dict:
+    """Metrics at the training length on examples disjoint from the test sets (cached)."""
     cache = run_dir / "heldout.json"
     if cache.is_file():
-        return json.loads(cache.read_text())[spec.select_metric]
+        cached = json.loads(cache.read_text())
+        if cached.get("select_examples") == spec.select_examples:
+            return cached
     recipe, model = load_run(run_dir)
     task_spec = recipe.task.model_copy(
         update={
@@ -277,45 +462,306 @@ def held_out_score(run_dir: Path, spec: StudySpec, device: str) -> float:
         precision=recipe.train.precision,
         decode_examples=0,
     )[0]
-    cache.write_text(json.dumps(res))
-    return res[spec.select_metric]
+    res = {"select_examples": spec.select_examples, **res}
+    atomic_write_text(cache, json.dumps(res, indent=1))
+    return res
 
 
-def summarize_variant(
-    variant: str, lr: float, per_seed: list[dict], recipe: RecipeSpec, dirs: list[Path]
-) -> dict:
-    lengths = [r["length"] for r in per_seed[0]["results"]]
-    table = {}
-    for i, length in enumerate(lengths):
-        vals = [p["results"][i] for p in per_seed]
-        table[str(length)] = {
-            "ex_match": statistics.fmean(v["ex_match"] for v in vals),
-            "tok_acc": statistics.fmean(v["tok_acc"] for v in vals),
-            "scaled_acc": statistics.fmean(v["scaled_acc"] for v in vals),
-            "per_seed_ex_match": [v["ex_match"] for v in vals],
-            "tokens": vals[0]["tokens"],
-        }
-    model = build_model(recipe, seed=0)
-    s = summarize(model, seq_len=per_seed[0]["train_length"])
-    wall = 0.0
-    for d in dirs:
-        final = d / "final.json"
-        if final.is_file():
-            wall += float(json.loads(final.read_text()).get("wall_time_s", 0.0))
-    return {
+def _cached_eval(run_dir: Path, lengths: Sequence[int] | None) -> dict | None:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    if lengths is not None and [r["length"] for r in payload["results"]] != list(lengths):
+        return None
+    return payload
+
+
+def _rel(path: Path, out: Path) -> str:
+    return path.relative_to(out).as_posix()
+
+
+def run_slot(
+    plan: StudyPlan, slot: Slot, out: Path, *, device: str, progress: bool, tag: str = ""
+) -> str:
+    """Bring one run to finished; returns ``done`` (already was), ``ran`` or ``waiting``."""
+    spec = plan.spec
+    lr = slot.lr
+    if lr is None:
+        lr, scores = chosen_lr(plan, slot.variant, out)
+        if lr is None:
+            print(
+                f"[study] {tag}waiting: {slot.describe()} needs the variant's LR choice "
+                f"({len(scores)} of {len(plan.lrs[slot.variant])} LR runs at seed "
+                f"{plan.first_seed} finished, some in another shard?); skipped"
+            )
+            return "waiting"
+    run_dir = out / slot.variant / run_name(lr, slot.seed)
+    if read_record(run_dir, spec) is not None:
+        return "done"
+    recipe = plan.recipe(slot.variant, lr, slot.seed)
+    if not (run_dir / "final.json").is_file():
+        print(f"[study] {tag}training {slot.variant} lr={lr:g} seed={slot.seed} -> {run_dir}")
+        if recipe.train.device == "auto" and device != "auto":
+            recipe.train.device = device
+        Trainer(recipe, run_dir, resume="auto", progress=progress).fit()
+    else:
+        print(f"[study] {tag}evaluating {slot.variant} lr={lr:g} seed={slot.seed} ({run_dir})")
+    t0 = time.time()
+    heldout = held_out_eval(run_dir, spec, device)
+    payload = _cached_eval(run_dir, spec.lengths) or evaluate_run(
+        run_dir, lengths=spec.lengths, device=device
+    )
+    eval_time = time.time() - t0
+    train_length = payload["train_length"]
+    s = summarize(build_model(recipe, seed=0), seq_len=train_length)
+    final = json.loads((run_dir / "final.json").read_text())
+    record = {
+        "variant": slot.variant,
+        "seed": slot.seed,
         "lr": lr,
-        "runs": [str(d) for d in dirs],
-        "train_length": per_seed[0]["train_length"],
+        "run": _rel(run_dir, out),
+        "select_examples": spec.select_examples,
+        "lengths_requested": list(spec.lengths) if spec.lengths is not None else None,
+        "heldout": {k: v for k, v in heldout.items() if k != "select_examples"},
+        "task": payload["task"],
+        "train_length": train_length,
+        "chance": payload["chance"],
+        "results": payload["results"],
         "params": s.total_params,
         "state_bytes_per_seq": s.state_bytes_per_seq,
         "kv_bytes_per_token": s.kv_bytes_per_token,
-        "train_wall_time_s": wall,
+        "steps": final.get("step"),
+        "train_wall_time_s": float(final.get("wall_time_s", 0.0)),
+        "eval_wall_time_s": eval_time,
+    }
+    atomic_write_text(run_dir / RESULT_FILE, json.dumps(record, indent=1))
+    return "ran"
+
+
+def slot_status(plan: StudyPlan, slot: Slot, out: Path) -> tuple[str, str | None]:
+    """``(status, run folder relative to out or None)`` without touching anything."""
+    lr = slot.lr
+    if lr is None:
+        lr, scores = chosen_lr(plan, slot.variant, out)
+        if lr is None:
+            done = len(scores)
+            return f"waiting for the LR choice ({done} of {len(plan.lrs[slot.variant])})", None
+    run_dir = out / slot.variant / run_name(lr, slot.seed)
+    rel = _rel(run_dir, out)
+    if read_record(run_dir, plan.spec) is not None:
+        return "finished", rel
+    if (run_dir / RESULT_FILE).is_file():
+        return "evaluated with other settings (re-run re-evaluates)", rel
+    if (run_dir / "final.json").is_file():
+        return "trained, not evaluated", rel
+    if (run_dir / "checkpoints" / "latest").is_file():
+        return "started (resumes from its checkpoint)", rel
+    return "not started", rel
+
+
+# --- entry points ------------------------------------------------------------------------------
+def run_study(
+    study_path: str | Path,
+    out_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+    progress: bool = True,
+    shard: tuple[int, int] | str | None = None,
+    only: Sequence[str] | Mapping[str, set] | None = None,
+    plugins: Sequence[str] = (),
+) -> dict:
+    """Train and evaluate this invocation's runs, then report; returns the results dict.
+
+    ``shard`` is ``(i, n)`` or ``"i/n"``; ``only`` is ``--only`` strings or a parsed mapping.
+    Finished runs are skipped; the report covers every finished run in ``out_dir``."""
+    plan = plan_study(study_path, overrides, plugins)
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
+    if only is not None and not isinstance(only, Mapping):
+        only = parse_only(only, plan)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = select_slots(plan.slots, only, shard)
+    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    print(f"[study] {len(todo)} of the study's {len(plan.slots)} runs selected{where}")
+    counts = {"done": 0, "ran": 0, "waiting": 0}
+    for k, slot in enumerate(todo, 1):
+        status = run_slot(
+            plan, slot, out, device=device, progress=progress, tag=f"{k}/{len(todo)} "
+        )
+        counts[status] += 1
+    print(
+        f"[study] this invocation: {counts['ran']} run(s) finished now, {counts['done']} already "
+        f"finished (skipped), {counts['waiting']} waiting for an LR choice"
+    )
+    return write_study_report(plan, out)
+
+
+def report_study(
+    study_path: str | Path,
+    out_dir: str | Path,
+    overrides: Sequence[str] = (),
+    plugins: Sequence[str] = (),
+):
+    """Merge whatever runs are finished in ``out_dir`` into the report; trains nothing."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise HybridkitError(
+            f"--report: no study folder {out} (run `hybridkit study {study_path} -o {out}` first)"
+        )
+    return write_study_report(plan_study(study_path, overrides, plugins), out)
+
+
+def list_study(
+    study_path: str | Path,
+    out_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    shard: tuple[int, int] | None = None,
+    only: Sequence[str] | None = None,
+    plugins: Sequence[str] = (),
+) -> list[tuple[Slot, str, str | None]]:
+    """The selected runs with their status, for planning shards; trains nothing."""
+    plan = plan_study(study_path, overrides, plugins)
+    parsed = parse_only(only, plan) if only else None
+    out = Path(out_dir)
+    return [(s, *slot_status(plan, s, out)) for s in select_slots(plan.slots, parsed, shard)]
+
+
+# --- merging finished runs ---------------------------------------------------------------------
+def collect(plan: StudyPlan, out: Path) -> tuple[dict, dict, list[dict]]:
+    """Finished records per variant at its LR, the LR selection, and what is missing."""
+    spec = plan.spec
+    chosen_records: dict[str, list[dict]] = {}
+    selection: dict[str, dict] = {}
+    missing: list[dict] = []
+
+    def miss(variant: str, seed: int, lr: float | None, why: str) -> None:
+        run = None if lr is None else f"{variant}/{run_name(lr, seed)}"
+        missing.append({"variant": variant, "seed": seed, "lr": lr, "run": run, "why": why})
+
+    for v in plan.variants:
+        lr, scores = chosen_lr(plan, v, out)
+        selection[v] = {
+            "scores": {f"{x:g}": s for x, s in scores.items()},
+            "chosen": lr,
+            "seed": plan.first_seed,
+        }
+        if lr is None:
+            for x in plan.lrs[v]:
+                if x not in scores:
+                    status, _ = slot_status(plan, Slot(v, plan.first_seed, x), out)
+                    miss(v, plan.first_seed, x, status)
+            for seed in spec.seeds[1:]:
+                miss(v, seed, None, "waiting for the LR choice")
+            continue
+        records = []
+        for seed in spec.seeds:
+            run_dir = out / v / run_name(lr, seed)
+            rec = read_record(run_dir, spec)
+            if rec is None:
+                miss(v, seed, lr, slot_status(plan, Slot(v, seed, lr), out)[0])
+            else:
+                records.append(rec)
+        if records:
+            chosen_records[v] = records
+    return chosen_records, selection, missing
+
+
+def summarize_variant(records: list[dict]) -> dict:
+    """Mean, spread over seeds and binomial standard error per length and metric."""
+    first = records[0]
+    lengths = [r["length"] for r in first["results"]]
+    chance = first["chance"]
+    table = {}
+    for i, length in enumerate(lengths):
+        rows = [rec["results"][i] for rec in records]
+        n = min(r["examples"] for r in rows)
+        cell: dict = {"n": n, "tokens": rows[0]["tokens"]}
+        for m in METRICS:
+            vals = [r[m] for r in rows]
+            stats = {**spread(vals), "per_seed": vals}
+            if m == "scaled_acc":
+                # scaled = (tok_acc - chance) / (1 - chance): its error is tok_acc's, rescaled.
+                tok = statistics.fmean(r["tok_acc"] for r in rows)
+                stats["stderr"] = binomial_stderr(tok, n) / (1.0 - chance)
+            else:
+                stats["stderr"] = binomial_stderr(stats["mean"], n)
+            cell[m] = stats
+        table[str(length)] = cell
+    train = [rec["train_wall_time_s"] for rec in records]
+    return {
+        "lr": first["lr"],
+        "seeds": [rec["seed"] for rec in records],
+        "runs": [rec["run"] for rec in records],
+        "task": first["task"],
+        "train_length": first["train_length"],
+        "chance": chance,
+        "params": first["params"],
+        "state_bytes_per_seq": first["state_bytes_per_seq"],
+        "kv_bytes_per_token": first["kv_bytes_per_token"],
+        "train_wall_time_s": sum(train),
+        "eval_wall_time_s": sum(rec.get("eval_wall_time_s", 0.0) for rec in records),
         "by_length": table,
     }
 
 
-def write_report(report: dict, spec: StudySpec, out: Path) -> None:
+def write_study_report(plan: StudyPlan, out: Path) -> dict:
+    """results.json, report.md and the plots from the finished runs in ``out``."""
+    spec = plan.spec
+    records, selection, missing = collect(plan, out)
+    variants = {v: summarize_variant(recs) for v, recs in records.items()}
+    statuses = [slot_status(plan, slot, out)[0] for slot in plan.slots]
+    report = {
+        "study": spec.name or plan.path.stem,
+        "study_file": plan.path.name,
+        "base": spec.base,
+        "seeds": list(spec.seeds),
+        "lrs": spec.lrs,
+        "metric": spec.select_metric,
+        "selection_metric": spec.select_metric,
+        "lr_rule": (
+            f"LR chosen per variant by held-out {spec.select_metric} ({spec.select_examples} "
+            f"examples at the training length) of the seed-{plan.first_seed} runs, ties to the "
+            "smaller LR; the other seeds train at the chosen LR only"
+            if any(len(x) > 1 for x in plan.lrs.values())
+            else "one LR per variant, nothing to choose (held-out scores shown for reference)"
+        ),
+        "runs_total": len(plan.slots),
+        "runs_finished": statuses.count("finished"),
+        "complete": not missing,
+        "lr_selection": selection,
+        "variants": variants,
+        "missing": missing,
+        "sweep": spec.sweep.model_dump() if spec.sweep else None,
+        "device_time_s": sum(
+            v["train_wall_time_s"] + v["eval_wall_time_s"] for v in variants.values()
+        ),
+    }
+    atomic_write_text(out / "results.json", json.dumps(report, indent=1))
+    write_report(report, plan, out)
+    return report
+
+
+def _pct(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{100 * x:.1f}"
+
+
+def format_cell(stats: dict, seeds: int) -> str:
+    """``mean ± stderr [min, max]`` in %, the range only when there are several seeds."""
+    text = f"{_pct(stats['mean'])} ± {_pct(stats['stderr'])}"
+    if seeds > 1:
+        text += f" [{_pct(stats['min'])}, {_pct(stats['max'])}]"
+    return text
+
+
+def write_report(report: dict, plan: StudyPlan, out: Path) -> None:
+    spec = plan.spec
+    metric = report["metric"]
     variants = report["variants"]
+    n_seeds = len(spec.seeds)
     # Variants may be trained on different tasks (a state-tracking study mixes parity and
     # arithmetic), so columns are the union of lengths and missing cells show "-".
     lengths = sorted({int(n) for v in variants.values() for n in v["by_length"]})
@@ -324,63 +770,166 @@ def write_report(report: dict, spec: StudySpec, out: Path) -> None:
     lines = [f"# Study: {report['study']}", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
-    trained = (
-        f"Trained at length {train_len}. "
-        if train_len
-        else "Training lengths differ per variant (column `train len`). "
-    )
+    lrs = spec.lrs or "from the recipe"
     lines += [
-        f"Base recipe: `{Path(report['base']).name}`; seeds {spec.seeds}; learning rates "
-        f"{spec.lrs or 'from the recipe'} (best per variant chosen on {spec.select_examples} "
-        f"held-out examples at the training length, metric {report['selection_metric']}). "
-        + trained
-        + "Cells: ex_match % (scaled accuracy %) per evaluation length, mean over seeds; "
-        "- = not evaluated for that variant.",
+        f"Base recipe `{Path(spec.base).name}`; {len(plan.variants)} variants; seeds "
+        f"{spec.seeds}; learning rates {lrs}. Learning-rate rule: {report['lr_rule']}. "
+        + (
+            f"Trained at length {train_len}."
+            if train_len
+            else "Training lengths differ per variant (column `train len`)."
+        ),
+        "",
+        f"Runs finished: {report['runs_finished']} of {report['runs_total']}"
+        + ("." if report["complete"] else " -- this report is partial; see Missing runs."),
+        "",
+        f"## {metric} (%) by evaluation length",
+        "",
+        "Cells: mean over the finished seeds ± the binomial standard error sqrt(p(1-p)/n) of "
+        "the test set (p the mean, n the evaluated answers per length)"
+        + (" [min, max over seeds]" if n_seeds > 1 else "")
+        + "; - = not evaluated for that variant.",
         "",
     ]
     header = (
-        "| variant | params | state / seq | KV / token | lr | train len | train time | "
-        + " | ".join(str(n) for n in lengths)
-        + " | 2x / 1x |"
+        "| variant | seeds | params | state / seq | KV / token | lr | train len "
+        "| train time / run | " + " | ".join(str(n) for n in lengths) + " | 2x / 1x |"
     )
-    lines += [header, "|" + "---|" * (8 + len(lengths))]
+    lines += [header, "|" + "---|" * (9 + len(lengths))]
     for name, v in variants.items():
         cells = []
         for n in lengths:
             cell = v["by_length"].get(str(n))
-            cells.append(
-                "-"
-                if cell is None
-                else f"{100 * cell['ex_match']:.1f} ({100 * cell['scaled_acc']:.1f})"
-            )
-        one = v["by_length"].get(str(v["train_length"]), {}).get("ex_match")
-        two = v["by_length"].get(str(2 * v["train_length"]), {}).get("ex_match")
-        ratio = f"{two / one:.2f}" if one and two is not None else "-"
+            cells.append("-" if cell is None else format_cell(cell[metric], len(v["seeds"])))
+        one = v["by_length"].get(str(v["train_length"]))
+        two = v["by_length"].get(str(2 * v["train_length"]))
+        ratio = "-"
+        if one and two and one[metric]["mean"]:
+            ratio = f"{two[metric]['mean'] / one[metric]['mean']:.2f}"
+        per_run = v["train_wall_time_s"] / len(v["seeds"])
         lines.append(
-            f"| {name} | {human_count(v['params'])} | {human_bytes(v['state_bytes_per_seq'])} | "
-            f"{human_bytes(v['kv_bytes_per_token'])} | {v['lr']:g} | {v['train_length']} | "
-            f"{v['train_wall_time_s']:.0f} s | " + " | ".join(cells) + f" | {ratio} |"
+            f"| {name} | {len(v['seeds'])}/{n_seeds} | {human_count(v['params'])} | "
+            f"{human_bytes(v['state_bytes_per_seq'])} | {human_bytes(v['kv_bytes_per_token'])} | "
+            f"{v['lr']:g} | {v['train_length']} | {per_run:.0f} s | "
+            + " | ".join(cells)
+            + f" | {ratio} |"
         )
-    lines += ["", "LR selection (held-out score per learning rate):", ""]
-    for name, scores in report["lr_selection"].items():
-        lines.append(
-            f"- {name}: " + ", ".join(f"lr {lr}: {100 * s:.1f}" for lr, s in scores.items())
-        )
+    if variants:
+        lines += [
+            "",
+            "## scaled accuracy (%) by evaluation length",
+            "",
+            "0 = chance, 100 = perfect; mean over seeds"
+            + (" [min, max]" if n_seeds > 1 else "")
+            + ".",
+            "",
+            "| variant | " + " | ".join(str(n) for n in lengths) + " |",
+            "|" + "---|" * (1 + len(lengths)),
+        ]
+        for name, v in variants.items():
+            cells = []
+            for n in lengths:
+                cell = v["by_length"].get(str(n))
+                if cell is None:
+                    cells.append("-")
+                    continue
+                s = cell["scaled_acc"]
+                text = _pct(s["mean"])
+                if len(v["seeds"]) > 1:
+                    text += f" [{_pct(s['min'])}, {_pct(s['max'])}]"
+                cells.append(text)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    images = ["![length generalisation](lengthgen.png)"] if variants else []
+    if spec.sweep is not None and variants:
+        lines += _sweep_section(report, plan, out, images)
     lines += [
         "",
-        f"Total wall time {report['wall_time_s']:.0f} s.",
-        "",
-        "![length generalisation](lengthgen.png)",
+        f"## Learning-rate selection (held-out {metric} % of the seed-{plan.first_seed} runs)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
-    curves = {
-        name: [(int(n), cell["ex_match"]) for n, cell in v["by_length"].items()]
-        for name, v in variants.items()
-    }
+    for name, sel in report["lr_selection"].items():
+        scores = ", ".join(
+            f"lr {lr}: {_pct(s)}" + (" (chosen)" if float(lr) == sel["chosen"] else "")
+            for lr, s in sel["scores"].items()
+        )
+        lines.append(f"- {name}: {scores or 'no finished run yet'}")
+    if report["missing"]:
+        lines += ["", "## Missing runs", ""]
+        for m in report["missing"]:
+            lr = "chosen lr" if m["lr"] is None else f"lr {m['lr']:g}"
+            where = f" (`{m['run']}`)" if m["run"] else ""
+            lines.append(f"- {m['variant']} seed {m['seed']} {lr}{where}: {m['why']}")
+    lines += [
+        "",
+        f"Device time of the finished runs (training + evaluation): "
+        f"{report['device_time_s']:.0f} s.",
+        "",
+        *images,
+        "",
+    ]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    if not variants:
+        return
+    curves, errors, bands = {}, {}, {}
+    for name, v in variants.items():
+        pts = sorted((int(n), cell[metric]) for n, cell in v["by_length"].items())
+        curves[name] = [(n, s["mean"]) for n, s in pts]
+        errors[name] = [s["stderr"] for _, s in pts]
+        bands[name] = [(s["min"], s["max"]) for _, s in pts]
     plot_lengthgen(
         curves,
         out / "lengthgen.png",
         train_length=train_len,
-        title=f"{report['study']}: ex_match vs length",
+        metric=metric,
+        title=f"{report['study']}: {metric} vs length\n{_legend_note(n_seeds)}",
+        errors=errors,
+        bands=bands if n_seeds > 1 else None,
     )
+
+
+def _legend_note(n_seeds: int) -> str:
+    note = "bars: ±1 binomial standard error"
+    return note + ("; shaded: range over seeds" if n_seeds > 1 else "")
+
+
+def _sweep_section(report: dict, plan: StudyPlan, out: Path, images: list[str]) -> list[str]:
+    """Metric at each variant's training length against the sweep key (table + plot)."""
+    sw = plan.spec.sweep
+    metric = report["metric"]
+    label = sw.label or sw.key
+    n_seeds = len(plan.spec.seeds)
+    at_train: dict[str, dict] = {}
+    for name, v in report["variants"].items():
+        arm, value = plan.arm_of[name]
+        cell = v["by_length"].get(str(v["train_length"]))
+        if cell is not None:
+            at_train.setdefault(arm, {})[value] = (cell[metric], len(v["seeds"]))
+    lines = [
+        "",
+        f"## {metric} (%) at the training length against {label} (`{sw.key}`)",
+        "",
+        "| arm | " + " | ".join(str(x) for x in sw.values) + " |",
+        "|" + "---|" * (1 + len(sw.values)),
+    ]
+    for arm in plan.spec.variants:
+        row = at_train.get(arm, {})
+        cells = [format_cell(*row[x]) if x in row else "-" for x in sw.values]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if all(isinstance(x, int | float) for x in sw.values):
+        curves, errors, bands = {}, {}, {}
+        for arm, row in at_train.items():
+            xs = [x for x in sw.values if x in row]
+            curves[arm] = [(x, row[x][0]["mean"]) for x in xs]
+            errors[arm] = [row[x][0]["stderr"] for x in xs]
+            bands[arm] = [(row[x][0]["min"], row[x][0]["max"]) for x in xs]
+        plot_lengthgen(
+            curves,
+            out / "sweep.png",
+            metric=metric,
+            title=f"{report['study']}: {metric} at the training length\n{_legend_note(n_seeds)}",
+            errors=errors,
+            bands=bands if n_seeds > 1 else None,
+            xlabel=label,
+        )
+        images.append(f"![{metric} against {label}](sweep.png)")
+    return lines

@@ -15,6 +15,12 @@ def test_plots_write_pngs(tmp_path):
     curves = {"a": [(32, 0.9), (64, 0.5)], "b": [(32, 1.0), (64, 0.0)]}
     out = plot_lengthgen(curves, tmp_path / "len.png", train_length=32, title="t")
     assert out.read_bytes().startswith(PNG_MAGIC)
+    # error bars (binomial standard errors) and seed-range bands, another x axis; small files
+    errors = {"a": [0.02, 0.03], "b": [0.0, 0.0]}
+    bands = {"a": [(0.85, 0.95), (0.4, 0.6)], "b": [(1.0, 1.0), (0.0, 0.0)]}
+    out = plot_lengthgen(curves, tmp_path / "err.png", errors=errors, bands=bands, xlabel="pairs")
+    assert out.read_bytes().startswith(PNG_MAGIC) and out.stat().st_size < 200_000
+    assert not list(tmp_path.glob(".*.tmp")), "the atomic write left its temporary file"
     heat = plot_depth_heatmap([32, 64], [[1.0, None], [0.5, 0.25]], tmp_path / "heat.png")
     assert heat.read_bytes().startswith(PNG_MAGIC)
 

@@ -1,24 +1,43 @@
-"""Studies: a tiny 2 variants x 2 learning rates study end to end, resumption without
-retraining, and clear errors for bad study files."""
+"""Studies: tiny studies end to end (variants x learning rates x seeds), the LR rule, shards that
+partition the runs and merge into the same report, resumption without retraining, reports with
+mean / spread / standard error, relative paths, and clear errors for bad study files and flags."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+from hybridkit.build import build_model
 from hybridkit.cli import main
 from hybridkit.errors import HybridkitError, RecipeError
+from hybridkit.kernels.attention.fa4 import fa4_head_dim_ok
+from hybridkit.layers.attention import Attention
 from hybridkit.recipe import dump_recipe, load_recipe
-from hybridkit.study import load_study, run_study, variant_recipe
+from hybridkit.study import (
+    RESULT_FILE,
+    Slot,
+    load_study,
+    parse_only,
+    plan_study,
+    report_study,
+    run_name,
+    run_study,
+    select_slots,
+)
+from hybridkit.summary import summarize
 from hybridkit.train.metrics import read_metrics
 from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STUDIES = sorted((Path(__file__).parent.parent / "hybridkit/recipes/studies").glob("*.yaml"))
+CPU_STUDIES = {"lengthgen_quickstart"}  # the rest are sized for a GPU
 
 BASE = {
     "name": "tiny",
@@ -54,6 +73,9 @@ STUDY = {
     "select_examples": 16,
 }
 
+CELL = re.compile(r"\d+\.\d ± \d+\.\d \[\d+\.\d, \d+\.\d\]")  # mean ± stderr [min, max]
+TIMES = ("train_wall_time_s", "eval_wall_time_s", "device_time_s")
+
 
 def write_study(tmp_path: Path, **changes) -> Path:
     (tmp_path / "recipes").mkdir(exist_ok=True)
@@ -65,68 +87,192 @@ def write_study(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def run_dirs(out: Path) -> list[Path]:
-    return sorted(p.parent for p in out.glob("*/*/final.json"))
+def run_dirs(out: Path) -> list[str]:
+    return sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/*/final.json"))
 
 
-def test_study_end_to_end_and_rerun_skips_finished_runs(tmp_path, capsys, monkeypatch):
-    study = write_study(tmp_path)
+def without_times(value):
+    """``results.json`` minus wall-clock times, which differ between two runs of the same work."""
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if k not in TIMES}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value
+
+
+def report_without_times(out: Path) -> str:
+    return re.sub(r"\d+ s\b", "T s", (out / "report.md").read_text())
+
+
+def trained(printed: str) -> int:
+    """How many runs an invocation trained, from its ``[study] k/n training ...`` lines."""
+    return len(re.findall(r"^\[study\] \d+/\d+ training ", printed, re.M))
+
+
+def refuse_work(monkeypatch) -> None:
+    """Make any training or evaluation an error (for runs that must be skipped)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run was trained or evaluated again")
+
+    for name in ("Trainer", "evaluate_run", "held_out_eval"):
+        monkeypatch.setattr(f"hybridkit.study.{name}", refuse)
+
+
+# --- end to end ---------------------------------------------------------------------------------
+def test_study_end_to_end_lr_rule_seeds_and_rerun(tmp_path, capsys, monkeypatch):
+    study = write_study(tmp_path, seeds=[0, 1])
     out = tmp_path / "out"
     args = ["study", str(study), "-o", str(out), "--no-progress", "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("[study] training") == 4 and "# Study: tiny-study" in printed
+    assert trained(printed) == 6 and "# Study: tiny-study" in printed
 
-    dirs = run_dirs(out)
-    assert [d.relative_to(out).as_posix() for d in dirs] == [
-        "hybrid/lr0.001-seed0",
-        "hybrid/lr0.003-seed0",
-        "mamba/lr0.001-seed0",
-        "mamba/lr0.003-seed0",
-    ]
+    # The LR rule: both LRs at the first seed, the held-out choice at seed 0, seed 1 at it only.
+    results = json.loads((out / "results.json").read_text())
+    expected = []
+    for name in ("hybrid", "mamba"):
+        sel = results["lr_selection"][name]
+        assert set(sel["scores"]) == {"0.001", "0.003"} and sel["seed"] == 0
+        scores = {float(lr): s for lr, s in sel["scores"].items()}
+        best = max(scores, key=lambda lr: (scores[lr], -lr))  # ties go to the smaller LR
+        assert sel["chosen"] == best == results["variants"][name]["lr"]
+        for rec_lr in scores:
+            heldout = json.loads((out / name / run_name(rec_lr, 0) / RESULT_FILE).read_text())
+            assert heldout["heldout"]["ex_match"] == scores[rec_lr]
+        expected += [f"{name}/lr0.001-seed0", f"{name}/lr0.003-seed0", f"{name}/lr{best:g}-seed1"]
+    assert run_dirs(out) == sorted(expected)
     assert load_recipe(out / "mamba/lr0.003-seed0/recipe.yaml").model.layout == "m m"
     assert load_recipe(out / "hybrid/lr0.001-seed0/recipe.yaml").train.lr == 1e-3
-    results = json.loads((out / "results.json").read_text())
-    assert results["study"] == "tiny-study" and results["selection_metric"] == "ex_match"
-    assert set(results["variants"]) == {"hybrid", "mamba"}
-    assert set(results["lr_selection"]["hybrid"]) == {"0.001", "0.003"}
-    for v in results["variants"].values():
-        assert v["lr"] in (1e-3, 3e-3) and v["train_length"] == 16
-        assert set(v["by_length"]) == {"16", "32"} and v["params"] > 0
-        assert v["state_bytes_per_seq"] > 0
-        assert len(v["by_length"]["32"]["per_seed_ex_match"]) == 1
+    assert load_recipe(out / "hybrid" / expected[2].split("/")[1] / "recipe.yaml").seed == 1
+
+    # results.json: relative paths only, per-seed values, mean/spread/stderr per cell.
+    assert results["complete"] and results["runs_finished"] == results["runs_total"] == 6
+    assert results["missing"] == [] and results["base"] == "recipes/base.yaml"
+    for text in [(out / "results.json").read_text()] + [
+        p.read_text() for p in out.glob("*/*/*.json")
+    ]:
+        assert str(tmp_path) not in text
+    for name, v in results["variants"].items():
+        assert v["seeds"] == [0, 1] and v["train_length"] == 16 and v["params"] > 0
+        assert v["runs"] == [f"{name}/lr{v['lr']:g}-seed0", f"{name}/lr{v['lr']:g}-seed1"]
+        assert all((out / run / RESULT_FILE).is_file() for run in v["runs"])
+        assert set(v["by_length"]) == {"16", "32"}
+        for cell in v["by_length"].values():
+            assert cell["n"] == 16
+            for metric in ("ex_match", "tok_acc", "scaled_acc"):
+                stats = cell[metric]
+                assert len(stats["per_seed"]) == 2
+                assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
+            p = cell["ex_match"]["mean"]
+            assert cell["ex_match"]["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 16))
+    assert json.loads((out / expected[0] / "eval.json").read_text())["run"] == "."
     assert results["variants"]["hybrid"]["kv_bytes_per_token"] > 0
     assert results["variants"]["mamba"]["kv_bytes_per_token"] == 0  # no attention layer
+
     report = (out / "report.md").read_text()
     assert "# Study: tiny-study" in report and "two variants" in report
-    assert "| hybrid |" in report and "| mamba |" in report
-    assert "| 16" in report and "| 32" in report  # one column per evaluation length
+    assert "Runs finished: 6 of 6." in report and "(chosen)" in report
+    rows = {}  # the first table's row of each variant
+    for row in report.splitlines():
+        if row.startswith("| "):
+            rows.setdefault(row.split("|")[1].strip(), row)
+    for name in ("hybrid", "mamba"):
+        assert rows[name].count("±") == 2 and len(CELL.findall(rows[name])) == 2
+        assert "| 2/2 |" in rows[name]
+    assert "| 16 | 32 |" in report  # one column per evaluation length
     assert "![length generalisation](lengthgen.png)" in report
-    assert (out / "lengthgen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for d in dirs:
-        assert (d / "heldout.json").is_file() and (d / "model.safetensors").is_file()
-    chosen = {name: out / name / f"lr{v['lr']:g}-seed0" for name, v in results["variants"].items()}
-    assert all((d / "eval.json").is_file() for d in chosen.values())
+    png = (out / "lengthgen.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
 
-    # Re-running trains nothing: finished runs are skipped, their files untouched.
-    mtimes = {d: (d / "model.safetensors").stat().st_mtime_ns for d in dirs}
-    ckpts = {d: (d / "checkpoints" / "latest").read_text() for d in dirs}
-
-    def no_training(*a, **k):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr("hybridkit.study.Trainer", no_training)
+    # Re-running trains and evaluates nothing: finished runs are skipped, files untouched.
+    mtimes = {d: (out / d / "model.safetensors").stat().st_mtime_ns for d in expected}
+    refuse_work(monkeypatch)
     again = run_study(study, out, device="cpu", progress=False)
-    assert "[study] training" not in capsys.readouterr().out
-    assert again["variants"].keys() == results["variants"].keys()
-    assert {n: v["lr"] for n, v in again["variants"].items()} == {
-        n: v["lr"] for n, v in results["variants"].items()
+    assert trained(capsys.readouterr().out) == 0
+    assert again == results
+    assert {d: (out / d / "model.safetensors").stat().st_mtime_ns for d in expected} == mtimes
+
+
+def test_sharded_study_then_report_equals_unsharded(tmp_path, capsys):
+    # One variant keeps it fast; the runs: lr 1e-3 and 3e-3 at seed 0, then seed 1 at the choice.
+    fast = ["train.warmup_steps=2", "train.steps=10"]
+    study = write_study(tmp_path, variants={"hybrid": []}, seeds=[0, 1], lengths=[16], set=fast)
+    whole, sharded, merged = tmp_path / "whole", tmp_path / "sharded", tmp_path / "merged"
+    run_study(study, whole, device="cpu", progress=False)
+    capsys.readouterr()
+
+    # Shard 0 of 2 gets the seed-1 run, whose LR sweep is half in shard 1: it waits, and the
+    # report is partial and says what is missing.
+    first = run_study(study, sharded, device="cpu", progress=False, shard="0/2")
+    printed = capsys.readouterr().out
+    assert trained(printed) == 1 and "waiting: hybrid seed=1 chosen lr" in printed
+    assert not first["complete"] and first["runs_finished"] == 1
+    missing = {(m["variant"], m["seed"], m["lr"]): m["why"] for m in first["missing"]}
+    assert missing == {
+        ("hybrid", 0, 3e-3): "not started",
+        ("hybrid", 1, None): "waiting for the LR choice",
     }
-    assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in dirs} == mtimes
-    assert {d: (d / "checkpoints" / "latest").read_text() for d in dirs} == ckpts
+    assert "partial" in (sharded / "report.md").read_text()
+    assert "## Missing runs" in (sharded / "report.md").read_text()
+    run_study(study, sharded, device="cpu", progress=False, shard="1/2")
+    assert trained(capsys.readouterr().out) == 1
+    run_study(study, sharded, device="cpu", progress=False, shard=(0, 2))  # now it can run
+    assert trained(capsys.readouterr().out) == 1
+
+    assert main(["study", str(study), "-o", str(sharded), "--report"]) == 0
+    expected = json.loads((whole / "results.json").read_text())
+    got = json.loads((sharded / "results.json").read_text())
+    assert got["complete"] and without_times(got) == without_times(expected)
+    assert report_without_times(sharded) == report_without_times(whole)
+
+    # The records alone (what comes back from a GPU machine) merge into the same report.
+    for record in sharded.glob(f"*/*/{RESULT_FILE}"):
+        target = merged / record.relative_to(sharded)
+        target.parent.mkdir(parents=True)
+        shutil.copy(record, target)
+    report_study(study, merged)
+    got = json.loads((merged / "results.json").read_text())
+    assert without_times(got) == without_times(expected)
+    assert report_without_times(merged) == report_without_times(whole)
 
 
-def test_interrupted_study_resumes_only_the_unfinished_run(tmp_path, capsys):
+def test_shards_partition_the_runs(tmp_path):
+    study = write_study(
+        tmp_path, variants={"a": [], "b": [], "c": ["model.layout=m m"]}, seeds=[0, 1, 2]
+    )
+    plan = plan_study(study)
+    slots = plan.slots
+    # the LR sweep (first seed, every LR) comes first, then the other seeds at the chosen LR
+    assert slots[:6] == [Slot(v, 0, lr) for v in "abc" for lr in (1e-3, 3e-3)]
+    assert slots[6:] == [Slot(v, s, None) for s in (1, 2) for v in "abc"]
+    for only in (None, {"seed": {1, 2}}, {"variant": {"c"}}, {"variant": {"a"}, "seed": {0}}):
+        selected = select_slots(slots, only)
+        for n in range(1, len(slots) + 2):
+            shards = [select_slots(slots, only, (i, n)) for i in range(n)]
+            flat = [s for shard in shards for s in shard]
+            assert len(flat) == len(set(flat)) == len(selected)  # disjoint
+            assert set(flat) == set(selected)  # together: everything selected
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced
+    # one LR: nothing to choose, so later seeds name their LR up front
+    assert all(s.lr == 1e-3 for s in plan_study(write_study(tmp_path, lrs=[1e-3])).slots)
+
+
+def test_only_and_list(tmp_path, capsys):
+    study = write_study(tmp_path, seeds=[0, 1], lrs=[3e-3], lengths=[16])
+    out = tmp_path / "out"
+    args = ["study", str(study), "-o", str(out), "--no-progress"]
+    assert main([*args, "--only", "variant=mamba,seed=1"]) == 0
+    assert run_dirs(out) == ["mamba/lr0.003-seed1"]
+    capsys.readouterr()
+    assert main([*args, "--list", "--only", "seed=0,1", "--shard", "1/2"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].startswith("mamba seed=0 lr=0.003") and "not started" in listed[0]
+    assert listed[1].startswith("mamba seed=1 lr=0.003") and "finished" in listed[1]
+    assert listed[2].startswith("2 run(s) selected")
+
+
+def test_interrupted_study_resumes_only_the_unfinished_run(tmp_path, capsys, monkeypatch):
     study = write_study(
         tmp_path, variants={"hybrid": []}, lrs=[3e-3], lengths=[16], description=None
     )
@@ -134,15 +280,17 @@ def test_interrupted_study_resumes_only_the_unfinished_run(tmp_path, capsys):
     run_study(study, out, device="cpu", progress=False)
     run = out / "hybrid" / "lr0.003-seed0"
     first = json.loads((run / "final.json").read_text())
+    record = json.loads((run / RESULT_FILE).read_text())
     # Simulate a kill after the last checkpoint but before final.json was written.
-    (run / "final.json").unlink()
-    (run / "eval.json").unlink()
+    for name in ("final.json", "eval.json", RESULT_FILE):
+        (run / name).unlink()
     latest = (run / "checkpoints" / "latest").read_text()
     ckpt_mtime = (run / "checkpoints" / latest / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
+    assert "started" in main_list(study, out, capsys)
     run_study(study, out, device="cpu", progress=False)
     printed = capsys.readouterr().out
-    assert "[study] training hybrid" in printed and "resumed from" in printed
+    assert "training hybrid" in printed and "resumed from" in printed
     second = json.loads((run / "final.json").read_text())
     assert second["step"] == first["step"] == 20
     assert second["final_eval"] == first["final_eval"]
@@ -150,9 +298,175 @@ def test_interrupted_study_resumes_only_the_unfinished_run(tmp_path, capsys):
     assert (run / "checkpoints" / "latest").read_text() == latest
     assert (run / "checkpoints" / latest / "model.safetensors").stat().st_mtime_ns == ckpt_mtime
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [5, 10, 15, 20]
+    assert json.loads((run / RESULT_FILE).read_text())["results"] == record["results"]
+
+    # Killed after training, before the evaluation finished: evaluated, not trained.
+    (run / RESULT_FILE).unlink()
+    assert "trained, not evaluated" in main_list(study, out, capsys)
+    monkeypatch.setattr("hybridkit.study.Trainer", refuse_training)
+    run_study(study, out, device="cpu", progress=False)
+    assert "evaluating hybrid" in capsys.readouterr().out
+    assert json.loads((run / RESULT_FILE).read_text())["results"] == record["results"]
+
+    # New evaluation lengths re-evaluate the finished run, still without training it.
+    again = write_study(
+        tmp_path, variants={"hybrid": []}, lrs=[3e-3], lengths=[16, 32], description=None
+    )
+    assert "other settings" in main_list(again, out, capsys)
+    run_study(again, out, device="cpu", progress=False)
+    assert set(
+        json.loads((out / "results.json").read_text())["variants"]["hybrid"]["by_length"]
+    ) == {
+        "16",
+        "32",
+    }
 
 
-# --- bad study files ------------------------------------------------------------------------------
+def refuse_training(*a, **k):
+    raise AssertionError("a trained run was trained again")
+
+
+def main_list(study: Path, out: Path, capsys) -> str:
+    capsys.readouterr()
+    assert main(["study", str(study), "-o", str(out), "--list"]) == 0
+    return capsys.readouterr().out
+
+
+# --- reports from records ------------------------------------------------------------------------
+def fake_record(variant: str, seed: int, lr: float, acc: list[float], heldout: float) -> dict:
+    """A finished run's result.json with chosen accuracies at lengths 16 and 32 (100 answers)."""
+    results = [
+        {
+            "length": n,
+            "tokens": n,
+            "ex_match": a,
+            "tok_acc": a,
+            "scaled_acc": (a - 0.5) / 0.5,
+            "scored": 100.0,
+            "examples": 100.0,
+        }
+        for n, a in zip((16, 32), acc, strict=True)
+    ]
+    return {
+        "variant": variant,
+        "seed": seed,
+        "lr": lr,
+        "run": f"{variant}/{run_name(lr, seed)}",
+        "select_examples": 16,
+        "lengths_requested": [16, 32],
+        "heldout": {"ex_match": heldout, "tok_acc": heldout},
+        "task": "mqar",
+        "train_length": 16,
+        "chance": 0.5,
+        "results": results,
+        "params": 1000,
+        "state_bytes_per_seq": 64,
+        "kv_bytes_per_token": 0,
+        "steps": 20,
+        "train_wall_time_s": 1.0,
+        "eval_wall_time_s": 0.5,
+    }
+
+
+def put(out: Path, record: dict) -> None:
+    path = out / record["run"] / RESULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def test_report_cells_mean_spread_stderr_and_missing_runs(tmp_path, capsys):
+    study = write_study(tmp_path, seeds=[0, 1, 2])
+    out = tmp_path / "out"
+    # hybrid: the sweep prefers 3e-3 on held-out data although 1e-3 scores higher on the test
+    # sets -- the report must follow the held-out choice. Seeds 1 and 2 ran at 3e-3.
+    put(out, fake_record("hybrid", 0, 1e-3, [0.9, 0.9], heldout=0.2))
+    put(out, fake_record("hybrid", 0, 3e-3, [0.5, 0.4], heldout=0.3))
+    put(out, fake_record("hybrid", 1, 3e-3, [0.7, 0.2], heldout=0.0))
+    put(out, fake_record("hybrid", 2, 3e-3, [0.6, 0.3], heldout=0.0))
+    put(out, fake_record("hybrid", 1, 1e-3, [1.0, 1.0], heldout=1.0))  # not part of the study
+    # mamba: only one LR of the sweep finished, so nothing is reported and seeds 1-2 wait.
+    put(out, fake_record("mamba", 0, 1e-3, [0.3, 0.1], heldout=0.5))
+    assert main(["study", str(study), "-o", str(out), "--report"]) == 0
+    assert "5 of 8 runs finished; 3 missing" in capsys.readouterr().out
+
+    results = json.loads((out / "results.json").read_text())
+    assert not results["complete"] and list(results["variants"]) == ["hybrid"]
+    hybrid = results["variants"]["hybrid"]
+    assert hybrid["lr"] == 3e-3 and hybrid["seeds"] == [0, 1, 2]
+    cell = hybrid["by_length"]["16"]["ex_match"]
+    assert cell["per_seed"] == [0.5, 0.7, 0.6]
+    assert cell["mean"] == pytest.approx(0.6) and cell["std"] == pytest.approx(0.1)
+    assert (cell["min"], cell["max"]) == (0.5, 0.7)
+    assert cell["stderr"] == pytest.approx(math.sqrt(0.6 * 0.4 / 100))
+    scaled = hybrid["by_length"]["16"]["scaled_acc"]
+    assert scaled["mean"] == pytest.approx(0.2)
+    assert scaled["stderr"] == pytest.approx(math.sqrt(0.6 * 0.4 / 100) / 0.5)
+    assert results["lr_selection"]["mamba"]["chosen"] is None
+    missing = {(m["variant"], m["seed"], m["lr"]): m["why"] for m in results["missing"]}
+    assert missing[("mamba", 0, 3e-3)] == "not started"
+    assert missing[("mamba", 1, None)] == "waiting for the LR choice"
+    assert set(missing) == {("mamba", 0, 3e-3), ("mamba", 1, None), ("mamba", 2, None)}
+
+    report = (out / "report.md").read_text()
+    assert "| hybrid | 3/3 |" in report
+    assert "60.0 ± 4.9 [50.0, 70.0]" in report  # length 16
+    assert "30.0 ± 4.6 [20.0, 40.0]" in report  # length 32
+    assert "| 0.50 |" in report  # 2x / 1x of the means
+    assert "Runs finished: 5 of 8 -- this report is partial" in report
+    assert "- mamba seed 0 lr 0.003 (`mamba/lr0.003-seed0`): not started" in report
+    assert "- mamba seed 1 chosen lr: waiting for the LR choice" in report
+    assert "lr 0.003: 30.0 (chosen)" in report and "- mamba: lr 0.001: 50.0" in report
+    assert (out / "lengthgen.png").stat().st_size < 200_000
+
+
+def test_sweep_crosses_variants_and_reports_against_the_key(tmp_path):
+    sweep = {"key": "task.num_kv_pairs", "values": [1, 2, 4], "name": "D", "label": "pairs"}
+    study = write_study(tmp_path, sweep=sweep, lrs=[1e-3], seeds=[0, 1])
+    plan = plan_study(study)
+    assert list(plan.variants) == [f"{v}-D{d}" for v in ("hybrid", "mamba") for d in (1, 2, 4)]
+    assert plan.recipe("mamba-D4", 1e-3, 1).task.num_kv_pairs == 4
+    assert plan.recipe("mamba-D4", 1e-3, 1).model.layout == "m m"
+    out = tmp_path / "out"
+    for v in plan.variants:
+        d = int(v.split("-D")[1])
+        for seed in (0, 1):
+            put(out, fake_record(v, seed, 1e-3, [1 / d, 0.5 / d], heldout=0.0))
+    results = report_study(study, out)
+    assert results["complete"] and results["sweep"]["key"] == "task.num_kv_pairs"
+    report = (out / "report.md").read_text()
+    assert "at the training length against pairs (`task.num_kv_pairs`)" in report
+    assert "| arm | 1 | 2 | 4 |" in report
+    assert "| hybrid | 100.0 ± 0.0 [100.0, 100.0] | 50.0 ± 5.0 [50.0, 50.0] | 25.0 ± 4.3" in report
+    assert "![ex_match against pairs](sweep.png)" in report
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # --only takes an arm's name for all its sweep values
+    only = parse_only(["variant=mamba", "variant=hybrid-D2,seed=1"], plan)
+    assert only == {"variant": {"mamba-D1", "mamba-D2", "mamba-D4", "hybrid-D2"}, "seed": {1}}
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def test_bad_flags_exit_2(tmp_path, cli_error):
+    study = write_study(tmp_path)
+    base = ["study", str(study), "-o", str(tmp_path / "out"), "--no-progress"]
+    for bad in ("2/2", "1", "a/b", "-1/2", "0/0", "1/2/3", "1/ 2x"):
+        err = cli_error(*base, f"--shard={bad}")
+        assert "--shard must be I/N" in err and "0 <= I < N" in err and repr(bad) in err
+    err = cli_error(*base, "--only", "variant=nope")
+    assert "--only variant=nope" in err and "allowed: hybrid, mamba" in err
+    err = cli_error(*base, "--only", "seed=7")
+    assert "--only seed=7" in err and "allowed: 0" in err
+    assert "--only seed=x" in cli_error(*base, "--only", "seed=x")
+    err = cli_error(*base, "--only", "color=red")
+    assert "unknown key" in err and "variant or seed" in err
+    err = cli_error(*base, "--only", "mamba")
+    assert "--only must be" in err and "KEY=VALUE" in err
+    err = cli_error(*base, "--report", "--shard", "0/2")
+    assert "--report" in err and "no --shard" in err
+    err = cli_error(*base, "--report")
+    assert "no study folder" in err
+    assert not (tmp_path / "out").exists(), "a bad flag still started the study"
+
+
 def study_error(tmp_path: Path, cli_error, **changes) -> str:
     path = write_study(tmp_path, **changes)
     with pytest.raises(HybridkitError) as info:
@@ -186,14 +500,22 @@ def test_bad_variant_override_key_names_the_variant_and_key(tmp_path, cli_error)
     assert "task.num_kv_pair" in msg and "'hybrid'" in msg
     msg = study_error(tmp_path, cli_error, variants={"hybrid": ["model.layout=m x"]})
     assert "model.layout" in msg and "'hybrid'" in msg
+    sweep = {"key": "task.num_kv_pair", "values": [2]}
+    msg = study_error(tmp_path, cli_error, sweep=sweep)
+    assert "task.num_kv_pair" in msg and "'hybrid-num_kv_pair2'" in msg
 
 
 def test_bad_study_values(tmp_path, cli_error):
     assert "lrs" in study_error(tmp_path, cli_error, lrs=[1e-3, -1.0])
     assert "seeds must not be empty" in study_error(tmp_path, cli_error, seeds=[])
+    assert "seeds must be distinct" in study_error(tmp_path, cli_error, seeds=[0, 0])
     assert "select_metric" in study_error(tmp_path, cli_error, select_metric="loss")
     assert "plain folder name" in study_error(tmp_path, cli_error, variants={"a/b": []})
     assert "set" in study_error(tmp_path, cli_error, set="train.lr=1")
+    assert "sweep.values" in study_error(tmp_path, cli_error, sweep={"key": "a.b", "values": []})
+    assert "dotted recipe key" in study_error(
+        tmp_path, cli_error, sweep={"key": "a=1", "values": [1]}
+    )
 
 
 def test_study_file_problems(tmp_path, capsys):
@@ -215,10 +537,36 @@ def test_study_file_problems(tmp_path, capsys):
         run_study(path, tmp_path / "out", device="cpu", progress=False)
 
 
+# --- the shipped studies ------------------------------------------------------------------------
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
 def test_shipped_studies_validate(path):
-    spec, base = load_study(path)
-    for variant in spec.variants:
-        for lr in spec.lrs or [None]:
-            recipe = variant_recipe(spec, base, variant, lr, spec.seeds[0])
-            assert recipe.task is not None
+    plan = plan_study(path)
+    for variant in plan.variants:
+        for lr in plan.lrs[variant]:
+            assert plan.recipe(variant, lr, plan.spec.seeds[0]).task is not None
+    if path.stem in CPU_STUDIES:
+        # `make demo` trains every run of the quickstart on a laptop CPU: keep it one seed.
+        assert len(plan.slots) <= 4 and plan.spec.seeds == [0]
+    else:
+        assert len(plan.spec.seeds) >= 3
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in STUDIES if p.stem not in CPU_STUDIES], ids=lambda p: p.stem
+)
+def test_gpu_studies_use_the_triton_and_fa4_kernels_in_bf16(path):
+    """On a GPU every Mamba-3 layer of every arm must plan the Triton scan and every attention
+    layer must have a head_dim FlashAttention-4 takes on an H100/H200, with bf16 autocast: a
+    study that silently fell back to the torch paths would measure a different program."""
+    plan = plan_study(path)
+    for variant in plan.variants:
+        recipe = plan.recipe(variant, plan.lrs[variant][0], plan.spec.seeds[0])
+        assert recipe.train.precision in ("auto", "bf16"), variant
+        model = build_model(recipe, seed=0)
+        backends = summarize(model, seq_len=recipe.task.seq_len, device="cuda").backends
+        if "mamba3 scan (prefill)" in backends:
+            assert backends["mamba3 scan (prefill)"] == "triton", (variant, backends)
+        for layer in model.modules():
+            if isinstance(layer, Attention):
+                assert layer.spec.backend == "auto", variant
+                assert fa4_head_dim_ok(layer.head_dim, 9), (variant, layer.head_dim)

@@ -14,6 +14,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from hybridkit.fsutil import atomic_write
+
 
 def _figure(width: float, height: float) -> Figure:
     """A figure with its own Agg canvas (no display, no pyplot, no global backend)."""
@@ -23,22 +25,37 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Lay the figure out and write it (the format follows the file's extension)."""
+    """Lay the figure out and write it (the format follows the file's extension).
+
+    Written through a temporary file and a rename: study shards running side by side rewrite the
+    same plot, and a reader must never see half a PNG."""
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
     return path
 
 
 def plot_lengthgen(
-    curves: Mapping[str, Sequence[tuple[int, float]]],
+    curves: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
     *,
     train_length: int | None = None,
     metric: str = "ex_match",
     title: str | None = None,
+    errors: Mapping[str, Sequence[float]] | None = None,
+    bands: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    xlabel: str = "evaluation length",
 ) -> Path:
-    """One line per arm: ``metric`` vs evaluation length on a log2 axis, train length marked."""
+    """One line per arm: ``metric`` vs evaluation length on a log2 axis, train length marked.
+
+    ``errors`` (optional, per arm, one value per point, as a fraction like the curve) draws
+    symmetric error bars -- the studies pass the binomial standard error of the test set.
+    ``bands`` (optional, per arm, ``(low, high)`` per point) shades a range -- the studies pass
+    the min-max over seeds. Both are wanted: the first says how much a finite test set can move
+    a number, the second how much the training run itself does. ``xlabel`` lets other sweeps
+    (number of key-value pairs, ...) reuse the same figure.
+    """
     fig = _figure(6.4, 4.0)
     ax = fig.subplots()
     markers = "osD^vP*X"
@@ -46,15 +63,30 @@ def plot_lengthgen(
         xs = [x for x, _ in points]
         ys = [100 * y for _, y in points]
         # Distinct markers and dash patterns keep arms that overlap (e.g. all at 0) visible.
-        ax.plot(
+        yerr = None
+        if errors is not None and name in errors:
+            yerr = [100 * e for e in errors[name]]
+        line = ax.errorbar(
             xs,
             ys,
+            yerr=yerr,
             marker=markers[i % len(markers)],
             linestyle=["-", "--", ":", "-."][i % 4],
             markersize=6 - (i % 3),
+            capsize=3 if yerr is not None else 0,
+            elinewidth=1,
             label=name,
         )
+        if bands is not None and name in bands:
+            lo = [100 * a for a, _ in bands[name]]
+            hi = [100 * b for _, b in bands[name]]
+            ax.fill_between(xs, lo, hi, color=line.lines[0].get_color(), alpha=0.15, linewidth=0)
     ax.set_xscale("log", base=2)
+    # Label the measured points with their values (256, not 2^8): that is what readers look up.
+    ticks = sorted({x for points in curves.values() for x, _ in points})
+    if 0 < len(ticks) <= 12:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1)
         ax.annotate(
@@ -67,11 +99,11 @@ def plot_lengthgen(
             textcoords="offset points",
         )
     ax.set_ylim(-3, 103)
-    ax.set_xlabel("evaluation length")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     if len(curves) > 1:
         ax.legend(fontsize=8)
     return _save(fig, path)

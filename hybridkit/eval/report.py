@@ -1,8 +1,18 @@
-"""Evaluate a finished (or in-progress) run directory and write eval.json / eval.md / PNGs."""
+"""Evaluate a finished (or in-progress) run directory and write eval.json / eval.md / PNGs, and
+the two uncertainty numbers every accuracy we report carries (docs/tasks.md section 0).
+
+An accuracy measured on n examples moves by about ``sqrt(p (1 - p) / n)`` from one draw of the
+test set to the next, even for a fixed model: :func:`binomial_stderr`. A second training run with
+another seed moves it too, often more: :func:`spread` summarises the values over seeds. A table
+that shows neither invites reading noise as a result.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,20 +23,47 @@ from hybridkit.rundir import load_run
 from hybridkit.runtime import resolve_device
 
 
+def binomial_stderr(p: float, n: float) -> float:
+    """Standard error ``sqrt(p (1 - p) / n)`` of an accuracy ``p`` measured on ``n`` answers.
+
+    ``n`` is the number of answers (examples, or answer groups where one example holds several),
+    also for token accuracy: the tokens of one answer are not independent draws, so counting
+    answers is the honest (larger) error. NaN when nothing was evaluated."""
+    if not n or math.isnan(p):
+        return float("nan")
+    p = min(max(p, 0.0), 1.0)
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max of per-seed values."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("spread of no values")
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals),
+        "max": max(vals),
+    }
+
+
 def markdown_table(results: Sequence[dict], train_length: int | None) -> str:
+    """One row per length; ``±`` is the binomial standard error of ex_match (n = answers)."""
     lines = [
-        "| length | tokens | ex_match | tok_acc | scaled_acc | decode ex_match (n) "
+        "| length | tokens | answers | ex_match | tok_acc | scaled_acc | decode ex_match (n) "
         "| decode = forward |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         mark = " (train)" if r["length"] == train_length else ""
         dec = r.get("decode")
         dec_s = f"{100 * dec['ex_match']:.1f} ({int(dec['examples'])})" if dec else "-"
         agree = f"{100 * dec['agree_with_forward']:.1f}%" if dec else "-"
+        se = binomial_stderr(r["ex_match"], r["examples"])
         lines.append(
-            f"| {r['length']}{mark} | {r['tokens']} | {100 * r['ex_match']:.1f} "
-            f"| {100 * r['tok_acc']:.1f} "
+            f"| {r['length']}{mark} | {r['tokens']} | {int(r['examples'])} "
+            f"| {100 * r['ex_match']:.1f} ± {100 * se:.1f} | {100 * r['tok_acc']:.1f} "
             f"| {100 * r['scaled_acc']:.1f} | {dec_s} | {agree} |"
         )
     return "\n".join(lines) + "\n"
@@ -71,7 +108,9 @@ def evaluate_run(
     out.mkdir(parents=True, exist_ok=True)
     train_length = task_spec.seq_len
     payload = {
-        "run": str(run_dir),
+        # Relative to the folder holding eval.json, so results stay valid when the folder is
+        # copied off the machine that produced it (GPU runs come back as archives).
+        "run": os.path.relpath(run_dir, out),
         "task": task_spec.kind,
         "train_length": train_length,
         "chance": task.chance,
@@ -82,9 +121,11 @@ def evaluate_run(
         f"# {recipe.name or run_dir.name}: {task_spec.kind}, trained at {train_length}\n\n"
         + markdown_table(results, train_length)
     )
+    name = recipe.name or run_dir.name
     plot_lengthgen(
-        {recipe.name or run_dir.name: [(r["length"], r["ex_match"]) for r in results]},
+        {name: [(r["length"], r["ex_match"]) for r in results]},
         out / "eval.png",
+        errors={name: [binomial_stderr(r["ex_match"], r["examples"]) for r in results]},
         train_length=train_length,
         title=f"{task_spec.kind}: accuracy vs length",
     )
