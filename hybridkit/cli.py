@@ -366,13 +366,57 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 # --- parser -----------------------------------------------------------------------------------
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    import json
+
+    from hybridkit.build import build_model
+    from hybridkit.rundir import load_source
+    from hybridkit.train.bench import bench_train, markdown
+    from hybridkit.train.optim import build_optimizer
+
+    recipe, _ = load_source(args.recipe, args.overrides, plugins=args.plugins)
+    spec = recipe.train
+    device = _device(args.device if args.device != "auto" else spec.device)
+    model = build_model(recipe, seed=0).to(device)
+    model.activation_checkpointing = spec.activation_checkpointing
+    result = bench_train(
+        model,
+        build_optimizer(model, spec),
+        batch=args.batch or spec.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        precision=spec.precision,
+        compile_model=args.compile or spec.compile,
+        profile=not args.no_profile,
+    )
+    text = markdown(result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=1))
+        out.with_suffix(".md").write_text(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridkit",
         description="Compose, train and study hybrid Mamba-3 / attention language models.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_show(sub)
+    _add_generate(sub)
+    _add_check(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_study(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_show(sub) -> None:
     p = sub.add_parser("show", help="validate a recipe and print its layers, parameters and memory")
     p.add_argument("recipe", help="recipe YAML file or run directory")
     p.add_argument(
@@ -398,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_show)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate", help="sample tokens from a trained run or a randomly initialised recipe"
     )
@@ -435,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_check(sub) -> None:
     p = sub.add_parser(
         "check",
         help="check that prefill + token-by-token decode reproduces the full forward (float64)",
@@ -464,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_check)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a recipe (task + model) into a run directory")
     p.add_argument("recipe", help="recipe YAML file with model, task and train sections")
     p.add_argument(
@@ -481,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a trained run at many lengths (eval.json, eval.md, eval.png)"
     )
@@ -497,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_study(sub) -> None:
     p = sub.add_parser(
         "study", help="train and compare variants of a recipe (report.md + lengthgen.png)"
     )
@@ -532,7 +586,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set(p)
     p.set_defaults(func=cmd_study)
-    return parser
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure speed: `bench train RECIPE`")
+    what = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    p = what.add_parser(
+        "train",
+        help="training throughput: tokens/s, TFLOP/s, MFU, peak memory, a per-kernel breakdown",
+    )
+    p.add_argument("recipe", help="recipe YAML file or run directory")
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=None,
+        help="sequences per step (default train.batch_size)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=_int_arg(1, MAX_SEQ_LEN),
+        default=2048,
+        help="tokens per sequence (default 2048)",
+    )
+    p.add_argument("--steps", type=_positive_int, default=10, help="timed steps (default 10)")
+    p.add_argument(
+        "--warmup", type=_nonnegative_int, default=3, help="untimed steps first (default 3)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown step")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default: train.device)")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md as well")
+    _add_set(p)
+    p.set_defaults(func=cmd_bench_train)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,3 +46,16 @@ def test_kernel_names_fall_into_categories():
     assert categorize("multi_tensor_apply_kernel") == "optimizer"
     assert categorize("sm90_xmma_gemm_bf16") == "matmuls (projections, MLP, head)"
     assert categorize("aten::add") == "other"
+
+
+def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):
+    from hybridkit.cli import main
+
+    out = tmp_path / "bench" / "tiny"
+    argv = ["bench", "train", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "2"]
+    argv += ["--seq-len", "32", "--steps", "2", "--warmup", "1", "--no-profile", "--out", str(out)]
+    assert main(argv) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    data = __import__("json").loads(out.with_suffix(".json").read_text())
+    assert data["batch"] == 2 and data["seq_len"] == 32 and data["tokens_per_s"] > 0
+    assert out.with_suffix(".md").is_file()

@@ -37,7 +37,10 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
     ("norms", ("rms", "norm")),
-    ("matmuls (projections, MLP, head)", ("gemm", "matmul", "cutlass", "xmma", "sm90_", "mm_")),
+    (
+        "matmuls (projections, MLP, head)",
+        ("gemm", "matmul", "cutlass", "xmma", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
+    ),
 )
 
 
