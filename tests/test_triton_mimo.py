@@ -1,6 +1,6 @@
 """The Triton scan at MIMO ranks (R rows per token, "halves" pairing, per-rank x scaling).
 
-The same kernels as SISO run R rows per token (docs/mamba3.md §3.8); these cases check the
+The same kernels as SISO run R rows per token (docs/mamba3.md §3.9); these cases check the
 forward, the final state and every gradient (psi = ``mimo_x`` included) against the float64
 sequential reference: on the CPU through the Triton interpreter at tiny shapes, on the GPU over
 a grid of real shapes (``-m gpu``).

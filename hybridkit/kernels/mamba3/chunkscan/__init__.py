@@ -2,7 +2,7 @@
 
 One set of kernels serves every rank R: a chunk of C tokens is processed as C * R rows (one per
 token and rank), so SISO is R = 1 and MIMO runs the same algorithm with a block-causal mask (the
-R ranks of a token see each other) and per-token sums over ranks (``docs/mamba3.md`` §3.8).
+R ranks of a token see each other) and per-token sums over ranks (``docs/mamba3.md`` §3.9).
 
 * :mod:`.common`, :mod:`.forward`, :mod:`.backward`: the Triton kernels;
 * :mod:`.launch`: launch options (tuned or from :mod:`hybridkit.kernels.config`), chunk plans;

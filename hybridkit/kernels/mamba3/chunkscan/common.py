@@ -88,7 +88,7 @@ def _operand(x, FAST: tl.constexpr):
 def _rows(tok_start, tok_end, C: tl.constexpr, R: tl.constexpr):
     """(token, rank, mask) of the C * R rows of a chunk: row i is token ``tok_start + i // R``,
     rank ``i % R``. MIMO runs the SISO algorithm on these rows; only the masks (a token's ranks
-    see each other) and the per-token sums differ (``docs/mamba3.md`` section 3.8)."""
+    see each other) and the per-token sums differ (``docs/mamba3.md`` section 3.9)."""
     offs = tl.arange(0, C * R)
     if R == 1:
         tt = tok_start + offs
