@@ -367,36 +367,36 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------
 def cmd_bench_train(args: argparse.Namespace) -> int:
+    """One process, or every rank of ``torchrun --nproc-per-node N -m hybridkit bench train``;
+    only rank 0 prints and writes (:mod:`hybridkit.train.bench_parallel`)."""
     import json
 
-    from hybridkit.build import build_model
     from hybridkit.rundir import load_source
-    from hybridkit.train.bench import bench_train, markdown
-    from hybridkit.train.optim import build_optimizer
+    from hybridkit.train import distributed as dist_utils
+    from hybridkit.train.bench_parallel import bench_recipe, parallel_markdown
 
     recipe, _ = load_source(args.recipe, args.overrides, plugins=args.plugins)
-    spec = recipe.train
-    device = _device(args.device if args.device != "auto" else spec.device)
-    model = build_model(recipe, seed=0).to(device)
-    model.activation_checkpointing = spec.activation_checkpointing
-    result = bench_train(
-        model,
-        build_optimizer(model, spec),
-        batch=args.batch or spec.batch_size,
+    if args.device != "auto":
+        _device(args.device)  # a clear error for a bad name before any process group exists
+    info, job, rank0 = bench_recipe(
+        recipe,
+        device=args.device,
+        batch=args.batch,
         seq_len=args.seq_len,
         steps=args.steps,
         warmup=args.warmup,
-        precision=spec.precision,
-        compile_model=args.compile or spec.compile,
+        compile_model=args.compile or recipe.train.compile,
         profile=not args.no_profile,
     )
-    text = markdown(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=1))
-        out.with_suffix(".md").write_text(text)
+    if info.is_main:
+        text = parallel_markdown(job, rank0)
+        print(text)
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".json").write_text(json.dumps(job.to_dict(), indent=1))
+            out.with_suffix(".md").write_text(text)
+    dist_utils.shutdown(info)
     return 0
 
 
@@ -600,7 +600,8 @@ def _add_bench(sub) -> None:
         "--batch",
         type=_positive_int,
         default=None,
-        help="sequences per step (default train.batch_size)",
+        help="sequences per step on each rank (default: train.batch_size, split over the "
+        "ranks under torchrun)",
     )
     p.add_argument(
         "--seq-len",

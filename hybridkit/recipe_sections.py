@@ -53,6 +53,18 @@ class TrainSpec(StrictModel):
     parallel: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="data parallelism under torchrun (FSDP2 = fully_shard)"
     )
+    fsdp_mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="FSDP2 parameter dtype (gradients always reduce in fp32): bf16 gathers and "
+        "computes in bf16 weights; auto = bf16 when the step runs under bf16 autocast (GPU), "
+        "else fp32",
+    )
+    checkpoint_format: Literal["auto", "full", "sharded"] = Field(
+        default="auto",
+        description="full = one set of safetensors gathered on rank 0; sharded = "
+        "torch.distributed.checkpoint, every rank writes its shard (resumes on any world "
+        "size); auto = sharded for FSDP, full otherwise",
+    )
     log_every: int = Field(default=10, gt=0)
     eval_every: int = Field(default=0, ge=0, description="in-training eval cadence; 0 = at the end")
     checkpoint_every: int = Field(default=200, ge=0, description="0 = only the final checkpoint")
@@ -79,7 +91,18 @@ class TrainSpec(StrictModel):
             )
         if self.warmup_steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be below steps {self.steps}")
+        if self.fsdp_mixed_precision == "bf16" and self.precision == "fp32":
+            raise ValueError(
+                "fsdp_mixed_precision bf16 contradicts precision fp32 (full precision "
+                "everywhere); allowed with fp32: auto, fp32"
+            )
         return self
+
+    def resolved_checkpoint_format(self) -> str:
+        """``full`` or ``sharded`` (see ``checkpoint_format``)."""
+        if self.checkpoint_format == "auto":
+            return "sharded" if self.parallel == "fsdp" else "full"
+        return self.checkpoint_format
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)

@@ -139,17 +139,21 @@ def bench_train(
     precision: str = "auto",
     compile_model: bool = False,
     profile: bool = True,
+    module: torch.nn.Module | None = None,
 ) -> TrainBench:
     """Time ``steps`` optimizer steps of ``model`` after ``warmup`` (see the module docstring).
 
     The model and optimizer are used as given (built from a recipe by the caller), so what is
-    measured is exactly what training runs."""
+    measured is exactly what training runs. ``module`` is what a step calls when it is not
+    ``model`` itself (a DDP wrapper, whose hooks reduce the gradients); ``model`` still provides
+    the spec and the FLOP count."""
     device = next(model.parameters()).device
     vocab = model.spec.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    forward = torch.compile(model) if compile_model else model
+    called = model if module is None else module
+    forward = torch.compile(called) if compile_model else called
 
     def step() -> None:
         with autocast_for(device, precision):

@@ -30,6 +30,12 @@ from hybridkit.weights import read_safetensors, untie
 
 __all__ = [
     "CHECKPOINT_FILES",
+    "FULL_FORMAT",
+    "SHARDED_FORMAT",
+    "SHARD_DIR",
+    "describe_file",
+    "fsync_path",
+    "publish_checkpoint",
     "newest_valid_checkpoint",
     "read_checkpoint",
     "write_checkpoint",
@@ -48,6 +54,12 @@ __all__ = [
 # leaves the previous checkpoint intact and resumable.
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
+FULL_FORMAT = "hybridkit-1"
+#: ``trainer.json``'s format key of a sharded checkpoint (see
+#: :mod:`hybridkit.train.sharded_checkpoint`): the same trainer.json, with
+#: ``torch.distributed.checkpoint`` files under ``SHARD_DIR`` in place of the safetensors files.
+SHARDED_FORMAT = "hybridkit-sharded-1"
+SHARD_DIR = "shards"
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -80,19 +92,28 @@ def write_checkpoint(
             ("optimizer.safetensors", optim_state),
         ):
             save_tensors(tensors, tmp / file)
-            files[file] = _describe_file(tmp / file)
+            files[file] = describe_file(tmp / file)
         state = {**trainer_state, "files": files}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
-        _fsync(tmp / "trainer.json")
-        _fsync(tmp)
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(tmp / "trainer.json")
+        fsync_path(tmp)
+        return publish_checkpoint(tmp, root, name, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_checkpoint(tmp: Path, root: Path, name: str, keep: int) -> Path:
+    """Rename the complete checkpoint ``tmp`` to ``root/name``, point ``latest`` at it and prune.
+
+    Shared by both checkpoint formats (this module's safetensors and the sharded one of
+    :mod:`hybridkit.train.sharded_checkpoint`), so a kill leaves either format in the same
+    state: the previous checkpoint named by ``latest``, and at most a temporary directory."""
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(root)
     atomic_write_bytes(root / "latest", name.encode())
     # Keep the newest `keep` checkpoints up to this one. Later steps belong to an abandoned
     # trajectory (a restart with --resume none, or a resume from an older checkpoint): drop them
@@ -105,9 +126,9 @@ def write_checkpoint(
     return final
 
 
-def _describe_file(path: Path) -> dict:
+def describe_file(path: Path) -> dict:
     """Size and SHA-256 of a file just written (and flushed to disk on the way)."""
-    _fsync(path)
+    fsync_path(path)
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
@@ -119,7 +140,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file, or a directory's entries, to disk (directories: where the OS allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -133,8 +154,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict | None, dict | None, dict]:
     """(model tensors, optimizer tensors, trainer state) of a checkpoint directory.
+
+    A sharded checkpoint is verified the same way (every shard file's size and SHA-256) but its
+    tensors are not read here: they only exist as shards of a model, so they are loaded into
+    one by :func:`hybridkit.train.sharded_checkpoint.load_sharded`; both are None then.
 
     Any problem is a :class:`CheckpointError` naming the file: missing, not written by the
     trainer, cut short (its size differs from the one recorded when it was written), changed
@@ -144,31 +169,25 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
-    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    sharded = _is_sharded(path)
+    wanted = ("trainer.json",) if sharded else CHECKPOINT_FILES
+    missing = [f for f in wanted if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a hybridkit checkpoint: missing {', '.join(missing)}")
     try:
         state = json.loads((path / "trainer.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path / 'trainer.json'} is corrupt ({err})") from None
-    if not isinstance(state, dict) or "step" not in state or state.get("format") != "hybridkit-1":
+    fmt = SHARDED_FORMAT if sharded else FULL_FORMAT
+    if not isinstance(state, dict) or "step" not in state or state.get("format") != fmt:
         raise CheckpointError(f"{path} was not written by hybridkit's trainer")
     files = state.get("files", {})
+    if sharded and not (isinstance(files, dict) and f"{SHARD_DIR}/.metadata" in files):
+        raise CheckpointError(f"{path / 'trainer.json'} is corrupt (no shard metadata listed)")
     for name, expected in files.items() if isinstance(files, dict) else ():
-        file = path / name
-        if name not in CHECKPOINT_FILES or not isinstance(expected, dict):
-            raise CheckpointError(f"{path / 'trainer.json'} is corrupt (files: {name!r})")
-        size = file.stat().st_size
-        if size != expected.get("bytes"):
-            raise CheckpointError(
-                f"{file} is truncated or damaged: {size} bytes, but {expected.get('bytes')} "
-                "were written"
-            )
-        if _sha256(file) != expected.get("sha256"):
-            raise CheckpointError(
-                f"{file} is corrupt: its SHA-256 differs from the one recorded when it was "
-                "written (the file changed on disk)"
-            )
+        _verify_file(path, name, expected, sharded)
+    if sharded:
+        return None, None, state
     return (
         read_safetensors(path / "model.safetensors", "checkpoint file"),
         read_safetensors(path / "optimizer.safetensors", "checkpoint file"),
@@ -176,9 +195,39 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     )
 
 
+def _is_sharded(path: Path) -> bool:
+    """A sharded checkpoint is recognised by its shard directory (the trainer.json format key
+    then has to agree), so a damaged trainer.json is reported, not mistaken for a full one."""
+    return (path / SHARD_DIR).is_dir()
+
+
+def _verify_file(path: Path, name: str, expected: object, sharded: bool) -> None:
+    """Check one file listed in ``trainer.json`` against the size and SHA-256 written there."""
+    if sharded:
+        known = name.startswith(f"{SHARD_DIR}/") and ".." not in Path(name).parts
+    else:
+        known = name in CHECKPOINT_FILES
+    if not known or not isinstance(expected, dict):
+        raise CheckpointError(f"{path / 'trainer.json'} is corrupt (files: {name!r})")
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing (listed in {path / 'trainer.json'})")
+    size = file.stat().st_size
+    if size != expected.get("bytes"):
+        raise CheckpointError(
+            f"{file} is truncated or damaged: {size} bytes, but {expected.get('bytes')} "
+            "were written"
+        )
+    if _sha256(file) != expected.get("sha256"):
+        raise CheckpointError(
+            f"{file} is corrupt: its SHA-256 differs from the one recorded when it was "
+            "written (the file changed on disk)"
+        )
+
+
 def newest_valid_checkpoint(
     run_dir: str | os.PathLike, *, warn: bool = True
-) -> tuple[Path, tuple[dict, dict, dict]] | None:
+) -> tuple[Path, tuple[dict | None, dict | None, dict]] | None:
     """The newest intact checkpoint of a run and its contents (``read_checkpoint``), or None.
 
     Candidates are the checkpoint ``latest`` names and the older ``step_*`` directories, newest

@@ -8,6 +8,7 @@ the data of a single-process run with the same global batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,19 +48,63 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, mode: str, device: torch.device) -> nn.Module:
-    """DDP, or FSDP2 (``fully_shard`` on every block, then on the root)."""
+def fsdp_api() -> tuple[Callable[..., nn.Module], type]:
+    """``(fully_shard, MixedPrecisionPolicy)`` from wherever this torch keeps them.
+
+    FSDP2 became public as ``torch.distributed.fsdp.fully_shard`` in torch 2.6; torch 2.5 (the
+    oldest we support) only has it under ``torch.distributed._composable.fsdp``."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def fsdp_param_dtype(setting: str, device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype FSDP2 gathers parameters in, for ``train.fsdp_mixed_precision``; None = fp32.
+
+    ``auto`` gathers bf16 exactly when the step runs under bf16 autocast anyway (a GPU with
+    ``precision`` auto or bf16): the matmuls then see the same bf16 weights, the all-gathers move
+    half the bytes and the per-block unsharded copies take half the memory. On a CPU (fp32 runs
+    that are meant to match a single-process run closely) it stays fp32. Gradients are always
+    reduced in fp32 (see :func:`wrap_model`)."""
+    if setting == "auto":
+        bf16 = device.type == "cuda" and precision in ("auto", "bf16")
+        return torch.bfloat16 if bf16 else None
+    return torch.bfloat16 if setting == "bf16" else None
+
+
+def wrap_model(
+    model: nn.Module,
+    info: DistInfo,
+    mode: str,
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` on every block, then on the root).
+
+    Per-block sharding lets FSDP2 all-gather one block's weights just before it runs and free
+    them right after (prefetching the next block's meanwhile), so peak memory holds one full
+    block, not the whole model; the root call covers what is left (embedding, final norm,
+    head). Activation checkpointing (``model.activation_checkpointing``) composes with it: the
+    recomputed block forward all-gathers its weights again through the same hooks.
+
+    ``param_dtype`` (FSDP only; see :func:`fsdp_param_dtype`) is the dtype the weights are
+    gathered and computed in; the sharded master weights and the optimizer stay fp32, and
+    gradients are reduce-scattered in fp32 so that summing N ranks' contributions does not
+    lose bf16 precision.
+    """
     if not info.enabled:
         return model
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
+        fully_shard, policy_cls = fsdp_api()
+        policy = policy_cls(param_dtype=param_dtype, reduce_dtype=torch.float32)
         # fully_shard swaps every parameter for a new (DTensor) one, which drops attributes such
         # as ``_no_weight_decay``; carry them over so the optimizer groups match DDP's.
         flagged = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", 0)}
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         for name, param in model.named_parameters():
             if name in flagged:
                 param._no_weight_decay = True

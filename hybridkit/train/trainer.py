@@ -34,6 +34,7 @@ from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint, write_checkpoint
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
+from hybridkit.train.sharded_checkpoint import load_sharded, write_sharded_checkpoint
 from hybridkit.weights import latest_checkpoint, save_weights
 
 
@@ -112,7 +113,12 @@ class Trainer:
         self.micro_size = per_rank // self.dist.world_size
         self.model = build_model(recipe, seed=self.seed).to(self.device)
         self.model.activation_checkpointing = self.spec.activation_checkpointing
-        self.module = dist_utils.wrap_model(self.model, self.dist, self.spec.parallel, self.device)
+        param_dtype = dist_utils.fsdp_param_dtype(
+            self.spec.fsdp_mixed_precision, self.device, self.spec.precision
+        )
+        self.module = dist_utils.wrap_model(
+            self.model, self.dist, self.spec.parallel, self.device, param_dtype
+        )
         self.forward = torch.compile(self.module) if self.spec.compile else self.module
         self.optimizer = build_optimizer(self.model, self.spec)
         self.step = 0
@@ -204,7 +210,10 @@ class Trainer:
                 f"{path} was written by a different model architecture; refusing to resume "
                 "(use a new run directory or the same recipe)"
             )
-        self._load_state_dicts(model_sd, optim_flat)
+        if model_sd is None:  # a sharded checkpoint: loaded straight into the (sharded) model
+            load_sharded(path, self.model, self.optimizer)
+        else:
+            self._load_state_dicts(model_sd, optim_flat)
         self.step = int(state["step"])
         if path.resolve().parent == (self.run_dir / "checkpoints").resolve():
             self._saved_step = self.step
@@ -248,20 +257,24 @@ class Trainer:
             # A finite loss can still be followed by an update that overflows the weights;
             # never let such a checkpoint replace the last good one.
             self._diverged(f"by step {self.step}: the weights hold NaN/inf")
-        model_sd, optim_flat = self._state_dicts()
-        if self.dist.is_main:
-            state = {
-                "format": "hybridkit-1",
-                "step": self.step,
-                "model_fingerprint": model_fingerprint(self.recipe),
-                "torch_rng": torch.get_rng_state().tolist(),
-                "history": self.history[-50:],
-                "elapsed_s": self.elapsed + time.time() - self._t_start,
-                "time": time.time(),
-            }
-            write_checkpoint(
-                self.run_dir, self.step, model_sd, optim_flat, state, self.spec.keep_checkpoints
+        state = {
+            "format": "hybridkit-1",
+            "step": self.step,
+            "model_fingerprint": model_fingerprint(self.recipe),
+            "torch_rng": torch.get_rng_state().tolist(),
+            "history": self.history[-50:],
+            "elapsed_s": self.elapsed + time.time() - self._t_start,
+            "time": time.time(),
+        }
+        keep = self.spec.keep_checkpoints
+        if self.spec.resolved_checkpoint_format() == "sharded":
+            write_sharded_checkpoint(
+                self.run_dir, self.step, self.model, self.optimizer, state, keep, self.dist
             )
+        else:
+            model_sd, optim_flat = self._state_dicts()
+            if self.dist.is_main:
+                write_checkpoint(self.run_dir, self.step, model_sd, optim_flat, state, keep)
         self._saved_step = self.step
         dist_utils.barrier(self.dist)
 
