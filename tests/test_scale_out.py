@@ -3,7 +3,9 @@ world size, and ``hybridkit bench train`` under ``torchrun`` (gloo, 2 processes)
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,43 @@ def _reference(tmp_path: Path) -> Path:
     if not ref.exists():
         Trainer(make(**SHARDED), ref, resume=None, progress=False).fit()
     return ref
+
+
+# --- benchmarks/scale_out.py ----------------------------------------------------------------------
+def _scale_out_script(monkeypatch):
+    """The script as a module (it is not in a package); registered in ``sys.modules`` for the
+    test's duration because dataclasses look their module up there."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "scale_out.py"
+    spec = importlib.util.spec_from_file_location("scale_out", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "scale_out", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_out_plan_and_report(tmp_path, monkeypatch):
+    """The runs that decide the targets come first; efficiency is against the 1-GPU run; the
+    report is written from whatever has finished (a skipped run says so)."""
+    script = _scale_out_script(monkeypatch)
+    assert script.gpu_counts(8) == [1, 2, 4, 8] and script.gpu_counts(3) == [1, 2]
+    runs = script.plan([1, 2, 4], {"400M": 4, "1.4B": 2})
+    names = [r.name for r in runs]
+    assert names[:5] == [
+        "1.4B-single-1gpu", "1.4B-fsdp-4gpu", "400M-single-1gpu", "400M-fsdp-4gpu", "400M-ddp-4gpu"
+    ]  # fmt: skip
+    assert set(names[5:]) == {"1.4B-fsdp-2gpu", "400M-fsdp-2gpu", "400M-ddp-2gpu"}
+    ok = {"status": "ok", "tokens_per_s_per_gpu": 0.0, "mfu_datasheet": 0.3, "peak_memory_gb": 9}
+    runs[0].record = {**ok, "tokens_per_s": 100.0}
+    runs[1].record = {**ok, "tokens_per_s": 360.0}
+    runs[2].record = {"status": "skipped (time budget)"}
+    args = argparse.Namespace(seq_len=4096, steps=5, warmup=2, compile=False)
+    reshard = {"status": "ok", "written_on": 4, "resumed_on": 2, "loss_written": 2.0,
+               "loss_resumed": 2.0, "rel_diff": 0.0}  # fmt: skip
+    script.write(tmp_path, runs, reshard, args)
+    data = json.loads((tmp_path / "scale_out.json").read_text())
+    assert [r["name"] for r in data["runs"]] == names[:3]
+    assert data["runs"][1]["scaling_efficiency"] == pytest.approx(0.9)
+    text = (tmp_path / "scale_out.md").read_text()
+    assert "90.0%" in text and "skipped (time budget)" in text and "resumed on 2" in text
