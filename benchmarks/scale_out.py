@@ -69,16 +69,18 @@ def gpu_counts(available: int) -> list[int]:
     return [n for n in (1, 2, 4, 8) if n <= available]
 
 
-def plan(counts: list[int], batch: dict[str, int]) -> list[Run]:
+def plan(counts: list[int], batch: dict[str, int], models: list[str]) -> list[Run]:
     """The runs in priority order (see the module docstring). One GPU is a plain single-process
     run (``torchrun`` with one process shards nothing), shared as the baseline of both modes."""
-    series = [("1.4B", "fsdp"), ("400M", "fsdp"), ("400M", "ddp")]
-    most = counts[-1]
-    first = [Run(m, "single", 1, batch[m]) for m in ("1.4B", "400M")]
-    if most > 1:
-        first[1:1] = [Run("1.4B", "fsdp", most, batch["1.4B"])]
-        first += [Run("400M", mode, most, batch["400M"]) for mode in ("fsdp", "ddp")]
-    middle = [Run(m, mode, n, batch[m]) for m, mode in series for n in counts[1:-1]]
+    series = [(m, mode) for m, mode in (("1.4B", "fsdp"), ("400M", "fsdp"), ("400M", "ddp"))
+              if m in models]  # fmt: skip
+    most = max(counts)
+    first: list[Run] = []
+    for model in models:
+        first.append(Run(model, "single", 1, batch[model]))
+        if most > 1:
+            first += [Run(m, mode, most, batch[m]) for m, mode in series if m == model]
+    middle = [Run(m, mode, n, batch[m]) for m, mode in series for n in counts if 1 < n < most]
     return first + middle
 
 
@@ -264,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="results folder ($OUT)")
     p.add_argument("--gpus", type=int, default=None, help="largest GPU count (default: all)")
+    p.add_argument("--counts", default=None, help="GPU counts, e.g. 2,4 (default 1,2,4,8 <= gpus)")
+    p.add_argument("--models", default="1.4B,400M", help="which of 1.4B,400M (in this order)")
+    p.add_argument("--skip-reshard", action="store_true", help="no checkpoint-reshard check")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch-400m", type=int, default=4, help="sequences per GPU")
     p.add_argument("--batch-1p4b", type=int, default=2, help="sequences per GPU")
@@ -281,12 +286,16 @@ def main(argv: list[str] | None = None) -> int:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
         args.gpus = max(1, sum(1 for line in listed.splitlines() if line.startswith("GPU")))
     counts = gpu_counts(args.gpus)
-    runs = plan(counts, {"400M": args.batch_400m, "1.4B": args.batch_1p4b})
+    if args.counts:
+        counts = sorted({int(n) for n in args.counts.split(",")})
+    models = [m for m in args.models.split(",") if m in RECIPES]
+    runs = plan(counts, {"400M": args.batch_400m, "1.4B": args.batch_1p4b}, models)
+    reshard_on = counts[-1] if counts[-1] > 1 and not args.skip_reshard else 0
     if args.dry_run:
         for r in runs:
             print(r.name, f"batch {r.batch}/GPU")
-        print(f"reshard check {counts[-1]} -> {_target(counts[-1], args)} GPUs" if counts[-1] > 1
-              else "reshard check skipped (one GPU)")  # fmt: skip
+        print(f"reshard check {reshard_on} -> {_target(reshard_on, args)} GPUs" if reshard_on
+              else "no reshard check")  # fmt: skip
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     # the reshard check goes after the runs at the ends (1 GPU and the most GPUs)
     at = sum(1 for r in runs if r.gpus in (1, counts[-1]))
     for i, run in enumerate(runs):
-        if i == at and counts[-1] > 1:
-            reshard = _budgeted_reshard(counts[-1], out, args, start)
+        if i == at and reshard_on:
+            reshard = _budgeted_reshard(reshard_on, out, args, start)
             write(out, runs, reshard, args)
         left = args.budget_s - (time.time() - start)
         if left < 30:
@@ -304,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             run.record = run_bench(run, args, out, min(args.run_timeout_s, left))
         print(f"{run.name}: {run.record.get('status')}", flush=True)
         write(out, runs, reshard, args)
-    if reshard is None and counts[-1] > 1:
-        reshard = _budgeted_reshard(counts[-1], out, args, start)
+    if reshard is None and reshard_on:
+        reshard = _budgeted_reshard(reshard_on, out, args, start)
     write(out, runs, reshard, args)
     print((out / "scale_out.md").read_text())
     return 0

@@ -184,12 +184,14 @@ def test_scale_out_plan_and_report(tmp_path, monkeypatch):
     report is written from whatever has finished (a skipped run says so)."""
     script = _scale_out_script(monkeypatch)
     assert script.gpu_counts(8) == [1, 2, 4, 8] and script.gpu_counts(3) == [1, 2]
-    runs = script.plan([1, 2, 4], {"400M": 4, "1.4B": 2})
+    runs = script.plan([1, 2, 4], {"400M": 4, "1.4B": 2}, ["1.4B", "400M"])
     names = [r.name for r in runs]
     assert names[:5] == [
         "1.4B-single-1gpu", "1.4B-fsdp-4gpu", "400M-single-1gpu", "400M-fsdp-4gpu", "400M-ddp-4gpu"
     ]  # fmt: skip
     assert set(names[5:]) == {"1.4B-fsdp-2gpu", "400M-fsdp-2gpu", "400M-ddp-2gpu"}
+    only = script.plan([2], {"400M": 4, "1.4B": 2}, ["400M"])
+    assert [r.name for r in only] == ["400M-single-1gpu", "400M-fsdp-2gpu", "400M-ddp-2gpu"]
     ok = {"status": "ok", "tokens_per_s_per_gpu": 0.0, "mfu_datasheet": 0.3, "peak_memory_gb": 9}
     runs[0].record = {**ok, "tokens_per_s": 100.0}
     runs[1].record = {**ok, "tokens_per_s": 360.0}

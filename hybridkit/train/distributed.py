@@ -97,22 +97,29 @@ def wrap_model(
     if not info.enabled:
         return model
     if mode == "fsdp":
-        fully_shard, policy_cls = fsdp_api()
-        policy = policy_cls(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        # fully_shard swaps every parameter for a new (DTensor) one, which drops attributes such
-        # as ``_no_weight_decay``; carry them over so the optimizer groups match DDP's.
-        flagged = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", 0)}
-        for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        for name, param in model.named_parameters():
-            if name in flagged:
-                param._no_weight_decay = True
-        return model
+        return shard_model(model, param_dtype)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 over the default process group, in place (see :func:`wrap_model`); also usable on
+    a one-rank group, which is how the GPU tests exercise the mixed-precision policy on a
+    machine with a single GPU."""
+    fully_shard, policy_cls = fsdp_api()
+    policy = policy_cls(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # fully_shard swaps every parameter for a new (DTensor) one, which drops attributes such
+    # as ``_no_weight_decay``; carry them over so the optimizer groups match DDP's.
+    flagged = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", 0)}
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for name, param in model.named_parameters():
+        if name in flagged:
+            param._no_weight_decay = True
+    return model
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
