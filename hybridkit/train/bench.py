@@ -139,14 +139,14 @@ def bench_train(
     precision: str = "auto",
     compile_model: bool = False,
     profile: bool = True,
+    # what a step calls when it is not ``model`` (a DDP wrapper, whose hooks reduce the
+    # gradients); ``model`` still gives the spec and the FLOP count
     module: torch.nn.Module | None = None,
 ) -> TrainBench:
     """Time ``steps`` optimizer steps of ``model`` after ``warmup`` (see the module docstring).
 
     The model and optimizer are used as given (built from a recipe by the caller), so what is
-    measured is exactly what training runs. ``module`` is what a step calls when it is not
-    ``model`` itself (a DDP wrapper, whose hooks reduce the gradients); ``model`` still provides
-    the spec and the FLOP count."""
+    measured is exactly what training runs."""
     device = next(model.parameters()).device
     vocab = model.spec.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
