@@ -3,7 +3,7 @@
 Why one rank: FSDP2 applies its policy (bf16 gathered weights, fp32 master weights and gradient
 reduction) whatever the world size, so a single GPU already runs the path a multi-GPU job takes
 through the Triton kernels, the bf16 parameters and activation checkpointing -- on the GPU
-machine that is lent most often. The CPU variant runs the same test code with gloo.
+machine that is lent most often. The CPU variant runs the same test code with gloo (~2 s).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hybridkit.train.optim import build_optimizer
 from hybridkit.train.sharded_checkpoint import load_sharded, write_sharded_checkpoint
 from tests.helpers import attn_block, mamba_block, tiny_recipe
 
-DEVICES = [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture
