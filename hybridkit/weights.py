@@ -123,6 +123,15 @@ def find_weights(run_dir: str | os.PathLike) -> Path:
         candidate = checkpoint / "model.safetensors"
         if candidate.is_file():
             return candidate
+        if (checkpoint / "shards").is_dir():
+            # a sharded (FSDP) checkpoint holds no single weights file: the finished run writes
+            # model.safetensors next to checkpoints/, and training can resume from it
+            raise CheckpointError(
+                f"{checkpoint} is a sharded checkpoint (train.checkpoint_format: sharded) and "
+                f"{run_dir} has no model.safetensors yet: finish the run (hybridkit train "
+                "--resume auto writes it at the end), or train with train.checkpoint_format: "
+                "full to get weights in every checkpoint"
+            )
         raise CheckpointError(f"{checkpoint} is the newest checkpoint but {candidate} is missing")
     raise CheckpointError(
         f"{run_dir} holds no weights: expected model.safetensors or checkpoints/latest"

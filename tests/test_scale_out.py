@@ -205,3 +205,11 @@ def test_scale_out_plan_and_report(tmp_path, monkeypatch):
     assert data["runs"][1]["scaling_efficiency"] == pytest.approx(0.9)
     text = (tmp_path / "scale_out.md").read_text()
     assert "90.0%" in text and "skipped (time budget)" in text and "resumed on 2" in text
+
+
+def test_eval_of_an_unfinished_sharded_run_says_what_to_do(tmp_path, cli_error):
+    run = tmp_path / "run"
+    recipe = {**SHARDED, "checkpoint_format": "sharded"}
+    Trainer(make(**recipe), run, resume=None, progress=False, stop_after=2).fit()
+    err = cli_error("eval", str(run), "--device", "cpu")
+    assert "sharded checkpoint" in err and "--resume auto" in err
