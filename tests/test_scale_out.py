@@ -213,3 +213,17 @@ def test_eval_of_an_unfinished_sharded_run_says_what_to_do(tmp_path, cli_error):
     Trainer(make(**recipe), run, resume=None, progress=False, stop_after=2).fit()
     err = cli_error("eval", str(run), "--device", "cpu")
     assert "sharded checkpoint" in err and "--resume auto" in err
+
+
+@pytest.mark.slow
+def test_ddp_can_write_sharded_checkpoints(tmp_path):
+    """train.checkpoint_format: sharded under DDP (every rank holds whole tensors; DCP writes
+    each once): resumed in one process, the run continues as if uninterrupted."""
+    ddp = {**SHARDED, "parallel": "ddp", "checkpoint_format": "sharded"}
+    recipe = write_recipe(tmp_path / "r.yaml", **ddp)
+    run = tmp_path / "ddp"
+    torchrun(WORKER, str(recipe), str(run), "4")
+    state = json.loads((run / "checkpoints" / "step_0000004" / "trainer.json").read_text())
+    assert state["format"] == "hybridkit-sharded-1" and state["world_size"] == 2
+    Trainer(make(**ddp), run, resume="auto", progress=False).fit()
+    assert_losses_close(losses(run), losses(_reference(tmp_path)), rtol=1e-5)
