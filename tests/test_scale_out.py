@@ -198,13 +198,14 @@ def test_scale_out_plan_and_report(tmp_path, monkeypatch):
     runs[2].record = {"status": "skipped (time budget)"}
     args = argparse.Namespace(seq_len=4096, steps=5, warmup=2, compile=False)
     reshard = {"status": "ok", "written_on": 4, "resumed_on": 2, "loss_written": 2.0,
-               "loss_resumed": 2.0, "rel_diff": 0.0}  # fmt: skip
+               "loss_resumed": 2.0, "rel_diff": 0.0, "tolerance": 1e-3, "passed": True}  # fmt: skip
     script.write(tmp_path, runs, reshard, args)
     data = json.loads((tmp_path / "scale_out.json").read_text())
     assert [r["name"] for r in data["runs"]] == names[:3]
     assert data["runs"][1]["scaling_efficiency"] == pytest.approx(0.9)
     text = (tmp_path / "scale_out.md").read_text()
     assert "90.0%" in text and "skipped (time budget)" in text and "resumed on 2" in text
+    assert "within the 1e-03" in text
 
 
 def test_eval_of_an_unfinished_sharded_run_says_what_to_do(tmp_path, cli_error):
