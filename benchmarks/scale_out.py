@@ -70,6 +70,15 @@ class Run:
         return f"{self.model}-{self.mode}-{self.gpus}gpu"
 
 
+def gpus_present() -> int:
+    """GPUs ``nvidia-smi -L`` lists (at least 1, so a machine without it plans the baselines)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    except OSError:
+        return 1
+    return max(1, sum(1 for line in listed.splitlines() if line.startswith("GPU")))
+
+
 def gpu_counts(available: int) -> list[int]:
     """1, 2, 4, 8 up to ``available``."""
     return [n for n in (1, 2, 4, 8) if n <= available]
@@ -293,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.time()
     if args.gpus is None:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
-        args.gpus = max(1, sum(1 for line in listed.splitlines() if line.startswith("GPU")))
+        args.gpus = gpus_present()
     counts = gpu_counts(args.gpus)
     if args.counts:
         counts = sorted({int(n) for n in args.counts.split(",")})
