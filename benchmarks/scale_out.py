@@ -104,18 +104,25 @@ def torchrun(gpus: int, *args: str) -> list[str]:
             "--nproc-per-node", str(gpus), *args]  # fmt: skip
 
 
-def run_bench(run: Run, args: argparse.Namespace, out: Path, timeout: float) -> dict:
-    """One ``bench train`` job under ``timeout``; its JSON record, or why there is none."""
-    result = out / "runs" / run.name
+def bench_command(run: Run, args: argparse.Namespace, result: Path) -> list[str]:
+    """The ``torchrun ... bench train`` command of ``run`` (a one-GPU run keeps the recipe's
+    ``train.parallel``: with one process nothing is wrapped)."""
     cmd = torchrun(
         run.gpus, "-m", "hybridkit", "bench", "train", str(RECIPES[run.model]),
         "--batch", str(run.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
         "--warmup", str(args.warmup), "--no-profile", "--out", str(result),
-        "--set", f"train.parallel={run.mode}",
     )  # fmt: skip
+    if run.mode != "single":
+        cmd += ["--set", f"train.parallel={run.mode}"]
     if args.compile:
         cmd.append("--compile")
-    done = _call(cmd, out / "logs" / f"{run.name}.log", timeout)
+    return cmd
+
+
+def run_bench(run: Run, args: argparse.Namespace, out: Path, timeout: float) -> dict:
+    """One ``bench train`` job under ``timeout``; its JSON record, or why there is none."""
+    result = out / "runs" / run.name
+    done = _call(bench_command(run, args, result), out / "logs" / f"{run.name}.log", timeout)
     if done != "ok":
         return {"status": done}
     return {"status": "ok", **json.loads(result.with_suffix(".json").read_text())}
@@ -252,7 +259,8 @@ def write(out: Path, runs: list[Run], reshard: dict | None, args: argparse.Names
         "(datasheet) | peak memory per GPU | efficiency | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted((r for r in runs if r.record), key=lambda r: (r.model, r.mode, r.gpus)):
+    done = [r for r in runs if r.record]
+    for r in sorted(done, key=lambda r: (r.model, r.mode != "single", r.mode, r.gpus)):
         rec = r.record
         if rec.get("status") != "ok":
             lines.append(f"| {r.model} | {r.mode} | {r.gpus} | {r.batch} | | | | | | "

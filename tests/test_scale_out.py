@@ -192,11 +192,15 @@ def test_scale_out_plan_and_report(tmp_path, monkeypatch):
     assert set(names[5:]) == {"1.4B-fsdp-2gpu", "400M-fsdp-2gpu", "400M-ddp-2gpu"}
     only = script.plan([2], {"400M": 4, "1.4B": 2}, ["400M"])
     assert [r.name for r in only] == ["400M-single-1gpu", "400M-fsdp-2gpu", "400M-ddp-2gpu"]
+    args = argparse.Namespace(seq_len=4096, steps=5, warmup=2, compile=False)
+    single = script.bench_command(runs[0], args, tmp_path / "r")
+    assert "--nproc-per-node" in single and not any("train.parallel" in a for a in single)
+    sharded = script.bench_command(runs[1], args, tmp_path / "r")
+    assert sharded[-2:] == ["--set", "train.parallel=fsdp"] and "4" in sharded
     ok = {"status": "ok", "tokens_per_s_per_gpu": 0.0, "mfu_datasheet": 0.3, "peak_memory_gb": 9}
     runs[0].record = {**ok, "tokens_per_s": 100.0}
     runs[1].record = {**ok, "tokens_per_s": 360.0}
     runs[2].record = {"status": "skipped (time budget)"}
-    args = argparse.Namespace(seq_len=4096, steps=5, warmup=2, compile=False)
     reshard = {"status": "ok", "written_on": 4, "resumed_on": 2, "loss_written": 2.0,
                "loss_resumed": 2.0, "rel_diff": 0.0, "tolerance": 1e-3, "passed": True}  # fmt: skip
     script.write(tmp_path, runs, reshard, args)
