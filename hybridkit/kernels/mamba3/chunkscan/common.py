@@ -351,9 +351,13 @@ def _load_qk(
     qv = tl.load(Qp + rows, mask=mc[:, None], other=0.0).to(tl.float32)
     if R == 1:
         bv = tl.load(QB + h * offs_n.shape[0] + offs_n).to(tl.float32)[None, :]
-    else:  # one bias per (head, rank)
-        bv = tl.load(QB + (h * R + rr[:, None]) * offs_n.shape[0] + offs_n[None, :])
-        bv = bv.to(tl.float32)
+    else:  # one bias per (head, rank): loaded R x N, repeated over the chunk's tokens
+        offs_r = tl.arange(0, R)
+        bv = tl.load(QB + (h * R + offs_r[:, None]) * offs_n.shape[0] + offs_n[None, :])
+        bv = tl.reshape(
+            tl.broadcast_to(bv.to(tl.float32)[None, :, :], (tt.shape[0] // R, R, offs_n.shape[0])),
+            (tt.shape[0], offs_n.shape[0]),
+        )
     qv = tl.where(mc[:, None], qv + bv, 0.0)
     if HALVES:
         qe, qo = tl.split(tl.permute(tl.reshape(qv, (tt.shape[0], 2, offs_j.shape[0])), (0, 2, 1)))
