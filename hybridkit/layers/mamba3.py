@@ -22,17 +22,13 @@ from torch import nn
 
 from hybridkit.cache import InferenceCache
 from hybridkit.kernels.mamba3 import ops
+from hybridkit.kernels.mamba3.gates import heavy_tail, scalar_gates  # noqa: F401 (re-export)
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
 from hybridkit.registry import register_layer
 
 OutprojNorm = Literal["none", "grouped_pregate", "pregate", "postgate", "grouped_postgate"]
-
-
-def heavy_tail(v: torch.Tensor) -> torch.Tensor:
-    """phi(v) = 1 + v for v >= 0, 1 / (1 - v) for v < 0: positive, C1 at 0, phi(0) = 1."""
-    return torch.where(v >= 0, 1.0 + v, 1.0 / (1.0 - v.clamp(max=0.0)))
 
 
 def _no_decay(p: nn.Parameter) -> nn.Parameter:
@@ -139,14 +135,7 @@ class Mamba3(Layer):
 
     def gates(self, dd_dt: torch.Tensor, dd_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dt = softplus(dd_dt + dt_bias) and A*dt, in float32 (float64 for a float64 model)."""
-        ct = torch.float64 if dd_dt.dtype == torch.float64 else torch.float32
-        dt = F.softplus(dd_dt.to(ct) + self.dt_bias.to(ct))
-        a_in = dd_a.to(ct)
-        if self.spec.a_activation == "heavy_tail":
-            a = -heavy_tail(a_in).clamp(min=self.spec.a_floor)
-        else:
-            a = -F.softplus(a_in).clamp(min=self.spec.a_floor)
-        return dt, a * dt
+        return scalar_gates(dd_dt, dd_a, self.dt_bias, self.spec.a_activation, self.spec.a_floor)
 
     def forward(
         self,

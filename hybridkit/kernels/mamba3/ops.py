@@ -1,4 +1,5 @@
-"""The one dispatch point for the Mamba-3 scan: layers call these, never a kernel directly.
+"""The one dispatch point for the Mamba-3 scan and decode step: layers call these, never a
+kernel directly.
 
 Tensor layout (docs/mamba3.md 3.2, with an explicit rank axis R so SISO is simply R = 1):
 
@@ -10,6 +11,10 @@ Tensor layout (docs/mamba3.md 3.2, with an explicit rank axis R so SISO is simpl
 Every backend returns ``y`` (B, L, R, H, P), the per-rank SSM output including the D skip and
 before gating, and the final :class:`Mamba3State`. New backends (Triton, CuTe) are added here
 and nowhere else, so layers never change when a kernel does.
+
+The decode step (:func:`mamba3_step`, one token per sequence, state updated in place) has its
+own plan (:func:`plan_step`): the fused Triton kernel of :mod:`.step.triton_step` on CUDA, the
+torch definition of :mod:`.step.reference` elsewhere and in float64.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from hybridkit.kernels.config import triton_chunk, triton_chunk_sizes
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, mamba3_step_reference
 
 BACKENDS = ("auto", "reference", "chunked", "triton")
 
@@ -138,3 +144,47 @@ def mamba3_scan(
     else:
         y, state = chunked.mamba3_scan_chunked(*args, **kwargs, chunk_size=chunk_size)
     return y, (state if return_state else None)
+
+
+STEP_BACKENDS = ("reference", "triton")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plan_step(backend: str, *, device: torch.device | str | None, dtype: torch.dtype) -> str:
+    """The decode-step implementation for a layer's ``backend`` setting on ``device``.
+
+    ``auto`` and ``triton`` run the fused Triton kernel on CUDA for bf16/fp16/fp32 models (an
+    explicit ``triton`` also on the CPU, through the interpreter, for tests); float64 models,
+    CPUs and the ``reference`` / ``chunked`` settings run the torch reference step, which is
+    exactly one token of the sequential recurrence."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Mamba-3 backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend in ("reference", "chunked") or dtype == torch.float64:
+        return "reference"
+    if backend == "triton":
+        return "triton"
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return "triton" if on_cuda and _triton_importable() else "reference"
+
+
+def mamba3_step(
+    inputs: StepInputs, state: Mamba3State, weights: StepWeights, *, backend: str = "auto"
+) -> torch.Tensor:
+    """One decode step of a Mamba-3 layer, ``state`` updated in place.
+
+    Shapes and outputs are those of :func:`.step.reference.mamba3_step_reference`: the gated
+    (B, H, P) output, or y per rank (B, R, H, P) when ``inputs.z`` is None."""
+    x = inputs.x
+    dtype = torch.float64 if torch.float64 in (x.dtype, state.ssm.dtype) else x.dtype
+    if plan_step(backend, device=x.device, dtype=dtype) == "triton":
+        from hybridkit.kernels.mamba3.step.triton_step import mamba3_step_triton
+
+        return mamba3_step_triton(inputs, state, weights)
+    return mamba3_step_reference(inputs, state, weights)
