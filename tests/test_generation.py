@@ -142,3 +142,33 @@ def test_static_step_logits_match_forward_bf16():
         cache.make_static(torch.zeros(1, dtype=torch.long, device="cuda"))
         got += [model.step(ids[:, t], cache)[:, None] for t in range(17, ids.shape[1])]
     assert rel_err(torch.cat(got, dim=1).float(), want) < 3e-2
+
+
+def test_cli_bench_decode_writes_json_and_markdown(tmp_path, capsys):
+    import json
+
+    from hybridkit.cli import main
+
+    out = tmp_path / "bench" / "decode"
+    argv = ["bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1,2"]
+    argv += ["--prompt", "5", "--new", "4", "--drift-tokens", "3", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    row = result["rows"][1]
+    assert row["tokens_per_s"] > 0 and row["floor_ms"] > 0
+    assert row["ratio_to_floor"] == pytest.approx(row["ms_per_step"] / row["floor_ms"])
+    assert set(row["bytes_per_step"]) == {"weights", "mamba3_state", "kv"}
+    assert row["bytes_per_step"]["mamba3_state"] > 0 and row["bytes_per_step"]["kv"] > 0
+    assert result["drift"]["tokens"] == 3 and {"torch", "triton"} <= set(result["versions"])
+    assert "| batch |" in out.with_suffix(".md").read_text()
+    assert "Decoding throughput" in capsys.readouterr().out
+
+
+def test_cli_bench_decode_rejects_bad_batches(cli_error):
+    assert "--batch" in cli_error(
+        "bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1,x"
+    )
+    assert "--batch" in cli_error(
+        "bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "0"
+    )

@@ -47,7 +47,11 @@ LEVELS: list[tuple[int, str, tuple[str, ...]]] = [
     (7, "model", ("hybridkit.model", "hybridkit.build", "hybridkit.generation")),
     (8, "tasks", ("hybridkit.tasks",)),
     (9, "recipe", ("hybridkit.recipe", "hybridkit.recipe_sections")),
-    (10, "tools on a built model", ("hybridkit.summary", "hybridkit.check", "hybridkit.rundir")),
+    (
+        10,
+        "tools on a built model",
+        ("hybridkit.summary", "hybridkit.check", "hybridkit.rundir", "hybridkit.decode_bench"),
+    ),
     (11, "evaluation", ("hybridkit.eval",)),
     (12, "training", ("hybridkit.train",)),  # may use eval's metrics, never the reverse
     (13, "studies", ("hybridkit.study",)),
