@@ -57,9 +57,11 @@ class Attention(Layer):
         self, batch: int, max_seqlen: int, dtype: torch.dtype, device: torch.device | None
     ) -> KVCache:
         shape = (batch, kv_capacity(max_seqlen, self.spec.window), self.n_kv_heads, self.head_dim)
+        # zeros, not empty: a static decode step attends over the whole ring with the unfilled
+        # slots masked, and a masked slot's zero weight times garbage (NaN) is still NaN
         return KVCache(
-            torch.empty(shape, dtype=dtype, device=device),
-            torch.empty(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
             window=self.spec.window,
         )
 

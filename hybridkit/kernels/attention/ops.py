@@ -113,6 +113,23 @@ AttnFn = Callable[..., torch.Tensor]
 _IMPLS: dict[str, AttnFn] = {"reference": reference_attention, "sdpa": sdpa_attention}
 
 
+def _masked_decode(impl: AttnFn, q, k, v, scale: float, key_mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per sequence over keys filtered by ``key_mask``.
+
+    With GQA the query heads that share a kv head become that head's queries (a (B, rep, Hk, D)
+    call): every query sees the same keys, so this is exact, and it spares sdpa's GQA support,
+    which with a mask falls back to the math kernel and repeats every key and value per step.
+    """
+    b, lq, h, d = q.shape
+    hk = k.shape[2]
+    if lq != 1 or h == hk:
+        return impl(q, k, v, False, None, scale, key_mask.expand(lq, k.shape[1]))
+    rep = h // hk
+    grouped = q.reshape(b, hk, rep, d).transpose(1, 2)
+    out = impl(grouped, k, v, False, None, scale, key_mask.expand(rep, k.shape[1]))
+    return out.transpose(1, 2).reshape(b, 1, h, d)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -148,8 +165,9 @@ def attention(
     if key_mask is not None:
         if cu_seqlens is not None or causal or window is not None:
             raise ValueError("key_mask replaces causal, window and cu_seqlens")
-        impl = _IMPLS["reference" if name == "reference" else "sdpa"]
-        return impl(q, k, v, False, None, scale, key_mask.expand(q.shape[1], k.shape[1]))
+        return _masked_decode(
+            _IMPLS["reference" if name == "reference" else "sdpa"], q, k, v, scale, key_mask
+        )
     if name == "fa4":
         return fa4.fa4_attention(q, k, v, causal, window, scale, cu_seqlens, max_seqlen)
     impl = _IMPLS[name]

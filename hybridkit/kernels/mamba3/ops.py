@@ -19,6 +19,7 @@ torch definition of :mod:`.step.reference` elsewhere and in float64.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -149,6 +150,7 @@ def mamba3_scan(
 STEP_BACKENDS = ("reference", "triton")
 
 
+@functools.cache
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401

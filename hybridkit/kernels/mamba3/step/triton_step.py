@@ -56,10 +56,9 @@ def _rotation_factors(
     """Per state column n: cos / sin of its pair's new angle, its partner column and the sign
     of the partner's term (-1 for the first of a pair, +1 for the second)."""
     if HALVES:
-        half: tl.constexpr = N // 2
-        first = offs_n < half
-        j = tl.where(first, offs_n, offs_n - half)
-        partner = tl.where(first, offs_n + half, offs_n - half)
+        first = offs_n < N // 2
+        j = tl.where(first, offs_n, offs_n - N // 2)
+        partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
     else:
         first = offs_n % 2 == 0
         j = offs_n // 2
