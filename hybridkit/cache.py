@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from hybridkit.kernels.mamba3.state import Mamba3State
+
 
 def kv_capacity(max_seqlen: int, window: int | None) -> int:
     """Slots a layer's KV cache allocates for sequences of up to ``max_seqlen`` tokens.
@@ -141,11 +143,21 @@ class InferenceCache:
         self.position = position
 
     def reset(self) -> None:
-        """Forget every sequence, keeping the tensors (zeroed states, empty KV caches)."""
+        """Forget every sequence, keeping the tensors (zeroed states, empty KV caches).
+
+        Only the built-in states (:func:`in_place_state`) are reset; a caller that decodes with
+        other layer kinds restores their entries itself."""
         self.seqlen_offset, self.position = 0, None
         for state in self.layers.values():
             if isinstance(state, KVCache):
                 state.length = 0
-            else:
+            elif isinstance(state, Mamba3State):
                 for t in state:
                     t.zero_()
+
+
+def in_place_state(state: Any) -> bool:
+    """Whether a layer state is one whose tensors decoding updates in place (Mamba-3 states and
+    KV caches), so a captured CUDA graph may keep reading them. A plugin layer kind that swaps
+    its state object per call is decoded eagerly."""
+    return isinstance(state, (KVCache, Mamba3State))

@@ -256,7 +256,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # --- train / eval / study ---------------------------------------------------------------------
-def _int_list(text: str, flag: str, high: int) -> list[int]:
+def _int_list(text: str, flag: str, high: int, too: str = "too large") -> list[int]:
     """A comma-separated list of positive integers up to ``high`` (clean errors)."""
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
@@ -265,7 +265,7 @@ def _int_list(text: str, flag: str, high: int) -> list[int]:
     if not values or min(values) <= 0:
         raise HybridkitError(f"{flag} needs at least one positive value")
     if max(values) > high:
-        raise HybridkitError(f"{flag}: {max(values)} is too large; allowed: at most {high}")
+        raise HybridkitError(f"{flag}: {max(values)} is {too}; allowed: at most {high}")
     return values
 
 
@@ -274,7 +274,7 @@ def _lengths(text: str | None) -> list[int] | None:
 
     if text is None:
         return None
-    return _int_list(text, "--lengths", MAX_LENGTH)
+    return _int_list(text, "--lengths", MAX_LENGTH, "too long")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

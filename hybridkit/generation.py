@@ -17,10 +17,13 @@ FA4 or sdpa attention), which is why the static form starts only after it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from hybridkit.cache import in_place_state
 
 if TYPE_CHECKING:
     from hybridkit.model import HybridLM
@@ -109,7 +112,11 @@ class DecodeRunner:
         self.tokens = torch.zeros(batch, max_new, dtype=torch.long, device=self.device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         self.generator = torch.Generator(device=self.device)
+        # states of layer kinds that replace them per call: restored per prompt, never captured
+        self.fresh = {i: s for i, s in self.cache.layers.items() if not in_place_state(s)}
         capturable, self.eager_reason = can_capture(self.device, sampling)
+        if capturable and self.fresh:
+            capturable, self.eager_reason = False, "a layer kind keeps a state it replaces"
         self.use_graph = capturable if use_graph is None else use_graph and capturable
         self.graph: torch.cuda.CUDAGraph | None = None
         if self.use_graph:
@@ -165,6 +172,9 @@ class DecodeRunner:
         else:
             self.generator.manual_seed(self.seed)
         self.cache.reset()
+        for idx in [i for i, st in self.cache.layers.items() if not in_place_state(st)]:
+            del self.cache.layers[idx]
+        self.cache.layers.update({i: copy.deepcopy(s) for i, s in self.fresh.items()})
         self._reset_counters()
         logits = self.model(ids, cache=self.cache)[:, -1]
         self.logits.copy_(logits)

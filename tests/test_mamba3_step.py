@@ -42,6 +42,7 @@ class Case:
     D: bool = True
     gated: bool = True
     heavy_tail: bool = True
+    out_norm: str = "none"  # or grouped_pregate / grouped_postgate (with the gate)
     state_dtype: torch.dtype = torch.float32  # of the ssm state
     io_dtype: torch.dtype = torch.float32  # of the projections and the k / v state
 
@@ -87,6 +88,8 @@ def _make(c: Case, device: str, seed: int) -> tuple[dict, Mamba3State, StepWeigh
         mimo_o=rnd(c.H, c.R, c.P) if mimo else None,
         a_activation="heavy_tail" if c.heavy_tail else "softplus",
         pairing=c.pairing,
+        out_norm=None if c.out_norm == "none" else 1.0 + rnd(c.H * c.P, scale=0.3),
+        out_norm_mode=c.out_norm,
     )
     del device
     return inputs, state, weights
@@ -147,6 +150,8 @@ CPU_CASES = {
     "siso_no_trap_no_D": Case(trap=False, D=False),
     "siso_softplus": Case(heavy_tail=False),
     "siso_ungated": Case(gated=False),
+    "siso_grouped_pregate": Case(out_norm="grouped_pregate", P=6),
+    "mimo_grouped_postgate": Case(R=2, out_norm="grouped_postgate"),
     "mimo": Case(R=2),
     "mimo_groups_ungated": Case(R=3, G=2, gated=False, S=8),
     "mimo_no_rope": Case(R=2, rope=False, trap=False),
@@ -216,6 +221,7 @@ GPU_CASES = {
         "siso_bf16": Case(H=64, P=64, N=128, S=32, io_dtype=torch.bfloat16),
         "siso_bf16_state": Case(H=64, P=64, N=128, S=32, state_dtype=torch.bfloat16),
         "mimo4": Case(H=64, P=64, N=128, S=32, R=4, G=2),
+        "siso_grouped_pregate": Case(H=64, P=64, N=128, S=32, out_norm="grouped_pregate"),
         "mimo4_ungated_norope": Case(H=64, P=64, N=128, R=4, rope=False, gated=False),
     }.items()
 }
@@ -233,6 +239,7 @@ LAYER_VARIANTS = {
     "mimo": {"mimo_rank": 2},
     "siso_grouped_norm": {"outproj_norm": "grouped_pregate"},
     "mimo_norm_groups": {"mimo_rank": 2, "outproj_norm": "postgate", "ngroups": 2},
+    "mimo_grouped_postgate": {"mimo_rank": 2, "outproj_norm": "grouped_postgate"},
     "real_euler": {"rope": False, "trapezoid": False, "a_activation": "softplus"},
 }
 

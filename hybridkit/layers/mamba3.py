@@ -210,13 +210,20 @@ class Mamba3(Layer):
             a_floor=self.spec.a_floor,
             norm_eps=self.spec.norm_eps,
             pairing=self.pairing,
+            out_norm=self.norm.weight if self._kernel_norm() else None,
+            out_norm_mode=self.spec.outproj_norm if self._kernel_norm() else "none",
         )
+
+    def _kernel_norm(self) -> bool:
+        """Whether the decode step applies the output norm itself (a per-head one)."""
+        return self.norm is not None and self.spec.outproj_norm.startswith("grouped")
 
     def _step(self, proj: torch.Tensor, state: Mamba3State) -> torch.Tensor:
         """One token per sequence, ``proj`` (B, width) from ``in_proj`` -> (B, H, P) gated.
 
         The split stays a set of views (no copies, no dtype changes) and the fused step updates
-        ``state`` in place; only an output norm adds torch ops after it."""
+        ``state`` in place and applies the gate and a per-head output norm; only a norm over
+        the whole inner width adds torch ops after it."""
         b, h, p, n, g, r = (
             proj.shape[0],
             self.nheads,
@@ -227,9 +234,10 @@ class Mamba3(Layer):
         )
         z, x, bk, cq, dd_dt, dd_a, trap, ang = proj.split(self.split_sizes, dim=-1)
         z = z.view(b, h, p)
+        gated = self.norm is None or self._kernel_norm()
         inputs = StepInputs(
             x=x.view(b, h, p),
-            z=z if self.norm is None else None,
+            z=z if gated else None,
             bk=bk.view(b, r, g, n),
             cq=cq.view(b, r, g, n),
             dd_dt=dd_dt,
@@ -238,7 +246,7 @@ class Mamba3(Layer):
             angles=ang if self.n_angles else None,
         )
         out = ops.mamba3_step(inputs, state, self.step_weights(), backend=self.spec.backend)
-        if self.norm is None:
+        if gated:
             return out
         return self.output(out[:, None], z[:, None]).to(proj.dtype)[:, 0]
 

@@ -17,18 +17,34 @@ from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step.weights import StepInputs, StepWeights
 
 
+def _head_rms(u: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalise each head's P values; ``weight`` (H * P,) scales them."""
+    u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
+    return u * weight.to(u.dtype).view(u.shape[-2], u.shape[-1])
+
+
 def gated_output(
-    y: torch.Tensor, z: torch.Tensor, mimo_z: torch.Tensor | None, mimo_o: torch.Tensor | None
+    y: torch.Tensor,
+    z: torch.Tensor,
+    mimo_z: torch.Tensor | None,
+    mimo_o: torch.Tensor | None,
+    norm: tuple[torch.Tensor, str, float] | None = None,
 ) -> torch.Tensor:
-    """``sum_r mimo_o_r * y_r * silu(z * mimo_z_r)`` (docs/mamba3.md 1.8, no output norm).
+    """``sum_r mimo_o_r * g_r`` with ``g_r = y_r * silu(z * mimo_z_r)`` (docs/mamba3.md 1.8).
 
     ``y`` (..., R, H, P) per rank, ``z`` (..., H, P); returns (..., H, P) in y's dtype. SISO
-    (``mimo_*`` None) is the plain ``y * silu(z)``.
+    (``mimo_*`` None) is the plain ``y * silu(z)``. ``norm`` = (weight, mode, eps) adds the
+    per-head output norm: ``grouped_pregate`` normalises y before the gate, ``grouped_postgate``
+    the gated product.
     """
     zr = z.unsqueeze(-3).to(y.dtype)
     if mimo_z is not None:
         zr = zr * mimo_z.transpose(0, 1).to(y.dtype)  # (R, H, P)
+    if norm is not None and norm[1] == "grouped_pregate":
+        y = _head_rms(y, norm[0], norm[2])
     o = y * F.silu(zr)
+    if norm is not None and norm[1] == "grouped_postgate":
+        o = _head_rms(o, norm[0], norm[2])
     if mimo_o is None:
         return o.squeeze(-3)
     return (o * mimo_o.transpose(0, 1).to(o.dtype)).sum(dim=-3)
@@ -80,4 +96,5 @@ def mamba3_step_reference(
     y = y[:, 0]
     if z is None:
         return y
-    return gated_output(y, z, w.mimo_z, w.mimo_o).to(x.dtype)
+    norm = None if w.out_norm is None else (w.out_norm, w.out_norm_mode, w.norm_eps)
+    return gated_output(y, z, w.mimo_z, w.mimo_o, norm).to(x.dtype)

@@ -12,8 +12,9 @@ One program per (sequence, head) holds the head's whole P x N state tile and doe
 4. h = alpha h + sum_r beta (v_prev psi_r) (x) k_prev_r + gamma (x psi_r) (x) k_r, in fp32, written
    back in place (fp32 or bf16 storage);
 5. per rank: the same for C -> q_r, y_r = h q_r + D x psi_r, and either the gated MIMO sum
-   ``sum_r mimo_o_r y_r silu(z mimo_z_r)`` (one (B, H, P) output in x's dtype) or y per rank in
-   fp32 for layers with an output norm.
+   ``sum_r mimo_o_r y_r silu(z mimo_z_r)``, with the per-head (grouped) output norm before or
+   after the gate when the layer has one (one (B, H, P) output in x's dtype), or y per rank in
+   fp32 for layers whose output norm spans all heads.
 
 Every read of an old state value (angle, k, v) happens before a block barrier and every write
 of its new value after it: a value read by one thread must not already hold the new token when a
@@ -32,6 +33,7 @@ from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step.weights import StepInputs, StepWeights
 
 PI = tl.constexpr(3.141592653589793)
+NORM_MODES = {"none": 0, "grouped_pregate": 1, "grouped_postgate": 2}
 
 
 @triton.jit
@@ -102,14 +104,14 @@ def mamba3_step_kernel(
     s_xb, s_xh, s_zb, s_zh, s_bkb, s_bkr, s_bkg, s_cqb, s_cqr, s_cqg,
     s_dtb, s_dtn, s_dab, s_dan, s_trb, s_trn, s_ab, s_as,
     ANGLE, SSM, KST, VST,
-    DT_BIAS, B_BIAS, C_BIAS, B_NORM, C_NORM, DSKIP, MX, MZ, MO,
+    DT_BIAS, B_BIAS, C_BIAS, B_NORM, C_NORM, DSKIP, MX, MZ, MO, OUT_NORM,
     OUT,
     a_floor, eps,
     H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAVY_TAIL: tl.constexpr, HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr,
     HALVES: tl.constexpr, HAS_D: tl.constexpr, HAS_MX: tl.constexpr, GATED: tl.constexpr,
-    HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
+    HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)  # int64: B * H * P * N exceeds 2**31 at large batch
     b = pid // H
@@ -190,6 +192,8 @@ def mamba3_step_kernel(
     if GATED:
         z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        if NORM != 0:
+            norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     for r in tl.static_range(R):
         q = _key(
             CQ, s_cqb, s_cqr, s_cqg, b, r, g, C_BIAS, C_NORM, h, eps, offs_n, partner, cos,
@@ -208,7 +212,11 @@ def mamba3_step_kernel(
                 zr = z * tl.load(MZ + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
                     tl.float32
                 )
+            if NORM == 1:  # grouped pre-gate: normalise y over the head, then gate
+                y = y * tl.rsqrt(tl.sum(y * y, axis=0) / P + eps) * norm_w
             o = y * zr * _sigmoid(zr)
+            if NORM == 2:  # grouped post-gate: gate, then normalise over the head
+                o = o * tl.rsqrt(tl.sum(o * o, axis=0) / P + eps) * norm_w
             if HAS_MO:
                 o = o * tl.load(MO + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
                     tl.float32
@@ -264,7 +272,11 @@ def mamba3_step_triton(
     tr = trap if trap is not None else dd_dt
     an = angles if angles is not None else dd_dt
     params = [w.dt_bias, w.B_bias, w.C_bias, w.B_norm, w.C_norm]
-    params += [t if t is not None else w.dt_bias for t in (w.D, w.mimo_x, w.mimo_z, w.mimo_o)]
+    optional = (w.D, w.mimo_x, w.mimo_z, w.mimo_o, w.out_norm)
+    params += [t if t is not None else w.dt_bias for t in optional]
+    norm = NORM_MODES[w.out_norm_mode] if w.out_norm is not None else 0
+    if norm and not gated:
+        raise ValueError("mamba3 decode step: an output norm needs z (the gate)")
     block_p, block_n = triton.next_power_of_2(headdim), triton.next_power_of_2(dstate)
     mamba3_step_kernel[(batch * nheads,)](
         x, zz, bk, cq, dd_dt, dd_a, tr, an,
@@ -279,7 +291,7 @@ def mamba3_step_triton(
         HEAVY_TAIL=w.a_activation == "heavy_tail", HAS_TRAP=trap is not None,
         HAS_ANG=angles is not None, HALVES=w.pairing == "halves", HAS_D=w.D is not None,
         HAS_MX=w.mimo_x is not None, GATED=gated, HAS_MZ=w.mimo_z is not None,
-        HAS_MO=w.mimo_o is not None,
+        HAS_MO=w.mimo_o is not None, NORM=norm,
         num_warps=_warps(block_p, block_n), num_stages=1,
     )  # fmt: skip
     return out

@@ -36,6 +36,9 @@ class StepWeights(NamedTuple):
     Shapes: ``dt_bias`` and ``D`` (H,); ``B_bias`` / ``C_bias`` (H, R, N); ``B_norm`` /
     ``C_norm`` (N,) BCNorm scales; ``mimo_x`` / ``mimo_z`` / ``mimo_o`` (H, R, P) or None
     (SISO). ``pairing`` is the rotation pairing (``interleaved`` for SISO, ``halves`` for MIMO).
+    ``out_norm`` (H * P,) is the scale of a per-head output norm applied with the gate,
+    ``out_norm_mode`` ``grouped_pregate`` or ``grouped_postgate`` (docs/mamba3.md 1.8); a norm
+    over the whole inner width does not fit one program per head and stays in the layer.
     """
 
     dt_bias: torch.Tensor
@@ -51,3 +54,5 @@ class StepWeights(NamedTuple):
     a_floor: float = 1e-4
     norm_eps: float = 1e-5
     pairing: str = "interleaved"
+    out_norm: torch.Tensor | None = None
+    out_norm_mode: str = "none"
