@@ -99,7 +99,7 @@ def _to(t: Tensor | None, dtype: torch.dtype, device: str) -> Tensor | None:
     return None if t is None else t.to(device=device, dtype=dtype)
 
 
-def _check(c: Case, device: str, seed: int = 0, tol: float = 1e-5) -> None:
+def _check(c: Case, device: str, seed: int = 0, tol: float = 1e-5, step=None) -> None:
     inputs, state, weights = _make(c, device, seed)
     # the kernel's inputs: strided views like the layer's split of in_proj (a wide row per token)
     kin = {}
@@ -126,9 +126,12 @@ def _check(c: Case, device: str, seed: int = 0, tol: float = 1e-5) -> None:
 
     shape = (c.B, c.H, c.P) if c.gated else (c.B, c.R, c.H, c.P)
     odt = c.io_dtype if c.gated else torch.float32
-    out = torch.full(shape, float("nan"), dtype=odt, device=device)
-    got = mamba3_step_triton(StepInputs(**kin), kstate, kw, out=out)
-    assert got.data_ptr() == out.data_ptr()
+    if step is None:
+        out = torch.full(shape, float("nan"), dtype=odt, device=device)
+        got = mamba3_step_triton(StepInputs(**kin), kstate, kw, out=out)
+        assert got.data_ptr() == out.data_ptr()
+    else:  # a backend that allocates its output
+        got = step(StepInputs(**kin), kstate, kw)
     assert torch.isfinite(got).all()
     lowp = c.io_dtype != torch.float32 or c.state_dtype != torch.float32
     t = 2e-2 if lowp else tol
@@ -168,12 +171,19 @@ def test_step_interpreter(name):
 
 
 def test_dispatch_plans():
-    assert ops.plan_step("auto", device="cpu", dtype=torch.bfloat16) == "reference"
-    assert ops.plan_step("auto", device="cuda", dtype=torch.float64) == "reference"
-    assert ops.plan_step("chunked", device="cuda", dtype=torch.bfloat16) == "reference"
-    assert ops.plan_step("triton", device="cpu", dtype=torch.float32) == "triton"
+    def plan(backend, device, dtype=torch.float32, rank=1):
+        return ops.plan_step(backend, device=device, dtype=dtype, rank=rank).describe()
+
+    assert plan("auto", "cpu", torch.bfloat16) == "reference"
+    assert plan("auto", "cuda", torch.float64) == "reference"
+    assert plan("chunked", "cuda", torch.bfloat16) == "reference"
+    assert plan("triton", "cpu") == "triton"
+    assert plan("cute", "cpu") == "reference"
+    assert plan("cute", "cuda", rank=2) == "triton (cute step is SISO only)"
+    if ops.cute_unavailable() is not None:  # CPU CI: the CuTe DSL is not installed
+        assert plan("cute", "cuda").startswith("triton (nvidia-cutlass-dsl not importable")
     with pytest.raises(ValueError, match="unknown Mamba-3 backend"):
-        ops.plan_step("cuda-magic", device="cpu", dtype=torch.float32)
+        plan("cuda-magic", "cpu")
 
 
 def test_reference_step_is_one_token_of_the_scan():
@@ -259,7 +269,7 @@ def test_layer_decode_through_the_kernel(name, monkeypatch):
             param.add_(0.2 * torch.randn_like(param))
     u = torch.randn(2, 6, 16)
     calls = []
-    monkeypatch.setattr(ops, "plan_step", lambda *a, **k: calls.append(1) or "triton")
+    monkeypatch.setattr(ops, "plan_step", lambda *a, **k: calls.append(1) or ops.StepPlan("triton"))
     with torch.no_grad():
         full = layer(u)
         cache = InferenceCache(2, 6)
@@ -270,3 +280,16 @@ def test_layer_decode_through_the_kernel(name, monkeypatch):
     assert len(calls) == 3  # every decode token went through the kernel
     assert all(a is b for a, b in zip(cache.layers[0], state, strict=True))  # in place
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 16, 128])
+def test_cute_step_gpu(batch, state_dtype):
+    """The CuTe DSL state update (SISO) against the float64 reference, as the Triton step."""
+    if ops.cute_unavailable() is not None:
+        pytest.skip(ops.cute_unavailable())
+    from hybridkit.kernels.mamba3.step.cute_step import mamba3_step_cute
+
+    c = Case(B=batch, H=64, P=64, N=128, S=32, state_dtype=state_dtype, io_dtype=torch.bfloat16)
+    _check(c, "cuda", seed=batch, step=mamba3_step_cute)

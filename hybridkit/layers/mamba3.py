@@ -121,7 +121,8 @@ class Mamba3(Layer):
         """The backend for a call of ``length`` tokens, as the dispatch point decides: the
         decode step for one token (with a cache), else the scan."""
         if length == 1:
-            return {"mamba3 step": ops.plan_step(self.spec.backend, device=device, dtype=dtype)}
+            plan = ops.plan_step(self.spec.backend, device=device, dtype=dtype, rank=self.rank)
+            return {"mamba3 step": plan.describe()}
         plan = ops.plan_scan(
             self.spec.backend,
             device=device,

@@ -50,7 +50,9 @@ def gated_output(
     return (o * mimo_o.transpose(0, 1).to(o.dtype)).sum(dim=-3)
 
 
-def _bc_norm(u: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+def bc_norm(u: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """BCNorm (RMS over N, then the scale) in ``dtype``: the layer's ``RMSNorm`` would round its
+    result to the input's dtype, which the step does not need to."""
     u = u.to(dtype)
     return u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * weight.to(dtype)
 
@@ -71,8 +73,8 @@ def mamba3_step_reference(
     ct = torch.float64 if f64 else torch.float32
     batch, nheads, _ = x.shape
     dt, adt = scalar_gates(dd_dt.to(ct), dd_a, w.dt_bias, w.a_activation, w.a_floor)
-    k = _bc_norm(bk, w.B_norm, w.norm_eps, ct)
-    q = _bc_norm(cq, w.C_norm, w.norm_eps, ct)
+    k = bc_norm(bk, w.B_norm, w.norm_eps, ct)
+    q = bc_norm(cq, w.C_norm, w.norm_eps, ct)
     ang = None
     if angles is not None:
         ang = angles[:, None, None, :].expand(batch, 1, nheads, angles.shape[-1])

@@ -271,6 +271,7 @@ def mamba3_step_triton(
     zz = z if gated else x
     tr = trap if trap is not None else dd_dt
     an = angles if angles is not None else dd_dt
+    angle_arg = state.angle if angles is not None else dd_dt  # (B, H, 0) may have no storage
     params = [w.dt_bias, w.B_bias, w.C_bias, w.B_norm, w.C_norm]
     optional = (w.D, w.mimo_x, w.mimo_z, w.mimo_o, w.out_norm)
     params += [t if t is not None else w.dt_bias for t in optional]
@@ -284,7 +285,7 @@ def mamba3_step_triton(
         bk.stride(0), bk.stride(1), bk.stride(2), cq.stride(0), cq.stride(1), cq.stride(2),
         dd_dt.stride(0), dd_dt.stride(1), dd_a.stride(0), dd_a.stride(1),
         tr.stride(0), tr.stride(1), an.stride(0), an.stride(-1),
-        *state, *params, out,
+        angle_arg, state.ssm, state.k, state.v, *params, out,
         float(w.a_floor), float(w.norm_eps),
         H=nheads, G=ngroups, R=rank, P=headdim, N=dstate, S=max(n_angles, 1),
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(max(n_angles, 1)),
