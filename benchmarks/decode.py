@@ -68,10 +68,11 @@ def time_graph(fn, per_graph: int, replays: int = 20) -> float:
 
 def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float, per_graph: int):
     """One row: the kernel alone and the layer step at this batch and state dtype."""
-    state = layer.allocate_cache(batch, 1, torch.bfloat16, torch.device("cuda"))
+    device = layer.in_proj.weight.device
+    state = layer.allocate_cache(batch, 1, torch.bfloat16, device)
     state = state._replace(ssm=torch.randn_like(state.ssm).to(ssm_dtype))
     cache = InferenceCache(batch, 1, layers={0: state})
-    u = torch.randn(batch, 1, layer.in_proj.in_features, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn(batch, 1, layer.in_proj.in_features, device=device, dtype=torch.bfloat16)
     proj = layer.in_proj(u)[:, 0]
     z, x, bk, cq, dd_dt, dd_a, trap, ang = proj.split(layer.split_sizes, dim=-1)
     h, p, n = layer.nheads, layer.headdim, layer.d_state
@@ -80,7 +81,7 @@ def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float,
         cq.view(batch, 1, 1, n), dd_dt, dd_a, trap, ang,
     )  # fmt: skip
     w = layer.step_weights()
-    out = torch.empty(batch, h, p, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(batch, h, p, dtype=torch.bfloat16, device=device)
     kernel_us = time_graph(lambda: mamba3_step_triton(inputs, state, w, out=out), per_graph)
     layer_us = time_graph(lambda: layer(u, cache=cache), per_graph)
     kernel_bytes = 2 * nbytes(*state) + nbytes(proj) + nbytes(out)
@@ -143,10 +144,11 @@ def main() -> None:
     ap.add_argument("--drift-tokens", type=int, default=1000)
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the model part only")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     report: dict = {
         "device": device_name(device),
