@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the model part only")
+    ap.add_argument("--compile", action="store_true", help="also measure with a compiled step")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,10 +185,13 @@ def main() -> None:
 
         model = build_model(load_recipe(args.recipe), seed=0, dtype=torch.bfloat16, device=device)
         batches = [int(b) for b in args.batch.split(",")]
-        for name, ssm_dtype, drift in (
-            ("fp32 state", None, 0),
-            ("bf16 state", torch.bfloat16, args.drift_tokens),
-        ):
+        runs = [
+            ("fp32 state", None, 0, False),
+            ("bf16 state", torch.bfloat16, args.drift_tokens, False),
+        ]
+        if args.compile:
+            runs.append(("fp32 state, compiled step", None, 0, True))
+        for name, ssm_dtype, drift, compiled in runs:
 
             def partial(result, name=name) -> None:
                 report["model"][name] = result
@@ -195,7 +199,7 @@ def main() -> None:
 
             result = bench_decode(
                 model, batches=batches, prompt=args.prompt, new=args.new, ssm_dtype=ssm_dtype,
-                drift_tokens=drift, on_row=partial,
+                drift_tokens=drift, compile_step=compiled, on_row=partial,
             )  # fmt: skip
             partial(result)
     print(out.with_suffix(".md").read_text())

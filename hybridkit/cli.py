@@ -434,6 +434,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         ssm_dtype=torch.bfloat16 if args.ssm_dtype == "bfloat16" else None,
         drift_tokens=args.drift_tokens,
         use_graph=False if args.no_graph else None,
+        compile_step=args.compile,
         on_row=write,
     )
     write(result)
@@ -688,6 +689,11 @@ def _add_bench_decode(what) -> None:
         help="also measure the bf16 state's drift from fp32 over this many tokens (default 0)",
     )
     p.add_argument("--no-graph", action="store_true", help="run the decode step eagerly")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the step inside the graph (experimental)",
+    )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (after every batch)")
     _add_set(p)

@@ -90,6 +90,7 @@ class DecodeBench:
     versions: dict
     dtype: str
     ssm_dtype: str
+    compiled: bool
     params: int
     copy_bandwidth_gbs: float
     rows: list[DecodeRow] = field(default_factory=list)
@@ -126,6 +127,7 @@ def bench_batch(
     bandwidth: float,
     ssm_dtype: torch.dtype | None = None,
     use_graph: bool | None = None,
+    compile_step: bool = False,
 ) -> DecodeRow:
     """Prefill ``batch`` random prompts of ``prompt`` tokens, time ``new`` greedy steps."""
     device = model.embedding.weight.device
@@ -134,7 +136,7 @@ def bench_batch(
     t0 = time.perf_counter()
     runner = DecodeRunner(
         model, batch, prompt + new, new, Sampling(temperature=0), ssm_dtype=ssm_dtype,
-        use_graph=use_graph,
+        use_graph=use_graph, compile_step=compile_step,
     )  # fmt: skip
     setup = time.perf_counter() - t0
     start = timer_start(device)
@@ -199,6 +201,7 @@ def bench_decode(
     ssm_dtype: torch.dtype | None = None,
     drift_tokens: int = 0,
     use_graph: bool | None = None,
+    compile_step: bool = False,
     on_row=None,
 ) -> DecodeBench:
     """Every batch size of ``batches`` (see the module docstring); ``on_row(result)`` after each
@@ -212,6 +215,7 @@ def bench_decode(
         versions=versions(),
         dtype=str(model.embedding.weight.dtype).removeprefix("torch."),
         ssm_dtype=str(ssm_dtype or torch.float32).removeprefix("torch."),
+        compiled=compile_step,
         params=model.num_params(),
         copy_bandwidth_gbs=bandwidth / 1e9,
     )
@@ -239,7 +243,8 @@ def markdown(result: DecodeBench) -> str:
     v = result.versions
     lines = [
         f"# Decoding throughput ({result.device}, {result.params / 1e6:.1f}M parameters, "
-        f"{result.dtype} weights, {result.ssm_dtype} Mamba-3 state)",
+        f"{result.dtype} weights, {result.ssm_dtype} Mamba-3 state"
+        f"{', step compiled' if result.compiled else ''})",
         "",
         f"{result.date}; torch {v['torch']}, triton {v['triton']}, Python {v['python']}; "
         f"copy bandwidth measured {result.copy_bandwidth_gbs:,.0f} GB/s.",

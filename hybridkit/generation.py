@@ -83,7 +83,8 @@ class DecodeRunner:
 
     ``max_seqlen`` bounds prompt + new tokens (the cache's size), ``max_new`` the new tokens.
     Use: ``runner.prefill(ids)`` then ``runner.decode(n)``; ``runner.tokens[:, :n]`` holds the
-    sampled tokens. ``use_graph=None`` captures when :func:`can_capture` allows it. (The last
+    sampled tokens. ``use_graph=None`` captures when :func:`can_capture` allows it;
+    ``compile_step`` runs ``model.step`` through ``torch.compile`` first (experimental). (The last
     step also runs the model on the last token, whose logits nobody reads: the price of keeping
     sampling inside the captured step.)
     """
@@ -100,9 +101,13 @@ class DecodeRunner:
         use_graph: bool | None = None,
         ssm_dtype: torch.dtype | None = None,
         eos_check_every: int = 32,
+        compile_step: bool = False,
     ):
         ref = model.embedding.weight
         self.model, self.sampling, self.seed = model, sampling, seed
+        # opt-in: torch.compile fuses the norms' and MLP's element-wise ops (hundreds of small
+        # kernels per token at batch 1); the graph is still ours (captured around it)
+        self.model_step = torch.compile(model.step, dynamic=False) if compile_step else model.step
         self.device = ref.device
         self.max_new, self.eos_check_every = max_new, eos_check_every
         self.cache = model.allocate_cache(batch, max_seqlen, ssm_dtype=ssm_dtype)
@@ -136,7 +141,7 @@ class DecodeRunner:
             self.done |= nxt == eos
         self.tokens.index_copy_(1, self.count, nxt[:, None])
         self.count += 1
-        self.logits.copy_(self.model.step(nxt, self.cache))
+        self.logits.copy_(self.model_step(nxt, self.cache))
 
     def _capture(self) -> None:
         """Warm up (compiles kernels, creates library handles) and capture one step.

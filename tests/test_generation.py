@@ -172,3 +172,18 @@ def test_cli_bench_decode_rejects_bad_batches(cli_error):
     assert "--batch" in cli_error(
         "bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "0"
     )
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_same_tokens():
+    """``compile_step``: torch.compile of the step (static cache, in-place updates) changes
+    nothing in float64 greedy decoding."""
+    model = _model(layout="s a w")
+    ids = torch.randint(0, 64, (2, 5))
+    runs = []
+    for compiled in (False, True):
+        runner = DecodeRunner(model, 2, 13, 8, Sampling(temperature=0), compile_step=compiled)
+        runner.prefill(ids)
+        runner.decode(8)
+        runs.append(runner.tokens.clone())
+    assert torch.equal(runs[0], runs[1])
