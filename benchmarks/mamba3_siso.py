@@ -22,7 +22,7 @@ import triton
 from triton.testing import do_bench
 
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked
-from hybridkit.kernels.mamba3.siso import mamba3_scan_triton
+from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton
 
 SHAPES = [(8, 4096, 32, 64, 128), (1, 16384, 32, 64, 128), (8, 4096, 32, 64, 64)]
 OFFICIAL = {  # official Mamba-3 SISO Triton kernel on our H100 (docs/kernels.md), ms
@@ -32,7 +32,8 @@ OFFICIAL = {  # official Mamba-3 SISO Triton kernel on our H100 (docs/kernels.md
 TARGET = {(8, 4096, 32, 64, 128): (1.0, 3.3), (1, 16384, 32, 64, 128): (1.2, 3.6)}
 
 
-def make_inputs(B, L, H, P, N, C=64, G=1, seed=0, device="cuda"):
+def make_inputs(B, L, H, P, N, C=64, G=1, seed=0, device="cuda", R=1):
+    """Scan inputs as a layer passes them; ``R > 1``: MIMO (per-rank q / k / biases, mimo_x)."""
     g = torch.Generator(device=device).manual_seed(seed)
     S = N // 4
     bf = torch.bfloat16
@@ -46,16 +47,17 @@ def make_inputs(B, L, H, P, N, C=64, G=1, seed=0, device="cuda"):
     dt = torch.exp(torch.empty(B, H, L, device=device).uniform_(-6.9, -0.7, generator=g))
     ang = rn(B, L, 1, S, dtype=bf).expand(B, L, H, S)
     return dict(
-        q=unit(rn(B, L, 1, G, N)),
-        k=unit(rn(B, L, 1, G, N)),
+        q=unit(rn(B, L, R, G, N)),
+        k=unit(rn(B, L, R, G, N)),
         v=rn(B, L, H, P, dtype=bf),
         adt=-torch.empty(B, H, L, device=device).uniform_(0.5, 4.0, generator=g) * dt,
         dt=dt,
         trap=rn(B, H, L, dtype=bf),
-        q_bias=rn(H, 1, N),
-        k_bias=rn(H, 1, N),
+        q_bias=rn(H, R, N),
+        k_bias=rn(H, R, N),
         angles=ang,
         D=rn(H),
+        **({"mimo_x": 1.0 + 0.1 * rn(H, R, P)} if R > 1 else {}),
     )
 
 
@@ -219,7 +221,7 @@ def host_overhead(calls: int = 50, batches: int = 7) -> dict[str, float]:
 
 def kernel_resources() -> list[dict]:
     """Registers, spills and warps of every compiled Triton SISO kernel (profile evidence)."""
-    from hybridkit.kernels.mamba3.siso import backward, forward
+    from hybridkit.kernels.mamba3.chunkscan import backward, forward
 
     rows = []
     for name, fn in [*vars(forward).items(), *vars(backward).items()]:
@@ -245,7 +247,7 @@ def kernel_resources() -> list[dict]:
 def tuner_choices() -> dict[str, list[str]]:
     """The launch configuration each tuned kernel picked, per key (flags + dtypes): every
     tuner ``siso.launch`` defines."""
-    from hybridkit.kernels.mamba3.siso import launch
+    from hybridkit.kernels.mamba3.chunkscan import launch
 
     out = {}
     for name, tuned in sorted(vars(launch).items()):

@@ -13,8 +13,8 @@ import torch
 
 from hybridkit.kernels.config import kernel_config
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked
-from hybridkit.kernels.mamba3.siso import launch
-from hybridkit.kernels.mamba3.siso.scan import mamba3_scan_triton
+from hybridkit.kernels.mamba3.chunkscan import launch
+from hybridkit.kernels.mamba3.chunkscan.scan import mamba3_scan_triton
 from tests.helpers import rel_err
 from tests.test_triton_siso import Case, _inputs
 

@@ -48,7 +48,7 @@ def profile(shape: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from mamba3_siso import SHAPES, make_inputs
 
-    from hybridkit.kernels.mamba3.siso import mamba3_scan_triton
+    from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton
 
     B, L, H, P, N = SHAPES[shape]
     inp = make_inputs(B, L, H, P, N, seed=1)

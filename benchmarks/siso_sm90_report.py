@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hybridkit.kernels.mamba3.siso import backward, forward
+from hybridkit.kernels.mamba3.chunkscan import backward, forward
 
 KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x", "_bwd_gates")
 PASSES = ("_fwd_pass", "_bwd_pass")  # also accepted by name; PB as at batch 8

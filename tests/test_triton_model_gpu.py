@@ -1,7 +1,7 @@
-"""The model's Mamba-3 SISO layers on a GPU go through the Triton kernels, and train and prefill
-correctly there: gradients of a whole hybrid model against the chunked path, prefill handed on
-to decode, and a short bf16 training run. (The kernels themselves are checked against the
-float64 reference in ``test_triton_siso.py``.)"""
+"""The model's Mamba-3 layers (SISO and MIMO) on a GPU go through the Triton kernels, and train
+and prefill correctly there: gradients of a whole hybrid model against the chunked path,
+prefill handed on to decode, and a short bf16 training run. (The kernels themselves are checked
+against the float64 reference in ``test_triton_siso.py`` and ``test_triton_mimo.py``.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridkit import build_model
-from hybridkit.kernels.mamba3 import siso
+from hybridkit.kernels.mamba3 import chunkscan
 from hybridkit.recipe import load_recipe
 from hybridkit.train.metrics import read_metrics
 from hybridkit.train.trainer import Trainer
@@ -22,10 +22,10 @@ from tests.helpers import attn_block, mamba_block, rel_err, tiny_model, tiny_rec
 pytestmark = pytest.mark.gpu
 
 
-def _blocks(backend: str) -> dict:
-    # two SISO layers (one grouped, one with the grouped pre-gate norm) around NoPE attention;
-    # H = 2 * 128 / 32 = 8 heads, N 64, chunk 64
-    m = dict(d_state=64, headdim=32, chunk_size=64, backend=backend)
+def _blocks(backend: str, rank: int = 1) -> dict:
+    # two Mamba-3 layers (one grouped, one with the grouped pre-gate norm) around NoPE attention;
+    # H = 2 * 128 / 32 = 8 heads, N 64, chunk 64 (SISO) or 64 / R (MIMO)
+    m = dict(d_state=64, headdim=32, chunk_size=64 // rank, backend=backend, mimo_rank=rank)
     return {
         "m": mamba_block(**m, outproj_norm="grouped_pregate"),
         "g": mamba_block(**m, ngroups=2),
@@ -33,34 +33,35 @@ def _blocks(backend: str) -> dict:
     }
 
 
-def _model_recipe(backend: str):
-    return tiny_recipe("m a g", d_model=128, vocab=97, **_blocks(backend))
+def _model_recipe(backend: str, rank: int = 1):
+    return tiny_recipe("m a g", d_model=128, vocab=97, **_blocks(backend, rank))
 
 
 @pytest.fixture
 def triton_calls(monkeypatch) -> Iterator[list[bool]]:
     """Records ``return_state`` of every call into the Triton scan."""
     calls: list[bool] = []
-    real = siso.mamba3_scan_triton
+    real = chunkscan.mamba3_scan_triton
 
     def spy(*args, **kwargs):
         calls.append(bool(kwargs.get("return_state", True)))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(siso, "mamba3_scan_triton", spy)
+    monkeypatch.setattr(chunkscan, "mamba3_scan_triton", spy)
     yield calls
 
 
-def test_model_gradients_match_chunked_path(triton_calls):
+@pytest.mark.parametrize("rank", [1, 4])
+def test_model_gradients_match_chunked_path(triton_calls, rank: int):
     ids = torch.randint(0, 97, (2, 300), device="cuda")  # 300: not a multiple of the chunk
     out = {}
     for backend in ("auto", "chunked"):
-        model = build_model(_model_recipe(backend).model, seed=3).cuda()
+        model = build_model(_model_recipe(backend, rank).model, seed=3).cuda()
         logits = model(ids[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         out[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
-    assert triton_calls == [False, False], "auto on CUDA must run both SISO layers in Triton"
+    assert triton_calls == [False, False], "auto on CUDA must run both layers in Triton"
     (loss_t, grads_t), (loss_c, grads_c) = out["auto"], out["chunked"]
     assert rel_err(loss_t, loss_c) < 1e-5
     assert grads_t.keys() == grads_c.keys()
@@ -69,10 +70,11 @@ def test_model_gradients_match_chunked_path(triton_calls):
         assert rel_err(grads_t[name], g) < 1e-4, name
 
 
-def test_prefill_hands_over_to_decode(triton_calls):
+@pytest.mark.parametrize("rank", [1, 4])
+def test_prefill_hands_over_to_decode(triton_calls, rank: int):
     """Full forward == prefill (Triton, final state out) + continued prefill (Triton, initial
     state in) + single-token steps (the recurrence), in fp32."""
-    model = build_model(_model_recipe("auto").model, seed=4).cuda().eval()
+    model = build_model(_model_recipe("auto", rank).model, seed=4).cuda().eval()
     first, second, steps = 150, 37, 5
     ids = torch.randint(0, 97, (2, first + second + steps), device="cuda")
     with torch.no_grad():

@@ -23,8 +23,8 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked  # noqa: E402
+from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton  # noqa: E402
 from hybridkit.kernels.mamba3.reference import mamba3_scan_sequential  # noqa: E402
-from hybridkit.kernels.mamba3.siso import mamba3_scan_triton  # noqa: E402
 from hybridkit.kernels.mamba3.state import Mamba3State  # noqa: E402
 from tests.helpers import angle_err, rel_err, slow_params  # noqa: E402
 
@@ -46,6 +46,12 @@ class Case:
     trap: bool = True
     angles: bool = True
     D: bool = True
+    R: int = 1  # MIMO rank (tests/test_triton_mimo.py)
+    halves: bool = False  # "halves" rotary pairing (MIMO's)
+
+    @property
+    def pairing(self) -> str:
+        return "halves" if self.halves else "interleaved"
 
 
 def _inputs(c: Case, dtype: torch.dtype, device: str, seed: int) -> dict[str, Tensor | None]:
@@ -62,17 +68,19 @@ def _inputs(c: Case, dtype: torch.dtype, device: str, seed: int) -> dict[str, Te
         torch.empty(B, c.H, c.L, dtype=F64).uniform_(math.log(1e-3), math.log(0.5), generator=g)
     )
     inp = {
-        "q": unit(randn(B, c.L, 1, c.G, c.N)).to(dtype),
-        "k": unit(randn(B, c.L, 1, c.G, c.N)).to(dtype),
+        "q": unit(randn(B, c.L, c.R, c.G, c.N)).to(dtype),
+        "k": unit(randn(B, c.L, c.R, c.G, c.N)).to(dtype),
         "v": randn(B, c.L, c.H, c.P).to(dtype),
         "adt": (-torch.empty(B, c.H, c.L, dtype=F64).uniform_(0.5, 4.0, generator=g) * dt).float(),
         "dt": dt.float(),
         "trap": randn(B, c.H, c.L).to(dtype) if c.trap else None,
-        "q_bias": randn(c.H, 1, c.N).float(),
-        "k_bias": randn(c.H, 1, c.N).float(),
+        "q_bias": randn(c.H, c.R, c.N).float(),
+        "k_bias": randn(c.H, c.R, c.N).float(),
         "angles": randn(B, c.L, c.H, c.S).to(dtype) if c.angles else None,
         "D": randn(c.H).float() if c.D else None,
     }
+    if c.R > 1:
+        inp["mimo_x"] = (1.0 + 0.5 * randn(c.H, c.R, c.P)).float()
     return {k: (v.to(device) if v is not None else None) for k, v in inp.items()}
 
 
@@ -84,7 +92,7 @@ def _state(c: Case, device: str, seed: int, dtype: torch.dtype) -> Mamba3State |
     st = Mamba3State(
         torch.empty(n, c.H, c.S, dtype=F64).uniform_(2.0, 4.0, generator=g).float(),
         torch.randn(n, c.H, c.P, c.N, generator=g, dtype=F64).float(),
-        torch.randn(n, 1, c.H, c.N, generator=g, dtype=F64).to(dtype),
+        torch.randn(n, c.R, c.H, c.N, generator=g, dtype=F64).to(dtype),
         torch.randn(n, c.H, c.P, generator=g, dtype=F64).to(dtype),
     )
     return Mamba3State(*(t.to(device) for t in st))
@@ -113,6 +121,7 @@ def check(
         cu_seqlens=cu,
         chunk_size=c.C,
         fast=fast,
+        pairing=c.pairing,
     )
     g = torch.Generator().manual_seed(seed + 7)
     wy = torch.randn(y.shape, generator=g, dtype=F64).to(device)
@@ -126,7 +135,12 @@ def check(
     l64 = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
     s64 = [t.detach().double().requires_grad_() for t in sl] if sl else None
     args = {k: l64.get(k) for k in inp}
-    yr, fr = reference(**args, initial_state=Mamba3State(*s64) if s64 else None, cu_seqlens=cu)
+    yr, fr = reference(
+        **args,
+        initial_state=Mamba3State(*s64) if s64 else None,
+        cu_seqlens=cu,
+        pairing=c.pairing,
+    )
     lr = (yr * wy).sum() + sum((a * b).sum() for a, b in zip(fr, ws, strict=True))
     lr.backward()
 
@@ -227,7 +241,7 @@ def test_tuner_times_each_candidate_once_per_key(monkeypatch):
     on the first launch of a key (flags + tensor dtypes), the fastest kept, later launches of
     that key not timed again; with autotune off the default runs untimed."""
     from hybridkit.kernels import config
-    from hybridkit.kernels.mamba3.siso import launch
+    from hybridkit.kernels.mamba3.chunkscan import launch
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # real launch options, not 1 warp
     launches, timed = [], []
@@ -325,7 +339,7 @@ def test_dispatch_rules():
 
     assert plan() == "triton"
     assert plan(length=1) == "reference"
-    assert plan(rank=2) == "chunked"
+    assert plan(rank=3) == "chunked"  # MIMO ranks 2 / 4 / 8 have kernels (test_triton_mimo)
     assert plan(device="cpu") == "chunked"
     assert plan(dtype=torch.float64) == "chunked"
     assert plan(chunk=256) == "chunked"
@@ -366,47 +380,51 @@ def test_checkpointing_reads_saved_tensors_once():
         assert rel_err(a, b) < 1e-6
 
 
-def test_fake_impl_and_registration():
+@pytest.mark.parametrize("rank", [1, 2])
+def test_fake_impl_and_registration(rank: int):
     """Schema, fake (meta) implementation and autograd registration via opcheck, with the
     gates as the layer passes them: (B, H, L) views of (B, L, H) tensors (the real backward
     returns contiguous gradients for them, and so must the fake one, or ``torch.compile``
-    fails in the backward)."""
-    c = Case(L=20, H=2, init=True)
+    fails in the backward); SISO and MIMO (per-rank scaling, halves pairing)."""
+    c = Case(L=20, H=2, init=True, R=rank, C=16 // rank, halves=rank > 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     inp = _inputs(c, torch.float32, dev, 4)
     gates = {k: inp[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("adt", "dt", "trap")}
     assert gates["dt"].stride(-1) != 1
     init = torch.randn(c.B, c.H, c.P, c.N, device=dev)  # initial state, relative frame
-    names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D")
-    tensors = [gates.get(k, inp[k]) for k in names] + [init, None]
-    args = tuple(t.requires_grad_() if t is not None else None for t in tensors) + (16, False)
+    names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "mimo_x")
+    tensors = [gates.get(k, inp.get(k)) for k in names] + [init, None]
+    args = tuple(t.requires_grad_() if t is not None else None for t in tensors)
+    args += (c.C, False, c.halves)
     torch.library.opcheck(
-        torch.ops.hybridkit.mamba3_siso_fwd.default,
+        torch.ops.hybridkit.mamba3_scan_fwd.default,
         args,
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
-    y, total, end, states = torch.ops.hybridkit.mamba3_siso_fwd(*args)
+    y, total, end, states = torch.ops.hybridkit.mamba3_scan_fwd(*args)
     bwd_args = (torch.randn_like(y), torch.randn_like(total), torch.randn_like(end))
-    bwd_args += tuple(t.detach() if t is not None else None for t in tensors) + (states, 16, False)
+    bwd_args += tuple(t.detach() if t is not None else None for t in tensors)
+    bwd_args += (states, c.C, False, c.halves)
     torch.library.opcheck(
-        torch.ops.hybridkit.mamba3_siso_bwd.default,
+        torch.ops.hybridkit.mamba3_scan_bwd.default,
         bwd_args,
         test_utils=("test_schema", "test_faketensor"),
     )
 
 
 @pytest.mark.slow
-def test_compiles_fullgraph_through_the_dispatch_point():
+@pytest.mark.parametrize("rank", [1, 4])
+def test_compiles_fullgraph_through_the_dispatch_point(rank: int):
     """``torch.compile(fullgraph=True)`` traces the dispatch point and the Triton scan (the
     kernel configuration is read as a trace-time constant), forward and backward, and matches
-    eager. On the CPU the op's kernels run in the interpreter."""
+    eager, SISO and MIMO. On the CPU the op's kernels run in the interpreter."""
     torch._dynamo.reset()
-    c = Case(L=40, H=2)
+    c = Case(L=40, H=2, R=rank, halves=rank > 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     inp = _inputs(c, torch.float32, dev, 8)
 
     def loss(**kw):
-        y, st = ops.mamba3_scan(**kw, chunk_size=16, backend="triton")
+        y, st = ops.mamba3_scan(**kw, chunk_size=16 // rank, backend="triton", pairing=c.pairing)
         return y.square().sum() + st.ssm.square().sum()
 
     results = []

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from hybridkit.kernels.config import triton_chunk, triton_chunk_sizes
+from hybridkit.kernels.config import triton_chunk_sizes
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, mamba3_step_reference
@@ -67,17 +67,21 @@ def plan_scan(
 
     ``auto``: one token (decode) goes through the sequential recurrence, which is exactly the
     single-step update; longer inputs on a CUDA device through the Triton kernels when they
-    cover the call (SISO, no float64, power-of-two sizes, a configured chunk size), everything
-    else through the chunked torch path. Layers and ``hybridkit show`` ask this function, so
-    what they report is what runs."""
+    cover the call (SISO or MIMO rank 2 / 4 / 8, no float64, power-of-two sizes, chunk x rank
+    a configured chunk height), everything else through the chunked torch path. Layers and
+    ``hybridkit show`` ask this function, so what they report is what runs."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown Mamba-3 backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     fast = dtype in (torch.bfloat16, torch.float16)
     if backend == "cute":  # a decode-step backend only: the scan picks as for auto
         backend = "auto"
+    from hybridkit.kernels.mamba3.chunkscan import kernel_chunk, unsupported_reason
+
     if backend != "auto":
         chunk = (
-            triton_chunk(chunk_size, d_state, headdim, fast) if backend == "triton" else chunk_size
+            kernel_chunk(chunk_size, rank, d_state, headdim, fast)
+            if backend == "triton"
+            else chunk_size
         )
         return ScanPlan(backend, chunk)
     if length == 1:
@@ -85,17 +89,16 @@ def plan_scan(
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if not on_cuda:
         return ScanPlan("chunked", chunk_size)
-    from hybridkit.kernels.mamba3.siso import unsupported_reason
-
     why = unsupported_reason(rank, d_state, headdim, dtype, True, pairing)
-    if why is None and has_mimo_x:
-        why = "mimo_x scaling has no Triton kernel yet"
+    if why is None and has_mimo_x and rank == 1:
+        why = "mimo_x scaling with rank 1"
     allowed = triton_chunk_sizes()
-    if why is None and chunk_size not in allowed:
-        why = f"chunk_size {chunk_size} not among the Triton chunk sizes {allowed}"
+    rows = chunk_size * rank  # MIMO chunks taller than the largest are narrowed, SISO not
+    if why is None and rows not in allowed and not (rank > 1 and rows > allowed[-1]):
+        why = f"chunk_size {chunk_size} x rank {rank} not among the Triton chunk heights {allowed}"
     if why is not None:
         return ScanPlan("chunked", chunk_size, why)
-    chunk = triton_chunk(chunk_size, d_state, headdim, fast)
+    chunk = kernel_chunk(chunk_size, rank, d_state, headdim, fast)
     return ScanPlan("triton", chunk, f"chunk {chunk}" if chunk != chunk_size else "")
 
 
@@ -141,7 +144,7 @@ def mamba3_scan(
     if plan.backend == "reference":
         y, state = reference.mamba3_scan_sequential(*args, **kwargs)
     elif plan.backend == "triton":
-        from hybridkit.kernels.mamba3.siso import mamba3_scan_triton
+        from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton
 
         return mamba3_scan_triton(*args, **kwargs, chunk_size=chunk_size, return_state=return_state)
     else:

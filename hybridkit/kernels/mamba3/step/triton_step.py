@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.mamba3.siso.common import _mod2pi
+from hybridkit.kernels.mamba3.chunkscan.common import _mod2pi
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step.weights import StepInputs, StepWeights
 

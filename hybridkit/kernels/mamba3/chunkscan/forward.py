@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.mamba3.siso.common import (
+from hybridkit.kernels.mamba3.chunkscan.common import (
     _chunk,
     _dot,
     _gates,
@@ -25,10 +25,15 @@ from hybridkit.kernels.mamba3.siso.common import (
     _operand,
     _pass_load,
     _pass_setup,
+    _rank0,
     _rotation,
+    _row_offsets,
+    _rows,
     _scores,
     _state_tile,
     _store_gates,
+    _token_cumsum,
+    _x_rows,
 )
 
 
@@ -36,6 +41,7 @@ from hybridkit.kernels.mamba3.siso.common import (
 def _fwd_state_kernel(
     K,
     V,
+    PSI,
     ADT,
     DT,
     TRAP,
@@ -48,6 +54,7 @@ def _fwd_state_kernel(
     GATES,
     s_kb,
     s_kl,
+    s_kr,
     s_kg,
     s_vb,
     s_vl,
@@ -77,6 +84,8 @@ def _fwd_state_kernel(
     HAS_ANG: tl.constexpr,
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
+    R: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     """Per (chunk, head): the chunk's own state contribution sum_t u_t x_t k~_t^T (its frame),
     its total log decay A_c and its total angle Omega_c."""
@@ -85,35 +94,31 @@ def _fwd_state_kernel(
     gc = (pid // H).to(tl.int64)
     g = h // HPG
     bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
-    offs_c = tl.arange(0, C)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    tt = tok_start + offs_c
-    mc = tt < tok_end
+    tt, rr, mc = _rows(tok_start, tok_end, C, R)
     adt, dt, gamma, kappa = _gates(
         ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
         s_tl, HAS_TRAP, FAST,
     )  # fmt: skip
-    cs = tl.cumsum(adt, 0)
-    a_c = tl.sum(adt, 0)
-    _store_gates(GATES, bat, h, H, L, tt, mc, gamma, kappa, cs)
+    cs, a_c = _token_cumsum(adt, rr, R)
+    _store_gates(GATES, bat, h, H, L, tt, _rank0(mc, rr, R), gamma, kappa, cs)
     if HAS_ANG:
         om, _c, _s, cosv, sinv = _rotation(
-            ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
+            ANG, bat, h, tt, rr, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
         offs_a = tl.arange(0, NA)
         tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=offs_a < NANG)
     else:
         cosv = 0.0
         sinv = 0.0
-    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
+    ke, ko = _load_qk(
+        K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
     ke = _operand(ke, FAST)
     ko = _operand(ko, FAST)
-    x = tl.load(
-        V + bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :],
-        mask=mc[:, None],
-        other=0.0,
-    ).to(tl.float32)
+    x, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
     xu = _operand(x * (tl.exp(a_c - cs) * kappa)[:, None], FAST)
     pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
     tl.store(pe, _dot(tl.trans(xu), ke, FAST).to(STATES.dtype.element_ty))
@@ -204,6 +209,7 @@ def _fwd_out_kernel(
     Q,
     K,
     V,
+    PSI,
     GATES,
     DT,
     QB,
@@ -215,9 +221,11 @@ def _fwd_out_kernel(
     STATES,
     s_qb,
     s_ql,
+    s_qr,
     s_qg,
     s_kb,
     s_kl,
+    s_kr,
     s_kg,
     s_vb,
     s_vl,
@@ -230,6 +238,7 @@ def _fwd_out_kernel(
     s_gh,
     s_ob,
     s_ol,
+    s_or,
     s_oh,
     L,
     H,
@@ -244,32 +253,38 @@ def _fwd_out_kernel(
     HAS_D: tl.constexpr,
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
+    R: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
-    """Per (chunk, head): y = (q~k~^T * W) x + exp(cs) q~ S~_c^T + D x."""
+    """Per (chunk, head): y = (q~k~^T * W) x~ + exp(cs) q~ S~_c^T + D x~ on the chunk's rows."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
     g = h // HPG
     bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
-    offs_c = tl.arange(0, C)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    tt = tok_start + offs_c
-    mc = tt < tok_end
+    tt, rr, mc = _rows(tok_start, tok_end, C, R)
     gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tt, mc)  # ``_fwd_state`` saved them
     if HAS_ANG:
         dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
         _om, _c, _s, cosv, sinv = _rotation(
-            ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
+            ANG, bat, h, tt, rr, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
     else:
         cosv = 0.0
         sinv = 0.0
     # rotate q and k right away (cos / sin die), keep them as dot operands only
-    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
+    qe, qo = _load_qk(
+        Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
     qe = _operand(qe, FAST)
     qo = _operand(qo, FAST)
-    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
+    ke, ko = _load_qk(
+        K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
     ke = _operand(ke, FAST)
     ko = _operand(ko, FAST)
     # inter-chunk term first, so the state tile is dead before the C x C work starts
@@ -277,14 +292,13 @@ def _fwd_out_kernel(
     se = _operand(tl.load(pe), FAST)
     so = _operand(tl.load(po), FAST)
     y = tl.exp(cs)[:, None] * (_dot(qe, tl.trans(se), FAST) + _dot(qo, tl.trans(so), FAST))
-    vo = bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :]
-    x = tl.load(V + vo, mask=mc[:, None], other=0.0).to(tl.float32)
-    sc, _dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
+    x, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    sc, _dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C * R, R, FAST)
     y += _dot(sc * w, x, FAST)
     if HAS_D:
         y += tl.load(DSKIP + h).to(tl.float32) * x
     tl.store(
-        OUT + bat * s_ob + tt[:, None] * s_ol + h * s_oh + offs_p[None, :],
+        OUT + _row_offsets(bat, tt, rr, h, s_ob, s_ol, s_or, s_oh, P, R),
         y.to(OUT.dtype.element_ty),
         mask=mc[:, None],
     )

@@ -1,4 +1,5 @@
-"""The public entry of the Triton SISO scan: frame conversion around the custom op.
+"""The public entry of the Triton Mamba-3 scan (SISO and MIMO): frame conversion around the
+custom op.
 
 :func:`mamba3_scan_triton` has the signature and results of the other scan backends. The
 conversion between the absolute-frame :class:`Mamba3State` and the kernels' relative frame
@@ -18,21 +19,25 @@ import torch
 from torch import Tensor
 
 from hybridkit.kernels.config import triton_chunk, triton_chunk_sizes
+from hybridkit.kernels.mamba3.chunkscan.op import scan_op
 from hybridkit.kernels.mamba3.reference import rotate_pairs, wrap_angle
-from hybridkit.kernels.mamba3.siso.op import scan_op
 from hybridkit.kernels.mamba3.state import Mamba3State
 
-__all__ = ["mamba3_scan_triton", "supports", "unsupported_reason"]
+__all__ = ["TRITON_RANKS", "kernel_chunk", "mamba3_scan_triton", "supports", "unsupported_reason"]
+
+
+#: MIMO ranks the kernels run (R rows per token; C * R must stay a power of two).
+TRITON_RANKS = (1, 2, 4, 8)
 
 
 def unsupported_reason(
     rank: int, d_state: int, headdim: int, dtype: torch.dtype, on_gpu: bool, pairing: str
 ) -> str | None:
-    """Why the Triton SISO path cannot run a call with these static properties (None: it can)."""
-    if rank != 1:
-        return f"rank {rank} (MIMO) has no Triton kernel yet"
-    if pairing != "interleaved":
-        return f"{pairing!r} rotary pairing (the kernels pair interleaved columns)"
+    """Why the Triton path cannot run a call with these static properties (None: it can)."""
+    if rank not in TRITON_RANKS:
+        return f"rank {rank}: the Triton kernels run ranks {TRITON_RANKS}"
+    if pairing not in ("interleaved", "halves"):
+        return f"unknown rotary pairing {pairing!r}"
     if dtype == torch.float64:
         return "float64 inputs"
     # on a GPU tl.dot needs every dimension >= 16 (N/2); headdim 16 gave wrong outputs in the
@@ -45,8 +50,8 @@ def unsupported_reason(
 
 
 def supports(q: Tensor, v: Tensor, mimo_x: Tensor | None, pairing: str) -> bool:
-    """Whether the Triton SISO path handles this call (else use the chunked torch path)."""
-    if q.dim() != 5 or mimo_x is not None:
+    """Whether the Triton path handles this call (else use the chunked torch path)."""
+    if q.dim() != 5 or (mimo_x is not None and q.shape[2] == 1):
         return False
     dtype = torch.float64 if torch.float64 in (q.dtype, v.dtype) else v.dtype
     reason = unsupported_reason(q.shape[2], q.shape[-1], v.shape[-1], dtype, q.is_cuda, pairing)
@@ -56,13 +61,25 @@ def supports(q: Tensor, v: Tensor, mimo_x: Tensor | None, pairing: str) -> bool:
 # ----------------------------------------------------------------------------- frames
 
 
-def _deinterleave(s: Tensor) -> Tensor:
-    """(..., N) with pairs (2j, 2j+1) -> (..., N) as [even columns, odd columns]."""
+def _deinterleave(s: Tensor, pairing: str) -> Tensor:
+    """(..., N) -> the kernels' column order [first of each pair, second of each pair]: for
+    pairs (2j, 2j+1) the even then the odd columns; "halves" pairs (j, j + N/2) already are."""
+    if pairing == "halves":
+        return s
     return s.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
 
-def _interleave(s: Tensor) -> Tensor:
+def _interleave(s: Tensor, pairing: str) -> Tensor:
+    if pairing == "halves":
+        return s
     return s.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+
+
+def kernel_chunk(chunk_size: int, rank: int, d_state: int, headdim: int, fast: bool) -> int:
+    """Tokens per chunk the kernels run: the chunk's C * R rows (one per token and rank) are
+    the tile height, narrowed like a SISO chunk (:func:`triton_chunk`); at least 16 rows."""
+    rows = triton_chunk(min(chunk_size * rank, 128), d_state, headdim, fast)
+    return max(rows // rank, 16 // rank, 1)
 
 
 def _first_last(t: Tensor, cu: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -105,9 +122,10 @@ def mamba3_scan_triton(
     fast: bool | None = None,
     return_state: bool = True,
 ) -> tuple[Tensor, Mamba3State | None]:
-    """Mamba-3 SISO scan on Triton; shapes and semantics as the reference scans (R must be 1).
+    """Mamba-3 scan on Triton, SISO or MIMO (rank R in 1, 2, 4, 8); shapes and semantics as the
+    reference scans.
 
-    Returns y (B, L, 1, H, P) in ``v``'s dtype and the final :class:`Mamba3State` (angle, ssm
+    Returns y (B, L, R, H, P) in ``v``'s dtype and the final :class:`Mamba3State` (angle, ssm
     and k in float32, v in ``v``'s dtype), or None with ``return_state=False``: converting the
     end state to the absolute frame is ~20 small torch ops, most of the host time of a call
     (training never reads the state). ``fast`` (default: ``v`` is bf16/fp16) selects bf16
@@ -116,22 +134,27 @@ def mamba3_scan_triton(
     """
     if not supports(q, v, mimo_x, pairing):
         raise ValueError(
-            "mamba3_scan_triton: needs R = 1, interleaved pairing, no mimo_x, "
+            f"mamba3_scan_triton: needs a rank in {TRITON_RANKS} (mimo_x only with rank > 1), "
             "power-of-two N and P and no float64 inputs"
         )
+    B, L, R, G, N = q.shape
     allowed = triton_chunk_sizes()
-    if chunk_size not in allowed:
+    if chunk_size * R not in allowed and not (R > 1 and chunk_size * R > allowed[-1]):
         raise ValueError(
-            f"mamba3_scan_triton: chunk_size must be one of {allowed}, got {chunk_size}"
+            f"mamba3_scan_triton: chunk_size x rank must be one of {allowed}, got "
+            f"{chunk_size} x {R}"
         )
-    B, L, _, G, N = q.shape
     H = v.shape[2]
     if H % G != 0:
         raise ValueError(f"mamba3 scan: nheads ({H}) must be a multiple of ngroups ({G})")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"mamba3 scan: cu_seqlens requires batch size 1, got {B}")
     if angles is not None and 2 * angles.shape[-1] > N:
-        raise ValueError("mamba3 scan: interleaved pairing needs 2*S <= N")
+        raise ValueError(f"mamba3 scan: {pairing} pairing needs 2*S <= N")
+    psi = None
+    if R > 1:  # the kernels always scale x per rank for MIMO (ones when not given)
+        psi = mimo_x if mimo_x is not None else v.new_ones(H, R, v.shape[-1], dtype=torch.float32)
+        psi = psi.contiguous()
     if fast is None:
         fast = v.dtype in (torch.bfloat16, torch.float16)
     cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int64)
@@ -142,7 +165,9 @@ def mamba3_scan_triton(
         empty = (lengths == 0).view(-1, 1, 1)  # (nseq, 1, 1)
     s0 = None
     if initial_state is not None:
-        s0 = _relative_initial_state(initial_state, dt, trap, angles is not None, cu, empty)
+        s0 = _relative_initial_state(
+            initial_state, dt, trap, angles is not None, cu, empty, psi, pairing
+        )
     y, total_angle, end_state, _ = scan_op(
         _c(q),
         _c(k),
@@ -154,21 +179,24 @@ def mamba3_scan_triton(
         k_bias.to(torch.float32).contiguous(),
         _c(angles),
         None if D is None else D.contiguous(),
+        psi,
         s0,
         cu,
-        triton_chunk(chunk_size, N, v.shape[-1], bool(fast)),
+        kernel_chunk(chunk_size, R, N, v.shape[-1], bool(fast)),
         bool(fast),
+        pairing == "halves",
     )
     if not return_state:
-        return y.unsqueeze(2), None
+        return y, None
     state = _absolute_end_state(
-        total_angle, end_state, k, v, k_bias, angles is not None, initial_state, cu, empty, G
-    )
-    return y.unsqueeze(2), state
+        total_angle, end_state, k, v, k_bias, angles is not None, initial_state, cu, empty, G,
+        pairing,
+    )  # fmt: skip
+    return y, state
 
 
 def _relative_initial_state(
-    st: Mamba3State, dt: Tensor, trap: Tensor | None, rotate: bool, cu, empty
+    st: Mamba3State, dt: Tensor, trap: Tensor | None, rotate: bool, cu, empty, psi, pairing
 ) -> Tensor:
     """The initial state in the kernels' frame: the first token's trapezoid term of the
     previous token added (the "pre-added" state), rotated back by the initial angle,
@@ -180,16 +208,28 @@ def _relative_initial_state(
     eta0 = (1.0 - lam0) * dt0.float()
     if empty is not None:
         eta0 = eta0.masked_fill(empty[:, :, 0], 0.0)
-    h0 = st.ssm.float() + eta0[..., None, None] * (
-        st.v.float()[..., :, None] * st.k[:, 0].float()[..., None, :]
-    )
+    if psi is None:
+        kv = st.v.float()[..., :, None] * st.k[:, 0].float()[..., None, :]
+    else:  # sum_r (v psi_r) k_r^T
+        kv = torch.einsum("shp,hrp,srhn->shpn", st.v.float(), psi.float(), st.k.float())
+    h0 = st.ssm.float() + eta0[..., None, None] * kv
     if rotate:
-        h0 = rotate_pairs(h0, -st.angle.float()[:, :, None, :], "interleaved")
-    return _deinterleave(h0).contiguous()
+        h0 = rotate_pairs(h0, -st.angle.float()[:, :, None, :], pairing)
+    return _deinterleave(h0, pairing).contiguous()
 
 
 def _absolute_end_state(
-    total_angle, end_state, k, v, k_bias, rotate: bool, st: Mamba3State | None, cu, empty, G: int
+    total_angle,
+    end_state,
+    k,
+    v,
+    k_bias,
+    rotate: bool,
+    st: Mamba3State | None,
+    cu,
+    empty,
+    G: int,
+    pairing: str,
 ) -> Mamba3State:
     """The end state back in the absolute frame, with every sequence's last key (biased,
     rotated) and value; empty packed sequences keep their initial state."""
@@ -200,18 +240,19 @@ def _absolute_end_state(
         angle = wrap_angle(total_angle if ia is None else ia + total_angle)
     else:
         angle = ia if ia is not None else torch.zeros(nseq, H, 0, dtype=f32, device=k.device)
-    ssm = _interleave(end_state)
-    kl = _first_last(k[:, :, 0], cu)[1].float().repeat_interleave(H // G, dim=1)
-    kl = kl + k_bias[:, 0].float()
+    ssm = _interleave(end_state, pairing)
+    # the last token's key per rank, biased and rotated: (seqs, R, H, N)
+    kl = _first_last(k, cu)[1].float().repeat_interleave(H // G, dim=2)
+    kl = kl + k_bias.float().transpose(0, 1)
     if rotate:
-        ssm = rotate_pairs(ssm, angle[:, :, None, :], "interleaved")
-        kl = rotate_pairs(kl, angle, "interleaved")
+        ssm = rotate_pairs(ssm, angle[:, :, None, :], pairing)
+        kl = rotate_pairs(kl, angle[:, None], pairing)
     vl = _first_last(v, cu)[1]
     if empty is not None and st is not None:
-        kl = torch.where(empty, st.k[:, 0].float(), kl)
+        kl = torch.where(empty[:, None], st.k.float(), kl)
         vl = torch.where(empty, st.v.to(v.dtype), vl)
         ssm = torch.where(empty[..., None], st.ssm.float(), ssm)
     elif empty is not None:
-        kl = kl.masked_fill(empty, 0.0)
+        kl = kl.masked_fill(empty[:, None], 0.0)
         vl = vl.masked_fill(empty, 0.0)
-    return Mamba3State(angle, ssm, kl.unsqueeze(1), vl)
+    return Mamba3State(angle, ssm, kl, vl)

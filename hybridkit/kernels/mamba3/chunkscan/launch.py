@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from hybridkit.kernels.config import current_config, interpreting
-from hybridkit.kernels.mamba3.siso import backward as bwd_kernels
-from hybridkit.kernels.mamba3.siso import forward as fwd_kernels
+from hybridkit.kernels.mamba3.chunkscan import backward as bwd_kernels
+from hybridkit.kernels.mamba3.chunkscan import forward as fwd_kernels
 
 # A launch candidate: warps, or (warps, register cap per thread).
 Candidate = int | tuple[int, int]
@@ -98,13 +98,13 @@ def backward_chunk_options() -> dict:
     return launch_options(cfg.bwd_warps, cfg.bwd_maxnreg)
 
 
-_GATE_FLAGS = ["C", "P", "N2", "NA", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST"]
+_GATE_FLAGS = ["C", "P", "N2", "NA", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST", "R", "HALVES"]
 FWD_STATE = TunedKernel(
     fwd_kernels._fwd_state_kernel, _GATE_FLAGS, (4, (4, 168), (4, 128), 8, 16), (4, 128)
 )
 FWD_OUT = TunedKernel(
     fwd_kernels._fwd_out_kernel,
-    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D"],
+    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES"],
     (4, (4, 168), 8),
     (4, 168),
 )

@@ -1,9 +1,10 @@
-"""The SISO scan as two ``torch.library`` custom ops with registered autograd and fake impls.
+"""The chunked Mamba-3 scan (SISO, and MIMO as R rows per token) as two ``torch.library``
+custom ops with registered autograd and fake impls.
 
-* ``hybridkit::mamba3_siso_fwd`` returns the output, the sequence's total angle, the end state
+* ``hybridkit::mamba3_scan_fwd`` returns the output, the sequence's total angle, the end state
   in the relative frame and the per-chunk start states (the only activation the backward
   re-reads);
-* ``hybridkit::mamba3_siso_bwd`` returns the gradient of every input.
+* ``hybridkit::mamba3_scan_bwd`` returns the gradient of every input.
 
 Both have fake implementations whose shapes and strides are the real ones (every output is a
 fresh contiguous tensor), so a model using them compiles with ``torch.compile(fullgraph=True)``;
@@ -20,9 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hybridkit.kernels.mamba3.siso import backward as K_bwd
-from hybridkit.kernels.mamba3.siso import forward as K_fwd
-from hybridkit.kernels.mamba3.siso.launch import (
+from hybridkit.kernels.mamba3.chunkscan import backward as K_bwd
+from hybridkit.kernels.mamba3.chunkscan import forward as K_fwd
+from hybridkit.kernels.mamba3.chunkscan.launch import (
     BWD_DSTATE,
     FWD_OUT,
     FWD_STATE,
@@ -52,6 +53,7 @@ class ScanInputs(NamedTuple):
     k_bias: Tensor
     angles: Tensor | None
     D: Tensor | None
+    psi: Tensor | None  # (H, R, P) MIMO's per-rank x scaling; None for SISO
     init_state: Tensor | None
     cu_seqlens: Tensor | None
 
@@ -59,6 +61,7 @@ class ScanInputs(NamedTuple):
 class _Sizes(NamedTuple):
     B: int
     L: int
+    R: int
     G: int
     N: int
     H: int
@@ -67,20 +70,23 @@ class _Sizes(NamedTuple):
 
     @staticmethod
     def of(x: ScanInputs) -> _Sizes:
-        B, L, _, G, N = x.q.shape
+        B, L, R, G, N = x.q.shape
         S = x.angles.shape[-1] if x.angles is not None else 0
-        return _Sizes(B, L, G, N, x.v.shape[2], x.v.shape[3], S)
+        return _Sizes(B, L, R, G, N, x.v.shape[2], x.v.shape[3], S)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def scan_forward(x: ScanInputs, C: int, fast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, total angle (seqs, H, S), end state (seqs, H, P, N) relative frame, chunk states)."""
+def scan_forward(
+    x: ScanInputs, C: int, fast: bool, halves: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y (B, L, R, H, P), total angle (seqs, H, S), end state (seqs, H, P, N) relative frame,
+    chunk states)."""
     z = _Sizes.of(x)
     dev, f32 = x.q.device, torch.float32
     plan = ChunkPlan(z.B, z.L, C, x.cu_seqlens, dev)
-    out = torch.empty(z.B, z.L, z.H, z.P, dtype=x.v.dtype, device=dev)
+    out = torch.empty(z.B, z.L, z.R, z.H, z.P, dtype=x.v.dtype, device=dev)
     # ``_fwd_pass`` writes every sequence's total angle; with no chunk it stays zero
     alloc = torch.empty if plan.nchunks > 0 else torch.zeros
     total_angle = alloc(plan.nseq, z.H, z.S, dtype=f32, device=dev)
@@ -102,13 +108,14 @@ def scan_forward(x: ScanInputs, C: int, fast: bool) -> tuple[Tensor, Tensor, Ten
     chunk_table = plan.chunk_table if plan.varlen else out
     angt, angle_strides = angles_tokens_last(x.angles)
     flags = dict(C=C, P=z.P, N2=z.N // 2, HAS_ANG=x.angles is not None)
-    flags.update(VARLEN=plan.varlen, FAST=fast, NA=angle_width(z.N // 2, z.S))
+    flags.update(VARLEN=plan.varlen, FAST=fast, NA=angle_width(z.N // 2, z.S), R=z.R)
+    flags.update(HALVES=halves)
     sizes = (z.L, z.H, z.H // z.G, z.S, plan.chunks_per_seq)
     grid = (plan.nchunks * z.H,)
     FWD_STATE[grid](
-        x.k, x.v, x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table, chunk_states,
-        chunk_decay, chunk_angle, token_gates,
-        *strides(x.k, (0, 1, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
+        x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
+        chunk_states, chunk_decay, chunk_angle, token_gates,
+        *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
         *strides(x.trap), *angle_strides, *sizes,
         HAS_TRAP=x.trap is not None, **flags,
     )  # fmt: skip
@@ -120,10 +127,10 @@ def scan_forward(x: ScanInputs, C: int, fast: bool) -> tuple[Tensor, Tensor, Ten
         HAS_ANG=x.angles is not None, VARLEN=plan.varlen, **launch_options(4),
     )  # fmt: skip
     FWD_OUT[grid](
-        x.q, x.k, x.v, token_gates, x.dt, x.q_bias, x.k_bias, opt(angt), opt(x.D), out,
-        chunk_table, chunk_states,
-        *strides(x.q, (0, 1, 3)), *strides(x.k, (0, 1, 3)), *strides(x.v), *strides(x.dt),
-        *angle_strides, *strides(out), *sizes,
+        x.q, x.k, x.v, opt(x.psi), token_gates, x.dt, x.q_bias, x.k_bias, opt(angt), opt(x.D),
+        out, chunk_table, chunk_states,
+        *strides(x.q, (0, 1, 2, 3)), *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.dt),
+        *angle_strides, *strides(out, (0, 1, 2, 3)), *sizes,
         HAS_D=x.D is not None, **flags,
     )  # fmt: skip
     return out, total_angle, end_state, chunk_states
@@ -135,7 +142,7 @@ def scan_forward(x: ScanInputs, C: int, fast: bool) -> tuple[Tensor, Tensor, Ten
 class _Grads(NamedTuple):
     """Gradient buffers the backward kernels write (per head / per chunk where noted)."""
 
-    dq_heads: Tensor  # (B, L, H, N): summed over each group's heads afterwards
+    dq_heads: Tensor  # (B, L, R, H, N): summed over each group's heads afterwards
     dk_heads: Tensor
     dx: Tensor
     dadt: Tensor
@@ -144,9 +151,10 @@ class _Grads(NamedTuple):
     ddt: Tensor
     dtrap: Tensor | None
     dangles: Tensor | None
-    dq_bias_part: Tensor  # (chunks, H, N): partial sums over each chunk's tokens
+    dq_bias_part: Tensor  # (chunks, H, R, N): partial sums over each chunk's tokens
     dk_bias_part: Tensor
     dD_part: Tensor  # (chunks, H)
+    dpsi_part: Tensor | None  # (chunks, H, R, P), MIMO only
     dinit: Tensor  # (seqs, H, P, N) gradient of the initial state (relative frame)
 
 
@@ -162,8 +170,8 @@ def _grad_buffers(x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bo
     nparts = max(plan.nchunks, 1)
     part = torch.empty if plan.nchunks > 0 else torch.zeros
     return _Grads(
-        dq_heads=new(z.B, z.L, z.H, z.N, dtype=heads, device=dev),
-        dk_heads=new(z.B, z.L, z.H, z.N, dtype=heads, device=dev),
+        dq_heads=new(z.B, z.L, z.R, z.H, z.N, dtype=heads, device=dev),
+        dk_heads=new(z.B, z.L, z.R, z.H, z.N, dtype=heads, device=dev),
         dx=new(z.B, z.L, z.H, z.P, dtype=x.v.dtype, device=dev),
         dadt=new(z.B, z.H, z.L, dtype=f32, device=dev),
         dkappa=new(z.B, z.H, z.L, dtype=f32, device=dev),
@@ -173,9 +181,10 @@ def _grad_buffers(x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bo
         dangles=None
         if x.angles is None
         else new(z.B, z.L, z.H, z.S, dtype=x.angles.dtype, device=dev),
-        dq_bias_part=part(nparts, z.H, z.N, dtype=f32, device=dev),
-        dk_bias_part=part(nparts, z.H, z.N, dtype=f32, device=dev),
+        dq_bias_part=part(nparts, z.H, z.R, z.N, dtype=f32, device=dev),
+        dk_bias_part=part(nparts, z.H, z.R, z.N, dtype=f32, device=dev),
         dD_part=part(nparts, z.H, dtype=f32, device=dev),
+        dpsi_part=None if x.psi is None else part(nparts, z.H, z.R, z.P, dtype=f32, device=dev),
         # the reverse pass writes it; with no chunk it is the end state's gradient
         dinit=torch.empty(plan.nseq, z.H, z.P, z.N, dtype=f32, device=dev)
         if plan.nchunks > 0
@@ -191,6 +200,7 @@ def scan_backward(
     chunk_states: Tensor,
     C: int,
     fast: bool,
+    halves: bool,
 ) -> list[Tensor]:
     """Gradients of every input of ``x`` (empty tensors for absent ones), in its order."""
     z = _Sizes.of(x)
@@ -206,11 +216,13 @@ def scan_backward(
     dtotal = dtotal.float().contiguous() if dtotal is not None else None
     g = _grad_buffers(x, plan, dsend, fast)
     if plan.nchunks > 0:
-        _launch_backward(dout, dtotal, dsend, x, chunk_states, g, plan, z, C, fast)
+        _launch_backward(dout, dtotal, dsend, x, chunk_states, g, plan, z, C, fast, halves)
     return _reduce(x, g, z)
 
 
-def _launch_backward(dout, dtotal, dsend, x: ScanInputs, chunk_states, g: _Grads, plan, z, C, fast):
+def _launch_backward(
+    dout, dtotal, dsend, x: ScanInputs, chunk_states, g: _Grads, plan, z, C, fast, halves
+):
     dev, f32 = x.q.device, torch.float32
     opt = lambda t: g.dq_heads if t is None else t  # noqa: E731  (absent inputs: any pointer)
     chunk_table = plan.chunk_table if plan.varlen else g.dq_heads
@@ -233,12 +245,14 @@ def _launch_backward(dout, dtotal, dsend, x: ScanInputs, chunk_states, g: _Grads
         else g.dq_heads
     )
     has = dict(HAS_TRAP=x.trap is not None, HAS_ANG=x.angles is not None)
+    rank = dict(R=z.R, HALVES=halves)
+    dout_strides = strides(dout, (0, 1, 2, 3))
     BWD_DSTATE[grid](
         x.q, x.adt, x.dt, opt(x.trap), x.q_bias, opt(angt), dout, chunk_table, dstate,
         chunk_decay, chunk_angle, cos_sin, token_gates,
-        *strides(x.q, (0, 1, 3)), *strides(x.adt), *strides(x.dt), *strides(x.trap),
-        *angle_strides, *strides(dout), *sizes,
-        C=C, P=z.P, N2=z.N // 2, NA=na, VARLEN=plan.varlen, FAST=fast, **has,
+        *strides(x.q, (0, 1, 2, 3)), *strides(x.adt), *strides(x.dt), *strides(x.trap),
+        *angle_strides, *dout_strides, *sizes,
+        C=C, P=z.P, N2=z.N // 2, NA=na, VARLEN=plan.varlen, FAST=fast, **has, **rank,
     )  # fmt: skip
     nt = plan.row_tiles(z.H, z.N, z.P, dev)
     K_bwd._bwd_pass_kernel[(plan.nseq * z.H * nt,)](
@@ -247,8 +261,8 @@ def _launch_backward(dout, dtotal, dsend, x: ScanInputs, chunk_states, g: _Grads
         HAS_DSEND=dsend is not None, VARLEN=plan.varlen, **launch_options(4),
     )  # fmt: skip
     # d cs through exp(cs) q~ S~ (``_bwd_q`` -> ``_bwd_x``) and d u per token (k -> x)
-    dcs_state = torch.empty(z.B, z.H, z.L, dtype=f32, device=dev)
-    du = torch.empty_like(g.dadt)
+    dcs_state = torch.empty(z.B, z.H, z.L * z.R, dtype=f32, device=dev)  # per (token, rank)
+    du = torch.empty_like(dcs_state)
     # per-token d theta (q and k shares, tokens last) and each chunk's d Omega_c, finished by
     # ``_bwd_gates``
     dtheta = (
@@ -258,13 +272,13 @@ def _launch_backward(dout, dtotal, dsend, x: ScanInputs, chunk_states, g: _Grads
     )
     domega = torch.empty(plan.nchunks, z.H, max(z.S, 1), dtype=f32, device=dev)
     common = (
-        *strides(x.q, (0, 1, 3)), *strides(x.k, (0, 1, 3)), *strides(x.v), *strides(dout),
+        *strides(x.q, (0, 1, 2, 3)), *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *dout_strides,
         *sizes,
     )  # fmt: skip
     flags = dict(C=C, P=z.P, N2=z.N // 2, NA=na, HAS_ANG=x.angles is not None)
-    flags.update(HAS_D=x.D is not None, VARLEN=plan.varlen, FAST=fast)
+    flags.update(HAS_D=x.D is not None, VARLEN=plan.varlen, FAST=fast, **rank)
     flags.update(backward_chunk_options())
-    inputs = (x.q, x.k, x.v, token_gates, chunk_decay, x.q_bias, x.k_bias, cos_sin)
+    inputs = (x.q, x.k, x.v, opt(x.psi), token_gates, chunk_decay, x.q_bias, x.k_bias, cos_sin)
     K_bwd._bwd_q_kernel[grid](
         *inputs, dout, chunk_table, chunk_states, g.dq_heads, g.dq_bias_part, dtheta, dcs_state,
         *common, **flags,
@@ -275,7 +289,7 @@ def _launch_backward(dout, dtotal, dsend, x: ScanInputs, chunk_states, g: _Grads
     )  # fmt: skip
     K_bwd._bwd_x_kernel[grid](
         *inputs, opt(x.D), dout, chunk_table, dstate, dcs_state, du, chunk_states, domega, g.dx,
-        g.dadt, g.dkappa, g.dgamma, g.dD_part, *common, **flags,
+        g.dadt, g.dkappa, g.dgamma, g.dD_part, opt(g.dpsi_part), *common, **flags,
     )  # fmt: skip
     K_bwd._bwd_gates_kernel[grid](
         opt(angt), x.dt, opt(x.trap), dtheta, domega, chunk_table, seq_table, g.dgamma,
@@ -290,8 +304,8 @@ def _reduce(x: ScanInputs, g: _Grads, z: _Sizes) -> list[Tensor]:
     hpg = z.H // z.G
     # sums over the group's heads accumulate in fp32 also for bf16 buffers (torch's reduction
     # accumulator), so the result is rounded once, as with an fp32 sum and a cast
-    dq = g.dq_heads.view(z.B, z.L, z.G, hpg, z.N).sum(3).unsqueeze(2).to(x.q.dtype)
-    dk = g.dk_heads.view(z.B, z.L, z.G, hpg, z.N).sum(3).unsqueeze(2).to(x.k.dtype)
+    dq = g.dq_heads.view(z.B, z.L, z.R, z.G, hpg, z.N).sum(4).to(x.q.dtype)
+    dk = g.dk_heads.view(z.B, z.L, z.R, z.G, hpg, z.N).sum(4).to(x.k.dtype)
     grads = [
         dq,
         dk,
@@ -299,10 +313,11 @@ def _reduce(x: ScanInputs, g: _Grads, z: _Sizes) -> list[Tensor]:
         g.dadt.to(x.adt.dtype),
         g.ddt,
         g.dtrap,
-        g.dq_bias_part.sum(0).view(z.H, 1, z.N).to(x.q_bias.dtype),
-        g.dk_bias_part.sum(0).view(z.H, 1, z.N).to(x.k_bias.dtype),
+        g.dq_bias_part.sum(0).to(x.q_bias.dtype),
+        g.dk_bias_part.sum(0).to(x.k_bias.dtype),
         g.dangles,
         g.dD_part.sum(0).to(x.D.dtype) if x.D is not None else None,
+        g.dpsi_part.sum(0).to(x.psi.dtype) if x.psi is not None else None,
         g.dinit if x.init_state is not None else None,
     ]
     return [torch.empty(0, device=x.q.device) if t is None else t for t in grads]
@@ -311,7 +326,7 @@ def _reduce(x: ScanInputs, g: _Grads, z: _Sizes) -> list[Tensor]:
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("hybridkit::mamba3_siso_fwd", mutates_args=())
+@torch.library.custom_op("hybridkit::mamba3_scan_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor,
     k: Tensor,
@@ -323,32 +338,34 @@ def _fwd_op(
     k_bias: Tensor,
     angles: Tensor | None,
     D: Tensor | None,
+    psi: Tensor | None,
     init_state: Tensor | None,
     cu_seqlens: Tensor | None,
     chunk_size: int,
     fast: bool,
+    halves: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x = ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, init_state, cu_seqlens)
-    return scan_forward(x, chunk_size, fast)
+    x = ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state, cu_seqlens)
+    return scan_forward(x, chunk_size, fast, halves)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, init_state, cu_seqlens, chunk_size,
-      fast):  # fmt: skip
-    z = _Sizes.of(ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, None, None))
+def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state, cu_seqlens,
+      chunk_size, fast, halves):  # fmt: skip
+    z = _Sizes.of(ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, None, None))
     varlen = cu_seqlens is not None
     nseq = cu_seqlens.shape[0] - 1 if varlen else z.B
     f32 = torch.float32
     slots = state_slots(z.B, z.L, chunk_size, nseq, varlen)
     return (
-        q.new_empty(z.B, z.L, z.H, z.P, dtype=v.dtype),
+        q.new_empty(z.B, z.L, z.R, z.H, z.P, dtype=v.dtype),
         q.new_empty(nseq, z.H, z.S, dtype=f32),
         q.new_empty(nseq, z.H, z.P, z.N, dtype=f32),
         q.new_empty(slots, z.H, z.P, z.N, dtype=torch.bfloat16 if fast else f32),
     )
 
 
-@torch.library.custom_op("hybridkit::mamba3_siso_bwd", mutates_args=())
+@torch.library.custom_op("hybridkit::mamba3_scan_bwd", mutates_args=())
 def _bwd_op(
     dout: Tensor,
     d_total_angle: Tensor | None,
@@ -363,25 +380,30 @@ def _bwd_op(
     k_bias: Tensor,
     angles: Tensor | None,
     D: Tensor | None,
+    psi: Tensor | None,
     init_state: Tensor | None,
     cu_seqlens: Tensor | None,
     chunk_states: Tensor,
     chunk_size: int,
     fast: bool,
+    halves: bool,
 ) -> list[Tensor]:
-    x = ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, init_state, cu_seqlens)
-    return scan_backward(dout, d_total_angle, d_end_state, x, chunk_states, chunk_size, fast)
+    x = ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state, cu_seqlens)
+    return scan_backward(
+        dout, d_total_angle, d_end_state, x, chunk_states, chunk_size, fast, halves
+    )
 
 
 @_bwd_op.register_fake
-def _(dout, d_total_angle, d_end_state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D,
-      init_state, cu_seqlens, chunk_states, chunk_size, fast):  # fmt: skip
+def _(dout, d_total_angle, d_end_state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi,
+      init_state, cu_seqlens, chunk_states, chunk_size, fast, halves):  # fmt: skip
     # the real gradients are fresh contiguous tensors whatever the inputs' strides (a
     # transposed dt / adt view included), so the fake ones are too
     def like(t: Tensor | None) -> Tensor:
         return q.new_empty(0) if t is None else t.new_empty(t.shape)
 
-    return [like(t) for t in (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, init_state)]
+    inputs = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state)
+    return [like(t) for t in inputs]
 
 
 _N_INPUTS = len(ScanInputs._fields)
@@ -390,7 +412,7 @@ _N_INPUTS = len(ScanInputs._fields)
 def _setup_context(ctx, inputs, output) -> None:
     tensors = list(inputs[:_N_INPUTS])
     ctx.present = [t is not None for t in tensors[:-1]]  # cu_seqlens gets no gradient
-    ctx.chunk_size, ctx.fast = inputs[_N_INPUTS], inputs[_N_INPUTS + 1]
+    ctx.chunk_size, ctx.fast, ctx.halves = inputs[_N_INPUTS : _N_INPUTS + 3]
     ctx.save_for_backward(*tensors, output[3])
     # unused outputs get None, not zeros: autograd would otherwise fill a zero gradient for the
     # saved chunk states (268 MB at B 8, L 4096, H 32) every step
@@ -401,23 +423,24 @@ def _run_backward(ctx, dy, d_total, d_end, backward_fn):
     saved = ctx.saved_tensors  # read exactly once (activation checkpointing)
     if dy is None:  # only the final state was used
         dy = saved[2].new_zeros(saved[2].shape)
-    grads = backward_fn(dy, d_total, d_end, *saved, ctx.chunk_size, ctx.fast)
+    grads = backward_fn(dy, d_total, d_end, *saved, ctx.chunk_size, ctx.fast, ctx.halves)
     out = [g if present else None for g, present in zip(grads, ctx.present, strict=True)]
-    return (*out, None, None, None)
+    return (*out, None, None, None, None)
 
 
 def _backward(ctx, dy, d_total, d_end, _d_states):
-    return _run_backward(ctx, dy, d_total, d_end, torch.ops.hybridkit.mamba3_siso_bwd)
+    return _run_backward(ctx, dy, d_total, d_end, torch.ops.hybridkit.mamba3_scan_bwd)
 
 
 torch.library.register_autograd(
-    "hybridkit::mamba3_siso_fwd", _backward, setup_context=_setup_context
+    "hybridkit::mamba3_scan_fwd", _backward, setup_context=_setup_context
 )
 
 
 def _backward_eager(dout, d_total, d_end, *saved_and_options):
-    *tensors, chunk_states, chunk_size, fast = saved_and_options
-    return scan_backward(dout, d_total, d_end, ScanInputs(*tensors), chunk_states, chunk_size, fast)
+    *tensors, chunk_states, chunk_size, fast, halves = saved_and_options
+    x = ScanInputs(*tensors)
+    return scan_backward(dout, d_total, d_end, x, chunk_states, chunk_size, fast, halves)
 
 
 class ScanFunction(torch.autograd.Function):
@@ -430,8 +453,8 @@ class ScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        *tensors, chunk_size, fast = args
-        out = scan_forward(ScanInputs(*tensors), chunk_size, fast)
+        *tensors, chunk_size, fast, halves = args
+        out = scan_forward(ScanInputs(*tensors), chunk_size, fast, halves)
         _setup_context(ctx, args, out)
         ctx.mark_non_differentiable(out[3])
         return out
@@ -444,5 +467,5 @@ class ScanFunction(torch.autograd.Function):
 def scan_op(*args):
     """The forward op as ``torch.compile`` must see it, else the cheaper eager Function."""
     if torch.compiler.is_compiling():
-        return torch.ops.hybridkit.mamba3_siso_fwd(*args)
+        return torch.ops.hybridkit.mamba3_scan_fwd(*args)
     return ScanFunction.apply(*args)

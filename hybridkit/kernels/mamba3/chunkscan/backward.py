@@ -18,11 +18,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.mamba3.siso.common import (
+from hybridkit.kernels.mamba3.chunkscan.common import (
     PI,
     _chunk,
     _csn_offsets,
+    _decay_mask,
     _dot,
+    _first_rank,
     _gates,
     _load_csn,
     _load_gates,
@@ -31,13 +33,21 @@ from hybridkit.kernels.mamba3.siso.common import (
     _operand,
     _pass_load,
     _pass_setup,
+    _rank0,
+    _rank_sum,
+    _rank_sum2,
     _rotation,
+    _row_offsets,
+    _rows,
     _scores,
     _sigmoid,
     _state_load,
     _state_tile,
     _store_gates,
     _tanh,
+    _token_cumsum,
+    _token_pairs,
+    _x_rows,
 )
 
 
@@ -58,6 +68,7 @@ def _bwd_dstate_kernel(
     GATES,
     s_qb,
     s_ql,
+    s_qr,
     s_qg,
     s_ab,
     s_ah,
@@ -73,6 +84,7 @@ def _bwd_dstate_kernel(
     s_gh,
     s_ob,
     s_ol,
+    s_or,
     s_oh,
     L,
     H,
@@ -87,6 +99,8 @@ def _bwd_dstate_kernel(
     HAS_ANG: tl.constexpr,
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
+    R: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     """Per (chunk, head): the state gradient the chunk's outputs send to its start state,
     sum_t exp(cs_t) dy_t q~_t^T, plus A_c and Omega_c for the reverse pass, and the cos / sin
@@ -97,36 +111,38 @@ def _bwd_dstate_kernel(
     gc = (pid // H).to(tl.int64)
     g = h // HPG
     bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
-    offs_c = tl.arange(0, C)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    tt = tok_start + offs_c
-    mc = tt < tok_end
+    tt, rr, mc = _rows(tok_start, tok_end, C, R)
+    mw = _rank0(mc, rr, R)  # one row per token writes per-token values
     adt, dt, gamma, kappa = _gates(
         ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
         s_tl, HAS_TRAP, FAST,
     )  # fmt: skip
-    cs = tl.cumsum(adt, 0)
-    tl.store(DECAY + gc * H + h, tl.sum(adt, 0))
-    _store_gates(GATES, bat, h, H, L, tt, mc, gamma, kappa, cs)  # for ``_bwd_q`` / ``_k`` / ``_x``
+    cs, a_c = _token_cumsum(adt, rr, R)
+    tl.store(DECAY + gc * H + h, a_c)
+    _store_gates(GATES, bat, h, H, L, tt, mw, gamma, kappa, cs)  # for ``_bwd_q`` / ``_k`` / ``_x``
     if HAS_ANG:
         om, cos_a, sin_a, cosv, sinv = _rotation(
-            ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, FAST
+            ANG, bat, h, tt, rr, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
         offs_a = tl.arange(0, NA)
         ma = offs_a < NANG
         tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=ma)
         # stored from the scan's own (pairs x tokens) tiles; see ``_csn_offsets``
         o = _csn_offsets(bat, tt, h, L, H, offs_a, NANG)
-        m = ma[:, None] & mc[None, :]
+        m = ma[:, None] & mw[None, :]
         tl.store(COS_SIN + o, cos_a.to(COS_SIN.dtype.element_ty), mask=m)
         tl.store(COS_SIN + o + NANG * L, sin_a.to(COS_SIN.dtype.element_ty), mask=m)
     else:
         cosv = 0.0
         sinv = 0.0
-    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
+    qe, qo = _load_qk(
+        Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
     dy = tl.load(
-        DOUT + bat * s_ob + tt[:, None] * s_ol + h * s_oh + offs_p[None, :],
+        DOUT + _row_offsets(bat, tt, rr, h, s_ob, s_ol, s_or, s_oh, P, R),
         mask=mc[:, None],
         other=0.0,
     ).to(tl.float32)
@@ -205,11 +221,16 @@ def _bwd_pass_kernel(
 
 
 @triton.jit
-def _chunk_tokens(CHTAB, gc, L, NC, C: tl.constexpr, VARLEN: tl.constexpr):
-    """(batch row, sequence, token indices, token mask) of chunk slot ``gc``."""
+def _chunk_tokens(CHTAB, gc, L, NC, C: tl.constexpr, R: tl.constexpr, VARLEN: tl.constexpr):
+    """(batch row, sequence, row tokens, row ranks, row mask, tokens, token mask) of chunk slot
+    ``gc``: the C * R (token, rank) rows and the C tokens (the same for SISO)."""
     bat, seq, tok_start, tok_end, _seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
-    tt = tok_start + tl.arange(0, C)
-    return bat, seq, tt, tt < tok_end
+    tt, rr, mc = _rows(tok_start, tok_end, C, R)
+    if R == 1:
+        return bat, seq, tt, rr, mc, tt, mc
+    else:
+        tok = tok_start + tl.arange(0, C)
+        return bat, seq, tt, rr, mc, tok, tok < tok_end
 
 
 @triton.jit
@@ -222,11 +243,12 @@ def _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc):
 
 @triton.jit
 def _rotated_qk(
-    Q, K, QB, KB, COS_SIN, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
-    N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, FAST: tl.constexpr,
+    Q, K, QB, KB, COS_SIN, bat, h, HPG, tt, rr, mc, L, H, NANG, s_qb, s_ql, s_qr, s_qg, s_kb,
+    s_kl, s_kr, s_kg, N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr,
+    FAST: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
-    """q~ and k~ of one chunk (bias added, rotated by the in-chunk angles whose cos / sin
-    ``_bwd_dstate`` stored in ``COS_SIN``) as even / odd dot operands (bf16 in fast mode: half the
+    """q~ and k~ of one chunk's rows (bias added, rotated by the in-chunk angles whose cos / sin
+    ``_bwd_dstate`` stored in ``COS_SIN``) as pair-half dot operands (bf16 in fast mode: half the
     registers of four C x N/2 tiles)."""
     offs_j = tl.arange(0, N2)
     if HAS_ANG:
@@ -235,29 +257,35 @@ def _rotated_qk(
         cosv = 0.0
         sinv = 0.0
     g = h // HPG
-    qe, qo = _load_qk(Q, QB, bat, g, h, tt, mc, offs_j, s_qb, s_ql, s_qg, HAS_ANG, cosv, sinv)
-    ke, ko = _load_qk(K, KB, bat, g, h, tt, mc, offs_j, s_kb, s_kl, s_kg, HAS_ANG, cosv, sinv)
+    qe, qo = _load_qk(
+        Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
+    ke, ko = _load_qk(
+        K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
     return _operand(qe, FAST), _operand(qo, FAST), _operand(ke, FAST), _operand(ko, FAST)
 
 
 @triton.jit
-def _head_rows(X, bat, tt, mc, h, s_b, s_l, s_h, P: tl.constexpr, FAST: tl.constexpr):
-    """The C x P tile of one head (x or dy) as a dot operand; padded tokens are zero."""
-    offs_p = tl.arange(0, P)
+def _dy_rows(DY, bat, tt, rr, mc, h, s_b, s_l, s_r, s_h, P: tl.constexpr, R: tl.constexpr,
+             FAST: tl.constexpr):  # fmt: skip
+    """The (C * R) x P rows of dy of one head as a dot operand; padded tokens are zero."""
     rows = tl.load(
-        X + bat * s_b + tt[:, None] * s_l + h * s_h + offs_p[None, :], mask=mc[:, None], other=0.0
+        DY + _row_offsets(bat, tt, rr, h, s_b, s_l, s_r, s_h, P, R), mask=mc[:, None], other=0.0
     )
     return _operand(rows, FAST)
 
 
 @triton.jit
 def _store_qk_grad(
-    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, mc, H, h, gc, N2: tl.constexpr,
-    NA: tl.constexpr, HAS_ANG: tl.constexpr,
+    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, rr, mc, H, h, gc, N2: tl.constexpr,
+    NA: tl.constexpr, HAS_ANG: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     """Rotate a q~ / k~ gradient back to the input frame (cos / sin loaded again from
-    ``COS_SIN``); store it per head (interleaved pairs) and its per-(chunk, head) column sum (the
-    bias gradient's partial sum)."""
+    ``COS_SIN``); store it per (row, head) in the input's pair order, and its per-(chunk, head,
+    rank) column sum (the bias gradient's partial sum)."""
     if HAS_ANG:
         cosv, sinv = _load_csn(COS_SIN, bat, tt, mc, h, L, H, NANG, N2, NA)
         ue = de * cosv + do * sinv
@@ -265,22 +293,30 @@ def _store_qk_grad(
     else:
         ue = de
         uo = do
-    # interleaved pairs again: whole contiguous rows
-    u = tl.reshape(tl.join(ue, uo), (tt.shape[0], 2 * N2))
+    if HALVES:  # [first half, second half]
+        u = tl.reshape(tl.permute(tl.join(ue, uo), (0, 2, 1)), (tt.shape[0], 2 * N2))
+    else:  # interleaved pairs again: whole contiguous rows
+        u = tl.reshape(tl.join(ue, uo), (tt.shape[0], 2 * N2))
     offs_n = tl.arange(0, 2 * N2)
-    hb = ((bat * L + tt[:, None]) * H + h) * (2 * N2) + offs_n[None, :]
-    tl.store(DHEADS + hb, u.to(DHEADS.dtype.element_ty), mask=mc[:, None])
-    tl.store(DBIAS_PART + (gc * H + h) * (2 * N2) + offs_n, tl.sum(u, 0))
+    if R == 1:
+        hb = ((bat * L + tt[:, None]) * H + h) * (2 * N2) + offs_n[None, :]
+        tl.store(DHEADS + hb, u.to(DHEADS.dtype.element_ty), mask=mc[:, None])
+        tl.store(DBIAS_PART + (gc * H + h) * (2 * N2) + offs_n, tl.sum(u, 0))
+    else:  # (B, L, R, H, N) per-head buffer, (chunks, H, R, N) partial sums
+        hb = (((bat * L + tt[:, None]) * R + rr[:, None]) * H + h) * (2 * N2) + offs_n[None, :]
+        tl.store(DHEADS + hb, u.to(DHEADS.dtype.element_ty), mask=mc[:, None])
+        part = tl.sum(tl.reshape(u, (tt.shape[0] // R, R, 2 * N2)), 0)
+        offs_r = tl.arange(0, R)
+        tl.store(
+            DBIAS_PART + ((gc * H + h) * R + offs_r[:, None]) * (2 * N2) + offs_n[None, :], part
+        )
 
 
 @triton.jit
-def _pw(dy, x, cs, gamma, kappa, C: tl.constexpr, FAST: tl.constexpr):
-    """dP * W: the gradient of the masked score matrix (dP = dy x^T)."""
-    offs_c = tl.arange(0, C)
-    ii = offs_c[:, None]
-    jj = offs_c[None, :]
-    dec = tl.where(ii > jj, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-    w = dec * kappa[None, :] + tl.where(ii == jj, gamma[None, :], 0.0)
+def _pw(dy, x, cs, gamma, kappa, CR: tl.constexpr, R: tl.constexpr, FAST: tl.constexpr):
+    """dP * W: the gradient of the masked score matrix (dP = dy x~^T)."""
+    dec, same = _decay_mask(cs, CR, R)
+    w = dec * kappa[None, :] + tl.where(same, gamma[None, :], 0.0)
     return _dot(dy, tl.trans(x), FAST) * w
 
 
@@ -289,6 +325,7 @@ def _bwd_q_kernel(
     Q,
     K,
     V,
+    PSI,
     GATES,
     DECAY,
     QB,
@@ -303,15 +340,18 @@ def _bwd_q_kernel(
     DCS_STATE,
     s_qb,
     s_ql,
+    s_qr,
     s_qg,
     s_kb,
     s_kl,
+    s_kr,
     s_kg,
     s_vb,
     s_vl,
     s_vh,
     s_yb,
     s_yl,
+    s_yr,
     s_yh,
     L,
     H,
@@ -326,6 +366,8 @@ def _bwd_q_kernel(
     HAS_D: tl.constexpr,
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
+    R: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     """Per (chunk, head), q side: per-head dq (summed over the group's heads by the caller)
     and its bias partial sum, the per-token q share of d theta (``DTHETA``, tokens last),
@@ -338,36 +380,38 @@ def _bwd_q_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc = _chunk_tokens(CHTAB, gc, L, NC, C, VARLEN)
+    bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
     gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
     qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
-        N2, NA, HAS_ANG, FAST,
+        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, L, H, NANG, s_qb, s_ql, s_qr, s_qg, s_kb,
+        s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
     )  # fmt: skip
-    x = _head_rows(V, bat, tt, mc, h, s_vb, s_vl, s_vh, P, FAST)
-    dy = _head_rows(DY, bat, tt, mc, h, s_yb, s_yl, s_yh, P, FAST)
-    bo = (bat * H + h) * L + tt  # (B, H, L) per-token buffers
+    x_t, x_raw = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    x = _operand(x_t, FAST)
+    dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
+    bw = (bat * H + h) * (L * R) + tt * R + rr  # (B, H, L * R) per-row buffers
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     eq = tl.exp(cs)
     pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
     se = _operand(tl.load(pe), FAST)
     so = _operand(tl.load(po), FAST)
-    pw = _operand(_pw(dy, x, cs, gamma, kappa, C, FAST), FAST)
+    pw = _operand(_pw(dy, x, cs, gamma, kappa, C * R, R, FAST), FAST)
     ie = _dot(dy, se, FAST)
     io = _dot(dy, so, FAST)
-    tl.store(DCS_STATE + bo, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
+    tl.store(DCS_STATE + bw, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
     dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
     dqo = _dot(pw, ko, FAST) + eq[:, None] * io
     if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_gates``), tokens last
         offs_a = tl.arange(0, NA)
         tl.store(
-            DTHETA + ((bat * H + h) * NANG + offs_a[None, :]) * L + tt[:, None],
-            _narrow(dqo * qe - dqe * qo, NA),
-            mask=mc[:, None] & (offs_a < NANG)[None, :],
+            DTHETA + ((bat * H + h) * NANG + offs_a[None, :]) * L + tok[:, None],
+            _rank_sum2(_narrow(dqo * qe - dqe * qo, NA), R),
+            mask=mtok[:, None] & (offs_a < NANG)[None, :],
         )
     _store_qk_grad(
-        DQ_HEADS, DQ_BIAS_PART, dqe, dqo, ANG, NANG, bat, L, tt, mc, H, h, gc, N2, NA, HAS_ANG
+        DQ_HEADS, DQ_BIAS_PART, dqe, dqo, ANG, NANG, bat, L, tt, rr, mc, H, h, gc, N2, NA, HAS_ANG,
+        R, HALVES,
     )  # fmt: skip
 
 
@@ -376,6 +420,7 @@ def _bwd_k_kernel(
     Q,
     K,
     V,
+    PSI,
     GATES,
     DECAY,
     QB,
@@ -392,15 +437,18 @@ def _bwd_k_kernel(
     DU,
     s_qb,
     s_ql,
+    s_qr,
     s_qg,
     s_kb,
     s_kl,
+    s_kr,
     s_kg,
     s_vb,
     s_vl,
     s_vh,
     s_yb,
     s_yl,
+    s_yr,
     s_yh,
     L,
     H,
@@ -416,6 +464,8 @@ def _bwd_k_kernel(
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
     HAS_DTOT: tl.constexpr,
+    R: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     """Per (chunk, head), k side: per-head dk and its bias partial sum, ``DU`` (d u per token)
     and the angle-gradient terms ``_bwd_gates`` finishes: the per-token k share of d theta added
@@ -425,16 +475,17 @@ def _bwd_k_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc = _chunk_tokens(CHTAB, gc, L, NC, C, VARLEN)
+    bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
     gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
     u = tl.exp(a_c - cs) * kappa
     qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
-        N2, NA, HAS_ANG, FAST,
+        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, L, H, NANG, s_qb, s_ql, s_qr, s_qg, s_kb,
+        s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
     )  # fmt: skip
-    x = _head_rows(V, bat, tt, mc, h, s_vb, s_vl, s_vh, P, FAST)
-    dy = _head_rows(DY, bat, tt, mc, h, s_yb, s_yl, s_yh, P, FAST)
-    bo = (bat * H + h) * L + tt  # (B, H, L) per-token buffers
+    x_t, x_raw = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    x = _operand(x_t, FAST)
+    dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
+    bw = (bat * H + h) * (L * R) + tt * R + rr  # (B, H, L * R) per-row buffers
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
@@ -443,8 +494,8 @@ def _bwd_k_kernel(
     go = _operand(tl.load(po), FAST)
     ve = _dot(x, ge, FAST)
     vv = _dot(x, go, FAST)
-    tl.store(DU + bo, tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1), mask=mc)
-    pw = _operand(_pw(dy, x, cs, gamma, kappa, C, FAST), FAST)
+    tl.store(DU + bw, tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1), mask=mc)
+    pw = _operand(_pw(dy, x, cs, gamma, kappa, C * R, R, FAST), FAST)
     dke = _dot(tl.trans(pw), qe, FAST) + u[:, None] * ve
     dko = _dot(tl.trans(pw), qo, FAST) + u[:, None] * vv
     if HAS_ANG:
@@ -455,12 +506,13 @@ def _bwd_k_kernel(
             d_om += tl.load(DTOTAL_ANGLE + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
         tl.store(DOMEGA + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # ``_bwd_x`` completes it
         offs_a = tl.arange(0, NA)
-        am = mc[:, None] & (offs_a < NANG)[None, :]
-        ao = ((bat * H + h) * NANG + offs_a[None, :]) * L + tt[:, None]
-        r = _narrow(dko * ke - dke * ko, NA)
+        am = mtok[:, None] & (offs_a < NANG)[None, :]
+        ao = ((bat * H + h) * NANG + offs_a[None, :]) * L + tok[:, None]
+        r = _rank_sum2(_narrow(dko * ke - dke * ko, NA), R)
         tl.store(DTHETA + ao, r + tl.load(DTHETA + ao, mask=am, other=0.0), mask=am)
     _store_qk_grad(
-        DK_HEADS, DK_BIAS_PART, dke, dko, ANG, NANG, bat, L, tt, mc, H, h, gc, N2, NA, HAS_ANG
+        DK_HEADS, DK_BIAS_PART, dke, dko, ANG, NANG, bat, L, tt, rr, mc, H, h, gc, N2, NA, HAS_ANG,
+        R, HALVES,
     )  # fmt: skip
 
 
@@ -567,6 +619,7 @@ def _bwd_x_kernel(
     Q,
     K,
     V,
+    PSI,
     GATES,
     DECAY,
     QB,
@@ -585,17 +638,21 @@ def _bwd_x_kernel(
     DKAPPA,
     DGAMMA,
     DD_PART,
+    DPSI_PART,
     s_qb,
     s_ql,
+    s_qr,
     s_qg,
     s_kb,
     s_kl,
+    s_kr,
     s_kg,
     s_vb,
     s_vl,
     s_vh,
     s_yb,
     s_yl,
+    s_yr,
     s_yh,
     L,
     H,
@@ -610,6 +667,8 @@ def _bwd_x_kernel(
     HAS_D: tl.constexpr,
     VARLEN: tl.constexpr,
     FAST: tl.constexpr,
+    R: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     """Per (chunk, head): dx (intra-chunk, through the end state, D skip), D's partial sum and
     the gradients of the per-token gates (d adt, d kappa, d gamma), using the per-token terms
@@ -617,21 +676,22 @@ def _bwd_x_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, mc = _chunk_tokens(CHTAB, gc, L, NC, C, VARLEN)
+    bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
     gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
     u = tl.exp(a_c - cs) * kappa
     qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, mc, L, H, NANG, s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
-        N2, NA, HAS_ANG, FAST,
+        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, L, H, NANG, s_qb, s_ql, s_qr, s_qg, s_kb,
+        s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
     )  # fmt: skip
-    x = _head_rows(V, bat, tt, mc, h, s_vb, s_vl, s_vh, P, FAST)
-    dy = _head_rows(DY, bat, tt, mc, h, s_yb, s_yl, s_yh, P, FAST)
-    bo = (bat * H + h) * L + tt  # (B, H, L) per-token buffers
+    x_t, x_raw = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    x = _operand(x_t, FAST)
+    dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
+    bo = (bat * H + h) * L + tok  # (B, H, L) per-token buffers
+    bw = (bat * H + h) * (L * R) + tt * R + rr  # (B, H, L * R) per-row buffers
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
-    offs_c = tl.arange(0, C)
-    sc, dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C, FAST)
+    sc, dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C * R, R, FAST)
     pe, po = _state_tile(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
     ge = _operand(tl.load(pe), FAST)
     go = _operand(tl.load(po), FAST)
@@ -640,23 +700,33 @@ def _bwd_x_kernel(
     if HAS_D:
         dx += tl.load(DSKIP + h).to(tl.float32) * dy
         tl.store(DD_PART + gc * H + h, tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), 1), 0))
-    co = ((bat * L + tt[:, None]) * H + h) * P + offs_p[None, :]  # dx is contiguous
-    tl.store(DX + co, dx.to(DX.dtype.element_ty), mask=mc[:, None])
+    if R == 1:
+        co = ((bat * L + tt[:, None]) * H + h) * P + offs_p[None, :]  # dx is contiguous
+        tl.store(DX + co, dx.to(DX.dtype.element_ty), mask=mc[:, None])
+    else:  # dx = sum_r psi_r dx~_r; d psi_r = sum_t x_t dx~_{t,r} (per-chunk partial sums)
+        psi = tl.load(PSI + (h * R + rr[:, None]) * P + offs_p[None, :]).to(tl.float32)
+        co = ((bat * L + tok[:, None]) * H + h) * P + offs_p[None, :]
+        tl.store(DX + co, _rank_sum2(dx * psi, R).to(DX.dtype.element_ty), mask=mtok[:, None])
+        dpsi = tl.sum(tl.reshape(dx * x_raw, (C, R, P)), 0)
+        offs_r = tl.arange(0, R)
+        tl.store(DPSI_PART + ((gc * H + h) * R + offs_r[:, None]) * P + offs_p[None, :], dpsi)
     dwt = _dot(dy, tl.trans(x), FAST) * sc
-    du = tl.load(DU + bo, mask=mc, other=0.0)
+    du = tl.load(DU + bw, mask=mc, other=0.0)
     ms = dwt * dec * kappa[None, :]
-    dcs = tl.load(DCS_STATE + bo, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
-    dadt = tl.cumsum(dcs, 0, reverse=True) + tl.sum(u * du, 0)
-    tl.store(DKAPPA + bo, tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), mask=mc)
-    offs_c2 = offs_c[:, None]
-    tl.store(DGAMMA + bo, tl.sum(tl.where(offs_c2 == offs_c[None, :], dwt, 0.0), 1), mask=mc)
+    dcs = tl.load(DCS_STATE + bw, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
+    # d adt_t: every row of a token at or after t (rows of token t start at its rank 0)
+    dadt = _rank_sum(_first_rank(tl.cumsum(dcs, 0, reverse=True), rr, R), R)
+    dadt += tl.sum(u * du, 0)
+    tl.store(DKAPPA + bo, _rank_sum(tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), R), mask=mtok)
+    _ii, _jj = _token_pairs(C * R, R)
+    tl.store(DGAMMA + bo, _rank_sum(tl.sum(tl.where(_ii == _jj, dwt, 0.0), 1), R), mask=mtok)
     # last, when the chunk tiles are dead: G^ (again, from L2) and the start state S~ for
     # d A_c's state term exp(A_c) <S~, G^> and the state's share of d Omega_c,
     # exp(A_c) sum_p (G^e S~o - G^o S~e)
     ea = tl.exp(a_c)
     ge, go = _state_load(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
     se, so = _state_load(STATES, gc, h, H, offs_p, offs_j, N2, P)
-    tl.store(DADT + bo, dadt + ea * tl.sum(tl.sum(se * ge + so * go, 1), 0), mask=mc)
+    tl.store(DADT + bo, dadt + ea * tl.sum(tl.sum(se * ge + so * go, 1), 0), mask=mtok)
     if HAS_ANG:
         om = DOMEGA + (gc * H + h) * NANG + offs_j
         d_om = ea * (tl.sum(ge * so, 0) - tl.sum(go * se, 0))

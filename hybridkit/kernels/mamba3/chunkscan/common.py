@@ -85,6 +85,64 @@ def _operand(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _rows(tok_start, tok_end, C: tl.constexpr, R: tl.constexpr):
+    """(token, rank, mask) of the C * R rows of a chunk: row i is token ``tok_start + i // R``,
+    rank ``i % R``. MIMO runs the SISO algorithm on these rows; only the masks (a token's ranks
+    see each other) and the per-token sums differ (``docs/mamba3.md`` section 3.9)."""
+    offs = tl.arange(0, C * R)
+    if R == 1:
+        tt = tok_start + offs
+        rr = offs * 0
+    else:
+        tt = tok_start + offs // R
+        rr = offs % R
+    return tt, rr, tt < tok_end
+
+
+@triton.jit
+def _rank0(mc, rr, R: tl.constexpr):
+    """Row mask of the rows that write a per-token value (one row per token)."""
+    if R == 1:
+        return mc
+    else:
+        return mc & (rr == 0)
+
+
+@triton.jit
+def _first_rank(x, rr, R: tl.constexpr):
+    """``x`` on every token's rank-0 row and 0 on the others (a per-token value counted once)."""
+    if R == 1:
+        return x
+    else:
+        return tl.where(rr == 0, x, 0.0)
+
+
+@triton.jit
+def _rank_sum(x, R: tl.constexpr):
+    """Per-row vector (C * R,) -> per-token sums (C,)."""
+    if R == 1:
+        return x
+    else:
+        return tl.sum(tl.reshape(x, (x.shape[0] // R, R)), 1)
+
+
+@triton.jit
+def _rank_sum2(x, R: tl.constexpr):
+    """Per-row tile (C * R, K) -> per-token sums (C, K)."""
+    if R == 1:
+        return x
+    else:
+        return tl.sum(tl.reshape(x, (x.shape[0] // R, R, x.shape[1])), 1)
+
+
+@triton.jit
+def _token_cumsum(adt, rr, R: tl.constexpr):
+    """In-chunk cumsum of a per-token value repeated on its R rows, and its chunk total."""
+    first = _first_rank(adt, rr, R)
+    return tl.cumsum(first, 0), tl.sum(first, 0)
+
+
+@triton.jit
 def _gates(
     ADT,
     DT,
@@ -202,8 +260,8 @@ def _narrow(a, NA: tl.constexpr):
 
 @triton.jit
 def _rotation(
-    ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2: tl.constexpr, NA: tl.constexpr,
-    FAST: tl.constexpr,
+    ANG, bat, h, tt, rr, mc, dt, NANG, s_gb, s_gs, s_gh, N2: tl.constexpr, NA: tl.constexpr,
+    R: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """The in-chunk rotation: per-pair angle increments, their in-chunk cumsum and its cos /
     sin. Returns the chunk's total angle per pair (NA), the cos / sin as NA x C tiles (tokens
@@ -224,6 +282,8 @@ def _rotation(
         ANG + bat * s_gb + h * s_gh + offs_a[:, None] * s_gs + tt[None, :], mask=am, other=0.0
     ).to(tl.float32)
     om = PI * _tanh(ang, FAST) * dt[None, :]
+    if R > 1:  # a token's R rows repeat its increment: count it once
+        om = tl.where(rr[None, :] == 0, om, 0.0)
     th = _mod2pi(tl.cumsum(om, 1))
     cos_a = _cos(th, FAST)
     sin_a = _sin(th, FAST)
@@ -256,18 +316,31 @@ def _load_csn(COS_SIN, bat, tt, mc, h, L, H, NANG, N2: tl.constexpr, NA: tl.cons
 
 
 @triton.jit
-def _load_qk(Qp, QB, bat, g, h, tt, mc, offs_j, s_b, s_l, s_g, HAS_ANG: tl.constexpr, cosv, sinv):
-    """Even / odd columns of q (or k) + per-head bias, rotated by the in-chunk angles.
+def _load_qk(
+    Qp, QB, bat, g, h, tt, rr, mc, offs_j, s_b, s_l, s_r, s_g, HAS_ANG: tl.constexpr, cosv, sinv,
+    R: tl.constexpr, HALVES: tl.constexpr,
+):  # fmt: skip
+    """The two pair halves of q (or k) + per-head bias, rotated by the in-chunk angles.
 
-    Rows are loaded whole (16-byte vectors) and split into the pair halves in registers: two
-    stride-2 loads issued one 2-byte load per element and kept the load unit saturated."""
+    Rows are the chunk's (token, rank) rows (``_rows``). Pairs are (2j, 2j + 1) (SISO) or
+    (j, j + N/2) (``HALVES``, MIMO). Rows are loaded whole (16-byte vectors) and split into the
+    pair halves in registers: two stride-2 loads issued one 2-byte load per element and kept the
+    load unit saturated."""
     offs_n = tl.arange(0, 2 * offs_j.shape[0])
-    qv = tl.load(
-        Qp + bat * s_b + tt[:, None] * s_l + g * s_g + offs_n[None, :], mask=mc[:, None], other=0.0
-    ).to(tl.float32)
-    bv = tl.load(QB + h * offs_n.shape[0] + offs_n).to(tl.float32)
-    qv = tl.where(mc[:, None], qv + bv[None, :], 0.0)
-    qe, qo = tl.split(tl.reshape(qv, (tt.shape[0], offs_j.shape[0], 2)))
+    rows = bat * s_b + tt[:, None] * s_l + g * s_g + offs_n[None, :]
+    if R > 1:
+        rows += rr[:, None] * s_r
+    qv = tl.load(Qp + rows, mask=mc[:, None], other=0.0).to(tl.float32)
+    if R == 1:
+        bv = tl.load(QB + h * offs_n.shape[0] + offs_n).to(tl.float32)[None, :]
+    else:  # one bias per (head, rank)
+        bv = tl.load(QB + (h * R + rr[:, None]) * offs_n.shape[0] + offs_n[None, :])
+        bv = bv.to(tl.float32)
+    qv = tl.where(mc[:, None], qv + bv, 0.0)
+    if HALVES:
+        qe, qo = tl.split(tl.permute(tl.reshape(qv, (tt.shape[0], 2, offs_j.shape[0])), (0, 2, 1)))
+    else:
+        qe, qo = tl.split(tl.reshape(qv, (tt.shape[0], offs_j.shape[0], 2)))
     if HAS_ANG:
         return qe * cosv - qo * sinv, qe * sinv + qo * cosv
     else:
@@ -275,14 +348,56 @@ def _load_qk(Qp, QB, bat, g, h, tt, mc, offs_j, s_b, s_l, s_g, HAS_ANG: tl.const
 
 
 @triton.jit
-def _scores(qe, qo, ke, ko, cs, gamma, kappa, C: tl.constexpr, FAST: tl.constexpr):
-    """q~ k~^T, the strictly-lower decay mask and the masked weights W (gamma on the diagonal)."""
-    offs_c = tl.arange(0, C)
-    ii = offs_c[:, None]
-    jj = offs_c[None, :]
-    sc = _dot(qe, tl.trans(ke), FAST) + _dot(qo, tl.trans(ko), FAST)
+def _token_pairs(CR: tl.constexpr, R: tl.constexpr):
+    """Token indices within the chunk of the rows (column vector) and columns (row vector) of a
+    CR x CR score tile: row i is token i // R."""
+    offs = tl.arange(0, CR)
+    if R > 1:
+        offs = offs // R
+    return offs[:, None], offs[None, :]
+
+
+@triton.jit
+def _decay_mask(cs, CR: tl.constexpr, R: tl.constexpr):
+    """exp(cs_i - cs_j) where row i's token comes after column j's, else 0 (strictly lower
+    block-triangular); and the same-token test (the diagonal, or R x R diagonal blocks)."""
+    ii, jj = _token_pairs(CR, R)
     dec = tl.where(ii > jj, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-    w = dec * kappa[None, :] + tl.where(ii == jj, gamma[None, :], 0.0)
+    return dec, ii == jj
+
+
+@triton.jit
+def _x_rows(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, P: tl.constexpr, R: tl.constexpr):
+    """fp32 (C * R, P) rows of x~ = x[token] * psi[h, rank] (MIMO's per-rank input scaling;
+    SISO: x itself) and of the raw x (for the gradient of psi)."""
+    offs_p = tl.arange(0, P)
+    x = tl.load(
+        V + bat * s_b + tt[:, None] * s_l + h * s_h + offs_p[None, :], mask=mc[:, None], other=0.0
+    ).to(tl.float32)
+    if R == 1:
+        return x, x
+    else:
+        psi = tl.load(PSI + (h * R + rr[:, None]) * P + offs_p[None, :]).to(tl.float32)
+        return x * psi, x
+
+
+@triton.jit
+def _row_offsets(bat, tt, rr, h, s_b, s_l, s_r, s_h, P: tl.constexpr, R: tl.constexpr):
+    """Offsets of the (C * R, P) rows of a (B, L, R, H, P) tensor (y, dy)."""
+    o = bat * s_b + tt[:, None] * s_l + h * s_h + tl.arange(0, P)[None, :]
+    if R > 1:
+        o += rr[:, None] * s_r
+    return o
+
+
+@triton.jit
+def _scores(qe, qo, ke, ko, cs, gamma, kappa, CR: tl.constexpr, R: tl.constexpr,
+            FAST: tl.constexpr):  # fmt: skip
+    """q~ k~^T, the strictly-lower decay mask and the masked weights W (gamma on the diagonal,
+    or on the diagonal R x R blocks for MIMO: the ranks of one token see each other)."""
+    sc = _dot(qe, tl.trans(ke), FAST) + _dot(qo, tl.trans(ko), FAST)
+    dec, same = _decay_mask(cs, CR, R)
+    w = dec * kappa[None, :] + tl.where(same, gamma[None, :], 0.0)
     return sc, dec, w
 
 

@@ -1,0 +1,164 @@
+"""Benchmark: the Triton Mamba-3 scan at MIMO rank R against our SISO kernels, same run.
+
+For each shape (B, L, H, P, N): forward (no saved states) and forward + backward medians with
+``triton.testing.do_bench`` (L2 cleared between repetitions, warm-up first so compilation and
+launch tuning stay out of the timed region), for MIMO rank R (chunk 64 / R, "halves" pairing,
+per-rank x scaling) and for SISO (chunk 64) on inputs of the same (B, L, H, P, N); bf16 inputs,
+G = 1, S = N / 4. Also achieved TFLOP/s (dense C R x C R tiles) and GB/s against the copy
+bandwidth and matmul rate measured in the same run.
+
+    python benchmarks/mamba3_mimo.py --out OUT [--rank 4] [--shapes 0,1,2]
+
+Writes ``OUT.json`` and ``OUT.md`` incrementally (one shape at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+
+import torch
+import triton
+from mamba3_siso import copy_bandwidth, make_inputs
+from triton.testing import do_bench
+
+from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton
+
+SHAPES = [(8, 4096, 32, 64, 128), (1, 16384, 32, 64, 128), (8, 2048, 32, 64, 128)]
+# the issue's targets at R = 4 (ms): forward, forward + backward
+TARGET = {
+    (8, 4096, 32, 64, 128): (1.3, 5.0),
+    (1, 16384, 32, 64, 128): (2.2, 8.0),
+    (8, 2048, 32, 64, 128): (0.65, 2.6),
+}
+# the official TileLang MIMO kernels, R 4, chunk 16, measured on an H100 (the issue), ms
+OFFICIAL_H100 = {
+    (8, 4096, 32, 64, 128): (2.13, 16.8),
+    (1, 16384, 32, 64, 128): (7.45, 37.1),
+    (8, 2048, 32, 64, 128): (1.08, 8.61),
+}
+
+
+def mimo_flops(B, L, H, P, N, R, C):
+    """Forward FLOPs with dense (C R) x (C R) tiles: scores (N), scores x values (P), state in
+    and out (R rows of N x P per token)."""
+    rows = C * R
+    return B * L * R * H * (2 * rows * (N + P) + 4 * N * P)
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ a, warmup=20, rep=100, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def time_scan(shape, R: int, reps: int) -> dict:
+    B, L, H, P, N = shape
+    C = 64 // R
+    pairing = "halves" if R > 1 else "interleaved"
+    sets = [make_inputs(B, L, H, P, N, seed=s, R=R) for s in range(2)]
+    for inp in sets:
+        for t in inp.values():
+            t.requires_grad_(True)
+    dys = [torch.randn(B, L, R, H, P, device="cuda", dtype=torch.bfloat16) for _ in sets]
+    it = {"i": 0}
+
+    def nxt():
+        it["i"] ^= 1
+        return sets[it["i"]], dys[it["i"]]
+
+    def call(inp):
+        return mamba3_scan_triton(**inp, pairing=pairing, chunk_size=C, return_state=False)[0]
+
+    def fwd():
+        inp, _ = nxt()
+        with torch.no_grad():
+            call(inp)
+
+    def fwdbwd():
+        inp, dy = nxt()
+        torch.autograd.backward(call(inp), dy)
+
+    for _ in range(3):
+        fwd()
+        fwdbwd()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    leaves = [t for inp in sets for t in inp.values()]
+    res = {"rank": R, "chunk": C}
+    res["fwd_ms"] = do_bench(fwd, warmup=50, rep=reps, return_mode="median")
+    res["fwdbwd_ms"] = do_bench(
+        fwdbwd, warmup=50, rep=reps, grad_to_none=leaves, return_mode="median"
+    )
+    res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    res["fwd_tflops"] = mimo_flops(B, L, H, P, N, R, C) / (res["fwd_ms"] * 1e-3) / 1e12
+    return res
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    out = [
+        f"# Mamba-3 MIMO scan (Triton), {meta['device']}, {meta['date']}",
+        "",
+        f"torch {meta['torch']}, Triton {meta['triton']}, commit {meta['commit']}; bf16 inputs, "
+        f"G 1, S = N/4, halves pairing; do_bench medians (L2 cleared). Copy bandwidth "
+        f"{meta['copy_gbps']:.0f} GB/s, bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s "
+        "measured in this run.",
+        "",
+        "| B, L, H, P, N | R (chunk) | fwd ms | f+b ms | SISO fwd / f+b ms | MIMO/SISO f+b | "
+        "target fwd / f+b | official H100 | fwd TFLOP/s | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, s = r["mimo"], r["siso"]
+        shape = tuple(r["shape"])
+        tgt = TARGET.get(shape, ("-", "-")) if m["rank"] == 4 else ("-", "-")
+        off = OFFICIAL_H100.get(shape, ("-", "-")) if m["rank"] == 4 else ("-", "-")
+        out.append(
+            f"| {', '.join(map(str, shape))} | {m['rank']} ({m['chunk']}) | {m['fwd_ms']:.3f} | "
+            f"{m['fwdbwd_ms']:.3f} | {s['fwd_ms']:.3f} / {s['fwdbwd_ms']:.3f} | "
+            f"{m['fwdbwd_ms'] / s['fwdbwd_ms']:.2f}x | {tgt[0]} / {tgt[1]} | {off[0]} / {off[1]} "
+            f"| {m['fwd_tflops']:.0f} | {m['peak_gb']:.1f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
+    ap.add_argument("--reps", type=int, default=200)
+    args = ap.parse_args()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        commit=commit or "unknown",
+        copy_gbps=copy_bandwidth() / 1e9,
+        matmul_tflops=matmul_tflops(),
+    )
+    rows = []
+    for i in (int(s) for s in args.shapes.split(",")):
+        shape = SHAPES[i]
+        row = {"shape": shape}
+        row["mimo"] = time_scan(shape, args.rank, args.reps)
+        row["siso"] = time_scan(shape, 1, args.reps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(f"{args.out}.json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(f"{args.out}.md", "w") as f:
+            f.write(markdown(meta, rows))
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The Triton scan at MIMO ranks (R rows per token, "halves" pairing, per-rank x scaling).
+
+The same kernels as SISO run R rows per token (docs/mamba3.md §3.9); these cases check the
+forward, the final state and every gradient (psi = ``mimo_x`` included) against the float64
+sequential reference: on the CPU through the Triton interpreter at tiny shapes, on the GPU over
+a grid of real shapes (``-m gpu``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hybridkit.kernels.mamba3 import ops  # noqa: E402
+from tests.helpers import slow_params  # noqa: E402
+from tests.test_triton_siso import Case, _inputs, check  # noqa: E402
+
+# C x R = 16 rows per chunk (the smallest tile), unless a case says otherwise
+CPU_CASES = {
+    "r2": Case(R=2, C=8, halves=True),
+    "r4_init_grouped": Case(R=4, C=4, H=4, G=2, halves=True, init=True),
+    "r4_len1_init": Case(R=4, C=4, L=1, halves=True, init=True),
+    "r2_varlen_init": Case(B=1, L=30, R=2, C=8, H=2, halves=True, init=True, cu=(0, 7, 7, 30)),
+    "r4_euler_norotation_noD": Case(
+        R=4, C=4, L=19, trap=False, angles=False, D=False, halves=True, init=True
+    ),
+    "r2_full_rotation": Case(R=2, C=8, S=8, halves=True, init=True),
+    "r8": Case(R=8, C=2, L=13, halves=True),
+    "r2_interleaved": Case(R=2, C=8, L=21),  # the kernels take either pairing
+    "r2_c32_rows": Case(B=1, L=40, R=2, C=16, N=32, P=32, S=8, halves=True),
+}
+
+
+@pytest.mark.parametrize("name", slow_params(CPU_CASES, {"r4_init_grouped", "r2_varlen_init"}))
+def test_triton_mimo_matches_reference_cpu(name: str):
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test; the GPU runs the gpu-marked grid")
+    check(CPU_CASES[name], torch.float32, "cpu", fast=False, tol_f=1e-5, tol_b=1e-5)
+
+
+def test_mimo_dispatch():
+    """``auto`` sends MIMO on CUDA to Triton with C x R rows per chunk; ranks without a kernel
+    and chunk heights outside the configured sizes go to the chunked path, with the reason."""
+
+    def plan(rank=4, chunk=16, n=128, device="cuda"):
+        return ops.plan_scan(
+            "auto", device=device, dtype=torch.bfloat16, length=64, rank=rank, d_state=n,
+            headdim=64, chunk_size=chunk, pairing="halves", has_mimo_x=True,
+        )  # fmt: skip
+
+    assert plan() == ops.ScanPlan("triton", 16, "")
+    assert plan(rank=2, chunk=32).backend == "triton"
+    assert plan(rank=8, chunk=8).backend == "triton"
+    assert plan(rank=4, chunk=64).chunk_size == 16  # 256 rows narrowed to 64
+    assert plan(rank=3).backend == "chunked" and "rank 3" in plan(rank=3).reason
+    assert plan(rank=4, chunk=2).backend == "chunked"  # 8 rows: below the smallest tile
+    assert plan(device="cpu").backend == "chunked"
+
+
+def _gpu_case(R, N, P, G, L, prec, **kw):
+    C = 64 // R  # narrowed by the scan where 64 rows do not fit (fp32, N 128)
+    return Case(B=2, L=L, R=R, H=4, G=G, N=N, P=P, S=N // 4, C=C, halves=True, **kw), prec
+
+
+# R 2 / 4 / 8, N 64 / 128, P 32 / 64, G 1 and H / 2, L up to 4,096, fp32 and bf16
+GPU_CASES = {
+    "r4_n128_p64_init": _gpu_case(4, 128, 64, 1, 2345, "fp32", init=True),
+    "r2_n64_p32_g2": _gpu_case(2, 64, 32, 2, 1777, "fp32"),
+    "r8_n64_p64_init": _gpu_case(8, 64, 64, 1, 999, "fp32", init=True),
+    "r4_len1": _gpu_case(4, 64, 64, 1, 1, "fp32", init=True),
+    "r4_varlen": (
+        Case(
+            B=1,
+            L=2000,
+            R=4,
+            H=4,
+            G=2,
+            N=64,
+            P=64,
+            S=16,
+            C=16,
+            halves=True,
+            init=True,
+            cu=(0, 700, 700, 701, 2000),
+        ),
+        "fp32",
+    ),  # fmt: skip
+    "bf16_r4_n128_p64_init": _gpu_case(4, 128, 64, 1, 4096, "bf16", init=True),
+    "bf16_r2_n128_p32_g2": _gpu_case(2, 128, 32, 2, 1500, "bf16"),
+    "bf16_r8_n64_p64": _gpu_case(8, 64, 64, 2, 777, "bf16"),
+    "bf16_r4_full_rotation": (
+        Case(B=2, L=1000, R=4, H=4, N=128, P=64, S=64, C=16, halves=True, init=True),
+        "bf16",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_triton_mimo_matches_reference_gpu(name: str):
+    from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked
+    from hybridkit.kernels.mamba3.reference import mamba3_scan_sequential
+
+    c, prec = GPU_CASES[name]
+    torch.full((64 << 20,), float("nan"), device="cuda")  # poison the caching allocator
+    ref = mamba3_scan_chunked if c.L > 1 else mamba3_scan_sequential
+    if prec == "fp32":
+        errs = check(c, torch.float32, "cuda", fast=False, tol_f=1e-5, tol_b=1e-5, reference=ref)
+    else:  # bf16 operands: the tolerances of the SISO grid (test_triton_siso.py)
+        errs = check(
+            c, torch.bfloat16, "cuda", fast=True, tol_f=1e-2, tol_b=2e-2, reference=ref,
+            loose={"dangles": 8e-2, "ddt": 4e-2, "dinit.angle": 4e-2},
+        )  # fmt: skip
+    print(f"\n{name}: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+
+@pytest.mark.gpu
+def test_mimo_compiles_once_per_configuration():
+    """A new batch size or length reuses the compiled kernels. Triton specialises integer
+    arguments on divisibility by 16 (which keeps the loads vectorised), so lengths that are
+    multiples of 16 and odd lengths each compile once: count compilations within each kind."""
+    from hybridkit.kernels.mamba3.chunkscan import backward, forward
+
+    kernels = (forward._fwd_out_kernel, backward._bwd_x_kernel)
+
+    def compiled() -> list[int]:
+        dev = torch.cuda.current_device()
+        return [len(k.device_caches[dev][0]) for k in kernels]
+
+    def run(B, L):
+        c = Case(B=B, L=L, R=4, H=4, N=64, P=64, S=16, C=16, halves=True)
+        inp = {k: v.requires_grad_() if v is not None else v for k, v in
+               _inputs(c, torch.bfloat16, "cuda", L).items()}  # fmt: skip
+        y, _ = ops.mamba3_scan(**inp, pairing="halves", chunk_size=16, backend="triton")
+        y.float().sum().backward()
+
+    for lengths in ((2, 512), (1, 1024), (3, 4096)), ((2, 301), (1, 517), (3, 77)):
+        run(*lengths[0])
+        before = compiled()
+        for B, L in lengths[1:]:
+            run(B, L)
+        assert compiled() == before, (lengths, before, compiled())
