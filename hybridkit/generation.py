@@ -116,6 +116,7 @@ class DecodeRunner:
         self.logits = torch.zeros(batch, model.spec.vocab_size, dtype=ref.dtype, device=self.device)
         self.tokens = torch.zeros(batch, max_new, dtype=torch.long, device=self.device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        self.produced = 0  # tokens since the last prefill (host side: the buffer's bound)
         self.generator = torch.Generator(device=self.device)
         # states of layer kinds that replace them per call: restored per prompt, never captured
         self.fresh = {i: s for i, s in self.cache.layers.items() if not in_place_state(s)}
@@ -181,6 +182,7 @@ class DecodeRunner:
             del self.cache.layers[idx]
         self.cache.layers.update({i: copy.deepcopy(s) for i, s in self.fresh.items()})
         self._reset_counters()
+        self.produced = 0
         logits = self.model(ids, cache=self.cache)[:, -1]
         self.logits.copy_(logits)
         self.cache.make_static(self.position)
@@ -188,13 +190,17 @@ class DecodeRunner:
     @torch.no_grad()
     def decode(self, n: int) -> int:
         """Sample ``n`` tokens (fewer when every sequence has emitted EOS); returns how many."""
-        if n > self.max_new:
-            raise ValueError(f"runner was built for {self.max_new} new tokens, asked for {n}")
+        if self.produced + n > self.max_new:
+            raise ValueError(
+                f"runner was built for {self.max_new} new tokens per prompt, asked for "
+                f"{self.produced + n} (prefill a new prompt to start again)"
+            )
         for i in range(n):
             if self.graph is not None:
                 self.graph.replay()
             else:
                 self._step()
+            self.produced += 1
             if self._all_done(i + 1, n):
                 return i + 1
         return n

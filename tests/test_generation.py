@@ -79,6 +79,8 @@ def test_runner_reuses_its_tensors_across_prompts(one_thread):
     fresh.decode(7)
     assert torch.equal(second, fresh.tokens)
     assert ptrs == [t.data_ptr() for t in runner.cache.layers[0]]
+    with pytest.raises(ValueError, match="new tokens per prompt"):
+        runner.decode(1)  # the token buffer is full until the next prefill
 
 
 def test_eos_stops_and_fills():
