@@ -134,6 +134,23 @@ def test_graph_equals_eager_tokens(temperature):
 
 
 @pytest.mark.gpu
+def test_compiled_step_in_the_graph_equals_eager_tokens():
+    """``compile_step`` on the GPU: torch.compile around the Triton step, inside our graph."""
+    model = _model(dtype=torch.bfloat16, device="cuda", layout="s a m w")
+    ids = torch.randint(0, 64, (4, 16), device="cuda")
+    runs = []
+    for compiled, graph in ((False, False), (True, True)):
+        runner = DecodeRunner(
+            model, 4, 16 + 64, 64, Sampling(temperature=0), use_graph=graph, compile_step=compiled
+        )
+        assert (runner.graph is not None) == graph
+        runner.prefill(ids)
+        runner.decode(64)
+        runs.append(runner.tokens.clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.gpu
 def test_static_step_logits_match_forward_bf16():
     model = _model(dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, 64, (4, 40), device="cuda")
