@@ -1,4 +1,5 @@
-"""Resource report of the Triton scan kernels (SISO, or MIMO with --rank) for sm_90, built on a machine with no GPU.
+"""Resource report of the Triton scan kernels (SISO, or MIMO with --rank) for sm_90, built
+on a machine with no GPU.
 
 Compiles each chunk kernel for an H100 target with Triton's own ``ptxas`` (the benchmark shape's
 flags: C 64, P 64, N 128, bf16 fast mode, 16-byte aligned pointers as a real launch would

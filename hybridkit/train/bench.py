@@ -17,7 +17,6 @@ bf16 datasheet peak and against a large bf16 matmul measured in the same run.
 from __future__ import annotations
 
 import statistics
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridkit.model import HybridLM
-from hybridkit.runtime import autocast_for
+from hybridkit.runtime import autocast_for, elapsed_s, timer_start
 
 #: Dense bf16 tensor-core peak by device name (datasheet, TFLOP/s); MFU's usual denominator.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -83,28 +82,10 @@ def measured_matmul_tflops(device: torch.device, size: int = 8192, reps: int = 1
         a @ b
     times = []
     for _ in range(reps):
-        start = _now(device)
+        start = timer_start(device)
         a @ b
-        times.append(_elapsed(device, start))
+        times.append(elapsed_s(device, start))
     return 2 * size**3 / statistics.median(times) / 1e12
-
-
-def _now(device: torch.device):
-    if device.type == "cuda":
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def _elapsed(device: torch.device, start) -> float:
-    """Seconds since ``start`` (device time on CUDA, after a synchronisation)."""
-    if device.type == "cuda":
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    return time.perf_counter() - start
 
 
 @dataclass
@@ -166,9 +147,9 @@ def bench_train(
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
-        start = _now(device)
+        start = timer_start(device)
         step()
-        times.append(_elapsed(device, start))
+        times.append(elapsed_s(device, start))
     step_s = statistics.median(times)
     count = flops_per_token(model, seq_len)
     tokens = batch * seq_len
