@@ -5,13 +5,12 @@ recipe's settings, bf16 autocast on a GPU) on random tokens of the recipe's voca
 warm-up steps that absorb compilation and the kernels' launch tuning; the step time is the
 median of the timed steps.
 
-FLOPs per token use the usual dense-model count, printed with every result so it can be
-checked: ``6 * N`` for the parameters that multiply activations (every weight matrix, the
-output head once; the embedding lookup does none) plus, per attention layer,
-``12 * heads * head_dim * seq_len`` (QK^T and PV, forward and backward, not halved for the
-causal mask). Mamba-3 scans are not counted (they are a few percent of the matmul FLOPs at
-the paper's sizes), so MFU slightly understates the work. MFU is reported against the dense
-bf16 datasheet peak and against a large bf16 matmul measured in the same run.
+The loss goes through the model's training path (``model(ids, targets=...)``), so the fused
+chunked cross-entropy runs when ``model.loss_chunk_tokens`` is set, as in the trainer.
+
+FLOPs per token are counted by :mod:`hybridkit.train.flops` (the formula is printed with every
+result). MFU is reported against the dense bf16 datasheet peak and against a large bf16 matmul
+measured in the same run. Each result records its environment (date, versions, git commit).
 """
 
 from __future__ import annotations
@@ -22,53 +21,33 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from hybridkit.model import HybridLM
 from hybridkit.runtime import autocast_for
+from hybridkit.train.flops import DATASHEET_BF16_TFLOPS, FlopCount, datasheet_peak, flops_per_token
+from hybridkit.train.provenance import run_environment
 
-#: Dense bf16 tensor-core peak by device name (datasheet, TFLOP/s); MFU's usual denominator.
-DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+__all__ = [
+    "DATASHEET_BF16_TFLOPS",
+    "FlopCount",
+    "TrainBench",
+    "bench_train",
+    "flops_per_token",
+    "markdown",
+]
 
 #: Breakdown categories, matched in order against the lower-cased names of profiled kernels.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mamba3 scan", ("_fwd_state", "_fwd_pass", "_fwd_out", "_bwd_", "mamba3")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax_warp")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp")),
     ("norms", ("rms", "norm")),
     (
         "matmuls (projections, MLP, head)",
         ("gemm", "matmul", "cutlass", "xmma", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
     ),
 )
-
-
-@dataclass
-class FlopCount:
-    per_token: float
-    formula: str
-
-
-def flops_per_token(model: HybridLM, seq_len: int) -> FlopCount:
-    """Training FLOPs per token by the dense-model formula (see the module docstring)."""
-    matmul_params = sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if p.dim() >= 2 and "embedding" not in name
-    )
-    if model.spec.tie_embeddings:
-        matmul_params += model.embedding.weight.numel()  # the tied head still multiplies
-    attn = 0
-    for block in model.blocks:
-        layer = block.mixer
-        if layer is not None and layer.spec.kind == "attention":
-            attn += 12 * layer.n_heads * layer.head_dim * seq_len
-    return FlopCount(
-        per_token=6.0 * matmul_params + attn,
-        formula=f"6 x {matmul_params:,} matmul parameters + {attn:,} attention (12 h d L per "
-        "attention layer); Mamba-3 scans not counted",
-    )
 
 
 def measured_matmul_tflops(device: torch.device, size: int = 8192, reps: int = 10) -> float:
@@ -123,6 +102,9 @@ class TrainBench:
     flops: dict
     breakdown_ms: dict = field(default_factory=dict)
     step_ms_all: list = field(default_factory=list)
+    loss_chunk_tokens: int | None = None
+    activation_checkpointing: bool = False
+    environment: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,11 +132,11 @@ def bench_train(
     ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     forward = torch.compile(model) if compile_model else model
+    tokens = batch * seq_len
 
     def step() -> None:
         with autocast_for(device, precision):
-            logits = forward(inputs)
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
+            loss = forward(inputs, targets=targets) / tokens
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,16 +153,15 @@ def bench_train(
         times.append(_elapsed(device, start))
     step_s = statistics.median(times)
     count = flops_per_token(model, seq_len)
-    tokens = batch * seq_len
     achieved = count.per_token * tokens / step_s / 1e12
     matmul = measured_matmul_tflops(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+    device_peak = datasheet_peak(device)
+    peak = device_peak.tflops
     return TrainBench(
         batch=batch,
         seq_len=seq_len,
         compiled=compile_model,
-        device=name,
+        device=device_peak.name,
         step_ms=step_s * 1e3,
         tokens_per_s=tokens / step_s,
         tflops=achieved,
@@ -193,7 +174,14 @@ def bench_train(
         flops={"per_token": count.per_token, "formula": count.formula},
         breakdown_ms=profile_breakdown(step, device) if profile else {},
         step_ms_all=[t * 1e3 for t in times],
+        loss_chunk_tokens=model.loss_chunk_tokens,
+        activation_checkpointing=model.activation_checkpointing,
+        environment=run_environment(device),
     )
+
+
+def _loss_text(chunk: int | None) -> str:
+    return f"fused chunked cross-entropy, {chunk} tokens per chunk" if chunk else "full logits"
 
 
 def categorize(kernel_name: str) -> str:
@@ -246,7 +234,16 @@ def markdown(result: TrainBench) -> str:
         f"{result.mfu_measured:.1%} | {mem} |",
         "",
         f"FLOPs per token: {result.flops['per_token']:.3g} ({result.flops['formula']}).",
+        f"Loss: {_loss_text(result.loss_chunk_tokens)}; activation checkpointing "
+        f"{'on' if result.activation_checkpointing else 'off'}.",
     ]
+    env = result.environment
+    if env:
+        lines.append(
+            f"Measured {env.get('date')} with torch {env.get('torch')}, Triton "
+            f"{env.get('triton')}, commit {str(env.get('git_commit'))[:12]}"
+            f"{' (dirty)' if env.get('git_dirty') else ''}."
+        )
     if result.breakdown_ms:
         total = sum(result.breakdown_ms.values())
         lines += ["", "| one profiled step | ms | share |", "|---|---|---|"]
