@@ -84,15 +84,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden.split(ctx.chunk_tokens),
         )
         for h_c, t_c, lse_c, gh_c in rows:
-            # d loss / d logits = softmax - (1 - s) onehot(target) - s / V, zero on ignored rows
-            grad = torch.exp((h_c @ weight.t()).to(acc) - lse_c[:, None])
+            # d loss / d logits = softmax - (1 - s) onehot(target) - s / V, zero on ignored
+            # rows; built in place in one float32 chunk buffer (eager mode: no extra passes)
+            grad = (h_c @ weight.t()).to(acc)
+            grad.sub_(lse_c[:, None]).exp_()
             valid = t_c != ctx.ignore_index
             safe = torch.where(valid, t_c, torch.zeros_like(t_c))
             grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], smoothing - 1.0))
             if smoothing:
-                grad = grad - smoothing / vocab
-            grad = grad * (valid.to(acc) * scale)[:, None]
-            grad = grad.to(hidden.dtype)
+                grad.sub_(smoothing / vocab)
+            grad = grad.mul_((valid.to(acc) * scale)[:, None]).to(hidden.dtype)
             gh_c.copy_(grad @ weight)
             grad_weight += (grad.t() @ h_c).to(acc)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
