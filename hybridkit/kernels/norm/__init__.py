@@ -38,7 +38,7 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 #: widest normalised group the Triton tile holds (mirrors triton_kernels.MAX_GROUP, which
 #: cannot be imported without Triton)
-_MAX_GROUP = 16384
+_MAX_GROUP = 8192
 
 
 def resolve_backend(backend: str, x: torch.Tensor, group_size: int) -> str:
