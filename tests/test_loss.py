@@ -134,3 +134,44 @@ def test_model_training_path_matches_logits_then_cross_entropy():
         assert abs(got.item() - ref.item()) < 1e-6 * ref.item()
     with pytest.raises(ValueError, match="targets"):
         model(ids, targets=targets, cache=model.allocate_cache(2, 11))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_with_chunked_loss_compiles_fullgraph(checkpointing):
+    from hybridkit import build_model
+    from tests.helpers import attn_block, mamba_block, tiny_recipe
+
+    torch._dynamo.reset()
+    recipe = tiny_recipe("a a", d_model=16, vocab=64, a=attn_block(), m=mamba_block())
+    model = build_model(recipe, seed=0)
+    model.loss_chunk_tokens, model.activation_checkpointing = 5, checkpointing
+    ids, targets = torch.randint(0, 64, (2, 11)), torch.randint(0, 64, (2, 11))
+    targets[0, :4] = -100
+    eager = model(ids, targets=targets)
+    g_eager = torch.autograd.grad(eager, list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, targets=targets)
+    g_comp = torch.autograd.grad(compiled, list(model.parameters()))
+    assert rel_err(compiled, eager) < 1e-5
+    for a, b in zip(g_comp, g_eager, strict=True):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_autocast_chunks_run_in_the_autocast_dtype_and_compile():
+    """Under bf16 autocast the chunks' logits are bf16 like ``lm_head``'s would be (loss within
+    bf16 noise of the float32 one), eager and under ``fullgraph=True`` alike."""
+    torch._dynamo.reset()
+    hidden = torch.randn(37, 8, requires_grad=True)
+    weight = torch.randn(29, 8, requires_grad=True)
+    targets = torch.randint(0, 29, (37,))
+
+    def fn(h, w, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_cross_entropy(h, w, t, chunk_tokens=16)
+
+    eager = fn(hidden, weight, targets)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(hidden, weight, targets)
+    full = _reference(hidden, weight, targets)
+    assert eager.dtype == torch.float32 and compiled.item() == eager.item()
+    assert abs(eager.item() - full.item()) < 2e-2 * abs(full.item())
+    grads = torch.autograd.grad(eager, (hidden, weight))
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
