@@ -46,6 +46,9 @@ def test_kernel_names_fall_into_categories():
     assert categorize("multi_tensor_apply_kernel") == "optimizer"
     assert categorize("sm90_xmma_gemm_bf16") == "matmuls (projections, MLP, head)"
     assert categorize("aten::add") == "other"
+    assert categorize("_norm_bwd_kernel") == "norms"  # not the scan's "_bwd_"
+    assert categorize("triton_poi_fused_add_mul_silu_3") == "element-wise (Inductor)"
+    assert categorize("void at::native::direct_copy_kernel_cuda") == "copies and casts"
 
 
 def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):

@@ -37,16 +37,23 @@ __all__ = [
 ]
 
 #: Breakdown categories, matched in order against the lower-cased names of profiled kernels.
+#: Norms come first: the fused norm kernels are ``_norm_fwd_kernel`` / ``_norm_bwd_kernel``, and
+#: ``_bwd_`` alone would file the backward under the scan. The last three split what used to be
+#: "other": copies and casts (``.to()``, ``.contiguous()``, ``cat``), Inductor's generated
+#: kernels (everything element-wise under ``torch.compile``) and eager element-wise kernels.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("norms", ("rms", "norm")),
     ("mamba3 scan", ("_fwd_state", "_fwd_pass", "_fwd_out", "_bwd_", "mamba3")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax_warp")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("loss", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp")),
-    ("norms", ("rms", "norm")),
     (
         "matmuls (projections, MLP, head)",
         ("gemm", "matmul", "cutlass", "xmma", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
     ),
+    ("copies and casts", ("copy_kernel", "catarraybatchedcopy", "cat_batched")),
+    ("element-wise (Inductor)", ("triton_poi", "triton_red", "triton_per")),
+    ("element-wise (eager)", ("elementwise_kernel", "reduce_kernel")),
 )
 
 
