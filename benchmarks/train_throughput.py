@@ -75,7 +75,7 @@ CASES = (
 def run_case(case: Case, args: argparse.Namespace) -> dict:
     """Build the case's model on the GPU and measure it (see the module docstring)."""
     recipe = load_recipe(case.recipe, overrides=list(args.set or []))
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     model = build_model(recipe, seed=0).to(device)
     model.activation_checkpointing = case.checkpointing
     model.loss_chunk_tokens = recipe.train.resolved_loss_chunk(device.type)
@@ -83,11 +83,12 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
         for module in model.modules():
             if isinstance(module, (RMSNorm, GatedRMSNorm)):
                 module.backend = case.norm_backend
+    batch, seq_len = (1, 128) if args.smoke else (case.batch, case.seq_len)
     result = bench_train(
         model,
         build_optimizer(model, recipe.train),
-        batch=case.batch,
-        seq_len=case.seq_len,
+        batch=batch,
+        seq_len=seq_len,
         steps=args.steps,
         warmup=args.warmup,
         precision=recipe.train.precision,
@@ -101,7 +102,8 @@ def _release() -> None:
     """Free the previous case's model, optimizer, compiled graphs and cached blocks."""
     torch._dynamo.reset()
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def summary(results: list[dict]) -> dict:
@@ -177,7 +179,7 @@ def throughput(args: argparse.Namespace) -> None:
     unknown = sorted(set(wanted) - {c.name for c in CASES})
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; allowed: {[c.name for c in CASES]}")
-    env = run_environment(torch.device("cuda"))
+    env = run_environment(torch.device(args.device))
     results: list[dict] = []
     for case in (c for c in CASES if c.name in wanted):
         print(f"== {case.name}", flush=True)
@@ -198,10 +200,11 @@ def loss_curve(args: argparse.Namespace) -> None:
     from hybridkit.train.trainer import Trainer
 
     out = Path(args.out)
-    env = run_environment(torch.device("cuda"))
+    env = run_environment(torch.device(args.device))
     curves: dict[str, list[float]] = {}
     for mode in ("eager", "compiled"):
         overrides = [f"train.compile={mode == 'compiled'}", "train.tensorboard=false"]
+        overrides.append(f"train.device={args.device}")
         recipe = load_recipe(NIAH, overrides=overrides + list(args.set or []))
         trainer = Trainer(recipe, out / mode, resume=None, progress=False)
         curves[mode] = [trainer.train_step()["loss"] for _ in range(args.steps)]
@@ -246,9 +249,15 @@ def main() -> None:
     p.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown step")
     p.add_argument("--loss-curve", action="store_true", help="eager vs compiled niah_s curves")
     p.add_argument("--set", action="append", help="recipe override a.b=c (repeatable)")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every case at 1 x 128 tokens: checks the script end to end in a minute, no numbers",
+    )
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: pass --device cpu --smoke to check the script")
     if args.loss_curve:
         args.steps = args.steps or 300
         loss_curve(args)

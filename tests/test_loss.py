@@ -175,3 +175,30 @@ def test_autocast_chunks_run_in_the_autocast_dtype_and_compile():
     assert abs(eager.item() - full.item()) < 2e-2 * abs(full.item())
     grads = torch.autograd.grad(eager, (hidden, weight))
     assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_loss_matches_full_logits_at_the_400m_head_and_saves_memory():
+    """16384 tokens x 32000 vocabulary x 1024 channels in bf16 autocast: loss and gradients as
+    the full-logits path, and far less peak memory (the logits never exist in float32)."""
+    tokens, vocab, dim = 16384, 32000, 1024
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden0 = torch.randn(tokens, dim, device="cuda", generator=g)
+    weight0 = torch.randn(vocab, dim, device="cuda", generator=g) * dim**-0.5
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+    results = {}
+    for chunk in (None, 4096):
+        hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cross_entropy_sum(hidden, weight, targets, chunk_tokens=chunk)
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        results[chunk] = (loss.detach(), hidden.grad, weight.grad, peak)
+    (l0, dh0, dw0, peak0), (l1, dh1, dw1, peak1) = results[None], results[4096]
+    assert rel_err(l1, l0) < 1e-3
+    assert rel_err(dh1, dh0) < 2e-2 and rel_err(dw1, dw0) < 2e-2
+    assert peak1 < 0.5 * peak0, (peak1 / 1e9, peak0 / 1e9)
