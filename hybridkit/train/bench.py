@@ -203,7 +203,13 @@ def categorize(kernel_name: str) -> str:
 def profile_breakdown(step, device: torch.device) -> dict[str, float]:
     """Milliseconds per category in one profiled step: device kernels on a GPU, top-level ops'
     self time on a CPU. Attribution is by kernel name, so it is approximate (a matmul inside
-    the Mamba-3 layer's projections counts as a matmul)."""
+    the Mamba-3 layer's projections counts as a matmul).
+
+    On a GPU only the kernel events themselves are summed: the CPU op that launched a kernel
+    (``aten::mm`` for a GEMM) reports the same time as its own "self device time", and adding
+    both counted every launched kernel twice (the breakdowns before this fix summed to about
+    twice the step time)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -213,9 +219,15 @@ def profile_breakdown(step, device: torch.device) -> dict[str, float]:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    events = list(prof.key_averages())
+    kernels_only = device.type == "cuda" and any(
+        getattr(e, "device_type", None) == DeviceType.CUDA for e in events
+    )
     totals: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
+    for event in events:
         if device.type == "cuda":
+            if kernels_only and getattr(event, "device_type", None) != DeviceType.CUDA:
+                continue  # a CPU op: its kernels are listed as events of their own
             us = getattr(event, "self_device_time_total", None)
             if us is None:
                 us = getattr(event, "self_cuda_time_total", 0.0)
