@@ -93,6 +93,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
         warmup=args.warmup,
         precision=recipe.train.precision,
         compile_model=case.compiled,
+        compile_mode=args.compile_mode,
         profile=not args.no_profile,
     )
     return {"case": case.name, "recipe": str(case.recipe.relative_to(ROOT)), **result.to_dict()}
@@ -147,8 +148,9 @@ def markdown(env: dict, results: list[dict], verdict: dict) -> str:
         mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
         mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "n/a"
         loss = f"chunked {r['loss_chunk_tokens']}" if r["loss_chunk_tokens"] else "full logits"
+        mode = f" ({r['compile_mode']})" if r.get("compile_mode") else ""
         lines.append(
-            f"| {r['case']} | {r['batch']} x {r['seq_len']} | {r['step_ms']:.1f} | "
+            f"| {r['case']}{mode} | {r['batch']} x {r['seq_len']} | {r['step_ms']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['mfu_measured']:.1%} | "
             f"{mem} | {loss} |"
         )
@@ -249,6 +251,11 @@ def main() -> None:
     p.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown step")
     p.add_argument("--loss-curve", action="store_true", help="eager vs compiled niah_s curves")
     p.add_argument("--set", action="append", help="recipe override a.b=c (repeatable)")
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the compiled cases (e.g. max-autotune-no-cudagraphs)",
+    )
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke)")
     p.add_argument(
         "--smoke",

@@ -111,6 +111,7 @@ class TrainBench:
     step_ms_all: list = field(default_factory=list)
     loss_chunk_tokens: int | None = None
     activation_checkpointing: bool = False
+    compile_mode: str | None = None
     environment: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -127,18 +128,20 @@ def bench_train(
     warmup: int = 3,
     precision: str = "auto",
     compile_model: bool = False,
+    compile_mode: str | None = None,
     profile: bool = True,
 ) -> TrainBench:
     """Time ``steps`` optimizer steps of ``model`` after ``warmup`` (see the module docstring).
 
     The model and optimizer are used as given (built from a recipe by the caller), so what is
-    measured is exactly what training runs."""
+    measured is exactly what training runs. ``compile_mode`` is ``torch.compile``'s ``mode``
+    (e.g. ``max-autotune-no-cudagraphs``: Inductor times GEMM configurations for our shapes)."""
     device = next(model.parameters()).device
     vocab = model.spec.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    forward = torch.compile(model) if compile_model else model
+    forward = torch.compile(model, mode=compile_mode) if compile_model else model
     tokens = batch * seq_len
 
     def step() -> None:
@@ -182,6 +185,7 @@ def bench_train(
         breakdown_ms=profile_breakdown(step, device) if profile else {},
         step_ms_all=[t * 1e3 for t in times],
         loss_chunk_tokens=model.loss_chunk_tokens,
+        compile_mode=compile_mode if compile_model else None,
         activation_checkpointing=model.activation_checkpointing,
         environment=run_environment(device),
     )
