@@ -2,10 +2,13 @@
 
 Cases (``--cases``, default all, in this order):
 
-* ``hybrid_eager``: ``recipes/hybrid_400m.yaml`` at 4 x 4096, eager;
-* ``hybrid_compiled``: the same, ``torch.compile``;
-* ``hybrid_compiled_triton_norms``: compiled, every norm forced through the Triton kernels
-  (the A/B of ``hybridkit.kernels.norm``'s choice of Inductor's fused torch norm under compile);
+* ``hybrid_eager``: ``recipes/hybrid_400m.yaml`` at 4 x 4096, eager (norms and SwiGLU through
+  the fused Triton kernels, the dispatch points' eager choice);
+* ``hybrid_eager_torch_elementwise``: the same with norms and SwiGLU in plain torch (what the
+  fused kernels bring in eager mode);
+* ``hybrid_compiled``: 4 x 4096, ``torch.compile`` (norms and SwiGLU left to Inductor);
+* ``hybrid_compiled_triton_elementwise``: compiled, norms and SwiGLU forced through our
+  kernels (custom ops), the A/B of the dispatch points' choice under compile;
 * ``hybrid_16k_ckpt``: 1 x 16384 with per-block activation checkpointing, compiled;
 * ``transformer_compiled``: ``recipes/transformer_400m.yaml`` at 4 x 4096, compiled.
 
@@ -37,6 +40,7 @@ from pathlib import Path
 import torch
 
 from hybridkit.build import build_model
+from hybridkit.layers.mlp import SwiGLU
 from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
 from hybridkit.recipe import load_recipe
 from hybridkit.train.bench import bench_train
@@ -60,13 +64,16 @@ class Case:
     seq_len: int
     compiled: bool
     checkpointing: bool = False
-    norm_backend: str | None = None  # None: the dispatch point's auto choice
+    elementwise: str | None = None  # norms' and SwiGLU's backend; None: the dispatch points' auto
 
 
 CASES = (
     Case("hybrid_eager", HYBRID, 4, 4096, compiled=False),
+    Case("hybrid_eager_torch_elementwise", HYBRID, 4, 4096, compiled=False, elementwise="torch"),
     Case("hybrid_compiled", HYBRID, 4, 4096, compiled=True),
-    Case("hybrid_compiled_triton_norms", HYBRID, 4, 4096, compiled=True, norm_backend="triton"),
+    Case(
+        "hybrid_compiled_triton_elementwise", HYBRID, 4, 4096, compiled=True, elementwise="triton"
+    ),
     Case("hybrid_16k_ckpt", HYBRID, 1, 16384, compiled=True, checkpointing=True),
     Case("transformer_compiled", TRANSFORMER, 4, 4096, compiled=True),
 )
@@ -79,10 +86,12 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
     model = build_model(recipe, seed=0).to(device)
     model.activation_checkpointing = case.checkpointing
     model.loss_chunk_tokens = recipe.train.resolved_loss_chunk(device.type)
-    if case.norm_backend is not None:
+    if case.elementwise is not None:
         for module in model.modules():
             if isinstance(module, (RMSNorm, GatedRMSNorm)):
-                module.backend = case.norm_backend
+                module.backend = case.elementwise
+            elif isinstance(module, SwiGLU):
+                module.act_backend = case.elementwise
     batch, seq_len = (1, 128) if args.smoke else (case.batch, case.seq_len)
     result = bench_train(
         model,
@@ -223,8 +232,8 @@ def loss_curve(args: argparse.Namespace) -> None:
         f"{str(env['git_commit'])[:12]}, torch {env['torch']}.\n\n"
         f"| | value |\n|---|---|\n| final loss eager | {curves['eager'][-1]:.4f} |\n"
         f"| final loss compiled | {curves['compiled'][-1]:.4f} |\n"
-        f"| max abs difference | {payload['max_abs_diff']:.4f} |\n"
-        f"| max abs difference, last 50 steps | {payload['max_abs_diff_last_50']:.4f} |\n\n"
+        f"| max abs difference | {payload['max_abs_diff']:.3g} |\n"
+        f"| max abs difference, last 50 steps | {payload['max_abs_diff_last_50']:.3g} |\n\n"
         "![loss curves](loss_curve.png)\n"
     )
     write(out, "loss_curve", payload, text)

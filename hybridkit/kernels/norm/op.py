@@ -13,13 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hybridkit.kernels.layout import as_rows
 from hybridkit.kernels.norm.triton_kernels import norm_backward, norm_forward
-
-
-def _rows(t: Tensor) -> Tensor:
-    """``t`` as (rows, channels) with unit column stride (a view when possible)."""
-    flat = t.reshape(-1, t.shape[-1])
-    return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
 def _forward_impl(x, z, weight, group_size, eps, pre_gate, out_dtype):
@@ -27,8 +22,8 @@ def _forward_impl(x, z, weight, group_size, eps, pre_gate, out_dtype):
     rows = out.numel() // out.shape[-1] if out.dim() else 1
     rstd = torch.empty(rows, x.shape[-1] // group_size, dtype=torch.float32, device=x.device)
     if rows:
-        x2 = _rows(x)
-        z2 = None if z is None else _rows(z)
+        x2 = as_rows(x)
+        z2 = None if z is None else as_rows(z)
         norm_forward(x2, z2, weight, out.view(rows, -1), rstd, group_size, eps, pre_gate)
     return out, rstd
 
@@ -39,9 +34,9 @@ def _backward_impl(dout, x, z, weight, rstd, group_size, pre_gate):
     rows = rstd.shape[0]
     if rows:
         dw = norm_backward(
-            _rows(dout),
-            _rows(x),
-            None if z is None else _rows(z),
+            as_rows(dout),
+            as_rows(x),
+            None if z is None else as_rows(z),
             weight,
             rstd,
             dx.view(rows, -1),
