@@ -219,7 +219,7 @@ def test_gpu_model_compiles_fullgraph_with_triton_norms():
     from tests.helpers import attn_block, mamba_block, tiny_recipe
 
     torch._dynamo.reset()
-    m = mamba_block(outproj_norm="grouped_pregate", d_state=32, headdim=16, chunk_size=64)
+    m = mamba_block(outproj_norm="grouped_pregate", d_state=32, headdim=32, chunk_size=64)
     recipe = tiny_recipe("m a", d_model=64, vocab=128, m=m, a=attn_block(qk_norm=True))
     model = build_model(recipe, seed=0).cuda()
     _set_norm_backend(model, "triton")

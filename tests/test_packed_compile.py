@@ -61,11 +61,13 @@ def test_packed_hybrid_breaks_only_at_the_chunked_scans_sequence_split():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gpu_packed_hybrid_compiles_fullgraph(checkpointing):
     torch._dynamo.reset()
-    m = mamba_block(outproj_norm="grouped_pregate", d_state=32, headdim=16, chunk_size=64)
+    m = mamba_block(outproj_norm="grouped_pregate", d_state=32, headdim=32, chunk_size=64)
     recipe = tiny_recipe("m a m", d_model=64, vocab=128, m=m, a=attn_block(head_dim=32))
     model = build_model(recipe, seed=0).cuda()
     model.activation_checkpointing = checkpointing
     model.loss_chunk_tokens = 128
+    plan = model.blocks[0].mixer.backends("cuda", torch.bfloat16, 1000)["mamba3 scan"]
+    assert plan.startswith("triton"), plan  # the chunked path would break on cu_seqlens
     ids = torch.randint(0, 128, (1, 1000), device="cuda")
     cu = torch.tensor([0, 300, 301, 777, 1000], device="cuda", dtype=torch.int32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
