@@ -27,6 +27,7 @@ from hybridkit.train.metrics import read_metrics
 from hybridkit.train.optim import build_optimizer, lr_at, param_groups
 from hybridkit.train.trainer import Trainer, TrainingDiverged
 from hybridkit.weights import latest_checkpoint
+from tests.helpers import checkout_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -680,9 +681,7 @@ def test_metrics_records(trained_run):
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node", str(nproc), *args]
-    # the workers import the hybridkit of this checkout, not whichever one the venv installed
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = checkout_env(OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return res
