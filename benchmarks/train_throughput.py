@@ -26,6 +26,8 @@ plot to ``OUT/loss_curve.{json,md,png}``.
     source .gpu/base/env.sh
     python benchmarks/train_throughput.py --out $OUT/tt --cases hybrid_eager,hybrid_compiled
     python benchmarks/train_throughput.py --out $OUT/lc --loss-curve
+    python benchmarks/train_throughput.py --merge run1/train_throughput.json \\
+        run2/train_throughput.json --out benchmarks/results   # one report from split runs
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def summary(results: list[dict]) -> dict:
     by_name = {r["case"]: r for r in results if "error" not in r}
     out: dict = {}
     hybrid, transformer = by_name.get("hybrid_compiled"), by_name.get("transformer_compiled")
-    if hybrid and transformer:
+    # the ratio only means something when both were measured in the same process (merged
+    # results carry the index of the run they came from)
+    if hybrid and transformer and hybrid.get("run") == transformer.get("run"):
         out["ratio_hybrid_vs_transformer"] = hybrid["tokens_per_s"] / transformer["tokens_per_s"]
         out["target_ratio_met"] = out["ratio_hybrid_vs_transformer"] >= TARGET_RATIO
     for name, target in (
@@ -206,6 +210,30 @@ def throughput(args: argparse.Namespace) -> None:
         print(markdown(env, results[-1:], {}), flush=True)
 
 
+def merge(args: argparse.Namespace) -> None:
+    """One report from the results of several runs (``--merge A.json B.json``): a later file's
+    case replaces an earlier one of the same name; each case keeps the index of its run."""
+    runs = [json.loads(Path(f).read_text()) for f in args.merge]
+    by_name: dict[str, dict] = {}
+    for index, run in enumerate(runs):
+        for case in run["cases"]:
+            by_name[case["case"]] = {**case, "run": index}
+    order = [c.name for c in CASES]
+    results = sorted(by_name.values(), key=lambda r: order.index(r["case"]))
+    verdict = summary(results)
+    env = runs[0]["environment"]
+    text = markdown(env, results, verdict)
+    text += "\nRuns merged (the `run` of each case):\n\n" + "".join(
+        f"- run {i}: `{f}`, {r['environment']['date']}, commit "
+        f"{str(r['environment']['git_commit'])[:12]}\n"
+        for i, (f, r) in enumerate(zip(args.merge, runs, strict=True))
+    )
+    environments = [r["environment"] for r in runs]
+    payload = {"environment": env, "runs": environments, "cases": results, "summary": verdict}
+    write(Path(args.out), "train_throughput", payload, text)
+    print(text)
+
+
 def loss_curve(args: argparse.Namespace) -> None:
     """Eager vs compiled Trainer runs of niah_s, same seed: curves, max abs difference, plot."""
     from hybridkit.train.trainer import Trainer
@@ -271,7 +299,17 @@ def main() -> None:
         action="store_true",
         help="every case at 1 x 128 tokens: checks the script end to end in a minute, no numbers",
     )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="write one report from several runs' train_throughput.json (no GPU needed)",
+    )
     args = p.parse_args()
+    if args.merge:
+        merge(args)
+        return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: pass --device cpu --smoke to check the script")
     if args.loss_curve:

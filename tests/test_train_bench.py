@@ -101,8 +101,17 @@ def test_benchmark_summary_and_report_from_partial_results(tmp_path):
     text = script.markdown(env, results, verdict)
     assert "hybrid_16k_ckpt" in text and "failed: OutOfMemoryError" in text
     assert "ratio_hybrid_vs_transformer | 2.000" in text
-    script.write(tmp_path, "train_throughput", {"cases": results}, text)
+    script.write(tmp_path, "train_throughput", {"environment": env, "cases": results}, text)
     assert (tmp_path / "train_throughput.json").is_file()
+    # merged from two runs: the ratio needs both cases from the same one
+    other = {"environment": env, "cases": [transformer]}
+    (tmp_path / "b.json").write_text(__import__("json").dumps(other))
+    args = type("Args", (), {"merge": [tmp_path / "train_throughput.json", tmp_path / "b.json"]})
+    args.out = tmp_path / "merged"
+    script.merge(args)
+    merged = __import__("json").loads((args.out / "train_throughput.json").read_text())
+    assert [c["run"] for c in merged["cases"]] == [0, 0, 1]  # hybrid, failed 16k; transformer
+    assert "ratio_hybrid_vs_transformer" not in merged["summary"]
     names = [c.name for c in script.CASES]
     wanted = {"hybrid_eager", "hybrid_compiled", "hybrid_16k_ckpt", "transformer_compiled"}
     assert wanted <= set(names) and names[0] == "hybrid_eager"
