@@ -17,8 +17,14 @@ from hybridkit.kernels.layout import as_rows
 from hybridkit.kernels.norm.triton_kernels import norm_backward, norm_forward
 
 
-def _forward_impl(x, z, weight, group_size, eps, pre_gate, out_dtype):
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+def _out_dtype(x: Tensor, out_float32: bool) -> torch.dtype:
+    """The output dtype: float32 (the gated norm), else the input's (RMSNorm). A flag rather
+    than a ``torch.dtype`` argument keeps the op schema to types every torch >= 2.5 accepts."""
+    return torch.float32 if out_float32 else x.dtype
+
+
+def _forward_impl(x, z, weight, group_size, eps, pre_gate, out_float32):
+    out = torch.empty(x.shape, dtype=_out_dtype(x, out_float32), device=x.device)
     rows = out.numel() // out.shape[-1] if out.dim() else 1
     rstd = torch.empty(rows, x.shape[-1] // group_size, dtype=torch.float32, device=x.device)
     if rows:
@@ -57,16 +63,16 @@ def _fwd_op(
     group_size: int,
     eps: float,
     pre_gate: bool,
-    out_dtype: torch.dtype,
+    out_float32: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _forward_impl(x, z, weight, group_size, eps, pre_gate, out_dtype)
+    return _forward_impl(x, z, weight, group_size, eps, pre_gate, out_float32)
 
 
 @_fwd_op.register_fake
-def _(x, z, weight, group_size, eps, pre_gate, out_dtype):
+def _(x, z, weight, group_size, eps, pre_gate, out_float32):
     rows = x.numel() // x.shape[-1]
     return (
-        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(x.shape, dtype=_out_dtype(x, out_float32)),
         x.new_empty(rows, x.shape[-1] // group_size, dtype=torch.float32),
     )
 
@@ -114,8 +120,8 @@ class FusedNormFunction(torch.autograd.Function):
     """The same kernels as the ops, called directly: eager mode only (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, z, weight, group_size, eps, pre_gate, out_dtype):
-        out, rstd = _forward_impl(x, z, weight, group_size, eps, pre_gate, out_dtype)
+    def forward(ctx, x, z, weight, group_size, eps, pre_gate, out_float32):
+        out, rstd = _forward_impl(x, z, weight, group_size, eps, pre_gate, out_float32)
         ctx.save_for_backward(x, z, weight, rstd)
         ctx.group_size, ctx.pre_gate = group_size, pre_gate
         return out
@@ -128,7 +134,7 @@ class FusedNormFunction(torch.autograd.Function):
 
 
 def fused_norm(*args: object) -> Tensor:
-    """``(x, z, weight, group_size, eps, pre_gate, out_dtype)`` as ``hybridkit::fused_norm_fwd``
+    """``(x, z, weight, group_size, eps, pre_gate, out_float32)`` as ``hybridkit::fused_norm_fwd``
     takes them -> the normalised output. The op as ``torch.compile`` must see it, else the
     cheaper eager Function."""
     if torch.compiler.is_compiling():
