@@ -384,6 +384,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     device = _device(args.device if args.device != "auto" else spec.device)
     model = build_model(recipe, seed=0).to(device)
     model.activation_checkpointing = spec.activation_checkpointing
+    model.loss_chunk_tokens = spec.resolved_loss_chunk(device.split(":")[0])
     result = bench_train(
         model,
         build_optimizer(model, spec),

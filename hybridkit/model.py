@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hybridkit.cache import InferenceCache
+from hybridkit.kernels.loss import cross_entropy_sum
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.layers.norm import RMSNorm
 
@@ -90,6 +91,9 @@ class HybridLM(nn.Module):
         # recompute each block in the backward instead of keeping its activations (training
         # only: a call with a cache or without gradients runs the blocks directly)
         self.activation_checkpointing = False
+        # rows per chunk of the fused head + cross-entropy when ``forward`` gets targets (None:
+        # full logits and F.cross_entropy); the trainer sets it from train.loss_chunk_tokens
+        self.loss_chunk_tokens: int | None = None
         if spec.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         self.init_weights()
@@ -133,15 +137,27 @@ class HybridLM(nn.Module):
         cache: InferenceCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``ids`` (B, L) -> logits (B, L, vocab).
 
         With ``cache`` the call continues the cached sequences (prefill or several new tokens)
         and advances the cache. ``cu_seqlens`` packs sequences in a batch of one. With
         ``return_hidden`` also returns each block's output (for per-layer checks).
+
+        With ``targets`` (B, L) the call returns the float32 cross-entropy *summed* over the
+        positions whose target is not ``ignore_index`` instead of logits: the training path.
+        The loss is computed inside ``forward`` so that a DDP / ``torch.compile`` wrapper
+        covers it, and so that with ``loss_chunk_tokens`` set the full logits never exist
+        (:mod:`hybridkit.kernels.loss`).
         """
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, seqlen), got shape {tuple(ids.shape)}")
+        if targets is not None and (cache is not None or return_hidden):
+            raise ValueError(
+                "targets (the training loss) cannot be combined with a cache or hidden"
+            )
         h = self.embedding(ids)
         hidden = []
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
@@ -154,6 +170,14 @@ class HybridLM(nn.Module):
                 h = block(h, cache=cache, cu_seqlens=cu_seqlens)
             if return_hidden:
                 hidden.append(h)
+        if targets is not None:
+            return cross_entropy_sum(
+                self.norm_f(h),
+                self.lm_head.weight,
+                targets,
+                chunk_tokens=self.loss_chunk_tokens,
+                ignore_index=ignore_index,
+            )
         logits = self.lm_head(self.norm_f(h))
         if cache is not None:
             cache.seqlen_offset += ids.shape[1]
