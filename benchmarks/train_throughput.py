@@ -52,6 +52,7 @@ from hybridkit.train.provenance import run_environment
 ROOT = Path(__file__).resolve().parents[1]
 HYBRID = ROOT / "benchmarks/recipes/hybrid_400m.yaml"
 TRANSFORMER = ROOT / "benchmarks/recipes/transformer_400m.yaml"
+HYBRID_MIMO = ROOT / "benchmarks/recipes/hybrid_400m_mimo.yaml"
 NIAH = ROOT / "hybridkit/recipes/niah_s.yaml"
 
 #: the targets of issue #17 (H200)
@@ -78,6 +79,8 @@ CASES = (
     ),
     Case("hybrid_16k_ckpt", HYBRID, 1, 16384, compiled=True, checkpointing=True),
     Case("transformer_compiled", TRANSFORMER, 4, 4096, compiled=True),
+    # issue #15: the same hybrid with MIMO rank 4 layers (Triton MIMO scan), against SISO
+    Case("hybrid_mimo_compiled", HYBRID_MIMO, 4, 4096, compiled=True),
 )
 
 
@@ -128,6 +131,9 @@ def summary(results: list[dict]) -> dict:
     if hybrid and transformer and hybrid.get("run") == transformer.get("run"):
         out["ratio_hybrid_vs_transformer"] = hybrid["tokens_per_s"] / transformer["tokens_per_s"]
         out["target_ratio_met"] = out["ratio_hybrid_vs_transformer"] >= TARGET_RATIO
+    mimo = by_name.get("hybrid_mimo_compiled")
+    if hybrid and mimo and hybrid.get("run") == mimo.get("run"):  # #15: >= 0.6
+        out["ratio_mimo_vs_siso"] = mimo["tokens_per_s"] / hybrid["tokens_per_s"]
     for name, target in (
         ("hybrid_compiled", TARGET_MFU_COMPILED),
         ("hybrid_eager", TARGET_MFU_EAGER),
