@@ -1,4 +1,5 @@
-"""Resource report of the Triton SISO kernels for sm_90, built on a machine with no GPU.
+"""Resource report of the Triton scan kernels (SISO, or MIMO with --rank) for sm_90, built
+on a machine with no GPU.
 
 Compiles each chunk kernel for an H100 target with Triton's own ``ptxas`` (the benchmark shape's
 flags: C 64, P 64, N 128, bf16 fast mode, 16-byte aligned pointers as a real launch would
@@ -31,6 +32,7 @@ PASSES = ("_fwd_pass", "_bwd_pass")  # also accepted by name; PB as at batch 8
 FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=True)
 FLAGS.update(HAS_D=True, HAS_DTOT=False, HAS_INIT=False)
 FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
+FLAGS.update(R=1, HALVES=False)  # --rank R: MIMO (C = 64 / R tokens, halves pairing)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {
     "ADT",
@@ -58,6 +60,8 @@ FP32 |= {
     "DTOTAL_ANGLE",
     "DDT",
     "GATES",
+    "PSI",
+    "DPSI_PART",
 }
 UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
 SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
@@ -138,7 +142,9 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--top", type=int, default=8, help="source lines to list per kernel")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
+    ap.add_argument("--rank", type=int, default=1, help="MIMO rank (chunk 64 / rank tokens)")
     args = ap.parse_args()
+    FLAGS.update(R=args.rank, HALVES=args.rank > 1, C=64 // args.rank)
     for name in args.kernels:
         kern = compile_kernel(name, args.warps, args.maxnreg)
         ptx = kern.asm["ptx"]

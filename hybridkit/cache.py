@@ -5,6 +5,13 @@ attention layers keep a :class:`KVCache` that grows with the sequence, or, for a
 layer, holds at most ``2 * window`` tokens (only the last ``window - 1`` keys can still be seen
 by a new query). The cache knows how many tokens have been consumed (``seqlen_offset``) so
 attention can place RoPE positions and its causal mask correctly when the model is called again.
+
+Static decoding (:mod:`hybridkit.generation`): after the prefill, :meth:`InferenceCache.make_static`
+turns every KV cache into a ring of fixed size (``max_seqlen`` slots, or ``window`` for a sliding
+layer) and gives the cache a device tensor ``position``. From then on a one-token step writes its
+key and value in place at slot ``position % ring`` and attends over the whole ring with a mask of
+the filled slots: no shape depends on the position, so the step can be captured in a CUDA graph
+and replayed, and the graph itself advances ``position``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from hybridkit.kernels.mamba3.state import Mamba3State
 
 
 def kv_capacity(max_seqlen: int, window: int | None) -> int:
@@ -71,6 +80,41 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    def ring_size(self) -> int:
+        """Slots of the static ring: all of them, or ``window`` for a sliding layer."""
+        cap = self.k.shape[1]
+        return cap if self.window is None else min(cap, self.window)
+
+    def make_ring(self, offset: int) -> None:
+        """After a prefill through :meth:`append` of ``offset`` tokens: put the key of absolute
+        position p in slot ``p % ring`` (a no-op without a window, where slot == position)."""
+        if self.window is None:
+            if self.length != offset:
+                raise ValueError(f"KV cache holds {self.length} tokens, the model saw {offset}")
+            return
+        keep = min(self.length, self.window - 1, offset)
+        if keep:
+            slots = torch.arange(offset - keep, offset, device=self.k.device) % self.ring_size()
+            for buf in (self.k, self.v):
+                buf[:, slots] = buf[:, self.length - keep : self.length].clone()
+        self.length = min(offset, self.ring_size())
+
+    def write_at(
+        self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static decoding: store one token's k / v (B, 1, Hk, D) at slot ``position % ring``.
+
+        Returns the ring's keys and values (B, ring, Hk, D) and the (ring,) mask of filled slots
+        (``slot <= position``: before the ring wraps only those hold tokens; after, all do and
+        they are exactly the last ``ring`` keys, which is what a window of that size sees).
+        """
+        ring = self.ring_size()
+        slot = torch.remainder(position, ring)
+        self.k.index_copy_(1, slot, k.to(self.k.dtype))
+        self.v.index_copy_(1, slot, v.to(self.v.dtype))
+        filled = torch.arange(ring, device=self.k.device) <= position
+        return self.k[:, :ring], self.v[:, :ring], filled
+
 
 @dataclass
 class InferenceCache:
@@ -80,7 +124,40 @@ class InferenceCache:
     max_seqlen: int
     seqlen_offset: int = 0
     layers: dict[int, Any] = field(default_factory=dict)
+    #: static decoding only: the next token's absolute position, (1,) int64 on the device
+    position: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         """Bytes held by all layer states."""
         return sum(state.nbytes() for state in self.layers.values())
+
+    def make_static(self, position: torch.Tensor) -> None:
+        """Switch to static decoding after a prefill (see the module docstring).
+
+        ``position`` is the caller's (1,) int64 tensor, filled here with ``seqlen_offset``; a
+        caller that replays a captured graph passes the same tensor every time."""
+        for state in self.layers.values():
+            if isinstance(state, KVCache):
+                state.make_ring(self.seqlen_offset)
+        position.fill_(self.seqlen_offset)
+        self.position = position
+
+    def reset(self) -> None:
+        """Forget every sequence, keeping the tensors (zeroed states, empty KV caches).
+
+        Only the built-in states (:func:`in_place_state`) are reset; a caller that decodes with
+        other layer kinds restores their entries itself."""
+        self.seqlen_offset, self.position = 0, None
+        for state in self.layers.values():
+            if isinstance(state, KVCache):
+                state.length = 0
+            elif isinstance(state, Mamba3State):
+                for t in state:
+                    t.zero_()
+
+
+def in_place_state(state: Any) -> bool:
+    """Whether a layer state is one whose tensors decoding updates in place (Mamba-3 states and
+    KV caches), so a captured CUDA graph may keep reading them. A plugin layer kind that swaps
+    its state object per call is decoded eagerly."""
+    return isinstance(state, (KVCache, Mamba3State))

@@ -256,20 +256,25 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # --- train / eval / study ---------------------------------------------------------------------
+def _int_list(text: str, flag: str, high: int, too: str = "too large") -> list[int]:
+    """A comma-separated list of positive integers up to ``high`` (clean errors)."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise HybridkitError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise HybridkitError(f"{flag} needs at least one positive value")
+    if max(values) > high:
+        raise HybridkitError(f"{flag}: {max(values)} is {too}; allowed: at most {high}")
+    return values
+
+
 def _lengths(text: str | None) -> list[int] | None:
     from hybridkit.tasks.base import MAX_LENGTH
 
     if text is None:
         return None
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise HybridkitError(f"--lengths must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise HybridkitError("--lengths needs at least one positive length")
-    if max(values) > MAX_LENGTH:
-        raise HybridkitError(f"--lengths: {max(values)} is too long; allowed: at most {MAX_LENGTH}")
-    return values
+    return _int_list(text, "--lengths", MAX_LENGTH, "too long")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -397,6 +402,43 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
             out.with_suffix(".json").write_text(json.dumps(job.to_dict(), indent=1))
             out.with_suffix(".md").write_text(text)
     dist_utils.shutdown(info)
+    return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from hybridkit.build import build_model
+    from hybridkit.decode_bench import bench_decode, markdown
+    from hybridkit.rundir import load_source
+
+    recipe, _ = load_source(args.recipe, args.overrides, plugins=args.plugins)
+    device = torch.device(_device(args.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(recipe, seed=0, dtype=dtype, device=device)
+    out = Path(args.out) if args.out else None
+
+    def write(result) -> None:  # after every batch size: a cut-off run keeps what it measured
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=1))
+            out.with_suffix(".md").write_text(markdown(result))
+
+    result = bench_decode(
+        model,
+        batches=_int_list(args.batch, "--batch", 1 << 16),
+        prompt=args.prompt,
+        new=args.new,
+        ssm_dtype=torch.bfloat16 if args.ssm_dtype == "bfloat16" else None,
+        drift_tokens=args.drift_tokens,
+        use_graph=False if args.no_graph else None,
+        compile_step=args.compile,
+        on_row=write,
+    )
+    write(result)
+    print(markdown(result))
     return 0
 
 
@@ -589,7 +631,7 @@ def _add_study(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="measure speed: `bench train RECIPE`")
+    p = sub.add_parser("bench", help="measure speed: `bench train RECIPE`, `bench decode RECIPE`")
     what = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     p = what.add_parser(
         "train",
@@ -619,6 +661,44 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md as well")
     _add_set(p)
     p.set_defaults(func=cmd_bench_train)
+    _add_bench_decode(what)
+
+
+def _add_bench_decode(what) -> None:
+    p = what.add_parser(
+        "decode",
+        help="generation throughput per batch size against the byte floor (weights + states + KV)",
+    )
+    p.add_argument("recipe", help="recipe YAML file or run directory (random weights)")
+    p.add_argument("--batch", default="1,16,128", help="batch sizes (default 1,16,128)")
+    p.add_argument(
+        "--prompt", type=_int_arg(1, MAX_SEQ_LEN), default=512, help="prompt tokens (default 512)"
+    )
+    p.add_argument(
+        "--new", type=_int_arg(1, MAX_SEQ_LEN), default=256, help="new tokens (default 256)"
+    )
+    p.add_argument(
+        "--ssm-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="Mamba-3 state storage (default float32; bfloat16 halves its bytes)",
+    )
+    p.add_argument(
+        "--drift-tokens",
+        type=_nonnegative_int,
+        default=0,
+        help="also measure the bf16 state's drift from fp32 over this many tokens (default 0)",
+    )
+    p.add_argument("--no-graph", action="store_true", help="run the decode step eagerly")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the step inside the graph (experimental)",
+    )
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md (after every batch)")
+    _add_set(p)
+    p.set_defaults(func=cmd_bench_decode)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hybridkit.cache import InferenceCache
+from hybridkit.kernels.loss import cross_entropy_sum
+from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.layers.norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -89,6 +91,9 @@ class HybridLM(nn.Module):
         # recompute each block in the backward instead of keeping its activations (training
         # only: a call with a cache or without gradients runs the blocks directly)
         self.activation_checkpointing = False
+        # rows per chunk of the fused head + cross-entropy when ``forward`` gets targets (None:
+        # full logits and F.cross_entropy); the trainer sets it from train.loss_chunk_tokens
+        self.loss_chunk_tokens: int | None = None
         if spec.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         self.init_weights()
@@ -132,15 +137,27 @@ class HybridLM(nn.Module):
         cache: InferenceCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``ids`` (B, L) -> logits (B, L, vocab).
 
         With ``cache`` the call continues the cached sequences (prefill or several new tokens)
         and advances the cache. ``cu_seqlens`` packs sequences in a batch of one. With
         ``return_hidden`` also returns each block's output (for per-layer checks).
+
+        With ``targets`` (B, L) the call returns the float32 cross-entropy *summed* over the
+        positions whose target is not ``ignore_index`` instead of logits: the training path.
+        The loss is computed inside ``forward`` so that a DDP / ``torch.compile`` wrapper
+        covers it, and so that with ``loss_chunk_tokens`` set the full logits never exist
+        (:mod:`hybridkit.kernels.loss`).
         """
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, seqlen), got shape {tuple(ids.shape)}")
+        if targets is not None and (cache is not None or return_hidden):
+            raise ValueError(
+                "targets (the training loss) cannot be combined with a cache or hidden"
+            )
         h = self.embedding(ids)
         hidden = []
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
@@ -153,9 +170,19 @@ class HybridLM(nn.Module):
                 h = block(h, cache=cache, cu_seqlens=cu_seqlens)
             if return_hidden:
                 hidden.append(h)
+        if targets is not None:
+            return cross_entropy_sum(
+                self.norm_f(h),
+                self.lm_head.weight,
+                targets,
+                chunk_tokens=self.loss_chunk_tokens,
+                ignore_index=ignore_index,
+            )
         logits = self.lm_head(self.norm_f(h))
         if cache is not None:
             cache.seqlen_offset += ids.shape[1]
+            if cache.position is not None:  # in place: a captured decode step advances it
+                cache.position += ids.shape[1]
         return (logits, hidden) if return_hidden else logits
 
     def allocate_cache(
@@ -165,8 +192,13 @@ class HybridLM(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        ssm_dtype: torch.dtype | None = None,
     ) -> InferenceCache:
-        """Fresh per-layer states for ``batch_size`` sequences of up to ``max_seqlen`` tokens."""
+        """Fresh per-layer states for ``batch_size`` sequences of up to ``max_seqlen`` tokens.
+
+        ``ssm_dtype`` (e.g. ``torch.bfloat16``) stores the Mamba-3 states h in that dtype
+        instead of float32: half the bytes a decode step reads and writes, at the cost of a
+        rounding per token (the update itself still runs in float32)."""
         ref = self.embedding.weight
         dtype = dtype or ref.dtype
         device = device or ref.device
@@ -174,9 +206,10 @@ class HybridLM(nn.Module):
         for block in self.blocks:
             for layer in (block.mixer, block.mlp):
                 if layer is not None and hasattr(layer, "allocate_cache"):
-                    cache.layers[block.layer_idx] = layer.allocate_cache(
-                        batch_size, max_seqlen, dtype, device
-                    )
+                    state = layer.allocate_cache(batch_size, max_seqlen, dtype, device)
+                    if ssm_dtype is not None and isinstance(state, Mamba3State):
+                        state = state._replace(ssm=state.ssm.to(ssm_dtype))
+                    cache.layers[block.layer_idx] = state
         return cache
 
     def step(self, token: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
@@ -195,6 +228,8 @@ class HybridLM(nn.Module):
         top_k: int | None = None,
         seed: int | None = None,
         eos_id: int | None = None,
+        use_graph: bool | None = None,
+        ssm_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` continuations for a batch of equal-length prompts.
 
@@ -204,34 +239,30 @@ class HybridLM(nn.Module):
         the middle of a seeded training or evaluation run does not change what that run draws
         next. Sequences that emitted ``eos_id`` keep emitting it. Returns
         (B, L + max_new_tokens) including the prompt.
+
+        Runs through :mod:`hybridkit.generation`: a static cache and, on CUDA, the decode step
+        captured in a CUDA graph (``use_graph=False`` runs the same step eagerly);
+        ``ssm_dtype=torch.bfloat16`` halves the Mamba-3 state bytes.
         """
+        from hybridkit.generation import Sampling, generate
+
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        sampling = Sampling(temperature=temperature, top_k=top_k, eos_id=eos_id)
         was_training = self.training
         self.eval()
-        gen = torch.Generator(device=ids.device)
-        if seed is None:
-            gen.seed()  # nondeterministic, and only this generator's state changes
-        else:
-            gen.manual_seed(seed)
-        cache = self.allocate_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
-        out = [ids]
-        logits = self.forward(ids, cache=cache)[:, -1]
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for i in range(max_new_tokens):
-            nxt = sample(logits, temperature=temperature, top_k=top_k, generator=gen)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out.append(nxt[:, None])
-            if i + 1 < max_new_tokens:
-                logits = self.step(nxt, cache)
-        self.train(was_training)
-        return torch.cat(out, dim=1)
+        try:
+            return generate(
+                self,
+                ids,
+                max_new_tokens,
+                sampling=sampling,
+                seed=seed,
+                use_graph=use_graph,
+                ssm_dtype=ssm_dtype,
+            )
+        finally:
+            self.train(was_training)
 
     # --- bookkeeping ------------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:
@@ -249,21 +280,3 @@ class HybridLM(nn.Module):
     def num_params(self) -> int:
         """All parameters, a tied head counted once (``parameters()`` yields shared ones once)."""
         return _count(self)
-
-
-def sample(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -19,6 +19,11 @@ from hybridkit.schema import StrictModel
 
 __all__ = ["EvalSpec", "TrainSpec"]
 
+#: ``train.loss_chunk_tokens: auto`` on CUDA: 4096 rows x a 32k vocabulary are 256 MB of bf16
+#: logits per chunk (plus their float32 softmax), few enough launches that the chunk loop costs
+#: nothing next to the head matmuls.
+AUTO_LOSS_CHUNK_TOKENS = 4096
+
 
 class TrainSpec(StrictModel):
     """How to train. ``batch_size`` is the *global* number of examples per optimizer step; it is
@@ -48,6 +53,11 @@ class TrainSpec(StrictModel):
     activation_checkpointing: bool = Field(
         default=False,
         description="recompute each block's activations in the backward (long contexts fit)",
+    )
+    loss_chunk_tokens: int | Literal["auto"] | None = Field(
+        default="auto",
+        description="rows per chunk of the fused head + cross-entropy (never materialises the "
+        "tokens x vocab logits); auto = 4096 on CUDA, off on CPU; null = off (full logits)",
     )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     parallel: Literal["ddp", "fsdp"] = Field(
@@ -83,6 +93,17 @@ class TrainSpec(StrictModel):
             raise ValueError(f"unknown device {value!r}; allowed: auto, cpu, cuda, cuda:N")
         return value
 
+    @field_validator("loss_chunk_tokens", mode="before")
+    @classmethod
+    def _loss_chunk(cls, value: object) -> object:
+        ok = value is None or value == "auto"
+        ok = ok or (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 2**24)
+        if not ok:
+            raise ValueError(
+                f"allowed: a positive number of tokens (up to 2**24), 'auto' or null; got {value!r}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
         if self.batch_size % self.grad_accum:
@@ -106,6 +127,14 @@ class TrainSpec(StrictModel):
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+
+    def resolved_loss_chunk(self, device_type: str) -> int | None:
+        """``loss_chunk_tokens`` for a device: ``auto`` chunks on CUDA (where the logits' memory
+        and traffic matter) and keeps the plain loss on CPU (tiny vocabularies, and CPU runs
+        stay bit-comparable with earlier ones)."""
+        if self.loss_chunk_tokens == "auto":
+            return AUTO_LOSS_CHUNK_TOKENS if device_type == "cuda" else None
+        return self.loss_chunk_tokens
 
 
 class EvalSpec(StrictModel):

@@ -9,12 +9,13 @@ live down here, next to nothing but torch and the error types.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
 from hybridkit.errors import HybridkitError
 
-__all__ = ["autocast_for", "resolve_device"]
+__all__ = ["autocast_for", "elapsed_s", "resolve_device", "timer_start"]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -48,3 +49,23 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     if device.type == "cuda" and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def timer_start(device: torch.device) -> torch.cuda.Event | float:
+    """A start mark for :func:`elapsed_s`: a recorded CUDA event on a GPU, else a clock."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def elapsed_s(device: torch.device, start: torch.cuda.Event | float) -> float:
+    """Seconds since ``start`` (device time on CUDA, after a synchronisation). Shared by the
+    training and decoding benchmarks, which sit at different import levels."""
+    if device.type == "cuda":
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return time.perf_counter() - start

@@ -69,3 +69,17 @@ def tiny_model(layout: str = "m a", *, d_model: int = 16, vocab: int = 64, **blo
 
 def tiny_recipe(layout: str = "m a", *, d_model: int = 16, vocab: int = 64, **blocks: dict):
     return load_recipe({"model": tiny_model(layout, d_model=d_model, vocab=vocab, **blocks)})
+
+
+# --- subprocesses ---------------------------------------------------------------------------------
+def checkout_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """``base`` (default ``os.environ``) with this checkout first on ``PYTHONPATH``, plus
+    ``extra``: a child Python then imports the hybridkit under test, not the one the virtual
+    environment installed (a git worktree shares the main checkout's venv)."""
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ if base is None else base)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return {**env, **extra}

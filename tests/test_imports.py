@@ -44,10 +44,14 @@ LEVELS: list[tuple[int, str, tuple[str, ...]]] = [
     (4, "inference cache", ("hybridkit.cache",)),  # layers fill it, so it sits below them
     (5, "layers", ("hybridkit.layers",)),
     (6, "model spec", ("hybridkit.spec",)),
-    (7, "model", ("hybridkit.model", "hybridkit.build")),
+    (7, "model", ("hybridkit.model", "hybridkit.build", "hybridkit.generation")),
     (8, "tasks", ("hybridkit.tasks",)),
     (9, "recipe", ("hybridkit.recipe", "hybridkit.recipe_sections")),
-    (10, "tools on a built model", ("hybridkit.summary", "hybridkit.check", "hybridkit.rundir")),
+    (
+        10,
+        "tools on a built model",
+        ("hybridkit.summary", "hybridkit.check", "hybridkit.rundir", "hybridkit.decode_bench"),
+    ),
     (11, "evaluation", ("hybridkit.eval",)),
     (12, "training", ("hybridkit.train",)),  # may use eval's metrics, never the reverse
     (13, "studies", ("hybridkit.study",)),

@@ -18,6 +18,7 @@ from hybridkit.errors import RecipeError
 from hybridkit.plugins import ENV_VAR, PluginError, load_plugin
 from hybridkit.recipe import dump_recipe, load_recipe
 from hybridkit.study import load_study, variant_recipe
+from tests.helpers import checkout_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +67,7 @@ def test_a_run_directory_loads_its_plugins_in_a_new_process(tmp_path, clean_env)
     recipe, plugin = EXAMPLES / "custom_task.yaml", EXAMPLES / "custom_task.py"
     args = ["train", str(recipe), "-o", str(run), "--no-progress", "--plugin", str(plugin)]
     assert main([*args, *FEW_STEPS]) == 0
-    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    env = checkout_env({k: v for k, v in os.environ.items() if k != ENV_VAR})
     for command in (["eval", str(run), "--device", "cpu"], ["generate", str(run)]):
         res = subprocess.run(
             [sys.executable, "-m", "hybridkit", *command],

@@ -16,13 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mimo_recipe_reports_the_triton_path_on_cuda():
+    """MIMO prefill runs the Triton scan for ranks 2 / 4 / 8; decode the fused step (any R)."""
     recipe = load_recipe(ROOT / "hybridkit/recipes/mamba3_mimo_s.yaml")
     backends = summarize(build_model(recipe, seed=0), seq_len=2048, device="cuda").backends
     assert backends["mamba3 scan (prefill)"] == "triton"
     recipe.model.blocks["m"].mixer.mimo_rank = 3  # no kernel for rank 3: chunked, with why
     backends = summarize(build_model(recipe, seed=0), seq_len=2048, device="cuda").backends
     assert backends["mamba3 scan (prefill)"].startswith("chunked (rank 3")
-    assert backends["mamba3 scan (decode)"] == "reference"
+    assert backends["mamba3 step (decode)"] == "triton"
+    cpu = summarize(build_model(recipe, seed=0), seq_len=2048, device="cpu").backends
+    assert cpu["mamba3 step (decode)"] == "reference"
 
 
 def test_backends_listed_per_layer_when_layers_differ():

@@ -21,12 +21,13 @@ from safetensors.torch import load_file
 from hybridkit.cli import main
 from hybridkit.errors import CheckpointError, RecipeError
 from hybridkit.recipe import dump_recipe, load_recipe
-from hybridkit.recipe_sections import TrainSpec
+from hybridkit.recipe_sections import AUTO_LOSS_CHUNK_TOKENS, TrainSpec
 from hybridkit.train.checkpoint import read_checkpoint
 from hybridkit.train.metrics import read_metrics
 from hybridkit.train.optim import build_optimizer, lr_at, param_groups
 from hybridkit.train.trainer import Trainer, TrainingDiverged
 from hybridkit.weights import latest_checkpoint
+from tests.helpers import checkout_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -607,8 +608,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(make(steps=12, checkpoint_every=2), run, resume=None, progress=False)
     forward = trainer.forward
 
-    def poisoned(x):
-        out = forward(x)
+    def poisoned(x, **kwargs):
+        out = forward(x, **kwargs)
         return out * float("nan") if trainer.step >= 5 else out  # step index 5 = 6th step
 
     trainer.forward = poisoned
@@ -680,9 +681,7 @@ def test_metrics_records(trained_run):
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node", str(nproc), *args]
-    # the workers import the hybridkit of this checkout, not whichever one the venv installed
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = checkout_env(OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return res
@@ -847,3 +846,43 @@ def test_eval_of_niah_writes_the_depth_heatmap(tmp_path, capsys):
         assert (tmp_path / "niah" / name).is_file(), name
     payload = json.loads((tmp_path / "niah" / "eval.json").read_text())
     assert all(len(r["depth_ex_match"]) == 10 for r in payload["results"])
+
+
+def test_metrics_log_throughput_and_say_why_cpu_has_no_mfu(tmp_path):
+    """Each record carries tokens/s and TFLOP/s; MFU needs a datasheet peak, which a CPU lacks."""
+    trainer = Trainer(make(steps=2, checkpoint_every=0), tmp_path / "r", progress=False)
+    trainer.fit()
+    records = [r for r in read_metrics(tmp_path / "r") if "loss" in r]
+    assert records
+    for record in records:
+        assert record["tokens_per_s"] > 0 and record["tflops"] > 0
+        assert record["mfu"] is None and "cpu" in record["mfu_note"]
+
+
+def test_chunked_loss_trains_like_the_full_logits(tmp_path):
+    """train.loss_chunk_tokens changes how the loss is computed, not what it is."""
+    runs = {}
+    for chunk in (None, 7):
+        trainer = Trainer(
+            make(steps=3, checkpoint_every=0, loss_chunk_tokens=chunk),
+            tmp_path / str(chunk),
+            progress=False,
+        )
+        assert trainer.model.loss_chunk_tokens == chunk
+        runs[chunk] = [trainer.train_step()["loss"] for _ in range(3)]
+    for plain, chunked in zip(runs[None], runs[7], strict=True):
+        assert abs(plain - chunked) < 1e-4 * abs(plain)
+
+
+@pytest.mark.parametrize("value", [0, -3, "big", 1.5, True])
+def test_bad_loss_chunk_tokens_names_the_key(value):
+    with pytest.raises(RecipeError, match="train.loss_chunk_tokens") as info:
+        make(loss_chunk_tokens=value)
+    assert "'auto' or null" in str(info.value)
+
+
+def test_loss_chunk_tokens_auto_is_on_for_cuda_only():
+    spec = make().train
+    assert spec.loss_chunk_tokens == "auto"
+    assert spec.resolved_loss_chunk("cuda") == AUTO_LOSS_CHUNK_TOKENS
+    assert spec.resolved_loss_chunk("cpu") is None

@@ -46,6 +46,9 @@ def test_kernel_names_fall_into_categories():
     assert categorize("multi_tensor_apply_kernel") == "optimizer"
     assert categorize("sm90_xmma_gemm_bf16") == "matmuls (projections, MLP, head)"
     assert categorize("aten::add") == "other"
+    assert categorize("_norm_bwd_kernel") == "norms"  # not the scan's "_bwd_"
+    assert categorize("triton_poi_fused_add_mul_silu_3") == "element-wise (Inductor)"
+    assert categorize("void at::native::direct_copy_kernel_cuda") == "copies and casts"
 
 
 def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):
@@ -59,3 +62,56 @@ def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):
     data = __import__("json").loads(out.with_suffix(".json").read_text())
     assert data["batch"] == 2 and data["seq_len"] == 32 and data["tokens_per_s"] > 0
     assert out.with_suffix(".md").is_file()
+
+
+def _benchmark_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_summary_and_report_from_partial_results(tmp_path):
+    """The #17 benchmark's report works from whatever cases finished (one failed here)."""
+    script = _benchmark_script()
+    recipe = tiny_recipe("m a", d_model=16, vocab=64)
+    model = build_model(recipe, seed=0)
+    result = bench_train(
+        model, build_optimizer(model, TrainSpec()), batch=1, seq_len=8, steps=1, warmup=0,
+        profile=False,
+    )  # fmt: skip
+    hybrid = {"case": "hybrid_compiled", **result.to_dict()}
+    transformer = {
+        **hybrid,
+        "case": "transformer_compiled",
+        "tokens_per_s": hybrid["tokens_per_s"] / 2,
+    }
+    failed = {"case": "hybrid_16k_ckpt", "error": "OutOfMemoryError: CUDA out of memory"}
+    results = [hybrid, failed, transformer]
+    verdict = script.summary(results)
+    assert abs(verdict["ratio_hybrid_vs_transformer"] - 2.0) < 1e-9 and verdict["target_ratio_met"]
+    env = result.environment
+    assert env["date"] and env["torch"] == torch.__version__ and "git_commit" in env
+    text = script.markdown(env, results, verdict)
+    assert "hybrid_16k_ckpt" in text and "failed: OutOfMemoryError" in text
+    assert "ratio_hybrid_vs_transformer | 2.000" in text
+    script.write(tmp_path, "train_throughput", {"environment": env, "cases": results}, text)
+    assert (tmp_path / "train_throughput.json").is_file()
+    # merged from two runs: the ratio needs both cases from the same one
+    other = {"environment": env, "cases": [transformer]}
+    (tmp_path / "b.json").write_text(__import__("json").dumps(other))
+    args = type("Args", (), {"merge": [tmp_path / "train_throughput.json", tmp_path / "b.json"]})
+    args.out = tmp_path / "merged"
+    script.merge(args)
+    merged = __import__("json").loads((args.out / "train_throughput.json").read_text())
+    assert [c["run"] for c in merged["cases"]] == [0, 0, 1]  # hybrid, failed 16k; transformer
+    assert "ratio_hybrid_vs_transformer" not in merged["summary"]
+    names = [c.name for c in script.CASES]
+    wanted = {"hybrid_eager", "hybrid_compiled", "hybrid_16k_ckpt", "transformer_compiled"}
+    assert wanted <= set(names) and names[0] == "hybrid_eager"

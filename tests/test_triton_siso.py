@@ -349,8 +349,9 @@ def test_dispatch_rules():
         headdim=16, chunk_size=64,
     ).reason.startswith("d_state 128 / headdim 16")  # fmt: skip
     assert plan(device="cpu", backend="triton") == "triton"
-    with pytest.raises(ValueError, match="allowed: auto, reference, chunked, triton"):
-        plan(backend="cute")
+    assert plan(backend="cute") == plan()  # cute is a decode-step backend; the scan is auto's
+    with pytest.raises(ValueError, match="allowed: auto, reference, chunked, triton, cute"):
+        plan(backend="tilelang")
 
 
 def test_checkpointing_reads_saved_tensors_once():
@@ -379,21 +380,22 @@ def test_checkpointing_reads_saved_tensors_once():
         assert rel_err(a, b) < 1e-6
 
 
-def test_fake_impl_and_registration():
+@pytest.mark.parametrize("rank", [1, 2])
+def test_fake_impl_and_registration(rank: int):
     """Schema, fake (meta) implementation and autograd registration via opcheck, with the
     gates as the layer passes them: (B, H, L) views of (B, L, H) tensors (the real backward
     returns contiguous gradients for them, and so must the fake one, or ``torch.compile``
-    fails in the backward)."""
-    c = Case(L=20, H=2, init=True)
+    fails in the backward); SISO and MIMO (per-rank scaling, halves pairing)."""
+    c = Case(L=20, H=2, init=True, R=rank, C=16 // rank, halves=rank > 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     inp = _inputs(c, torch.float32, dev, 4)
     gates = {k: inp[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("adt", "dt", "trap")}
     assert gates["dt"].stride(-1) != 1
     init = torch.randn(c.B, c.H, c.P, c.N, device=dev)  # initial state, relative frame
-    names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D")
-    tensors = [gates.get(k, inp[k]) for k in names] + [None, init, None]
+    names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "mimo_x")
+    tensors = [gates.get(k, inp.get(k)) for k in names] + [init, None]
     args = tuple(t.requires_grad_() if t is not None else None for t in tensors)
-    args += (16, False, False)
+    args += (c.C, False, c.halves)
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_scan_fwd.default,
         args,
@@ -402,7 +404,7 @@ def test_fake_impl_and_registration():
     y, total, end, states = torch.ops.hybridkit.mamba3_scan_fwd(*args)
     bwd_args = (torch.randn_like(y), torch.randn_like(total), torch.randn_like(end))
     bwd_args += tuple(t.detach() if t is not None else None for t in tensors)
-    bwd_args += (states, 16, False, False)
+    bwd_args += (states, c.C, False, c.halves)
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_scan_bwd.default,
         bwd_args,
@@ -411,17 +413,18 @@ def test_fake_impl_and_registration():
 
 
 @pytest.mark.slow
-def test_compiles_fullgraph_through_the_dispatch_point():
+@pytest.mark.parametrize("rank", [1, 4])
+def test_compiles_fullgraph_through_the_dispatch_point(rank: int):
     """``torch.compile(fullgraph=True)`` traces the dispatch point and the Triton scan (the
     kernel configuration is read as a trace-time constant), forward and backward, and matches
-    eager. On the CPU the op's kernels run in the interpreter."""
+    eager, SISO and MIMO. On the CPU the op's kernels run in the interpreter."""
     torch._dynamo.reset()
-    c = Case(L=40, H=2)
+    c = Case(L=40, H=2, R=rank, halves=rank > 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     inp = _inputs(c, torch.float32, dev, 8)
 
     def loss(**kw):
-        y, st = ops.mamba3_scan(**kw, chunk_size=16, backend="triton")
+        y, st = ops.mamba3_scan(**kw, chunk_size=16 // rank, backend="triton", pairing=c.pairing)
         return y.square().sum() + st.ssm.square().sum()
 
     results = []

@@ -57,9 +57,11 @@ class Attention(Layer):
         self, batch: int, max_seqlen: int, dtype: torch.dtype, device: torch.device | None
     ) -> KVCache:
         shape = (batch, kv_capacity(max_seqlen, self.spec.window), self.n_kv_heads, self.head_dim)
+        # zeros, not empty: a static decode step attends over the whole ring with the unfilled
+        # slots masked, and a masked slot's zero weight times garbage (NaN) is still NaN
         return KVCache(
-            torch.empty(shape, dtype=dtype, device=device),
-            torch.empty(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
             window=self.spec.window,
         )
 
@@ -84,12 +86,19 @@ class Attention(Layer):
         q, k, v = q.view(b, length, h, d), k.view(b, length, hk, d), v.view(b, length, hk, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        static = cache is not None and cache.position is not None
+        if static and length != 1:
+            raise ValueError("a static (CUDA-graph) cache decodes one token per call")
         offset = cache.seqlen_offset if cache is not None else 0
         if self.rotary is not None:
-            pos = positions_for(length, offset, cu_seqlens, x.device)
+            # static decoding reads the position from the device (a captured graph replays it)
+            pos = cache.position if static else positions_for(length, offset, cu_seqlens, x.device)
             cos, sin = self.rotary(pos, x.dtype)
             q, k = rotate_half_pairs(q, cos, sin), rotate_half_pairs(k, cos, sin)
-        if cache is not None:
+        key_mask = None
+        if static:
+            k, v, key_mask = cache.layers[self.layer_idx].write_at(k, v, cache.position)
+        elif cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache")
             kv = cache.layers.get(self.layer_idx)
@@ -101,10 +110,11 @@ class Attention(Layer):
             q,
             k,
             v,
-            causal=True,
-            window=self.spec.window,
+            causal=key_mask is None,
+            window=None if static else self.spec.window,
             softmax_scale=self.spec.softmax_scale,
             cu_seqlens=cu_seqlens,
+            key_mask=key_mask,
             backend=self.spec.backend,
         )
         return self.out_proj(out.reshape(b, length, h * d))

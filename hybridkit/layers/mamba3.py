@@ -16,23 +16,19 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
 from hybridkit.cache import InferenceCache
 from hybridkit.kernels.mamba3 import ops
+from hybridkit.kernels.mamba3.gates import heavy_tail, scalar_gates  # noqa: F401 (re-export)
 from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, gated_output
 from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
 from hybridkit.registry import register_layer
 
 OutprojNorm = Literal["none", "grouped_pregate", "pregate", "postgate", "grouped_postgate"]
-
-
-def heavy_tail(v: torch.Tensor) -> torch.Tensor:
-    """phi(v) = 1 + v for v >= 0, 1 / (1 - v) for v < 0: positive, C1 at 0, phi(0) = 1."""
-    return torch.where(v >= 0, 1.0 + v, 1.0 / (1.0 - v.clamp(max=0.0)))
 
 
 def _no_decay(p: nn.Parameter) -> nn.Parameter:
@@ -122,7 +118,11 @@ class Mamba3(Layer):
     def backends(
         self, device: torch.device | str, dtype: torch.dtype, length: int
     ) -> dict[str, str]:
-        """The scan backend for a call of ``length`` tokens, as the dispatch point decides."""
+        """The backend for a call of ``length`` tokens, as the dispatch point decides: the
+        decode step for one token (with a cache), else the scan."""
+        if length == 1:
+            plan = ops.plan_step(self.spec.backend, device=device, dtype=dtype, rank=self.rank)
+            return {"mamba3 step": plan.describe()}
         plan = ops.plan_scan(
             self.spec.backend,
             device=device,
@@ -139,14 +139,7 @@ class Mamba3(Layer):
 
     def gates(self, dd_dt: torch.Tensor, dd_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dt = softplus(dd_dt + dt_bias) and A*dt, in float32 (float64 for a float64 model)."""
-        ct = torch.float64 if dd_dt.dtype == torch.float64 else torch.float32
-        dt = F.softplus(dd_dt.to(ct) + self.dt_bias.to(ct))
-        a_in = dd_a.to(ct)
-        if self.spec.a_activation == "heavy_tail":
-            a = -heavy_tail(a_in).clamp(min=self.spec.a_floor)
-        else:
-            a = -F.softplus(a_in).clamp(min=self.spec.a_floor)
-        return dt, a * dt
+        return scalar_gates(dd_dt, dd_a, self.dt_bias, self.spec.a_activation, self.spec.a_floor)
 
     def forward(
         self,
@@ -157,7 +150,15 @@ class Mamba3(Layer):
     ) -> torch.Tensor:
         b, length, _ = u.shape
         h, p, n, g, r = self.nheads, self.headdim, self.d_state, self.ngroups, self.rank
-        z, x, bk, cq, dd_dt, dd_a, trap, ang = self.in_proj(u).split(self.split_sizes, dim=-1)
+        state = None
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache")
+            state = cache.layers.get(self.layer_idx)
+        proj = self.in_proj(u)
+        if state is not None and length == 1:
+            return self.out_proj(self._step(proj[:, 0], state).reshape(b, 1, h * p))
+        z, x, bk, cq, dd_dt, dd_a, trap, ang = proj.split(self.split_sizes, dim=-1)
         z, x = z.reshape(b, length, h, p), x.reshape(b, length, h, p)
         k = self.B_norm(bk.reshape(b, length, r, g, n))
         q = self.C_norm(cq.reshape(b, length, r, g, n))
@@ -165,11 +166,6 @@ class Mamba3(Layer):
         dt, adt = dt.transpose(1, 2), adt.transpose(1, 2)
         trap = trap.transpose(1, 2) if self.spec.trapezoid else None
         angles = ang[:, :, None, :].expand(b, length, h, self.n_angles) if self.n_angles else None
-        state = None
-        if cache is not None:
-            if cu_seqlens is not None:
-                raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache")
-            state = cache.layers.get(self.layer_idx)
         y, final = ops.mamba3_scan(
             q,
             k,
@@ -190,22 +186,81 @@ class Mamba3(Layer):
             return_state=cache is not None,
         )
         if cache is not None:
-            cache.layers[self.layer_idx] = Mamba3State(
-                final.angle, final.ssm, final.k.to(u.dtype), final.v.to(u.dtype)
-            )
+            if state is None:
+                cache.layers[self.layer_idx] = Mamba3State(
+                    final.angle, final.ssm, final.k.to(u.dtype), final.v.to(u.dtype)
+                )
+            else:  # in place: the cache's tensors stay the ones a captured decode graph reads
+                for dst, src in zip(state, final, strict=True):
+                    dst.copy_(src)
         return self.out_proj(self.output(y, z).to(u.dtype))
+
+    def step_weights(self) -> StepWeights:
+        """This layer's parameters and options as the decode step reads them."""
+        return StepWeights(
+            dt_bias=self.dt_bias,
+            B_bias=self.B_bias,
+            C_bias=self.C_bias,
+            B_norm=self.B_norm.weight,
+            C_norm=self.C_norm.weight,
+            D=self.D,
+            mimo_x=self.mimo_x,
+            mimo_z=self.mimo_z,
+            mimo_o=self.mimo_o,
+            a_activation=self.spec.a_activation,
+            a_floor=self.spec.a_floor,
+            norm_eps=self.spec.norm_eps,
+            pairing=self.pairing,
+            out_norm=self.norm.weight if self._kernel_norm() else None,
+            out_norm_mode=self.spec.outproj_norm if self._kernel_norm() else "none",
+        )
+
+    def _kernel_norm(self) -> bool:
+        """Whether the decode step applies the output norm itself (a per-head one)."""
+        return self.norm is not None and self.spec.outproj_norm.startswith("grouped")
+
+    def _step(self, proj: torch.Tensor, state: Mamba3State) -> torch.Tensor:
+        """One token per sequence, ``proj`` (B, width) from ``in_proj`` -> (B, H, P) gated.
+
+        The split stays a set of views (no copies, no dtype changes) and the fused step updates
+        ``state`` in place and applies the gate and a per-head output norm; only a norm over
+        the whole inner width adds torch ops after it."""
+        b, h, p, n, g, r = (
+            proj.shape[0],
+            self.nheads,
+            self.headdim,
+            self.d_state,
+            self.ngroups,
+            self.rank,
+        )
+        z, x, bk, cq, dd_dt, dd_a, trap, ang = proj.split(self.split_sizes, dim=-1)
+        z = z.view(b, h, p)
+        gated = self.norm is None or self._kernel_norm()
+        inputs = StepInputs(
+            x=x.view(b, h, p),
+            z=z if gated else None,
+            bk=bk.view(b, r, g, n),
+            cq=cq.view(b, r, g, n),
+            dd_dt=dd_dt,
+            dd_a=dd_a,
+            trap=trap if self.spec.trapezoid else None,
+            angles=ang if self.n_angles else None,
+        )
+        out = ops.mamba3_step(inputs, state, self.step_weights(), backend=self.spec.backend)
+        if gated:
+            return out
+        return self.output(out[:, None], z[:, None]).to(proj.dtype)[:, 0]
 
     def output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Gate / norm / MIMO down-projection: y (B, L, R, H, P), z (B, L, H, P) -> (B, L, H*P)."""
         b, length, r, h, p = y.shape
+        if self.norm is None:
+            return gated_output(y, z, self.mimo_z, self.mimo_o).reshape(b, length, h * p)
         zr = z[:, :, None].to(y.dtype)
         if self.mimo_z is not None:
             zr = zr * self.mimo_z.transpose(0, 1).to(y.dtype)  # (R, H, P)
-        if self.norm is None:
-            o = y * F.silu(zr)
-        else:
-            o = self.norm(y.reshape(b, length, r, h * p), zr.reshape(b, length, r, h * p))
-            o = o.reshape(b, length, r, h, p)
+        o = self.norm(y.reshape(b, length, r, h * p), zr.reshape(b, length, r, h * p))
+        o = o.reshape(b, length, r, h, p)
         if self.mimo_o is not None:
             o = (o * self.mimo_o.transpose(0, 1).to(o.dtype)).sum(dim=2)
         else:

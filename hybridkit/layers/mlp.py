@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from hybridkit.kernels.swiglu import swiglu
 from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.registry import register_layer
 
 
 class SwiGLU(Layer):
-    """Gated MLP; ``fc2`` is a residual-branch output (scaled at init, see model.init_weights)."""
+    """Gated MLP; ``fc2`` is a residual-branch output (scaled at init, see model.init_weights).
+
+    The activation goes through :mod:`hybridkit.kernels.swiglu` (fused on CUDA in eager mode);
+    ``act_backend`` is that dispatch point's ``backend``, a plain attribute for A/B runs."""
 
     residual_out_names = ("fc2",)
 
@@ -24,10 +27,10 @@ class SwiGLU(Layer):
         d_ff = spec.resolved_d_ff(d_model)
         self.fc1 = nn.Linear(d_model, 2 * d_ff, bias=spec.bias)
         self.fc2 = nn.Linear(d_ff, d_model, bias=spec.bias)
+        self.act_backend = "auto"
 
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
-        value, gate = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(value * F.silu(gate))
+        return self.fc2(swiglu(self.fc1(x), backend=self.act_backend))
 
 
 @register_layer(SwiGLU)

@@ -5,70 +5,55 @@ recipe's settings, bf16 autocast on a GPU) on random tokens of the recipe's voca
 warm-up steps that absorb compilation and the kernels' launch tuning; the step time is the
 median of the timed steps.
 
-FLOPs per token use the usual dense-model count, printed with every result so it can be
-checked: ``6 * N`` for the parameters that multiply activations (every weight matrix, the
-output head once; the embedding lookup does none) plus, per attention layer,
-``12 * heads * head_dim * seq_len`` (QK^T and PV, forward and backward, not halved for the
-causal mask). Mamba-3 scans are not counted (they are a few percent of the matmul FLOPs at
-the paper's sizes), so MFU slightly understates the work. MFU is reported against the dense
-bf16 datasheet peak and against a large bf16 matmul measured in the same run.
+The loss goes through the model's training path (``model(ids, targets=...)``), so the fused
+chunked cross-entropy runs when ``model.loss_chunk_tokens`` is set, as in the trainer.
+
+FLOPs per token are counted by :mod:`hybridkit.train.flops` (the formula is printed with every
+result). MFU is reported against the dense bf16 datasheet peak and against a large bf16 matmul
+measured in the same run. Each result records its environment (date, versions, git commit).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from hybridkit.model import HybridLM
-from hybridkit.runtime import autocast_for
+from hybridkit.runtime import autocast_for, elapsed_s, timer_start
+from hybridkit.train.flops import DATASHEET_BF16_TFLOPS, FlopCount, datasheet_peak, flops_per_token
+from hybridkit.train.provenance import run_environment
 
-#: Dense bf16 tensor-core peak by device name (datasheet, TFLOP/s); MFU's usual denominator.
-DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+__all__ = [
+    "DATASHEET_BF16_TFLOPS",
+    "FlopCount",
+    "TrainBench",
+    "bench_train",
+    "flops_per_token",
+    "markdown",
+]
 
 #: Breakdown categories, matched in order against the lower-cased names of profiled kernels.
+#: Norms come first: the fused norm kernels are ``_norm_fwd_kernel`` / ``_norm_bwd_kernel``, and
+#: ``_bwd_`` alone would file the backward under the scan. The last three split what used to be
+#: "other": copies and casts (``.to()``, ``.contiguous()``, ``cat``), Inductor's generated
+#: kernels (everything element-wise under ``torch.compile``) and eager element-wise kernels.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("norms", ("rms", "norm")),
     ("mamba3 scan", ("_fwd_state", "_fwd_pass", "_fwd_out", "_bwd_", "mamba3")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax_warp")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
-    ("norms", ("rms", "norm")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp")),
     (
         "matmuls (projections, MLP, head)",
         ("gemm", "matmul", "cutlass", "xmma", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
     ),
+    ("copies and casts", ("copy_kernel", "catarraybatchedcopy", "cat_batched")),
+    ("element-wise (Inductor)", ("triton_poi", "triton_red", "triton_per")),
+    ("element-wise (eager)", ("elementwise_kernel", "reduce_kernel")),
 )
-
-
-@dataclass
-class FlopCount:
-    per_token: float
-    formula: str
-
-
-def flops_per_token(model: HybridLM, seq_len: int) -> FlopCount:
-    """Training FLOPs per token by the dense-model formula (see the module docstring)."""
-    matmul_params = sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if p.dim() >= 2 and "embedding" not in name
-    )
-    if model.spec.tie_embeddings:
-        matmul_params += model.embedding.weight.numel()  # the tied head still multiplies
-    attn = 0
-    for block in model.blocks:
-        layer = block.mixer
-        if layer is not None and layer.spec.kind == "attention":
-            attn += 12 * layer.n_heads * layer.head_dim * seq_len
-    return FlopCount(
-        per_token=6.0 * matmul_params + attn,
-        formula=f"6 x {matmul_params:,} matmul parameters + {attn:,} attention (12 h d L per "
-        "attention layer); Mamba-3 scans not counted",
-    )
 
 
 def measured_matmul_tflops(device: torch.device, size: int = 8192, reps: int = 10) -> float:
@@ -83,28 +68,10 @@ def measured_matmul_tflops(device: torch.device, size: int = 8192, reps: int = 1
         a @ b
     times = []
     for _ in range(reps):
-        start = _now(device)
+        start = timer_start(device)
         a @ b
-        times.append(_elapsed(device, start))
+        times.append(elapsed_s(device, start))
     return 2 * size**3 / statistics.median(times) / 1e12
-
-
-def _now(device: torch.device):
-    if device.type == "cuda":
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def _elapsed(device: torch.device, start) -> float:
-    """Seconds since ``start`` (device time on CUDA, after a synchronisation)."""
-    if device.type == "cuda":
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    return time.perf_counter() - start
 
 
 @dataclass
@@ -123,6 +90,10 @@ class TrainBench:
     flops: dict
     breakdown_ms: dict = field(default_factory=dict)
     step_ms_all: list = field(default_factory=list)
+    loss_chunk_tokens: int | None = None
+    activation_checkpointing: bool = False
+    compile_mode: str | None = None
+    environment: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +109,7 @@ def bench_train(
     warmup: int = 3,
     precision: str = "auto",
     compile_model: bool = False,
+    compile_mode: str | None = None,
     profile: bool = True,
     # what a step calls when it is not ``model`` (a DDP wrapper, whose hooks reduce the
     # gradients); ``model`` still gives the spec and the FLOP count
@@ -146,19 +118,20 @@ def bench_train(
     """Time ``steps`` optimizer steps of ``model`` after ``warmup`` (see the module docstring).
 
     The model and optimizer are used as given (built from a recipe by the caller), so what is
-    measured is exactly what training runs."""
+    measured is exactly what training runs. ``compile_mode`` is ``torch.compile``'s ``mode``
+    (e.g. ``max-autotune-no-cudagraphs``: Inductor times GEMM configurations for our shapes)."""
     device = next(model.parameters()).device
     vocab = model.spec.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     called = model if module is None else module
-    forward = torch.compile(called) if compile_model else called
+    forward = torch.compile(called, mode=compile_mode) if compile_model else called
+    tokens = batch * seq_len
 
     def step() -> None:
         with autocast_for(device, precision):
-            logits = forward(inputs)
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
+            loss = forward(inputs, targets=targets) / tokens
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -170,21 +143,20 @@ def bench_train(
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
-        start = _now(device)
+        start = timer_start(device)
         step()
-        times.append(_elapsed(device, start))
+        times.append(elapsed_s(device, start))
     step_s = statistics.median(times)
     count = flops_per_token(model, seq_len)
-    tokens = batch * seq_len
     achieved = count.per_token * tokens / step_s / 1e12
     matmul = measured_matmul_tflops(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+    device_peak = datasheet_peak(device)
+    peak = device_peak.tflops
     return TrainBench(
         batch=batch,
         seq_len=seq_len,
         compiled=compile_model,
-        device=name,
+        device=device_peak.name,
         step_ms=step_s * 1e3,
         tokens_per_s=tokens / step_s,
         tflops=achieved,
@@ -197,7 +169,15 @@ def bench_train(
         flops={"per_token": count.per_token, "formula": count.formula},
         breakdown_ms=profile_breakdown(step, device) if profile else {},
         step_ms_all=[t * 1e3 for t in times],
+        loss_chunk_tokens=model.loss_chunk_tokens,
+        compile_mode=compile_mode if compile_model else None,
+        activation_checkpointing=model.activation_checkpointing,
+        environment=run_environment(device),
     )
+
+
+def _loss_text(chunk: int | None) -> str:
+    return f"fused chunked cross-entropy, {chunk} tokens per chunk" if chunk else "full logits"
 
 
 def categorize(kernel_name: str) -> str:
@@ -212,7 +192,13 @@ def categorize(kernel_name: str) -> str:
 def profile_breakdown(step, device: torch.device) -> dict[str, float]:
     """Milliseconds per category in one profiled step: device kernels on a GPU, top-level ops'
     self time on a CPU. Attribution is by kernel name, so it is approximate (a matmul inside
-    the Mamba-3 layer's projections counts as a matmul)."""
+    the Mamba-3 layer's projections counts as a matmul).
+
+    On a GPU only the kernel events themselves are summed: the CPU op that launched a kernel
+    (``aten::mm`` for a GEMM) reports the same time as its own "self device time", and adding
+    both counted every launched kernel twice (the breakdowns before this fix summed to about
+    twice the step time)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -222,9 +208,15 @@ def profile_breakdown(step, device: torch.device) -> dict[str, float]:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    events = list(prof.key_averages())
+    kernels_only = device.type == "cuda" and any(
+        getattr(e, "device_type", None) == DeviceType.CUDA for e in events
+    )
     totals: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
+    for event in events:
         if device.type == "cuda":
+            if kernels_only and getattr(event, "device_type", None) != DeviceType.CUDA:
+                continue  # a CPU op: its kernels are listed as events of their own
             us = getattr(event, "self_device_time_total", None)
             if us is None:
                 us = getattr(event, "self_cuda_time_total", 0.0)
@@ -250,7 +242,16 @@ def markdown(result: TrainBench) -> str:
         f"{result.mfu_measured:.1%} | {mem} |",
         "",
         f"FLOPs per token: {result.flops['per_token']:.3g} ({result.flops['formula']}).",
+        f"Loss: {_loss_text(result.loss_chunk_tokens)}; activation checkpointing "
+        f"{'on' if result.activation_checkpointing else 'off'}.",
     ]
+    env = result.environment
+    if env:
+        lines.append(
+            f"Measured {env.get('date')} with torch {env.get('torch')}, Triton "
+            f"{env.get('triton')}, commit {str(env.get('git_commit'))[:12]}"
+            f"{' (dirty)' if env.get('git_dirty') else ''}."
+        )
     if result.breakdown_ms:
         total = sum(result.breakdown_ms.values())
         lines += ["", "| one profiled step | ms | share |", "|---|---|---|"]

@@ -94,6 +94,7 @@ def bench_recipe(
     per_rank = _per_rank_batch(recipe, batch, info.world_size)
     model = build_model(recipe, seed=0).to(where)
     model.activation_checkpointing = spec.activation_checkpointing
+    model.loss_chunk_tokens = spec.resolved_loss_chunk(where.type)
     param_dtype = dist_utils.fsdp_param_dtype(spec.fsdp_mixed_precision, where, spec.precision)
     wrapped = dist_utils.wrap_model(model, info, spec.parallel, where, param_dtype)
     # FSDP2 replaced the parameters with sharded ones: build the optimizer on those.

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-import torch.nn.functional as F
 
 from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
@@ -32,6 +31,7 @@ from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint, write_checkpoint
+from hybridkit.train.flops import FlopCount, datasheet_peak, flops_per_token, throughput
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
 from hybridkit.train.sharded_checkpoint import load_sharded, write_sharded_checkpoint
@@ -113,6 +113,7 @@ class Trainer:
         self.micro_size = per_rank // self.dist.world_size
         self.model = build_model(recipe, seed=self.seed).to(self.device)
         self.model.activation_checkpointing = self.spec.activation_checkpointing
+        self.model.loss_chunk_tokens = self.spec.resolved_loss_chunk(self.device.type)
         param_dtype = dist_utils.fsdp_param_dtype(
             self.spec.fsdp_mixed_precision, self.device, self.spec.precision
         )
@@ -121,6 +122,8 @@ class Trainer:
         )
         self.forward = torch.compile(self.module) if self.spec.compile else self.module
         self.optimizer = build_optimizer(self.model, self.spec)
+        self.peak = datasheet_peak(self.device)
+        self._flops: dict[int, FlopCount] = {}  # per sequence length (attention grows with it)
         self.step = 0
         self._saved_step = -1  # step of the newest checkpoint on disk (written or resumed)
         self._t_start = time.time()
@@ -318,13 +321,7 @@ class Trainer:
             )
             with ctx:
                 with autocast_for(self.device, spec.precision):
-                    logits = self.forward(inputs)
-                loss = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]),
-                    targets.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
+                    loss = self.forward(inputs, targets=targets, ignore_index=IGNORE_INDEX)
                 (loss * scale).backward()
             loss_sum += loss.detach().double()
         total = dist_utils.all_reduce_sum(loss_sum, self.dist).item() / n_scored
@@ -352,9 +349,17 @@ class Trainer:
             "loss": total,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": tokens / dt,
+            **self._throughput(tokens, batch.inputs.shape[-1], dt),
             "step_time": dt,
         }
+
+    def _throughput(self, tokens: int, seq_len: int, seconds: float) -> dict:
+        """tokens/s, TFLOP/s and MFU of one step (see :func:`hybridkit.train.flops.throughput`;
+        the first steps include compilation and kernel tuning, so read the later records)."""
+        if seq_len not in self._flops:
+            self._flops[seq_len] = flops_per_token(self.model, seq_len)
+        count = self._flops[seq_len]
+        return throughput(count, tokens, seconds, self.peak, self.dist.world_size)
 
     # --- evaluation inside training ----------------------------------------------------------
     def evaluate(self, lengths: list[int] | None = None) -> list[dict]:

@@ -113,6 +113,23 @@ AttnFn = Callable[..., torch.Tensor]
 _IMPLS: dict[str, AttnFn] = {"reference": reference_attention, "sdpa": sdpa_attention}
 
 
+def _masked_decode(impl: AttnFn, q, k, v, scale: float, key_mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per sequence over keys filtered by ``key_mask``.
+
+    With GQA the query heads that share a kv head become that head's queries (a (B, rep, Hk, D)
+    call): every query sees the same keys, so this is exact, and it spares sdpa's GQA support,
+    which with a mask falls back to the math kernel and repeats every key and value per step.
+    """
+    b, lq, h, d = q.shape
+    hk = k.shape[2]
+    if lq != 1 or h == hk:
+        return impl(q, k, v, False, None, scale, key_mask.expand(lq, k.shape[1]))
+    rep = h // hk
+    grouped = q.reshape(b, hk, rep, d).transpose(1, 2)
+    out = impl(grouped, k, v, False, None, scale, key_mask.expand(rep, k.shape[1]))
+    return out.transpose(1, 2).reshape(b, 1, h, d)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,6 +140,7 @@ def attention(
     softmax_scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    key_mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Scaled dot-product attention; returns (B, Lq, H, D) in q's dtype.
@@ -130,6 +148,9 @@ def attention(
     ``cu_seqlens`` (nseq+1,) packs several sequences along the length axis of a batch of one;
     attention never crosses a sequence boundary (q and k must then have the same length).
     ``max_seqlen`` (the longest packed sequence) is optional; fa4 uses it to size its grid.
+    ``key_mask`` (Lk,) bool, True for keys every query may see, replaces ``causal``/``window``:
+    a static decode step attends over a fixed-size KV ring with it (sdpa runs for ``fa4``, whose
+    KV-cache entry point is not wired up yet).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention expects (batch, seqlen, heads, head_dim) tensors")
@@ -141,6 +162,12 @@ def attention(
         raise ValueError("cu_seqlens needs batch 1 and equal query/key lengths")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if key_mask is not None:
+        if cu_seqlens is not None or causal or window is not None:
+            raise ValueError("key_mask replaces causal, window and cu_seqlens")
+        return _masked_decode(
+            _IMPLS["reference" if name == "reference" else "sdpa"], q, k, v, scale, key_mask
+        )
     if name == "fa4":
         return fa4.fa4_attention(q, k, v, causal, window, scale, cu_seqlens, max_seqlen)
     impl = _IMPLS[name]

@@ -1,4 +1,5 @@
-"""The one dispatch point for the Mamba-3 scan: layers call these, never a kernel directly.
+"""The one dispatch point for the Mamba-3 scan and decode step: layers call these, never a
+kernel directly.
 
 Tensor layout (docs/mamba3.md 3.2, with an explicit rank axis R so SISO is simply R = 1):
 
@@ -10,10 +11,15 @@ Tensor layout (docs/mamba3.md 3.2, with an explicit rank axis R so SISO is simpl
 Every backend returns ``y`` (B, L, R, H, P), the per-rank SSM output including the D skip and
 before gating, and the final :class:`Mamba3State`. New backends (Triton, CuTe) are added here
 and nowhere else, so layers never change when a kernel does.
+
+The decode step (:func:`mamba3_step`, one token per sequence, state updated in place) has its
+own plan (:func:`plan_step`): the fused Triton kernel of :mod:`.step.triton_step` on CUDA, the
+torch definition of :mod:`.step.reference` elsewhere and in float64.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -22,8 +28,9 @@ import torch
 from hybridkit.kernels.config import triton_chunk_sizes
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, mamba3_step_reference
 
-BACKENDS = ("auto", "reference", "chunked", "triton")
+BACKENDS = ("auto", "reference", "chunked", "triton", "cute")
 
 ScanFn = Callable[..., tuple[torch.Tensor, Mamba3State]]
 
@@ -66,6 +73,8 @@ def plan_scan(
     if backend not in BACKENDS:
         raise ValueError(f"unknown Mamba-3 backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     fast = dtype in (torch.bfloat16, torch.float16)
+    if backend == "cute":  # a decode-step backend only: the scan picks as for auto
+        backend = "auto"
     from hybridkit.kernels.mamba3.chunkscan import kernel_chunk, unsupported_reason
 
     if backend != "auto":
@@ -141,3 +150,82 @@ def mamba3_scan(
     else:
         y, state = chunked.mamba3_scan_chunked(*args, **kwargs, chunk_size=chunk_size)
     return y, (state if return_state else None)
+
+
+STEP_BACKENDS = ("reference", "triton", "cute")
+
+
+class StepPlan(NamedTuple):
+    """What a decode step runs and, when it is not what was asked for, why."""
+
+    backend: str
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.backend} ({self.reason})" if self.reason else self.backend
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def cute_unavailable() -> str | None:
+    """Why the CuTe DSL step cannot be imported here (None when it can). Imports ``cutlass``
+    only when asked, so CPU CI and ``hybridkit show`` never pay for it."""
+    try:
+        import cutlass.cute  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken wheel raising anything else
+        return f"nvidia-cutlass-dsl not importable: {type(exc).__name__}"
+    return None
+
+
+def plan_step(
+    backend: str, *, device: torch.device | str | None, dtype: torch.dtype, rank: int = 1
+) -> StepPlan:
+    """The decode-step implementation for a layer's ``backend`` setting on ``device``.
+
+    ``auto`` and ``triton`` run the fused Triton kernel on CUDA for bf16/fp16/fp32 models (an
+    explicit ``triton`` also on the CPU, through the interpreter, for tests); ``cute`` runs the
+    CuTe DSL state update (SISO, CUDA, the library importable; else the Triton step, with the
+    reason); float64 models, CPUs and the ``reference`` / ``chunked`` settings run the torch
+    reference step, which is exactly one token of the sequential recurrence."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Mamba-3 backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend in ("reference", "chunked") or dtype == torch.float64:
+        return StepPlan("reference")
+    if backend == "triton":
+        return StepPlan("triton")
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if not (on_cuda and _triton_importable()):
+        return StepPlan("reference")
+    if backend == "cute":
+        why = "cute step is SISO only" if rank != 1 else cute_unavailable()
+        return StepPlan("triton", why) if why else StepPlan("cute")
+    return StepPlan("triton")
+
+
+def mamba3_step(
+    inputs: StepInputs, state: Mamba3State, weights: StepWeights, *, backend: str = "auto"
+) -> torch.Tensor:
+    """One decode step of a Mamba-3 layer, ``state`` updated in place.
+
+    Shapes and outputs are those of :func:`.step.reference.mamba3_step_reference`: the gated
+    (B, H, P) output, or y per rank (B, R, H, P) when ``inputs.z`` is None."""
+    x = inputs.x
+    dtype = torch.float64 if torch.float64 in (x.dtype, state.ssm.dtype) else x.dtype
+    plan = plan_step(backend, device=x.device, dtype=dtype, rank=inputs.bk.shape[1])
+    if plan.backend == "triton":
+        from hybridkit.kernels.mamba3.step.triton_step import mamba3_step_triton
+
+        return mamba3_step_triton(inputs, state, weights)
+    if plan.backend == "cute":
+        from hybridkit.kernels.mamba3.step.cute_step import mamba3_step_cute
+
+        return mamba3_step_cute(inputs, state, weights)
+    return mamba3_step_reference(inputs, state, weights)

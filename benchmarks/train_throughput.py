@@ -1,0 +1,330 @@
+"""Training throughput of the 400M hybrid against a same-size Transformer, in one process (#17).
+
+Cases (``--cases``, default all, in this order):
+
+* ``hybrid_eager``: ``recipes/hybrid_400m.yaml`` at 4 x 4096, eager (norms and SwiGLU through
+  the fused Triton kernels, the dispatch points' eager choice);
+* ``hybrid_eager_torch_elementwise``: the same with norms and SwiGLU in plain torch (what the
+  fused kernels bring in eager mode);
+* ``hybrid_compiled``: 4 x 4096, ``torch.compile`` (norms and SwiGLU left to Inductor);
+* ``hybrid_compiled_triton_elementwise``: compiled, norms and SwiGLU forced through our
+  kernels (custom ops), the A/B of the dispatch points' choice under compile;
+* ``hybrid_16k_ckpt``: 1 x 16384 with per-block activation checkpointing, compiled;
+* ``transformer_compiled``: ``recipes/transformer_400m.yaml`` at 4 x 4096, compiled.
+
+Each case is :func:`hybridkit.train.bench.bench_train` (real AdamW steps after warm-up, median
+step time, tokens/s, MFU against the datasheet peak and the matmul rate measured in the run,
+peak memory, a per-kernel breakdown) on a freshly built model. After every case the results so
+far are written to ``OUT/train_throughput.{json,md}`` (the environment, every case, the
+hybrid / Transformer tokens/s ratio and the #17 targets), so a timeout loses only the running
+case. A case that fails (e.g. out of memory) is recorded with its error and the run goes on.
+
+``--loss-curve``: 300 steps (``--steps``) of ``hybridkit/recipes/niah_s.yaml`` through the
+Trainer, eager and compiled, same seed; writes both curves, their max abs difference and a
+plot to ``OUT/loss_curve.{json,md,png}``.
+
+    source .gpu/base/env.sh
+    python benchmarks/train_throughput.py --out $OUT/tt --cases hybrid_eager,hybrid_compiled
+    python benchmarks/train_throughput.py --out $OUT/lc --loss-curve
+    python benchmarks/train_throughput.py --merge run1/train_throughput.json \\
+        run2/train_throughput.json --out benchmarks/results   # one report from split runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hybridkit.build import build_model
+from hybridkit.layers.mlp import SwiGLU
+from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
+from hybridkit.recipe import load_recipe
+from hybridkit.train.bench import bench_train
+from hybridkit.train.optim import build_optimizer
+from hybridkit.train.provenance import run_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+HYBRID = ROOT / "benchmarks/recipes/hybrid_400m.yaml"
+TRANSFORMER = ROOT / "benchmarks/recipes/transformer_400m.yaml"
+HYBRID_MIMO = ROOT / "benchmarks/recipes/hybrid_400m_mimo.yaml"
+NIAH = ROOT / "hybridkit/recipes/niah_s.yaml"
+
+#: the targets of issue #17 (H200)
+TARGET_MFU_COMPILED, TARGET_MFU_EAGER, TARGET_MEMORY_GB, TARGET_RATIO = 0.45, 0.35, 35.0, 0.9
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    recipe: Path
+    batch: int
+    seq_len: int
+    compiled: bool
+    checkpointing: bool = False
+    elementwise: str | None = None  # norms' and SwiGLU's backend; None: the dispatch points' auto
+
+
+CASES = (
+    Case("hybrid_eager", HYBRID, 4, 4096, compiled=False),
+    Case("hybrid_eager_torch_elementwise", HYBRID, 4, 4096, compiled=False, elementwise="torch"),
+    Case("hybrid_compiled", HYBRID, 4, 4096, compiled=True),
+    Case(
+        "hybrid_compiled_triton_elementwise", HYBRID, 4, 4096, compiled=True, elementwise="triton"
+    ),
+    Case("hybrid_16k_ckpt", HYBRID, 1, 16384, compiled=True, checkpointing=True),
+    Case("transformer_compiled", TRANSFORMER, 4, 4096, compiled=True),
+    # issue #15: the same hybrid with MIMO rank 4 layers (Triton MIMO scan), against SISO
+    Case("hybrid_mimo_compiled", HYBRID_MIMO, 4, 4096, compiled=True),
+)
+
+
+def run_case(case: Case, args: argparse.Namespace) -> dict:
+    """Build the case's model on the GPU and measure it (see the module docstring)."""
+    recipe = load_recipe(case.recipe, overrides=list(args.set or []))
+    device = torch.device(args.device)
+    model = build_model(recipe, seed=0).to(device)
+    model.activation_checkpointing = case.checkpointing
+    model.loss_chunk_tokens = recipe.train.resolved_loss_chunk(device.type)
+    if case.elementwise is not None:
+        for module in model.modules():
+            if isinstance(module, (RMSNorm, GatedRMSNorm)):
+                module.backend = case.elementwise
+            elif isinstance(module, SwiGLU):
+                module.act_backend = case.elementwise
+    batch, seq_len = (1, 128) if args.smoke else (case.batch, case.seq_len)
+    result = bench_train(
+        model,
+        build_optimizer(model, recipe.train),
+        batch=batch,
+        seq_len=seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        precision=recipe.train.precision,
+        compile_model=case.compiled,
+        compile_mode=args.compile_mode,
+        profile=not args.no_profile,
+    )
+    return {"case": case.name, "recipe": str(case.recipe.relative_to(ROOT)), **result.to_dict()}
+
+
+def _release() -> None:
+    """Free the previous case's model, optimizer, compiled graphs and cached blocks."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def summary(results: list[dict]) -> dict:
+    """The hybrid / Transformer ratio (compiled, 4 x 4096) and each #17 target met or not."""
+    by_name = {r["case"]: r for r in results if "error" not in r}
+    out: dict = {}
+    hybrid, transformer = by_name.get("hybrid_compiled"), by_name.get("transformer_compiled")
+    # the ratio only means something when both were measured in the same process (merged
+    # results carry the index of the run they came from)
+    if hybrid and transformer and hybrid.get("run") == transformer.get("run"):
+        out["ratio_hybrid_vs_transformer"] = hybrid["tokens_per_s"] / transformer["tokens_per_s"]
+        out["target_ratio_met"] = out["ratio_hybrid_vs_transformer"] >= TARGET_RATIO
+    mimo = by_name.get("hybrid_mimo_compiled")
+    if hybrid and mimo and hybrid.get("run") == mimo.get("run"):  # #15: >= 0.6
+        out["ratio_mimo_vs_siso"] = mimo["tokens_per_s"] / hybrid["tokens_per_s"]
+    for name, target in (
+        ("hybrid_compiled", TARGET_MFU_COMPILED),
+        ("hybrid_eager", TARGET_MFU_EAGER),
+    ):
+        mfu = by_name.get(name, {}).get("mfu_datasheet")
+        if mfu is not None:
+            out[f"target_mfu_{name}_met"] = mfu >= target
+    mem = by_name.get("hybrid_compiled", {}).get("peak_memory_gb")
+    if mem is not None:
+        out["target_memory_met"] = mem <= TARGET_MEMORY_GB
+    return out
+
+
+def markdown(env: dict, results: list[dict], verdict: dict) -> str:
+    """One table over the cases, the ratio and the targets, and where the numbers came from."""
+    lines = [
+        f"# Training throughput ({env['device']}, {env['date']})",
+        "",
+        f"torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, commit "
+        f"{str(env['git_commit'])[:12]}{' (dirty)' if env.get('git_dirty') else ''}. "
+        "Command: `python benchmarks/train_throughput.py` (module docstring).",
+        "",
+        "| case | batch x len | step ms (median) | tokens/s | TFLOP/s | MFU (datasheet) | "
+        "MFU (measured matmul) | peak memory | loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
+        mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "n/a"
+        loss = f"chunked {r['loss_chunk_tokens']}" if r["loss_chunk_tokens"] else "full logits"
+        mode = f" ({r['compile_mode']})" if r.get("compile_mode") else ""
+        lines.append(
+            f"| {r['case']}{mode} | {r['batch']} x {r['seq_len']} | {r['step_ms']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['mfu_measured']:.1%} | "
+            f"{mem} | {loss} |"
+        )
+    if verdict:
+        lines += ["", "| check | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in verdict.items()]  # fmt: skip
+    for r in results:
+        if r.get("breakdown_ms"):
+            total = sum(r["breakdown_ms"].values())
+            lines += ["", f"### {r['case']}: one profiled step", "", "| kind | ms | share |"]
+            lines += ["|---|---|---|"]
+            lines += [f"| {k} | {v:.2f} | {v / total:.0%} |" for k, v in r["breakdown_ms"].items()]
+    if results and "flops" in results[0]:
+        lines += ["", f"FLOPs per token: {results[0]['flops']['formula']}."]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, stem: str, payload: dict, text: str) -> None:
+    """Write ``stem.json`` and ``stem.md`` (called after every case: partial results survive)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out / f"{stem}.md").write_text(text)
+
+
+def throughput(args: argparse.Namespace) -> None:
+    wanted = args.cases.split(",") if args.cases else [c.name for c in CASES]
+    unknown = sorted(set(wanted) - {c.name for c in CASES})
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; allowed: {[c.name for c in CASES]}")
+    env = run_environment(torch.device(args.device))
+    results: list[dict] = []
+    for case in (c for c in CASES if c.name in wanted):
+        print(f"== {case.name}", flush=True)
+        try:
+            results.append(run_case(case, args))
+        except Exception as exc:  # record and go on: later cases still run
+            traceback.print_exc()
+            results.append({"case": case.name, "error": f"{type(exc).__name__}: {exc}"})
+        _release()
+        verdict = summary(results)
+        payload = {"environment": env, "cases": results, "summary": verdict}
+        write(Path(args.out), "train_throughput", payload, markdown(env, results, verdict))
+        print(markdown(env, results[-1:], {}), flush=True)
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One report from the results of several runs (``--merge A.json B.json``): a later file's
+    case replaces an earlier one of the same name; each case keeps the index of its run."""
+    runs = [json.loads(Path(f).read_text()) for f in args.merge]
+    by_name: dict[str, dict] = {}
+    for index, run in enumerate(runs):
+        for case in run["cases"]:
+            by_name[case["case"]] = {**case, "run": index}
+    order = [c.name for c in CASES]
+    results = sorted(by_name.values(), key=lambda r: order.index(r["case"]))
+    verdict = summary(results)
+    env = runs[0]["environment"]
+    text = markdown(env, results, verdict)
+    text += "\nRuns merged (the `run` of each case):\n\n" + "".join(
+        f"- run {i}: `{f}`, {r['environment']['date']}, commit "
+        f"{str(r['environment']['git_commit'])[:12]}\n"
+        for i, (f, r) in enumerate(zip(args.merge, runs, strict=True))
+    )
+    environments = [r["environment"] for r in runs]
+    payload = {"environment": env, "runs": environments, "cases": results, "summary": verdict}
+    write(Path(args.out), "train_throughput", payload, text)
+    print(text)
+
+
+def loss_curve(args: argparse.Namespace) -> None:
+    """Eager vs compiled Trainer runs of niah_s, same seed: curves, max abs difference, plot."""
+    from hybridkit.train.trainer import Trainer
+
+    out = Path(args.out)
+    env = run_environment(torch.device(args.device))
+    curves: dict[str, list[float]] = {}
+    for mode in ("eager", "compiled"):
+        overrides = [f"train.compile={mode == 'compiled'}", "train.tensorboard=false"]
+        overrides.append(f"train.device={args.device}")
+        recipe = load_recipe(NIAH, overrides=overrides + list(args.set or []))
+        trainer = Trainer(recipe, out / mode, resume=None, progress=False)
+        curves[mode] = [trainer.train_step()["loss"] for _ in range(args.steps)]
+        del trainer
+        _release()
+        payload = {"environment": env, "recipe": str(NIAH.relative_to(ROOT)), "curves": curves}
+        write(out, "loss_curve", payload, f"# Loss curves\n\nrunning: {list(curves)}\n")
+    diffs = [abs(a - b) for a, b in zip(curves["eager"], curves["compiled"], strict=True)]
+    payload["max_abs_diff"] = max(diffs)
+    payload["max_abs_diff_last_50"] = max(diffs[-50:])
+    text = (
+        f"# Loss curves, eager vs compiled ({env['device']}, {env['date']})\n\n"
+        f"`{payload['recipe']}`, {args.steps} steps, same seed; commit "
+        f"{str(env['git_commit'])[:12]}, torch {env['torch']}.\n\n"
+        f"| | value |\n|---|---|\n| final loss eager | {curves['eager'][-1]:.4f} |\n"
+        f"| final loss compiled | {curves['compiled'][-1]:.4f} |\n"
+        f"| max abs difference | {payload['max_abs_diff']:.3g} |\n"
+        f"| max abs difference, last 50 steps | {payload['max_abs_diff_last_50']:.3g} |\n\n"
+        "![loss curves](loss_curve.png)\n"
+    )
+    write(out, "loss_curve", payload, text)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, label=mode, linewidth=1)
+    ax.set(xlabel="step", ylabel="training loss", title="niah_s: eager vs torch.compile")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for the results (written as we go)")
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (10) / curve steps (300)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown step")
+    p.add_argument("--loss-curve", action="store_true", help="eager vs compiled niah_s curves")
+    p.add_argument("--set", action="append", help="recipe override a.b=c (repeatable)")
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the compiled cases (e.g. max-autotune-no-cudagraphs)",
+    )
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every case at 1 x 128 tokens: checks the script end to end in a minute, no numbers",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="write one report from several runs' train_throughput.json (no GPU needed)",
+    )
+    args = p.parse_args()
+    if args.merge:
+        merge(args)
+        return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: pass --device cpu --smoke to check the script")
+    if args.loss_curve:
+        args.steps = args.steps or 300
+        loss_curve(args)
+    else:
+        args.steps = args.steps or 10
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Decoding throughput of a recipe's model against its byte floor: what ``bench decode`` runs.
+
+Decoding one token per sequence is a bandwidth problem (``docs/kernels.md``, "The fused decode
+step"): every step reads all weights once, reads and writes every Mamba-3 state and reads the
+attention KV caches. Their sum divided by the copy bandwidth measured in the same run is the
+*byte floor* of a step; the benchmark reports the measured step against it. Steps run through
+:class:`~hybridkit.generation.DecodeRunner` (the captured CUDA graph on a GPU, the eager step
+on a CPU) after a prefill of random prompts, greedy, timed with device events over all new
+tokens.
+
+Bytes counted per step: the parameters a step multiplies with (every one except the embedding
+table, of which a step reads only B rows; a tied head counts it once), 2 x the Mamba-3 state
+(read + write: h, k, v, angle), and each attention layer's keys and values over the mean
+context of the run (prompt + new / 2, capped at a window). Activations are not counted (a few
+KB per sequence and layer).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from hybridkit.cache import KVCache
+from hybridkit.generation import DecodeRunner, Sampling
+from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.model import HybridLM
+from hybridkit.runtime import elapsed_s, timer_start
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), the floor's denominator."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 64 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start = timer_start(device)
+        dst.copy_(src)
+        times.append(elapsed_s(device, start))
+    return 2 * nbytes / statistics.median(times)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def step_bytes(model: HybridLM, runner: DecodeRunner, context: float) -> dict[str, float]:
+    """Bytes one decode step must move, by kind, for the runner's batch and cache dtypes."""
+    weights = sum(_nbytes(p) for name, p in model.named_parameters() if name != "embedding.weight")
+    if model.spec.tie_embeddings:
+        weights += _nbytes(model.embedding.weight)
+    state = kv = 0.0
+    for layer_state in runner.cache.layers.values():
+        if isinstance(layer_state, Mamba3State):
+            state += 2 * sum(_nbytes(t) for t in layer_state)
+        elif isinstance(layer_state, KVCache):
+            per_token = 2 * _nbytes(layer_state.k[:, :1])
+            kv += per_token * min(context, layer_state.ring_size())
+    return {"weights": float(weights), "mamba3_state": state, "kv": kv}
+
+
+@dataclass
+class DecodeRow:
+    """One batch size: measured speed, the floor and their ratio."""
+
+    batch: int
+    prompt: int
+    new_tokens: int
+    ms_per_step: float
+    tokens_per_s: float
+    floor_ms: float
+    ratio_to_floor: float
+    bytes_per_step: dict
+    prefill_ms: float
+    setup_ms: float
+    graph: bool
+
+
+@dataclass
+class DecodeBench:
+    device: str
+    date: str
+    versions: dict
+    dtype: str
+    ssm_dtype: str
+    compiled: bool
+    params: int
+    copy_bandwidth_gbs: float
+    rows: list[DecodeRow] = field(default_factory=list)
+    drift: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def versions() -> dict[str, str]:
+    """torch / triton / Python versions (triton absent on some CPU machines)."""
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "not installed"
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def bench_batch(
+    model: HybridLM,
+    batch: int,
+    *,
+    prompt: int,
+    new: int,
+    bandwidth: float,
+    ssm_dtype: torch.dtype | None = None,
+    use_graph: bool | None = None,
+    compile_step: bool = False,
+) -> DecodeRow:
+    """Prefill ``batch`` random prompts of ``prompt`` tokens, time ``new`` greedy steps."""
+    device = model.embedding.weight.device
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, model.spec.vocab_size, (batch, prompt), generator=gen).to(device)
+    t0 = time.perf_counter()
+    runner = DecodeRunner(
+        model, batch, prompt + new, new, Sampling(temperature=0), ssm_dtype=ssm_dtype,
+        use_graph=use_graph, compile_step=compile_step,
+    )  # fmt: skip
+    setup = time.perf_counter() - t0
+    start = timer_start(device)
+    runner.prefill(ids)
+    prefill = elapsed_s(device, start)
+    start = timer_start(device)
+    runner.decode(new)
+    total = elapsed_s(device, start)
+    nbytes = step_bytes(model, runner, prompt + new / 2)
+    floor = sum(nbytes.values()) / bandwidth
+    step = total / new
+    return DecodeRow(
+        batch=batch,
+        prompt=prompt,
+        new_tokens=new,
+        ms_per_step=step * 1e3,
+        tokens_per_s=batch / step,
+        floor_ms=floor * 1e3,
+        ratio_to_floor=step / floor,
+        bytes_per_step=nbytes,
+        prefill_ms=prefill * 1e3,
+        setup_ms=setup * 1e3,
+        graph=runner.graph is not None,
+    )
+
+
+@torch.no_grad()
+def state_drift(model: HybridLM, *, prompt: int, tokens: int, seed: int = 0) -> dict:
+    """How far a bf16 Mamba-3 state drifts from fp32 over ``tokens`` greedy steps.
+
+    Both caches decode the *same* tokens (the fp32 run's greedy continuation, so errors do not
+    compound through different choices); reported are the logits' relative error at the end and
+    its maximum over the run, and the share of steps whose argmax agrees."""
+    device = model.embedding.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.spec.vocab_size, (1, prompt), generator=gen).to(device)
+    caches = [
+        model.allocate_cache(1, prompt + tokens + 1, ssm_dtype=d) for d in (None, torch.bfloat16)
+    ]
+    logits = [model(ids, cache=c)[:, -1].float() for c in caches]
+    worst, agree, err = 0.0, 0, 0.0
+    for _ in range(tokens):
+        nxt = logits[0].argmax(-1)
+        logits = [model.step(nxt, c).float() for c in caches]
+        err = ((logits[1] - logits[0]).norm() / logits[0].norm()).item()
+        worst = max(worst, err)
+        agree += int(torch.equal(logits[0].argmax(-1), logits[1].argmax(-1)))
+    return {
+        "tokens": tokens,
+        "final_rel_err": err,
+        "max_rel_err": worst,
+        "argmax_agree": agree / max(tokens, 1),
+    }
+
+
+def bench_decode(
+    model: HybridLM,
+    *,
+    batches: list[int],
+    prompt: int,
+    new: int,
+    ssm_dtype: torch.dtype | None = None,
+    drift_tokens: int = 0,
+    use_graph: bool | None = None,
+    compile_step: bool = False,
+    on_row=None,
+) -> DecodeBench:
+    """Every batch size of ``batches`` (see the module docstring); ``on_row(result)`` after each
+    one lets a caller write partial results."""
+    model.eval()
+    device = model.embedding.weight.device
+    bandwidth = copy_bandwidth(device)
+    result = DecodeBench(
+        device=device_name(device),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        versions=versions(),
+        dtype=str(model.embedding.weight.dtype).removeprefix("torch."),
+        ssm_dtype=str(ssm_dtype or torch.float32).removeprefix("torch."),
+        compiled=compile_step,
+        params=model.num_params(),
+        copy_bandwidth_gbs=bandwidth / 1e9,
+    )
+    for batch in batches:
+        result.rows.append(
+            bench_batch(
+                model,
+                batch,
+                prompt=prompt,
+                new=new,
+                bandwidth=bandwidth,
+                ssm_dtype=ssm_dtype,
+                use_graph=use_graph,
+            )  # fmt: skip
+        )
+        if on_row is not None:
+            on_row(result)
+    if drift_tokens:
+        result.drift = state_drift(model, prompt=prompt, tokens=drift_tokens)
+    return result
+
+
+def markdown(result: DecodeBench) -> str:
+    """The report: one row per batch size, the floor's parts, the versions."""
+    v = result.versions
+    lines = [
+        f"# Decoding throughput ({result.device}, {result.params / 1e6:.1f}M parameters, "
+        f"{result.dtype} weights, {result.ssm_dtype} Mamba-3 state"
+        f"{', step compiled' if result.compiled else ''})",
+        "",
+        f"{result.date}; torch {v['torch']}, triton {v['triton']}, Python {v['python']}; "
+        f"copy bandwidth measured {result.copy_bandwidth_gbs:,.0f} GB/s.",
+        "",
+        "| batch | prompt | new | tokens/s | ms per step | byte floor ms | x floor | weights MB "
+        "| state MB | KV MB | prefill ms | graph |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result.rows:
+        b = r.bytes_per_step
+        lines.append(
+            f"| {r.batch} | {r.prompt} | {r.new_tokens} | {r.tokens_per_s:,.0f} | "
+            f"{r.ms_per_step:.3f} | {r.floor_ms:.3f} | {r.ratio_to_floor:.2f} | "
+            f"{b['weights'] / 1e6:.0f} | {b['mamba3_state'] / 1e6:.1f} | {b['kv'] / 1e6:.1f} | "
+            f"{r.prefill_ms:.1f} | {'yes' if r.graph else 'no'} |"
+        )
+    if result.drift:
+        d = result.drift
+        lines += [
+            "",
+            f"bf16 vs fp32 Mamba-3 state over {d['tokens']} greedy tokens (batch 1, same "
+            f"tokens): logits relative error {d['final_rel_err']:.2e} at the end, "
+            f"{d['max_rel_err']:.2e} at worst; argmax agrees on {d['argmax_agree']:.1%} of steps.",
+        ]
+    lines += [
+        "",
+        "Byte floor = (weights read once + Mamba-3 states read and written + KV read over the "
+        "mean context) / copy bandwidth; see `hybridkit/decode_bench.py`.",
+    ]
+    return "\n".join(lines) + "\n"

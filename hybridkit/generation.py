@@ -1,0 +1,251 @@
+"""Fast generation: a static cache, a CUDA-graph-captured decode step, sampling on the device.
+
+:class:`DecodeRunner` owns everything one generation needs, allocated once for a batch-size
+bucket and a maximum length: the :class:`~hybridkit.cache.InferenceCache` (static after the
+prefill: fixed-size KV rings, Mamba-3 states updated in place, a device-side position), the
+logits of the last step, the sampled tokens and the per-sequence EOS flags. One decode step
+(:meth:`DecodeRunner._step`) samples the next token from the stored logits (inside the step, with
+the runner's ``torch.Generator``), appends it to the output, runs the model on it and stores the
+new logits; every tensor it touches is the runner's, so on CUDA it is captured once in a
+``torch.cuda.CUDAGraph`` and replayed per token with no host work and no synchronisation (the
+only sync is an optional EOS check every ``eos_check_every`` tokens). On the CPU the same step
+runs eagerly, so the CPU tests exercise the code the GPU replays.
+
+The prompt is prefilled by the model's ordinary forward with the cache (chunked / Triton scan,
+FA4 or sdpa attention), which is why the static form starts only after it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from hybridkit.cache import in_place_state
+
+if TYPE_CHECKING:
+    from hybridkit.model import HybridLM
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy at ``temperature`` 0, else top-k sampling."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    eos_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+def sample(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V).
+
+    Sampling uses the Gumbel-max trick, ``argmax(logits / T + Gumbel noise)``, which draws from
+    ``softmax(logits / T)`` exactly; unlike ``torch.multinomial`` it is a fixed sequence of
+    element-wise ops and an argmax with no data-dependent shapes, so it is captured in a CUDA
+    graph as it is."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    u = torch.rand(scores.shape, generator=generator, device=scores.device)
+    gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
+    return (scores + gumbel).argmax(dim=-1)
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch a graph is captured for: the next power of two (fewer captures, small waste)."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+def can_capture(device: torch.device, sampling: Sampling) -> tuple[bool, str]:
+    """Whether a decode step on ``device`` can be a CUDA graph, and why not."""
+    if device.type != "cuda":
+        return False, "not a CUDA device"
+    if sampling.temperature > 0 and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return False, "this torch cannot capture a private generator (sampling runs eagerly)"
+    return True, ""
+
+
+class DecodeRunner:
+    """Static cache + (on CUDA) one captured decode step for ``batch`` sequences.
+
+    ``max_seqlen`` bounds prompt + new tokens (the cache's size), ``max_new`` the new tokens.
+    Use: ``runner.prefill(ids)`` then ``runner.decode(n)``; ``runner.tokens[:, :n]`` holds the
+    sampled tokens. ``use_graph=None`` captures when :func:`can_capture` allows it;
+    ``compile_step`` runs ``model.step`` through ``torch.compile`` first (experimental). (The last
+    step also runs the model on the last token, whose logits nobody reads: the price of keeping
+    sampling inside the captured step.)
+    """
+
+    def __init__(
+        self,
+        model: HybridLM,
+        batch: int,
+        max_seqlen: int,
+        max_new: int,
+        sampling: Sampling,
+        *,
+        seed: int | None = None,
+        use_graph: bool | None = None,
+        ssm_dtype: torch.dtype | None = None,
+        eos_check_every: int = 32,
+        compile_step: bool = False,
+    ):
+        ref = model.embedding.weight
+        self.model, self.sampling, self.seed = model, sampling, seed
+        # opt-in: torch.compile fuses the norms' and MLP's element-wise ops (hundreds of small
+        # kernels per token at batch 1); the graph is still ours (captured around it)
+        self.model_step = torch.compile(model.step, dynamic=False) if compile_step else model.step
+        self.device = ref.device
+        self.max_new, self.eos_check_every = max_new, eos_check_every
+        self.cache = model.allocate_cache(batch, max_seqlen, ssm_dtype=ssm_dtype)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.count = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.logits = torch.zeros(batch, model.spec.vocab_size, dtype=ref.dtype, device=self.device)
+        self.tokens = torch.zeros(batch, max_new, dtype=torch.long, device=self.device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        self.produced = 0  # tokens since the last prefill (host side: the buffer's bound)
+        self.generator = torch.Generator(device=self.device)
+        # states of layer kinds that replace them per call: restored per prompt, never captured
+        self.fresh = {i: s for i, s in self.cache.layers.items() if not in_place_state(s)}
+        capturable, self.eager_reason = can_capture(self.device, sampling)
+        if capturable and self.fresh:
+            capturable, self.eager_reason = False, "a layer kind keeps a state it replaces"
+        self.use_graph = capturable if use_graph is None else use_graph and capturable
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if self.use_graph:
+            self._capture()
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    # --- the step -------------------------------------------------------------------------
+    def _step(self) -> None:
+        """Sample from ``logits``, record the token, run the model on it, store new logits."""
+        nxt = sample(self.logits, self.sampling, self.generator)
+        eos = self.sampling.eos_id
+        if eos is not None:
+            nxt = torch.where(self.done, torch.full_like(nxt, eos), nxt)
+            self.done |= nxt == eos
+        self.tokens.index_copy_(1, self.count, nxt[:, None])
+        self.count += 1
+        self.logits.copy_(self.model_step(nxt, self.cache))
+
+    def _capture(self) -> None:
+        """Warm up (compiles kernels, creates library handles) and capture one step.
+
+        Both run on the fresh cache made static at position 0; :meth:`prefill` then resets
+        every tensor the graph reads, keeping their addresses."""
+        self.cache.make_static(self.position)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._reset_counters()
+        self.graph = torch.cuda.CUDAGraph()
+        if self.sampling.temperature > 0:
+            self.graph.register_generator_state(self.generator)
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self._step()
+
+    def _reset_counters(self) -> None:
+        self.count.zero_()
+        self.done.zero_()
+        self.position.zero_()
+
+    # --- running --------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> None:
+        """Reset the cache and run the prompts ``ids`` (batch, L) through the forward."""
+        if ids.shape[0] != self.batch:
+            raise ValueError(f"runner holds {self.batch} sequences, got {ids.shape[0]} prompts")
+        if self.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.seed)
+        self.cache.reset()
+        for idx in [i for i, st in self.cache.layers.items() if not in_place_state(st)]:
+            del self.cache.layers[idx]
+        self.cache.layers.update({i: copy.deepcopy(s) for i, s in self.fresh.items()})
+        self._reset_counters()
+        self.produced = 0
+        logits = self.model(ids, cache=self.cache)[:, -1]
+        self.logits.copy_(logits)
+        self.cache.make_static(self.position)
+
+    @torch.no_grad()
+    def decode(self, n: int) -> int:
+        """Sample ``n`` tokens (fewer when every sequence has emitted EOS); returns how many."""
+        if self.produced + n > self.max_new:
+            raise ValueError(
+                f"runner was built for {self.max_new} new tokens per prompt, asked for "
+                f"{self.produced + n} (prefill a new prompt to start again)"
+            )
+        for i in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            self.produced += 1
+            if self._all_done(i + 1, n):
+                return i + 1
+        return n
+
+    def _all_done(self, produced: int, n: int) -> bool:
+        """Every ``eos_check_every`` tokens (one host sync), whether all sequences stopped."""
+        if self.sampling.eos_id is None or produced % self.eos_check_every or produced == n:
+            return False
+        return bool(self.done.all())
+
+
+@torch.no_grad()
+def generate(
+    model: HybridLM,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    sampling: Sampling,
+    seed: int | None = None,
+    use_graph: bool | None = None,
+    ssm_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Prompt + ``max_new_tokens`` sampled tokens (B, L + max_new_tokens), through a runner.
+
+    The batch is padded to its bucket (:func:`batch_bucket`) with copies of the last prompt so
+    that the captured graph's shapes repeat across calls of similar sizes. Sequences that emitted
+    ``eos_id`` keep emitting it (also after an early stop)."""
+    batch, length = ids.shape
+    if max_new_tokens == 0:
+        return ids
+    bucket = batch_bucket(batch)
+    padded = torch.cat((ids, ids[-1:].expand(bucket - batch, length)), dim=0)
+    runner = DecodeRunner(
+        model,
+        bucket,
+        length + max_new_tokens,
+        max_new_tokens,
+        sampling,
+        seed=seed,
+        use_graph=use_graph,
+        ssm_dtype=ssm_dtype,
+    )
+    runner.prefill(padded)
+    produced = runner.decode(max_new_tokens)
+    new = runner.tokens[:batch, :max_new_tokens].clone()
+    if produced < max_new_tokens:
+        new[:, produced:] = sampling.eos_id
+    return torch.cat((ids, new), dim=1)

@@ -1,0 +1,298 @@
+"""The fused Mamba-3 decode step in Triton: one launch from ``in_proj``'s split to the gate.
+
+One program per (sequence, head) holds the head's whole P x N state tile and does, in order
+(docs/mamba3.md 2.4 / 2.5 for one token, docs/kernels.md "The fused decode step"):
+
+1. the scalar gates: dt = softplus(dd_dt + dt_bias), A dt, alpha = exp(A dt), lambda =
+   sigmoid(trap) (1 without the trapezoid), beta = (1 - lambda) dt alpha, gamma = lambda dt;
+2. the angle update Theta = (Theta_prev + pi tanh(a) dt) mod 2 pi, and cos / sin per state column
+   for the pairing (``(2j, 2j+1)`` interleaved, ``(j, j + N/2)`` halves);
+3. per rank: BCNorm of the raw B (its RMS over N and the norm scale), the head's bias, the
+   rotation -> the new key, written to the k state after the previous key was read;
+4. h = alpha h + sum_r beta (v_prev psi_r) (x) k_prev_r + gamma (x psi_r) (x) k_r, in fp32, written
+   back in place (fp32 or bf16 storage);
+5. per rank: the same for C -> q_r, y_r = h q_r + D x psi_r, and either the gated MIMO sum
+   ``sum_r mimo_o_r y_r silu(z mimo_z_r)``, with the per-head (grouped) output norm before or
+   after the gate when the layer has one (one (B, H, P) output in x's dtype), or y per rank in
+   fp32 for layers whose output norm spans all heads.
+
+Every read of an old state value (angle, k, v) happens before a block barrier and every write
+of its new value after it: a value read by one thread must not already hold the new token when a
+slower warp reads it. Transcendentals use the exact ``tl`` functions (the step is memory-bound,
+so approximations buy nothing) and no libdevice call, so the CPU interpreter runs the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridkit.kernels.mamba3.chunkscan.common import _mod2pi
+from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.kernels.mamba3.step.weights import StepInputs, StepWeights
+
+PI = tl.constexpr(3.141592653589793)
+NORM_MODES = {"none": 0, "grouped_pregate": 1, "grouped_postgate": 2}
+
+
+@triton.jit
+def _softplus(x):
+    """torch's softplus (threshold 20), without log1p (a libdevice call)."""
+    big = tl.minimum(x, 20.0)
+    mid = tl.log(1.0 + tl.exp(big))
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(big), mid))
+
+
+@triton.jit
+def _sigmoid(x):
+    """Written out: ``tl.sigmoid`` is itself a jit function the interpreter cannot call."""
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _rotation_factors(
+    ANGLE, ANG, b, h, H, s_ab, s_as, dt, offs_n, N: tl.constexpr, S: tl.constexpr,
+    HALVES: tl.constexpr,
+):  # fmt: skip
+    """Per state column n: cos / sin of its pair's new angle, its partner column and the sign
+    of the partner's term (-1 for the first of a pair, +1 for the second)."""
+    if HALVES:
+        first = offs_n < N // 2
+        j = tl.where(first, offs_n, offs_n - N // 2)
+        partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
+    else:
+        first = offs_n % 2 == 0
+        j = offs_n // 2
+        partner = tl.where(first, offs_n + 1, offs_n - 1)
+    rot = (j < S) & (offs_n < N)
+    prev = tl.load(ANGLE + (b * H + h) * S + j, mask=rot, other=0.0)
+    raw = tl.load(ANG + b * s_ab + j * s_as, mask=rot, other=0.0).to(tl.float32)
+    theta = _mod2pi(prev + PI * (2.0 * _sigmoid(2.0 * raw) - 1.0) * dt)
+    cos = tl.where(rot, tl.cos(theta), 1.0)
+    sin = tl.where(rot, tl.sin(theta), 0.0)
+    sign = tl.where(first, -1.0, 1.0)
+    return cos, sin * sign, partner
+
+
+@triton.jit
+def _key(
+    SRC, s_b, s_r, s_g, b, r, g, BIAS, NORM, h, eps, offs_n, partner, cos, ssin,
+    N: tl.constexpr, R: tl.constexpr, HAS_ANG: tl.constexpr,
+):  # fmt: skip
+    """BCNorm(raw) * scale + bias, rotated: one rank's key (or query) of head h, fp32 (N,)."""
+    mask = offs_n < N
+    base = SRC + b * s_b + r * s_r + g * s_g
+    raw = tl.load(base + offs_n, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(raw * raw, axis=0) / N + eps)
+    bias = BIAS + (h * R + r) * N
+    u = raw * rstd * tl.load(NORM + offs_n, mask=mask, other=0.0) + tl.load(
+        bias + offs_n, mask=mask, other=0.0
+    )
+    if HAS_ANG:
+        raw_p = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32)
+        u_p = raw_p * rstd * tl.load(NORM + partner, mask=mask, other=0.0) + tl.load(
+            bias + partner, mask=mask, other=0.0
+        )
+        u = u * cos + u_p * ssin
+    return u
+
+
+@triton.jit
+def mamba3_step_kernel(
+    X, Z, BK, CQ, DDT, DDA, TRAP, ANG,
+    s_xb, s_xh, s_zb, s_zh, s_bkb, s_bkr, s_bkg, s_cqb, s_cqr, s_cqg,
+    s_dtb, s_dtn, s_dab, s_dan, s_trb, s_trn, s_ab, s_as,
+    ANGLE, SSM, KST, VST,
+    DT_BIAS, B_BIAS, C_BIAS, B_NORM, C_NORM, DSKIP, MX, MZ, MO, OUT_NORM,
+    OUT,
+    a_floor, eps,
+    H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+    S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAVY_TAIL: tl.constexpr, HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr,
+    HALVES: tl.constexpr, HAS_D: tl.constexpr, HAS_MX: tl.constexpr, GATED: tl.constexpr,
+    HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)  # int64: B * H * P * N exceeds 2**31 at large batch
+    b = pid // H
+    h = pid % H
+    g = h // (H // G)
+
+    # 1. scalar gates
+    dt = _softplus(
+        tl.load(DDT + b * s_dtb + h * s_dtn).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
+    )
+    a_in = tl.load(DDA + b * s_dab + h * s_dan).to(tl.float32)
+    if HEAVY_TAIL:
+        act = tl.where(a_in >= 0, 1.0 + a_in, 1.0 / (1.0 - tl.minimum(a_in, 0.0)))
+    else:
+        act = _softplus(a_in)
+    alpha = tl.exp(-tl.maximum(act, a_floor) * dt)
+    if HAS_TRAP:
+        lam = _sigmoid(tl.load(TRAP + b * s_trb + h * s_trn).to(tl.float32))
+    else:
+        lam = 1.0
+    beta = (1.0 - lam) * dt * alpha
+    gamma = lam * dt
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_n = offs_n < N
+    mask_p = offs_p < P
+
+    # 2. rotation factors, and the new angles (stored after the barrier)
+    if HAS_ANG:
+        cos, ssin, partner = _rotation_factors(
+            ANGLE, ANG, b, h, H, s_ab, s_as, dt, offs_n, N, S, HALVES
+        )
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_s = offs_s < S
+        angle_ptr = ANGLE + (b * H + h) * S + offs_s
+        raw_s = tl.load(ANG + b * s_ab + offs_s * s_as, mask=mask_s, other=0.0).to(tl.float32)
+        theta = _mod2pi(
+            tl.load(angle_ptr, mask=mask_s, other=0.0)
+            + PI * (2.0 * _sigmoid(2.0 * raw_s) - 1.0) * dt
+        )
+    else:
+        cos, ssin, partner = 1.0, 0.0, offs_n
+
+    x = tl.load(X + b * s_xb + h * s_xh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    v_ptr = VST + (b * H + h) * P + offs_p
+    v_prev = tl.load(v_ptr, mask=mask_p, other=0.0).to(tl.float32)
+    tl.debug_barrier()
+    if HAS_ANG:
+        tl.store(angle_ptr, theta, mask=mask_s)
+    tl.store(v_ptr, x.to(VST.dtype.element_ty), mask=mask_p)
+
+    # 3. keys (the previous one read before the new one is written) and the state update
+    upd = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for r in tl.static_range(R):
+        if HAS_MX:
+            psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        else:
+            psi = 1.0
+        k_ptr = KST + ((b * R + r) * H + h) * N + offs_n
+        k_prev = tl.load(k_ptr, mask=mask_n, other=0.0).to(tl.float32)
+        k = _key(
+            BK, s_bkb, s_bkr, s_bkg, b, r, g, B_BIAS, B_NORM, h, eps, offs_n, partner, cos,
+            ssin, N, R, HAS_ANG,
+        )  # fmt: skip
+        tl.debug_barrier()
+        tl.store(k_ptr, k.to(KST.dtype.element_ty), mask=mask_n)
+        upd += (gamma * x * psi)[:, None] * k[None, :]
+        upd += (beta * v_prev * psi)[:, None] * k_prev[None, :]
+
+    tile = (b * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
+    mask_t = mask_p[:, None] & mask_n[None, :]
+    state = tl.load(SSM + tile, mask=mask_t, other=0.0).to(tl.float32)
+    state = alpha * state + upd
+    tl.store(SSM + tile, state.to(SSM.dtype.element_ty), mask=mask_t)
+
+    # 4. outputs per rank, gated (and summed over ranks) or raw
+    if GATED:
+        z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        if NORM != 0:
+            norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    for r in tl.static_range(R):
+        q = _key(
+            CQ, s_cqb, s_cqr, s_cqg, b, r, g, C_BIAS, C_NORM, h, eps, offs_n, partner, cos,
+            ssin, N, R, HAS_ANG,
+        )  # fmt: skip
+        y = tl.sum(state * q[None, :], axis=1)
+        if HAS_D:
+            if HAS_MX:
+                psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0)
+                y += tl.load(DSKIP + h).to(tl.float32) * x * psi.to(tl.float32)
+            else:
+                y += tl.load(DSKIP + h).to(tl.float32) * x
+        if GATED:
+            zr = z
+            if HAS_MZ:
+                zr = z * tl.load(MZ + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
+                    tl.float32
+                )
+            if NORM == 1:  # grouped pre-gate: normalise y over the head, then gate
+                y = y * tl.rsqrt(tl.sum(y * y, axis=0) / P + eps) * norm_w
+            o = y * zr * _sigmoid(zr)
+            if NORM == 2:  # grouped post-gate: gate, then normalise over the head
+                o = o * tl.rsqrt(tl.sum(o * o, axis=0) / P + eps) * norm_w
+            if HAS_MO:
+                o = o * tl.load(MO + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
+                    tl.float32
+                )
+            acc += o
+        else:
+            tl.store(OUT + ((b * R + r) * H + h) * P + offs_p, y, mask=mask_p)
+    if GATED:
+        tl.store(OUT + (b * H + h) * P + offs_p, acc.to(OUT.dtype.element_ty), mask=mask_p)
+
+
+def _warps(block_p: int, block_n: int) -> int:
+    """About 32 state elements per thread: enough bytes in flight per warp, few registers."""
+    return max(1, min(16, block_p * block_n // 1024))
+
+
+def _contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"mamba3 decode step: {name} must be contiguous (it is updated in place)")
+
+
+def mamba3_step_triton(
+    inputs: StepInputs,
+    state: Mamba3State,
+    weights: StepWeights,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused step; same contract as :func:`.reference.mamba3_step_reference`.
+
+    Inputs may be strided views of ``in_proj``'s output (their last axis contiguous), so the
+    layer passes its split without copies. ``out`` (optional, for tests that poison it) must have
+    the output's shape: (B, H, P) in x's dtype with ``z``, else (B, R, H, P) float32.
+    """
+    w = weights
+    x, z, bk, cq, dd_dt, dd_a, trap, angles = inputs
+    batch, nheads, headdim = x.shape
+    _, rank, ngroups, dstate = bk.shape
+    n_angles = 0 if angles is None else angles.shape[-1]
+    for name, t in zip(Mamba3State._fields, state, strict=True):
+        _contiguous(f"state.{name}", t)
+    for name, t in (("x", x), ("bk", bk), ("cq", cq)) + ((("z", z),) if z is not None else ()):
+        if t.stride(-1) != 1:
+            raise ValueError(f"mamba3 decode step: {name} needs a contiguous last axis")
+    gated = z is not None
+    shape = (batch, nheads, headdim) if gated else (batch, rank, nheads, headdim)
+    dtype = x.dtype if gated else torch.float32
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=x.device)
+    elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"mamba3 decode step: out must be contiguous {shape} {dtype}")
+    zz = z if gated else x
+    tr = trap if trap is not None else dd_dt
+    an = angles if angles is not None else dd_dt
+    angle_arg = state.angle if angles is not None else dd_dt  # (B, H, 0) may have no storage
+    params = [w.dt_bias, w.B_bias, w.C_bias, w.B_norm, w.C_norm]
+    optional = (w.D, w.mimo_x, w.mimo_z, w.mimo_o, w.out_norm)
+    params += [t if t is not None else w.dt_bias for t in optional]
+    norm = NORM_MODES[w.out_norm_mode] if w.out_norm is not None else 0
+    if norm and not gated:
+        raise ValueError("mamba3 decode step: an output norm needs z (the gate)")
+    block_p, block_n = triton.next_power_of_2(headdim), triton.next_power_of_2(dstate)
+    mamba3_step_kernel[(batch * nheads,)](
+        x, zz, bk, cq, dd_dt, dd_a, tr, an,
+        x.stride(0), x.stride(1), zz.stride(0), zz.stride(1),
+        bk.stride(0), bk.stride(1), bk.stride(2), cq.stride(0), cq.stride(1), cq.stride(2),
+        dd_dt.stride(0), dd_dt.stride(1), dd_a.stride(0), dd_a.stride(1),
+        tr.stride(0), tr.stride(1), an.stride(0), an.stride(-1),
+        angle_arg, state.ssm, state.k, state.v, *params, out,
+        float(w.a_floor), float(w.norm_eps),
+        H=nheads, G=ngroups, R=rank, P=headdim, N=dstate, S=max(n_angles, 1),
+        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(max(n_angles, 1)),
+        HEAVY_TAIL=w.a_activation == "heavy_tail", HAS_TRAP=trap is not None,
+        HAS_ANG=angles is not None, HALVES=w.pairing == "halves", HAS_D=w.D is not None,
+        HAS_MX=w.mimo_x is not None, GATED=gated, HAS_MZ=w.mimo_z is not None,
+        HAS_MO=w.mimo_o is not None, NORM=norm,
+        num_warps=_warps(block_p, block_n), num_stages=1,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,88 @@
+"""The one dispatch point for RMSNorm and the gated (grouped) RMSNorm of the Mamba-3 output.
+
+Layers call :func:`rms_norm` and :func:`gated_rms_norm`, never a kernel. ``backend``:
+
+* ``torch``: :mod:`.reference` (plain torch in float32/64);
+* ``triton``: the fused kernels of :mod:`.triton_kernels` (forward and backward), as custom ops
+  under ``torch.compile`` (:mod:`.op`);
+* ``auto``: ``triton`` for CUDA tensors in eager mode (the torch formula is ~8 kernels forward
+  and more backward there, each a full pass over the activations), ``torch`` on CPU, for
+  float64, for groups wider than the kernels' tile, and under ``torch.compile``, where Inductor
+  already fuses the torch formula into one kernel *together with* its neighbours (the residual
+  add before the norm, the casts after it) and an opaque custom op would block that fusion.
+  Pass ``backend="triton"`` to force the kernels under compile too (what the benchmark's A/B
+  run does).
+
+Semantics of every backend: statistics in float32 (float64 for float64 inputs); RMSNorm
+returns the input dtype, the gated norm returns float32 (float64).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from hybridkit.kernels.norm.reference import gated_rms_norm_reference, rms_norm_reference
+
+__all__ = ["BACKENDS", "gated_rms_norm", "resolve_backend", "rms_norm"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+#: whether Triton can be imported at all (CPU-only installs may lack it); fixed per process
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+#: widest normalised group the Triton tile holds (mirrors triton_kernels.MAX_GROUP, which
+#: cannot be imported without Triton)
+_MAX_GROUP = 8192
+
+
+def resolve_backend(backend: str, x: torch.Tensor, group_size: int) -> str:
+    """The backend that runs for ``backend`` on ``x`` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown norm backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    usable = (
+        _HAVE_TRITON
+        and x.is_cuda
+        and x.dtype != torch.float64
+        and group_size <= _MAX_GROUP
+        and not torch.compiler.is_compiling()
+    )
+    return "triton" if usable else "torch"
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``x / sqrt(mean(x^2, -1) + eps) * weight`` (statistics in float32/64), x's dtype out."""
+    if weight is None or resolve_backend(backend, x, x.shape[-1]) == "torch":
+        return rms_norm_reference(x, weight, eps)
+    from hybridkit.kernels.norm.op import fused_norm
+
+    return fused_norm(x, None, weight, x.shape[-1], eps, False, False)
+
+
+def gated_rms_norm(
+    y: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    group_size: int,
+    eps: float,
+    norm_before_gate: bool,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Gated RMSNorm over groups of ``group_size`` channels (:mod:`.reference` has the formula);
+    float32 (float64) out."""
+    if y.shape != z.shape:
+        raise ValueError(f"gated norm: y {tuple(y.shape)} and z {tuple(z.shape)} differ")
+    if y.shape[-1] % group_size:
+        raise ValueError(f"gated norm: {y.shape[-1]} channels do not split into {group_size}s")
+    if resolve_backend(backend, y, group_size) == "torch":
+        return gated_rms_norm_reference(y, z, weight, group_size, eps, norm_before_gate)
+    from hybridkit.kernels.norm.op import fused_norm
+
+    # float32 out, as the reference (float64 inputs never reach the kernels)
+    return fused_norm(y, z, weight, group_size, eps, norm_before_gate, True)

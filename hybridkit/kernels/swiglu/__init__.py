@@ -1,0 +1,43 @@
+"""The one dispatch point for the SwiGLU activation ``value * silu(gate)`` of ``[value | gate]``.
+
+``backend``: ``torch`` (two torch ops), ``triton`` (:mod:`.triton_kernels`, forward and
+backward fused; custom ops under ``torch.compile``), or ``auto``: ``triton`` for CUDA tensors
+in eager mode, ``torch`` on CPU, for float64 and under ``torch.compile`` (Inductor fuses the
+two ops itself, together with their neighbours), as for :mod:`hybridkit.kernels.norm`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BACKENDS", "resolve_backend", "swiglu"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+#: whether Triton can be imported at all (CPU-only installs may lack it); fixed per process
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, h: torch.Tensor) -> str:
+    """The backend that runs for ``backend`` on ``h`` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown SwiGLU backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    usable = _HAVE_TRITON and h.is_cuda and h.dtype != torch.float64
+    return "triton" if usable and not torch.compiler.is_compiling() else "torch"
+
+
+def swiglu(h: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``h`` (..., 2F) = ``[value | gate]`` -> ``value * silu(gate)`` (..., F) in h's dtype."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu: last axis {h.shape[-1]} is not [value | gate] (odd)")
+    if resolve_backend(backend, h) == "torch":
+        value, gate = h.chunk(2, dim=-1)
+        return value * F.silu(gate)
+    from hybridkit.kernels.swiglu.op import fused_swiglu
+
+    return fused_swiglu(h)

@@ -1,0 +1,210 @@
+"""Fast generation (``hybridkit.generation``): the static cache, the runner, sampling.
+
+CPU: the static decode step (fixed-size KV rings with a device position, Mamba-3 states in place)
+reproduces the full forward in float64 for every layer kind, including sliding windows whose ring
+wraps and prompts shorter and longer than the window; padding a batch to its bucket changes
+nothing; EOS stops. GPU (``-m gpu``): tokens through the captured CUDA graph equal the eager
+step's, greedy and sampled, and the static step's logits stay within bf16 tolerance of the
+forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridkit import build_model
+from hybridkit.check import _perturb_constant_params
+from hybridkit.generation import DecodeRunner, Sampling, batch_bucket, generate, sample
+from tests.helpers import attn_block, mamba_block, rel_err, tiny_recipe
+
+EVERY_KIND = dict(
+    s=mamba_block(),
+    m=mamba_block(mimo_rank=2, outproj_norm="grouped_pregate"),
+    r=mamba_block(rope=False, trapezoid=False, ngroups=2),
+    a=attn_block(position="rope", n_kv_heads=1),
+    w=attn_block(window=3, n_heads=4, n_kv_heads=2, position="rope"),
+)
+
+
+def _model(dtype=torch.float64, device="cpu", layout="s a m w r"):
+    model = build_model(tiny_recipe(layout, **EVERY_KIND), seed=0, dtype=dtype, device=device)
+    _perturb_constant_params(model, torch.Generator(device="cpu").manual_seed(1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("prefill", [1, 2, 5, 8])
+def test_static_decode_equals_forward_every_layer_kind(prefill, one_thread):
+    """Prefill, switch to the static form, step the rest: the logits equal the forward's."""
+    model = _model()
+    ids = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        want = model(ids)
+        cache = model.allocate_cache(2, ids.shape[1])
+        got = [model(ids[:, :prefill], cache=cache)]
+        position = torch.zeros(1, dtype=torch.long)
+        cache.make_static(position)
+        for t in range(prefill, ids.shape[1]):
+            got.append(model.step(ids[:, t], cache)[:, None])
+    assert int(position) == ids.shape[1]
+    assert rel_err(torch.cat(got, dim=1), want) < 1e-10
+
+
+def test_runner_greedy_is_the_forward_argmax_and_padding_changes_nothing(one_thread):
+    model = _model()
+    ids = torch.randint(0, 64, (3, 4))
+    out = generate(model, ids, 6, sampling=Sampling(temperature=0))
+    assert batch_bucket(3) == 4 and batch_bucket(1) == 1 and batch_bucket(16) == 16
+    with torch.no_grad():
+        logits = model(out[:, :-1])
+    assert torch.equal(logits[:, 3:].argmax(-1), out[:, 4:])
+    for row in range(3):
+        alone = generate(model, ids[row : row + 1], 6, sampling=Sampling(temperature=0))
+        assert torch.equal(alone[0], out[row])
+
+
+def test_runner_reuses_its_tensors_across_prompts(one_thread):
+    """A second prefill resets the cache in place: same results as a fresh runner."""
+    model = _model()
+    a, b = torch.randint(0, 64, (2, 2, 5))
+    runner = DecodeRunner(model, 2, 12, 7, Sampling(temperature=1.0, top_k=5), seed=3)
+    ptrs = [t.data_ptr() for t in runner.cache.layers[0]]
+    runner.prefill(a)
+    runner.decode(7)
+    runner.prefill(b)
+    runner.decode(7)
+    second = runner.tokens.clone()
+    fresh = DecodeRunner(model, 2, 12, 7, Sampling(temperature=1.0, top_k=5), seed=3)
+    fresh.prefill(b)
+    fresh.decode(7)
+    assert torch.equal(second, fresh.tokens)
+    assert ptrs == [t.data_ptr() for t in runner.cache.layers[0]]
+    with pytest.raises(ValueError, match="new tokens per prompt"):
+        runner.decode(1)  # the token buffer is full until the next prefill
+
+
+def test_eos_stops_and_fills():
+    model = _model(layout="s a")
+    ids = torch.randint(0, 64, (2, 3))
+    free = generate(model, ids, 40, sampling=Sampling(temperature=0))
+    eos = int(free[0, 4])  # the second token of sequence 0
+    out = generate(model, ids, 40, sampling=Sampling(temperature=0, eos_id=eos))
+    first = (out[0, 3:] == eos).nonzero()[0, 0]
+    assert (out[0, 3 + first :] == eos).all()
+    assert torch.equal(out[:, : 3 + first + 1], free[:, : 3 + first + 1])
+
+
+def test_gumbel_sampling_follows_the_distribution():
+    """Gumbel-max draws from softmax(logits / T); top-k never leaves the top k."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(20000, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits, Sampling(temperature=1.0), gen)
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    assert (freq - torch.softmax(logits[0].double(), -1)).abs().max() < 0.02
+    top = sample(logits, Sampling(temperature=2.0, top_k=2), gen)
+    assert set(top.unique().tolist()) == {1, 2}
+    assert torch.equal(sample(logits[:3], Sampling(temperature=0)), torch.tensor([2, 2, 2]))
+
+
+def test_bf16_state_runs_and_stays_close():
+    """The opt-in bf16 Mamba-3 state: same tokens' logits within bf16 rounding of fp32's."""
+    model = _model(dtype=torch.float32, layout="s m")
+    ids = torch.randint(0, 64, (2, 4))
+    runs = {}
+    for dt in (None, torch.bfloat16):
+        runner = DecodeRunner(model, 2, 24, 20, Sampling(temperature=0), ssm_dtype=dt)
+        assert runner.cache.layers[0].ssm.dtype == (dt or torch.float32)
+        runner.prefill(ids)
+        runner.decode(20)
+        runs[dt] = runner.logits.clone()
+    assert rel_err(runs[torch.bfloat16], runs[None]) < 5e-2
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_graph_equals_eager_tokens(temperature):
+    """512 tokens in bf16 through the CUDA graph equal the eager step's, token for token."""
+    model = _model(dtype=torch.bfloat16, device="cuda", layout="s a m w r")
+    ids = torch.randint(0, 64, (4, 16), device="cuda")
+    sampling = Sampling(temperature=temperature, top_k=20 if temperature else None)
+    graph = generate(model, ids, 512, sampling=sampling, seed=5, use_graph=True)
+    eager = generate(model, ids, 512, sampling=sampling, seed=5, use_graph=False)
+    assert torch.equal(graph, eager)
+
+
+@pytest.mark.gpu
+def test_compiled_step_in_the_graph_equals_eager_tokens():
+    """``compile_step`` on the GPU: torch.compile around the Triton step, inside our graph.
+    fp32, and only the first 16 tokens: fused element-wise ops may round differently, and a
+    random tiny model's near-ties would then flip a later greedy choice."""
+    model = _model(dtype=torch.float32, device="cuda", layout="s a m w")
+    ids = torch.randint(0, 64, (4, 16), device="cuda")
+    runs = []
+    for compiled, graph in ((False, False), (True, True)):
+        runner = DecodeRunner(
+            model, 4, 16 + 64, 64, Sampling(temperature=0), use_graph=graph, compile_step=compiled
+        )
+        assert (runner.graph is not None) == graph
+        runner.prefill(ids)
+        runner.decode(64)
+        runs.append(runner.tokens.clone())
+    assert torch.equal(runs[0][:, :16], runs[1][:, :16])
+
+
+@pytest.mark.gpu
+def test_static_step_logits_match_forward_bf16():
+    model = _model(dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, 64, (4, 40), device="cuda")
+    with torch.no_grad():
+        want = model(ids).float()
+        cache = model.allocate_cache(4, ids.shape[1])
+        got = [model(ids[:, :17], cache=cache)]
+        cache.make_static(torch.zeros(1, dtype=torch.long, device="cuda"))
+        got += [model.step(ids[:, t], cache)[:, None] for t in range(17, ids.shape[1])]
+    assert rel_err(torch.cat(got, dim=1).float(), want) < 3e-2
+
+
+def test_cli_bench_decode_writes_json_and_markdown(tmp_path, capsys):
+    import json
+
+    from hybridkit.cli import main
+
+    out = tmp_path / "bench" / "decode"
+    argv = ["bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1,2"]
+    argv += ["--prompt", "5", "--new", "4", "--drift-tokens", "3", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    row = result["rows"][1]
+    assert row["tokens_per_s"] > 0 and row["floor_ms"] > 0
+    assert row["ratio_to_floor"] == pytest.approx(row["ms_per_step"] / row["floor_ms"])
+    assert set(row["bytes_per_step"]) == {"weights", "mamba3_state", "kv"}
+    assert row["bytes_per_step"]["mamba3_state"] > 0 and row["bytes_per_step"]["kv"] > 0
+    assert result["drift"]["tokens"] == 3 and {"torch", "triton"} <= set(result["versions"])
+    assert "| batch |" in out.with_suffix(".md").read_text()
+    assert "Decoding throughput" in capsys.readouterr().out
+
+
+def test_cli_bench_decode_rejects_bad_batches(cli_error):
+    assert "--batch" in cli_error(
+        "bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1,x"
+    )
+    assert "--batch" in cli_error(
+        "bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "0"
+    )
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_same_tokens():
+    """``compile_step``: torch.compile of the step (static cache, in-place updates) changes
+    nothing in float64 greedy decoding."""
+    model = _model(layout="s a w")
+    ids = torch.randint(0, 64, (2, 5))
+    runs = []
+    for compiled in (False, True):
+        runner = DecodeRunner(model, 2, 13, 8, Sampling(temperature=0), compile_step=compiled)
+        runner.prefill(ids)
+        runner.decode(8)
+        runs.append(runner.tokens.clone())
+    assert torch.equal(runs[0], runs[1])

@@ -1,0 +1,204 @@
+"""Chunked linear cross-entropy (``hybridkit.kernels.loss``) against ``F.cross_entropy`` of the
+full logits: loss and both gradients in float64, ignored rows, label smoothing, a tied head, and
+under ``torch.compile``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridkit.kernels.loss import cross_entropy_sum, linear_cross_entropy
+from tests.helpers import rel_err
+
+F64 = torch.float64
+
+
+def _inputs(tokens=37, dim=8, vocab=29, ignore_every=5):
+    hidden = torch.randn(tokens, dim, dtype=F64, requires_grad=True)
+    weight = torch.randn(vocab, dim, dtype=F64, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    targets[::ignore_every] = -100
+    return hidden, weight, targets
+
+
+def _reference(hidden, weight, targets, smoothing=0.0):
+    return F.cross_entropy(
+        hidden @ weight.t(), targets, ignore_index=-100, reduction="sum", label_smoothing=smoothing
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 37, 64])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_matches_full_logits_in_float64(chunk, smoothing):
+    hidden, weight, targets = _inputs()
+    ref = _reference(hidden, weight, targets, smoothing)
+    g_ref = torch.autograd.grad(ref * 0.7, (hidden, weight))
+    got = linear_cross_entropy(
+        hidden, weight, targets, chunk_tokens=chunk, label_smoothing=smoothing
+    )
+    g_got = torch.autograd.grad(got * 0.7, (hidden, weight))
+    assert got.dtype == F64
+    assert abs(got.item() - ref.item()) < 1e-10 * abs(ref.item())
+    for a, b in zip(g_got, g_ref, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_ignored_rows_get_no_gradient_and_all_ignored_gives_zero():
+    hidden, weight, targets = _inputs()
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens=8)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert torch.all(grad[targets == -100] == 0)
+    everything_ignored = torch.full_like(targets, -100)
+    zero = linear_cross_entropy(hidden, weight, everything_ignored, chunk_tokens=8)
+    assert zero.item() == 0.0
+
+
+def test_tied_embedding_gradients_add_up():
+    """A tied head: the weight gets the embedding's gradient plus the head's, as with logits."""
+    vocab, dim = 23, 6
+    table = torch.randn(vocab, dim, dtype=F64, requires_grad=True)
+    ids = torch.randint(0, vocab, (2, 9))
+    targets = torch.randint(0, vocab, (2, 9))
+
+    def loss(fn):
+        hidden = torch.tanh(F.embedding(ids, table))
+        return fn(hidden, table, targets)
+
+    ref = loss(lambda h, w, t: _reference(h.reshape(-1, dim), w, t.reshape(-1)))
+    got = loss(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_tokens=4))
+    (g_ref,) = torch.autograd.grad(ref, table)
+    (g_got,) = torch.autograd.grad(got, table)
+    assert rel_err(g_got, g_ref) < 1e-12
+
+
+def test_float32_logits_stay_float32_and_plain_path_agrees():
+    hidden, weight, targets = (
+        t.detach().float() if t.is_floating_point() else t for t in _inputs()
+    )
+    chunked = cross_entropy_sum(hidden, weight, targets, chunk_tokens=5)
+    plain = cross_entropy_sum(hidden, weight, targets, chunk_tokens=None)
+    assert chunked.dtype == torch.float32
+    assert abs(chunked.item() - plain.item()) < 1e-5 * abs(plain.item())
+
+
+def test_bad_arguments_are_rejected():
+    hidden, weight, targets = _inputs()
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        linear_cross_entropy(hidden, weight, targets, chunk_tokens=0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(hidden, weight, targets, chunk_tokens=4, label_smoothing=2.0)
+
+
+@pytest.mark.parametrize(
+    ("backend", "fullgraph"),
+    [
+        ("aot_eager", False),
+        ("aot_eager", True),
+        pytest.param("inductor", True, marks=pytest.mark.slow),
+    ],
+)
+def test_compiles_and_matches_eager(backend, fullgraph):
+    torch._dynamo.reset()
+    hidden, weight, targets = (
+        t.detach().float().requires_grad_() if t.is_floating_point() else t for t in _inputs()
+    )
+
+    def fn(h, w, t):
+        return linear_cross_entropy(h, w, t, chunk_tokens=16)
+
+    eager = fn(hidden, weight, targets)
+    g_eager = torch.autograd.grad(eager, (hidden, weight))
+    compiled = torch.compile(fn, fullgraph=fullgraph, backend=backend)(hidden, weight, targets)
+    g_comp = torch.autograd.grad(compiled, (hidden, weight))
+    assert abs(compiled.item() - eager.item()) < 1e-5 * abs(eager.item())
+    for a, b in zip(g_comp, g_eager, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_model_training_path_matches_logits_then_cross_entropy():
+    """``model(ids, targets=...)`` is the summed F.cross_entropy of ``model(ids)``, chunked or not,
+    with ignored positions; and it refuses a cache (the loss is a training-only path)."""
+    from hybridkit import build_model
+    from tests.helpers import tiny_recipe
+
+    model = build_model(tiny_recipe("m a", d_model=16, vocab=64), seed=0).double()
+    ids = torch.randint(0, 64, (2, 11))
+    targets = torch.randint(0, 64, (2, 11))
+    targets[:, :3] = -100
+    logits = model(ids)
+    ref = F.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1), reduction="sum")
+    for chunk in (None, 5):
+        model.loss_chunk_tokens = chunk
+        got = model(ids, targets=targets)
+        assert abs(got.item() - ref.item()) < 1e-6 * ref.item()
+    with pytest.raises(ValueError, match="targets"):
+        model(ids, targets=targets, cache=model.allocate_cache(2, 11))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_with_chunked_loss_compiles_fullgraph(checkpointing):
+    from hybridkit import build_model
+    from tests.helpers import attn_block, mamba_block, tiny_recipe
+
+    torch._dynamo.reset()
+    recipe = tiny_recipe("a a", d_model=16, vocab=64, a=attn_block(), m=mamba_block())
+    model = build_model(recipe, seed=0)
+    model.loss_chunk_tokens, model.activation_checkpointing = 5, checkpointing
+    ids, targets = torch.randint(0, 64, (2, 11)), torch.randint(0, 64, (2, 11))
+    targets[0, :4] = -100
+    eager = model(ids, targets=targets)
+    g_eager = torch.autograd.grad(eager, list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, targets=targets)
+    g_comp = torch.autograd.grad(compiled, list(model.parameters()))
+    assert rel_err(compiled, eager) < 1e-5
+    for a, b in zip(g_comp, g_eager, strict=True):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_autocast_chunks_run_in_the_autocast_dtype_and_compile():
+    """Under bf16 autocast the chunks' logits are bf16 like ``lm_head``'s would be (loss within
+    bf16 noise of the float32 one), eager and under ``fullgraph=True`` alike."""
+    torch._dynamo.reset()
+    hidden = torch.randn(37, 8, requires_grad=True)
+    weight = torch.randn(29, 8, requires_grad=True)
+    targets = torch.randint(0, 29, (37,))
+
+    def fn(h, w, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_cross_entropy(h, w, t, chunk_tokens=16)
+
+    eager = fn(hidden, weight, targets)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(hidden, weight, targets)
+    full = _reference(hidden, weight, targets)
+    assert eager.dtype == torch.float32 and compiled.item() == eager.item()
+    assert abs(eager.item() - full.item()) < 2e-2 * abs(full.item())
+    grads = torch.autograd.grad(eager, (hidden, weight))
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_loss_matches_full_logits_at_the_400m_head_and_saves_memory():
+    """16384 tokens x 32000 vocabulary x 1024 channels in bf16 autocast: loss and gradients as
+    the full-logits path, and far less peak memory (the logits never exist in float32)."""
+    tokens, vocab, dim = 16384, 32000, 1024
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden0 = torch.randn(tokens, dim, device="cuda", generator=g)
+    weight0 = torch.randn(vocab, dim, device="cuda", generator=g) * dim**-0.5
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+    results = {}
+    for chunk in (None, 4096):
+        hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cross_entropy_sum(hidden, weight, targets, chunk_tokens=chunk)
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        results[chunk] = (loss.detach(), hidden.grad, weight.grad, peak)
+    (l0, dh0, dw0, peak0), (l1, dh1, dw1, peak1) = results[None], results[4096]
+    assert rel_err(l1, l0) < 1e-3
+    assert rel_err(dh1, dh0) < 2e-2 and rel_err(dw1, dw0) < 2e-2
+    assert peak1 < 0.5 * peak0, (peak1 / 1e9, peak0 / 1e9)

@@ -1,0 +1,230 @@
+"""Fused Triton norms (``hybridkit.kernels.norm``) against the float64 torch formulas.
+
+CPU CI runs the unmarked tests under ``TRITON_INTERPRET=1`` at tiny shapes (``make test`` sets
+it; torch >= 2.13 imports Triton with torch, so setting it here is only a fallback); outputs and
+gradients are compared by relative norm error, with the kernels' output buffers poisoned with
+NaN first so that an unwritten element cannot pass. ``pytest -m gpu`` runs the same checks at
+the 400M model's shapes, in bf16, and under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be chosen before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from hybridkit.kernels import norm as norm_ops  # noqa: E402
+from hybridkit.kernels.norm.reference import (  # noqa: E402
+    gated_rms_norm_reference,
+    rms_norm_reference,
+)
+from tests.helpers import rel_err  # noqa: E402
+
+F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """The kernels' output buffers (out, rstd, dx, dz) hold NaN until the kernels write them."""
+    from hybridkit.kernels.norm import op
+
+    real_forward, real_backward = op.norm_forward, op.norm_backward
+
+    def forward(x, z, weight, out, rstd, *rest):
+        out.fill_(float("nan")), rstd.fill_(float("nan"))
+        return real_forward(x, z, weight, out, rstd, *rest)
+
+    def backward(dout, x, z, weight, rstd, dx, dz, *rest):
+        dx.fill_(float("nan"))
+        if dz is not None:
+            dz.fill_(float("nan"))
+        return real_backward(dout, x, z, weight, rstd, dx, dz, *rest)
+
+    monkeypatch.setattr(op, "norm_forward", forward)
+    monkeypatch.setattr(op, "norm_backward", backward)
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=g, dtype=F64).to(out.device, out.dtype)
+    return torch.autograd.grad(out, inputs, dout, allow_unused=True)
+
+
+def _leaf(t, dtype=torch.float32):
+    return t.to(DEVICE, dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 24), (1, 1, 7), (2, 33)])
+def test_rms_norm_matches_float64(shape, poisoned_empty):
+    x64, w64 = torch.randn(shape, dtype=F64), 1 + 0.1 * torch.randn(shape[-1], dtype=F64)
+    x, w = _leaf(x64), _leaf(w64)
+    out = norm_ops.rms_norm(x, w, 1e-5, backend="triton")
+    ref = rms_norm_reference(x64.requires_grad_(), w64.requires_grad_(), 1e-5)
+    assert out.dtype == x.dtype and out.shape == x.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-6
+    for got, want in zip(_grads(out, (x, w)), _grads(ref, (x64, w64)), strict=True):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("pre_gate", [True, False])
+@pytest.mark.parametrize(("dim", "group"), [(24, 8), (24, 24), (20, 5)])
+def test_gated_norm_matches_float64(pre_gate, dim, group, poisoned_empty):
+    y64, z64 = torch.randn(2, 3, dim, dtype=F64), torch.randn(2, 3, dim, dtype=F64)
+    w64 = 1 + 0.1 * torch.randn(dim, dtype=F64)
+    y, z, w = _leaf(y64), _leaf(z64), _leaf(w64)
+    out = norm_ops.gated_rms_norm(
+        y, z, w, group_size=group, eps=1e-5, norm_before_gate=pre_gate, backend="triton"
+    )
+    leaves64 = [t.requires_grad_() for t in (y64, z64, w64)]
+    ref = gated_rms_norm_reference(*leaves64, group, 1e-5, pre_gate)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-6
+    for got, want in zip(_grads(out, (y, z, w)), _grads(ref, leaves64), strict=True):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
+
+
+def test_strided_views_and_low_precision_inputs():
+    """The Mamba-3 layer hands in ``z`` as a strided slice of ``in_proj``'s output, in bf16."""
+    packed = torch.randn(2, 5, 3 * 16, dtype=F64)
+    y64, z64 = packed[..., :16], packed[..., 16:32]  # row stride 48, unit column stride
+    w64 = torch.ones(16, dtype=F64)
+    y, z = _leaf(y64, torch.bfloat16), _leaf(z64, torch.bfloat16)
+    w = _leaf(w64)
+    out = norm_ops.gated_rms_norm(
+        y, z, w, group_size=8, eps=1e-5, norm_before_gate=True, backend="triton"
+    )
+    ref = gated_rms_norm_reference(y.detach().double(), z.detach().double(), w64, 8, 1e-5, True)
+    assert rel_err(out, ref) < 1e-5
+    dy, dz, dw = _grads(out, (y, z, w))
+    assert dy.dtype == dz.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    assert all(torch.isfinite(g.float()).all() for g in (dy, dz, dw))
+
+
+def test_empty_input_and_dispatch_rules():
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE, requires_grad=True)
+    out = norm_ops.rms_norm(x, w, 1e-5, backend="triton")
+    out.sum().backward()
+    assert out.shape == (0, 8) and w.grad is not None and torch.all(w.grad == 0)
+    cpu = torch.randn(2, 8)
+    assert norm_ops.resolve_backend("auto", cpu, 8) == "torch"
+    assert norm_ops.resolve_backend("auto", cpu.double(), 8) == "torch"
+    with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
+        norm_ops.resolve_backend("cuda", cpu, 8)
+    with pytest.raises(ValueError, match="do not split"):
+        norm_ops.gated_rms_norm(cpu, cpu, w, group_size=3, eps=1e-5, norm_before_gate=True)
+
+
+def test_custom_op_fake_impls_match_the_real_ones():
+    """``torch.library.opcheck``: fake shapes/strides/dtypes, autograd registration, schema."""
+    y = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    z = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for args in ((y, z, w, 8, 1e-5, True, True), (y, None, w, 16, 1e-5, False, False)):
+        torch.library.opcheck(torch.ops.hybridkit.fused_norm_fwd.default, args, test_utils=checks)
+
+
+def test_compiles_fullgraph_with_the_custom_op():
+    torch._dynamo.reset()
+    y = torch.randn(2, 3, 16, device=DEVICE, dtype=F64).float().requires_grad_()
+    z = torch.randn(2, 3, 16, device=DEVICE).requires_grad_()
+    w = (1 + 0.1 * torch.randn(16, device=DEVICE)).requires_grad_()
+
+    def fn(y, z, w):
+        h = norm_ops.rms_norm(y, w, 1e-5, backend="triton")
+        return norm_ops.gated_rms_norm(
+            h, z, w, group_size=8, eps=1e-5, norm_before_gate=True, backend="triton"
+        )
+
+    eager = fn(y, z, w)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(y, z, w)
+    assert rel_err(compiled, eager) < 1e-6
+    for a, b in zip(_grads(compiled, (y, z, w)), _grads(eager, (y, z, w)), strict=True):
+        assert rel_err(a, b) < 1e-6
+
+
+def _set_norm_backend(model: torch.nn.Module, backend: str) -> None:
+    from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
+
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, GatedRMSNorm)):
+            module.backend = backend
+
+
+def test_model_with_triton_norms_matches_torch_norms():
+    """Every norm of a tiny hybrid (block norms, BCNorm, the grouped pre-gate output norm) through
+    the kernels: same loss and gradients as through torch."""
+    from hybridkit import build_model
+    from tests.helpers import attn_block, mamba_block, tiny_recipe
+
+    m, a = mamba_block(outproj_norm="grouped_pregate"), attn_block(qk_norm=True)
+    recipe = tiny_recipe("m a", d_model=16, vocab=32, m=m, a=a)
+    model = build_model(recipe, seed=0)
+    ids = torch.randint(0, 32, (2, 9))
+    results = {}
+    for backend in ("torch", "triton"):
+        _set_norm_backend(model, backend)
+        model.zero_grad()
+        loss = model(ids, targets=ids)
+        loss.backward()
+        results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    (l_ref, g_ref), (l_got, g_got) = results["torch"], results["triton"]
+    assert rel_err(l_got, l_ref) < 1e-6
+    for got, want in zip(g_got, g_ref, strict=True):
+        assert rel_err(got, want) < 1e-4
+
+
+# --- GPU: real shapes, bf16, the model, Inductor ----------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("rows", "dim", "group", "gated"),
+    [(16384, 1024, 1024, False), (16384, 128, 128, False), (16384, 2048, 64, True),
+     (4096, 2048, 2048, True), (1000, 2048, 64, True)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_real_shapes(rows, dim, group, gated, dtype):
+    y64 = torch.randn(rows, dim, dtype=F64, device="cuda")
+    z64 = torch.randn(rows, dim, dtype=F64, device="cuda")
+    w64 = 1 + 0.1 * torch.randn(dim, dtype=F64, device="cuda")
+    y, z, w = y64.to(dtype).requires_grad_(), z64.to(dtype).requires_grad_(), _leaf(w64)
+    yr, zr = y.detach().double().requires_grad_(), z.detach().double().requires_grad_()
+    wr = w64.clone().requires_grad_()
+    if gated:
+        out = norm_ops.gated_rms_norm(
+            y, z, w, group_size=group, eps=1e-5, norm_before_gate=True, backend="triton"
+        )
+        ref = gated_rms_norm_reference(yr, zr, wr, group, 1e-5, True)
+        inputs, refs = (y, z, w), (yr, zr, wr)
+    else:
+        out = norm_ops.rms_norm(y, w, 1e-5, backend="triton")
+        ref = rms_norm_reference(yr, wr, 1e-5)
+        inputs, refs = (y, w), (yr, wr)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out, ref) < tol
+    for got, want in zip(_grads(out, inputs), _grads(ref, refs), strict=True):
+        assert rel_err(got, want) < tol
+
+
+@pytest.mark.gpu
+def test_gpu_model_compiles_fullgraph_with_triton_norms():
+    from hybridkit import build_model
+    from tests.helpers import attn_block, mamba_block, tiny_recipe
+
+    torch._dynamo.reset()
+    m = mamba_block(outproj_norm="grouped_pregate", d_state=32, headdim=32, chunk_size=64)
+    recipe = tiny_recipe("m a", d_model=64, vocab=128, m=m, a=attn_block(qk_norm=True))
+    model = build_model(recipe, seed=0).cuda()
+    _set_norm_backend(model, "triton")
+    ids = torch.randint(0, 128, (2, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(ids, targets=ids)
+        compiled = torch.compile(model, fullgraph=True)(ids, targets=ids)
+    assert abs(compiled.item() - eager.item()) < 1e-2 * abs(eager.item())
