@@ -34,7 +34,8 @@ def qkv(b, lq, lk, h, hk, d, dtype=torch.float64, device="cpu", grad=False) -> l
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     """Relative error of ``a`` in norm against the reference ``b`` (absolute when ``b`` is zero)."""
-    a, b = a.detach().double(), b.detach().double()
+    # the reference may live on another device (a float64 CPU reference of a GPU kernel)
+    a, b = a.detach().double(), b.detach().double().to(a.device)
     denom = b.norm().item()
     diff = (a - b).norm().item()
     return diff / denom if denom > 0 else diff
@@ -44,7 +45,7 @@ def angle_err(a: Tensor, b: Tensor) -> float:
     """Max difference of two angles modulo 2 pi (the representative may legitimately differ)."""
     if a.numel() == 0:
         return 0.0
-    d = torch.remainder(a.double() - b.double() + math.pi, 2 * math.pi) - math.pi
+    d = torch.remainder(a.double() - b.double().to(a.device) + math.pi, 2 * math.pi) - math.pi
     return d.abs().max().item()
 
 

@@ -220,9 +220,10 @@ def _expand_rows2(x, R: tl.constexpr):
     if R == 1:
         return x
     else:
-        C: tl.constexpr = x.shape[0]
-        K: tl.constexpr = x.shape[1]
-        return tl.reshape(tl.broadcast_to(x[:, None, :], (C, R, K)), (C * R, K))
+        return tl.reshape(
+            tl.broadcast_to(x[:, None, :], (x.shape[0], R, x.shape[1])),
+            (x.shape[0] * R, x.shape[1]),
+        )
 
 
 @triton.jit
