@@ -135,5 +135,9 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group together: a rank that tore gloo down while rank 0 was still
+    writing its report aborted in gloo's threads ("terminate called without an active
+    exception", SIGABRT) in the CPU test of ``bench train`` under torchrun."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
