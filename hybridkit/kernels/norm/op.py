@@ -4,8 +4,8 @@
 ops whose fake implementations give exactly the shapes, dtypes and strides the kernels return
 (fresh contiguous tensors), so Dynamo traces a model without graph breaks. Eager calls go
 through :class:`FusedNormFunction` instead, the same kernels without the dispatcher's
-per-call cost (the model calls a norm ~100 times per step; see ``siso/op.py`` for the same
-choice and its measurement).
+per-call cost (the model calls a norm ~100 times per step; see ``mamba3/chunkscan/op.py`` for
+the same choice and its measurement).
 """
 
 from __future__ import annotations
