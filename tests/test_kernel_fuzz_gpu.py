@@ -1,7 +1,8 @@
 """GPU fuzz of the Triton Mamba-3 scan against the float64 chunked path, and 64-bit offsets.
 
 Each fuzz case is drawn from its seed (batch, length, heads, groups, sizes, rotation, trapezoid,
-chunk, precision, packing, initial state, with or without backward), runs through the dispatch
+chunk, precision, packing, initial state, with or without backward; SISO, and from seed 1000 on
+MIMO ranks 2 / 4 / 8 with the "halves" pairing), runs through the dispatch
 point with ``backend="triton"`` and is compared with :func:`mamba3_scan_chunked` on float64
 copies of the same inputs (itself checked against the sequential recurrence to 1e-10 in
 ``test_mamba3_reference.py``). A case that runs past :data:`CASE_SECONDS` (compilation
@@ -21,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from tests.helpers import angle_err, rel_err
 from tests.test_triton_siso import Case, _inputs, _state
 
 N_CASES = 100
+N_MIMO_CASES = 40  # seeds 1000.. (the SISO seeds and their draws stay as they were)
 CASE_SECONDS = 240
 CHUNKS = (16, 32, 64, 128)
 
@@ -92,7 +94,24 @@ def draw(seed: int) -> FuzzCase:
     return FuzzCase(seed, case, bf16=rng.random() < 0.5, backward=rng.random() < 0.7)
 
 
+def draw_mimo(seed: int) -> FuzzCase:
+    """A MIMO case: rank 2 / 4 / 8, "halves" pairing, per-rank x scaling, chunk C with C x R
+    rows among the kernels' heights (docs/mamba3.md 3.9); otherwise drawn like ``draw``."""
+    rng = random.Random(seed)
+    R = rng.choice([2, 4, 8])
+    C = rng.choice([c // R for c in CHUNKS if c // R >= 2])
+    fc = draw(seed)
+    c = fc.case
+    L = _length(rng, C)
+    cu = _packing(rng, L) if c.cu else None
+    case = replace(c, R=R, C=C, L=L, cu=cu, B=1 if cu else c.B, halves=True)
+    if case.angles:  # halves pairing rotates at most N/2 pairs
+        case = replace(case, S=min(case.S, case.N // 2))
+    return replace(fc, case=case)
+
+
 CASES = [draw(seed) for seed in range(N_CASES)]
+CASES += [draw_mimo(seed) for seed in range(1000, 1000 + N_MIMO_CASES)]
 
 
 @contextlib.contextmanager
@@ -131,6 +150,7 @@ def _run(fc: FuzzCase) -> dict[str, float]:
             cu_seqlens=cu,
             chunk_size=c.C,
             backend="triton",
+            pairing=c.pairing,
         )
     ref_leaves = {k: v.detach().double().requires_grad_(fc.backward) for k, v in leaves.items()}
     ref_init = [t.detach().double().requires_grad_(fc.backward) for t in init] if init else None
@@ -140,6 +160,7 @@ def _run(fc: FuzzCase) -> dict[str, float]:
             initial_state=Mamba3State(*ref_init) if ref_init else None,
             cu_seqlens=cu,
             chunk_size=16,
+            pairing=c.pairing,
         )
     assert torch.isfinite(y).all(), "non-finite output"
     errs = {"y": rel_err(y, yr), "angle": angle_err(fs.angle, fr.angle)}
@@ -160,7 +181,10 @@ def _run(fc: FuzzCase) -> dict[str, float]:
             # dD_h = sum over every token and channel of dy * x: with few heads a random
             # cotangent makes that sum cancel, so measure its error against the sum of the
             # magnitudes (the bound for rounded terms), not against the cancelled total
-            scale = (wy[:, :, 0] * ref_leaves["v"].detach()).abs().sum((0, 1, 3))
+            x = ref_leaves["v"].detach()[:, :, None]  # (B, L, 1, H, P), times psi for MIMO
+            if "mimo_x" in ref_leaves:
+                x = x * ref_leaves["mimo_x"].detach().transpose(0, 1)  # (R, H, P)
+            scale = (wy * x).abs().sum((0, 1, 2, 4))
             errs["dD"] = (
                 (leaves["D"].grad.double() - ref_leaves["D"].grad).norm() / scale.norm()
             ).item()
