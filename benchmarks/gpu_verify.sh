@@ -9,10 +9,10 @@
 set -u
 OUT=${OUT:-/tmp/gpu_verify}
 mkdir -p "$OUT"
-timeout -k 5 270 python -m pytest -q -m gpu -n 14 --dist loadgroup tests -p no:cacheprovider \
+timeout -k 5 300 python -m pytest -q -m gpu -n 14 --dist loadgroup tests -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -80 > "$OUT/gpu_tests.txt"
 tail -3 "$OUT/gpu_tests.txt"
-timeout -k 5 150 python benchmarks/decode.py --out "$OUT/decode" --new 96 --drift-tokens 500 > "$OUT/decode.txt" 2>&1
+timeout -k 5 130 python benchmarks/decode.py --out "$OUT/decode" --new 96 --drift-tokens 500 > "$OUT/decode.txt" 2>&1
 timeout -k 5 140 python benchmarks/train_throughput.py --out "$OUT/tt" --no-profile --steps 6 \
   --cases hybrid_compiled,hybrid_mimo_compiled,transformer_compiled > "$OUT/tt.txt" 2>&1
 ls "$OUT"
