@@ -229,13 +229,14 @@ def test_fuzz_draws_cover_the_space():
     cs = [fc.case for fc in CASES]
     assert {1, 2, 3} <= {c.L for c in cs} and any(c.L % 2 and c.L > 3 for c in cs)
     assert any(c.L % c.C in (1, c.C - 1) and c.L > c.C for c in cs)
-    assert {c.C for c in cs} == set(CHUNKS) and {c.B for c in cs} == {1, 2, 3}
+    assert {c.C * c.R for c in cs} == set(CHUNKS) and {c.B for c in cs} == {1, 2, 3}
+    assert {c.R for c in cs} == {1, 2, 4, 8} and all(c.halves for c in cs if c.R > 1)
     assert any(c.G == c.H > 1 for c in cs) and any(c.G == 1 < c.H for c in cs)
     assert {c.S * 2 / c.N for c in cs if c.angles} == {0.5, 1.0} and any(not c.angles for c in cs)
     assert any(not c.trap for c in cs) and any(c.init for c in cs) and any(c.cu for c in cs)
     assert {fc.bf16 for fc in CASES} == {True, False}
     assert {fc.backward for fc in CASES} == {True, False}
-    assert max(c.L for c in cs) >= 3000 and len(CASES) >= 100
+    assert max(c.L for c in cs) >= 3000 and len(CASES) >= 100 + 40
 
 
 def test_time_limit_interrupts_a_stall():
