@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import torch
 
-from hybridkit.kernels.config import triton_chunk_sizes
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, mamba3_step_reference
@@ -75,27 +74,28 @@ def plan_scan(
     fast = dtype in (torch.bfloat16, torch.float16)
     if backend == "cute":  # a decode-step backend only: the scan picks as for auto
         backend = "auto"
-    from hybridkit.kernels.mamba3.chunkscan import kernel_chunk, unsupported_reason
+    if backend == "triton":
+        from hybridkit.kernels.mamba3.chunkscan import kernel_chunk
 
+        return ScanPlan(backend, kernel_chunk(chunk_size, rank, d_state, headdim, fast))
     if backend != "auto":
-        chunk = (
-            kernel_chunk(chunk_size, rank, d_state, headdim, fast)
-            if backend == "triton"
-            else chunk_size
-        )
-        return ScanPlan(backend, chunk)
+        return ScanPlan(backend, chunk_size)
     if length == 1:
         return ScanPlan("reference", chunk_size, "one token")
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if not on_cuda:
         return ScanPlan("chunked", chunk_size)
+    from hybridkit.kernels.mamba3.chunkscan import (
+        chunk_height_reason,
+        kernel_chunk,
+        unsupported_reason,
+    )
+
     why = unsupported_reason(rank, d_state, headdim, dtype, True, pairing)
     if why is None and has_mimo_x and rank == 1:
         why = "mimo_x scaling with rank 1"
-    allowed = triton_chunk_sizes()
-    rows = chunk_size * rank  # MIMO chunks taller than the largest are narrowed, SISO not
-    if why is None and rows not in allowed and not (rank > 1 and rows > allowed[-1]):
-        why = f"chunk_size {chunk_size} x rank {rank} not among the Triton chunk heights {allowed}"
+    if why is None:
+        why = chunk_height_reason(chunk_size, rank)
     if why is not None:
         return ScanPlan("chunked", chunk_size, why)
     chunk = kernel_chunk(chunk_size, rank, d_state, headdim, fast)

@@ -15,10 +15,18 @@ relative rotation frame and what limits the kernels are in ``docs/kernels.md``.
 
 from hybridkit.kernels.mamba3.chunkscan.scan import (
     TRITON_RANKS,
+    chunk_height_reason,
     kernel_chunk,
     mamba3_scan_triton,
     supports,
     unsupported_reason,
 )
 
-__all__ = ["TRITON_RANKS", "kernel_chunk", "mamba3_scan_triton", "supports", "unsupported_reason"]
+__all__ = [
+    "TRITON_RANKS",
+    "chunk_height_reason",
+    "kernel_chunk",
+    "mamba3_scan_triton",
+    "supports",
+    "unsupported_reason",
+]

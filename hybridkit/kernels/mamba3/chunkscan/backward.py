@@ -22,13 +22,13 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     PI,
     _chunk,
     _csn_offsets,
-    _decay_mask,
     _dot,
     _first_rank,
     _gates,
     _load_csn,
     _load_gates,
     _load_qk,
+    _masked_weights,
     _narrow,
     _operand,
     _pass_load,
@@ -315,8 +315,7 @@ def _store_qk_grad(
 @triton.jit
 def _pw(dy, x, cs, gamma, kappa, CR: tl.constexpr, R: tl.constexpr, FAST: tl.constexpr):
     """dP * W: the gradient of the masked score matrix (dP = dy x~^T)."""
-    dec, same = _decay_mask(cs, CR, R)
-    w = dec * kappa[None, :] + tl.where(same, gamma[None, :], 0.0)
+    _dec, w = _masked_weights(cs, gamma, kappa, CR, R)
     return _dot(dy, tl.trans(x), FAST) * w
 
 

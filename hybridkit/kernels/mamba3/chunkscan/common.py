@@ -391,13 +391,19 @@ def _row_offsets(bat, tt, rr, h, s_b, s_l, s_r, s_h, P: tl.constexpr, R: tl.cons
 
 
 @triton.jit
+def _masked_weights(cs, gamma, kappa, CR: tl.constexpr, R: tl.constexpr):
+    """The strictly-lower decay mask and the masked weights W (gamma on the diagonal, or on
+    the diagonal R x R blocks for MIMO: the ranks of one token see each other)."""
+    dec, same = _decay_mask(cs, CR, R)
+    return dec, dec * kappa[None, :] + tl.where(same, gamma[None, :], 0.0)
+
+
+@triton.jit
 def _scores(qe, qo, ke, ko, cs, gamma, kappa, CR: tl.constexpr, R: tl.constexpr,
             FAST: tl.constexpr):  # fmt: skip
-    """q~ k~^T, the strictly-lower decay mask and the masked weights W (gamma on the diagonal,
-    or on the diagonal R x R blocks for MIMO: the ranks of one token see each other)."""
+    """q~ k~^T, the decay mask and the masked weights W (``_masked_weights``)."""
     sc = _dot(qe, tl.trans(ke), FAST) + _dot(qo, tl.trans(ko), FAST)
-    dec, same = _decay_mask(cs, CR, R)
-    w = dec * kappa[None, :] + tl.where(same, gamma[None, :], 0.0)
+    dec, w = _masked_weights(cs, gamma, kappa, CR, R)
     return sc, dec, w
 
 

@@ -23,7 +23,14 @@ from hybridkit.kernels.mamba3.chunkscan.op import scan_op
 from hybridkit.kernels.mamba3.reference import rotate_pairs, wrap_angle
 from hybridkit.kernels.mamba3.state import Mamba3State
 
-__all__ = ["TRITON_RANKS", "kernel_chunk", "mamba3_scan_triton", "supports", "unsupported_reason"]
+__all__ = [
+    "TRITON_RANKS",
+    "chunk_height_reason",
+    "kernel_chunk",
+    "mamba3_scan_triton",
+    "supports",
+    "unsupported_reason",
+]
 
 
 #: MIMO ranks the kernels run (R rows per token; C * R must stay a power of two).
@@ -75,10 +82,22 @@ def _interleave(s: Tensor, pairing: str) -> Tensor:
     return s.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
 
 
+def chunk_height_reason(chunk_size: int, rank: int) -> str | None:
+    """Why the kernels cannot run ``chunk_size`` tokens at ``rank`` (None: they can): the
+    chunk's C x R rows must be a configured chunk height; MIMO chunks taller than the largest
+    are narrowed (:func:`kernel_chunk`), SISO chunks are not."""
+    allowed = triton_chunk_sizes()
+    rows = chunk_size * rank
+    if rows in allowed or (rank > 1 and rows > allowed[-1]):
+        return None
+    return f"chunk_size {chunk_size} x rank {rank} not among the Triton chunk heights {allowed}"
+
+
 def kernel_chunk(chunk_size: int, rank: int, d_state: int, headdim: int, fast: bool) -> int:
     """Tokens per chunk the kernels run: the chunk's C * R rows (one per token and rank) are
     the tile height, narrowed like a SISO chunk (:func:`triton_chunk`); at least 16 rows."""
-    rows = triton_chunk(min(chunk_size * rank, 128), d_state, headdim, fast)
+    tallest = triton_chunk_sizes()[-1]
+    rows = triton_chunk(min(chunk_size * rank, tallest), d_state, headdim, fast)
     return max(rows // rank, 16 // rank, 1)
 
 
@@ -138,12 +157,9 @@ def mamba3_scan_triton(
             "power-of-two N and P and no float64 inputs"
         )
     B, L, R, G, N = q.shape
-    allowed = triton_chunk_sizes()
-    if chunk_size * R not in allowed and not (R > 1 and chunk_size * R > allowed[-1]):
-        raise ValueError(
-            f"mamba3_scan_triton: chunk_size x rank must be one of {allowed}, got "
-            f"{chunk_size} x {R}"
-        )
+    why = chunk_height_reason(chunk_size, R)
+    if why is not None:
+        raise ValueError(f"mamba3_scan_triton: {why}")
     H = v.shape[2]
     if H % G != 0:
         raise ValueError(f"mamba3 scan: nheads ({H}) must be a multiple of ngroups ({G})")
