@@ -29,6 +29,7 @@ import torch
 from hybridkit.cache import InferenceCache
 from hybridkit.decode_bench import bench_decode, copy_bandwidth, device_name, versions
 from hybridkit.decode_bench import markdown as model_markdown
+from hybridkit.kernels.mamba3.ops import cute_unavailable
 from hybridkit.kernels.mamba3.step import StepInputs
 from hybridkit.kernels.mamba3.step.triton_step import mamba3_step_triton
 from hybridkit.layers.mamba3 import Mamba3, Mamba3Spec
@@ -83,6 +84,7 @@ def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float,
     w = layer.step_weights()
     out = torch.empty(batch, h, p, dtype=torch.bfloat16, device=device)
     kernel_us = time_graph(lambda: mamba3_step_triton(inputs, state, w, out=out), per_graph)
+    cute_us = cute_kernel_us(state, per_graph)
     layer_us = time_graph(lambda: layer(u, cache=cache), per_graph)
     kernel_bytes = 2 * nbytes(*state) + nbytes(proj) + nbytes(out)
     weights_bytes = nbytes(layer.in_proj.weight, layer.out_proj.weight)
@@ -94,6 +96,7 @@ def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float,
         kernel_us=kernel_us,
         kernel_floor_us=kernel_floor,
         kernel_x_floor=kernel_us / kernel_floor,
+        cute_kernel_us=cute_us,
         layer_us=layer_us,
         layer_floor_us=layer_floor,
         layer_x_floor=layer_us / layer_floor,
@@ -101,6 +104,24 @@ def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float,
         official_layer_us=OFFICIAL_LAYER_US[batch],
         official_kernel_us=OFFICIAL_KERNEL_US[batch],
     )
+
+
+def cute_kernel_us(state, per_graph: int) -> float | None:
+    """The CuTe DSL state-update kernel of the ``cute`` backend alone (its fp32 operands made
+    here: the gates and rotation it leaves to torch are not in this time), or None when the
+    CuTe DSL is not importable on this machine."""
+    if cute_unavailable() is not None:
+        return None
+    from hybridkit.kernels.mamba3.step.cute_kernel import compiled_update
+
+    batch, h, p, n = state.ssm.shape
+    f32 = dict(device=state.ssm.device, dtype=torch.float32)
+    alpha = torch.rand(batch, h, **f32)
+    xg, vb, dx, y = (torch.randn(batch, h, p, **f32) for _ in range(4))
+    kn, kp, q = (torch.randn(batch, h, n, **f32) for _ in range(3))
+    ssm = state.ssm.clone()
+    update = compiled_update(p, n, str(ssm.dtype).removeprefix("torch."))
+    return time_graph(lambda: update(ssm, alpha, xg, vb, dx, kn, kp, q, y), per_graph)
 
 
 @torch.no_grad()
@@ -119,14 +140,17 @@ def layer_markdown(rows: list[dict]) -> list[str]:
     lines = [
         "## One Mamba-3 layer step (d_model 2048, H 64, P 64, N 128, SISO, bf16 weights)",
         "",
-        "| state | batch | kernel us | kernel floor us | x floor | official kernel us | layer us "
-        "| layer floor us | x floor | target us | official layer us |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| state | batch | kernel us | kernel floor us | x floor | CuTe kernel us "
+        "| official kernel us | layer us | layer floor us | x floor | target us "
+        "| official layer us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['ssm_dtype']} | {r['batch']} | {r['kernel_us']:.1f} | "
-            f"{r['kernel_floor_us']:.1f} | {r['kernel_x_floor']:.2f} | {r['official_kernel_us']} | "
+            f"{r['kernel_floor_us']:.1f} | {r['kernel_x_floor']:.2f} | "
+            f"{'n/a' if r['cute_kernel_us'] is None else format(r['cute_kernel_us'], '.1f')} | "
+            f"{r['official_kernel_us']} | "
             f"{r['layer_us']:.1f} | {r['layer_floor_us']:.1f} | {r['layer_x_floor']:.2f} | "
             f"{r['target_layer_us']} | {r['official_layer_us']} |"
         )

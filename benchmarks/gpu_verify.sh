@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
 # One GPU call that re-checks everything not yet confirmed on the H200 (see
-# benchmarks/results/gpu_tests_h200.md, run 5), writing each part under $OUT as it finishes:
-#   source .gpu/base/env.sh && bash benchmarks/gpu_verify.sh
-# 1. the whole GPU suite (fuzz and 2^31 tests included) with failures named;
-# 2. the decode benchmark's one-layer step and bf16-state drift (never run);
-# 3. the training-throughput cases that decide #15 / #17 (same process: ratios are valid).
+# benchmarks/results/gpu_tests_h200.md), writing each part under $OUT as it finishes:
+#   source .gpu/cute2/env.sh && bash benchmarks/gpu_verify.sh [CANDIDATE.patch]
+# 1. the whole GPU suite (fuzz, 2^31, FA4 and CuTe tests included) with failures named;
+# 2. with a patch (a kernel change not yet on main, `git diff main BRANCH -- hybridkit`): the
+#    MIMO and SISO GPU tests on a patched copy of the tree (a candidate lands only after this);
+# 3. the decode benchmark's one-layer step (Triton and CuTe kernels) and bf16-state drift.
 # Each part has its own timeout so a slow one cannot eat the others' time.
 set -u
 OUT=${OUT:-/tmp/gpu_verify}
+PATCH=${1:-}
 mkdir -p "$OUT"
-timeout -k 5 300 python -m pytest -q -m gpu -n 14 --dist loadgroup tests -p no:cacheprovider \
+timeout -k 5 270 python -m pytest -q -m gpu -n 14 --dist loadgroup tests -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -80 > "$OUT/gpu_tests.txt"
 tail -3 "$OUT/gpu_tests.txt"
-timeout -k 5 130 python benchmarks/decode.py --out "$OUT/decode" --new 96 --drift-tokens 500 > "$OUT/decode.txt" 2>&1
-timeout -k 5 140 python benchmarks/train_throughput.py --out "$OUT/tt" --no-profile --steps 6 \
-  --cases hybrid_compiled,hybrid_mimo_compiled,transformer_compiled > "$OUT/tt.txt" 2>&1
+if [ -n "$PATCH" ]; then
+  rm -rf /tmp/candidate && mkdir /tmp/candidate
+  cp -r hybridkit tests benchmarks pyproject.toml /tmp/candidate/
+  (cd /tmp/candidate && { git apply "$OLDPWD/$PATCH" || patch -p1 < "$OLDPWD/$PATCH"; }) || echo "patch did not apply" > "$OUT/candidate_tests.txt"
+  (cd /tmp/candidate && PYTHONPATH="/tmp/candidate:$PYTHONPATH" timeout -k 5 100 python -m pytest \
+    -q -m gpu -n 12 tests/test_triton_mimo.py tests/test_triton_siso.py -p no:cacheprovider -rfE \
+    2>&1 | grep -v Warning | tail -40 >> "$OUT/candidate_tests.txt")
+  tail -3 "$OUT/candidate_tests.txt"
+  # the benchmark call that follows on this warm machine (gpu_bench.sh) reads this verdict
+  if grep -q " passed" "$OUT/candidate_tests.txt" && ! grep -q -E "[0-9]+ (failed|error)" \
+    "$OUT/candidate_tests.txt"; then touch /tmp/candidate/PASSED; fi
+fi
+timeout -k 5 120 python benchmarks/decode.py --out "$OUT/decode" --new 96 --drift-tokens 500 > "$OUT/decode.txt" 2>&1
 ls "$OUT"

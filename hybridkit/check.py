@@ -44,7 +44,8 @@ def _perturb_constant_params(model: torch.nn.Module, gen: torch.Generator) -> No
     with torch.no_grad():
         for p in model.parameters():
             if p.numel() > 1 and bool((p == p.flatten()[0]).all()) or p.numel() == 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+                # drawn on the generator's device (the CPU), so a CUDA model gets the same values
+                p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
 
 
 def consistency_check(
