@@ -23,7 +23,7 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _chunk,
     _csn_offsets,
     _dot,
-    _first_rank,
+    _expand_rows,
     _gates,
     _load_csn,
     _load_gates,
@@ -33,10 +33,10 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _operand,
     _pass_load,
     _pass_setup,
-    _rank0,
     _rank_sum,
     _rank_sum2,
     _rotation,
+    _row_index,
     _row_offsets,
     _rows,
     _scores,
@@ -45,8 +45,8 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _state_tile,
     _store_gates,
     _tanh,
-    _token_cumsum,
     _token_pairs,
+    _tokens,
     _x_rows,
 )
 
@@ -114,24 +114,27 @@ def _bwd_dstate_kernel(
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     tt, rr, mc = _rows(tok_start, tok_end, C, R)
-    mw = _rank0(mc, rr, R)  # one row per token writes per-token values
+    tok, mtok = _tokens(tok_start, tok_end, C)
     adt, dt, gamma, kappa = _gates(
-        ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
-        s_tl, HAS_TRAP, FAST,
+        ADT, DT, TRAP, bat, h, tok, mtok, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb,
+        s_th, s_tl, HAS_TRAP, FAST,
     )  # fmt: skip
-    cs, a_c = _token_cumsum(adt, rr, R)
-    tl.store(DECAY + gc * H + h, a_c)
-    _store_gates(GATES, bat, h, H, L, tt, mw, gamma, kappa, cs)  # for ``_bwd_q`` / ``_k`` / ``_x``
+    cs = tl.cumsum(adt, 0)
+    tl.store(DECAY + gc * H + h, tl.sum(adt, 0))
+    _store_gates(
+        GATES, bat, h, H, L, tok, mtok, gamma, kappa, cs
+    )  # for ``_bwd_q`` / ``_k`` / ``_x``
+    cs = _expand_rows(cs, R)
     if HAS_ANG:
         om, cos_a, sin_a, cosv, sinv = _rotation(
-            ANG, bat, h, tt, rr, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
+            ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
         offs_a = tl.arange(0, NA)
         ma = offs_a < NANG
         tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=ma)
         # stored from the scan's own (pairs x tokens) tiles; see ``_csn_offsets``
-        o = _csn_offsets(bat, tt, h, L, H, offs_a, NANG)
-        m = ma[:, None] & mw[None, :]
+        o = _csn_offsets(bat, tok, h, L, H, offs_a, NANG)
+        m = ma[:, None] & mtok[None, :]
         tl.store(COS_SIN + o, cos_a.to(COS_SIN.dtype.element_ty), mask=m)
         tl.store(COS_SIN + o + NANG * L, sin_a.to(COS_SIN.dtype.element_ty), mask=m)
     else:
@@ -229,22 +232,22 @@ def _chunk_tokens(CHTAB, gc, L, NC, C: tl.constexpr, R: tl.constexpr, VARLEN: tl
     if R == 1:
         return bat, seq, tt, rr, mc, tt, mc
     else:
-        tok = tok_start + tl.arange(0, C)
-        return bat, seq, tt, rr, mc, tok, tok < tok_end
+        tok, mtok = _tokens(tok_start, tok_end, C)
+        return bat, seq, tt, rr, mc, tok, mtok
 
 
 @triton.jit
-def _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc):
+def _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R: tl.constexpr):
     """gamma, kappa and the in-chunk cumsum of adt that ``_bwd_dstate`` saved, and the chunk's
     total log decay A_c."""
-    gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tt, mc)
+    gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tok, mtok, R)
     return gamma, kappa, cs, tl.load(DECAY + gc * H + h)
 
 
 @triton.jit
 def _rotated_qk(
-    Q, K, QB, KB, COS_SIN, bat, h, HPG, tt, rr, mc, L, H, NANG, s_qb, s_ql, s_qr, s_qg, s_kb,
-    s_kl, s_kr, s_kg, N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr,
+    Q, K, QB, KB, COS_SIN, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
+    s_qg, s_kb, s_kl, s_kr, s_kg, N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr,
     FAST: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     """q~ and k~ of one chunk's rows (bias added, rotated by the in-chunk angles whose cos / sin
@@ -252,7 +255,7 @@ def _rotated_qk(
     registers of four C x N/2 tiles)."""
     offs_j = tl.arange(0, N2)
     if HAS_ANG:
-        cosv, sinv = _load_csn(COS_SIN, bat, tt, mc, h, L, H, NANG, N2, NA)
+        cosv, sinv = _load_csn(COS_SIN, bat, tok, mtok, h, L, H, NANG, N2, NA, R)
     else:
         cosv = 0.0
         sinv = 0.0
@@ -280,14 +283,15 @@ def _dy_rows(DY, bat, tt, rr, mc, h, s_b, s_l, s_r, s_h, P: tl.constexpr, R: tl.
 
 @triton.jit
 def _store_qk_grad(
-    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, rr, mc, H, h, gc, N2: tl.constexpr,
-    NA: tl.constexpr, HAS_ANG: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr,
+    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc,
+    N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, R: tl.constexpr,
+    HALVES: tl.constexpr,
 ):  # fmt: skip
     """Rotate a q~ / k~ gradient back to the input frame (cos / sin loaded again from
     ``COS_SIN``); store it per (row, head) in the input's pair order, and its per-(chunk, head,
     rank) column sum (the bias gradient's partial sum)."""
     if HAS_ANG:
-        cosv, sinv = _load_csn(COS_SIN, bat, tt, mc, h, L, H, NANG, N2, NA)
+        cosv, sinv = _load_csn(COS_SIN, bat, tok, mtok, h, L, H, NANG, N2, NA, R)
         ue = de * cosv + do * sinv
         uo = do * cosv - de * sinv
     else:
@@ -380,15 +384,15 @@ def _bwd_q_kernel(
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
     bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
+    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R)
     qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, L, H, NANG, s_qb, s_ql, s_qr, s_qg, s_kb,
-        s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
+        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
+        s_qg, s_kb, s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
     )  # fmt: skip
-    x_t, x_raw = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    x_t, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
     x = _operand(x_t, FAST)
     dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
-    bw = (bat * H + h) * (L * R) + tt * R + rr  # (B, H, L * R) per-row buffers
+    bw = (bat * H + h) * (L * R) + _row_index(tt, rr, R)  # (B, H, L * R) per-row buffers
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     eq = tl.exp(cs)
@@ -409,8 +413,8 @@ def _bwd_q_kernel(
             mask=mtok[:, None] & (offs_a < NANG)[None, :],
         )
     _store_qk_grad(
-        DQ_HEADS, DQ_BIAS_PART, dqe, dqo, ANG, NANG, bat, L, tt, rr, mc, H, h, gc, N2, NA, HAS_ANG,
-        R, HALVES,
+        DQ_HEADS, DQ_BIAS_PART, dqe, dqo, ANG, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc,
+        N2, NA, HAS_ANG, R, HALVES,
     )  # fmt: skip
 
 
@@ -475,16 +479,16 @@ def _bwd_k_kernel(
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
     bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
+    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R)
     u = tl.exp(a_c - cs) * kappa
     qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, L, H, NANG, s_qb, s_ql, s_qr, s_qg, s_kb,
-        s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
+        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
+        s_qg, s_kb, s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
     )  # fmt: skip
-    x_t, x_raw = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    x_t, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
     x = _operand(x_t, FAST)
     dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
-    bw = (bat * H + h) * (L * R) + tt * R + rr  # (B, H, L * R) per-row buffers
+    bw = (bat * H + h) * (L * R) + _row_index(tt, rr, R)  # (B, H, L * R) per-row buffers
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
@@ -510,8 +514,8 @@ def _bwd_k_kernel(
         r = _rank_sum2(_narrow(dko * ke - dke * ko, NA), R)
         tl.store(DTHETA + ao, r + tl.load(DTHETA + ao, mask=am, other=0.0), mask=am)
     _store_qk_grad(
-        DK_HEADS, DK_BIAS_PART, dke, dko, ANG, NANG, bat, L, tt, rr, mc, H, h, gc, N2, NA, HAS_ANG,
-        R, HALVES,
+        DK_HEADS, DK_BIAS_PART, dke, dko, ANG, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc,
+        N2, NA, HAS_ANG, R, HALVES,
     )  # fmt: skip
 
 
@@ -676,17 +680,17 @@ def _bwd_x_kernel(
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
     bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tt, mc)
+    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R)
     u = tl.exp(a_c - cs) * kappa
     qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, L, H, NANG, s_qb, s_ql, s_qr, s_qg, s_kb,
-        s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
+        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
+        s_qg, s_kb, s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
     )  # fmt: skip
-    x_t, x_raw = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    x_t, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
     x = _operand(x_t, FAST)
     dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
     bo = (bat * H + h) * L + tok  # (B, H, L) per-token buffers
-    bw = (bat * H + h) * (L * R) + tt * R + rr  # (B, H, L * R) per-row buffers
+    bw = (bat * H + h) * (L * R) + _row_index(tt, rr, R)  # (B, H, L * R) per-row buffers
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
@@ -703,6 +707,9 @@ def _bwd_x_kernel(
         co = ((bat * L + tt[:, None]) * H + h) * P + offs_p[None, :]  # dx is contiguous
         tl.store(DX + co, dx.to(DX.dtype.element_ty), mask=mc[:, None])
     else:  # dx = sum_r psi_r dx~_r; d psi_r = sum_t x_t dx~_{t,r} (per-chunk partial sums)
+        # psi and the raw x rows are loaded again here (L1 / L2 hits) rather than kept live
+        # through the kernel: two more fp32 tiles there spilled
+        _xt, x_raw = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
         psi = tl.load(PSI + (h * R + rr[:, None]) * P + offs_p[None, :]).to(tl.float32)
         co = ((bat * L + tok[:, None]) * H + h) * P + offs_p[None, :]
         tl.store(DX + co, _rank_sum2(dx * psi, R).to(DX.dtype.element_ty), mask=mtok[:, None])
@@ -713,8 +720,8 @@ def _bwd_x_kernel(
     du = tl.load(DU + bw, mask=mc, other=0.0)
     ms = dwt * dec * kappa[None, :]
     dcs = tl.load(DCS_STATE + bw, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
-    # d adt_t: every row of a token at or after t (rows of token t start at its rank 0)
-    dadt = _rank_sum(_first_rank(tl.cumsum(dcs, 0, reverse=True), rr, R), R)
+    # d adt_t: every row of a token at or after t
+    dadt = tl.cumsum(_rank_sum(dcs, R), 0, reverse=True)
     dadt += tl.sum(u * du, 0)
     tl.store(DKAPPA + bo, _rank_sum(tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), R), mask=mtok)
     _ii, _jj = _token_pairs(C * R, R)

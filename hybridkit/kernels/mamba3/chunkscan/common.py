@@ -100,21 +100,14 @@ def _rows(tok_start, tok_end, C: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _rank0(mc, rr, R: tl.constexpr):
-    """Row mask of the rows that write a per-token value (one row per token)."""
+def _row_index(tt, rr, R: tl.constexpr):
+    """Global row index token * R + rank of the chunk's rows, written so the compiler sees
+    consecutive rows as consecutive (vectorised loads / stores of per-row buffers)."""
     if R == 1:
-        return mc
+        return tt
     else:
-        return mc & (rr == 0)
-
-
-@triton.jit
-def _first_rank(x, rr, R: tl.constexpr):
-    """``x`` on every token's rank-0 row and 0 on the others (a per-token value counted once)."""
-    if R == 1:
-        return x
-    else:
-        return tl.where(rr == 0, x, 0.0)
+        offs = tl.arange(0, tt.shape[0])
+        return (tt - offs // R) * R + offs
 
 
 @triton.jit
@@ -133,13 +126,6 @@ def _rank_sum2(x, R: tl.constexpr):
         return x
     else:
         return tl.sum(tl.reshape(x, (x.shape[0] // R, R, x.shape[1])), 1)
-
-
-@triton.jit
-def _token_cumsum(adt, rr, R: tl.constexpr):
-    """In-chunk cumsum of a per-token value repeated on its R rows, and its chunk total."""
-    first = _first_rank(adt, rr, R)
-    return tl.cumsum(first, 0), tl.sum(first, 0)
 
 
 @triton.jit
@@ -208,13 +194,43 @@ def _store_gates(GATES, bat, h, H, L, tt, mc, gamma, kappa, cs):
 
 
 @triton.jit
-def _load_gates(GATES, bat, h, H, L, tt, mc):
-    """gamma, kappa and cs of one chunk as ``_store_gates`` saved them (padded tokens: 0)."""
-    o = _gate_offsets(bat, h, H, L, tt)
-    gamma = tl.load(GATES + o, mask=mc, other=0.0)
-    kappa = tl.load(GATES + o + L, mask=mc, other=0.0)
-    cs = tl.load(GATES + o + 2 * L, mask=mc, other=0.0)
-    return gamma, kappa, cs
+def _load_gates(GATES, bat, h, H, L, tok, mtok, R: tl.constexpr):
+    """gamma, kappa and cs of one chunk's rows as ``_store_gates`` saved them (padded tokens:
+    0): loaded once per token and repeated for its R rows (``_expand_rows``)."""
+    o = _gate_offsets(bat, h, H, L, tok)
+    gamma = tl.load(GATES + o, mask=mtok, other=0.0)
+    kappa = tl.load(GATES + o + L, mask=mtok, other=0.0)
+    cs = tl.load(GATES + o + 2 * L, mask=mtok, other=0.0)
+    return _expand_rows(gamma, R), _expand_rows(kappa, R), _expand_rows(cs, R)
+
+
+@triton.jit
+def _expand_rows(x, R: tl.constexpr):
+    """A per-token vector (C,) as the chunk's per-row vector (C * R,): each value R times.
+    (Loading the repeated tokens directly issues one scalar load per row.)"""
+    if R == 1:
+        return x
+    else:
+        return tl.reshape(tl.broadcast_to(x[:, None], (x.shape[0], R)), (x.shape[0] * R,))
+
+
+@triton.jit
+def _expand_rows2(x, R: tl.constexpr):
+    """A per-token tile (C, K) as the chunk's row tile (C * R, K): each token's row R times."""
+    if R == 1:
+        return x
+    else:
+        return tl.reshape(
+            tl.broadcast_to(x[:, None, :], (x.shape[0], R, x.shape[1])),
+            (x.shape[0] * R, x.shape[1]),
+        )
+
+
+@triton.jit
+def _tokens(tok_start, tok_end, C: tl.constexpr):
+    """The chunk's token indices and mask."""
+    tok = tok_start + tl.arange(0, C)
+    return tok, tok < tok_end
 
 
 @triton.jit
@@ -260,12 +276,13 @@ def _narrow(a, NA: tl.constexpr):
 
 @triton.jit
 def _rotation(
-    ANG, bat, h, tt, rr, mc, dt, NANG, s_gb, s_gs, s_gh, N2: tl.constexpr, NA: tl.constexpr,
+    ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2: tl.constexpr, NA: tl.constexpr,
     R: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """The in-chunk rotation: per-pair angle increments, their in-chunk cumsum and its cos /
-    sin. Returns the chunk's total angle per pair (NA), the cos / sin as NA x C tiles (tokens
-    last, as scanned) and as C x N2 tiles for rotating q / k.
+    """The in-chunk rotation of the chunk's tokens ``tt`` (dt per token): per-pair angle
+    increments, their in-chunk cumsum and its cos / sin. Returns the chunk's total angle per
+    pair (NA), the cos / sin as NA x C tiles (tokens last, as scanned) and as (C * R) x N2 row
+    tiles for rotating q / k (each token's rows share its angle).
 
     The angles arrive with tokens contiguous (pairs x tokens, see ``siso_op``), so the tile is
     loaded as NA x C and scanned along its contiguous axis, which Triton keeps inside a warp
@@ -282,13 +299,11 @@ def _rotation(
         ANG + bat * s_gb + h * s_gh + offs_a[:, None] * s_gs + tt[None, :], mask=am, other=0.0
     ).to(tl.float32)
     om = PI * _tanh(ang, FAST) * dt[None, :]
-    if R > 1:  # a token's R rows repeat its increment: count it once
-        om = tl.where(rr[None, :] == 0, om, 0.0)
     th = _mod2pi(tl.cumsum(om, 1))
     cos_a = _cos(th, FAST)
     sin_a = _sin(th, FAST)
-    cosv = _widen(tl.trans(cos_a), 1.0, N2)
-    sinv = _widen(tl.trans(sin_a), 0.0, N2)
+    cosv = _widen(_expand_rows2(tl.trans(cos_a), R), 1.0, N2)
+    sinv = _widen(_expand_rows2(tl.trans(sin_a), R), 0.0, N2)
     return tl.sum(om, 1), cos_a, sin_a, cosv, sinv
 
 
@@ -302,17 +317,21 @@ def _csn_offsets(bat, tt, h, L, H, offs_j, NANG):
 
 
 @triton.jit
-def _load_csn(COS_SIN, bat, tt, mc, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexpr):
-    """cos / sin of the in-chunk angles as C x N/2 tiles, as ``_bwd_dstate`` stored them:
-    loaded NA wide (the rotated pairs; padded pairs and tokens: cos 1, sin 0) and widened
-    (``_widen``). Loaded where used, so the two C x N/2 fp32 tiles (64 registers per thread at
-    4 warps, C 64, N 128) need not stay live through a kernel."""
+def _load_csn(
+    COS_SIN, bat, tok, mtok, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexpr, R: tl.constexpr
+):  # fmt: skip
+    """cos / sin of the in-chunk angles as (C * R) x N/2 row tiles, as ``_bwd_dstate`` stored
+    them: loaded per token (``tok``), NA wide (the rotated pairs; padded pairs and tokens: cos 1,
+    sin 0), repeated for the R rows of each token and widened (``_widen``). Loaded where used,
+    so the two C x N/2 fp32 tiles (64 registers per thread at 4 warps, C 64, N 128) need not stay
+    live through a kernel. (Loading the R-fold repeated tokens directly was scalar 2-byte
+    loads: addresses that repeat cannot be vectorised.)"""
     offs_a = tl.arange(0, NA)
-    o = _csn_offsets(bat, tt, h, L, H, offs_a, NANG)
-    m = (offs_a < NANG)[:, None] & mc[None, :]
-    cosv = tl.load(COS_SIN + o, mask=m, other=1.0).to(tl.float32)
-    sinv = tl.load(COS_SIN + o + NANG * L, mask=m, other=0.0).to(tl.float32)
-    return _widen(tl.trans(cosv), 1.0, N2), _widen(tl.trans(sinv), 0.0, N2)
+    o = _csn_offsets(bat, tok, h, L, H, offs_a, NANG)
+    m = (offs_a < NANG)[:, None] & mtok[None, :]
+    cosv = tl.trans(tl.load(COS_SIN + o, mask=m, other=1.0).to(tl.float32))
+    sinv = tl.trans(tl.load(COS_SIN + o + NANG * L, mask=m, other=0.0).to(tl.float32))
+    return _widen(_expand_rows2(cosv, R), 1.0, N2), _widen(_expand_rows2(sinv, R), 0.0, N2)
 
 
 @triton.jit
@@ -333,9 +352,13 @@ def _load_qk(
     qv = tl.load(Qp + rows, mask=mc[:, None], other=0.0).to(tl.float32)
     if R == 1:
         bv = tl.load(QB + h * offs_n.shape[0] + offs_n).to(tl.float32)[None, :]
-    else:  # one bias per (head, rank)
-        bv = tl.load(QB + (h * R + rr[:, None]) * offs_n.shape[0] + offs_n[None, :])
-        bv = bv.to(tl.float32)
+    else:  # one bias per (head, rank): loaded R x N, repeated over the chunk's tokens
+        offs_r = tl.arange(0, R)
+        bv = tl.load(QB + (h * R + offs_r[:, None]) * offs_n.shape[0] + offs_n[None, :])
+        bv = tl.reshape(
+            tl.broadcast_to(bv.to(tl.float32)[None, :, :], (tt.shape[0] // R, R, offs_n.shape[0])),
+            (tt.shape[0], offs_n.shape[0]),
+        )
     qv = tl.where(mc[:, None], qv + bv, 0.0)
     if HALVES:
         qe, qo = tl.split(tl.permute(tl.reshape(qv, (tt.shape[0], 2, offs_j.shape[0])), (0, 2, 1)))

@@ -18,6 +18,7 @@ import triton.language as tl
 from hybridkit.kernels.mamba3.chunkscan.common import (
     _chunk,
     _dot,
+    _expand_rows,
     _gates,
     _load_gates,
     _load_qk,
@@ -25,14 +26,13 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _operand,
     _pass_load,
     _pass_setup,
-    _rank0,
     _rotation,
     _row_offsets,
     _rows,
     _scores,
     _state_tile,
     _store_gates,
-    _token_cumsum,
+    _tokens,
     _x_rows,
 )
 
@@ -97,15 +97,19 @@ def _fwd_state_kernel(
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     tt, rr, mc = _rows(tok_start, tok_end, C, R)
+    tok, mtok = _tokens(tok_start, tok_end, C)
     adt, dt, gamma, kappa = _gates(
-        ADT, DT, TRAP, bat, h, tt, mc, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb, s_th,
-        s_tl, HAS_TRAP, FAST,
+        ADT, DT, TRAP, bat, h, tok, mtok, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb,
+        s_th, s_tl, HAS_TRAP, FAST,
     )  # fmt: skip
-    cs, a_c = _token_cumsum(adt, rr, R)
-    _store_gates(GATES, bat, h, H, L, tt, _rank0(mc, rr, R), gamma, kappa, cs)
+    cs = tl.cumsum(adt, 0)
+    a_c = tl.sum(adt, 0)
+    _store_gates(GATES, bat, h, H, L, tok, mtok, gamma, kappa, cs)
+    cs = _expand_rows(cs, R)
+    kappa = _expand_rows(kappa, R)
     if HAS_ANG:
         om, _c, _s, cosv, sinv = _rotation(
-            ANG, bat, h, tt, rr, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
+            ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
         offs_a = tl.arange(0, NA)
         tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=offs_a < NANG)
@@ -265,11 +269,12 @@ def _fwd_out_kernel(
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     tt, rr, mc = _rows(tok_start, tok_end, C, R)
-    gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tt, mc)  # ``_fwd_state`` saved them
+    tok, mtok = _tokens(tok_start, tok_end, C)
+    gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tok, mtok, R)  # ``_fwd_state`` saved them
     if HAS_ANG:
-        dt = tl.load(DT + bat * s_db + h * s_dh + tt * s_dl, mask=mc, other=0.0).to(tl.float32)
+        dt = tl.load(DT + bat * s_db + h * s_dh + tok * s_dl, mask=mtok, other=0.0)
         _om, _c, _s, cosv, sinv = _rotation(
-            ANG, bat, h, tt, rr, mc, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
+            ANG, bat, h, tok, mtok, dt.to(tl.float32), NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
     else:
         cosv = 0.0
