@@ -11,7 +11,8 @@ turns every KV cache into a ring of fixed size (``max_seqlen`` slots, or ``windo
 layer) and gives the cache a device tensor ``position``. From then on a one-token step writes its
 key and value in place at slot ``position % ring`` and attends over the whole ring with a mask of
 the filled slots: no shape depends on the position, so the step can be captured in a CUDA graph
-and replayed, and the graph itself advances ``position``.
+and replayed, and the graph itself advances ``position`` (``seqlen_offset`` then stays at the
+prompt's length: the device position is the count).
 """
 
 from __future__ import annotations

@@ -153,7 +153,11 @@ class DecodeRunner:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.no_grad(), torch.cuda.stream(stream):
-            self._step()
+            # twice: a compiled step that re-specialises on its second call (torch.compile's
+            # automatic dynamic shapes) must do so here, not inside the capture, where
+            # compiling is a CUDA error that also leaves the default generator unusable
+            for _ in range(min(2, self.max_new)):
+                self._step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._reset_counters()
         self.graph = torch.cuda.CUDAGraph()

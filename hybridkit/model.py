@@ -180,9 +180,13 @@ class HybridLM(nn.Module):
             )
         logits = self.lm_head(self.norm_f(h))
         if cache is not None:
-            cache.seqlen_offset += ids.shape[1]
-            if cache.position is not None:  # in place: a captured decode step advances it
+            if cache.position is not None:
+                # static decoding counts on the device only: a replayed graph runs no Python,
+                # and a host int bumped here would be a guard torch.compile re-specialises on
+                # at every token (a recompile inside the CUDA-graph capture)
                 cache.position += ids.shape[1]
+            else:
+                cache.seqlen_offset += ids.shape[1]
         return (logits, hidden) if return_hidden else logits
 
     def allocate_cache(

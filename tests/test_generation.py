@@ -120,6 +120,22 @@ def test_bf16_state_runs_and_stays_close():
     assert rel_err(runs[torch.bfloat16], runs[None]) < 5e-2
 
 
+def test_compiled_step_compiles_once():
+    """``compile_step``: one graph for every decode step. A host counter the step bumped
+    (``seqlen_offset``) was a guard, so every token recompiled, and on the GPU the compile
+    landed inside the CUDA-graph capture."""
+    from torch._dynamo.utils import counters
+
+    model = _model(dtype=torch.float32, layout="s a m w")
+    runner = DecodeRunner(model, 2, 30, 12, Sampling(temperature=0), compile_step=True)
+    runner.prefill(torch.randint(0, 64, (2, 5)))
+    runner.decode(2)
+    graphs = counters["stats"]["unique_graphs"]
+    runner.decode(5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert runner.cache.seqlen_offset == 5 and int(runner.position) == 12
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

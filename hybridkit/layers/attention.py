@@ -89,10 +89,13 @@ class Attention(Layer):
         static = cache is not None and cache.position is not None
         if static and length != 1:
             raise ValueError("a static (CUDA-graph) cache decodes one token per call")
-        offset = cache.seqlen_offset if cache is not None else 0
         if self.rotary is not None:
             # static decoding reads the position from the device (a captured graph replays it)
-            pos = cache.position if static else positions_for(length, offset, cu_seqlens, x.device)
+            if static:
+                pos = cache.position
+            else:
+                offset = cache.seqlen_offset if cache is not None else 0
+                pos = positions_for(length, offset, cu_seqlens, x.device)
             cos, sin = self.rotary(pos, x.dtype)
             q, k = rotate_half_pairs(q, cos, sin), rotate_half_pairs(k, cos, sin)
         key_mask = None

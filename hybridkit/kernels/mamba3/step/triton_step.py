@@ -139,6 +139,12 @@ def mamba3_step_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     mask_n = offs_n < N
     mask_p = offs_p < P
+    # the state tile first: its bytes are the step's cost, so they are in flight while the
+    # gates, keys and rotation (small dependent loads and reductions) are computed; only this
+    # program reads or writes the tile, so loading it early is safe
+    tile = (b * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
+    mask_t = mask_p[:, None] & mask_n[None, :]
+    state = tl.load(SSM + tile, mask=mask_t, other=0.0).to(tl.float32)
 
     # 2. rotation factors, and the new angles (stored after the barrier)
     if HAS_ANG:
@@ -182,9 +188,6 @@ def mamba3_step_kernel(
         upd += (gamma * x * psi)[:, None] * k[None, :]
         upd += (beta * v_prev * psi)[:, None] * k_prev[None, :]
 
-    tile = (b * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
-    mask_t = mask_p[:, None] & mask_n[None, :]
-    state = tl.load(SSM + tile, mask=mask_t, other=0.0).to(tl.float32)
     state = alpha * state + upd
     tl.store(SSM + tile, state.to(SSM.dtype.element_ty), mask=mask_t)
 
