@@ -332,6 +332,10 @@ def cmd_study(args: argparse.Namespace) -> int:
             "--report merges every finished run into the report and trains nothing; "
             "it takes no --shard, --only or --list"
         )
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise HybridkitError(
+            f"--time-budget must be a positive number of seconds, got {args.time_budget:g}"
+        )
     shard = parse_shard(args.shard) if args.shard else None
     if args.list:
         rows = list_study(
@@ -358,6 +362,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             shard=shard,
             only=args.only or None,
             plugins=args.plugins,
+            time_budget=args.time_budget,
         )
     if report["complete"]:
         print((Path(out) / "report.md").read_text())
@@ -614,6 +619,14 @@ def _add_study(sub) -> None:
         metavar="KEY=VALUE,...",
         help="run only these runs: variant=NAME[,NAME...] and/or seed=S[,S...], "
         "e.g. --only variant=mamba3,seed=1,2 (repeatable; applied before --shard)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no run that would end more than SECONDS after this command began, judged "
+        "by its slowest run so far (for machines with a hard time limit; the rest is listed)",
     )
     p.add_argument(
         "--report",

@@ -571,11 +571,18 @@ def run_study(
     shard: tuple[int, int] | str | None = None,
     only: Sequence[str] | Mapping[str, set] | None = None,
     plugins: Sequence[str] = (),
+    time_budget: float | None = None,
 ) -> dict:
     """Train and evaluate this invocation's runs, then report; returns the results dict.
 
     ``shard`` is ``(i, n)`` or ``"i/n"``; ``only`` is ``--only`` strings or a parsed mapping.
-    Finished runs are skipped; the report covers every finished run in ``out_dir``."""
+    Finished runs are skipped; the report covers every finished run in ``out_dir``.
+
+    ``time_budget`` (seconds from the start of this call): no run is started that would end
+    past it, judged by the slowest run of this call so far (the first run always starts). Made
+    for machines lent with a hard time limit: a run cut off half-way keeps only its checkpoints,
+    often too large to carry to the next machine, so it is better never begun; the runs left
+    over are listed and a later call with the same selection picks them up."""
     plan = plan_study(study_path, overrides, plugins)
     if isinstance(shard, str):
         shard = parse_shard(shard)
@@ -586,15 +593,30 @@ def run_study(
     todo = select_slots(plan.slots, only, shard)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"[study] {len(todo)} of the study's {len(plan.slots)} runs selected{where}")
-    counts = {"done": 0, "ran": 0, "waiting": 0}
+    counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
+    start, slowest = time.monotonic(), 0.0
     for k, slot in enumerate(todo, 1):
+        elapsed = time.monotonic() - start
+        if time_budget is not None and slowest and elapsed + slowest > time_budget:
+            status = slot_status(plan, slot, out)[0]
+            if status != "finished" and not status.startswith("waiting"):
+                print(
+                    f"[study] {k}/{len(todo)} deferred: {slot.describe()} (the slowest run took "
+                    f"{slowest:.0f} s, {time_budget - elapsed:.0f} s of the budget left)"
+                )
+                counts["deferred"] += 1
+                continue
+        t0 = time.monotonic()
         status = run_slot(
             plan, slot, out, device=device, progress=progress, tag=f"{k}/{len(todo)} "
         )
+        if status == "ran":
+            slowest = max(slowest, time.monotonic() - t0)
         counts[status] += 1
     print(
         f"[study] this invocation: {counts['ran']} run(s) finished now, {counts['done']} already "
         f"finished (skipped), {counts['waiting']} waiting for an LR choice"
+        + (f", {counts['deferred']} deferred (time budget)" if counts["deferred"] else "")
     )
     return write_study_report(plan, out)
 

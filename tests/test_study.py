@@ -237,6 +237,22 @@ def test_sharded_study_then_report_equals_unsharded(tmp_path, capsys):
     assert report_without_times(merged) == report_without_times(whole)
 
 
+def test_time_budget_defers_runs_that_would_not_finish(tmp_path, capsys, cli_error):
+    """A budget shorter than one run: the first run starts (nothing to judge by), the next is
+    deferred and listed; a later call picks it up and skips the finished one."""
+    fast = ["train.warmup_steps=2", "train.steps=10"]
+    study = write_study(tmp_path, variants={"hybrid": []}, lengths=[16], set=fast)
+    out = tmp_path / "out"
+    first = run_study(study, out, device="cpu", progress=False, time_budget=1e-6)
+    printed = capsys.readouterr().out
+    assert trained(printed) == 1 and "deferred: hybrid seed=0 lr=0.003" in printed
+    assert "1 deferred (time budget)" in printed and first["runs_finished"] == 1
+    second = run_study(study, out, device="cpu", progress=False, time_budget=1e-6)
+    assert trained(capsys.readouterr().out) == 1 and second["complete"]
+    message = cli_error("study", str(study), "-o", str(out), "--time-budget", "0")
+    assert "--time-budget must be a positive" in message
+
+
 def test_shards_partition_the_runs(tmp_path):
     study = write_study(
         tmp_path, variants={"a": [], "b": [], "c": ["model.layout=m m"]}, seeds=[0, 1, 2]
@@ -565,7 +581,9 @@ def test_gpu_studies_use_the_triton_and_fa4_kernels_in_bf16(path):
         model = build_model(recipe, seed=0)
         backends = summarize(model, seq_len=recipe.task.seq_len, device="cuda").backends
         if "mamba3 scan (prefill)" in backends:
-            assert backends["mamba3 scan (prefill)"] == "triton", (variant, backends)
+            # "triton" or "triton (chunk C)" when the plan narrows the chunk (MIMO rows, bf16)
+            scan = backends["mamba3 scan (prefill)"]
+            assert scan.split(" (chunk ")[0] == "triton", (variant, backends)
         for layer in model.modules():
             if isinstance(layer, Attention):
                 assert layer.spec.backend == "auto", variant

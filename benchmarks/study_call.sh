@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU call's share of a study (issue #18): train what fits, bring back the small files.
+#   carry [".gpu/base", ".gpu/studies/STUDY"] (the second once earlier calls have results), then
+#   source .gpu/base/env.sh && bash benchmarks/study_call.sh STUDY "SELECTION" [BUDGET_S]
+# e.g. bash benchmarks/study_call.sh lengthgen_niah "--only seed=0 --shard 0/4" 480
+# STUDY names hybridkit/recipes/studies/STUDY.yaml; SELECTION is passed to `hybridkit study`
+# (--only / --shard); BUDGET_S (default 480) is the --time-budget: no run starts that would not
+# finish in it, since a half-trained run's checkpoints are too large to carry to the next call.
+# The study folder is .gpu/studies/STUDY (git-ignored); every file under 2 MB of it (result.json,
+# eval.json, heldout.json, final.json, metrics.jsonl, the run's recipe: no checkpoints) comes back
+# under $OUT/studies/STUDY. Merge that into .gpu/studies/STUDY here, carry it to the next call,
+# and when every run is finished: `hybridkit study ... -o .gpu/studies/STUDY --report`, then copy
+# report.md, results.json and the PNGs to benchmarks/results/STUDY/.
+set -u
+STUDY=$1
+SELECTION=${2:-}
+BUDGET=${3:-480}
+OUT=${OUT:-/tmp/study_call}
+DIR=.gpu/studies/$STUDY
+mkdir -p "$DIR" "$OUT/studies"
+# shellcheck disable=SC2086  # SELECTION is several flags on purpose
+python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" $SELECTION \
+  --time-budget "$BUDGET" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/study.txt"
+(cd .gpu/studies && find "$STUDY" -type f -size -2M -not -path "*/checkpoints/*" \
+  -exec cp --parents {} "$OUT/studies/" \;)
+find "$OUT/studies" -name result.json | wc -l | xargs echo "result files coming back:"
