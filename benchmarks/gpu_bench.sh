@@ -11,16 +11,14 @@ OUT=${OUT:-/tmp/gpu_bench}
 PATCH=${1:-}
 mkdir -p "$OUT"
 ROOT=$PWD
-if [ -n "$PATCH" ] && [ ! -d /tmp/candidate ]; then  # the machine was replaced since gpu_verify
-  mkdir /tmp/candidate && cp -r hybridkit tests benchmarks pyproject.toml /tmp/candidate/
-  (cd /tmp/candidate && { git apply "$ROOT/$PATCH" || patch -p1 < "$ROOT/$PATCH"; })
-fi
+source benchmarks/candidate.sh
+if [ -n "$PATCH" ]; then make_candidate "$PATCH" || PATCH=""; fi  # reused from gpu_verify.sh
 timeout -k 5 150 python benchmarks/mamba3_mimo.py --out "$OUT/mimo_main" --reps 100 > "$OUT/mimo_main.txt" 2>&1
 tail -8 "$OUT/mimo_main.txt"
 TREE=$ROOT
 if [ -n "$PATCH" ]; then
-  (cd /tmp/candidate && PYTHONPATH="/tmp/candidate:$PYTHONPATH" timeout -k 5 150 python \
-    benchmarks/mamba3_mimo.py --out "$OUT/mimo_candidate" --reps 100 > "$OUT/mimo_candidate.txt" 2>&1)
+  in_candidate timeout -k 5 150 python benchmarks/mamba3_mimo.py --out "$OUT/mimo_candidate" \
+    --reps 100 > "$OUT/mimo_candidate.txt" 2>&1
   tail -8 "$OUT/mimo_candidate.txt"
   [ -f /tmp/candidate/PASSED ] && TREE=/tmp/candidate
 fi

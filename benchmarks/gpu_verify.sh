@@ -15,12 +15,12 @@ timeout -k 5 270 python -m pytest -q -m gpu -n 14 --dist loadgroup tests -p no:c
   -rfE 2>&1 | grep -v Warning | tail -80 > "$OUT/gpu_tests.txt"
 tail -3 "$OUT/gpu_tests.txt"
 if [ -n "$PATCH" ]; then
-  rm -rf /tmp/candidate && mkdir /tmp/candidate
-  cp -r hybridkit tests benchmarks pyproject.toml /tmp/candidate/
-  (cd /tmp/candidate && { git apply "$OLDPWD/$PATCH" || patch -p1 < "$OLDPWD/$PATCH"; }) || echo "patch did not apply" > "$OUT/candidate_tests.txt"
-  (cd /tmp/candidate && PYTHONPATH="/tmp/candidate:$PYTHONPATH" timeout -k 5 100 python -m pytest \
-    -q -m gpu -n 12 tests/test_triton_mimo.py tests/test_triton_siso.py -p no:cacheprovider -rfE \
-    2>&1 | grep -v Warning | tail -40 >> "$OUT/candidate_tests.txt")
+  source benchmarks/candidate.sh
+  rm -rf /tmp/candidate
+  make_candidate "$PATCH" || echo "patch did not apply" > "$OUT/candidate_tests.txt"
+  in_candidate timeout -k 5 100 python -m pytest -q -m gpu -n 12 tests/test_triton_mimo.py \
+    tests/test_triton_siso.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -40 \
+    >> "$OUT/candidate_tests.txt"
   tail -3 "$OUT/candidate_tests.txt"
   # the benchmark call that follows on this warm machine (gpu_bench.sh) reads this verdict
   if grep -q " passed" "$OUT/candidate_tests.txt" && ! grep -q -E "[0-9]+ (failed|error)" \
