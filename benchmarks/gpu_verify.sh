@@ -26,5 +26,5 @@ if [ -n "$PATCH" ]; then
   if grep -q " passed" "$OUT/candidate_tests.txt" && ! grep -q -E "[0-9]+ (failed|error)" \
     "$OUT/candidate_tests.txt"; then touch /tmp/candidate/PASSED; fi
 fi
-timeout -k 5 120 python benchmarks/decode.py --out "$OUT/decode" --new 96 --drift-tokens 500 > "$OUT/decode.txt" 2>&1
+timeout -k 5 120 python benchmarks/decode.py --out "$OUT/decode" --new 96 --drift-tokens 1000 > "$OUT/decode.txt" 2>&1
 ls "$OUT"

@@ -7,7 +7,12 @@ Fields (defaults in :class:`KernelConfig`):
 * ``bwd_warps``: warps of the SISO backward chunk kernels, which are never tuned;
 * ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
-  one runs the torch chunked path (``hybridkit show`` says so).
+  one runs the torch chunked path (``hybridkit show`` says so);
+* ``step_warps`` / ``step_maxnreg``: warps and a register cap of the fused decode step (None:
+  about 32 state elements per thread, the compiler's registers). The step updates its state in
+  place, so it cannot be timed candidate by candidate like the tuned kernels; these exist so a
+  benchmark can compare launches (at 8 warps it compiles to 128 registers on sm_90: two
+  programs per SM, and at batch 128 each program's chain of reductions is the limit).
 
 In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local). From the
 shell: ``HYBRIDKIT_KERNELS="autotune=0,bwd_warps=8,chunk_sizes=32:64"``. The variable is read
@@ -48,12 +53,18 @@ class KernelConfig:
     bwd_warps: int = 4
     bwd_maxnreg: int | None = None
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
+    step_warps: int | None = None
+    step_maxnreg: int | None = None
 
     def __post_init__(self) -> None:
         if self.bwd_warps not in WARP_COUNTS:
             raise ValueError(f"bwd_warps={self.bwd_warps}: allowed {WARP_COUNTS}")
-        if self.bwd_maxnreg is not None and not 24 <= self.bwd_maxnreg <= 255:
-            raise ValueError(f"bwd_maxnreg={self.bwd_maxnreg}: allowed None or 24..255")
+        if self.step_warps is not None and self.step_warps not in WARP_COUNTS:
+            raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
+        for name in ("bwd_maxnreg", "step_maxnreg"):
+            value = getattr(self, name)
+            if value is not None and not 24 <= value <= 255:
+                raise ValueError(f"{name}={value}: allowed None or 24..255")
         bad = [c for c in self.chunk_sizes if c not in TRITON_CHUNK_SIZES]
         if bad or not self.chunk_sizes:
             raise ValueError(
@@ -96,7 +107,7 @@ def _parse_value(key: str, raw: str) -> object:
         return raw in ("1", "true")
     if key == "chunk_sizes":
         return tuple(int(c) for c in raw.split(":")) if raw else ()
-    if key == "bwd_maxnreg" and raw in ("", "0", "none"):
+    if key in ("bwd_maxnreg", "step_maxnreg", "step_warps") and raw in ("", "0", "none"):
         return None
     if not raw.isdigit():
         raise ValueError(f"{raw!r}: expected a whole number")
@@ -156,3 +167,11 @@ def triton_chunk(chunk: int, d_state: int, headdim: int, fast: bool) -> int:
         # the GPU fuzz (Triton 3.6, H200; docs/kernels.md, "Chunk width"). Cause not found yet.
         chunk = min(chunk, 32)
     return chunk
+
+
+@torch.compiler.assume_constant_result
+def step_launch() -> tuple[int, int]:
+    """(``step_warps``, ``step_maxnreg``) with 0 for None, read once at trace time under
+    ``torch.compile`` like :func:`triton_chunk_sizes` (a compiled decode step launches it)."""
+    cfg = current_config()
+    return cfg.step_warps or 0, cfg.step_maxnreg or 0

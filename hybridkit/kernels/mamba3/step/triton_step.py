@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridkit.kernels.config import interpreting, step_launch
 from hybridkit.kernels.mamba3.chunkscan.common import _mod2pi
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step.weights import StepInputs, StepWeights
@@ -282,6 +283,10 @@ def mamba3_step_triton(
     if norm and not gated:
         raise ValueError("mamba3 decode step: an output norm needs z (the gate)")
     block_p, block_n = triton.next_power_of_2(headdim), triton.next_power_of_2(dstate)
+    warps, maxnreg = step_launch()
+    launch = dict(num_warps=warps or _warps(block_p, block_n), num_stages=1)
+    if maxnreg and not interpreting():
+        launch["maxnreg"] = maxnreg
     mamba3_step_kernel[(batch * nheads,)](
         x, zz, bk, cq, dd_dt, dd_a, tr, an,
         x.stride(0), x.stride(1), zz.stride(0), zz.stride(1),
@@ -296,6 +301,6 @@ def mamba3_step_triton(
         HAS_ANG=angles is not None, HALVES=w.pairing == "halves", HAS_D=w.D is not None,
         HAS_MX=w.mimo_x is not None, GATED=gated, HAS_MZ=w.mimo_z is not None,
         HAS_MO=w.mimo_o is not None, NORM=norm,
-        num_warps=_warps(block_p, block_n), num_stages=1,
+        **launch,
     )  # fmt: skip
     return out
