@@ -5,7 +5,8 @@
 # 1. the whole GPU suite (fuzz, 2^31, FA4 and CuTe tests included) with failures named;
 # 2. with a patch (a kernel change not yet on main, `git diff main BRANCH -- hybridkit`): the
 #    MIMO and SISO GPU tests on a patched copy of the tree (a candidate lands only after this);
-# 3. the decode benchmark's one-layer step (Triton and CuTe kernels) and bf16-state drift.
+# 3. the decode benchmark's one-layer step (Triton and CuTe kernels) and bf16-state drift, and
+#    the whole model with the attention decode through FA4 (fa4_decode=1).
 # Each part has its own timeout so a slow one cannot eat the others' time.
 set -u
 OUT=${OUT:-/tmp/gpu_verify}
@@ -27,4 +28,9 @@ if [ -n "$PATCH" ]; then
     "$OUT/candidate_tests.txt"; then touch /tmp/candidate/PASSED; fi
 fi
 timeout -k 5 120 python benchmarks/decode.py --out "$OUT/decode" --new 96 --drift-tokens 1000 > "$OUT/decode.txt" 2>&1
+# the attention layers' static step through FA4 (kernel setting fa4_decode, off by default until
+# the suite above has passed its GPU tests): the same model, fp32 state, next to the table above
+HYBRIDKIT_KERNELS=fa4_decode=1 timeout -k 5 60 python -m hybridkit bench decode \
+  benchmarks/recipes/hybrid_400m.yaml --batch 1,16,128 --prompt 128 --new 96 \
+  --out "$OUT/decode_fa4" > "$OUT/decode_fa4.txt" 2>&1
 ls "$OUT"

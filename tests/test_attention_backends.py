@@ -555,3 +555,88 @@ def test_fa4_hybrid_trains_and_compiles_fullgraph():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# --- the static decode step through FA4's seqused_k path ------------------------------------------
+def _ring_case(hk: int, device="cpu", dtype=torch.float64):
+    """One query per sequence over a ring of 9 slots, the first ``used`` of them filled."""
+    q, k, v = qkv(3, 1, 9, 4, hk, 8, dtype=dtype, device=device)
+    return q, k, v
+
+
+@pytest.mark.parametrize("hk", [4, 2, 1])
+@pytest.mark.parametrize("used", [1, 5, 9])
+def test_fa4_decode_op_emulation_and_opcheck(hk, used):
+    """The op's contract on the CPU: keys past ``used`` are ignored, GQA heads share keys."""
+    q, k, v = _ring_case(hk)
+    counts = torch.full((3,), used, dtype=torch.int32)
+    got = torch.ops.hybridkit.fa4_decode(q, k, v, counts, 0.3)
+    want = attn_ops.attention(q, k[:, :used], v[:, :used], causal=False, softmax_scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.hybridkit.fa4_decode.default, (q, k, v, counts, 0.3))
+
+
+def test_fa4_decode_is_routed_only_with_the_setting(monkeypatch):
+    """A static step (``key_mask``) on a layer that resolves to fa4 goes through the op when
+    ``fa4_decode`` is on, through masked sdpa otherwise; both give the same result."""
+    from hybridkit.kernels.config import kernel_config
+
+    monkeypatch.setattr(attn_dispatch, "resolve_backend", lambda *a, **k: "fa4")
+    calls = []
+    real = fa4_op.fa4_decode_attention
+    monkeypatch.setattr(
+        fa4_op, "fa4_decode_attention", lambda *a: calls.append(1) or real(*a)
+    )  # fmt: skip
+    q, k, v = _ring_case(2)
+    mask = torch.arange(9) <= 4  # slot <= position, position 4
+    kw = dict(causal=False, softmax_scale=0.3, key_mask=mask, backend="fa4")
+    plain = attn_ops.attention(q, k, v, **kw)
+    assert calls == []
+    with kernel_config(fa4_decode=True):
+        through_fa4 = attn_ops.attention(q, k, v, **kw)
+    assert calls == [1]
+    torch.testing.assert_close(through_fa4, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_static_decode_through_fa4_equals_forward(monkeypatch):
+    """A hybrid with GQA, RoPE and a sliding window whose ring wraps: prefill, then static steps
+    with every attention call on the fa4 path (the ops' CPU emulation) equal the forward."""
+    from hybridkit.kernels.config import kernel_config
+
+    monkeypatch.setattr(attn_dispatch, "resolve_backend", lambda *a, **k: "fa4")
+    monkeypatch.setattr(fa4_op, "FA4_EAGER_AUTOGRAD_FUNCTION", False)  # the op, not FA4 itself
+    calls = []
+    real = fa4_op.fa4_decode_attention
+    monkeypatch.setattr(
+        fa4_op, "fa4_decode_attention", lambda *a: calls.append(1) or real(*a)
+    )  # fmt: skip
+    blocks = dict(
+        m=mamba_block(),
+        a=attn_block(position="rope", n_heads=4, n_kv_heads=2),
+        w=attn_block(window=3, n_heads=4, n_kv_heads=1, position="rope"),
+    )
+    model = build_model(tiny_recipe("m a w", **blocks), seed=0, dtype=torch.float64).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad(), kernel_config(fa4_decode=True):
+        want = model(ids)
+        cache = model.allocate_cache(2, ids.shape[1])
+        got = [model(ids[:, :4], cache=cache)]
+        cache.make_static(torch.zeros(1, dtype=torch.long))
+        got += [model.step(ids[:, t], cache)[:, None] for t in range(4, ids.shape[1])]
+    assert rel_err(torch.cat(got, dim=1), want) < 1e-10
+    assert len(calls) == 2 * 8  # two attention layers, eight static steps
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hk", [4, 1])
+def test_fa4_decode_matches_reference_on_the_gpu(hk):
+    _need_fa4()
+    q, k, v = qkv(3, 1, 300, 4, hk, 128, dtype=torch.bfloat16, device="cuda")
+    counts = torch.tensor([1, 150, 300], dtype=torch.int32, device="cuda")
+    got = torch.ops.hybridkit.fa4_decode(q, k, v, counts, 0.1)
+    for b, n in enumerate(counts.tolist()):
+        want = attn_ops.attention(
+            q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], causal=False, softmax_scale=0.1,
+            backend="reference",
+        )  # fmt: skip
+        assert rel_err(got[b : b + 1], want) < 2e-2

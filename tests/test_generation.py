@@ -169,6 +169,31 @@ def test_compiled_step_in_the_graph_equals_eager_tokens():
 
 
 @pytest.mark.gpu
+def test_fa4_decode_in_the_graph_equals_eager_and_forward():
+    """``fa4_decode``: the static step's attention through FA4's ``seqused_k`` path, captured
+    in the graph; tokens equal the eager step's, logits stay near the forward's."""
+    from hybridkit.kernels.attention import fa4_unavailable
+    from hybridkit.kernels.config import kernel_config
+
+    reason = fa4_unavailable("cuda", torch.bfloat16)
+    if reason:
+        pytest.skip(reason)
+    model = _model(dtype=torch.bfloat16, device="cuda", layout="s a m w r")
+    ids = torch.randint(0, 64, (4, 16), device="cuda")
+    with kernel_config(fa4_decode=True):
+        graph = generate(model, ids, 256, sampling=Sampling(temperature=0), use_graph=True)
+        eager = generate(model, ids, 256, sampling=Sampling(temperature=0), use_graph=False)
+        with torch.no_grad():
+            want = model(graph[:, :-1]).float()
+            cache = model.allocate_cache(4, graph.shape[1])
+            got = [model(graph[:, :16], cache=cache)]
+            cache.make_static(torch.zeros(1, dtype=torch.long, device="cuda"))
+            got += [model.step(graph[:, t], cache)[:, None] for t in range(16, graph.shape[1] - 1)]
+    assert torch.equal(graph, eager)
+    assert rel_err(torch.cat(got, dim=1).float(), want) < 3e-2
+
+
+@pytest.mark.gpu
 def test_static_step_logits_match_forward_bf16():
     model = _model(dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, 64, (4, 40), device="cuda")

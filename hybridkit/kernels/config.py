@@ -12,7 +12,10 @@ Fields (defaults in :class:`KernelConfig`):
   about 32 state elements per thread, the compiler's registers). The step updates its state in
   place, so it cannot be timed candidate by candidate like the tuned kernels; these exist so a
   benchmark can compare launches (at 8 warps it compiles to 128 registers on sm_90: two
-  programs per SM, and at batch 128 each program's chain of reductions is the limit).
+  programs per SM, and at batch 128 each program's chain of reductions is the limit);
+* ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
+  read the KV ring through FA4's ``seqused_k`` path, one launch, instead of masked SDPA (off
+  until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``).
 
 In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local). From the
 shell: ``HYBRIDKIT_KERNELS="autotune=0,bwd_warps=8,chunk_sizes=32:64"``. The variable is read
@@ -55,6 +58,7 @@ class KernelConfig:
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
     step_warps: int | None = None
     step_maxnreg: int | None = None
+    fa4_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.bwd_warps not in WARP_COUNTS:
@@ -101,7 +105,7 @@ def parse_env(text: str) -> KernelConfig:
 
 
 def _parse_value(key: str, raw: str) -> object:
-    if key == "autotune":
+    if key in ("autotune", "fa4_decode"):
         if raw not in ("0", "1", "true", "false"):
             raise ValueError(f"{raw!r}: allowed 0, 1, true, false")
         return raw in ("1", "true")
@@ -175,3 +179,9 @@ def step_launch() -> tuple[int, int]:
     ``torch.compile`` like :func:`triton_chunk_sizes` (a compiled decode step launches it)."""
     cfg = current_config()
     return cfg.step_warps or 0, cfg.step_maxnreg or 0
+
+
+@torch.compiler.assume_constant_result
+def fa4_decode_enabled() -> bool:
+    """``current_config().fa4_decode``, a trace-time constant under ``torch.compile``."""
+    return current_config().fa4_decode

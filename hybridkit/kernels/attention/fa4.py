@@ -293,6 +293,15 @@ def _emulated_scores(q, k, cu_seqlens, softmax_scale, causal, window_left):
 
 def _emulated_forward(q, k, v, cu_seqlens, softmax_scale, causal, window_left):
     scores = _emulated_scores(q, k, cu_seqlens, softmax_scale, causal, window_left)
+    return _emulated_softmax_v(scores, q, v, cu_seqlens)
+
+
+def _emulated_forward_mask(q, k, v, softmax_scale, mask):
+    """The emulation with an explicit boolean mask broadcastable to (B, H, Lq, Lk)."""
+    return _emulated_softmax_v(masked_scores(q, k, softmax_scale, mask), q, v, None)
+
+
+def _emulated_softmax_v(scores, q, v, cu_seqlens):
     vf = expand_kv(v, q.shape[2], scores.dtype)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq)
     out = (torch.exp(scores - lse[..., None]) @ vf).transpose(1, 2).to(q.dtype)
@@ -330,6 +339,42 @@ def _fa4_bwd_cpu(
         return g.to(like.dtype).contiguous()
 
     return dq.transpose(1, 2).to(q.dtype).contiguous(), to_kv(dk, k), to_kv(dv, v)
+
+
+# --- decode: one query per sequence over a KV ring ---------------------------------------------
+@torch.library.custom_op("hybridkit::fa4_decode", mutates_args=(), device_types="cuda")
+def fa4_decode(q: Tensor, k: Tensor, v: Tensor, used: Tensor, softmax_scale: float) -> Tensor:
+    """q (B, 1, H, D) over the first ``used[b]`` slots of k / v (B, ring, Hkv, D); ``used``
+    (B,) int32 on the device. FA4's ``seqused_k`` path (no autograd: decoding only).
+
+    Keys are attended as a set, so a ring that has wrapped (every slot filled with the last
+    ``ring`` keys, RoPE applied when they were written) needs no reordering. No host read of
+    ``used``: the launch can be captured in a CUDA graph and replayed as the ring fills."""
+    out = _interface()._flash_attn_fwd(
+        q, k, v, seqused_k=used, softmax_scale=softmax_scale, causal=False, return_lse=False
+    )[0]
+    return out
+
+
+@fa4_decode.register_fake
+def _fa4_decode_fake(q, k, v, used, softmax_scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@fa4_decode.register_kernel("cpu")
+def _fa4_decode_cpu(q, k, v, used, softmax_scale):
+    keys = torch.arange(k.shape[1], device=k.device)
+    mask = (keys[None, :] < used[:, None].to(keys.dtype))[:, None, None, :]  # (B, 1, 1, Lk)
+    out, _lse = _emulated_forward_mask(q, k, v, softmax_scale, mask)
+    return out.contiguous()
+
+
+def fa4_decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor):
+    """The static decode step through FA4: ``key_mask`` (Lk,) must mark a prefix of the ring
+    (:meth:`hybridkit.cache.KVCache.write_at` gives ``slot <= position``), so its count is
+    every sequence's ``seqused_k``."""
+    used = key_mask.sum(dtype=torch.int32).expand(q.shape[0]).contiguous()
+    return torch.ops.hybridkit.fa4_decode(q, k, v, used, scale)
 
 
 # --- availability and the call the dispatch point makes ----------------------------------------

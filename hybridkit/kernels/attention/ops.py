@@ -15,6 +15,7 @@ import torch
 from hybridkit.kernels.attention import fa4
 from hybridkit.kernels.attention.reference import packed_attention_mask, reference_attention
 from hybridkit.kernels.attention.sdpa import sdpa_attention
+from hybridkit.kernels.config import fa4_decode_enabled
 
 BACKENDS = ("auto", "reference", "sdpa", "fa4")
 
@@ -149,8 +150,9 @@ def attention(
     attention never crosses a sequence boundary (q and k must then have the same length).
     ``max_seqlen`` (the longest packed sequence) is optional; fa4 uses it to size its grid.
     ``key_mask`` (Lk,) bool, True for keys every query may see, replaces ``causal``/``window``:
-    a static decode step attends over a fixed-size KV ring with it (sdpa runs for ``fa4``, whose
-    KV-cache entry point is not wired up yet).
+    a static decode step attends over a fixed-size KV ring with it (sdpa, or for ``fa4`` with
+    the kernel setting ``fa4_decode`` FA4's ``seqused_k`` path: the mask must then mark a prefix
+    of the ring, as the static cache's does).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention expects (batch, seqlen, heads, head_dim) tensors")
@@ -165,6 +167,8 @@ def attention(
     if key_mask is not None:
         if cu_seqlens is not None or causal or window is not None:
             raise ValueError("key_mask replaces causal, window and cu_seqlens")
+        if name == "fa4" and q.shape[1] == 1 and fa4_decode_enabled():
+            return fa4.fa4_decode_attention(q, k, v, scale, key_mask)
         return _masked_decode(
             _IMPLS["reference" if name == "reference" else "sdpa"], q, k, v, scale, key_mask
         )
