@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from hybridkit.cache import InferenceCache
-from hybridkit.decode_bench import bench_decode, copy_bandwidth, device_name, versions
+from hybridkit.decode_bench import (
+    bench_decode,
+    copy_bandwidth,
+    device_name,
+    time_per_call,
+    versions,
+)
 from hybridkit.decode_bench import markdown as model_markdown
 from hybridkit.kernels.mamba3.ops import cute_unavailable
 from hybridkit.kernels.mamba3.step import StepInputs
@@ -44,27 +49,9 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def time_graph(fn, per_graph: int, replays: int = 20) -> float:
+def time_graph(fn, per_graph: int) -> float:
     """Microseconds per ``fn()`` call: ``per_graph`` calls captured in one graph, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(per_graph):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / per_graph)
-    return statistics.median(times)
+    return time_per_call(fn, torch.device("cuda"), per_graph=per_graph)
 
 
 def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float, per_graph: int):

@@ -440,6 +440,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         drift_tokens=args.drift_tokens,
         use_graph=False if args.no_graph else None,
         compile_step=args.compile,
+        layer_step=args.layer,
         on_row=write,
     )
     write(result)
@@ -703,6 +704,12 @@ def _add_bench_decode(what) -> None:
         help="also measure the bf16 state's drift from fp32 over this many tokens (default 0)",
     )
     p.add_argument("--no-graph", action="store_true", help="run the decode step eagerly")
+    p.add_argument(
+        "--layer",
+        action="store_true",
+        help="also time the first Mamba-3 layer's step alone per batch size, against its byte "
+        "floor (in a CUDA graph on a GPU)",
+    )
     p.add_argument(
         "--compile",
         action="store_true",

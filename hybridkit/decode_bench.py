@@ -84,6 +84,19 @@ class DecodeRow:
 
 
 @dataclass
+class LayerStepRow:
+    """One Mamba-3 layer's decode step (``in_proj`` -> step -> ``out_proj``) at one batch."""
+
+    layer: int
+    batch: int
+    ssm_dtype: str
+    us_per_step: float
+    floor_us: float
+    ratio_to_floor: float
+    graph: bool
+
+
+@dataclass
 class DecodeBench:
     device: str
     date: str
@@ -95,6 +108,7 @@ class DecodeBench:
     copy_bandwidth_gbs: float
     rows: list[DecodeRow] = field(default_factory=list)
     drift: dict | None = None
+    layer_rows: list[LayerStepRow] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +177,72 @@ def bench_batch(
     )
 
 
+def time_per_call(fn, device: torch.device, *, per_graph: int = 10, replays: int = 20) -> float:
+    """Microseconds per ``fn()`` call, median over ``replays``.
+
+    On a GPU ``per_graph`` calls are captured back to back in one CUDA graph and the graph is
+    replayed (as the call runs inside a whole-model decode graph: no launch gaps from the
+    host); elsewhere the calls run eagerly and are timed with the wall clock."""
+    fn()  # compile and warm up outside any capture
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(per_graph):
+                fn()
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start = timer_start(device)
+        if device.type == "cuda":
+            graph.replay()
+        else:
+            for _ in range(per_graph):
+                fn()
+        times.append(elapsed_s(device, start) * 1e6 / per_graph)
+    return statistics.median(times)
+
+
+def first_mamba3_layer(model: HybridLM):
+    """The model's first Mamba-3 mixer (the layer ``--layer`` times), or None."""
+    from hybridkit.layers.mamba3 import Mamba3
+
+    return next((m for m in model.modules() if isinstance(m, Mamba3)), None)
+
+
+@torch.no_grad()
+def layer_step_row(
+    layer, batch: int, *, bandwidth: float, ssm_dtype: torch.dtype | None = None,
+    per_graph: int = 10,
+) -> LayerStepRow:  # fmt: skip
+    """One layer's step on a random state and token: its time against the bytes it must move
+    (the state read and written, ``in_proj`` / ``out_proj`` weights, the token in and out)."""
+    from hybridkit.cache import InferenceCache
+
+    weight = layer.in_proj.weight
+    device, dtype = weight.device, weight.dtype
+    state = layer.allocate_cache(batch, 1, dtype, device)
+    gen = torch.Generator(device=device).manual_seed(batch)
+    ssm = torch.randn(state.ssm.shape, generator=gen, device=device)
+    state = state._replace(ssm=ssm.to(ssm_dtype or torch.float32))
+    cache = InferenceCache(batch, 1, layers={layer.layer_idx: state})
+    u = torch.randn(batch, 1, layer.in_proj.in_features, generator=gen, device=device).to(dtype)
+    us = time_per_call(lambda: layer(u, cache=cache), device, per_graph=per_graph)
+    nbytes = 2 * sum(_nbytes(t) for t in state) + 2 * _nbytes(u)
+    nbytes += _nbytes(layer.in_proj.weight) + _nbytes(layer.out_proj.weight)
+    nbytes += batch * layer.in_proj.out_features * weight.element_size()  # the projection
+    floor = nbytes / bandwidth * 1e6
+    return LayerStepRow(
+        layer=layer.layer_idx, batch=batch,
+        ssm_dtype=str(state.ssm.dtype).removeprefix("torch."), us_per_step=us, floor_us=floor,
+        ratio_to_floor=us / floor, graph=device.type == "cuda",
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def state_drift(model: HybridLM, *, prompt: int, tokens: int, seed: int = 0) -> dict:
     """How far a bf16 Mamba-3 state drifts from fp32 over ``tokens`` greedy steps.
@@ -202,10 +282,12 @@ def bench_decode(
     drift_tokens: int = 0,
     use_graph: bool | None = None,
     compile_step: bool = False,
+    layer_step: bool = False,
     on_row=None,
 ) -> DecodeBench:
     """Every batch size of ``batches`` (see the module docstring); ``on_row(result)`` after each
-    one lets a caller write partial results."""
+    one lets a caller write partial results. ``layer_step`` also times the first Mamba-3
+    layer's step alone at every batch size (:func:`layer_step_row`)."""
     model.eval()
     device = model.embedding.weight.device
     bandwidth = copy_bandwidth(device)
@@ -230,6 +312,13 @@ def bench_decode(
                 ssm_dtype=ssm_dtype,
                 use_graph=use_graph,
             )  # fmt: skip
+        )
+        if on_row is not None:
+            on_row(result)
+    layer = first_mamba3_layer(model) if layer_step else None
+    for batch in batches if layer is not None else ():
+        result.layer_rows.append(
+            layer_step_row(layer, batch, bandwidth=bandwidth, ssm_dtype=ssm_dtype)
         )
         if on_row is not None:
             on_row(result)
@@ -268,6 +357,21 @@ def markdown(result: DecodeBench) -> str:
             f"bf16 vs fp32 Mamba-3 state over {d['tokens']} greedy tokens (batch 1, same "
             f"tokens): logits relative error {d['final_rel_err']:.2e} at the end, "
             f"{d['max_rel_err']:.2e} at worst; argmax agrees on {d['argmax_agree']:.1%} of steps.",
+        ]
+    if result.layer_rows:
+        first = result.layer_rows[0]
+        lines += [
+            "",
+            f"One Mamba-3 layer's step (layer {first.layer}: `in_proj` -> step -> `out_proj`, "
+            f"{'in a CUDA graph' if first.graph else 'eager'}):",
+            "",
+            "| batch | state | us per step | byte floor us | x floor |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r.batch} | {r.ssm_dtype} | {r.us_per_step:.1f} | {r.floor_us:.1f} | "
+            f"{r.ratio_to_floor:.2f} |"
+            for r in result.layer_rows
         ]
     lines += [
         "",

@@ -213,7 +213,7 @@ def test_cli_bench_decode_writes_json_and_markdown(tmp_path, capsys):
 
     out = tmp_path / "bench" / "decode"
     argv = ["bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1,2"]
-    argv += ["--prompt", "5", "--new", "4", "--drift-tokens", "3", "--out", str(out)]
+    argv += ["--prompt", "5", "--new", "4", "--drift-tokens", "3", "--out", str(out), "--layer"]
     assert main(argv) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert [r["batch"] for r in result["rows"]] == [1, 2]
@@ -223,7 +223,12 @@ def test_cli_bench_decode_writes_json_and_markdown(tmp_path, capsys):
     assert set(row["bytes_per_step"]) == {"weights", "mamba3_state", "kv"}
     assert row["bytes_per_step"]["mamba3_state"] > 0 and row["bytes_per_step"]["kv"] > 0
     assert result["drift"]["tokens"] == 3 and {"torch", "triton"} <= set(result["versions"])
+    assert [r["batch"] for r in result["layer_rows"]] == [1, 2]
+    layer = result["layer_rows"][0]
+    assert layer["us_per_step"] > 0 and layer["floor_us"] > 0 and not layer["graph"]
+    assert layer["ratio_to_floor"] == pytest.approx(layer["us_per_step"] / layer["floor_us"])
     assert "| batch |" in out.with_suffix(".md").read_text()
+    assert "One Mamba-3 layer's step" in out.with_suffix(".md").read_text()
     assert "Decoding throughput" in capsys.readouterr().out
 
 
