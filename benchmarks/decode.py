@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from hybridkit.cache import InferenceCache
 from hybridkit.decode_bench import (
     bench_decode,
     copy_bandwidth,
     device_name,
+    layer_step_row,
     time_per_call,
     versions,
 )
@@ -49,17 +49,11 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def time_graph(fn, per_graph: int) -> float:
-    """Microseconds per ``fn()`` call: ``per_graph`` calls captured in one graph, replayed."""
-    return time_per_call(fn, torch.device("cuda"), per_graph=per_graph)
-
-
 def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float, per_graph: int):
     """One row: the kernel alone and the layer step at this batch and state dtype."""
     device = layer.in_proj.weight.device
     state = layer.allocate_cache(batch, 1, torch.bfloat16, device)
     state = state._replace(ssm=torch.randn_like(state.ssm).to(ssm_dtype))
-    cache = InferenceCache(batch, 1, layers={0: state})
     u = torch.randn(batch, 1, layer.in_proj.in_features, device=device, dtype=torch.bfloat16)
     proj = layer.in_proj(u)[:, 0]
     z, x, bk, cq, dd_dt, dd_a, trap, ang = proj.split(layer.split_sizes, dim=-1)
@@ -70,13 +64,14 @@ def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float,
     )  # fmt: skip
     w = layer.step_weights()
     out = torch.empty(batch, h, p, dtype=torch.bfloat16, device=device)
-    kernel_us = time_graph(lambda: mamba3_step_triton(inputs, state, w, out=out), per_graph)
+    kernel_us = time_per_call(
+        lambda: mamba3_step_triton(inputs, state, w, out=out), device, per_graph=per_graph
+    )
     cute_us = cute_kernel_us(state, per_graph)
-    layer_us = time_graph(lambda: layer(u, cache=cache), per_graph)
-    kernel_bytes = 2 * nbytes(*state) + nbytes(proj) + nbytes(out)
-    weights_bytes = nbytes(layer.in_proj.weight, layer.out_proj.weight)
-    kernel_floor = kernel_bytes / bandwidth * 1e6
-    layer_floor = (kernel_bytes + weights_bytes + nbytes(u)) / bandwidth * 1e6
+    kernel_floor = (2 * nbytes(*state) + nbytes(proj) + nbytes(out)) / bandwidth * 1e6
+    step = layer_step_row(
+        layer, batch, bandwidth=bandwidth, ssm_dtype=ssm_dtype, per_graph=per_graph
+    )
     return dict(
         batch=batch,
         ssm_dtype=str(ssm_dtype).removeprefix("torch."),
@@ -84,9 +79,9 @@ def measure(layer: Mamba3, batch: int, ssm_dtype: torch.dtype, bandwidth: float,
         kernel_floor_us=kernel_floor,
         kernel_x_floor=kernel_us / kernel_floor,
         cute_kernel_us=cute_us,
-        layer_us=layer_us,
-        layer_floor_us=layer_floor,
-        layer_x_floor=layer_us / layer_floor,
+        layer_us=step.us_per_step,
+        layer_floor_us=step.floor_us,
+        layer_x_floor=step.ratio_to_floor,
         target_layer_us=TARGET_LAYER_US[batch],
         official_layer_us=OFFICIAL_LAYER_US[batch],
         official_kernel_us=OFFICIAL_KERNEL_US[batch],
@@ -108,7 +103,9 @@ def cute_kernel_us(state, per_graph: int) -> float | None:
     kn, kp, q = (torch.randn(batch, h, n, **f32) for _ in range(3))
     ssm = state.ssm.clone()
     update = compiled_update(p, n, str(ssm.dtype).removeprefix("torch."))
-    return time_graph(lambda: update(ssm, alpha, xg, vb, dx, kn, kp, q, y), per_graph)
+    return time_per_call(
+        lambda: update(ssm, alpha, xg, vb, dx, kn, kp, q, y), ssm.device, per_graph=per_graph
+    )
 
 
 @torch.no_grad()

@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from hybridkit.cache import KVCache
+from hybridkit.cache import InferenceCache, KVCache
 from hybridkit.generation import DecodeRunner, Sampling
 from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.layers.mamba3 import Mamba3
 from hybridkit.model import HybridLM
 from hybridkit.runtime import elapsed_s, timer_start
 
@@ -209,8 +210,6 @@ def time_per_call(fn, device: torch.device, *, per_graph: int = 10, replays: int
 
 def first_mamba3_layer(model: HybridLM):
     """The model's first Mamba-3 mixer (the layer ``--layer`` times), or None."""
-    from hybridkit.layers.mamba3 import Mamba3
-
     return next((m for m in model.modules() if isinstance(m, Mamba3)), None)
 
 
@@ -220,9 +219,8 @@ def layer_step_row(
     per_graph: int = 10,
 ) -> LayerStepRow:  # fmt: skip
     """One layer's step on a random state and token: its time against the bytes it must move
-    (the state read and written, ``in_proj`` / ``out_proj`` weights, the token in and out)."""
-    from hybridkit.cache import InferenceCache
-
+    (the state read and written, ``in_proj`` / ``out_proj`` weights, the token, the projection
+    and the step's output)."""
     weight = layer.in_proj.weight
     device, dtype = weight.device, weight.dtype
     state = layer.allocate_cache(batch, 1, dtype, device)
@@ -232,9 +230,12 @@ def layer_step_row(
     cache = InferenceCache(batch, 1, layers={layer.layer_idx: state})
     u = torch.randn(batch, 1, layer.in_proj.in_features, generator=gen, device=device).to(dtype)
     us = time_per_call(lambda: layer(u, cache=cache), device, per_graph=per_graph)
-    nbytes = 2 * sum(_nbytes(t) for t in state) + 2 * _nbytes(u)
+    nbytes = 2 * sum(_nbytes(t) for t in state) + _nbytes(u)
     nbytes += _nbytes(layer.in_proj.weight) + _nbytes(layer.out_proj.weight)
-    nbytes += batch * layer.in_proj.out_features * weight.element_size()  # the projection
+    # the projection the step reads and the (B, H * P) output it writes for out_proj
+    nbytes += (
+        batch * (layer.in_proj.out_features + layer.out_proj.in_features) * weight.element_size()
+    )
     floor = nbytes / bandwidth * 1e6
     return LayerStepRow(
         layer=layer.layer_idx, batch=batch,

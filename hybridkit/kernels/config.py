@@ -14,7 +14,7 @@ Fields (defaults in :class:`KernelConfig`):
   benchmark can compare launches (at 8 warps it compiles to 128 registers on sm_90: two
   programs per SM, and at batch 128 each program's chain of reductions is the limit);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
-  read the KV ring through FA4's ``seqused_k`` path, one launch, instead of masked SDPA (off
+  read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``).
 
 In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local). From the
