@@ -23,16 +23,6 @@ from hybridkit.kernels.mamba3.chunkscan.op import scan_op
 from hybridkit.kernels.mamba3.reference import rotate_pairs, wrap_angle
 from hybridkit.kernels.mamba3.state import Mamba3State
 
-__all__ = [
-    "TRITON_RANKS",
-    "chunk_height_reason",
-    "kernel_chunk",
-    "mamba3_scan_triton",
-    "supports",
-    "unsupported_reason",
-]
-
-
 #: MIMO ranks the kernels run (R rows per token; C * R must stay a power of two).
 TRITON_RANKS = (1, 2, 4, 8)
 
