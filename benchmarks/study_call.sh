@@ -5,22 +5,27 @@
 # e.g. bash benchmarks/study_call.sh lengthgen_niah "--only seed=0 --shard 0/4" 480
 # STUDY names hybridkit/recipes/studies/STUDY.yaml; SELECTION is passed to `hybridkit study`
 # (--only / --shard); BUDGET_S (default 480) is the --time-budget: no run starts that would not
-# finish in it, since a half-trained run's checkpoints are too large to carry to the next call.
+# finish in it, since a half-trained run's checkpoints are too large to carry to the next call;
+# the study is also killed at BUDGET_S, so the archive below is always written.
 # The study folder is .gpu/studies/STUDY (git-ignored); every file under 2 MB of it (result.json,
 # eval.json, heldout.json, final.json, metrics.jsonl, the run's recipe: no checkpoints) comes back
-# under $OUT/studies/STUDY. Merge that into .gpu/studies/STUDY here, carry it to the next call,
-# and when every run is finished: `hybridkit study ... -o .gpu/studies/STUDY --report`, then copy
-# report.md, results.json and the PNGs to benchmarks/results/STUDY/.
+# as one archive, $OUT/STUDY.tar.gz (the device tool returns at most 8 files, at most two folders
+# down, so a run tree cannot come back file by file). Here:
+#   tar -xzf FILES_AT/STUDY.tar.gz -C .gpu/studies
+# merges it into .gpu/studies/STUDY; carry that to the next call, and when every run is
+# finished: `hybridkit study ... -o .gpu/studies/STUDY --report`, then copy report.md,
+# results.json and the PNGs to benchmarks/results/STUDY/.
 set -u
 STUDY=$1
 SELECTION=${2:-}
 BUDGET=${3:-480}
 OUT=${OUT:-/tmp/study_call}
 DIR=.gpu/studies/$STUDY
-mkdir -p "$DIR" "$OUT/studies"
+mkdir -p "$DIR" "$OUT"
 # shellcheck disable=SC2086  # SELECTION is several flags on purpose
-python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" $SELECTION \
+timeout -k 5 "$BUDGET" python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" \
+  $SELECTION
   --time-budget "$BUDGET" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/study.txt"
-(cd .gpu/studies && find "$STUDY" -type f -size -2M -not -path "*/checkpoints/*" \
-  -exec cp --parents {} "$OUT/studies/" \;)
-find "$OUT/studies" -name result.json | wc -l | xargs echo "result files coming back:"
+(cd .gpu/studies && find "$STUDY" -type f -size -2M -not -path "*/checkpoints/*" -print0 \
+  | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
+tar -tzf "$OUT/$STUDY.tar.gz" | grep -c "/result.json$" | xargs echo "result files coming back:"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One GPU call, right after a short call that carried .gpu/base + .gpu/cute1 (the CuTe DSL wheel's
+# first half; see .gpu/base/env.sh), for what the open issues still lack, each part under its own
+# timeout and everything back in at most 8 files (the device tool's limit):
+#   carry [".gpu/cute2", ...]; source .gpu/cute2/env.sh && bash benchmarks/gpu_followups.sh [STUDY "SELECTION"]
+# 1. #16: the FA4 decode op's GPU tests (`-k fa4_decode`), then the 400M model's decode with the
+#    attention step through FA4 (fa4_decode=1) and through masked SDPA, same call;
+# 2. #17: the 300-step niah_s loss curves eager vs compiled, and 1 x 16,384 tokens with
+#    activation checkpointing (compiled);
+# 3. #18, with what is left of the call: a study share through benchmarks/study_call.sh.
+set -u
+OUT=${OUT:-/tmp/gpu_followups}
+mkdir -p "$OUT/decode"
+START=$SECONDS
+timeout -k 5 120 python -m pytest -q -m gpu -n 4 -k fa4_decode tests/test_attention_backends.py \
+  tests/test_generation.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -30 \
+  > "$OUT/fa4_decode_tests.txt"
+tail -2 "$OUT/fa4_decode_tests.txt"
+for fa4 in 1 0; do
+  HYBRIDKIT_KERNELS=fa4_decode=$fa4 timeout -k 5 75 python -m hybridkit bench decode \
+    benchmarks/recipes/hybrid_400m.yaml --batch 1,16,128 --prompt 128 --new 96 \
+    --out "$OUT/decode/fa4_decode_$fa4" > "$OUT/decode/fa4_decode_$fa4.txt" 2>&1 \
+    || echo "fa4_decode=$fa4 failed: $(tail -1 "$OUT/decode/fa4_decode_$fa4.txt")"
+  grep "^| [0-9]" "$OUT/decode/fa4_decode_$fa4.md" 2>/dev/null | sed "s/^/fa4_decode=$fa4 /"
+done 2>/dev/null
+timeout -k 5 150 python benchmarks/train_throughput.py --out "$OUT/loss_curve" --loss-curve \
+  > "$OUT/loss_curve.txt" 2>&1 || echo "loss curve: $(tail -1 "$OUT/loss_curve.txt")"
+grep -i "max abs\|differ" "$OUT/loss_curve/loss_curve.md" 2>/dev/null | head -3
+timeout -k 5 120 python benchmarks/train_throughput.py --out "$OUT/ckpt16k" --cases hybrid_16k_ckpt \
+  > "$OUT/ckpt16k.txt" 2>&1 || echo "16k: $(tail -1 "$OUT/ckpt16k.txt")"
+grep "hybrid_16k" "$OUT/ckpt16k/train_throughput.md" 2>/dev/null | head -2
+if [ -n "${1:-}" ]; then
+  left=$((560 - (SECONDS - START)))
+  [ $left -gt 60 ] && bash benchmarks/study_call.sh "$1" "${2:-}" "$left"
+fi
+# the small files of parts 1-2 in one archive (a folder two levels down would not come back)
+tar -czf "$OUT/followups.tar.gz" -C "$OUT" decode loss_curve ckpt16k 2>/dev/null
+rm -rf "$OUT/decode" "$OUT/loss_curve" "$OUT/ckpt16k"
+ls "$OUT"
