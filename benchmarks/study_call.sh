@@ -24,7 +24,7 @@ DIR=.gpu/studies/$STUDY
 mkdir -p "$DIR" "$OUT"
 # shellcheck disable=SC2086  # SELECTION is several flags on purpose
 timeout -k 5 "$BUDGET" python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" \
-  $SELECTION
+  $SELECTION \
   --time-budget "$BUDGET" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/study.txt"
 (cd .gpu/studies && find "$STUDY" -type f -size -2M -not -path "*/checkpoints/*" -print0 \
   | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
