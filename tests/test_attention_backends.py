@@ -627,6 +627,26 @@ def test_static_decode_through_fa4_equals_forward(monkeypatch):
     assert len(calls) == 2 * 8  # two attention layers, eight static steps
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fa4_decode_counts_have_stride_one(monkeypatch, batch):
+    """FA4 asserts ``seqused_k.stride(0) == 1``; at batch 1 an expanded count has stride 0 and
+    torch still calls it contiguous (the 400M model's batch-1 decode failed that way on the
+    H200), so the counts handed to the op must be a real (B,) tensor."""
+    seen = []
+
+    def fake_op(q, k, v, used, scale):
+        seen.append(used)
+        return q.clone()
+
+    monkeypatch.setattr(torch.ops.hybridkit, "fa4_decode", fake_op)
+    q, k, v = qkv(batch, 1, 8, 4, 2, 16)
+    mask = torch.arange(8) < 5
+    fa4_op.fa4_decode_attention(q, k, v, 0.25, mask)
+    (used,) = seen
+    assert used.shape == (batch,) and used.stride() == (1,) and used.dtype == torch.int32
+    assert used.tolist() == [5] * batch
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hk", [4, 1])
 def test_fa4_decode_matches_reference_on_the_gpu(hk):

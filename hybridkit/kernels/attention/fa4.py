@@ -350,6 +350,8 @@ def fa4_decode(q: Tensor, k: Tensor, v: Tensor, used: Tensor, softmax_scale: flo
     Keys are attended as a set, so a ring that has wrapped (every slot filled with the last
     ``ring`` keys, RoPE applied when they were written) needs no reordering. No host read of
     ``used``: the launch can be captured in a CUDA graph and replayed as the ring fills."""
+    if used.stride(0) != 1:  # FA4 asserts stride 1; a batch-1 broadcast has stride 0
+        used = used.new_empty(used.shape).copy_(used)
     out = _interface()._flash_attn_fwd(
         q, k, v, seqused_k=used, softmax_scale=softmax_scale, causal=False, return_lse=False
     )[0]
@@ -373,7 +375,9 @@ def fa4_decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask
     """The static decode step through FA4: ``key_mask`` (Lk,) must mark a prefix of the ring
     (:meth:`hybridkit.cache.KVCache.write_at` gives ``slot <= position``), so its count is
     every sequence's ``seqused_k``."""
-    used = key_mask.sum(dtype=torch.int32).expand(q.shape[0]).contiguous()
+    # repeat, not expand: FA4 needs seqused_k at stride 1, and torch calls a (1,) tensor of
+    # stride 0 contiguous, so expand(1).contiguous() kept stride 0 (the batch-1 GPU failure)
+    used = key_mask.sum(dtype=torch.int32).repeat(q.shape[0])
     return torch.ops.hybridkit.fa4_decode(q, k, v, used, scale)
 
 
