@@ -166,6 +166,25 @@ def mamba3_step_kernel(
     x = tl.load(X + b * s_xb + h * s_xh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     v_ptr = VST + (b * H + h) * P + offs_p
     v_prev = tl.load(v_ptr, mask=mask_p, other=0.0).to(tl.float32)
+    # the token's other inputs too, so they share the first round trip to memory: at small
+    # batch the step is a chain of dependent loads, and each round costs about a microsecond
+    if GATED:
+        z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        if NORM != 0:
+            norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    if HAS_D:
+        d_skip = tl.load(DSKIP + h).to(tl.float32)
+    if R == 1:  # SISO: key, previous key and query before the one barrier
+        k_ptr0 = KST + (b * H + h) * N + offs_n
+        k_prev0 = tl.load(k_ptr0, mask=mask_n, other=0.0).to(tl.float32)
+        k0 = _key(
+            BK, s_bkb, s_bkr, s_bkg, b, 0, g, B_BIAS, B_NORM, h, eps, offs_n, partner, cos,
+            ssin, N, R, HAS_ANG,
+        )  # fmt: skip
+        q0 = _key(
+            CQ, s_cqb, s_cqr, s_cqg, b, 0, g, C_BIAS, C_NORM, h, eps, offs_n, partner, cos,
+            ssin, N, R, HAS_ANG,
+        )  # fmt: skip
     tl.debug_barrier()
     if HAS_ANG:
         tl.store(angle_ptr, theta, mask=mask_s)
@@ -178,14 +197,18 @@ def mamba3_step_kernel(
             psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         else:
             psi = 1.0
-        k_ptr = KST + ((b * R + r) * H + h) * N + offs_n
-        k_prev = tl.load(k_ptr, mask=mask_n, other=0.0).to(tl.float32)
-        k = _key(
-            BK, s_bkb, s_bkr, s_bkg, b, r, g, B_BIAS, B_NORM, h, eps, offs_n, partner, cos,
-            ssin, N, R, HAS_ANG,
-        )  # fmt: skip
-        tl.debug_barrier()
-        tl.store(k_ptr, k.to(KST.dtype.element_ty), mask=mask_n)
+        if R == 1:
+            k_prev, k = k_prev0, k0
+            tl.store(k_ptr0, k.to(KST.dtype.element_ty), mask=mask_n)
+        else:
+            k_ptr = KST + ((b * R + r) * H + h) * N + offs_n
+            k_prev = tl.load(k_ptr, mask=mask_n, other=0.0).to(tl.float32)
+            k = _key(
+                BK, s_bkb, s_bkr, s_bkg, b, r, g, B_BIAS, B_NORM, h, eps, offs_n, partner, cos,
+                ssin, N, R, HAS_ANG,
+            )  # fmt: skip
+            tl.debug_barrier()
+            tl.store(k_ptr, k.to(KST.dtype.element_ty), mask=mask_n)
         upd += (gamma * x * psi)[:, None] * k[None, :]
         upd += (beta * v_prev * psi)[:, None] * k_prev[None, :]
 
@@ -194,22 +217,22 @@ def mamba3_step_kernel(
 
     # 4. outputs per rank, gated (and summed over ranks) or raw
     if GATED:
-        z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        if NORM != 0:
-            norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     for r in tl.static_range(R):
-        q = _key(
-            CQ, s_cqb, s_cqr, s_cqg, b, r, g, C_BIAS, C_NORM, h, eps, offs_n, partner, cos,
-            ssin, N, R, HAS_ANG,
-        )  # fmt: skip
+        if R == 1:
+            q = q0
+        else:
+            q = _key(
+                CQ, s_cqb, s_cqr, s_cqg, b, r, g, C_BIAS, C_NORM, h, eps, offs_n, partner, cos,
+                ssin, N, R, HAS_ANG,
+            )  # fmt: skip
         y = tl.sum(state * q[None, :], axis=1)
         if HAS_D:
             if HAS_MX:
                 psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0)
-                y += tl.load(DSKIP + h).to(tl.float32) * x * psi.to(tl.float32)
+                y += d_skip * x * psi.to(tl.float32)
             else:
-                y += tl.load(DSKIP + h).to(tl.float32) * x
+                y += d_skip * x
         if GATED:
             zr = z
             if HAS_MZ:
