@@ -2,7 +2,7 @@
 # One GPU call, right after a short call that carried .gpu/base + .gpu/cute1 (the CuTe DSL wheel's
 # first half; see .gpu/base/env.sh), for what the open issues still lack, each part under its own
 # timeout and everything back in at most 8 files (the device tool's limit):
-#   carry [".gpu/cute2", ...]; source .gpu/cute2/env.sh && bash benchmarks/gpu_followups.sh [STUDY "SELECTION"]
+#   carry [".gpu/cute2", ...]; source .gpu/cute2/env.sh && bash benchmarks/gpu_followups.sh [STUDY "SELECTION" [JOBS]]
 # 1. #16: the FA4 decode op's GPU tests (`-k fa4_decode`), then the 400M model's decode with the
 #    attention step through FA4 (fa4_decode=1) and through masked SDPA, same call;
 # 2. #17: the 300-step niah_s loss curves eager vs compiled, and 1 x 16,384 tokens with
@@ -26,12 +26,12 @@ done 2>/dev/null
 timeout -k 5 150 python benchmarks/train_throughput.py --out "$OUT/loss_curve" --loss-curve \
   > "$OUT/loss_curve.txt" 2>&1 || echo "loss curve: $(tail -1 "$OUT/loss_curve.txt")"
 grep -i "max abs\|differ" "$OUT/loss_curve/loss_curve.md" 2>/dev/null | head -3
-timeout -k 5 120 python benchmarks/train_throughput.py --out "$OUT/ckpt16k" --cases hybrid_16k_ckpt \
+timeout -k 5 240 python benchmarks/train_throughput.py --out "$OUT/ckpt16k" --cases hybrid_16k_ckpt \
   > "$OUT/ckpt16k.txt" 2>&1 || echo "16k: $(tail -1 "$OUT/ckpt16k.txt")"
 grep "hybrid_16k" "$OUT/ckpt16k/train_throughput.md" 2>/dev/null | head -2
 if [ -n "${1:-}" ]; then
   left=$((560 - (SECONDS - START)))
-  [ $left -gt 60 ] && bash benchmarks/study_call.sh "$1" "${2:-}" "$left"
+  [ $left -gt 60 ] && bash benchmarks/study_call.sh "$1" "${2:-}" "$left" "${3:-1}"
 fi
 # the small files of parts 1-2 in one archive (a folder two levels down would not come back)
 tar -czf "$OUT/followups.tar.gz" -C "$OUT" decode loss_curve ckpt16k 2>/dev/null

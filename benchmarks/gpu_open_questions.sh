@@ -19,7 +19,7 @@ for mode in eager compiled; do
   flag=$([ $mode = compiled ] && echo --compile)
   timeout -k 5 90 python -m hybridkit bench train hybridkit/recipes/niah_m.yaml --batch 64 \
     --seq-len 256 --steps 30 --no-profile $flag --out "$OUT/niah_m_$mode" > "$OUT/niah_m_$mode.txt" 2>&1
-  grep -i "tokens/s\|step" "$OUT/niah_m_$mode.txt" | head -4
+  grep -A2 "step ms" "$OUT/niah_m_$mode.md" | tail -1 | sed "s/^/niah_m $mode /"
 done
 for launch in default step_warps=16 step_maxnreg=96 step_maxnreg=80; do
   env=$([ $launch = default ] || echo "$launch")
@@ -43,4 +43,6 @@ fi
 # last: it takes what is left of the call (about 150 s)
 timeout -k 5 150 python benchmarks/mimo_probe.py > "$OUT/mimo_probe.jsonl" 2> "$OUT/mimo_probe.err"
 tail -4 "$OUT/mimo_probe.jsonl"
+# the device tool brings back at most 8 files: everything in one archive
+(cd "$OUT" && tar -czf ../open_questions.tar.gz . && rm -rf ./* && mv ../open_questions.tar.gz .)
 ls "$OUT"

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU call's share of a study (issue #18): train what fits, bring back the small files.
 #   carry [".gpu/base", ".gpu/studies/STUDY"] (the second once earlier calls have results), then
-#   source .gpu/base/env.sh && bash benchmarks/study_call.sh STUDY "SELECTION" [BUDGET_S]
-# e.g. bash benchmarks/study_call.sh lengthgen_niah "--only seed=0 --shard 0/4" 480
+#   source .gpu/base/env.sh && bash benchmarks/study_call.sh STUDY "SELECTION" [BUDGET_S] [JOBS]
+# e.g. bash benchmarks/study_call.sh state_tracking "--only seed=0" 540 6
 # STUDY names hybridkit/recipes/studies/STUDY.yaml; SELECTION is passed to `hybridkit study`
 # (--only / --shard); BUDGET_S (default 480) is the --time-budget: no run starts that would not
 # finish in it, since a half-trained run's checkpoints are too large to carry to the next call;
-# the study is also killed at BUDGET_S, so the archive below is always written.
+# the study is also killed at BUDGET_S, so the archive below is always written. JOBS (default 1)
+# runs that many at once (`hybridkit study --jobs`): the study models leave the GPU mostly idle.
 # The study folder is .gpu/studies/STUDY (git-ignored); every file under 2 MB of it (result.json,
 # eval.json, heldout.json, final.json, metrics.jsonl, the run's recipe: no checkpoints) comes back
 # as one archive, $OUT/STUDY.tar.gz (the device tool returns at most 8 files, at most two folders
@@ -19,13 +20,14 @@ set -u
 STUDY=$1
 SELECTION=${2:-}
 BUDGET=${3:-480}
+JOBS=${4:-1}
 OUT=${OUT:-/tmp/study_call}
 DIR=.gpu/studies/$STUDY
 mkdir -p "$DIR" "$OUT"
 # shellcheck disable=SC2086  # SELECTION is several flags on purpose
 timeout -k 5 "$BUDGET" python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" \
   $SELECTION \
-  --time-budget "$BUDGET" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/study.txt"
+  --time-budget "$BUDGET" --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/study.txt"
 (cd .gpu/studies && find "$STUDY" -type f -size -2M -not -path "*/checkpoints/*" -print0 \
   | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
 tar -tzf "$OUT/$STUDY.tar.gz" | grep -c "/result.json$" | xargs echo "result files coming back:"

@@ -332,6 +332,8 @@ def cmd_study(args: argparse.Namespace) -> int:
             "--report merges every finished run into the report and trains nothing; "
             "it takes no --shard, --only or --list"
         )
+    if args.jobs < 1:
+        raise HybridkitError(f"--jobs must be at least 1, got {args.jobs}")
     if args.time_budget is not None and not args.time_budget > 0:
         raise HybridkitError(
             f"--time-budget must be a positive number of seconds, got {args.time_budget:g}"
@@ -363,6 +365,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             only=args.only or None,
             plugins=args.plugins,
             time_budget=args.time_budget,
+            jobs=args.jobs,
         )
     if report["complete"]:
         print((Path(out) / "report.md").read_text())
@@ -620,6 +623,14 @@ def _add_study(sub) -> None:
         metavar="KEY=VALUE,...",
         help="run only these runs: variant=NAME[,NAME...] and/or seed=S[,S...], "
         "e.g. --only variant=mamba3,seed=1,2 (repeatable; applied before --shard)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train up to N runs at once, each in its own process (default 1): the small "
+        "models of the synthetic studies leave a GPU mostly idle, so several runs share it",
     )
     p.add_argument(
         "--time-budget",

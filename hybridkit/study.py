@@ -572,6 +572,7 @@ def run_study(
     only: Sequence[str] | Mapping[str, set] | None = None,
     plugins: Sequence[str] = (),
     time_budget: float | None = None,
+    jobs: int = 1,
 ) -> dict:
     """Train and evaluate this invocation's runs, then report; returns the results dict.
 
@@ -582,7 +583,10 @@ def run_study(
     past it, judged by the slowest run of this call so far (the first run always starts). Made
     for machines lent with a hard time limit: a run cut off half-way keeps only its checkpoints,
     often too large to carry to the next machine, so it is better never begun; the runs left
-    over are listed and a later call with the same selection picks them up."""
+    over are listed and a later call with the same selection picks them up.
+
+    ``jobs`` > 1 trains that many runs at once, each in its own process
+    (:mod:`hybridkit.study_jobs`: small models leave a GPU mostly idle)."""
     plan = plan_study(study_path, overrides, plugins)
     if isinstance(shard, str):
         shard = parse_shard(shard)
@@ -593,8 +597,23 @@ def run_study(
     todo = select_slots(plan.slots, only, shard)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"[study] {len(todo)} of the study's {len(plan.slots)} runs selected{where}")
+    if jobs < 1:
+        raise HybridkitError(f"--jobs must be at least 1, got {jobs}")
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     start, slowest = time.monotonic(), 0.0
+    if jobs > 1 and len(todo) > 1:
+        from hybridkit.study_jobs import run_parallel
+
+        def skip_finished(slot: Slot) -> bool:
+            status = slot_status(plan, slot, out)[0]
+            return status == "finished" or status.startswith("waiting")
+
+        counts = run_parallel(
+            todo, out, study_path=study_path, overrides=overrides, plugins=plugins,
+            device=device, jobs=jobs, time_budget=time_budget, start=start,
+            skip_finished=skip_finished,
+        )  # fmt: skip
+        todo = []
     for k, slot in enumerate(todo, 1):
         elapsed = time.monotonic() - start
         if time_budget is not None and slowest and elapsed + slowest > time_budget:

@@ -253,6 +253,42 @@ def test_time_budget_defers_runs_that_would_not_finish(tmp_path, capsys, cli_err
     assert "--time-budget must be a positive" in message
 
 
+def test_jobs_run_side_by_side_and_match_the_serial_study(tmp_path, capfd):
+    """``jobs=3``: the three runs (an LR sweep of two, then seed 1 at the chosen LR) in worker
+    processes give the serial study's records; the seed-1 run was held until the sweep ended
+    (one invocation completes the study, nothing reported waiting)."""
+    fast = ["train.warmup_steps=2", "train.steps=10"]
+    study = write_study(tmp_path, variants={"hybrid": []}, seeds=[0, 1], lengths=[16], set=fast)
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    run_study(study, serial, device="cpu", progress=False)
+    capfd.readouterr()
+    got = run_study(study, parallel, device="cpu", progress=False, jobs=3)
+    printed = capfd.readouterr().out
+    assert got["complete"] and "waiting:" not in printed and ", 0 waiting" in printed
+    assert len(re.findall(r"^\[study\] \d+/3 training ", printed, re.M)) == 3
+    want = json.loads((serial / "results.json").read_text())
+    assert without_times(json.loads((parallel / "results.json").read_text())) == without_times(want)
+    again = run_study(study, parallel, device="cpu", progress=False, jobs=3)
+    assert trained(capfd.readouterr().out) == 0 and without_times(again) == without_times(want)
+
+    # A budget shorter than a run: the two sweep runs start together (nothing to judge by yet);
+    # the seed-1 run, held behind them, is then deferred, and a later call runs it.
+    budget = tmp_path / "budget"
+    first = run_study(study, budget, device="cpu", progress=False, jobs=2, time_budget=1e-6)
+    printed = capfd.readouterr().out
+    assert "1 deferred (time budget)" in printed and first["runs_finished"] == 2
+    assert run_study(study, budget, device="cpu", progress=False, jobs=2)["complete"]
+
+
+def test_jobs_scheduler_holds_chosen_lr_runs_behind_their_sweep():
+    from hybridkit.study_jobs import _blocked
+
+    sweep, other = Slot("a", 0, 1e-3), Slot("b", 0, 1e-3)
+    later = Slot("a", 1, None)
+    assert _blocked(later, [sweep]) and not _blocked(later, [other])
+    assert not _blocked(sweep, [sweep]) and not _blocked(Slot("a", 1, 1e-3), [sweep])
+
+
 def test_shards_partition_the_runs(tmp_path):
     study = write_study(
         tmp_path, variants={"a": [], "b": [], "c": ["model.layout=m m"]}, seeds=[0, 1, 2]
@@ -480,6 +516,7 @@ def test_bad_flags_exit_2(tmp_path, cli_error):
     assert "--report" in err and "no --shard" in err
     err = cli_error(*base, "--report")
     assert "no study folder" in err
+    assert "--jobs must be at least 1, got 0" in cli_error(*base, "--jobs", "0")
     assert not (tmp_path / "out").exists(), "a bad flag still started the study"
 
 
