@@ -50,6 +50,11 @@ class TrainSpec(StrictModel):
         default="auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
     )
     compile: bool = Field(default=False, description="torch.compile the model")
+    prefetch: bool | Literal["auto"] = Field(
+        default="auto",
+        description="make training batches ahead in a worker process (hybridkit/train/"
+        "prefetch.py); auto = on when training on CUDA, off on the CPU",
+    )
     activation_checkpointing: bool = Field(
         default=False,
         description="recompute each block's activations in the backward (long contexts fit)",

@@ -539,6 +539,26 @@ def run_slot(
     return "ran"
 
 
+def _run_slot_in_worker(
+    study_path: str,
+    overrides: Sequence[str],
+    plugins: Sequence[str],
+    slot: Slot,
+    out: str,
+    device: str,
+    tag: str,
+    threads: int,
+) -> tuple[str, float]:
+    """One run in a ``--jobs`` worker process: ``(run_slot's status, seconds)``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    plan = plan_study(study_path, overrides, plugins)
+    t0 = time.monotonic()
+    status = run_slot(plan, slot, Path(out), device=device, progress=False, tag=tag)
+    return status, time.monotonic() - t0
+
+
 def slot_status(plan: StudyPlan, slot: Slot, out: Path) -> tuple[str, str | None]:
     """``(status, run folder relative to out or None)`` without touching anything."""
     lr = slot.lr
@@ -611,7 +631,7 @@ def run_study(
         counts = run_parallel(
             todo, out, study_path=study_path, overrides=overrides, plugins=plugins,
             device=device, jobs=jobs, time_budget=time_budget, start=start,
-            skip_finished=skip_finished,
+            skip_finished=skip_finished, worker=_run_slot_in_worker,
         )  # fmt: skip
         todo = []
     for k, slot in enumerate(todo, 1):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,41 @@ def test_task_seed_sets_the_data_stream_and_train_seed_the_init(tmp_path):
     assert same_batches(default, init9) and not same_init(default, init9)
 
 
+# --- batches made ahead in a worker process ------------------------------------------------------
+def test_prefetched_training_is_the_inline_training_and_resumes(tmp_path):
+    """``train.prefetch``: the worker makes exactly the batches the loop would (a batch is a
+    function of the data seed and the step), so losses are bitwise those of inline batches,
+    and a run stopped and resumed between checkpoints (the worker asked for an earlier step
+    than it made ahead) still matches."""
+    warnings.simplefilter("error", RuntimeWarning)  # the worker must not fall back here
+    inline = Trainer(make(steps=8), tmp_path / "a", resume=None, progress=False)
+    assert inline._batches is None  # auto on the CPU: inline
+    inline.fit()
+    recipe = make(steps=8, prefetch=True)
+    Trainer(recipe, tmp_path / "b", resume=None, progress=False, stop_after=6).fit()
+    resumed = Trainer(recipe, tmp_path / "b", resume="auto", progress=False)
+    assert resumed.step == 4 and resumed._batches is not None
+    resumed.fit()
+    assert resumed._batches is None  # fit closed the worker
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bitwise
+
+
+def test_prefetch_falls_back_inline_when_the_worker_cannot_start(tmp_path):
+    """A worker that fails (here: a plugin module it cannot import) costs speed, not the run:
+    one warning, then every batch inline, the same batches."""
+    from hybridkit.recipe import recipe_to_dict
+    from hybridkit.train.prefetch import BatchPrefetcher
+
+    trainer = Trainer(make(steps=4), tmp_path / "a", resume=None, progress=False)
+    data = {**recipe_to_dict(make(steps=4)), "plugins": ["no_such_plugin_module_xyz"]}
+    prefetcher = BatchPrefetcher(data, 0, 8, trainer.batch_for, end=4)
+    with pytest.warns(RuntimeWarning, match="making batches inline from step 0"):
+        first = prefetcher.get(0)
+    assert torch.equal(first.inputs, trainer.batch_for(0).inputs)
+    assert torch.equal(prefetcher.get(3).targets, trainer.batch_for(3).targets)
+    prefetcher.close()
+
+
 # --- exact resume ---------------------------------------------------------------------------------
 def test_resume_in_process_is_exact(tmp_path):
     recipe = make(steps=12, checkpoint_every=4)
@@ -364,6 +400,7 @@ FREEZE_PLUGIN = '''
 """Test plugin: freeze the trainer half way through writing one checkpoint, to be killed there."""
 import os
 import time
+import warnings
 from pathlib import Path
 
 import hybridkit.train.checkpoint as ck

@@ -26,7 +26,7 @@ from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.fsutil import atomic_write_bytes
-from hybridkit.recipe import RecipeSpec, dump_recipe
+from hybridkit.recipe import RecipeSpec, dump_recipe, recipe_to_dict
 from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
@@ -34,6 +34,7 @@ from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint,
 from hybridkit.train.flops import FlopCount, datasheet_peak, flops_per_token, throughput
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
+from hybridkit.train.prefetch import BatchPrefetcher
 from hybridkit.train.sharded_checkpoint import load_sharded, write_sharded_checkpoint
 from hybridkit.weights import latest_checkpoint, save_weights
 
@@ -121,6 +122,20 @@ class Trainer:
             self.model, self.dist, self.spec.parallel, self.device, param_dtype
         )
         self.forward = torch.compile(self.module) if self.spec.compile else self.module
+        prefetch = self.spec.prefetch
+        if prefetch == "auto":
+            prefetch = self.device.type == "cuda"
+        self._batches = (
+            BatchPrefetcher(
+                recipe_to_dict(recipe),
+                self.seed,
+                self.spec.batch_size,
+                self.batch_for,
+                end=self.spec.steps,
+            )  # fmt: skip
+            if prefetch
+            else None
+        )
         self.optimizer = build_optimizer(self.model, self.spec)
         self.peak = datasheet_peak(self.device)
         self._flops: dict[int, FlopCount] = {}  # per sequence length (attention grows with it)
@@ -296,7 +311,7 @@ class Trainer:
         lr = lr_at(step, spec)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.batch_for(step)
+        batch = self._batches.get(step) if self._batches is not None else self.batch_for(step)
         n_scored = int((batch.targets != IGNORE_INDEX).sum())
         if n_scored == 0:
             raise HybridkitError(
@@ -425,6 +440,9 @@ class Trainer:
         finally:
             bar.close()
             self.log.close()
+            if self._batches is not None:
+                self._batches.close()
+                self._batches = None
         return last
 
 
