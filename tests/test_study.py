@@ -253,6 +253,7 @@ def test_time_budget_defers_runs_that_would_not_finish(tmp_path, capsys, cli_err
     assert "--time-budget must be a positive" in message
 
 
+@pytest.mark.slow  # ~25 s: seven runs, each in a freshly spawned process
 def test_jobs_run_side_by_side_and_match_the_serial_study(tmp_path, capfd):
     """``jobs=3``: the three runs (an LR sweep of two, then seed 1 at the chosen LR) in worker
     processes give the serial study's records; the seed-1 run was held until the sweep ended

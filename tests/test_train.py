@@ -201,6 +201,7 @@ def test_task_seed_sets_the_data_stream_and_train_seed_the_init(tmp_path):
 
 
 # --- batches made ahead in a worker process ------------------------------------------------------
+@pytest.mark.slow  # ~8 s: two spawned batch workers
 def test_prefetched_training_is_the_inline_training_and_resumes(tmp_path):
     """``train.prefetch``: the worker makes exactly the batches the loop would (a batch is a
     function of the data seed and the step), so losses are bitwise those of inline batches,
