@@ -4,7 +4,8 @@
 # timeout and everything back in at most 8 files (the device tool's limit):
 #   carry [".gpu/cute2", ...]; source .gpu/cute2/env.sh && bash benchmarks/gpu_followups.sh [STUDY "SELECTION" [JOBS]]
 # 1. #16: the FA4 decode op's GPU tests (`-k fa4_decode`), then the 400M model's decode with the
-#    attention step through FA4 (fa4_decode=1) and through masked SDPA, same call;
+#    attention step through FA4 (fa4_decode=1), through masked SDPA, and compiled, each with the
+#    per-token kernel profile, same call;
 # 2. #17: the 300-step niah_s loss curves eager vs compiled, and 1 x 16,384 tokens with
 #    activation checkpointing (compiled);
 # 3. #18, with what is left of the call: a study share through benchmarks/study_call.sh.
@@ -16,12 +17,16 @@ timeout -k 5 120 python -m pytest -q -m gpu -n 4 -k fa4_decode tests/test_attent
   tests/test_generation.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -30 \
   > "$OUT/fa4_decode_tests.txt"
 tail -2 "$OUT/fa4_decode_tests.txt"
-for fa4 in 1 0; do
-  HYBRIDKIT_KERNELS=fa4_decode=$fa4 timeout -k 5 75 python -m hybridkit bench decode \
-    benchmarks/recipes/hybrid_400m.yaml --batch 1,16,128 --prompt 128 --new 96 \
-    --out "$OUT/decode/fa4_decode_$fa4" > "$OUT/decode/fa4_decode_$fa4.txt" 2>&1 \
-    || echo "fa4_decode=$fa4 failed: $(tail -1 "$OUT/decode/fa4_decode_$fa4.txt")"
-  grep "^| [0-9]" "$OUT/decode/fa4_decode_$fa4.md" 2>/dev/null | sed "s/^/fa4_decode=$fa4 /"
+# fa4_decode on and off, then the step compiled (Inductor fuses the element-wise ops), each
+# with the per-token kernel profile (--profile)
+for variant in fa4-1 fa4-0 fa4-0-compiled; do
+  fa4=$(echo $variant | cut -d- -f2); flags=--profile; limit=90
+  [ $variant = fa4-0-compiled ] && flags="--profile --compile" && limit=200
+  HYBRIDKIT_KERNELS=fa4_decode=$fa4 timeout -k 5 $limit python -m hybridkit bench decode \
+    benchmarks/recipes/hybrid_400m.yaml --batch 1,16,128 --prompt 128 --new 96 $flags \
+    --out "$OUT/decode/$variant" > "$OUT/decode/$variant.txt" 2>&1 \
+    || echo "$variant failed: $(tail -1 "$OUT/decode/$variant.txt")"
+  grep "^| [0-9]" "$OUT/decode/$variant.md" 2>/dev/null | sed "s/^/$variant /"
 done 2>/dev/null
 timeout -k 5 150 python benchmarks/train_throughput.py --out "$OUT/loss_curve" --loss-curve \
   > "$OUT/loss_curve.txt" 2>&1 || echo "loss curve: $(tail -1 "$OUT/loss_curve.txt")"

@@ -444,6 +444,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         use_graph=False if args.no_graph else None,
         compile_step=args.compile,
         layer_step=args.layer,
+        profile_tokens=8 if args.profile else 0,
         on_row=write,
     )
     write(result)
@@ -725,6 +726,12 @@ def _add_bench_decode(what) -> None:
         "--compile",
         action="store_true",
         help="torch.compile the step inside the graph (experimental)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile 8 more tokens per batch size: device time and kernels per token by "
+        "kernel category, and the time between kernels",
     )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (after every batch)")

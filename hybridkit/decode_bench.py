@@ -13,6 +13,12 @@ table, of which a step reads only B rows; a tied head counts it once), 2 x the M
 (read + write: h, k, v, angle), and each attention layer's keys and values over the mean
 context of the run (prompt + new / 2, capped at a window). Activations are not counted (a few
 KB per sequence and layer).
+
+With ``profile_tokens`` every batch size also decodes that many more tokens under the torch
+profiler (:mod:`hybridkit.profiling`): device time and kernel launches per token by category
+(``DECODE_CATEGORIES``). Their sum against the measured step says how much of a step is kernels
+at all and how much is the gaps between them, the question at batch 1, where a step is
+hundreds of small kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hybridkit import profiling
 from hybridkit.cache import InferenceCache, KVCache
 from hybridkit.generation import DecodeRunner, Sampling
 from hybridkit.kernels.mamba3.state import Mamba3State
@@ -67,6 +74,21 @@ def step_bytes(model: HybridLM, runner: DecodeRunner, context: float) -> dict[st
     return {"weights": float(weights), "mamba3_state": state, "kv": kv}
 
 
+#: decode breakdown categories, matched in order against lower-cased kernel names
+DECODE_CATEGORIES: profiling.Categories = (
+    ("mamba3 step", ("mamba3", "kernel_cutlass")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("norms", ("rms", "norm")),
+    (
+        "matmuls",
+        ("gemm", "gemv", "matmul", "cutlass", "xmma", "sm90_", "splitk", "aten::mm", "aten::addmm"),
+    ),
+    ("sampling", ("topk", "sort", "argmax", "multinomial", "exponential", "cumsum")),
+    ("copies and casts", ("copy", "cat", "index", "fill")),
+    ("element-wise", ("elementwise", "reduce_kernel", "triton_")),
+)
+
+
 @dataclass
 class DecodeRow:
     """One batch size: measured speed, the floor and their ratio."""
@@ -82,6 +104,9 @@ class DecodeRow:
     prefill_ms: float
     setup_ms: float
     graph: bool
+    #: with profiling: device ms and kernel launches per token by category
+    profile_ms_per_token: dict = field(default_factory=dict)
+    kernels_per_token: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -143,15 +168,18 @@ def bench_batch(
     ssm_dtype: torch.dtype | None = None,
     use_graph: bool | None = None,
     compile_step: bool = False,
+    profile_tokens: int = 0,
 ) -> DecodeRow:
-    """Prefill ``batch`` random prompts of ``prompt`` tokens, time ``new`` greedy steps."""
+    """Prefill ``batch`` random prompts of ``prompt`` tokens, time ``new`` greedy steps (then
+    profile ``profile_tokens`` more, untimed)."""
     device = model.embedding.weight.device
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, model.spec.vocab_size, (batch, prompt), generator=gen).to(device)
     t0 = time.perf_counter()
+    extra = profile_tokens
     runner = DecodeRunner(
-        model, batch, prompt + new, new, Sampling(temperature=0), ssm_dtype=ssm_dtype,
-        use_graph=use_graph, compile_step=compile_step,
+        model, batch, prompt + new + extra, new + extra, Sampling(temperature=0),
+        ssm_dtype=ssm_dtype, use_graph=use_graph, compile_step=compile_step,
     )  # fmt: skip
     setup = time.perf_counter() - t0
     start = timer_start(device)
@@ -163,6 +191,11 @@ def bench_batch(
     nbytes = step_bytes(model, runner, prompt + new / 2)
     floor = sum(nbytes.values()) / bandwidth
     step = total / new
+    prof = (
+        profiling.profile_kernels(lambda: runner.decode(extra), device, DECODE_CATEGORIES)
+        if extra
+        else profiling.KernelProfile()
+    )
     return DecodeRow(
         batch=batch,
         prompt=prompt,
@@ -175,6 +208,8 @@ def bench_batch(
         prefill_ms=prefill * 1e3,
         setup_ms=setup * 1e3,
         graph=runner.graph is not None,
+        profile_ms_per_token={k: v / extra for k, v in prof.ms.items()},
+        kernels_per_token={k: v / extra for k, v in prof.count.items()},
     )
 
 
@@ -284,6 +319,7 @@ def bench_decode(
     use_graph: bool | None = None,
     compile_step: bool = False,
     layer_step: bool = False,
+    profile_tokens: int = 0,
     on_row=None,
 ) -> DecodeBench:
     """Every batch size of ``batches`` (see the module docstring); ``on_row(result)`` after each
@@ -312,6 +348,8 @@ def bench_decode(
                 bandwidth=bandwidth,
                 ssm_dtype=ssm_dtype,
                 use_graph=use_graph,
+                compile_step=compile_step,
+                profile_tokens=profile_tokens,
             )  # fmt: skip
         )
         if on_row is not None:
@@ -359,6 +397,26 @@ def markdown(result: DecodeBench) -> str:
             f"tokens): logits relative error {d['final_rel_err']:.2e} at the end, "
             f"{d['max_rel_err']:.2e} at worst; argmax agrees on {d['argmax_agree']:.1%} of steps.",
         ]
+    for r in result.rows:
+        if not r.profile_ms_per_token:
+            continue
+        kernel_ms = sum(r.profile_ms_per_token.values())
+        lines += [
+            "",
+            f"Batch {r.batch}, profiled (device time per token by kernel category; the step "
+            f"measured above is {r.ms_per_step:.3f} ms, of which kernels {kernel_ms:.3f} ms, "
+            f"{sum(r.kernels_per_token.values()):.0f} kernels):",
+            "",
+            "| category | ms per token | kernels per token | share of the step |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {ms:.4f} | {r.kernels_per_token.get(name, 0):.1f} | "
+            f"{ms / r.ms_per_step:.1%} |"
+            for name, ms in r.profile_ms_per_token.items()
+        ]
+        gap = r.ms_per_step - kernel_ms
+        lines.append(f"| between kernels | {gap:.4f} | | {gap / r.ms_per_step:.1%} |")
     if result.layer_rows:
         first = result.layer_rows[0]
         lines += [

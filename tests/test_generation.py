@@ -232,6 +232,37 @@ def test_cli_bench_decode_writes_json_and_markdown(tmp_path, capsys):
     assert "Decoding throughput" in capsys.readouterr().out
 
 
+def test_bench_decode_profiles_and_passes_its_options_to_the_runner(tmp_path, monkeypatch):
+    """``--profile``: device (here CPU op) time and launches per token by category, in the JSON
+    and the Markdown, next to the time between kernels. ``--compile`` reaches the runner (it
+    once only labelled the report "step compiled" while every step ran uncompiled)."""
+    import json
+
+    from hybridkit import decode_bench
+    from hybridkit.cli import main
+
+    seen = []
+    real = decode_bench.DecodeRunner
+
+    def runner(*args, **kw):
+        seen.append(kw["compile_step"])
+        return real(*args, **{**kw, "compile_step": False})  # compiling is not what is tested
+
+    monkeypatch.setattr(decode_bench, "DecodeRunner", runner)
+    out = tmp_path / "decode"
+    argv = ["bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1,2"]
+    assert main([*argv, "--prompt", "4", "--new", "3", "--out", str(out), "--profile"]) == 0
+    row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
+    assert sum(row["profile_ms_per_token"].values()) > 0
+    assert set(row["kernels_per_token"]) == set(row["profile_ms_per_token"])
+    assert "matmuls" in row["profile_ms_per_token"]
+    text = out.with_suffix(".md").read_text()
+    assert "Batch 1, profiled" in text and "| between kernels |" in text
+    assert seen == [False, False]
+    assert main([*argv, "--prompt", "4", "--new", "3", "--compile"]) == 0
+    assert seen[2:] == [True, True]
+
+
 def test_cli_bench_decode_rejects_bad_batches(cli_error):
     assert "--batch" in cli_error(
         "bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1,x"

@@ -39,7 +39,7 @@ LEVELS: list[tuple[int, str, tuple[str, ...]]] = [
     # (level, name, module prefixes) -- bottom to top; a module may import its own level or below.
     (0, "base utilities", ("hybridkit.errors", "hybridkit.fsutil", "hybridkit.safeyaml")),
     (1, "schema and registries", ("hybridkit.schema", "hybridkit.registry", "hybridkit.plugins")),
-    (2, "runtime helpers", ("hybridkit.runtime", "hybridkit.weights")),
+    (2, "runtime helpers", ("hybridkit.runtime", "hybridkit.weights", "hybridkit.profiling")),
     (3, "kernels", ("hybridkit.kernels",)),
     (4, "inference cache", ("hybridkit.cache",)),  # layers fill it, so it sits below them
     (5, "layers", ("hybridkit.layers",)),

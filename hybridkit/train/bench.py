@@ -16,11 +16,11 @@ measured in the same run. Each result records its environment (date, versions, g
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hybridkit import profiling
 from hybridkit.model import HybridLM
 from hybridkit.runtime import autocast_for, elapsed_s, timer_start
 from hybridkit.train.flops import DATASHEET_BF16_TFLOPS, FlopCount, datasheet_peak, flops_per_token
@@ -182,49 +182,13 @@ def _loss_text(chunk: int | None) -> str:
 
 def categorize(kernel_name: str) -> str:
     """The breakdown category of a profiled kernel or op, by name (``CATEGORIES``)."""
-    lower = kernel_name.lower()
-    for category, keys in CATEGORIES:
-        if any(key in lower for key in keys):
-            return category
-    return "other"
+    return profiling.categorize(kernel_name, CATEGORIES)
 
 
 def profile_breakdown(step, device: torch.device) -> dict[str, float]:
-    """Milliseconds per category in one profiled step: device kernels on a GPU, top-level ops'
-    self time on a CPU. Attribution is by kernel name, so it is approximate (a matmul inside
-    the Mamba-3 layer's projections counts as a matmul).
-
-    On a GPU only the kernel events themselves are summed: the CPU op that launched a kernel
-    (``aten::mm`` for a GEMM) reports the same time as its own "self device time", and adding
-    both counted every launched kernel twice (the breakdowns before this fix summed to about
-    twice the step time)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    events = list(prof.key_averages())
-    kernels_only = device.type == "cuda" and any(
-        getattr(e, "device_type", None) == DeviceType.CUDA for e in events
-    )
-    totals: dict[str, float] = defaultdict(float)
-    for event in events:
-        if device.type == "cuda":
-            if kernels_only and getattr(event, "device_type", None) != DeviceType.CUDA:
-                continue  # a CPU op: its kernels are listed as events of their own
-            us = getattr(event, "self_device_time_total", None)
-            if us is None:
-                us = getattr(event, "self_cuda_time_total", 0.0)
-        else:
-            us = event.self_cpu_time_total
-        if us > 0:
-            totals[categorize(event.key)] += us / 1e3
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    """Milliseconds per category in one profiled training step
+    (:func:`hybridkit.profiling.profile_kernels`; device kernels on a GPU, ops on a CPU)."""
+    return profiling.profile_kernels(step, device, CATEGORIES).ms
 
 
 def markdown(result: TrainBench) -> str:

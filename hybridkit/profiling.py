@@ -1,0 +1,88 @@
+"""Where a call's device time goes, by kernel category: the breakdowns of ``hybridkit bench
+train`` (one training step) and ``hybridkit bench decode --profile`` (decode steps).
+
+Attribution is by the profiled kernel's (or op's) name against an ordered list of categories,
+so it is approximate (a matmul inside the Mamba-3 layer's projections counts as a matmul). On a
+GPU only kernel events are summed: the CPU op that launched a kernel (``aten::mm`` for a GEMM)
+reports the same time as its own "self device time", and adding both counted every kernel
+twice. Kernels replayed from a CUDA graph are reported one by one like launched ones. On a CPU
+the top-level ops' self time is summed instead.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Categories", "KernelProfile", "categorize", "profile_kernels"]
+
+#: ``(category, name fragments)``, matched in order against lower-cased kernel names
+Categories = Sequence[tuple[str, Sequence[str]]]
+
+
+def categorize(name: str, categories: Categories) -> str:
+    """The first category one of whose fragments occurs in ``name`` (case-insensitive), else
+    ``other``."""
+    lower = name.lower()
+    for category, keys in categories:
+        if any(key in lower for key in keys):
+            return category
+    return "other"
+
+
+@dataclass
+class KernelProfile:
+    """Device milliseconds and kernel launches per category of one profiled call (CPU: op
+    milliseconds and op calls)."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.ms.values())
+
+    @property
+    def kernels(self) -> int:
+        return sum(self.count.values())
+
+
+def profile_kernels(
+    fn: Callable[[], object], device: torch.device, categories: Categories
+) -> KernelProfile:
+    """Run ``fn`` once under the torch profiler; its time and kernel count per category,
+    largest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = list(prof.key_averages())
+    kernels_only = device.type == "cuda" and any(
+        getattr(e, "device_type", None) == DeviceType.CUDA for e in events
+    )
+    ms: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for event in events:
+        if device.type == "cuda":
+            if kernels_only and getattr(event, "device_type", None) != DeviceType.CUDA:
+                continue  # a CPU op: its kernels are listed as events of their own
+            us = getattr(event, "self_device_time_total", None)
+            if us is None:
+                us = getattr(event, "self_cuda_time_total", 0.0)
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            category = categorize(event.key, categories)
+            ms[category] += us / 1e3
+            count[category] += int(event.count)
+    order = sorted(ms, key=lambda c: -ms[c])
+    return KernelProfile({c: ms[c] for c in order}, {c: count[c] for c in order})
