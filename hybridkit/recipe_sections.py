@@ -109,6 +109,13 @@ class TrainSpec(StrictModel):
             )
         return value
 
+    @field_validator("prefetch", mode="before")
+    @classmethod
+    def _prefetch(cls, value: object) -> object:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f"allowed: true, false or 'auto'; got {value!r}")
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
         if self.batch_size % self.grad_accum:

@@ -919,6 +919,13 @@ def test_bad_loss_chunk_tokens_names_the_key(value):
     assert "'auto' or null" in str(info.value)
 
 
+@pytest.mark.parametrize("value", ["maybe", 3, None, 0.5, [True]])
+def test_bad_prefetch_names_the_key_and_the_allowed_values(value):
+    with pytest.raises(RecipeError, match="train.prefetch") as info:
+        make(prefetch=value)
+    assert "allowed: true, false or 'auto'" in str(info.value)
+
+
 def test_loss_chunk_tokens_auto_is_on_for_cuda_only():
     spec = make().train
     assert spec.loss_chunk_tokens == "auto"
