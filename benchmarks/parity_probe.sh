@@ -10,7 +10,9 @@
 set -u
 OUT=${OUT:-/tmp/parity_probe}
 mkdir -p "$OUT/runs"
+# the recipe now has LONG (1,200 steps per stage); SHORT is what it had when the probe ran
 LONG='task.curriculum=[{steps: 1200, min_len: 3, max_len: 40}, {steps: 1200, min_len: 3, max_len: 80}, {steps: 1200, min_len: 3, max_len: 120}, {steps: 1200, min_len: 3, max_len: 160}]'
+SHORT='task.curriculum=[{steps: 300, min_len: 3, max_len: 40}, {steps: 300, min_len: 3, max_len: 80}, {steps: 300, min_len: 3, max_len: 120}, {steps: 300, min_len: 3, max_len: 160}]'
 run() {  # NAME, then --set overrides
   local name=$1; shift
   local args=(--set model.blocks.m.mixer.headdim=32 --set "task.eval_lengths=[160, 320, 640]")
@@ -18,13 +20,14 @@ run() {  # NAME, then --set overrides
   timeout -k 5 "${LIMIT:-300}" python -m hybridkit train hybridkit/recipes/parity_gpu.yaml \
     -o "$OUT/runs/$name" --no-progress "${args[@]}" > "$OUT/runs/$name.log" 2>&1
 }
-run bf16_1200 train.precision=bf16 &
-run fp32_1200 train.precision=fp32 &
-run fp32_1200_seed1 train.precision=fp32 seed=1 &
+run bf16_1200 train.precision=bf16 "$SHORT" train.steps=1200 &
+run fp32_1200 train.precision=fp32 "$SHORT" train.steps=1200 &
+run fp32_1200_seed1 train.precision=fp32 seed=1 "$SHORT" train.steps=1200 &
 run bf16_4800 train.precision=bf16 "$LONG" train.steps=4800 &
 run fp32_4800 train.precision=fp32 "$LONG" train.steps=4800 &
 run fp32_4800_lr1e-3 train.precision=fp32 "$LONG" train.steps=4800 train.lr=1e-3 &
 wait
+shopt -s nullglob
 for f in "$OUT"/runs/*/final.json; do
   python - "$f" <<'PY'
 import json, sys

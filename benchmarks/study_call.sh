@@ -4,7 +4,8 @@
 #   source .gpu/base/env.sh && bash benchmarks/study_call.sh STUDY "SELECTION" [BUDGET_S] [JOBS]
 # e.g. bash benchmarks/study_call.sh state_tracking "--only seed=0" 540 6
 # STUDY names hybridkit/recipes/studies/STUDY.yaml; SELECTION is passed to `hybridkit study`
-# (--only / --shard); BUDGET_S (default 480) is the --time-budget: no run starts that would not
+# (--only / --shard); BUDGET_S (default 480), less 30 s for the imports, is the --time-budget: no
+# run starts that would not
 # finish in it, since a half-trained run's checkpoints are too large to carry to the next call;
 # the study is also killed at BUDGET_S, so the archive below is always written. JOBS (default 1)
 # runs that many at once (`hybridkit study --jobs`): the study models leave the GPU mostly idle.
@@ -27,7 +28,7 @@ mkdir -p "$DIR" "$OUT"
 # shellcheck disable=SC2086  # SELECTION is several flags on purpose
 timeout -k 5 "$BUDGET" python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" \
   $SELECTION \
-  --time-budget "$BUDGET" --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/study.txt"
-(cd .gpu/studies && find "$STUDY" -type f -size -2M -not -path "*/checkpoints/*" -print0 \
+  --time-budget "$(( BUDGET > 60 ? BUDGET - 30 : BUDGET ))" --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/study.txt"
+(cd .gpu/studies && find "$STUDY" -type f -size -2048k -not -path "*/checkpoints/*" -print0 \
   | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
 tar -tzf "$OUT/$STUDY.tar.gz" | grep -c "/result.json$" | xargs echo "result files coming back:"

@@ -630,7 +630,7 @@ def _add_study(sub) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="train up to N runs at once, each in its own process (default 1): the small "
+        help="train up to N runs at once in N worker processes (default 1): the small "
         "models of the synthetic studies leave a GPU mostly idle, so several runs share it",
     )
     p.add_argument(

@@ -15,7 +15,7 @@ import torch
 
 from hybridkit.errors import HybridkitError
 
-__all__ = ["autocast_for", "elapsed_s", "resolve_device", "timer_start"]
+__all__ = ["autocast_for", "elapsed_s", "exit_with_parent", "resolve_device", "timer_start"]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -69,3 +69,30 @@ def elapsed_s(device: torch.device, start: torch.cuda.Event | float) -> float:
         end.synchronize()
         return start.elapsed_time(end) / 1e3
     return time.perf_counter() - start
+
+
+def exit_with_parent(*, ignore_interrupt: bool = False) -> None:
+    """Make this worker process exit as soon as the process that started it is gone.
+
+    For the helper processes of the trainer (batch prefetch) and of ``study --jobs``: a parent
+    killed without a chance to clean up (``kill``, the OOM killer, a scheduler's signal to one
+    process) would otherwise leave them waiting for work forever, on a GPU machine holding
+    memory. A daemon thread waits on the parent's sentinel and ends the process.
+    ``ignore_interrupt``: leave Ctrl-C to the parent (which closes the worker itself)."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    if ignore_interrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -553,9 +553,14 @@ def _run_slot_in_worker(
     import torch
 
     torch.set_num_threads(threads)
-    plan = plan_study(study_path, overrides, plugins)
     t0 = time.monotonic()
-    status = run_slot(plan, slot, Path(out), device=device, progress=False, tag=tag)
+    try:
+        plan = plan_study(study_path, overrides, plugins)
+        status = run_slot(plan, slot, Path(out), device=device, progress=False, tag=tag)
+    except Exception as error:
+        # our error classes take several constructor arguments and would not unpickle in the
+        # parent (which breaks the whole pool): hand back a plain one that names the cause
+        raise RuntimeError(f"{type(error).__name__}: {error}") from None
     return status, time.monotonic() - t0
 
 
@@ -605,7 +610,7 @@ def run_study(
     often too large to carry to the next machine, so it is better never begun; the runs left
     over are listed and a later call with the same selection picks them up.
 
-    ``jobs`` > 1 trains that many runs at once, each in its own process
+    ``jobs`` > 1 trains that many runs at once in a pool of worker processes
     (:mod:`hybridkit.study_jobs`: small models leave a GPU mostly idle)."""
     plan = plan_study(study_path, overrides, plugins)
     if isinstance(shard, str):
@@ -624,14 +629,10 @@ def run_study(
     if jobs > 1 and len(todo) > 1:
         from hybridkit.study_jobs import run_parallel
 
-        def skip_finished(slot: Slot) -> bool:
-            status = slot_status(plan, slot, out)[0]
-            return status == "finished" or status.startswith("waiting")
-
         counts = run_parallel(
             todo, out, study_path=study_path, overrides=overrides, plugins=plugins,
             device=device, jobs=jobs, time_budget=time_budget, start=start,
-            skip_finished=skip_finished, worker=_run_slot_in_worker,
+            status_of=lambda slot: slot_status(plan, slot, out)[0], worker=_run_slot_in_worker,
         )  # fmt: skip
         todo = []
     for k, slot in enumerate(todo, 1):

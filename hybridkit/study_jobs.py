@@ -1,4 +1,4 @@
-"""Several study runs at once, each in its own process (``hybridkit study --jobs N``).
+"""Several study runs at once, in a pool of worker processes (``hybridkit study --jobs N``).
 
 Why: the models of the synthetic studies are small (1-12 layers, d_model 64-256), so one run
 leaves a GPU mostly idle -- its step time is Python and kernel-launch overhead, not GPU work
@@ -6,11 +6,12 @@ leaves a GPU mostly idle -- its step time is Python and kernel-launch overhead, 
 stepped in 16.4 ms (median) against 14.6 ms for one run alone, so six took about the time of
 one (``benchmarks/results/state_tracking_gpu_probe.md``).
 
-Each run is a separate process (``spawn``: a CUDA context cannot be forked) that calls
-``worker``: :mod:`hybridkit.study` passes a function that re-reads the study and brings the one
-run to finished exactly as its serial loop does (this module does not import it, so the import
-graph stays one way). Runs only share the study folder, whose files are all written
-atomically, so the processes need no locking. The scheduler keeps up to ``jobs`` runs going and
+Runs go to a pool of ``jobs`` worker processes (``spawn``: a CUDA context cannot be forked;
+a worker takes the next run when it finishes one), each calling ``worker``: :mod:`hybridkit.study`
+passes a function that re-reads the study and brings the one run to finished exactly as its
+serial loop does (this module does not import it, so the import graph stays one way). Runs only
+share the study folder, whose files are all written atomically, so the processes need no
+locking. The scheduler keeps up to ``jobs`` runs going and
 
 * holds back a later seed's run while its variant's LR sweep is still queued or running (it
   would otherwise start, find no LR choice and be skipped as "waiting");
@@ -25,6 +26,7 @@ import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,12 @@ def _blocked(slot, ahead: Sequence) -> bool:
     return slot.lr is None and any(s.variant == slot.variant and s.lr is not None for s in ahead)
 
 
+def _start_worker() -> None:
+    from hybridkit.runtime import exit_with_parent
+
+    exit_with_parent()
+
+
 def run_parallel(
     todo: Sequence,
     out: Path,
@@ -50,26 +58,38 @@ def run_parallel(
     jobs: int,
     time_budget: float | None,
     start: float,
-    skip_finished: Callable[[Any], bool],
+    status_of: Callable[[Any], str],
     worker: Callable[..., tuple[str, float]],
 ) -> dict[str, int]:
     """Bring the ``todo`` runs to finished with up to ``jobs`` processes; returns the counts
     (``done``, ``ran``, ``waiting``, ``deferred``) the serial loop returns.
 
-    ``skip_finished(slot)`` is the serial loop's check: true for a run that is finished or
-    waiting, which a time budget never defers. ``worker(study_path, overrides, plugins, slot,
-    out, device, tag, threads)`` runs in the worker process (a module-level function, so that
-    it pickles) and returns ``(status, seconds)``."""
+    ``status_of(slot)`` is :func:`hybridkit.study.slot_status`'s status: finished runs are
+    counted here without a worker, and a run still waiting for its LR choice once nothing ahead
+    of it can make that choice is reported as waiting. ``worker(study_path, overrides, plugins,
+    slot, out, device, tag, threads)`` runs in a worker process (a module-level function, so
+    that it pickles) and returns ``(status, seconds)``.
+
+    A worker process that dies (a crash, the OOM killer) breaks the whole pool, and with it
+    the runs beside it: those are queued again once, in a new pool (a run resumes from its
+    newest checkpoint), and a run that was in a broken pool twice counts as failed."""
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     pending = list(enumerate(todo, 1))
     running: dict[Future, tuple[int, object]] = {}
-    failed: list[tuple[object, BaseException]] = []
+    failed: list[tuple[object, str]] = []
+    broken_in: dict[int, int] = {}  # run number -> broken pools it was in
     slowest = 0.0
-    threads = max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+    threads = max(1, torch.get_num_threads() // min(jobs, len(todo)))
+    pool: ProcessPoolExecutor | None = None
+    pool_broken = False
+    try:
         while pending or running:
             while pending and len(running) < jobs:
+                if pool is not None and pool_broken:
+                    if running:
+                        break  # the broken pool's other runs are about to fail: count them first
+                    pool.shutdown(wait=True)
+                    pool, pool_broken = None, False  # a broken pool takes no work: a new one
                 ahead = [s for _, s in running.values()]
                 pick = None
                 for i, (_, slot) in enumerate(pending):
@@ -79,19 +99,37 @@ def run_parallel(
                 if pick is None:
                     break
                 k, slot = pending.pop(pick)
+                status = status_of(slot)
+                if status == "finished":
+                    counts["done"] += 1
+                    continue
+                if status.startswith("waiting"):
+                    print(f"[study] {k}/{len(todo)} waiting: {slot.describe()} needs its LR choice")
+                    counts["waiting"] += 1
+                    continue
                 elapsed = time.monotonic() - start
-                late = time_budget is not None and slowest and elapsed + slowest > time_budget
-                if late and not skip_finished(slot):
+                if time_budget is not None and slowest and elapsed + slowest > time_budget:
                     print(
                         f"[study] {k}/{len(todo)} deferred: {slot.describe()} (the slowest run "
                         f"took {slowest:.0f} s, {time_budget - elapsed:.0f} s of the budget left)"
                     )
                     counts["deferred"] += 1
                     continue
-                future = pool.submit(
-                    worker, str(study_path), list(overrides), list(plugins), slot, str(out),
-                    device, f"{k}/{len(todo)} ", threads,
-                )  # fmt: skip
+                if pool is None:
+                    pool = ProcessPoolExecutor(
+                        max_workers=min(jobs, len(todo)),
+                        mp_context=multiprocessing.get_context("spawn"),  # CUDA cannot fork
+                        initializer=_start_worker,
+                    )
+                try:
+                    future = pool.submit(
+                        worker, str(study_path), list(overrides), list(plugins), slot,
+                        str(out), device, f"{k}/{len(todo)} ", threads,
+                    )  # fmt: skip
+                except BrokenProcessPool:
+                    pool_broken = True
+                    pending.insert(0, (k, slot))
+                    break
                 running[future] = (k, slot)
             if not running:
                 break  # every run left is blocked by nothing: cannot happen, but never spin
@@ -100,14 +138,29 @@ def run_parallel(
                 k, slot = running.pop(future)
                 try:
                     status, seconds = future.result()
-                except BaseException as error:  # noqa: BLE001 - reported below, all of them
+                except BrokenProcessPool:
+                    pool_broken = True
+                    broken_in[k] = broken_in.get(k, 0) + 1
+                    if broken_in[k] == 1:
+                        print(f"[study] {k}/{len(todo)} lost with a dead worker: {slot.describe()}"
+                              "; queued again")  # fmt: skip
+                        pending.insert(0, (k, slot))
+                    else:
+                        print(f"[study] {k}/{len(todo)} failed: {slot.describe()}: its worker "
+                              "process died twice")  # fmt: skip
+                        failed.append((slot, "its worker process died twice"))
+                    continue
+                except Exception as error:  # noqa: BLE001 - reported below, all of them
                     print(f"[study] {k}/{len(todo)} failed: {slot.describe()}: {error}")
-                    failed.append((slot, error))
+                    failed.append((slot, str(error)))
                     continue
                 if status == "ran":
                     slowest = max(slowest, seconds)
                 counts[status] += 1
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if failed:
-        names = "; ".join(f"{slot.describe()}: {error}" for slot, error in failed)
-        raise HybridkitError(f"{len(failed)} study run(s) failed: {names}") from failed[0][1]
+        names = "; ".join(f"{slot.describe()}: {why}" for slot, why in failed)
+        raise HybridkitError(f"{len(failed)} study run(s) failed: {names}")
     return counts

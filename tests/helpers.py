@@ -84,3 +84,14 @@ def checkout_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, 
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return {**env, **extra}
+
+
+def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, threads):
+    """A ``study --jobs`` worker for scheduler tests (module level, so a spawned process can
+    import it): the variant ``crash`` kills its process the way a segfault or the OOM killer
+    would; every other run "runs" at once."""
+    import os
+
+    if slot.variant == "crash":
+        os._exit(3)
+    return "ran", 0.01

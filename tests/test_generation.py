@@ -263,6 +263,23 @@ def test_bench_decode_profiles_and_passes_its_options_to_the_runner(tmp_path, mo
     assert seen[2:] == [True, True]
 
 
+def test_decode_profile_categories():
+    from hybridkit.decode_bench import DECODE_CATEGORIES
+    from hybridkit.profiling import categorize
+
+    def cat(name: str) -> str:
+        return categorize(name, DECODE_CATEGORIES)
+
+    assert cat("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttention") == "attention"
+    assert cat("mamba3_step_kernel") == "mamba3 step"
+    assert cat("kernel_cutlass_kernel_hybridkitkernelsmamba3stepcute_kernel") == "mamba3 step"
+    assert cat("triton_poi_fused__to_copy_add_mul_silu_3") == "element-wise (Inductor)"
+    assert cat("triton_per_fused__to_copy_mean_pow_rsqrt_1") == "element-wise (Inductor)"
+    assert cat("_norm_fwd_kernel") == "norms"
+    assert cat("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmuls"
+    assert cat("void at::native::direct_copy_kernel_cuda") == "copies and casts"
+
+
 def test_cli_bench_decode_rejects_bad_batches(cli_error):
     assert "--batch" in cli_error(
         "bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1,x"

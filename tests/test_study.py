@@ -253,7 +253,7 @@ def test_time_budget_defers_runs_that_would_not_finish(tmp_path, capsys, cli_err
     assert "--time-budget must be a positive" in message
 
 
-@pytest.mark.slow  # ~25 s: seven runs, each in a freshly spawned process
+@pytest.mark.slow  # ~25 s: seven runs in pools of spawned worker processes
 def test_jobs_run_side_by_side_and_match_the_serial_study(tmp_path, capfd):
     """``jobs=3``: the three runs (an LR sweep of two, then seed 1 at the chosen LR) in worker
     processes give the serial study's records; the seed-1 run was held until the sweep ended
@@ -279,6 +279,47 @@ def test_jobs_run_side_by_side_and_match_the_serial_study(tmp_path, capfd):
     printed = capfd.readouterr().out
     assert "1 deferred (time budget)" in printed and first["runs_finished"] == 2
     assert run_study(study, budget, device="cpu", progress=False, jobs=2)["complete"]
+
+
+def test_jobs_skip_finished_runs_without_a_worker_and_report_a_failed_run(tmp_path, monkeypatch):
+    """A run that fails in its worker (here: a vocabulary smaller than the task's, which only the
+    trainer checks) is reported by name after the other run finished; a second call finds the
+    good run finished and starts no worker process for it."""
+    import hybridkit.study_jobs as jobs
+
+    fast = ["train.warmup_steps=2", "train.steps=10"]
+    variants = {"good": [], "bad": ["model.vocab_size=8"]}
+    study = write_study(tmp_path, variants=variants, lrs=[1e-3], lengths=[16], set=fast)
+    out = tmp_path / "out"
+    with pytest.raises(HybridkitError, match=r"1 study run\(s\) failed: bad seed=0") as info:
+        run_study(study, out, device="cpu", progress=False, jobs=2)
+    assert "RecipeError" in str(info.value) and "model.vocab_size" in str(info.value)
+    assert run_dirs(out) == ["good/" + run_name(1e-3, 0)]
+
+    def no_pool(*a, **k):
+        raise AssertionError("a worker pool was started for finished runs only")
+
+    monkeypatch.setattr(jobs, "ProcessPoolExecutor", no_pool)
+    again = run_study(study, out, device="cpu", progress=False, jobs=2, only=["variant=good"])
+    assert again["runs_finished"] == 1
+
+
+def test_jobs_requeue_runs_lost_with_a_dead_worker_once(tmp_path, capsys):
+    """A worker process that dies breaks the whole pool: its runs are queued again once in a new
+    pool, and the run whose worker died twice is reported as failed."""
+    from hybridkit.study_jobs import run_parallel
+    from tests.helpers import fake_study_worker
+
+    todo = [Slot("crash", 0, 1e-3), Slot("ok", 0, 1e-3), Slot("ok", 1, 1e-3)]
+    with pytest.raises(HybridkitError, match="crash seed=0 lr=0.001: its worker process died"):
+        run_parallel(
+            todo, tmp_path, study_path="s.yaml", overrides=[], plugins=[], device="cpu", jobs=2,
+            time_budget=None, start=0.0, status_of=lambda slot: "not started",
+            worker=fake_study_worker,
+        )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "1/3 lost with a dead worker: crash" in printed and "queued again" in printed
+    assert printed.count("failed:") == 1
 
 
 def test_jobs_scheduler_holds_chosen_lr_runs_behind_their_sweep():

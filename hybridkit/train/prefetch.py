@@ -37,9 +37,15 @@ def _start(recipe_data: dict, seed: int, batch_size: int) -> None:
     import torch
 
     from hybridkit.recipe import load_recipe
+    from hybridkit.runtime import exit_with_parent
 
+    exit_with_parent(ignore_interrupt=True)  # the loop closes the worker on Ctrl-C
     torch.set_num_threads(1)  # the worker shares the host with the training loop
     _WORKER.update(task=load_recipe(recipe_data).task.build(), seed=seed, batch_size=batch_size)
+
+
+def _ready() -> None:
+    """Submitted at construction: the worker starts (imports, task) while the model is built."""
 
 
 def _make(step: int) -> Batch:
@@ -75,6 +81,7 @@ class BatchPrefetcher:
             initargs=(recipe_data, seed, batch_size),
         )
         self._finalizer = weakref.finalize(self, _shutdown, self._pool)
+        self._pool.submit(_ready)  # start the worker now, not at the first step
 
     def get(self, step: int) -> Batch:
         if self._pool is None:
