@@ -332,8 +332,6 @@ def cmd_study(args: argparse.Namespace) -> int:
             "--report merges every finished run into the report and trains nothing; "
             "it takes no --shard, --only or --list"
         )
-    if args.jobs < 1:
-        raise HybridkitError(f"--jobs must be at least 1, got {args.jobs}")
     if args.time_budget is not None and not args.time_budget > 0:
         raise HybridkitError(
             f"--time-budget must be a positive number of seconds, got {args.time_budget:g}"

@@ -180,7 +180,7 @@ def bench_batch(
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, model.spec.vocab_size, (batch, prompt), generator=gen).to(device)
     t0 = time.perf_counter()
-    extra = profile_tokens
+    extra = profile_tokens  # decoded after the timed tokens, under the profiler
     runner = DecodeRunner(
         model, batch, prompt + new + extra, new + extra, Sampling(temperature=0),
         ssm_dtype=ssm_dtype, use_graph=use_graph, compile_step=compile_step,

@@ -41,14 +41,6 @@ class KernelProfile:
     ms: dict[str, float] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def total_ms(self) -> float:
-        return sum(self.ms.values())
-
-    @property
-    def kernels(self) -> int:
-        return sum(self.count.values())
-
 
 def profile_kernels(
     fn: Callable[[], object], device: torch.device, categories: Categories

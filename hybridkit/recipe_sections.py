@@ -140,6 +140,13 @@ class TrainSpec(StrictModel):
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
 
+    def resolved_prefetch(self, device_type: str) -> bool:
+        """``prefetch`` for a device: ``auto`` prefetches on CUDA, where the batch would sit
+        between GPU steps, and not on CPU, where the worker would take a core from the step."""
+        if self.prefetch == "auto":
+            return device_type == "cuda"
+        return self.prefetch
+
     def resolved_loss_chunk(self, device_type: str) -> int | None:
         """``loss_chunk_tokens`` for a device: ``auto`` chunks on CUDA (where the logits' memory
         and traffic matter) and keeps the plain loss on CPU (tiny vocabularies, and CPU runs

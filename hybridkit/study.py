@@ -63,6 +63,7 @@ from hybridkit.recipe import (
 from hybridkit.rundir import load_run
 from hybridkit.runtime import resolve_device
 from hybridkit.schema import StrictModel
+from hybridkit.study_jobs import deferral, run_parallel
 from hybridkit.summary import human_bytes, human_count, summarize
 from hybridkit.train.trainer import Trainer
 
@@ -612,6 +613,8 @@ def run_study(
 
     ``jobs`` > 1 trains that many runs at once in a pool of worker processes
     (:mod:`hybridkit.study_jobs`: small models leave a GPU mostly idle)."""
+    if jobs < 1:
+        raise HybridkitError(f"--jobs must be at least 1, got {jobs}")
     plan = plan_study(study_path, overrides, plugins)
     if isinstance(shard, str):
         shard = parse_shard(shard)
@@ -622,13 +625,9 @@ def run_study(
     todo = select_slots(plan.slots, only, shard)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"[study] {len(todo)} of the study's {len(plan.slots)} runs selected{where}")
-    if jobs < 1:
-        raise HybridkitError(f"--jobs must be at least 1, got {jobs}")
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     start, slowest = time.monotonic(), 0.0
     if jobs > 1 and len(todo) > 1:
-        from hybridkit.study_jobs import run_parallel
-
         counts = run_parallel(
             todo, out, study_path=study_path, overrides=overrides, plugins=plugins,
             device=device, jobs=jobs, time_budget=time_budget, start=start,
@@ -636,14 +635,11 @@ def run_study(
         )  # fmt: skip
         todo = []
     for k, slot in enumerate(todo, 1):
-        elapsed = time.monotonic() - start
-        if time_budget is not None and slowest and elapsed + slowest > time_budget:
+        late = deferral(k, len(todo), slot, start, slowest, time_budget)
+        if late is not None:
             status = slot_status(plan, slot, out)[0]
             if status != "finished" and not status.startswith("waiting"):
-                print(
-                    f"[study] {k}/{len(todo)} deferred: {slot.describe()} (the slowest run took "
-                    f"{slowest:.0f} s, {time_budget - elapsed:.0f} s of the budget left)"
-                )
+                print(late)
                 counts["deferred"] += 1
                 continue
         t0 = time.monotonic()

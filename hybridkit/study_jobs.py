@@ -41,6 +41,21 @@ def _blocked(slot, ahead: Sequence) -> bool:
     return slot.lr is None and any(s.variant == slot.variant and s.lr is not None for s in ahead)
 
 
+def deferral(
+    k: int, total: int, slot, start: float, slowest: float, time_budget: float | None
+) -> str | None:
+    """The "deferred" line when the run ``k`` of ``total`` would end past ``time_budget``
+    (judged by the slowest run so far, none before the first has finished), else None: the
+    budget rule of both the serial loop and the scheduler here."""
+    elapsed = time.monotonic() - start
+    if time_budget is None or not slowest or elapsed + slowest <= time_budget:
+        return None
+    return (
+        f"[study] {k}/{total} deferred: {slot.describe()} (the slowest run took {slowest:.0f} "
+        f"s, {time_budget - elapsed:.0f} s of the budget left)"
+    )
+
+
 def _start_worker() -> None:
     from hybridkit.runtime import exit_with_parent
 
@@ -107,12 +122,9 @@ def run_parallel(
                     print(f"[study] {k}/{len(todo)} waiting: {slot.describe()} needs its LR choice")
                     counts["waiting"] += 1
                     continue
-                elapsed = time.monotonic() - start
-                if time_budget is not None and slowest and elapsed + slowest > time_budget:
-                    print(
-                        f"[study] {k}/{len(todo)} deferred: {slot.describe()} (the slowest run "
-                        f"took {slowest:.0f} s, {time_budget - elapsed:.0f} s of the budget left)"
-                    )
+                late = deferral(k, len(todo), slot, start, slowest, time_budget)
+                if late is not None:
+                    print(late)
                     counts["deferred"] += 1
                     continue
                 if pool is None:

@@ -122,9 +122,6 @@ class Trainer:
             self.model, self.dist, self.spec.parallel, self.device, param_dtype
         )
         self.forward = torch.compile(self.module) if self.spec.compile else self.module
-        prefetch = self.spec.prefetch
-        if prefetch == "auto":
-            prefetch = self.device.type == "cuda"
         self._batches = (
             BatchPrefetcher(
                 recipe_to_dict(recipe),
@@ -133,7 +130,7 @@ class Trainer:
                 self.batch_for,
                 end=self.spec.steps,
             )  # fmt: skip
-            if prefetch
+            if self.spec.resolved_prefetch(self.device.type)
             else None
         )
         self.optimizer = build_optimizer(self.model, self.spec)
