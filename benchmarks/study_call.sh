@@ -9,7 +9,10 @@
 # finish in it, since a half-trained run's checkpoints are too large to carry to the next call;
 # the study is also killed at BUDGET_S, so the archive below is always written. JOBS (default 1)
 # runs that many at once (`hybridkit study --jobs`): the study models leave the GPU mostly idle.
-# The study folder is .gpu/studies/STUDY (git-ignored); every file under 2 MB of it (result.json,
+# Several studies can share one call (each study_call.sh in the background, then `wait`): each
+# writes its own $OUT/STUDY.txt and archive. The study folder is .gpu/studies/STUDY (git-ignored;
+# it stays on the GPU machine while it is warm, checkpoints included, so a run cut off by the
+# call's end resumes in the next call without carrying anything); every file under 2 MB of it (result.json,
 # eval.json, heldout.json, final.json, metrics.jsonl, the run's recipe: no checkpoints) comes back
 # as one archive, $OUT/STUDY.tar.gz (the device tool returns at most 8 files, at most two folders
 # down, so a run tree cannot come back file by file). Here:
@@ -28,7 +31,7 @@ mkdir -p "$DIR" "$OUT"
 # shellcheck disable=SC2086  # SELECTION is several flags on purpose
 timeout -k 5 "$BUDGET" python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" \
   $SELECTION \
-  --time-budget "$(( BUDGET > 60 ? BUDGET - 30 : BUDGET ))" --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/study.txt"
+  --time-budget "$(( BUDGET > 60 ? BUDGET - 30 : BUDGET ))" --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/$STUDY.txt"
 (cd .gpu/studies && find "$STUDY" -type f -size -2048k -not -path "*/checkpoints/*" -print0 \
   | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
 tar -tzf "$OUT/$STUDY.tar.gz" | grep -c "/result.json$" | xargs echo "result files coming back:"
