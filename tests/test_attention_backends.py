@@ -576,6 +576,48 @@ def test_fa4_decode_op_emulation_and_opcheck(hk, used):
     torch.library.opcheck(torch.ops.hybridkit.fa4_decode.default, (q, k, v, counts, 0.3))
 
 
+def test_mixed_dtype_kv_reaches_every_backend_in_q_dtype(monkeypatch):
+    """bf16 queries over a float32 KV cache (a float32 model decoding under bf16 autocast, the
+    study's decode-path evaluation): FA4 asserts equal dtypes, so the dispatch point casts k/v
+    to q's dtype for every backend, and the result is that of the cast inputs."""
+    q, k, v = qkv(2, 3, 11, 4, 2, 16, dtype=torch.float32)
+    q = q.bfloat16()
+    want = attn_ops.attention(q, k.bfloat16(), v.bfloat16(), backend="reference")
+    for backend in ("reference", "sdpa"):
+        got = attn_ops.attention(q, k, v, backend=backend)
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got.float(), want.float()) < 2e-2
+    seen = []
+    real = fa4_op.fa4_attention
+
+    def spy(q, k, v, *args):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args, eager_function=False)  # the op's CPU emulation
+
+    monkeypatch.setattr(attn_dispatch, "resolve_backend", lambda *a, **kw: "fa4")
+    monkeypatch.setattr(fa4_op, "fa4_attention", spy)
+    got = attn_ops.attention(q, k, v, backend="fa4")
+    assert seen == [(torch.bfloat16,) * 3]
+    assert rel_err(got.float(), want.float()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_fa4_float32_model_decodes_under_bf16_autocast():
+    """The study's decode-path check: a float32 model (float32 KV cache) prefilled and stepped
+    under bf16 autocast through FA4 agrees with its full forward (it asserted before)."""
+    _need_fa4()
+    model = _gpu_hybrid().float().eval()
+    ids = torch.randint(0, 256, (2, 40), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        full = model(ids).float()
+        cache = model.allocate_cache(2, 40)
+        parts = [model(ids[:, :29], cache=cache)]
+        parts += [model.step(ids[:, t], cache)[:, None] for t in range(29, 40)]
+    kv = next(s for s in cache.layers.values() if isinstance(s, KVCache))
+    assert kv.k.dtype == torch.float32  # the case that asserted in FA4
+    assert rel_err(torch.cat(parts, dim=1).float(), full) < 3e-2
+
+
 def test_fa4_decode_is_routed_only_with_the_setting(monkeypatch):
     """A static step (``key_mask``) on a layer that resolves to fa4 goes through the op when
     ``fa4_decode`` is on, through masked sdpa otherwise; both give the same result."""

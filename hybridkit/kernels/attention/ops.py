@@ -162,6 +162,11 @@ def attention(
         raise ValueError(f"window must be >= 1, got {window}")
     if cu_seqlens is not None and (q.shape[0] != 1 or k.shape[1] != q.shape[1]):
         raise ValueError("cu_seqlens needs batch 1 and equal query/key lengths")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        # A float32 KV cache read by bf16 queries (a float32 model decoding under autocast):
+        # autocast casts SDPA's inputs to one dtype itself, FA4 (a custom op autocast does not
+        # see) asserts that they match, so every backend gets q's dtype here.
+        k, v = k.to(q.dtype), v.to(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     if key_mask is not None:
