@@ -665,6 +665,37 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert out["step"] == 12 and sorted(losses(run)) == list(range(1, 13))
 
 
+def test_unlogged_steps_train_the_same_and_divergence_is_still_caught(tmp_path):
+    """Steps fit() neither logs, evaluates nor checkpoints run without a host sync; training is
+    bitwise that of a run synchronising every step, and a NaN among them is reported by the
+    next synchronised step, naming the range, with the last good checkpoint kept."""
+    every = Trainer(make(steps=9, checkpoint_every=0), tmp_path / "a", resume=None, progress=False)
+    every.fit()
+    sparse = make(steps=9, checkpoint_every=0, log_every=4)
+    Trainer(sparse, tmp_path / "b", resume=None, progress=False).fit()
+    logged = losses(tmp_path / "b")
+    assert sorted(logged) == [4, 8, 9]
+    assert all(logged[k] == losses(tmp_path / "a")[k] for k in logged)
+    for name, tensor in weights(tmp_path / "a").items():
+        assert torch.equal(tensor, weights(tmp_path / "b")[name]), name
+    run = tmp_path / "nan"
+    trainer = Trainer(
+        make(steps=12, checkpoint_every=4, log_every=4), run, resume=None, progress=False
+    )
+    forward = trainer.forward
+
+    def poisoned(x, **kwargs):
+        out = forward(x, **kwargs)
+        return out * float("nan") if trainer.step >= 5 else out  # the 6th step, not logged
+
+    trainer.forward = poisoned
+    with pytest.raises(TrainingDiverged, match="between step 5 and step 7") as info:
+        trainer.fit()
+    assert str(run / "checkpoints" / "step_0000004") in str(info.value)
+    assert latest_checkpoint(run).name == "step_0000004"
+    assert sorted(losses(run)) == [4]
+
+
 def test_huge_lr_diverges_with_a_clear_message(tmp_path, cli_error):
     recipe = write_recipe(
         tmp_path / "r.yaml", steps=20, lr=1e6, schedule="constant", warmup_steps=0, grad_clip=None

@@ -138,6 +138,12 @@ class Trainer:
         self._flops: dict[int, FlopCount] = {}  # per sequence length (attention grows with it)
         self.step = 0
         self._saved_step = -1  # step of the newest checkpoint on disk (written or resumed)
+        # Steps between two synchronised ones (see train_step's ``sync``): a device flag set
+        # by any non-finite loss or gradient norm among them, the first of them, and the clock
+        # when it began.
+        self._unchecked: torch.Tensor | None = None
+        self._interval_first = 0
+        self._interval_start: float | None = None
         self._t_start = time.time()
         self.elapsed = 0.0  # training wall time of earlier (interrupted) sessions
         self.history: list[dict] = []
@@ -303,8 +309,20 @@ class Trainer:
         rng = self.task.train_rng(step, default_seed=self.seed)
         return self.task.train_batch(step, self.spec.batch_size, rng)
 
-    def train_step(self) -> dict:
+    def train_step(self, sync: bool = True) -> dict:
+        """One optimizer step; returns its metrics record.
+
+        ``sync=False`` leaves the loss and gradient norm on the device: no host synchronisation,
+        so the host queues the next step while the GPU runs this one (a small model's step is
+        host-bound, and under several runs sharing a GPU the waits add up). A non-finite value
+        in such a step is kept in a device flag and reported by the next synchronised step,
+        which also times the whole interval: :meth:`fit` synchronises only the steps it logs,
+        evaluates or checkpoints (a checkpoint is never written past a non-finite step). The
+        record of an unsynchronised step holds only ``step`` and ``lr``.
+        """
         spec, step = self.spec, self.step
+        if self._interval_start is None:
+            self._interval_start, self._interval_first = time.perf_counter(), step
         lr = lr_at(step, spec)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -322,13 +340,12 @@ class Trainer:
         )
         scale = self.dist.world_size / n_scored
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        t0 = time.perf_counter()
         for micro, part in enumerate(rank_rows.split(self.micro_size)):
             inputs, targets = part.inputs.to(self.device), part.targets.to(self.device)
-            sync = micro == spec.grad_accum - 1
+            last_micro = micro == spec.grad_accum - 1
             ctx = (
                 self.module.no_sync()
-                if (self.dist.enabled and not sync and hasattr(self.module, "no_sync"))
+                if (self.dist.enabled and not last_micro and hasattr(self.module, "no_sync"))
                 else contextlib.nullcontext()
             )
             with ctx:
@@ -336,16 +353,30 @@ class Trainer:
                     loss = self.forward(inputs, targets=targets, ignore_index=IGNORE_INDEX)
                 (loss * scale).backward()
             loss_sum += loss.detach().double()
-        total = dist_utils.all_reduce_sum(loss_sum, self.dist).item() / n_scored
+        loss_sum = dist_utils.all_reduce_sum(loss_sum, self.dist)
         if spec.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
         else:
-            grad_norm = torch.linalg.vector_norm(
+            norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
             )
-        grad_norm = float(
-            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        )
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        earlier = self._unchecked
+        if not sync:
+            bad = ~(torch.isfinite(loss_sum) & torch.isfinite(norm))
+            self._unchecked = bad if earlier is None else earlier | bad
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return {"step": self.step, "lr": lr}
+        self._unchecked = None
+        total, grad_norm = loss_sum.item() / n_scored, float(norm)
+        if earlier is not None and bool(earlier):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged(
+                f"between step {self._interval_first + 1} and step {step}: a loss or gradient "
+                "norm there was NaN/inf (only logged steps are checked one by one)"
+            )
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self._diverged(f"at step {step + 1}: loss {total}, grad norm {grad_norm}")
@@ -353,7 +384,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
+        steps = step + 1 - self._interval_first
+        dt = (time.perf_counter() - self._interval_start) / steps
+        self._interval_start = None
         tokens = int(batch.inputs.numel())
         self.step += 1
         return {
@@ -398,9 +431,15 @@ class Trainer:
         )
         try:
             while self.step < end:
-                record = self.train_step()
+                nxt = self.step + 1
+                record = self.train_step(
+                    sync=nxt % spec.log_every == 0
+                    or nxt == end
+                    or bool(spec.eval_every and nxt % spec.eval_every == 0)
+                    or bool(spec.checkpoint_every and nxt % spec.checkpoint_every == 0)
+                )
                 last = record
-                if self.step % spec.log_every == 0 or self.step == end:
+                if "loss" in record and (self.step % spec.log_every == 0 or self.step == end):
                     self.log.log(record)
                     self.history.append({"step": self.step, "loss": record["loss"]})
                 if spec.eval_every and self.step % spec.eval_every == 0 and self.step < spec.steps:
@@ -471,7 +510,10 @@ class _progress:
 
     def update(self, step: int, record: dict) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}")
+            if "loss" in record:  # only synchronised steps carry it (Trainer.train_step)
+                self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}")
+            else:
+                self.bar.update(self.task, completed=step)
 
     def close(self) -> None:
         if self.bar is not None:
