@@ -47,7 +47,7 @@ from typing import Annotated
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from hybridkit.build import build_model
-from hybridkit.errors import HybridkitError, RecipeError
+from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
 from hybridkit.eval.report import binomial_stderr, evaluate_run, spread
@@ -66,6 +66,7 @@ from hybridkit.schema import StrictModel
 from hybridkit.study_jobs import deferral, run_parallel
 from hybridkit.summary import human_bytes, human_count, summarize
 from hybridkit.train.trainer import Trainer
+from hybridkit.weights import find_weights
 
 HELD_OUT_SEED_OFFSET = 7919
 RESULT_FILE = "result.json"
@@ -482,6 +483,19 @@ def _rel(path: Path, out: Path) -> str:
     return path.relative_to(out).as_posix()
 
 
+def _trained(run_dir: Path) -> bool:
+    """Training finished and its weights are here. A run folder copied back from a GPU
+    machine without its weights (too large to carry) holds final.json alone: it trains again
+    (from its newest checkpoint if one came along) rather than failing in evaluation."""
+    if not (run_dir / "final.json").is_file():
+        return False
+    try:
+        find_weights(run_dir)
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
 def run_slot(
     plan: StudyPlan, slot: Slot, out: Path, *, device: str, progress: bool, tag: str = ""
 ) -> str:
@@ -501,7 +515,7 @@ def run_slot(
     if read_record(run_dir, spec) is not None:
         return "done"
     recipe = plan.recipe(slot.variant, lr, slot.seed)
-    if not (run_dir / "final.json").is_file():
+    if not _trained(run_dir):
         print(f"[study] {tag}training {slot.variant} lr={lr:g} seed={slot.seed} -> {run_dir}")
         if recipe.train.device == "auto" and device != "auto":
             recipe.train.device = device
@@ -579,8 +593,10 @@ def slot_status(plan: StudyPlan, slot: Slot, out: Path) -> tuple[str, str | None
         return "finished", rel
     if (run_dir / RESULT_FILE).is_file():
         return "evaluated with other settings (re-run re-evaluates)", rel
-    if (run_dir / "final.json").is_file():
+    if _trained(run_dir):
         return "trained, not evaluated", rel
+    if (run_dir / "final.json").is_file():
+        return "trained, weights missing (re-run trains it again)", rel
     if (run_dir / "checkpoints" / "latest").is_file():
         return "started (resumes from its checkpoint)", rel
     return "not started", rel

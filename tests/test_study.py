@@ -416,6 +416,27 @@ def test_interrupted_study_resumes_only_the_unfinished_run(tmp_path, capsys, mon
     }
 
 
+def test_run_copied_back_without_weights_trains_again(tmp_path, capsys):
+    """A GPU call brings a run's small files back (final.json, metrics) but not its weights or
+    checkpoints: the study trains it again instead of failing in its evaluation."""
+    study = write_study(
+        tmp_path, variants={"hybrid": []}, lrs=[3e-3], lengths=[16], description=None
+    )
+    out = tmp_path / "out"
+    run_study(study, out, device="cpu", progress=False)
+    run = out / "hybrid" / "lr0.003-seed0"
+    want = json.loads((run / RESULT_FILE).read_text())["results"]
+    shutil.rmtree(run / "checkpoints")
+    for name in ("model.safetensors", "eval.json", RESULT_FILE):
+        (run / name).unlink()
+    capsys.readouterr()
+    assert "weights missing" in main_list(study, out, capsys)
+    run_study(study, out, device="cpu", progress=False)
+    assert "training hybrid" in capsys.readouterr().out
+    assert json.loads((run / RESULT_FILE).read_text())["results"] == want
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [5, 10, 15, 20]
+
+
 def refuse_training(*a, **k):
     raise AssertionError("a trained run was trained again")
 
