@@ -26,12 +26,16 @@ SELECTION=${2:-}
 BUDGET=${3:-480}
 JOBS=${4:-1}
 OUT=${OUT:-/tmp/study_call}
-DIR=.gpu/studies/$STUDY
+# STUDY_ROOT (default .gpu/studies) holds the study folders; a later call on the still-warm
+# machine can point it at a /tmp copy instead of carrying the folder again (a carried path is
+# gone in the next call): cp -rn .gpu/studies/. /tmp/hk-studies/ once, then STUDY_ROOT=/tmp/hk-studies
+ROOT=${STUDY_ROOT:-.gpu/studies}
+DIR=$ROOT/$STUDY
 mkdir -p "$DIR" "$OUT"
 # shellcheck disable=SC2086  # SELECTION is several flags on purpose
 timeout -k 5 "$BUDGET" python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" \
   $SELECTION \
   --time-budget "$(( BUDGET > 60 ? BUDGET - 30 : BUDGET ))" --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/$STUDY.txt"
-(cd .gpu/studies && find "$STUDY" -type f -size -2048k -not -path "*/checkpoints/*" -print0 \
+(cd "$ROOT" && find "$STUDY" -type f -size -2048k -not -path "*/checkpoints/*" -print0 \
   | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
 tar -tzf "$OUT/$STUDY.tar.gz" | grep -c "/result.json$" | xargs echo "result files coming back:"
