@@ -50,6 +50,11 @@ class TrainSpec(StrictModel):
         default="auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
     )
     compile: bool = Field(default=False, description="torch.compile the model")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        default="default",
+        description="torch.compile mode when train.compile is on; reduce-overhead adds CUDA "
+        "graphs (for host-bound small models with fixed shapes; hybridkit/train/compile.py)",
+    )
     prefetch: bool | Literal["auto"] = Field(
         default="auto",
         description="make training batches ahead in a worker process (hybridkit/train/"

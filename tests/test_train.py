@@ -630,6 +630,7 @@ def test_bad_task_and_train_keys_give_clear_errors(tmp_path, cli_error):
         ("task.kind=nope", "unknown task kind 'nope'"),
         ("task.seq_len=15", "task.seq_len"),
         ("train.schedule=linear", "train.schedule"),
+        ("train.compile_mode=fast", "reduce-overhead"),
         ("train.batch_sise=3", "train.batch_sise"),
     ):
         err = cli_error("train", str(recipe), "-o", str(tmp_path / "x"), "--set", override)
@@ -694,6 +695,21 @@ def test_unlogged_steps_train_the_same_and_divergence_is_still_caught(tmp_path):
     assert str(run / "checkpoints" / "step_0000004") in str(info.value)
     assert latest_checkpoint(run).name == "step_0000004"
     assert sorted(losses(run)) == [4]
+
+
+@pytest.mark.slow
+def test_compiled_training_with_cuda_graph_mode_matches_eager(tmp_path):
+    """train.compile with compile_mode reduce-overhead (CUDA graphs on a GPU; on the CPU torch
+    skips the graphs and runs Inductor's code): the same losses as eager training, and a
+    checkpointed, resumed compiled run continues them."""
+    eager = make(steps=4, checkpoint_every=2)
+    Trainer(eager, tmp_path / "eager", resume=None, progress=False).fit()
+    compiled = make(steps=4, checkpoint_every=2, compile=True, compile_mode="reduce-overhead")
+    trainer = Trainer(compiled, tmp_path / "compiled", resume=None, progress=False)
+    trainer.stop_after = 2
+    trainer.fit()
+    Trainer(compiled, tmp_path / "compiled", resume="auto", progress=False).fit()
+    assert_losses_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-4)
 
 
 def test_huge_lr_diverges_with_a_clear_message(tmp_path, cli_error):

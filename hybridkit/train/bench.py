@@ -23,6 +23,7 @@ import torch
 from hybridkit import profiling
 from hybridkit.model import HybridLM
 from hybridkit.runtime import autocast_for, elapsed_s, timer_start
+from hybridkit.train.compile import begin_step, compile_module
 from hybridkit.train.flops import DATASHEET_BF16_TFLOPS, FlopCount, datasheet_peak, flops_per_token
 from hybridkit.train.provenance import run_environment
 
@@ -126,10 +127,13 @@ def bench_train(
     ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     called = model if module is None else module
-    forward = torch.compile(called, mode=compile_mode) if compile_model else called
+    mode = compile_mode or "default"
+    forward = compile_module(called, mode) if compile_model else called
     tokens = batch * seq_len
 
     def step() -> None:
+        if compile_model:
+            begin_step(mode)
         with autocast_for(device, precision):
             loss = forward(inputs, targets=targets) / tokens
         loss.backward()

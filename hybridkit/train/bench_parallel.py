@@ -107,6 +107,7 @@ def bench_recipe(
         warmup=warmup,
         precision=spec.precision,
         compile_model=compile_model,
+        compile_mode=spec.compile_mode,
         profile=profile,
         module=None if wrapped is model else wrapped,
     )

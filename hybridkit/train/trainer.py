@@ -31,6 +31,7 @@ from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint, write_checkpoint
+from hybridkit.train.compile import begin_step, compile_module
 from hybridkit.train.flops import FlopCount, datasheet_peak, flops_per_token, throughput
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
@@ -121,7 +122,9 @@ class Trainer:
         self.module = dist_utils.wrap_model(
             self.model, self.dist, self.spec.parallel, self.device, param_dtype
         )
-        self.forward = torch.compile(self.module) if self.spec.compile else self.module
+        self.forward = self.module
+        if self.spec.compile:
+            self.forward = compile_module(self.module, self.spec.compile_mode)
         self._batches = (
             BatchPrefetcher(
                 recipe_to_dict(recipe),
@@ -349,6 +352,8 @@ class Trainer:
                 else contextlib.nullcontext()
             )
             with ctx:
+                if spec.compile:
+                    begin_step(spec.compile_mode)
                 with autocast_for(self.device, spec.precision):
                     loss = self.forward(inputs, targets=targets, ignore_index=IGNORE_INDEX)
                 (loss * scale).backward()
