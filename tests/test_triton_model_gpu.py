@@ -91,26 +91,29 @@ def test_prefill_hands_over_to_decode(triton_calls, rank: int):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
 
 
-def test_bf16_training_run_learns(tmp_path, triton_calls):
-    """The trainer (bf16 autocast on GPU) through the Triton kernels: finite, falling loss."""
-    recipe = load_recipe(
+def _mqar_recipe(name: str, **train):
+    """A 3-block GPU hybrid (SISO, attention, MIMO) on MQAR at 64 tokens, batch 32, lr 3e-3."""
+    return load_recipe(
         {
-            "name": "gpu-smoke",
+            "name": name,
             "seed": 0,
             "model": tiny_model("m a g", d_model=128, vocab=97, **_blocks("auto")),
             "task": {"kind": "mqar", "vocab_size": 97, "seq_len": 64, "num_kv_pairs": 8},
             "train": {
-                "steps": 60,
                 "batch_size": 32,
                 "lr": 3e-3,
-                "log_every": 1,
-                "checkpoint_every": 0,
                 "device": "cuda",
                 "tensorboard": False,
+                **train,
             },
             "eval": {"decode_examples": 2, "lengths": [64]},
         }
     )
+
+
+def test_bf16_training_run_learns(tmp_path, triton_calls):
+    """The trainer (bf16 autocast on GPU) through the Triton kernels: finite, falling loss."""
+    recipe = _mqar_recipe("gpu-smoke", steps=60, log_every=1, checkpoint_every=0)
     Trainer(recipe, tmp_path / "run", resume=None, progress=False).fit()
     assert triton_calls and not any(triton_calls[:2]), "training must run the SISO layers in Triton"
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
@@ -123,26 +126,8 @@ def test_cuda_graph_compile_mode_trains_like_default_compile(tmp_path):
     loss curve of a default-mode compiled run, to bf16 noise (both through the Triton SISO scan)."""
     curves = {}
     for mode in ("default", "reduce-overhead"):
-        recipe = load_recipe(
-            {
-                "name": f"gpu-{mode}",
-                "seed": 0,
-                "model": tiny_model("m a g", d_model=128, vocab=97, **_blocks("auto")),
-                "task": {"kind": "mqar", "vocab_size": 97, "seq_len": 64, "num_kv_pairs": 8},
-                "train": {
-                    "steps": 12,
-                    "batch_size": 32,
-                    "lr": 3e-3,
-                    "log_every": 3,
-                    "checkpoint_every": 6,
-                    "device": "cuda",
-                    "tensorboard": False,
-                    "compile": True,
-                    "compile_mode": mode,
-                },
-                "eval": {"decode_examples": 2, "lengths": [64]},
-            }
-        )
+        train = dict(steps=12, log_every=3, checkpoint_every=6, compile=True, compile_mode=mode)
+        recipe = _mqar_recipe(f"gpu-{mode}", **train)
         Trainer(recipe, tmp_path / mode, resume=None, progress=False).fit()
         curves[mode] = [r["loss"] for r in read_metrics(tmp_path / mode) if "loss" in r]
     assert len(curves["default"]) == len(curves["reduce-overhead"]) == 4
