@@ -92,7 +92,7 @@ def test_prefill_hands_over_to_decode(triton_calls, rank: int):
 
 
 def _mqar_recipe(name: str, **train):
-    """A 3-block GPU hybrid (SISO, attention, MIMO) on MQAR at 64 tokens, batch 32, lr 3e-3."""
+    """A 3-block GPU hybrid (two SISO Mamba-3, one NoPE attention) on MQAR at 64 tokens."""
     return load_recipe(
         {
             "name": name,
