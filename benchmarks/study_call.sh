@@ -33,9 +33,14 @@ ROOT=${STUDY_ROOT:-.gpu/studies}
 DIR=$ROOT/$STUDY
 mkdir -p "$DIR" "$OUT"
 # shellcheck disable=SC2086  # SELECTION is several flags on purpose
+# STUDY_DEFER=0 starts runs even when they cannot finish in this call: on a machine kept warm
+# for the next call (STUDY_ROOT in /tmp) they resume from their last checkpoint there, so no
+# worker sits idle at the end of a call; on a machine that goes cold the part-run is lost.
+DEFER=(--time-budget "$(( BUDGET > 60 ? BUDGET - 30 : BUDGET ))")
+[ "${STUDY_DEFER:-1}" = 0 ] && DEFER=()
 timeout -k 5 "$BUDGET" python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" \
   $SELECTION \
-  --time-budget "$(( BUDGET > 60 ? BUDGET - 30 : BUDGET ))" --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/$STUDY.txt"
+  ${DEFER[@]+"${DEFER[@]}"} --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/$STUDY.txt"
 (cd "$ROOT" && find "$STUDY" -type f -size -2048k -not -path "*/checkpoints/*" -print0 \
   | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
 tar -tzf "$OUT/$STUDY.tar.gz" | grep -c "/result.json$" | xargs echo "result files coming back:"
