@@ -17,6 +17,9 @@ from pydantic import Field, field_validator, model_validator
 
 from hybridkit.schema import StrictModel
 
+#: torch.compile modes a recipe may ask for (hybridkit/train/compile.py)
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+
 __all__ = ["EvalSpec", "TrainSpec"]
 
 #: ``train.loss_chunk_tokens: auto`` on CUDA: 4096 rows x a 32k vocabulary are 256 MB of bf16
@@ -50,7 +53,7 @@ class TrainSpec(StrictModel):
         default="auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
     )
     compile: bool = Field(default=False, description="torch.compile the model")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+    compile_mode: CompileMode = Field(
         default="default",
         description="torch.compile mode when train.compile is on; reduce-overhead adds CUDA "
         "graphs (for host-bound small models with fixed shapes; hybridkit/train/compile.py)",

@@ -13,11 +13,14 @@ per micro-batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 
+from hybridkit.recipe_sections import CompileMode
+
 #: ``train.compile_mode`` values; ``default`` is torch.compile's default mode.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 def compile_module(module: torch.nn.Module, mode: str = "default") -> Callable:

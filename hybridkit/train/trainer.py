@@ -436,23 +436,22 @@ class Trainer:
         )
         try:
             while self.step < end:
+                # what happens after this step decides whether it waits for the GPU
                 nxt = self.step + 1
-                record = self.train_step(
-                    sync=nxt % spec.log_every == 0
-                    or nxt == end
-                    or bool(spec.eval_every and nxt % spec.eval_every == 0)
-                    or bool(spec.checkpoint_every and nxt % spec.checkpoint_every == 0)
-                )
+                log = nxt % spec.log_every == 0 or nxt == end
+                evaluate = bool(spec.eval_every and nxt % spec.eval_every == 0 and nxt < spec.steps)
+                checkpoint = bool(spec.checkpoint_every and nxt % spec.checkpoint_every == 0)
+                record = self.train_step(sync=log or evaluate or checkpoint)
                 last = record
-                if "loss" in record and (self.step % spec.log_every == 0 or self.step == end):
+                if log:
                     self.log.log(record)
                     self.history.append({"step": self.step, "loss": record["loss"]})
-                if spec.eval_every and self.step % spec.eval_every == 0 and self.step < spec.steps:
+                if evaluate:
                     res = self.evaluate()
                     self.log.log(
                         {"step": self.step, "eval": {str(r["length"]): r["ex_match"] for r in res}}
                     )
-                if spec.checkpoint_every and self.step % spec.checkpoint_every == 0:
+                if checkpoint:
                     self.save_checkpoint()
                 bar.update(self.step, record)
             if self.step >= spec.steps:
