@@ -14,7 +14,7 @@
 # it stays on the GPU machine while it is warm, checkpoints included, so a run cut off by the
 # call's end resumes in the next call without carrying anything); every file under 2 MB of it (result.json,
 # eval.json, heldout.json, final.json, metrics.jsonl, the run's recipe: no checkpoints) comes back
-# as one archive, $OUT/STUDY.tar.gz (the device tool returns at most 8 files, at most two folders
+# as one archive, $OUT/STUDY.tar.gz, the model weights as $OUT/STUDY_weights.tar.gz (the device tool returns at most 8 files, at most two folders
 # down, so a run tree cannot come back file by file). Here:
 #   tar -xzf FILES_AT/STUDY.tar.gz -C .gpu/studies
 # merges it into .gpu/studies/STUDY; carry that to the next call, and when every run is
@@ -41,6 +41,12 @@ DEFER=(--time-budget "$(( BUDGET > 60 ? BUDGET - 30 : BUDGET ))")
 timeout -k 5 "$BUDGET" python -m hybridkit study "hybridkit/recipes/studies/$STUDY.yaml" -o "$DIR" \
   $SELECTION \
   ${DEFER[@]+"${DEFER[@]}"} --jobs "$JOBS" --no-progress 2>&1 | grep -v Warning | tail -60 | tee "$OUT/$STUDY.txt"
-(cd "$ROOT" && find "$STUDY" -type f -size -2048k -not -path "*/checkpoints/*" -print0 \
-  | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
+# The weights go in a second archive, dropped when it would pass the device tool's 16 MiB a file
+# (a whole state-tracking study's weights did once, and the results went with them).
+(cd "$ROOT" && find "$STUDY" -type f -size -2048k -not -path "*/checkpoints/*" -not -name "*.safetensors" \
+  -print0 | tar -czf "$OUT/$STUDY.tar.gz" --null -T -)
+(cd "$ROOT" && find "$STUDY" -type f -size -2048k -not -path "*/checkpoints/*" -name "*.safetensors" \
+  -print0 | tar -czf "$OUT/${STUDY}_weights.tar.gz" --null -T -)
+[ "$(stat -c %s "$OUT/${STUDY}_weights.tar.gz")" -lt 16000000 ] \
+  || { rm -f "$OUT/${STUDY}_weights.tar.gz"; echo "weights archive over 16 MB: not brought back"; }
 tar -tzf "$OUT/$STUDY.tar.gz" | grep -c "/result.json$" | xargs echo "result files coming back:"
