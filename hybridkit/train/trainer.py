@@ -50,6 +50,18 @@ def model_fingerprint(recipe: RecipeSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+
+def _eval_record(step: int, results: list[dict]) -> dict:
+    """The metrics.jsonl line of one evaluation: ex_match per length under ``eval`` (what the
+    plots and summaries read) and token accuracy under ``eval_tok_acc``: on tasks with many
+    answers per example (MQAR's D queries) ex_match stays near 0 long after tok_acc moves, so
+    learning would be invisible in ex_match alone."""
+    return {
+        "step": step,
+        "eval": {str(r["length"]): r["ex_match"] for r in results},
+        "eval_tok_acc": {str(r["length"]): r["tok_acc"] for r in results},
+    }
+
 class Trainer:
     """Train ``recipe`` into ``run_dir``: the object behind ``hybridkit train`` and the Python
     API (README "Python API").
@@ -448,9 +460,7 @@ class Trainer:
                     self.history.append({"step": self.step, "loss": record["loss"]})
                 if evaluate:
                     res = self.evaluate()
-                    self.log.log(
-                        {"step": self.step, "eval": {str(r["length"]): r["ex_match"] for r in res}}
-                    )
+                    self.log.log(_eval_record(self.step, res))
                 if checkpoint:
                     self.save_checkpoint()
                 bar.update(self.step, record)
@@ -462,9 +472,7 @@ class Trainer:
                     "final_eval": res,
                     "wall_time_s": self.elapsed + time.time() - self._t_start,
                 }
-                self.log.log(
-                    {"step": self.step, "eval": {str(r["length"]): r["ex_match"] for r in res}}
-                )
+                self.log.log(_eval_record(self.step, res))
                 if self.dist.enabled and self.spec.parallel == "fsdp":
                     # model.state_dict() holds shards (DTensors): gather the full weights first.
                     weights, _ = self._state_dicts()
