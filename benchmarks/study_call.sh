@@ -1,40 +1,42 @@
 #!/usr/bin/env bash
 # One GPU call's share of a study (issue #18): train what fits, bring back the small files.
-#   carry [".gpu/base", ".gpu/studies/STUDY"] (the second once earlier calls have results), then
+#   carry [".gpu/base"], then
 #   source .gpu/base/env.sh && bash benchmarks/study_call.sh STUDY "SELECTION" [BUDGET_S] [JOBS]
 # e.g. bash benchmarks/study_call.sh state_tracking "--only seed=0" 540 6
 # STUDY names hybridkit/recipes/studies/STUDY.yaml; SELECTION is passed to `hybridkit study`
 # (--only / --shard); BUDGET_S (default 480), less 30 s for the imports, is the --time-budget: no
-# run starts that would not
-# finish in it, since a half-trained run's checkpoints are too large to carry to the next call;
-# the study is also killed at BUDGET_S, so the archive below is always written. JOBS (default 1)
-# runs that many at once (`hybridkit study --jobs`): the study models leave the GPU mostly idle.
-# Several studies can share one call (each study_call.sh in the background, then `wait`): each
-# writes its own $OUT/STUDY.txt and archive. The study folder is .gpu/studies/STUDY (git-ignored;
-# it stays on the GPU machine while it is warm, checkpoints included, so a run cut off by the
-# call's end resumes in the next call without carrying anything); every file under 2 MB of it (result.json,
-# eval.json, heldout.json, final.json, metrics.jsonl, the run's recipe: no checkpoints) comes back
-# as one archive, $OUT/STUDY.tar.gz, the model weights as $OUT/STUDY_weights.tar.gz (the device tool returns at most 8 files, at most two folders
-# down, so a run tree cannot come back file by file). Here:
-#   tar -xzf FILES_AT/STUDY.tar.gz -C .gpu/studies
-# merges it into .gpu/studies/STUDY; carry that to the next call, and when every run is
-# finished: `hybridkit study ... -o .gpu/studies/STUDY --report`, then copy report.md,
-# results.json and the PNGs to benchmarks/results/STUDY/.
+# run starts that would not finish in it; the study is also killed at BUDGET_S, so the archive
+# below is always written. JOBS (default 1) runs that many at once (`hybridkit study --jobs`):
+# the study models leave the GPU mostly idle. Several studies can share one call (each
+# study_call.sh in the background, then `wait`): each writes its own $OUT/STUDY.txt and archive.
+#
+# The study folder is benchmarks/results/STUDY, the committed one: each finished run's
+# result.json is tracked there (.gitignore keeps the rest of a run folder out of git), so the
+# tree every call sends already holds the finished runs and the study skips them -- nothing to
+# carry, and nothing is lost when a session ends (git-ignored folders such as .gpu/ do not
+# outlive a session). On a machine kept warm between calls the ignored files stay there too, so a
+# run cut off by the call's end resumes from its checkpoint in the next call.
+# Every file under 2 MB of the study folder except checkpoints and weights (result.json,
+# eval.json, heldout.json, final.json, metrics.jsonl, the run's recipe, the report) comes back as
+# one archive, $OUT/STUDY.tar.gz, the weights as $OUT/STUDY_weights.tar.gz (the device tool
+# returns at most 8 files, at most two folders down, so a run tree cannot come back file by
+# file). Here:
+#   tar -xzf FILES_AT/STUDY.tar.gz -C benchmarks/results
+#   hybridkit study hybridkit/recipes/studies/STUDY.yaml -o benchmarks/results/STUDY --report
+# then commit benchmarks/results/STUDY (the new result.json files and the report).
 set -u
 STUDY=$1
 SELECTION=${2:-}
 BUDGET=${3:-480}
 JOBS=${4:-1}
 OUT=${OUT:-/tmp/study_call}
-# STUDY_ROOT (default .gpu/studies) holds the study folders; a later call on the still-warm
-# machine can point it at a /tmp copy instead of carrying the folder again (a carried path is
-# gone in the next call): cp -rn .gpu/studies/. /tmp/hk-studies/ once, then STUDY_ROOT=/tmp/hk-studies
-ROOT=${STUDY_ROOT:-.gpu/studies}
+# STUDY_ROOT (default benchmarks/results) holds the study folders.
+ROOT=${STUDY_ROOT:-benchmarks/results}
 DIR=$ROOT/$STUDY
 mkdir -p "$DIR" "$OUT"
 # shellcheck disable=SC2086  # SELECTION is several flags on purpose
 # STUDY_DEFER=0 starts runs even when they cannot finish in this call: on a machine kept warm
-# for the next call (STUDY_ROOT in /tmp) they resume from their last checkpoint there, so no
+# for the next call they resume from their last checkpoint there, so no
 # worker sits idle at the end of a call; on a machine that goes cold the part-run is lost.
 DEFER=(--time-budget "$(( BUDGET > 60 ? BUDGET - 30 : BUDGET ))")
 [ "${STUDY_DEFER:-1}" = 0 ] && DEFER=()

@@ -21,6 +21,7 @@ from torch import Tensor
 if not torch.cuda.is_available():  # the interpreter must be chosen before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hybridkit.kernels import config  # noqa: E402
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked  # noqa: E402
 from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton  # noqa: E402
@@ -401,7 +402,7 @@ def test_fake_impl_and_registration(rank: int):
     names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "mimo_x")
     tensors = [gates.get(k, inp.get(k)) for k in names] + [init, None]
     args = tuple(t.requires_grad_() if t is not None else None for t in tensors)
-    args += (c.C, False, c.halves)
+    args += (c.C, False, c.halves, 1, False)
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_scan_fwd.default,
         args,
@@ -419,11 +420,17 @@ def test_fake_impl_and_registration(rank: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [1, 4])
-def test_compiles_fullgraph_through_the_dispatch_point(rank: int):
+@pytest.mark.parametrize(("rank", "tiles"), [(1, 1), (4, 1), (4, 2)])
+def test_compiles_fullgraph_through_the_dispatch_point(rank: int, tiles: int):
     """``torch.compile(fullgraph=True)`` traces the dispatch point and the Triton scan (the
     kernel configuration is read as a trace-time constant), forward and backward, and matches
-    eager, SISO and MIMO. On the CPU the op's kernels run in the interpreter."""
+    eager, SISO and MIMO, and MIMO with the tiled forward (``state_tiles``). On the CPU the
+    op's kernels run in the interpreter."""
+    with config.kernel_config(state_tiles=tiles):
+        _compile_matches_eager(rank)
+
+
+def _compile_matches_eager(rank: int) -> None:
     torch._dynamo.reset()
     c = Case(L=40, H=2, R=rank, halves=rank > 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"

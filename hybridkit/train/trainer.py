@@ -50,7 +50,6 @@ def model_fingerprint(recipe: RecipeSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-
 def _eval_record(step: int, results: list[dict]) -> dict:
     """The metrics.jsonl line of one evaluation: ex_match per length under ``eval`` (what the
     plots and summaries read) and token accuracy under ``eval_tok_acc``: on tasks with many
@@ -61,6 +60,7 @@ def _eval_record(step: int, results: list[dict]) -> dict:
         "eval": {str(r["length"]): r["ex_match"] for r in results},
         "eval_tok_acc": {str(r["length"]): r["tok_acc"] for r in results},
     }
+
 
 class Trainer:
     """Train ``recipe`` into ``run_dir``: the object behind ``hybridkit train`` and the Python

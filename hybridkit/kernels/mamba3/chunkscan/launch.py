@@ -14,6 +14,7 @@ from torch import Tensor
 from hybridkit.kernels.config import current_config, interpreting
 from hybridkit.kernels.mamba3.chunkscan import backward as bwd_kernels
 from hybridkit.kernels.mamba3.chunkscan import forward as fwd_kernels
+from hybridkit.kernels.mamba3.chunkscan import forward_tiled as tiled_kernels
 
 # A launch candidate: warps, or (warps, register cap per thread).
 Candidate = int | tuple[int, int]
@@ -108,6 +109,18 @@ FWD_OUT = TunedKernel(
     (4, (4, 168), 8),
     (4, 168),
 )
+# state chunks of several tiles (``state_tiles``): not yet measured on a GPU, so the defaults
+# are the one-tile kernels' and the candidates add 8 warps for the longer-lived running state
+FWD_STATE_TILED = TunedKernel(
+    tiled_kernels._fwd_state_tiled_kernel, [*_GATE_FLAGS, "NT"], (4, (4, 168), 8), 4
+)
+FWD_OUT_TILED = TunedKernel(
+    tiled_kernels._fwd_out_tiled_kernel,
+    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES", "NT",
+     "SAVE_TILES"],
+    (4, (4, 168), 8),
+    (4, 168),
+)  # fmt: skip
 BWD_DSTATE = TunedKernel(
     bwd_kernels._bwd_dstate_kernel, _GATE_FLAGS, (4, (4, 168), 8, 16), (4, 168)
 )
@@ -164,6 +177,18 @@ def state_slots(B: int, L: int, C: int, nseq: int, varlen: bool) -> int:
     (each sequence wastes at most one partial chunk), so the size never depends on the data
     and the fake implementation can compute it."""
     return (L // C + nseq) if varlen else B * (-(-L // C))
+
+
+def tile_slot_table(cu: Tensor, C: int, tiles: int, device) -> Tensor:
+    """Per state chunk of ``C * tiles`` tokens of a packed call, the slot of its first tile
+    among the chunks of C tokens (:class:`ChunkPlan` order: by sequence, then by chunk)."""
+    bounds = [int(b) for b in cu.tolist()]
+    first, rows = 0, []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        n = end - start
+        rows += [first + c * tiles for c in range(-(-n // (C * tiles)))]
+        first += -(-n // C)
+    return torch.tensor(rows or [0], dtype=torch.int64).to(device)
 
 
 def strides(t: Tensor | None, dims=(0, 1, 2)) -> tuple[int, ...]:
