@@ -1,4 +1,5 @@
-"""Nsight Compute profile of the Triton SISO chunk kernels at a benchmark shape.
+"""Nsight Compute profile of the Triton chunk kernels (SISO, or MIMO with ``--rank``) at a
+benchmark shape.
 
 Two modes. Under ``ncu`` (profiling only the marked region), run one forward+backward after a
 warm-up call (compilation and the launch tuner stay outside the profile)::
@@ -9,8 +10,10 @@ warm-up call (compilation and the launch tuner stay outside the profile)::
         --section WarpStateStats --section SchedulerStats --csv --page raw \\
         python benchmarks/siso_ncu.py --shape 0 > ncu.csv
 
-then summarise the CSV (one row per kernel: duration, throughputs, occupancy, registers, issue
-rate and the largest warp stall reasons)::
+(``--rank 4``: MIMO at chunk 64 / R, "halves" pairing; ``--state-tiles T``: the tiled
+forward, whose kernels are ``_fwd_state_tiled_kernel`` / ``_fwd_out_tiled_kernel``, so widen the
+regex to ``'_(fwd|bwd)_[a-z_]+_kernel'``), then summarise the CSV (one row per kernel:
+duration, throughputs, occupancy, registers, issue rate and the largest warp stall reasons)::
 
     python benchmarks/siso_ncu.py --summarize ncu.csv
 
@@ -42,8 +45,10 @@ _TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 _TO_MS.update(nsecond=1e-6, usecond=1e-3, msecond=1.0, second=1e3)
 
 
-def profile(shape: int) -> None:
+def profile(shape: int, rank: int = 1, tiles: int = 1) -> None:
     import torch
+
+    from hybridkit.kernels.config import kernel_config
 
     sys.path.insert(0, str(Path(__file__).parent))
     from mamba3_siso import SHAPES, make_inputs
@@ -51,13 +56,17 @@ def profile(shape: int) -> None:
     from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton
 
     B, L, H, P, N = SHAPES[shape]
-    inp = make_inputs(B, L, H, P, N, seed=1)
+    inp = make_inputs(B, L, H, P, N, seed=1, R=rank)
     for t in inp.values():
         t.requires_grad_(True)
-    dy = torch.randn(B, L, 1, H, P, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(B, L, rank, H, P, device="cuda", dtype=torch.bfloat16)
+    pairing = "halves" if rank > 1 else "interleaved"
 
     def step() -> None:
-        y, _ = mamba3_scan_triton(**inp, chunk_size=64, return_state=False)
+        with kernel_config(state_tiles=tiles):
+            y, _ = mamba3_scan_triton(
+                **inp, chunk_size=64 // rank, pairing=pairing, return_state=False
+            )
         torch.autograd.backward(y, dy)
 
     step()  # compile + tune
@@ -118,12 +127,14 @@ def summarize(path: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, default=0, help="index into the benchmark's SHAPES")
+    ap.add_argument("--rank", type=int, default=1, help="MIMO rank (1: SISO)")
+    ap.add_argument("--state-tiles", type=int, default=1, help="KernelConfig.state_tiles")
     ap.add_argument("--summarize", metavar="CSV", help="print a table of an ncu CSV export")
     args = ap.parse_args()
     if args.summarize:
         print(summarize(args.summarize))
     else:
-        profile(args.shape)
+        profile(args.shape, args.rank, args.state_tiles)
 
 
 if __name__ == "__main__":

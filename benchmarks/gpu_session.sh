@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One full GPU call: kernel measurements first, on a quiet GPU, then study shares for the rest of
+# the call (studies leave the GPU mostly idle but would disturb any timing beside them).
+#   carry [".gpu/base"]; source .gpu/base/env.sh && CALL_S=570 bash benchmarks/gpu_session.sh
+# KERNELS=1 (default) runs, each under its own timeout, results under $OUT:
+#   1. the GPU tests of the tiled forward and of MIMO (tests/test_triton_state_tiles.py,
+#      tests/test_triton_mimo.py) -> $OUT/kernel_tests.txt;
+#   2. benchmarks/mamba3_mimo.py --state-tiles 1,2,4 (MIMO R 4 and SISO, the issue's shapes)
+#      -> $OUT/mimo_tiles.{json,md,txt}.
+# STUDIES: space-separated STUDY:JOBS[:SELECTION] shares for benchmarks/study_call.sh, each
+# given what is left of CALL_S (e.g. "state_tracking:6 lengthgen_niah:8"); MQAR_PROBE=1 also runs
+# benchmarks/mqar_probe.sh beside them. The device tool brings back at most 8 files, so at the
+# end everything is packed into $OUT/session.tar.gz (the studies' weights are dropped: each run's
+# result.json holds what the report needs). Here: tar -xzf FILES_AT/session.tar.gz -C .gpu/session,
+# then each STUDY.tar.gz in it: tar -xzf .gpu/session/STUDY.tar.gz -C benchmarks/results.
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+CALL=${CALL_S:-570}
+START=$(date +%s)
+mkdir -p "$OUT"
+left() { echo $(( CALL - ($(date +%s) - START) )); }
+if [ "${KERNELS:-1}" = 1 ]; then
+  timeout -k 5 200 python -m pytest -q -m gpu -n 8 tests/test_triton_state_tiles.py \
+    tests/test_triton_mimo.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -40 \
+    > "$OUT/kernel_tests.txt"
+  tail -3 "$OUT/kernel_tests.txt"
+  timeout -k 5 200 python benchmarks/mamba3_mimo.py --out "$OUT/mimo_tiles" --reps 100 \
+    --state-tiles 1,2,4 > "$OUT/mimo_tiles.txt" 2>&1
+  cat "$OUT/mimo_tiles.md" 2>/dev/null || tail -20 "$OUT/mimo_tiles.txt"
+fi
+if [ "${MQAR_PROBE:-0}" = 1 ]; then
+  LIMIT_S=$(( $(left) - 20 )) bash benchmarks/mqar_probe.sh > "$OUT/mqar_probe.txt" 2>&1 &
+fi
+for share in ${STUDIES:-}; do
+  IFS=: read -r study jobs selection <<< "$share"
+  bash benchmarks/study_call.sh "$study" "${selection:-}" "$(( $(left) - 15 ))" "$jobs" \
+    > /dev/null 2>&1 &
+done
+wait
+echo "call used $(( $(date +%s) - START )) s" | tee "$OUT/session.txt"
+rm -f "$OUT"/*_weights.tar.gz
+(cd "$OUT" && find . -maxdepth 1 -type f ! -name session.tar.gz -print0 \
+  | tar -czf session.tar.gz --null -T - --remove-files)
+ls -la "$OUT"
