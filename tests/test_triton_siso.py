@@ -279,6 +279,52 @@ def test_tuner_times_each_candidate_once_per_key(monkeypatch):
     assert timed == list(cost) * 3 and launches[-1] == ((5,), 8, None, 16)
 
 
+def test_launch_candidates_may_set_pipeline_stages(monkeypatch):
+    """A candidate is warps, (warps, register cap) or (warps, cap, stages): the tiled forward's
+    loop can prefetch the next tile with more stages; the one-tile kernels keep 1."""
+    from hybridkit.kernels.mamba3.chunkscan import launch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert launch.launch_options(4, None, 2) == {"num_warps": 4, "num_stages": 2}
+    assert launch.launch_options(8, 168) == {"num_warps": 8, "num_stages": 1, "maxnreg": 168}
+    assert launch._as_triple(8) == (8, None, 1)
+    assert launch._as_triple((4, 168)) == (4, 168, 1)
+    assert launch._as_triple((4, None, 3)) == (4, None, 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert launch.launch_options(8, 168, 3) == {"num_warps": 1, "num_stages": 1}
+
+
+def test_tuner_skips_candidates_that_do_not_compile(monkeypatch):
+    """A candidate the compiler rejects (out of shared memory for its stages, say) is skipped
+    and the others are timed; when none compiles the error says so."""
+    from triton.runtime.errors import OutOfResources
+
+    from hybridkit.kernels import config
+    from hybridkit.kernels.mamba3.chunkscan import launch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    class FakeKernel:
+        def __init__(self, bad):
+            self.bad = bad
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                if kw["num_stages"] in self.bad:
+                    raise OutOfResources(300000, 232448, "shared memory")
+
+            return run
+
+    monkeypatch.setattr(launch, "_median_ms", lambda fn: fn() or 1.0)
+    with config.kernel_config(autotune=True):
+        tuned = launch.TunedKernel(FakeKernel({3}), ["C"], (4, (4, None, 3)), default=4)
+        tuned[(1,)](torch.zeros(1), C=16)
+        assert list(tuned.best.values()) == [{"num_warps": 4, "num_stages": 1}]
+        broken = launch.TunedKernel(FakeKernel({1, 3}), ["C"], (4, (4, None, 3)), default=4)
+        with pytest.raises(RuntimeError, match="no launch candidate compiled"):
+            broken[(1,)](torch.zeros(1), C=16)
+
+
 def test_kernel_config_from_code_and_environment(monkeypatch):
     """One configuration: the variable is read at launch time (not import), bad values name
     the variable, the key and what it accepts; ``kernel_config`` overrides it in a block."""

@@ -16,8 +16,8 @@ from hybridkit.kernels.mamba3.chunkscan import backward as bwd_kernels
 from hybridkit.kernels.mamba3.chunkscan import forward as fwd_kernels
 from hybridkit.kernels.mamba3.chunkscan import forward_tiled as tiled_kernels
 
-# A launch candidate: warps, or (warps, register cap per thread).
-Candidate = int | tuple[int, int]
+# A launch candidate: warps, (warps, register cap per thread) or (warps, cap or None, stages).
+Candidate = int | tuple[int, int] | tuple[int, int | None, int]
 
 
 class TunedKernel:
@@ -42,8 +42,8 @@ class TunedKernel:
         self, fn, keys: list[str], candidates: tuple[Candidate, ...], default: Candidate
     ) -> None:
         self.fn, self.keys = fn, tuple(keys)
-        self.candidates = tuple(_as_pair(c) for c in candidates)
-        self.default = _as_pair(default)
+        self.candidates = tuple(_as_triple(c) for c in candidates)
+        self.default = _as_triple(default)
         self.best: dict[tuple, dict] = {}
 
     def __getitem__(self, grid) -> Callable[..., object]:
@@ -64,16 +64,37 @@ class TunedKernel:
             return best
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return launch_options(*self.default)  # no timing runs inside a graph capture
-        times = {
-            c: _median_ms(lambda c=c: self.fn[grid](*args, **launch_options(*c), **kw))
-            for c in self.candidates
-        }
+        times: dict[tuple, float] = {}
+        failure: Exception | None = None
+        for c in self.candidates:
+            try:
+                times[c] = _median_ms(lambda c=c: self.fn[grid](*args, **launch_options(*c), **kw))
+            except _LAUNCH_ERRORS as err:  # e.g. too much shared memory for 3 stages: skip it
+                failure = err
+        if not times:
+            raise RuntimeError(f"{self.fn}: no launch candidate compiled") from failure
         self.best[key] = launch_options(*min(times, key=times.get))
         return self.best[key]
 
 
-def _as_pair(candidate: Candidate) -> tuple[int, int | None]:
-    return candidate if isinstance(candidate, tuple) else (candidate, None)
+def _launch_errors() -> tuple[type[Exception], ...]:
+    """What a launch candidate may fail with and still leave the others worth timing: the
+    compiler running out of shared memory or registers, a PTX or compile error."""
+    import triton.runtime.errors as runtime
+    from triton.compiler.errors import CompilationError
+
+    # PTXASError is not in every Triton we support
+    found = (getattr(runtime, n, None) for n in ("OutOfResources", "PTXASError"))
+    return (*(e for e in found if e is not None), CompilationError)
+
+
+_LAUNCH_ERRORS = _launch_errors()
+
+
+def _as_triple(candidate: Candidate) -> tuple[int, int | None, int]:
+    if not isinstance(candidate, tuple):
+        return candidate, None, 1
+    return candidate if len(candidate) == 3 else (*candidate, 1)
 
 
 def _median_ms(fn) -> float:
@@ -82,12 +103,16 @@ def _median_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def launch_options(warps: int, maxnreg: int | None = None) -> dict:
-    """Triton launch keywords. The chunk kernels have no loop, so software pipelining
-    (``num_stages``) has nothing to overlap: always 1."""
+def launch_options(warps: int, maxnreg: int | None = None, stages: int = 1) -> dict:
+    """Triton launch keywords. The one-tile chunk kernels have no loop, so software pipelining
+    (``num_stages``) has nothing to overlap there: 1 unless a candidate says otherwise (the
+    tiled forward's loop over tiles, :mod:`.forward_tiled`, is where more stages can prefetch
+    the next tile's loads)."""
     opts = dict(num_warps=1 if interpreting() else warps, num_stages=1)
-    if maxnreg and not interpreting():
-        opts["maxnreg"] = maxnreg
+    if not interpreting():
+        opts["num_stages"] = stages
+        if maxnreg:
+            opts["maxnreg"] = maxnreg
     return opts
 
 
@@ -109,16 +134,18 @@ FWD_OUT = TunedKernel(
     (4, (4, 168), 8),
     (4, 168),
 )
-# state chunks of several tiles (``state_tiles``): not yet measured on a GPU, so the defaults
-# are the one-tile kernels' and the candidates add 8 warps for the longer-lived running state
+# State chunks of several tiles (``state_tiles``): not yet measured on a GPU, so the defaults
+# are the one-tile kernels' choices; the candidates add 8 warps (the running state lives through
+# the loop) and 2-3 pipeline stages (the next tile's loads issued during this tile's products).
+_TILED_CANDIDATES = (4, (4, 168), 8, (4, None, 2), (4, 168, 2), (8, None, 2), (4, None, 3))
 FWD_STATE_TILED = TunedKernel(
-    tiled_kernels._fwd_state_tiled_kernel, [*_GATE_FLAGS, "NT"], (4, (4, 168), 8), 4
+    tiled_kernels._fwd_state_tiled_kernel, [*_GATE_FLAGS, "NT"], _TILED_CANDIDATES, 4
 )
 FWD_OUT_TILED = TunedKernel(
     tiled_kernels._fwd_out_tiled_kernel,
     ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES", "NT",
      "SAVE_TILES"],
-    (4, (4, 168), 8),
+    _TILED_CANDIDATES,
     (4, 168),
 )  # fmt: skip
 BWD_DSTATE = TunedKernel(
