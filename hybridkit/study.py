@@ -23,6 +23,13 @@ folder and running ``--report`` merges them. Every run is evaluated at every len
 LR-sweep runs that will not be chosen -- since a shard cannot know the choice when it finishes a
 sweep run, and coming back later to evaluate would make a run depend on other shards.
 
+**A run belongs to its recipe.** Each ``result.json`` holds a fingerprint of the recipe the run
+trained with (model, task, training hyperparameters and seed; not the device, logging or
+checkpoint cadence, compile settings or other ways of running the same training). When the
+study's recipe for that run has changed since -- more steps, another base, a new override -- the
+old run is not counted as finished and is not resumed either: its folder is moved aside to
+``<run>.stale-<k>`` (nothing is deleted) and the run trains again from scratch.
+
 **Order and shards.** The runs are listed seed-major: the first seed's runs (the LR sweep) for
 every variant, then each further seed for every variant. Shard ``i/n`` takes every n-th run of
 that list starting at the i-th (0-based), so shards are disjoint, together cover the study, and
@@ -35,12 +42,13 @@ table and a plot of the metric at the training length against that key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -70,6 +78,28 @@ from hybridkit.weights import find_weights
 
 HELD_OUT_SEED_OFFSET = 7919
 RESULT_FILE = "result.json"
+
+# Train keys that change how a run executes or what it logs, not what it learns: a finished run
+# stays finished when only these differ (another machine, more frequent logs, compile on).
+OPERATIONAL_TRAIN_KEYS = frozenset(
+    {
+        "device", "compile", "compile_mode", "prefetch", "activation_checkpointing",
+        "loss_chunk_tokens", "parallel", "fsdp_mixed_precision", "checkpoint_format",
+        "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
+    }
+)  # fmt: skip
+
+
+def recipe_fingerprint(recipe: RecipeSpec) -> str:
+    """What a run learns from: the model, task, training hyperparameters and seed of its recipe
+    (``OPERATIONAL_TRAIN_KEYS`` left out), hashed."""
+    data = recipe.model_dump(mode="json")
+    train = {k: v for k, v in data.get("train", {}).items() if k not in OPERATIONAL_TRAIN_KEYS}
+    kept = {"model": data.get("model"), "task": data.get("task"), "train": train}
+    kept["seed"] = data.get("seed")
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 METRICS = ("ex_match", "tok_acc", "scaled_acc")
 
 
@@ -300,6 +330,7 @@ class StudyPlan:
     lrs: dict[str, list[float]]  # per variant: the study's lrs, else the variant recipe's lr
     slots: list[Slot]
     arm_of: dict[str, tuple[str, object]]  # sweep only: variant -> (arm, sweep value)
+    _fingerprints: dict[tuple[str, float, int], str] = field(default_factory=dict, repr=False)
 
     @property
     def first_seed(self) -> int:
@@ -310,6 +341,13 @@ class StudyPlan:
         # variant's own recipe otherwise.
         given = lr if self.spec.lrs is not None else None
         return variant_recipe(self.spec, self.base, variant, given, seed)
+
+    def fingerprint(self, variant: str, lr: float, seed: int) -> str:
+        """:func:`recipe_fingerprint` of the run's recipe (cached: reports ask for every run)."""
+        key = (variant, lr, seed)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = recipe_fingerprint(self.recipe(variant, lr, seed))
+        return self._fingerprints[key]
 
 
 def plan_study(
@@ -413,12 +451,15 @@ def select_slots(
 
 
 # --- run records -------------------------------------------------------------------------------
-def read_record(run_dir: Path, spec: StudySpec) -> dict | None:
-    """A run's ``result.json`` if it exists and was made with the study's evaluation settings."""
+def read_record(run_dir: Path, spec: StudySpec, fingerprint: str) -> dict | None:
+    """A run's ``result.json`` if it exists, was trained with the recipe whose fingerprint is
+    given and was made with the study's evaluation settings."""
     path = run_dir / RESULT_FILE
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
+    if record.get("recipe_fingerprint") != fingerprint:
+        return None
     if record.get("select_examples") != spec.select_examples:
         return None
     if spec.lengths is not None and record.get("lengths_requested") != list(spec.lengths):
@@ -431,7 +472,8 @@ def chosen_lr(plan: StudyPlan, variant: str, out: Path) -> tuple[float | None, d
     lrs = plan.lrs[variant]
     scores: dict[float, float] = {}
     for lr in lrs:
-        rec = read_record(out / variant / run_name(lr, plan.first_seed), plan.spec)
+        run_dir = out / variant / run_name(lr, plan.first_seed)
+        rec = read_record(run_dir, plan.spec, plan.fingerprint(variant, lr, plan.first_seed))
         if rec is not None:
             scores[lr] = rec["heldout"][plan.spec.select_metric]
     if len(lrs) == 1:
@@ -496,6 +538,30 @@ def _trained(run_dir: Path) -> bool:
     return True
 
 
+def _trained_with_other_recipe(run_dir: Path, fingerprint: str) -> bool:
+    """The folder holds a run (finished or not) of a recipe other than ``fingerprint``'s: its
+    ``result.json`` says so, else the ``recipe.yaml`` the trainer wrote when it started."""
+    result = run_dir / RESULT_FILE
+    if result.is_file():
+        return json.loads(result.read_text()).get("recipe_fingerprint") != fingerprint
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        return False
+    try:
+        return recipe_fingerprint(load_recipe(recipe_file)) != fingerprint
+    except RecipeError:  # written by an older hybridkit, or damaged: not this recipe's run
+        return True
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Rename a stale run folder to the first free ``<name>.stale-<k>`` (nothing is deleted)."""
+    k = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.stale-{k}")).exists():
+        k += 1
+    run_dir.rename(aside)
+    return aside
+
+
 def run_slot(
     plan: StudyPlan, slot: Slot, out: Path, *, device: str, progress: bool, tag: str = ""
 ) -> str:
@@ -512,9 +578,16 @@ def run_slot(
             )
             return "waiting"
     run_dir = out / slot.variant / run_name(lr, slot.seed)
-    if read_record(run_dir, spec) is not None:
+    fingerprint = plan.fingerprint(slot.variant, lr, slot.seed)
+    if read_record(run_dir, spec, fingerprint) is not None:
         return "done"
     recipe = plan.recipe(slot.variant, lr, slot.seed)
+    if _trained_with_other_recipe(run_dir, fingerprint):
+        aside = _set_aside(run_dir)
+        print(
+            f"[study] {tag}{slot.describe()}: {run_dir} was trained with another recipe than the "
+            f"study's now; moved to {aside.name}, training again"
+        )
     if not _trained(run_dir):
         print(f"[study] {tag}training {slot.variant} lr={lr:g} seed={slot.seed} -> {run_dir}")
         if recipe.train.device == "auto" and device != "auto":
@@ -536,6 +609,7 @@ def run_slot(
         "seed": slot.seed,
         "lr": lr,
         "run": _rel(run_dir, out),
+        "recipe_fingerprint": fingerprint,
         "select_examples": spec.select_examples,
         "lengths_requested": list(spec.lengths) if spec.lengths is not None else None,
         "heldout": {k: v for k, v in heldout.items() if k != "select_examples"},
@@ -589,8 +663,11 @@ def slot_status(plan: StudyPlan, slot: Slot, out: Path) -> tuple[str, str | None
             return f"waiting for the LR choice ({done} of {len(plan.lrs[slot.variant])})", None
     run_dir = out / slot.variant / run_name(lr, slot.seed)
     rel = _rel(run_dir, out)
-    if read_record(run_dir, plan.spec) is not None:
+    fingerprint = plan.fingerprint(slot.variant, lr, slot.seed)
+    if read_record(run_dir, plan.spec, fingerprint) is not None:
         return "finished", rel
+    if _trained_with_other_recipe(run_dir, fingerprint):
+        return "trained with another recipe (re-run sets it aside and trains again)", rel
     if (run_dir / RESULT_FILE).is_file():
         return "evaluated with other settings (re-run re-evaluates)", rel
     if _trained(run_dir):
@@ -734,7 +811,7 @@ def collect(plan: StudyPlan, out: Path) -> tuple[dict, dict, list[dict]]:
         records = []
         for seed in spec.seeds:
             run_dir = out / v / run_name(lr, seed)
-            rec = read_record(run_dir, spec)
+            rec = read_record(run_dir, spec, plan.fingerprint(v, lr, seed))
             if rec is None:
                 miss(v, seed, lr, slot_status(plan, Slot(v, seed, lr), out)[0])
             else:

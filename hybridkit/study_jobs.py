@@ -86,8 +86,10 @@ def run_parallel(
     that it pickles) and returns ``(status, seconds)``.
 
     A worker process that dies (a crash, the OOM killer) breaks the whole pool, and with it
-    the runs beside it: those are queued again once, in a new pool (a run resumes from its
-    newest checkpoint), and a run that was in a broken pool twice counts as failed."""
+    the runs beside it, and which of them died cannot be told: each is queued again once (a run
+    resumes from its newest checkpoint) and then runs *alone* in the pool, so that a second
+    break is its own; a run that was in a broken pool twice counts as failed. (Queued again
+    side by side, an innocent run could share the culprit's second break and fail with it.)"""
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     pending = list(enumerate(todo, 1))
     running: dict[Future, tuple[int, object]] = {}
@@ -97,9 +99,10 @@ def run_parallel(
     threads = max(1, torch.get_num_threads() // min(jobs, len(todo)))
     pool: ProcessPoolExecutor | None = None
     pool_broken = False
+    alone: int | None = None  # a run from a broken pool, running by itself
     try:
         while pending or running:
-            while pending and len(running) < jobs:
+            while pending and len(running) < jobs and alone is None:
                 if pool is not None and pool_broken:
                     if running:
                         break  # the broken pool's other runs are about to fail: count them first
@@ -113,6 +116,8 @@ def run_parallel(
                         break
                 if pick is None:
                     break
+                if pending[pick][0] in broken_in and running:
+                    break  # it runs alone: wait until the pool is empty
                 k, slot = pending.pop(pick)
                 status = status_of(slot)
                 if status == "finished":
@@ -143,11 +148,15 @@ def run_parallel(
                     pending.insert(0, (k, slot))
                     break
                 running[future] = (k, slot)
+                if k in broken_in:
+                    alone = k
             if not running:
                 break  # every run left is blocked by nothing: cannot happen, but never spin
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 k, slot = running.pop(future)
+                if k == alone:
+                    alone = None
                 try:
                     status, seconds = future.result()
                 except BrokenProcessPool:
