@@ -134,19 +134,21 @@ FWD_OUT = TunedKernel(
     (4, (4, 168), 8),
     (4, 168),
 )
-# State chunks of several tiles (``state_tiles``): not yet measured on a GPU, so the defaults
-# are the one-tile kernels' choices; the candidates add 8 warps (the running state lives through
-# the loop) and 2-3 pipeline stages (the next tile's loads issued during this tile's products).
-_TILED_CANDIDATES = (4, (4, 168), 8, (4, None, 2), (4, 168, 2), (8, None, 2), (4, None, 3))
+# State chunks of several tiles (``state_tiles``): not yet measured on a GPU. Compiled for sm_90
+# here (benchmarks/siso_sm90_report.py --rank 4, Triton 3.9): at 4 warps the state kernel
+# spills 176 B and the output kernel 888 B (the running state lives through the loop), at 8
+# warps 0 and 320 B, so 8 warps is the default; the candidates add 2-3 pipeline stages (the
+# next tile's loads issued during this tile's products).
+_TILED_CANDIDATES = (8, (8, None, 2), 4, (4, 168), (4, None, 2), (8, None, 3))
 FWD_STATE_TILED = TunedKernel(
-    tiled_kernels._fwd_state_tiled_kernel, [*_GATE_FLAGS, "NT"], _TILED_CANDIDATES, 4
+    tiled_kernels._fwd_state_tiled_kernel, [*_GATE_FLAGS, "NT"], _TILED_CANDIDATES, 8
 )
 FWD_OUT_TILED = TunedKernel(
     tiled_kernels._fwd_out_tiled_kernel,
     ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES", "NT",
      "SAVE_TILES"],
     _TILED_CANDIDATES,
-    (4, 168),
+    8,
 )  # fmt: skip
 BWD_DSTATE = TunedKernel(
     bwd_kernels._bwd_dstate_kernel, _GATE_FLAGS, (4, (4, 168), 8, 16), (4, 168)
