@@ -5,7 +5,8 @@
 # KERNELS=1 (default) runs, each under its own timeout, results under $OUT:
 #   1. the GPU tests of the tiled forward and of MIMO (tests/test_triton_state_tiles.py,
 #      tests/test_triton_mimo.py) -> $OUT/kernel_tests.txt;
-#   2. benchmarks/mamba3_mimo.py --state-tiles 1,2,4 (MIMO R 4 and SISO, the shapes)
+#   2. benchmarks/mamba3_mimo.py --state-tiles 1,4 (MIMO R 4 and SISO, the shapes;
+#      launch tuning compiles each tiled kernel 3 times per flag set, a few minutes in all)
 #      -> $OUT/mimo_tiles.{json,md,txt}.
 # STUDIES: space-separated STUDY:JOBS[:SELECTION] shares for benchmarks/study_call.sh, each
 # given what is left of CALL_S (e.g. "state_tracking:6 lengthgen_niah:8"); MQAR_PROBE=1 also runs
@@ -24,8 +25,8 @@ if [ "${KERNELS:-1}" = 1 ]; then
     tests/test_triton_mimo.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -40 \
     > "$OUT/kernel_tests.txt"
   tail -3 "$OUT/kernel_tests.txt"
-  timeout -k 5 200 python benchmarks/mamba3_mimo.py --out "$OUT/mimo_tiles" --reps 100 \
-    --state-tiles 1,2,4 > "$OUT/mimo_tiles.txt" 2>&1
+  timeout -k 5 330 python benchmarks/mamba3_mimo.py --out "$OUT/mimo_tiles" --reps 100 \
+    --state-tiles "${STATE_TILES:-1,4}" > "$OUT/mimo_tiles.txt" 2>&1
   cat "$OUT/mimo_tiles.md" 2>/dev/null || tail -20 "$OUT/mimo_tiles.txt"
 fi
 if [ "${MQAR_PROBE:-0}" = 1 ]; then

@@ -137,9 +137,10 @@ FWD_OUT = TunedKernel(
 # State chunks of several tiles (``state_tiles``): not yet measured on a GPU. Compiled for sm_90
 # here (benchmarks/siso_sm90_report.py --rank 4, Triton 3.9): at 4 warps the state kernel
 # spills 176 B and the output kernel 888 B (the running state lives through the loop), at 8
-# warps 0 and 320 B, so 8 warps is the default; the candidates add 2-3 pipeline stages (the
-# next tile's loads issued during this tile's products).
-_TILED_CANDIDATES = (8, (8, None, 2), 4, (4, 168), (4, None, 2), (8, None, 3))
+# warps 0 and 320 B, so 8 warps is the default; the candidates add 2 pipeline stages (the next
+# tile's loads issued during this tile's products) and the capped 4-warp launch the one-tile
+# kernels prefer. Few candidates: each is a compilation of a large kernel per flag set.
+_TILED_CANDIDATES = (8, (8, None, 2), (4, 168))
 FWD_STATE_TILED = TunedKernel(
     tiled_kernels._fwd_state_tiled_kernel, [*_GATE_FLAGS, "NT"], _TILED_CANDIDATES, 8
 )
