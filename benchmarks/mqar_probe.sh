@@ -6,7 +6,8 @@
 # mqar_m.yaml's attention now uses RoPE. This trains the study's base (2 layers, d_model 128, no
 # MLPs) for up to 12,000 steps with an evaluation every 500 (ex_match and tok_acc in
 # metrics.jsonl), several arms at once on one GPU, each cut at LIMIT_S (default 300) seconds:
-# attention, Mamba-3 (lr 1e-3 and 3e-3), the Mamba-3 -> attention hybrid, at D 8 and D 32.
+# attention, Mamba-3 and the Mamba-3 -> attention hybrid at lr 3e-3 and 1e-2 (Zoology's LR grid
+# reaches 1e-2; on the CPU Mamba-3 arms at 3e-3 stayed at 1/D), at D 8 and D 32.
 #   source .gpu/base/env.sh && LIMIT_S=300 bash benchmarks/mqar_probe.sh   -> $OUT/mqar_probe.tar.gz
 set -u
 OUT=${OUT:-/tmp/mqar_probe}
@@ -25,9 +26,10 @@ probe() {  # name, then overrides
 }
 for d in 8 32; do
   probe "attention_d$d" --set "model.layout=a a" --set task.num_kv_pairs=$d
-  probe "mamba3_d$d" --set "model.layout=m m" --set task.num_kv_pairs=$d --set train.lr=1e-3
-  probe "mamba3_lr3e-3_d$d" --set "model.layout=m m" --set task.num_kv_pairs=$d
+  probe "mamba3_d$d" --set "model.layout=m m" --set task.num_kv_pairs=$d
+  probe "mamba3_lr1e-2_d$d" --set "model.layout=m m" --set task.num_kv_pairs=$d --set train.lr=1e-2
   probe "hybrid_d$d" --set task.num_kv_pairs=$d
+  probe "hybrid_lr1e-2_d$d" --set task.num_kv_pairs=$d --set train.lr=1e-2
 done
 wait
 for d in "$R"/*/; do
