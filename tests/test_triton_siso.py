@@ -355,10 +355,27 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
         ("autotune=maybe", r"HYBRIDKIT_KERNELS=.*autotune: 'maybe': allowed 0, 1"),
         ("fa4_decode=2", r"HYBRIDKIT_KERNELS=.*fa4_decode: '2': allowed 0, 1"),
         ("warps=8", r"HYBRIDKIT_KERNELS=.*'warps=8'.*autotune, bwd_maxnreg"),
+        ("bwd_x_warps=6", r"HYBRIDKIT_KERNELS=.*bwd_x_warps=6: allowed None or \(1, 2, 4"),
+        ("state_tiles=3", r"HYBRIDKIT_KERNELS=.*state_tiles=3: allowed \(1, 2, 4, 8\)"),
     ):
         monkeypatch.setenv(config.ENV_VAR, bad)
         with pytest.raises(ValueError, match=match):
             config.current_config()
+
+
+def test_backward_x_kernel_may_have_its_own_warps(monkeypatch):
+    """``bwd_x_warps`` sets the x kernel's warps alone; unset, every backward chunk kernel
+    runs ``bwd_warps``."""
+    from hybridkit.kernels import config
+    from hybridkit.kernels.mamba3.chunkscan.launch import backward_chunk_options
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(config.ENV_VAR, "bwd_x_warps=8,state_tiles=4")
+    assert config.current_config().state_tiles == 4 and config.state_tiles() == 4
+    assert backward_chunk_options()["num_warps"] == 4
+    assert backward_chunk_options("x")["num_warps"] == 8
+    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=8,bwd_x_warps=none")
+    assert backward_chunk_options("x")["num_warps"] == 8
 
 
 def test_triton_chunk_narrows_what_is_not_validated():

@@ -4,7 +4,10 @@ Fields (defaults in :class:`KernelConfig`):
 
 * ``autotune``: time the launch-configuration candidates of the tuned kernels once per
   specialisation and keep the fastest (off: each kernel's measured default, no timing runs);
-* ``bwd_warps``: warps of the SISO backward chunk kernels, which are never tuned;
+* ``bwd_warps``: warps of the backward chunk kernels (q, k, x), which are never tuned;
+* ``bwd_x_warps``: warps of the x kernel alone (None: ``bwd_warps``): at MIMO rank 4 it is the
+  one that spills at 4 warps (356 B per thread compiled for sm_90, 52 B at 8; the q and k
+  kernels 4 / 0 B at 4 warps, 100 / 240 B at 8);
 * ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
@@ -59,6 +62,7 @@ class KernelConfig:
 
     autotune: bool = True
     bwd_warps: int = 4
+    bwd_x_warps: int | None = None
     bwd_maxnreg: int | None = None
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
     state_tiles: int = 1
@@ -69,6 +73,8 @@ class KernelConfig:
     def __post_init__(self) -> None:
         if self.bwd_warps not in WARP_COUNTS:
             raise ValueError(f"bwd_warps={self.bwd_warps}: allowed {WARP_COUNTS}")
+        if self.bwd_x_warps is not None and self.bwd_x_warps not in WARP_COUNTS:
+            raise ValueError(f"bwd_x_warps={self.bwd_x_warps}: allowed None or {WARP_COUNTS}")
         if self.step_warps is not None and self.step_warps not in WARP_COUNTS:
             raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
         for name in ("bwd_maxnreg", "step_maxnreg"):
@@ -119,7 +125,8 @@ def _parse_value(key: str, raw: str) -> object:
         return raw in ("1", "true")
     if key == "chunk_sizes":
         return tuple(int(c) for c in raw.split(":")) if raw else ()
-    if key in ("bwd_maxnreg", "step_maxnreg", "step_warps") and raw in ("", "0", "none"):
+    optional = ("bwd_maxnreg", "step_maxnreg", "step_warps", "bwd_x_warps")
+    if key in optional and raw in ("", "0", "none"):
         return None
     if not raw.isdigit():
         raise ValueError(f"{raw!r}: expected a whole number")

@@ -116,12 +116,14 @@ def launch_options(warps: int, maxnreg: int | None = None, stages: int = 1) -> d
     return opts
 
 
-def backward_chunk_options() -> dict:
+def backward_chunk_options(kernel: str = "") -> dict:
     """The backward chunk kernels (q, k, x): a fixed warp count and optional register cap from
-    the kernel configuration. Four warps beat eight there: both fill the 255 registers, and two
-    4-warp programs per SM overlap each other's load latency."""
+    the kernel configuration (``bwd_x_warps`` for ``kernel="x"`` when set). Four warps beat eight
+    for SISO: both fill the 255 registers, and two 4-warp programs per SM overlap each other's
+    load latency."""
     cfg = current_config()
-    return launch_options(cfg.bwd_warps, cfg.bwd_maxnreg)
+    warps = cfg.bwd_x_warps if kernel == "x" and cfg.bwd_x_warps else cfg.bwd_warps
+    return launch_options(warps, cfg.bwd_maxnreg)
 
 
 _GATE_FLAGS = ["C", "P", "N2", "NA", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST", "R", "HALVES"]

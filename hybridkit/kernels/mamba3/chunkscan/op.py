@@ -299,19 +299,20 @@ def _launch_backward(
     )  # fmt: skip
     flags = dict(C=C, P=z.P, N2=z.N // 2, NA=na, HAS_ANG=x.angles is not None)
     flags.update(HAS_D=x.D is not None, VARLEN=plan.varlen, FAST=fast, **rank)
-    flags.update(backward_chunk_options())
+    launch = backward_chunk_options()
     inputs = (x.q, x.k, x.v, opt(x.psi), token_gates, chunk_decay, x.q_bias, x.k_bias, cos_sin)
     K_bwd._bwd_q_kernel[grid](
         *inputs, dout, chunk_table, chunk_states, g.dq_heads, g.dq_bias_part, dtheta, dcs_state,
-        *common, **flags,
+        *common, **flags, **launch,
     )  # fmt: skip
     K_bwd._bwd_k_kernel[grid](
         *inputs, dout, chunk_table, dstate, opt(dtotal), dtheta, domega, g.dk_heads,
-        g.dk_bias_part, du, *common, HAS_DTOT=dtotal is not None, **flags,
+        g.dk_bias_part, du, *common, HAS_DTOT=dtotal is not None, **flags, **launch,
     )  # fmt: skip
     K_bwd._bwd_x_kernel[grid](
         *inputs, opt(x.D), dout, chunk_table, dstate, dcs_state, du, chunk_states, domega, g.dx,
         g.dadt, g.dkappa, g.dgamma, g.dD_part, opt(g.dpsi_part), *common, **flags,
+        **backward_chunk_options("x"),
     )  # fmt: skip
     K_bwd._bwd_gates_kernel[grid](
         opt(angt), x.dt, opt(x.trap), dtheta, domega, chunk_table, seq_table, g.dgamma,
