@@ -718,12 +718,16 @@ def _bwd_x_kernel(
         tl.store(DPSI_PART + ((gc * H + h) * R + offs_r[:, None]) * P + offs_p[None, :], dpsi)
     dwt = _dot(dy, tl.trans(x), FAST) * sc
     du = tl.load(DU + bw, mask=mc, other=0.0)
-    ms = dwt * dec * kappa[None, :]
-    dcs = tl.load(DCS_STATE + bw, mask=mc, other=0.0) + tl.sum(ms, 1) - tl.sum(ms, 0) - u * du
+    wd = dwt * dec
+    # column sums cross warps (shared memory): sum_i wd_ij kappa_j is kappa_j times the one
+    # column sum that d kappa needs too, so one such reduction serves both
+    cd = tl.sum(wd, 0)
+    tl.store(DKAPPA + bo, _rank_sum(tl.exp(a_c - cs) * du + cd, R), mask=mtok)
+    dcs = tl.load(DCS_STATE + bw, mask=mc, other=0.0) + tl.sum(wd * kappa[None, :], 1)
+    dcs -= kappa * cd + u * du
     # d adt_t: every row of a token at or after t
     dadt = tl.cumsum(_rank_sum(dcs, R), 0, reverse=True)
     dadt += tl.sum(u * du, 0)
-    tl.store(DKAPPA + bo, _rank_sum(tl.exp(a_c - cs) * du + tl.sum(dwt * dec, 0), R), mask=mtok)
     _ii, _jj = _token_pairs(C * R, R)
     tl.store(DGAMMA + bo, _rank_sum(tl.sum(tl.where(_ii == _jj, dwt, 0.0), 1), R), mask=mtok)
     # last, when the chunk tiles are dead: G^ (again, from L2) and the start state S~ for
@@ -735,5 +739,5 @@ def _bwd_x_kernel(
     tl.store(DADT + bo, dadt + ea * tl.sum(tl.sum(se * ge + so * go, 1), 0), mask=mtok)
     if HAS_ANG:
         om = DOMEGA + (gc * H + h) * NANG + offs_j
-        d_om = ea * (tl.sum(ge * so, 0) - tl.sum(go * se, 0))
+        d_om = ea * tl.sum(ge * so - go * se, 0)
         tl.store(om, tl.load(om, mask=mj, other=0.0) + d_om, mask=mj)
