@@ -9,7 +9,10 @@
 #      launch tuning compiles each tiled kernel 3 times per flag set, a few minutes in all)
 #      -> $OUT/mimo_tiles.{json,md,txt};
 #   3. PROBE=1: benchmarks/mimo_probe.py --focus --state-tiles 4 (per-kernel profile of the MIMO
-#      forward + backward at backward warps 4 and 8) -> $OUT/mimo_probe.txt.
+#      forward + backward at backward warps 4 and 8) -> $OUT/mimo_probe.txt;
+#   4. CHECK=1: benchmarks/siso_launch_check.py --tiles 4 --rank 4 (every launch candidate of the
+#      tiled kernels against the reference: the tuner keeps the fastest, so a candidate that
+#      miscompiles must be found before state_tiles becomes a default) -> $OUT/launch_check.txt.
 # STUDIES: space-separated STUDY:JOBS[:SELECTION] shares for benchmarks/study_call.sh, each
 # given what is left of CALL_S (e.g. "state_tracking:6 lengthgen_niah:8"); MQAR_PROBE=1 also runs
 # benchmarks/mqar_probe.sh beside them. The device tool brings back at most 8 files, so at the
@@ -30,6 +33,11 @@ if [ "${KERNELS:-1}" = 1 ]; then
   timeout -k 5 330 python benchmarks/mamba3_mimo.py --out "$OUT/mimo_tiles" --reps 100 \
     --state-tiles "${STATE_TILES:-1,4}" > "$OUT/mimo_tiles.txt" 2>&1
   cat "$OUT/mimo_tiles.md" 2>/dev/null || tail -20 "$OUT/mimo_tiles.txt"
+fi
+if [ "${CHECK:-0}" = 1 ]; then
+  timeout -k 5 150 python benchmarks/siso_launch_check.py --tiles 4 --rank 4 \
+    > "$OUT/launch_check.txt" 2>&1
+  tail -8 "$OUT/launch_check.txt"
 fi
 if [ "${PROBE:-0}" = 1 ]; then
   timeout -k 5 150 python benchmarks/mimo_probe.py --focus --state-tiles "${PROBE_TILES:-4}" \
