@@ -736,3 +736,21 @@ def test_gpu_studies_use_the_triton_and_fa4_kernels_in_bf16(path):
             if isinstance(layer, Attention):
                 assert layer.spec.backend == "auto", variant
                 assert fa4_head_dim_ok(layer.head_dim, 9), (variant, layer.head_dim)
+
+
+def test_committed_study_folders_keep_only_each_runs_result():
+    """The GPU studies write into benchmarks/results/STUDY, which git keeps between sessions:
+    each run's result.json and the report are tracked, checkpoints, weights and logs are not
+    (.gitignore), so finished runs survive a session without the repository growing."""
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    run = "benchmarks/results/lengthgen_niah/mamba3/lr0.001-seed0"
+    kept = [f"{run}/{RESULT_FILE}", "benchmarks/results/lengthgen_niah/report.md"]
+    dropped = [f"{run}/checkpoints/step_0000100/model.safetensors", f"{run}/metrics.jsonl"]
+    dropped += [f"{run}/model.safetensors", f"{run}/final.json", f"{run}/eval.json"]
+    for path in kept + dropped:
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
+        assert ignored == (path in dropped), path
