@@ -89,12 +89,14 @@ def checkout_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, 
 def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, threads):
     """A ``study --jobs`` worker for scheduler tests (module level, so a spawned process can
     import it): the variant ``crash`` kills its process the way a segfault or the OOM killer
-    would; ``slow`` takes two seconds; every other run "runs" at once."""
+    would, a second after it starts; ``slow`` takes three seconds; every other run "runs" at
+    once."""
     import os
     import time
 
-    if slot.variant == "crash":
+    if slot.variant == "crash":  # after a second, so that the run beside it has started
+        time.sleep(1.0)
         os._exit(3)
     if slot.variant == "slow":  # still running when a crash beside it breaks the pool
-        time.sleep(2.0)
+        time.sleep(3.0)
     return "ran", 0.01

@@ -307,8 +307,8 @@ def test_jobs_skip_finished_runs_without_a_worker_and_report_a_failed_run(tmp_pa
 def test_jobs_requeue_runs_lost_with_a_dead_worker_once(tmp_path, capsys):
     """A worker process that dies breaks the whole pool: its runs are queued again once, each
     then alone in the pool, and only the run whose worker died twice is reported as failed --
-    not the slow run that was beside it both times it could have been (queued side by side
-    again, it shared the second break and failed too)."""
+    not a run that was beside it (queued side by side again, such a run could share the second
+    break and fail too, depending on timing)."""
     from hybridkit.study_jobs import run_parallel
     from tests.helpers import fake_study_worker
 
@@ -321,7 +321,6 @@ def test_jobs_requeue_runs_lost_with_a_dead_worker_once(tmp_path, capsys):
         )  # fmt: skip
     printed = capsys.readouterr().out
     assert "1/3 lost with a dead worker: crash" in printed and "queued again" in printed
-    assert "2/3 lost with a dead worker: slow" in printed
     assert printed.count("failed:") == 1 and "failed: crash" in printed
 
 
