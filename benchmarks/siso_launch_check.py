@@ -24,6 +24,20 @@ from tests.helpers import rel_err
 from tests.test_triton_siso import Case, _inputs
 
 
+def _each_candidate(name: str):
+    """Force each launch candidate of the tuned kernel ``launch.<name>`` in turn (the default
+    is what an untuned launch runs); the default is restored afterwards."""
+    tuned = getattr(launch, name)
+    default = tuned.default
+    try:
+        for cand in tuned.candidates:
+            tuned.default = cand
+            torch.full((64 << 20,), float("nan"), device="cuda")  # poison the allocator
+            yield cand
+    finally:
+        tuned.default = default
+
+
 def _with_grads(inp: dict, c: Case, dy: torch.Tensor, tiles: int) -> tuple:
     """y and (dq, dk, dv) of the Triton scan with ``state_tiles`` = tiles."""
     leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
@@ -45,11 +59,7 @@ def check_tiled(tiles: int, rank: int) -> None:
         dy = torch.randn_like(ref).to(torch.bfloat16)
         _, want = _with_grads(inp, c, dy, 1)
         for name in ("FWD_STATE_TILED", "FWD_OUT_TILED"):
-            tuned = getattr(launch, name)
-            default = tuned.default
-            for cand in tuned.candidates:
-                tuned.default = cand
-                torch.full((64 << 20,), float("nan"), device="cuda")
+            for cand in _each_candidate(name):
                 with kernel_config(autotune=False, state_tiles=tiles), torch.no_grad():
                     y, _ = mamba3_scan_triton(
                         **inp, chunk_size=C, pairing=c.pairing, return_state=False
@@ -62,7 +72,6 @@ def check_tiled(tiles: int, rank: int) -> None:
                     f"one tile {', '.join(f'{e:.2e}' for e in errs)}",
                     flush=True,
                 )
-            tuned.default = default
 
 
 def main() -> None:
@@ -80,15 +89,10 @@ def main() -> None:
             **{k: v.double() if v is not None else None for k, v in inp.items()}
         )
         for name in ("FWD_STATE", "FWD_OUT"):
-            tuned = getattr(launch, name)
-            default = tuned.default
-            for cand in tuned.candidates:
-                tuned.default = cand
-                torch.full((64 << 20,), float("nan"), device="cuda")
+            for cand in _each_candidate(name):
                 with kernel_config(autotune=False):
                     y, _ = mamba3_scan_triton(**inp, chunk_size=64, return_state=False)
                 print(f"N {N} P {P} {name} {cand}: y rel err {rel_err(y, ref):.2e}", flush=True)
-            tuned.default = default
 
 
 if __name__ == "__main__":

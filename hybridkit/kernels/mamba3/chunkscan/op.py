@@ -148,12 +148,11 @@ def scan_forward(
             HAS_D=x.D is not None, **flags,
         )  # fmt: skip
         return out, total_angle, end_state, chunk_states
-    save = tile_states is not chunk_states
-    slot_table = tile_slot_table(x.cu_seqlens, C, tiles, dev) if save and plan.varlen else out
+    table = tile_slot_table(x.cu_seqlens, C, tiles, dev) if save_tiles and plan.varlen else out
     FWD_OUT_TILED[grid](
-        *inputs, opt(x.D), out, chunk_table, chunk_states, tile_states, slot_table,
+        *inputs, opt(x.D), out, chunk_table, chunk_states, tile_states, table,
         *out_strides, *sizes, -(-z.L // C),
-        HAS_D=x.D is not None, SAVE_TILES=save, **flags, **tiled,
+        HAS_D=x.D is not None, SAVE_TILES=save_tiles, **flags, **tiled,
     )  # fmt: skip
     return out, total_angle, end_state, tile_states
 
