@@ -3,16 +3,15 @@
 # the call (studies leave the GPU mostly idle but would disturb any timing beside them).
 #   carry [".gpu/base"]; source .gpu/base/env.sh && CALL_S=570 bash benchmarks/gpu_session.sh
 # KERNELS=1 (default) runs, each under its own timeout, results under $OUT:
-#   1. the GPU tests of the scan kernels (tests/test_triton_state_tiles.py,
-#      tests/test_triton_mimo.py, tests/test_triton_siso.py) -> $OUT/kernel_tests.txt;
-#   2. benchmarks/mamba3_mimo.py --state-tiles 1,4 (MIMO R 4 and SISO, the shapes;
-#      launch tuning compiles each tiled kernel 3 times per flag set, a few minutes in all)
-#      -> $OUT/mimo_tiles.{json,md,txt};
-#   3. PROBE=1: benchmarks/mimo_probe.py --focus --state-tiles 4 (per-kernel profile of the MIMO
-#      forward + backward at backward warps 4 and 8) -> $OUT/mimo_probe.txt;
-#   4. CHECK=1: benchmarks/siso_launch_check.py --tiles 4 --rank 4 (every launch candidate of the
-#      tiled kernels against the reference: the tuner keeps the fastest, so a candidate that
-#      miscompiles must be found before state_tiles becomes a default) -> $OUT/launch_check.txt.
+#   1. the GPU tests of the scan kernels (tests/test_triton_mimo.py, tests/test_triton_siso.py)
+#      -> $OUT/kernel_tests.txt;
+#   2. benchmarks/mamba3_mimo.py (MIMO R 4 against SISO at the shapes)
+#      -> $OUT/mimo.{json,md,txt};
+#   3. PROBE=1: benchmarks/mimo_probe.py --focus (per-kernel profile of the MIMO forward +
+#      backward at backward warps 4 and 8) -> $OUT/mimo_probe.txt;
+#   4. CHECK=1: benchmarks/siso_launch_check.py (every launch candidate of the tuned kernels
+#      against the reference: the tuner keeps the fastest, so a candidate that miscompiles must
+#      be found) -> $OUT/launch_check.txt.
 # STUDIES: space-separated STUDY:JOBS[:SELECTION] shares for benchmarks/study_call.sh, each
 # given what is left of CALL_S (e.g. "state_tracking:6 lengthgen_niah:8"); MQAR_PROBE=1 also runs
 # benchmarks/mqar_probe.sh beside them. The device tool brings back at most 8 files, so at the
@@ -26,22 +25,20 @@ START=$(date +%s)
 mkdir -p "$OUT"
 left() { echo $(( CALL - ($(date +%s) - START) )); }
 if [ "${KERNELS:-1}" = 1 ]; then
-  timeout -k 5 200 python -m pytest -q -m gpu -n 8 tests/test_triton_state_tiles.py \
-    tests/test_triton_mimo.py tests/test_triton_siso.py -p no:cacheprovider -rfE 2>&1 \
+  timeout -k 5 200 python -m pytest -q -m gpu -n 8 tests/test_triton_mimo.py \
+    tests/test_triton_siso.py -p no:cacheprovider -rfE 2>&1 \
     | grep -v Warning | tail -40 > "$OUT/kernel_tests.txt"
   tail -3 "$OUT/kernel_tests.txt"
-  timeout -k 5 330 python benchmarks/mamba3_mimo.py --out "$OUT/mimo_tiles" --reps 100 \
-    --state-tiles "${STATE_TILES:-1,4}" > "$OUT/mimo_tiles.txt" 2>&1
-  cat "$OUT/mimo_tiles.md" 2>/dev/null || tail -20 "$OUT/mimo_tiles.txt"
+  timeout -k 5 330 python benchmarks/mamba3_mimo.py --out "$OUT/mimo" --reps 100 \
+    > "$OUT/mimo.txt" 2>&1
+  cat "$OUT/mimo.md" 2>/dev/null || tail -20 "$OUT/mimo.txt"
 fi
 if [ "${CHECK:-0}" = 1 ]; then
-  timeout -k 5 150 python benchmarks/siso_launch_check.py --tiles 4 --rank 4 \
-    > "$OUT/launch_check.txt" 2>&1
+  timeout -k 5 150 python benchmarks/siso_launch_check.py > "$OUT/launch_check.txt" 2>&1
   tail -8 "$OUT/launch_check.txt"
 fi
 if [ "${PROBE:-0}" = 1 ]; then
-  timeout -k 5 150 python benchmarks/mimo_probe.py --focus --state-tiles "${PROBE_TILES:-4}" \
-    > "$OUT/mimo_probe.txt" 2>&1
+  timeout -k 5 150 python benchmarks/mimo_probe.py --focus > "$OUT/mimo_probe.txt" 2>&1
   tail -4 "$OUT/mimo_probe.txt"
 fi
 if [ "${MQAR_PROBE:-0}" = 1 ]; then

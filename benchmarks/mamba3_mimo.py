@@ -7,11 +7,7 @@ per-rank x scaling) and for SISO (chunk 64) on inputs of the same (B, L, H, P, N
 G = 1, S = N / 4. Also achieved TFLOP/s (dense C R x C R tiles) and GB/s against the copy
 bandwidth and matmul rate measured in the same run.
 
-    python benchmarks/mamba3_mimo.py --out OUT [--rank 4] [--shapes 0,1,2] [--state-tiles 1,4]
-
-``--state-tiles``: also time the forward with state chunks of that many chunks
-(``KernelConfig.state_tiles``, kernels/mamba3/chunkscan/forward_tiled.py), MIMO and SISO, one
-row per value.
+    python benchmarks/mamba3_mimo.py --out OUT [--rank 4] [--shapes 0,1,2]
 
 Writes ``OUT.json`` and ``OUT.md`` incrementally (one shape at a time).
 """
@@ -29,7 +25,6 @@ import triton
 from mamba3_siso import copy_bandwidth, make_inputs
 from triton.testing import do_bench
 
-from hybridkit.kernels.config import kernel_config
 from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton
 
 SHAPES = [(8, 4096, 32, 64, 128), (1, 16384, 32, 64, 128), (8, 2048, 32, 64, 128)]
@@ -60,12 +55,7 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
-def time_scan(shape, R: int, reps: int, tiles: int = 1) -> dict:
-    with kernel_config(state_tiles=tiles):
-        return _time_scan(shape, R, reps) | {"state_tiles": tiles}
-
-
-def _time_scan(shape, R: int, reps: int) -> dict:
+def time_scan(shape, R: int, reps: int) -> dict:
     B, L, H, P, N = shape
     C = 64 // R
     pairing = "halves" if R > 1 else "interleaved"
@@ -117,9 +107,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['copy_gbps']:.0f} GB/s, bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s "
         "measured in this run.",
         "",
-        "| B, L, H, P, N | R (chunk) | state tiles | fwd ms | f+b ms | SISO fwd / f+b ms | "
-        "MIMO/SISO f+b | target fwd / f+b | official H100 | fwd TFLOP/s | peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| B, L, H, P, N | R (chunk) | fwd ms | f+b ms | SISO fwd / f+b ms | MIMO/SISO f+b | "
+        "target fwd / f+b | official H100 | fwd TFLOP/s | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m, s = r["mimo"], r["siso"]
@@ -127,8 +117,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         tgt = TARGET.get(shape, ("-", "-")) if m["rank"] == 4 else ("-", "-")
         off = OFFICIAL_H100.get(shape, ("-", "-")) if m["rank"] == 4 else ("-", "-")
         out.append(
-            f"| {', '.join(map(str, shape))} | {m['rank']} ({m['chunk']}) | "
-            f"{m.get('state_tiles', 1)} | {m['fwd_ms']:.3f} | "
+            f"| {', '.join(map(str, shape))} | {m['rank']} ({m['chunk']}) | {m['fwd_ms']:.3f} | "
             f"{m['fwdbwd_ms']:.3f} | {s['fwd_ms']:.3f} / {s['fwdbwd_ms']:.3f} | "
             f"{m['fwdbwd_ms'] / s['fwdbwd_ms']:.2f}x | {tgt[0]} / {tgt[1]} | {off[0]} / {off[1]} "
             f"| {m['fwd_tflops']:.0f} | {m['peak_gb']:.1f} |"
@@ -142,7 +131,6 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
     ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--state-tiles", default="1", help="comma-separated, e.g. 1,2,4")
     args = ap.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -160,17 +148,16 @@ def main() -> None:
     rows = []
     for i in (int(s) for s in args.shapes.split(",")):
         shape = SHAPES[i]
-        for tiles in (int(t) for t in args.state_tiles.split(",")):
-            row = {"shape": shape}
-            row["mimo"] = time_scan(shape, args.rank, args.reps, tiles)
-            row["siso"] = time_scan(shape, 1, args.reps, tiles)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            with open(f"{args.out}.json", "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
-            with open(f"{args.out}.md", "w") as f:
-                f.write(markdown(meta, rows))
-            torch.cuda.empty_cache()
+        row = {"shape": shape}
+        row["mimo"] = time_scan(shape, args.rank, args.reps)
+        row["siso"] = time_scan(shape, 1, args.reps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(f"{args.out}.json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(f"{args.out}.md", "w") as f:
+            f.write(markdown(meta, rows))
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

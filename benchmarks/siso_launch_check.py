@@ -1,13 +1,11 @@
-"""Correctness of the scan under each launch candidate of the tuned kernels (GPU).
+"""Correctness of the Triton scan under each launch candidate of the tuned kernels (GPU).
 
-For bf16 inputs at a few (N, P), runs the Triton forward with every candidate of each tuned
-kernel forced in turn (the other kernels at their defaults) and prints the relative error of y
-against the float64 chunked path: a candidate that miscompiles shows up as a large error.
-``--tiles T [--rank R]``: the tiled forward's two kernels instead (``state_tiles`` = T), each
-candidate also with a gradient (the output kernel then stores the per-tile states the backward
-reads): the error of y and of dq, dk, dv against the one-tile kernels' gradients.
+For bf16 inputs at a few (N, P), runs the scan with every candidate of each tuned kernel forced
+in turn (the other kernels at their defaults) and prints the relative error against the float64
+chunked path: of y for the forward kernels, of dq / dk / dv for ``_bwd_dstate``. The tuner keeps
+the fastest candidate, so one that miscompiles must show up here as a large error first.
 
-    python benchmarks/siso_launch_check.py [--tiles 4 --rank 4]
+    python benchmarks/siso_launch_check.py [--rank 4]
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ from hybridkit.kernels.mamba3.chunkscan import launch
 from hybridkit.kernels.mamba3.chunkscan.scan import mamba3_scan_triton
 from tests.helpers import rel_err
 from tests.test_triton_siso import Case, _inputs
+
+GRAD_OF = ("q", "k", "v")
 
 
 def _each_candidate(name: str):
@@ -38,61 +38,44 @@ def _each_candidate(name: str):
         tuned.default = default
 
 
-def _with_grads(inp: dict, c: Case, dy: torch.Tensor, tiles: int) -> tuple:
-    """y and (dq, dk, dv) of the Triton scan with ``state_tiles`` = tiles."""
-    leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
-    with kernel_config(autotune=False, state_tiles=tiles):
+def _run(inp: dict, c: Case, dy: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+    """y, and with ``dy`` the gradients of ``GRAD_OF``, with launch tuning off."""
+    leaves = {k: v.clone().requires_grad_(dy is not None) for k, v in inp.items() if v is not None}
+    with kernel_config(autotune=False):
         y, _ = mamba3_scan_triton(**leaves, chunk_size=c.C, pairing=c.pairing, return_state=False)
-    y.backward(dy)
-    return y.detach(), [leaves[k].grad for k in ("q", "k", "v")]
+        if dy is None:
+            return y.detach(), []
+        y.backward(dy)
+    return y.detach(), [leaves[k].grad for k in GRAD_OF]
 
 
-def check_tiled(tiles: int, rank: int) -> None:
-    for N, P in ((128, 64), (64, 32)):
-        C = 64 // rank
-        c = Case(B=2, L=385, H=2, G=1, N=N, P=P, S=N // 4, C=C, R=rank, halves=rank > 1)
-        inp = _inputs(c, torch.bfloat16, "cuda", 0)
-        ref, _ = mamba3_scan_chunked(
-            **{k: v.double() if v is not None else None for k, v in inp.items()},
-            pairing=c.pairing,
-        )
-        dy = torch.randn_like(ref).to(torch.bfloat16)
-        _, want = _with_grads(inp, c, dy, 1)
-        for name in ("FWD_STATE_TILED", "FWD_OUT_TILED"):
-            for cand in _each_candidate(name):
-                with kernel_config(autotune=False, state_tiles=tiles), torch.no_grad():
-                    y, _ = mamba3_scan_triton(
-                        **inp, chunk_size=C, pairing=c.pairing, return_state=False
-                    )
-                yg, got = _with_grads(inp, c, dy, tiles)
-                errs = [rel_err(a, b) for a, b in zip(got, want, strict=True)]
-                print(
-                    f"R {rank} N {N} P {P} tiles {tiles} {name} {cand}: y rel err "
-                    f"{rel_err(y, ref):.2e} (with grad {rel_err(yg, ref):.2e}); dq, dk, dv vs "
-                    f"one tile {', '.join(f'{e:.2e}' for e in errs)}",
-                    flush=True,
-                )
+def _reference(inp: dict, c: Case, dy: torch.Tensor) -> tuple[torch.Tensor, list]:
+    leaves = {k: v.double().requires_grad_() if v is not None else None for k, v in inp.items()}
+    y, _ = mamba3_scan_chunked(**leaves, pairing=c.pairing)
+    y.backward(dy.double())
+    return y.detach(), [leaves[k].grad for k in GRAD_OF]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiles", type=int, default=1, help="check the tiled forward's kernels")
-    ap.add_argument("--rank", type=int, default=1, help="MIMO rank (with --tiles)")
+    ap.add_argument("--rank", type=int, default=1, help="MIMO rank (1: SISO)")
     args = ap.parse_args()
-    if args.tiles > 1:
-        check_tiled(args.tiles, args.rank)
-        return
+    R = args.rank
     for N, P in ((128, 32), (128, 64), (64, 32)):
-        c = Case(B=2, L=385, H=2, G=1, N=N, P=P, S=N // 4, C=64)
+        c = Case(B=2, L=385, H=2, G=1, N=N, P=P, S=N // 4, C=64 // R, R=R, halves=R > 1)
         inp = _inputs(c, torch.bfloat16, "cuda", 0)
-        ref, _ = mamba3_scan_chunked(
-            **{k: v.double() if v is not None else None for k, v in inp.items()}
-        )
-        for name in ("FWD_STATE", "FWD_OUT"):
+        y0, _ = _run(inp, c, None)
+        dy = torch.randn_like(y0)
+        ref, ref_grads = _reference(inp, c, dy)
+        for name in ("FWD_STATE", "FWD_OUT", "BWD_DSTATE"):
             for cand in _each_candidate(name):
-                with kernel_config(autotune=False):
-                    y, _ = mamba3_scan_triton(**inp, chunk_size=64, return_state=False)
-                print(f"N {N} P {P} {name} {cand}: y rel err {rel_err(y, ref):.2e}", flush=True)
+                y, grads = _run(inp, c, dy if name == "BWD_DSTATE" else None)
+                errs = [rel_err(a, b) for a, b in zip(grads, ref_grads, strict=False)]
+                grad_txt = f"; dq, dk, dv {', '.join(f'{e:.2e}' for e in errs)}" if errs else ""
+                print(
+                    f"R {R} N {N} P {P} {name} {cand}: y rel err {rel_err(y, ref):.2e}{grad_txt}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ warm-up call (compilation and the launch tuner stay outside the profile)::
         --section WarpStateStats --section SchedulerStats --csv --page raw \\
         python benchmarks/siso_ncu.py --shape 0 > ncu.csv
 
-(``--rank 4``: MIMO at chunk 64 / R, "halves" pairing; ``--state-tiles T``: the tiled
-forward, whose kernels are ``_fwd_state_tiled_kernel`` / ``_fwd_out_tiled_kernel``, so widen the
-regex to ``'_(fwd|bwd)_[a-z_]+_kernel'``), then summarise the CSV (one row per kernel:
+(``--rank 4``: MIMO at chunk 64 / R, "halves" pairing), then summarise the CSV (one row per kernel:
 duration, throughputs, occupancy, registers, issue rate and the largest warp stall reasons)::
 
     python benchmarks/siso_ncu.py --summarize ncu.csv
@@ -45,10 +43,8 @@ _TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 _TO_MS.update(nsecond=1e-6, usecond=1e-3, msecond=1.0, second=1e3)
 
 
-def profile(shape: int, rank: int = 1, tiles: int = 1) -> None:
+def profile(shape: int, rank: int = 1) -> None:
     import torch
-
-    from hybridkit.kernels.config import kernel_config
 
     sys.path.insert(0, str(Path(__file__).parent))
     from mamba3_siso import SHAPES, make_inputs
@@ -63,10 +59,7 @@ def profile(shape: int, rank: int = 1, tiles: int = 1) -> None:
     pairing = "halves" if rank > 1 else "interleaved"
 
     def step() -> None:
-        with kernel_config(state_tiles=tiles):
-            y, _ = mamba3_scan_triton(
-                **inp, chunk_size=64 // rank, pairing=pairing, return_state=False
-            )
+        y, _ = mamba3_scan_triton(**inp, chunk_size=64 // rank, pairing=pairing, return_state=False)
         torch.autograd.backward(y, dy)
 
     step()  # compile + tune
@@ -128,13 +121,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, default=0, help="index into the benchmark's SHAPES")
     ap.add_argument("--rank", type=int, default=1, help="MIMO rank (1: SISO)")
-    ap.add_argument("--state-tiles", type=int, default=1, help="KernelConfig.state_tiles")
     ap.add_argument("--summarize", metavar="CSV", help="print a table of an ncu CSV export")
     args = ap.parse_args()
     if args.summarize:
         print(summarize(args.summarize))
     else:
-        profile(args.shape, args.rank, args.state_tiles)
+        profile(args.shape, args.rank)
 
 
 if __name__ == "__main__":

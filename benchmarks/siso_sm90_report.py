@@ -10,10 +10,6 @@ found between GPU runs; numbers come from the local Triton, not the GPU machine'
 compare variants, not absolute values.
 
     python benchmarks/siso_sm90_report.py [--warps 4] [--top 12] [kernel ...]
-
-The tiled forward's kernels (``_fwd_state_tiled``, ``_fwd_out_tiled``; ``--tiles`` per state
-chunk, ``--save-tiles`` for the variant that stores the per-tile states, ``--stages`` pipeline
-stages of their loop) are accepted by name.
 """
 
 from __future__ import annotations
@@ -29,11 +25,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hybridkit.kernels.mamba3.chunkscan import backward, forward, forward_tiled
+from hybridkit.kernels.mamba3.chunkscan import backward, forward
 
 KERNELS = ("_fwd_state", "_fwd_out", "_bwd_dstate", "_bwd_q", "_bwd_k", "_bwd_x", "_bwd_gates")
 PASSES = ("_fwd_pass", "_bwd_pass")  # also accepted by name; PB as at batch 8
-TILED = ("_fwd_state_tiled", "_fwd_out_tiled")  # also accepted by name
 FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=True)
 FLAGS.update(HAS_D=True, HAS_DTOT=False, HAS_INIT=False)
 FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
@@ -69,37 +64,29 @@ FP32 |= {
     "DPSI_PART",
 }
 UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
-SIZES = {"L", "H", "HPG", "NANG", "NC", "NT", "NCT"}
+SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
 
 
-def compile_kernel(
-    name: str, warps: int, maxnreg: int | None = None, stages: int = 1, tiled: dict | None = None
-):
-    """Compile the kernel ``<name>_kernel`` for sm_90 with the benchmark's specialisation
-    (``tiled``: the constexpr NT / SAVE_TILES of the tiled forward's kernels)."""
-    fn = next(
-        getattr(m, name + "_kernel")
-        for m in (forward, backward, forward_tiled)
-        if hasattr(m, name + "_kernel")
-    )
-    flags = {**FLAGS, **(tiled or {})} if name in TILED else FLAGS
+def compile_kernel(name: str, warps: int, maxnreg: int | None = None):
+    """Compile the SISO kernel ``<name>_kernel`` for sm_90 with the benchmark's specialisation."""
+    fn = getattr(forward, name + "_kernel", None) or getattr(backward, name + "_kernel")
     sig, const, attrs = {}, {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in UNIT_STRIDES:
             sig[a], const[a] = "constexpr", 1
             continue
-        if a in flags:
-            sig[a], const[a] = "constexpr", flags[a]
+        if a in FLAGS:
+            sig[a], const[a] = "constexpr", FLAGS[a]
             continue
         attrs[(i,)] = [["tt.divisibility", 16]]
         if a.startswith("s_") or a in SIZES:
             sig[a] = "i32"
-        elif a in ("CHTAB", "SEQTAB", "TILE_SLOT"):
+        elif a in ("CHTAB", "SEQTAB"):
             sig[a] = "*i64"
         else:
             sig[a] = "*fp32" if a in FP32 else "*bf16"
     src = ASTSource(fn, sig, const, attrs)
-    opts = dict(num_warps=warps, num_stages=stages)
+    opts = dict(num_warps=warps, num_stages=1)
     if maxnreg:
         opts["maxnreg"] = maxnreg  # a register cap, as the ``maxnreg`` launch option sets
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
@@ -156,20 +143,16 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=8, help="source lines to list per kernel")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
     ap.add_argument("--rank", type=int, default=1, help="MIMO rank (chunk 64 / rank tokens)")
-    ap.add_argument("--tiles", type=int, default=4, help="tiled kernels: chunks per state chunk")
-    ap.add_argument("--save-tiles", action="store_true", help="tiled output kernel: store tiles")
-    ap.add_argument("--stages", type=int, default=1, help="num_stages (the tiled kernels' loop)")
     args = ap.parse_args()
     FLAGS.update(R=args.rank, HALVES=args.rank > 1, C=64 // args.rank)
-    tiled = dict(NT=args.tiles, SAVE_TILES=args.save_tiles)
     for name in args.kernels:
-        kern = compile_kernel(name, args.warps, args.maxnreg, args.stages, tiled)
+        kern = compile_kernel(name, args.warps, args.maxnreg)
         ptx = kern.asm["ptx"]
         mem, lines = ptx_profile(ptx)
         smem = kern.metadata.shared
         print(
-            f"{name} ({args.warps} warps, {args.stages} stages): {ptxas_summary(ptx)}; "
-            f"{smem} B shared; {sum(lines.values())} PTX"
+            f"{name} ({args.warps} warps): {ptxas_summary(ptx)}; {smem} B shared; "
+            f"{sum(lines.values())} PTX"
         )
         print("  global:", ", ".join(f"{op} x{n}" for op, n in sorted(mem.items())))
         for loc, n in lines.most_common(args.top):

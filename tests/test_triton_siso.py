@@ -21,7 +21,6 @@ from torch import Tensor
 if not torch.cuda.is_available():  # the interpreter must be chosen before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hybridkit.kernels import config  # noqa: E402
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked  # noqa: E402
 from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton  # noqa: E402
@@ -280,8 +279,8 @@ def test_tuner_times_each_candidate_once_per_key(monkeypatch):
 
 
 def test_launch_candidates_may_set_pipeline_stages(monkeypatch):
-    """A candidate is warps, (warps, register cap) or (warps, cap, stages): the tiled forward's
-    loop can prefetch the next tile with more stages; the one-tile kernels keep 1."""
+    """A candidate is warps, (warps, register cap) or (warps, cap, stages); without stages a
+    launch gets 1 (the chunk kernels have no loop to pipeline)."""
     from hybridkit.kernels.mamba3.chunkscan import launch
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -356,7 +355,6 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
         ("fa4_decode=2", r"HYBRIDKIT_KERNELS=.*fa4_decode: '2': allowed 0, 1"),
         ("warps=8", r"HYBRIDKIT_KERNELS=.*'warps=8'.*autotune, bwd_maxnreg"),
         ("bwd_x_warps=6", r"HYBRIDKIT_KERNELS=.*bwd_x_warps=6: allowed None or \(1, 2, 4"),
-        ("state_tiles=3", r"HYBRIDKIT_KERNELS=.*state_tiles=3: allowed \(1, 2, 4, 8\)"),
     ):
         monkeypatch.setenv(config.ENV_VAR, bad)
         with pytest.raises(ValueError, match=match):
@@ -370,8 +368,7 @@ def test_backward_x_kernel_may_have_its_own_warps(monkeypatch):
     from hybridkit.kernels.mamba3.chunkscan.launch import backward_chunk_options
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv(config.ENV_VAR, "bwd_x_warps=8,state_tiles=4")
-    assert config.current_config().state_tiles == 4 and config.state_tiles() == 4
+    monkeypatch.setenv(config.ENV_VAR, "bwd_x_warps=8")
     assert backward_chunk_options()["num_warps"] == 4
     assert backward_chunk_options("x")["num_warps"] == 8
     monkeypatch.setenv(config.ENV_VAR, "bwd_warps=8,bwd_x_warps=none")
@@ -465,7 +462,7 @@ def test_fake_impl_and_registration(rank: int):
     names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "mimo_x")
     tensors = [gates.get(k, inp.get(k)) for k in names] + [init, None]
     args = tuple(t.requires_grad_() if t is not None else None for t in tensors)
-    args += (c.C, False, c.halves, 1, False)
+    args += (c.C, False, c.halves)
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_scan_fwd.default,
         args,
@@ -483,17 +480,11 @@ def test_fake_impl_and_registration(rank: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("rank", "tiles"), [(1, 1), (4, 1), (4, 2)])
-def test_compiles_fullgraph_through_the_dispatch_point(rank: int, tiles: int):
+@pytest.mark.parametrize("rank", [1, 4])
+def test_compiles_fullgraph_through_the_dispatch_point(rank: int):
     """``torch.compile(fullgraph=True)`` traces the dispatch point and the Triton scan (the
     kernel configuration is read as a trace-time constant), forward and backward, and matches
-    eager, SISO and MIMO, and MIMO with the tiled forward (``state_tiles``). On the CPU the
-    op's kernels run in the interpreter."""
-    with config.kernel_config(state_tiles=tiles):
-        _compile_matches_eager(rank)
-
-
-def _compile_matches_eager(rank: int) -> None:
+    eager, SISO and MIMO. On the CPU the op's kernels run in the interpreter."""
     torch._dynamo.reset()
     c = Case(L=40, H=2, R=rank, halves=rank > 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"

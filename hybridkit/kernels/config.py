@@ -11,10 +11,6 @@ Fields (defaults in :class:`KernelConfig`):
 * ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
-* ``state_tiles``: chunks of C tokens per state chunk of the Triton scan's forward (1: one P x N
-  state per chunk, as the backward keeps them; 2 / 4 / 8: the forward walks that many chunks
-  with the running state in registers, :mod:`hybridkit.kernels.mamba3.chunkscan.forward_tiled`,
-  cutting its state traffic by that factor; off until measured faster on a GPU);
 * ``step_warps`` / ``step_maxnreg``: warps and a register cap of the fused decode step (None:
   about 32 state elements per thread, the compiler's registers). The step updates its state in
   place, so it cannot be timed candidate by candidate like the tuned kernels; these exist so a
@@ -44,7 +40,6 @@ import torch
 ENV_VAR = "HYBRIDKIT_KERNELS"
 WARP_COUNTS = (1, 2, 4, 8, 16)
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)
-STATE_TILES = (1, 2, 4, 8)
 
 # The widest chunk a SISO kernel may use is bounded by its largest register tiles,
 # C x max(N, P) elements. fp32 (precise) tiles hold twice the registers of bf16 ones and their
@@ -65,7 +60,6 @@ class KernelConfig:
     bwd_x_warps: int | None = None
     bwd_maxnreg: int | None = None
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
-    state_tiles: int = 1
     step_warps: int | None = None
     step_maxnreg: int | None = None
     fa4_decode: bool = False
@@ -81,8 +75,6 @@ class KernelConfig:
             value = getattr(self, name)
             if value is not None and not 24 <= value <= 255:
                 raise ValueError(f"{name}={value}: allowed None or 24..255")
-        if self.state_tiles not in STATE_TILES:
-            raise ValueError(f"state_tiles={self.state_tiles}: allowed {STATE_TILES}")
         bad = [c for c in self.chunk_sizes if c not in TRITON_CHUNK_SIZES]
         if bad or not self.chunk_sizes:
             raise ValueError(
@@ -186,12 +178,6 @@ def triton_chunk(chunk: int, d_state: int, headdim: int, fast: bool) -> int:
         # the GPU fuzz (Triton 3.6, H200; docs/kernels.md, "Chunk width"). Cause not found yet.
         chunk = min(chunk, 32)
     return chunk
-
-
-@torch.compiler.assume_constant_result
-def state_tiles() -> int:
-    """``current_config().state_tiles``, a trace-time constant under ``torch.compile``."""
-    return current_config().state_tiles
 
 
 @torch.compiler.assume_constant_result

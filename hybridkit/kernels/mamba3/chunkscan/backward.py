@@ -127,7 +127,7 @@ def _bwd_dstate_kernel(
     cs = _expand_rows(cs, R)
     if HAS_ANG:
         om, cos_a, sin_a, cosv, sinv = _rotation(
-            ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST, 0.0, False
+            ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
         offs_a = tl.arange(0, NA)
         ma = offs_a < NANG

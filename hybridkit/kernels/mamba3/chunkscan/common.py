@@ -277,7 +277,7 @@ def _narrow(a, NA: tl.constexpr):
 @triton.jit
 def _rotation(
     ANG, bat, h, tt, mc, dt, NANG, s_gb, s_gs, s_gh, N2: tl.constexpr, NA: tl.constexpr,
-    R: tl.constexpr, FAST: tl.constexpr, th0, TH0: tl.constexpr,
+    R: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """The in-chunk rotation of the chunk's tokens ``tt`` (dt per token): per-pair angle
     increments, their in-chunk cumsum and its cos / sin. Returns the chunk's total angle per
@@ -292,20 +292,14 @@ def _rotation(
     Only the first NANG pairs rotate; with the default rope_fraction 0.5 that is half of them,
     so the angle pipeline (tanh, scan, mod 2 pi, cos, sin) runs on an NA = N2 / 2 wide tile and
     is widened with cos 1 / sin 0 afterwards (``_widen``), instead of computing a masked
-    N2-wide tile whose second half is thrown away.
-
-    ``TH0``: the angles start at ``th0`` (NA) instead of 0, for the tiles of a state chunk
-    after its first (:mod:`.forward_tiled`), whose frame is the state chunk's start."""
+    N2-wide tile whose second half is thrown away."""
     offs_a = tl.arange(0, NA)
     am = (offs_a < NANG)[:, None] & mc[None, :]
     ang = tl.load(
         ANG + bat * s_gb + h * s_gh + offs_a[:, None] * s_gs + tt[None, :], mask=am, other=0.0
     ).to(tl.float32)
     om = PI * _tanh(ang, FAST) * dt[None, :]
-    th = tl.cumsum(om, 1)
-    if TH0:
-        th += th0[:, None]
-    th = _mod2pi(th)
+    th = _mod2pi(tl.cumsum(om, 1))
     cos_a = _cos(th, FAST)
     sin_a = _sin(th, FAST)
     cosv = _widen(_expand_rows2(tl.trans(cos_a), R), 1.0, N2)

@@ -109,7 +109,7 @@ def _fwd_state_kernel(
     kappa = _expand_rows(kappa, R)
     if HAS_ANG:
         om, _c, _s, cosv, sinv = _rotation(
-            ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST, 0.0, False
+            ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
         offs_a = tl.arange(0, NA)
         tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=offs_a < NANG)
@@ -275,7 +275,6 @@ def _fwd_out_kernel(
         dt = tl.load(DT + bat * s_db + h * s_dh + tok * s_dl, mask=mtok, other=0.0)
         _om, _c, _s, cosv, sinv = _rotation(
             ANG, bat, h, tok, mtok, dt.to(tl.float32), NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST,
-            0.0, False,
         )  # fmt: skip
     else:
         cosv = 0.0

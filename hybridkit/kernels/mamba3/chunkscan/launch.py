@@ -14,7 +14,6 @@ from torch import Tensor
 from hybridkit.kernels.config import current_config, interpreting
 from hybridkit.kernels.mamba3.chunkscan import backward as bwd_kernels
 from hybridkit.kernels.mamba3.chunkscan import forward as fwd_kernels
-from hybridkit.kernels.mamba3.chunkscan import forward_tiled as tiled_kernels
 
 # A launch candidate: warps, (warps, register cap per thread) or (warps, cap or None, stages).
 Candidate = int | tuple[int, int] | tuple[int, int | None, int]
@@ -104,10 +103,8 @@ def _median_ms(fn) -> float:
 
 
 def launch_options(warps: int, maxnreg: int | None = None, stages: int = 1) -> dict:
-    """Triton launch keywords. The one-tile chunk kernels have no loop, so software pipelining
-    (``num_stages``) has nothing to overlap there: 1 unless a candidate says otherwise (the
-    tiled forward's loop over tiles, :mod:`.forward_tiled`, is where more stages can prefetch
-    the next tile's loads)."""
+    """Triton launch keywords. The chunk kernels have no loop, so software pipelining
+    (``num_stages``) has nothing to overlap there: 1 unless a candidate says otherwise."""
     opts = dict(num_warps=1 if interpreting() else warps, num_stages=1)
     if not interpreting():
         opts["num_stages"] = stages
@@ -136,23 +133,6 @@ FWD_OUT = TunedKernel(
     (4, (4, 168), 8),
     (4, 168),
 )
-# State chunks of several tiles (``state_tiles``): not yet measured on a GPU. Compiled for sm_90
-# here (benchmarks/siso_sm90_report.py --rank 4, Triton 3.9): at 4 warps the state kernel
-# spills 176 B and the output kernel 888 B (the running state lives through the loop), at 8
-# warps 0 and 320 B, so 8 warps is the default; the candidates add 2 pipeline stages (the next
-# tile's loads issued during this tile's products) and the capped 4-warp launch the one-tile
-# kernels prefer. Few candidates: each is a compilation of a large kernel per flag set.
-_TILED_CANDIDATES = (8, (8, None, 2), (4, 168))
-FWD_STATE_TILED = TunedKernel(
-    tiled_kernels._fwd_state_tiled_kernel, [*_GATE_FLAGS, "NT"], _TILED_CANDIDATES, 8
-)
-FWD_OUT_TILED = TunedKernel(
-    tiled_kernels._fwd_out_tiled_kernel,
-    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES", "NT",
-     "SAVE_TILES"],
-    _TILED_CANDIDATES,
-    8,
-)  # fmt: skip
 BWD_DSTATE = TunedKernel(
     bwd_kernels._bwd_dstate_kernel, _GATE_FLAGS, (4, (4, 168), 8, 16), (4, 168)
 )
@@ -209,18 +189,6 @@ def state_slots(B: int, L: int, C: int, nseq: int, varlen: bool) -> int:
     (each sequence wastes at most one partial chunk), so the size never depends on the data
     and the fake implementation can compute it."""
     return (L // C + nseq) if varlen else B * (-(-L // C))
-
-
-def tile_slot_table(cu: Tensor, C: int, tiles: int, device) -> Tensor:
-    """Per state chunk of ``C * tiles`` tokens of a packed call, the slot of its first tile
-    among the chunks of C tokens (:class:`ChunkPlan` order: by sequence, then by chunk)."""
-    bounds = [int(b) for b in cu.tolist()]
-    first, rows = 0, []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        n = end - start
-        rows += [first + c * tiles for c in range(-(-n // (C * tiles)))]
-        first += -(-n // C)
-    return torch.tensor(rows or [0], dtype=torch.int64).to(device)
 
 
 def strides(t: Tensor | None, dims=(0, 1, 2)) -> tuple[int, ...]:

@@ -26,9 +26,7 @@ from hybridkit.kernels.mamba3.chunkscan import forward as K_fwd
 from hybridkit.kernels.mamba3.chunkscan.launch import (
     BWD_DSTATE,
     FWD_OUT,
-    FWD_OUT_TILED,
     FWD_STATE,
-    FWD_STATE_TILED,
     ChunkPlan,
     angle_width,
     angles_tokens_last,
@@ -36,7 +34,6 @@ from hybridkit.kernels.mamba3.chunkscan.launch import (
     launch_options,
     state_slots,
     strides,
-    tile_slot_table,
 )
 
 
@@ -82,37 +79,30 @@ class _Sizes(NamedTuple):
 
 
 def scan_forward(
-    x: ScanInputs, C: int, fast: bool, halves: bool, tiles: int = 1, save_tiles: bool = False
+    x: ScanInputs, C: int, fast: bool, halves: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y (B, L, R, H, P), total angle (seqs, H, S), end state (seqs, H, P, N) relative frame,
-    chunk states).
-
-    ``tiles`` > 1: one state per ``tiles`` chunks of C tokens (:mod:`.forward_tiled`); the
-    chunk states returned are then those of the C-token chunks (what the backward reads) with
-    ``save_tiles``, else the coarse ones (inference: nothing reads them)."""
+    chunk states)."""
     z = _Sizes.of(x)
     dev, f32 = x.q.device, torch.float32
-    plan = ChunkPlan(z.B, z.L, C * tiles, x.cu_seqlens, dev)
+    plan = ChunkPlan(z.B, z.L, C, x.cu_seqlens, dev)
     out = torch.empty(z.B, z.L, z.R, z.H, z.P, dtype=x.v.dtype, device=dev)
     # ``_fwd_pass`` writes every sequence's total angle; with no chunk it stays zero
     alloc = torch.empty if plan.nchunks > 0 else torch.zeros
     total_angle = alloc(plan.nseq, z.H, z.S, dtype=f32, device=dev)
-    state_dtype = torch.bfloat16 if fast else f32
-    slots = state_slots(z.B, z.L, C * tiles, plan.nseq, plan.varlen)
-    chunk_states = torch.empty(slots, z.H, z.P, z.N, dtype=state_dtype, device=dev)
-    tile_states = chunk_states
-    if tiles > 1 and save_tiles:
-        fine = state_slots(z.B, z.L, C, plan.nseq, plan.varlen)
-        tile_states = torch.empty(fine, z.H, z.P, z.N, dtype=state_dtype, device=dev)
+    slots = state_slots(z.B, z.L, C, plan.nseq, plan.varlen)
+    chunk_states = torch.empty(
+        slots, z.H, z.P, z.N, dtype=torch.bfloat16 if fast else f32, device=dev
+    )
     if plan.nchunks == 0:
         s0 = x.init_state
         end = s0.clone() if s0 is not None else out.new_zeros(plan.nseq, z.H, z.P, z.N, dtype=f32)
-        return out, total_angle, end, tile_states
+        return out, total_angle, end, chunk_states
     end_state = torch.empty(plan.nseq, z.H, z.P, z.N, dtype=f32, device=dev)
     chunk_decay = torch.empty(plan.nchunks, z.H, dtype=f32, device=dev)  # A_c
     chunk_angle = torch.empty(plan.nchunks, z.H, max(z.S, 1), dtype=f32, device=dev)  # Omega_c
-    # per-token gamma, kappa and in-chunk (in-tile) cumsum of adt, written by the state kernel
-    # for the output kernel (3 x 4 B per token and head)
+    # per-token gamma, kappa and in-chunk cumsum of adt, written by ``_fwd_state`` for
+    # ``_fwd_out`` (3 x 4 B per token and head)
     token_gates = torch.empty(z.B, z.H, 3, z.L, dtype=f32, device=dev)
     opt = lambda t: out if t is None else t  # noqa: E731  (absent inputs: any pointer)
     chunk_table = plan.chunk_table if plan.varlen else out
@@ -120,15 +110,14 @@ def scan_forward(
     flags = dict(C=C, P=z.P, N2=z.N // 2, HAS_ANG=x.angles is not None)
     flags.update(VARLEN=plan.varlen, FAST=fast, NA=angle_width(z.N // 2, z.S), R=z.R)
     flags.update(HALVES=halves)
-    tiled = dict(NT=tiles) if tiles > 1 else {}
     sizes = (z.L, z.H, z.H // z.G, z.S, plan.chunks_per_seq)
     grid = (plan.nchunks * z.H,)
-    (FWD_STATE_TILED if tiles > 1 else FWD_STATE)[grid](
+    FWD_STATE[grid](
         x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
         chunk_states, chunk_decay, chunk_angle, token_gates,
         *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
         *strides(x.trap), *angle_strides, *sizes,
-        HAS_TRAP=x.trap is not None, **flags, **tiled,
+        HAS_TRAP=x.trap is not None, **flags,
     )  # fmt: skip
     nt = plan.row_tiles(z.H, z.N, z.P, dev)
     K_fwd._fwd_pass_kernel[(plan.nseq * z.H * nt,)](
@@ -137,24 +126,14 @@ def scan_forward(
         P=z.P, N2=z.N // 2, PB=z.P // nt, HAS_INIT=x.init_state is not None,
         HAS_ANG=x.angles is not None, VARLEN=plan.varlen, **launch_options(4),
     )  # fmt: skip
-    inputs = (x.q, x.k, x.v, opt(x.psi), token_gates, x.dt, x.q_bias, x.k_bias, opt(angt))
-    out_strides = (
+    FWD_OUT[grid](
+        x.q, x.k, x.v, opt(x.psi), token_gates, x.dt, x.q_bias, x.k_bias, opt(angt), opt(x.D),
+        out, chunk_table, chunk_states,
         *strides(x.q, (0, 1, 2, 3)), *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.dt),
-        *angle_strides, *strides(out, (0, 1, 2, 3)),
+        *angle_strides, *strides(out, (0, 1, 2, 3)), *sizes,
+        HAS_D=x.D is not None, **flags,
     )  # fmt: skip
-    if tiles == 1:
-        FWD_OUT[grid](
-            *inputs, opt(x.D), out, chunk_table, chunk_states, *out_strides, *sizes,
-            HAS_D=x.D is not None, **flags,
-        )  # fmt: skip
-        return out, total_angle, end_state, chunk_states
-    table = tile_slot_table(x.cu_seqlens, C, tiles, dev) if save_tiles and plan.varlen else out
-    FWD_OUT_TILED[grid](
-        *inputs, opt(x.D), out, chunk_table, chunk_states, tile_states, table,
-        *out_strides, *sizes, -(-z.L // C),
-        HAS_D=x.D is not None, SAVE_TILES=save_tiles, **flags, **tiled,
-    )  # fmt: skip
-    return out, total_angle, end_state, tile_states
+    return out, total_angle, end_state, chunk_states
 
 
 # ----------------------------------------------------------------------------- backward
@@ -298,20 +277,19 @@ def _launch_backward(
     )  # fmt: skip
     flags = dict(C=C, P=z.P, N2=z.N // 2, NA=na, HAS_ANG=x.angles is not None)
     flags.update(HAS_D=x.D is not None, VARLEN=plan.varlen, FAST=fast, **rank)
-    launch = backward_chunk_options()
+    flags.update(backward_chunk_options())
     inputs = (x.q, x.k, x.v, opt(x.psi), token_gates, chunk_decay, x.q_bias, x.k_bias, cos_sin)
     K_bwd._bwd_q_kernel[grid](
         *inputs, dout, chunk_table, chunk_states, g.dq_heads, g.dq_bias_part, dtheta, dcs_state,
-        *common, **flags, **launch,
+        *common, **flags,
     )  # fmt: skip
     K_bwd._bwd_k_kernel[grid](
         *inputs, dout, chunk_table, dstate, opt(dtotal), dtheta, domega, g.dk_heads,
-        g.dk_bias_part, du, *common, HAS_DTOT=dtotal is not None, **flags, **launch,
+        g.dk_bias_part, du, *common, HAS_DTOT=dtotal is not None, **flags,
     )  # fmt: skip
     K_bwd._bwd_x_kernel[grid](
         *inputs, opt(x.D), dout, chunk_table, dstate, dcs_state, du, chunk_states, domega, g.dx,
         g.dadt, g.dkappa, g.dgamma, g.dD_part, opt(g.dpsi_part), *common, **flags,
-        **backward_chunk_options("x"),
     )  # fmt: skip
     K_bwd._bwd_gates_kernel[grid](
         opt(angt), x.dt, opt(x.trap), dtheta, domega, chunk_table, seq_table, g.dgamma,
@@ -366,23 +344,19 @@ def _fwd_op(
     chunk_size: int,
     fast: bool,
     halves: bool,
-    state_tiles: int,
-    save_tiles: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state, cu_seqlens)
-    return scan_forward(x, chunk_size, fast, halves, state_tiles, save_tiles)
+    return scan_forward(x, chunk_size, fast, halves)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state, cu_seqlens,
-      chunk_size, fast, halves, state_tiles, save_tiles):  # fmt: skip
+      chunk_size, fast, halves):  # fmt: skip
     z = _Sizes.of(ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, None, None))
     varlen = cu_seqlens is not None
     nseq = cu_seqlens.shape[0] - 1 if varlen else z.B
     f32 = torch.float32
-    # the backward's states are per chunk of chunk_size tokens (save_tiles), else per state chunk
-    states_chunk = chunk_size if save_tiles else chunk_size * state_tiles
-    slots = state_slots(z.B, z.L, states_chunk, nseq, varlen)
+    slots = state_slots(z.B, z.L, chunk_size, nseq, varlen)
     return (
         q.new_empty(z.B, z.L, z.R, z.H, z.P, dtype=v.dtype),
         q.new_empty(nseq, z.H, z.S, dtype=f32),
@@ -438,10 +412,7 @@ _N_INPUTS = len(ScanInputs._fields)
 def _setup_context(ctx, inputs, output) -> None:
     tensors = list(inputs[:_N_INPUTS])
     ctx.present = [t is not None for t in tensors[:-1]]  # cu_seqlens gets no gradient
-    ctx.chunk_size, ctx.fast, ctx.halves, tiles, saved = inputs[_N_INPUTS : _N_INPUTS + 5]
-    # the backward runs on the per-chunk states of chunk_size tokens; without save_tiles the
-    # forward kept only the coarse ones (the caller saw no gradient to come)
-    ctx.coarse = tiles > 1 and not saved
+    ctx.chunk_size, ctx.fast, ctx.halves = inputs[_N_INPUTS : _N_INPUTS + 3]
     ctx.save_for_backward(*tensors, output[3])
     # unused outputs get None, not zeros: autograd would otherwise fill a zero gradient for the
     # saved chunk states (268 MB at B 8, L 4096, H 32) every step
@@ -449,17 +420,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _run_backward(ctx, dy, d_total, d_end, backward_fn):
-    if ctx.coarse:
-        raise RuntimeError(
-            "mamba3 scan backward: the forward ran with state_tiles > 1 and save_tiles=False "
-            "(no gradient expected), so the per-chunk states the backward needs were not kept"
-        )
     saved = ctx.saved_tensors  # read exactly once (activation checkpointing)
     if dy is None:  # only the final state was used
         dy = saved[2].new_zeros(saved[2].shape)
     grads = backward_fn(dy, d_total, d_end, *saved, ctx.chunk_size, ctx.fast, ctx.halves)
     out = [g if present else None for g, present in zip(grads, ctx.present, strict=True)]
-    return (*out, None, None, None, None, None, None)
+    return (*out, None, None, None, None)
 
 
 def _backward(ctx, dy, d_total, d_end, _d_states):
@@ -487,8 +453,8 @@ class ScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        *tensors, chunk_size, fast, halves, tiles, save_tiles = args
-        out = scan_forward(ScanInputs(*tensors), chunk_size, fast, halves, tiles, save_tiles)
+        *tensors, chunk_size, fast, halves = args
+        out = scan_forward(ScanInputs(*tensors), chunk_size, fast, halves)
         _setup_context(ctx, args, out)
         ctx.mark_non_differentiable(out[3])
         return out

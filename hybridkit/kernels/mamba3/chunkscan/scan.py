@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hybridkit.kernels.config import state_tiles, triton_chunk, triton_chunk_sizes
+from hybridkit.kernels.config import triton_chunk, triton_chunk_sizes
 from hybridkit.kernels.mamba3.chunkscan.op import scan_op
 from hybridkit.kernels.mamba3.reference import rotate_pairs, wrap_angle
 from hybridkit.kernels.mamba3.state import Mamba3State
@@ -174,14 +174,6 @@ def mamba3_scan_triton(
         s0 = _relative_initial_state(
             initial_state, dt, trap, angles is not None, cu, empty, psi, pairing
         )
-    tiles = state_tiles()
-    inputs = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, s0)
-    # the backward reads per-chunk states; a tiled forward keeps them only when one will run
-    save_tiles = (
-        tiles > 1
-        and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in inputs)
-    )
     y, total_angle, end_state, _ = scan_op(
         _c(q),
         _c(k),
@@ -199,8 +191,6 @@ def mamba3_scan_triton(
         kernel_chunk(chunk_size, R, N, v.shape[-1], bool(fast)),
         bool(fast),
         pairing == "halves",
-        tiles,
-        save_tiles,
     )
     if not return_state:
         return y, None
