@@ -471,12 +471,63 @@ def test_fake_impl_and_registration(rank: int):
     y, total, end, states = torch.ops.hybridkit.mamba3_scan_fwd(*args)
     bwd_args = (torch.randn_like(y), torch.randn_like(total), torch.randn_like(end))
     bwd_args += tuple(t.detach() if t is not None else None for t in tensors)
-    bwd_args += (states, c.C, False, c.halves)
+    bwd_args += (states, c.C, False, c.halves, [8, 0, 168, 0])
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_scan_bwd.default,
         bwd_args,
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compiled: bool):
+    """On a GPU autograd runs the backward in a worker thread of its own, where a
+    ``kernel_config`` block around the forward is not in force (a ContextVar stays in its
+    thread): the backward must launch with the settings its forward saw, eager and compiled.
+    Here the backward runs in a new thread, as on a GPU, under a different environment."""
+    import threading
+
+    from hybridkit.kernels import config
+    from hybridkit.kernels.mamba3.chunkscan import op as scan_op
+
+    seen: list[tuple] = []
+    real = scan_op._launch_backward
+
+    def spy(*args, **kwargs):
+        cfg = config.current_config()
+        seen.append((cfg.bwd_warps, cfg.bwd_x_warps, cfg.bwd_maxnreg, cfg.autotune))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_op, "_launch_backward", spy)
+    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=2,autotune=1")
+    torch._dynamo.reset()
+    c = Case(L=20, H=2)
+    leaves = {
+        k: v.requires_grad_()
+        for k, v in _inputs(c, torch.float32, "cpu", 3).items()
+        if v is not None
+    }
+
+    def loss(**kw):
+        return ops.mamba3_scan(**kw, chunk_size=16, backend="triton")[0].square().sum()
+
+    fn = torch.compile(loss, fullgraph=True, backend="aot_eager") if compiled else loss
+    with config.kernel_config(bwd_warps=8, bwd_x_warps=4, bwd_maxnreg=168, autotune=False):
+        out = fn(**leaves)
+    errors: list[BaseException] = []
+
+    def backward() -> None:
+        try:
+            out.backward()
+        except BaseException as err:  # noqa: BLE001  (re-raised in the test's thread)
+            errors.append(err)
+
+    worker = threading.Thread(target=backward)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert seen == [(8, 4, 168, False)]
+    assert all(t.grad is not None for t in leaves.values())
 
 
 @pytest.mark.slow

@@ -20,7 +20,9 @@ Fields (defaults in :class:`KernelConfig`):
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``).
 
-In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local). From the
+In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local; the scan's
+backward, which autograd runs in another thread on a GPU, launches with the settings in force at
+its forward). From the
 shell: ``HYBRIDKIT_KERNELS="autotune=0,bwd_warps=8,chunk_sizes=32:64"``. The variable is read
 when a kernel launches, never at import, so a process may set it after importing hybridkit.
 Measured effects of these settings are in ``docs/kernels.md``.

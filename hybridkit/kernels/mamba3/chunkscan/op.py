@@ -12,6 +12,11 @@ shapes depend only on static sizes (packed batches use the static slot bound of
 :func:`.launch.state_slots`). The backward reads ``ctx.saved_tensors`` exactly once, so
 non-reentrant activation checkpointing works. In eager mode :class:`ScanFunction` runs the same
 code without the dispatcher (see its docstring).
+
+The backward launches with the kernel settings in force when its forward ran
+(:func:`backward_settings`): on a GPU autograd runs the backward in a worker thread of its own,
+where a :func:`~hybridkit.kernels.config.kernel_config` block around the forward and backward
+calls is not in force (a ``ContextVar`` does not follow work into another thread).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from hybridkit.kernels.config import current_config, kernel_config
 from hybridkit.kernels.mamba3.chunkscan import backward as K_bwd
 from hybridkit.kernels.mamba3.chunkscan import forward as K_fwd
 from hybridkit.kernels.mamba3.chunkscan.launch import (
@@ -192,6 +198,14 @@ def _grad_buffers(x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bo
     )
 
 
+def backward_settings() -> list[int]:
+    """The kernel settings the backward launches with, read when the forward runs:
+    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, autotune]`` (ints, so that they pass
+    through the backward op's schema and are constants of a compiled graph)."""
+    cfg = current_config()
+    return [cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.autotune)]
+
+
 def scan_backward(
     dout: Tensor,
     dtotal: Tensor | None,
@@ -201,8 +215,10 @@ def scan_backward(
     C: int,
     fast: bool,
     halves: bool,
+    settings: list[int],
 ) -> list[Tensor]:
-    """Gradients of every input of ``x`` (empty tensors for absent ones), in its order."""
+    """Gradients of every input of ``x`` (empty tensors for absent ones), in its order;
+    kernels launched with ``settings`` (:func:`backward_settings` of the forward)."""
     z = _Sizes.of(x)
     dev = x.q.device
     plan = ChunkPlan(z.B, z.L, C, x.cu_seqlens, dev)
@@ -215,8 +231,11 @@ def scan_backward(
         dsend = torch.zeros(plan.nseq, z.H, z.P, z.N, dtype=torch.float32, device=dev)
     dtotal = dtotal.float().contiguous() if dtotal is not None else None
     g = _grad_buffers(x, plan, dsend, fast)
+    warps, x_warps, maxnreg, autotune = settings
+    launch = dict(bwd_warps=warps, bwd_x_warps=x_warps or None, bwd_maxnreg=maxnreg or None)
     if plan.nchunks > 0:
-        _launch_backward(dout, dtotal, dsend, x, chunk_states, g, plan, z, C, fast, halves)
+        with kernel_config(**launch, autotune=bool(autotune)):
+            _launch_backward(dout, dtotal, dsend, x, chunk_states, g, plan, z, C, fast, halves)
     return _reduce(x, g, z)
 
 
@@ -387,16 +406,17 @@ def _bwd_op(
     chunk_size: int,
     fast: bool,
     halves: bool,
+    settings: list[int],
 ) -> list[Tensor]:
     x = ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state, cu_seqlens)
     return scan_backward(
-        dout, d_total_angle, d_end_state, x, chunk_states, chunk_size, fast, halves
+        dout, d_total_angle, d_end_state, x, chunk_states, chunk_size, fast, halves, settings
     )
 
 
 @_bwd_op.register_fake
 def _(dout, d_total_angle, d_end_state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi,
-      init_state, cu_seqlens, chunk_states, chunk_size, fast, halves):  # fmt: skip
+      init_state, cu_seqlens, chunk_states, chunk_size, fast, halves, settings):  # fmt: skip
     # the real gradients are fresh contiguous tensors whatever the inputs' strides (a
     # transposed dt / adt view included), so the fake ones are too
     def like(t: Tensor | None) -> Tensor:
@@ -413,6 +433,7 @@ def _setup_context(ctx, inputs, output) -> None:
     tensors = list(inputs[:_N_INPUTS])
     ctx.present = [t is not None for t in tensors[:-1]]  # cu_seqlens gets no gradient
     ctx.chunk_size, ctx.fast, ctx.halves = inputs[_N_INPUTS : _N_INPUTS + 3]
+    ctx.settings = backward_settings()
     ctx.save_for_backward(*tensors, output[3])
     # unused outputs get None, not zeros: autograd would otherwise fill a zero gradient for the
     # saved chunk states (268 MB at B 8, L 4096, H 32) every step
@@ -423,7 +444,9 @@ def _run_backward(ctx, dy, d_total, d_end, backward_fn):
     saved = ctx.saved_tensors  # read exactly once (activation checkpointing)
     if dy is None:  # only the final state was used
         dy = saved[2].new_zeros(saved[2].shape)
-    grads = backward_fn(dy, d_total, d_end, *saved, ctx.chunk_size, ctx.fast, ctx.halves)
+    grads = backward_fn(
+        dy, d_total, d_end, *saved, ctx.chunk_size, ctx.fast, ctx.halves, ctx.settings
+    )
     out = [g if present else None for g, present in zip(grads, ctx.present, strict=True)]
     return (*out, None, None, None, None)
 
@@ -438,9 +461,11 @@ torch.library.register_autograd(
 
 
 def _backward_eager(dout, d_total, d_end, *saved_and_options):
-    *tensors, chunk_states, chunk_size, fast, halves = saved_and_options
+    *tensors, chunk_states, chunk_size, fast, halves, settings = saved_and_options
     x = ScanInputs(*tensors)
-    return scan_backward(dout, d_total, d_end, x, chunk_states, chunk_size, fast, halves)
+    return scan_backward(
+        dout, d_total, d_end, x, chunk_states, chunk_size, fast, halves, settings
+    )
 
 
 class ScanFunction(torch.autograd.Function):
