@@ -463,9 +463,7 @@ torch.library.register_autograd(
 def _backward_eager(dout, d_total, d_end, *saved_and_options):
     *tensors, chunk_states, chunk_size, fast, halves, settings = saved_and_options
     x = ScanInputs(*tensors)
-    return scan_backward(
-        dout, d_total, d_end, x, chunk_states, chunk_size, fast, halves, settings
-    )
+    return scan_backward(dout, d_total, d_end, x, chunk_states, chunk_size, fast, halves, settings)
 
 
 class ScanFunction(torch.autograd.Function):
