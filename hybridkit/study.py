@@ -450,6 +450,29 @@ def select_slots(
     return kept[i::n]
 
 
+def start_order(slots: Sequence[Slot], out: Path) -> list[Slot]:
+    """The order in which to start ``slots``: longest first, as far as the LR rule allows.
+
+    A time-limited call cuts off the runs started last, and a run cut off half-way loses all but
+    its checkpoints; a long run started last also keeps the call's other workers idle at its
+    end. So every LR-sweep run comes before any run at a chosen LR (those wait for the sweep of
+    their variant), and within each group variants with no finished run yet come first (their
+    length is unknown, and may be the longest), then the others by the mean wall time of their
+    finished runs in ``out``, longest first. Ties keep the study's order."""
+    seconds: dict[str, float] = {}
+    for variant in {s.variant for s in slots}:
+        times = []
+        for path in (out / variant).glob(f"*/{RESULT_FILE}"):
+            try:
+                record = json.loads(path.read_text())
+                times.append(float(record["train_wall_time_s"]) + float(record["eval_wall_time_s"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # an unreadable record tells nothing about the time
+        if times:
+            seconds[variant] = statistics.fmean(times)
+    return sorted(slots, key=lambda s: (s.lr is None, -seconds.get(s.variant, math.inf)))
+
+
 # --- run records -------------------------------------------------------------------------------
 def read_record(run_dir: Path, spec: StudySpec, fingerprint: str) -> dict | None:
     """A run's ``result.json`` if it exists, was trained with the recipe whose fingerprint is
@@ -696,7 +719,8 @@ def run_study(
     """Train and evaluate this invocation's runs, then report; returns the results dict.
 
     ``shard`` is ``(i, n)`` or ``"i/n"``; ``only`` is ``--only`` strings or a parsed mapping.
-    Finished runs are skipped; the report covers every finished run in ``out_dir``.
+    Finished runs are skipped; the report covers every finished run in ``out_dir``. The others
+    start longest first, as far as the LR rule allows (:func:`start_order`).
 
     ``time_budget`` (seconds from the start of this call): no run is started that would end
     past it, judged by the slowest run of this call so far (the first run always starts). Made
@@ -715,7 +739,7 @@ def run_study(
         only = parse_only(only, plan)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    todo = select_slots(plan.slots, only, shard)
+    todo = start_order(select_slots(plan.slots, only, shard), out)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"[study] {len(todo)} of the study's {len(plan.slots)} runs selected{where}")
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}

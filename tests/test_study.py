@@ -333,6 +333,31 @@ def test_jobs_scheduler_holds_chosen_lr_runs_behind_their_sweep():
     assert not _blocked(sweep, [sweep]) and not _blocked(Slot("a", 1, 1e-3), [sweep])
 
 
+def test_runs_start_longest_first_within_the_lr_rule(tmp_path):
+    """A call starts the LR-sweep runs before the chosen-LR runs (which wait for them), and in
+    each group the variants without a finished run first, then the slowest variant first (by
+    its finished runs' wall time), so the runs a time-limited call cuts off are short ones."""
+    from hybridkit.study import start_order
+
+    def finished(variant: str, lr: float, train_s: float) -> None:
+        path = tmp_path / variant / run_name(lr, 0) / RESULT_FILE
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"train_wall_time_s": train_s, "eval_wall_time_s": 1.0}))
+
+    finished("fast", 1e-3, 10.0)
+    finished("slow", 1e-3, 300.0)
+    finished("slow", 3e-3, 100.0)  # mean 201 s
+    (tmp_path / "broken" / "x").mkdir(parents=True)
+    (tmp_path / "broken" / "x" / RESULT_FILE).write_text("{not json")
+    slots = [Slot(v, 0, lr) for v in ("fast", "slow", "new", "broken") for lr in (1e-3, 3e-3)]
+    slots += [Slot(v, seed, None) for seed in (1, 2) for v in ("fast", "slow", "new")]
+    order = start_order(slots, tmp_path)
+    assert order[:8] == [Slot(v, 0, lr) for v in ("new", "broken", "slow", "fast")
+                         for lr in (1e-3, 3e-3)]  # fmt: skip
+    assert order[8:] == [Slot(v, seed, None) for v in ("new", "slow", "fast") for seed in (1, 2)]
+    assert sorted(order, key=slots.index) == slots  # the same runs, reordered
+
+
 def test_shards_partition_the_runs(tmp_path):
     study = write_study(
         tmp_path, variants={"a": [], "b": [], "c": ["model.layout=m m"]}, seeds=[0, 1, 2]
