@@ -8,7 +8,7 @@
 #   2. benchmarks/mamba3_mimo.py (MIMO R 4 against SISO at the shapes)
 #      -> $OUT/mimo.{json,md,txt};
 #   3. PROBE=1: benchmarks/mimo_probe.py --focus (per-kernel profile of the MIMO forward +
-#      backward at backward warps 4 and 8) -> $OUT/mimo_probe.txt;
+#      backward at backward warps 4, 8, and 4 with the x kernel at 8) -> $OUT/mimo_probe.txt;
 #   4. CHECK=1: benchmarks/siso_launch_check.py (every launch candidate of the tuned kernels
 #      against the reference: the tuner keeps the fastest, so a candidate that miscompiles must
 #      be found) -> $OUT/launch_check.txt.
@@ -38,8 +38,8 @@ if [ "${CHECK:-0}" = 1 ]; then
   tail -8 "$OUT/launch_check.txt"
 fi
 if [ "${PROBE:-0}" = 1 ]; then
-  timeout -k 5 150 python benchmarks/mimo_probe.py --focus > "$OUT/mimo_probe.txt" 2>&1
-  tail -4 "$OUT/mimo_probe.txt"
+  timeout -k 5 240 python benchmarks/mimo_probe.py --focus > "$OUT/mimo_probe.txt" 2>&1
+  tail -6 "$OUT/mimo_probe.txt"
 fi
 if [ "${MQAR_PROBE:-0}" = 1 ]; then
   LIMIT_S=$(( $(left) - 20 )) bash benchmarks/mqar_probe.sh > "$OUT/mqar_probe.txt" 2>&1 &

@@ -5,7 +5,8 @@ At (8, 4096, 32, 64, 128): SISO at chunks 16 / 32 / 64 and MIMO R 4 at chunks 16
 backward split by kernel. Prints one JSON line per measurement.
 
     python benchmarks/mimo_probe.py
-    python benchmarks/mimo_probe.py --focus   # MIMO R 4 only, profiled at backward warps 4 and 8
+    python benchmarks/mimo_probe.py --focus   # MIMO R 4 only, profiled at backward warps 4, 8,
+                                              # and 4 with the x kernel at 8 (bwd_x_warps)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hybridkit.kernels.mamba3.chunkscan import scan
 SHAPE = (8, 4096, 32, 64, 128)
 
 
-def run(R: int, C: int, warps: int, profile: bool = False) -> None:
+def run(R: int, C: int, warps: int, profile: bool = False, x_warps: int | None = None) -> None:
     B, L, H, P, N = SHAPE
     inp = make_inputs(B, L, H, P, N, R=R)
     for t in inp.values():
@@ -33,7 +34,7 @@ def run(R: int, C: int, warps: int, profile: bool = False) -> None:
     real = scan.kernel_chunk
     scan.kernel_chunk = lambda *a: C  # noqa: E731  (force the chunk past the tile rule)
     try:
-        with kernel_config(bwd_warps=warps):
+        with kernel_config(bwd_warps=warps, bwd_x_warps=x_warps):
 
             def fwd():
                 with torch.no_grad():
@@ -48,7 +49,7 @@ def run(R: int, C: int, warps: int, profile: bool = False) -> None:
             for _ in range(3):
                 fwd()
                 fb()
-            res = dict(R=R, C=C, rows=C * R, bwd_warps=warps)
+            res = dict(R=R, C=C, rows=C * R, bwd_warps=warps, bwd_x_warps=x_warps)
             res["fwd_ms"] = do_bench(fwd, warmup=20, rep=100, return_mode="median")
             res["fwdbwd_ms"] = do_bench(
                 fb, warmup=20, rep=100, grad_to_none=list(inp.values()), return_mode="median"
@@ -76,11 +77,11 @@ def run(R: int, C: int, warps: int, profile: bool = False) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--focus", action="store_true", help="MIMO R 4 only, profiled at 4 and 8 warps")
+    ap.add_argument("--focus", action="store_true", help="MIMO R 4 only, at several warps")
     args = ap.parse_args()
     if args.focus:
-        for warps in (4, 8):
-            run(4, 16, warps, profile=True)
+        for warps, x_warps in ((4, None), (8, None), (4, 8)):
+            run(4, 16, warps, profile=True, x_warps=x_warps)
         return
     for C in (16, 32, 64):
         run(1, C, 4)
