@@ -54,7 +54,13 @@ def token_params(model):
     return out
 
 
-MODE = {"snap": False, "nodecay": False, "decay_scale": None, "angle_scale": None}
+MODE = {
+    "snap": False,
+    "nodecay": False,
+    "decay_scale": None,
+    "angle_scale": None,
+    "snap_pair": None,
+}
 
 
 def install_patch():
@@ -68,6 +74,11 @@ def install_patch():
         if MODE.get("snap_bits") and inp.omega is not None:
             om = inp.omega.clone()  # (B, L, H, S); positions 1..L-2 are the bits
             om[:, 1:-1] = PI * torch.round(om[:, 1:-1] / PI)
+            rep["omega"] = om
+        if MODE["snap_pair"] is not None and inp.omega is not None:
+            om = inp.omega.clone()  # one angle pair of the bit tokens only, every head
+            j = MODE["snap_pair"]
+            om[:, 1:-1, :, j] = PI * torch.round(om[:, 1:-1, :, j] / PI)
             rep["omega"] = om
         if MODE["angle_scale"] is not None and inp.omega is not None:
             rep["omega"] = inp.omega * MODE["angle_scale"]

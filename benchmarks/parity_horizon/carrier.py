@@ -17,9 +17,8 @@ import torch
 
 torch.set_num_threads(1)
 
-from analyze import PI, accuracy, token_params, wrap_pm  # noqa: E402
+from analyze import MODE, PI, accuracy, install_patch, token_params, wrap_pm  # noqa: E402
 
-from hybridkit.kernels.mamba3 import reference  # noqa: E402
 from hybridkit.rundir import load_run  # noqa: E402
 
 
@@ -67,34 +66,19 @@ def main():
         f"ONE {float(tp['ONE']['omega'][hc, jc]) / PI:+.4f} pi, "
         f"e0 {float(e0[hc, jc]):+.3f} e1 {float(e1[hc, jc]):+.3f} mean {m:+.4f} rad/bit"
     )
-    orig = reference.prepare_scan_inputs
-    state = {"pair": None, "nodecay": False}
-
-    def patched(*args, **kw):
-        inp, b = orig(*args, **kw)
-        rep = {}
-        if state["pair"] is not None:
-            om = inp.omega.clone()
-            j = state["pair"]
-            om[:, 1:-1, :, j] = PI * torch.round(om[:, 1:-1, :, j] / PI)
-            rep["omega"] = om
-        if state["nodecay"]:
-            rep["adt"] = torch.zeros_like(inp.adt)
-        return inp._replace(**rep), b
-
-    reference.prepare_scan_inputs = patched
+    install_patch()
     lengths = [16, 32, 64, 128]
     print("per-pair snap of bit angles (acc % at " + "/".join(map(str, lengths)) + "):")
     for nd in (False, True):
         for j in [None] + list(range(s)):
-            state.update(pair=j, nodecay=nd)
+            MODE.update(snap_pair=j, nodecay=nd)
             r = accuracy(model, lengths, 300)
             tag = f"pair {j}" if j is not None else "no snap"
             print(
                 f"  {'no_decay ' if nd else ''}{tag}: "
                 + " ".join(f"{100 * r[L]['acc']:.1f}" for L in lengths)
             )
-    reference.prepare_scan_inputs = orig
+    MODE.update(snap_pair=None, nodecay=False)
 
     print(
         "per (head, pair) bit-angle errors, rad: e0 (ZERO vs 0), e1 (ONE vs pi), mean, "

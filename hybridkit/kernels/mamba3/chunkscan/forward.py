@@ -274,7 +274,7 @@ def _fwd_out_kernel(
     if HAS_ANG:
         dt = tl.load(DT + bat * s_db + h * s_dh + tok * s_dl, mask=mtok, other=0.0)
         _om, _c, _s, cosv, sinv = _rotation(
-            ANG, bat, h, tok, mtok, dt.to(tl.float32), NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST,
+            ANG, bat, h, tok, mtok, dt.to(tl.float32), NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
     else:
         cosv = 0.0
