@@ -10,6 +10,8 @@ a ``loc`` that already points at the key to edit, so no message parsing is neede
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import types
 import typing
@@ -59,6 +61,12 @@ class RecipeSpec(StrictModel):
         default_factory=list,
         description="modules or .py files (relative to the recipe) imported before validation",
     )
+
+
+def digest(data: object) -> str:
+    """A short, stable hash of JSON-serialisable ``data`` (keys sorted): what the checkpoint's
+    model fingerprint and a study run's recipe fingerprint compare."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_recipe(

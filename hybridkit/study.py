@@ -42,7 +42,6 @@ table and a plot of the metric at the training length against that key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -63,6 +62,7 @@ from hybridkit.fsutil import atomic_write_text
 from hybridkit.plugins import env_plugins
 from hybridkit.recipe import (
     RecipeSpec,
+    digest,
     import_plugins,
     load_recipe,
     read_yaml_mapping,
@@ -97,7 +97,7 @@ def recipe_fingerprint(recipe: RecipeSpec) -> str:
     train = {k: v for k, v in data.get("train", {}).items() if k not in OPERATIONAL_TRAIN_KEYS}
     kept = {"model": data.get("model"), "task": data.get("task"), "train": train}
     kept["seed"] = data.get("seed")
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(kept)
 
 
 METRICS = ("ex_match", "tok_acc", "scaled_acc")

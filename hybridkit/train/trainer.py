@@ -13,7 +13,6 @@ the *global* count) give the same gradient as one big batch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -26,7 +25,7 @@ from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.fsutil import atomic_write_bytes
-from hybridkit.recipe import RecipeSpec, dump_recipe, recipe_to_dict
+from hybridkit.recipe import RecipeSpec, digest, dump_recipe, recipe_to_dict
 from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
@@ -46,8 +45,7 @@ class TrainingDiverged(HybridkitError):
 
 def model_fingerprint(recipe: RecipeSpec) -> str:
     """Hash of the model section: a checkpoint only loads into the architecture that wrote it."""
-    text = json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest(recipe.model.model_dump(mode="json"))
 
 
 def _eval_record(step: int, results: list[dict]) -> dict:
