@@ -12,6 +12,9 @@
 #   4. CHECK=1: benchmarks/siso_launch_check.py (every launch candidate of the tuned kernels
 #      against the reference: the tuner keeps the fastest, so a candidate that miscompiles must
 #      be found) -> $OUT/launch_check.txt.
+#   5. DETERMINISM=1: benchmarks/determinism_check.sh (two GPU runs bitwise equal under
+#      train.deterministic, and the mode's cost) -> $OUT/determinism_tests.txt, det_*; when it
+#      fails, this call's studies run with --set train.deterministic=false.
 # STUDIES: space-separated STUDY:JOBS[:SELECTION] shares for benchmarks/study_call.sh, each
 # given what is left of CALL_S (e.g. "state_tracking:6 lengthgen_niah:8"); MQAR_PROBE=1 also runs
 # benchmarks/mqar_probe.sh beside them. The device tool brings back at most 8 files, so at the
@@ -41,12 +44,18 @@ if [ "${PROBE:-0}" = 1 ]; then
   timeout -k 5 240 python benchmarks/mimo_probe.py --focus > "$OUT/mimo_probe.txt" 2>&1
   tail -6 "$OUT/mimo_probe.txt"
 fi
+STUDY_SET=""
+if [ "${DETERMINISM:-0}" = 1 ]; then
+  OUT="$OUT" bash benchmarks/determinism_check.sh > "$OUT/determinism.txt" 2>&1
+  tail -8 "$OUT/determinism.txt"
+  grep -q "DETERMINISM_OK=1" "$OUT/determinism.txt" || STUDY_SET="--set train.deterministic=false"
+fi
 if [ "${MQAR_PROBE:-0}" = 1 ]; then
   LIMIT_S=$(( $(left) - 20 )) bash benchmarks/mqar_probe.sh > "$OUT/mqar_probe.txt" 2>&1 &
 fi
 for share in ${STUDIES:-}; do
   IFS=: read -r study jobs selection <<< "$share"
-  bash benchmarks/study_call.sh "$study" "${selection:-}" "$(( $(left) - 15 ))" "$jobs" \
+  bash benchmarks/study_call.sh "$study" "${selection:-} $STUDY_SET" "$(( $(left) - 15 ))" "$jobs" \
     > /dev/null 2>&1 &
 done
 wait

@@ -72,6 +72,12 @@ class TrainSpec(StrictModel):
         description="rows per chunk of the fused head + cross-entropy (never materialises the "
         "tokens x vocab logits); auto = 4096 on CUDA, off on CPU; null = off (full logits)",
     )
+    deterministic: bool = Field(
+        default=False,
+        description="bitwise-reproducible GPU runs of one recipe and seed: fixed kernel launches "
+        "instead of timed choices, FA4's deterministic backward, torch deterministic algorithms "
+        "(slower; hybridkit/train/determinism.py)",
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     parallel: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="data parallelism under torchrun (FSDP2 = fully_shard)"

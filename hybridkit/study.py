@@ -73,6 +73,7 @@ from hybridkit.runtime import resolve_device
 from hybridkit.schema import StrictModel
 from hybridkit.study_jobs import deferral, run_parallel
 from hybridkit.summary import human_bytes, human_count, summarize
+from hybridkit.train.determinism import deterministic_mode
 from hybridkit.train.trainer import Trainer
 from hybridkit.weights import find_weights
 
@@ -80,12 +81,14 @@ HELD_OUT_SEED_OFFSET = 7919
 RESULT_FILE = "result.json"
 
 # Train keys that change how a run executes or what it logs, not what it learns: a finished run
-# stays finished when only these differ (another machine, more frequent logs, compile on).
+# stays finished when only these differ (another machine, more frequent logs, compile on,
+# deterministic kernels: the same training, another rounding).
 OPERATIONAL_TRAIN_KEYS = frozenset(
     {
         "device", "compile", "compile_mode", "prefetch", "activation_checkpointing",
-        "loss_chunk_tokens", "parallel", "fsdp_mixed_precision", "checkpoint_format",
-        "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
+        "deterministic", "loss_chunk_tokens", "parallel", "fsdp_mixed_precision",
+        "checkpoint_format", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+        "tensorboard",
     }
 )  # fmt: skip
 
@@ -619,10 +622,11 @@ def run_slot(
     else:
         print(f"[study] {tag}evaluating {slot.variant} lr={lr:g} seed={slot.seed} ({run_dir})")
     t0 = time.time()
-    heldout = held_out_eval(run_dir, spec, device)
-    payload = _cached_eval(run_dir, spec.lengths) or evaluate_run(
-        run_dir, lengths=spec.lengths, device=device
-    )
+    with deterministic_mode(recipe.train.deterministic):
+        heldout = held_out_eval(run_dir, spec, device)
+        payload = _cached_eval(run_dir, spec.lengths) or evaluate_run(
+            run_dir, lengths=spec.lengths, device=device
+        )
     eval_time = time.time() - t0
     train_length = payload["train_length"]
     s = summarize(build_model(recipe, seed=0), seq_len=train_length)

@@ -16,6 +16,12 @@ Fields (defaults in :class:`KernelConfig`):
   place, so it cannot be timed candidate by candidate like the tuned kernels; these exist so a
   benchmark can compare launches (at 8 warps it compiles to 128 registers on sm_90: two
   programs per SM, and at batch 128 each program's chain of reductions is the limit);
+* ``deterministic``: launches that give bitwise-identical results run after run: no timing-based
+  choice of launch options (a candidate with other warps may reduce in another order, and which
+  candidate wins depends on the timing), and FlashAttention-4's deterministic backward (its
+  dQ / dK / dV accumulate in a fixed order under semaphores instead of atomics; slower).
+  ``train.deterministic`` turns it on together with torch's deterministic algorithms
+  (``hybridkit/train/determinism.py``);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``).
@@ -65,6 +71,12 @@ class KernelConfig:
     step_warps: int | None = None
     step_maxnreg: int | None = None
     fa4_decode: bool = False
+    deterministic: bool = False
+
+    @property
+    def tunes(self) -> bool:
+        """Whether tuned kernels time their candidates (``autotune`` and not ``deterministic``)."""
+        return self.autotune and not self.deterministic
 
     def __post_init__(self) -> None:
         if self.bwd_warps not in WARP_COUNTS:
@@ -113,7 +125,7 @@ def parse_env(text: str) -> KernelConfig:
 
 
 def _parse_value(key: str, raw: str) -> object:
-    if key in ("autotune", "fa4_decode"):
+    if key in ("autotune", "fa4_decode", "deterministic"):
         if raw not in ("0", "1", "true", "false"):
             raise ValueError(f"{raw!r}: allowed 0, 1, true, false")
         return raw in ("1", "true")

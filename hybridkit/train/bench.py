@@ -24,6 +24,7 @@ from hybridkit import profiling
 from hybridkit.model import HybridLM
 from hybridkit.runtime import autocast_for, elapsed_s, timer_start
 from hybridkit.train.compile import begin_step, compile_module
+from hybridkit.train.determinism import deterministic_mode
 from hybridkit.train.flops import DATASHEET_BF16_TFLOPS, FlopCount, datasheet_peak, flops_per_token
 from hybridkit.train.provenance import run_environment
 
@@ -94,6 +95,7 @@ class TrainBench:
     loss_chunk_tokens: int | None = None
     activation_checkpointing: bool = False
     compile_mode: str | None = None
+    deterministic: bool = False
     environment: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -111,6 +113,7 @@ def bench_train(
     precision: str = "auto",
     compile_model: bool = False,
     compile_mode: str | None = None,
+    deterministic: bool = False,
     profile: bool = True,
     # what a step calls when it is not ``model`` (a DDP wrapper, whose hooks reduce the
     # gradients); ``model`` still gives the spec and the FLOP count
@@ -120,7 +123,8 @@ def bench_train(
 
     The model and optimizer are used as given (built from a recipe by the caller), so what is
     measured is exactly what training runs. ``compile_mode`` is ``torch.compile``'s ``mode``
-    (e.g. ``max-autotune-no-cudagraphs``: Inductor times GEMM configurations for our shapes)."""
+    (e.g. ``max-autotune-no-cudagraphs``: Inductor times GEMM configurations for our shapes).
+    ``deterministic`` runs every step as ``train.deterministic`` does (its cost is measured)."""
     device = next(model.parameters()).device
     vocab = model.spec.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -132,13 +136,14 @@ def bench_train(
     tokens = batch * seq_len
 
     def step() -> None:
-        if compile_model:
-            begin_step(mode)
-        with autocast_for(device, precision):
-            loss = forward(inputs, targets=targets) / tokens
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with deterministic_mode(deterministic):
+            if compile_model:
+                begin_step(mode)
+            with autocast_for(device, precision):
+                loss = forward(inputs, targets=targets) / tokens
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
         step()
@@ -176,6 +181,7 @@ def bench_train(
         loss_chunk_tokens=model.loss_chunk_tokens,
         compile_mode=compile_mode if compile_model else None,
         activation_checkpointing=model.activation_checkpointing,
+        deterministic=deterministic,
         environment=run_environment(device),
     )
 
@@ -211,7 +217,8 @@ def markdown(result: TrainBench) -> str:
         "",
         f"FLOPs per token: {result.flops['per_token']:.3g} ({result.flops['formula']}).",
         f"Loss: {_loss_text(result.loss_chunk_tokens)}; activation checkpointing "
-        f"{'on' if result.activation_checkpointing else 'off'}.",
+        f"{'on' if result.activation_checkpointing else 'off'}"
+        f"{'; deterministic kernels (train.deterministic)' if result.deterministic else ''}.",
     ]
     env = result.environment
     if env:

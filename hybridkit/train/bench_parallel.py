@@ -29,6 +29,7 @@ from hybridkit.recipe import RecipeSpec
 from hybridkit.runtime import resolve_device
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.bench import TrainBench, bench_train, markdown
+from hybridkit.train.determinism import prepare_process
 from hybridkit.train.optim import build_optimizer
 
 __all__ = ["ParallelBench", "bench_recipe", "parallel_markdown"]
@@ -88,6 +89,7 @@ def bench_recipe(
     process group stays up (a caller may still need it); end it with
     :func:`hybridkit.train.distributed.shutdown`."""
     spec = recipe.train
+    prepare_process(spec.deterministic)
     name = device if device != "auto" else spec.device
     info = dist_utils.init_distributed(resolve_device(name).type)
     where = resolve_device(name, info.local_rank)
@@ -108,6 +110,7 @@ def bench_recipe(
         precision=spec.precision,
         compile_model=compile_model,
         compile_mode=spec.compile_mode,
+        deterministic=spec.deterministic,
         profile=profile,
         module=None if wrapped is model else wrapped,
     )

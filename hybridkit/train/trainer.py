@@ -31,6 +31,7 @@ from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint, write_checkpoint
 from hybridkit.train.compile import begin_step, compile_module
+from hybridkit.train.determinism import deterministic_mode, prepare_process
 from hybridkit.train.flops import FlopCount, datasheet_peak, flops_per_token, throughput
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
@@ -93,6 +94,7 @@ class Trainer:
         self.progress = progress
         self.stop_after = stop_after
         self.seed = self.spec.seed if self.spec.seed is not None else recipe.seed
+        prepare_process(self.spec.deterministic)  # before anything touches cuBLAS
         probe = resolve_device(self.spec.device)
         self.dist = dist_utils.init_distributed(probe.type)
         self.device = resolve_device(self.spec.device, self.dist.local_rank)
@@ -332,7 +334,13 @@ class Trainer:
         which also times the whole interval: :meth:`fit` synchronises only the steps it logs,
         evaluates or checkpoints (a checkpoint is never written past a non-finite step). The
         record of an unsynchronised step holds only ``step`` and ``lr``.
+
+        With ``train.deterministic`` the step runs in :func:`deterministic_mode`.
         """
+        with deterministic_mode(self.spec.deterministic):
+            return self._train_step(sync)
+
+    def _train_step(self, sync: bool) -> dict:
         spec, step = self.spec, self.step
         if self._interval_start is None:
             self._interval_start, self._interval_first = time.perf_counter(), step
@@ -425,14 +433,15 @@ class Trainer:
     def evaluate(self, lengths: list[int] | None = None) -> list[dict]:
         ev = self.recipe.eval
         lengths = lengths or [self.recipe.task.seq_len]
-        return evaluate_lengths(
-            self.model,
-            self.task,
-            lengths,
-            batch_size=ev.batch_size,
-            precision=self.spec.precision,
-            decode_examples=0,
-        )
+        with deterministic_mode(self.spec.deterministic):
+            return evaluate_lengths(
+                self.model,
+                self.task,
+                lengths,
+                batch_size=ev.batch_size,
+                precision=self.spec.precision,
+                decode_examples=0,
+            )
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -9,7 +9,7 @@ treat attention as one node:
 * ``hybridkit::fa4_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left,
   return_lse) -> (out, lse)``
 * ``hybridkit::fa4_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal,
-  window_left) -> (dq, dk, dv)``
+  window_left, deterministic=False) -> (dq, dk, dv)``
 
 Layout is FA4's own, (batch, seqlen, heads, head_dim), so the ops pass tensors straight through:
 no copies, no transposes (packed sequences are a batch of one; ``q[0]`` is a view). ``window_left``
@@ -42,6 +42,7 @@ from hybridkit.kernels.attention.reference import (
     masked_scores,
     packed_attention_mask,
 )
+from hybridkit.kernels.config import current_config
 
 FA4_MODULE = "flash_attn.cute.interface"
 _FA4_ENTRY_POINTS = ("_flash_attn_fwd", "_flash_attn_bwd")
@@ -134,8 +135,11 @@ def fa4_backward(
     softmax_scale: float,
     causal: bool,
     window_left: Optional[int],  # noqa: UP045
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """FA4 backward (SM90+): gradients of q, k, v, each contiguous with its input's shape."""
+    """FA4 backward (SM90+): gradients of q, k, v, each contiguous with its input's shape.
+    ``deterministic``: FA4's fixed-order accumulation of dQ (and of dK / dV under GQA) instead
+    of atomics, so that the gradients are bitwise the same run after run (slower)."""
     fa = _interface()
     varlen = cu_seqlens is not None
     if varlen:
@@ -156,6 +160,7 @@ def fa4_backward(
         cu_seqlens_k=cu_seqlens,
         max_seqlen_q=max_seqlen,
         max_seqlen_k=max_seqlen,
+        deterministic=deterministic,
     )[:3]
     if varlen:
         dq, dk, dv = dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
@@ -204,17 +209,17 @@ def fa4_bwd(
     softmax_scale: float,
     causal: bool,
     window_left: Optional[int],  # noqa: UP045
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """FA4 backward (SM90+): gradients of q, k, v, each contiguous with its input's shape."""
-    return fa4_backward(
-        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window_left
-    )
+    """FA4 backward (SM90+): gradients of q, k, v, each contiguous with its input's shape.
+    ``deterministic``: FA4's fixed-order accumulation of dQ (and of dK / dV under GQA) instead
+    of atomics, so that the gradients are bitwise the same run after run (slower)."""
+    tensors = (dout, q, k, v, out, lse, cu_seqlens)
+    return fa4_backward(*tensors, max_seqlen, softmax_scale, causal, window_left, deterministic)
 
 
 @fa4_bwd.register_fake
-def _fa4_bwd_fake(
-    dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window_left
-):
+def _fa4_bwd_fake(dout, q, k, v, *_options):  # (out, lse, cu_seqlens, ..., deterministic)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -225,6 +230,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
     ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
     ctx.causal, ctx.window_left = causal, window_left
+    # read at the forward: autograd runs a CUDA backward in a thread of its own, where the
+    # kernel_config block around the training step is not in force
+    ctx.deterministic = current_config().deterministic
     ctx.mark_non_differentiable(lse)
 
 
@@ -249,6 +257,7 @@ def _backward(ctx, dout: Tensor, _dlse: Tensor):
         ctx.softmax_scale,
         ctx.causal,
         ctx.window_left,
+        ctx.deterministic,
     )
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -270,7 +279,8 @@ class FA4Function(torch.autograd.Function):
             q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_left, return_lse
         )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.args = (max_seqlen, softmax_scale, causal, window_left)
+        deterministic = current_config().deterministic  # see _setup_context
+        ctx.args = (max_seqlen, softmax_scale, causal, window_left, deterministic)
         return out
 
     @staticmethod
@@ -318,7 +328,18 @@ def _fa4_fwd_cpu(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window_
 
 @fa4_bwd.register_kernel("cpu")
 def _fa4_bwd_cpu(
-    dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window_left
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens,
+    max_seqlen,
+    softmax_scale,
+    causal,
+    window_left,
+    deterministic=False,  # the emulation is deterministic either way
 ):
     # Explicit softmax backward: autograd does not record below the op's autograd key.
     scores = _emulated_scores(q, k, cu_seqlens, softmax_scale, causal, window_left)

@@ -54,7 +54,7 @@ class TunedKernel:
     def _options(self, grid, args, kw) -> dict:
         if interpreting():
             return dict(num_warps=1, num_stages=1)
-        if not current_config().autotune:
+        if not current_config().tunes:
             return launch_options(*self.default)
         key = tuple(kw[k] for k in self.keys)
         key += tuple(a.dtype for a in args if isinstance(a, Tensor))

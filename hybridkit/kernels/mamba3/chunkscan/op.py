@@ -200,10 +200,11 @@ def _grad_buffers(x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bo
 
 def backward_settings() -> list[int]:
     """The kernel settings the backward launches with, read when the forward runs:
-    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, autotune]`` (ints, so that they pass
-    through the backward op's schema and are constants of a compiled graph)."""
+    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes]`` (ints, so that they pass
+    through the backward op's schema and are constants of a compiled graph; ``tunes`` is
+    ``autotune`` unless ``deterministic`` turns the timing off)."""
     cfg = current_config()
-    return [cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.autotune)]
+    return [cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.tunes)]
 
 
 def scan_backward(

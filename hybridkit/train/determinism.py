@@ -1,0 +1,79 @@
+"""``train.deterministic``: the same recipe and seed give bitwise the same run on the same GPU.
+
+The trainer already makes everything it chooses a function of the seed and the step (batches,
+learning rate, initialisation; ``hybridkit/train/trainer.py``). What still differs between two
+GPU runs of one recipe is how some kernels add numbers up:
+
+* **Choices made by timing.** Our tuned Triton kernels (``kernels/mamba3/chunkscan/launch.py``)
+  and Inductor's reduction kernels pick a launch configuration by timing the candidates, and the
+  fastest one depends on what else the GPU is doing (several study runs share it). Candidates
+  with other warp counts or block sizes reduce in another order, so their sums differ in the last
+  bits, and a run of thousands of steps amplifies that into another sample of the seed's
+  outcome: two GPU runs of one NIAH recipe and seed, a day (and some kernel changes) apart,
+  scored 89 % and 4 % at 8x the training length (``benchmarks/results/lengthgen_niah``).
+* **Atomics.** FlashAttention-4's backward accumulates dQ with atomic adds from several thread
+  blocks; some torch ops (``index_add``, ``scatter_add`` and friends) do the same.
+
+The mode turns all of these off: kernel launches from fixed defaults (``KernelConfig``'s
+``deterministic``, which also selects FA4's semaphore-ordered backward), Inductor without
+on-device benchmarking (``torch._inductor.config.deterministic`` where the installed torch has
+it), and ``torch.use_deterministic_algorithms`` (warn-only: an op without a deterministic
+implementation warns once instead of stopping a run). It costs speed, mostly in the attention
+backward; ``benchmarks/determinism_check.py`` measures both the cost and that two runs agree.
+
+Determinism here means one GPU model, one software stack and one GPU count; no promise across
+them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from hybridkit.kernels.config import kernel_config
+
+#: cuBLAS keeps its results reproducible across streams only with a fixed workspace
+#: configuration; torch's deterministic mode asks for one of these two values.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def prepare_process(enabled: bool) -> None:
+    """Process-level settings that must precede the first cuBLAS call: the workspace
+    configuration (only set when the variable is unset, so a user's choice wins)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """Run a block deterministically (see the module docstring); a no-op when not ``enabled``.
+
+    torch's flag and Inductor's setting are process-wide, so they are restored on exit: code
+    around the block (another run in the same process, an evaluation) keeps its own settings.
+    """
+    if not enabled:
+        yield
+        return
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with _inductor_deterministic(), kernel_config(deterministic=True):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+
+
+def _inductor_deterministic() -> contextlib.AbstractContextManager:
+    """Inductor without timing-based kernel choices, on torch versions that have the switch
+    (``torch._inductor.config.deterministic``); elsewhere nothing."""
+    try:
+        from torch._inductor import config as inductor_config
+    except ImportError:  # pragma: no cover - every torch we support has Inductor
+        return contextlib.nullcontext()
+    if not hasattr(inductor_config, "deterministic"):
+        return contextlib.nullcontext()
+    return inductor_config.patch(deterministic=True)

@@ -1,0 +1,230 @@
+"""``train.deterministic``: what the mode switches, that it is restored, that the kernels see it
+(the scan's and FA4's backward included, which autograd runs in another thread on a GPU), that
+training under it is the same training, and (``-m gpu``) that two GPU runs agree bitwise."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hybridkit.kernels import config
+from hybridkit.recipe import load_recipe
+from hybridkit.study import recipe_fingerprint
+from hybridkit.train.determinism import CUBLAS_WORKSPACE, deterministic_mode, prepare_process
+from hybridkit.train.trainer import Trainer
+from tests.helpers import checkout_env
+from tests.test_train import make, recipe_dict, weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).parent.parent
+
+
+def _inductor_flag() -> bool | None:
+    from torch._inductor import config as inductor_config
+
+    return getattr(inductor_config, "deterministic", None)
+
+
+def test_mode_switches_everything_on_and_restores_it():
+    """Inside: torch's deterministic algorithms (warn-only), Inductor without timing, our kernel
+    config deterministic (so no timed launch choice, and the scan's backward records that);
+    outside, and after an exception, everything as before. Disabled, nothing changes."""
+    from hybridkit.kernels.mamba3.chunkscan.op import backward_settings
+
+    before = (torch.are_deterministic_algorithms_enabled(), _inductor_flag())
+    assert config.current_config().tunes and backward_settings()[3] == 1
+    with deterministic_mode(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert not config.current_config().deterministic
+    with pytest.raises(RuntimeError, match="boom"), deterministic_mode(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        cfg = config.current_config()
+        assert cfg.deterministic and cfg.autotune and not cfg.tunes
+        assert backward_settings()[3] == 0
+        if before[1] is not None:
+            assert _inductor_flag() is True
+        raise RuntimeError("boom")
+    assert (torch.are_deterministic_algorithms_enabled(), _inductor_flag()) == before
+    assert not config.current_config().deterministic
+
+
+def test_mode_keeps_an_outer_setting():
+    """A block inside code that already runs deterministically (not warn-only) leaves it so."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        with deterministic_mode(True):
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_cublas_workspace_is_set_only_when_asked_and_unset(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    prepare_process(False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    prepare_process(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    prepare_process(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_kernel_setting_parses_from_the_environment(monkeypatch):
+    monkeypatch.setenv(config.ENV_VAR, "deterministic=1")
+    assert config.current_config().deterministic and not config.current_config().tunes
+    monkeypatch.setenv(config.ENV_VAR, "deterministic=yes")
+    with pytest.raises(ValueError, match=r"HYBRIDKIT_KERNELS=.*deterministic: 'yes': allowed 0"):
+        config.current_config()
+
+
+def test_tuned_kernels_launch_their_default_without_timing(monkeypatch):
+    """Deterministic: the default candidate, no timing run and nothing cached (the choice of
+    a timed run depends on what else the GPU does, and candidates reduce in other orders)."""
+    from hybridkit.kernels.mamba3.chunkscan import launch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    launched: list[dict] = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append(kw)
+
+    def no_timing(fn):
+        raise AssertionError("timed a candidate in deterministic mode")
+
+    monkeypatch.setattr(launch, "_median_ms", no_timing)
+    tuned = launch.TunedKernel(FakeKernel(), ["C"], (4, 8, (4, 168)), default=(4, 168))
+    with config.kernel_config(autotune=True, deterministic=True):
+        tuned[(1,)](torch.zeros(1), C=16)
+    assert launched == [{"num_warps": 4, "num_stages": 1, "maxnreg": 168, "C": 16}]
+    assert tuned.best == {}
+
+
+class _Calls(TorchDispatchMode):
+    """Records the arguments of every call of one op."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name, self.calls = name, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.name().startswith(self.name):
+            self.calls.append((args, kwargs))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fa4_backward_gets_the_setting_of_its_forward(deterministic):
+    """The forward runs inside the mode and the backward outside it (as on a GPU, where
+    autograd's backward thread does not see the block): FA4's backward op still receives the
+    forward's setting. CPU: the op's emulation, through the registered autograd formula."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 16, requires_grad=True) for _ in range(3))
+    with deterministic_mode(deterministic):
+        out, _ = torch.ops.hybridkit.fa4_fwd(q, k, v, None, None, 0.25, True, None, True)
+    calls = _Calls("hybridkit::fa4_bwd")
+    with calls:
+        out.square().sum().backward()
+    assert len(calls.calls) == 1
+    args, kwargs = calls.calls[0]
+    assert kwargs.get("deterministic", args[11] if len(args) > 11 else False) is deterministic
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_fa4_backward_op_accepts_the_flag():
+    """Schema and fake impl take ``deterministic`` (opcheck: fake vs real, autograd wiring)."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 8, 4, 16)
+    k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)  # GQA: 4 query heads on 2
+    out, lse = torch.ops.hybridkit.fa4_fwd(q, k, v, None, None, 0.25, True, None, True)
+    dout = torch.randn_like(out)
+    args = (dout, q, k, v, out, lse, None, None, 0.25, True, None, True)
+    torch.library.opcheck(torch.ops.hybridkit.fa4_bwd.default, args)
+    det = torch.ops.hybridkit.fa4_bwd(*args)
+    plain = torch.ops.hybridkit.fa4_bwd(*args[:-1])
+    assert all(torch.equal(a, b) for a, b in zip(det, plain, strict=True))
+
+
+def test_training_under_the_mode_is_the_same_training(tmp_path):
+    """On the CPU every kernel is deterministic already: the mode must not change a bit of the
+    run. During its steps torch's flag is on; afterwards the process is as before. A study
+    counts the key as operational (a finished run stays finished when it is switched on)."""
+    seen: list[bool] = []
+    plain, det = make(steps=6, checkpoint_every=3), make(steps=6, checkpoint_every=3)
+    det.train.deterministic = True
+    Trainer(plain, tmp_path / "a", resume=None, progress=False).fit()
+    trainer = Trainer(det, tmp_path / "b", resume=None, progress=False)
+    trainer.model.register_forward_hook(
+        lambda *_: seen.append(torch.are_deterministic_algorithms_enabled())
+    )
+    trainer.fit()
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert recipe_fingerprint(plain) == recipe_fingerprint(det)
+
+
+def test_a_bad_value_names_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    recipe = recipe_dict(steps=2)
+    recipe["train"]["deterministic"] = "sometimes"
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(Exception, match=r"train\.deterministic"):
+        load_recipe(path)
+
+
+# --- on the GPU ---------------------------------------------------------------------------------
+_TRAIN = """
+import hashlib, sys
+from pathlib import Path
+from hybridkit.rundir import load_source
+from hybridkit.train.trainer import Trainer
+recipe, _ = load_source(sys.argv[1], sys.argv[4:])
+stop = int(sys.argv[3]) or None
+Trainer(recipe, sys.argv[2], resume="auto", progress=False, stop_after=stop).fit()
+"""
+
+
+def _train(recipe: Path, out: Path, overrides: list[str], stop_after: int = 0) -> str:
+    """Train in a fresh process (nothing cached in-process: Inductor's and our launch choices
+    are made again); returns a hash of the final weights ("" while the run is unfinished)."""
+    cmd = [sys.executable, "-c", _TRAIN, str(recipe), str(out), str(stop_after), *overrides]
+    subprocess.run(cmd, check=True, env=checkout_env(), cwd=ROOT, timeout=900)
+    final = out / "model.safetensors"
+    return hashlib.sha256(final.read_bytes()).hexdigest() if final.is_file() else ""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_gpu_runs_are_bitwise_identical(tmp_path, compiled):
+    """The NIAH study's hybrid (Triton scan, FA4 where installed, bf16), 60 steps, twice in
+    fresh processes with ``train.deterministic``: the same weights, bit for bit; and a run
+    stopped after step 45 (newest checkpoint 30) and resumed in another process ends on those
+    weights too."""
+    recipe = ROOT / "hybridkit" / "recipes" / "niah_m.yaml"
+    common = [
+        "train.steps=60",
+        "train.checkpoint_every=30",
+        "train.warmup_steps=6",
+        "train.deterministic=true",
+        f"train.compile={str(compiled).lower()}",
+        "model.blocks.m.mixer.outproj_norm=grouped_pregate",
+    ]
+    first = _train(recipe, tmp_path / "a", common)
+    assert _train(recipe, tmp_path / "b", common) == first
+    assert _train(recipe, tmp_path / "c", common, stop_after=45) == ""
+    assert _train(recipe, tmp_path / "c", common) == first
