@@ -6,7 +6,8 @@ backward split by kernel. Prints one JSON line per measurement.
 
     python benchmarks/mimo_probe.py
     python benchmarks/mimo_probe.py --focus   # MIMO R 4 only, profiled at backward warps 4, 8,
-                                              # and 4 with the x kernel at 8 (bwd_x_warps)
+                                              # and 4 with the x kernel at 8 (bwd_x_warps);
+                                              # then chunk 32 (128 rows) at 8 warps
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def main() -> None:
     if args.focus:
         for warps, x_warps in ((4, None), (8, None), (4, 8)):
             run(4, 16, warps, profile=True, x_warps=x_warps)
+        # 128-row chunks (half the chunk states) with a backward that really runs 8 warps: the
+        # 2026-12-03 "C 32 at 8 warps" row ran 4 (the kernel_config did not reach the backward)
+        run(4, 32, 8)
         return
     for C in (16, 32, 64):
         run(1, C, 4)
