@@ -5,7 +5,9 @@ Attribution is by the profiled kernel's (or op's) name against an ordered list o
 so it is approximate (a matmul inside the Mamba-3 layer's projections counts as a matmul). On a
 GPU only kernel events are summed: the CPU op that launched a kernel (``aten::mm`` for a GEMM)
 reports the same time as its own "self device time", and adding both counted every kernel
-twice. Kernels replayed from a CUDA graph are reported one by one like launched ones. On a CPU
+twice; the GPU-side spans of ``record_function`` ranges (user annotations, e.g. torch.compile's
+"Torch-Compiled Region" or the optimizer step) are left out for the same reason. Kernels
+replayed from a CUDA graph are reported one by one like launched ones. On a CPU
 the top-level ops' self time is summed instead.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Categories", "KernelProfile", "categorize", "profile_kernels"]
+__all__ = ["Categories", "KernelProfile", "categorize", "profile_kernels", "sum_events"]
 
 #: ``(category, name fragments)``, matched in order against lower-cased kernel names
 Categories = Sequence[tuple[str, Sequence[str]]]
@@ -47,7 +49,6 @@ def profile_kernels(
 ) -> KernelProfile:
     """Run ``fn`` once under the torch profiler; its time and kernel count per category,
     largest first."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -57,7 +58,17 @@ def profile_kernels(
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    events = list(prof.key_averages())
+    return sum_events(list(prof.key_averages()), device, categories)
+
+
+def sum_events(events: Sequence, device: torch.device, categories: Categories) -> KernelProfile:
+    """Per-category time and count of profiler events (``prof.key_averages()``), each kernel
+    once: on a GPU only the device's kernel events, never the CPU ops that launched them nor
+    the GPU-side spans of ``record_function`` ranges (user annotations: torch.compile's
+    compiled regions, the optimizer's step), which cover many kernels each and would count
+    them again (torch's own summary table leaves them out for the same reason)."""
+    from torch.autograd import DeviceType
+
     kernels_only = device.type == "cuda" and any(
         getattr(e, "device_type", None) == DeviceType.CUDA for e in events
     )
@@ -67,6 +78,8 @@ def profile_kernels(
         if device.type == "cuda":
             if kernels_only and getattr(event, "device_type", None) != DeviceType.CUDA:
                 continue  # a CPU op: its kernels are listed as events of their own
+            if getattr(event, "is_user_annotation", False):
+                continue  # a range around kernels listed on their own
             us = getattr(event, "self_device_time_total", None)
             if us is None:
                 us = getattr(event, "self_cuda_time_total", 0.0)

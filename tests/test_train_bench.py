@@ -51,6 +51,43 @@ def test_kernel_names_fall_into_categories():
     assert categorize("void at::native::direct_copy_kernel_cuda") == "copies and casts"
 
 
+def test_gpu_breakdown_counts_each_kernel_once():
+    """On a GPU only kernel events count: not the CPU op that launched a kernel (it reports the
+    kernel's time as its own device time) and not a ``record_function`` range's GPU span (a
+    user annotation: torch.compile's compiled region or the optimizer step covers many
+    kernels). Before user annotations were left out, a compiled step's breakdown summed to
+    about twice the step."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from hybridkit.profiling import sum_events
+    from hybridkit.train.bench import CATEGORIES
+
+    def event(key, us, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(
+            key=key, self_device_time_total=us, self_cpu_time_total=1.0, count=1,
+            device_type=device, is_user_annotation=annotation,
+        )  # fmt: skip
+
+    events = [
+        event("sm90_xmma_gemm_bf16", 300.0),
+        event("aten::mm", 300.0, device=DeviceType.CPU),
+        event("_bwd_x_kernel", 200.0),
+        event("Torch-Compiled Region: 0/0", 500.0, annotation=True),
+        event("Optimizer.step#AdamW.step", 100.0, annotation=True),
+        event("multi_tensor_apply_kernel", 100.0),
+    ]
+    prof = sum_events(events, torch.device("cuda"), CATEGORIES)
+    assert prof.ms == {
+        "matmuls (projections, MLP, head)": 0.3,
+        "mamba3 scan": 0.2,
+        "optimizer": 0.1,
+    }
+    cpu = sum_events(events, torch.device("cpu"), CATEGORIES)
+    assert sum(cpu.count.values()) == len(events)  # ops' own time on a CPU, each counted
+
+
 def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):
     from hybridkit.cli import main
 
