@@ -38,9 +38,15 @@ def test_mode_switches_everything_on_and_restores_it():
     """Inside: torch's deterministic algorithms (warn-only), Inductor without timing, our kernel
     config deterministic (so no timed launch choice, and the scan's backward records that);
     outside, and after an exception, everything as before. Disabled, nothing changes."""
+    import torch.utils.deterministic as fill
+
     from hybridkit.kernels.mamba3.chunkscan.op import backward_settings
 
-    before = (torch.are_deterministic_algorithms_enabled(), _inductor_flag())
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        _inductor_flag(),
+        fill.fill_uninitialized_memory,
+    )
     assert config.current_config().tunes and backward_settings()[3] == 1
     with deterministic_mode(False):
         assert not torch.are_deterministic_algorithms_enabled()
@@ -51,10 +57,16 @@ def test_mode_switches_everything_on_and_restores_it():
         cfg = config.current_config()
         assert cfg.deterministic and cfg.autotune and not cfg.tunes
         assert backward_settings()[3] == 0
+        assert not fill.fill_uninitialized_memory
         if before[1] is not None:
             assert _inductor_flag() is True
         raise RuntimeError("boom")
-    assert (torch.are_deterministic_algorithms_enabled(), _inductor_flag()) == before
+    after = (
+        torch.are_deterministic_algorithms_enabled(),
+        _inductor_flag(),
+        fill.fill_uninitialized_memory,
+    )
+    assert after == before
     assert not config.current_config().deterministic
 
 

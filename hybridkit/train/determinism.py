@@ -18,7 +18,9 @@ The mode turns all of these off: kernel launches from fixed defaults (``KernelCo
 ``deterministic``, which also selects FA4's semaphore-ordered backward), Inductor without
 on-device benchmarking (``torch._inductor.config.deterministic`` where the installed torch has
 it), and ``torch.use_deterministic_algorithms`` (warn-only: an op without a deterministic
-implementation warns once instead of stopping a run). It costs speed, mostly in the attention
+implementation warns instead of stopping a run), without its filling of every ``torch.empty``
+with NaN (our kernels write all of their outputs, and the fill would cost a pass over every
+buffer). It costs speed, mostly in the attention
 backward; ``benchmarks/determinism_check.py`` measures both the cost and that two runs agree.
 
 Determinism here means one GPU model, one software stack and one GPU count; no promise across
@@ -60,11 +62,29 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     was_on = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    fill = _fill_flag()
+    was_filling = getattr(fill, "fill_uninitialized_memory", None)
+    if was_filling is not None:
+        # torch's deterministic mode also fills every torch.empty with NaN; our kernels write
+        # all of their (empty-allocated) outputs, and filling the scan's chunk states alone is
+        # hundreds of MB per layer and step at the benchmark shapes
+        fill.fill_uninitialized_memory = False
     try:
         with _inductor_deterministic(), kernel_config(deterministic=True):
             yield
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        if was_filling is not None:
+            fill.fill_uninitialized_memory = was_filling
+
+
+def _fill_flag():
+    """The module holding torch's ``fill_uninitialized_memory`` switch, or None."""
+    try:
+        import torch.utils.deterministic as fill
+    except ImportError:  # pragma: no cover - torch < 2.1
+        return None
+    return fill
 
 
 def _inductor_deterministic() -> contextlib.AbstractContextManager:
