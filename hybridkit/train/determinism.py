@@ -20,8 +20,8 @@ on-device benchmarking (``torch._inductor.config.deterministic`` where the insta
 it), and ``torch.use_deterministic_algorithms`` (warn-only: an op without a deterministic
 implementation warns instead of stopping a run), without its filling of every ``torch.empty``
 with NaN (our kernels write all of their outputs, and the fill would cost a pass over every
-buffer). It costs speed, mostly in the attention
-backward; ``benchmarks/determinism_check.py`` measures both the cost and that two runs agree.
+buffer). It costs speed, mostly in the attention backward (an expectation: the cost is not
+measured yet); ``benchmarks/determinism_check.sh`` measures it and checks that two runs agree.
 
 Determinism here means one GPU model, one software stack and one GPU count; no promise across
 them.
