@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from hybridkit.cache import InferenceCache
 from hybridkit.kernels.loss import cross_entropy_sum
 from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.layers.linear import Linear
 from hybridkit.layers.norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class HybridLM(nn.Module):
             for i, b in enumerate(layers)
         )
         self.norm_f = RMSNorm(spec.d_model, spec.norm_eps)
-        self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.d_model, spec.vocab_size, bias=False)
         # recompute each block in the backward instead of keeping its activations (training
         # only: a call with a cache or without gradients runs the blocks directly)
         self.activation_checkpointing = False

@@ -22,6 +22,9 @@ Fields (defaults in :class:`KernelConfig`):
   dQ / dK / dV accumulate in a fixed order under semaphores instead of atomics; slower).
   ``train.deterministic`` turns it on together with torch's deterministic algorithms
   (``hybridkit/train/determinism.py``);
+* ``skinny_linear``: linears of at most 16 rows at inference (the decode step's projections and
+  head) through our Triton kernel instead of cuBLAS (``hybridkit/kernels/linear``; off until its
+  GPU benchmark, ``benchmarks/skinny_linear.py``, shows it faster);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``).
@@ -72,6 +75,7 @@ class KernelConfig:
     step_maxnreg: int | None = None
     fa4_decode: bool = False
     deterministic: bool = False
+    skinny_linear: bool = False
 
     @property
     def tunes(self) -> bool:
@@ -125,7 +129,7 @@ def parse_env(text: str) -> KernelConfig:
 
 
 def _parse_value(key: str, raw: str) -> object:
-    if key in ("autotune", "fa4_decode", "deterministic"):
+    if key in ("autotune", "fa4_decode", "deterministic", "skinny_linear"):
         if raw not in ("0", "1", "true", "false"):
             raise ValueError(f"{raw!r}: allowed 0, 1, true, false")
         return raw in ("1", "true")

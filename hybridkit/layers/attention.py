@@ -6,11 +6,11 @@ from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
-from torch import nn
 
 from hybridkit.cache import InferenceCache, KVCache, kv_capacity
 from hybridkit.kernels import attention as attn_ops
 from hybridkit.layers.base import Layer, LayerSpec
+from hybridkit.layers.linear import Linear
 from hybridkit.layers.norm import RMSNorm
 from hybridkit.layers.rotary import RotaryEmbedding, rotate_half_pairs
 from hybridkit.registry import register_layer
@@ -45,8 +45,8 @@ class Attention(Layer):
         self.n_kv_heads = spec.n_kv_heads or self.n_heads
         self.head_dim = spec.head_dim
         qkv = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.wqkv = nn.Linear(d_model, qkv, bias=spec.qkv_bias)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=spec.out_bias)
+        self.wqkv = Linear(d_model, qkv, bias=spec.qkv_bias)
+        self.out_proj = Linear(self.n_heads * self.head_dim, d_model, bias=spec.out_bias)
         self.q_norm = RMSNorm(self.head_dim) if spec.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if spec.qk_norm else None
         self.rotary = (

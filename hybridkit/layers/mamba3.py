@@ -25,6 +25,7 @@ from hybridkit.kernels.mamba3.gates import heavy_tail, scalar_gates  # noqa: F40
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, gated_output
 from hybridkit.layers.base import Layer, LayerSpec
+from hybridkit.layers.linear import Linear
 from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
 from hybridkit.registry import register_layer
 
@@ -62,7 +63,7 @@ class Mamba3(Layer):
             n_trap,
             self.n_angles,
         ]
-        self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False)
+        self.in_proj = Linear(d_model, sum(self.split_sizes), bias=False)
 
         # dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max], floored
         # (docs/mamba3.md 1.9).
@@ -89,7 +90,7 @@ class Mamba3(Layer):
             self.norm = GatedRMSNorm(
                 self.d_inner, group, norm_before_gate=norm.endswith("pregate"), eps=spec.norm_eps
             )
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.out_proj = Linear(self.d_inner, d_model, bias=False)
 
     # ------------------------------------------------------------------------------------------
     def state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:

@@ -6,10 +6,10 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from hybridkit.kernels.swiglu import swiglu
 from hybridkit.layers.base import Layer, LayerSpec
+from hybridkit.layers.linear import Linear
 from hybridkit.registry import register_layer
 
 
@@ -25,8 +25,8 @@ class SwiGLU(Layer):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
         d_ff = spec.resolved_d_ff(d_model)
-        self.fc1 = nn.Linear(d_model, 2 * d_ff, bias=spec.bias)
-        self.fc2 = nn.Linear(d_ff, d_model, bias=spec.bias)
+        self.fc1 = Linear(d_model, 2 * d_ff, bias=spec.bias)
+        self.fc2 = Linear(d_ff, d_model, bias=spec.bias)
         self.act_backend = "auto"
 
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""The one dispatch point for the model's linear layers: ``torch.nn.functional.linear``, or our
+Triton kernel for calls with few rows (decoding, :mod:`.triton_kernels`).
+
+``backend``: ``torch``; ``triton`` (forced, also on the CPU through the interpreter, for tests);
+``auto``: ``triton`` when the kernel setting ``skinny_linear`` is on (off by default until its
+GPU benchmark says it wins) and the call is an inference-time product of at most 16 rows of a
+bf16 / fp16 / fp32 CUDA tensor, outside ``torch.compile`` (Inductor plans its own matmuls) and
+without autograd (the kernel has no backward) and outside autocast; ``torch`` otherwise, so
+training never runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from hybridkit.kernels.config import current_config
+
+__all__ = ["BACKENDS", "linear", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "triton")
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_MAX_ROWS = 16  # mirrors triton_kernels.MAX_ROWS (importing it needs Triton)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def resolve_backend(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> str:
+    """The backend that runs for ``backend`` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown linear backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if torch.compiler.is_compiling() or not (_HAVE_TRITON and _on_cuda(x)) or _autocast():
+        return "torch"
+    rows = x.numel() // max(x.shape[-1], 1)
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    usable = (
+        0 < rows <= _MAX_ROWS
+        and not grad
+        and x.dtype in _DTYPES
+        and weight.dtype == x.dtype
+        and weight.is_contiguous()
+        and current_config().skinny_linear
+    )
+    return "triton" if usable else "torch"
+
+
+def _on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def _autocast() -> bool:
+    """Whether CUDA autocast is on (then F.linear casts; the kernel would not)."""
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled()
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` over the last axis of ``x`` (any leading shape)."""
+    if resolve_backend(backend, x, weight, bias) == "torch":
+        return F.linear(x, weight, bias)
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = skinny_linear(rows, weight.contiguous(), bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,124 @@
+"""The few-row linear kernel (``hybridkit/kernels/linear``): against ``F.linear`` through the
+Triton interpreter (fp32, exact products), the dispatch rules (only inference calls of <= 16 rows
+with ``skinny_linear`` on), a decode step through it equal to one without it, and ``-m gpu`` the
+bf16 kernel at the 400M model's shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridkit import kernels
+from hybridkit.kernels import config
+from hybridkit.kernels.linear import linear, resolve_backend
+from hybridkit.layers.linear import Linear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(
+    "m,k,n,bias",
+    [(1, 64, 16, False), (5, 300, 40, True), (16, 256, 8200, False), (3, 17, 33, True)],
+)
+def test_kernel_matches_f_linear(m, k, n, bias):
+    """fp32 through the interpreter: rows, K and N not multiples of the tiles, bias or not, x a
+    row-strided view (a slice of a wider tensor); the output is poisoned-free (fresh) and
+    matches F.linear to fp32 rounding."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    wide = torch.randn(m, k + 7, generator=gen)
+    x = wide[:, 3 : 3 + k]  # row stride k + 7, unit column stride
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    got = skinny_linear(x, w, b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (m, n) and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_refuses_too_many_rows():
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+
+    with pytest.raises(ValueError, match="skinny_linear"):
+        skinny_linear(torch.randn(17, 8), torch.randn(4, 8), None)
+
+
+def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
+    """As if on CUDA: off by default; on, only <= 16 rows, no autograd, matching dtypes, not
+    under autocast; a bad backend name is an error naming the allowed ones."""
+    monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
+    w = torch.randn(8, 4)
+    x1, x17 = torch.randn(2, 1, 4), torch.randn(17, 4)
+    assert resolve_backend("auto", x1, w) == "torch"  # skinny_linear off
+    with config.kernel_config(skinny_linear=True):
+        assert resolve_backend("auto", x1, w) == "triton"
+        assert resolve_backend("auto", x17, w) == "torch"
+        assert resolve_backend("auto", x1, w.half()) == "torch"
+        assert resolve_backend("auto", x1, w.requires_grad_()) == "torch"
+        with torch.no_grad():
+            assert resolve_backend("auto", x1, w) == "triton"
+        assert resolve_backend("torch", x1, w.detach()) == "torch"
+    with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
+        resolve_backend("cublas", x1, w)
+
+
+def test_linear_keeps_leading_axes_and_the_module_is_an_nn_linear():
+    layer = Linear(6, 10, bias=True)
+    assert isinstance(layer, torch.nn.Linear)
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 3, 6)
+    with torch.no_grad():
+        got = linear(x, layer.weight, layer.bias, backend="triton")
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, 3, 10)
+
+
+def test_decode_through_the_kernel_equals_decode_without(monkeypatch):
+    """A tiny hybrid's generation (Mamba-3, attention, MLP, head: every projection at one row
+    per sequence) through the kernel, in the interpreter, gives the logits of the same steps
+    through F.linear."""
+    from hybridkit.build import build_model
+    from tests.test_train import make
+
+    recipe = make(steps=1)
+    model = build_model(recipe, seed=0).eval()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def step_logits() -> torch.Tensor:
+        cache = model.allocate_cache(2, 8)
+        with torch.no_grad():
+            model(ids, cache=cache)
+            return torch.stack([model.step(ids[:, i], cache) for i in range(3)])
+
+    plain = step_logits()
+    calls = []
+    real = kernels.linear.resolve_backend
+
+    def spy(*args, **kw):
+        calls.append(real(*args, **kw))
+        return calls[-1]
+
+    monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(kernels.linear, "resolve_backend", spy)
+    with config.kernel_config(skinny_linear=True):
+        fused = step_logits()
+    assert "triton" in calls
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+def test_bf16_kernel_at_model_shapes(rows):
+    """bf16 on the GPU at the 400M model's projections and the layer benchmark's: within bf16
+    rounding of F.linear (fp32 accumulation in both)."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+
+    shapes = [(1024, 4480), (2048, 1024), (1024, 5632), (2816, 1024), (1024, 32000), (2048, 8672)]
+    for k, n in shapes:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        got = skinny_linear(x, w, None).float()
+        want = F.linear(x.float(), w.float())
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
