@@ -74,6 +74,9 @@ def step_bytes(model: HybridLM, runner: DecodeRunner, context: float) -> dict[st
     return {"weights": float(weights), "mamba3_state": state, "kv": kv}
 
 
+_MATMUL_NAMES = ("gemm", "gemv", "matmul", "cutlass", "xmma", "sm90_", "splitk", "skinny_linear")
+_MATMUL_NAMES += ("aten::mm", "aten::addmm")
+
 #: decode breakdown categories, matched in order against lower-cased kernel names
 #: (attention first: FA4's CuTe kernels are named ``kernel_cutlass_kernel_flash_attn...``; the
 #: CuTe step's name carries its module path, ``mamba3``; Inductor's fused kernels before the
@@ -83,10 +86,7 @@ DECODE_CATEGORIES: profiling.Categories = (
     ("mamba3 step", ("mamba3",)),
     ("element-wise (Inductor)", ("triton_poi", "triton_red", "triton_per")),
     ("norms", ("rms", "norm")),
-    (
-        "matmuls",
-        ("gemm", "gemv", "matmul", "cutlass", "xmma", "sm90_", "splitk", "aten::mm", "aten::addmm"),
-    ),
+    ("matmuls", _MATMUL_NAMES),
     ("sampling", ("topk", "sort", "argmax", "multinomial", "exponential", "cumsum")),
     ("copies and casts", ("copy", "cat", "index", "fill")),
     ("element-wise", ("elementwise", "reduce_kernel")),

@@ -277,6 +277,7 @@ def test_decode_profile_categories():
     assert cat("triton_per_fused__to_copy_mean_pow_rsqrt_1") == "element-wise (Inductor)"
     assert cat("_norm_fwd_kernel") == "norms"
     assert cat("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmuls"
+    assert cat("_skinny_linear_kernel") == "matmuls"
     assert cat("void at::native::direct_copy_kernel_cuda") == "copies and casts"
 
 
