@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hybridkit.kernels.linear import describe_decode
 from hybridkit.layers.base import ask
 from hybridkit.model import HybridLM
 
@@ -66,6 +67,8 @@ def summarize(
         rows.append(
             LayerRow(i, names[i], " + ".join(kinds), "; ".join(options), block.num_params())
         )
+    if found:  # the layers' projections and the head, in a decode step
+        found["linears (decode)"][describe_decode(device, dtype)] = list(range(len(rows)))
     return ModelSummary(
         rows=rows,
         param_counts=model.param_counts(),

@@ -122,3 +122,14 @@ def test_bf16_kernel_at_model_shapes(rows):
         got = skinny_linear(x, w, None).float()
         want = F.linear(x.float(), w.float())
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_show_reports_the_decode_linears(monkeypatch):
+    """``hybridkit show`` lists what a decode step's linears run, with how to change it."""
+    from hybridkit.kernels.linear import describe_decode
+
+    assert describe_decode("cpu", torch.bfloat16) == "torch (F.linear)"
+    assert "skinny_linear=1" in describe_decode("cuda", torch.bfloat16)
+    assert "F.linear" in describe_decode("cuda", torch.float64)
+    with config.kernel_config(skinny_linear=True):
+        assert describe_decode("cuda", torch.bfloat16).startswith("triton")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hybridkit.kernels.config import current_config
 
-__all__ = ["BACKENDS", "linear", "resolve_backend"]
+__all__ = ["BACKENDS", "describe_decode", "linear", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -49,6 +49,20 @@ def resolve_backend(
         and current_config().skinny_linear
     )
     return "triton" if usable else "torch"
+
+
+def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
+    """What the model's linears run in a decode step (at most 16 rows) on ``device``, for
+    ``hybridkit show``: the same rules as :func:`resolve_backend`, with the reason."""
+    if torch.device(device).type != "cuda":
+        return "torch (F.linear)"
+    if not _HAVE_TRITON:
+        return "torch (F.linear; Triton is not installed)"
+    if dtype not in _DTYPES:
+        return f"torch (F.linear; the kernel runs {', '.join(str(d)[6:] for d in _DTYPES)})"
+    if not current_config().skinny_linear:
+        return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
+    return "triton (few-row kernel, <= 16 rows; more rows: cuBLAS)"
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
