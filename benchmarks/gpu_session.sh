@@ -15,9 +15,10 @@
 #   5. DETERMINISM=1: benchmarks/determinism_check.sh (two GPU runs bitwise equal under
 #      train.deterministic, and the mode's cost) -> $OUT/determinism_tests.txt, det_*; when it
 #      fails, this call's studies run with --set train.deterministic=false.
-#   6. DECODE=1: benchmarks/skinny_linear.py (the few-row linear kernel against cuBLAS at the
-#      decode shapes) -> $OUT/skinny_linear.*, then benchmarks/decode.py (layer step and 400M
-#      model) with the kernel setting skinny_linear off and on -> $OUT/decode_skinny{0,1}.*
+#   6. DECODE=1: the few-row linear kernel's GPU tests -> $OUT/linear_tests.txt,
+#      benchmarks/skinny_linear.py (it against cuBLAS at the decode shapes) -> $OUT/skinny_linear.*,
+#      then benchmarks/decode.py (layer step and 400M model) with the kernel setting
+#      skinny_linear off and on -> $OUT/decode_skinny{0,1}.*
 # STUDIES: space-separated STUDY:JOBS[:SELECTION] shares for benchmarks/study_call.sh, each
 # given what is left of CALL_S (e.g. "state_tracking:6 lengthgen_niah:8"); MQAR_PROBE=1 also runs
 # benchmarks/mqar_probe.sh beside them. The device tool brings back at most 8 files, so at the
@@ -48,6 +49,9 @@ if [ "${PROBE:-0}" = 1 ]; then
   tail -6 "$OUT/mimo_probe.txt"
 fi
 if [ "${DECODE:-0}" = 1 ]; then
+  timeout -k 5 90 python -m pytest -q -m gpu tests/test_linear_kernels.py -p no:cacheprovider \
+    -rfE 2>&1 | grep -v Warning | tail -15 > "$OUT/linear_tests.txt"
+  tail -2 "$OUT/linear_tests.txt"
   timeout -k 5 120 python benchmarks/skinny_linear.py --out "$OUT/skinny_linear" \
     > "$OUT/skinny_linear.txt" 2>&1
   grep "^| " "$OUT/skinny_linear.md" 2>/dev/null || tail -5 "$OUT/skinny_linear.txt"
