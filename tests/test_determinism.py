@@ -34,8 +34,14 @@ def _inductor_flag() -> bool | None:
     return getattr(inductor_config, "deterministic", None)
 
 
+@pytest.fixture(autouse=True)
+def _cublas_env(monkeypatch):
+    """The mode sets CUBLAS_WORKSPACE_CONFIG when unset; keep that inside each test."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
 def test_mode_switches_everything_on_and_restores_it():
-    """Inside: torch's deterministic algorithms (warn-only), Inductor without timing, our kernel
+    """Inside: torch's deterministic algorithms (strict), Inductor without timing, our kernel
     config deterministic (so no timed launch choice, and the scan's backward records that);
     outside, and after an exception, everything as before. Disabled, nothing changes."""
     import torch.utils.deterministic as fill
@@ -53,7 +59,8 @@ def test_mode_switches_everything_on_and_restores_it():
         assert not config.current_config().deterministic
     with pytest.raises(RuntimeError, match="boom"), deterministic_mode(True):
         assert torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        # strict: warn-only would keep SDPA's non-deterministic flash / efficient backward
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
         cfg = config.current_config()
         assert cfg.deterministic and cfg.autotune and not cfg.tunes
         assert backward_settings()[3] == 0
@@ -71,19 +78,37 @@ def test_mode_switches_everything_on_and_restores_it():
 
 
 def test_mode_keeps_an_outer_setting():
-    """A block inside code that already runs deterministically (not warn-only) leaves it so."""
-    torch.use_deterministic_algorithms(True)
+    """A block inside code that already runs deterministically in warn-only mode runs strict and
+    leaves the outer mode as it was."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         with deterministic_mode(True):
-            assert torch.is_deterministic_algorithms_warn_only_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.are_deterministic_algorithms_enabled()
-        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
 
 
+def test_an_op_without_a_deterministic_implementation_names_the_recipe_key():
+    """torch's refusal becomes an error naming train.deterministic and what to set instead;
+    other errors pass through untouched."""
+    from hybridkit.errors import RecipeError
+    from hybridkit.train.determinism import explain
+
+    refusal = RuntimeError(
+        "nll_loss2d_forward_out_cuda_template does not have a deterministic implementation, but "
+        "you set 'torch.use_deterministic_algorithms(True)'.\nMore text"
+    )
+    err = explain(refusal)
+    assert isinstance(err, RecipeError)
+    assert "train.deterministic" in str(err) and "allowed: false" in str(err)
+    assert "nll_loss2d_forward_out_cuda_template" in str(err) and "More text" not in str(err)
+    assert explain(RuntimeError("CUDA out of memory")) is None
+
+
 def test_cublas_workspace_is_set_only_when_asked_and_unset(monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     prepare_process(False)
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     prepare_process(True)
@@ -240,3 +265,19 @@ def test_two_gpu_runs_are_bitwise_identical(tmp_path, compiled):
     assert _train(recipe, tmp_path / "b", common) == first
     assert _train(recipe, tmp_path / "c", common, stop_after=45) == ""
     assert _train(recipe, tmp_path / "c", common) == first
+
+
+def test_the_trainer_reports_a_refused_op_as_a_recipe_error(tmp_path, monkeypatch):
+    from hybridkit.errors import RecipeError
+
+    recipe = make(steps=2)
+    recipe.train.deterministic = True
+    trainer = Trainer(recipe, tmp_path / "r", resume=None, progress=False)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("some_op_cuda does not have a deterministic implementation, but ...")
+
+    monkeypatch.setattr(trainer, "forward", refuse)
+    with pytest.raises(RecipeError, match=r"train\.deterministic.*some_op_cuda"):
+        trainer.fit()
+    assert not torch.are_deterministic_algorithms_enabled()

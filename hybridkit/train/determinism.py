@@ -17,9 +17,12 @@ GPU runs of one recipe is how some kernels add numbers up:
 The mode turns all of these off: kernel launches from fixed defaults (``KernelConfig``'s
 ``deterministic``, which also selects FA4's semaphore-ordered backward), Inductor without
 on-device benchmarking (``torch._inductor.config.deterministic`` where the installed torch has
-it), and ``torch.use_deterministic_algorithms`` (warn-only: an op without a deterministic
-implementation warns instead of stopping a run), without its filling of every ``torch.empty``
-with NaN (our kernels write all of their outputs, and the fill would cost a pass over every
+it), and ``torch.use_deterministic_algorithms(True)``, strict: in warn-only mode torch keeps
+the non-deterministic backward of SDPA's flash and memory-efficient kernels (it only warns), and
+SDPA is the attention of every run without FlashAttention-4. An op that has no deterministic
+implementation then stops the run; :func:`explain` turns torch's error into one that names
+``train.deterministic``. torch's filling of every ``torch.empty`` with NaN in this mode is
+turned off (our kernels write all of their outputs, and the fill would cost a pass over every
 buffer). It costs speed, mostly in the attention backward (an expectation: the cost is not
 measured yet); ``benchmarks/determinism_check.sh`` measures it and checks that two runs agree.
 
@@ -35,6 +38,7 @@ from collections.abc import Iterator
 
 import torch
 
+from hybridkit.errors import HybridkitError, RecipeError
 from hybridkit.kernels.config import kernel_config
 
 #: cuBLAS keeps its results reproducible across streams only with a fixed workspace
@@ -59,9 +63,10 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
+    prepare_process(True)  # torch refuses cuBLAS calls in this mode without the variable
     was_on = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     fill = _fill_flag()
     was_filling = getattr(fill, "fill_uninitialized_memory", None)
     if was_filling is not None:
@@ -76,6 +81,26 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
         if was_filling is not None:
             fill.fill_uninitialized_memory = was_filling
+
+
+def explain(err: RuntimeError) -> HybridkitError | None:
+    """A clear error for torch's refusal of an op without a deterministic implementation (or of
+    cuBLAS without its workspace setting) under :func:`deterministic_mode`; None for any other
+    error."""
+    text = str(err)
+    if "deterministic" not in text:
+        return None
+    first = text.strip().splitlines()[0]
+    return RecipeError(
+        "<recipe>",
+        [
+            (
+                "train.deterministic",
+                f"true, but an op of this run has no deterministic implementation on this "
+                f"device ({first}); allowed: false (runs then differ in their last bits)",
+            )
+        ],
+    )
 
 
 def _fill_flag():

@@ -31,7 +31,7 @@ from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint, write_checkpoint
 from hybridkit.train.compile import begin_step, compile_module
-from hybridkit.train.determinism import deterministic_mode, prepare_process
+from hybridkit.train.determinism import deterministic_mode, explain, prepare_process
 from hybridkit.train.flops import FlopCount, datasheet_peak, flops_per_token, throughput
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
@@ -338,7 +338,13 @@ class Trainer:
         With ``train.deterministic`` the step runs in :func:`deterministic_mode`.
         """
         with deterministic_mode(self.spec.deterministic):
-            return self._train_step(sync)
+            try:
+                return self._train_step(sync)
+            except RuntimeError as err:
+                clear = explain(err) if self.spec.deterministic else None
+                if clear is None:
+                    raise
+                raise clear from err
 
     def _train_step(self, sync: bool) -> dict:
         spec, step = self.spec, self.step
