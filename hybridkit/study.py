@@ -73,7 +73,7 @@ from hybridkit.runtime import resolve_device
 from hybridkit.schema import StrictModel
 from hybridkit.study_jobs import deferral, run_parallel
 from hybridkit.summary import human_bytes, human_count, summarize
-from hybridkit.train.determinism import deterministic_mode
+from hybridkit.train.determinism import deterministic_kernels
 from hybridkit.train.trainer import Trainer
 from hybridkit.weights import find_weights
 
@@ -622,7 +622,7 @@ def run_slot(
     else:
         print(f"[study] {tag}evaluating {slot.variant} lr={lr:g} seed={slot.seed} ({run_dir})")
     t0 = time.time()
-    with deterministic_mode(recipe.train.deterministic):
+    with deterministic_kernels(recipe.train.deterministic):
         heldout = held_out_eval(run_dir, spec, device)
         payload = _cached_eval(run_dir, spec.lengths) or evaluate_run(
             run_dir, lengths=spec.lengths, device=device

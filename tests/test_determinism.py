@@ -215,6 +215,18 @@ def test_training_under_the_mode_is_the_same_training(tmp_path):
     assert recipe_fingerprint(plain) == recipe_fingerprint(det)
 
 
+def test_evaluation_fixes_the_launches_only():
+    """An evaluation runs our kernels without timed choices but outside torch's strict mode (a
+    forward has no atomics to order; an op without a deterministic backward must not stop it)."""
+    from hybridkit.train.determinism import deterministic_kernels
+
+    with deterministic_kernels(True):
+        assert config.current_config().deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(False):
+        assert not config.current_config().deterministic
+
+
 def test_a_bad_value_names_the_key(tmp_path):
     path = tmp_path / "r.yaml"
     recipe = recipe_dict(steps=2)

@@ -83,6 +83,14 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
             fill.fill_uninitialized_memory = was_filling
 
 
+def deterministic_kernels(enabled: bool) -> contextlib.AbstractContextManager:
+    """The part of :func:`deterministic_mode` an evaluation needs: our kernels without timed
+    launch choices. A forward pass has no atomics to order (SDPA's and FA4's forward, cuBLAS
+    and our kernels are deterministic once their launch is fixed), and leaving torch's strict
+    mode out keeps an op that has no deterministic backward from stopping an evaluation."""
+    return kernel_config(deterministic=True) if enabled else contextlib.nullcontext()
+
+
 def explain(err: RuntimeError) -> HybridkitError | None:
     """A clear error for torch's refusal of an op without a deterministic implementation (or of
     cuBLAS without its workspace setting) under :func:`deterministic_mode`; None for any other

@@ -31,7 +31,12 @@ from hybridkit.tasks.base import IGNORE_INDEX, Task
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint, write_checkpoint
 from hybridkit.train.compile import begin_step, compile_module
-from hybridkit.train.determinism import deterministic_mode, explain, prepare_process
+from hybridkit.train.determinism import (
+    deterministic_kernels,
+    deterministic_mode,
+    explain,
+    prepare_process,
+)
 from hybridkit.train.flops import FlopCount, datasheet_peak, flops_per_token, throughput
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
@@ -439,7 +444,7 @@ class Trainer:
     def evaluate(self, lengths: list[int] | None = None) -> list[dict]:
         ev = self.recipe.eval
         lengths = lengths or [self.recipe.task.seq_len]
-        with deterministic_mode(self.spec.deterministic):
+        with deterministic_kernels(self.spec.deterministic):
             return evaluate_lengths(
                 self.model,
                 self.task,
