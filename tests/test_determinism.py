@@ -198,8 +198,8 @@ def test_fa4_backward_op_accepts_the_flag():
 def test_training_under_the_mode_is_the_same_training(tmp_path):
     """On the CPU every kernel is deterministic already: the mode must not change a bit of the
     run. During its steps torch's flag is on, not during the evaluation; afterwards the process
-    is as before. A study
-    counts the key as operational (a finished run stays finished when it is switched on)."""
+    is as before. A study counts the key as operational (a finished run stays finished when it
+    is switched on)."""
     seen: list[bool] = []
     plain, det = make(steps=6, checkpoint_every=3), make(steps=6, checkpoint_every=3)
     det.train.deterministic = True
