@@ -19,7 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize(
     "m,k,n,bias",
-    [(1, 64, 16, False), (5, 300, 40, True), (16, 256, 8200, False), (3, 17, 33, True)],
+    [
+        (1, 64, 16, False),
+        (1, 700, 1030, True),  # the one-row kernel: K and N past its 512 x 8 tile, bias
+        (5, 300, 40, True),
+        (16, 256, 8200, False),
+        (3, 17, 33, True),
+    ],
 )
 def test_kernel_matches_f_linear(m, k, n, bias):
     """fp32 through the interpreter: rows, K and N not multiples of the tiles, bias or not, x a

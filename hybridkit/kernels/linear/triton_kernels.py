@@ -5,9 +5,10 @@ Why: at one token per sequence every projection is a matrix-vector product (or, 
 a 16-row one) whose time is reading W once. On the H200 one Mamba-3 layer's two projections at
 batch 1 took ~22 us of its 27 us decode step against a 12.4 us floor (``docs/kernels.md``);
 a GEMM library's output tiles are 64-256 columns wide, so a narrow output gets few thread
-blocks. Here each program owns 16 or 32 output columns (hundreds of programs for every
-projection of the 400M model) and walks K in 256-wide steps with the loads software-pipelined
-(``tl.range(..., num_stages)``), so every SM keeps several W tiles in flight. Whether that beats
+blocks. Here each program owns 16 or 32 output columns (8 for a single row, which needs no
+tensor-core tile: ``_gemv_kernel``), so every projection of the 400M model gets 64 to 4,000
+programs, and walks K with the loads software-pipelined (``tl.range(..., num_stages)``), so
+every SM keeps several W tiles in flight. Whether that beats
 cuBLAS is for the GPU to say (``benchmarks/skinny_linear.py``); the kernel setting
 ``skinny_linear`` is off until it has. The 16 rows pad one tensor-core tile (rows past M are
 masked); the wasted arithmetic is free next to the bytes. No split over K: it would need
@@ -62,6 +63,37 @@ def _skinny_linear_kernel(
     tl.store(out, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _gemv_kernel(
+    X, W, B, Y, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """One row (batch 1): no tensor-core tile to fill, so 8 output columns per program (four
+    times the programs of the 16-row kernel: the 1,024-wide projections back to d_model get 128)
+    and plain multiply-adds into a (BLOCK_N, BLOCK_K) fp32 accumulator, summed once at the end.
+    The K loop is pipelined like the 16-row kernel's (compiled for sm_90: cp.async loads)."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(X + offs_k, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
+
+
+#: the one-row kernel's tile: 8 output columns x 512 of K (32 elements per thread at 4 warps)
+GEMV_BLOCK_N = 8
+GEMV_BLOCK_K = 512
+
+
 def block_n(n: int) -> int:
     """Output columns per program: 32 for wide outputs, else 16 (more programs for the narrow
     projections back to d_model, which have the fewest columns)."""
@@ -76,8 +108,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if m > MAX_ROWS or weight.shape[1] != k:
         raise ValueError(f"skinny_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bn = block_n(n)
     interp = interpreting()
+    if m == 1:
+        _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
+            x, weight, weight if bias is None else bias, y, n, k, weight.stride(0),
+            BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else STAGES,
+            HAS_BIAS=bias is not None, num_warps=1 if interp else 4,
+        )  # fmt: skip
+        return y
+    bn = block_n(n)
     _skinny_linear_kernel[(triton.cdiv(n, bn),)](
         x, weight, weight if bias is None else bias, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0),
