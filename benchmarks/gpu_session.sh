@@ -15,10 +15,10 @@
 #   5. DETERMINISM=1: benchmarks/determinism_check.sh (two GPU runs bitwise equal under
 #      train.deterministic, and the mode's cost) -> $OUT/determinism_tests.txt, det_*; when it
 #      fails, this call's studies run with --set train.deterministic=false.
-#   6. DECODE=1: the few-row linear kernel's GPU tests -> $OUT/linear_tests.txt,
+#   6. DECODE=1: the GPU tests of the few-row linears and the fused add + norm -> $OUT/linear_tests.txt,
 #      benchmarks/skinny_linear.py (it against cuBLAS at the decode shapes) -> $OUT/skinny_linear.*,
-#      then benchmarks/decode.py (layer step and 400M model) with the kernel setting
-#      skinny_linear off and on -> $OUT/decode_skinny{0,1}.*
+#      then benchmarks/decode.py (layer step and 400M model) on main's kernels, with
+#      skinny_linear=1, and with skinny_linear=1,fused_add_norm=1 -> $OUT/decode_*.*
 # STUDIES: space-separated STUDY:JOBS[:SELECTION] shares for benchmarks/study_call.sh, each
 # given what is left of CALL_S (e.g. "state_tracking:6 lengthgen_niah:8"); MQAR_PROBE=1 also runs
 # benchmarks/mqar_probe.sh beside them. The device tool brings back at most 8 files, so at the
@@ -49,16 +49,20 @@ if [ "${PROBE:-0}" = 1 ]; then
   tail -6 "$OUT/mimo_probe.txt"
 fi
 if [ "${DECODE:-0}" = 1 ]; then
-  timeout -k 5 90 python -m pytest -q -m gpu tests/test_linear_kernels.py -p no:cacheprovider \
+  timeout -k 5 90 python -m pytest -q -m gpu tests/test_linear_kernels.py -k "bf16_kernel or add_norm" \
+    tests/test_norm_kernels.py -p no:cacheprovider \
     -rfE 2>&1 | grep -v Warning | tail -15 > "$OUT/linear_tests.txt"
   tail -2 "$OUT/linear_tests.txt"
   timeout -k 5 120 python benchmarks/skinny_linear.py --out "$OUT/skinny_linear" \
     > "$OUT/skinny_linear.txt" 2>&1
   grep "^| " "$OUT/skinny_linear.md" 2>/dev/null || tail -5 "$OUT/skinny_linear.txt"
-  for s in 0 1; do
-    HYBRIDKIT_KERNELS=skinny_linear=$s timeout -k 5 150 python benchmarks/decode.py \
-      --out "$OUT/decode_skinny$s" --new 96 --drift-tokens 0 > "$OUT/decode_skinny$s.txt" 2>&1
-    grep "^| " "$OUT/decode_skinny$s.md" 2>/dev/null | head -12 || tail -5 "$OUT/decode_skinny$s.txt"
+  # main's kernels, then the few-row linears, then those and the fused add + norm
+  for kc in none skinny_linear=1 skinny_linear=1,fused_add_norm=1; do
+    tag=$(echo "$kc" | tr ',=' '__')
+    HYBRIDKIT_KERNELS=$([ "$kc" = none ] || echo "$kc") timeout -k 5 150 python \
+      benchmarks/decode.py --out "$OUT/decode_$tag" --new 96 --drift-tokens 0 \
+      > "$OUT/decode_$tag.txt" 2>&1
+    grep "^| " "$OUT/decode_$tag.md" 2>/dev/null | head -12 || tail -5 "$OUT/decode_$tag.txt"
   done
 fi
 STUDY_SET=""

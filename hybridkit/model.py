@@ -47,10 +47,15 @@ class Block(nn.Module):
         cache: InferenceCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        x = None
         if self.mixer is not None:
-            h = h + self.mixer(self.norm1(h), cache=cache, cu_seqlens=cu_seqlens)
+            delta = self.mixer(self.norm1(h), cache=cache, cu_seqlens=cu_seqlens)
+            if self.mlp is None:
+                return h + delta
+            h, x = self.norm2.add_forward(h, delta)  # one launch when decoding
         if self.mlp is not None:
-            h = h + self.mlp(self.norm2(h), cache=cache, cu_seqlens=cu_seqlens)
+            x = self.norm2(h) if x is None else x
+            h = h + self.mlp(x, cache=cache, cu_seqlens=cu_seqlens)
         return h
 
     def part_params(self) -> list[tuple[str, int]]:

@@ -228,3 +228,93 @@ def test_gpu_model_compiles_fullgraph_with_triton_norms():
         eager = model(ids, targets=ids)
         compiled = torch.compile(model, fullgraph=True)(ids, targets=ids)
     assert abs(compiled.item() - eager.item()) < 1e-2 * abs(eager.item())
+
+
+# --- the residual add and the next pre-norm in one launch (inference) ------------------------
+@pytest.mark.parametrize("shape", [(2, 1, 24), (5, 33), (1, 1, 7)])
+def test_add_norm_matches_the_two_ops(shape):
+    """``add_rms_norm`` through its kernel (forced on, no autograd): the sum exactly as torch's
+    add rounds it, and the norm of that sum; outputs are fresh (not views of the inputs), and a
+    strided delta (a slice of a wider tensor) works."""
+    from hybridkit.kernels.config import kernel_config
+
+    g = torch.Generator().manual_seed(len(shape))
+    h = torch.randn(shape, generator=g).to(DEVICE)
+    wide = torch.randn((*shape[:-1], shape[-1] + 5), generator=g).to(DEVICE)
+    delta = wide[..., 2 : 2 + shape[-1]]
+    w = torch.randn(shape[-1], generator=g).to(DEVICE)
+    with torch.no_grad(), kernel_config(fused_add_norm=True):
+        s, out = norm_ops.add_rms_norm(h, delta, w, 1e-5, backend="triton")
+    want_s = h + delta
+    assert torch.equal(s, want_s) and s.shape == h.shape and s.data_ptr() != h.data_ptr()
+    want = rms_norm_reference(want_s.double(), w.double(), 1e-5)
+    assert rel_err(out, want) < 1e-6
+
+
+def test_add_norm_runs_the_two_ops_unless_inference_with_the_setting_on(monkeypatch):
+    """Off by default, under autograd and on the torch backend: h + delta, then rms_norm."""
+    from hybridkit.kernels.config import kernel_config
+    from hybridkit.kernels.norm import triton_kernels
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the fused kernel ran")
+
+    monkeypatch.setattr(triton_kernels, "add_norm_forward", fail)
+    h, delta, w = torch.randn(2, 8), torch.randn(2, 8), torch.ones(8)
+    for setting, grad, backend in ((False, False, "triton"), (True, True, "triton"),
+                                   (True, False, "torch")):  # fmt: skip
+        hh = h.clone().requires_grad_(grad)
+        with kernel_config(fused_add_norm=setting):
+            s, out = norm_ops.add_rms_norm(hh, delta, w, 1e-5, backend=backend)
+        assert torch.allclose(s, h + delta)
+    fused_on = kernel_config(fused_add_norm=True)
+    with pytest.raises(AssertionError, match="fused kernel ran"), torch.no_grad(), fused_on:
+        norm_ops.add_rms_norm(h, delta, w, 1e-5, backend="triton")
+
+
+def test_decode_with_the_fused_add_norm_equals_decode_without(monkeypatch):
+    """A tiny hybrid's decode steps with every block's add + MLP pre-norm fused (norms forced to
+    the Triton backend, interpreter): the logits of the unfused steps."""
+    from hybridkit import build_model
+    from hybridkit.kernels.config import kernel_config
+    from hybridkit.kernels.norm import triton_kernels
+    from tests.helpers import attn_block, mamba_block, tiny_recipe
+
+    calls = []
+    real = triton_kernels.add_norm_forward
+    monkeypatch.setattr(triton_kernels, "add_norm_forward", lambda *a: calls.append(1) or real(*a))
+
+    m, a = mamba_block(outproj_norm="grouped_pregate"), attn_block()
+    model = build_model(tiny_recipe("m a", d_model=16, vocab=32, m=m, a=a), seed=0).eval()
+    _set_norm_backend(model, "triton")
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def logits():
+        cache = model.allocate_cache(2, 8)
+        with torch.no_grad():
+            model(ids, cache=cache)
+            return torch.stack([model.step(ids[:, i], cache) for i in range(3)])
+
+    plain = logits()
+    assert not calls
+    with kernel_config(fused_add_norm=True):
+        fused = logits()
+    assert calls  # every block with an MLP, in the prefill and each step
+    assert rel_err(fused, plain) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16, 128, 16384])
+def test_gpu_add_norm_at_model_shapes(rows):
+    """bf16 on the GPU at the 400M model's width: the sum bitwise torch's, the norm within bf16
+    rounding of the float64 formula (the unfused Triton norm's tolerance)."""
+    from hybridkit.kernels.config import kernel_config
+
+    h = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), kernel_config(fused_add_norm=True):
+        s, out = norm_ops.add_rms_norm(h, delta, w, 1e-5)
+    assert torch.equal(s, h + delta)
+    want = rms_norm_reference((h + delta).double(), w.double(), 1e-5)
+    assert rel_err(out, want) < 1e-2

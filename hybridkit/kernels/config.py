@@ -25,6 +25,8 @@ Fields (defaults in :class:`KernelConfig`):
 * ``skinny_linear``: linears of at most 16 rows at inference (the decode step's projections and
   head) through our Triton kernel instead of cuBLAS (``hybridkit/kernels/linear``; off until its
   GPU benchmark, ``benchmarks/skinny_linear.py``, shows it faster);
+* ``fused_add_norm``: at inference, a block's residual add and the MLP's pre-norm as one Triton
+  launch (``kernels/norm``: ``add_rms_norm``; off until GPU-checked);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``).
@@ -76,6 +78,7 @@ class KernelConfig:
     fa4_decode: bool = False
     deterministic: bool = False
     skinny_linear: bool = False
+    fused_add_norm: bool = False
 
     @property
     def tunes(self) -> bool:
@@ -129,7 +132,7 @@ def parse_env(text: str) -> KernelConfig:
 
 
 def _parse_value(key: str, raw: str) -> object:
-    if key in ("autotune", "fa4_decode", "deterministic", "skinny_linear"):
+    if key in ("autotune", "fa4_decode", "deterministic", "skinny_linear", "fused_add_norm"):
         if raw not in ("0", "1", "true", "false"):
             raise ValueError(f"{raw!r}: allowed 0, 1, true, false")
         return raw in ("1", "true")

@@ -35,6 +35,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return norm_ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
+    def add_forward(
+        self, h: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h + delta, self(h + delta))``: a residual add and this pre-norm, fused into one
+        launch when decoding (``kernels.norm.add_rms_norm``)."""
+        return norm_ops.add_rms_norm(h, delta, self.weight, self.eps, backend=self.backend)
+
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"
 

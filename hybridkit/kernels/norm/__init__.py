@@ -1,6 +1,7 @@
 """The one dispatch point for RMSNorm and the gated (grouped) RMSNorm of the Mamba-3 output.
 
-Layers call :func:`rms_norm` and :func:`gated_rms_norm`, never a kernel. ``backend``:
+Layers call :func:`rms_norm`, :func:`add_rms_norm` (a residual add and the next pre-norm; one
+launch when decoding) and :func:`gated_rms_norm`, never a kernel. ``backend``:
 
 * ``torch``: :mod:`.reference` (plain torch in float32/64);
 * ``triton``: the fused kernels of :mod:`.triton_kernels` (forward and backward), as custom ops
@@ -25,7 +26,7 @@ import torch
 
 from hybridkit.kernels.norm.reference import gated_rms_norm_reference, rms_norm_reference
 
-__all__ = ["BACKENDS", "gated_rms_norm", "resolve_backend", "rms_norm"]
+__all__ = ["BACKENDS", "add_rms_norm", "gated_rms_norm", "resolve_backend", "rms_norm"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -62,6 +63,45 @@ def rms_norm(
     from hybridkit.kernels.norm.op import fused_norm
 
     return fused_norm(x, None, weight, x.shape[-1], eps, False, False)
+
+
+def add_rms_norm(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = h + delta`` and ``rms_norm(s, weight, eps)``: a block's residual add and the next
+    pre-norm. One Triton launch (``add_norm_forward``) when the kernel setting
+    ``fused_add_norm`` is on, the norm would run the Triton kernel, and no gradient is needed
+    (decoding: it saves a launch and a pass over the residual stream per block); otherwise the
+    two ops as they are, so training and ``torch.compile`` (which fuses them itself) see no
+    change."""
+    fused = (
+        backend != "torch"
+        and h.shape == delta.shape
+        and h.dtype == delta.dtype
+        and resolve_backend(backend, h, h.shape[-1]) == "triton"
+        and not (torch.is_grad_enabled() and (h.requires_grad or delta.requires_grad))
+        and not (torch.is_grad_enabled() and weight.requires_grad)
+        and _fused_add_norm_on()
+    )
+    if not fused:
+        s = h + delta
+        return s, rms_norm(s, weight, eps, backend=backend)
+    from hybridkit.kernels.layout import as_rows
+    from hybridkit.kernels.norm.triton_kernels import add_norm_forward
+
+    s, out = add_norm_forward(as_rows(h), as_rows(delta), weight, eps)
+    return s.view(h.shape), out.view(h.shape)
+
+
+def _fused_add_norm_on() -> bool:
+    from hybridkit.kernels.config import current_config
+
+    return current_config().fused_add_norm
 
 
 def gated_rms_norm(

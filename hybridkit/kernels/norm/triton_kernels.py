@@ -119,6 +119,48 @@ def _norm_bwd_kernel(
     tl.store(DW + pid.to(tl.int64) * D + ch, dw, mask=col_ok)
 
 
+@triton.jit
+def _add_norm_fwd_kernel(
+    H, DELTA, W, S, O,
+    M, stride_h, stride_d, stride_s, stride_o, eps,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Inference only: s = h + delta rounded to s's dtype (as torch's add rounds it), stored,
+    and RMSNorm(s) * w; the residual stream is read once and the launch of the add is saved."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < D)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h = tl.load(H + r64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(DELTA + r64 * stride_d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = (h + d).to(S.dtype.element_ty)
+    tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
+    x = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    out = x * rstd[:, None] * w[None, :]
+    tl.store(O + r64 * stride_o + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
+
+
+def add_norm_forward(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h + delta, rms_norm(h + delta) * weight)`` for 2-D (M, D) inputs with unit column
+    stride, both results fresh, contiguous, in h's dtype."""
+    m, d = h.shape
+    s, out = (
+        torch.empty_like(h, memory_format=torch.contiguous_format),
+        torch.empty(m, d, dtype=h.dtype, device=h.device),
+    )
+    block_m, block_n, warps = _tile(d)
+    _add_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        h, delta, weight, s, out,
+        m, h.stride(0), delta.stride(0), s.stride(0), out.stride(0), eps,
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )  # fmt: skip
+    return s, out
+
+
 def _tile(group_size: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, warps) for a group of ``group_size`` channels."""
     if group_size > MAX_GROUP:
