@@ -40,6 +40,24 @@ class Block(nn.Module):
             self.norm2 = RMSNorm(d_model, eps)
             self.mlp = spec.mlp.build(d_model, layer_idx)
 
+    def forward_pending(
+        self, h: torch.Tensor, pending: torch.Tensor | None, *, cache: InferenceCache
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inference with a cache: the residual stream ``h`` with the previous block's last
+        output ``pending`` not yet added, -> the same for this block. Each add then happens
+        together with the pre-norm after it (``RMSNorm.add_forward``: one launch instead of two
+        when decoding with the kernel setting ``fused_add_norm``); the values are those of
+        :meth:`forward`."""
+        for norm, layer in ((self.norm1, self.mixer), (self.norm2, self.mlp)):
+            if layer is None:
+                continue
+            if pending is None:
+                x = norm(h)
+            else:
+                h, x = norm.add_forward(h, pending)
+            pending = layer(x, cache=cache)
+        return h, pending
+
     def forward(
         self,
         h: torch.Tensor,
@@ -166,6 +184,13 @@ class HybridLM(nn.Module):
             )
         h = self.embedding(ids)
         hidden = []
+        if cache is not None and targets is None and not return_hidden:
+            # inference: every residual add goes with the norm after it (Block.forward_pending)
+            pending = None
+            for block in self.blocks:
+                h, pending = block.forward_pending(h, pending, cache=cache)
+            x = self.norm_f(h) if pending is None else self.norm_f.add_forward(h, pending)[1]
+            return self._logits(x, cache, ids.shape[1])
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
@@ -184,16 +209,21 @@ class HybridLM(nn.Module):
                 chunk_tokens=self.loss_chunk_tokens,
                 ignore_index=ignore_index,
             )
-        logits = self.lm_head(self.norm_f(h))
+        logits = self._logits(self.norm_f(h), cache, ids.shape[1])
+        return (logits, hidden) if return_hidden else logits
+
+    def _logits(self, x: torch.Tensor, cache: InferenceCache | None, tokens: int) -> torch.Tensor:
+        """The head on the final-normed stream, and the cache advanced by ``tokens``."""
+        logits = self.lm_head(x)
         if cache is not None:
             if cache.position is not None:
                 # static decoding counts on the device only: a replayed graph runs no Python,
                 # and a host int bumped here would be a guard torch.compile re-specialises on
                 # at every token (a recompile inside the CUDA-graph capture)
-                cache.position += ids.shape[1]
+                cache.position += tokens
             else:
-                cache.seqlen_offset += ids.shape[1]
-        return (logits, hidden) if return_hidden else logits
+                cache.seqlen_offset += tokens
+        return logits
 
     def allocate_cache(
         self,

@@ -273,8 +273,9 @@ def test_add_norm_runs_the_two_ops_unless_inference_with_the_setting_on(monkeypa
 
 
 def test_decode_with_the_fused_add_norm_equals_decode_without(monkeypatch):
-    """A tiny hybrid's decode steps with every block's add + MLP pre-norm fused (norms forced to
-    the Triton backend, interpreter): the logits of the unfused steps."""
+    """A tiny hybrid's prefill and decode steps with every residual add fused into the norm after
+    it (norms forced to the Triton backend, interpreter): the logits of the unfused steps.
+    (Decoding equals the forward without a cache: ``tests/test_generation.py``.)"""
     from hybridkit import build_model
     from hybridkit.kernels.config import kernel_config
     from hybridkit.kernels.norm import triton_kernels
@@ -299,7 +300,7 @@ def test_decode_with_the_fused_add_norm_equals_decode_without(monkeypatch):
     assert not calls
     with kernel_config(fused_add_norm=True):
         fused = logits()
-    assert calls  # every block with an MLP, in the prefill and each step
+    assert len(calls) == 4 * 4  # 3 adds in the blocks + 1 into the final norm; prefill + 3 steps
     assert rel_err(fused, plain) < 1e-5
 
 

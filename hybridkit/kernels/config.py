@@ -25,8 +25,8 @@ Fields (defaults in :class:`KernelConfig`):
 * ``skinny_linear``: linears of at most 16 rows at inference (the decode step's projections and
   head) through our Triton kernel instead of cuBLAS (``hybridkit/kernels/linear``; off until its
   GPU benchmark, ``benchmarks/skinny_linear.py``, shows it faster);
-* ``fused_add_norm``: at inference, a block's residual add and the MLP's pre-norm as one Triton
-  launch (``kernels/norm``: ``add_rms_norm``; off until GPU-checked);
+* ``fused_add_norm``: at inference with a cache, every residual add and the pre-norm after it as
+  one Triton launch (``kernels/norm``: ``add_rms_norm``; off until GPU-checked);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``).

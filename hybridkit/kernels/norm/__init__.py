@@ -73,8 +73,8 @@ def add_rms_norm(
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = h + delta`` and ``rms_norm(s, weight, eps)``: a block's residual add and the next
-    pre-norm. One Triton launch (``add_norm_forward``) when the kernel setting
+    """``s = h + delta`` and ``rms_norm(s, weight, eps)``: a residual add and the pre-norm after
+    it. One Triton launch (``add_norm_forward``) when the kernel setting
     ``fused_add_norm`` is on, the norm would run the Triton kernel, and no gradient is needed
     (decoding: it saves a launch and a pass over the residual stream per block); otherwise the
     two ops as they are, so training and ``torch.compile`` (which fuses them itself) see no
