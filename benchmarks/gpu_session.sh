@@ -31,6 +31,8 @@ CALL=${CALL_S:-570}
 START=$(date +%s)
 mkdir -p "$OUT"
 left() { echo $(( CALL - ($(date +%s) - START) )); }
+# a result's table rows, or the tail of its log when the table was never written
+show() { if grep -q "^| " "$1" 2>/dev/null; then grep "^| " "$1" | head -14; else tail -5 "$2"; fi; }
 if [ "${KERNELS:-1}" = 1 ]; then
   timeout -k 5 200 python -m pytest -q -m gpu -n 8 tests/test_triton_mimo.py \
     tests/test_triton_siso.py -p no:cacheprovider -rfE 2>&1 \
@@ -55,14 +57,14 @@ if [ "${DECODE:-0}" = 1 ]; then
   tail -2 "$OUT/linear_tests.txt"
   timeout -k 5 120 python benchmarks/skinny_linear.py --out "$OUT/skinny_linear" \
     > "$OUT/skinny_linear.txt" 2>&1
-  grep "^| " "$OUT/skinny_linear.md" 2>/dev/null || tail -5 "$OUT/skinny_linear.txt"
+  show "$OUT/skinny_linear.md" "$OUT/skinny_linear.txt"
   # main's kernels, then the few-row linears, then those and the fused add + norm
   for kc in none skinny_linear=1 skinny_linear=1,fused_add_norm=1; do
     tag=$(echo "$kc" | tr ',=' '__')
     HYBRIDKIT_KERNELS=$([ "$kc" = none ] || echo "$kc") timeout -k 5 150 python \
       benchmarks/decode.py --out "$OUT/decode_$tag" --new 96 --drift-tokens 0 \
       > "$OUT/decode_$tag.txt" 2>&1
-    grep "^| " "$OUT/decode_$tag.md" 2>/dev/null | head -12 || tail -5 "$OUT/decode_$tag.txt"
+    show "$OUT/decode_$tag.md" "$OUT/decode_$tag.txt"
   done
 fi
 STUDY_SET=""

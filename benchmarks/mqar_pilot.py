@@ -64,6 +64,8 @@ def main() -> None:
         lengths = (easy[0][0], easy[1][0], n - 2)
         stages = [CurriculumStage(steps=args.stage, min_len=m, max_len=m) for m in lengths]
         rest = args.steps - len(stages) * args.stage
+        if rest <= 0:
+            raise SystemExit(f"--steps {args.steps} leaves no step for the cell after 3 x --stage")
         stages.append(CurriculumStage(steps=rest, min_len=n, max_len=n))
         task.curriculum = stages
     start = time.time()

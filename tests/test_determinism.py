@@ -36,8 +36,10 @@ def _inductor_flag() -> bool | None:
 
 @pytest.fixture(autouse=True)
 def _cublas_env(monkeypatch):
-    """The mode sets CUBLAS_WORKSPACE_CONFIG when unset; keep that inside each test."""
+    """The mode sets CUBLAS_WORKSPACE_CONFIG when unset; keep that inside each test. The
+    kernel settings are the defaults whatever the shell exports."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
 
 
 def test_mode_switches_everything_on_and_restores_it():
@@ -105,6 +107,8 @@ def test_an_op_without_a_deterministic_implementation_names_the_recipe_key():
     assert "train.deterministic" in str(err) and "allowed: false" in str(err)
     assert "nll_loss2d_forward_out_cuda_template" in str(err) and "More text" not in str(err)
     assert explain(RuntimeError("CUDA out of memory")) is None
+    asserted = explain(AssertionError("bwd deterministic only supported for sm100/sm110 for now"))
+    assert isinstance(asserted, RecipeError) and "sm100" in str(asserted)
 
 
 def test_cublas_workspace_is_set_only_when_asked_and_unset(monkeypatch):
@@ -179,6 +183,27 @@ def test_fa4_backward_gets_the_setting_of_its_forward(deterministic):
     args, kwargs = calls.calls[0]
     assert kwargs.get("deterministic", args[11] if len(args) > 11 else False) is deterministic
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_fa4_eager_function_records_the_setting_too(monkeypatch):
+    """The eager path (``FA4Function``, what an uncompiled model runs) also hands its forward's
+    setting to the backward that runs outside the mode. The FA4 entry points are replaced by the
+    op's CPU emulation."""
+    from hybridkit.kernels.attention import fa4
+
+    seen = []
+
+    def backward(*args):
+        seen.append(args[-1])
+        return torch.ops.hybridkit.fa4_bwd(*args)
+
+    monkeypatch.setattr(fa4, "fa4_forward", lambda *a: torch.ops.hybridkit.fa4_fwd(*a))
+    monkeypatch.setattr(fa4, "fa4_backward", backward)
+    q, k, v = (torch.randn(1, 8, 2, 16, requires_grad=True) for _ in range(3))
+    with deterministic_mode(True):
+        out = fa4.FA4Function.apply(q, k, v, None, None, 0.25, True, None)
+    out.square().sum().backward()
+    assert seen == [True] and q.grad is not None
 
 
 def test_fa4_backward_op_accepts_the_flag():
@@ -263,20 +288,23 @@ def _train(recipe: Path, out: Path, overrides: list[str], stop_after: int = 0) -
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_two_gpu_runs_are_bitwise_identical(tmp_path, compiled):
     """The NIAH study's hybrid (Triton scan, FA4 where installed, bf16), 60 steps, twice in
-    fresh processes with ``train.deterministic``: the same weights, bit for bit; and a run
-    stopped after step 45 (newest checkpoint 30) and resumed in another process ends on those
-    weights too."""
+    fresh processes with ``train.deterministic``: the same weights, bit for bit; and (eager) a
+    run stopped after step 45 (newest checkpoint 30) and resumed in another process ends on
+    those weights too."""
     recipe = ROOT / "hybridkit" / "recipes" / "niah_m.yaml"
     common = [
         "train.steps=60",
         "train.checkpoint_every=30",
         "train.warmup_steps=6",
+        "task.eval_examples=64",
         "train.deterministic=true",
         f"train.compile={str(compiled).lower()}",
         "model.blocks.m.mixer.outproj_norm=grouped_pregate",
     ]
     first = _train(recipe, tmp_path / "a", common)
     assert _train(recipe, tmp_path / "b", common) == first
+    if compiled:
+        return  # the resume check below runs eager only: each compiled process compiles anew
     assert _train(recipe, tmp_path / "c", common, stop_after=45) == ""
     assert _train(recipe, tmp_path / "c", common) == first
 

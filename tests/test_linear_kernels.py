@@ -44,6 +44,22 @@ def test_kernel_matches_f_linear(m, k, n, bias):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("m", [1, 5])
+def test_kernel_in_half_precision(m):
+    """fp16 through the interpreter (its bf16 dot is not exact, fp16's is): the tensor-core
+    branch of the 16-row kernel and the one-row kernel, within fp16 rounding of the output."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 300, generator=gen).half()
+    w = (torch.randn(40, 300, generator=gen) / 300**0.5).half()
+    b = torch.randn(40, generator=gen).half()
+    got = skinny_linear(x, w, b)
+    want = F.linear(x.double(), w.double(), b.double())
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
 def test_kernel_refuses_too_many_rows():
     from hybridkit.kernels.linear.triton_kernels import skinny_linear
 
@@ -54,6 +70,7 @@ def test_kernel_refuses_too_many_rows():
 def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
     """As if on CUDA: off by default; on, only <= 16 rows, no autograd, matching dtypes, not
     under autocast; a bad backend name is an error naming the allowed ones."""
+    monkeypatch.delenv(config.ENV_VAR, raising=False)  # the defaults, whatever the shell sets
     monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
     w = torch.randn(8, 4)
     x1, x17 = torch.randn(2, 1, 4), torch.randn(17, 4)
@@ -62,6 +79,8 @@ def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
         assert resolve_backend("auto", x1, w) == "triton"
         assert resolve_backend("auto", x17, w) == "torch"
         assert resolve_backend("auto", x1, w.half()) == "torch"
+        assert resolve_backend("auto", x1, w, torch.zeros(8).half()) == "torch"  # bias dtype
+        assert resolve_backend("auto", x1, w, torch.zeros(16)[::2]) == "torch"  # strided bias
         assert resolve_backend("auto", x1, w.requires_grad_()) == "torch"
         with torch.no_grad():
             assert resolve_backend("auto", x1, w) == "triton"
@@ -134,6 +153,7 @@ def test_show_reports_the_decode_linears(monkeypatch):
     """``hybridkit show`` lists what a decode step's linears run, with how to change it."""
     from hybridkit.kernels.linear import describe_decode
 
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
     assert describe_decode("cpu", torch.bfloat16) == "torch (F.linear)"
     assert "skinny_linear=1" in describe_decode("cuda", torch.bfloat16)
     assert "F.linear" in describe_decode("cuda", torch.float64)

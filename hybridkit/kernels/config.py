@@ -21,7 +21,8 @@ Fields (defaults in :class:`KernelConfig`):
   candidate wins depends on the timing), and FlashAttention-4's deterministic backward (its
   dQ / dK / dV accumulate in a fixed order under semaphores instead of atomics; slower).
   ``train.deterministic`` turns it on together with torch's deterministic algorithms
-  (``hybridkit/train/determinism.py``);
+  (``hybridkit/train/determinism.py``; a graph compiled earlier keeps the setting it was traced
+  with, but torch's flag, which the trainer sets with it, makes Dynamo trace again);
 * ``skinny_linear``: linears of at most 16 rows at inference (the decode step's projections and
   head) through our Triton kernel instead of cuBLAS (``hybridkit/kernels/linear``; off until its
   GPU benchmark, ``benchmarks/skinny_linear.py``, shows it faster);

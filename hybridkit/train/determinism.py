@@ -91,10 +91,11 @@ def deterministic_kernels(enabled: bool) -> contextlib.AbstractContextManager:
     return kernel_config(deterministic=True) if enabled else contextlib.nullcontext()
 
 
-def explain(err: RuntimeError) -> HybridkitError | None:
+def explain(err: Exception) -> HybridkitError | None:
     """A clear error for torch's refusal of an op without a deterministic implementation (or of
-    cuBLAS without its workspace setting) under :func:`deterministic_mode`; None for any other
-    error."""
+    cuBLAS without its workspace setting) under :func:`deterministic_mode`, or a library's
+    assertion that it has no deterministic path (FlashAttention-4 versions other than the
+    pinned one assert that on some GPUs); None for any other error."""
     text = str(err)
     if "deterministic" not in text:
         return None

@@ -345,7 +345,7 @@ class Trainer:
         with deterministic_mode(self.spec.deterministic):
             try:
                 return self._train_step(sync)
-            except RuntimeError as err:
+            except (RuntimeError, AssertionError) as err:
                 clear = explain(err) if self.spec.deterministic else None
                 if clear is None:
                     raise

@@ -46,6 +46,7 @@ def resolve_backend(
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
         and weight.is_contiguous()
+        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
         and current_config().skinny_linear
     )
     return "triton" if usable else "torch"
@@ -62,7 +63,7 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"torch (F.linear; the kernel runs {', '.join(str(d)[6:] for d in _DTYPES)})"
     if not current_config().skinny_linear:
         return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
-    return "triton (few-row kernel, <= 16 rows; more rows: cuBLAS)"
+    return "triton (few-row kernel, <= 16 rows, eager / CUDA-graph steps; more rows: cuBLAS)"
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
@@ -92,5 +93,5 @@ def linear(
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = skinny_linear(rows, weight.contiguous(), bias)
+    out = skinny_linear(rows, weight.contiguous(), None if bias is None else bias.contiguous())
     return out.reshape(*x.shape[:-1], weight.shape[0])
