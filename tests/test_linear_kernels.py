@@ -60,6 +60,35 @@ def test_kernel_in_half_precision(m):
     torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize(
+    "m,bias,dtype",
+    [
+        (1, True, torch.float32),
+        (5, False, torch.float32),
+        (3, True, torch.float16),
+        (1, False, torch.float16),
+    ],
+)
+def test_glu_kernel_matches_linear_then_swiglu(m, bias, dtype):
+    """``glu=True``: the product's halves [value | gate] leave as value * silu(gate), each half
+    rounded to the dtype first (as F.linear stores them), F = 37 (not a tile multiple)."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 70, generator=gen).to(dtype)
+    w = (torch.randn(74, 70, generator=gen) / 70**0.5).to(dtype)
+    b = torch.randn(74, generator=gen).to(dtype) if bias else None
+    got = skinny_linear(x, w, b, glu=True)
+    value, gate = F.linear(x.double(), w.double(), None if b is None else b.double()).chunk(2, -1)
+    value, gate = value.to(dtype).double(), gate.to(dtype).double()
+    want = value * F.silu(gate)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert got.shape == (m, 37) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="even number of rows"):
+        skinny_linear(x, w[:73], None, glu=True)
+
+
 def test_kernel_refuses_too_many_rows():
     from hybridkit.kernels.linear.triton_kernels import skinny_linear
 
@@ -147,6 +176,13 @@ def test_bf16_kernel_at_model_shapes(rows):
         got = skinny_linear(x, w, None).float()
         want = F.linear(x.float(), w.float())
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    # the MLP's first projection with its activation (d_ff 2816)
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(5632, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    value, gate = F.linear(x, w).chunk(2, -1)
+    want = (value.float() * F.silu(gate.float())).to(torch.bfloat16)
+    got = skinny_linear(x, w, None, glu=True)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_show_reports_the_decode_linears(monkeypatch):

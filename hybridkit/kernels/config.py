@@ -24,7 +24,8 @@ Fields (defaults in :class:`KernelConfig`):
   (``hybridkit/train/determinism.py``; a graph compiled earlier keeps the setting it was traced
   with, but torch's flag, which the trainer sets with it, makes Dynamo trace again);
 * ``skinny_linear``: linears of at most 16 rows at inference (the decode step's projections and
-  head) through our Triton kernel instead of cuBLAS (``hybridkit/kernels/linear``; off until its
+  head; the MLP's first projection together with its SwiGLU) through our Triton kernel instead
+  of cuBLAS (``hybridkit/kernels/linear``; off until its
   GPU benchmark, ``benchmarks/skinny_linear.py``, shows it faster);
 * ``fused_add_norm``: at inference with a cache, every residual add and the pre-norm after it as
   one Triton launch (``kernels/norm``: ``add_rms_norm``; off until GPU-checked);

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from hybridkit.kernels import linear as linear_ops
 from hybridkit.kernels.swiglu import swiglu
 from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.layers.linear import Linear
@@ -30,7 +31,12 @@ class SwiGLU(Layer):
         self.act_backend = "auto"
 
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
-        return self.fc2(swiglu(self.fc1(x), backend=self.act_backend))
+        fc1 = self.fc1
+        fused = self.act_backend == "auto"
+        if fused and linear_ops.resolve_backend("auto", x, fc1.weight, fc1.bias) == "triton":
+            # a few rows at inference with skinny_linear on: fc1 and the activation, one launch
+            return self.fc2(linear_ops.linear_glu(x, fc1.weight, fc1.bias))
+        return self.fc2(swiglu(fc1(x), backend=self.act_backend))
 
 
 @register_layer(SwiGLU)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hybridkit.kernels.config import current_config
 
-__all__ = ["BACKENDS", "describe_decode", "linear", "resolve_backend"]
+__all__ = ["BACKENDS", "describe_decode", "linear", "linear_glu", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -95,3 +95,16 @@ def linear(
         rows = rows.contiguous()
     out = skinny_linear(rows, weight.contiguous(), None if bias is None else bias.contiguous())
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``value * silu(gate)`` of ``[value | gate] = x @ weight.T + bias`` (the SwiGLU MLP's first
+    half) in one launch of the few-row kernel. Callers check ``resolve_backend`` first (the MLP
+    does, and otherwise runs its projection and activation as two ops)."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = skinny_linear(rows, weight.contiguous(), bias, glu=True)
+    return out.reshape(*x.shape[:-1], weight.shape[0] // 2)

@@ -34,11 +34,36 @@ STAGES = 4
 
 
 @triton.jit
+def _epilogue(acc, gacc, B, offs_n, n_ok, N, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+              GLU: tl.constexpr):  # fmt: skip
+    """Bias, then (GLU) ``value * silu(gate)`` of the two halves, each first rounded to the
+    output dtype as ``F.linear`` would have stored it; the result in the output dtype."""
+    if HAS_BIAS:
+        acc += _row_bias(B, offs_n, n_ok, acc)
+        if GLU:
+            gacc += _row_bias(B + N, offs_n, n_ok, gacc)
+    if GLU:
+        v = acc.to(dtype).to(tl.float32)
+        g = gacc.to(dtype).to(tl.float32)
+        acc = v * g / (1.0 + tl.exp(-g))
+    return acc.to(dtype)
+
+
+@triton.jit
+def _row_bias(B, offs_n, n_ok, like):
+    """The bias of the columns ``offs_n``, shaped to add to ``like`` (1-D or rows x columns)."""
+    b = tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if len(like.shape) == 2:
+        b = b[None, :]
+    return b
+
+
+@triton.jit
 def _skinny_linear_kernel(
     X, W, B, Y,
     M, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr,
+    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, GLU: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -48,25 +73,33 @@ def _skinny_linear_kernel(
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU: the gate half's columns
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        wmask = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if FP32:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
+            if FP32:
+                gacc += tl.dot(x, tl.trans(wg), input_precision="ieee")
+            else:
+                gacc += tl.dot(x, tl.trans(wg))
+    y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU)
     out = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(out, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out, y, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _gemv_kernel(
     X, W, B, Y, N, K, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GLU: tl.constexpr,
 ):  # fmt: skip
     """One row (batch 1): no tensor-core tile to fill, so 8 output columns per program (four
     times the programs of the 16-row kernel: the 1,024-wide projections back to d_model get 128)
@@ -77,16 +110,22 @@ def _gemv_kernel(
     n_ok = offs_n < N
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    gacc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # GLU: the gate half's columns
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(X + offs_k, mask=k_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
+        wmask = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
+        x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        if GLU:
+            wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
+            gacc += wg.to(tl.float32) * x[None, :]
+    y = _epilogue(
+        tl.sum(acc, axis=1), tl.sum(gacc, axis=1), B, offs_n, n_ok, N, Y.dtype.element_ty,
+        HAS_BIAS, GLU,
+    )  # fmt: skip
+    tl.store(Y + offs_n, y, mask=n_ok)
 
 
 #: the one-row kernel's tile: 8 output columns x 512 of K (32 elements per thread at 4 warps)
@@ -100,28 +139,37 @@ def block_n(n: int) -> int:
     return 32 if n >= 8192 else 16
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, glu: bool = False
+) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for 2-D ``x`` (M <= 16, K) with a unit column stride and a
-    contiguous ``weight`` (N, K); a fresh contiguous (M, N) result in x's dtype."""
+    contiguous ``weight`` (N, K); a fresh contiguous (M, N) result in x's dtype. With ``glu``
+    the product's two halves ``[value | gate]`` (2F columns) leave as ``value * silu(gate)``
+    (M, F): the SwiGLU MLP's first projection and activation in one launch, the (M, 2F)
+    product never written."""
     m, k = x.shape
-    n = weight.shape[0]
-    if m > MAX_ROWS or weight.shape[1] != k:
-        raise ValueError(f"skinny_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    n = weight.shape[0] // 2 if glu else weight.shape[0]
+    if m > MAX_ROWS or weight.shape[1] != k or (glu and weight.shape[0] % 2):
+        raise ValueError(
+            f"skinny_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+            + (" (glu needs an even number of rows)" if glu else "")
+        )
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     interp = interpreting()
+    b = weight if bias is None else bias
     if m == 1:
         _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
-            x, weight, weight if bias is None else bias, y, n, k, weight.stride(0),
+            x, weight, b, y, n, k, weight.stride(0),
             BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else STAGES,
-            HAS_BIAS=bias is not None, num_warps=1 if interp else 4,
+            HAS_BIAS=bias is not None, GLU=glu, num_warps=1 if interp else 4,
         )  # fmt: skip
         return y
     bn = block_n(n)
     _skinny_linear_kernel[(triton.cdiv(n, bn),)](
-        x, weight, weight if bias is None else bias, y,
+        x, weight, b, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
-        HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu,
         num_warps=1 if interp else 4,
     )  # fmt: skip
     return y
