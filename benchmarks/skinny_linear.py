@@ -66,8 +66,26 @@ def main() -> None:
                        floor_us=floor_us, cublas_us=t_ref * 1e3, ours_us=t_ours * 1e3)  # fmt: skip
             records.append(rec)
             print(json.dumps(rec))
+    # the MLP's first projection with its activation: one launch of ours against F.linear
+    # followed by the Triton SwiGLU kernel (what the model runs without skinny_linear)
+    from hybridkit.kernels.swiglu import swiglu
+
+    w = torch.randn(5632, 1024, device=dev, dtype=torch.bfloat16) / 32
+    for rows in rows_list:
+        x = torch.randn(rows, 1024, device=dev, dtype=torch.bfloat16)
+        t_ref = _median_ms(lambda x=x, w=w: swiglu(F.linear(x, w), backend="triton"))
+        t_ours = _median_ms(lambda x=x, w=w: skinny_linear(x, w, None, glu=True))
+        nbytes = w.numel() * w.element_size()
+        rec = dict(shape="400M mlp fc1 + SwiGLU", rows=rows, K=1024, N=5632,
+                   weight_mb=nbytes / 1e6, floor_us=nbytes / bw * 1e6,
+                   cublas_us=t_ref * 1e3, ours_us=t_ours * 1e3)  # fmt: skip
+        records.append(rec)
+        print(json.dumps(rec))
     lines = [
         "# Few-row linears, bf16: our Triton kernel vs F.linear (cuBLAS)",
+        "",
+        "The `fc1 + SwiGLU` rows compare one launch of ours (`glu=True`) with F.linear followed "
+        "by the Triton SwiGLU kernel.",
         "",
         f"Copy bandwidth measured in the same run: {bw / 1e9:,.0f} GB/s. do_bench medians, L2 "
         "cleared before each call. Floor = weight bytes / copy bandwidth.",
