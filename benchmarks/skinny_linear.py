@@ -22,6 +22,7 @@ from triton.testing import do_bench
 
 from hybridkit.decode_bench import copy_bandwidth
 from hybridkit.kernels.linear.triton_kernels import skinny_linear
+from hybridkit.kernels.swiglu import swiglu
 from hybridkit.train.provenance import run_environment
 
 # (name, K, N) = (in_features, out_features)
@@ -68,8 +69,6 @@ def main() -> None:
             print(json.dumps(rec))
     # the MLP's first projection with its activation: one launch of ours against F.linear
     # followed by the Triton SwiGLU kernel (what the model runs without skinny_linear)
-    from hybridkit.kernels.swiglu import swiglu
-
     w = torch.randn(5632, 1024, device=dev, dtype=torch.bfloat16) / 32
     for rows in rows_list:
         x = torch.randn(rows, 1024, device=dev, dtype=torch.bfloat16)
