@@ -63,7 +63,10 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"torch (F.linear; the kernel runs {', '.join(str(d)[6:] for d in _DTYPES)})"
     if not current_config().skinny_linear:
         return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
-    return "triton (few-row kernel, <= 16 rows, eager / CUDA-graph steps; more rows: cuBLAS)"
+    return (
+        "triton (few-row kernels for <= 16 rows, the MLP's fc1 with its SwiGLU; eager / "
+        "CUDA-graph steps; more rows: cuBLAS)"
+    )
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
