@@ -19,6 +19,9 @@
 #      benchmarks/skinny_linear.py (it against cuBLAS at the decode shapes) -> $OUT/skinny_linear.*,
 #      then benchmarks/decode.py (layer step and 400M model) on main's kernels, with
 #      skinny_linear=1, and with skinny_linear=1,fused_add_norm=1 -> $OUT/decode_*.*
+#   7. TRAIN=1: `hybridkit bench train` of the 400M hybrid, SISO and MIMO rank 4, compiled, 4 x
+#      4,096 tokens, with the per-kind breakdown (the profiler no longer double-counts): where
+#      MIMO's extra time goes at model level (#15's 0.6x target) -> $OUT/train_{siso,mimo}.*
 # STUDIES: space-separated STUDY:JOBS[:SELECTION] shares for benchmarks/study_call.sh, each
 # given what is left of CALL_S (e.g. "state_tracking:6 lengthgen_niah:8"); MQAR_PROBE=1 also runs
 # benchmarks/mqar_probe.sh beside them. The device tool brings back at most 8 files, so at the
@@ -65,6 +68,15 @@ if [ "${DECODE:-0}" = 1 ]; then
       benchmarks/decode.py --out "$OUT/decode_$tag" --new 96 --drift-tokens 0 \
       > "$OUT/decode_$tag.txt" 2>&1
     show "$OUT/decode_$tag.md" "$OUT/decode_$tag.txt"
+  done
+fi
+if [ "${TRAIN:-0}" = 1 ]; then
+  for v in siso mimo; do
+    recipe=benchmarks/recipes/hybrid_400m.yaml
+    [ $v = mimo ] && recipe=benchmarks/recipes/hybrid_400m_mimo.yaml
+    timeout -k 5 200 python -m hybridkit bench train "$recipe" --batch 4 --seq-len 4096 \
+      --compile --steps 10 --out "$OUT/train_$v" > "$OUT/train_$v.txt" 2>&1
+    show "$OUT/train_$v.md" "$OUT/train_$v.txt"
   done
 fi
 STUDY_SET=""
