@@ -35,13 +35,14 @@ STAGES = 4
 
 @triton.jit
 def _epilogue(acc, gacc, B, offs_n, n_ok, N, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
-              GLU: tl.constexpr):  # fmt: skip
+              GLU: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
     """Bias, then (GLU) ``value * silu(gate)`` of the two halves, each first rounded to the
-    output dtype as ``F.linear`` would have stored it; the result in the output dtype."""
+    output dtype as ``F.linear`` would have stored it; the result in the output dtype.
+    ``ROWS``: the accumulators are (rows, columns), else (columns,)."""
     if HAS_BIAS:
-        acc += _row_bias(B, offs_n, n_ok, acc)
+        acc += _bias(B, offs_n, n_ok, ROWS)
         if GLU:
-            gacc += _row_bias(B + N, offs_n, n_ok, gacc)
+            gacc += _bias(B + N, offs_n, n_ok, ROWS)
     if GLU:
         v = acc.to(dtype).to(tl.float32)
         g = gacc.to(dtype).to(tl.float32)
@@ -50,10 +51,10 @@ def _epilogue(acc, gacc, B, offs_n, n_ok, N, dtype: tl.constexpr, HAS_BIAS: tl.c
 
 
 @triton.jit
-def _row_bias(B, offs_n, n_ok, like):
-    """The bias of the columns ``offs_n``, shaped to add to ``like`` (1-D or rows x columns)."""
+def _bias(B, offs_n, n_ok, ROWS: tl.constexpr):
+    """The bias of the columns ``offs_n`` in fp32, as a row vector when ``ROWS``."""
     b = tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if len(like.shape) == 2:
+    if ROWS:
         b = b[None, :]
     return b
 
@@ -90,7 +91,7 @@ def _skinny_linear_kernel(
                 gacc += tl.dot(x, tl.trans(wg), input_precision="ieee")
             else:
                 gacc += tl.dot(x, tl.trans(wg))
-    y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU)
+    y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, True)
     out = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, y, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -123,7 +124,7 @@ def _gemv_kernel(
             gacc += wg.to(tl.float32) * x[None, :]
     y = _epilogue(
         tl.sum(acc, axis=1), tl.sum(gacc, axis=1), B, offs_n, n_ok, N, Y.dtype.element_ty,
-        HAS_BIAS, GLU,
+        HAS_BIAS, GLU, False,
     )  # fmt: skip
     tl.store(Y + offs_n, y, mask=n_ok)
 
