@@ -17,8 +17,9 @@
 #      fails, this call's studies run with --set train.deterministic=false.
 #   6. DECODE=1: the GPU tests of the few-row linears and the fused add + norm -> $OUT/linear_tests.txt,
 #      benchmarks/skinny_linear.py (it against cuBLAS at the decode shapes) -> $OUT/skinny_linear.*,
-#      then benchmarks/decode.py (layer step and 400M model) on main's kernels, with
-#      skinny_linear=1, and with skinny_linear=1,fused_add_norm=1 -> $OUT/decode_*.*
+#      then benchmarks/decode.py (layer step and 400M model) and `bench decode --profile`
+#      (kernels per token by category) on main's kernels and with
+#      skinny_linear=1,fused_add_norm=1 -> $OUT/decode_*.*, $OUT/profile_*.*
 #   7. TRAIN=1: `hybridkit bench train` of the 400M hybrid, SISO and MIMO rank 4, compiled, 4 x
 #      4,096 tokens, with the per-kind breakdown (the profiler no longer double-counts): where
 #      MIMO's extra time goes at model level (#15's 0.6x target) -> $OUT/train_{siso,mimo}.*
@@ -61,13 +62,19 @@ if [ "${DECODE:-0}" = 1 ]; then
   timeout -k 5 120 python benchmarks/skinny_linear.py --out "$OUT/skinny_linear" \
     > "$OUT/skinny_linear.txt" 2>&1
   show "$OUT/skinny_linear.md" "$OUT/skinny_linear.txt"
-  # main's kernels, then the few-row linears, then those and the fused add + norm
-  for kc in none skinny_linear=1 skinny_linear=1,fused_add_norm=1; do
+  # main's kernels, then the few-row linears and the fused add + norm: the layer step (d_model
+  # 2048) and the 400M model (decode.py), then the model's kernels per token by category
+  # (bench decode --profile), so the launch counts can be checked too
+  for kc in none skinny_linear=1,fused_add_norm=1; do
     tag=$(echo "$kc" | tr ',=' '__')
-    HYBRIDKIT_KERNELS=$([ "$kc" = none ] || echo "$kc") timeout -k 5 150 python \
-      benchmarks/decode.py --out "$OUT/decode_$tag" --new 96 --drift-tokens 0 \
-      > "$OUT/decode_$tag.txt" 2>&1
+    kernels=$([ "$kc" = none ] || echo "$kc")
+    HYBRIDKIT_KERNELS=$kernels timeout -k 5 150 python benchmarks/decode.py \
+      --out "$OUT/decode_$tag" --new 96 --drift-tokens 0 > "$OUT/decode_$tag.txt" 2>&1
     show "$OUT/decode_$tag.md" "$OUT/decode_$tag.txt"
+    HYBRIDKIT_KERNELS=$kernels timeout -k 5 120 python -m hybridkit bench decode \
+      benchmarks/recipes/hybrid_400m.yaml --batch 1,16 --prompt 128 --new 64 --profile \
+      --out "$OUT/profile_$tag" > "$OUT/profile_$tag.txt" 2>&1
+    show "$OUT/profile_$tag.md" "$OUT/profile_$tag.txt"
   done
 fi
 if [ "${TRAIN:-0}" = 1 ]; then
