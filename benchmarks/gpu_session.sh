@@ -14,7 +14,8 @@
 #      be found) -> $OUT/launch_check.txt.
 #   5. DETERMINISM=1: benchmarks/determinism_check.sh (two GPU runs bitwise equal under
 #      train.deterministic, and the mode's cost) -> $OUT/determinism_tests.txt, det_*; when it
-#      fails, this call's studies run with --set train.deterministic=false.
+#      fails, the studies of this call and of later calls on the same warm machine run with
+#      --set train.deterministic=false (the verdict is kept in /tmp).
 #   6. DECODE=1: the GPU tests of the few-row linears and the fused add + norm -> $OUT/linear_tests.txt,
 #      benchmarks/skinny_linear.py (it against cuBLAS at the decode shapes) -> $OUT/skinny_linear.*,
 #      then benchmarks/decode.py (layer step and 400M model) and `bench decode --profile`
@@ -87,11 +88,14 @@ if [ "${TRAIN:-0}" = 1 ]; then
   done
 fi
 STUDY_SET=""
+VERDICT=/tmp/hk_determinism_ok  # kept by a warm machine for the next calls
 if [ "${DETERMINISM:-0}" = 1 ]; then
   OUT="$OUT" bash benchmarks/determinism_check.sh > "$OUT/determinism.txt" 2>&1
   tail -8 "$OUT/determinism.txt"
-  grep -q "DETERMINISM_OK=1" "$OUT/determinism.txt" || STUDY_SET="--set train.deterministic=false"
+  if grep -q "DETERMINISM_OK=1" "$OUT/determinism.txt"; then echo 1 > $VERDICT; else echo 0 > $VERDICT; fi
 fi
+# studies run train.deterministic (their recipes set it) unless this machine's check failed
+[ "$(cat $VERDICT 2>/dev/null)" = 0 ] && STUDY_SET="--set train.deterministic=false"
 if [ "${MQAR_PROBE:-0}" = 1 ]; then
   LIMIT_S=$(( $(left) - 20 )) bash benchmarks/mqar_probe.sh > "$OUT/mqar_probe.txt" 2>&1 &
 fi
