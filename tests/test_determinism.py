@@ -284,6 +284,26 @@ def _train(recipe: Path, out: Path, overrides: list[str], stop_after: int = 0) -
     return hashlib.sha256(final.read_bytes()).hexdigest() if final.is_file() else ""
 
 
+def test_two_cpu_runs_in_fresh_processes_agree(tmp_path):
+    """The GPU test's procedure on the CPU (MQAR tiny, deterministic): two fresh processes
+    give the same weights, and a run stopped between checkpoints and resumed in a third process
+    ends on them too. Checks the procedure itself, so a GPU call is not spent on its bugs."""
+    recipe = ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml"
+    common = [
+        "train.steps=8",
+        "train.checkpoint_every=4",
+        "train.warmup_steps=1",
+        "train.batch_size=4",
+        "train.device=cpu",
+        "train.deterministic=true",
+        "task.eval_examples=8",
+    ]
+    first = _train(recipe, tmp_path / "a", common)
+    assert first and _train(recipe, tmp_path / "b", common) == first
+    assert _train(recipe, tmp_path / "c", common, stop_after=6) == ""
+    assert _train(recipe, tmp_path / "c", common) == first
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_two_gpu_runs_are_bitwise_identical(tmp_path, compiled):
