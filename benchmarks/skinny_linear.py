@@ -52,34 +52,29 @@ def main() -> None:
     bw = copy_bandwidth(dev)  # bytes / s
     rows_list = [int(r) for r in args.rows.split(",")]
     records = []
-    for name, k, n in SHAPES:
+    cases = [(name, k, n, False) for name, k, n in SHAPES]
+    # the MLP's first projection with its activation: one launch of ours against F.linear
+    # followed by the Triton SwiGLU kernel (what the model runs without skinny_linear)
+    cases.append(("400M mlp fc1 + SwiGLU", 1024, 5632, True))
+    for name, k, n, glu in cases:
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
         for rows in rows_list:
             x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
-            torch.testing.assert_close(
-                skinny_linear(x, w, None).float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2
-            )
-            t_ref = _median_ms(lambda x=x, w=w: F.linear(x, w))
-            t_ours = _median_ms(lambda x=x, w=w: skinny_linear(x, w, None))
+
+            def ref(x=x, w=w, glu=glu):
+                return swiglu(F.linear(x, w), backend="triton") if glu else F.linear(x, w)
+
+            def ours(x=x, w=w, glu=glu):
+                return skinny_linear(x, w, None, glu=glu)
+
+            torch.testing.assert_close(ours().float(), ref().float(), rtol=2e-2, atol=2e-2)
+            t_ref, t_ours = _median_ms(ref), _median_ms(ours)
             nbytes = w.numel() * w.element_size()
-            floor_us = nbytes / bw * 1e6
             rec = dict(shape=name, rows=rows, K=k, N=n, weight_mb=nbytes / 1e6,
-                       floor_us=floor_us, cublas_us=t_ref * 1e3, ours_us=t_ours * 1e3)  # fmt: skip
+                       floor_us=nbytes / bw * 1e6, cublas_us=t_ref * 1e3,
+                       ours_us=t_ours * 1e3)  # fmt: skip
             records.append(rec)
             print(json.dumps(rec))
-    # the MLP's first projection with its activation: one launch of ours against F.linear
-    # followed by the Triton SwiGLU kernel (what the model runs without skinny_linear)
-    w = torch.randn(5632, 1024, device=dev, dtype=torch.bfloat16) / 32
-    for rows in rows_list:
-        x = torch.randn(rows, 1024, device=dev, dtype=torch.bfloat16)
-        t_ref = _median_ms(lambda x=x, w=w: swiglu(F.linear(x, w), backend="triton"))
-        t_ours = _median_ms(lambda x=x, w=w: skinny_linear(x, w, None, glu=True))
-        nbytes = w.numel() * w.element_size()
-        rec = dict(shape="400M mlp fc1 + SwiGLU", rows=rows, K=1024, N=5632,
-                   weight_mb=nbytes / 1e6, floor_us=nbytes / bw * 1e6,
-                   cublas_us=t_ref * 1e3, ours_us=t_ours * 1e3)  # fmt: skip
-        records.append(rec)
-        print(json.dumps(rec))
     lines = [
         "# Few-row linears, bf16: our Triton kernel vs F.linear (cuBLAS)",
         "",

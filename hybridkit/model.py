@@ -41,13 +41,18 @@ class Block(nn.Module):
             self.mlp = spec.mlp.build(d_model, layer_idx)
 
     def forward_pending(
-        self, h: torch.Tensor, pending: torch.Tensor | None, *, cache: InferenceCache
+        self,
+        h: torch.Tensor,
+        pending: torch.Tensor | None,
+        *,
+        cache: InferenceCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inference with a cache: the residual stream ``h`` with the previous block's last
-        output ``pending`` not yet added, -> the same for this block. Each add then happens
-        together with the pre-norm after it (``RMSNorm.add_forward``: one launch instead of two
-        when decoding with the kernel setting ``fused_add_norm``); the values are those of
-        :meth:`forward`."""
+        """The residual stream ``h`` with the previous block's last output ``pending`` not yet
+        added, -> the same for this block. Each add then happens together with the pre-norm
+        after it (``RMSNorm.add_forward``: one launch instead of two when decoding with the
+        kernel setting ``fused_add_norm``; otherwise the same two ops). Inference with a cache
+        carries ``pending`` from block to block (``HybridLM.forward``)."""
         for norm, layer in ((self.norm1, self.mixer), (self.norm2, self.mlp)):
             if layer is None:
                 continue
@@ -55,7 +60,7 @@ class Block(nn.Module):
                 x = norm(h)
             else:
                 h, x = norm.add_forward(h, pending)
-            pending = layer(x, cache=cache)
+            pending = layer(x, cache=cache, cu_seqlens=cu_seqlens)
         return h, pending
 
     def forward(
@@ -65,16 +70,8 @@ class Block(nn.Module):
         cache: InferenceCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = None
-        if self.mixer is not None:
-            delta = self.mixer(self.norm1(h), cache=cache, cu_seqlens=cu_seqlens)
-            if self.mlp is None:
-                return h + delta
-            h, x = self.norm2.add_forward(h, delta)  # one launch when decoding
-        if self.mlp is not None:
-            x = self.norm2(h) if x is None else x
-            h = h + self.mlp(x, cache=cache, cu_seqlens=cu_seqlens)
-        return h
+        h, pending = self.forward_pending(h, None, cache=cache, cu_seqlens=cu_seqlens)
+        return h if pending is None else h + pending
 
     def part_params(self) -> list[tuple[str, int]]:
         """``(layer kind, parameters)`` of each present part, its pre-norm counted with it.

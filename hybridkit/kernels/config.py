@@ -134,7 +134,7 @@ def parse_env(text: str) -> KernelConfig:
 
 
 def _parse_value(key: str, raw: str) -> object:
-    if key in ("autotune", "fa4_decode", "deterministic", "skinny_linear", "fused_add_norm"):
+    if isinstance(getattr(KernelConfig(), key), bool):
         if raw not in ("0", "1", "true", "false"):
             raise ValueError(f"{raw!r}: allowed 0, 1, true, false")
         return raw in ("1", "true")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridkit.kernels.config import current_config
+from hybridkit.kernels.layout import as_rows
 
 __all__ = ["BACKENDS", "describe_decode", "linear", "linear_glu", "resolve_backend"]
 
@@ -93,10 +94,9 @@ def linear(
         return F.linear(x, weight, bias)
     from hybridkit.kernels.linear.triton_kernels import skinny_linear
 
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = skinny_linear(rows, weight.contiguous(), None if bias is None else bias.contiguous())
+    out = skinny_linear(
+        as_rows(x), weight.contiguous(), None if bias is None else bias.contiguous()
+    )
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -106,8 +106,5 @@ def linear_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     does, and otherwise runs its projection and activation as two ops)."""
     from hybridkit.kernels.linear.triton_kernels import skinny_linear
 
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = skinny_linear(rows, weight.contiguous(), bias, glu=True)
+    out = skinny_linear(as_rows(x), weight.contiguous(), bias, glu=True)
     return out.reshape(*x.shape[:-1], weight.shape[0] // 2)

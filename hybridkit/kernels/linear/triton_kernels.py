@@ -60,6 +60,14 @@ def _bias(B, offs_n, n_ok, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _x_wt(x, w, FP32: tl.constexpr):
+    """x @ w^T on the tensor cores; fp32 inputs in full fp32 (``ieee``), not tf32."""
+    if FP32:
+        return tl.dot(x, tl.trans(w), input_precision="ieee")
+    return tl.dot(x, tl.trans(w))
+
+
+@triton.jit
 def _skinny_linear_kernel(
     X, W, B, Y,
     M, N, K, stride_xm, stride_wn, stride_ym,
@@ -81,16 +89,10 @@ def _skinny_linear_kernel(
         wmask = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if FP32:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        acc += _x_wt(x, w, FP32)
         if GLU:
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
-            if FP32:
-                gacc += tl.dot(x, tl.trans(wg), input_precision="ieee")
-            else:
-                gacc += tl.dot(x, tl.trans(wg))
+            gacc += _x_wt(x, wg, FP32)
     y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, True)
     out = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, y, mask=m_ok[:, None] & n_ok[None, :])

@@ -24,6 +24,7 @@ import importlib.util
 
 import torch
 
+from hybridkit.kernels.config import current_config
 from hybridkit.kernels.norm.reference import gated_rms_norm_reference, rms_norm_reference
 
 __all__ = ["BACKENDS", "add_rms_norm", "gated_rms_norm", "resolve_backend", "rms_norm"]
@@ -84,9 +85,11 @@ def add_rms_norm(
         and h.shape == delta.shape
         and h.dtype == delta.dtype
         and resolve_backend(backend, h, h.shape[-1]) == "triton"
-        and not (torch.is_grad_enabled() and (h.requires_grad or delta.requires_grad))
-        and not (torch.is_grad_enabled() and weight.requires_grad)
-        and _fused_add_norm_on()
+        and not (
+            torch.is_grad_enabled()
+            and (h.requires_grad or delta.requires_grad or weight.requires_grad)
+        )
+        and current_config().fused_add_norm
     )
     if not fused:
         s = h + delta
@@ -96,12 +99,6 @@ def add_rms_norm(
 
     s, out = add_norm_forward(as_rows(h), as_rows(delta), weight, eps)
     return s.view(h.shape), out.view(h.shape)
-
-
-def _fused_add_norm_on() -> bool:
-    from hybridkit.kernels.config import current_config
-
-    return current_config().fused_add_norm
 
 
 def gated_rms_norm(
