@@ -34,6 +34,7 @@ from hybridkit.decode_bench import (
     versions,
 )
 from hybridkit.decode_bench import markdown as model_markdown
+from hybridkit.kernels.config import changed_settings
 from hybridkit.kernels.mamba3.ops import cute_unavailable
 from hybridkit.kernels.mamba3.step import StepInputs
 from hybridkit.kernels.mamba3.step.triton_step import mamba3_step_triton
@@ -162,6 +163,7 @@ def main() -> None:
     report: dict = {
         "device": device_name(device),
         "versions": versions(),
+        "kernels": changed_settings(),
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "layer": [],
         "model": {},
@@ -171,8 +173,8 @@ def main() -> None:
         md = [
             f"# Decoding benchmarks ({report['device']})",
             "",
-            f"Versions {report['versions']}; copy bandwidth {report['copy_bandwidth_gbs']:,.0f} "
-            "GB/s (measured in this run).",
+            f"Versions {report['versions']}; kernel settings {report['kernels']}; copy "
+            f"bandwidth {report['copy_bandwidth_gbs']:,.0f} GB/s (measured in this run).",
             "",
         ]
         if report["layer"]:

@@ -21,6 +21,9 @@
 #      then benchmarks/decode.py (layer step and 400M model) and `bench decode --profile`
 #      (kernels per token by category) on main's kernels and with
 #      skinny_linear=1,fused_add_norm=1 -> $OUT/decode_*.*, $OUT/profile_*.*
+#   6b. PDL=1: the decode kernels with programmatic dependent launch as well
+#      (skinny_linear=1,fused_add_norm=1,pdl=1): tests/test_pdl.py -m gpu -> $OUT/pdl_tests.txt,
+#      decode.py and `bench decode --profile` -> $OUT/decode_pdl.*, $OUT/profile_pdl.* (~3 min)
 #   7. TRAIN=1: `hybridkit bench train` of the 400M hybrid, SISO and MIMO rank 4, compiled, 4 x
 #      4,096 tokens, with the per-kind breakdown (the profiler no longer double-counts): where
 #      MIMO's extra time goes at model level (#15's 0.6x target) -> $OUT/train_{siso,mimo}.*
@@ -38,6 +41,18 @@ mkdir -p "$OUT"
 left() { echo $(( CALL - ($(date +%s) - START) )); }
 # a result's table rows, or the tail of its log when the table was never written
 show() { if grep -q "^| " "$1" 2>/dev/null; then grep "^| " "$1" | head -14; else tail -5 "$2"; fi; }
+# one set of kernel settings (HYBRIDKIT_KERNELS=$2): the layer step (d_model 2048) and the 400M
+# model (decode.py), then the model's kernels per token by category (bench decode --profile), so
+# the launch counts can be checked too -> $OUT/decode_$1.*, $OUT/profile_$1.*
+decode_variant() {
+  HYBRIDKIT_KERNELS=$2 timeout -k 5 150 python benchmarks/decode.py \
+    --out "$OUT/decode_$1" --new 96 --drift-tokens 0 > "$OUT/decode_$1.txt" 2>&1
+  show "$OUT/decode_$1.md" "$OUT/decode_$1.txt"
+  HYBRIDKIT_KERNELS=$2 timeout -k 5 120 python -m hybridkit bench decode \
+    benchmarks/recipes/hybrid_400m.yaml --batch 1,16 --prompt 128 --new 64 --profile \
+    --out "$OUT/profile_$1" > "$OUT/profile_$1.txt" 2>&1
+  show "$OUT/profile_$1.md" "$OUT/profile_$1.txt"
+}
 if [ "${KERNELS:-1}" = 1 ]; then
   timeout -k 5 200 python -m pytest -q -m gpu -n 8 tests/test_triton_mimo.py \
     tests/test_triton_siso.py -p no:cacheprovider -rfE 2>&1 \
@@ -63,20 +78,17 @@ if [ "${DECODE:-0}" = 1 ]; then
   timeout -k 5 120 python benchmarks/skinny_linear.py --out "$OUT/skinny_linear" \
     > "$OUT/skinny_linear.txt" 2>&1
   show "$OUT/skinny_linear.md" "$OUT/skinny_linear.txt"
-  # main's kernels, then the few-row linears and the fused add + norm: the layer step (d_model
-  # 2048) and the 400M model (decode.py), then the model's kernels per token by category
-  # (bench decode --profile), so the launch counts can be checked too
-  for kc in none skinny_linear=1,fused_add_norm=1; do
-    tag=$(echo "$kc" | tr ',=' '__')
-    kernels=$([ "$kc" = none ] || echo "$kc")
-    HYBRIDKIT_KERNELS=$kernels timeout -k 5 150 python benchmarks/decode.py \
-      --out "$OUT/decode_$tag" --new 96 --drift-tokens 0 > "$OUT/decode_$tag.txt" 2>&1
-    show "$OUT/decode_$tag.md" "$OUT/decode_$tag.txt"
-    HYBRIDKIT_KERNELS=$kernels timeout -k 5 120 python -m hybridkit bench decode \
-      benchmarks/recipes/hybrid_400m.yaml --batch 1,16 --prompt 128 --new 64 --profile \
-      --out "$OUT/profile_$tag" > "$OUT/profile_$tag.txt" 2>&1
-    show "$OUT/profile_$tag.md" "$OUT/profile_$tag.txt"
-  done
+  # main's kernels, then the few-row linears and the fused add + norm
+  decode_variant none ""
+  decode_variant skinny_linear_1_fused_add_norm_1 skinny_linear=1,fused_add_norm=1
+fi
+if [ "${PDL:-0}" = 1 ]; then
+  # programmatic dependent launch of the decode kernels (on top of the two settings above): the
+  # GPU test (tokens and logits equal without it), then decode.py and the profile with it
+  timeout -k 5 90 python -m pytest -q -m gpu tests/test_pdl.py -p no:cacheprovider -rfE 2>&1 \
+    | grep -v Warning | tail -8 > "$OUT/pdl_tests.txt"
+  tail -2 "$OUT/pdl_tests.txt"
+  decode_variant pdl skinny_linear=1,fused_add_norm=1,pdl=1
 fi
 if [ "${TRAIN:-0}" = 1 ]; then
   for v in siso mimo; do

@@ -33,6 +33,7 @@ import torch
 from hybridkit import profiling
 from hybridkit.cache import InferenceCache, KVCache
 from hybridkit.generation import DecodeRunner, Sampling
+from hybridkit.kernels.config import changed_settings
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.layers.mamba3 import Mamba3
 from hybridkit.model import HybridLM
@@ -139,6 +140,8 @@ class DecodeBench:
     rows: list[DecodeRow] = field(default_factory=list)
     drift: dict | None = None
     layer_rows: list[LayerStepRow] = field(default_factory=list)
+    #: the kernel settings that differ from the defaults (``HYBRIDKIT_KERNELS`` form)
+    kernels: str = "defaults"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -341,6 +344,7 @@ def bench_decode(
         compiled=compile_step,
         params=model.num_params(),
         copy_bandwidth_gbs=bandwidth / 1e9,
+        kernels=changed_settings(),
     )
     for batch in batches:
         result.rows.append(
@@ -379,7 +383,8 @@ def markdown(result: DecodeBench) -> str:
         f"{', step compiled' if result.compiled else ''})",
         "",
         f"{result.date}; torch {v['torch']}, triton {v['triton']}, Python {v['python']}; "
-        f"copy bandwidth measured {result.copy_bandwidth_gbs:,.0f} GB/s.",
+        f"copy bandwidth measured {result.copy_bandwidth_gbs:,.0f} GB/s; kernel settings "
+        f"{result.kernels}.",
         "",
         "| batch | prompt | new | tokens/s | ms per step | byte floor ms | x floor | weights MB "
         "| state MB | KV MB | prefill ms | graph |",

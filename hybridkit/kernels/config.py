@@ -31,7 +31,11 @@ Fields (defaults in :class:`KernelConfig`):
   one Triton launch (``kernels/norm``: ``add_rms_norm``; off until GPU-checked);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
-  until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``).
+  until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``);
+* ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
+  Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
+  next start early and reads its weights before waiting for its predecessor
+  (``hybridkit/kernels/pdl.py``; off until timed on the GPU, ``benchmarks/decode.py``).
 
 In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local; the scan's
 backward, which autograd runs in another thread on a GPU, launches with the settings in force at
@@ -81,6 +85,7 @@ class KernelConfig:
     deterministic: bool = False
     skinny_linear: bool = False
     fused_add_norm: bool = False
+    pdl: bool = False
 
     @property
     def tunes(self) -> bool:
@@ -164,6 +169,23 @@ def _env_config(text: str) -> KernelConfig:
     if text not in _ENV_CACHE:
         _ENV_CACHE[text] = parse_env(text)
     return _ENV_CACHE[text]
+
+
+def changed_settings(cfg: KernelConfig | None = None) -> str:
+    """The settings that differ from the defaults, in the ``HYBRIDKIT_KERNELS`` form
+    (``"defaults"`` when none do): what a benchmark records next to its numbers."""
+    cfg = cfg or current_config()
+    changed = []
+    for f in dataclasses.fields(KernelConfig):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, tuple):
+            value = ":".join(map(str, value))
+        changed.append(f"{f.name}={value}")
+    return ",".join(changed) or "defaults"
 
 
 @contextlib.contextmanager

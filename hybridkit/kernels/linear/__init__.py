@@ -64,9 +64,10 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"torch (F.linear; the kernel runs {', '.join(str(d)[6:] for d in _DTYPES)})"
     if not current_config().skinny_linear:
         return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
+    pdl = "; with PDL on sm_90+" if current_config().pdl else ""
     return (
         "triton (few-row kernels for <= 16 rows, the MLP's fc1 with its SwiGLU; eager / "
-        "CUDA-graph steps; more rows: cuBLAS)"
+        f"CUDA-graph steps; more rows: cuBLAS{pdl})"
     )
 
 

@@ -25,12 +25,16 @@ import triton
 import triton.language as tl
 
 from hybridkit.kernels.config import interpreting
+from hybridkit.kernels.pdl import launch_options, use_pdl
 
 #: the most rows a call may have (one tensor-core tile tall)
 MAX_ROWS = 16
 BLOCK_K = 256
 #: pipeline depth of the K loop (W tiles in flight per program)
 STAGES = 4
+#: warps per program on the GPU, and the threads they make (the PDL prologue's lanes)
+WARPS = 4
+THREADS = tl.constexpr(32 * WARPS)
 
 
 @triton.jit
@@ -68,11 +72,42 @@ def _x_wt(x, w, FP32: tl.constexpr):
 
 
 @triton.jit
+def _pdl_prologue(
+    W, pid, N, K, stride_wn, BLOCK_N: tl.constexpr, GLU: tl.constexpr, PREFETCH: tl.constexpr
+):  # fmt: skip
+    """With PDL: let the next kernel launch, ask L2 for this program's whole weight slab, then
+    wait for the previous kernel, whose output is ``x`` (``hybridkit/kernels/pdl.py``); the K
+    loop after it reads the weights from L2, their DRAM traffic having overlapped the previous
+    kernel. ``PREFETCH`` (rows on 16 bytes): one bulk prefetch per weight row (and per row of
+    the gate half with ``GLU``), each issued by its own thread: a 1-D tensor of ``THREADS``
+    lanes is one lane per thread, lane i < BLOCK_N the value row i, the next BLOCK_N the gate's."""
+    tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH:
+        lane = tl.arange(0, THREADS)
+        gate = lane >= BLOCK_N
+        row = pid * BLOCK_N + tl.where(gate, lane - BLOCK_N, lane)
+        active = (row < N) & (lane < (2 * BLOCK_N if GLU else BLOCK_N))
+        row = tl.minimum(row, N - 1) + tl.where(gate, N, 0)
+        nbytes = tl.zeros_like(lane) + K * W.dtype.element_ty.primitive_bitwidth // 8
+        tl.inline_asm_elementwise(
+            "{\n\t.reg .pred p;\n\tsetp.ne.u32 p, $3, 0;\n\t"
+            "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
+            "=r,l,r,r",
+            [W + row.to(tl.int64) * stride_wn, nbytes, active.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _skinny_linear_kernel(
     X, W, B, Y,
     M, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, GLU: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,6 +118,8 @@ def _skinny_linear_kernel(
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU: the gate half's columns
+    if USE_PDL:
+        _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -102,7 +139,7 @@ def _skinny_linear_kernel(
 def _gemv_kernel(
     X, W, B, Y, N, K, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GLU: tl.constexpr,
+    GLU: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """One row (batch 1): no tensor-core tile to fill, so 8 output columns per program (four
     times the programs of the 16-row kernel: the 1,024-wide projections back to d_model get 128)
@@ -114,6 +151,8 @@ def _gemv_kernel(
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # GLU: the gate half's columns
+    if USE_PDL:
+        _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -142,6 +181,14 @@ def block_n(n: int) -> int:
     return 32 if n >= 8192 else 16
 
 
+def _rows_aligned(weight: torch.Tensor) -> bool:
+    """Whether every row of ``weight`` starts on 16 bytes and spans a multiple of 16 bytes
+    (what the bulk L2 prefetch needs)."""
+    row = weight.stride(0) * weight.element_size()
+    width = weight.shape[1] * weight.element_size()
+    return weight.data_ptr() % 16 == 0 and row % 16 == 0 and width % 16 == 0
+
+
 def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, glu: bool = False
 ) -> torch.Tensor:
@@ -159,12 +206,15 @@ def skinny_linear(
         )
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     interp = interpreting()
+    pdl = use_pdl(x)
+    prefetch = pdl and _rows_aligned(weight)
     b = weight if bias is None else bias
     if m == 1:
         _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
             x, weight, b, y, n, k, weight.stride(0),
             BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else STAGES,
-            HAS_BIAS=bias is not None, GLU=glu, num_warps=1 if interp else 4,
+            HAS_BIAS=bias is not None, GLU=glu, USE_PDL=pdl, PREFETCH=prefetch,
+            num_warps=1 if interp else WARPS, **launch_options(pdl),
         )  # fmt: skip
         return y
     bn = block_n(n)
@@ -172,7 +222,7 @@ def skinny_linear(
         x, weight, b, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
-        HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu,
-        num_warps=1 if interp else 4,
+        HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu, USE_PDL=pdl,
+        PREFETCH=prefetch, num_warps=1 if interp else WARPS, **launch_options(pdl),
     )  # fmt: skip
     return y

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridkit.kernels.pdl import launch_options, use_pdl
+
 #: elements per (rows x channels) tile with 8 warps: 8 per thread and tensor. Compiled for
 #: sm_90 (local Triton, ptxas -v) the widest variant (gated, group 64) then needs 57 registers
 #: forward / 101 backward and nothing spills; 4096-element tiles on 4 warps spilled 124 bytes
@@ -123,12 +125,19 @@ def _norm_bwd_kernel(
 def _add_norm_fwd_kernel(
     H, DELTA, W, S, O,
     M, stride_h, stride_d, stride_s, stride_o, eps,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Inference only: s = h + delta rounded to s's dtype (as torch's add rounds it), stored,
-    and RMSNorm(s) * w; the residual stream is read once and the launch of the add is saved."""
+    and RMSNorm(s) * w; the residual stream is read once and the launch of the add is saved.
+    ``USE_PDL``: the norm weight is read before waiting for the previous kernel
+    (``hybridkit/kernels/pdl.py``)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     mask = (rows < M)[:, None] & (cols < D)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     h = tl.load(H + r64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -137,7 +146,6 @@ def _add_norm_fwd_kernel(
     tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
     x = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
-    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     out = x * rstd[:, None] * w[None, :]
     tl.store(O + r64 * stride_o + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
 
@@ -153,10 +161,12 @@ def add_norm_forward(
         torch.empty(m, d, dtype=h.dtype, device=h.device),
     )
     block_m, block_n, warps = _tile(d)
+    pdl = use_pdl(h)
     _add_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
         h, delta, weight, s, out,
         m, h.stride(0), delta.stride(0), s.stride(0), out.stride(0), eps,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=pdl, num_warps=warps,
+        **launch_options(pdl),
     )  # fmt: skip
     return s, out
 

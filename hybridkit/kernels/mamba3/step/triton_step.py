@@ -32,6 +32,7 @@ from hybridkit.kernels.config import interpreting, step_launch
 from hybridkit.kernels.mamba3.chunkscan.common import _mod2pi
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step.weights import StepInputs, StepWeights
+from hybridkit.kernels.pdl import launch_options, use_pdl
 
 PI = tl.constexpr(3.141592653589793)
 NORM_MODES = {"none": 0, "grouped_pregate": 1, "grouped_postgate": 2}
@@ -112,17 +113,32 @@ def mamba3_step_kernel(
     S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAVY_TAIL: tl.constexpr, HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr,
     HALVES: tl.constexpr, HAS_D: tl.constexpr, HAS_MX: tl.constexpr, GATED: tl.constexpr,
-    HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr,
+    HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)  # int64: B * H * P * N exceeds 2**31 at large batch
     b = pid // H
     h = pid % H
     g = h // (H // G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_n = offs_n < N
+    mask_p = offs_p < P
+
+    # 0. per-head parameters, which no kernel writes: with PDL read before waiting for the
+    # previous kernel (in_proj), whose outputs and the state are read after it (kernels/pdl.py)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
+    if HAS_D:
+        d_skip = tl.load(DSKIP + h).to(tl.float32)
+    if GATED:  # noqa: SIM102
+        if NORM != 0:
+            norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
 
     # 1. scalar gates
-    dt = _softplus(
-        tl.load(DDT + b * s_dtb + h * s_dtn).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
-    )
+    dt = _softplus(tl.load(DDT + b * s_dtb + h * s_dtn).to(tl.float32) + dt_bias)
     a_in = tl.load(DDA + b * s_dab + h * s_dan).to(tl.float32)
     if HEAVY_TAIL:
         act = tl.where(a_in >= 0, 1.0 + a_in, 1.0 / (1.0 - tl.minimum(a_in, 0.0)))
@@ -136,10 +152,6 @@ def mamba3_step_kernel(
     beta = (1.0 - lam) * dt * alpha
     gamma = lam * dt
 
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_n = offs_n < N
-    mask_p = offs_p < P
     # the state tile is loaded before the gates and keys (safe: only this program touches it);
     # on the H200 this measured the same as loading it after them (the compiler issues every
     # load before the first barrier either way; docs/kernels.md, "The fused decode step")
@@ -170,10 +182,6 @@ def mamba3_step_kernel(
     # batch the step is a chain of dependent loads, and each round costs about a microsecond
     if GATED:
         z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        if NORM != 0:
-            norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    if HAS_D:
-        d_skip = tl.load(DSKIP + h).to(tl.float32)
     if R == 1:  # SISO: key, previous key and query before the one barrier
         k_ptr0 = KST + (b * H + h) * N + offs_n
         k_prev0 = tl.load(k_ptr0, mask=mask_n, other=0.0).to(tl.float32)
@@ -307,6 +315,7 @@ def mamba3_step_triton(
         raise ValueError("mamba3 decode step: an output norm needs z (the gate)")
     block_p, block_n = triton.next_power_of_2(headdim), triton.next_power_of_2(dstate)
     warps, maxnreg = step_launch()
+    pdl = use_pdl(x)
     launch = dict(num_warps=warps or _warps(block_p, block_n), num_stages=1)
     if maxnreg and not interpreting():
         launch["maxnreg"] = maxnreg
@@ -323,7 +332,7 @@ def mamba3_step_triton(
         HEAVY_TAIL=w.a_activation == "heavy_tail", HAS_TRAP=trap is not None,
         HAS_ANG=angles is not None, HALVES=w.pairing == "halves", HAS_D=w.D is not None,
         HAS_MX=w.mimo_x is not None, GATED=gated, HAS_MZ=w.mimo_z is not None,
-        HAS_MO=w.mimo_o is not None, NORM=norm,
-        **launch,
+        HAS_MO=w.mimo_o is not None, NORM=norm, USE_PDL=pdl,
+        **launch, **launch_options(pdl),
     )  # fmt: skip
     return out

@@ -1,0 +1,134 @@
+"""Resource report of the decode step's Triton kernels for sm_90, with and without PDL, built on
+a machine with no GPU.
+
+Compiles the few-row linears (one row; 16 rows; each with the SwiGLU epilogue), the fused
+residual add + RMSNorm and the fused Mamba-3 step (SISO and MIMO R 4, grouped pre-gate norm)
+for an H100 target, ``USE_PDL`` off and on, and prints per kernel: registers and spills
+(``ptxas -v``), the PDL instructions found, and the global loads and L2 prefetches the PTX
+issues before ``griddepcontrol.wait`` (the weights a PDL launch asks for while its predecessor
+still runs: the linears must prefetch, and no store may come before the wait).
+
+    python benchmarks/decode_sm90_report.py [--check]
+
+``--check`` (what ``tests/test_pdl.py`` runs, without ``TRITON_INTERPRET``) exits 1 when a
+kernel breaks PDL's safety rule (``violations``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import triton
+from siso_sm90_report import ptxas_summary
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hybridkit.kernels.linear import triton_kernels as lin
+from hybridkit.kernels.mamba3.step import triton_step as step
+from hybridkit.kernels.norm import triton_kernels as norm
+
+LINEAR = dict(BLOCK_K=lin.BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False, PREFETCH=True)
+GEMV = dict(BLOCK_N=lin.GEMV_BLOCK_N, BLOCK_K=lin.GEMV_BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False)
+GEMV.update(PREFETCH=True)
+STEP = dict(H=32, G=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32, HEAVY_TAIL=True)
+STEP.update(HAS_TRAP=True, HAS_ANG=True, HAS_D=True, GATED=True, NORM=1)
+STEP_FP32 = {"ANGLE", "SSM", "DT_BIAS", "B_BIAS", "C_BIAS", "B_NORM", "C_NORM", "DSKIP", "MX"}
+STEP_FP32 |= {"MZ", "MO", "OUT_NORM"}
+ROWS16 = dict(LINEAR, BLOCK_M=16, BLOCK_N=16, FP32=False)
+SISO = dict(STEP, R=1, HALVES=False, HAS_MX=False, HAS_MZ=False, HAS_MO=False)
+MIMO = dict(STEP, R=4, HALVES=True, HAS_MX=True, HAS_MZ=True, HAS_MO=True)
+#: (label, kernel, constexprs, fp32 pointer args, warps)
+CASES = [
+    ("gemv", lin._gemv_kernel, dict(GEMV, GLU=False), set(), 4),
+    ("gemv glu", lin._gemv_kernel, dict(GEMV, GLU=True), set(), 4),
+    ("16-row", lin._skinny_linear_kernel, dict(ROWS16, GLU=False), set(), 4),
+    ("16-row glu", lin._skinny_linear_kernel, dict(ROWS16, GLU=True), set(), 4),
+    ("16-row N>=8192", lin._skinny_linear_kernel, dict(ROWS16, BLOCK_N=32, GLU=False), set(), 4),
+    ("add+norm", norm._add_norm_fwd_kernel, dict(D=1024, BLOCK_M=2, BLOCK_N=1024), set(), 8),
+    ("step SISO", step.mamba3_step_kernel, SISO, STEP_FP32, 8),
+    ("step MIMO R4", step.mamba3_step_kernel, MIMO, STEP_FP32, 8),
+]
+
+
+def compile_case(fn, consts: dict, fp32: set[str], warps: int, pdl: bool):
+    sig, const, attrs = {}, {}, {}
+    consts = dict(consts, USE_PDL=pdl)
+    for i, a in enumerate(fn.arg_names):
+        if a in consts:
+            sig[a], const[a] = "constexpr", consts[a]
+        elif a in ("a_floor", "eps"):
+            sig[a] = "fp32"
+        elif a.startswith(("s_", "stride")) or a in ("M", "N", "K"):
+            sig[a] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[a] = "*fp32" if a in fp32 else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    opts = dict(num_warps=warps, num_stages=1, launch_pdl=pdl)
+    return triton.compile(
+        ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts
+    )
+
+
+def pdl_profile(ptx: str) -> str:
+    """PDL instructions, and the global loads / prefetches / stores before the wait."""
+    before, sep, _ = ptx.partition("griddepcontrol.wait")
+    if not sep:
+        return "no griddepcontrol.wait"
+    trig = "launch_dependents" in ptx
+    loads, prefetches, stores = _before_wait(before)
+    return (
+        f"launch_dependents {'yes' if trig else 'NO'}; before the wait {loads} loads, "
+        f"{prefetches} L2 prefetches, {stores} stores"
+    )
+
+
+def _before_wait(before: str) -> tuple[int, int, int]:
+    loads = len(re.findall(r"\bld\.global", before))
+    prefetches = len(re.findall(r"\bcp\.async\.bulk\.prefetch\.L2", before))
+    return loads, prefetches, len(re.findall(r"\bst\.global", before))
+
+
+def violations(label: str, ptx_on: str, ptx_off: str) -> list[str]:
+    """PDL's safety rule broken by one kernel's PTX (empty: kept): with ``USE_PDL`` it triggers
+    its successor and waits, and before the wait stores nothing and reads only weights: the
+    linears only bulk-prefetch them (no load), the add + norm and the step load at most their
+    per-head / per-channel parameters (a handful of loads); without it, no PDL instruction."""
+    found = []
+    before, sep, _ = ptx_on.partition("griddepcontrol.wait")
+    if not sep or "griddepcontrol.launch_dependents" not in ptx_on:
+        found.append(f"{label}: no griddepcontrol.wait / launch_dependents with USE_PDL")
+    loads, prefetches, stores = _before_wait(before)
+    if stores:
+        found.append(f"{label}: {stores} global stores before the wait")
+    linear = label.startswith(("gemv", "16-row"))
+    if linear and (loads or prefetches != 1):
+        found.append(f"{label}: {loads} loads and {prefetches} prefetches before the wait")
+    if not linear and (prefetches or not 1 <= loads <= 12):
+        found.append(f"{label}: {loads} loads before the wait (expected its parameters only)")
+    if "griddepcontrol" in ptx_off:
+        found.append(f"{label}: PDL instructions without USE_PDL")
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a kernel breaks PDL's rule")
+    args = ap.parse_args()
+    broken = []
+    for label, fn, consts, fp32, warps in CASES:
+        ptx = {}
+        for pdl in (False, True):
+            ptx[pdl] = compile_case(fn, consts, fp32, warps, pdl).asm["ptx"]
+            extra = "; " + pdl_profile(ptx[pdl]) if pdl else ""
+            print(f"{label:16s} pdl={int(pdl)} ({warps} warps): {ptxas_summary(ptx[pdl])}{extra}")
+        broken += violations(label, ptx[True], ptx[False])
+    for line in broken:
+        print("VIOLATION", line)
+    if args.check and broken:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
