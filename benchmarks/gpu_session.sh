@@ -21,9 +21,10 @@
 #      then benchmarks/decode.py (layer step and 400M model) and `bench decode --profile`
 #      (kernels per token by category) on main's kernels and with
 #      skinny_linear=1,fused_add_norm=1 -> $OUT/decode_*.*, $OUT/profile_*.*
-#   6b. PDL=1: the decode kernels with programmatic dependent launch as well
-#      (skinny_linear=1,fused_add_norm=1,pdl=1): tests/test_pdl.py -m gpu -> $OUT/pdl_tests.txt,
-#      decode.py and `bench decode --profile` -> $OUT/decode_pdl.*, $OUT/profile_pdl.* (~3 min)
+#   6b. DECODE2=1: the GPU tests of the fused attention step and of PDL -> $OUT/decode2_tests.txt,
+#      then decode.py and `bench decode --profile` with attention_step=1 on top of the two
+#      settings above, and with pdl=1 as well -> $OUT/{decode,profile}_{attention_step,pdl}.*
+#      (~6 min)
 #   7. TRAIN=1: `hybridkit bench train` of the 400M hybrid, SISO and MIMO rank 4, compiled, 4 x
 #      4,096 tokens, with the per-kind breakdown (the profiler no longer double-counts): where
 #      MIMO's extra time goes at model level (#15's 0.6x target) -> $OUT/train_{siso,mimo}.*
@@ -82,13 +83,14 @@ if [ "${DECODE:-0}" = 1 ]; then
   decode_variant none ""
   decode_variant skinny_linear_1_fused_add_norm_1 skinny_linear=1,fused_add_norm=1
 fi
-if [ "${PDL:-0}" = 1 ]; then
-  # programmatic dependent launch of the decode kernels (on top of the two settings above): the
-  # GPU test (tokens and logits equal without it), then decode.py and the profile with it
-  timeout -k 5 90 python -m pytest -q -m gpu tests/test_pdl.py -p no:cacheprovider -rfE 2>&1 \
-    | grep -v Warning | tail -8 > "$OUT/pdl_tests.txt"
-  tail -2 "$OUT/pdl_tests.txt"
-  decode_variant pdl skinny_linear=1,fused_add_norm=1,pdl=1
+if [ "${DECODE2:-0}" = 1 ]; then
+  # on top of the two settings above: the fused attention step, then also programmatic
+  # dependent launch; their GPU tests first (tokens equal the eager / non-PDL ones)
+  timeout -k 5 120 python -m pytest -q -m gpu tests/test_pdl.py tests/test_attention_step.py \
+    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 > "$OUT/decode2_tests.txt"
+  tail -2 "$OUT/decode2_tests.txt"
+  decode_variant attention_step skinny_linear=1,fused_add_norm=1,attention_step=1
+  decode_variant pdl skinny_linear=1,fused_add_norm=1,attention_step=1,pdl=1
 fi
 if [ "${TRAIN:-0}" = 1 ]; then
   for v in siso mimo; do

@@ -32,6 +32,10 @@ Fields (defaults in :class:`KernelConfig`):
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``);
+* ``attention_step``: the static (CUDA-graph) decode step of an attention layer, from
+  ``wqkv``'s output to ``out_proj``'s input (qk norm, rotation, ring write, attention over the
+  ring), as one Triton launch instead of ~35 torch ops (``kernels/attention/step_kernel.py``;
+  off until timed on the GPU);
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
@@ -86,6 +90,7 @@ class KernelConfig:
     skinny_linear: bool = False
     fused_add_norm: bool = False
     pdl: bool = False
+    attention_step: bool = False
 
     @property
     def tunes(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
@@ -82,11 +83,13 @@ class Attention(Layer):
     ) -> torch.Tensor:
         b, length, _ = x.shape
         h, hk, d = self.n_heads, self.n_kv_heads, self.head_dim
+        static = cache is not None and cache.position is not None
+        if static and length == 1 and attn_ops.static_step_kernel(x, d):
+            return self.out_proj(self._fused_step(self.wqkv(x)[:, 0], cache).reshape(b, 1, h * d))
         q, k, v = self.wqkv(x).split([h * d, hk * d, hk * d], dim=-1)
         q, k, v = q.view(b, length, h, d), k.view(b, length, hk, d), v.view(b, length, hk, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        static = cache is not None and cache.position is not None
         if static and length != 1:
             raise ValueError("a static (CUDA-graph) cache decodes one token per call")
         if self.rotary is not None:
@@ -121,6 +124,27 @@ class Attention(Layer):
             backend=self.spec.backend,
         )
         return self.out_proj(out.reshape(b, length, h * d))
+
+    def _fused_step(self, qkv: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """The static step between the projections as one launch (kernel setting
+        ``attention_step``): the same math as the path above (norm, rotation, ring write,
+        attention over the filled ring), (B, (H + 2 Hk) D) -> (B, 1, H, D)."""
+        kv = cache.layers[self.layer_idx]
+        norm = self.q_norm is not None
+        return attn_ops.attention_step(
+            qkv,
+            kv.k,
+            kv.v,
+            kv.ring_size(),
+            cache.position,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            scale=self.spec.softmax_scale or 1.0 / math.sqrt(self.head_dim),
+            rope_theta=self.spec.rope_theta if self.rotary is not None else None,
+            q_norm=self.q_norm.weight if norm else None,
+            k_norm=self.k_norm.weight if norm else None,
+            eps=self.q_norm.eps if norm else 1e-5,
+        )
 
 
 @register_layer(Attention)

@@ -25,7 +25,11 @@ Backends:
 A backend that cannot run here (``fa4`` without the package, on a CPU or an older GPU, with
 float32 inputs, ...) falls back to ``sdpa`` with one log line per reason, never an error.
 
-Modules: :mod:`.ops` (the dispatch point), :mod:`.fa4`, :mod:`.sdpa`, :mod:`.reference`.
+A static (CUDA-graph) decode step may instead run the layer's whole step between its
+projections as one Triton launch (:mod:`.step_kernel`; kernel setting ``attention_step``).
+
+Modules: :mod:`.ops` (the dispatch point), :mod:`.fa4`, :mod:`.sdpa`, :mod:`.reference`,
+:mod:`.step_kernel`.
 """
 
 from hybridkit.kernels.attention.fa4 import fa4_head_dim_ok, fa4_unavailable
@@ -33,8 +37,10 @@ from hybridkit.kernels.attention.ops import (
     BACKENDS,
     PACKED_MASK_MAX_TOKENS,
     attention,
+    attention_step,
     clear_backend_caches,
     resolve_backend,
+    static_step_kernel,
 )
 from hybridkit.kernels.attention.reference import attention_mask, packed_attention_mask
 
@@ -43,9 +49,11 @@ __all__ = [
     "PACKED_MASK_MAX_TOKENS",
     "attention",
     "attention_mask",
+    "attention_step",
     "clear_backend_caches",
     "fa4_head_dim_ok",
     "fa4_unavailable",
     "packed_attention_mask",
     "resolve_backend",
+    "static_step_kernel",
 ]

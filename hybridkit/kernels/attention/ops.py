@@ -6,6 +6,7 @@ Layout and contract are in :mod:`hybridkit.kernels.attention`.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import torch
 from hybridkit.kernels.attention import fa4
 from hybridkit.kernels.attention.reference import packed_attention_mask, reference_attention
 from hybridkit.kernels.attention.sdpa import sdpa_attention
-from hybridkit.kernels.config import fa4_decode_enabled
+from hybridkit.kernels.config import current_config, fa4_decode_enabled
 
 BACKENDS = ("auto", "reference", "sdpa", "fa4")
 
@@ -108,6 +109,28 @@ def clear_backend_caches() -> None:
         clear = getattr(cached, "cache_clear", None)  # tests may have swapped one for a stub
         if clear is not None:
             clear()
+
+
+_STEP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def static_step_kernel(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether an attention layer's static decode step runs as one Triton launch
+    (:mod:`.step_kernel`): the kernel setting ``attention_step`` is on, ``x`` is a CUDA tensor
+    of a dtype the kernel takes, head_dim is even and at most 256, and no ``torch.compile``
+    trace is running (Inductor compiles the torch ops of the step itself)."""
+    if torch.compiler.is_compiling() or not current_config().attention_step:
+        return False
+    usable = x.is_cuda and x.dtype in _STEP_DTYPES and head_dim % 2 == 0 and head_dim <= 256
+    return usable and importlib.util.find_spec("triton") is not None
+
+
+def attention_step(qkv: torch.Tensor, k_ring, v_ring, ring: int, position, **options):
+    """The fused static decode step (:func:`.step_kernel.attention_step`), behind this dispatch
+    point; callers check :func:`static_step_kernel` first."""
+    from hybridkit.kernels.attention.step_kernel import attention_step as kernel
+
+    return kernel(qkv, k_ring, v_ring, ring, position, **options)
 
 
 AttnFn = Callable[..., torch.Tensor]
