@@ -49,7 +49,7 @@ def forced(monkeypatch):
     """Every static attention step through the kernel (interpreter), counting the calls."""
     calls = []
 
-    def kernel(x, head_dim):
+    def kernel(device, dtype, head_dim):
         calls.append(head_dim)
         return True
 
@@ -74,7 +74,7 @@ def test_kernel_step_equals_torch_step_float32_and_writes_the_ring(forced, monke
     model = _model(torch.float32)
     ids = torch.randint(0, 64, (3, 14))
     got, cache = _static_logits(model, ids, 2)
-    monkeypatch.setattr(attn_ops, "static_step_kernel", lambda x, d: False)
+    monkeypatch.setattr(attn_ops, "static_step_kernel", lambda *args: False)
     want, ref = _static_logits(model, ids, 2)
     assert rel_err(got, want) < 1e-5
     for idx, kv in ref.layers.items():
@@ -84,12 +84,22 @@ def test_kernel_step_equals_torch_step_float32_and_writes_the_ring(forced, monke
             torch.testing.assert_close(cache.layers[idx].v[:, :ring], kv.v[:, :ring])
 
 
-def test_dispatch_needs_the_setting_a_cuda_tensor_and_an_even_head_dim(monkeypatch):
+def test_dispatch_needs_the_setting_cuda_a_dtype_and_an_even_head_dim(monkeypatch):
+    """Off by default; on, it needs CUDA, bf16 / fp16 / fp32 and an even head_dim <= 256, and
+    ``hybridkit show`` names it as the decode step's attention."""
+    from hybridkit.summary import summarize
+
     monkeypatch.delenv(config.ENV_VAR, raising=False)
-    cpu = torch.zeros(1, 1, 8)
-    assert not attn_ops.static_step_kernel(cpu, 8)
+    bf16 = torch.bfloat16
+    assert not attn_ops.static_step_kernel("cuda", bf16, 64)
     with config.kernel_config(attention_step=True):
-        assert not attn_ops.static_step_kernel(cpu, 8)  # a CPU tensor
+        assert attn_ops.static_step_kernel("cuda", bf16, 64)
+        assert not attn_ops.static_step_kernel("cpu", bf16, 64)
+        assert not attn_ops.static_step_kernel("cuda", torch.float64, 64)
+        assert not attn_ops.static_step_kernel("cuda", bf16, 7)
+        model = _model(torch.float32)
+        shown = summarize(model, seq_len=64, device="cuda").backends["attention (decode)"]
+        assert "triton step kernel" in shown
     assert "attention_step=1" in config.changed_settings(config.parse_env("attention_step=1"))
 
 

@@ -69,7 +69,10 @@ class Attention(Layer):
     def backends(
         self, device: torch.device | str, dtype: torch.dtype, length: int
     ) -> dict[str, str]:
-        """The attention backend, as the dispatch point resolves it for this layer's inputs."""
+        """The attention backend, as the dispatch point resolves it for this layer's inputs
+        (a decode step, ``length`` 1, may run the fused static step kernel instead)."""
+        if length == 1 and attn_ops.static_step_kernel(device, dtype, self.head_dim):
+            return {"attention": "triton step kernel (static decode: one launch per layer)"}
         return {
             "attention": attn_ops.resolve_backend(self.spec.backend, device, dtype, self.head_dim)
         }
@@ -84,7 +87,7 @@ class Attention(Layer):
         b, length, _ = x.shape
         h, hk, d = self.n_heads, self.n_kv_heads, self.head_dim
         static = cache is not None and cache.position is not None
-        if static and length == 1 and attn_ops.static_step_kernel(x, d):
+        if static and length == 1 and attn_ops.static_step_kernel(x.device, x.dtype, d):
             return self.out_proj(self._fused_step(self.wqkv(x)[:, 0], cache).reshape(b, 1, h * d))
         q, k, v = self.wqkv(x).split([h * d, hk * d, hk * d], dim=-1)
         q, k, v = q.view(b, length, h, d), k.view(b, length, hk, d), v.view(b, length, hk, d)

@@ -114,14 +114,15 @@ def clear_backend_caches() -> None:
 _STEP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def static_step_kernel(x: torch.Tensor, head_dim: int) -> bool:
+def static_step_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether an attention layer's static decode step runs as one Triton launch
-    (:mod:`.step_kernel`): the kernel setting ``attention_step`` is on, ``x`` is a CUDA tensor
-    of a dtype the kernel takes, head_dim is even and at most 256, and no ``torch.compile``
-    trace is running (Inductor compiles the torch ops of the step itself)."""
+    (:mod:`.step_kernel`): the kernel setting ``attention_step`` is on, the inputs are CUDA
+    tensors of a dtype the kernel takes, head_dim is even and at most 256, and no
+    ``torch.compile`` trace is running (Inductor compiles the torch ops of the step itself)."""
     if torch.compiler.is_compiling() or not current_config().attention_step:
         return False
-    usable = x.is_cuda and x.dtype in _STEP_DTYPES and head_dim % 2 == 0 and head_dim <= 256
+    usable = torch.device(device).type == "cuda" and dtype in _STEP_DTYPES
+    usable = usable and head_dim % 2 == 0 and head_dim <= 256
     return usable and importlib.util.find_spec("triton") is not None
 
 
