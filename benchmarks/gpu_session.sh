@@ -43,11 +43,12 @@ left() { echo $(( CALL - ($(date +%s) - START) )); }
 # a result's table rows, or the tail of its log when the table was never written
 show() { if grep -q "^| " "$1" 2>/dev/null; then grep "^| " "$1" | head -14; else tail -5 "$2"; fi; }
 # one set of kernel settings (HYBRIDKIT_KERNELS=$2): the layer step (d_model 2048) and the 400M
-# model (decode.py), then the model's kernels per token by category (bench decode --profile), so
-# the launch counts can be checked too -> $OUT/decode_$1.*, $OUT/profile_$1.*
+# model (decode.py; $3 tokens of bf16-state drift, default none), then the model's kernels per
+# token by category (bench decode --profile), so the launch counts can be checked too
+# -> $OUT/decode_$1.*, $OUT/profile_$1.*
 decode_variant() {
-  HYBRIDKIT_KERNELS=$2 timeout -k 5 150 python benchmarks/decode.py \
-    --out "$OUT/decode_$1" --new 96 --drift-tokens 0 > "$OUT/decode_$1.txt" 2>&1
+  HYBRIDKIT_KERNELS=$2 timeout -k 5 180 python benchmarks/decode.py \
+    --out "$OUT/decode_$1" --new 96 --drift-tokens "${3:-0}" > "$OUT/decode_$1.txt" 2>&1
   show "$OUT/decode_$1.md" "$OUT/decode_$1.txt"
   HYBRIDKIT_KERNELS=$2 timeout -k 5 120 python -m hybridkit bench decode \
     benchmarks/recipes/hybrid_400m.yaml --batch 1,16 --prompt 128 --new 64 --profile \
@@ -80,7 +81,7 @@ if [ "${DECODE:-0}" = 1 ]; then
     > "$OUT/skinny_linear.txt" 2>&1
   show "$OUT/skinny_linear.md" "$OUT/skinny_linear.txt"
   # main's kernels, then the few-row linears and the fused add + norm
-  decode_variant none ""
+  decode_variant none "" 1000  # with the 1,000-token drift of a bf16 state
   decode_variant skinny_linear_1_fused_add_norm_1 skinny_linear=1,fused_add_norm=1
 fi
 if [ "${DECODE2:-0}" = 1 ]; then
