@@ -477,13 +477,23 @@ def start_order(slots: Sequence[Slot], out: Path) -> list[Slot]:
 
 
 # --- run records -------------------------------------------------------------------------------
+def read_json(path: Path) -> dict | None:
+    """A JSON object the study or the trainer wrote into a run folder, or None if it is missing
+    or damaged (cut short by a kill, a full disk or a copy): each such file is made again from
+    the run, so a damaged one counts as not written instead of stopping the study."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_record(run_dir: Path, spec: StudySpec, fingerprint: str) -> dict | None:
     """A run's ``result.json`` if it exists, was trained with the recipe whose fingerprint is
     given and was made with the study's evaluation settings."""
-    path = run_dir / RESULT_FILE
-    if not path.is_file():
+    record = read_json(run_dir / RESULT_FILE)
+    if record is None:
         return None
-    record = json.loads(path.read_text())
     if record.get("recipe_fingerprint") != fingerprint:
         return None
     if record.get("select_examples") != spec.select_examples:
@@ -512,10 +522,9 @@ def chosen_lr(plan: StudyPlan, variant: str, out: Path) -> tuple[float | None, d
 def held_out_eval(run_dir: Path, spec: StudySpec, device: str) -> dict:
     """Metrics at the training length on examples disjoint from the test sets (cached)."""
     cache = run_dir / "heldout.json"
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("select_examples") == spec.select_examples:
-            return cached
+    cached = read_json(cache)
+    if cached is not None and cached.get("select_examples") == spec.select_examples:
+        return cached
     recipe, model = load_run(run_dir)
     task_spec = recipe.task.model_copy(
         update={
@@ -538,10 +547,9 @@ def held_out_eval(run_dir: Path, spec: StudySpec, device: str) -> dict:
 
 
 def _cached_eval(run_dir: Path, lengths: Sequence[int] | None) -> dict | None:
-    path = run_dir / "eval.json"
-    if not path.is_file():
+    payload = read_json(run_dir / "eval.json")
+    if payload is None:
         return None
-    payload = json.loads(path.read_text())
     if lengths is not None and [r["length"] for r in payload["results"]] != list(lengths):
         return None
     return payload
@@ -554,8 +562,9 @@ def _rel(path: Path, out: Path) -> str:
 def _trained(run_dir: Path) -> bool:
     """Training finished and its weights are here. A run folder copied back from a GPU
     machine without its weights (too large to carry) holds final.json alone: it trains again
-    (from its newest checkpoint if one came along) rather than failing in evaluation."""
-    if not (run_dir / "final.json").is_file():
+    (from its newest checkpoint if one came along) rather than failing in evaluation; so does a
+    run whose final.json is damaged (resuming from its last checkpoint writes it again)."""
+    if read_json(run_dir / "final.json") is None:
         return False
     try:
         find_weights(run_dir)
@@ -567,9 +576,9 @@ def _trained(run_dir: Path) -> bool:
 def _trained_with_other_recipe(run_dir: Path, fingerprint: str) -> bool:
     """The folder holds a run (finished or not) of a recipe other than ``fingerprint``'s: its
     ``result.json`` says so, else the ``recipe.yaml`` the trainer wrote when it started."""
-    result = run_dir / RESULT_FILE
-    if result.is_file():
-        return json.loads(result.read_text()).get("recipe_fingerprint") != fingerprint
+    record = read_json(run_dir / RESULT_FILE)
+    if record is not None:
+        return record.get("recipe_fingerprint") != fingerprint
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         return False
@@ -630,7 +639,7 @@ def run_slot(
     eval_time = time.time() - t0
     train_length = payload["train_length"]
     s = summarize(build_model(recipe, seed=0), seq_len=train_length)
-    final = json.loads((run_dir / "final.json").read_text())
+    final = read_json(run_dir / "final.json") or {}
     record = {
         "variant": slot.variant,
         "seed": slot.seed,
@@ -700,7 +709,7 @@ def slot_status(plan: StudyPlan, slot: Slot, out: Path) -> tuple[str, str | None
     if _trained(run_dir):
         return "trained, not evaluated", rel
     if (run_dir / "final.json").is_file():
-        return "trained, weights missing (re-run trains it again)", rel
+        return "trained, weights missing or final.json damaged (re-run trains it again)", rel
     if (run_dir / "checkpoints" / "latest").is_file():
         return "started (resumes from its checkpoint)", rel
     return "not started", rel

@@ -427,3 +427,28 @@ def test_eval_lengths_are_bounded(tmp_path, cli_error):
         load_recipe(ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml"), tmp_path / "recipe.yaml"
     )
     assert "too long" in cli_error("eval", str(tmp_path), "--lengths", "64,100000000000")
+
+
+def test_damaged_json_files_in_a_study_folder_are_made_again(tmp_path, capsys, one_thread):
+    """A run folder's JSON files cut short (a kill while eval.json is written, a copy that
+    stopped half-way) read as not written, never as a JSONDecodeError: ``--list`` and
+    ``--report`` list the run as unfinished, and the next call writes them again from the run."""
+    import json
+
+    study = ROOT / "hybridkit" / "recipes" / "studies" / "lengthgen_quickstart.yaml"
+    sets = ["train.steps=2", "train.checkpoint_every=1", "task.eval_examples=4"]
+    sets += ["task.eval_lengths=[32]", "eval.decode_examples=0"]
+    base = ["study", str(study), "-o", str(tmp_path), *[f"--set={s}" for s in sets]]
+    run_args = [*base, "--device", "cpu", "--no-progress", "--only", "variant=mamba3"]
+    assert main(run_args) == 0
+    run = tmp_path / "mamba3" / "lr0.003-seed0"
+    want = json.loads((run / "result.json").read_text())["results"]
+    for name in ("result.json", "eval.json", "heldout.json", "final.json"):
+        (run / name).write_text('{"cut sh')
+    capsys.readouterr()
+    assert main([*base, "--list"]) == 0
+    assert "mamba3 seed=0 lr=0.003" in capsys.readouterr().out
+    assert main([*base, "--report"]) == 0
+    assert main(run_args) == 0
+    assert json.loads((run / "result.json").read_text())["results"] == want
+    assert json.loads((run / "final.json").read_text())["step"] == 2
