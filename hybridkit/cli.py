@@ -91,6 +91,23 @@ def _float_arg(low: float, *, inclusive: bool):
     return parse
 
 
+def _output_dir(text: str, flag: str, *, prefix: bool = False) -> Path:
+    """The directory ``flag`` names (with ``prefix``, the one its files go into), checked before
+    any work is done: an empty value (which would write into the current directory) or a file
+    where a directory must go is a clear error."""
+    if not text.strip():
+        raise HybridkitError(f"{flag} needs a directory path, got an empty string")
+    path = Path(text)
+    for part in (path.parent, *path.parent.parents) if prefix else (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                raise HybridkitError(
+                    f"{flag} {text}: {part} exists and is not a directory; pass a directory path"
+                )
+            break
+    return path
+
+
 _positive_int = _int_arg(1)
 _nonnegative_int = _int_arg(0)
 _seed = _int_arg(0, 2**63 - 1)
@@ -283,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hybridkit.train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides, plugins=args.plugins)
+    _output_dir(args.out, "-o/--out")
     resume = None if args.resume == "none" else args.resume
     trainer = Trainer(recipe, args.out, resume=resume, progress=not args.no_progress)
     try:
@@ -310,6 +328,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"tok_acc {100 * r['tok_acc']:5.1f}%"
         )
 
+    if args.out is not None:
+        _output_dir(args.out, "--out")
     payload = evaluate_run(
         args.run,
         lengths=_lengths(args.lengths),
@@ -326,7 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from hybridkit.study import list_study, parse_shard, report_study, run_study
 
-    out = args.out or str(Path("runs") / Path(args.study).stem)
+    out = str(Path("runs") / Path(args.study).stem) if args.out is None else args.out
+    _output_dir(out, "-o/--out")
     if args.report and (args.shard or args.only or args.list):
         raise HybridkitError(
             "--report merges every finished run into the report and trains nothing; "
@@ -387,6 +408,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from hybridkit.train.bench_parallel import bench_recipe, parallel_markdown
 
     recipe, _ = load_source(args.recipe, args.overrides, plugins=args.plugins)
+    if args.out:
+        _output_dir(args.out, "--out", prefix=True)
     if args.device != "auto":
         _device(args.device)  # a clear error for a bad name before any process group exists
     info, job, rank0 = bench_recipe(
@@ -425,6 +448,8 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(recipe, seed=0, dtype=dtype, device=device)
     out = Path(args.out) if args.out else None
+    if out is not None:
+        _output_dir(args.out, "--out", prefix=True)
 
     def write(result) -> None:  # after every batch size: a cut-off run keeps what it measured
         if out is not None:

@@ -452,3 +452,28 @@ def test_damaged_json_files_in_a_study_folder_are_made_again(tmp_path, capsys, o
     assert main(run_args) == 0
     assert json.loads((run / "result.json").read_text())["results"] == want
     assert json.loads((run / "final.json").read_text())["step"] == 2
+
+
+def test_output_paths_that_cannot_be_directories(tmp_path, cli_error):
+    """An output path with a file where a directory must go is refused before any work, naming
+    the flag (it was a FileExistsError traceback, after the work); an empty ``-o`` would have
+    trained into the current directory."""
+    from hybridkit.recipe import dump_recipe, load_recipe
+
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    study = str(ROOT / "hybridkit" / "recipes" / "studies" / "lengthgen_quickstart.yaml")
+    run = tmp_path / "run"
+    dump_recipe(load_recipe(recipe), run / "recipe.yaml")
+    file = tmp_path / "file"
+    file.write_text("keep me")
+    for args in (
+        ["train", recipe, "-o", str(file)],
+        ["train", recipe, "-o", str(file / "sub")],
+        ["eval", str(run), "--out", str(file)],
+        ["study", study, "-o", str(file), "--list"],
+        ["bench", "decode", recipe, "--out", str(file / "x"), "--device", "cpu"],
+    ):
+        assert f"{file} exists and is not a directory" in cli_error(*args), args
+    assert "-o/--out needs a directory path" in cli_error("train", recipe, "-o", "")
+    assert file.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
