@@ -477,3 +477,29 @@ def test_output_paths_that_cannot_be_directories(tmp_path, cli_error):
     assert "-o/--out needs a directory path" in cli_error("train", recipe, "-o", "")
     assert file.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
+
+
+def test_unreadable_token_files_are_clear(tmp_path, cli_error):
+    """A ``tokens`` task's file that is not a .npy array (text, cut short, Python objects, empty)
+    is an error naming task.path, not a numpy ValueError / EOFError traceback."""
+    import numpy as np
+
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.arange(4000) % 64)
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes(ids.read_bytes()[:1000])
+    header = tmp_path / "header.npy"
+    header.write_bytes(ids.read_bytes()[:20])
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}] * 10, dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("not numpy")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml").read_text())
+    task = "task={kind: tokens, path: %s, vocab_size: 64, seq_len: 16, eval_lengths: [16]}"
+    for name in ("cut.npy", "header.npy", "objects.npy", "text.npy", "empty.npy", "empty.bin"):
+        path = tmp_path / name
+        err = cli_error("train", str(recipe), "-o", str(tmp_path / "run"), "--set", task % path)
+        assert f"task.path: {str(path)!r} is" in err, err
+    assert not (tmp_path / "run").exists()

@@ -171,7 +171,18 @@ class TokensTask(_WindowTask):
         if not path.is_file():
             raise HybridkitError(f"task.path: token file {str(path)!r} does not exist")
         if path.suffix == ".npy":
-            data = np.load(path, mmap_mode="r")
+            with path.open("rb") as f:
+                if f.read(6) != b"\x93NUMPY":  # else np.load would try to unpickle it
+                    raise HybridkitError(
+                        f"task.path: {str(path)!r} is not a .npy file (no NumPy header); "
+                        "a raw file of ids needs another suffix (e.g. .bin) and task.dtype"
+                    )
+            try:
+                data = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as err:  # cut short, or Python objects
+                raise HybridkitError(
+                    f"task.path: {str(path)!r} is not a readable .npy array of token ids ({err})"
+                ) from None
             if data.ndim != 1 or not np.issubdtype(data.dtype, np.integer):
                 raise HybridkitError(
                     f"task.path: {str(path)!r} must hold a 1-D integer array, "
@@ -184,6 +195,8 @@ class TokensTask(_WindowTask):
                     f"task.path: {str(path)!r} has {path.stat().st_size} bytes, not a multiple "
                     f"of {itemsize} (task.dtype={spec.dtype}); is the dtype right?"
                 )
+            if path.stat().st_size == 0:
+                raise HybridkitError(f"task.path: {str(path)!r} is empty (0 bytes)")
             data = np.memmap(path, dtype=spec.dtype, mode="r")
         self.vocab_size = spec.vocab_size
         self.chance = 1.0 / spec.vocab_size
