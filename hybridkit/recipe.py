@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, SerializeAsAny, ValidationError
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
 import hybridkit.layers  # noqa: F401  (registers the built-in layer kinds)
 import hybridkit.tasks  # noqa: F401  (registers the built-in task kinds)
@@ -31,9 +31,16 @@ from hybridkit.plugins import PluginError, env_plugins, load_plugin, plugin_of
 from hybridkit.recipe_sections import EvalSpec, TrainSpec
 from hybridkit.registry import LAYERS, TASKS
 from hybridkit.safeyaml import MAX_BYTES, YAMLProblem, decode_text, load_yaml
-from hybridkit.schema import StrictModel, get_path, set_path, yaml_type
+from hybridkit.schema import (
+    StrictModel,
+    get_path,
+    raise_problems,
+    set_path,
+    spec_problem,
+    yaml_type,
+)
 from hybridkit.spec import ModelSpec, describe_error
-from hybridkit.tasks.base import TaskSpec
+from hybridkit.tasks.base import MAX_LENGTH, TaskSpec
 
 __all__ = [
     "RecipeSpec",
@@ -61,6 +68,30 @@ class RecipeSpec(StrictModel):
         default_factory=list,
         description="modules or .py files (relative to the recipe) imported before validation",
     )
+
+    @model_validator(mode="after")
+    def _check_eval_lengths(self) -> RecipeSpec:
+        """``eval.lengths`` are lengths of the task, checked like ``task.eval_lengths`` (a bad
+        one used to surface only at evaluation: a numpy traceback, or an error naming
+        ``--lengths`` when no such flag was given)."""
+        lengths = self.eval.lengths
+        if lengths is None:
+            return self
+        problems = []
+        if not lengths:
+            message = "must be a non-empty list of lengths; leave it out (null) for the task's"
+            problems.append(spec_problem(("eval", "lengths"), message, lengths))
+        for i, length in enumerate(lengths):
+            if length > MAX_LENGTH:
+                problem = f"length {length} is too long; allowed: at most {MAX_LENGTH}"
+            elif self.task is not None:
+                problem = self.task.length_problem(length)
+            else:
+                problem = None if length >= 1 else f"length must be positive, got {length}"
+            if problem is not None:
+                problems.append(spec_problem(("eval", "lengths", i), problem, length))
+        raise_problems(type(self).__name__, problems)
+        return self
 
 
 def digest(data: object) -> str:

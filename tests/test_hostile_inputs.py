@@ -503,3 +503,17 @@ def test_unreadable_token_files_are_clear(tmp_path, cli_error):
         err = cli_error("train", str(recipe), "-o", str(tmp_path / "run"), "--set", task % path)
         assert f"task.path: {str(path)!r} is" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_recipe_eval_lengths_are_checked_when_the_recipe_is_read(cli_error):
+    """``eval.lengths`` are checked like ``task.eval_lengths``: they used to pass ``show`` and
+    ``train`` and fail only at evaluation (a numpy traceback for a huge one, an error naming
+    ``--lengths`` for one the task cannot generate)."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    for value, message in (
+        ("[32, -1]", "eval.lengths.1: induction length must be >= 3"),
+        ("[100000000000000]", "eval.lengths.0: length 100000000000000 is too long"),
+        ("[]", "eval.lengths: must be a non-empty list"),
+    ):
+        assert message in cli_error("show", recipe, "--set", f"eval.lengths={value}"), value
+    assert main(["show", recipe, "--device", "cpu", "--set", "eval.lengths=[32, 64]"]) == 0
