@@ -517,3 +517,29 @@ def test_recipe_eval_lengths_are_checked_when_the_recipe_is_read(cli_error):
     ):
         assert message in cli_error("show", recipe, "--set", f"eval.lengths={value}"), value
     assert main(["show", recipe, "--device", "cpu", "--set", "eval.lengths=[32, 64]"]) == 0
+
+
+def test_checkpoint_state_with_damaged_values_is_clear(tmp_path, capsys, cli_error, one_thread):
+    """trainer.json is valid JSON but a value the trainer reads on resuming is damaged (no
+    torch_rng, a step that is not a number): named as corrupt -- ``--resume auto`` falls back
+    to the older intact checkpoint -- instead of a KeyError / ValueError traceback."""
+    import json
+
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    run = tmp_path / "run"
+    sets = ["train.checkpoint_every=1", "task.eval_examples=4", "task.eval_lengths=[32]"]
+    sets += ["eval.decode_examples=0", "train.tensorboard=false"]
+    args = ["train", recipe, "-o", str(run), "--no-progress", *[f"--set={s}" for s in sets]]
+    assert main([*args, "--set=train.steps=2"]) == 0
+    newest = run / "checkpoints" / "step_0000002"
+    for key, value, shown in (("step", "x", "'x'"), ("torch_rng", None, "None")):
+        state = json.loads((newest / "trainer.json").read_text())
+        (newest / "trainer.json").write_text(json.dumps({**state, key: value}))
+        expected = f"{newest / 'trainer.json'} is corrupt ({key}: {shown})"
+        assert expected in cli_error(*args, "--set=train.steps=3", "--resume", str(newest))
+        (newest / "trainer.json").write_text(json.dumps(state))
+    (newest / "trainer.json").write_text(json.dumps({**state, "step": "x"}))
+    capsys.readouterr()
+    assert main([*args, "--set=train.steps=3"]) == 0
+    captured = capsys.readouterr()
+    assert "is corrupt (step: 'x')" in captured.err and "at step 1" in captured.out

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hybridkit.errors import CheckpointError
+from hybridkit.errors import CheckpointError, describe_value
 from hybridkit.fsutil import atomic_write_bytes
 from hybridkit.weights import read_safetensors, untie
 
@@ -181,6 +181,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict | None, dict | None, 
     fmt = SHARDED_FORMAT if sharded else FULL_FORMAT
     if not isinstance(state, dict) or "step" not in state or state.get("format") != fmt:
         raise CheckpointError(f"{path} was not written by hybridkit's trainer")
+    for key, ok in (
+        ("step", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        ("torch_rng", lambda v: isinstance(v, list) and all(type(b) is int for b in v)),
+        ("elapsed_s", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    ):
+        # read by the trainer when it resumes; a damaged value would be a traceback there
+        if not ok(state.get(key, 0.0 if key == "elapsed_s" else None)):
+            value = describe_value(state.get(key))
+            raise CheckpointError(f"{path / 'trainer.json'} is corrupt ({key}: {value})")
     files = state.get("files", {})
     if sharded and not (isinstance(files, dict) and f"{SHARD_DIR}/.metadata" in files):
         raise CheckpointError(f"{path / 'trainer.json'} is corrupt (no shard metadata listed)")
