@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hybridkit.errors import CheckpointError
+from hybridkit.errors import CheckpointError, describe_value
 from hybridkit.fsutil import atomic_write
 
 __all__ = [
@@ -106,9 +106,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     latest = Path(run_dir) / "checkpoints" / "latest"
     if not latest.is_file():
         return None
-    path = latest.parent / latest.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{latest} names {path.name!r}, which does not exist")
+    named = latest.read_bytes().decode("utf-8", "replace").strip()  # damaged: a wrong name
+    path = latest.parent / named
+    if not (named.startswith("step_") and path.is_dir()):
+        raise CheckpointError(
+            f"{latest} names {describe_value(named)}, which is not a checkpoint directory"
+        )
     return path
 
 

@@ -543,3 +543,19 @@ def test_checkpoint_state_with_damaged_values_is_clear(tmp_path, capsys, cli_err
     assert main([*args, "--set=train.steps=3"]) == 0
     captured = capsys.readouterr()
     assert "is corrupt (step: 'x')" in captured.err and "at step 1" in captured.out
+
+
+def test_a_damaged_latest_file_of_a_run_is_clear(tmp_path, cli_error):
+    """``checkpoints/latest`` of a run without model.safetensors holds bytes that are not UTF-8,
+    nothing, or a path out of the folder: an error naming the file, not a UnicodeDecodeError
+    traceback or a "newest checkpoint" that is the checkpoints folder itself."""
+    from hybridkit.recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe(ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml")
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    latest = tmp_path / "checkpoints" / "latest"
+    (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
+    for content in (b"\xff\xfe", b"", b"../../elsewhere"):
+        latest.write_bytes(content)
+        err = cli_error("generate", str(tmp_path), "--device", "cpu")
+        assert f"{latest} names " in err and "which is not a checkpoint directory" in err
