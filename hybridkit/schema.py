@@ -11,6 +11,8 @@ get a base class).
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -88,6 +90,25 @@ class StrictModel(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _reject_booleans_for_numbers(cls, data: Any) -> Any:
+        # pydantic reads true as 1 for a number field: `steps: true` would train one step
+        if isinstance(data, dict):
+            raise_problems(
+                cls.__name__,
+                [
+                    spec_problem(
+                        (key,), f"must be a number; got a boolean ({value!s})".lower(), value
+                    )
+                    for key, value in data.items()
+                    if isinstance(value, bool)
+                    and key in cls.model_fields
+                    and _number_only(cls.model_fields[key].annotation)
+                ],
+            )
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _reject_removed_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and cls.removed_keys:
             problems = [
@@ -102,6 +123,23 @@ class StrictModel(BaseModel):
             if problems:
                 raise ValidationError.from_exception_data(cls.__name__, problems)
         return data
+
+
+def _number_only(annotation: Any) -> bool:
+    """Whether a field's type takes numbers but no boolean (``int``, ``float | None``, ...)."""
+    arms, todo = [], [annotation]
+    while todo:
+        tp = todo.pop()
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            todo.append(typing.get_args(tp)[0])
+        elif origin in (typing.Union, types.UnionType):
+            todo.extend(typing.get_args(tp))
+        elif origin is typing.Literal:
+            arms += [type(v) for v in typing.get_args(tp)]
+        else:
+            arms.append(tp)
+    return any(a in (int, float) for a in arms) and not any(a in (bool, Any) for a in arms)
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

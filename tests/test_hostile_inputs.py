@@ -559,3 +559,13 @@ def test_a_damaged_latest_file_of_a_run_is_clear(tmp_path, cli_error):
         latest.write_bytes(content)
         err = cli_error("generate", str(tmp_path), "--device", "cpu")
         assert f"{latest} names " in err and "which is not a checkpoint directory" in err
+
+
+def test_a_boolean_is_not_a_number(cli_error):
+    """pydantic reads ``true`` as 1 for a number field: ``train.steps: true`` trained one step
+    and ``model.d_model: true`` failed with a message about d_model 1."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml")
+    for key in ("train.steps", "seed", "model.d_model", "task.num_kv_pairs", "train.lr"):
+        err = cli_error("show", recipe, "--set", f"{key}=true")
+        assert f"{key}: must be a number; got a boolean (true)" in err, err
+    assert main(["show", recipe, "--device", "cpu", "--set", "train.compile=true"]) == 0
