@@ -220,6 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
         raise HybridkitError(f"--prompt-ids has ids outside [0, {vocab}): {bad[:5]}")
+    _check_generation_memory(model, len(prompts), len(prompts[0]), args.max_new_tokens, device)
     ids = torch.tensor(prompts, device=device)
     out = model.generate(
         ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
@@ -228,6 +229,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt, new = row[: ids.shape[1]], row[ids.shape[1] :]
         print(f"[{i}] prompt {prompt} -> {new}")
     return 0
+
+
+def _check_generation_memory(model, batch: int, prompt: int, new: int, device: str) -> None:
+    """Refuse a ``generate`` whose caches cannot fit in the free memory of ``device``, naming
+    the flags, before anything is allocated (else: a crash or the OOM killer, minutes later)."""
+    from hybridkit.generation import generation_bytes
+    from hybridkit.runtime import free_memory_bytes
+    from hybridkit.summary import human_bytes
+
+    need, free = generation_bytes(model, batch, prompt, new), free_memory_bytes(device)
+    if free is not None and need > free:
+        raise HybridkitError(
+            f"--batch {batch} x ({prompt} prompt + --max-new-tokens {new}) tokens needs about "
+            f"{human_bytes(need)} for the caches, logits and tokens, but {device} has "
+            f"{human_bytes(free)} free; lower --batch or --max-new-tokens"
+        )
 
 
 # --- check ------------------------------------------------------------------------------------

@@ -69,6 +69,22 @@ def batch_bucket(batch: int) -> int:
     return 1 << max(0, batch - 1).bit_length()
 
 
+def generation_bytes(model: HybridLM, batch: int, prompt: int, new: int) -> int:
+    """About the bytes :func:`generate` allocates beyond the weights for ``batch`` prompts of
+    ``prompt`` tokens and ``new`` new ones: every layer's cache for the padded batch and the
+    whole length (sized on the meta device, as ``hybridkit show`` does), the prefill's logits
+    and the token buffer. Activations of the prefill come on top; a caller compares this with
+    the free memory to refuse a call that cannot fit before it allocates anything."""
+    from hybridkit.layers.base import cache_bytes
+
+    bucket, total = batch_bucket(batch), prompt + new
+    dtype = model.embedding.weight.dtype
+    layers = [layer for block in model.blocks for layer in (block.mixer, block.mlp) if layer]
+    per_seq = sum(cache_bytes(layer, total, dtype) for layer in layers)
+    logits = bucket * prompt * model.spec.vocab_size * torch.finfo(dtype).bits // 8
+    return bucket * (per_seq + 8 * total) + logits
+
+
 def can_capture(device: torch.device, sampling: Sampling) -> tuple[bool, str]:
     """Whether a decode step on ``device`` can be a CUDA graph, and why not."""
     if device.type != "cuda":

@@ -9,6 +9,7 @@ live down here, next to nothing but torch and the error types.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -96,3 +97,17 @@ def exit_with_parent(*, ignore_interrupt: bool = False) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Free memory of ``device`` in bytes: the GPU's (``cudaMemGetInfo``) or the machine's
+    available RAM (Linux ``sysconf``); None where it cannot be asked."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None

@@ -50,6 +50,28 @@ def test_generate_random_recipe(capsys):
     assert capsys.readouterr().out == first and "prompt [1, 2, 3] ->" in first
 
 
+def test_generate_refuses_what_cannot_fit_before_allocating(cli_error, monkeypatch):
+    """A batch or length whose caches exceed the free memory is an error naming the flags,
+    not an allocator traceback or the OOM killer after the prefill."""
+    from hybridkit import generation, runtime
+
+    recipe = str(RECIPES[0])
+    err = cli_error("generate", recipe, "--max-new-tokens", "100000000000", "--device", "cpu")
+    assert "--max-new-tokens 100000000000" in err and "free" in err
+    assert "--batch 100000000" in cli_error("generate", recipe, "--batch", "100000000")
+    monkeypatch.setattr(runtime, "free_memory_bytes", lambda device: 1000)
+    err = cli_error("generate", recipe, "--max-new-tokens", "8", "--device", "cpu")
+    assert "lower --batch or --max-new-tokens" in err
+    monkeypatch.undo()
+    assert main(["generate", recipe, "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    from hybridkit import build_model, load_recipe
+
+    model = build_model(load_recipe(recipe), seed=0)
+    base = generation.generation_bytes(model, 1, 4, 4)
+    assert generation.generation_bytes(model, 2, 4, 4) > base  # the batch's caches
+    assert generation.generation_bytes(model, 1, 4, 400) >= base  # (KV caches grow)
+
+
 def test_generate_from_run_dir(tmp_path, capsys):
     from hybridkit import build_model, dump_recipe, load_recipe
     from hybridkit.weights import save_weights
