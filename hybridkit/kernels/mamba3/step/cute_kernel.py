@@ -66,8 +66,7 @@ class _StateUpdate:
         vb = [gVB[b, h, warp + WARPS * i] for i in range(rows)]
         dx = [gDX[b, h, warp + WARPS * i] for i in range(rows)]
         old = [
-            [gS[b, h, warp + WARPS * i, lane + 32 * j] for j in range(cols)]
-            for i in range(rows)
+            [gS[b, h, warp + WARPS * i, lane + 32 * j] for j in range(cols)] for i in range(rows)
         ]
         for i in cutlass.range_constexpr(rows):
             p = warp + WARPS * i
