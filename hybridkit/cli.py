@@ -194,6 +194,11 @@ def _parse_prompts(text: str, batch: int) -> list[list[int]]:
         raise HybridkitError("all prompts in --prompt-ids must have the same length")
     if len(prompts) == 1:
         prompts = prompts * batch
+    elif batch != 1:
+        raise HybridkitError(
+            f"--batch {batch} copies a single prompt; --prompt-ids gives {len(prompts)} "
+            "prompts (their number is the batch): drop --batch or give one prompt"
+        )
     return prompts
 
 
@@ -374,6 +379,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise HybridkitError(
             f"--time-budget must be a positive number of seconds, got {args.time_budget:g}"
         )
+    if args.jobs < 1:  # checked for --list too, so a listed command line also runs
+        raise HybridkitError(f"--jobs must be at least 1, got {args.jobs}")
     shard = parse_shard(args.shard) if args.shard else None
     if args.list:
         rows = list_study(

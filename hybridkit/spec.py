@@ -72,6 +72,8 @@ def describe_error(err: Any, allowed_keys: list[str] | None = None) -> str:
     if kind in ("value_error", "assertion_error"):
         text = re.sub(r"^(Value|Assertion) error, ", "", msg)
         return text if got in text else f"{text} (got {got})"
+    if kind == "task_spec":  # a task's own sentence, which usually names the value already
+        return msg if got in msg else f"{msg}; got {got}"
     if msg.startswith("Input should be "):
         msg = "must be " + msg[len("Input should be ") :]
     # "a valid dictionary or instance of BlockSpec": a YAML user writes a mapping.

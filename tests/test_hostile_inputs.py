@@ -569,3 +569,17 @@ def test_a_boolean_is_not_a_number(cli_error):
         err = cli_error("show", recipe, "--set", f"{key}=true")
         assert f"{key}: must be a number; got a boolean (true)" in err, err
     assert main(["show", recipe, "--device", "cpu", "--set", "train.compile=true"]) == 0
+
+
+def test_generate_batch_with_several_prompts_and_zero_jobs_are_errors(cli_error):
+    """``--batch`` copies one prompt: with several prompts it would be ignored silently; a
+    study's ``--jobs 0`` is refused even with ``--list``; a task's message names
+    its value once."""
+    recipes = ROOT / "hybridkit" / "recipes"
+    recipe = str(recipes / "tiny_hybrid.yaml")
+    err = cli_error("generate", recipe, "--prompt-ids", "1,2;3,4", "--batch", "5")
+    assert "--batch 5" in err and "2 prompts" in err
+    study = str(recipes / "studies" / "mqar_capacity.yaml")
+    assert "--jobs must be at least 1" in cli_error("study", study, "--list", "--jobs", "0")
+    err = cli_error("show", str(recipes / "mqar_tiny.yaml"), "--set", "task.eval_lengths=[7]")
+    assert err.count("7") == 1, err
