@@ -56,7 +56,11 @@ CASES = [
 ]
 
 
-def compile_case(fn, consts: dict, fp32: set[str], warps: int, pdl: bool):
+#: register caps the launches apply by default (the SISO step's, ``_default_maxnreg``)
+CAPS = {"step SISO": step._default_maxnreg(8, 1, "interleaved")}
+
+
+def compile_case(fn, consts: dict, fp32: set[str], warps: int, pdl: bool, maxnreg: int = 0):
     sig, const, attrs = {}, {}, {}
     consts = dict(consts, USE_PDL=pdl)
     for i, a in enumerate(fn.arg_names):
@@ -73,6 +77,8 @@ def compile_case(fn, consts: dict, fp32: set[str], warps: int, pdl: bool):
             sig[a] = "*fp32" if a in fp32 else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
     opts = dict(num_warps=warps, num_stages=1, launch_pdl=pdl)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
     return triton.compile(
         ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts
     )
@@ -128,7 +134,7 @@ def main() -> None:
     for label, fn, consts, fp32, warps in CASES:
         ptx = {}
         for pdl in (False, True):
-            ptx[pdl] = compile_case(fn, consts, fp32, warps, pdl).asm["ptx"]
+            ptx[pdl] = compile_case(fn, consts, fp32, warps, pdl, CAPS.get(label, 0)).asm["ptx"]
             extra = "; " + pdl_profile(ptx[pdl]) if pdl else ""
             print(f"{label:16s} pdl={int(pdl)} ({warps} warps): {ptxas_summary(ptx[pdl])}{extra}")
         broken += violations(label, ptx[True], ptx[False])

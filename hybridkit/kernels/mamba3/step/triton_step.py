@@ -78,26 +78,53 @@ def _rotation_factors(
 
 
 @triton.jit
+def _key_inputs(
+    SRC, s_b, s_r, s_g, b, r, g, BIAS, NORM, h, offs_n, partner,
+    N: tl.constexpr, R: tl.constexpr, HAS_ANG: tl.constexpr,
+):  # fmt: skip
+    """Everything :func:`_key_from` reads for one rank's key (or query) of head h: the raw row,
+    the norm scale and the bias, and with the rotation the same at each column's partner.
+    Loaded apart from the arithmetic so a caller can issue every load before the first
+    reduction: a reduction's barrier ends a round of loads (no load moves above it), and each
+    round costs a trip to memory."""
+    mask = offs_n < N
+    base = SRC + b * s_b + r * s_r + g * s_g
+    bias = BIAS + (h * R + r) * N
+    raw = tl.load(base + offs_n, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(NORM + offs_n, mask=mask, other=0.0)
+    shift = tl.load(bias + offs_n, mask=mask, other=0.0)
+    if HAS_ANG:
+        raw_p = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32)
+        scale_p = tl.load(NORM + partner, mask=mask, other=0.0)
+        shift_p = tl.load(bias + partner, mask=mask, other=0.0)
+    else:
+        raw_p, scale_p, shift_p = raw, scale, shift
+    return raw, scale, shift, raw_p, scale_p, shift_p
+
+
+@triton.jit
+def _key_from(
+    raw, scale, shift, raw_p, scale_p, shift_p, eps, cos, ssin, N: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+):  # fmt: skip
+    """BCNorm(raw) * scale + bias, rotated: one rank's key (or query), fp32 (N,)."""
+    rstd = tl.rsqrt(tl.sum(raw * raw, axis=0) / N + eps)
+    u = raw * rstd * scale + shift
+    if HAS_ANG:
+        u = u * cos + (raw_p * rstd * scale_p + shift_p) * ssin
+    return u
+
+
+@triton.jit
 def _key(
     SRC, s_b, s_r, s_g, b, r, g, BIAS, NORM, h, eps, offs_n, partner, cos, ssin,
     N: tl.constexpr, R: tl.constexpr, HAS_ANG: tl.constexpr,
 ):  # fmt: skip
-    """BCNorm(raw) * scale + bias, rotated: one rank's key (or query) of head h, fp32 (N,)."""
-    mask = offs_n < N
-    base = SRC + b * s_b + r * s_r + g * s_g
-    raw = tl.load(base + offs_n, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(raw * raw, axis=0) / N + eps)
-    bias = BIAS + (h * R + r) * N
-    u = raw * rstd * tl.load(NORM + offs_n, mask=mask, other=0.0) + tl.load(
-        bias + offs_n, mask=mask, other=0.0
+    """One rank's key (or query) of head h, loads and arithmetic together (MIMO's rank loops)."""
+    raw, scale, shift, raw_p, scale_p, shift_p = _key_inputs(
+        SRC, s_b, s_r, s_g, b, r, g, BIAS, NORM, h, offs_n, partner, N, R, HAS_ANG
     )
-    if HAS_ANG:
-        raw_p = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32)
-        u_p = raw_p * rstd * tl.load(NORM + partner, mask=mask, other=0.0) + tl.load(
-            bias + partner, mask=mask, other=0.0
-        )
-        u = u * cos + u_p * ssin
-    return u
+    return _key_from(raw, scale, shift, raw_p, scale_p, shift_p, eps, cos, ssin, N, HAS_ANG)
 
 
 @triton.jit
@@ -182,17 +209,18 @@ def mamba3_step_kernel(
     # batch the step is a chain of dependent loads, and each round costs about a microsecond
     if GATED:
         z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    if R == 1:  # SISO: key, previous key and query before the one barrier
+    if R == 1:  # SISO: key, previous key and query before the one barrier, every load of
+        # both ahead of the first reduction (one round trip to memory instead of three)
         k_ptr0 = KST + (b * H + h) * N + offs_n
         k_prev0 = tl.load(k_ptr0, mask=mask_n, other=0.0).to(tl.float32)
-        k0 = _key(
-            BK, s_bkb, s_bkr, s_bkg, b, 0, g, B_BIAS, B_NORM, h, eps, offs_n, partner, cos,
-            ssin, N, R, HAS_ANG,
-        )  # fmt: skip
-        q0 = _key(
-            CQ, s_cqb, s_cqr, s_cqg, b, 0, g, C_BIAS, C_NORM, h, eps, offs_n, partner, cos,
-            ssin, N, R, HAS_ANG,
-        )  # fmt: skip
+        kr, ks, kb, krp, ksp, kbp = _key_inputs(
+            BK, s_bkb, s_bkr, s_bkg, b, 0, g, B_BIAS, B_NORM, h, offs_n, partner, N, R, HAS_ANG
+        )
+        qr, qs, qb, qrp, qsp, qbp = _key_inputs(
+            CQ, s_cqb, s_cqr, s_cqg, b, 0, g, C_BIAS, C_NORM, h, offs_n, partner, N, R, HAS_ANG
+        )
+        k0 = _key_from(kr, ks, kb, krp, ksp, kbp, eps, cos, ssin, N, HAS_ANG)
+        q0 = _key_from(qr, qs, qb, qrp, qsp, qbp, eps, cos, ssin, N, HAS_ANG)
     tl.debug_barrier()
     if HAS_ANG:
         tl.store(angle_ptr, theta, mask=mask_s)
@@ -268,6 +296,15 @@ def _warps(block_p: int, block_n: int) -> int:
     return max(1, min(16, block_p * block_n // 1024))
 
 
+def _default_maxnreg(warps: int, rank: int, pairing: str) -> int:
+    """The register cap without ``step_maxnreg``: 128 for the SISO step at 8 warps with
+    interleaved pairs (P 64 x N 128), so two programs share an SM. With all of its key and query
+    loads ahead of the first reduction the compiler takes 164 registers for it (one program per
+    SM), and capped at 128 it spills nothing (sm_90 compile; with ``halves`` pairs the cap
+    spills 60 B, so those keep the compiler's choice, as MIMO does at 247)."""
+    return 128 if warps == 8 and rank == 1 and pairing != "halves" else 0
+
+
 def _contiguous(name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(f"mamba3 decode step: {name} must be contiguous (it is updated in place)")
@@ -317,6 +354,7 @@ def mamba3_step_triton(
     warps, maxnreg = step_launch()
     pdl = use_pdl(x)
     launch = dict(num_warps=warps or _warps(block_p, block_n), num_stages=1)
+    maxnreg = maxnreg or _default_maxnreg(launch["num_warps"], rank, w.pairing)
     if maxnreg and not interpreting():
         launch["maxnreg"] = maxnreg
     mamba3_step_kernel[(batch * nheads,)](
