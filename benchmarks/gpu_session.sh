@@ -21,10 +21,11 @@
 #      then benchmarks/decode.py (layer step and 400M model) and `bench decode --profile`
 #      (kernels per token by category) on main's kernels and with
 #      skinny_linear=1,fused_add_norm=1 -> $OUT/decode_*.*, $OUT/profile_*.*
-#   6b. DECODE2=1: the GPU tests of the fused attention step and of PDL -> $OUT/decode2_tests.txt,
+#   6b. DECODE2=1: the GPU tests of the fused attention step, PDL, the decode step (Triton; CuTe
+#      where staged) and generation -> $OUT/decode2_tests.txt,
 #      then decode.py and `bench decode --profile` with attention_step=1 on top of the two
 #      settings above, and with pdl=1 as well -> $OUT/{decode,profile}_{attention_step,pdl}.*
-#      (~6 min)
+#      (~7.5 min)
 #   7. TRAIN=1: `hybridkit bench train` of the 400M hybrid, SISO and MIMO rank 4, compiled, 4 x
 #      4,096 tokens, with the per-kind breakdown (the profiler no longer double-counts): where
 #      MIMO's extra time goes at model level (#15's 0.6x target) -> $OUT/train_{siso,mimo}.*
@@ -43,13 +44,14 @@ left() { echo $(( CALL - ($(date +%s) - START) )); }
 # a result's table rows, or the tail of its log when the table was never written
 show() { if grep -q "^| " "$1" 2>/dev/null; then grep "^| " "$1" | head -14; else tail -5 "$2"; fi; }
 # one set of kernel settings (HYBRIDKIT_KERNELS=$2): the layer step (d_model 2048) and the 400M
-# model (decode.py; $3 tokens of bf16-state drift, default none), then the model's kernels per
-# token by category (bench decode --profile), so the launch counts can be checked too
-# -> $OUT/decode_$1.*, $OUT/profile_$1.*
+# model (decode.py; $3 tokens of bf16-state drift, default none), then, unless $3 is given, the
+# model's kernels per token by category (bench decode --profile), so the launch counts can be
+# checked too -> $OUT/decode_$1.*, $OUT/profile_$1.*
 decode_variant() {
   HYBRIDKIT_KERNELS=$2 timeout -k 5 180 python benchmarks/decode.py \
     --out "$OUT/decode_$1" --new 96 --drift-tokens "${3:-0}" > "$OUT/decode_$1.txt" 2>&1
   show "$OUT/decode_$1.md" "$OUT/decode_$1.txt"
+  [ -n "${3:-}" ] && return
   HYBRIDKIT_KERNELS=$2 timeout -k 5 120 python -m hybridkit bench decode \
     benchmarks/recipes/hybrid_400m.yaml --batch 1,16 --prompt 128 --new 64 --profile \
     --out "$OUT/profile_$1" > "$OUT/profile_$1.txt" 2>&1
@@ -81,14 +83,16 @@ if [ "${DECODE:-0}" = 1 ]; then
     > "$OUT/skinny_linear.txt" 2>&1
   show "$OUT/skinny_linear.md" "$OUT/skinny_linear.txt"
   # main's kernels, then the few-row linears and the fused add + norm
-  decode_variant none "" 1000  # with the issue's 1,000-token drift of a bf16 state
+  decode_variant none "" 1000  # the issue's 1,000-token drift of a bf16 state; no profile
   decode_variant skinny_linear_1_fused_add_norm_1 skinny_linear=1,fused_add_norm=1
 fi
 if [ "${DECODE2:-0}" = 1 ]; then
   # on top of the two settings above: the fused attention step, then also programmatic
-  # dependent launch; their GPU tests first (tokens equal the eager / non-PDL ones)
-  timeout -k 5 120 python -m pytest -q -m gpu tests/test_pdl.py tests/test_attention_step.py \
-    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 > "$OUT/decode2_tests.txt"
+  # dependent launch; the GPU tests first: theirs (tokens equal the eager / non-PDL ones), the
+  # decode step's (Triton, and CuTe where staged) and generation's (graph equals eager)
+  timeout -k 5 240 python -m pytest -q -m gpu tests/test_pdl.py tests/test_attention_step.py \
+    tests/test_mamba3_step.py tests/test_generation.py -p no:cacheprovider -rfE 2>&1 \
+    | grep -v Warning | tail -12 > "$OUT/decode2_tests.txt"
   tail -2 "$OUT/decode2_tests.txt"
   decode_variant attention_step skinny_linear=1,fused_add_norm=1,attention_step=1
   decode_variant pdl skinny_linear=1,fused_add_norm=1,attention_step=1,pdl=1
