@@ -116,18 +116,6 @@ def _key_from(
 
 
 @triton.jit
-def _key(
-    SRC, s_b, s_r, s_g, b, r, g, BIAS, NORM, h, eps, offs_n, partner, cos, ssin,
-    N: tl.constexpr, R: tl.constexpr, HAS_ANG: tl.constexpr,
-):  # fmt: skip
-    """One rank's key (or query) of head h, loads and arithmetic together (MIMO's rank loops)."""
-    raw, scale, shift, raw_p, scale_p, shift_p = _key_inputs(
-        SRC, s_b, s_r, s_g, b, r, g, BIAS, NORM, h, offs_n, partner, N, R, HAS_ANG
-    )
-    return _key_from(raw, scale, shift, raw_p, scale_p, shift_p, eps, cos, ssin, N, HAS_ANG)
-
-
-@triton.jit
 def mamba3_step_kernel(
     X, Z, BK, CQ, DDT, DDA, TRAP, ANG,
     s_xb, s_xh, s_zb, s_zh, s_bkb, s_bkr, s_bkg, s_cqb, s_cqr, s_cqg,
@@ -226,8 +214,15 @@ def mamba3_step_kernel(
         tl.store(angle_ptr, theta, mask=mask_s)
     tl.store(v_ptr, x.to(VST.dtype.element_ty), mask=mask_p)
 
-    # 3. keys (the previous one read before the new one is written) and the state update
+    # 3. keys (the previous one read before the new one is written) and the state update.
+    # MIMO: rank r + 1's loads are issued before rank r's reduction, whose barrier would
+    # otherwise start a new trip to memory for every rank (_key_inputs)
     upd = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    if R > 1:
+        nr, ns, nb, nrp, nsp, nbp = _key_inputs(
+            BK, s_bkb, s_bkr, s_bkg, b, 0, g, B_BIAS, B_NORM, h, offs_n, partner, N, R, HAS_ANG
+        )
+        n_prev = tl.load(KST + ((b * R) * H + h) * N + offs_n, mask=mask_n, other=0.0)
     for r in tl.static_range(R):
         if HAS_MX:
             psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
@@ -238,11 +233,19 @@ def mamba3_step_kernel(
             tl.store(k_ptr0, k.to(KST.dtype.element_ty), mask=mask_n)
         else:
             k_ptr = KST + ((b * R + r) * H + h) * N + offs_n
-            k_prev = tl.load(k_ptr, mask=mask_n, other=0.0).to(tl.float32)
-            k = _key(
-                BK, s_bkb, s_bkr, s_bkg, b, r, g, B_BIAS, B_NORM, h, eps, offs_n, partner, cos,
-                ssin, N, R, HAS_ANG,
-            )  # fmt: skip
+            kr, ks, kb, krp, ksp, kbp, k_prev = nr, ns, nb, nrp, nsp, nbp, n_prev.to(tl.float32)
+            if r + 1 < R:  # the next rank's inputs (its own k slot: not yet written)
+                nr, ns, nb, nrp, nsp, nbp = _key_inputs(
+                    BK, s_bkb, s_bkr, s_bkg, b, r + 1, g, B_BIAS, B_NORM, h, offs_n, partner, N,
+                    R, HAS_ANG,
+                )  # fmt: skip
+                n_prev = tl.load(k_ptr + H * N, mask=mask_n, other=0.0)
+            else:  # the queries' first rank, for step 4
+                nr, ns, nb, nrp, nsp, nbp = _key_inputs(
+                    CQ, s_cqb, s_cqr, s_cqg, b, 0, g, C_BIAS, C_NORM, h, offs_n, partner, N, R,
+                    HAS_ANG,
+                )  # fmt: skip
+            k = _key_from(kr, ks, kb, krp, ksp, kbp, eps, cos, ssin, N, HAS_ANG)
             tl.debug_barrier()
             tl.store(k_ptr, k.to(KST.dtype.element_ty), mask=mask_n)
         upd += (gamma * x * psi)[:, None] * k[None, :]
@@ -251,39 +254,45 @@ def mamba3_step_kernel(
     state = alpha * state + upd
     tl.store(SSM + tile, state.to(SSM.dtype.element_ty), mask=mask_t)
 
-    # 4. outputs per rank, gated (and summed over ranks) or raw
+    # 4. outputs per rank, gated (and summed over ranks) or raw (MIMO: the next rank's query
+    # inputs loaded before this rank's reductions, as in step 3)
     if GATED:
         acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for r in tl.static_range(R):
         if R == 1:
             q = q0
         else:
-            q = _key(
-                CQ, s_cqb, s_cqr, s_cqg, b, r, g, C_BIAS, C_NORM, h, eps, offs_n, partner, cos,
-                ssin, N, R, HAS_ANG,
-            )  # fmt: skip
+            qr, qs, qb, qrp, qsp, qbp = nr, ns, nb, nrp, nsp, nbp
+            if r + 1 < R:
+                nr, ns, nb, nrp, nsp, nbp = _key_inputs(
+                    CQ, s_cqb, s_cqr, s_cqg, b, r + 1, g, C_BIAS, C_NORM, h, offs_n, partner, N,
+                    R, HAS_ANG,
+                )  # fmt: skip
+            q = _key_from(qr, qs, qb, qrp, qsp, qbp, eps, cos, ssin, N, HAS_ANG)
+        if HAS_MX:  # this rank's per-channel factors, also ahead of its reductions
+            psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        if GATED:  # noqa: SIM102
+            if HAS_MZ:
+                mz = tl.load(MZ + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            if HAS_MO:
+                mo = tl.load(MO + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         y = tl.sum(state * q[None, :], axis=1)
         if HAS_D:
             if HAS_MX:
-                psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0)
-                y += d_skip * x * psi.to(tl.float32)
+                y += d_skip * x * psi
             else:
                 y += d_skip * x
         if GATED:
             zr = z
             if HAS_MZ:
-                zr = z * tl.load(MZ + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
-                    tl.float32
-                )
+                zr = z * mz
             if NORM == 1:  # grouped pre-gate: normalise y over the head, then gate
                 y = y * tl.rsqrt(tl.sum(y * y, axis=0) / P + eps) * norm_w
             o = y * zr * _sigmoid(zr)
             if NORM == 2:  # grouped post-gate: gate, then normalise over the head
                 o = o * tl.rsqrt(tl.sum(o * o, axis=0) / P + eps) * norm_w
             if HAS_MO:
-                o = o * tl.load(MO + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
-                    tl.float32
-                )
+                o = o * mo
             acc += o
         else:
             tl.store(OUT + ((b * R + r) * H + h) * P + offs_p, y, mask=mask_p)
