@@ -53,6 +53,14 @@ CASES = [
     ("step SISO", step.mamba3_step_kernel, SISO, STEP_FP32, 8),
     ("step MIMO R4", step.mamba3_step_kernel, MIMO, STEP_FP32, 8),
     ("attention step", attn_step._attention_step_kernel, ATTN, set(), 4),
+    # head_dim 8 pads to 16 columns: the GPU's 16-bit dot needs an inner size >= 16
+    (
+        "attention step D8",
+        attn_step._attention_step_kernel,
+        dict(ATTN, H=2, HK=1, REP=2, D=8, BLOCK_D=16),
+        set(),
+        4,
+    ),  # fmt: skip
 ]
 
 

@@ -77,6 +77,8 @@ def generation_bytes(model: HybridLM, batch: int, prompt: int, new: int) -> int:
     the free memory to refuse a call that cannot fit before it allocates anything."""
     from hybridkit.layers.base import cache_bytes
 
+    if new == 0:  # generate() returns the prompt as it is
+        return 0
     bucket, total = batch_bucket(batch), prompt + new
     dtype = model.embedding.weight.dtype
     layers = [layer for block in model.blocks for layer in (block.mixer, block.mlp) if layer]

@@ -101,12 +101,21 @@ def exit_with_parent(*, ignore_interrupt: bool = False) -> None:
 
 def free_memory_bytes(device: torch.device | str) -> int | None:
     """Free memory of ``device`` in bytes: the GPU's (``cudaMemGetInfo``) or the machine's
-    available RAM (Linux ``sysconf``); None where it cannot be asked."""
+    available RAM (Linux ``MemAvailable``: free pages plus the page cache the kernel can
+    reclaim; ``sysconf``'s free pages alone would refuse work that fits); None where it cannot
+    be asked."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):

@@ -126,7 +126,8 @@ class StrictModel(BaseModel):
 
 
 def _number_only(annotation: Any) -> bool:
-    """Whether a field's type takes numbers but no boolean (``int``, ``float | None``, ...)."""
+    """Whether a field's type takes numbers and nothing else but None (``int``,
+    ``float | None``, ...)."""
     arms, todo = [], [annotation]
     while todo:
         tp = todo.pop()
@@ -139,7 +140,9 @@ def _number_only(annotation: Any) -> bool:
             arms += [type(v) for v in typing.get_args(tp)]
         else:
             arms.append(tp)
-    return any(a in (int, float) for a in arms) and not any(a in (bool, Any) for a in arms)
+    # only numbers (and None): a field that also takes other values ('auto', a string) has its
+    # own validation, with a message naming them
+    return any(a in (int, float) for a in arms) and all(a in (int, float, type(None)) for a in arms)
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

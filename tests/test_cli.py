@@ -70,6 +70,8 @@ def test_generate_refuses_what_cannot_fit_before_allocating(cli_error, monkeypat
     base = generation.generation_bytes(model, 1, 4, 4)
     assert generation.generation_bytes(model, 2, 4, 4) > base  # the batch's caches
     assert generation.generation_bytes(model, 1, 4, 400) >= base  # (KV caches grow)
+    assert generation.generation_bytes(model, 8, 4, 0) == 0  # the prompt comes back as it is
+    assert runtime.free_memory_bytes("cpu") > 0
 
 
 def test_generate_from_run_dir(tmp_path, capsys):

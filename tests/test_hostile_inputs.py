@@ -532,7 +532,8 @@ def test_checkpoint_state_with_damaged_values_is_clear(tmp_path, capsys, cli_err
     args = ["train", recipe, "-o", str(run), "--no-progress", *[f"--set={s}" for s in sets]]
     assert main([*args, "--set=train.steps=2"]) == 0
     newest = run / "checkpoints" / "step_0000002"
-    for key, value, shown in (("step", "x", "'x'"), ("torch_rng", None, "None")):
+    damaged = [("step", "x", "'x'"), ("torch_rng", None, "None"), ("torch_rng", [300], "[300]")]
+    for key, value, shown in damaged:
         state = json.loads((newest / "trainer.json").read_text())
         (newest / "trainer.json").write_text(json.dumps({**state, key: value}))
         expected = f"{newest / 'trainer.json'} is corrupt ({key}: {shown})"

@@ -12,7 +12,9 @@ Fields (defaults in :class:`KernelConfig`):
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
 * ``step_warps`` / ``step_maxnreg``: warps and a register cap of the fused decode step (None:
-  about 32 state elements per thread, the compiler's registers). The step updates its state in
+  about 32 state elements per thread; registers capped at 128 for the SISO step at 8 warps
+  with interleaved pairs, so two programs share an SM, else the compiler's choice; 255 lifts
+  the cap). The step updates its state in
   place, so it cannot be timed candidate by candidate like the tuned kernels; these exist so a
   benchmark can compare launches (at 8 warps it compiles to 128 registers on sm_90: two
   programs per SM, and at batch 128 each program's chain of reductions is the limit);

@@ -183,7 +183,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict | None, dict | None, 
         raise CheckpointError(f"{path} was not written by hybridkit's trainer")
     for key, ok in (
         ("step", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-        ("torch_rng", lambda v: isinstance(v, list) and all(type(b) is int for b in v)),
+        ("torch_rng", _rng_state_ok),
         ("elapsed_s", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
     ):
         # read by the trainer when it resumes; a damaged value would be a traceback there
@@ -202,6 +202,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict | None, dict | None, 
         read_safetensors(path / "optimizer.safetensors", "checkpoint file"),
         state,
     )
+
+
+def _rng_state_ok(value: object) -> bool:
+    """Whether ``value`` can be torch's CPU generator state: as many bytes (ints 0..255) as
+    ``torch.get_rng_state()`` holds."""
+    if not isinstance(value, list) or len(value) != torch.get_rng_state().numel():
+        return False
+    return all(type(b) is int and 0 <= b <= 255 for b in value)
 
 
 def _is_sharded(path: Path) -> bool:

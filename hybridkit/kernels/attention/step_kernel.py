@@ -20,9 +20,11 @@ One program per (sequence, kv head) (docs/kernels.md, "Attention decode step"):
 3. stores the new key and value at slot ``position % ring`` and the (REP, D) output.
 
 The ring is read and written only by its own program, so no barrier is needed. The query rows
-pad to a 16-row tensor-core tile (``tl.dot``); scores and the softmax are fp32, the products
-take the ring's dtype (fp32 inputs multiply in full fp32; float64 inputs, which only the CPU
-interpreter's tests use, compute everything in float64 and match the torch path to ~1e-12).
+pad to a 16-row tensor-core tile (``tl.dot``), and head dims below 16 pad to 16 columns (the
+GPU's dot needs an inner size of at least 16 for 16-bit inputs; the padding is masked); scores
+and the softmax are fp32, the products take the ring's dtype (fp32 inputs multiply in full
+fp32; float64 inputs, which only the CPU interpreter's tests use, compute everything in float64
+and match the torch path to ~1e-12).
 At long rings with few (sequence, kv head) pairs one program walks the whole ring (no split
 over keys), which is what SDPA does for this call too.
 """
@@ -196,8 +198,9 @@ def attention_step(
         position, out, q_norm if norm else qkv, k_norm if norm else qkv,
         ring, float(scale), math.log2(theta), float(eps),
         H=n_heads, HK=hk, REP=rep, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep)),
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_S=BLOCK_S, HAS_ROPE=rope_theta is not None,
-        HAS_NORM=norm, FP32=qkv.dtype in (torch.float32, torch.float64),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_S=BLOCK_S,
+        HAS_ROPE=rope_theta is not None, HAS_NORM=norm,
+        FP32=qkv.dtype in (torch.float32, torch.float64),
         CDT=tl.float64 if qkv.dtype == torch.float64 else tl.float32, USE_PDL=pdl,
         num_warps=1 if interpreting() else 4, **launch_options(pdl),
     )  # fmt: skip
