@@ -92,19 +92,22 @@ class StrictModel(BaseModel):
     @classmethod
     def _reject_booleans_for_numbers(cls, data: Any) -> Any:
         # pydantic reads true as 1 for a number field: `steps: true` would train one step
-        if isinstance(data, dict):
-            raise_problems(
-                cls.__name__,
-                [
-                    spec_problem(
-                        (key,), f"must be a number; got a boolean ({value!s})".lower(), value
-                    )
-                    for key, value in data.items()
-                    if isinstance(value, bool)
-                    and key in cls.model_fields
-                    and _number_only(cls.model_fields[key].annotation)
-                ],
-            )
+        if not isinstance(data, dict):
+            return data
+        problems = []
+        for key, value in data.items():
+            if key not in cls.model_fields:
+                continue
+            annotation = cls.model_fields[key].annotation
+            if isinstance(value, bool) and _number_only(annotation):
+                problems.append(((key,), value))
+            elif isinstance(value, (list, tuple)) and _numbers_only(annotation):
+                problems += [((key, i), v) for i, v in enumerate(value) if isinstance(v, bool)]
+        message = "must be a number; got a boolean ({})"
+        raise_problems(
+            cls.__name__,
+            [spec_problem(loc, message.format(str(v).lower()), v) for loc, v in problems],
+        )
         return data
 
     @model_validator(mode="before")
@@ -143,6 +146,27 @@ def _number_only(annotation: Any) -> bool:
     # only numbers (and None): a field that also takes other values ('auto', a string) has its
     # own validation, with a message naming them
     return any(a in (int, float) for a in arms) and all(a in (int, float, type(None)) for a in arms)
+
+
+def _numbers_only(annotation: Any) -> bool:
+    """Whether a field's type is a list / tuple of numbers alone (``list[int]``,
+    ``tuple[float, float]``, optionally ``| None``): its items must not be booleans either."""
+    todo, found = [annotation], False
+    while todo:
+        tp = todo.pop()
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            todo.append(typing.get_args(tp)[0])
+        elif origin in (typing.Union, types.UnionType):
+            todo.extend(typing.get_args(tp))
+        elif origin in (list, tuple):
+            items = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            if not items or not all(_number_only(a) for a in items):
+                return False
+            found = True
+        elif tp is not type(None):
+            return False
+    return found
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -570,6 +570,10 @@ def test_a_boolean_is_not_a_number(cli_error):
         err = cli_error("show", recipe, "--set", f"{key}=true")
         assert f"{key}: must be a number; got a boolean (true)" in err, err
     assert main(["show", recipe, "--device", "cpu", "--set", "train.compile=true"]) == 0
+    # inside lists of numbers too: eval lengths, Adam's betas
+    for key, value, bad in (("eval.lengths", "[32,true]", 1), ("train.betas", "[0.9,true]", 1)):
+        err = cli_error("show", recipe, "--set", f"{key}={value}")
+        assert f"{key}.{bad}: must be a number; got a boolean (true)" in err, err
 
 
 def test_generate_batch_with_several_prompts_and_zero_jobs_are_errors(cli_error):
