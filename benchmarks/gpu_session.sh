@@ -26,6 +26,8 @@
 #      then decode.py and `bench decode --profile` with attention_step=1 on top of the two
 #      settings above, and with pdl=1 as well -> $OUT/{decode,profile}_{attention_step,pdl}.*
 #      (~7.5 min)
+#      After DECODE / DECODE2, benchmarks/decode_compare.py tables every decode.py result of
+#      the warm machine's calls (kept in /tmp/gpu_decode) -> $OUT/decode_compare.{md,json}
 #   7. TRAIN=1: `hybridkit bench train` of the 400M hybrid, SISO and MIMO rank 4, compiled, 4 x
 #      4,096 tokens, with the per-kind breakdown (the profiler no longer double-counts): where
 #      MIMO's extra time goes at model level (#15's 0.6x target) -> $OUT/train_{siso,mimo}.*
@@ -96,6 +98,14 @@ if [ "${DECODE2:-0}" = 1 ]; then
   tail -2 "$OUT/decode2_tests.txt"
   decode_variant attention_step skinny_linear=1,fused_add_norm=1,attention_step=1
   decode_variant pdl skinny_linear=1,fused_add_norm=1,attention_step=1,pdl=1
+fi
+# every decode.py result of this warm machine's calls (kept in /tmp), side by side, main's
+# kernels first -> $OUT/decode_compare.{md,json}
+if ls "$OUT"/decode_*.json >/dev/null 2>&1; then
+  mkdir -p /tmp/gpu_decode && cp "$OUT"/decode_*.json /tmp/gpu_decode/
+  files=$(ls /tmp/gpu_decode/decode_none.json 2>/dev/null; ls /tmp/gpu_decode/decode_*.json | grep -v decode_none)
+  python benchmarks/decode_compare.py $files --out "$OUT/decode_compare" > /dev/null 2>&1 \
+    && grep "^| " "$OUT/decode_compare.md" | head -40
 fi
 if [ "${TRAIN:-0}" = 1 ]; then
   for v in siso mimo; do

@@ -303,3 +303,34 @@ def test_compiled_step_gives_the_same_tokens():
         runner.decode(8)
         runs.append(runner.tokens.clone())
     assert torch.equal(runs[0], runs[1])
+
+
+def test_decode_compare_tables_settings_against_the_first(tmp_path, capsys):
+    """``benchmarks/decode_compare.py``: one row per (settings, batch), ratios to the first file,
+    files without a ``kernels`` key read as the defaults."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_compare.py"
+    spec = importlib.util.spec_from_file_location("decode_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(kernels, layer_us, tps, x_floor):
+        layer = [dict(batch=1, ssm_dtype="float32", kernel_us=5.0, layer_us=layer_us,
+                      target_layer_us=25.0)]  # fmt: skip
+        rows = [dict(batch=1, tokens_per_s=tps, ms_per_step=1e3 / tps, ratio_to_floor=x_floor)]
+        data = {"device": "GPU", "layer": layer, "model": {"fp32 state": {"rows": rows}}}
+        if kernels:
+            data["kernels"] = kernels
+        return data
+
+    files = []
+    for i, data in enumerate((run(None, 27.0, 1000.0, 5.0), run("pdl=1", 13.5, 4000.0, 1.25))):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(data))
+    report = module.compare([module.load(f) for f in files])
+    assert "| defaults | float32 | 1 | 5.0 | 27.0 | 1.00x | 25 |" in report
+    assert "| pdl=1 | float32 | 1 | 5.0 | 13.5 | 0.50x | 25 |" in report
+    assert "| pdl=1 | 1 | 4,000 | 0.250 | 1.25 | 4.00x | yes |" in report
