@@ -121,6 +121,36 @@ def layer_rows(bandwidth: float, per_graph: int) -> Iterator[list[dict]]:
             yield rows
 
 
+@torch.no_grad()
+def mimo_layer_rows(bandwidth: float, per_graph: int) -> list[dict]:
+    """The whole layer step of a MIMO (rank 4) layer at the same shape, fp32 state: the fused
+    step runs MIMO too (no target in the issue; measured so its cost next to SISO is known)."""
+    torch.manual_seed(0)
+    spec = Mamba3Spec(mimo_rank=4)
+    layer = Mamba3(spec, d_model=2048, layer_idx=0).cuda().to(torch.bfloat16).eval()
+    rows = []
+    for batch in (1, 16, 128):
+        step = layer_step_row(layer, batch, bandwidth=bandwidth, per_graph=per_graph)
+        rows.append(dict(batch=batch, layer_us=step.us_per_step, layer_floor_us=step.floor_us,
+                         layer_x_floor=step.ratio_to_floor))  # fmt: skip
+    return rows
+
+
+def mimo_markdown(rows: list[dict]) -> list[str]:
+    lines = [
+        "## One MIMO (R 4) Mamba-3 layer step (d_model 2048, H 64, P 64, N 128, fp32 state)",
+        "",
+        "| batch | layer us | layer floor us | x floor |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['layer_us']:.1f} | {r['layer_floor_us']:.1f} | "
+            f"{r['layer_x_floor']:.2f} |"
+        )
+    return lines
+
+
 def layer_markdown(rows: list[dict]) -> list[str]:
     lines = [
         "## One Mamba-3 layer step (d_model 2048, H 64, P 64, N 128, SISO, bf16 weights)",
@@ -179,6 +209,8 @@ def main() -> None:
         ]
         if report["layer"]:
             md += [*layer_markdown(report["layer"]), ""]
+        if report.get("layer_mimo"):
+            md += [*mimo_markdown(report["layer_mimo"]), ""]
         for name, result in report["model"].items():
             md += [f"## Whole model, {name}", "", model_markdown(result).split("\n", 1)[1]]
         models = {name: result.to_dict() for name, result in report["model"].items()}
@@ -189,6 +221,8 @@ def main() -> None:
         for rows in layer_rows(bandwidth, args.per_graph):
             report["layer"] = list(rows)
             write()
+        report["layer_mimo"] = mimo_layer_rows(bandwidth, args.per_graph)
+        write()
     if not args.skip_model:
         from hybridkit.build import build_model
         from hybridkit.recipe import load_recipe
