@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hybridkit.errors import HybridkitError
+from hybridkit.errors import HybridkitError, RecipeError
 from hybridkit.plugins import env_plugins, load_plugins
 
 SET_HELP = "override a recipe key, e.g. --set model.d_model=512 (repeatable)"
@@ -316,6 +316,12 @@ def _lengths(text: str | None) -> list[int] | None:
     return _int_list(text, "--lengths", MAX_LENGTH, "too long")
 
 
+_TASK_HINT = (
+    "model-only recipes (tiny_hybrid, hybrid_m, ...) cannot be trained on their own: start from "
+    "a task recipe such as hybridkit/recipes/induction_tiny.yaml, or add a task section"
+)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hybridkit.recipe import load_recipe
     from hybridkit.train import distributed as dist_utils
@@ -324,7 +330,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, plugins=args.plugins)
     _output_dir(args.out, "-o/--out")
     resume = None if args.resume == "none" else args.resume
-    trainer = Trainer(recipe, args.out, resume=resume, progress=not args.no_progress)
+    try:
+        trainer = Trainer(recipe, args.out, resume=resume, progress=not args.no_progress)
+    except RecipeError as err:  # the trainer's checks know no file name: give them this one
+        if err.source != "<recipe>":
+            raise
+        hint = [("", _TASK_HINT)] if any(k == "task" for k, _ in err.problems) else []
+        raise RecipeError(args.recipe, err.problems + hint) from None
     try:
         out = trainer.fit()
     finally:
@@ -440,7 +452,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         recipe,
         device=args.device,
         batch=args.batch,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len or (recipe.task.max_train_length() if recipe.task else 2048),
         steps=args.steps,
         warmup=args.warmup,
         compile_model=args.compile or recipe.train.compile,
@@ -721,8 +733,9 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--seq-len",
         type=_int_arg(1, MAX_SEQ_LEN),
-        default=2048,
-        help="tokens per sequence (default 2048)",
+        default=None,
+        help="tokens per sequence (default: the recipe task's longest training length; 2048 "
+        "for a model-only recipe)",
     )
     p.add_argument("--steps", type=_positive_int, default=10, help="timed steps (default 10)")
     p.add_argument(

@@ -38,6 +38,7 @@ from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.layers.mamba3 import Mamba3
 from hybridkit.model import HybridLM
 from hybridkit.runtime import elapsed_s, timer_start
+from hybridkit.summary import human_count
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
@@ -378,7 +379,7 @@ def markdown(result: DecodeBench) -> str:
     """The report: one row per batch size, the floor's parts, the versions."""
     v = result.versions
     lines = [
-        f"# Decoding throughput ({result.device}, {result.params / 1e6:.1f}M parameters, "
+        f"# Decoding throughput ({result.device}, {human_count(result.params)} parameters, "
         f"{result.dtype} weights, {result.ssm_dtype} Mamba-3 state"
         f"{', step compiled' if result.compiled else ''})",
         "",

@@ -11,6 +11,7 @@ import pytest
 from hybridkit.cli import main
 
 RECIPES = sorted((Path(__file__).parent.parent / "hybridkit" / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_recipes_are_shipped():
@@ -153,3 +154,12 @@ def test_check_sets_the_first_prefill_length(capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert "argument --prefill: " in err and why in err, err
+
+
+def test_training_a_model_only_recipe_names_the_file_and_a_task_recipe(cli_error, tmp_path):
+    """``tiny_hybrid`` has no task: the error names the file (not ``<recipe>``) and says which
+    recipe to start from; nothing is written."""
+    recipe = "hybridkit/recipes/tiny_hybrid.yaml"
+    err = cli_error("train", str(ROOT / recipe), "-o", str(tmp_path / "run"))
+    assert f"invalid recipe {ROOT / recipe}:" in err and "induction_tiny.yaml" in err
+    assert not (tmp_path / "run").exists()

@@ -31,3 +31,15 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
     payload = json.loads((run / "eval.json").read_text())
     assert [r["length"] for r in payload["results"]] == [32, 64]
     assert {p.name for p in run.iterdir()} >= {"recipe.yaml", "model.safetensors", "eval.png"}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_readme_models_example_runs(tmp_path, monkeypatch):
+    """The "Models" block, pasted as it is, runs (its inputs are defined in the block)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hybridkit").mkdir()
+    (tmp_path / "hybridkit" / "recipes").symlink_to(ROOT / "hybridkit" / "recipes")
+    code = python_block("### Models")
+    scope = {"__name__": "readme"}
+    exec(compile(code, "README.md (Models)", "exec", dont_inherit=True), scope)
+    assert scope["logits"].shape[:2] == (1, 100) and scope["next_logits"].shape[0] == 2

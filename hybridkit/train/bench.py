@@ -210,7 +210,7 @@ def markdown(result: TrainBench) -> str:
         f"{'compiled' if result.compiled else 'eager'})",
         "",
         "| step ms (median) | tokens/s | TFLOP/s | MFU (datasheet) | MFU (measured matmul "
-        f"{result.matmul_tflops:.0f} TFLOP/s) | peak memory |",
+        f"{result.matmul_tflops:.3g} TFLOP/s) | peak memory |",
         "|---|---|---|---|---|---|",
         f"| {result.step_ms:.1f} | {result.tokens_per_s:,.0f} | {result.tflops:.1f} | {mfu} | "
         f"{result.mfu_measured:.1%} | {mem} |",
