@@ -309,8 +309,9 @@ def _default_maxnreg(warps: int, rank: int, pairing: str) -> int:
     """The register cap without ``step_maxnreg``: 128 for the SISO step at 8 warps with
     interleaved pairs (P 64 x N 128), so two programs share an SM. With all of its key and query
     loads ahead of the first reduction the compiler takes 164 registers for it (one program per
-    SM), and capped at 128 it spills nothing (sm_90 compile; with ``halves`` pairs the cap
-    spills 60 B, so those keep the compiler's choice, as MIMO does at 247)."""
+    SM), and capped at 128 it spills nothing with an fp32 state (sm_90 compile; 20 B with a bf16
+    state, kept: the alternative is one program per SM; with ``halves`` pairs the cap spills
+    60 B, so those keep the compiler's choice, as MIMO does at 250)."""
     return 128 if warps == 8 and rank == 1 and pairing != "halves" else 0
 
 
