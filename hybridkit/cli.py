@@ -220,6 +220,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     model = model.to(device).eval()
+    if args.task_examples:
+        return _generate_task_examples(model, recipe, args, device)
     prompts = _parse_prompts(args.prompt_ids, args.batch)
     vocab = recipe.model.vocab_size
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
@@ -233,6 +235,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, row in enumerate(out.tolist()):
         prompt, new = row[: ids.shape[1]], row[ids.shape[1] :]
         print(f"[{i}] prompt {prompt} -> {new}")
+    return 0
+
+
+def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str) -> int:
+    """``generate --task-examples N``: the first N examples of the task's fixed test set at
+    ``--length`` (default: the training length), each cut just before its first answer and
+    continued by the model for as many tokens as that answer has; prints the prompt's tail, the
+    expected answer, the model's and whether they match. Raw ids mean little on a task model;
+    this shows what it does with the inputs it was trained on."""
+    from hybridkit.tasks.base import IGNORE_INDEX
+
+    if recipe.task is None:
+        raise HybridkitError(
+            "--task-examples needs a recipe or run with a task section; "
+            f"{args.source} has none (use --prompt-ids)"
+        )
+    task = recipe.task.build()
+    length = args.length or recipe.task.max_train_length()
+    try:
+        batch = task.eval_set(length).select(slice(0, args.task_examples))
+    except ValueError as err:
+        raise HybridkitError(f"--length {length}: {err}") from None
+    right = 0
+    for i in range(len(batch)):
+        scored = (batch.targets[i] != IGNORE_INDEX).nonzero().flatten().tolist()
+        if not scored:
+            continue
+        first = scored[0]
+        run = 1  # the first answer: scored positions in a row from ``first``
+        while run < len(scored) and scored[run] == first + run:
+            run += 1
+        prompt = batch.inputs[i : i + 1, : first + 1].to(device)
+        out = model.generate(prompt, run, temperature=0.0, seed=args.seed)
+        got = out[0, first + 1 :].tolist()
+        want = batch.targets[i, first : first + run].tolist()
+        right += got == want
+        tail = batch.inputs[i, max(0, first - 11) : first + 1].tolist()
+        print(
+            f"[{i}] ...{tail} -> model {got}, answer {want} "
+            f"{'(right)' if got == want else '(wrong)'}"
+        )
+    print(f"{right} of {len(batch)} first answers right (greedy, {length} tokens)")
     return 0
 
 
@@ -574,6 +618,20 @@ def _add_generate(sub) -> None:
     )
     p.add_argument(
         "--max-new-tokens", type=_nonnegative_int, default=32, help="tokens to sample (default 32)"
+    )
+    p.add_argument(
+        "--task-examples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="instead of --prompt-ids: the task's first N test examples, cut before their first "
+        "answer, continued greedily and compared with it",
+    )
+    p.add_argument(
+        "--length",
+        type=_int_arg(1, MAX_SEQ_LEN),
+        default=None,
+        help="--task-examples at this length (default: the task's training length)",
     )
     p.add_argument(
         "--temperature",

@@ -163,3 +163,17 @@ def test_training_a_model_only_recipe_names_the_file_and_a_task_recipe(cli_error
     err = cli_error("train", str(ROOT / recipe), "-o", str(tmp_path / "run"))
     assert f"invalid recipe {ROOT / recipe}:" in err and "induction_tiny.yaml" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_task_examples_continue_test_prompts_and_compare(capsys, cli_error):
+    """``--task-examples N``: the task's first N test examples, cut before their first answer,
+    continued greedily and compared with it; errors name the flags."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml")
+    args = ["generate", recipe, "--task-examples", "3", "--length", "32", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and all(" -> model [" in line and ", answer [" in line for line in out[:3])
+    assert out[3].endswith("first answers right (greedy, 32 tokens)")
+    assert "--length 7" in cli_error("generate", recipe, "--task-examples", "1", "--length", "7")
+    model_only = str(ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml")
+    assert "--prompt-ids" in cli_error("generate", model_only, "--task-examples", "1")
