@@ -619,20 +619,11 @@ def _add_generate(sub) -> None:
     p.add_argument(
         "--max-new-tokens", type=_nonnegative_int, default=32, help="tokens to sample (default 32)"
     )
-    p.add_argument(
-        "--task-examples",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="instead of --prompt-ids: the task's first N test examples, cut before their first "
-        "answer, continued greedily and compared with it",
-    )
-    p.add_argument(
-        "--length",
-        type=_int_arg(1, MAX_SEQ_LEN),
-        default=None,
-        help="--task-examples at this length (default: the task's training length)",
-    )
+    task_help = "instead of --prompt-ids: the task's first N test examples, cut before their "
+    task_help += "first answer, continued greedily and compared with it"
+    p.add_argument("--task-examples", type=_positive_int, metavar="N", help=task_help)
+    length_help = "--task-examples at this length (default: the task's training length)"
+    p.add_argument("--length", type=_int_arg(1, MAX_SEQ_LEN), help=length_help)
     p.add_argument(
         "--temperature",
         type=_float_arg(0.0, inclusive=True),
