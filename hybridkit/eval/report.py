@@ -66,6 +66,12 @@ def markdown_table(results: Sequence[dict], train_length: int | None) -> str:
             f"| {100 * r['ex_match']:.1f} ± {100 * se:.1f} | {100 * r['tok_acc']:.1f} "
             f"| {100 * r['scaled_acc']:.1f} | {dec_s} | {agree} |"
         )
+    lines += [
+        "",
+        "ex_match: answers exactly right (± the binomial standard error); scaled_acc: 0 = chance, "
+        "100 = perfect; decode ex_match (n): the first n examples decoded token by token (a "
+        "subset, so noisier); decode = forward: how often decoding gave the forward's answer.",
+    ]
     return "\n".join(lines) + "\n"
 
 
