@@ -128,10 +128,9 @@ class StrictModel(BaseModel):
         return data
 
 
-def _number_only(annotation: Any) -> bool:
-    """Whether a field's type takes numbers and nothing else but None (``int``,
-    ``float | None``, ...)."""
-    arms, todo = [], [annotation]
+def _leaf_types(annotation: Any) -> list[Any]:
+    """The types a field's annotation accepts, unwrapped from ``Annotated`` and unions."""
+    leaves, todo = [], [annotation]
     while todo:
         tp = todo.pop()
         origin = typing.get_origin(tp)
@@ -139,7 +138,17 @@ def _number_only(annotation: Any) -> bool:
             todo.append(typing.get_args(tp)[0])
         elif origin in (typing.Union, types.UnionType):
             todo.extend(typing.get_args(tp))
-        elif origin is typing.Literal:
+        else:
+            leaves.append(tp)
+    return leaves
+
+
+def _number_only(annotation: Any) -> bool:
+    """Whether a field's type takes numbers and nothing else but None (``int``,
+    ``float | None``, ...)."""
+    arms = []
+    for tp in _leaf_types(annotation):
+        if typing.get_origin(tp) is typing.Literal:
             arms += [type(v) for v in typing.get_args(tp)]
         else:
             arms.append(tp)
@@ -151,15 +160,9 @@ def _number_only(annotation: Any) -> bool:
 def _numbers_only(annotation: Any) -> bool:
     """Whether a field's type is a list / tuple of numbers alone (``list[int]``,
     ``tuple[float, float]``, optionally ``| None``): its items must not be booleans either."""
-    todo, found = [annotation], False
-    while todo:
-        tp = todo.pop()
-        origin = typing.get_origin(tp)
-        if origin is typing.Annotated:
-            todo.append(typing.get_args(tp)[0])
-        elif origin in (typing.Union, types.UnionType):
-            todo.extend(typing.get_args(tp))
-        elif origin in (list, tuple):
+    found = False
+    for tp in _leaf_types(annotation):
+        if typing.get_origin(tp) in (list, tuple):
             items = [a for a in typing.get_args(tp) if a is not Ellipsis]
             if not items or not all(_number_only(a) for a in items):
                 return False

@@ -112,6 +112,8 @@ def clear_backend_caches() -> None:
 
 
 _STEP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: whether Triton can be imported at all (fixed per process; asked on every decode step)
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def static_step_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
@@ -123,7 +125,7 @@ def static_step_kernel(device: torch.device | str, dtype: torch.dtype, head_dim:
         return False
     usable = torch.device(device).type == "cuda" and dtype in _STEP_DTYPES
     usable = usable and head_dim % 2 == 0 and head_dim <= 256
-    return usable and importlib.util.find_spec("triton") is not None
+    return usable and _HAVE_TRITON
 
 
 def attention_step(qkv: torch.Tensor, k_ring, v_ring, ring: int, position, **options):

@@ -269,8 +269,9 @@ def mamba3_step_kernel(
                     R, HAS_ANG,
                 )  # fmt: skip
             q = _key_from(qr, qs, qb, qrp, qsp, qbp, eps, cos, ssin, N, HAS_ANG)
-        if HAS_MX:  # this rank's per-channel factors, also ahead of its reductions
-            psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        if HAS_D:  # noqa: SIM102  (this rank's per-channel factors, ahead of its reductions)
+            if HAS_MX:
+                psi = tl.load(MX + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         if GATED:  # noqa: SIM102
             if HAS_MZ:
                 mz = tl.load(MZ + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
