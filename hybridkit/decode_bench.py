@@ -107,12 +107,15 @@ class DecodeRow:
     floor_ms: float
     ratio_to_floor: float
     bytes_per_step: dict
+    #: a prefill of the prompts after a first one (which compiled and tuned the kernels)
     prefill_ms: float
     setup_ms: float
     graph: bool
     #: with profiling: device ms and kernel launches per token by category
     profile_ms_per_token: dict = field(default_factory=dict)
     kernels_per_token: dict = field(default_factory=dict)
+    #: the first prefill: Triton compilation and autotuning of the prompt's shapes included
+    first_prefill_ms: float = 0.0
 
 
 @dataclass
@@ -190,6 +193,11 @@ def bench_batch(
         ssm_dtype=ssm_dtype, use_graph=use_graph, compile_step=compile_step,
     )  # fmt: skip
     setup = time.perf_counter() - t0
+    # twice: the first compiles and tunes the prefill's kernels for these shapes (seconds at a
+    # new shape), the second is what a prompt of this size costs; prefill resets the cache
+    start = timer_start(device)
+    runner.prefill(ids)
+    first_prefill = elapsed_s(device, start)
     start = timer_start(device)
     runner.prefill(ids)
     prefill = elapsed_s(device, start)
@@ -214,6 +222,7 @@ def bench_batch(
         ratio_to_floor=step / floor,
         bytes_per_step=nbytes,
         prefill_ms=prefill * 1e3,
+        first_prefill_ms=first_prefill * 1e3,
         setup_ms=setup * 1e3,
         graph=runner.graph is not None,
         profile_ms_per_token={k: v / extra for k, v in prof.ms.items()},
@@ -399,6 +408,17 @@ def markdown(result: DecodeBench) -> str:
             f"{b['weights'] / 1e6:.0f} | {b['mamba3_state'] / 1e6:.1f} | {b['kv'] / 1e6:.1f} | "
             f"{r.prefill_ms:.1f} | {'yes' if r.graph else 'no'} |"
         )
+    lines += (
+        []
+        if not result.rows
+        else [
+            "",
+            "prefill ms: a second prefill of the same prompts; the first, which compiles and tunes "
+            "the kernels for the prompt's shapes, took "
+            + " / ".join(f"{r.first_prefill_ms:,.0f}" for r in result.rows)
+            + " ms.",
+        ]
+    )
     if result.drift:
         d = result.drift
         lines += [
@@ -427,6 +447,13 @@ def markdown(result: DecodeBench) -> str:
         ]
         gap = r.ms_per_step - kernel_ms
         lines.append(f"| between kernels | {gap:.4f} | | {gap / r.ms_per_step:.1%} |")
+        if "pdl=1" in result.kernels.split(","):
+            lines += [
+                "",
+                "With `pdl=1` a kernel starts before its predecessor ends and its profiled "
+                "duration includes the wait for it: these per-category times overlap, so "
+                "read the kernel counts, not the times or shares.",
+            ]
     if result.layer_rows:
         first = result.layer_rows[0]
         lines += [

@@ -85,13 +85,15 @@ def test_kernel_step_equals_torch_step_float32_and_writes_the_ring(forced, monke
 
 
 def test_dispatch_needs_the_setting_cuda_a_dtype_and_an_even_head_dim(monkeypatch):
-    """Off by default; on, it needs CUDA, bf16 / fp16 / fp32 and an even head_dim <= 256, and
+    """On by default; it needs CUDA, bf16 / fp16 / fp32 and an even head_dim <= 256, and
     ``hybridkit show`` names it as the decode step's attention."""
     from hybridkit.summary import summarize
 
     monkeypatch.delenv(config.ENV_VAR, raising=False)
     bf16 = torch.bfloat16
-    assert not attn_ops.static_step_kernel("cuda", bf16, 64)
+    assert attn_ops.static_step_kernel("cuda", bf16, 64)
+    with config.kernel_config(attention_step=False):
+        assert not attn_ops.static_step_kernel("cuda", bf16, 64)
     with config.kernel_config(attention_step=True):
         assert attn_ops.static_step_kernel("cuda", bf16, 64)
         assert not attn_ops.static_step_kernel("cpu", bf16, 64)
@@ -100,7 +102,7 @@ def test_dispatch_needs_the_setting_cuda_a_dtype_and_an_even_head_dim(monkeypatc
         model = _model(torch.float32)
         shown = summarize(model, seq_len=64, device="cuda").backends["attention (decode)"]
         assert "triton step kernel" in shown
-    assert "attention_step=1" in config.changed_settings(config.parse_env("attention_step=1"))
+    assert "attention_step=0" in config.changed_settings(config.parse_env("attention_step=0"))
 
 
 def test_kernel_refuses_mismatched_shapes():

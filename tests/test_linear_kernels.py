@@ -97,13 +97,14 @@ def test_kernel_refuses_too_many_rows():
 
 
 def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
-    """As if on CUDA: off by default; on, only <= 16 rows, no autograd, matching dtypes, not
+    """As if on CUDA: on by default, only <= 16 rows, no autograd, matching dtypes, not
     under autocast; a bad backend name is an error naming the allowed ones."""
     monkeypatch.delenv(config.ENV_VAR, raising=False)  # the defaults, whatever the shell sets
     monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
     w = torch.randn(8, 4)
     x1, x17 = torch.randn(2, 1, 4), torch.randn(17, 4)
-    assert resolve_backend("auto", x1, w) == "torch"  # skinny_linear off
+    with config.kernel_config(skinny_linear=False):
+        assert resolve_backend("auto", x1, w) == "torch"
     with config.kernel_config(skinny_linear=True):
         assert resolve_backend("auto", x1, w) == "triton"
         assert resolve_backend("auto", x17, w) == "torch"
@@ -191,7 +192,7 @@ def test_show_reports_the_decode_linears(monkeypatch):
 
     monkeypatch.delenv(config.ENV_VAR, raising=False)
     assert describe_decode("cpu", torch.bfloat16) == "torch (F.linear)"
-    assert "skinny_linear=1" in describe_decode("cuda", torch.bfloat16)
+    assert describe_decode("cuda", torch.bfloat16).startswith("triton")  # the default
     assert "F.linear" in describe_decode("cuda", torch.float64)
-    with config.kernel_config(skinny_linear=True):
-        assert describe_decode("cuda", torch.bfloat16).startswith("triton")
+    with config.kernel_config(skinny_linear=False):
+        assert "skinny_linear=1" in describe_decode("cuda", torch.bfloat16)

@@ -40,9 +40,11 @@ def test_show_and_benchmarks_name_the_setting(monkeypatch):
 
     monkeypatch.delenv(config.ENV_VAR, raising=False)
     assert config.changed_settings() == "defaults"
-    with config.kernel_config(skinny_linear=True, pdl=True, chunk_sizes=(32, 64)):
+    with config.kernel_config(pdl=True, chunk_sizes=(32, 64)):
         assert "with PDL" in describe_decode("cuda", torch.bfloat16)
-        assert config.changed_settings() == "chunk_sizes=32:64,skinny_linear=1,pdl=1"
+        assert config.changed_settings() == "chunk_sizes=32:64,pdl=1"
+    with config.kernel_config(skinny_linear=False, attention_step=False):
+        assert config.changed_settings() == "skinny_linear=0,attention_step=0"
     monkeypatch.setenv(config.ENV_VAR, "pdl=1,bwd_warps=8")
     assert config.changed_settings() == "bwd_warps=8,pdl=1"
 

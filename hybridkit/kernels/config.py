@@ -27,21 +27,23 @@ Fields (defaults in :class:`KernelConfig`):
   with, but torch's flag, which the trainer sets with it, makes Dynamo trace again);
 * ``skinny_linear``: linears of at most 16 rows at inference (the decode step's projections and
   head; the MLP's first projection together with its SwiGLU) through our Triton kernel instead
-  of cuBLAS (``hybridkit/kernels/linear``; off until its
-  GPU benchmark, ``benchmarks/skinny_linear.py``, shows it faster);
+  of cuBLAS (``hybridkit/kernels/linear``; on: with the next two it took the 400M model's
+  decode step from 1.172 to 0.654 ms at batch 1 on the H200,
+  ``benchmarks/results/decode_settings_h200.md``);
 * ``fused_add_norm``: at inference with a cache, every residual add and the pre-norm after it as
-  one Triton launch (``kernels/norm``: ``add_rms_norm``; off until GPU-checked);
+  one Triton launch (``kernels/norm``: ``add_rms_norm``; on, GPU-checked and timed);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``);
 * ``attention_step``: the static (CUDA-graph) decode step of an attention layer, from
   ``wqkv``'s output to ``out_proj``'s input (qk norm, rotation, ring write, attention over the
   ring), as one Triton launch instead of ~35 torch ops (``kernels/attention/step_kernel.py``;
-  off until timed on the GPU);
+  on: 0.708 -> 0.654 ms per token at batch 1, 1.287 -> 1.215 at 16);
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
-  (``hybridkit/kernels/pdl.py``; off until timed on the GPU, ``benchmarks/decode.py``).
+  (``hybridkit/kernels/pdl.py``; off: on the H200 it changed nothing at batch 1 and was
+  4 % slower at batch 16, ``benchmarks/results/decode_settings_h200.md``).
 
 In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local; the scan's
 backward, which autograd runs in another thread on a GPU, launches with the settings in force at
@@ -89,10 +91,10 @@ class KernelConfig:
     step_maxnreg: int | None = None
     fa4_decode: bool = False
     deterministic: bool = False
-    skinny_linear: bool = False
-    fused_add_norm: bool = False
+    skinny_linear: bool = True
+    fused_add_norm: bool = True
     pdl: bool = False
-    attention_step: bool = False
+    attention_step: bool = True
 
     @property
     def tunes(self) -> bool:

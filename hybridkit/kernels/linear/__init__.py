@@ -2,11 +2,11 @@
 Triton kernel for calls with few rows (decoding, :mod:`.triton_kernels`).
 
 ``backend``: ``torch``; ``triton`` (forced, also on the CPU through the interpreter, for tests);
-``auto``: ``triton`` when the kernel setting ``skinny_linear`` is on (off by default until its
-GPU benchmark says it wins) and the call is an inference-time product of at most 16 rows of a
-bf16 / fp16 / fp32 CUDA tensor, outside ``torch.compile`` (Inductor plans its own matmuls) and
-without autograd (the kernel has no backward) and outside autocast; ``torch`` otherwise, so
-training never runs it.
+``auto``: ``triton`` when the kernel setting ``skinny_linear`` is on (the default: it beat
+cuBLAS at one row on every 400M shape, ``benchmarks/results/skinny_linear_h200.md``) and the call
+is an inference-time product of at most 16 rows of a bf16 / fp16 / fp32 CUDA tensor, outside
+``torch.compile`` (Inductor plans its own matmuls), without autograd (the kernel has no
+backward) and outside autocast; ``torch`` otherwise, so training never runs it.
 """
 
 from __future__ import annotations
