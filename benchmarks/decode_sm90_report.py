@@ -2,7 +2,8 @@
 a machine with no GPU.
 
 Compiles the few-row linears (one row; 16 rows; each with the SwiGLU epilogue), the fused
-residual add + RMSNorm and the fused Mamba-3 step (SISO and MIMO R 4, grouped pre-gate norm)
+residual add + RMSNorm and the fused Mamba-3 step (SISO and MIMO R 4, grouped pre-gate norm;
+SISO split over two programs per head, ``step_split``, with its finish launch, which has no PDL)
 for an H100 target, ``USE_PDL`` off and on, and prints per kernel: registers and spills
 (``ptxas -v``), the PDL instructions found, and the global loads and L2 prefetches the PTX
 issues before ``griddepcontrol.wait`` (the weights a PDL launch asks for while its predecessor
@@ -34,9 +35,15 @@ LINEAR = dict(BLOCK_K=lin.BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False, PREFETCH=T
 GEMV = dict(BLOCK_N=lin.GEMV_BLOCK_N, BLOCK_K=lin.GEMV_BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False)
 GEMV.update(PREFETCH=True)
 STEP = dict(H=32, G=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32, HEAVY_TAIL=True)
-STEP.update(HAS_TRAP=True, HAS_ANG=True, HAS_D=True, GATED=True, NORM=1)
+STEP.update(HAS_TRAP=True, HAS_ANG=True, HAS_D=True, GATED=True, NORM=1, SPLIT=1)
 STEP_FP32 = {"ANGLE", "SSM", "DT_BIAS", "B_BIAS", "C_BIAS", "B_NORM", "C_NORM", "DSKIP", "MX"}
-STEP_FP32 |= {"MZ", "MO", "OUT_NORM"}
+STEP_FP32 |= {"MZ", "MO", "OUT_NORM", "THNEW", "Y"}
+#: the split step's first launch: half the rows per program, y per rank out (the gate and norm
+#: move to the finish launch)
+SPLIT2 = dict(STEP, R=1, HALVES=False, HAS_MX=False, HAS_MZ=False, HAS_MO=False, SPLIT=2)
+SPLIT2.update(BLOCK_P=32, GATED=False, NORM=0)
+FINISH = dict(H=32, R=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32, GATED=True)
+FINISH.update(HAS_MZ=False, HAS_MO=False, NORM=1, HAS_ANG=True)
 ATTN = dict(H=16, HK=4, REP=4, D=64, BLOCK_R=16, BLOCK_D=64, BLOCK_S=attn_step.BLOCK_S)
 ATTN.update(HAS_ROPE=True, HAS_NORM=False, FP32=False, CDT=tl.float32)
 ROWS16 = dict(LINEAR, BLOCK_M=16, BLOCK_N=16, FP32=False)
@@ -52,6 +59,7 @@ CASES = [
     ("add+norm", norm._add_norm_fwd_kernel, dict(D=1024, BLOCK_M=2, BLOCK_N=1024), set(), 8),
     ("step SISO", step.mamba3_step_kernel, SISO, STEP_FP32, 8),
     ("step MIMO R4", step.mamba3_step_kernel, MIMO, STEP_FP32, 8),
+    ("step SISO split2", step.mamba3_step_kernel, SPLIT2, STEP_FP32, 4),
     ("attention step", attn_step._attention_step_kernel, ATTN, set(), 4),
     # head_dim 8 pads to 16 columns: the GPU's 16-bit dot needs an inner size >= 16
     (
@@ -63,6 +71,9 @@ CASES = [
     ),  # fmt: skip
 ]
 
+
+#: kernels launched without PDL (no ``USE_PDL``): their resources only
+PLAIN = [("step finish", step.mamba3_step_finish_kernel, FINISH, STEP_FP32, 4)]
 
 #: register caps the launches apply by default (the SISO step's, ``_default_maxnreg``)
 CAPS = {"step SISO": step._default_maxnreg(8, 1, "interleaved")}
@@ -146,6 +157,9 @@ def main() -> None:
             extra = "; " + pdl_profile(ptx[pdl]) if pdl else ""
             print(f"{label:16s} pdl={int(pdl)} ({warps} warps): {ptxas_summary(ptx[pdl])}{extra}")
         broken += violations(label, ptx[True], ptx[False])
+    for label, fn, consts, fp32, warps in PLAIN:
+        ptx_plain = compile_case(fn, consts, fp32, warps, False).asm["ptx"]
+        print(f"{label:16s} no PDL ({warps} warps): {ptxas_summary(ptx_plain)}")
     for line in broken:
         print("VIOLATION", line)
     if args.check and broken:

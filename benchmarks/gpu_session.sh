@@ -26,7 +26,12 @@
 #      then decode.py and `bench decode --profile` with attention_step=1 on top of the two
 #      settings above, and with pdl=1 as well -> $OUT/{decode,profile}_{attention_step,pdl}.*
 #      (~7.5 min)
-#      After DECODE / DECODE2, benchmarks/decode_compare.py tables every decode.py result of
+#   6c. DECODE3=1: the fused Mamba-3 step's GPU tests at batch 128 and split over programs
+#      (step_split) -> $OUT/step_tests.txt, then the layer benchmark alone (decode.py
+#      --skip-model) under today's launch and each split candidate -> $OUT/decode_step_*.*
+#      (~5 min). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
+#      fused_add_norm, attention_step on), so DECODE's first variant now turns them off.
+#      After DECODE / DECODE2 / DECODE3, benchmarks/decode_compare.py tables every decode.py result of
 #      the warm machine's calls (kept in /tmp/gpu_decode) -> $OUT/decode_compare.{md,json}
 #   7. TRAIN=1: `hybridkit bench train` of the 400M hybrid, SISO and MIMO rank 4, compiled, 4 x
 #      4,096 tokens, with the per-kind breakdown (the profiler no longer double-counts): where
@@ -85,7 +90,8 @@ if [ "${DECODE:-0}" = 1 ]; then
     > "$OUT/skinny_linear.txt" 2>&1
   show "$OUT/skinny_linear.md" "$OUT/skinny_linear.txt"
   # main's kernels, then the few-row linears and the fused add + norm
-  decode_variant none "" 1000  # the issue's 1,000-token drift of a bf16 state; no profile
+  # the issue's 1,000-token drift of a bf16 state; no profile
+  decode_variant none skinny_linear=0,fused_add_norm=0,attention_step=0 1000
   decode_variant skinny_linear_1_fused_add_norm_1 skinny_linear=1,fused_add_norm=1
 fi
 if [ "${DECODE2:-0}" = 1 ]; then
@@ -98,6 +104,17 @@ if [ "${DECODE2:-0}" = 1 ]; then
   tail -2 "$OUT/decode2_tests.txt"
   decode_variant attention_step skinny_linear=1,fused_add_norm=1,attention_step=1
   decode_variant pdl skinny_linear=1,fused_add_norm=1,attention_step=1,pdl=1
+fi
+if [ "${DECODE3:-0}" = 1 ]; then
+  timeout -k 5 200 python -m pytest -q -m gpu tests/test_mamba3_step.py -k "split or b128" \
+    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 > "$OUT/step_tests.txt"
+  tail -2 "$OUT/step_tests.txt"
+  for launch in "" step_split=2 step_split=4 step_split=4,step_warps=4 step_split=8; do
+    name=$(echo "step_${launch:-default}" | tr '=,' '__')
+    HYBRIDKIT_KERNELS=$launch timeout -k 5 120 python benchmarks/decode.py --skip-model \
+      --out "$OUT/decode_$name" > "$OUT/decode_$name.txt" 2>&1
+    show "$OUT/decode_$name.md" "$OUT/decode_$name.txt"
+  done
 fi
 # every decode.py result of this warm machine's calls (kept in /tmp), side by side, main's
 # kernels first -> $OUT/decode_compare.{md,json}

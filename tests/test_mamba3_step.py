@@ -20,6 +20,7 @@ from torch import Tensor
 if not torch.cuda.is_available():  # the interpreter must be chosen before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hybridkit.kernels.config import kernel_config  # noqa: E402
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from hybridkit.kernels.mamba3.state import Mamba3State  # noqa: E402
 from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, mamba3_step_reference  # noqa: E402
@@ -46,6 +47,7 @@ class Case:
     out_norm: str = "none"  # or grouped_pregate / grouped_postgate (with the gate)
     state_dtype: torch.dtype = torch.float32  # of the ssm state
     io_dtype: torch.dtype = torch.float32  # of the projections and the k / v state
+    split: int = 1  # the kernel setting step_split: programs per (sequence, head)
 
     @property
     def pairing(self) -> str:
@@ -129,7 +131,8 @@ def _check(c: Case, device: str, seed: int = 0, tol: float = 1e-5, step=None) ->
     odt = c.io_dtype if c.gated else torch.float32
     if step is None:
         out = torch.full(shape, float("nan"), dtype=odt, device=device)
-        got = mamba3_step_triton(StepInputs(**kin), kstate, kw, out=out)
+        with kernel_config(step_split=c.split):
+            got = mamba3_step_triton(StepInputs(**kin), kstate, kw, out=out)
         assert got.data_ptr() == out.data_ptr()
     else:  # a backend that allocates its output
         got = step(StepInputs(**kin), kstate, kw)
@@ -161,6 +164,13 @@ CPU_CASES = {
     "mimo_no_rope": Case(R=2, rope=False, trap=False),
     "bf16_state": Case(state_dtype=torch.bfloat16),
     "bf16_io": Case(R=2, io_dtype=torch.bfloat16),
+    # step_split: several programs per head, then the finish launch (keys, angles, gate, norm)
+    "split2_siso": Case(split=2),
+    "split4_siso_pregate_odd": Case(split=4, out_norm="grouped_pregate", P=6, N=12, S=3, B=3),
+    "split8_siso_ungated": Case(split=8, gated=False),
+    "split2_mimo_postgate": Case(split=2, R=2, out_norm="grouped_postgate"),
+    "split4_mimo_groups_ungated_norope": Case(split=4, R=3, G=2, gated=False, rope=False),
+    "split2_bf16_state": Case(split=2, state_dtype=torch.bfloat16, trap=False, D=False),
 }
 
 
@@ -234,6 +244,11 @@ GPU_CASES = {
         "mimo4": Case(H=64, P=64, N=128, S=32, R=4, G=2),
         "siso_grouped_pregate": Case(H=64, P=64, N=128, S=32, out_norm="grouped_pregate"),
         "mimo4_ungated_norope": Case(H=64, P=64, N=128, R=4, rope=False, gated=False),
+        "split2_siso_pregate": Case(H=64, P=64, N=128, S=32, out_norm="grouped_pregate", split=2),
+        "split4_siso_bf16_state": Case(
+            H=64, P=64, N=128, S=32, state_dtype=torch.bfloat16, split=4
+        ),  # fmt: skip
+        "split2_mimo4": Case(H=64, P=64, N=128, S=32, R=4, G=2, split=2),
     }.items()
 }
 

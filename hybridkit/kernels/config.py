@@ -11,6 +11,11 @@ Fields (defaults in :class:`KernelConfig`):
 * ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
+* ``step_split``: programs per (sequence, head) of the fused decode step, each owning
+  ``P / step_split`` rows of the state (1: one program holds the whole head); above 1 a second
+  small launch writes the head's new keys and angles and applies the gate and output norm, which
+  span the whole head (off until timed: it is for large batches, where one program per head
+  leaves each SM few programs to overlap);
 * ``step_warps`` / ``step_maxnreg``: warps and a register cap of the fused decode step (None:
   about 32 state elements per thread; registers capped at 128 for the SISO step at 8 warps
   with interleaved pairs, so two programs share an SM, else the compiler's choice; 255 lifts
@@ -66,6 +71,7 @@ import torch
 
 ENV_VAR = "HYBRIDKIT_KERNELS"
 WARP_COUNTS = (1, 2, 4, 8, 16)
+STEP_SPLITS = (1, 2, 4, 8)
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)
 
 # The widest chunk a SISO kernel may use is bounded by its largest register tiles,
@@ -89,6 +95,7 @@ class KernelConfig:
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
     step_warps: int | None = None
     step_maxnreg: int | None = None
+    step_split: int = 1
     fa4_decode: bool = False
     deterministic: bool = False
     skinny_linear: bool = True
@@ -108,6 +115,8 @@ class KernelConfig:
             raise ValueError(f"bwd_x_warps={self.bwd_x_warps}: allowed None or {WARP_COUNTS}")
         if self.step_warps is not None and self.step_warps not in WARP_COUNTS:
             raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
+        if self.step_split not in STEP_SPLITS:
+            raise ValueError(f"step_split={self.step_split}: allowed {STEP_SPLITS}")
         for name in ("bwd_maxnreg", "step_maxnreg"):
             value = getattr(self, name)
             if value is not None and not 24 <= value <= 255:
@@ -235,11 +244,12 @@ def triton_chunk(chunk: int, d_state: int, headdim: int, fast: bool) -> int:
 
 
 @torch.compiler.assume_constant_result
-def step_launch() -> tuple[int, int]:
-    """(``step_warps``, ``step_maxnreg``) with 0 for None, read once at trace time under
-    ``torch.compile`` like :func:`triton_chunk_sizes` (a compiled decode step launches it)."""
+def step_launch() -> tuple[int, int, int]:
+    """(``step_warps``, ``step_maxnreg``, ``step_split``) with 0 for None, read once at trace
+    time under ``torch.compile`` like :func:`triton_chunk_sizes` (a compiled decode step
+    launches it)."""
     cfg = current_config()
-    return cfg.step_warps or 0, cfg.step_maxnreg or 0
+    return cfg.step_warps or 0, cfg.step_maxnreg or 0, cfg.step_split
 
 
 @torch.compiler.assume_constant_result

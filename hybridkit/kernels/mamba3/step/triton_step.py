@@ -18,8 +18,20 @@ One program per (sequence, head) holds the head's whole P x N state tile and doe
 
 Every read of an old state value (angle, k, v) happens before a block barrier and every write
 of its new value after it: a value read by one thread must not already hold the new token when a
-slower warp reads it. Transcendentals use the exact ``tl`` functions (the step is memory-bound,
-so approximations buy nothing) and no libdevice call, so the CPU interpreter runs the same code.
+slower warp reads it.
+
+With the kernel setting ``step_split`` S > 1 each (sequence, head) gets S programs, program s
+owning state rows ``[s P / S, (s + 1) P / S)`` (docs/kernels.md, "Splitting a head's rows"). Each
+computes the whole key, query and angles (a few hundred flops) but touches only its rows of the
+state and of v. The new keys and angles are shared by the head's programs, and one program
+writing them could overwrite a previous key another program has not read yet, so program 0
+writes them to a scratch buffer instead; and the gate's output norm spans the whole head. So the
+split step leaves y per rank (the ungated output) and a second launch,
+:func:`mamba3_step_finish_kernel`, copies the keys and angles into the state and applies the gate
+(and norm, and MIMO's sum over ranks).
+
+Transcendentals use the exact ``tl`` functions (the step is memory-bound, so approximations buy
+nothing) and no libdevice call, so the CPU interpreter runs the same code.
 """
 
 from __future__ import annotations
@@ -116,11 +128,23 @@ def _key_from(
 
 
 @triton.jit
+def _gate(y, zr, norm_w, eps, P: tl.constexpr, NORM: tl.constexpr):
+    """``y silu(z)`` of one rank over a head's P channels, with the grouped output norm before
+    (``NORM`` 1) or after (2) the gate; rows past P must hold 0 in ``y``."""
+    if NORM == 1:  # grouped pre-gate: normalise y over the head, then gate
+        y = y * tl.rsqrt(tl.sum(y * y, axis=0) / P + eps) * norm_w
+    o = y * zr * _sigmoid(zr)
+    if NORM == 2:  # grouped post-gate: gate, then normalise over the head
+        o = o * tl.rsqrt(tl.sum(o * o, axis=0) / P + eps) * norm_w
+    return o
+
+
+@triton.jit
 def mamba3_step_kernel(
     X, Z, BK, CQ, DDT, DDA, TRAP, ANG,
     s_xb, s_xh, s_zb, s_zh, s_bkb, s_bkr, s_bkg, s_cqb, s_cqr, s_cqg,
     s_dtb, s_dtn, s_dab, s_dan, s_trb, s_trn, s_ab, s_as,
-    ANGLE, SSM, KST, VST,
+    ANGLE, SSM, KST, VST, KNEW, THNEW,
     DT_BIAS, B_BIAS, C_BIAS, B_NORM, C_NORM, DSKIP, MX, MZ, MO, OUT_NORM,
     OUT,
     a_floor, eps,
@@ -129,13 +153,22 @@ def mamba3_step_kernel(
     HEAVY_TAIL: tl.constexpr, HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr,
     HALVES: tl.constexpr, HAS_D: tl.constexpr, HAS_MX: tl.constexpr, GATED: tl.constexpr,
     HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)  # int64: B * H * P * N exceeds 2**31 at large batch
     b = pid // H
     h = pid % H
     g = h // (H // G)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
+    if SPLIT == 1:  # the rows as a plain arange: the compiler knows their alignment
+        part = 0
+        offs_p = tl.arange(0, BLOCK_P)
+    else:  # which BLOCK_P rows of the head
+        part = tl.program_id(1)
+        offs_p = tl.multiple_of(part * BLOCK_P, BLOCK_P) + tl.arange(0, BLOCK_P)
+    # SPLIT > 1: program 0 writes the head's new keys and angles to KNEW / THNEW, not the state
+    # (another program of the head may not have read the old ones yet; the finish kernel copies)
+    writer = (offs_n * 0 + part) == 0  # per column: the interpreter rejects a scalar mask term
     mask_n = offs_n < N
     mask_p = offs_p < P
 
@@ -146,6 +179,7 @@ def mamba3_step_kernel(
     dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
     if HAS_D:
         d_skip = tl.load(DSKIP + h).to(tl.float32)
+    norm_w = 1.0
     if GATED:  # noqa: SIM102
         if NORM != 0:
             norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
@@ -181,7 +215,8 @@ def mamba3_step_kernel(
         )
         offs_s = tl.arange(0, BLOCK_S)
         mask_s = offs_s < S
-        angle_ptr = ANGLE + (b * H + h) * S + offs_s
+        angle_off = (b * H + h) * S + offs_s
+        angle_ptr = ANGLE + angle_off
         raw_s = tl.load(ANG + b * s_ab + offs_s * s_as, mask=mask_s, other=0.0).to(tl.float32)
         theta = _mod2pi(
             tl.load(angle_ptr, mask=mask_s, other=0.0)
@@ -199,8 +234,8 @@ def mamba3_step_kernel(
         z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     if R == 1:  # SISO: key, previous key and query before the one barrier, every load of
         # both ahead of the first reduction (one round trip to memory instead of three)
-        k_ptr0 = KST + (b * H + h) * N + offs_n
-        k_prev0 = tl.load(k_ptr0, mask=mask_n, other=0.0).to(tl.float32)
+        k_off0 = (b * H + h) * N + offs_n
+        k_prev0 = tl.load(KST + k_off0, mask=mask_n, other=0.0).to(tl.float32)
         kr, ks, kb, krp, ksp, kbp = _key_inputs(
             BK, s_bkb, s_bkr, s_bkg, b, 0, g, B_BIAS, B_NORM, h, offs_n, partner, N, R, HAS_ANG
         )
@@ -211,7 +246,10 @@ def mamba3_step_kernel(
         q0 = _key_from(qr, qs, qb, qrp, qsp, qbp, eps, cos, ssin, N, HAS_ANG)
     tl.debug_barrier()
     if HAS_ANG:
-        tl.store(angle_ptr, theta, mask=mask_s)
+        if SPLIT == 1:
+            tl.store(angle_ptr, theta, mask=mask_s)
+        else:
+            tl.store(THNEW + angle_off, theta, mask=mask_s & ((offs_s * 0 + part) == 0))
     tl.store(v_ptr, x.to(VST.dtype.element_ty), mask=mask_p)
 
     # 3. keys (the previous one read before the new one is written) and the state update.
@@ -230,9 +268,10 @@ def mamba3_step_kernel(
             psi = 1.0
         if R == 1:
             k_prev, k = k_prev0, k0
-            tl.store(k_ptr0, k.to(KST.dtype.element_ty), mask=mask_n)
+            _store_key(KST, KNEW, k_off0, k, mask_n, writer, SPLIT)
         else:
-            k_ptr = KST + ((b * R + r) * H + h) * N + offs_n
+            k_off = ((b * R + r) * H + h) * N + offs_n
+            k_ptr = KST + k_off
             kr, ks, kb, krp, ksp, kbp, k_prev = nr, ns, nb, nrp, nsp, nbp, n_prev.to(tl.float32)
             if r + 1 < R:  # the next rank's inputs (its own k slot: not yet written)
                 nr, ns, nb, nrp, nsp, nbp = _key_inputs(
@@ -247,7 +286,7 @@ def mamba3_step_kernel(
                 )  # fmt: skip
             k = _key_from(kr, ks, kb, krp, ksp, kbp, eps, cos, ssin, N, HAS_ANG)
             tl.debug_barrier()
-            tl.store(k_ptr, k.to(KST.dtype.element_ty), mask=mask_n)
+            _store_key(KST, KNEW, k_off, k, mask_n, writer, SPLIT)
         upd += (gamma * x * psi)[:, None] * k[None, :]
         upd += (beta * v_prev * psi)[:, None] * k_prev[None, :]
 
@@ -287,17 +326,68 @@ def mamba3_step_kernel(
             zr = z
             if HAS_MZ:
                 zr = z * mz
-            if NORM == 1:  # grouped pre-gate: normalise y over the head, then gate
-                y = y * tl.rsqrt(tl.sum(y * y, axis=0) / P + eps) * norm_w
-            o = y * zr * _sigmoid(zr)
-            if NORM == 2:  # grouped post-gate: gate, then normalise over the head
-                o = o * tl.rsqrt(tl.sum(o * o, axis=0) / P + eps) * norm_w
+            o = _gate(y, zr, norm_w, eps, P, NORM)
             if HAS_MO:
                 o = o * mo
             acc += o
         else:
             tl.store(OUT + ((b * R + r) * H + h) * P + offs_p, y, mask=mask_p)
     if GATED:
+        tl.store(OUT + (b * H + h) * P + offs_p, acc.to(OUT.dtype.element_ty), mask=mask_p)
+
+
+@triton.jit
+def _store_key(KST, KNEW, off, k, mask, writer, SPLIT: tl.constexpr):
+    """A rank's new key: into the k state, or with ``SPLIT`` > 1 by program 0 into ``KNEW``."""
+    if SPLIT == 1:
+        tl.store(KST + off, k.to(KST.dtype.element_ty), mask=mask)
+    else:
+        tl.store(KNEW + off, k.to(KNEW.dtype.element_ty), mask=mask & writer)
+
+
+@triton.jit
+def mamba3_step_finish_kernel(
+    Y, Z, s_zb, s_zh, MZ, MO, OUT_NORM, OUT, KNEW, KST, THNEW, ANGLE, eps,
+    H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, S: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GATED: tl.constexpr,
+    HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr, HAS_ANG: tl.constexpr,
+):  # fmt: skip
+    """The split step's second launch, one program per (sequence, head): the new keys and
+    angles into the state, and (``GATED``) the gate, output norm and sum over ranks of the
+    split step's y per rank (B, R, H, P) fp32, as :func:`mamba3_step_kernel` does unsplit."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    h = pid % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_n = offs_n < N
+    mask_p = offs_p < P
+    for r in tl.static_range(R):
+        k_off = ((b * R + r) * H + h) * N + offs_n
+        tl.store(KST + k_off, tl.load(KNEW + k_off, mask=mask_n), mask=mask_n)
+    if HAS_ANG:
+        offs_s = tl.arange(0, BLOCK_S)
+        s_off = (b * H + h) * S + offs_s
+        tl.store(ANGLE + s_off, tl.load(THNEW + s_off, mask=offs_s < S), mask=offs_s < S)
+    if GATED:
+        z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        norm_w = 1.0
+        if NORM != 0:
+            norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for r in tl.static_range(R):
+            y = tl.load(Y + ((b * R + r) * H + h) * P + offs_p, mask=mask_p, other=0.0)
+            zr = z
+            if HAS_MZ:
+                zr = z * tl.load(MZ + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
+                    tl.float32
+                )
+            o = _gate(y, zr, norm_w, eps, P, NORM)
+            if HAS_MO:
+                o = o * tl.load(MO + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
+                    tl.float32
+                )
+            acc += o
         tl.store(OUT + (b * H + h) * P + offs_p, acc.to(OUT.dtype.element_ty), mask=mask_p)
 
 
@@ -361,27 +451,49 @@ def mamba3_step_triton(
     norm = NORM_MODES[w.out_norm_mode] if w.out_norm is not None else 0
     if norm and not gated:
         raise ValueError("mamba3 decode step: an output norm needs z (the gate)")
-    block_p, block_n = triton.next_power_of_2(headdim), triton.next_power_of_2(dstate)
-    warps, maxnreg = step_launch()
+    warps, maxnreg, split = step_launch()
+    split = min(split, triton.next_power_of_2(headdim))  # at least one row per program
+    block_p = triton.next_power_of_2(triton.cdiv(headdim, split))
+    block_n = triton.next_power_of_2(dstate)
+    block_s = triton.next_power_of_2(max(n_angles, 1))
     pdl = use_pdl(x)
     launch = dict(num_warps=warps or _warps(block_p, block_n), num_stages=1)
     maxnreg = maxnreg or _default_maxnreg(launch["num_warps"], rank, w.pairing)
     if maxnreg and not interpreting():
         launch["maxnreg"] = maxnreg
-    mamba3_step_kernel[(batch * nheads,)](
+    # split: the first launch leaves y per rank (fp32; in ``out`` itself when ungated) and the
+    # head's new keys / angles in scratch; the finish launch gates and copies them
+    y = out
+    knew, thnew = state.k, angle_arg
+    if split > 1:
+        if gated:
+            y = torch.empty((batch, rank, nheads, headdim), dtype=torch.float32, device=x.device)
+        knew = torch.empty_like(state.k)
+        if angles is not None:
+            thnew = torch.empty_like(state.angle)
+    mamba3_step_kernel[(batch * nheads, split)](
         x, zz, bk, cq, dd_dt, dd_a, tr, an,
         x.stride(0), x.stride(1), zz.stride(0), zz.stride(1),
         bk.stride(0), bk.stride(1), bk.stride(2), cq.stride(0), cq.stride(1), cq.stride(2),
         dd_dt.stride(0), dd_dt.stride(1), dd_a.stride(0), dd_a.stride(1),
         tr.stride(0), tr.stride(1), an.stride(0), an.stride(-1),
-        angle_arg, state.ssm, state.k, state.v, *params, out,
+        angle_arg, state.ssm, state.k, state.v, knew, thnew, *params, y,
         float(w.a_floor), float(w.norm_eps),
         H=nheads, G=ngroups, R=rank, P=headdim, N=dstate, S=max(n_angles, 1),
-        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(max(n_angles, 1)),
+        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_S=block_s,
         HEAVY_TAIL=w.a_activation == "heavy_tail", HAS_TRAP=trap is not None,
         HAS_ANG=angles is not None, HALVES=w.pairing == "halves", HAS_D=w.D is not None,
-        HAS_MX=w.mimo_x is not None, GATED=gated, HAS_MZ=w.mimo_z is not None,
-        HAS_MO=w.mimo_o is not None, NORM=norm, USE_PDL=pdl,
+        HAS_MX=w.mimo_x is not None, GATED=gated and split == 1, HAS_MZ=w.mimo_z is not None,
+        HAS_MO=w.mimo_o is not None, NORM=norm if split == 1 else 0, USE_PDL=pdl, SPLIT=split,
         **launch, **launch_options(pdl),
     )  # fmt: skip
+    if split > 1:
+        mamba3_step_finish_kernel[(batch * nheads,)](
+            y, zz, zz.stride(0), zz.stride(1), params[7], params[8], params[9], out,
+            knew, state.k, thnew, angle_arg, float(w.norm_eps),
+            H=nheads, R=rank, P=headdim, N=dstate, S=max(n_angles, 1),
+            BLOCK_P=triton.next_power_of_2(headdim), BLOCK_N=block_n, BLOCK_S=block_s,
+            GATED=gated, HAS_MZ=w.mimo_z is not None, HAS_MO=w.mimo_o is not None, NORM=norm,
+            HAS_ANG=angles is not None, num_warps=1 if interpreting() else 4,
+        )  # fmt: skip
     return out
