@@ -28,8 +28,9 @@
 #      (~7.5 min)
 #   6c. DECODE3=1: the fused Mamba-3 step's GPU tests at batch 128 and split over programs
 #      (step_split) -> $OUT/step_tests.txt, then the layer benchmark alone (decode.py
-#      --skip-model) under today's launch and each split candidate -> $OUT/decode_step_*.*
-#      (~5 min). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
+#      --skip-model) under today's launch and each split candidate -> $OUT/decode_step_*.*,
+#      and the 400M model alone at batch 1 / 16 with plain linears of 2-16 rows on cuBLAS (the
+#      default, skinny_rows=1) and on our kernel (skinny_rows=16) -> $OUT/decode_rows*.* (~6 min). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
 #      fused_add_norm, attention_step on), so DECODE's first variant now turns them off.
 #      After DECODE / DECODE2 / DECODE3, benchmarks/decode_compare.py tables every decode.py result of
 #      the warm machine's calls (kept in /tmp/gpu_decode) -> $OUT/decode_compare.{md,json}
@@ -115,12 +116,20 @@ if [ "${DECODE3:-0}" = 1 ]; then
       --out "$OUT/decode_$name" > "$OUT/decode_$name.txt" 2>&1
     show "$OUT/decode_$name.md" "$OUT/decode_$name.txt"
   done
+  for rows in 1 16; do
+    HYBRIDKIT_KERNELS=skinny_rows=$rows timeout -k 5 120 python benchmarks/decode.py --skip-layer \
+      --batch 1,16 --new 96 --drift-tokens 0 --out "$OUT/decode_rows$rows" \
+      > "$OUT/decode_rows$rows.txt" 2>&1
+    show "$OUT/decode_rows$rows.md" "$OUT/decode_rows$rows.txt"
+  done
 fi
 # every decode.py result of this warm machine's calls (kept in /tmp), side by side, main's
 # kernels first -> $OUT/decode_compare.{md,json}
 if ls "$OUT"/decode_*.json >/dev/null 2>&1; then
   mkdir -p /tmp/gpu_decode && cp "$OUT"/decode_*.json /tmp/gpu_decode/
-  files=$(ls /tmp/gpu_decode/decode_none.json 2>/dev/null; ls /tmp/gpu_decode/decode_*.json | grep -v decode_none)
+  first="/tmp/gpu_decode/decode_none.json /tmp/gpu_decode/decode_step_default.json"
+  files=$(ls $first 2>/dev/null; ls /tmp/gpu_decode/decode_*.json \
+    | grep -v -e decode_none.json -e decode_step_default.json)
   python benchmarks/decode_compare.py $files --out "$OUT/decode_compare" > /dev/null 2>&1 \
     && grep "^| " "$OUT/decode_compare.md" | head -40
 fi

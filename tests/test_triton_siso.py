@@ -351,6 +351,7 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
         ("step_warps=3", r"HYBRIDKIT_KERNELS=.*step_warps=3: allowed None or \(1, 2, 4"),
         ("step_maxnreg=8", r"HYBRIDKIT_KERNELS=.*step_maxnreg=8: allowed None or 24\.\.255"),
         ("step_split=3", r"HYBRIDKIT_KERNELS=.*step_split=3: allowed \(1, 2, 4, 8\)"),
+        ("skinny_rows=17", r"HYBRIDKIT_KERNELS=.*skinny_rows=17: allowed 1\.\.16"),
         ("chunk_sizes=48", r"HYBRIDKIT_KERNELS=.*subset of \(16, 32, 64, 128\)"),
         ("autotune=maybe", r"HYBRIDKIT_KERNELS=.*autotune: 'maybe': allowed 0, 1"),
         ("fa4_decode=2", r"HYBRIDKIT_KERNELS=.*fa4_decode: '2': allowed 0, 1"),

@@ -35,6 +35,9 @@ Fields (defaults in :class:`KernelConfig`):
   of cuBLAS (``hybridkit/kernels/linear``; on: with the next two it took the 400M model's
   decode step from 1.172 to 0.654 ms at batch 1 on the H200,
   ``benchmarks/results/decode_settings_h200.md``);
+* ``skinny_rows``: the most rows a plain linear sends to that kernel (1..16; default 1: at 16
+  rows it was slower than cuBLAS on most 400M shapes; the MLP's fc1 + SwiGLU, one launch of
+  ours instead of two, goes to it up to 16 rows whatever this says);
 * ``fused_add_norm``: at inference with a cache, every residual add and the pre-norm after it as
   one Triton launch (``kernels/norm``: ``add_rms_norm``; on, GPU-checked and timed);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
@@ -99,6 +102,7 @@ class KernelConfig:
     fa4_decode: bool = False
     deterministic: bool = False
     skinny_linear: bool = True
+    skinny_rows: int = 1
     fused_add_norm: bool = True
     pdl: bool = False
     attention_step: bool = True
@@ -115,6 +119,8 @@ class KernelConfig:
             raise ValueError(f"bwd_x_warps={self.bwd_x_warps}: allowed None or {WARP_COUNTS}")
         if self.step_warps is not None and self.step_warps not in WARP_COUNTS:
             raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
+        if not 1 <= self.skinny_rows <= 16:
+            raise ValueError(f"skinny_rows={self.skinny_rows}: allowed 1..16")
         if self.step_split not in STEP_SPLITS:
             raise ValueError(f"step_split={self.step_split}: allowed {STEP_SPLITS}")
         for name in ("bwd_maxnreg", "step_maxnreg"):

@@ -33,7 +33,8 @@ class SwiGLU(Layer):
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
         fc1 = self.fc1
         fused = self.act_backend == "auto"
-        if fused and linear_ops.resolve_backend("auto", x, fc1.weight, fc1.bias) == "triton":
+        glu = linear_ops.resolve_backend("auto", x, fc1.weight, fc1.bias, glu=True)
+        if fused and glu == "triton":
             # a few rows at inference with skinny_linear on: fc1 and the activation, one launch
             return self.fc2(linear_ops.linear_glu(x, fc1.weight, fc1.bias))
         return self.fc2(swiglu(fc1(x), backend=self.act_backend))

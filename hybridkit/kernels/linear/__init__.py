@@ -4,9 +4,14 @@ Triton kernel for calls with few rows (decoding, :mod:`.triton_kernels`).
 ``backend``: ``torch``; ``triton`` (forced, also on the CPU through the interpreter, for tests);
 ``auto``: ``triton`` when the kernel setting ``skinny_linear`` is on (the default: it beat
 cuBLAS at one row on every 400M shape, ``benchmarks/results/skinny_linear_h200.md``) and the call
-is an inference-time product of at most 16 rows of a bf16 / fp16 / fp32 CUDA tensor, outside
-``torch.compile`` (Inductor plans its own matmuls), without autograd (the kernel has no
-backward) and outside autocast; ``torch`` otherwise, so training never runs it.
+is an inference-time product of at most ``skinny_rows`` rows (default 1; the MLP's fc1 with its
+SwiGLU: at most 16) of a bf16 / fp16 / fp32 CUDA tensor, outside ``torch.compile`` (Inductor
+plans its own matmuls), without autograd (the kernel has no backward) and outside autocast;
+``torch`` otherwise, so training never runs it. Why the row limit: on the H200 the kernel beat
+cuBLAS at one row on every 400M shape, but at 16 rows it took 0.95-1.53x cuBLAS's time except
+fused with the SwiGLU (0.22x: one launch instead of two;
+``benchmarks/results/skinny_linear_h200.md``); between 2 and 15 rows both run the same kernels
+as at 16 (ours pads the rows to one 16-row tile).
 """
 
 from __future__ import annotations
@@ -28,9 +33,15 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def resolve_backend(
-    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    glu: bool = False,
 ) -> str:
-    """The backend that runs for ``backend`` (see the module docstring)."""
+    """The backend that runs for ``backend`` (see the module docstring); ``glu``: for the
+    fused fc1 + SwiGLU (:func:`linear_glu`), which may take up to 16 rows."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown linear backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -41,14 +52,15 @@ def resolve_backend(
     grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
+    cfg = current_config()
     usable = (
-        0 < rows <= _MAX_ROWS
+        0 < rows <= (_MAX_ROWS if glu else cfg.skinny_rows)
         and not grad
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
         and weight.is_contiguous()
         and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-        and current_config().skinny_linear
+        and cfg.skinny_linear
     )
     return "triton" if usable else "torch"
 
@@ -64,9 +76,11 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"torch (F.linear; the kernel runs {', '.join(str(d)[6:] for d in _DTYPES)})"
     if not current_config().skinny_linear:
         return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
-    pdl = "; with PDL on sm_90+" if current_config().pdl else ""
+    cfg = current_config()
+    pdl = "; with PDL on sm_90+" if cfg.pdl else ""
+    rows = "1 row" if cfg.skinny_rows == 1 else f"<= {cfg.skinny_rows} rows"
     return (
-        "triton (few-row kernels for <= 16 rows, the MLP's fc1 with its SwiGLU; eager / "
+        f"triton (few-row kernels for {rows}, the MLP's fc1 with its SwiGLU for <= 16; eager / "
         f"CUDA-graph steps; more rows: cuBLAS{pdl})"
     )
 
