@@ -32,6 +32,10 @@
 #      and the 400M model alone at batch 1 / 16 with plain linears of 2-16 rows on cuBLAS (the
 #      default, skinny_rows=1) and on our kernel (skinny_rows=16) -> $OUT/decode_rows*.* (~6 min). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
 #      fused_add_norm, attention_step on), so DECODE's first variant now turns them off.
+#   6d. NCU=1: Nsight Compute on one decode step of the 400M model at batch 1 and 16
+#      (benchmarks/decode_ncu.py: every kernel once, grouped by kernel and grid) ->
+#      $OUT/decode_ncu_b{1,16}.md (and the raw CSV); needs a runtime where ncu reads the
+#      counters (device/H200.md: Firecracker yes, gVisor no; the log says which).
 #      After DECODE / DECODE2 / DECODE3, benchmarks/decode_compare.py tables every decode.py result of
 #      the warm machine's calls (kept in /tmp/gpu_decode) -> $OUT/decode_compare.{md,json}
 #   7. TRAIN=1: `hybridkit bench train` of the 400M hybrid, SISO and MIMO rank 4, compiled, 4 x
@@ -121,6 +125,17 @@ if [ "${DECODE3:-0}" = 1 ]; then
       --batch 1,16 --new 96 --drift-tokens 0 --out "$OUT/decode_rows$rows" \
       > "$OUT/decode_rows$rows.txt" 2>&1
     show "$OUT/decode_rows$rows.md" "$OUT/decode_rows$rows.txt"
+  done
+fi
+if [ "${NCU:-0}" = 1 ]; then
+  for b in 1 16; do
+    timeout -k 5 240 ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+      --csv --page raw python benchmarks/decode_ncu.py --batch $b > "$OUT/decode_ncu_b$b.csv" \
+      2> "$OUT/decode_ncu_b$b.txt"
+    python benchmarks/decode_ncu.py --summarize "$OUT/decode_ncu_b$b.csv" \
+      > "$OUT/decode_ncu_b$b.md" 2>> "$OUT/decode_ncu_b$b.txt"
+    show "$OUT/decode_ncu_b$b.md" "$OUT/decode_ncu_b$b.txt"
   done
 fi
 # every decode.py result of this warm machine's calls (kept in /tmp), side by side, main's

@@ -84,9 +84,9 @@ def _stall_name(metric: str) -> str:
     return tail.split("_per_", 1)[0].split(".", 1)[0]
 
 
-def summarize(path: str) -> str:
-    """A markdown table of the kernels in an ncu ``--csv --page raw`` export (one row per
-    kernel launch, a units row first)."""
+def read_table(path: str) -> tuple[dict, list[dict], list[str]]:
+    """An ncu ``--csv --page raw`` export (ncu's own lines first, then a header, a units row
+    and one row per kernel launch): (units, launches, the warp-stall ratio columns)."""
     lines = Path(path).read_text().splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
     if start is None:
@@ -96,10 +96,17 @@ def summarize(path: str) -> str:
     stall_cols = [
         c for c in reader.fieldnames or [] if "issue_stalled" in c and c.endswith(".ratio")
     ]
+    return units, list(reader), stall_cols
+
+
+def summarize(path: str) -> str:
+    """A markdown table of the kernels in an ncu ``--csv --page raw`` export (one row per
+    kernel launch)."""
+    units, launches, stall_cols = read_table(path)
     head = [c for _, c in COLUMNS] + ["top stalls (warps per issued instruction)"]
     out = ["| kernel | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     rows = []
-    for r in reader:
+    for r in launches:
         cells = []
         for metric, _ in COLUMNS:
             v = _number(r.get(metric, ""))
