@@ -32,7 +32,9 @@ def load(path: Path) -> dict:
 
 
 def _layer_rows(runs: list[dict]) -> list[str]:
-    base = {(r["batch"], r["ssm_dtype"]): r for r in runs[0].get("layer", [])}
+    # the baseline: the first run with a layer table (a run may have measured the model only)
+    base_run = next((run for run in runs if run.get("layer")), runs[0])
+    base = {(r["batch"], r["ssm_dtype"]): r for r in base_run.get("layer", [])}
     lines = [
         "| settings | state | batch | kernel us | layer us | layer vs first | target us |",
         "|---|---|---|---|---|---|---|",
@@ -53,7 +55,7 @@ def _model_rows(runs: list[dict], name: str) -> list[str]:
     def rows(run: dict) -> dict[int, dict]:
         return {r["batch"]: r for r in run.get("model", {}).get(name, {}).get("rows", [])}
 
-    base = rows(runs[0])
+    base = next((rows(run) for run in runs if rows(run)), {})  # the first run with a model table
     lines = [
         "| settings | batch | tokens/s | ms per step | x floor | vs first | target met |",
         "|---|---|---|---|---|---|---|",
@@ -78,13 +80,14 @@ def compare(runs: list[dict]) -> str:
         "",
         f"Versions {head.get('versions', {})}. Files: "
         + ", ".join(f"`{r['file']}` ({r['kernels']})" for r in runs)
-        + ". Ratios are against the first file.",
+        + ". Ratios are against the first file with that table.",
         "",
         "## One Mamba-3 layer step (d_model 2048, H 64, P 64, N 128)",
         "",
         *_layer_rows(runs),
     ]
-    names = [n for n in head.get("model", {}) if n.startswith("fp32 state")][:1]
+    models = next((run["model"] for run in runs if run.get("model")), {})
+    names = [n for n in models if n.startswith("fp32 state")][:1]
     for name in names:
         lines += ["", f"## Whole model ({name})", "", *_model_rows(runs, name)]
     return "\n".join(lines) + "\n"

@@ -32,8 +32,9 @@ from hybridkit.kernels.mamba3.step import triton_step as step
 from hybridkit.kernels.norm import triton_kernels as norm
 
 LINEAR = dict(BLOCK_K=lin.BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False, PREFETCH=True)
+LINEAR.update(PRENORM=False)
 GEMV = dict(BLOCK_N=lin.GEMV_BLOCK_N, BLOCK_K=lin.GEMV_BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False)
-GEMV.update(PREFETCH=True)
+GEMV.update(PREFETCH=True, PRENORM=False)
 STEP = dict(H=32, G=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32, HEAVY_TAIL=True)
 STEP.update(HAS_TRAP=True, HAS_ANG=True, HAS_D=True, GATED=True, NORM=1, SPLIT=1)
 STEP_FP32 = {"ANGLE", "SSM", "DT_BIAS", "B_BIAS", "C_BIAS", "B_NORM", "C_NORM", "DSKIP", "MX"}
@@ -47,6 +48,7 @@ FINISH.update(HAS_MZ=False, HAS_MO=False, NORM=1, HAS_ANG=True)
 ATTN = dict(H=16, HK=4, REP=4, D=64, BLOCK_R=16, BLOCK_D=64, BLOCK_S=attn_step.BLOCK_S)
 ATTN.update(HAS_ROPE=True, HAS_NORM=False, FP32=False, CDT=tl.float32)
 ROWS16 = dict(LINEAR, BLOCK_M=16, BLOCK_N=16, FP32=False)
+PRE16 = dict(ROWS16, PRENORM=True)
 SISO = dict(STEP, R=1, HALVES=False, HAS_MX=False, HAS_MZ=False, HAS_MO=False)
 MIMO = dict(STEP, R=4, HALVES=True, HAS_MX=True, HAS_MZ=True, HAS_MO=True)
 #: (label, kernel, constexprs, fp32 pointer args, warps)
@@ -56,6 +58,11 @@ CASES = [
     ("16-row", lin._skinny_linear_kernel, dict(ROWS16, GLU=False), set(), 4),
     ("16-row glu", lin._skinny_linear_kernel, dict(ROWS16, GLU=True), set(), 4),
     ("16-row N>=8192", lin._skinny_linear_kernel, dict(ROWS16, BLOCK_N=32, GLU=False), set(), 4),
+    # norm_linear: the block's add + pre-norm folded into the projection
+    ("gemv prenorm", lin._gemv_kernel, dict(GEMV, GLU=False, PRENORM=True), set(), 4),
+    ("gemv glu prenorm", lin._gemv_kernel, dict(GEMV, GLU=True, PRENORM=True), set(), 4),
+    ("16-row prenorm", lin._skinny_linear_kernel, dict(PRE16, GLU=False), set(), 4),
+    ("16-row glu prenorm", lin._skinny_linear_kernel, dict(PRE16, GLU=True), set(), 4),
     ("add+norm", norm._add_norm_fwd_kernel, dict(D=1024, BLOCK_M=2, BLOCK_N=1024), set(), 8),
     ("step SISO", step.mamba3_step_kernel, SISO, STEP_FP32, 8),
     ("step MIMO R4", step.mamba3_step_kernel, MIMO, STEP_FP32, 8),

@@ -29,8 +29,9 @@
 #   6c. DECODE3=1: the fused Mamba-3 step's GPU tests at batch 128 and split over programs
 #      (step_split) -> $OUT/step_tests.txt, then the layer benchmark alone (decode.py
 #      --skip-model) under today's launch and each split candidate -> $OUT/decode_step_*.*,
-#      and the 400M model alone at batch 1 / 16 with plain linears of 2-16 rows on cuBLAS (the
-#      default, skinny_rows=1) and on our kernel (skinny_rows=16) -> $OUT/decode_rows*.* (~6 min). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
+#      and the 400M model alone at batch 1 / 16: today's defaults, plain linears of 2-16 rows on
+#      our kernel (skinny_rows=16) instead of cuBLAS, and each block's add + norm folded into its
+#      first projection (norm_linear=1) -> $OUT/decode_model_*.* (~7 min). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
 #      fused_add_norm, attention_step on), so DECODE's first variant now turns them off.
 #   6d. NCU=1: Nsight Compute on one decode step of the 400M model at batch 1 and 16
 #      (benchmarks/decode_ncu.py: every kernel once, grouped by kernel and grid) ->
@@ -111,8 +112,9 @@ if [ "${DECODE2:-0}" = 1 ]; then
   decode_variant pdl skinny_linear=1,fused_add_norm=1,attention_step=1,pdl=1
 fi
 if [ "${DECODE3:-0}" = 1 ]; then
-  timeout -k 5 200 python -m pytest -q -m gpu tests/test_mamba3_step.py -k "split or b128" \
-    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 > "$OUT/step_tests.txt"
+  timeout -k 5 200 python -m pytest -q -m gpu tests/test_mamba3_step.py -k "split or b128 or bf16" \
+    tests/test_linear_kernels.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 \
+    > "$OUT/step_tests.txt"
   tail -2 "$OUT/step_tests.txt"
   for launch in "" step_split=2 step_split=4 step_split=4,step_warps=4 step_split=8; do
     name=$(echo "step_${launch:-default}" | tr '=,' '__')
@@ -120,11 +122,12 @@ if [ "${DECODE3:-0}" = 1 ]; then
       --out "$OUT/decode_$name" > "$OUT/decode_$name.txt" 2>&1
     show "$OUT/decode_$name.md" "$OUT/decode_$name.txt"
   done
-  for rows in 1 16; do
-    HYBRIDKIT_KERNELS=skinny_rows=$rows timeout -k 5 120 python benchmarks/decode.py --skip-layer \
-      --batch 1,16 --new 96 --drift-tokens 0 --out "$OUT/decode_rows$rows" \
-      > "$OUT/decode_rows$rows.txt" 2>&1
-    show "$OUT/decode_rows$rows.md" "$OUT/decode_rows$rows.txt"
+  for launch in "" skinny_rows=16 norm_linear=1; do
+    name=$(echo "model_${launch:-default}" | tr '=,' '__')
+    HYBRIDKIT_KERNELS=$launch timeout -k 5 120 python benchmarks/decode.py --skip-layer \
+      --batch 1,16 --new 96 --drift-tokens 0 --out "$OUT/decode_$name" \
+      > "$OUT/decode_$name.txt" 2>&1
+    show "$OUT/decode_$name.md" "$OUT/decode_$name.txt"
   done
 fi
 if [ "${NCU:-0}" = 1 ]; then
@@ -142,9 +145,11 @@ fi
 # kernels first -> $OUT/decode_compare.{md,json}
 if ls "$OUT"/decode_*.json >/dev/null 2>&1; then
   mkdir -p /tmp/gpu_decode && cp "$OUT"/decode_*.json /tmp/gpu_decode/
-  first="/tmp/gpu_decode/decode_none.json /tmp/gpu_decode/decode_step_default.json"
-  files=$(ls $first 2>/dev/null; ls /tmp/gpu_decode/decode_*.json \
-    | grep -v -e decode_none.json -e decode_step_default.json)
+  # the baselines first (each table compares against the first file that has it)
+  base="none step_default model_default"
+  files=$(for b in $base; do ls /tmp/gpu_decode/decode_$b.json 2>/dev/null; done
+    ls /tmp/gpu_decode/decode_*.json | grep -v -e decode_none.json -e decode_step_default.json \
+      -e decode_model_default.json)
   python benchmarks/decode_compare.py $files --out "$OUT/decode_compare" > /dev/null 2>&1 \
     && grep "^| " "$OUT/decode_compare.md" | head -40
 fi

@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hybridkit.cache import InferenceCache
+from hybridkit.kernels.config import norm_linear_enabled
 from hybridkit.kernels.loss import cross_entropy_sum
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.layers.linear import Linear
-from hybridkit.layers.norm import RMSNorm
+from hybridkit.layers.norm import PendingNorm, RMSNorm
 
 if TYPE_CHECKING:
     from hybridkit.spec import BlockSpec, ModelSpec
@@ -52,15 +53,23 @@ class Block(nn.Module):
         added, -> the same for this block. Each add then happens together with the pre-norm
         after it (``RMSNorm.add_forward``: one launch instead of two when decoding with the
         kernel setting ``fused_add_norm``; otherwise the same two ops). Inference with a cache
-        carries ``pending`` from block to block (``HybridLM.forward``)."""
+        carries ``pending`` from block to block (``HybridLM.forward``). With the kernel setting
+        ``norm_linear`` a layer that takes it (``accepts_pending_norm``) is given the add and
+        norm still pending (:class:`PendingNorm`), which its first projection folds into its own
+        launch."""
+        fold = norm_linear_enabled()
         for norm, layer in ((self.norm1, self.mixer), (self.norm2, self.mlp)):
             if layer is None:
                 continue
             if pending is None:
-                x = norm(h)
+                pending = layer(norm(h), cache=cache, cu_seqlens=cu_seqlens)
+            elif fold and getattr(layer, "accepts_pending_norm", False):
+                x = PendingNorm(h, pending, norm)
+                pending = layer(x, cache=cache, cu_seqlens=cu_seqlens)
+                h = x.finish()
             else:
                 h, x = norm.add_forward(h, pending)
-            pending = layer(x, cache=cache, cu_seqlens=cu_seqlens)
+                pending = layer(x, cache=cache, cu_seqlens=cu_seqlens)
         return h, pending
 
     def forward(
@@ -186,7 +195,12 @@ class HybridLM(nn.Module):
             pending = None
             for block in self.blocks:
                 h, pending = block.forward_pending(h, pending, cache=cache)
-            x = self.norm_f(h) if pending is None else self.norm_f.add_forward(h, pending)[1]
+            if pending is None:
+                x = self.norm_f(h)
+            elif norm_linear_enabled():  # the head folds the add + final norm in
+                x = PendingNorm(h, pending, self.norm_f)
+            else:
+                x = self.norm_f.add_forward(h, pending)[1]
             return self._logits(x, cache, ids.shape[1])
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for block in self.blocks:

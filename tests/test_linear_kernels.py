@@ -89,6 +89,43 @@ def test_glu_kernel_matches_linear_then_swiglu(m, bias, dtype):
         skinny_linear(x, w[:73], None, glu=True)
 
 
+@pytest.mark.parametrize(
+    "m,k,n,glu,dtype",
+    [
+        (1, 700, 40, False, torch.float32),  # one row, K past two of its 512 tiles
+        (1, 70, 74, True, torch.float32),
+        (5, 300, 33, False, torch.float32),  # 16-row kernel, K past its 256 tile
+        (16, 64, 74, True, torch.float32),
+        (3, 300, 40, False, torch.float16),
+    ],
+)
+def test_prenorm_kernel_matches_add_norm_then_linear(m, k, n, glu, dtype):
+    """``prenorm``: the product of ``rms_norm(h + delta) * w`` and the sum ``h + delta`` (the
+    new residual, stored by one program, rounded like torch's add), against the add, the
+    float64 norm and F.linear (then SwiGLU with ``glu``); h and delta row-strided views."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+    from hybridkit.layers.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(m * 100 + k)
+    h = torch.randn(m, k + 5, generator=gen).to(dtype)[:, 2 : 2 + k]
+    delta = torch.randn(m, k + 3, generator=gen).to(dtype)[:, 1 : 1 + k]
+    norm_w = (1.0 + 0.3 * torch.randn(k, generator=gen)).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    s, got = skinny_linear(delta, w, b, glu=glu, prenorm=(h, norm_w, 1e-5))
+    assert torch.equal(s, h + delta) and s.is_contiguous()
+    x = rms_norm((h + delta).double(), norm_w.double(), 1e-5)
+    want = F.linear(x, w.double(), b.double())
+    if glu:
+        value, gate = want.chunk(2, -1)
+        want = value * F.silu(gate)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert got.shape == (m, n // 2 if glu else n) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="prenorm"):
+        skinny_linear(delta, w, b, prenorm=(h[:, 1:], norm_w[1:], 1e-5))
+
+
 def test_kernel_refuses_too_many_rows():
     from hybridkit.kernels.linear.triton_kernels import skinny_linear
 
@@ -192,6 +229,30 @@ def test_bf16_kernel_at_model_shapes(rows):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+def test_bf16_prenorm_kernel_at_model_shapes(rows):
+    """bf16 on the GPU, ``prenorm`` at the 400M model's first projections (in_proj, wqkv, fc1 +
+    SwiGLU, the head; K = d_model 1024): the sum bitwise torch's add, the product within bf16
+    rounding of add -> RMSNorm -> F.linear."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+    from hybridkit.layers.norm import rms_norm
+
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    h, delta = torch.randn(rows, 1024, **bf16), torch.randn(rows, 1024, **bf16)
+    norm_w = 1.0 + 0.1 * torch.randn(1024, **bf16)
+    x = rms_norm(h + delta, norm_w, 1e-5)
+    for n, glu in ((4480, False), (1536, False), (5632, True), (32000, False)):
+        w = torch.randn(n, 1024, **bf16) / 32
+        s, got = skinny_linear(delta, w, None, glu=glu, prenorm=(h, norm_w, 1e-5))
+        assert torch.equal(s, h + delta)
+        want = F.linear(x, w)
+        if glu:
+            value, gate = want.chunk(2, -1)
+            want = (value.float() * F.silu(gate.float())).to(torch.bfloat16)
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
 def test_show_reports_the_decode_linears(monkeypatch):
     """``hybridkit show`` lists what a decode step's linears run, with how to change it."""
     from hybridkit.kernels.linear import describe_decode
@@ -202,3 +263,44 @@ def test_show_reports_the_decode_linears(monkeypatch):
     assert "F.linear" in describe_decode("cuda", torch.float64)
     with config.kernel_config(skinny_linear=False):
         assert "skinny_linear=1" in describe_decode("cuda", torch.bfloat16)
+    with config.kernel_config(norm_linear=True):
+        assert "add + pre-norm folded" in describe_decode("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("batch,rows", [(1, 1), (2, 16)])
+def test_decode_with_norm_linear_equals_decode_without(monkeypatch, batch, rows):
+    """``norm_linear``: a tiny hybrid (Mamba-3 with the grouped norm, attention, MLP, tied head)
+    prefills and decodes with every block's add + pre-norm (and the final norm) folded into the
+    next projection's kernel (the one-row kernel at batch 1, the 16-row one at batch 2), in the
+    interpreter: the same logits as the unfused steps, and each fold counted."""
+    from hybridkit import build_model
+    from hybridkit.kernels.linear import triton_kernels
+    from tests.helpers import attn_block, mamba_block, tiny_recipe
+
+    m, a = mamba_block(outproj_norm="grouped_pregate"), attn_block()
+    model = build_model(tiny_recipe("m a", d_model=16, vocab=32, m=m, a=a), seed=0).eval()
+    ids = torch.randint(0, 32, (batch, 5), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
+    folds = []
+    real = triton_kernels.skinny_linear
+
+    def spy(*args, **kw):
+        folds.append(kw.get("prenorm") is not None)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(triton_kernels, "skinny_linear", spy)
+
+    def logits(**settings) -> torch.Tensor:
+        cache = model.allocate_cache(batch, 8)
+        with torch.no_grad(), config.kernel_config(skinny_rows=rows, **settings):
+            model(ids, cache=cache)
+            return torch.stack([model.step(ids[:, i], cache) for i in range(3)])
+
+    plain = logits(norm_linear=False)
+    assert not any(folds)
+    folded = logits(norm_linear=True)
+    # per step: 2 blocks x (mixer + MLP) minus the first block's mixer (nothing pending), + the
+    # head; the prefill's 5 or 10 rows fold where the few-row kernel takes them: the two fc1 +
+    # SwiGLU (up to 16 rows), and at skinny_rows 16 also wqkv and the head
+    assert sum(folds) == 3 * 4 + (2 if rows == 1 else 4)
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)

@@ -38,6 +38,10 @@ Fields (defaults in :class:`KernelConfig`):
 * ``skinny_rows``: the most rows a plain linear sends to that kernel (1..16; default 1: at 16
   rows it was slower than cuBLAS on most 400M shapes; the MLP's fc1 + SwiGLU, one launch of
   ours instead of two, goes to it up to 16 rows whatever this says);
+* ``norm_linear``: at inference with a cache, a block's residual add and pre-norm folded into
+  its first projection when that runs the few-row kernel (``in_proj``, ``wqkv``, fc1 + SwiGLU,
+  the head after the final norm): one launch instead of two per block part
+  (``hybridkit/kernels/linear``, ``PRENORM``; off until timed on the GPU);
 * ``fused_add_norm``: at inference with a cache, every residual add and the pre-norm after it as
   one Triton launch (``kernels/norm``: ``add_rms_norm``; on, GPU-checked and timed);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
@@ -103,6 +107,7 @@ class KernelConfig:
     deterministic: bool = False
     skinny_linear: bool = True
     skinny_rows: int = 1
+    norm_linear: bool = False
     fused_add_norm: bool = True
     pdl: bool = False
     attention_step: bool = True
@@ -262,3 +267,10 @@ def step_launch() -> tuple[int, int, int]:
 def fa4_decode_enabled() -> bool:
     """``current_config().fa4_decode``, a trace-time constant under ``torch.compile``."""
     return current_config().fa4_decode
+
+
+@torch.compiler.assume_constant_result
+def norm_linear_enabled() -> bool:
+    """``current_config().norm_linear``, a trace-time constant under ``torch.compile`` (the
+    model's blocks ask it on every decode step)."""
+    return current_config().norm_linear

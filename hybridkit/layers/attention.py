@@ -38,6 +38,7 @@ class Attention(Layer):
     """Attention mixer. Projections: fused ``wqkv`` and ``out_proj`` (a residual output)."""
 
     residual_out_names = ("out_proj",)
+    accepts_pending_norm = True  # forward reads x's shape / dtype / device, projects it once
 
     def __init__(self, spec: AttentionSpec, *, d_model: int, layer_idx: int):
         super().__init__()

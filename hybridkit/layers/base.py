@@ -58,6 +58,12 @@ class Layer(nn.Module):
     layer kinds get the same answers through :func:`ask`.
     """
 
+    #: whether ``forward`` takes a :class:`~hybridkit.layers.norm.PendingNorm` as its input: its
+    #: only uses of the input are ``shape`` / ``dtype`` / ``device`` and one projection through
+    #: :class:`~hybridkit.layers.linear.Linear` (which may fold the block's add + pre-norm into
+    #: its launch); other layers are given the normed tensor
+    accepts_pending_norm: bool = False
+
     def decode_state_bytes(self, dtype: torch.dtype) -> int:
         """Bytes per sequence that do not grow with its length (a recurrent state)."""
         return cache_bytes(self, 0, dtype)

@@ -13,10 +13,15 @@ import torch
 from torch import nn
 
 from hybridkit.kernels.linear import linear
+from hybridkit.layers.norm import PendingNorm
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` through :func:`hybridkit.kernels.linear.linear`."""
+    """``nn.Linear`` through :func:`hybridkit.kernels.linear.linear`; its input may also be a
+    :class:`~hybridkit.layers.norm.PendingNorm` (a block's add + pre-norm, folded into this
+    product's launch where the kernel setting ``norm_linear`` allows)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+        if isinstance(x, PendingNorm):
+            return x.project(self.weight, self.bias)
         return linear(x, self.weight, self.bias)

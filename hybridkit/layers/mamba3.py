@@ -41,6 +41,7 @@ class Mamba3(Layer):
     """Mamba-3 mixer; ``mimo_rank == 1`` is SISO (interleaved rotary pairs), R > 1 is MIMO."""
 
     residual_out_names = ("out_proj",)
+    accepts_pending_norm = True  # forward reads u's shape / dtype and projects it once
 
     def __init__(self, spec: Mamba3Spec, *, d_model: int, layer_idx: int):
         super().__init__()

@@ -11,6 +11,7 @@ from hybridkit.kernels import linear as linear_ops
 from hybridkit.kernels.swiglu import swiglu
 from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.layers.linear import Linear
+from hybridkit.layers.norm import PendingNorm
 from hybridkit.registry import register_layer
 
 
@@ -30,13 +31,23 @@ class SwiGLU(Layer):
         self.fc2 = Linear(d_ff, d_model, bias=spec.bias)
         self.act_backend = "auto"
 
-    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+    #: the input may be a block's pending add + pre-norm (``PendingNorm``): fc1 projects it
+    accepts_pending_norm = True
+
+    def forward(self, x: torch.Tensor | PendingNorm, **_: object) -> torch.Tensor:
         fc1 = self.fc1
+        pending = isinstance(x, PendingNorm)
+        probe = x.h if pending else x
         fused = self.act_backend == "auto"
-        glu = linear_ops.resolve_backend("auto", x, fc1.weight, fc1.bias, glu=True)
+        glu = linear_ops.resolve_backend("auto", probe, fc1.weight, fc1.bias, glu=True)
         if fused and glu == "triton":
             # a few rows at inference with skinny_linear on: fc1 and the activation, one launch
+            # (with the block's add + norm too, under norm_linear)
+            if pending:
+                return self.fc2(x.project(fc1.weight, fc1.bias, glu=True))
             return self.fc2(linear_ops.linear_glu(x, fc1.weight, fc1.bias))
+        if pending:
+            x = x.materialize()
         return self.fc2(swiglu(fc1(x), backend=self.act_backend))
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hybridkit.kernels import linear as linear_ops
 from hybridkit.kernels import norm as norm_ops
 
-__all__ = ["GatedRMSNorm", "RMSNorm", "rms_norm"]
+__all__ = ["GatedRMSNorm", "PendingNorm", "RMSNorm", "rms_norm"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -44,6 +45,56 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"
+
+
+class PendingNorm:
+    """``norm(h + delta)``, the input of a block part, not computed yet.
+
+    At inference a block hands this to a layer whose first use of its input is one projection
+    (``Layer.accepts_pending_norm``); the projection (:class:`~hybridkit.layers.linear.Linear`,
+    or the MLP's fused fc1 + SwiGLU) calls :meth:`project`, which folds the residual add and
+    the norm into its own launch when the kernel setting ``norm_linear`` allows it
+    (:func:`hybridkit.kernels.linear.add_norm_linear`) and otherwise runs them as
+    ``norm.add_forward`` does. Either way :attr:`residual` then holds ``h + delta``, which the
+    block carries on. ``shape`` / ``dtype`` / ``device`` are those of the input it stands for.
+    """
+
+    def __init__(self, h: torch.Tensor, delta: torch.Tensor, norm: RMSNorm):
+        self.h, self.delta, self.norm = h, delta, norm
+        self.residual: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+
+    shape = property(lambda self: self.h.shape)
+    dtype = property(lambda self: self.h.dtype)
+    device = property(lambda self: self.h.device)
+
+    def materialize(self) -> torch.Tensor:
+        """The normed input as a tensor (the add and the norm, fused into one launch where
+        ``fused_add_norm`` allows)."""
+        if self._x is None:
+            self.residual, self._x = self.norm.add_forward(self.h, self.delta)
+        return self._x
+
+    def project(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, *, glu: bool = False
+    ) -> torch.Tensor:
+        """``linear(norm(h + delta), weight, bias)`` (``glu``: fc1 + SwiGLU, which the caller
+        has checked runs the few-row kernel)."""
+        if self._x is None and self.norm.backend != "torch":
+            fused = linear_ops.add_norm_linear(
+                self.h, self.delta, self.norm.weight, self.norm.eps, weight, bias, glu=glu
+            )
+            if fused is not None:
+                self.residual, y = fused
+                return y
+        x = self.materialize()
+        return linear_ops.linear_glu(x, weight, bias) if glu else linear_ops.linear(x, weight, bias)
+
+    def finish(self) -> torch.Tensor:
+        """``h + delta`` for the block (computed here if no projection asked for the input)."""
+        if self.residual is None:
+            self.materialize()
+        return self.residual
 
 
 class GatedRMSNorm(nn.Module):

@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from hybridkit.kernels.config import current_config
 from hybridkit.kernels.layout import as_rows
 
-__all__ = ["BACKENDS", "describe_decode", "linear", "linear_glu", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "add_norm_linear",
+    "describe_decode",
+    "linear",
+    "linear_glu",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -78,6 +85,7 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
         return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
     cfg = current_config()
     pdl = "; with PDL on sm_90+" if cfg.pdl else ""
+    pdl += "; each block's add + pre-norm folded into its first projection" * cfg.norm_linear
     rows = "1 row" if cfg.skinny_rows == 1 else f"<= {cfg.skinny_rows} rows"
     return (
         f"triton (few-row kernels for {rows}, the MLP's fc1 with its SwiGLU for <= 16; eager / "
@@ -123,3 +131,33 @@ def linear_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
     out = skinny_linear(as_rows(x), weight.contiguous(), bias, glu=True)
     return out.reshape(*x.shape[:-1], weight.shape[0] // 2)
+
+
+def add_norm_linear(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    glu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(s, y)`` with ``s = h + delta`` and ``y`` the linear (``glu``: fc1 + SwiGLU) of
+    ``rms_norm(s) * norm_weight``, in one launch of the few-row kernel (``PRENORM``), or None
+    when that does not apply here (the kernel setting ``norm_linear`` off, or the linear would
+    not run the few-row kernel, or h and delta differ in shape or dtype): the caller then runs
+    the add + norm and the linear as usual."""
+    if not current_config().norm_linear or h.shape != delta.shape or h.dtype != delta.dtype:
+        return None
+    if resolve_backend("auto", h, weight, bias, glu=glu) != "triton":
+        return None
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+
+    bias = None if bias is None else bias.contiguous()
+    s, y = skinny_linear(
+        as_rows(delta), weight.contiguous(), bias, glu=glu,
+        prenorm=(as_rows(h), norm_weight.contiguous(), eps),
+    )  # fmt: skip
+    n = weight.shape[0] // 2 if glu else weight.shape[0]
+    return s.reshape(h.shape), y.reshape(*h.shape[:-1], n)

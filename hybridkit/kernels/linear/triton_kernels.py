@@ -18,6 +18,16 @@ atomics (results differing run to run) or a second launch.
 
 fp32 inputs multiply in full fp32 (``ieee``), so the CPU interpreter's tests compare against
 ``torch.nn.functional.linear`` tightly; bf16 / fp16 use the tensor cores with fp32 accumulation.
+
+``PRENORM`` (kernel setting ``norm_linear``): the input is ``rms_norm(h + delta) * w``, the
+residual add and pre-norm of a block, which otherwise take a launch of their own before each
+block's first projection (48 of a 400M decode step's 176 kernels). The norm's scale
+``1 / rms(s)`` is one number per row, so it commutes with the product:
+``y = (1 / rms(s)) * ((s * w) @ W^T)``. Each program therefore walks K as before, forming
+``s = h + delta`` (rounded to the residual's dtype, as torch's add is), its sum of squares and
+``s * w`` per tile, and scales its accumulators once at the end; program 0 also stores ``s``,
+the new residual stream. The extra reads (two rows of K and the norm weight per program) come
+from L2 after the first program.
 """
 
 from __future__ import annotations
@@ -104,12 +114,26 @@ def _pdl_prologue(
 
 
 @triton.jit
+def _prenorm(x, HRES, NW, SOUT, offs_k, k_ok, mask, h_off, s_off, pid):
+    """One K tile of the ``PRENORM`` input: ``s = h + delta`` (``x`` holds delta) rounded to
+    the residual's dtype and stored by program 0, then (fp32) ``s`` and ``s * w``. ``h_off`` /
+    ``s_off``: the tile's offsets in h and in the stored s (rows x K, or K for one row)."""
+    hres = tl.load(HRES + h_off, mask=mask, other=0.0)
+    s = (hres.to(tl.float32) + x.to(tl.float32)).to(SOUT.dtype.element_ty)
+    writer = (offs_k * 0 + pid) == 0  # a vector: the interpreter rejects a scalar mask term
+    tl.store(SOUT + s_off, s, mask=mask & writer)
+    sf = s.to(tl.float32)
+    nw = tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    return sf, sf * nw
+
+
+@triton.jit
 def _skinny_linear_kernel(
-    X, W, B, Y,
-    M, N, K, stride_xm, stride_wn, stride_ym,
+    X, W, B, Y, HRES, NW, SOUT,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_hm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, GLU: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,6 +144,7 @@ def _skinny_linear_kernel(
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU: the gate half's columns
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # PRENORM: per row, of s = h + delta
     if USE_PDL:
         _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -127,11 +152,23 @@ def _skinny_linear_kernel(
         k_ok = offs_k < K
         wmask = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        xmask = m_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0)
+        if PRENORM:
+            r64 = offs_m.to(tl.int64)[:, None]
+            sf, xw = _prenorm(
+                x, HRES, NW, SOUT, offs_k[None, :], k_ok[None, :], xmask,
+                r64 * stride_hm + offs_k[None, :], r64 * K + offs_k[None, :], pid,
+            )  # fmt: skip
+            sumsq += tl.sum(sf * sf, axis=1)
+            x = xw.to(X.dtype.element_ty)
         acc += _x_wt(x, w, FP32)
         if GLU:
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
             gacc += _x_wt(x, wg, FP32)
+    if PRENORM:  # the norm's 1 / rms per row, after the product (it commutes with it)
+        rstd = (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
+        acc, gacc = acc * rstd, gacc * rstd
     y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, True)
     out = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, y, mask=m_ok[:, None] & n_ok[None, :])
@@ -139,9 +176,9 @@ def _skinny_linear_kernel(
 
 @triton.jit
 def _gemv_kernel(
-    X, W, B, Y, N, K, stride_wn,
+    X, W, B, Y, HRES, NW, SOUT, N, K, stride_wn, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GLU: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    GLU: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr,
 ):  # fmt: skip
     """One row (batch 1): no tensor-core tile to fill, so 8 output columns per program (four
     times the programs of the 16-row kernel: the 1,024-wide projections back to d_model get 128)
@@ -153,6 +190,7 @@ def _gemv_kernel(
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # GLU: the gate half's columns
+    sumsq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # PRENORM: of s = h + delta, summed at the end
     if USE_PDL:
         _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
@@ -161,14 +199,18 @@ def _gemv_kernel(
         wmask = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
         x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if PRENORM:
+            sf, x = _prenorm(x, HRES, NW, SOUT, offs_k, k_ok, k_ok, offs_k, offs_k, pid)
+            sumsq += sf * sf
         acc += w.to(tl.float32) * x[None, :]
         if GLU:
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
             gacc += wg.to(tl.float32) * x[None, :]
-    y = _epilogue(
-        tl.sum(acc, axis=1), tl.sum(gacc, axis=1), B, offs_n, n_ok, N, Y.dtype.element_ty,
-        HAS_BIAS, GLU, False,
-    )  # fmt: skip
+    out, gout = tl.sum(acc, axis=1), tl.sum(gacc, axis=1)
+    if PRENORM:  # the norm's 1 / rms, after the product (it commutes with it)
+        rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
+        out, gout = out * rstd, gout * rstd
+    y = _epilogue(out, gout, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, False)
     tl.store(Y + offs_n, y, mask=n_ok)
 
 
@@ -192,13 +234,22 @@ def _rows_aligned(weight: torch.Tensor) -> bool:
 
 
 def skinny_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, glu: bool = False
-) -> torch.Tensor:
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    glu: bool = False,
+    prenorm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x @ weight.T (+ bias)`` for 2-D ``x`` (M <= 16, K) with a unit column stride and a
     contiguous ``weight`` (N, K); a fresh contiguous (M, N) result in x's dtype. With ``glu``
     the product's two halves ``[value | gate]`` (2F columns) leave as ``value * silu(gate)``
     (M, F): the SwiGLU MLP's first projection and activation in one launch, the (M, 2F)
-    product never written."""
+    product never written.
+
+    ``prenorm=(h, norm_weight, eps)``: ``x`` is a residual delta and the product is of
+    ``rms_norm(h + x) * norm_weight`` (h like x, the norm weight (K,)); returns
+    ``(h + x, product)``, the first fresh and contiguous."""
     m, k = x.shape
     n = weight.shape[0] // 2 if glu else weight.shape[0]
     if m > MAX_ROWS or weight.shape[1] != k or (glu and weight.shape[0] % 2):
@@ -211,20 +262,31 @@ def skinny_linear(
     pdl = use_pdl(x)
     prefetch = pdl and _rows_aligned(weight)
     b = weight if bias is None else bias
+    if prenorm is None:
+        hres, nw, s, eps = x, x, y, 0.0  # unused pointers
+    else:
+        hres, nw, eps = prenorm
+        if hres.shape != x.shape or hres.stride(-1) != 1 or nw.shape != (k,):
+            raise ValueError(
+                f"skinny_linear: prenorm h {tuple(hres.shape)} and norm weight "
+                f"{tuple(nw.shape)} do not fit x {tuple(x.shape)}"
+            )
+        s = torch.empty(m, k, dtype=x.dtype, device=x.device)
     if m == 1:
         _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
-            x, weight, b, y, n, k, weight.stride(0),
+            x, weight, b, y, hres, nw, s, n, k, weight.stride(0), float(eps),
             BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else STAGES,
             HAS_BIAS=bias is not None, GLU=glu, USE_PDL=pdl, PREFETCH=prefetch,
-            num_warps=1 if interp else WARPS, **launch_options(pdl),
+            PRENORM=prenorm is not None, num_warps=1 if interp else WARPS, **launch_options(pdl),
         )  # fmt: skip
-        return y
-    bn = block_n(n)
-    _skinny_linear_kernel[(triton.cdiv(n, bn),)](
-        x, weight, b, y,
-        m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
-        HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu, USE_PDL=pdl,
-        PREFETCH=prefetch, num_warps=1 if interp else WARPS, **launch_options(pdl),
-    )  # fmt: skip
-    return y
+    else:
+        bn = block_n(n)
+        _skinny_linear_kernel[(triton.cdiv(n, bn),)](
+            x, weight, b, y, hres, nw, s,
+            m, n, k, x.stride(0), weight.stride(0), y.stride(0), hres.stride(0), float(eps),
+            BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
+            HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu, USE_PDL=pdl,
+            PREFETCH=prefetch, PRENORM=prenorm is not None, num_warps=1 if interp else WARPS,
+            **launch_options(pdl),
+        )  # fmt: skip
+    return y if prenorm is None else (s, y)
