@@ -146,9 +146,12 @@ def add_norm_linear(
     """``(s, y)`` with ``s = h + delta`` and ``y`` the linear (``glu``: fc1 + SwiGLU) of
     ``rms_norm(s) * norm_weight``, in one launch of the few-row kernel (``PRENORM``), or None
     when that does not apply here (the kernel setting ``norm_linear`` off, or the linear would
-    not run the few-row kernel, or h and delta differ in shape or dtype): the caller then runs
-    the add + norm and the linear as usual."""
-    if not current_config().norm_linear or h.shape != delta.shape or h.dtype != delta.dtype:
+    not run the few-row kernel, or h and delta differ in shape or dtype, or a ``torch.compile``
+    trace is running, which plans its own kernels and cannot read the settings): the caller then
+    runs the add + norm and the linear as usual."""
+    if torch.compiler.is_compiling() or h.shape != delta.shape or h.dtype != delta.dtype:
+        return None
+    if not current_config().norm_linear:
         return None
     if resolve_backend("auto", h, weight, bias, glu=glu) != "triton":
         return None
