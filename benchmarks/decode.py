@@ -185,6 +185,9 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the model part only")
     ap.add_argument("--compile", action="store_true", help="also measure with a compiled step")
+    ap.add_argument(
+        "--states", default="fp32,bf16", help="Mamba-3 state dtypes of the model runs (fp32,bf16)"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,10 +232,10 @@ def main() -> None:
 
         model = build_model(load_recipe(args.recipe), seed=0, dtype=torch.bfloat16, device=device)
         batches = [int(b) for b in args.batch.split(",")]
-        runs = [
-            ("fp32 state", None, 0, False),
-            ("bf16 state", torch.bfloat16, args.drift_tokens, False),
-        ]
+        states = args.states.split(",")
+        runs = [("fp32 state", None, 0, False)] if "fp32" in states else []
+        if "bf16" in states:
+            runs.append(("bf16 state", torch.bfloat16, args.drift_tokens, False))
         if args.compile:
             runs.append(("fp32 state, compiled step", None, 0, True))
         for name, ssm_dtype, drift, compiled in runs:

@@ -31,7 +31,8 @@
 #      --skip-model) under today's launch and each split candidate -> $OUT/decode_step_*.*,
 #      and the 400M model alone at batch 1 / 16: today's defaults, plain linears of 2-16 rows on
 #      our kernel (skinny_rows=16) instead of cuBLAS, and each block's add + norm folded into its
-#      first projection (norm_linear=1) -> $OUT/decode_model_*.* (~7 min). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
+#      first projection (norm_linear=1), fp32 state -> $OUT/decode_model_*.* (~8 min: run it
+#      alone in a call). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
 #      fused_add_norm, attention_step on), so DECODE's first variant now turns them off.
 #   6d. NCU=1: Nsight Compute on one decode step of the 400M model at batch 1 and 16
 #      (benchmarks/decode_ncu.py: every kernel once, grouped by kernel and grid) ->
@@ -116,7 +117,7 @@ if [ "${DECODE3:-0}" = 1 ]; then
     tests/test_linear_kernels.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 \
     > "$OUT/step_tests.txt"
   tail -2 "$OUT/step_tests.txt"
-  for launch in "" step_split=2 step_split=4 step_split=4,step_warps=4 step_split=8; do
+  for launch in "" step_split=2 step_split=4 step_split=8; do
     name=$(echo "step_${launch:-default}" | tr '=,' '__')
     HYBRIDKIT_KERNELS=$launch timeout -k 5 120 python benchmarks/decode.py --skip-model \
       --out "$OUT/decode_$name" > "$OUT/decode_$name.txt" 2>&1
@@ -125,7 +126,7 @@ if [ "${DECODE3:-0}" = 1 ]; then
   for launch in "" skinny_rows=16 norm_linear=1; do
     name=$(echo "model_${launch:-default}" | tr '=,' '__')
     HYBRIDKIT_KERNELS=$launch timeout -k 5 120 python benchmarks/decode.py --skip-layer \
-      --batch 1,16 --new 96 --drift-tokens 0 --out "$OUT/decode_$name" \
+      --batch 1,16 --new 96 --states fp32 --out "$OUT/decode_$name" \
       > "$OUT/decode_$name.txt" 2>&1
     show "$OUT/decode_$name.md" "$OUT/decode_$name.txt"
   done
