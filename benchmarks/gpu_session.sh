@@ -113,7 +113,7 @@ if [ "${DECODE2:-0}" = 1 ]; then
   decode_variant pdl skinny_linear=1,fused_add_norm=1,attention_step=1,pdl=1
 fi
 if [ "${DECODE3:-0}" = 1 ]; then
-  timeout -k 5 200 python -m pytest -q -m gpu tests/test_mamba3_step.py -k "split or b128 or bf16" \
+  timeout -k 5 200 python -m pytest -q -m gpu tests/test_mamba3_step.py -k "split or b128 or bf16 or norm_linear" \
     tests/test_linear_kernels.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 \
     > "$OUT/step_tests.txt"
   tail -2 "$OUT/step_tests.txt"
