@@ -189,6 +189,9 @@ def main() -> None:
         "--states", default="fp32,bf16", help="Mamba-3 state dtypes of the model runs (fp32,bf16)"
     )
     args = ap.parse_args()
+    states = args.states.split(",")
+    if set(states) - {"fp32", "bf16"}:
+        ap.error(f"--states {args.states!r}: allowed fp32, bf16 or fp32,bf16")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -232,7 +235,6 @@ def main() -> None:
 
         model = build_model(load_recipe(args.recipe), seed=0, dtype=torch.bfloat16, device=device)
         batches = [int(b) for b in args.batch.split(",")]
-        states = args.states.split(",")
         runs = [("fp32 state", None, 0, False)] if "fp32" in states else []
         if "bf16" in states:
             runs.append(("bf16 state", torch.bfloat16, args.drift_tokens, False))

@@ -86,8 +86,9 @@ def compare(runs: list[dict]) -> str:
         "",
         *_layer_rows(runs),
     ]
-    models = next((run["model"] for run in runs if run.get("model")), {})
-    names = [n for n in models if n.startswith("fp32 state")][:1]
+    # the fp32-state table, whichever file measured it (a run may have measured bf16 only)
+    measured = {n for run in runs for n in run.get("model", {})}
+    names = sorted(n for n in measured if n.startswith("fp32 state"))[:1]
     for name in names:
         lines += ["", f"## Whole model ({name})", "", *_model_rows(runs, name)]
     return "\n".join(lines) + "\n"

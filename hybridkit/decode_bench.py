@@ -415,8 +415,8 @@ def markdown(result: DecodeBench) -> str:
             "",
             "prefill ms: a second prefill of the same prompts; the first, which compiles and tunes "
             "the kernels for the prompt's shapes, took "
-            + " / ".join(f"{r.first_prefill_ms:,.0f}" for r in result.rows)
-            + " ms.",
+            + ", ".join(f"{r.first_prefill_ms:,.0f} ms at batch {r.batch}" for r in result.rows)
+            + ".",
         ]
     )
     if result.drift:

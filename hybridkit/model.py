@@ -63,7 +63,7 @@ class Block(nn.Module):
                 continue
             if pending is None:
                 pending = layer(norm(h), cache=cache, cu_seqlens=cu_seqlens)
-            elif fold and getattr(layer, "accepts_pending_norm", False):
+            elif fold and takes_pending_norm(layer):
                 x = PendingNorm(h, pending, norm)
                 pending = layer(x, cache=cache, cu_seqlens=cu_seqlens)
                 h = x.finish()
@@ -98,6 +98,14 @@ class Block(nn.Module):
     def num_params(self) -> int:
         """Parameters of the whole block (both parts with their pre-norms)."""
         return sum(n for _, n in self.part_params())
+
+
+def takes_pending_norm(layer: nn.Module) -> bool:
+    """Whether ``layer`` may be given a :class:`PendingNorm`: the class that defines its
+    ``forward`` says so itself (``accepts_pending_norm``), so a subclass that overrides
+    ``forward`` (and may compute with its input) does not inherit the promise."""
+    owner = next(c for c in type(layer).__mro__ if "forward" in vars(c))
+    return bool(vars(owner).get("accepts_pending_norm", False))
 
 
 def _count(module: nn.Module) -> int:

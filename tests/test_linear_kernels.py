@@ -229,6 +229,27 @@ def test_bf16_kernel_at_model_shapes(rows):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_prenorm_kernel_stays_finite_where_the_norm_does_in_fp16(m):
+    """fp16 with a residual channel of 20,000 and a norm weight of 4: ``s * w`` is past fp16's
+    range, ``s / rms(s) * w`` is not. The 16-row kernel rounds its input tile to fp16, so it
+    must normalise before rounding (a review found the first version gave inf); the one-row
+    kernel stays in fp32."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+    from hybridkit.layers.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(m)
+    h = torch.randn(m, 64, generator=gen).half()
+    h[:, 5] = 20000.0
+    delta = torch.randn(m, 64, generator=gen).half()
+    norm_w = torch.full((64,), 4.0).half()
+    w = (torch.randn(24, 64, generator=gen) / 8).half()
+    s, got = skinny_linear(delta, w, None, prenorm=(h, norm_w, 1e-5))
+    want = F.linear(rms_norm((h + delta).double(), norm_w.double(), 1e-5), w.double())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=3e-3, atol=3e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 16])
 def test_bf16_prenorm_kernel_at_model_shapes(rows):
@@ -337,3 +358,23 @@ def test_gpu_norm_linear_graph_equals_eager_and_stays_near_unfused(batch):
         plain = static_logits(graph)
     assert torch.equal(graph, eager)
     assert rel_err(folded.float(), plain.float()) < 3e-2
+
+
+def test_only_a_layer_whose_own_forward_says_so_gets_a_pending_norm():
+    """``accepts_pending_norm`` is a promise about one ``forward``: a subclass that overrides
+    ``forward`` does not inherit it."""
+    from hybridkit.layers.mlp import SwiGLU
+    from hybridkit.model import takes_pending_norm
+
+    class Scaled(SwiGLU):
+        def forward(self, x, **kw):
+            return super().forward(2 * x, **kw)
+
+    class Renamed(SwiGLU):
+        pass
+
+    # instances made without __init__: only their classes matter here
+    assert takes_pending_norm(SwiGLU.__new__(SwiGLU))
+    assert takes_pending_norm(Renamed.__new__(Renamed))
+    assert not takes_pending_norm(Scaled.__new__(Scaled))
+    assert not takes_pending_norm(torch.nn.Linear(2, 2))

@@ -22,12 +22,15 @@ fp32 inputs multiply in full fp32 (``ieee``), so the CPU interpreter's tests com
 ``PRENORM`` (kernel setting ``norm_linear``): the input is ``rms_norm(h + delta) * w``, the
 residual add and pre-norm of a block, which otherwise take a launch of their own before each
 block's first projection (48 of a 400M decode step's 176 kernels). The norm's scale
-``1 / rms(s)`` is one number per row, so it commutes with the product:
-``y = (1 / rms(s)) * ((s * w) @ W^T)``. Each program therefore walks K as before, forming
-``s = h + delta`` (rounded to the residual's dtype, as torch's add is), its sum of squares and
-``s * w`` per tile, and scales its accumulators once at the end; program 0 also stores ``s``,
-the new residual stream. The extra reads (two rows of K and the norm weight per program) come
-from L2 after the first program.
+``1 / rms(s)`` is one number per row of ``s = h + delta``. The one-row kernel keeps its input
+in fp32, where it commutes with the product: it walks K as before, forming ``s`` (rounded to the
+residual's dtype, as torch's add is), its sum of squares and ``s * w`` per tile, and scales its
+two accumulators once at the end. The 16-row kernel rounds its input tile to the input dtype
+for the tensor cores, where an unnormalised ``s * w`` can overflow fp16, so it first walks K
+once over h and delta for the sum of squares, then rounds ``s / rms(s) * w`` per tile exactly
+as the norm kernel does. Program 0 also stores ``s``, the new residual stream. The extra reads
+(h, delta and the norm weight, one or two passes over K per row) come from L2 after the first
+program.
 """
 
 from __future__ import annotations
@@ -114,17 +117,19 @@ def _pdl_prologue(
 
 
 @triton.jit
-def _prenorm(x, HRES, NW, SOUT, offs_k, k_ok, mask, h_off, s_off, pid):
-    """One K tile of the ``PRENORM`` input: ``s = h + delta`` (``x`` holds delta) rounded to
-    the residual's dtype and stored by program 0, then (fp32) ``s`` and ``s * w``. ``h_off`` /
-    ``s_off``: the tile's offsets in h and in the stored s (rows x K, or K for one row)."""
+def _residual(x, HRES, SOUT, h_off, mask):
+    """One K tile of ``s = h + delta`` (``x`` holds delta), rounded to the residual's dtype
+    as torch's add rounds it, in fp32. ``h_off``: the tile's offsets in h."""
     hres = tl.load(HRES + h_off, mask=mask, other=0.0)
     s = (hres.to(tl.float32) + x.to(tl.float32)).to(SOUT.dtype.element_ty)
+    return s.to(tl.float32)
+
+
+@triton.jit
+def _store_residual(SOUT, s_off, sf, mask, offs_k, pid):
+    """Program 0 stores the tile of the new residual stream (every program computes it)."""
     writer = (offs_k * 0 + pid) == 0  # a vector: the interpreter rejects a scalar mask term
-    tl.store(SOUT + s_off, s, mask=mask & writer)
-    sf = s.to(tl.float32)
-    nw = tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-    return sf, sf * nw
+    tl.store(SOUT + s_off, sf.to(SOUT.dtype.element_ty), mask=mask & writer)
 
 
 @triton.jit
@@ -144,9 +149,19 @@ def _skinny_linear_kernel(
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU: the gate half's columns
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # PRENORM: per row, of s = h + delta
+    r64 = offs_m.to(tl.int64)[:, None]
     if USE_PDL:
         _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH)
+    if PRENORM:  # first pass over K: the new residual (stored by program 0), 1 / rms per row
+        sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xmask = m_ok[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0)
+            sf = _residual(x, HRES, SOUT, r64 * stride_hm + offs_k[None, :], xmask)
+            _store_residual(SOUT, r64 * K + offs_k[None, :], sf, xmask, offs_k[None, :], pid)
+            sumsq += tl.sum(sf * sf, axis=1)
+        rstd = (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -154,21 +169,14 @@ def _skinny_linear_kernel(
         w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
         xmask = m_ok[:, None] & k_ok[None, :]
         x = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0)
-        if PRENORM:
-            r64 = offs_m.to(tl.int64)[:, None]
-            sf, xw = _prenorm(
-                x, HRES, NW, SOUT, offs_k[None, :], k_ok[None, :], xmask,
-                r64 * stride_hm + offs_k[None, :], r64 * K + offs_k[None, :], pid,
-            )  # fmt: skip
-            sumsq += tl.sum(sf * sf, axis=1)
-            x = xw.to(X.dtype.element_ty)
+        if PRENORM:  # the normed input tile, rounded as the norm kernel rounds its output
+            sf = _residual(x, HRES, SOUT, r64 * stride_hm + offs_k[None, :], xmask)
+            nw = tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            x = (sf * rstd * nw[None, :]).to(X.dtype.element_ty)
         acc += _x_wt(x, w, FP32)
         if GLU:
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
             gacc += _x_wt(x, wg, FP32)
-    if PRENORM:  # the norm's 1 / rms per row, after the product (it commutes with it)
-        rstd = (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
-        acc, gacc = acc * rstd, gacc * rstd
     y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, True)
     out = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, y, mask=m_ok[:, None] & n_ok[None, :])
@@ -199,9 +207,11 @@ def _gemv_kernel(
         wmask = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
         x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        if PRENORM:
-            sf, x = _prenorm(x, HRES, NW, SOUT, offs_k, k_ok, k_ok, offs_k, offs_k, pid)
+        if PRENORM:  # fp32 throughout: 1 / rms scales the sums at the end
+            sf = _residual(x, HRES, SOUT, offs_k, k_ok)
+            _store_residual(SOUT, offs_k, sf, k_ok, offs_k, pid)
             sumsq += sf * sf
+            x = sf * tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
         if GLU:
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
@@ -266,10 +276,11 @@ def skinny_linear(
         hres, nw, s, eps = x, x, y, 0.0  # unused pointers
     else:
         hres, nw, eps = prenorm
-        if hres.shape != x.shape or hres.stride(-1) != 1 or nw.shape != (k,):
+        fits = hres.shape == x.shape and hres.dtype == x.dtype and hres.stride(-1) == 1
+        if not fits or nw.shape != (k,) or nw.stride(0) != 1:
             raise ValueError(
-                f"skinny_linear: prenorm h {tuple(hres.shape)} and norm weight "
-                f"{tuple(nw.shape)} do not fit x {tuple(x.shape)}"
+                f"skinny_linear: prenorm h {tuple(hres.shape)} {hres.dtype} and norm weight "
+                f"{tuple(nw.shape)} do not fit x {tuple(x.shape)} {x.dtype} (unit column strides)"
             )
         s = torch.empty(m, k, dtype=x.dtype, device=x.device)
     if m == 1:

@@ -452,7 +452,9 @@ def mamba3_step_triton(
     if norm and not gated:
         raise ValueError("mamba3 decode step: an output norm needs z (the gate)")
     warps, maxnreg, split = step_launch()
-    split = min(split, triton.next_power_of_2(headdim))  # at least one row per program
+    # no more programs than rows rounded up to a power of two (a P of 6 split 8 ways: 6 of
+    # them own a row, 2 are masked out entirely)
+    split = min(split, triton.next_power_of_2(headdim))
     block_p = triton.next_power_of_2(triton.cdiv(headdim, split))
     block_n = triton.next_power_of_2(dstate)
     block_s = triton.next_power_of_2(max(n_angles, 1))
