@@ -8,6 +8,7 @@ the data of a single-process run with the same global batch.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,10 +135,41 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+#: how long a rank waits for the others to finish tearing their process group down
+SHUTDOWN_WAIT_S = 60.0
+
+
 def shutdown(info: DistInfo) -> None:
-    """Leave the process group together: a rank that tore gloo down while rank 0 was still
-    writing its report aborted in gloo's threads ("terminate called without an active
-    exception", SIGABRT) in the CPU test of ``bench train`` under torchrun."""
-    if info.enabled and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group together, twice over.
+
+    First a barrier: a rank that tore gloo down while rank 0 was still writing its report
+    aborted in gloo's threads ("terminate called without an active exception", SIGABRT) in the
+    CPU test of ``bench train`` under torchrun. Then, after ``destroy_process_group``, a count
+    on the launcher's key-value store (which outlives every rank): the CPU CI saw a rank abort
+    the same way, and another hang inside its teardown, once its peer had already torn down and
+    exited, closing the connections gloo was still shutting. So no rank exits before every rank
+    has finished its teardown (or ``SHUTDOWN_WAIT_S`` has passed: a rank stuck for other reasons
+    must not keep the others)."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    dist.barrier()
+    store = _default_store()
+    dist.destroy_process_group()
+    if store is None:
+        return
+    store.add(_LEFT_KEY, 1)
+    deadline = time.monotonic() + SHUTDOWN_WAIT_S
+    while store.add(_LEFT_KEY, 0) < info.world_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+_LEFT_KEY = "hybridkit/ranks_torn_down"
+
+
+def _default_store() -> dist.Store | None:
+    """The default group's key-value store (torchrun's rendezvous store), or None where this
+    torch does not expose it."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
