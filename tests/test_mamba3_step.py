@@ -197,6 +197,17 @@ def test_dispatch_plans():
         plan("cuda-magic", "cpu")
 
 
+def test_show_names_the_split_step():
+    """``hybridkit show``'s decode row says when the step runs split (``step_split``)."""
+    from hybridkit.layers.mamba3 import Mamba3, Mamba3Spec
+
+    layer = Mamba3(Mamba3Spec(d_state=16, headdim=8, backend="triton"), d_model=16, layer_idx=0)
+    assert layer.backends("cuda", torch.bfloat16, 1) == {"mamba3 step": "triton"}
+    with kernel_config(step_split=4):
+        shown = layer.backends("cuda", torch.bfloat16, 1)["mamba3 step"]
+    assert shown.startswith("triton (step_split=4: 4 programs per head")
+
+
 def test_reference_step_is_one_token_of_the_scan():
     """The reference step equals an L = 1 call of the sequential scan with the same state."""
     from hybridkit.kernels.mamba3.gates import scalar_gates

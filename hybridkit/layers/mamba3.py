@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from hybridkit.cache import InferenceCache
+from hybridkit.kernels.config import current_config
 from hybridkit.kernels.mamba3 import ops
 from hybridkit.kernels.mamba3.gates import heavy_tail, scalar_gates  # noqa: F401 (re-export)
 from hybridkit.kernels.mamba3.state import Mamba3State
@@ -124,7 +125,11 @@ class Mamba3(Layer):
         decode step for one token (with a cache), else the scan."""
         if length == 1:
             plan = ops.plan_step(self.spec.backend, device=device, dtype=dtype, rank=self.rank)
-            return {"mamba3 step": plan.describe()}
+            shown = plan.describe()
+            split = current_config().step_split
+            if plan.backend == "triton" and split > 1:
+                shown += f" (step_split={split}: {split} programs per head, then a finish launch)"
+            return {"mamba3 step": shown}
         plan = ops.plan_scan(
             self.spec.backend,
             device=device,
