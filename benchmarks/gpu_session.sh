@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One full GPU call: kernel measurements first, on a quiet GPU, then study shares for the rest of
 # the call (studies leave the GPU mostly idle but would disturb any timing beside them).
-#   carry [".gpu/base"]; source .gpu/base/env.sh && CALL_S=570 bash benchmarks/gpu_session.sh
+#   carry [".gpu/base"]; source benchmarks/gpu_env.sh && CALL_S=570 bash benchmarks/gpu_session.sh
+# (gpu_env.sh sources whichever .gpu/*/env.sh the call carried, or on a warm machine the packages
+# an earlier call installed)
 # KERNELS=1 (default) runs, each under its own timeout, results under $OUT:
 #   1. the GPU tests of the scan kernels (tests/test_triton_mimo.py, tests/test_triton_siso.py)
 #      -> $OUT/kernel_tests.txt;
