@@ -334,3 +334,12 @@ def test_decode_compare_tables_settings_against_the_first(tmp_path, capsys):
     assert "| defaults | float32 | 1 | 5.0 | 27.0 | 1.00x | 25 |" in report
     assert "| pdl=1 | float32 | 1 | 5.0 | 13.5 | 0.50x | 25 |" in report
     assert "| pdl=1 | 1 | 4,000 | 0.250 | 1.25 | 4.00x | yes |" in report
+    # a layer-only run first and a model-only run after it: each table takes as its baseline
+    # the first file that has it
+    layer_only = run("step_split=2", 20.0, 1.0, 1.0)
+    model_only = run("norm_linear=1", 0, 2000.0, 2.0)
+    del layer_only["model"], model_only["layer"]
+    runs = [layer_only, run("defaults", 27.0, 1000.0, 5.0), model_only]
+    report = module.compare([dict(r, file=f"{i}.json") for i, r in enumerate(runs)])
+    assert "| defaults | float32 | 1 | 5.0 | 27.0 | 1.35x | 25 |" in report
+    assert "| norm_linear=1 | 1 | 2,000 | 0.500 | 2.00 | 2.00x | no |" in report
