@@ -38,9 +38,10 @@ class SwiGLU(Layer):
         fc1 = self.fc1
         pending = isinstance(x, PendingNorm)
         probe = x.h if pending else x
-        fused = self.act_backend == "auto"
-        glu = linear_ops.resolve_backend("auto", probe, fc1.weight, fc1.bias, glu=True)
-        if fused and glu == "triton":
+        fused = self.act_backend == "auto" and (
+            linear_ops.resolve_backend("auto", probe, fc1.weight, fc1.bias, glu=True) == "triton"
+        )
+        if fused:
             # a few rows at inference with skinny_linear on: fc1 and the activation, one launch
             # (with the block's add + norm too, under norm_linear)
             if pending:

@@ -81,15 +81,16 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
         return "torch (F.linear; Triton is not installed)"
     if dtype not in _DTYPES:
         return f"torch (F.linear; the kernel runs {', '.join(str(d)[6:] for d in _DTYPES)})"
-    if not current_config().skinny_linear:
-        return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
     cfg = current_config()
-    pdl = "; with PDL on sm_90+" if cfg.pdl else ""
-    pdl += "; each block's add + pre-norm folded into its first projection" * cfg.norm_linear
+    if not cfg.skinny_linear:
+        return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
+    extras = "; with PDL on sm_90+" if cfg.pdl else ""
+    if cfg.norm_linear:
+        extras += "; each block's add + pre-norm folded into its first projection"
     rows = "1 row" if cfg.skinny_rows == 1 else f"<= {cfg.skinny_rows} rows"
     return (
         f"triton (few-row kernels for {rows}, the MLP's fc1 with its SwiGLU for <= 16; eager / "
-        f"CUDA-graph steps; more rows: cuBLAS{pdl})"
+        f"CUDA-graph steps; more rows: cuBLAS{extras})"
     )
 
 

@@ -145,11 +145,11 @@ def _skinny_linear_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     m_ok = offs_m < M
+    r64 = offs_m.to(tl.int64)[:, None]  # row offsets may pass 2**31 in elements
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    x_rows = X + r64 * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU: the gate half's columns
-    r64 = offs_m.to(tl.int64)[:, None]
     if USE_PDL:
         _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH)
     if PRENORM:  # first pass over K: the new residual (stored by program 0), 1 / rms per row
@@ -178,7 +178,7 @@ def _skinny_linear_kernel(
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
             gacc += _x_wt(x, wg, FP32)
     y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, True)
-    out = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    out = Y + r64 * stride_ym + offs_n[None, :]
     tl.store(out, y, mask=m_ok[:, None] & n_ok[None, :])
 
 

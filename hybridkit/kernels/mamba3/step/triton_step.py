@@ -445,9 +445,11 @@ def mamba3_step_triton(
     tr = trap if trap is not None else dd_dt
     an = angles if angles is not None else dd_dt
     angle_arg = state.angle if angles is not None else dd_dt  # (B, H, 0) may have no storage
-    params = [w.dt_bias, w.B_bias, w.C_bias, w.B_norm, w.C_norm]
-    optional = (w.D, w.mimo_x, w.mimo_z, w.mimo_o, w.out_norm)
-    params += [t if t is not None else w.dt_bias for t in optional]
+    # absent optional weights pass a placeholder pointer (their HAS_* flag keeps it unread)
+    optional = [t if t is not None else w.dt_bias for t in (w.D, w.mimo_x, w.mimo_z, w.mimo_o)]
+    out_norm = w.out_norm if w.out_norm is not None else w.dt_bias
+    params = [w.dt_bias, w.B_bias, w.C_bias, w.B_norm, w.C_norm, *optional, out_norm]
+    mimo_z, mimo_o = optional[2:]
     norm = NORM_MODES[w.out_norm_mode] if w.out_norm is not None else 0
     if norm and not gated:
         raise ValueError("mamba3 decode step: an output norm needs z (the gate)")
@@ -491,7 +493,7 @@ def mamba3_step_triton(
     )  # fmt: skip
     if split > 1:
         mamba3_step_finish_kernel[(batch * nheads,)](
-            y, zz, zz.stride(0), zz.stride(1), params[7], params[8], params[9], out,
+            y, zz, zz.stride(0), zz.stride(1), mimo_z, mimo_o, out_norm, out,
             knew, state.k, thnew, angle_arg, float(w.norm_eps),
             H=nheads, R=rank, P=headdim, N=dstate, S=max(n_angles, 1),
             BLOCK_P=triton.next_power_of_2(headdim), BLOCK_N=block_n, BLOCK_S=block_s,
