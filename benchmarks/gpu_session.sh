@@ -30,12 +30,13 @@
 #      (~7.5 min)
 #   6c. DECODE3=1: the fused Mamba-3 step's GPU tests at batch 128 and split over programs
 #      (step_split) -> $OUT/step_tests.txt, then the layer benchmark alone (decode.py
-#      --skip-model) under today's launch and each split candidate -> $OUT/decode_step_*.*,
-#      and the 400M model alone at batch 1 / 16: today's defaults, plain linears of 2-16 rows on
-#      our kernel (skinny_rows=16) instead of cuBLAS, and each block's add + norm folded into its
-#      first projection (norm_linear=1), fp32 state -> $OUT/decode_model_*.* (~8 min: run it
-#      alone in a call). The decode settings' defaults changed on 2026-12-05 (skinny_linear,
-#      fused_add_norm, attention_step on), so DECODE's first variant now turns them off.
+#      --skip-model) under today's launch (split 4) and the other split candidates ->
+#      $OUT/decode_step_*.*, and the 400M model alone at batch 1 / 16: today's defaults (the add
+#      + norm folded at one row), no fold (norm_linear=0) and the fold up to 16 rows
+#      (norm_linear=16), fp32 state -> $OUT/decode_model_*.* (~8 min: run it alone in a call).
+#      The decode settings' defaults changed on 2026-12-05 (skinny_linear, fused_add_norm,
+#      attention_step on; step_split 4 and norm_linear 1 after the H100 timings), so DECODE's
+#      first variant turns them all off.
 #   6d. NCU=1: Nsight Compute on one decode step of the 400M model at batch 1 and 16
 #      (benchmarks/decode_ncu.py: every kernel once, grouped by kernel and grid) ->
 #      $OUT/decode_ncu_b{1,16}.md (and the raw CSV); needs a runtime where ncu reads the
@@ -100,7 +101,7 @@ if [ "${DECODE:-0}" = 1 ]; then
   show "$OUT/skinny_linear.md" "$OUT/skinny_linear.txt"
   # main's kernels, then the few-row linears and the fused add + norm
   # the issue's 1,000-token drift of a bf16 state; no profile
-  decode_variant none skinny_linear=0,fused_add_norm=0,attention_step=0 1000
+  decode_variant none skinny_linear=0,fused_add_norm=0,attention_step=0,norm_linear=0,step_split=1 1000
   decode_variant skinny_linear_1_fused_add_norm_1 skinny_linear=1,fused_add_norm=1
 fi
 if [ "${DECODE2:-0}" = 1 ]; then
@@ -119,13 +120,13 @@ if [ "${DECODE3:-0}" = 1 ]; then
     tests/test_linear_kernels.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 \
     > "$OUT/step_tests.txt"
   tail -2 "$OUT/step_tests.txt"
-  for launch in "" step_split=2 step_split=4 step_split=8; do
+  for launch in "" step_split=1 step_split=2 step_split=8; do
     name=$(echo "step_${launch:-default}" | tr '=,' '__')
     HYBRIDKIT_KERNELS=$launch timeout -k 5 120 python benchmarks/decode.py --skip-model \
       --out "$OUT/decode_$name" > "$OUT/decode_$name.txt" 2>&1
     show "$OUT/decode_$name.md" "$OUT/decode_$name.txt"
   done
-  for launch in "" skinny_rows=16 norm_linear=1; do
+  for launch in "" norm_linear=0 norm_linear=16; do
     name=$(echo "model_${launch:-default}" | tr '=,' '__')
     HYBRIDKIT_KERNELS=$launch timeout -k 5 120 python benchmarks/decode.py --skip-layer \
       --batch 1,16 --new 96 --states fp32 --out "$OUT/decode_$name" \

@@ -284,8 +284,13 @@ def test_show_reports_the_decode_linears(monkeypatch):
     assert "F.linear" in describe_decode("cuda", torch.float64)
     with config.kernel_config(skinny_linear=False):
         assert "skinny_linear=1" in describe_decode("cuda", torch.bfloat16)
-    with config.kernel_config(norm_linear=True):
-        assert "add + pre-norm folded" in describe_decode("cuda", torch.bfloat16)
+    assert "folded into its first projection at 1 row" in describe_decode("cuda", torch.bfloat16)
+    with config.kernel_config(norm_linear=16):
+        assert "folded into its first projection at <= 16 rows" in describe_decode(
+            "cuda", torch.bfloat16
+        )
+    with config.kernel_config(norm_linear=0):
+        assert "folded" not in describe_decode("cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize("batch,rows", [(1, 1), (2, 16)])
@@ -317,14 +322,20 @@ def test_decode_with_norm_linear_equals_decode_without(monkeypatch, batch, rows)
             model(ids, cache=cache)
             return torch.stack([model.step(ids[:, i], cache) for i in range(3)])
 
-    plain = logits(norm_linear=False)
+    plain = logits(norm_linear=0)
     assert not any(folds)
-    folded = logits(norm_linear=True)
+    folded = logits(norm_linear=16)
     # per step: 2 blocks x (mixer + MLP) minus the first block's mixer (nothing pending), + the
     # head; the prefill's 5 or 10 rows fold where the few-row kernel takes them: the two fc1 +
     # SwiGLU (up to 16 rows), and at skinny_rows 16 also wqkv and the head
     assert sum(folds) == 3 * 4 + (2 if rows == 1 else 4)
     torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
+    # the default folds one row only: a decode step of two sequences runs unfused, and so
+    # does every prefill
+    folds.clear()
+    default = logits(norm_linear=1)
+    assert sum(folds) == (3 * 4 if batch == 1 else 0)  # the prefill (5 rows) never folds
+    torch.testing.assert_close(default, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -350,11 +361,11 @@ def test_gpu_norm_linear_graph_equals_eager_and_stays_near_unfused(batch):
             cache.make_static(torch.full((1,), 16, dtype=torch.long, device="cuda"))
             return torch.stack([model.step(tokens[:, t], cache) for t in range(16, 48)], 1)
 
-    with config.kernel_config(norm_linear=True, skinny_rows=16):
+    with config.kernel_config(norm_linear=16, skinny_rows=16):
         graph = generate(model, ids, 128, sampling=greedy, use_graph=True)
         eager = generate(model, ids, 128, sampling=greedy, use_graph=False)
         folded = static_logits(graph)
-    with config.kernel_config(norm_linear=False, skinny_rows=16):
+    with config.kernel_config(norm_linear=0, skinny_rows=16):
         plain = static_logits(graph)
     assert torch.equal(graph, eager)
     assert rel_err(folded.float(), plain.float()) < 3e-2

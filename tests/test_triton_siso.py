@@ -340,11 +340,15 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
     with config.kernel_config(bwd_warps=4) as inner:
         assert config.current_config() is inner and inner.bwd_warps == 4 and not inner.autotune
     assert config.current_config().bwd_warps == 8
-    monkeypatch.setenv(config.ENV_VAR, "step_warps=16,step_maxnreg=80,fa4_decode=1,step_split=4")
-    assert config.step_launch() == (16, 80, 4) and config.fa4_decode_enabled()
+    monkeypatch.setenv(config.ENV_VAR, "step_warps=16,step_maxnreg=80,fa4_decode=1,step_split=2")
+    assert config.step_launch() == (16, 80, 2) and config.fa4_decode_enabled()
+    monkeypatch.setenv(config.ENV_VAR, "norm_linear=0")
+    assert not config.norm_linear_enabled()
+    assert config.changed_settings() == "norm_linear=0"
     monkeypatch.setenv(config.ENV_VAR, "")
     assert config.current_config() == config.KernelConfig()
-    assert config.step_launch() == (0, 0, 1) and not config.fa4_decode_enabled()
+    assert config.step_launch() == (0, 0, 4) and not config.fa4_decode_enabled()
+    assert config.norm_linear_enabled() and config.changed_settings() == "defaults"
     for bad, match in (
         ("bwd_warps=3", r"HYBRIDKIT_KERNELS=.*bwd_warps=3: allowed \(1, 2, 4, 8, 16\)"),
         ("bwd_maxnreg=300", r"HYBRIDKIT_KERNELS=.*24\.\.255"),
@@ -352,6 +356,8 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
         ("step_maxnreg=8", r"HYBRIDKIT_KERNELS=.*step_maxnreg=8: allowed None or 24\.\.255"),
         ("step_split=3", r"HYBRIDKIT_KERNELS=.*step_split=3: allowed \(1, 2, 4, 8\)"),
         ("skinny_rows=17", r"HYBRIDKIT_KERNELS=.*skinny_rows=17: allowed 1\.\.16"),
+        ("norm_linear=17", r"HYBRIDKIT_KERNELS=.*norm_linear=17: allowed 0\.\.16"),
+        ("norm_linear=true", r"HYBRIDKIT_KERNELS=.*norm_linear: 'true': expected a whole"),
         ("chunk_sizes=48", r"HYBRIDKIT_KERNELS=.*subset of \(16, 32, 64, 128\)"),
         ("autotune=maybe", r"HYBRIDKIT_KERNELS=.*autotune: 'maybe': allowed 0, 1"),
         ("fa4_decode=2", r"HYBRIDKIT_KERNELS=.*fa4_decode: '2': allowed 0, 1"),

@@ -14,8 +14,10 @@ Fields (defaults in :class:`KernelConfig`):
 * ``step_split``: programs per (sequence, head) of the fused decode step, each owning
   ``P / step_split`` rows of the state (1: one program holds the whole head); above 1 a second
   small launch writes the head's new keys and angles and applies the gate and output norm, which
-  span the whole head (off until timed: it is for large batches, where one program per head
-  leaves each SM few programs to overlap);
+  span the whole head (default 4: on the H100 it took the d_model 2048 layer step from 63.0 to
+  59.6 us at batch 16 and 275.5 to 240.8 us at 128 with an fp32 state, 225.2 to 158.2 us at 128
+  with a bf16 one, and left batch 1 at 31.4 us; 2 and 8 were between,
+  ``benchmarks/results/decode_step_split_h100.md``);
 * ``step_warps`` / ``step_maxnreg``: warps and a register cap of the fused decode step (None:
   about 32 state elements per thread; registers capped at 128 for the SISO step at 8 warps
   with interleaved pairs, so two programs share an SM, else the compiler's choice; 255 lifts
@@ -40,8 +42,11 @@ Fields (defaults in :class:`KernelConfig`):
   ours instead of two, goes to it up to 16 rows whatever this says);
 * ``norm_linear``: at inference with a cache, a block's residual add and pre-norm folded into
   its first projection when that runs the few-row kernel (``in_proj``, ``wqkv``, fc1 + SwiGLU,
-  the head after the final norm): one launch instead of two per block part
-  (``hybridkit/kernels/linear``, ``PRENORM``; off until timed on the GPU);
+  the head after the final norm) and the call has at most this many rows (0: never; 1..16): one
+  launch instead of two per block part (``hybridkit/kernels/linear``, ``PRENORM``; default 1:
+  on the H100 folding took the 400M model from 1,257 to 1,382 tokens/s at batch 1, while at
+  batch 16, where the 16-row kernel normalises in a second pass, it went from 12,037 to 11,851,
+  ``benchmarks/results/decode_model_settings_h100.md``);
 * ``fused_add_norm``: at inference with a cache, every residual add and the pre-norm after it as
   one Triton launch (``kernels/norm``: ``add_rms_norm``; on, GPU-checked and timed);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
@@ -102,12 +107,12 @@ class KernelConfig:
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
     step_warps: int | None = None
     step_maxnreg: int | None = None
-    step_split: int = 1
+    step_split: int = 4
     fa4_decode: bool = False
     deterministic: bool = False
     skinny_linear: bool = True
     skinny_rows: int = 1
-    norm_linear: bool = False
+    norm_linear: int = 1
     fused_add_norm: bool = True
     pdl: bool = False
     attention_step: bool = True
@@ -126,6 +131,8 @@ class KernelConfig:
             raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
         if not 1 <= self.skinny_rows <= 16:
             raise ValueError(f"skinny_rows={self.skinny_rows}: allowed 1..16")
+        if not 0 <= self.norm_linear <= 16:
+            raise ValueError(f"norm_linear={self.norm_linear}: allowed 0..16 (rows)")
         if self.step_split not in STEP_SPLITS:
             raise ValueError(f"step_split={self.step_split}: allowed {STEP_SPLITS}")
         for name in ("bwd_maxnreg", "step_maxnreg"):
@@ -271,6 +278,7 @@ def fa4_decode_enabled() -> bool:
 
 @torch.compiler.assume_constant_result
 def norm_linear_enabled() -> bool:
-    """``current_config().norm_linear``, a trace-time constant under ``torch.compile`` (the
-    model's blocks ask it on every decode step)."""
-    return current_config().norm_linear
+    """Whether ``current_config().norm_linear`` folds any rows, a trace-time constant under
+    ``torch.compile`` (the model's blocks ask it on every decode step; whether a given call's
+    rows fold is decided at the call, :func:`hybridkit.kernels.linear.add_norm_linear`)."""
+    return current_config().norm_linear > 0

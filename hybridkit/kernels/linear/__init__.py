@@ -86,7 +86,8 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
         return "torch (cuBLAS; our few-row kernel: kernel setting skinny_linear=1)"
     extras = "; with PDL on sm_90+" if cfg.pdl else ""
     if cfg.norm_linear:
-        extras += "; each block's add + pre-norm folded into its first projection"
+        fold = "1 row" if cfg.norm_linear == 1 else f"<= {cfg.norm_linear} rows"
+        extras += f"; each block's add + pre-norm folded into its first projection at {fold}"
     rows = "1 row" if cfg.skinny_rows == 1 else f"<= {cfg.skinny_rows} rows"
     return (
         f"triton (few-row kernels for {rows}, the MLP's fc1 with its SwiGLU for <= 16; eager / "
@@ -146,13 +147,13 @@ def add_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(s, y)`` with ``s = h + delta`` and ``y`` the linear (``glu``: fc1 + SwiGLU) of
     ``rms_norm(s) * norm_weight``, in one launch of the few-row kernel (``PRENORM``), or None
-    when that does not apply here (the kernel setting ``norm_linear`` off, or the linear would
-    not run the few-row kernel, or h and delta differ in shape or dtype, or a ``torch.compile``
-    trace is running, which plans its own kernels and cannot read the settings): the caller then
-    runs the add + norm and the linear as usual."""
+    when that does not apply here (more rows than the kernel setting ``norm_linear``, or the
+    linear would not run the few-row kernel, or h and delta differ in shape or dtype, or a
+    ``torch.compile`` trace is running, which plans its own kernels and cannot read the
+    settings): the caller then runs the add + norm and the linear as usual."""
     if torch.compiler.is_compiling() or h.shape != delta.shape or h.dtype != delta.dtype:
         return None
-    if not current_config().norm_linear:
+    if delta.numel() // max(delta.shape[-1], 1) > current_config().norm_linear:
         return None
     if resolve_backend("auto", h, weight, bias, glu=glu) != "triton":
         return None
