@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from hybridkit import profiling
 from hybridkit.build import build_model
 from hybridkit.layers.mlp import SwiGLU
 from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
@@ -185,6 +186,9 @@ def markdown(env: dict, results: list[dict], verdict: dict) -> str:
             lines += ["", f"### {r['case']}: one profiled step", "", "| kind | ms | share |"]
             lines += ["|---|---|---|"]
             lines += [f"| {k} | {v:.2f} | {v / total:.0%} |" for k, v in r["breakdown_ms"].items()]
+            if r.get("top_kernels"):
+                lines += ["", "Its longest kernels:", ""]
+                lines += profiling.top_kernels_table(r["top_kernels"], total)
     if results and "flops" in results[0]:
         lines += ["", f"FLOPs per token: {results[0]['flops']['formula']}."]
     return "\n".join(lines) + "\n"

@@ -113,6 +113,9 @@ class DecodeRow:
     graph: bool
     #: with profiling: device ms and kernel launches per token by category
     profile_ms_per_token: dict = field(default_factory=dict)
+    # the longest kernels of the profiled tokens (hybridkit.profiling.KernelProfile.top),
+    # milliseconds and launches per token
+    top_kernels_per_token: list = field(default_factory=list)
     kernels_per_token: dict = field(default_factory=dict)
     #: the first prefill: Triton compilation and autotuning of the prompt's shapes included
     first_prefill_ms: float = 0.0
@@ -226,6 +229,9 @@ def bench_batch(
         setup_ms=setup * 1e3,
         graph=runner.graph is not None,
         profile_ms_per_token={k: v / extra for k, v in prof.ms.items()},
+        top_kernels_per_token=[
+            {**k, "ms": k["ms"] / extra, "count": k["count"] / extra} for k in prof.top
+        ],
         kernels_per_token={k: v / extra for k, v in prof.count.items()},
     )
 
@@ -447,6 +453,9 @@ def markdown(result: DecodeBench) -> str:
         ]
         gap = r.ms_per_step - kernel_ms
         lines.append(f"| between kernels | {gap:.4f} | | {gap / r.ms_per_step:.1%} |")
+        if r.top_kernels_per_token:
+            lines += ["", "Its longest kernels (ms and launches per token, share of the step):", ""]
+            lines += profiling.top_kernels_table(r.top_kernels_per_token, r.ms_per_step)
         if "pdl=1" in result.kernels.split(","):
             lines += [
                 "",

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Categories", "KernelProfile", "categorize", "profile_kernels", "sum_events"]
+__all__ = [
+    "TOP_KERNELS",
+    "Categories",
+    "KernelProfile",
+    "categorize",
+    "profile_kernels",
+    "sum_events",
+    "top_kernels_table",
+]
 
 #: ``(category, name fragments)``, matched in order against lower-cased kernel names
 Categories = Sequence[tuple[str, Sequence[str]]]
@@ -35,13 +43,21 @@ def categorize(name: str, categories: Categories) -> str:
     return "other"
 
 
+#: how many of the longest kernels a profile keeps by name (:attr:`KernelProfile.top`)
+TOP_KERNELS = 25
+
+
 @dataclass
 class KernelProfile:
     """Device milliseconds and kernel launches per category of one profiled call (CPU: op
-    milliseconds and op calls)."""
+    milliseconds and op calls), and the longest kernels by name (``top``: dicts of ``name``,
+    ``category``, ``ms``, ``count``, longest first): a category says where the time goes, the
+    names say which fusion or launch to work on (an Inductor kernel's name lists the ops it
+    fused)."""
 
     ms: dict[str, float] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
+    top: list[dict] = field(default_factory=list)
 
 
 def profile_kernels(
@@ -74,6 +90,7 @@ def sum_events(events: Sequence, device: torch.device, categories: Categories) -
     )
     ms: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
+    by_name: dict[str, list] = {}
     for event in events:
         if device.type == "cuda":
             if kernels_only and getattr(event, "device_type", None) != DeviceType.CUDA:
@@ -89,5 +106,24 @@ def sum_events(events: Sequence, device: torch.device, categories: Categories) -
             category = categorize(event.key, categories)
             ms[category] += us / 1e3
             count[category] += int(event.count)
+            entry = by_name.setdefault(event.key, [category, 0.0, 0])
+            entry[1] += us / 1e3
+            entry[2] += int(event.count)
     order = sorted(ms, key=lambda c: -ms[c])
-    return KernelProfile({c: ms[c] for c in order}, {c: count[c] for c in order})
+    longest = sorted(by_name.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
+    top = [{"name": k, "category": c, "ms": t, "count": n} for k, (c, t, n) in longest]
+    return KernelProfile({c: ms[c] for c in order}, {c: count[c] for c in order}, top)
+
+
+def top_kernels_table(top: Sequence[dict], total_ms: float, *, rows: int = 15) -> list[str]:
+    """Markdown lines of the longest kernels (:attr:`KernelProfile.top`), with each one's share
+    of ``total_ms`` (4 significant digits: per-token decode times are microseconds); names cut to
+    80 characters (Inductor's list every fused op)."""
+    lines = ["| kernel | category | ms | launches | share |", "|---|---|---|---|---|"]
+    for k in top[:rows]:
+        name = k["name"] if len(k["name"]) <= 80 else k["name"][:77] + "..."
+        name = name.replace("|", "\\|")
+        share = k["ms"] / total_ms if total_ms else 0.0
+        ms, count = f"{k['ms']:.4g}", f"{k['count']:.4g}"
+        lines.append(f"| `{name}` | {k['category']} | {ms} | {count} | {share:.0%} |")
+    return lines

@@ -258,6 +258,7 @@ def test_bench_decode_profiles_and_passes_its_options_to_the_runner(tmp_path, mo
     assert "matmuls" in row["profile_ms_per_token"]
     text = out.with_suffix(".md").read_text()
     assert "Batch 1, profiled" in text and "| between kernels |" in text
+    assert row["top_kernels_per_token"] and "Its longest kernels" in text
     assert seen == [False, False]
     assert main([*argv, "--prompt", "4", "--new", "3", "--compile"]) == 0
     assert seen[2:] == [True, True]

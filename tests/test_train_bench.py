@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hybridkit import build_model
@@ -38,6 +39,7 @@ def test_bench_runs_real_optimizer_steps_and_reports():
     assert result.breakdown_ms and all(v >= 0 for v in result.breakdown_ms.values())
     text = markdown(result)
     assert "tokens/s" in text and "FLOPs per token" in text and "one profiled step" in text
+    assert result.top_kernels and "longest kernels of that step" in text
 
 
 def test_kernel_names_fall_into_categories():
@@ -84,8 +86,30 @@ def test_gpu_breakdown_counts_each_kernel_once():
         "mamba3 scan": 0.2,
         "optimizer": 0.1,
     }
+    # the longest kernels by name, summed over their launches, longest first
+    events.append(event("_bwd_x_kernel", 150.0))
+    prof = sum_events(events, torch.device("cuda"), CATEGORIES)
+    assert [(k["name"], k["count"]) for k in prof.top] == [
+        ("_bwd_x_kernel", 2),
+        ("sm90_xmma_gemm_bf16", 1),
+        ("multi_tensor_apply_kernel", 1),
+    ]
+    assert prof.top[0]["ms"] == pytest.approx(0.35) and prof.top[0]["category"] == "mamba3 scan"
     cpu = sum_events(events, torch.device("cpu"), CATEGORIES)
     assert sum(cpu.count.values()) == len(events)  # ops' own time on a CPU, each counted
+
+
+def test_top_kernels_table_cuts_long_names_and_escapes_bars():
+    from hybridkit.profiling import top_kernels_table
+
+    top = [
+        {"name": "triton_per_fused_" + "add_mul_" * 20, "category": "c", "ms": 3.0, "count": 4},
+        {"name": "a|b", "category": "c", "ms": 1.0, "count": 1},
+    ]
+    lines = top_kernels_table(top, 8.0)
+    assert lines[2].startswith("| `triton_per_fused_add_mul_")
+    assert lines[2].endswith("...` | c | 3 | 4 | 38% |")
+    assert lines[3] == "| `a\\|b` | c | 1 | 1 | 12% |"
 
 
 def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):

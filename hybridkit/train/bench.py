@@ -91,6 +91,7 @@ class TrainBench:
     peak_memory_gb: float | None
     flops: dict
     breakdown_ms: dict = field(default_factory=dict)
+    top_kernels: list = field(default_factory=list)
     step_ms_all: list = field(default_factory=list)
     loss_chunk_tokens: int | None = None
     activation_checkpointing: bool = False
@@ -156,6 +157,7 @@ def bench_train(
         step()
         times.append(elapsed_s(device, start))
     step_s = statistics.median(times)
+    prof = profile_step(step, device) if profile else profiling.KernelProfile()
     count = flops_per_token(model, seq_len)
     achieved = count.per_token * tokens / step_s / 1e12
     matmul = measured_matmul_tflops(device)
@@ -176,7 +178,8 @@ def bench_train(
         if device.type == "cuda"
         else None,
         flops={"per_token": count.per_token, "formula": count.formula},
-        breakdown_ms=profile_breakdown(step, device) if profile else {},
+        breakdown_ms=prof.ms,
+        top_kernels=prof.top,
         step_ms_all=[t * 1e3 for t in times],
         loss_chunk_tokens=model.loss_chunk_tokens,
         compile_mode=compile_mode if compile_model else None,
@@ -195,10 +198,10 @@ def categorize(kernel_name: str) -> str:
     return profiling.categorize(kernel_name, CATEGORIES)
 
 
-def profile_breakdown(step, device: torch.device) -> dict[str, float]:
-    """Milliseconds per category in one profiled training step
+def profile_step(step, device: torch.device) -> profiling.KernelProfile:
+    """Milliseconds per category and the longest kernels of one profiled training step
     (:func:`hybridkit.profiling.profile_kernels`; device kernels on a GPU, ops on a CPU)."""
-    return profiling.profile_kernels(step, device, CATEGORIES).ms
+    return profiling.profile_kernels(step, device, CATEGORIES)
 
 
 def markdown(result: TrainBench) -> str:
@@ -231,4 +234,8 @@ def markdown(result: TrainBench) -> str:
         total = sum(result.breakdown_ms.values())
         lines += ["", "| one profiled step | ms | share |", "|---|---|---|"]
         lines += [f"| {k} | {v:.2f} | {v / total:.0%} |" for k, v in result.breakdown_ms.items()]
+        if result.top_kernels:
+            shown = min(15, len(result.top_kernels))
+            lines += ["", f"The {shown} longest kernels of that step:", ""]
+            lines += profiling.top_kernels_table(result.top_kernels, total, rows=shown)
     return "\n".join(lines) + "\n"
