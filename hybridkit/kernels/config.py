@@ -56,6 +56,10 @@ Fields (defaults in :class:`KernelConfig`):
   ``wqkv``'s output to ``out_proj``'s input (qk norm, rotation, ring write, attention over the
   ring), as one Triton launch instead of ~35 torch ops (``kernels/attention/step_kernel.py``;
   on: 0.708 -> 0.654 ms per token at batch 1, 1.287 -> 1.215 at 16);
+* ``mimo_output``: the output of a MIMO layer (per-rank gate, output norm, ``mimo_o`` rank
+  sum) through one fused Triton kernel forward and one backward on CUDA, eager and compiled
+  (``hybridkit/kernels/mamba3/output``), instead of the torch formula's R-times-wider
+  float32 intermediates (off: the torch formula, which ``torch.compile`` fuses itself);
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
@@ -116,6 +120,7 @@ class KernelConfig:
     fused_add_norm: bool = True
     pdl: bool = False
     attention_step: bool = True
+    mimo_output: bool = True
 
     @property
     def tunes(self) -> bool:

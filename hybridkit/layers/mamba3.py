@@ -23,6 +23,7 @@ from hybridkit.cache import InferenceCache
 from hybridkit.kernels.config import current_config
 from hybridkit.kernels.mamba3 import ops
 from hybridkit.kernels.mamba3.gates import heavy_tail, scalar_gates  # noqa: F401 (re-export)
+from hybridkit.kernels.mamba3.output import mimo_output, plan_mimo_output
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, gated_output
 from hybridkit.layers.base import Layer, LayerSpec
@@ -142,7 +143,15 @@ class Mamba3(Layer):
             pairing=self.pairing,
             has_mimo_x=self.mimo_x is not None,
         )
-        return {"mamba3 scan": plan.describe()}
+        shown = {"mamba3 scan": plan.describe()}
+        if self.mimo_o is not None:
+            opts = self._mimo_output_options()
+            chosen, why = plan_mimo_output(
+                opts["backend"], device=device, dtype=dtype, rank=self.rank,
+                group_size=opts["group_size"],
+            )  # fmt: skip
+            shown["mamba3 MIMO output"] = f"{chosen} ({why})" if why else chosen
+        return shown
 
     def gates(self, dd_dt: torch.Tensor, dd_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dt = softplus(dd_dt + dt_bias) and A*dt, in float32 (float64 for a float64 model)."""
@@ -259,20 +268,36 @@ class Mamba3(Layer):
         return self.output(out[:, None], z[:, None]).to(proj.dtype)[:, 0]
 
     def output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Gate / norm / MIMO down-projection: y (B, L, R, H, P), z (B, L, H, P) -> (B, L, H*P)."""
+        """Gate / norm / MIMO down-projection: y (B, L, R, H, P), z (B, L, H, P) -> (B, L, H*P).
+
+        MIMO goes through its own dispatch point (one fused kernel pair on CUDA); SISO is the
+        plain gate or the gated norm."""
         b, length, r, h, p = y.shape
-        if self.norm is None:
-            return gated_output(y, z, self.mimo_z, self.mimo_o).reshape(b, length, h * p)
-        zr = z[:, :, None].to(y.dtype)
-        if self.mimo_z is not None:
-            zr = zr * self.mimo_z.transpose(0, 1).to(y.dtype)  # (R, H, P)
-        o = self.norm(y.reshape(b, length, r, h * p), zr.reshape(b, length, r, h * p))
-        o = o.reshape(b, length, r, h, p)
         if self.mimo_o is not None:
-            o = (o * self.mimo_o.transpose(0, 1).to(o.dtype)).sum(dim=2)
-        else:
-            o = o[:, :, 0]
-        return o.reshape(b, length, h * p)
+            return mimo_output(
+                y,
+                z,
+                self.mimo_z,
+                self.mimo_o,
+                None if self.norm is None else self.norm.weight,
+                **self._mimo_output_options(),
+            )
+        if self.norm is None:
+            return gated_output(y, z, None, None).reshape(b, length, h * p)
+        return self.norm(y[:, :, 0].reshape(b, length, h * p), z.reshape(b, length, h * p))
+
+    def _mimo_output_options(self) -> dict:
+        """Norm mode, group, eps and backend of :func:`~hybridkit.kernels.mamba3.output.
+        mimo_output` for this layer (the scan's ``reference`` / ``chunked`` settings, which ask
+        for no kernels, give its torch path)."""
+        norm = self.norm
+        backend = {"reference": "torch", "chunked": "torch", "triton": "triton"}
+        return dict(
+            group_size=self.d_inner if norm is None else norm.group_size,
+            eps=self.spec.norm_eps if norm is None else norm.eps,
+            mode="none" if norm is None else ("pregate" if norm.norm_before_gate else "postgate"),
+            backend=backend.get(self.spec.backend, "auto"),
+        )
 
 
 @register_layer(Mamba3)

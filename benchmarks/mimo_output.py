@@ -1,0 +1,130 @@
+"""The MIMO output (per-rank gate, output norm, ``mimo_o`` rank sum) on the GPU: our fused
+Triton kernels (``hybridkit/kernels/mamba3/output``) against the torch formula, eager and
+compiled by Inductor (what a compiled model ran before the kernels), forward and forward +
+backward, bf16, at the 400M MIMO model's shapes (4 x 4,096 tokens, d_inner 2048 = 32 heads x 64).
+
+The work is memory-bound, so the measure is the minimum bytes (forward: read y and z, write the
+output; backward: read y, z and the output gradient, write dy and dz) over the time, against the
+copy bandwidth measured in the same run. Medians of ``triton.testing.do_bench`` (L2 cleared).
+
+    python benchmarks/mimo_output.py --out benchmarks/results/mimo_output_h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from triton.testing import do_bench
+
+from hybridkit.decode_bench import copy_bandwidth
+from hybridkit.kernels.mamba3.output import mimo_output
+from hybridkit.kernels.mamba3.output import triton_kernels as out_kernels
+from hybridkit.train.provenance import run_environment
+
+# (B, L, R, H, P, output norm): the 400M model's MIMO layer, the other ranks, no norm
+CASES = (
+    (4, 4096, 4, 32, 64, "pregate"),
+    (4, 4096, 4, 32, 64, "postgate"),
+    (4, 4096, 4, 32, 64, "none"),
+    (4, 4096, 2, 32, 64, "pregate"),
+    (4, 4096, 8, 32, 64, "pregate"),
+)
+
+
+def _median_ms(fn) -> float:
+    return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def _measure(
+    B: int, L: int, R: int, H: int, P: int, mode: str, *, bw: float, compare_tiles: bool = False
+) -> dict:
+    """One case: every variant's forward and forward + backward medians, and the floors."""
+    dev, bf16, HP = torch.device("cuda"), torch.bfloat16, H * P
+    y = torch.randn(B, L, R, H, P, device=dev, dtype=bf16, requires_grad=True)
+    proj = torch.randn(B, L, 3 * HP, device=dev, dtype=bf16, requires_grad=True)
+    mz = (1 + 0.1 * torch.randn(H, R, P, device=dev)).requires_grad_()
+    mo = (torch.randn(H, R, P, device=dev) / R).requires_grad_()
+    w = (1 + 0.1 * torch.randn(HP, device=dev)).requires_grad_()
+    leaves = (y, proj, mz, mo, w) if mode != "none" else (y, proj, mz, mo)
+    dout = torch.randn(B, L, HP, device=dev, dtype=bf16)
+
+    def run(backend: str) -> torch.Tensor:
+        z = proj[..., :HP].reshape(B, L, H, P)  # a slice of in_proj's output, as in the layer
+        out = mimo_output(y, z, mz, mo, w, group_size=P, eps=1e-5, mode=mode, backend=backend)
+        return out.to(bf16)
+
+    variants = {
+        "torch": lambda: run("torch"),
+        "inductor": torch.compile(lambda: run("torch")),
+        "ours": lambda: run("triton"),
+    }
+    torch.testing.assert_close(run("triton").float(), run("torch").float(), rtol=2e-2, atol=2e-2)
+    rec: dict = dict(B=B, L=L, R=R, H=H, P=P, mode=mode)
+    for name, fn in variants.items():
+        rec[f"{name}_fwd_ms"] = _median_ms(fn)
+        rec[f"{name}_fb_ms"] = _median_ms(lambda fn=fn: torch.autograd.grad(fn(), leaves, dout))
+    if compare_tiles:  # the backward's tile size (kernels' default: BWD_TILE_ELEMENTS)
+        default = out_kernels.BWD_TILE_ELEMENTS
+        for elements in (512, 1024, 2048):
+            out_kernels.BWD_TILE_ELEMENTS = elements
+            fb = _median_ms(lambda: torch.autograd.grad(variants["ours"](), leaves, dout))
+            rec[f"ours_fb_ms_tile{elements}"] = fb
+        out_kernels.BWD_TILE_ELEMENTS = default
+    T, el = B * L, 2
+    fwd_bytes = T * HP * el * (R + 2)  # y, z read; out written
+    fb_bytes = fwd_bytes + T * HP * el * (2 * R + 3)  # + y, z, dout read; dy, dz written
+    rec.update(fwd_floor_ms=fwd_bytes / bw * 1e3, fb_floor_ms=fb_bytes / bw * 1e3)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    records = []
+    for i, case in enumerate(CASES):
+        records.append(_measure(*case, bw=bw, compare_tiles=i == 0))
+        print(json.dumps(records[-1]), flush=True)
+        torch._dynamo.reset()
+    lines = [
+        "# MIMO output (gate + output norm + rank sum), bf16: fused Triton vs the torch formula",
+        "",
+        f"Copy bandwidth measured in the same run: {bw / 1e9:,.0f} GB/s; floor = the minimum "
+        "bytes / that bandwidth. do_bench medians (ms), L2 cleared. `inductor` is the torch "
+        "formula under `torch.compile` (default mode); forward + backward columns include the "
+        "forward.",
+        "",
+        "| B, L, R, H, P | norm | torch fwd | inductor fwd | ours fwd | floor fwd | torch f+b "
+        "| inductor f+b | ours f+b | floor f+b | inductor / ours f+b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['B']}, {r['L']}, {r['R']}, {r['H']}, {r['P']} | {r['mode']} | "
+            f"{r['torch_fwd_ms']:.3f} | {r['inductor_fwd_ms']:.3f} | {r['ours_fwd_ms']:.3f} | "
+            f"{r['fwd_floor_ms']:.3f} | {r['torch_fb_ms']:.3f} | {r['inductor_fb_ms']:.3f} | "
+            f"{r['ours_fb_ms']:.3f} | {r['fb_floor_ms']:.3f} | "
+            f"{r['inductor_fb_ms'] / r['ours_fb_ms']:.2f}x |"
+        )
+    tiles = [f"{k.rsplit('tile', 1)[1]}: {v:.3f}" for k, v in records[0].items() if "_tile" in k]
+    lines += ["", "Backward tile (elements) at the first shape, f+b ms: " + ", ".join(tiles)]
+    env = run_environment(dev)
+    lines += ["", f"{env.get('device')}, measured {env.get('date')}, torch {env.get('torch')}, "
+              f"Triton {env.get('triton')}, commit {env.get('commit')}."]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump(
+                {"bandwidth_bytes_per_s": bw, "environment": env, "rows": records}, f, indent=1
+            )
+        with open(args.out + ".md", "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

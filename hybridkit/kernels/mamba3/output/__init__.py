@@ -1,0 +1,116 @@
+"""The one dispatch point for the output of a MIMO Mamba-3 layer: the per-rank gate
+``silu(z * mimo_z_r)``, the optional output norm (grouped or over the whole inner width, before
+or after the gate) and the ``mimo_o``-weighted rank sum (``docs/mamba3.md`` 1.8).
+
+``backend``:
+
+* ``torch``: :mod:`.reference` (float32/64 out);
+* ``triton``: the fused kernels of :mod:`.triton_kernels`, forward and backward (y's dtype out),
+  as custom ops under ``torch.compile`` (:mod:`.op`);
+* ``auto``: ``triton`` for CUDA tensors when the kernel setting ``mimo_output`` is on (default)
+  and the call fits the kernels (rank a power of two, R x group channels within one tile, no
+  float64), eager and compiled alike: unlike the norms, where Inductor's fusion of the torch
+  formula with its neighbours wins, the MIMO formula materialises R-times-wider float32
+  intermediates that Inductor splits over several kernels and reductions. Else ``torch``.
+
+SISO layers do not come here: their gate and norm are the gated norm's (``kernels/norm``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from hybridkit.kernels.config import current_config
+from hybridkit.kernels.mamba3.output.reference import MODES, mimo_output_reference
+
+__all__ = ["BACKENDS", "MODES", "mimo_output", "plan_mimo_output", "tile"]
+
+BACKENDS = ("auto", "torch", "triton")
+#: (tokens x R x channels) elements per kernel tile at 8 warps: 8 per thread and live tensor, the
+#: size at which the gated norm's backward (``kernels/norm``) needs ~100 registers, unspilled
+TILE_ELEMENTS = 2048
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def tile(rank: int, group_size: int, elements: int = TILE_ELEMENTS) -> tuple[int, int] | None:
+    """(tokens, channels) of a kernel tile of about ``elements`` for this rank and group (at
+    least one token), or None when the kernels cannot run it (rank not a power of two, or one
+    token's R x group wider than ``TILE_ELEMENTS``)."""
+    if rank < 1 or rank & (rank - 1) or group_size < 1:
+        return None
+    block_n = 1 << (group_size - 1).bit_length()
+    if rank * block_n > TILE_ELEMENTS:
+        return None
+    return max(1, elements // (rank * block_n)), block_n
+
+
+def plan_mimo_output(
+    backend: str,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    rank: int,
+    group_size: int,
+) -> tuple[str, str]:
+    """(``torch`` | ``triton``, why ``auto`` chose torch or ""), for a call with these static
+    properties; ``hybridkit show`` and the layer ask this, so what is shown is what runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown MIMO output backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend, ""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if not (on_cuda and _HAVE_TRITON):
+        return "torch", ""
+    if not current_config().mimo_output:
+        return "torch", "kernel setting mimo_output=0"
+    if dtype == torch.float64:
+        return "torch", "float64"
+    if tile(rank, group_size) is None:
+        return "torch", f"rank {rank} x group {group_size} does not fit the output kernel's tile"
+    return "triton", ""
+
+
+def mimo_output(
+    y: torch.Tensor,
+    z: torch.Tensor,
+    mimo_z: torch.Tensor,
+    mimo_o: torch.Tensor,
+    weight: torch.Tensor | None,
+    *,
+    group_size: int,
+    eps: float,
+    mode: str,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``y`` (B, L, R, H, P), ``z`` (B, L, H, P), ``mimo_z`` / ``mimo_o`` (H, R, P), ``weight``
+    (H * P,) (ignored, may be None, with ``mode="none"``) -> (B, L, H * P): float32/64 from the
+    torch path, y's dtype from the kernels (the layer casts before ``out_proj`` either way)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown MIMO output norm mode {mode!r}; allowed: {', '.join(MODES)}")
+    b, length, r, h, p = y.shape
+    if z.shape != (b, length, h, p) or mimo_z.shape != (h, r, p) or mimo_o.shape != (h, r, p):
+        raise ValueError(
+            f"mimo output: y {tuple(y.shape)}, z {tuple(z.shape)}, mimo_z "
+            f"{tuple(mimo_z.shape)}, mimo_o {tuple(mimo_o.shape)} do not agree"
+        )
+    if mode != "none" and (weight is None or (h * p) % group_size):
+        raise ValueError(f"mimo output: norm mode {mode!r} needs a weight and {h * p} % group == 0")
+    dtype = torch.float64 if torch.float64 in (y.dtype, z.dtype) else y.dtype
+    chosen, _ = plan_mimo_output(
+        backend, device=y.device, dtype=dtype, rank=r, group_size=group_size
+    )
+    if chosen == "torch":
+        w = weight if mode != "none" else None
+        return mimo_output_reference(
+            y, z, mimo_z, mimo_o, w, group_size=group_size, eps=eps, mode=mode
+        )
+    from hybridkit.kernels.mamba3.output.op import mimo_output_op
+
+    # rank-major (R, H * P) float32 copies of the tiny per-rank weights: each kernel program
+    # then reads one contiguous row per rank; autograd maps their gradients back
+    mz = mimo_z.transpose(0, 1).reshape(r, h * p).float().contiguous()
+    mo = mimo_o.transpose(0, 1).reshape(r, h * p).float().contiguous()
+    w = weight if mode != "none" else None
+    return mimo_output_op(y, z, mz, mo, w, group_size, eps, MODES.index(mode))
