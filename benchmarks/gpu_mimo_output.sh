@@ -3,12 +3,13 @@
 # under its own timeout; results are archived after every step into $OUT/session.tar.gz (the
 # only file under $OUT), so a call cut short by the device time still brings back what finished.
 #   carry [".gpu/base"]; source benchmarks/gpu_env.sh && bash benchmarks/gpu_mimo_output.sh
-#   1. the kernels' GPU tests (tests/test_mimo_output.py -m gpu) -> mimo_output_tests.txt
+#   1. the kernels' GPU tests at the model's shapes (tests/test_mimo_output.py -m gpu, all but the
+#      compiled model, which runs last) -> mimo_output_tests.txt
 #   2. benchmarks/mimo_output.py (ours vs the torch formula eager and under Inductor)
 #      -> mimo_output.{json,md,txt}
 #   3. `hybridkit bench train` of the 400M MIMO rank-4 hybrid, compiled, 4 x 4,096 tokens, with
 #      the kernels (default) and with mimo_output=0 (the torch formula, fused by Inductor), then
-#      the SISO model if time is left -> train_{mimo,mimo_torchout,siso}.{json,md,txt}
+#      -> train_{mimo,mimo_torchout}.{json,md,txt}; then the compiled-model GPU test.
 # Here: mkdir -p .gpu/mo && tar -xzf FILES_AT/session.tar.gz -C .gpu/mo
 set -u
 OUT=${OUT:-/tmp/gpu_mimo_output}
@@ -19,17 +20,20 @@ show() { if grep -q "^| " "$1" 2>/dev/null; then grep "^| " "$1" | head -16; els
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$WORK/device.txt"
 par=""; python -c "import xdist" 2>/dev/null && par="-n 4"
 timeout -k 5 150 python -m pytest -q -m gpu $par tests/test_mimo_output.py -p no:cacheprovider \
-  -rfE 2>&1 | grep -v Warning | tail -30 > "$WORK/mimo_output_tests.txt"
+  -k "not compiled" -rfE 2>&1 | grep -v Warning | tail -30 > "$WORK/mimo_output_tests.txt"
 tail -4 "$WORK/mimo_output_tests.txt"; pack
 timeout -k 5 150 python benchmarks/mimo_output.py --out "$WORK/mimo_output" \
   > "$WORK/mimo_output.txt" 2>&1
 show "$WORK/mimo_output.md" "$WORK/mimo_output.txt"; grep "^Backward tile" "$WORK/mimo_output.md"
 pack
-for v in mimo mimo_torchout siso; do
+for v in mimo mimo_torchout; do
   recipe=benchmarks/recipes/hybrid_400m_mimo.yaml settings=""
   [ $v = siso ] && recipe=benchmarks/recipes/hybrid_400m.yaml
   [ $v = mimo_torchout ] && settings="mimo_output=0"
   HYBRIDKIT_KERNELS=$settings timeout -k 5 200 python -m hybridkit bench train "$recipe" \
-    --batch 4 --seq-len 4096 --compile --steps 10 --out "$WORK/train_$v" > "$WORK/train_$v.txt" 2>&1
+    --batch 4 --seq-len 4096 --compile --steps 8 --out "$WORK/train_$v" > "$WORK/train_$v.txt" 2>&1
   show "$WORK/train_$v.md" "$WORK/train_$v.txt"; pack
 done
+timeout -k 5 150 python -m pytest -q -m gpu tests/test_mimo_output.py -p no:cacheprovider \
+  -k compiled -rfE 2>&1 | grep -v Warning | tail -20 > "$WORK/mimo_output_compiled_test.txt"
+tail -3 "$WORK/mimo_output_compiled_test.txt"; pack
