@@ -8,7 +8,7 @@
 #   2. benchmarks/mimo_output.py (ours vs the torch formula eager and under Inductor)
 #      -> mimo_output.{json,md,txt}
 #   3. `hybridkit bench train` of the 400M MIMO rank-4 hybrid, compiled, 4 x 4,096 tokens, with
-#      the kernels (default) and with mimo_output=0 (the torch formula, fused by Inductor), then
+#      the kernels (mimo_output=1) and without (the default: the torch formula, fused by Inductor)
 #      -> train_{mimo,mimo_torchout}.{json,md,txt}; then the compiled-model GPU test.
 # Here: mkdir -p .gpu/mo && tar -xzf FILES_AT/session.tar.gz -C .gpu/mo
 set -u
@@ -27,8 +27,7 @@ timeout -k 5 150 python benchmarks/mimo_output.py --out "$WORK/mimo_output" \
 show "$WORK/mimo_output.md" "$WORK/mimo_output.txt"; grep "^Backward tile" "$WORK/mimo_output.md"
 pack
 for v in mimo mimo_torchout; do
-  recipe=benchmarks/recipes/hybrid_400m_mimo.yaml settings=""
-  [ $v = siso ] && recipe=benchmarks/recipes/hybrid_400m.yaml
+  recipe=benchmarks/recipes/hybrid_400m_mimo.yaml settings="mimo_output=1"
   [ $v = mimo_torchout ] && settings="mimo_output=0"
   HYBRIDKIT_KERNELS=$settings timeout -k 5 200 python -m hybridkit bench train "$recipe" \
     --batch 4 --seq-len 4096 --compile --steps 8 --out "$WORK/train_$v" > "$WORK/train_$v.txt" 2>&1

@@ -59,7 +59,9 @@ Fields (defaults in :class:`KernelConfig`):
 * ``mimo_output``: the output of a MIMO layer (per-rank gate, output norm, ``mimo_o`` rank
   sum) through one fused Triton kernel forward and one backward on CUDA, eager and compiled
   (``hybridkit/kernels/mamba3/output``), instead of the torch formula's R-times-wider
-  float32 intermediates (off: the torch formula, which ``torch.compile`` fuses itself);
+  float32 intermediates (which ``torch.compile`` fuses itself); off until it has passed the
+  GPU tests and beaten Inductor's fusion at model level (``benchmarks/gpu_mimo_output.sh``
+  runs both; checked so far on the CPU through the interpreter and compiled for sm_90);
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
@@ -120,7 +122,7 @@ class KernelConfig:
     fused_add_norm: bool = True
     pdl: bool = False
     attention_step: bool = True
-    mimo_output: bool = True
+    mimo_output: bool = False
 
     @property
     def tunes(self) -> bool:

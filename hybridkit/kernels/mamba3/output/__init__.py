@@ -7,11 +7,12 @@ or after the gate) and the ``mimo_o``-weighted rank sum (``docs/mamba3.md`` 1.8)
 * ``torch``: :mod:`.reference` (float32/64 out);
 * ``triton``: the fused kernels of :mod:`.triton_kernels`, forward and backward (y's dtype out),
   as custom ops under ``torch.compile`` (:mod:`.op`);
-* ``auto``: ``triton`` for CUDA tensors when the kernel setting ``mimo_output`` is on (default)
-  and the call fits the kernels (rank a power of two, R x group channels within one tile, no
-  float64), eager and compiled alike: unlike the norms, where Inductor's fusion of the torch
-  formula with its neighbours wins, the MIMO formula materialises R-times-wider float32
-  intermediates that Inductor splits over several kernels and reductions. Else ``torch``.
+* ``auto``: ``triton`` for CUDA tensors when the kernel setting ``mimo_output`` is on and the
+  call fits the kernels (rank a power of two, R x group channels within one tile, no float64),
+  eager and compiled alike: the torch formula materialises R-times-wider float32
+  intermediates, which Inductor splits over several kernels and reductions. Else ``torch``.
+  The setting is off by default until the kernels have passed their GPU tests and beaten
+  Inductor's fusion of the formula in the model (``benchmarks/gpu_mimo_output.sh``).
 
 SISO layers do not come here: their gate and norm are the gated norm's (``kernels/norm``).
 """
