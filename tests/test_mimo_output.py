@@ -105,6 +105,13 @@ def test_matches_float64(shape, group, mode, poisoned_empty):
     _check(shape, group, mode)
 
 
+@pytest.mark.parametrize("rank", [2, 4, 8])
+def test_the_model_group_width(rank, poisoned_empty):
+    """Groups of 64 channels (the 400M model's heads): the tiles the GPU runs, (16 / 8 / 4)
+    tokens forward and (8 / 4 / 2) backward, over a token count no tile divides."""
+    _check((1, 37, rank, 2, 64), 64, "postgate")
+
+
 def test_bf16_inputs_return_bf16_within_its_precision(poisoned_empty):
     _check((2, 6, 4, 2, 8), 8, "pregate", dtype=torch.bfloat16, tol=2e-2)
 
