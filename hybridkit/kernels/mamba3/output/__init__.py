@@ -25,26 +25,12 @@ import torch
 
 from hybridkit.kernels.config import current_config
 from hybridkit.kernels.mamba3.output.reference import MODES, mimo_output_reference
+from hybridkit.kernels.mamba3.output.tiles import TILE_ELEMENTS, tile
 
-__all__ = ["BACKENDS", "MODES", "mimo_output", "plan_mimo_output", "tile"]
+__all__ = ["BACKENDS", "MODES", "TILE_ELEMENTS", "mimo_output", "plan_mimo_output", "tile"]
 
 BACKENDS = ("auto", "torch", "triton")
-#: (tokens x R x channels) elements per kernel tile at 8 warps: 8 per thread and live tensor, the
-#: size at which the gated norm's backward (``kernels/norm``) needs ~100 registers, unspilled
-TILE_ELEMENTS = 2048
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def tile(rank: int, group_size: int, elements: int = TILE_ELEMENTS) -> tuple[int, int] | None:
-    """(tokens, channels) of a kernel tile of about ``elements`` for this rank and group (at
-    least one token), or None when the kernels cannot run it (rank not a power of two, or one
-    token's R x group wider than ``TILE_ELEMENTS``)."""
-    if rank < 1 or rank & (rank - 1) or group_size < 1:
-        return None
-    block_n = 1 << (group_size - 1).bit_length()
-    if rank * block_n > TILE_ELEMENTS:
-        return None
-    return max(1, elements // (rank * block_n)), block_n
 
 
 def plan_mimo_output(

@@ -24,11 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.mamba3.output import tile
 from hybridkit.kernels.mamba3.output.reference import MODES
+from hybridkit.kernels.mamba3.output.tiles import tile
 
 #: elements of the backward's (tokens x R x channels) tile at 8 warps (the forward's is
-#: ``TILE_ELEMENTS``): ~20 registers per element and thread of float32 arithmetic; at 2048
+#: ``tiles.TILE_ELEMENTS``): ~20 registers per element and thread of float32 arithmetic; at 2048
 #: (8 per thread) it compiled to ~165 registers for sm_90, one program per SM, at 1024 to ~105,
 #: two. Module-level so a benchmark can compare sizes.
 BWD_TILE_ELEMENTS = 1024
