@@ -112,6 +112,7 @@ _positive_int = _int_arg(1)
 _nonnegative_int = _int_arg(0)
 _seed = _int_arg(0, 2**63 - 1)
 MAX_SEQ_LEN = 2**32
+MAX_BATCH = 1 << 16  # sequences decoded at once (generate --batch, bench decode --batch)
 
 
 # --- show -------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
     continued by the model for as many tokens as that answer has; prints the prompt's tail, the
     expected answer, the model's and whether they match. Raw ids mean little on a task model;
     this shows what it does with the inputs it was trained on."""
-    from hybridkit.tasks.base import IGNORE_INDEX
+    from hybridkit.tasks.base import IGNORE_INDEX, MAX_LENGTH
 
     if recipe.task is None:
         raise HybridkitError(
@@ -253,6 +254,8 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
         )
     task = recipe.task.build()
     length = args.length or recipe.task.max_train_length()
+    if length > MAX_LENGTH:  # as eval --lengths: the test set would not fit in any memory
+        raise HybridkitError(f"--length {length} is too long; allowed: at most {MAX_LENGTH}")
     try:
         batch = task.eval_set(length).select(slice(0, args.task_examples))
     except ValueError as err:
@@ -280,19 +283,37 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
     return 0
 
 
-def _check_generation_memory(model, batch: int, prompt: int, new: int, device: str) -> None:
-    """Refuse a ``generate`` whose caches cannot fit in the free memory of ``device``, naming
-    the flags, before anything is allocated (else: a crash or the OOM killer, minutes later)."""
+def _check_generation_memory(
+    model,
+    batch: int,
+    prompt: int,
+    new: int,
+    device: str,
+    *,
+    flags: tuple[str, str, str] = ("--batch", "prompt", "--max-new-tokens"),
+    copies: int = 1,
+) -> None:
+    """Refuse a ``generate`` (or ``bench decode``: other ``flags`` name the batch, prompt and
+    new tokens) whose caches cannot fit in the free memory of ``device``, naming the flags,
+    before anything is allocated (else: a crash or the OOM killer, minutes later); ``copies``
+    caches of that size are allocated at once."""
     from hybridkit.generation import generation_bytes
     from hybridkit.runtime import free_memory_bytes
     from hybridkit.summary import human_bytes
 
-    need, free = generation_bytes(model, batch, prompt, new), free_memory_bytes(device)
+    need = copies * generation_bytes(model, batch, prompt, new)
+    free = free_memory_bytes(device)
     if free is not None and need > free:
+        terms = [
+            f"{f} {v}" if f.startswith("--") else f"{v} {f}"
+            for f, v in zip(flags, (batch, prompt, new))
+        ]
+        lower = [f for f in flags if f.startswith("--")]
+        lower = ", ".join(lower[:-1]) + " or " + lower[-1] if len(lower) > 1 else lower[0]
         raise HybridkitError(
-            f"--batch {batch} x ({prompt} prompt + --max-new-tokens {new}) tokens needs about "
+            f"{terms[0]} x ({terms[1]} + {terms[2]}) tokens needs about "
             f"{human_bytes(need)} for the caches, logits and tokens, but {device} has "
-            f"{human_bytes(free)} free; lower --batch or --max-new-tokens"
+            f"{human_bytes(free)} free; lower {lower}"
         )
 
 
@@ -426,7 +447,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     out = str(Path("runs") / Path(args.study).stem) if args.out is None else args.out
     _output_dir(out, "-o/--out")
-    if args.report and (args.shard or args.only or args.list):
+    if args.report and (args.shard is not None or args.only or args.list):
         raise HybridkitError(
             "--report merges every finished run into the report and trains nothing; "
             "it takes no --shard, --only or --list"
@@ -437,7 +458,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         )
     if args.jobs < 1:  # checked for --list too, so a listed command line also runs
         raise HybridkitError(f"--jobs must be at least 1, got {args.jobs}")
-    shard = parse_shard(args.shard) if args.shard else None
+    # `--shard ""` (an empty shell variable) is an error, not the whole study
+    shard = parse_shard(args.shard) if args.shard is not None else None
     if args.list:
         rows = list_study(
             args.study,
@@ -530,6 +552,19 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         _output_dir(args.out, "--out", prefix=True)
+    batches = _int_list(args.batch, "--batch", MAX_BATCH)
+    # the largest batch's caches (and the profiled tokens), then the two drift caches: refused
+    # before anything is allocated, like generate's
+    extra = 8 if args.profile else 0
+    flags = ("--batch", "--prompt", "--new")
+    _check_generation_memory(
+        model, max(batches), args.prompt, args.new + extra, device, flags=flags
+    )
+    if args.drift_tokens:
+        flags = ("batch", "--prompt", "--drift-tokens")
+        _check_generation_memory(
+            model, 1, args.prompt, args.drift_tokens + 1, device, flags=flags, copies=2
+        )
 
     def write(result) -> None:  # after every batch size: a cut-off run keeps what it measured
         if out is not None:
@@ -539,7 +574,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
     result = bench_decode(
         model,
-        batches=_int_list(args.batch, "--batch", 1 << 16),
+        batches=batches,
         prompt=args.prompt,
         new=args.new,
         ssm_dtype=torch.bfloat16 if args.ssm_dtype == "bfloat16" else None,
@@ -612,7 +647,7 @@ def _add_generate(sub) -> None:
     )
     p.add_argument(
         "--batch",
-        type=_positive_int,
+        type=_int_arg(1, MAX_BATCH),
         default=1,
         help="copies of a single prompt to sample in parallel (default 1)",
     )

@@ -20,7 +20,11 @@ from hybridkit.schema import StrictModel
 #: torch.compile modes a recipe may ask for (hybridkit/train/compile.py)
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
-__all__ = ["EvalSpec", "TrainSpec"]
+__all__ = ["MAX_LR", "EvalSpec", "TrainSpec"]
+
+#: the largest ``train.lr``: far above any that learns (such runs stop with the divergence
+#: message), and below ~1e37, where AdamW's float32 step overflows (a RuntimeError traceback)
+MAX_LR = 1e6
 
 #: ``train.loss_chunk_tokens: auto`` on CUDA: 4096 rows x a 32k vocabulary are 256 MB of bf16
 #: logits per chunk (plus their float32 softmax), few enough launches that the chunk loop costs
@@ -35,7 +39,7 @@ class TrainSpec(StrictModel):
     steps: int = Field(default=1000, gt=0, description="optimizer steps")
     batch_size: int = Field(default=32, gt=0, description="global examples per optimizer step")
     grad_accum: int = Field(default=1, gt=0, description="micro-batches per step and rank")
-    lr: float = Field(default=1e-3, gt=0, description="peak learning rate")
+    lr: float = Field(default=1e-3, gt=0, le=MAX_LR, description="peak learning rate")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="final lr / peak lr")
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int | None = Field(default=None, ge=0, description="default: 5% of steps")

@@ -32,13 +32,19 @@ def load_source(
     are imported before the recipe is validated (a run directory's recipe names its own).
     """
     path = Path(source)
-    if path.is_dir() or run_only:
-        recipe_path = path / "recipe.yaml"
-        if not recipe_path.is_file():
+    recipe_path = path / "recipe.yaml"
+    try:
+        is_run = path.is_dir() or run_only
+        has_recipe = is_run and recipe_path.is_file()
+        exists = path.exists()
+    except OSError as exc:  # a name too long for the file system, ...: not a traceback
+        raise HybridkitError(f"cannot open {source}: {exc.strerror or exc}") from None
+    if is_run:
+        if not has_recipe:
             hint = "" if run_only else "; pass a recipe file or a run directory"
             raise HybridkitError(f"{path} is not a run directory (no recipe.yaml){hint}")
         return load_recipe(recipe_path, overrides, plugins=plugins), find_weights(path)
-    if not path.exists():
+    if not exists:
         raise HybridkitError(f"no such recipe file or run directory: {source}")
     return load_recipe(path, overrides, plugins=plugins), None
 

@@ -33,7 +33,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise HybridkitError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
+        device = None
+    # torch also parses meta, mps, xla, ...: models cannot run there (a traceback at the first
+    # forward or .to()), so only the kinds hybridkit runs on are accepted
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise HybridkitError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HybridkitError(
             f"device {name!r} asks for CUDA but no GPU is available; use cpu or auto"

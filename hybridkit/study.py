@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
@@ -68,11 +68,13 @@ from hybridkit.recipe import (
     read_yaml_mapping,
     validation_problems,
 )
+from hybridkit.recipe_sections import MAX_LR
 from hybridkit.rundir import load_run
 from hybridkit.runtime import resolve_device
-from hybridkit.schema import StrictModel
+from hybridkit.schema import StrictModel, raise_problems, spec_problem
 from hybridkit.study_jobs import deferral, run_parallel
 from hybridkit.summary import human_bytes, human_count, summarize
+from hybridkit.tasks.base import MAX_LENGTH
 from hybridkit.train.determinism import deterministic_kernels
 from hybridkit.train.trainer import Trainer
 from hybridkit.weights import find_weights
@@ -154,7 +156,7 @@ class StudySpec(StrictModel):
         default_factory=lambda: [0],
         description="every variant runs at each seed; the LR sweep runs at the first",
     )
-    lrs: list[Annotated[float, Field(gt=0)]] | None = Field(
+    lrs: list[Annotated[float, Field(gt=0, le=MAX_LR)]] | None = Field(
         default=None, description="learning rates; default train.lr"
     )
     lengths: list[Annotated[int, Field(gt=0)]] | None = Field(
@@ -163,7 +165,9 @@ class StudySpec(StrictModel):
     select_metric: str = Field(
         default="ex_match", description="ex_match | tok_acc: chooses the LR, heads the report"
     )
-    select_examples: int = Field(default=200, gt=0, description="held-out examples for LR choice")
+    select_examples: int = Field(
+        default=200, gt=0, le=10**7, description="held-out examples for LR choice"
+    )
     plugins: list[str] = Field(
         default_factory=list,
         description="modules or .py files (relative to this file) imported before validation",
@@ -178,9 +182,35 @@ class StudySpec(StrictModel):
         if not value:
             raise ValueError("a study needs at least one variant")
         for name in value:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"variant name {name!r} must be a plain folder name")
+            problem = _folder_name_problem(name)
+            if problem:
+                raise ValueError(f"variant name {name!r} must be a plain folder name ({problem})")
         return value
+
+    @model_validator(mode="after")
+    def _sweep_names(self) -> StudySpec:
+        """A sweep's variant names (``<arm>-<tag><value>``) are folders too: a value or tag
+        with a '/' put its runs outside the study folder, a long one failed after training."""
+        if self.sweep is None:
+            return self
+        problems = []
+        tag = ("sweep", "name" if self.sweep.name else "key")
+        for k, value in enumerate(self.sweep.values):
+            for arm in self.variants:
+                name = sweep_variant(self, arm, value)
+                problem = _folder_name_problem(name)
+                if problem:
+                    # the tag alone (no value) already fails: blame sweep.name / sweep.key once
+                    where = tag if _folder_name_problem(f"{arm}-{self.sweep.tag}") else None
+                    message = (
+                        f"makes the variant name {name!r}, not a plain folder name ({problem})"
+                    )
+                    problems.append(spec_problem(where or ("sweep", "values", k), message, value))
+                    break
+            if problems and problems[-1]["loc"] == tag:
+                break
+        raise_problems(type(self).__name__, problems)
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -204,6 +234,20 @@ class StudySpec(StrictModel):
         if value not in ("ex_match", "tok_acc"):
             raise ValueError(f"select_metric must be ex_match or tok_acc, got {value!r}")
         return value
+
+
+MAX_NAME_BYTES = 200  # a folder name (file systems allow 255; room for .stale-k and the like)
+
+
+def _folder_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one folder inside the study folder, or None."""
+    if not name or name.startswith("."):
+        return "empty or starting with '.'"
+    if "/" in name or "\0" in name:
+        return "'/' or a NUL character in it"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"longer than {MAX_NAME_BYTES} bytes"
+    return None
 
 
 def load_study(
@@ -362,6 +406,7 @@ def plan_study(
     variants = study_variants(spec)
     # A typo in the last variant should not surface after an hour of training the first ones.
     recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in variants}
+    _check_lengths(spec, recipes)
     lrs = {v: list(spec.lrs) if spec.lrs else [recipes[v].train.lr] for v in variants}
     first, rest = spec.seeds[0], spec.seeds[1:]
     slots = [Slot(v, first, lr) for v in variants for lr in lrs[v]]
@@ -373,6 +418,23 @@ def plan_study(
             for value in spec.sweep.values:
                 arm_of[sweep_variant(spec, arm, value)] = (arm, value)
     return StudyPlan(spec, base, Path(study_path), variants, lrs, slots, arm_of)
+
+
+def _check_lengths(spec: StudySpec, recipes: Mapping[str, RecipeSpec]) -> None:
+    """The study's ``lengths`` are test lengths of every variant's task: checked before any run
+    trains (they failed at the first evaluation, naming ``--lengths``, or ran out of memory)."""
+    problems = []
+    for i, length in enumerate(spec.lengths or []):
+        for variant, recipe in recipes.items():
+            if length > MAX_LENGTH:
+                problem = f"length {length} is too long; allowed: at most {MAX_LENGTH}"
+            else:
+                problem = recipe.task.length_problem(length)
+            if problem is not None:
+                problems.append((f"lengths.{i}", f"variant {variant!r}: {problem}"))
+                break
+    if problems:
+        raise RecipeError(spec._source or "<study>", problems, "study")
 
 
 SHARD_FORM = "I/N with integers 0 <= I < N (e.g. --shard 0/4 ... --shard 3/4)"
@@ -399,6 +461,8 @@ def parse_only(texts: Sequence[str], plan: StudyPlan) -> dict[str, set]:
     chosen: dict[str, set] = {}
     for text in texts:
         key = None
+        if not text.strip(" ,"):  # an empty value (a shell variable unset) would select every run
+            raise HybridkitError(f"--only must be {ONLY_FORM}; got {text!r}")
         for item in (t.strip() for t in text.split(",")):
             if not item:
                 continue

@@ -59,7 +59,8 @@ def test_generate_refuses_what_cannot_fit_before_allocating(cli_error, monkeypat
     recipe = str(RECIPES[0])
     err = cli_error("generate", recipe, "--max-new-tokens", "100000000000", "--device", "cpu")
     assert "--max-new-tokens 100000000000" in err and "free" in err
-    assert "--batch 100000000" in cli_error("generate", recipe, "--batch", "100000000")
+    err = cli_error("generate", recipe, "--batch", "65536", "--max-new-tokens", "1000000")
+    assert "--batch 65536" in err and "free" in err  # --batch itself stops at 65536
     monkeypatch.setattr(runtime, "free_memory_bytes", lambda device: 1000)
     err = cli_error("generate", recipe, "--max-new-tokens", "8", "--device", "cpu")
     assert "lower --batch or --max-new-tokens" in err

@@ -588,3 +588,129 @@ def test_generate_batch_with_several_prompts_and_zero_jobs_are_errors(cli_error)
     assert "--jobs must be at least 1" in cli_error("study", study, "--list", "--jobs", "0")
     err = cli_error("show", str(recipes / "mqar_tiny.yaml"), "--set", "task.eval_lengths=[7]")
     assert err.count("7") == 1, err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_devices_torch_parses_but_hybridkit_cannot_run_on(device, tmp_path, cli_error):
+    """torch.device() accepts meta, mps, xla, ...: generate and bench decode failed on them with
+    a RuntimeError / NotImplementedError traceback at the first .to() or forward."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml")
+    for args in (
+        ["generate", recipe, "--max-new-tokens", "1"],
+        ["bench", "decode", recipe, "--batch", "1", "--prompt", "4", "--new", "2"],
+    ):
+        err = cli_error(*args, "--device", device)
+        assert f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N" in err, err
+
+
+def test_generate_sizes_beyond_any_memory_are_clear(cli_error, capsys):
+    """``generate --batch 10**21`` was an OverflowError traceback (the prompt list copied that
+    often), ``--task-examples --length 2**32`` a numpy MemoryError; ``bench decode`` with a
+    prompt or new-token count no machine holds failed in the allocator."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    with pytest.raises(SystemExit):
+        main(["generate", recipe, "--batch", str(10**21)])
+    assert "argument --batch: must be from 1 to 65536" in capsys.readouterr().err
+    err = cli_error("generate", recipe, "--task-examples", "1", "--length", str(2**32))
+    assert "--length 4294967296 is too long; allowed: at most 16777216" in err
+    bench = ["bench", "decode", recipe, "--device", "cpu", "--batch", "1"]
+    err = cli_error(*bench, "--prompt", str(2**32), "--new", "2")
+    assert "--prompt 4294967296" in err and "lower --batch, --prompt or --new" in err
+    err = cli_error(*bench, "--prompt", "4", "--new", "2", "--drift-tokens", str(2**40))
+    assert "--drift-tokens" in err and "free" in err
+
+
+def test_a_name_too_long_for_the_file_system_is_clear(cli_error):
+    """An OSError (ENAMETOOLONG) from ``Path.is_dir`` was a traceback in show, generate,
+    check, eval and bench."""
+    name = "x" * 5000 + ".yaml"
+    for args in (["show", name], ["eval", name], ["generate", name]):
+        assert "File name too long" in cli_error(*args), args
+
+
+def test_empty_shard_and_only_values_are_errors(cli_error):
+    """``--shard ""`` and ``--only ""`` (an unset shell variable) silently selected every run
+    of the study."""
+    study = str(ROOT / "hybridkit" / "recipes" / "studies" / "lengthgen_quickstart.yaml")
+    assert "--shard must be I/N" in cli_error("study", study, "--list", "--shard", "")
+    for value in ("", " , "):
+        assert "--only must be" in cli_error("study", study, "--list", "--only", value)
+
+
+def _study(tmp_path: Path, **changes: Any) -> str:
+    data = {
+        "base": str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml"),
+        "variants": {"v": ["model.layout=m a"]},
+        **changes,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_bytes(dump(data))
+    return str(path)
+
+
+def test_study_run_folders_stay_inside_the_study_folder(tmp_path, cli_error):
+    """A sweep value or tag with a '/' made variant folders outside ``-o`` (``values: [../x]``
+    wrote there); a NUL character or a name longer than a folder name may be failed with a
+    ValueError / OSError traceback when the run started."""
+    out = ["-o", str(tmp_path / "out"), "--list"]
+    cases = [
+        ({"sweep": {"key": "name", "values": ["/../../escaped"]}}, "sweep.values.0: makes"),
+        ({"sweep": {"key": "name", "name": "x/..", "values": ["a"]}}, "sweep.name: makes"),
+        ({"sweep": {"key": "name", "values": ["y" * 300]}}, "longer than 200 bytes"),
+        ({"variants": {"a\0b": []}}, "NUL character"),
+        ({"variants": {"z" * 300: []}}, "longer than 200 bytes"),
+    ]
+    for changes, message in cases:
+        assert message in cli_error("study", _study(tmp_path, **changes), *out), changes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+def test_study_lengths_and_sizes_are_checked_before_training(tmp_path, cli_error, no_training):
+    """The study's ``lengths`` were first checked at the first evaluation, after training (a
+    message naming ``--lengths``, or a numpy MemoryError for a huge one); ``select_examples``
+    had no bound (the held-out set is generated whole) and an ``lrs`` value or ``train.lr``
+    of 1e38 overflowed in AdamW's float32 step (a RuntimeError traceback)."""
+    out = ["-o", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    cases = [
+        ({"lengths": [1]}, "lengths.0: variant 'v': induction length must be >= 3"),
+        ({"lengths": [10**11]}, "lengths.0: variant 'v': length 100000000000 is too long"),
+        ({"select_examples": 10**12}, "select_examples: must be less than or equal to"),
+        ({"lrs": [1e38]}, "lrs.0: must be less than or equal to 1000000"),
+    ]
+    for changes, message in cases:
+        assert message in cli_error("study", _study(tmp_path, **changes), *out), changes
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    err = cli_error("show", recipe, "--set", "train.lr=1e38")
+    assert "train.lr: must be less than or equal to 1000000" in err
+
+
+def test_damaged_run_directory_layout_is_clear(tmp_path, cli_error, one_thread):
+    """Resuming into a run directory whose metrics.jsonl holds bytes that are not UTF-8 was a
+    UnicodeDecodeError traceback; a folder where the trainer writes a file (model.safetensors,
+    checkpoints/latest, metrics.jsonl) or a file where it makes a folder (checkpoints) was an
+    IsADirectoryError / FileExistsError traceback -- for model.safetensors after training."""
+    import shutil
+
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    run = tmp_path / "run"
+    sets = ["train.checkpoint_every=1", "task.eval_examples=4", "task.eval_lengths=[32]"]
+    sets += ["eval.decode_examples=0", "train.tensorboard=false"]
+    args = ["train", recipe, "-o", str(run), "--no-progress", *[f"--set={s}" for s in sets]]
+    assert main([*args, "--set=train.steps=1"]) == 0
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe garbage\n")
+    assert main([*args, "--set=train.steps=2"]) == 0  # the damaged line is dropped
+    for name, is_dir in (
+        ("model.safetensors", True),
+        ("checkpoints/latest", True),
+        ("metrics.jsonl", True),
+        ("checkpoints", False),
+    ):
+        path = run / name
+        saved = tmp_path / "saved"
+        shutil.move(path, saved)
+        path.mkdir() if is_dir else path.write_text("x")
+        found = "a directory" if is_dir else "a file"
+        err = cli_error(*args, "--set=train.steps=3")
+        assert f"{path} is {found}, but the trainer writes" in err, err
+        shutil.rmtree(path) if is_dir else path.unlink()
+        shutil.move(saved, path)

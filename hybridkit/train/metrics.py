@@ -33,7 +33,8 @@ class MetricsLog:
             return
         kept = [
             line
-            for line in self.path.read_text().splitlines()
+            # bytes that are not UTF-8 (a damaged file) make lines that do not parse: dropped
+            for line in self.path.read_bytes().decode("utf-8", "replace").splitlines()
             if (record := _parse(line)) is not None and record.get("step", 0) <= step
         ]
         tmp = self.path.with_suffix(".jsonl.tmp")

@@ -44,6 +44,32 @@ from hybridkit.train.prefetch import BatchPrefetcher
 from hybridkit.train.sharded_checkpoint import load_sharded, write_sharded_checkpoint
 from hybridkit.weights import latest_checkpoint, save_weights
 
+#: what the trainer writes into a run directory: path -> whether it is a directory
+RUN_DIR_LAYOUT = {
+    "checkpoints": True,
+    "checkpoints/latest": False,
+    "recipe.yaml": False,
+    "metrics.jsonl": False,
+    "model.safetensors": False,
+    "final.json": False,
+}
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A folder where the trainer writes a file (or a file where it makes a folder) is refused
+    before any work: it used to surface as an ``IsADirectoryError`` / ``FileExistsError``
+    traceback, for ``model.safetensors`` only after the whole run had trained."""
+    for name, is_dir in RUN_DIR_LAYOUT.items():
+        path = run_dir / name
+        if path.exists() and path.is_dir() != is_dir:
+            found, needed = (
+                ("a directory", "a file") if path.is_dir() else ("a file", "a directory")
+            )
+            raise HybridkitError(
+                f"{path} is {found}, but the trainer writes {needed} there; move it aside or "
+                "pass another -o/--out"
+            )
+
 
 class TrainingDiverged(HybridkitError):
     """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
@@ -169,6 +195,7 @@ class Trainer:
         self.history: list[dict] = []
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            _check_run_dir(self.run_dir)
         dist_utils.barrier(self.dist)
         self.log = MetricsLog(
             self.run_dir, enabled=self.dist.is_main, tensorboard=self.spec.tensorboard
