@@ -714,3 +714,12 @@ def test_damaged_run_directory_layout_is_clear(tmp_path, cli_error, one_thread):
         assert f"{path} is {found}, but the trainer writes" in err, err
         shutil.rmtree(path) if is_dir else path.unlink()
         shutil.move(saved, path)
+
+
+def test_rate_options_beyond_float32_are_recipe_errors(cli_error):
+    """``a_floor`` / ``dt_*`` of 1e300 failed at the first float32 conversion (a RuntimeError
+    traceback); they are bounded like every other number of the recipe."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml")
+    for key in ("a_floor", "dt_min", "dt_max", "dt_init_floor"):
+        err = cli_error("show", recipe, "--set", f"model.blocks.m.mixer.{key}=1e300")
+        assert f"{key}: must be less than or equal to 10000" in err, err

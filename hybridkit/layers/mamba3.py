@@ -300,6 +300,12 @@ class Mamba3(Layer):
         )
 
 
+#: bound of the rate-like options (``a_floor``, ``dt_*``): far above any that trains (a step's
+#: decay exp(-A dt) is 0 in float32 long before), and below float32's overflow, where they
+#: failed as a RuntimeError at the first float32 conversion instead of a recipe error
+MAX_RATE = 1e4
+
+
 @register_layer(Mamba3)
 class Mamba3Spec(LayerSpec):
     """Mamba-3 mixer options; defaults are the paper's (docs/mamba3.md 1.1)."""
@@ -317,10 +323,10 @@ class Mamba3Spec(LayerSpec):
     )
     outproj_norm: OutprojNorm = "none"
     a_activation: Literal["heavy_tail", "softplus"] = "heavy_tail"
-    a_floor: float = Field(default=1e-4, gt=0)
-    dt_min: float = Field(default=1e-3, gt=0)
-    dt_max: float = Field(default=0.1, gt=0)
-    dt_init_floor: float = Field(default=1e-4, gt=0)
+    a_floor: float = Field(default=1e-4, gt=0, le=MAX_RATE)
+    dt_min: float = Field(default=1e-3, gt=0, le=MAX_RATE)
+    dt_max: float = Field(default=0.1, gt=0, le=MAX_RATE)
+    dt_init_floor: float = Field(default=1e-4, gt=0, le=MAX_RATE)
     norm_eps: float = Field(default=1e-5, gt=0)
     chunk_size: int = Field(
         default=64, gt=0, le=4096, description="chunk length of the prefill scan"
