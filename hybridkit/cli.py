@@ -897,6 +897,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as err:
+        if not _out_of_memory(err):
+            raise
+        # commands check what they can estimate before allocating (generate, bench decode);
+        # the rest (bench train, check, eval at huge sizes) end here instead of in a traceback
+        print(
+            f"hybridkit {args.command}: error: {_out_of_memory_message(err, args)}", file=sys.stderr
+        )
+        return 2
+
+
+#: options whose values set how much memory a command needs, as argparse names them
+_SIZE_OPTIONS = ("batch", "seq_len", "prefill", "prompt", "new", "max_new_tokens",
+                 "drift_tokens", "length", "lengths", "task_examples")  # fmt: skip
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (torch's CUDA or CPU allocator, numpy)."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return any(s in text for s in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def _out_of_memory_message(err: BaseException, args: argparse.Namespace) -> str:
+    """The allocation failure's first line and the size options this command was given."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    given = [
+        f"--{name.replace('_', '-')} {getattr(args, name)}"
+        for name in _SIZE_OPTIONS
+        if getattr(args, name, None) not in (None, "", [])
+    ]
+    sizes = f"; lower one of: {', '.join(given)}" if given else ""
+    return f"out of memory ({first[:200]}){sizes}"
 
 
 if __name__ == "__main__":

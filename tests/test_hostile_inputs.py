@@ -723,3 +723,25 @@ def test_rate_options_beyond_float32_are_recipe_errors(cli_error):
     for key in ("a_floor", "dt_min", "dt_max", "dt_init_floor"):
         err = cli_error("show", recipe, "--set", f"model.blocks.m.mixer.{key}=1e300")
         assert f"{key}: must be less than or equal to 10000" in err, err
+
+
+def test_running_out_of_memory_is_an_error_naming_the_sizes(monkeypatch, cli_error):
+    """Commands that cannot estimate their memory up front (bench train, check, eval at huge
+    sizes) end in an allocation failure: a clear error with the sizes they were given."""
+    from hybridkit import cli
+
+    def oom(args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 52.00 GiB\nmore text")
+
+    monkeypatch.setattr(cli, "cmd_show", oom)
+    recipe = str(ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml")
+    err = cli_error("show", recipe, "--batch", "4096", "--seq-len", "65536")
+    assert "out of memory (CUDA out of memory. Tried to allocate 52.00 GiB)" in err, err
+    assert "lower one of: --batch 4096, --seq-len 65536" in err, err
+
+    def other(args):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(cli, "cmd_show", other)
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors still show their traceback
+        cli.main(["show", recipe])
