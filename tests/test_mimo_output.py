@@ -117,7 +117,7 @@ def test_bf16_inputs_return_bf16_within_its_precision(poisoned_empty):
 
 
 def test_empty_sequence():
-    leaves = [t.requires_grad_() for t in _inputs(2, 0, 2, 2, 4)]
+    leaves = [t.float().requires_grad_() for t in _inputs(2, 0, 2, 2, 4)]
     out = _run(leaves, (2, 0, 2, 2, 4), group=4, mode="pregate", backend="triton")
     assert out.shape == (2, 0, 8)
     out.sum().backward()
@@ -147,6 +147,9 @@ def test_dispatch_rules_and_errors():
     assert tile(4, 64) == (8, 64) and tile(2, 5) == (128, 8) and tile(8, 512) is None
     with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
         plan_mimo_output("cuda", device=cpu, dtype=torch.float32, rank=2, group_size=8)
+    for dtype, rank, group in ((torch.float32, 3, 64), (torch.float32, 4, 2048), (F64, 2, 8)):
+        with pytest.raises(ValueError, match="the Triton kernels cannot run this call"):
+            plan_mimo_output("triton", device=cpu, dtype=dtype, rank=rank, group_size=group)
     y, proj, mz, mo, w = _inputs(1, 3, 2, 2, 4)
     z = proj[..., 5:13].reshape(1, 3, 2, 4)
     with pytest.raises(ValueError, match="allowed: none, pregate, postgate"):
@@ -155,6 +158,21 @@ def test_dispatch_rules_and_errors():
         mimo_output(y, z, mz[:, :1], mo, w, group_size=4, eps=1e-5, mode="none")
     with pytest.raises(ValueError, match="needs a weight"):
         mimo_output(y, z, mz, mo, None, group_size=4, eps=1e-5, mode="postgate")
+    with pytest.raises(ValueError, match="a group dividing 8 .got 3."):
+        mimo_output(y, z, mz, mo, w, group_size=3, eps=1e-5, mode="pregate")
+    with pytest.raises(ValueError, match="eps > 0 .got 0.0."):
+        mimo_output(y, z, mz, mo, w, group_size=4, eps=0.0, mode="pregate")
+
+
+@pytest.mark.parametrize("group", [3, 5, 16, 2048])
+def test_without_a_norm_the_group_is_ignored(group, poisoned_empty):
+    """``mode="none"`` has no group: whatever the caller passes, the kernels tile by heads (a
+    group not dividing H * P left channels unwritten, a wider one launched no program)."""
+    shape = (1, 5, 4, 2, 4)
+    leaves = [t.float() for t in _inputs(*shape)]
+    got = _run(leaves, shape, group=group, mode="none", backend="triton")
+    want = _run([t.double() for t in leaves], shape, group=group, mode="none", backend="torch")
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
 
 
 def test_custom_op_fake_impls_match_the_real_ones():
@@ -218,6 +236,28 @@ def test_layer_with_the_kernels_matches_the_torch_output(norm, monkeypatch):
     assert rel_err(o_got, o_ref) < 1e-5
     for got, want in zip(g_got, g_ref, strict=True):
         assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("norm", "rank", "kernels"),
+    [("none", 4, True), ("postgate", 4, False), ("grouped_pregate", 3, False),
+     ("grouped_postgate", 2, True)],
+)  # fmt: skip
+def test_layers_asking_for_triton_run_the_kernels_where_they_fit(norm, rank, kernels):
+    """A layer whose ``backend`` is ``triton``: its output through the kernels when they fit it
+    (no norm: tiles of a head), else the torch formula (a whole-width norm wider than a tile,
+    rank 3), never an error; the result as the chunked layer's."""
+    from hybridkit.layers.mamba3 import Mamba3, Mamba3Spec
+
+    spec = dict(d_state=8, headdim=16, mimo_rank=rank, outproj_norm=norm)
+    ref = Mamba3(Mamba3Spec(**spec, backend="chunked"), d_model=768, layer_idx=0)
+    layer = Mamba3(Mamba3Spec(**spec, backend="triton"), d_model=768, layer_idx=0)
+    layer.load_state_dict(ref.state_dict())
+    opts = layer._mimo_output_options()
+    assert opts["backend"] == ("triton" if kernels else "torch"), opts
+    y = torch.randn(1, 3, rank, layer.nheads, 16)
+    z = torch.randn(1, 3, layer.nheads, 16)
+    assert rel_err(layer.output(y, z), ref.output(y, z)) < 1e-5
 
 
 def test_show_reports_the_output_path():

@@ -23,7 +23,7 @@ from hybridkit.cache import InferenceCache
 from hybridkit.kernels.config import current_config
 from hybridkit.kernels.mamba3 import ops
 from hybridkit.kernels.mamba3.gates import heavy_tail, scalar_gates  # noqa: F401 (re-export)
-from hybridkit.kernels.mamba3.output import mimo_output, plan_mimo_output
+from hybridkit.kernels.mamba3.output import mimo_output, plan_mimo_output, tile
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, gated_output
 from hybridkit.layers.base import Layer, LayerSpec
@@ -289,14 +289,17 @@ class Mamba3(Layer):
     def _mimo_output_options(self) -> dict:
         """Norm mode, group, eps and backend of :func:`~hybridkit.kernels.mamba3.output.
         mimo_output` for this layer (the scan's ``reference`` / ``chunked`` settings, which ask
-        for no kernels, give its torch path)."""
+        for no kernels, give its torch path; ``triton`` its kernels where they fit)."""
         norm = self.norm
-        backend = {"reference": "torch", "chunked": "torch", "triton": "triton"}
+        group = self.headdim if norm is None else norm.group_size  # no norm: tiles of a head
+        backend = {"reference": "torch", "chunked": "torch"}.get(self.spec.backend, "auto")
+        if self.spec.backend == "triton":  # the kernels where they fit this layer, else torch
+            backend = "triton" if tile(self.rank, group) is not None else "torch"
         return dict(
-            group_size=self.d_inner if norm is None else norm.group_size,
+            group_size=group,
             eps=self.spec.norm_eps if norm is None else norm.eps,
             mode="none" if norm is None else ("pregate" if norm.norm_before_gate else "postgate"),
-            backend=backend.get(self.spec.backend, "auto"),
+            backend=backend,
         )
 
 

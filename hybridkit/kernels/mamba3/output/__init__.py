@@ -42,21 +42,32 @@ def plan_mimo_output(
     group_size: int,
 ) -> tuple[str, str]:
     """(``torch`` | ``triton``, why ``auto`` chose torch or ""), for a call with these static
-    properties; ``hybridkit show`` and the layer ask this, so what is shown is what runs."""
+    properties; ``hybridkit show`` and the layer ask this, so what is shown is what runs. An
+    explicit ``triton`` the kernels cannot run is an error (not a crash inside the launch)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown MIMO output backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend, ""
+    if backend == "torch":
+        return "torch", ""
+    unfit = _unfit_reason(dtype, rank, group_size)
+    if backend == "triton":
+        if unfit is not None:
+            raise ValueError(f"mimo output: the Triton kernels cannot run this call: {unfit}")
+        return "triton", ""
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if not (on_cuda and _HAVE_TRITON):
         return "torch", ""
     if not current_config().mimo_output:
         return "torch", "kernel setting mimo_output=0"
+    return ("torch", unfit) if unfit is not None else ("triton", "")
+
+
+def _unfit_reason(dtype: torch.dtype, rank: int, group_size: int) -> str | None:
+    """Why the kernels cannot run a call (None: they can)."""
     if dtype == torch.float64:
-        return "torch", "float64"
+        return "float64"
     if tile(rank, group_size) is None:
-        return "torch", f"rank {rank} x group {group_size} does not fit the output kernel's tile"
-    return "triton", ""
+        return f"rank {rank} x group {group_size} does not fit the output kernel's tile"
+    return None
 
 
 def mimo_output(
@@ -72,7 +83,8 @@ def mimo_output(
     backend: str = "auto",
 ) -> torch.Tensor:
     """``y`` (B, L, R, H, P), ``z`` (B, L, H, P), ``mimo_z`` / ``mimo_o`` (H, R, P), ``weight``
-    (H * P,) (ignored, may be None, with ``mode="none"``) -> (B, L, H * P): float32/64 from the
+    (H * P,) (ignored, may be None, with ``mode="none"``, which ignores ``group_size`` too)
+    -> (B, L, H * P): float32/64 from the
     torch path, y's dtype from the kernels (the layer casts before ``out_proj`` either way)."""
     if mode not in MODES:
         raise ValueError(f"unknown MIMO output norm mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -82,8 +94,13 @@ def mimo_output(
             f"mimo output: y {tuple(y.shape)}, z {tuple(z.shape)}, mimo_z "
             f"{tuple(mimo_z.shape)}, mimo_o {tuple(mimo_o.shape)} do not agree"
         )
-    if mode != "none" and (weight is None or (h * p) % group_size):
-        raise ValueError(f"mimo output: norm mode {mode!r} needs a weight and {h * p} % group == 0")
+    if mode == "none":  # no norm, no group: the kernels tile by heads
+        group_size = p
+    elif weight is None or group_size < 1 or (h * p) % group_size or not eps > 0:
+        raise ValueError(
+            f"mimo output: norm mode {mode!r} needs a weight, a group dividing {h * p} "
+            f"(got {group_size}) and eps > 0 (got {eps})"
+        )
     dtype = torch.float64 if torch.float64 in (y.dtype, z.dtype) else y.dtype
     chosen, _ = plan_mimo_output(
         backend, device=y.device, dtype=dtype, rank=r, group_size=group_size

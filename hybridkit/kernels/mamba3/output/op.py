@@ -34,8 +34,15 @@ def _rows(y: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     return y3, as_rows(z.flatten(2))
 
 
+def _flat_params(mz, mo, weight):
+    """The per-channel parameters with the unit strides the kernels index them by (no-ops for
+    the dispatch point's copies; a compiled graph may hand in other layouts)."""
+    return mz.contiguous(), mo.contiguous(), None if weight is None else weight.contiguous()
+
+
 def _forward_impl(y, z, mz, mo, weight, group_size, eps, norm):
     b, length, r, h, p = y.shape
+    mz, mo, weight = _flat_params(mz, mo, weight)
     out = torch.empty(b, length, h * p, dtype=y.dtype, device=y.device)
     if b * length:
         y3, z2 = _rows(y, z)
@@ -53,6 +60,7 @@ def _backward_impl(dout, y, z, mz, mo, weight, group_size, eps, norm):
         dw = None if weight is None else torch.zeros_like(weight)
         return dy, dz, torch.zeros_like(mz), torch.zeros_like(mo), dw
     y3, z2 = _rows(y, z)
+    mz, mo, weight = _flat_params(mz, mo, weight)
     dmz, dmo, dw = mimo_output_backward(
         as_rows(dout), y3, z2, mz, mo, weight, dy.view(-1, r, h * p), dz.view(-1, h * p),
         group_size, eps, MODES[norm],

@@ -50,7 +50,12 @@ def _mimo_out_fwd_kernel(
     t64 = t.to(tl.int64)
     m2 = t_ok[:, None] & n_ok[None, :]
     m3 = m2[:, None, :] & (r < R)[None, :, None]
-    y_ptr = Y + t64[:, None, None] * stride_yt + r[None, :, None] * stride_yr + ch[None, None, :]
+    y_ptr = (
+        Y
+        + t64[:, None, None] * stride_yt
+        + r.to(tl.int64)[None, :, None] * stride_yr
+        + ch[None, None, :]
+    )
     y = tl.load(y_ptr, mask=m3, other=0.0).to(tl.float32)
     z = tl.load(Z + t64[:, None] * stride_zt + ch[None, :], mask=m2, other=0.0).to(tl.float32)
     pm = (r < R)[:, None] & n_ok[None, :]
@@ -80,7 +85,11 @@ def _bwd_loads(
     t64 = t.to(tl.int64)
     m2 = (t < T)[:, None] & n_ok[None, :]
     m3 = m2[:, None, :] & (r < R)[None, :, None]
-    y_off = t64[:, None, None] * stride_yt + r[None, :, None] * stride_yr + ch[None, None, :]
+    y_off = (
+        t64[:, None, None] * stride_yt
+        + r.to(tl.int64)[None, :, None] * stride_yr
+        + ch[None, None, :]
+    )
     y = tl.load(Y + y_off, mask=m3, other=0.0)
     z = tl.load(Z + t64[:, None] * stride_zt + ch[None, :], mask=m2, other=0.0)
     dout = tl.load(DO + t64[:, None] * stride_dot + ch[None, :], mask=m2, other=0.0)
