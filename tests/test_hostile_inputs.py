@@ -519,17 +519,23 @@ def test_recipe_eval_lengths_are_checked_when_the_recipe_is_read(cli_error):
     assert main(["show", recipe, "--device", "cpu", "--set", "eval.lengths=[32, 64]"]) == 0
 
 
+def _tiny_train_args(run) -> list[str]:
+    """``hybridkit train`` of induction_tiny into ``run``, a checkpoint every step, a tiny eval
+    (append ``--set=train.steps=K``)."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    sets = ["train.checkpoint_every=1", "task.eval_examples=4", "task.eval_lengths=[32]"]
+    sets += ["eval.decode_examples=0", "train.tensorboard=false"]
+    return ["train", recipe, "-o", str(run), "--no-progress", *[f"--set={s}" for s in sets]]
+
+
 def test_checkpoint_state_with_damaged_values_is_clear(tmp_path, capsys, cli_error, one_thread):
     """trainer.json is valid JSON but a value the trainer reads on resuming is damaged (no
     torch_rng, a step that is not a number): named as corrupt -- ``--resume auto`` falls back
     to the older intact checkpoint -- instead of a KeyError / ValueError traceback."""
     import json
 
-    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
     run = tmp_path / "run"
-    sets = ["train.checkpoint_every=1", "task.eval_examples=4", "task.eval_lengths=[32]"]
-    sets += ["eval.decode_examples=0", "train.tensorboard=false"]
-    args = ["train", recipe, "-o", str(run), "--no-progress", *[f"--set={s}" for s in sets]]
+    args = _tiny_train_args(run)
     assert main([*args, "--set=train.steps=2"]) == 0
     newest = run / "checkpoints" / "step_0000002"
     damaged = [("step", "x", "'x'"), ("torch_rng", None, "None"), ("torch_rng", [300], "[300]")]
@@ -691,11 +697,8 @@ def test_damaged_run_directory_layout_is_clear(tmp_path, cli_error, one_thread):
     IsADirectoryError / FileExistsError traceback -- for model.safetensors after training."""
     import shutil
 
-    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
     run = tmp_path / "run"
-    sets = ["train.checkpoint_every=1", "task.eval_examples=4", "task.eval_lengths=[32]"]
-    sets += ["eval.decode_examples=0", "train.tensorboard=false"]
-    args = ["train", recipe, "-o", str(run), "--no-progress", *[f"--set={s}" for s in sets]]
+    args = _tiny_train_args(run)
     assert main([*args, "--set=train.steps=1"]) == 0
     (run / "metrics.jsonl").write_bytes(b"\xff\xfe garbage\n")
     assert main([*args, "--set=train.steps=2"]) == 0  # the damaged line is dropped

@@ -1,7 +1,9 @@
-"""Tensor-layout helpers shared by the element-wise Triton ops (norms, SwiGLU)."""
+"""Tensor-layout and grid helpers shared by the element-wise Triton ops (norms, SwiGLU, the
+MIMO output)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -11,3 +13,17 @@ def as_rows(t: Tensor) -> Tensor:
     the row stride, so strided activations need no ``.contiguous()``."""
     flat = t.reshape(-1, t.shape[-1])
     return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def striding_programs(
+    device: torch.device, tiles: int, groups: int, per_sm: int, on_cpu: int
+) -> int:
+    """Programs along the rows of a backward whose programs stride over row tiles (keeping
+    their weight-gradient partials in registers): about ``per_sm`` per SM over all ``groups``
+    on a GPU, ``on_cpu`` under the interpreter, never more than the tiles."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, (per_sm * sms) // groups)
+    else:
+        want = on_cpu
+    return max(1, min(tiles, want))

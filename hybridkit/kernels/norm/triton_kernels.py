@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridkit.kernels.layout import striding_programs
 from hybridkit.kernels.pdl import launch_options, use_pdl
 
 #: elements per (rows x channels) tile with 8 warps: 8 per thread and tensor. Compiled for
@@ -181,16 +182,6 @@ def _tile(group_size: int) -> tuple[int, int, int]:
     return block_m, block_n, warps
 
 
-def _programs(device: torch.device, row_tiles: int, groups: int) -> int:
-    """Backward programs along the rows: a few waves over the GPU, never more than tiles."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = max(1, (4 * sms) // groups)
-    else:
-        want = 4
-    return max(1, min(row_tiles, want))
-
-
 def norm_forward(
     x: torch.Tensor,
     z: torch.Tensor | None,
@@ -229,7 +220,7 @@ def norm_backward(
     M, D = x.shape
     groups = D // group_size
     block_m, block_n, warps = _tile(group_size)
-    programs = _programs(x.device, triton.cdiv(M, block_m), groups)
+    programs = striding_programs(x.device, triton.cdiv(M, block_m), groups, 4, 4)
     dw = torch.empty(programs, D, dtype=torch.float32, device=x.device)
     _norm_bwd_kernel[(programs, groups)](
         x, x if z is None else z, weight, dout, rstd, dx, dx if dz is None else dz, dw,

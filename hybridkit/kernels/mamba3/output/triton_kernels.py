@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridkit.kernels.layout import striding_programs
 from hybridkit.kernels.mamba3.output.reference import MODES
 from hybridkit.kernels.mamba3.output.tiles import tile
 
@@ -175,16 +176,6 @@ def _mimo_out_bwd_kernel(
         tl.store(DW + pid.to(tl.int64) * HP + ch, dw, mask=n_ok)
 
 
-def _programs(device: torch.device, token_tiles: int, groups: int) -> int:
-    """Backward programs along the tokens: ~6 per SM over all groups, never more than tiles."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = max(1, (6 * sms) // groups)
-    else:
-        want = 3
-    return max(1, min(token_tiles, want))
-
-
 def mimo_output_forward(
     y: torch.Tensor,
     z: torch.Tensor,
@@ -227,7 +218,7 @@ def mimo_output_backward(
     T, R, HP = y.shape
     groups = HP // group_size
     block_t, block_n = tile(R, group_size, BWD_TILE_ELEMENTS)
-    programs = _programs(y.device, triton.cdiv(T, block_t), groups)
+    programs = striding_programs(y.device, triton.cdiv(T, block_t), groups, 6, 3)
     f32 = dict(dtype=torch.float32, device=y.device)
     dmz, dmo = torch.empty(programs, R, HP, **f32), torch.empty(programs, R, HP, **f32)
     dw = torch.empty(programs, HP, **f32) if weight is not None else dmz
