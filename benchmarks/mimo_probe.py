@@ -8,10 +8,6 @@ backward split by kernel. Prints one JSON line per measurement.
     python benchmarks/mimo_probe.py --focus   # MIMO R 4 only, profiled at backward warps 4, 8,
                                               # and 4 with the x kernel at 8 (bwd_x_warps);
                                               # then chunk 32 (128 rows) at 8 warps
-    python benchmarks/mimo_probe.py --chunks  # the forward with several chunks per program
-                                              # (fwd_chunks) and pipeline stages (fwd_stages),
-                                              # MIMO R 4 and SISO chunk 64; each output
-                                              # compared with one chunk per program's
 """
 
 from __future__ import annotations
@@ -80,41 +76,10 @@ def run(R: int, C: int, warps: int, profile: bool = False, x_warps: int | None =
         torch.cuda.empty_cache()
 
 
-def run_chunks(R: int, C: int) -> None:
-    """Forward medians at each (fwd_chunks, fwd_stages), the output's largest difference from
-    the one-chunk-per-program launch, and the forward's kernels (the backward is unchanged)."""
-    B, L, H, P, N = SHAPE
-    inp = make_inputs(B, L, H, P, N, R=R)
-    pairing = "halves" if R > 1 else "interleaved"
-
-    def fwd():
-        with torch.no_grad():
-            return scan.mamba3_scan_triton(**inp, pairing=pairing, chunk_size=C,
-                                           return_state=False)[0]  # fmt: skip
-
-    with kernel_config(fwd_chunks=1):
-        ref = fwd().float()
-    for chunks, stages in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 3), (8, 2), (8, 3)):
-        res = dict(R=R, C=C, fwd_chunks=chunks, fwd_stages=stages)
-        try:
-            with kernel_config(fwd_chunks=chunks, fwd_stages=stages):
-                res["max_diff"] = (fwd().float() - ref).abs().max().item()
-                res["fwd_ms"] = do_bench(fwd, warmup=20, rep=100, return_mode="median")
-        except Exception as e:  # a launch that does not compile (shared memory): say so, go on
-            res["error"] = repr(e)[:300]
-        print(json.dumps(res), flush=True)
-    torch.cuda.empty_cache()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--focus", action="store_true", help="MIMO R 4 only, at several warps")
-    ap.add_argument("--chunks", action="store_true", help="forward chunks per program")
     args = ap.parse_args()
-    if args.chunks:
-        run_chunks(4, 16)
-        run_chunks(1, 64)
-        return
     if args.focus:
         for warps, x_warps in ((4, None), (8, None), (4, 8)):
             run(4, 16, warps, profile=True, x_warps=x_warps)

@@ -16,7 +16,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hybridkit.kernels.config import kernel_config  # noqa: E402
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from tests.helpers import slow_params  # noqa: E402
 from tests.test_triton_siso import Case, _inputs, check  # noqa: E402
@@ -146,33 +145,3 @@ def test_mimo_compiles_once_per_configuration():
         for B, L in lengths[1:]:
             run(B, L)
         assert compiled() == before, (lengths, before, compiled())
-
-
-@pytest.mark.parametrize(
-    "name, chunks",
-    [("r4_euler_norotation_noD", 2), ("r2_varlen_init", 4), ("r4_len1_init", 8)],
-)
-def test_forward_chunks_per_program_cpu(name: str, chunks: int):
-    """``fwd_chunks``: each forward program walks several chunk slots (the last group repeating
-    the final slot when the count does not divide: 5 chunks per sequence at C 4, L 19; a packed
-    batch with an empty sequence; one chunk in all) with the same results."""
-    if torch.cuda.is_available():
-        pytest.skip("interpreter test; the GPU runs the gpu-marked grid")
-    with kernel_config(fwd_chunks=chunks):
-        check(CPU_CASES[name], torch.float32, "cpu", fast=False, tol_f=1e-5, tol_b=1e-5)
-
-
-def test_forward_chunk_loop_launch_options(monkeypatch):
-    """Only a kernel looping over several chunks (CPP > 1) is launched with ``fwd_stages``."""
-    from hybridkit.kernels.mamba3.chunkscan.launch import TunedKernel
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    base = {"num_warps": 4, "num_stages": 1}
-    with kernel_config(fwd_stages=3):
-        assert TunedKernel._staged(base, {"CPP": 1}) == base
-        assert TunedKernel._staged(base, {}) == base
-        assert TunedKernel._staged(base, {"CPP": 4}) == {"num_warps": 4, "num_stages": 3}
-    for bad, message in (({"fwd_chunks": 3}, "fwd_chunks=3: allowed"),
-                         ({"fwd_stages": 0}, "fwd_stages=0: allowed 1..4")):  # fmt: skip
-        with pytest.raises(ValueError, match=message), kernel_config(**bad):
-            pass

@@ -9,12 +9,6 @@ Fields (defaults in :class:`KernelConfig`):
   one that spills at 4 warps (356 B per thread compiled for sm_90, 52 B at 8; the q and k
   kernels 4 / 0 B at 4 warps, 100 / 240 B at 8);
 * ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
-* ``fwd_chunks``: chunk slots each program of the scan's forward chunk kernels (``_fwd_state``,
-  ``_fwd_out``) walks in a loop (1: one chunk per program, as measured so far); above 1 the loop
-  runs software-pipelined at ``fwd_stages`` stages, so the next chunk's loads are in flight
-  while the current chunk computes: the chunk kernels are latency-bound at MIMO rank 4, two
-  programs per SM with nothing to overlap (``benchmarks/mimo_probe.py --chunks`` measures it);
-* ``fwd_stages``: software-pipeline stages of that loop (1..4; used only when ``fwd_chunks`` > 1);
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
 * ``step_split``: programs per (sequence, head) of the fused decode step, each owning
@@ -96,7 +90,6 @@ import torch
 ENV_VAR = "HYBRIDKIT_KERNELS"
 WARP_COUNTS = (1, 2, 4, 8, 16)
 STEP_SPLITS = (1, 2, 4, 8)
-FWD_CHUNKS = (1, 2, 4, 8)
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)
 
 # The widest chunk a SISO kernel may use is bounded by its largest register tiles,
@@ -118,8 +111,6 @@ class KernelConfig:
     bwd_x_warps: int | None = None
     bwd_maxnreg: int | None = None
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
-    fwd_chunks: int = 1
-    fwd_stages: int = 2
     step_warps: int | None = None
     step_maxnreg: int | None = None
     step_split: int = 4
@@ -149,10 +140,6 @@ class KernelConfig:
             raise ValueError(f"skinny_rows={self.skinny_rows}: allowed 1..16")
         if not 0 <= self.norm_linear <= 16:
             raise ValueError(f"norm_linear={self.norm_linear}: allowed 0..16 (rows)")
-        if self.fwd_chunks not in FWD_CHUNKS:
-            raise ValueError(f"fwd_chunks={self.fwd_chunks}: allowed {FWD_CHUNKS}")
-        if not 1 <= self.fwd_stages <= 4:
-            raise ValueError(f"fwd_stages={self.fwd_stages}: allowed 1..4")
         if self.step_split not in STEP_SPLITS:
             raise ValueError(f"step_split={self.step_split}: allowed {STEP_SPLITS}")
         for name in ("bwd_maxnreg", "step_maxnreg"):

@@ -234,15 +234,6 @@ def _tokens(tok_start, tok_end, C: tl.constexpr):
 
 
 @triton.jit
-def _chunk_slot(group, i, NCH, CPP: tl.constexpr):
-    """Chunk slot ``i`` of a program that owns ``CPP`` consecutive slots from ``group * CPP``
-    (the ``fwd_chunks`` setting). Past the last slot it repeats the last one: that program
-    writes the same values twice, which is cheaper than a branch the software pipeliner cannot
-    see through."""
-    return tl.minimum(group.to(tl.int64) * CPP + i, NCH - 1)
-
-
-@triton.jit
 def _chunk(gc, CHTAB, L, NC, C: tl.constexpr, VARLEN: tl.constexpr):
     """(batch, sequence, first token, end token, sequence end) of chunk slot ``gc``."""
     if VARLEN:

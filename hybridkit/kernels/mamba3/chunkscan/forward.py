@@ -17,7 +17,6 @@ import triton.language as tl
 
 from hybridkit.kernels.mamba3.chunkscan.common import (
     _chunk,
-    _chunk_slot,
     _dot,
     _expand_rows,
     _gates,
@@ -77,7 +76,6 @@ def _fwd_state_kernel(
     HPG,
     NANG,
     NC,
-    NCH,
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
@@ -88,50 +86,48 @@ def _fwd_state_kernel(
     FAST: tl.constexpr,
     R: tl.constexpr,
     HALVES: tl.constexpr,
-    CPP: tl.constexpr,
 ):
-    """Per (CPP chunks, head): each chunk's own state contribution sum_t u_t x_t k~_t^T (its
-    frame), its total log decay A_c and its total angle Omega_c (see ``_chunk_slot``)."""
+    """Per (chunk, head): the chunk's own state contribution sum_t u_t x_t k~_t^T (its frame),
+    its total log decay A_c and its total angle Omega_c."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
+    gc = (pid // H).to(tl.int64)
     g = h // HPG
+    bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    for i in range(CPP):
-        gc = _chunk_slot(pid // H, i, NCH, CPP)
-        bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
-        tt, rr, mc = _rows(tok_start, tok_end, C, R)
-        tok, mtok = _tokens(tok_start, tok_end, C)
-        adt, dt, gamma, kappa = _gates(
-            ADT, DT, TRAP, bat, h, tok, mtok, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb,
-            s_th, s_tl, HAS_TRAP, FAST,
+    tt, rr, mc = _rows(tok_start, tok_end, C, R)
+    tok, mtok = _tokens(tok_start, tok_end, C)
+    adt, dt, gamma, kappa = _gates(
+        ADT, DT, TRAP, bat, h, tok, mtok, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb,
+        s_th, s_tl, HAS_TRAP, FAST,
+    )  # fmt: skip
+    cs = tl.cumsum(adt, 0)
+    a_c = tl.sum(adt, 0)
+    _store_gates(GATES, bat, h, H, L, tok, mtok, gamma, kappa, cs)
+    cs = _expand_rows(cs, R)
+    kappa = _expand_rows(kappa, R)
+    if HAS_ANG:
+        om, _c, _s, cosv, sinv = _rotation(
+            ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
-        cs = tl.cumsum(adt, 0)
-        a_c = tl.sum(adt, 0)
-        _store_gates(GATES, bat, h, H, L, tok, mtok, gamma, kappa, cs)
-        cs = _expand_rows(cs, R)
-        kappa = _expand_rows(kappa, R)
-        if HAS_ANG:
-            om, _c, _s, cosv, sinv = _rotation(
-                ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
-            )  # fmt: skip
-            offs_a = tl.arange(0, NA)
-            tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=offs_a < NANG)
-        else:
-            cosv = 0.0
-            sinv = 0.0
-        ke, ko = _load_qk(
-            K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
-            HALVES,
-        )  # fmt: skip
-        ke = _operand(ke, FAST)
-        ko = _operand(ko, FAST)
-        x, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
-        xu = _operand(x * (tl.exp(a_c - cs) * kappa)[:, None], FAST)
-        pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
-        tl.store(pe, _dot(tl.trans(xu), ke, FAST).to(STATES.dtype.element_ty))
-        tl.store(po, _dot(tl.trans(xu), ko, FAST).to(STATES.dtype.element_ty))
-        tl.store(DECAY + gc * H + h, a_c)
+        offs_a = tl.arange(0, NA)
+        tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om, mask=offs_a < NANG)
+    else:
+        cosv = 0.0
+        sinv = 0.0
+    ke, ko = _load_qk(
+        K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
+    ke = _operand(ke, FAST)
+    ko = _operand(ko, FAST)
+    x, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    xu = _operand(x * (tl.exp(a_c - cs) * kappa)[:, None], FAST)
+    pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
+    tl.store(pe, _dot(tl.trans(xu), ke, FAST).to(STATES.dtype.element_ty))
+    tl.store(po, _dot(tl.trans(xu), ko, FAST).to(STATES.dtype.element_ty))
+    tl.store(DECAY + gc * H + h, a_c)
 
 
 @triton.jit
@@ -253,7 +249,6 @@ def _fwd_out_kernel(
     HPG,
     NANG,
     NC,
-    NCH,
     C: tl.constexpr,
     P: tl.constexpr,
     N2: tl.constexpr,
@@ -264,55 +259,51 @@ def _fwd_out_kernel(
     FAST: tl.constexpr,
     R: tl.constexpr,
     HALVES: tl.constexpr,
-    CPP: tl.constexpr,
 ):
-    """Per (CPP chunks, head): y = (q~k~^T * W) x~ + exp(cs) q~ S~_c^T + D x~ on each chunk's
-    rows (see ``_chunk_slot``)."""
+    """Per (chunk, head): y = (q~k~^T * W) x~ + exp(cs) q~ S~_c^T + D x~ on the chunk's rows."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
+    gc = (pid // H).to(tl.int64)
     g = h // HPG
+    bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    for i in range(CPP):
-        gc = _chunk_slot(pid // H, i, NCH, CPP)
-        bat, seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
-        tt, rr, mc = _rows(tok_start, tok_end, C, R)
-        tok, mtok = _tokens(tok_start, tok_end, C)
-        # ``_fwd_state`` saved the gates
-        gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tok, mtok, R)
-        if HAS_ANG:
-            dt = tl.load(DT + bat * s_db + h * s_dh + tok * s_dl, mask=mtok, other=0.0)
-            _om, _c, _s, cosv, sinv = _rotation(
-                ANG, bat, h, tok, mtok, dt.to(tl.float32), NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
-            )  # fmt: skip
-        else:
-            cosv = 0.0
-            sinv = 0.0
-        # rotate q and k right away (cos / sin die), keep them as dot operands only
-        qe, qo = _load_qk(
-            Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
-            HALVES,
+    tt, rr, mc = _rows(tok_start, tok_end, C, R)
+    tok, mtok = _tokens(tok_start, tok_end, C)
+    gamma, kappa, cs = _load_gates(GATES, bat, h, H, L, tok, mtok, R)  # ``_fwd_state`` saved them
+    if HAS_ANG:
+        dt = tl.load(DT + bat * s_db + h * s_dh + tok * s_dl, mask=mtok, other=0.0)
+        _om, _c, _s, cosv, sinv = _rotation(
+            ANG, bat, h, tok, mtok, dt.to(tl.float32), NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
         )  # fmt: skip
-        qe = _operand(qe, FAST)
-        qo = _operand(qo, FAST)
-        ke, ko = _load_qk(
-            K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
-            HALVES,
-        )  # fmt: skip
-        ke = _operand(ke, FAST)
-        ko = _operand(ko, FAST)
-        # inter-chunk term first, so the state tile is dead before the C x C work starts
-        pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
-        se = _operand(tl.load(pe), FAST)
-        so = _operand(tl.load(po), FAST)
-        y = tl.exp(cs)[:, None] * (_dot(qe, tl.trans(se), FAST) + _dot(qo, tl.trans(so), FAST))
-        x, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
-        sc, _dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C * R, R, FAST)
-        y += _dot(sc * w, x, FAST)
-        if HAS_D:
-            y += tl.load(DSKIP + h).to(tl.float32) * x
-        tl.store(
-            OUT + _row_offsets(bat, tt, rr, h, s_ob, s_ol, s_or, s_oh, P, R),
-            y.to(OUT.dtype.element_ty),
-            mask=mc[:, None],
-        )
+    else:
+        cosv = 0.0
+        sinv = 0.0
+    # rotate q and k right away (cos / sin die), keep them as dot operands only
+    qe, qo = _load_qk(
+        Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
+    qe = _operand(qe, FAST)
+    qo = _operand(qo, FAST)
+    ke, ko = _load_qk(
+        K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+        HALVES,
+    )  # fmt: skip
+    ke = _operand(ke, FAST)
+    ko = _operand(ko, FAST)
+    # inter-chunk term first, so the state tile is dead before the C x C work starts
+    pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
+    se = _operand(tl.load(pe), FAST)
+    so = _operand(tl.load(po), FAST)
+    y = tl.exp(cs)[:, None] * (_dot(qe, tl.trans(se), FAST) + _dot(qo, tl.trans(so), FAST))
+    x, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    sc, _dec, w = _scores(qe, qo, ke, ko, cs, gamma, kappa, C * R, R, FAST)
+    y += _dot(sc * w, x, FAST)
+    if HAS_D:
+        y += tl.load(DSKIP + h).to(tl.float32) * x
+    tl.store(
+        OUT + _row_offsets(bat, tt, rr, h, s_ob, s_ol, s_or, s_oh, P, R),
+        y.to(OUT.dtype.element_ty),
+        mask=mc[:, None],
+    )

@@ -47,17 +47,9 @@ class TunedKernel:
 
     def __getitem__(self, grid) -> Callable[..., object]:
         def launch(*args, **kw):
-            return self.fn[grid](*args, **self._staged(self._options(grid, args, kw), kw), **kw)
+            return self.fn[grid](*args, **self._options(grid, args, kw), **kw)
 
         return launch
-
-    @staticmethod
-    def _staged(options: dict, kw: dict) -> dict:
-        """``options`` with the ``fwd_stages`` setting for a kernel that loops over several chunks
-        per program (``CPP`` > 1): only such a loop has loads to pipeline."""
-        if kw.get("CPP", 1) > 1 and not interpreting():
-            return {**options, "num_stages": current_config().fwd_stages}
-        return options
 
     def _options(self, grid, args, kw) -> dict:
         if interpreting():
@@ -75,8 +67,7 @@ class TunedKernel:
         failure: Exception | None = None
         for c in self.candidates:
             try:
-                opts = self._staged(launch_options(*c), kw)
-                times[c] = _median_ms(lambda opts=opts: self.fn[grid](*args, **opts, **kw))
+                times[c] = _median_ms(lambda c=c: self.fn[grid](*args, **launch_options(*c), **kw))
             except _LAUNCH_ERRORS as err:  # e.g. too much shared memory for 3 stages: skip it
                 failure = err
         if not times:
@@ -134,14 +125,11 @@ def backward_chunk_options(kernel: str = "") -> dict:
 
 _GATE_FLAGS = ["C", "P", "N2", "NA", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST", "R", "HALVES"]
 FWD_STATE = TunedKernel(
-    fwd_kernels._fwd_state_kernel,
-    [*_GATE_FLAGS, "CPP"],
-    (4, (4, 168), (4, 128), 8, 16),
-    (4, 128),
+    fwd_kernels._fwd_state_kernel, _GATE_FLAGS, (4, (4, 168), (4, 128), 8, 16), (4, 128)
 )
 FWD_OUT = TunedKernel(
     fwd_kernels._fwd_out_kernel,
-    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES", "CPP"],
+    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES"],
     (4, (4, 168), 8),
     (4, 168),
 )

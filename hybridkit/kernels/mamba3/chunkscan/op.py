@@ -116,15 +116,14 @@ def scan_forward(
     flags = dict(C=C, P=z.P, N2=z.N // 2, HAS_ANG=x.angles is not None)
     flags.update(VARLEN=plan.varlen, FAST=fast, NA=angle_width(z.N // 2, z.S), R=z.R)
     flags.update(HALVES=halves)
-    sizes = (z.L, z.H, z.H // z.G, z.S, plan.chunks_per_seq, plan.nchunks)
-    cpp = min(current_config().fwd_chunks, plan.nchunks)
-    grid = (-(-plan.nchunks // cpp) * z.H,)
+    sizes = (z.L, z.H, z.H // z.G, z.S, plan.chunks_per_seq)
+    grid = (plan.nchunks * z.H,)
     FWD_STATE[grid](
         x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
         chunk_states, chunk_decay, chunk_angle, token_gates,
         *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
         *strides(x.trap), *angle_strides, *sizes,
-        HAS_TRAP=x.trap is not None, CPP=cpp, **flags,
+        HAS_TRAP=x.trap is not None, **flags,
     )  # fmt: skip
     nt = plan.row_tiles(z.H, z.N, z.P, dev)
     K_fwd._fwd_pass_kernel[(plan.nseq * z.H * nt,)](
@@ -138,7 +137,7 @@ def scan_forward(
         out, chunk_table, chunk_states,
         *strides(x.q, (0, 1, 2, 3)), *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.dt),
         *angle_strides, *strides(out, (0, 1, 2, 3)), *sizes,
-        HAS_D=x.D is not None, CPP=cpp, **flags,
+        HAS_D=x.D is not None, **flags,
     )  # fmt: skip
     return out, total_angle, end_state, chunk_states
 
