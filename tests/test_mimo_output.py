@@ -164,6 +164,25 @@ def test_dispatch_rules_and_errors():
         mimo_output(y, z, mz, mo, w, group_size=4, eps=0.0, mode="pregate")
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_the_dispatch_on_cuda_traces_fullgraph(on):
+    """A MIMO layer plans its output on every forward; on CUDA that reads the ``mimo_output``
+    setting, which Dynamo cannot trace from the ``ContextVar``: it broke a compiled MIMO model's
+    graph at every layer (the H100 run of 2026-12-06). The plan must be a trace-time constant."""
+    torch._dynamo.reset()
+    cuda = torch.device("cuda")
+
+    def fn(x):
+        chosen, _ = plan_mimo_output(
+            "auto", device=cuda, dtype=torch.bfloat16, rank=4, group_size=64
+        )  # fmt: skip
+        return x + (1 if chosen == "triton" else 2)
+
+    with kernel_config(mimo_output=on):
+        out = torch.compile(fn, fullgraph=True, backend="eager")(torch.zeros(2))
+    assert out.tolist() == ([1.0, 1.0] if on else [2.0, 2.0])
+
+
 @pytest.mark.parametrize("group", [3, 5, 16, 2048])
 def test_without_a_norm_the_group_is_ignored(group, poisoned_empty):
     """``mode="none"`` has no group: whatever the caller passes, the kernels tile by heads (a

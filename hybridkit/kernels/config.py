@@ -278,6 +278,15 @@ def step_launch() -> tuple[int, int, int]:
 
 
 @torch.compiler.assume_constant_result
+def mimo_output_enabled() -> bool:
+    """``current_config().mimo_output``, a trace-time constant under ``torch.compile``: Dynamo
+    cannot trace the ``ContextVar`` read, and a MIMO layer asks on every forward, so a direct
+    read broke a compiled MIMO model's graph at every layer (a ``fullgraph=True`` compile
+    failed; the H100 profile of 2026-12-06 found it)."""
+    return current_config().mimo_output
+
+
+@torch.compiler.assume_constant_result
 def fa4_decode_enabled() -> bool:
     """``current_config().fa4_decode``, a trace-time constant under ``torch.compile``."""
     return current_config().fa4_decode

@@ -23,7 +23,7 @@ import importlib.util
 
 import torch
 
-from hybridkit.kernels.config import current_config
+from hybridkit.kernels.config import mimo_output_enabled
 from hybridkit.kernels.mamba3.output.reference import MODES, mimo_output_reference
 from hybridkit.kernels.mamba3.output.tiles import TILE_ELEMENTS, tile
 
@@ -56,7 +56,7 @@ def plan_mimo_output(
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if not (on_cuda and _HAVE_TRITON):
         return "torch", ""
-    if not current_config().mimo_output:
+    if not mimo_output_enabled():
         return "torch", "kernel setting mimo_output=0"
     return ("torch", unfit) if unfit is not None else ("triton", "")
 
