@@ -42,8 +42,11 @@ def _mimo_out_fwd_kernel(
     R: tl.constexpr, HP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
-    group = tl.program_id(1)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # groups vary fastest over the programs: the ones in flight together read whole token rows
+    # of y (R x HP contiguous) rather than one group's 128 bytes of thousands of rows
+    pid = tl.program_id(0)
+    group = pid % (HP // GS)
+    t = (pid // (HP // GS)) * BLOCK_T + tl.arange(0, BLOCK_T)
     r = tl.arange(0, R)
     n = tl.arange(0, BLOCK_N)
     ch = group * GS + n
@@ -191,7 +194,7 @@ def mimo_output_forward(
     token and rank strides); ``mz`` / ``mo`` (R, HP) float32 contiguous; ``weight`` (HP,)."""
     T, R, HP = y.shape
     block_t, block_n = tile(R, group_size)
-    grid = (triton.cdiv(T, block_t), HP // group_size)
+    grid = (triton.cdiv(T, block_t) * (HP // group_size),)
     _mimo_out_fwd_kernel[grid](
         y, z, mz, mo, mz if weight is None else weight, out,
         T, y.stride(0), y.stride(1), z.stride(0), out.stride(0), eps,
