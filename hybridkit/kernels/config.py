@@ -7,7 +7,8 @@ Fields (defaults in :class:`KernelConfig`):
 * ``bwd_warps``: warps of the backward chunk kernels (q, k, x), which are never tuned;
 * ``bwd_x_warps``: warps of the x kernel alone (None: ``bwd_warps``): at MIMO rank 4 it is the
   one that spills at 4 warps (356 B per thread compiled for sm_90, 52 B at 8; the q and k
-  kernels 4 / 0 B at 4 warps, 100 / 240 B at 8);
+  kernels 4 / 0 B at 4 warps, 100 / 240 B at 8); timed on the H100 it changed nothing at 8
+  (forward + backward 16.95 vs 16.93 ms), and all three at 8 took 27.95 ms;
 * ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
@@ -59,9 +60,9 @@ Fields (defaults in :class:`KernelConfig`):
 * ``mimo_output``: the output of a MIMO layer (per-rank gate, output norm, ``mimo_o`` rank
   sum) through one fused Triton kernel forward and one backward on CUDA, eager and compiled
   (``hybridkit/kernels/mamba3/output``), instead of the torch formula's R-times-wider
-  float32 intermediates (which ``torch.compile`` fuses itself); off until it has passed the
-  GPU tests and beaten Inductor's fusion at model level (``benchmarks/gpu_mimo_output.sh``
-  runs both; checked so far on the CPU through the interpreter and compiled for sm_90);
+  float32 intermediates (which ``torch.compile`` fuses itself); off: correct on the GPU, but on
+  the H100 about 2x slower than Inductor's fusion of the formula (the compiled 400M MIMO model's
+  step 336.8 vs 305.3 ms, ``benchmarks/results/mimo_output_h100.md``);
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
