@@ -107,9 +107,12 @@ def _mimo_out_bwd_kernel(
     R: tl.constexpr, HP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    group = tl.program_id(1)
-    programs = tl.num_programs(0)
+    # groups vary fastest over the programs, as in the forward: those in flight together
+    # stride over the same token tiles of every group (whole rows of y)
+    flat = tl.program_id(0)
+    group = flat % (HP // GS)
+    pid = flat // (HP // GS)
+    programs = tl.num_programs(0) // (HP // GS)
     r = tl.arange(0, R)
     n = tl.arange(0, BLOCK_N)
     ch = group * GS + n
@@ -225,7 +228,7 @@ def mimo_output_backward(
     f32 = dict(dtype=torch.float32, device=y.device)
     dmz, dmo = torch.empty(programs, R, HP, **f32), torch.empty(programs, R, HP, **f32)
     dw = torch.empty(programs, HP, **f32) if weight is not None else dmz
-    _mimo_out_bwd_kernel[(programs, groups)](
+    _mimo_out_bwd_kernel[(programs * groups,)](
         dout, y, z, mz, mo, mz if weight is None else weight, dy, dz, dw, dmz, dmo,
         T, dout.stride(0), y.stride(0), y.stride(1), z.stride(0), eps,
         R=R, HP=HP, GS=group_size, BLOCK_T=block_t, BLOCK_N=block_n, NORM=MODES.index(mode),
