@@ -31,8 +31,10 @@ from hybridkit.kernels.mamba3.output.tiles import tile
 #: elements of the backward's (tokens x R x channels) tile at 8 warps (the forward's is
 #: ``tiles.TILE_ELEMENTS``): ~20 registers per element and thread of float32 arithmetic; at 2048
 #: (8 per thread) it compiled to ~165 registers for sm_90, one program per SM, at 1024 to ~105,
-#: two. Module-level so a benchmark can compare sizes.
-BWD_TILE_ELEMENTS = 1024
+#: two. On the H100 (R 4, group 64, pre-gate norm) forward + backward took 2.89 ms at 512,
+#: 3.40 at 1024 and 4.51 at 2048 (``benchmarks/results/mimo_output_h100.md``): 512. Module-level
+#: so a benchmark can compare sizes.
+BWD_TILE_ELEMENTS = 512
 
 
 @triton.jit
