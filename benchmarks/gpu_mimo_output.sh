@@ -33,6 +33,9 @@ for v in mimo mimo_torchout; do
     --batch 4 --seq-len 4096 --compile --steps 8 --out "$WORK/train_$v" > "$WORK/train_$v.txt" 2>&1
   show "$WORK/train_$v.md" "$WORK/train_$v.txt"; pack
 done
+# -p no:logging --tb=short: on 2026-12-06 Dynamo's DEBUG records filled the tail and hid the
+# failure's message
 timeout -k 5 150 python -m pytest -q -m gpu tests/test_mimo_output.py -p no:cacheprovider \
-  -k compiled -rfE 2>&1 | grep -v Warning | tail -20 > "$WORK/mimo_output_compiled_test.txt"
+  -p no:logging --tb=short -k compiled -rfE 2>&1 | grep -v Warning | tail -40 \
+  > "$WORK/mimo_output_compiled_test.txt"
 tail -3 "$WORK/mimo_output_compiled_test.txt"; pack
