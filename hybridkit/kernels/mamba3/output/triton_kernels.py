@@ -38,35 +38,56 @@ BWD_TILE_ELEMENTS = 512
 
 
 @triton.jit
+def _group_slot(HP: tl.constexpr, GS: tl.constexpr):
+    """(norm group, slot along the tokens, slots) of this program. The grid is flat with the
+    groups varying fastest, so the programs in flight together read whole token rows of y
+    (R x HP contiguous) rather than one group's 128 bytes of thousands of rows."""
+    flat = tl.program_id(0)
+    return flat % (HP // GS), flat // (HP // GS), tl.num_programs(0) // (HP // GS)
+
+
+@triton.jit
+def _rank_weights(MZ, MO, r, ch, n_ok, R: tl.constexpr, HP: tl.constexpr):
+    """The (R, channels) tiles of ``mimo_z`` and ``mimo_o`` for the group's channels ``ch``."""
+    pm = (r < R)[:, None] & n_ok[None, :]
+    mz = tl.load(MZ + r[:, None] * HP + ch[None, :], mask=pm, other=0.0)
+    mo = tl.load(MO + r[:, None] * HP + ch[None, :], mask=pm, other=0.0)
+    return mz, mo
+
+
+@triton.jit
+def _yz_loads(Y, Z, t, r, ch, n_ok, T, stride_yt, stride_yr, stride_zt, R: tl.constexpr):
+    """The raw y (tokens, R, channels) and z tiles of tokens ``t`` (zeros past T), in their
+    storage dtypes."""
+    t64 = t.to(tl.int64)
+    m2 = (t < T)[:, None] & n_ok[None, :]
+    m3 = m2[:, None, :] & (r < R)[None, :, None]
+    y_off = (
+        t64[:, None, None] * stride_yt
+        + r.to(tl.int64)[None, :, None] * stride_yr
+        + ch[None, None, :]
+    )
+    y = tl.load(Y + y_off, mask=m3, other=0.0)
+    z = tl.load(Z + t64[:, None] * stride_zt + ch[None, :], mask=m2, other=0.0)
+    return y, z
+
+
+@triton.jit
 def _mimo_out_fwd_kernel(
     Y, Z, MZ, MO, W, O,
     T, stride_yt, stride_yr, stride_zt, stride_ot, eps,
     R: tl.constexpr, HP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
-    # groups vary fastest over the programs: the ones in flight together read whole token rows
-    # of y (R x HP contiguous) rather than one group's 128 bytes of thousands of rows
-    pid = tl.program_id(0)
-    group = pid % (HP // GS)
-    t = (pid // (HP // GS)) * BLOCK_T + tl.arange(0, BLOCK_T)
+    group, slot, _slots = _group_slot(HP, GS)
+    t = slot * BLOCK_T + tl.arange(0, BLOCK_T)
     r = tl.arange(0, R)
     n = tl.arange(0, BLOCK_N)
     ch = group * GS + n
-    t_ok, n_ok = t < T, n < GS
-    t64 = t.to(tl.int64)
-    m2 = t_ok[:, None] & n_ok[None, :]
-    m3 = m2[:, None, :] & (r < R)[None, :, None]
-    y_ptr = (
-        Y
-        + t64[:, None, None] * stride_yt
-        + r.to(tl.int64)[None, :, None] * stride_yr
-        + ch[None, None, :]
-    )
-    y = tl.load(y_ptr, mask=m3, other=0.0).to(tl.float32)
-    z = tl.load(Z + t64[:, None] * stride_zt + ch[None, :], mask=m2, other=0.0).to(tl.float32)
-    pm = (r < R)[:, None] & n_ok[None, :]
-    mz = tl.load(MZ + r[:, None] * HP + ch[None, :], mask=pm, other=0.0)
-    mo = tl.load(MO + r[:, None] * HP + ch[None, :], mask=pm, other=0.0)
+    n_ok = n < GS
+    y, z = _yz_loads(Y, Z, t, r, ch, n_ok, T, stride_yt, stride_yr, stride_zt, R)
+    y, z = y.to(tl.float32), z.to(tl.float32)
+    mz, mo = _rank_weights(MZ, MO, r, ch, n_ok, R, HP)
     zr = z[:, None, :] * mz[None, :, :]
     gate = zr * tl.sigmoid(zr)
     if NORM == 2:
@@ -79,7 +100,9 @@ def _mimo_out_fwd_kernel(
     if NORM != 2:
         o = o * gate
     out = tl.sum(o * mo[None, :, :], 1)
-    tl.store(O + t64[:, None] * stride_ot + ch[None, :], out.to(O.dtype.element_ty), mask=m2)
+    m2 = (t < T)[:, None] & n_ok[None, :]
+    o_ptr = O + t.to(tl.int64)[:, None] * stride_ot + ch[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -88,17 +111,9 @@ def _bwd_loads(
 ):  # fmt: skip
     """The raw y (tokens, R, channels), z and output-gradient tiles of tokens ``t`` (zeros past
     T), in their storage dtypes."""
-    t64 = t.to(tl.int64)
+    y, z = _yz_loads(Y, Z, t, r, ch, n_ok, T, stride_yt, stride_yr, stride_zt, R)
     m2 = (t < T)[:, None] & n_ok[None, :]
-    m3 = m2[:, None, :] & (r < R)[None, :, None]
-    y_off = (
-        t64[:, None, None] * stride_yt
-        + r.to(tl.int64)[None, :, None] * stride_yr
-        + ch[None, None, :]
-    )
-    y = tl.load(Y + y_off, mask=m3, other=0.0)
-    z = tl.load(Z + t64[:, None] * stride_zt + ch[None, :], mask=m2, other=0.0)
-    dout = tl.load(DO + t64[:, None] * stride_dot + ch[None, :], mask=m2, other=0.0)
+    dout = tl.load(DO + t.to(tl.int64)[:, None] * stride_dot + ch[None, :], mask=m2, other=0.0)
     return y, z, dout
 
 
@@ -109,19 +124,13 @@ def _mimo_out_bwd_kernel(
     R: tl.constexpr, HP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
-    # groups vary fastest over the programs, as in the forward: those in flight together
-    # stride over the same token tiles of every group (whole rows of y)
-    flat = tl.program_id(0)
-    group = flat % (HP // GS)
-    pid = flat // (HP // GS)
-    programs = tl.num_programs(0) // (HP // GS)
+    group, pid, programs = _group_slot(HP, GS)  # pid strides over token tiles by programs
     r = tl.arange(0, R)
     n = tl.arange(0, BLOCK_N)
     ch = group * GS + n
     n_ok = n < GS
     pm = (r < R)[:, None] & n_ok[None, :]
-    mz = tl.load(MZ + r[:, None] * HP + ch[None, :], mask=pm, other=0.0)
-    mo = tl.load(MO + r[:, None] * HP + ch[None, :], mask=pm, other=0.0)
+    mz, mo = _rank_weights(MZ, MO, r, ch, n_ok, R, HP)
     w = tl.load(W + ch, mask=n_ok, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dmz = tl.zeros((R, BLOCK_N), dtype=tl.float32)
