@@ -9,7 +9,8 @@
 #      -> mimo_output.{json,md,txt}
 #   3. `hybridkit bench train` of the 400M MIMO rank-4 hybrid, compiled, 4 x 4,096 tokens, with
 #      the kernels (mimo_output=1) and without (the default: the torch formula, fused by Inductor)
-#      -> train_{mimo,mimo_torchout}.{json,md,txt}; then the compiled-model GPU test.
+#      -> train_{mimo,mimo_torchout}.{json,md,txt}, and the SISO 400M hybrid the same way as the
+#      baseline of the 0.6x target -> train_siso.*; then the compiled-model GPU test.
 # Here: mkdir -p .gpu/mo && tar -xzf FILES_AT/session.tar.gz -C .gpu/mo
 set -u
 OUT=${OUT:-/tmp/gpu_mimo_output}
@@ -26,9 +27,11 @@ timeout -k 5 150 python benchmarks/mimo_output.py --out "$WORK/mimo_output" \
   > "$WORK/mimo_output.txt" 2>&1
 show "$WORK/mimo_output.md" "$WORK/mimo_output.txt"; grep "^Backward tile" "$WORK/mimo_output.md"
 pack
-for v in mimo mimo_torchout; do
+for v in mimo mimo_torchout siso; do
   recipe=benchmarks/recipes/hybrid_400m_mimo.yaml settings="mimo_output=1"
   [ $v = mimo_torchout ] && settings="mimo_output=0"
+  # the SISO 400M hybrid on the same machine: issue #15's target is MIMO >= 0.6x its speed
+  [ $v = siso ] && recipe=benchmarks/recipes/hybrid_400m.yaml settings=""
   HYBRIDKIT_KERNELS=$settings timeout -k 5 200 python -m hybridkit bench train "$recipe" \
     --batch 4 --seq-len 4096 --compile --steps 8 --out "$WORK/train_$v" > "$WORK/train_$v.txt" 2>&1
   show "$WORK/train_$v.md" "$WORK/train_$v.txt"; pack
