@@ -31,6 +31,13 @@ CASES = (
 )
 
 
+#: the launch settings of the kernels module the sweep varies (restored after it)
+_LAUNCH_KNOBS = ("FWD_TILE_ELEMENTS", "FWD_WARPS", "BWD_TILE_ELEMENTS", "BWD_WARPS")
+#: (tile elements, warps) of the forward and of the backward compared at the first shape
+_FWD_SWEEP = tuple((e, w) for e in (512, 1024, 2048, 4096) for w in (2, 4, 8))
+_BWD_SWEEP = tuple((e, w) for e in (256, 512, 1024) for w in (2, 4, 8))
+
+
 def _median_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=100, return_mode="median")
 
@@ -63,13 +70,28 @@ def _measure(
     for name, fn in variants.items():
         rec[f"{name}_fwd_ms"] = _median_ms(fn)
         rec[f"{name}_fb_ms"] = _median_ms(lambda fn=fn: torch.autograd.grad(fn(), leaves, dout))
-    if compare_tiles:  # the backward's tile size (kernels' default: BWD_TILE_ELEMENTS)
-        default = out_kernels.BWD_TILE_ELEMENTS
-        for elements in (512, 1024, 2048):
-            out_kernels.BWD_TILE_ELEMENTS = elements
+    if compare_tiles:  # the forward kernel without the dispatch / autograd wrapper
+        z2 = proj.detach()[..., :HP].reshape(B * L, HP)
+        mz2 = mz.detach().transpose(0, 1).reshape(R, HP).contiguous()
+        mo2 = mo.detach().transpose(0, 1).reshape(R, HP).contiguous()
+        y3, o = y.detach().reshape(B * L, R, HP), torch.empty(B * L, HP, device=dev, dtype=bf16)
+        wk = w.detach() if mode != "none" else None
+        rec["ours_kernel_fwd_ms"] = _median_ms(
+            lambda: out_kernels.mimo_output_forward(y3, z2, mz2, mo2, wk, o, P, 1e-5, mode)
+        )
+    if compare_tiles:  # the launches: forward and backward tile (elements) x warps
+        saved = {k: getattr(out_kernels, k) for k in _LAUNCH_KNOBS}
+        for elements, warps in _FWD_SWEEP:
+            out_kernels.FWD_TILE_ELEMENTS, out_kernels.FWD_WARPS = elements, warps
+            rec[f"ours_fwd_ms_tile{elements}_w{warps}"] = _median_ms(variants["ours"])
+        for k, v in saved.items():
+            setattr(out_kernels, k, v)
+        for elements, warps in _BWD_SWEEP:
+            out_kernels.BWD_TILE_ELEMENTS, out_kernels.BWD_WARPS = elements, warps
             fb = _median_ms(lambda: torch.autograd.grad(variants["ours"](), leaves, dout))
-            rec[f"ours_fb_ms_tile{elements}"] = fb
-        out_kernels.BWD_TILE_ELEMENTS = default
+            rec[f"ours_fb_ms_tile{elements}_w{warps}"] = fb
+        for k, v in saved.items():
+            setattr(out_kernels, k, v)
     T, el = B * L, 2
     fwd_bytes = T * HP * el * (R + 2)  # y, z read; out written
     fb_bytes = fwd_bytes + T * HP * el * (2 * R + 3)  # + y, z, dout read; dy, dz written
@@ -108,8 +130,18 @@ def main() -> None:
             f"{r['ours_fb_ms']:.3f} | {r['fb_floor_ms']:.3f} | "
             f"{r['inductor_fb_ms'] / r['ours_fb_ms']:.2f}x |"
         )
-    tiles = [f"{k.rsplit('tile', 1)[1]}: {v:.3f}" for k, v in records[0].items() if "_tile" in k]
-    lines += ["", "Backward tile (elements) at the first shape, f+b ms: " + ", ".join(tiles)]
+    for kind, label in (("fwd", "forward"), ("fb", "forward + backward")):
+        sweep = [
+            f"{k.rsplit('tile', 1)[1].replace('_w', ' / ')}: {v:.3f}"
+            for k, v in records[0].items()
+            if k.startswith(f"ours_{kind}_ms_tile")
+        ]
+        head = f"Ours at the first shape by launch (tile elements / warps), {label} ms"
+        head += " (the forward at its default)" if kind == "fb" else ""
+        lines += ["", head + ": " + ", ".join(sweep)]
+    k = records[0].get("ours_kernel_fwd_ms")
+    if k is not None:
+        lines += ["", f"The forward kernel alone at the first shape (no wrapper): {k:.3f} ms."]
     env = run_environment(dev)
     lines += ["", f"{env.get('device')}, measured {env.get('date')}, torch {env.get('torch')}, "
               f"Triton {env.get('triton')}, commit {env.get('commit')}."]  # fmt: skip

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from hybridkit.kernels.layout import striding_programs
 from hybridkit.kernels.mamba3.output.reference import MODES
-from hybridkit.kernels.mamba3.output.tiles import tile
+from hybridkit.kernels.mamba3.output.tiles import TILE_ELEMENTS, tile
 
 #: elements of the backward's (tokens x R x channels) tile at 8 warps (the forward's is
 #: ``tiles.TILE_ELEMENTS``): ~20 registers per element and thread of float32 arithmetic; at 2048
@@ -35,6 +35,11 @@ from hybridkit.kernels.mamba3.output.tiles import tile
 #: 3.40 at 1024 and 4.51 at 2048 (``benchmarks/results/mimo_output_h100.md``): 512. Module-level
 #: so a benchmark can compare sizes.
 BWD_TILE_ELEMENTS = 512
+#: the forward's tile (elements) and both kernels' warps: module-level, like the backward's tile,
+#: so that ``benchmarks/mimo_output.py --sweep`` can time other launches without a code change
+FWD_TILE_ELEMENTS = TILE_ELEMENTS
+FWD_WARPS = 8
+BWD_WARPS = 8
 
 
 @triton.jit
@@ -207,13 +212,13 @@ def mimo_output_forward(
     """Fill ``out`` (T, HP). ``y`` (T, R, HP) and ``z`` (T, HP) with unit channel stride (any
     token and rank strides); ``mz`` / ``mo`` (R, HP) float32 contiguous; ``weight`` (HP,)."""
     T, R, HP = y.shape
-    block_t, block_n = tile(R, group_size)
+    block_t, block_n = tile(R, group_size, FWD_TILE_ELEMENTS)
     grid = (triton.cdiv(T, block_t) * (HP // group_size),)
     _mimo_out_fwd_kernel[grid](
         y, z, mz, mo, mz if weight is None else weight, out,
         T, y.stride(0), y.stride(1), z.stride(0), out.stride(0), eps,
         R=R, HP=HP, GS=group_size, BLOCK_T=block_t, BLOCK_N=block_n, NORM=MODES.index(mode),
-        num_warps=8,
+        num_warps=FWD_WARPS,
     )  # fmt: skip
 
 
@@ -243,6 +248,6 @@ def mimo_output_backward(
         dout, y, z, mz, mo, mz if weight is None else weight, dy, dz, dw, dmz, dmo,
         T, dout.stride(0), y.stride(0), y.stride(1), z.stride(0), eps,
         R=R, HP=HP, GS=group_size, BLOCK_T=block_t, BLOCK_N=block_n, NORM=MODES.index(mode),
-        num_warps=8,
+        num_warps=BWD_WARPS,
     )  # fmt: skip
     return dmz.sum(0), dmo.sum(0), None if weight is None else dw.sum(0)
