@@ -23,7 +23,7 @@ par=""; python -c "import xdist" 2>/dev/null && par="-n 4"
 timeout -k 5 150 python -m pytest -q -m gpu $par tests/test_mimo_output.py -p no:cacheprovider \
   -k "not compiled" -rfE 2>&1 | grep -v Warning | tail -30 > "$WORK/mimo_output_tests.txt"
 tail -4 "$WORK/mimo_output_tests.txt"; pack
-timeout -k 5 150 python benchmarks/mimo_output.py --out "$WORK/mimo_output" \
+timeout -k 5 240 python benchmarks/mimo_output.py --out "$WORK/mimo_output" \
   > "$WORK/mimo_output.txt" 2>&1
 show "$WORK/mimo_output.md" "$WORK/mimo_output.txt"; grep "^Ours at" "$WORK/mimo_output.md"
 pack
