@@ -102,11 +102,14 @@ def _measure(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    ap.add_argument(
+        "--cases", type=int, default=len(CASES), help="time only the first N shapes (a short call)"
+    )
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     records = []
-    for i, case in enumerate(CASES):
+    for i, case in enumerate(CASES[: args.cases]):
         records.append(_measure(*case, bw=bw, compare_tiles=i == 0))
         print(json.dumps(records[-1]), flush=True)
         torch._dynamo.reset()
