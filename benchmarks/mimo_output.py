@@ -32,10 +32,50 @@ CASES = (
 
 
 #: the launch settings of the kernels module the sweep varies (restored after it)
-_LAUNCH_KNOBS = ("FWD_TILE_ELEMENTS", "FWD_WARPS", "BWD_TILE_ELEMENTS", "BWD_WARPS")
-#: (tile elements, warps) of the forward and of the backward compared at the first shape
-_FWD_SWEEP = tuple((e, w) for e in (512, 1024, 2048, 4096) for w in (2, 4, 8))
-_BWD_SWEEP = tuple((e, w) for e in (256, 512, 1024) for w in (2, 4, 8))
+_LAUNCH_KNOBS = (
+    "FWD_TILE_ELEMENTS", "FWD_WARPS", "BWD_TILE_ELEMENTS", "BWD_WARPS", "BWD_PROGRAMS_PER_SM"
+)  # fmt: skip
+#: forward (tile elements, warps) and backward (tile elements, warps, programs per SM) compared
+#: at the first shape; on the H100 the forward was best at 2,048 / 2 and the backward at 256 / 2
+#: of {256, 512, 1024} x {2, 4, 8} (benchmarks/results/mimo_output_launch_h100.md)
+_FWD_SWEEP = tuple((e, w) for e in (1024, 2048, 4096) for w in (1, 2, 4))
+_BWD_SWEEP = (
+    (256, 1, 6), (256, 2, 6), (256, 4, 6), (512, 2, 6), (512, 4, 6),
+    (256, 1, 12), (256, 2, 12), (256, 1, 24), (256, 2, 24),
+)  # fmt: skip
+
+
+def _rel_err(got, want) -> float:
+    """The largest relative error (norm of the difference over the norm) over paired tensors."""
+    return max(
+        ((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
+        for g, w in zip(got, want, strict=True)
+    )
+
+
+def _sweep(rec: dict, ours, run, leaves, dout) -> None:
+    """Time each launch of ``_FWD_SWEEP`` / ``_BWD_SWEEP`` (the other direction at its default),
+    each checked against the torch formula first: a launch whose output or gradients are off by
+    more than 1 % (relative norm) is recorded as wrong and not timed."""
+    ref_out = (run("torch"),)
+    ref_grads = torch.autograd.grad(run("torch"), leaves, dout)
+    saved = {k: getattr(out_kernels, k) for k in _LAUNCH_KNOBS}
+    for elements, warps in _FWD_SWEEP:
+        out_kernels.FWD_TILE_ELEMENTS, out_kernels.FWD_WARPS = elements, warps
+        key = f"ours_fwd_ms_tile{elements}_w{warps}"
+        err = _rel_err((ours(),), ref_out)
+        rec[key] = _median_ms(ours) if err < 1e-2 else f"wrong (relative error {err:.2g})"
+    for k, v in saved.items():
+        setattr(out_kernels, k, v)
+    for elements, warps, per_sm in _BWD_SWEEP:
+        out_kernels.BWD_TILE_ELEMENTS, out_kernels.BWD_WARPS = elements, warps
+        out_kernels.BWD_PROGRAMS_PER_SM = per_sm
+        key = f"ours_fb_ms_tile{elements}_w{warps}_p{per_sm}"
+        err = _rel_err(torch.autograd.grad(ours(), leaves, dout), ref_grads)
+        fb = lambda: torch.autograd.grad(ours(), leaves, dout)  # noqa: E731
+        rec[key] = _median_ms(fb) if err < 1e-2 else f"wrong (relative error {err:.2g})"
+    for k, v in saved.items():
+        setattr(out_kernels, k, v)
 
 
 def _median_ms(fn) -> float:
@@ -79,19 +119,8 @@ def _measure(
         rec["ours_kernel_fwd_ms"] = _median_ms(
             lambda: out_kernels.mimo_output_forward(y3, z2, mz2, mo2, wk, o, P, 1e-5, mode)
         )
-    if compare_tiles:  # the launches: forward and backward tile (elements) x warps
-        saved = {k: getattr(out_kernels, k) for k in _LAUNCH_KNOBS}
-        for elements, warps in _FWD_SWEEP:
-            out_kernels.FWD_TILE_ELEMENTS, out_kernels.FWD_WARPS = elements, warps
-            rec[f"ours_fwd_ms_tile{elements}_w{warps}"] = _median_ms(variants["ours"])
-        for k, v in saved.items():
-            setattr(out_kernels, k, v)
-        for elements, warps in _BWD_SWEEP:
-            out_kernels.BWD_TILE_ELEMENTS, out_kernels.BWD_WARPS = elements, warps
-            fb = _median_ms(lambda: torch.autograd.grad(variants["ours"](), leaves, dout))
-            rec[f"ours_fb_ms_tile{elements}_w{warps}"] = fb
-        for k, v in saved.items():
-            setattr(out_kernels, k, v)
+    if compare_tiles:
+        _sweep(rec, variants["ours"], run, leaves, dout)
     T, el = B * L, 2
     fwd_bytes = T * HP * el * (R + 2)  # y, z read; out written
     fb_bytes = fwd_bytes + T * HP * el * (2 * R + 3)  # + y, z, dout read; dy, dz written
@@ -135,11 +164,13 @@ def main() -> None:
         )
     for kind, label in (("fwd", "forward"), ("fb", "forward + backward")):
         sweep = [
-            f"{k.rsplit('tile', 1)[1].replace('_w', ' / ')}: {v:.3f}"
+            f"{k.split('tile', 1)[1].replace('_w', ' / ').replace('_p', ' / ')}: "
+            + (f"{v:.3f}" if isinstance(v, float) else v)
             for k, v in records[0].items()
             if k.startswith(f"ours_{kind}_ms_tile")
         ]
-        head = f"Ours at the first shape by launch (tile elements / warps), {label} ms"
+        head = f"Ours at the first shape by launch (tile elements / warps{{}}), {label} ms"
+        head = head.format(" / programs per SM" if kind == "fb" else "")
         head += " (the forward at its default)" if kind == "fb" else ""
         lines += ["", head + ": " + ", ".join(sweep)]
     k = records[0].get("ours_kernel_fwd_ms")

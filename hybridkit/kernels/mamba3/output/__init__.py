@@ -11,8 +11,10 @@ or after the gate) and the ``mimo_o``-weighted rank sum (``docs/mamba3.md`` 1.8)
   call fits the kernels (rank a power of two, R x group channels within one tile, no float64),
   eager and compiled alike: the torch formula materialises R-times-wider float32
   intermediates, which Inductor splits over several kernels and reductions. Else ``torch``.
-  The setting is off by default: the kernels pass their GPU tests but were about 2x slower
-  than Inductor's fusion of the formula on the H100 (``benchmarks/results/mimo_output_h100.md``).
+  The setting is off by default: at their first launch the kernels passed their GPU tests but
+  were about 2x slower than Inductor's fusion of the formula on the H100
+  (``benchmarks/results/mimo_output_h100.md``); the faster launches timed since
+  (``mimo_output_launch_h100.md``) have not yet run the GPU tests or the model.
 
 SISO layers do not come here: their gate and norm are the gated norm's (``kernels/norm``).
 """

@@ -3,8 +3,8 @@ whether a call fits before any kernel module is loaded)."""
 
 from __future__ import annotations
 
-#: (tokens x R x channels) elements per kernel tile at 8 warps: 8 per thread and live tensor, the
-#: size at which the gated norm's backward (``kernels/norm``) needs ~100 registers, unspilled
+#: (tokens x R x channels) elements of the forward's tile, and the most one token's R x group
+#: channels may take for the kernels to run a call (the launches: ``triton_kernels``)
 TILE_ELEMENTS = 2048
 
 

@@ -14,8 +14,9 @@ backward recomputes each row's rms rather than storing it (y is read anyway).
 
 ``NORM``: the index of the mode in ``reference.MODES``: 0 no norm (``y_r * silu(z_r)``), 1
 pre-gate, 2 post-gate.
-Grids: forward ``(cdiv(T, BLOCK_T), NG)``; backward ``(programs, NG)``, each program striding
-over token tiles so its weight-gradient partials stay in registers (summed by torch).
+Grids: flat, the NG norm groups varying fastest (``_group_slot``); the forward's programs take
+one token tile each, the backward's stride over the token tiles so that their weight-gradient
+partials stay in registers (summed by torch). Tile sizes and warps: the module constants below.
 """
 
 from __future__ import annotations
@@ -28,18 +29,20 @@ from hybridkit.kernels.layout import striding_programs
 from hybridkit.kernels.mamba3.output.reference import MODES
 from hybridkit.kernels.mamba3.output.tiles import TILE_ELEMENTS, tile
 
-#: elements of the backward's (tokens x R x channels) tile at 8 warps (the forward's is
-#: ``tiles.TILE_ELEMENTS``): ~20 registers per element and thread of float32 arithmetic; at 2048
-#: (8 per thread) it compiled to ~165 registers for sm_90, one program per SM, at 1024 to ~105,
-#: two. On the H100 (R 4, group 64, pre-gate norm) forward + backward took 2.89 ms at 512,
-#: 3.40 at 1024 and 4.51 at 2048 (``benchmarks/results/mimo_output_h100.md``): 512. Module-level
-#: so a benchmark can compare sizes.
-BWD_TILE_ELEMENTS = 512
-#: the forward's tile (elements) and both kernels' warps: module-level, like the backward's tile,
-#: so that ``benchmarks/mimo_output.py --sweep`` can time other launches without a code change
+#: The launches, module-level so that ``benchmarks/mimo_output.py`` can sweep them without a
+#: code change. Timed on the H100 at (4 x 4096 tokens, R 4, 32 heads x 64, grouped pre-gate
+#: norm; ``benchmarks/results/mimo_output_launch_h100.md``): the forward took 0.158 ms at 2,048
+#: elements (tokens x R x channels) and 2 warps, 32 elements per thread, against 1.25 ms at 8
+#: warps (Inductor's fusion of the formula: 0.265, byte floor 0.140); the backward about 0.80 ms
+#: at 256 elements and 2 warps against 1.62 at 512 / 8. In the forward fewer elements per thread
+#: were slower, though not monotonically; in the backward the smallest tile was fastest: these
+#: are measured, not derived. ``BWD_PROGRAMS_PER_SM``: the backward's programs, which stride over
+#: the token tiles keeping their weight-gradient partials in registers (6 when it was timed).
 FWD_TILE_ELEMENTS = TILE_ELEMENTS
-FWD_WARPS = 8
-BWD_WARPS = 8
+FWD_WARPS = 2
+BWD_TILE_ELEMENTS = 256
+BWD_WARPS = 2
+BWD_PROGRAMS_PER_SM = 6
 
 
 @triton.jit
@@ -240,7 +243,10 @@ def mimo_output_backward(
     T, R, HP = y.shape
     groups = HP // group_size
     block_t, block_n = tile(R, group_size, BWD_TILE_ELEMENTS)
-    programs = striding_programs(y.device, triton.cdiv(T, block_t), groups, 6, 3)
+    # a wide group gives a one-token tile larger than BWD_TILE_ELEMENTS: more warps keep its
+    # elements per thread (and so its registers) where the timed launch had them, up to 8
+    warps = min(8, max(BWD_WARPS, BWD_WARPS * block_t * R * block_n // BWD_TILE_ELEMENTS))
+    programs = striding_programs(y.device, triton.cdiv(T, block_t), groups, BWD_PROGRAMS_PER_SM, 3)
     f32 = dict(dtype=torch.float32, device=y.device)
     dmz, dmo = torch.empty(programs, R, HP, **f32), torch.empty(programs, R, HP, **f32)
     dw = torch.empty(programs, HP, **f32) if weight is not None else dmz
@@ -248,6 +254,6 @@ def mimo_output_backward(
         dout, y, z, mz, mo, mz if weight is None else weight, dy, dz, dw, dmz, dmo,
         T, dout.stride(0), y.stride(0), y.stride(1), z.stride(0), eps,
         R=R, HP=HP, GS=group_size, BLOCK_T=block_t, BLOCK_N=block_n, NORM=MODES.index(mode),
-        num_warps=BWD_WARPS,
+        num_warps=warps,
     )  # fmt: skip
     return dmz.sum(0), dmo.sum(0), None if weight is None else dw.sum(0)
