@@ -13,12 +13,10 @@ copy bandwidth measured in the same run. Medians of ``triton.testing.do_bench`` 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from triton.testing import do_bench
+from launch_sweep import measure_cases, median_ms, sweep_launches, sweep_lines, write_results
 
-from hybridkit.decode_bench import copy_bandwidth
 from hybridkit.kernels.mamba3.output import mimo_output
 from hybridkit.kernels.mamba3.output import triton_kernels as out_kernels
 from hybridkit.train.provenance import run_environment
@@ -31,10 +29,6 @@ CASES = (
 )
 
 
-#: the launch settings of the kernels module the sweep varies (restored after it)
-_LAUNCH_KNOBS = (
-    "FWD_TILE_ELEMENTS", "FWD_WARPS", "BWD_TILE_ELEMENTS", "BWD_WARPS", "BWD_PROGRAMS_PER_SM"
-)  # fmt: skip
 #: forward (tile elements, warps) and backward (tile elements, warps, programs per SM) compared
 #: at the first shape; on the H100 the forward was best at 2,048 / 2 and the backward at 256 / 2
 #: of {256, 512, 1024} x {2, 4, 8} (benchmarks/results/mimo_output_launch_h100.md)
@@ -43,43 +37,6 @@ _BWD_SWEEP = (
     (256, 1, 6), (256, 2, 6), (256, 4, 6), (512, 2, 6), (512, 4, 6),
     (256, 1, 12), (256, 2, 12), (256, 1, 24), (256, 2, 24),
 )  # fmt: skip
-
-
-def _rel_err(got, want) -> float:
-    """The largest relative error (norm of the difference over the norm) over paired tensors."""
-    return max(
-        ((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
-        for g, w in zip(got, want, strict=True)
-    )
-
-
-def _sweep(rec: dict, ours, run, leaves, dout) -> None:
-    """Time each launch of ``_FWD_SWEEP`` / ``_BWD_SWEEP`` (the other direction at its default),
-    each checked against the torch formula first: a launch whose output or gradients are off by
-    more than 1 % (relative norm) is recorded as wrong and not timed."""
-    ref_out = (run("torch"),)
-    ref_grads = torch.autograd.grad(run("torch"), leaves, dout)
-    saved = {k: getattr(out_kernels, k) for k in _LAUNCH_KNOBS}
-    for elements, warps in _FWD_SWEEP:
-        out_kernels.FWD_TILE_ELEMENTS, out_kernels.FWD_WARPS = elements, warps
-        key = f"ours_fwd_ms_tile{elements}_w{warps}"
-        err = _rel_err((ours(),), ref_out)
-        rec[key] = _median_ms(ours) if err < 1e-2 else f"wrong (relative error {err:.2g})"
-    for k, v in saved.items():
-        setattr(out_kernels, k, v)
-    for elements, warps, per_sm in _BWD_SWEEP:
-        out_kernels.BWD_TILE_ELEMENTS, out_kernels.BWD_WARPS = elements, warps
-        out_kernels.BWD_PROGRAMS_PER_SM = per_sm
-        key = f"ours_fb_ms_tile{elements}_w{warps}_p{per_sm}"
-        err = _rel_err(torch.autograd.grad(ours(), leaves, dout), ref_grads)
-        fb = lambda: torch.autograd.grad(ours(), leaves, dout)  # noqa: E731
-        rec[key] = _median_ms(fb) if err < 1e-2 else f"wrong (relative error {err:.2g})"
-    for k, v in saved.items():
-        setattr(out_kernels, k, v)
-
-
-def _median_ms(fn) -> float:
-    return do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
 def _measure(
@@ -108,19 +65,24 @@ def _measure(
     torch.testing.assert_close(run("triton").float(), run("torch").float(), rtol=2e-2, atol=2e-2)
     rec: dict = dict(B=B, L=L, R=R, H=H, P=P, mode=mode)
     for name, fn in variants.items():
-        rec[f"{name}_fwd_ms"] = _median_ms(fn)
-        rec[f"{name}_fb_ms"] = _median_ms(lambda fn=fn: torch.autograd.grad(fn(), leaves, dout))
+        rec[f"{name}_fwd_ms"] = median_ms(fn)
+        rec[f"{name}_fb_ms"] = median_ms(lambda fn=fn: torch.autograd.grad(fn(), leaves, dout))
     if compare_tiles:  # the forward kernel without the dispatch / autograd wrapper
         z2 = proj.detach()[..., :HP].reshape(B * L, HP)
         mz2 = mz.detach().transpose(0, 1).reshape(R, HP).contiguous()
         mo2 = mo.detach().transpose(0, 1).reshape(R, HP).contiguous()
         y3, o = y.detach().reshape(B * L, R, HP), torch.empty(B * L, HP, device=dev, dtype=bf16)
         wk = w.detach() if mode != "none" else None
-        rec["ours_kernel_fwd_ms"] = _median_ms(
+        rec["ours_kernel_fwd_ms"] = median_ms(
             lambda: out_kernels.mimo_output_forward(y3, z2, mz2, mo2, wk, o, P, 1e-5, mode)
         )
     if compare_tiles:
-        _sweep(rec, variants["ours"], run, leaves, dout)
+        ours = variants["ours"]
+        ref_grads = torch.autograd.grad(run("torch"), leaves, dout)
+        sweep_launches(
+            rec, out_kernels, ours, (run("torch"),),
+            lambda: torch.autograd.grad(ours(), leaves, dout), ref_grads, _FWD_SWEEP, _BWD_SWEEP,
+        )  # fmt: skip
     T, el = B * L, 2
     fwd_bytes = T * HP * el * (R + 2)  # y, z read; out written
     fb_bytes = fwd_bytes + T * HP * el * (2 * R + 3)  # + y, z, dout read; dy, dz written
@@ -135,13 +97,9 @@ def main() -> None:
         "--cases", type=int, default=len(CASES), help="time only the first N shapes (a short call)"
     )
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    bw = copy_bandwidth(dev)
-    records = []
-    for i, case in enumerate(CASES[: args.cases]):
-        records.append(_measure(*case, bw=bw, compare_tiles=i == 0))
-        print(json.dumps(records[-1]), flush=True)
-        torch._dynamo.reset()
+    dev, bw, records = measure_cases(
+        CASES[: args.cases], lambda i, case, bw_: _measure(*case, bw=bw_, compare_tiles=i == 0)
+    )
     lines = [
         "# MIMO output (gate + output norm + rank sum), bf16: fused Triton vs the torch formula",
         "",
@@ -162,32 +120,11 @@ def main() -> None:
             f"{r['ours_fb_ms']:.3f} | {r['fb_floor_ms']:.3f} | "
             f"{r['inductor_fb_ms'] / r['ours_fb_ms']:.2f}x |"
         )
-    for kind, label in (("fwd", "forward"), ("fb", "forward + backward")):
-        sweep = [
-            f"{k.split('tile', 1)[1].replace('_w', ' / ').replace('_p', ' / ')}: "
-            + (f"{v:.3f}" if isinstance(v, float) else v)
-            for k, v in records[0].items()
-            if k.startswith(f"ours_{kind}_ms_tile")
-        ]
-        head = f"Ours at the first shape by launch (tile elements / warps{{}}), {label} ms"
-        head = head.format(" / programs per SM" if kind == "fb" else "")
-        head += " (the forward at its default)" if kind == "fb" else ""
-        lines += ["", head + ": " + ", ".join(sweep)]
+    lines += sweep_lines(records[0])
     k = records[0].get("ours_kernel_fwd_ms")
     if k is not None:
         lines += ["", f"The forward kernel alone at the first shape (no wrapper): {k:.3f} ms."]
-    env = run_environment(dev)
-    lines += ["", f"{env.get('device')}, measured {env.get('date')}, torch {env.get('torch')}, "
-              f"Triton {env.get('triton')}, commit {env.get('commit')}."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out + ".json", "w") as f:
-            json.dump(
-                {"bandwidth_bytes_per_s": bw, "environment": env, "rows": records}, f, indent=1
-            )
-        with open(args.out + ".md", "w") as f:
-            f.write(text)
+    write_results(args.out, lines, run_environment(dev), bw, records)
 
 
 if __name__ == "__main__":

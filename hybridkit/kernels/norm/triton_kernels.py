@@ -34,6 +34,17 @@ from hybridkit.kernels.pdl import launch_options, use_pdl
 _TILE_ELEMENTS = 2048
 #: the widest group a single tile holds (wider inputs take the torch path)
 MAX_GROUP = 8192
+#: The launches of the training kernels (forward, backward), module-level so that
+#: ``benchmarks/norm.py`` can sweep them without a code change: tile elements, warps and the
+#: backward's programs per SM (its programs stride over the row tiles). Not yet timed against
+#: other launches; the MIMO output kernels, built the same way, ran their forward 8x faster at
+#: 2 warps than at 8 on the H100 (``benchmarks/results/mimo_output_launch_h100.md``). The decode
+#: path's add + norm keeps its own launch.
+FWD_TILE_ELEMENTS = _TILE_ELEMENTS
+FWD_WARPS = 8
+BWD_TILE_ELEMENTS = _TILE_ELEMENTS
+BWD_WARPS = 8
+BWD_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -161,7 +172,7 @@ def add_norm_forward(
         torch.empty_like(h, memory_format=torch.contiguous_format),
         torch.empty(m, d, dtype=h.dtype, device=h.device),
     )
-    block_m, block_n, warps = _tile(d)
+    block_m, block_n, warps = _tile(d, _TILE_ELEMENTS, 8)
     pdl = use_pdl(h)
     _add_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
         h, delta, weight, s, out,
@@ -172,14 +183,15 @@ def add_norm_forward(
     return s, out
 
 
-def _tile(group_size: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps) for a group of ``group_size`` channels."""
+def _tile(group_size: int, elements: int, warps: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps) for a group of ``group_size`` channels in tiles of about
+    ``elements`` at ``warps``: a group wider than that gets a one-row tile and proportionally
+    more warps (at most 16), so its elements per thread stay where the launch put them."""
     if group_size > MAX_GROUP:
         raise ValueError(f"norm kernels: group of {group_size} channels exceeds {MAX_GROUP}")
     block_n = triton.next_power_of_2(group_size)
-    block_m = max(1, min(64, _TILE_ELEMENTS // block_n))
-    warps = 8 if block_m * block_n <= _TILE_ELEMENTS else 16
-    return block_m, block_n, warps
+    block_m = max(1, min(64, elements // block_n))
+    return block_m, block_n, min(16, warps * max(1, block_m * block_n // elements))
 
 
 def norm_forward(
@@ -195,7 +207,7 @@ def norm_forward(
     """Fill ``out`` (M, D) and ``rstd`` (M, D / group_size) float32; 2-D inputs, unit column
     stride (any row stride)."""
     M, D = x.shape
-    block_m, block_n, warps = _tile(group_size)
+    block_m, block_n, warps = _tile(group_size, FWD_TILE_ELEMENTS, FWD_WARPS)
     grid = (triton.cdiv(M, block_m), D // group_size)
     _norm_fwd_kernel[grid](
         x, x if z is None else z, weight, out, rstd,
@@ -219,8 +231,10 @@ def norm_backward(
     """Fill ``dx`` (and ``dz``) and return the weight gradient (D,) in float32."""
     M, D = x.shape
     groups = D // group_size
-    block_m, block_n, warps = _tile(group_size)
-    programs = striding_programs(x.device, triton.cdiv(M, block_m), groups, 4, 4)
+    block_m, block_n, warps = _tile(group_size, BWD_TILE_ELEMENTS, BWD_WARPS)
+    programs = striding_programs(
+        x.device, triton.cdiv(M, block_m), groups, BWD_PROGRAMS_PER_SM, 4
+    )
     dw = torch.empty(programs, D, dtype=torch.float32, device=x.device)
     _norm_bwd_kernel[(programs, groups)](
         x, x if z is None else z, weight, dout, rstd, dx, dx if dz is None else dz, dw,
