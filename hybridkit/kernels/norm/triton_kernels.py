@@ -232,9 +232,7 @@ def norm_backward(
     M, D = x.shape
     groups = D // group_size
     block_m, block_n, warps = _tile(group_size, BWD_TILE_ELEMENTS, BWD_WARPS)
-    programs = striding_programs(
-        x.device, triton.cdiv(M, block_m), groups, BWD_PROGRAMS_PER_SM, 4
-    )
+    programs = striding_programs(x.device, triton.cdiv(M, block_m), groups, BWD_PROGRAMS_PER_SM, 4)
     dw = torch.empty(programs, D, dtype=torch.float32, device=x.device)
     _norm_bwd_kernel[(programs, groups)](
         x, x if z is None else z, weight, dout, rstd, dx, dx if dz is None else dz, dw,
