@@ -11,7 +11,8 @@
 #      the kernels (mimo_output=1) and without (the default: the torch formula, fused by Inductor)
 #      -> train_{mimo,mimo_torchout}.{json,md,txt}, and the SISO 400M hybrid the same way as the
 #      baseline of the 0.6x target -> train_siso.*;
-#   4. benchmarks/norm.py --sweep (the norms against the formula, and their launches) -> norm.*;
+#   4. the norms' GPU tests at other launches (norm_launch_tests.txt), then benchmarks/norm.py
+#      --sweep (the norms against the formula, and their launches) -> norm.*;
 #      then the compiled-model GPU test.
 # Here: mkdir -p .gpu/mo && tar -xzf FILES_AT/session.tar.gz -C .gpu/mo
 set -u
@@ -38,7 +39,11 @@ for v in mimo mimo_torchout siso; do
     --batch 4 --seq-len 4096 --compile --steps 8 --out "$WORK/train_$v" > "$WORK/train_$v.txt" 2>&1
   show "$WORK/train_$v.md" "$WORK/train_$v.txt"; pack
 done
-# the norms' launch sweep (the same build as the MIMO output kernels, never swept)
+# the norms' launch sweep (the same build as the MIMO output kernels, never swept), after the
+# GPU tests of the launches it tries
+timeout -k 5 90 python -m pytest -q -m gpu tests/test_norm_kernels.py -k launch -p no:cacheprovider \
+  -rfE 2>&1 | grep -v Warning | tail -12 > "$WORK/norm_launch_tests.txt"
+tail -2 "$WORK/norm_launch_tests.txt"
 timeout -k 5 150 python benchmarks/norm.py --sweep --out "$WORK/norm" > "$WORK/norm.txt" 2>&1
 show "$WORK/norm.md" "$WORK/norm.txt"; grep "^Ours at" "$WORK/norm.md"; pack
 # -p no:logging --tb=short: on 2026-12-06 Dynamo's DEBUG records filled the tail and hid the

@@ -100,3 +100,12 @@ def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, th
     if slot.variant == "slow":  # still running when a crash beside it breaks the pool
         time.sleep(3.0)
     return "ran", 0.01
+
+
+def set_launch(monkeypatch: pytest.MonkeyPatch, module: Any, launch: tuple[int, ...]) -> None:
+    """Set a kernels module's launch constants for one test: ``launch`` is (forward tile
+    elements, forward warps, backward tile elements, backward warps, backward programs per SM),
+    the knobs ``benchmarks/launch_sweep.py`` sweeps."""
+    names = ("FWD_TILE_ELEMENTS", "FWD_WARPS", "BWD_TILE_ELEMENTS", "BWD_WARPS")
+    for name, value in zip((*names, "BWD_PROGRAMS_PER_SM"), launch, strict=True):
+        monkeypatch.setattr(module, name, value)

@@ -24,7 +24,7 @@ from hybridkit.kernels.mamba3.output import (  # noqa: E402
     plan_mimo_output,
     tile,
 )
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import rel_err, set_launch  # noqa: E402
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -288,7 +288,38 @@ def test_show_reports_the_output_path():
     assert "mamba3 MIMO output" not in siso.backends("cpu", torch.float32, 64)
 
 
+#: launches other than the defaults that ``benchmarks/mimo_output.py`` sweeps: each must be
+#: right, not only fast (the tile sizes matter on the CPU too, the warps only on a GPU)
+LAUNCHES = {  # (fwd elements, fwd warps, bwd elements, bwd warps, bwd programs per SM)
+    "first": (2048, 8, 512, 8, 6),
+    "small": (1024, 1, 256, 1, 24),
+    "wide": (4096, 4, 1024, 4, 12),
+}
+
+
+@pytest.mark.parametrize("launch", sorted(LAUNCHES))
+@pytest.mark.parametrize("mode", ["pregate", "postgate"])
+def test_other_launches_match_float64(launch, mode, monkeypatch, poisoned_empty):
+    """Tiles of several tokens and of one, rank 4 and 8, a group that is not a power of two."""
+    from hybridkit.kernels.mamba3.output import triton_kernels
+
+    set_launch(monkeypatch, triton_kernels, LAUNCHES[launch])
+    _check((2, 9, 4, 2, 8), 8, mode)
+    _check((1, 5, 8, 2, 6), 6, mode)
+
+
 # --- GPU: the 400M model's shapes in bf16, a compiled MIMO model ----------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", sorted(LAUNCHES))
+@pytest.mark.parametrize("mode", ["pregate", "postgate"])
+def test_gpu_other_launches(launch, mode, monkeypatch):
+    from hybridkit.kernels.mamba3.output import triton_kernels
+
+    set_launch(monkeypatch, triton_kernels, LAUNCHES[launch])
+    _check((2, 1024, 4, 32, 64), 64, mode, dtype=torch.bfloat16, device="cuda", tol=1e-2)
+    _check((1, 333, 8, 32, 64), 256, mode, dtype=torch.float32, device="cuda", tol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["none", "pregate", "postgate"])
 @pytest.mark.parametrize(("rank", "group"), [(4, 64), (2, 64), (8, 64), (4, 256)])
