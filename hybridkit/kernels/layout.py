@@ -27,3 +27,11 @@ def striding_programs(
     else:
         want = on_cpu
     return max(1, min(tiles, want))
+
+
+def tile_warps(warps: int, elements: int, launched: int, cap: int) -> int:
+    """Warps for a tile of ``launched`` elements when the launch asked for ``elements`` at
+    ``warps``: a tile that had to grow past the request (one row of a group wider than it) gets
+    proportionally more warps, at most ``cap``, so its elements per thread, and so its registers,
+    stay where the launch put them."""
+    return min(cap, warps * max(1, launched // elements))

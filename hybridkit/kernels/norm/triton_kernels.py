@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.layout import striding_programs
+from hybridkit.kernels.layout import striding_programs, tile_warps
 from hybridkit.kernels.pdl import launch_options, use_pdl
 
 #: elements per (rows x channels) tile with 8 warps: 8 per thread and tensor. Compiled for
@@ -191,7 +191,7 @@ def _tile(group_size: int, elements: int, warps: int) -> tuple[int, int, int]:
         raise ValueError(f"norm kernels: group of {group_size} channels exceeds {MAX_GROUP}")
     block_n = triton.next_power_of_2(group_size)
     block_m = max(1, min(64, elements // block_n))
-    return block_m, block_n, min(16, warps * max(1, block_m * block_n // elements))
+    return block_m, block_n, tile_warps(warps, elements, block_m * block_n, 16)
 
 
 def norm_forward(

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.layout import striding_programs
+from hybridkit.kernels.layout import striding_programs, tile_warps
 from hybridkit.kernels.mamba3.output.reference import MODES
 from hybridkit.kernels.mamba3.output.tiles import TILE_ELEMENTS, tile
 
@@ -243,9 +243,8 @@ def mimo_output_backward(
     T, R, HP = y.shape
     groups = HP // group_size
     block_t, block_n = tile(R, group_size, BWD_TILE_ELEMENTS)
-    # a wide group gives a one-token tile larger than BWD_TILE_ELEMENTS: more warps keep its
-    # elements per thread (and so its registers) where the timed launch had them, up to 8
-    warps = min(8, max(BWD_WARPS, BWD_WARPS * block_t * R * block_n // BWD_TILE_ELEMENTS))
+    # a wide group gives a one-token tile larger than BWD_TILE_ELEMENTS: more warps, up to 8
+    warps = tile_warps(BWD_WARPS, BWD_TILE_ELEMENTS, block_t * R * block_n, 8)
     programs = striding_programs(y.device, triton.cdiv(T, block_t), groups, BWD_PROGRAMS_PER_SM, 3)
     f32 = dict(dtype=torch.float32, device=y.device)
     dmz, dmo = torch.empty(programs, R, HP, **f32), torch.empty(programs, R, HP, **f32)
