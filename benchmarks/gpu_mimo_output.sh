@@ -8,7 +8,7 @@
 #   2. benchmarks/mimo_output.py (ours vs the torch formula eager and under Inductor)
 #      -> mimo_output.{json,md,txt}
 #   3. `hybridkit bench train` of the 400M MIMO rank-4 hybrid, compiled, 4 x 4,096 tokens, with
-#      the kernels (mimo_output=1) and without (the default: the torch formula, fused by Inductor)
+#      the kernels (mimo_output=1) and without (mimo_output=0: the torch formula, fused by Inductor)
 #      -> train_{mimo,mimo_torchout}.{json,md,txt}, and the SISO 400M hybrid the same way as the
 #      baseline of the 0.6x target -> train_siso.*;
 #   4. the norms' GPU tests at other launches (norm_launch_tests.txt), then benchmarks/norm.py

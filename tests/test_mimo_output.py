@@ -142,8 +142,14 @@ def test_dispatch_rules_and_errors():
             assert chosen == "torch" and "does not fit" in why, (rank, group)
         wide = plan_mimo_output("auto", device=cuda, dtype=F64, rank=4, group_size=64)
     assert on == ("triton", "") and wide[0] == "torch"
-    chosen, why = plan_mimo_output("auto", device=cuda, dtype=torch.bfloat16, rank=4, group_size=64)
-    assert chosen == "torch" and "mimo_output=0" in why  # off by default
+    assert plan_mimo_output(  # on by default
+        "auto", device=cuda, dtype=torch.bfloat16, rank=4, group_size=64
+    ) == ("triton", "")
+    with kernel_config(mimo_output=False):
+        chosen, why = plan_mimo_output(
+            "auto", device=cuda, dtype=torch.bfloat16, rank=4, group_size=64
+        )
+    assert chosen == "torch" and "mimo_output=0" in why
     assert tile(4, 64) == (8, 64) and tile(2, 5) == (128, 8) and tile(8, 512) is None
     with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
         plan_mimo_output("cuda", device=cpu, dtype=torch.float32, rank=2, group_size=8)

@@ -60,11 +60,10 @@ Fields (defaults in :class:`KernelConfig`):
 * ``mimo_output``: the output of a MIMO layer (per-rank gate, output norm, ``mimo_o`` rank
   sum) through one fused Triton kernel forward and one backward on CUDA, eager and compiled
   (``hybridkit/kernels/mamba3/output``), instead of the torch formula's R-times-wider
-  float32 intermediates (which ``torch.compile`` fuses itself); off: at their first launch the
-  kernels were correct on the GPU but about 2x slower than Inductor's fusion of the formula on
-  the H100 (the compiled 400M MIMO model's step 336.8 vs 305.3 ms,
-  ``benchmarks/results/mimo_output_h100.md``); the launches timed since beat Inductor at kernel
-  level (``mimo_output_launch_h100.md``) but are not yet GPU-tested or timed in the model;
+  float32 intermediates (which ``torch.compile`` fuses itself); on: at its swept launches it
+  passed the GPU tests and took the compiled 400M MIMO model's step from 294.6 to 283.7 ms on
+  the H100 (``benchmarks/results/train_mimo_output_h100.md``; at its first launch it had been
+  about 2x slower than Inductor's fusion, ``mimo_output_h100.md``);
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
@@ -125,7 +124,7 @@ class KernelConfig:
     fused_add_norm: bool = True
     pdl: bool = False
     attention_step: bool = True
-    mimo_output: bool = False
+    mimo_output: bool = True
 
     @property
     def tunes(self) -> bool:
