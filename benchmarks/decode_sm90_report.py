@@ -32,9 +32,9 @@ from hybridkit.kernels.mamba3.step import triton_step as step
 from hybridkit.kernels.norm import triton_kernels as norm
 
 LINEAR = dict(BLOCK_K=lin.BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False, PREFETCH=True)
-LINEAR.update(PRENORM=False)
-GEMV = dict(BLOCK_N=lin.GEMV_BLOCK_N, BLOCK_K=lin.GEMV_BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False)
-GEMV.update(PREFETCH=True, PRENORM=False)
+LINEAR.update(PRENORM=False, LANES=32 * lin.WARPS)
+GEMV = dict(BLOCK_N=lin.GEMV_BLOCK_N, BLOCK_K=lin.GEMV_BLOCK_K, STAGES=lin.GEMV_STAGES)
+GEMV.update(HAS_BIAS=False, PREFETCH=True, PRENORM=False, LANES=32 * lin.GEMV_WARPS)
 STEP = dict(H=32, G=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32, HEAVY_TAIL=True)
 STEP.update(HAS_TRAP=True, HAS_ANG=True, HAS_D=True, GATED=True, NORM=1, SPLIT=1)
 STEP_FP32 = {"ANGLE", "SSM", "DT_BIAS", "B_BIAS", "C_BIAS", "B_NORM", "C_NORM", "DSKIP", "MX"}

@@ -8,7 +8,13 @@ weights per token). Shapes: the 400M hybrid's projections (``benchmarks/recipes/
 Mamba-3 in / out, MLP in / out, attention qkv / out, the head) and the one-layer decode
 benchmark's Mamba-3 projections (d_model 2048).
 
-    python benchmarks/skinny_linear.py --out benchmarks/results/skinny_linear_h200
+With ``--sweep`` the kernels' launches (``hybridkit/kernels/linear/triton_kernels.py``'s module
+constants) are timed too, one row on the one-row kernel and 16 on the other, each launch checked
+against ``F.linear`` at every shape before it is timed (``launch_sweep.py``); a launch's score is
+the 400M decode step's matmul time it implies (each projection's time times its count per
+token), since the step, not one shape, is what a default must serve.
+
+    python benchmarks/skinny_linear.py --out benchmarks/results/skinny_linear_h200 [--sweep]
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import json
 
 import torch
 import torch.nn.functional as F
+from launch_sweep import launch, median_ms, timed_if_right
 from triton.testing import do_bench
 
 from hybridkit.decode_bench import copy_bandwidth
+from hybridkit.kernels.linear import triton_kernels as linear_kernels
 from hybridkit.kernels.linear.triton_kernels import skinny_linear
 from hybridkit.kernels.swiglu import swiglu
 from hybridkit.train.provenance import run_environment
@@ -37,6 +45,93 @@ SHAPES = (
     ("layer bench in_proj (d_model 2048)", 2048, 8672),
     ("layer bench out_proj (d_model 2048)", 4096, 2048),
 )
+#: per token of the 400M hybrid (20 Mamba-3 layers, 4 attention layers, 24 MLPs, the head): how
+#: often each projection runs; fc1 runs with its SwiGLU (``glu``), as the model does
+STEP_COUNTS = {
+    "400M mamba3 in_proj": 20,
+    "400M mamba3 out_proj": 20,
+    "400M mlp fc1 + SwiGLU": 24,
+    "400M mlp fc2": 24,
+    "400M attention qkv": 4,
+    "400M attention out": 4,
+    "400M head": 1,
+}
+#: launches the sweep times, as the module constants they set ({} = the defaults); one row:
+#: (output columns, K per step, warps, stages) of ``_gemv_kernel``; 16 rows: (K per step, warps,
+#: stages, columns for narrow / wide outputs) of ``_skinny_linear_kernel``
+GEMV_SWEEP = tuple(
+    dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=w, GEMV_STAGES=st)
+    for bn, bk, w, st in (
+        (8, 512, 4, 4), (8, 512, 2, 4), (8, 512, 8, 4), (8, 256, 2, 4), (8, 256, 4, 4),
+        (8, 1024, 4, 4), (8, 1024, 8, 4), (4, 512, 2, 4), (4, 512, 4, 4), (4, 1024, 4, 4),
+        (16, 512, 4, 4), (16, 512, 8, 4), (8, 512, 4, 2), (8, 512, 4, 8), (16, 256, 4, 4),
+    )
+)  # fmt: skip
+ROWS_SWEEP = tuple(
+    dict(BLOCK_K=bk, WARPS=w, STAGES=st, NARROW_BLOCK_N=nb, WIDE_BLOCK_N=wb)
+    for bk, w, st, nb, wb in (
+        (256, 4, 4, 16, 32), (256, 2, 4, 16, 32), (256, 8, 4, 16, 32), (128, 4, 4, 16, 32),
+        (128, 2, 4, 16, 32), (512, 4, 4, 16, 32), (512, 8, 4, 16, 32), (256, 4, 2, 16, 32),
+        (256, 4, 6, 16, 32), (256, 4, 4, 32, 32), (256, 4, 4, 16, 64), (128, 4, 8, 16, 32),
+    )
+)  # fmt: skip
+
+
+def _label(settings: dict) -> str:
+    return " / ".join(str(v) for v in settings.values())
+
+
+def _sweep(cases: list, rows: int, launches: tuple[dict, ...], dev) -> list[dict]:
+    """One record per launch: each shape's time in us (or why it is wrong) and the 400M step's
+    matmul time it implies."""
+    out = []
+    for settings in launches:
+        rec: dict = dict(rows=rows, launch=_label(settings), settings=settings, us={})
+        with launch(linear_kernels, **settings):
+            for name, k, n, glu in cases:
+                gen = torch.Generator(device=dev).manual_seed(k * 7 + n)
+                w = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) / k**0.5
+                x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=gen)
+                want = F.linear(x, w)
+                if glu:
+                    want = swiglu(want, backend="torch")
+
+                def ours(x=x, w=w, glu=glu):
+                    return skinny_linear(x, w, None, glu=glu)
+
+                t = timed_if_right(lambda ours=ours: (ours(),), (want,), ours, timer=median_ms)
+                rec["us"][name] = t * 1e3 if isinstance(t, float) else t
+        times = [rec["us"].get(name) for name in STEP_COUNTS]
+        if all(isinstance(t, float) for t in times):
+            rec["step_us"] = sum(c * t for c, t in zip(STEP_COUNTS.values(), times, strict=True))
+        out.append(rec)
+        print(json.dumps(rec), flush=True)
+    return out
+
+
+def _sweep_lines(sweeps: list[dict]) -> list[str]:
+    lines = []
+    heads = {
+        1: "one row: columns / K step / warps / stages",
+        16: "16 rows: K step / warps / stages / narrow / wide columns",
+    }
+    for rows, head in heads.items():
+        recs = [r for r in sweeps if r["rows"] == rows]
+        if not recs:
+            continue
+        names = list(recs[0]["us"])
+        lines += [
+            "",
+            f"### Launch sweep, {head} (the first line is the default)",
+            "",
+            "| launch | 400M step matmuls us | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 2) + "|",
+        ]
+        for r in recs:
+            cells = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in r["us"].values()]
+            step = f"{r['step_us']:.1f}" if "step_us" in r else "-"
+            lines.append(f"| {r['launch']} | {step} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _median_ms(fn) -> float:
@@ -47,6 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,16")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    ap.add_argument("--sweep", action="store_true", help="time the kernels' launches too")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)  # bytes / s
@@ -75,6 +171,9 @@ def main() -> None:
                        ours_us=t_ours * 1e3)  # fmt: skip
             records.append(rec)
             print(json.dumps(rec))
+    sweeps: list[dict] = []
+    if args.sweep:
+        sweeps = _sweep(cases, 1, GEMV_SWEEP, dev) + _sweep(cases, 16, ROWS_SWEEP, dev)
     lines = [
         "# Few-row linears, bf16: our Triton kernel vs F.linear (cuBLAS)",
         "",
@@ -93,17 +192,21 @@ def main() -> None:
             f"{r['floor_us']:.1f} | {r['cublas_us']:.1f} | {r['ours_us']:.1f} | "
             f"{r['ours_us'] / r['cublas_us']:.2f} |"
         )
+    lines += _sweep_lines(sweeps)
     env = run_environment(dev)
     lines += [
         "",
-        f"Measured {env.get('date')}, torch {env.get('torch')}, Triton {env.get('triton')}.",
+        f"Measured {env.get('date')}, torch {env.get('torch')}, Triton {env.get('triton')}, "
+        f"commit {env.get('git_commit')}.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump(
-                {"bandwidth_bytes_per_s": bw, "environment": env, "rows": records}, f, indent=1
+                {"bandwidth_bytes_per_s": bw, "environment": env, "rows": records, "sweep": sweeps},
+                f,
+                indent=1,  # fmt: skip
             )
         with open(args.out + ".md", "w") as f:
             f.write(text)

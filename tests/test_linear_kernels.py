@@ -126,6 +126,63 @@ def test_prenorm_kernel_matches_add_norm_then_linear(m, k, n, glu, dtype):
         skinny_linear(delta, w, b, prenorm=(h[:, 1:], norm_w[1:], 1e-5))
 
 
+#: launches other than the defaults that ``benchmarks/skinny_linear.py --sweep`` times, as the
+#: module constants they set: each must be right, not only fast (tile sizes matter in the
+#: interpreter too; warps and stages only on a GPU, where the interpreter's 1 / 1 do not apply)
+LAUNCHES = {
+    "narrow": dict(GEMV_BLOCK_N=4, GEMV_BLOCK_K=256, GEMV_WARPS=2, BLOCK_K=128, WARPS=2),
+    "wide": dict(GEMV_BLOCK_N=16, GEMV_BLOCK_K=1024, GEMV_WARPS=8, GEMV_STAGES=2, STAGES=2,
+                 NARROW_BLOCK_N=32, WIDE_BLOCK_N=64, WARPS=8),
+    "deep": dict(GEMV_STAGES=8, BLOCK_K=512, STAGES=3, NARROW_BLOCK_N=32),
+}  # fmt: skip
+
+
+def _set_linear_launch(monkeypatch, name: str) -> None:
+    from hybridkit.kernels.linear import triton_kernels
+
+    for const, value in LAUNCHES[name].items():
+        assert hasattr(triton_kernels, const), const
+        monkeypatch.setattr(triton_kernels, const, value)
+
+
+@pytest.mark.parametrize("launch", sorted(LAUNCHES))
+def test_other_launches_match_f_linear(launch, monkeypatch):
+    """The one-row and 16-row kernels at the sweep's other tile sizes, fp32 through the
+    interpreter: K and N past every tile, an output wide enough for ``WIDE_BLOCK_N``, GLU,
+    prenorm and bias, against float64."""
+    from hybridkit.kernels.linear.triton_kernels import skinny_linear
+    from hybridkit.layers.norm import rms_norm
+
+    _set_linear_launch(monkeypatch, launch)
+    gen = torch.Generator().manual_seed(7)
+    for m, k, n in ((1, 1100, 70), (5, 600, 40), (3, 20, 8200), (16, 40, 36)):
+        x = torch.randn(m, k, generator=gen)
+        w = torch.randn(n, k, generator=gen) / k**0.5
+        b = torch.randn(n, generator=gen)
+        want = F.linear(x.double(), w.double(), b.double())
+        torch.testing.assert_close(skinny_linear(x, w, b).double(), want, rtol=1e-5, atol=1e-4)
+        value, gate = want.chunk(2, -1)
+        got = skinny_linear(x, w, b, glu=True).double()
+        torch.testing.assert_close(got, value * F.silu(gate), rtol=1e-5, atol=1e-4)
+        h, nw = torch.randn(m, k, generator=gen), 1 + 0.1 * torch.randn(k, generator=gen)
+        s, got = skinny_linear(x, w, b, prenorm=(h, nw, 1e-5))
+        normed = rms_norm((h + x).double(), nw.double(), 1e-5)
+        torch.testing.assert_close(s, h + x)
+        want = F.linear(normed, w.double(), b.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", sorted(LAUNCHES))
+def test_gpu_other_launches(launch, monkeypatch):
+    """The same launches on the GPU (their warps and stages apply there): the bf16 model-shape
+    tests at each."""
+    _set_linear_launch(monkeypatch, launch)
+    for rows in (1, 16):
+        test_bf16_kernel_at_model_shapes(rows)
+        test_bf16_prenorm_kernel_at_model_shapes(rows)
+
+
 def test_kernel_refuses_too_many_rows():
     from hybridkit.kernels.linear.triton_kernels import skinny_linear
 

@@ -44,12 +44,22 @@ from hybridkit.kernels.pdl import launch_options, use_pdl
 
 #: the most rows a call may have (one tensor-core tile tall)
 MAX_ROWS = 16
+
+#: The launches, module-level so that ``benchmarks/skinny_linear.py --sweep`` can time others
+#: without a code change (each checked against ``F.linear`` first). 2-16 rows
+#: (``_skinny_linear_kernel``): K per step, pipeline depth of the K loop (W tiles in flight per
+#: program), warps, and output columns per program (``block_n``: wide outputs get more).
 BLOCK_K = 256
-#: pipeline depth of the K loop (W tiles in flight per program)
 STAGES = 4
-#: warps per program on the GPU, and the threads they make (the PDL prologue's lanes)
 WARPS = 4
-THREADS = tl.constexpr(32 * WARPS)
+NARROW_BLOCK_N = 16
+WIDE_BLOCK_N = 32
+#: One row (``_gemv_kernel``): 8 output columns x 512 of K per step (32 elements per thread at
+#: 4 warps), the same pipeline depth.
+GEMV_BLOCK_N = 8
+GEMV_BLOCK_K = 512
+GEMV_WARPS = 4
+GEMV_STAGES = 4
 
 
 @triton.jit
@@ -88,17 +98,19 @@ def _x_wt(x, w, FP32: tl.constexpr):
 
 @triton.jit
 def _pdl_prologue(
-    W, pid, N, K, stride_wn, BLOCK_N: tl.constexpr, GLU: tl.constexpr, PREFETCH: tl.constexpr
+    W, pid, N, K, stride_wn, BLOCK_N: tl.constexpr, GLU: tl.constexpr, PREFETCH: tl.constexpr,
+    LANES: tl.constexpr,
 ):  # fmt: skip
     """With PDL: let the next kernel launch, ask L2 for this program's whole weight slab, then
     wait for the previous kernel, whose output is ``x`` (``hybridkit/kernels/pdl.py``); the K
     loop after it reads the weights from L2, their DRAM traffic having overlapped the previous
     kernel. ``PREFETCH`` (rows on 16 bytes): one bulk prefetch per weight row (and per row of
-    the gate half with ``GLU``), each issued by its own thread: a 1-D tensor of ``THREADS``
-    lanes is one lane per thread, lane i < BLOCK_N the value row i, the next BLOCK_N the gate's."""
+    the gate half with ``GLU``): a 1-D tensor of ``LANES`` lanes (:func:`_lanes`: the program's
+    threads, one lane each, unless the rows outnumber them), lane i < BLOCK_N the value row i,
+    the next BLOCK_N the gate's."""
     tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
-        lane = tl.arange(0, THREADS)
+        lane = tl.arange(0, LANES)
         gate = lane >= BLOCK_N
         row = pid * BLOCK_N + tl.where(gate, lane - BLOCK_N, lane)
         active = (row < N) & (lane < (2 * BLOCK_N if GLU else BLOCK_N))
@@ -138,7 +150,7 @@ def _skinny_linear_kernel(
     M, N, K, stride_xm, stride_wn, stride_ym, stride_hm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, GLU: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr, LANES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -151,7 +163,7 @@ def _skinny_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU: the gate half's columns
     if USE_PDL:
-        _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH)
+        _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH, LANES)
     if PRENORM:  # first pass over K: the new residual (stored by program 0), 1 / rms per row
         sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -187,6 +199,7 @@ def _gemv_kernel(
     X, W, B, Y, HRES, NW, SOUT, N, K, stride_wn, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
     GLU: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr,
+    LANES: tl.constexpr,
 ):  # fmt: skip
     """One row (batch 1): no tensor-core tile to fill, so 8 output columns per program (four
     times the programs of the 16-row kernel: the 1,024-wide projections back to d_model get 128)
@@ -200,7 +213,7 @@ def _gemv_kernel(
     gacc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # GLU: the gate half's columns
     sumsq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # PRENORM: of s = h + delta, summed at the end
     if USE_PDL:
-        _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH)
+        _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH, LANES)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -224,15 +237,17 @@ def _gemv_kernel(
     tl.store(Y + offs_n, y, mask=n_ok)
 
 
-#: the one-row kernel's tile: 8 output columns x 512 of K (32 elements per thread at 4 warps)
-GEMV_BLOCK_N = 8
-GEMV_BLOCK_K = 512
-
-
 def block_n(n: int) -> int:
-    """Output columns per program: 32 for wide outputs, else 16 (more programs for the narrow
-    projections back to d_model, which have the fewest columns)."""
-    return 32 if n >= 8192 else 16
+    """Output columns per program of the 2-16-row kernel: ``WIDE_BLOCK_N`` (32) for wide
+    outputs, else ``NARROW_BLOCK_N`` (16: more programs for the narrow projections back to
+    d_model, which have the fewest columns)."""
+    return WIDE_BLOCK_N if n >= 8192 else NARROW_BLOCK_N
+
+
+def _lanes(warps: int, columns: int) -> int:
+    """The PDL prefetch's lanes: one per thread, or one per weight row of the program (value
+    and gate halves) when those are more (``triton.next_power_of_2``: ``tl.arange``'s rule)."""
+    return max(32 * warps, triton.next_power_of_2(2 * columns))
 
 
 def _rows_aligned(weight: torch.Tensor) -> bool:
@@ -284,20 +299,22 @@ def skinny_linear(
             )
         s = torch.empty(m, k, dtype=x.dtype, device=x.device)
     if m == 1:
+        warps = 1 if interp else GEMV_WARPS
         _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
             x, weight, b, y, hres, nw, s, n, k, weight.stride(0), float(eps),
-            BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else STAGES,
+            BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else GEMV_STAGES,
             HAS_BIAS=bias is not None, GLU=glu, USE_PDL=pdl, PREFETCH=prefetch,
-            PRENORM=prenorm is not None, num_warps=1 if interp else WARPS, **launch_options(pdl),
+            PRENORM=prenorm is not None, LANES=_lanes(warps, GEMV_BLOCK_N), num_warps=warps,
+            **launch_options(pdl),
         )  # fmt: skip
     else:
-        bn = block_n(n)
+        bn, warps = block_n(n), 1 if interp else WARPS
         _skinny_linear_kernel[(triton.cdiv(n, bn),)](
             x, weight, b, y, hres, nw, s,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), hres.stride(0), float(eps),
             BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
             HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu, USE_PDL=pdl,
-            PREFETCH=prefetch, PRENORM=prenorm is not None, num_warps=1 if interp else WARPS,
-            **launch_options(pdl),
+            PREFETCH=prefetch, PRENORM=prenorm is not None, LANES=_lanes(warps, bn),
+            num_warps=warps, **launch_options(pdl),
         )  # fmt: skip
     return y if prenorm is None else (s, y)

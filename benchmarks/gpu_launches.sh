@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU call for the launch candidates that CPU work prepared and no GPU has checked yet, most
+# important first, each step under its own timeout; results are archived after every step into
+# $OUT/session.tar.gz (the only file under $OUT), so a call cut short still brings back what
+# finished. About 4-5 minutes.
+#   carry [".gpu/base"]; source benchmarks/gpu_env.sh && OUT=$OUT bash benchmarks/gpu_launches.sh
+#   1. the few-row linear kernels' GPU tests, at the defaults and at the sweep's other launches
+#      (tests/test_linear_kernels.py -m gpu) -> linear_tests.txt
+#   2. benchmarks/skinny_linear.py --sweep: ours against cuBLAS at the decode shapes, then every
+#      launch of the one-row and 16-row kernels, each checked first, scored by the 400M decode
+#      step's matmul time it implies -> skinny_linear.{json,md,txt}
+#   3. the norms' GPU tests at the other launches, now with the backward candidate of the
+#      2026-12-06 sweep (512 elements / 1 warp / 16 per SM) -> norm_launch_tests.txt
+# Here: mkdir -p .gpu/launches && tar -xzf FILES_AT/session.tar.gz -C .gpu/launches
+set -u
+OUT=${OUT:-/tmp/gpu_launches}
+WORK=/tmp/hk_launches
+mkdir -p "$OUT" "$WORK"
+pack() { tar -czf "$OUT/session.tar.gz" -C "$WORK" . ; }
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$WORK/device.txt"
+timeout -k 5 120 python -m pytest -q -m gpu tests/test_linear_kernels.py -p no:cacheprovider \
+  -rfE 2>&1 | grep -v Warning | tail -20 > "$WORK/linear_tests.txt"
+tail -2 "$WORK/linear_tests.txt"; pack
+timeout -k 5 300 python benchmarks/skinny_linear.py --sweep --out "$WORK/skinny_linear" \
+  > "$WORK/skinny_linear.txt" 2>&1
+grep "^| \|^###" "$WORK/skinny_linear.md" 2>/dev/null | head -60 || tail -8 "$WORK/skinny_linear.txt"
+pack
+timeout -k 5 90 python -m pytest -q -m gpu tests/test_norm_kernels.py -k launch -p no:cacheprovider \
+  -rfE 2>&1 | grep -v Warning | tail -12 > "$WORK/norm_launch_tests.txt"
+tail -2 "$WORK/norm_launch_tests.txt"; pack
