@@ -11,6 +11,10 @@
 #      step's matmul time it implies -> skinny_linear.{json,md,txt}
 #   3. the norms' GPU tests at the other launches, now with the backward candidate of the
 #      2026-12-06 sweep (512 elements / 1 warp / 16 per SM) -> norm_launch_tests.txt
+#   4. Nsight Compute on the MIMO R 4 scan kernels at (8, 4096, 32, 64, 128), chunk 16: the
+#      profile evidence issue #15 asks for where its targets are missed (SISO's is in
+#      benchmarks/results/mamba3_siso_ncu.md) -> mimo_ncu.{csv,md,txt}; needs a runtime where
+#      ncu reads the counters (the H100s so far: Firecracker)
 # Here: mkdir -p .gpu/launches && tar -xzf FILES_AT/session.tar.gz -C .gpu/launches
 set -u
 OUT=${OUT:-/tmp/gpu_launches}
@@ -28,3 +32,11 @@ pack
 timeout -k 5 90 python -m pytest -q -m gpu tests/test_norm_kernels.py -k launch -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -12 > "$WORK/norm_launch_tests.txt"
 tail -2 "$WORK/norm_launch_tests.txt"; pack
+timeout -k 5 200 ncu --clock-control none --profile-from-start off \
+  --kernel-name regex:'_(fwd|bwd)_[a-z]+_kernel' --section SpeedOfLight --section Occupancy \
+  --section LaunchStats --section WarpStateStats --section SchedulerStats --csv --page raw \
+  python benchmarks/siso_ncu.py --shape 0 --rank 4 > "$WORK/mimo_ncu.csv" 2> "$WORK/mimo_ncu.txt"
+python benchmarks/siso_ncu.py --summarize "$WORK/mimo_ncu.csv" > "$WORK/mimo_ncu.md" \
+  2>> "$WORK/mimo_ncu.txt"
+grep "^| " "$WORK/mimo_ncu.md" 2>/dev/null | head -14 || tail -5 "$WORK/mimo_ncu.txt"
+pack
