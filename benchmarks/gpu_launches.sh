@@ -2,7 +2,7 @@
 # One GPU call for the launch candidates that CPU work prepared and no GPU has checked yet, most
 # important first, each step under its own timeout; results are archived after every step into
 # $OUT/session.tar.gz (the only file under $OUT), so a call cut short still brings back what
-# finished. About 4-5 minutes.
+# finished. About 7-9 minutes.
 #   carry [".gpu/base"]; source benchmarks/gpu_env.sh && OUT=$OUT bash benchmarks/gpu_launches.sh
 #   1. the few-row linear kernels' GPU tests, at the defaults and at the sweep's other launches
 #      (tests/test_linear_kernels.py -m gpu) -> linear_tests.txt
@@ -15,6 +15,11 @@
 #      profile evidence issue #15 asks for where its targets are missed (SISO's is in
 #      benchmarks/results/mamba3_siso_ncu.md) -> mimo_ncu.{csv,md,txt}; needs a runtime where
 #      ncu reads the counters (the H100s so far: Firecracker)
+#   5. the compiled 400M SISO hybrid with the torch formula for its norms and SwiGLU (what
+#      Inductor fuses; the dispatch's choice under compile) and with our Triton kernels forced
+#      (`benchmarks/train_throughput.py`'s A/B case, never run): at kernel level ours beat
+#      Inductor's fusion (gated norm forward + backward 0.308 vs 0.465 ms on the H100,
+#      benchmarks/results/norm_launch_h100.md) -> train_ab/train_throughput.{json,md}, train_ab.txt
 # Here: mkdir -p .gpu/launches && tar -xzf FILES_AT/session.tar.gz -C .gpu/launches
 set -u
 OUT=${OUT:-/tmp/gpu_launches}
@@ -39,4 +44,8 @@ timeout -k 5 200 ncu --clock-control none --profile-from-start off \
 python benchmarks/siso_ncu.py --summarize "$WORK/mimo_ncu.csv" > "$WORK/mimo_ncu.md" \
   2>> "$WORK/mimo_ncu.txt"
 grep "^| " "$WORK/mimo_ncu.md" 2>/dev/null | head -14 || tail -5 "$WORK/mimo_ncu.txt"
+pack
+timeout -k 5 280 python benchmarks/train_throughput.py --out "$WORK/train_ab" --no-profile \
+  --steps 8 --cases hybrid_compiled,hybrid_compiled_triton_elementwise > "$WORK/train_ab.txt" 2>&1
+grep "^| " "$WORK"/train_ab/*.md 2>/dev/null | head -8 || tail -5 "$WORK/train_ab.txt"
 pack
