@@ -9,8 +9,9 @@
 #   2. benchmarks/skinny_linear.py --sweep: ours against cuBLAS at the decode shapes, then every
 #      launch of the one-row and 16-row kernels, each checked first, scored by the 400M decode
 #      step's matmul time it implies -> skinny_linear.{json,md,txt}
-#   3. the norms' GPU tests at the other launches, now with the backward candidate of the
-#      2026-12-06 sweep (512 elements / 1 warp / 16 per SM) -> norm_launch_tests.txt
+#   3. the norms' and the MIMO output kernels' GPU tests at the other launches, now with the
+#      backward candidates of the 2026-12-06 sweeps (norms 512 elements / 1 warp / 16 per SM,
+#      MIMO output 256 / 1 warp / 6 per SM) -> norm_launch_tests.txt
 #   4. Nsight Compute on the MIMO R 4 scan kernels at (8, 4096, 32, 64, 128), chunk 16: the
 #      profile evidence issue #15 asks for where its targets are missed (SISO's is in
 #      benchmarks/results/mamba3_siso_ncu.md) -> mimo_ncu.{csv,md,txt}; needs a runtime where
@@ -34,7 +35,8 @@ timeout -k 5 300 python benchmarks/skinny_linear.py --sweep --out "$WORK/skinny_
   > "$WORK/skinny_linear.txt" 2>&1
 grep "^| \|^###" "$WORK/skinny_linear.md" 2>/dev/null | head -60 || tail -8 "$WORK/skinny_linear.txt"
 pack
-timeout -k 5 90 python -m pytest -q -m gpu tests/test_norm_kernels.py -k launch -p no:cacheprovider \
+timeout -k 5 120 python -m pytest -q -m gpu tests/test_norm_kernels.py tests/test_mimo_output.py \
+  -k launch -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -12 > "$WORK/norm_launch_tests.txt"
 tail -2 "$WORK/norm_launch_tests.txt"; pack
 timeout -k 5 200 ncu --clock-control none --profile-from-start off \
