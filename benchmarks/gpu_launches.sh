@@ -27,13 +27,15 @@ OUT=${OUT:-/tmp/gpu_launches}
 WORK=/tmp/hk_launches
 mkdir -p "$OUT" "$WORK"
 pack() { tar -czf "$OUT/session.tar.gz" -C "$WORK" . ; }
+# a result's table rows, or the tail of its log when the table was never written
+show() { if grep -q "^| " "$1" 2>/dev/null; then grep "^| \|^###" "$1" | head -60; else tail -8 "$2"; fi; }
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$WORK/device.txt"
 timeout -k 5 120 python -m pytest -q -m gpu tests/test_linear_kernels.py -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -20 > "$WORK/linear_tests.txt"
 tail -2 "$WORK/linear_tests.txt"; pack
 timeout -k 5 300 python benchmarks/skinny_linear.py --sweep --out "$WORK/skinny_linear" \
   > "$WORK/skinny_linear.txt" 2>&1
-grep "^| \|^###" "$WORK/skinny_linear.md" 2>/dev/null | head -60 || tail -8 "$WORK/skinny_linear.txt"
+show "$WORK/skinny_linear.md" "$WORK/skinny_linear.txt"
 pack
 timeout -k 5 120 python -m pytest -q -m gpu tests/test_norm_kernels.py tests/test_mimo_output.py \
   -k launch -p no:cacheprovider \
@@ -45,9 +47,9 @@ timeout -k 5 200 ncu --clock-control none --profile-from-start off \
   python benchmarks/siso_ncu.py --shape 0 --rank 4 > "$WORK/mimo_ncu.csv" 2> "$WORK/mimo_ncu.txt"
 python benchmarks/siso_ncu.py --summarize "$WORK/mimo_ncu.csv" > "$WORK/mimo_ncu.md" \
   2>> "$WORK/mimo_ncu.txt"
-grep "^| " "$WORK/mimo_ncu.md" 2>/dev/null | head -14 || tail -5 "$WORK/mimo_ncu.txt"
+show "$WORK/mimo_ncu.md" "$WORK/mimo_ncu.txt"
 pack
 timeout -k 5 280 python benchmarks/train_throughput.py --out "$WORK/train_ab" --no-profile \
   --steps 8 --cases hybrid_compiled,hybrid_compiled_triton_elementwise > "$WORK/train_ab.txt" 2>&1
-grep "^| " "$WORK"/train_ab/*.md 2>/dev/null | head -8 || tail -5 "$WORK/train_ab.txt"
+show "$WORK/train_ab/train_throughput.md" "$WORK/train_ab.txt"
 pack
