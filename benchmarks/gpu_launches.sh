@@ -23,13 +23,9 @@
 #      benchmarks/results/norm_launch_h100.md) -> train_ab/train_throughput.{json,md}, train_ab.txt
 # Here: mkdir -p .gpu/launches && tar -xzf FILES_AT/session.tar.gz -C .gpu/launches
 set -u
-OUT=${OUT:-/tmp/gpu_launches}
 WORK=/tmp/hk_launches
-mkdir -p "$OUT" "$WORK"
-pack() { tar -czf "$OUT/session.tar.gz" -C "$WORK" . ; }
-# a result's table rows, or the tail of its log when the table was never written
-show() { if grep -q "^| " "$1" 2>/dev/null; then grep "^| \|^###" "$1" | head -60; else tail -8 "$2"; fi; }
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$WORK/device.txt"
+# shellcheck source=benchmarks/gpu_call.sh
+source benchmarks/gpu_call.sh
 timeout -k 5 120 python -m pytest -q -m gpu tests/test_linear_kernels.py -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -20 > "$WORK/linear_tests.txt"
 tail -2 "$WORK/linear_tests.txt"; pack

@@ -16,19 +16,16 @@
 #      then the compiled-model GPU test.
 # Here: mkdir -p .gpu/mo && tar -xzf FILES_AT/session.tar.gz -C .gpu/mo
 set -u
-OUT=${OUT:-/tmp/gpu_mimo_output}
 WORK=/tmp/hk_mimo_output
-mkdir -p "$OUT" "$WORK"
-pack() { tar -czf "$OUT/session.tar.gz" -C "$WORK" . ; }
-show() { if grep -q "^| " "$1" 2>/dev/null; then grep "^| " "$1" | head -16; else tail -5 "$2"; fi; }
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$WORK/device.txt"
+# shellcheck source=benchmarks/gpu_call.sh
+source benchmarks/gpu_call.sh
 par=""; python -c "import xdist" 2>/dev/null && par="-n 4"
 timeout -k 5 150 python -m pytest -q -m gpu $par tests/test_mimo_output.py -p no:cacheprovider \
   -k "not compiled" -rfE 2>&1 | grep -v Warning | tail -30 > "$WORK/mimo_output_tests.txt"
 tail -4 "$WORK/mimo_output_tests.txt"; pack
 timeout -k 5 240 python benchmarks/mimo_output.py --out "$WORK/mimo_output" \
   > "$WORK/mimo_output.txt" 2>&1
-show "$WORK/mimo_output.md" "$WORK/mimo_output.txt"; grep "^Ours at" "$WORK/mimo_output.md"
+show "$WORK/mimo_output.md" "$WORK/mimo_output.txt" 16; grep "^Ours at" "$WORK/mimo_output.md"
 pack
 for v in mimo mimo_torchout siso; do
   recipe=benchmarks/recipes/hybrid_400m_mimo.yaml settings="mimo_output=1"
@@ -37,7 +34,7 @@ for v in mimo mimo_torchout siso; do
   [ $v = siso ] && recipe=benchmarks/recipes/hybrid_400m.yaml settings=""
   HYBRIDKIT_KERNELS=$settings timeout -k 5 200 python -m hybridkit bench train "$recipe" \
     --batch 4 --seq-len 4096 --compile --steps 8 --out "$WORK/train_$v" > "$WORK/train_$v.txt" 2>&1
-  show "$WORK/train_$v.md" "$WORK/train_$v.txt"; pack
+  show "$WORK/train_$v.md" "$WORK/train_$v.txt" 16; pack
 done
 # the norms' launch sweep (the same build as the MIMO output kernels, never swept), after the
 # GPU tests of the launches it tries
@@ -45,7 +42,7 @@ timeout -k 5 90 python -m pytest -q -m gpu tests/test_norm_kernels.py -k launch 
   -rfE 2>&1 | grep -v Warning | tail -12 > "$WORK/norm_launch_tests.txt"
 tail -2 "$WORK/norm_launch_tests.txt"
 timeout -k 5 150 python benchmarks/norm.py --sweep --out "$WORK/norm" > "$WORK/norm.txt" 2>&1
-show "$WORK/norm.md" "$WORK/norm.txt"; grep "^Ours at" "$WORK/norm.md"; pack
+show "$WORK/norm.md" "$WORK/norm.txt" 16; grep "^Ours at" "$WORK/norm.md"; pack
 # -p no:logging --tb=short: on 2026-12-06 Dynamo's DEBUG records filled the tail and hid the
 # failure's message
 timeout -k 5 150 python -m pytest -q -m gpu tests/test_mimo_output.py -p no:cacheprovider \

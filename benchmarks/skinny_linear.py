@@ -83,18 +83,20 @@ def _label(settings: dict) -> str:
 
 def _sweep(cases: list, rows: int, launches: tuple[dict, ...], dev) -> list[dict]:
     """One record per launch: each shape's time in us (or why it is wrong) and the 400M step's
-    matmul time it implies."""
+    matmul time it implies. Inputs and references are made once per shape, shared by the
+    launches."""
+    inputs = []
+    for name, k, n, glu in cases:
+        gen = torch.Generator(device=dev).manual_seed(k * 7 + n)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) / k**0.5
+        x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=gen)
+        want = F.linear(x, w)
+        inputs.append((name, x, w, glu, swiglu(want, backend="torch") if glu else want))
     out = []
     for settings in launches:
         rec: dict = dict(rows=rows, launch=_label(settings), settings=settings, us={})
         with launch(linear_kernels, **settings):
-            for name, k, n, glu in cases:
-                gen = torch.Generator(device=dev).manual_seed(k * 7 + n)
-                w = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) / k**0.5
-                x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=gen)
-                want = F.linear(x, w)
-                if glu:
-                    want = swiglu(want, backend="torch")
+            for name, x, w, glu, want in inputs:
 
                 def ours(x=x, w=w, glu=glu):
                     return skinny_linear(x, w, None, glu=glu)

@@ -102,10 +102,15 @@ def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, th
     return "ran", 0.01
 
 
-def set_launch(monkeypatch: pytest.MonkeyPatch, module: Any, launch: tuple[int, ...]) -> None:
-    """Set a kernels module's launch constants for one test: ``launch`` is (forward tile
-    elements, forward warps, backward tile elements, backward warps, backward programs per SM),
-    the knobs ``benchmarks/launch_sweep.py`` sweeps."""
-    names = ("FWD_TILE_ELEMENTS", "FWD_WARPS", "BWD_TILE_ELEMENTS", "BWD_WARPS")
-    for name, value in zip((*names, "BWD_PROGRAMS_PER_SM"), launch, strict=True):
+def set_launch(
+    monkeypatch: pytest.MonkeyPatch, module: Any, launch: tuple[int, ...] | dict[str, int]
+) -> None:
+    """Set a kernels module's launch constants for one test: ``launch`` names them (a dict), or
+    is (forward tile elements, forward warps, backward tile elements, backward warps, backward
+    programs per SM), the knobs ``benchmarks/launch_sweep.py`` sweeps. A name the module lacks
+    is an error (``monkeypatch.setattr``'s ``raising``)."""
+    if not isinstance(launch, dict):
+        names = ("FWD_TILE_ELEMENTS", "FWD_WARPS", "BWD_TILE_ELEMENTS", "BWD_WARPS")
+        launch = dict(zip((*names, "BWD_PROGRAMS_PER_SM"), launch, strict=True))
+    for name, value in launch.items():
         monkeypatch.setattr(module, name, value)

@@ -13,6 +13,7 @@ from hybridkit import kernels
 from hybridkit.kernels import config
 from hybridkit.kernels.linear import linear, resolve_backend
 from hybridkit.layers.linear import Linear
+from tests.helpers import set_launch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,23 +138,16 @@ LAUNCHES = {
 }  # fmt: skip
 
 
-def _set_linear_launch(monkeypatch, name: str) -> None:
-    from hybridkit.kernels.linear import triton_kernels
-
-    for const, value in LAUNCHES[name].items():
-        assert hasattr(triton_kernels, const), const
-        monkeypatch.setattr(triton_kernels, const, value)
-
-
 @pytest.mark.parametrize("launch", sorted(LAUNCHES))
 def test_other_launches_match_f_linear(launch, monkeypatch):
     """The one-row and 16-row kernels at the sweep's other tile sizes, fp32 through the
     interpreter: K and N past every tile, an output wide enough for ``WIDE_BLOCK_N``, GLU,
     prenorm and bias, against float64."""
+    from hybridkit.kernels.linear import triton_kernels
     from hybridkit.kernels.linear.triton_kernels import skinny_linear
     from hybridkit.layers.norm import rms_norm
 
-    _set_linear_launch(monkeypatch, launch)
+    set_launch(monkeypatch, triton_kernels, LAUNCHES[launch])
     gen = torch.Generator().manual_seed(7)
     for m, k, n in ((1, 1100, 70), (5, 600, 40), (3, 20, 8200), (16, 40, 36)):
         x = torch.randn(m, k, generator=gen)
@@ -177,7 +171,9 @@ def test_other_launches_match_f_linear(launch, monkeypatch):
 def test_gpu_other_launches(launch, monkeypatch):
     """The same launches on the GPU (their warps and stages apply there): the bf16 model-shape
     tests at each."""
-    _set_linear_launch(monkeypatch, launch)
+    from hybridkit.kernels.linear import triton_kernels
+
+    set_launch(monkeypatch, triton_kernels, LAUNCHES[launch])
     for rows in (1, 16):
         test_bf16_kernel_at_model_shapes(rows)
         test_bf16_prenorm_kernel_at_model_shapes(rows)
