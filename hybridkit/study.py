@@ -743,13 +743,8 @@ def _run_slot_in_worker(
 
     torch.set_num_threads(threads)
     t0 = time.monotonic()
-    try:
-        plan = plan_study(study_path, overrides, plugins)
-        status = run_slot(plan, slot, Path(out), device=device, progress=False, tag=tag)
-    except Exception as error:
-        # our error classes take several constructor arguments and would not unpickle in the
-        # parent (which breaks the whole pool): hand back a plain one that names the cause
-        raise RuntimeError(f"{type(error).__name__}: {error}") from None
+    plan = plan_study(study_path, overrides, plugins)
+    status = run_slot(plan, slot, Path(out), device=device, progress=False, tag=tag)
     return status, time.monotonic() - t0
 
 
@@ -805,7 +800,7 @@ def run_study(
     often too large to carry to the next machine, so it is better never begun; the runs left
     over are listed and a later call with the same selection picks them up.
 
-    ``jobs`` > 1 trains that many runs at once in a pool of worker processes
+    ``jobs`` > 1 trains that many runs at once, each in a worker process of its own
     (:mod:`hybridkit.study_jobs`: small models leave a GPU mostly idle)."""
     if jobs < 1:
         raise HybridkitError(f"--jobs must be at least 1, got {jobs}")

@@ -1,4 +1,4 @@
-"""Several study runs at once, in a pool of worker processes (``hybridkit study --jobs N``).
+"""Several study runs at once, each in its own worker process (``hybridkit study --jobs N``).
 
 Why: the models of the synthetic studies are small (1-12 layers, d_model 64-256), so one run
 leaves a GPU mostly idle -- its step time is Python and kernel-launch overhead, not GPU work
@@ -6,10 +6,13 @@ leaves a GPU mostly idle -- its step time is Python and kernel-launch overhead, 
 stepped in 16.4 ms (median) against 14.6 ms for one run alone, so six took about the time of
 one (``benchmarks/results/state_tracking_gpu_probe.md``).
 
-Runs go to a pool of ``jobs`` worker processes (``spawn``: a CUDA context cannot be forked;
-a worker takes the next run when it finishes one), each calling ``worker``: :mod:`hybridkit.study`
-passes a function that re-reads the study and brings the one run to finished exactly as its
-serial loop does (this module does not import it, so the import graph stays one way). Runs only
+Each run gets a process of its own (``spawn``: a CUDA context cannot be forked), which calls
+``worker``: :mod:`hybridkit.study` passes a function that re-reads the study and brings the one
+run to finished exactly as its serial loop does (this module does not import it, so the import
+graph stays one way). A process per run rather than a reused pool: a worker that dies (a crash,
+the OOM killer) then takes only its own run with it, and the parent always knows which run that
+was. (In a ``concurrent.futures`` pool one dead worker breaks the pool and fails every run
+beside it.) Starting a process costs a few seconds of imports against runs of minutes. Runs only
 share the study folder, whose files are all written atomically, so the processes need no
 locking. The scheduler keeps up to ``jobs`` runs going and
 
@@ -17,22 +20,29 @@ locking. The scheduler keeps up to ``jobs`` runs going and
   would otherwise start, find no LR choice and be skipped as "waiting");
 * applies the same time budget as the serial loop: no run starts that would end past it, judged
   by the slowest run finished so far;
+* starts a run whose process died once more (it resumes from its newest checkpoint: the death
+  may have been the machine's, such as memory taken by the runs beside it), and reports it as
+  failed when its process dies again;
 * lets the other runs finish when one fails, then raises naming every failed run.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hybridkit.errors import HybridkitError
+
+# Seconds a process that was asked to stop (the parent interrupted) gets before it is killed.
+STOP_GRACE_S = 10.0
 
 
 def _blocked(slot, ahead: Sequence) -> bool:
@@ -56,10 +66,64 @@ def deferral(
     )
 
 
-def _start_worker() -> None:
+def _child(worker: Callable[..., tuple[str, float]], args: tuple, conn: Connection) -> None:
+    """A worker process's body: run ``worker(*args)``, send back ``("ok", result)`` or
+    ``("error", message)``. The message is a plain string: our error classes take several
+    constructor arguments and would not unpickle in the parent."""
     from hybridkit.runtime import exit_with_parent
 
-    exit_with_parent()
+    exit_with_parent(ignore_interrupt=True)  # Ctrl-C goes to the parent, which stops us
+    try:
+        message: tuple[str, Any] = ("ok", worker(*args))
+    except Exception as error:  # noqa: BLE001 - handed to the parent, which reports it
+        message = ("error", f"{type(error).__name__}: {error}")
+    conn.send(message)
+    conn.close()
+
+
+@dataclass
+class _Running:
+    """One run's process and the pipe its result comes back on."""
+
+    k: int
+    slot: Any
+    process: Any  # multiprocessing.process.BaseProcess
+    conn: Connection
+    message: tuple[str, Any] | None = field(default=None)
+
+
+def _died(process) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _finish(process) -> None:
+    """Wait for a process that has sent its result (or died) to be gone; one that hangs on its
+    way out (a stuck exit handler) is killed after :data:`STOP_GRACE_S`."""
+    process.join(STOP_GRACE_S)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def _stop(running: Sequence[_Running]) -> None:
+    """Stop the processes still running (the parent is leaving early): SIGTERM, then SIGKILL
+    after :data:`STOP_GRACE_S`. A run stopped mid-way resumes from its checkpoint next time."""
+    for run in running:
+        if run.process.is_alive():
+            run.process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for run in running:
+        run.process.join(max(0.0, deadline - time.monotonic()))
+        if run.process.is_alive():
+            run.process.kill()
+            run.process.join()
+        run.conn.close()
 
 
 def run_parallel(
@@ -82,105 +146,91 @@ def run_parallel(
     ``status_of(slot)`` is :func:`hybridkit.study.slot_status`'s status: finished runs are
     counted here without a worker, and a run still waiting for its LR choice once nothing ahead
     of it can make that choice is reported as waiting. ``worker(study_path, overrides, plugins,
-    slot, out, device, tag, threads)`` runs in a worker process (a module-level function, so
-    that it pickles) and returns ``(status, seconds)``.
-
-    A worker process that dies (a crash, the OOM killer) breaks the whole pool, and with it
-    the runs beside it, and which of them died cannot be told: each is queued again once (a run
-    resumes from its newest checkpoint) and then runs *alone* in the pool, so that a second
-    break is its own; a run that was in a broken pool twice counts as failed. (Queued again
-    side by side, an innocent run could share the culprit's second break and fail with it.)"""
+    slot, out, device, tag, threads)`` runs in the worker process (a module-level function, so
+    that it pickles) and returns ``(status, seconds)``."""
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     pending = list(enumerate(todo, 1))
-    running: dict[Future, tuple[int, object]] = {}
+    running: list[_Running] = []
     failed: list[tuple[object, str]] = []
-    broken_in: dict[int, int] = {}  # run number -> broken pools it was in
+    deaths: dict[int, int] = {}  # run number -> processes of it that died
     slowest = 0.0
     threads = max(1, torch.get_num_threads() // min(jobs, len(todo)))
-    pool: ProcessPoolExecutor | None = None
-    pool_broken = False
-    alone: int | None = None  # a run from a broken pool, running by itself
+    context = multiprocessing.get_context("spawn")  # CUDA cannot fork
+    total = len(todo)
     try:
         while pending or running:
-            while pending and len(running) < jobs and alone is None:
-                if pool is not None and pool_broken:
-                    if running:
-                        break  # the broken pool's other runs are about to fail: count them first
-                    pool.shutdown(wait=True)
-                    pool, pool_broken = None, False  # a broken pool takes no work: a new one
-                ahead = [s for _, s in running.values()]
-                pick = None
-                for i, (_, slot) in enumerate(pending):
-                    if not _blocked(slot, ahead + [s for _, s in pending[:i]]):
-                        pick = i
-                        break
+            while pending and len(running) < jobs:
+                ahead = [run.slot for run in running]
+                pick = next(
+                    (i for i, (_, slot) in enumerate(pending)
+                     if not _blocked(slot, ahead + [s for _, s in pending[:i]])),
+                    None,
+                )  # fmt: skip
                 if pick is None:
                     break
-                if pending[pick][0] in broken_in and running:
-                    break  # it runs alone: wait until the pool is empty
                 k, slot = pending.pop(pick)
                 status = status_of(slot)
                 if status == "finished":
                     counts["done"] += 1
                     continue
                 if status.startswith("waiting"):
-                    print(f"[study] {k}/{len(todo)} waiting: {slot.describe()} needs its LR choice")
+                    print(f"[study] {k}/{total} waiting: {slot.describe()} needs its LR choice")
                     counts["waiting"] += 1
                     continue
-                late = deferral(k, len(todo), slot, start, slowest, time_budget)
+                late = deferral(k, total, slot, start, slowest, time_budget)
                 if late is not None:
                     print(late)
                     counts["deferred"] += 1
                     continue
-                if pool is None:
-                    pool = ProcessPoolExecutor(
-                        max_workers=min(jobs, len(todo)),
-                        mp_context=multiprocessing.get_context("spawn"),  # CUDA cannot fork
-                        initializer=_start_worker,
-                    )
-                try:
-                    future = pool.submit(
-                        worker, str(study_path), list(overrides), list(plugins), slot,
-                        str(out), device, f"{k}/{len(todo)} ", threads,
-                    )  # fmt: skip
-                except BrokenProcessPool:
-                    pool_broken = True
-                    pending.insert(0, (k, slot))
-                    break
-                running[future] = (k, slot)
-                if k in broken_in:
-                    alone = k
+                receive, send = context.Pipe(duplex=False)
+                args = (str(study_path), list(overrides), list(plugins), slot, str(out), device,
+                        f"{k}/{total} ", threads)  # fmt: skip
+                # not a daemon: a run's trainer starts its own process (batch prefetch on CUDA)
+                process = context.Process(
+                    target=_child, args=(worker, args, send), name=f"study-run-{k}", daemon=False
+                )
+                process.start()
+                send.close()  # the child holds the other end: its exit ends the pipe
+                running.append(_Running(k, slot, process, receive))
             if not running:
                 break  # every run left is blocked by nothing: cannot happen, but never spin
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                k, slot = running.pop(future)
-                if k == alone:
-                    alone = None
-                try:
-                    status, seconds = future.result()
-                except BrokenProcessPool:
-                    pool_broken = True
-                    broken_in[k] = broken_in.get(k, 0) + 1
-                    if broken_in[k] == 1:
-                        print(f"[study] {k}/{len(todo)} lost with a dead worker: {slot.describe()}"
-                              "; queued again")  # fmt: skip
+            ready = wait([run.conn for run in running] + [run.process.sentinel for run in running])
+            for run in list(running):
+                ended = run.process.sentinel in ready
+                if run.message is None and run.conn in ready:
+                    try:
+                        run.message = run.conn.recv()
+                    except Exception:  # noqa: BLE001 - the pipe closed mid-message or without one
+                        ended = True  # the process is gone or going: it died
+                if run.message is None and not ended:
+                    continue
+                running.remove(run)
+                _finish(run.process)
+                run.conn.close()
+                k, slot = run.k, run.slot
+                if run.message is None:
+                    deaths[k] = deaths.get(k, 0) + 1
+                    why = _died(run.process)
+                    if deaths[k] == 1:
+                        print(f"[study] {k}/{total} lost with its worker process ({why}): "
+                              f"{slot.describe()}; starting it once more")  # fmt: skip
                         pending.insert(0, (k, slot))
                     else:
-                        print(f"[study] {k}/{len(todo)} failed: {slot.describe()}: its worker "
-                              "process died twice")  # fmt: skip
-                        failed.append((slot, "its worker process died twice"))
+                        print(f"[study] {k}/{total} failed: {slot.describe()}: its worker "
+                              f"process died twice ({why})")  # fmt: skip
+                        failed.append((slot, f"its worker process died twice ({why})"))
                     continue
-                except Exception as error:  # noqa: BLE001 - reported below, all of them
-                    print(f"[study] {k}/{len(todo)} failed: {slot.describe()}: {error}")
-                    failed.append((slot, str(error)))
+                kind, value = run.message
+                if kind == "error":
+                    print(f"[study] {k}/{total} failed: {slot.describe()}: {value}")
+                    failed.append((slot, str(value)))
                     continue
+                status, seconds = value
                 if status == "ran":
                     slowest = max(slowest, seconds)
                 counts[status] += 1
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        _stop(running)
     if failed:
         names = "; ".join(f"{slot.describe()}: {why}" for slot, why in failed)
         raise HybridkitError(f"{len(failed)} study run(s) failed: {names}")

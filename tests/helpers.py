@@ -89,16 +89,28 @@ def checkout_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, 
 def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, threads):
     """A ``study --jobs`` worker for scheduler tests (module level, so a spawned process can
     import it): the variant ``crash`` kills its process the way a segfault or the OOM killer
-    would, a second after it starts; ``slow`` takes three seconds; every other run "runs" at
-    once."""
+    would, a second after it starts; ``raise`` raises one of our errors (which does not pickle
+    as it is); ``slow`` takes three seconds, so that it is still running when the crash beside
+    it happens; ``parent`` starts a process of its own; every other run "runs" at once."""
     import os
     import time
 
-    if slot.variant == "crash":  # after a second, so that the run beside it has started
+    from hybridkit.errors import RecipeError
+
+    if slot.variant == "crash":
         time.sleep(1.0)
         os._exit(3)
-    if slot.variant == "slow":  # still running when a crash beside it breaks the pool
+    if slot.variant == "raise":
+        raise RecipeError("x.yaml", [("model.d_model", "too big")])
+    if slot.variant == "slow":
         time.sleep(3.0)
+    if slot.variant == "parent":  # a worker may start processes of its own (batch prefetch)
+        import multiprocessing
+
+        child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0.0,))
+        child.start()
+        child.join()
+        assert child.exitcode == 0
     return "ran", 0.01
 
 

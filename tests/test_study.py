@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -296,32 +297,70 @@ def test_jobs_skip_finished_runs_without_a_worker_and_report_a_failed_run(tmp_pa
     assert "RecipeError" in str(info.value) and "model.vocab_size" in str(info.value)
     assert run_dirs(out) == ["good/" + run_name(1e-3, 0)]
 
-    def no_pool(*a, **k):
-        raise AssertionError("a worker pool was started for finished runs only")
+    def no_process(*a, **k):
+        raise AssertionError("a worker process was started for a finished run")
 
-    monkeypatch.setattr(jobs, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(jobs, "_child", no_process)
     again = run_study(study, out, device="cpu", progress=False, jobs=2, only=["variant=good"])
     assert again["runs_finished"] == 1
 
 
-def test_jobs_requeue_runs_lost_with_a_dead_worker_once(tmp_path, capsys):
-    """A worker process that dies breaks the whole pool: its runs are queued again once, each
-    then alone in the pool, and only the run whose worker died twice is reported as failed --
-    not a run that was beside it (queued side by side again, such a run could share the second
-    break and fail too, depending on timing)."""
+def run_fake(todo: list, out: Path, jobs: int, status_of=lambda slot: "not started") -> dict:
+    """The scheduler on ``tests.helpers.fake_study_worker``'s pretend runs."""
     from hybridkit.study_jobs import run_parallel
     from tests.helpers import fake_study_worker
 
+    return run_parallel(
+        todo, out, study_path="s.yaml", overrides=[], plugins=[], device="cpu", jobs=jobs,
+        time_budget=None, start=0.0, status_of=status_of, worker=fake_study_worker,
+    )  # fmt: skip
+
+
+def test_a_dead_worker_takes_only_its_own_run_and_is_started_once_more(tmp_path, capsys):
+    """A worker process that dies (a crash, the OOM killer) costs only its own run: the run
+    beside it goes on, the dead one is started once more (it would resume from its checkpoint)
+    and is reported as failed when its process dies again."""
     todo = [Slot("crash", 0, 1e-3), Slot("slow", 0, 1e-3), Slot("ok", 1, 1e-3)]
-    with pytest.raises(HybridkitError, match="crash seed=0 lr=0.001: its worker process died"):
-        run_parallel(
-            todo, tmp_path, study_path="s.yaml", overrides=[], plugins=[], device="cpu", jobs=2,
-            time_budget=None, start=0.0, status_of=lambda slot: "not started",
-            worker=fake_study_worker,
-        )  # fmt: skip
+    with pytest.raises(HybridkitError, match=r"crash seed=0 lr=0.001: its worker process died tw"):
+        run_fake(todo, tmp_path, jobs=2)
     printed = capsys.readouterr().out
-    assert "1/3 lost with a dead worker: crash" in printed and "queued again" in printed
+    assert "1/3 lost with its worker process (exit status 3)" in printed
+    assert "starting it once more" in printed
     assert printed.count("failed:") == 1 and "failed: crash" in printed
+    assert "died twice (exit status 3)" in printed
+    assert "2/3 lost" not in printed and "3/3 lost" not in printed  # slow and ok went on
+
+
+def test_an_error_in_a_worker_is_reported_and_the_other_runs_finish(tmp_path, capsys):
+    todo = [Slot("raise", 0, 1e-3), Slot("ok", 0, 1e-3), Slot("ok", 1, 1e-3)]
+    with pytest.raises(
+        HybridkitError,
+        match=r"^1 study run\(s\) failed: raise seed=0 lr=0.001: "
+        r"RecipeError: invalid recipe x.yaml:\n  model.d_model: too big",
+    ):
+        run_fake(todo, tmp_path, jobs=3)
+    printed = capsys.readouterr().out
+    assert printed.count("failed:") == 1 and "starting it once more" not in printed
+
+
+def test_workers_may_start_processes_and_an_interrupted_call_stops_its_workers(tmp_path):
+    """A run's trainer starts a process of its own on CUDA (batch prefetch), so the workers must
+    not be daemons; and when the call itself stops (Ctrl-C, an error in the scheduler) the
+    workers still running are stopped with it, not left behind."""
+    import multiprocessing
+
+    assert run_fake([Slot("parent", 0, 1e-3)], tmp_path, jobs=2)["ran"] == 1
+
+    def status_of(slot):
+        if slot.variant == "ok":  # asked once the slow run is going
+            raise KeyboardInterrupt
+        return "not started"
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_fake([Slot("slow", 0, 1e-3), Slot("ok", 0, 1e-3)], tmp_path, 2, status_of)
+    assert time.monotonic() - t0 < 3.0  # the slow run's three seconds were cut short
+    assert multiprocessing.active_children() == []
 
 
 def test_jobs_scheduler_holds_chosen_lr_runs_behind_their_sweep():
