@@ -363,6 +363,7 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
         ("fa4_decode=2", r"HYBRIDKIT_KERNELS=.*fa4_decode: '2': allowed 0, 1"),
         ("warps=8", r"HYBRIDKIT_KERNELS=.*'warps=8'.*autotune, bwd_maxnreg"),
         ("bwd_x_warps=6", r"HYBRIDKIT_KERNELS=.*bwd_x_warps=6: allowed None or \(1, 2, 4"),
+        ("qk_heads=3", r"HYBRIDKIT_KERNELS=.*qk_heads=3: allowed \(1, 2, 4, 8, 16, 32, 64\)"),
     ):
         monkeypatch.setenv(config.ENV_VAR, bad)
         with pytest.raises(ValueError, match=match):
@@ -479,7 +480,7 @@ def test_fake_impl_and_registration(rank: int):
     y, total, end, states = torch.ops.hybridkit.mamba3_scan_fwd(*args)
     bwd_args = (torch.randn_like(y), torch.randn_like(total), torch.randn_like(end))
     bwd_args += tuple(t.detach() if t is not None else None for t in tensors)
-    bwd_args += (states, c.C, False, c.halves, [8, 0, 168, 0])
+    bwd_args += (states, c.C, False, c.halves, [8, 0, 168, 0, 2])  # qk_heads 2: both heads
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_scan_bwd.default,
         bwd_args,
@@ -503,11 +504,11 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
 
     def spy(*args, **kwargs):
         cfg = config.current_config()
-        seen.append((cfg.bwd_warps, cfg.bwd_x_warps, cfg.bwd_maxnreg, cfg.autotune))
+        seen.append((cfg.bwd_warps, cfg.bwd_x_warps, cfg.bwd_maxnreg, cfg.autotune, cfg.qk_heads))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(scan_op, "_launch_backward", spy)
-    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=2,autotune=1")
+    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=2,autotune=1,qk_heads=1")
     torch._dynamo.reset()
     c = Case(L=20, H=2)
     leaves = {
@@ -520,7 +521,8 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
         return ops.mamba3_scan(**kw, chunk_size=16, backend="triton")[0].square().sum()
 
     fn = torch.compile(loss, fullgraph=True, backend="aot_eager") if compiled else loss
-    with config.kernel_config(bwd_warps=8, bwd_x_warps=4, bwd_maxnreg=168, autotune=False):
+    settings = dict(bwd_warps=8, bwd_x_warps=4, bwd_maxnreg=168, autotune=False, qk_heads=2)
+    with config.kernel_config(**settings):
         out = fn(**leaves)
     errors: list[BaseException] = []
 
@@ -534,7 +536,7 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
     worker.start()
     worker.join()
     assert not errors, errors
-    assert seen == [(8, 4, 168, False)]
+    assert seen == [(8, 4, 168, False, 2)]
     assert all(t.grad is not None for t in leaves.values())
 
 

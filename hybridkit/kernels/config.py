@@ -10,6 +10,14 @@ Fields (defaults in :class:`KernelConfig`):
   kernels 4 / 0 B at 4 warps, 100 / 240 B at 8); timed on the H100 it changed nothing at 8
   (forward + backward 16.95 vs 16.93 ms), and all three at 8 took 27.95 ms;
 * ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
+* ``qk_heads``: heads per program of the backward's q and k kernels (a power of two; the
+  greatest common divisor with the heads per group is used). Each head's dq / dk must be
+  summed over the heads sharing its group's q / k: at 1 every (chunk, head) program writes its
+  own bf16 rows and torch sums them (two (B, L, R, H, N) buffers, 537 MB each per layer of the
+  400M MIMO model at 4 x 4,096 tokens, and 7.6 ms of its step on the H100 for the sums,
+  ``benchmarks/results/train_mimo_output_h100.md``); above 1 a program adds its heads into
+  one fp32 row per group slot, so the buffers shrink that many times (at 1 / 2 the bytes per
+  element) and the grid as well. Default 1 until timed on a GPU;
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
 * ``step_split``: programs per (sequence, head) of the fused decode step, each owning
@@ -92,6 +100,7 @@ import torch
 ENV_VAR = "HYBRIDKIT_KERNELS"
 WARP_COUNTS = (1, 2, 4, 8, 16)
 STEP_SPLITS = (1, 2, 4, 8)
+QK_HEADS = (1, 2, 4, 8, 16, 32, 64)
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)
 
 # The widest chunk a SISO kernel may use is bounded by its largest register tiles,
@@ -112,6 +121,7 @@ class KernelConfig:
     bwd_warps: int = 4
     bwd_x_warps: int | None = None
     bwd_maxnreg: int | None = None
+    qk_heads: int = 1
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
     step_warps: int | None = None
     step_maxnreg: int | None = None
@@ -138,6 +148,8 @@ class KernelConfig:
             raise ValueError(f"bwd_x_warps={self.bwd_x_warps}: allowed None or {WARP_COUNTS}")
         if self.step_warps is not None and self.step_warps not in WARP_COUNTS:
             raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
+        if self.qk_heads not in QK_HEADS:
+            raise ValueError(f"qk_heads={self.qk_heads}: allowed {QK_HEADS}")
         if not 1 <= self.skinny_rows <= 16:
             raise ValueError(f"skinny_rows={self.skinny_rows}: allowed 1..16")
         if not 0 <= self.norm_linear <= 16:

@@ -9,8 +9,9 @@
 4. ``_bwd_gates_kernel`` (chunk x head): the angle, dt and trapezoid gradients, which need
    reverse scans over the tokens.
 
-Per-head dq / dk and the bias / D partial sums are reduced over heads and chunks by torch in
-:mod:`.op`. See ``docs/mamba3.md`` section 3.3 and ``docs/kernels.md``.
+Per-head dq / dk (or, with the ``qk_heads`` setting, partial sums over a few heads each) and
+the bias / D partial sums are reduced over heads and chunks by torch in :mod:`.op`. See
+``docs/mamba3.md`` section 3.3 and ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -283,13 +284,17 @@ def _dy_rows(DY, bat, tt, rr, mc, h, s_b, s_l, s_r, s_h, P: tl.constexpr, R: tl.
 
 @triton.jit
 def _store_qk_grad(
-    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc,
+    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc, i,
     N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, R: tl.constexpr,
-    HALVES: tl.constexpr,
+    HALVES: tl.constexpr, HS: tl.constexpr,
 ):  # fmt: skip
     """Rotate a q~ / k~ gradient back to the input frame (cos / sin loaded again from
     ``COS_SIN``); store it per (row, head) in the input's pair order, and its per-(chunk, head,
-    rank) column sum (the bias gradient's partial sum)."""
+    rank) column sum (the bias gradient's partial sum).
+
+    With ``HS`` > 1 heads per program, ``DHEADS`` has one fp32 slot per ``HS`` heads (head
+    ``h`` goes to slot ``h // HS``) and the program's ``i``-th head adds to what its earlier
+    heads stored there: the partial group sum the caller finishes."""
     if HAS_ANG:
         cosv, sinv = _load_csn(COS_SIN, bat, tok, mtok, h, L, H, NANG, N2, NA, R)
         ue = de * cosv + do * sinv
@@ -302,13 +307,24 @@ def _store_qk_grad(
     else:  # interleaved pairs again: whole contiguous rows
         u = tl.reshape(tl.join(ue, uo), (tt.shape[0], 2 * N2))
     offs_n = tl.arange(0, 2 * N2)
+    slots = H // HS
+    slot = h // HS
     if R == 1:
-        hb = ((bat * L + tt[:, None]) * H + h) * (2 * N2) + offs_n[None, :]
+        hb = ((bat * L + tt[:, None]) * slots + slot) * (2 * N2) + offs_n[None, :]
+    else:  # (B, L, R, slots, N)
+        hb = ((bat * L + tt[:, None]) * R + rr[:, None]) * slots + slot
+        hb = hb * (2 * N2) + offs_n[None, :]
+    if HS == 1:
         tl.store(DHEADS + hb, u.to(DHEADS.dtype.element_ty), mask=mc[:, None])
+    else:
+        # the earlier heads' stores to these addresses were made by other threads of this
+        # program: the barrier makes them visible (global memory, one CTA)
+        tl.debug_barrier()
+        before = tl.load(DHEADS + hb, mask=mc[:, None] & (i > 0), other=0.0)
+        tl.store(DHEADS + hb, before + u, mask=mc[:, None])
+    if R == 1:
         tl.store(DBIAS_PART + (gc * H + h) * (2 * N2) + offs_n, tl.sum(u, 0))
-    else:  # (B, L, R, H, N) per-head buffer, (chunks, H, R, N) partial sums
-        hb = (((bat * L + tt[:, None]) * R + rr[:, None]) * H + h) * (2 * N2) + offs_n[None, :]
-        tl.store(DHEADS + hb, u.to(DHEADS.dtype.element_ty), mask=mc[:, None])
+    else:  # (chunks, H, R, N) partial sums
         part = tl.sum(tl.reshape(u, (tt.shape[0] // R, R, 2 * N2)), 0)
         offs_r = tl.arange(0, R)
         tl.store(
@@ -321,6 +337,78 @@ def _pw(dy, x, cs, gamma, kappa, CR: tl.constexpr, R: tl.constexpr, FAST: tl.con
     """dP * W: the gradient of the masked score matrix (dP = dy x~^T)."""
     _dec, w = _masked_weights(cs, gamma, kappa, CR, R)
     return _dot(dy, tl.trans(x), FAST) * w
+
+
+@triton.jit
+def _head_rows(
+    Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl,
+    s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, h,
+    C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr, NA: tl.constexpr,
+    HAS_ANG: tl.constexpr, VARLEN: tl.constexpr, FAST: tl.constexpr, R: tl.constexpr,
+    HALVES: tl.constexpr,
+):  # fmt: skip
+    """What the q and k sides load for head ``h`` of chunk slot ``gc``: the chunk's rows and
+    tokens, the saved gates, the rotated q~ / k~ (even and odd halves), the x~ and dy rows as
+    dot operands, and the offsets of the per-token and per-row buffers (the compiler drops what
+    a side does not use). One function for the three sides, in one order: their kernels compile
+    as when each loaded these itself."""
+    bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
+    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R)
+    u = tl.exp(a_c - cs) * kappa  # the k and x sides' weight of the end state (q drops it)
+    qe, qo, ke, ko = _rotated_qk(
+        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
+        s_qg, s_kb, s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
+    )  # fmt: skip
+    x_t, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
+    x = _operand(x_t, FAST)
+    dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
+    bo = (bat * H + h) * L + tok  # (B, H, L) per-token buffers (the x side's)
+    bw = (bat * H + h) * (L * R) + _row_index(tt, rr, R)  # (B, H, L * R) per-row buffers
+    return bat, seq, tt, rr, mc, tok, mtok, gamma, kappa, cs, a_c, u, qe, qo, ke, ko, x, dy, bo, bw
+
+
+@triton.jit
+def _bwd_q_head(
+    Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, STATES, DQ_HEADS, DQ_BIAS_PART, DTHETA,
+    DCS_STATE, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr,
+    s_yh, L, H, HPG, NANG, NC, gc, h, i, C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr,
+    NA: tl.constexpr, HAS_ANG: tl.constexpr, HAS_D: tl.constexpr, VARLEN: tl.constexpr,
+    FAST: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr, HS: tl.constexpr,
+):  # fmt: skip
+    """One head of ``_bwd_q_kernel``'s program (the ``i``-th of its ``HS``)."""
+    bat, seq, tt, rr, mc, tok, mtok, gamma, kappa, cs, a_c, u, qe, qo, ke, ko, x, dy, bo, bw = (
+        _head_rows(
+            Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, s_qb, s_ql, s_qr, s_qg, s_kb,
+            s_kl, s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc,
+            h, C, P, N2, NA, HAS_ANG, VARLEN, FAST, R, HALVES,
+        )
+    )  # fmt: skip
+    offs_p = tl.arange(0, P)
+    offs_j = tl.arange(0, N2)
+    eq = tl.exp(cs)
+    pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
+    se = _operand(tl.load(pe), FAST)
+    so = _operand(tl.load(po), FAST)
+    pw = _operand(_pw(dy, x, cs, gamma, kappa, C * R, R, FAST), FAST)
+    ie = _dot(dy, se, FAST)
+    io = _dot(dy, so, FAST)
+    tl.store(DCS_STATE + bw, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
+    dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
+    dqo = _dot(pw, ko, FAST) + eq[:, None] * io
+    if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_gates``), tokens last
+        offs_a = tl.arange(0, NA)
+        tl.store(
+            DTHETA + ((bat * H + h) * NANG + offs_a[None, :]) * L + tok[:, None],
+            _rank_sum2(_narrow(dqo * qe - dqe * qo, NA), R),
+            mask=mtok[:, None] & (offs_a < NANG)[None, :],
+        )
+    _store_qk_grad(
+        DQ_HEADS, DQ_BIAS_PART, dqe, dqo, ANG, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc, i,
+        N2, NA, HAS_ANG, R, HALVES, HS,
+    )  # fmt: skip
+
+
+_bwd_q_head_call = triton.jit(noinline=True)(_bwd_q_head.fn)
 
 
 @triton.jit
@@ -371,51 +459,86 @@ def _bwd_q_kernel(
     FAST: tl.constexpr,
     R: tl.constexpr,
     HALVES: tl.constexpr,
+    HS: tl.constexpr,
 ):
-    """Per (chunk, head), q side: per-head dq (summed over the group's heads by the caller)
-    and its bias partial sum, the per-token q share of d theta (``DTHETA``, tokens last),
-    and ``DCS_STATE`` (d cs through exp(cs) q~ S~) for ``_bwd_x``. (d A_c and the state's share of
+    """Per (chunk, ``HS`` heads of one group), q side: dq per head, or with ``HS`` > 1 added
+    over the program's heads (summed over the group by the caller), its bias partial sum, the
+    per-token q share of d theta (``DTHETA``, tokens last), and ``DCS_STATE`` (d cs through
+    exp(cs) q~ S~) for ``_bwd_x``. (d A_c and the state's share of
     d Omega_c, which pair S~ with the end-state gradient, are computed at the end of
     ``_bwd_x``.)
 
     The q and k sides are separate kernels: merged, they were barely faster and made an
     illegal memory access at bf16, N 64, P 64 (docs/kernels.md, "Tried and dropped")."""
     pid = tl.program_id(0)
-    h = (pid % H).to(tl.int64)
-    gc = (pid // H).to(tl.int64)
-    bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R)
-    qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
-        s_qg, s_kb, s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
+    first = (pid % (H // HS)).to(tl.int64) * HS  # this program's first head (of HS, one group)
+    gc = (pid // (H // HS)).to(tl.int64)
+    if HS == 1:
+        _bwd_q_head(
+            Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, STATES, DQ_HEADS, DQ_BIAS_PART,
+            DTHETA, DCS_STATE, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg, s_vb, s_vl, s_vh,
+            s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first, 0, C, P, N2, NA, HAS_ANG, HAS_D,
+            VARLEN, FAST, R, HALVES, HS,
+        )  # fmt: skip
+    else:  # a call per head, not inlined: the body inlined in a loop (or unrolled) spilled
+        # 550-3,300 bytes for sm_90, called 20 + 92 (ptxas; it serializes the callee's wgmma)
+        for i in range(HS):
+            _bwd_q_head_call(
+                Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, STATES, DQ_HEADS, DQ_BIAS_PART,
+                DTHETA, DCS_STATE, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg, s_vb, s_vl, s_vh,
+                s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first + i, i, C, P, N2, NA,
+                HAS_ANG, HAS_D, VARLEN, FAST, R, HALVES, HS,
+            )  # fmt: skip
+
+
+@triton.jit
+def _bwd_k_head(
+    Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, DSTATES, DTOTAL_ANGLE, DTHETA, DOMEGA,
+    DK_HEADS, DK_BIAS_PART, DU, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg, s_vb, s_vl, s_vh,
+    s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, h, i, C: tl.constexpr, P: tl.constexpr,
+    N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, HAS_D: tl.constexpr,
+    VARLEN: tl.constexpr, FAST: tl.constexpr, HAS_DTOT: tl.constexpr, R: tl.constexpr,
+    HALVES: tl.constexpr, HS: tl.constexpr,
+):  # fmt: skip
+    """One head of ``_bwd_k_kernel``'s program (the ``i``-th of its ``HS``)."""
+    bat, seq, tt, rr, mc, tok, mtok, gamma, kappa, cs, a_c, u, qe, qo, ke, ko, x, dy, bo, bw = (
+        _head_rows(
+            Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, s_qb, s_ql, s_qr, s_qg, s_kb,
+            s_kl, s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc,
+            h, C, P, N2, NA, HAS_ANG, VARLEN, FAST, R, HALVES,
+        )
     )  # fmt: skip
-    x_t, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
-    x = _operand(x_t, FAST)
-    dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
-    bw = (bat * H + h) * (L * R) + _row_index(tt, rr, R)  # (B, H, L * R) per-row buffers
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
-    eq = tl.exp(cs)
-    pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
-    se = _operand(tl.load(pe), FAST)
-    so = _operand(tl.load(po), FAST)
+    mj = offs_j < NANG
+    pe, po = _state_tile(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
+    ge = _operand(tl.load(pe), FAST)
+    go = _operand(tl.load(po), FAST)
+    ve = _dot(x, ge, FAST)
+    vv = _dot(x, go, FAST)
+    tl.store(DU + bw, tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1), mask=mc)
     pw = _operand(_pw(dy, x, cs, gamma, kappa, C * R, R, FAST), FAST)
-    ie = _dot(dy, se, FAST)
-    io = _dot(dy, so, FAST)
-    tl.store(DCS_STATE + bw, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
-    dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
-    dqo = _dot(pw, ko, FAST) + eq[:, None] * io
-    if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_gates``), tokens last
+    dke = _dot(tl.trans(pw), qe, FAST) + u[:, None] * ve
+    dko = _dot(tl.trans(pw), qo, FAST) + u[:, None] * vv
+    if HAS_ANG:
+        # in-chunk angles: every later token of the chunk; Omega_c: the whole chunk (through
+        # the rotation of the end state); the sequence total: every token of the sequence
+        d_om = tl.sum(u[:, None] * (ve * ko - vv * ke), 0)
+        if HAS_DTOT:  # the sequence's total angle was used
+            d_om += tl.load(DTOTAL_ANGLE + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
+        tl.store(DOMEGA + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # ``_bwd_x`` completes it
         offs_a = tl.arange(0, NA)
-        tl.store(
-            DTHETA + ((bat * H + h) * NANG + offs_a[None, :]) * L + tok[:, None],
-            _rank_sum2(_narrow(dqo * qe - dqe * qo, NA), R),
-            mask=mtok[:, None] & (offs_a < NANG)[None, :],
-        )
+        am = mtok[:, None] & (offs_a < NANG)[None, :]
+        ao = ((bat * H + h) * NANG + offs_a[None, :]) * L + tok[:, None]
+        r = _rank_sum2(_narrow(dko * ke - dke * ko, NA), R)
+        tl.store(DTHETA + ao, r + tl.load(DTHETA + ao, mask=am, other=0.0), mask=am)
     _store_qk_grad(
-        DQ_HEADS, DQ_BIAS_PART, dqe, dqo, ANG, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc,
-        N2, NA, HAS_ANG, R, HALVES,
+        DK_HEADS, DK_BIAS_PART, dke, dko, ANG, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc, i,
+        N2, NA, HAS_ANG, R, HALVES, HS,
     )  # fmt: skip
+
+
+_bwd_k_head_call = triton.jit(noinline=True)(_bwd_k_head.fn)
 
 
 @triton.jit
@@ -469,54 +592,33 @@ def _bwd_k_kernel(
     HAS_DTOT: tl.constexpr,
     R: tl.constexpr,
     HALVES: tl.constexpr,
+    HS: tl.constexpr,
 ):
-    """Per (chunk, head), k side: per-head dk and its bias partial sum, ``DU`` (d u per token)
+    """Per (chunk, ``HS`` heads of one group), k side: dk as the q side's dq, its bias
+    partial sum, ``DU`` (d u per token)
     and the angle-gradient terms ``_bwd_gates`` finishes: the per-token k share of d theta added
     to the q share in ``DTHETA``, and in ``DOMEGA`` the whole gradient every token of the chunk gets
     (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOTAL_ANGLE``;
     ``_bwd_x`` adds the share of the state S~)."""
     pid = tl.program_id(0)
-    h = (pid % H).to(tl.int64)
-    gc = (pid // H).to(tl.int64)
-    bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R)
-    u = tl.exp(a_c - cs) * kappa
-    qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
-        s_qg, s_kb, s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
-    )  # fmt: skip
-    x_t, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
-    x = _operand(x_t, FAST)
-    dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
-    bw = (bat * H + h) * (L * R) + _row_index(tt, rr, R)  # (B, H, L * R) per-row buffers
-    offs_p = tl.arange(0, P)
-    offs_j = tl.arange(0, N2)
-    mj = offs_j < NANG
-    pe, po = _state_tile(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
-    ge = _operand(tl.load(pe), FAST)
-    go = _operand(tl.load(po), FAST)
-    ve = _dot(x, ge, FAST)
-    vv = _dot(x, go, FAST)
-    tl.store(DU + bw, tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1), mask=mc)
-    pw = _operand(_pw(dy, x, cs, gamma, kappa, C * R, R, FAST), FAST)
-    dke = _dot(tl.trans(pw), qe, FAST) + u[:, None] * ve
-    dko = _dot(tl.trans(pw), qo, FAST) + u[:, None] * vv
-    if HAS_ANG:
-        # in-chunk angles: every later token of the chunk; Omega_c: the whole chunk (through
-        # the rotation of the end state); the sequence total: every token of the sequence
-        d_om = tl.sum(u[:, None] * (ve * ko - vv * ke), 0)
-        if HAS_DTOT:  # the sequence's total angle was used
-            d_om += tl.load(DTOTAL_ANGLE + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
-        tl.store(DOMEGA + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # ``_bwd_x`` completes it
-        offs_a = tl.arange(0, NA)
-        am = mtok[:, None] & (offs_a < NANG)[None, :]
-        ao = ((bat * H + h) * NANG + offs_a[None, :]) * L + tok[:, None]
-        r = _rank_sum2(_narrow(dko * ke - dke * ko, NA), R)
-        tl.store(DTHETA + ao, r + tl.load(DTHETA + ao, mask=am, other=0.0), mask=am)
-    _store_qk_grad(
-        DK_HEADS, DK_BIAS_PART, dke, dko, ANG, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc,
-        N2, NA, HAS_ANG, R, HALVES,
-    )  # fmt: skip
+    first = (pid % (H // HS)).to(tl.int64) * HS  # this program's first head (of HS, one group)
+    gc = (pid // (H // HS)).to(tl.int64)
+    if HS == 1:
+        _bwd_k_head(
+            Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, DSTATES, DTOTAL_ANGLE, DTHETA,
+            DOMEGA, DK_HEADS, DK_BIAS_PART, DU, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg,
+            s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first, 0, C, P, N2,
+            NA, HAS_ANG, HAS_D, VARLEN, FAST, HAS_DTOT, R, HALVES, HS,
+        )  # fmt: skip
+    else:  # a call per head, not inlined: the body inlined in a loop (or unrolled) spilled
+        # 550-3,300 bytes for sm_90, called 20 + 92 (ptxas; it serializes the callee's wgmma)
+        for i in range(HS):
+            _bwd_k_head_call(
+                Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, DSTATES, DTOTAL_ANGLE, DTHETA,
+                DOMEGA, DK_HEADS, DK_BIAS_PART, DU, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg,
+                s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first + i, i, C,
+                P, N2, NA, HAS_ANG, HAS_D, VARLEN, FAST, HAS_DTOT, R, HALVES, HS,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -679,18 +781,13 @@ def _bwd_x_kernel(
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
-    bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
-    gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R)
-    u = tl.exp(a_c - cs) * kappa
-    qe, qo, ke, ko = _rotated_qk(
-        Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
-        s_qg, s_kb, s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
+    bat, seq, tt, rr, mc, tok, mtok, gamma, kappa, cs, a_c, u, qe, qo, ke, ko, x, dy, bo, bw = (
+        _head_rows(
+            Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, s_qb, s_ql, s_qr, s_qg, s_kb,
+            s_kl, s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc,
+            h, C, P, N2, NA, HAS_ANG, VARLEN, FAST, R, HALVES,
+        )
     )  # fmt: skip
-    x_t, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
-    x = _operand(x_t, FAST)
-    dy = _dy_rows(DY, bat, tt, rr, mc, h, s_yb, s_yl, s_yr, s_yh, P, R, FAST)
-    bo = (bat * H + h) * L + tok  # (B, H, L) per-token buffers
-    bw = (bat * H + h) * (L * R) + _row_index(tt, rr, R)  # (B, H, L * R) per-row buffers
     offs_p = tl.arange(0, P)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG

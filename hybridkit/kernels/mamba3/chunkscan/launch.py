@@ -6,6 +6,7 @@ Nothing here reads the environment at import: launch options come from
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -121,6 +122,12 @@ def backward_chunk_options(kernel: str = "") -> dict:
     cfg = current_config()
     warps = cfg.bwd_x_warps if kernel == "x" and cfg.bwd_x_warps else cfg.bwd_warps
     return launch_options(warps, cfg.bwd_maxnreg)
+
+
+def qk_heads_per_program(heads_per_group: int) -> int:
+    """Heads each program of the q and k backward kernels sums (``qk_heads``, as far as it
+    divides the heads per group: a program's heads must share their group's q / k)."""
+    return math.gcd(current_config().qk_heads, heads_per_group)
 
 
 _GATE_FLAGS = ["C", "P", "N2", "NA", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST", "R", "HALVES"]

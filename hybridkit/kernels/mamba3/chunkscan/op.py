@@ -38,6 +38,7 @@ from hybridkit.kernels.mamba3.chunkscan.launch import (
     angles_tokens_last,
     backward_chunk_options,
     launch_options,
+    qk_heads_per_program,
     state_slots,
     strides,
 )
@@ -148,7 +149,7 @@ def scan_forward(
 class _Grads(NamedTuple):
     """Gradient buffers the backward kernels write (per head / per chunk where noted)."""
 
-    dq_heads: Tensor  # (B, L, R, H, N): summed over each group's heads afterwards
+    dq_heads: Tensor  # (B, L, R, H / hs, N): summed over each group's slots afterwards
     dk_heads: Tensor
     dx: Tensor
     dadt: Tensor
@@ -164,20 +165,25 @@ class _Grads(NamedTuple):
     dinit: Tensor  # (seqs, H, P, N) gradient of the initial state (relative frame)
 
 
-def _grad_buffers(x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bool) -> _Grads:
+def _grad_buffers(
+    x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bool, hs: int
+) -> _Grads:
+    """``hs``: heads per program of the q / k kernels (:func:`.launch.qk_heads_per_program`),
+    which share one fp32 slot of the dq / dk buffers."""
     z = _Sizes.of(x)
     dev, f32 = x.q.device, torch.float32
     # packed batches may leave tokens outside every sequence: zero-fill only there
     new = torch.zeros if plan.varlen else torch.empty
-    heads = torch.bfloat16 if fast else f32  # per-head dq / dk before the group sum
+    # per-head (hs 1) or per-slot (hs heads added in fp32) dq / dk before the group sum
+    heads = torch.bfloat16 if fast and hs == 1 else f32
     # written by ``_bwd_gates`` (zeros where there is no chunk)
     gnew = new if plan.nchunks > 0 else torch.zeros
     # per-(chunk, head) partial sums: every slot is written when there is a chunk
     nparts = max(plan.nchunks, 1)
     part = torch.empty if plan.nchunks > 0 else torch.zeros
     return _Grads(
-        dq_heads=new(z.B, z.L, z.R, z.H, z.N, dtype=heads, device=dev),
-        dk_heads=new(z.B, z.L, z.R, z.H, z.N, dtype=heads, device=dev),
+        dq_heads=new(z.B, z.L, z.R, z.H // hs, z.N, dtype=heads, device=dev),
+        dk_heads=new(z.B, z.L, z.R, z.H // hs, z.N, dtype=heads, device=dev),
         dx=new(z.B, z.L, z.H, z.P, dtype=x.v.dtype, device=dev),
         dadt=new(z.B, z.H, z.L, dtype=f32, device=dev),
         dkappa=new(z.B, z.H, z.L, dtype=f32, device=dev),
@@ -200,11 +206,11 @@ def _grad_buffers(x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bo
 
 def backward_settings() -> list[int]:
     """The kernel settings the backward launches with, read when the forward runs:
-    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes]`` (ints, so that they pass
+    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes, qk_heads]`` (ints, so that they pass
     through the backward op's schema and are constants of a compiled graph; ``tunes`` is
     ``autotune`` unless ``deterministic`` turns the timing off)."""
     cfg = current_config()
-    return [cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.tunes)]
+    return [cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.tunes), cfg.qk_heads]
 
 
 def scan_backward(
@@ -231,17 +237,18 @@ def scan_backward(
     elif plan.nchunks == 0:
         dsend = torch.zeros(plan.nseq, z.H, z.P, z.N, dtype=torch.float32, device=dev)
     dtotal = dtotal.float().contiguous() if dtotal is not None else None
-    g = _grad_buffers(x, plan, dsend, fast)
-    warps, x_warps, maxnreg, autotune = settings
+    warps, x_warps, maxnreg, autotune, qk_heads = settings
     launch = dict(bwd_warps=warps, bwd_x_warps=x_warps or None, bwd_maxnreg=maxnreg or None)
-    if plan.nchunks > 0:
-        with kernel_config(**launch, autotune=bool(autotune)):
-            _launch_backward(dout, dtotal, dsend, x, chunk_states, g, plan, z, C, fast, halves)
-    return _reduce(x, g, z)
+    with kernel_config(**launch, autotune=bool(autotune), qk_heads=qk_heads):
+        hs = qk_heads_per_program(z.H // z.G)
+        g = _grad_buffers(x, plan, dsend, fast, hs)
+        if plan.nchunks > 0:
+            _launch_backward(dout, dtotal, dsend, x, chunk_states, g, plan, z, C, fast, halves, hs)
+    return _reduce(x, g, z, hs)
 
 
 def _launch_backward(
-    dout, dtotal, dsend, x: ScanInputs, chunk_states, g: _Grads, plan, z, C, fast, halves
+    dout, dtotal, dsend, x: ScanInputs, chunk_states, g: _Grads, plan, z, C, fast, halves, hs
 ):
     dev, f32 = x.q.device, torch.float32
     opt = lambda t: g.dq_heads if t is None else t  # noqa: E731  (absent inputs: any pointer)
@@ -299,13 +306,14 @@ def _launch_backward(
     flags.update(HAS_D=x.D is not None, VARLEN=plan.varlen, FAST=fast, **rank)
     flags.update(backward_chunk_options())
     inputs = (x.q, x.k, x.v, opt(x.psi), token_gates, chunk_decay, x.q_bias, x.k_bias, cos_sin)
-    K_bwd._bwd_q_kernel[grid](
+    qk_grid = (plan.nchunks * z.H // hs,)  # a program per (chunk, hs heads of one group)
+    K_bwd._bwd_q_kernel[qk_grid](
         *inputs, dout, chunk_table, chunk_states, g.dq_heads, g.dq_bias_part, dtheta, dcs_state,
-        *common, **flags,
+        *common, HS=hs, **flags,
     )  # fmt: skip
-    K_bwd._bwd_k_kernel[grid](
+    K_bwd._bwd_k_kernel[qk_grid](
         *inputs, dout, chunk_table, dstate, opt(dtotal), dtheta, domega, g.dk_heads,
-        g.dk_bias_part, du, *common, HAS_DTOT=dtotal is not None, **flags,
+        g.dk_bias_part, du, *common, HAS_DTOT=dtotal is not None, HS=hs, **flags,
     )  # fmt: skip
     K_bwd._bwd_x_kernel[grid](
         *inputs, opt(x.D), dout, chunk_table, dstate, dcs_state, du, chunk_states, domega, g.dx,
@@ -319,13 +327,14 @@ def _launch_backward(
     )  # fmt: skip
 
 
-def _reduce(x: ScanInputs, g: _Grads, z: _Sizes) -> list[Tensor]:
-    """Sum the per-head and per-chunk partials and cast to the inputs' dtypes."""
-    hpg = z.H // z.G
+def _reduce(x: ScanInputs, g: _Grads, z: _Sizes, hs: int) -> list[Tensor]:
+    """Sum the per-head (or per-slot of ``hs`` heads) and per-chunk partials and cast to the
+    inputs' dtypes."""
+    slots = z.H // z.G // hs  # per group
     # sums over the group's heads accumulate in fp32 also for bf16 buffers (torch's reduction
     # accumulator), so the result is rounded once, as with an fp32 sum and a cast
-    dq = g.dq_heads.view(z.B, z.L, z.R, z.G, hpg, z.N).sum(4).to(x.q.dtype)
-    dk = g.dk_heads.view(z.B, z.L, z.R, z.G, hpg, z.N).sum(4).to(x.k.dtype)
+    dq = g.dq_heads.view(z.B, z.L, z.R, z.G, slots, z.N).sum(4).to(x.q.dtype)
+    dk = g.dk_heads.view(z.B, z.L, z.R, z.G, slots, z.N).sum(4).to(x.k.dtype)
     grads = [
         dq,
         dk,
