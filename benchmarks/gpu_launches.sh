@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call for the launch candidates that CPU work prepared and no GPU has checked yet, most
-# important first, each step under its own timeout; results are archived after every step into
+# important first, each step under its own timeout and what is left of the call (CALL_S), skipped
+# when too little is left; results are archived after every step into
 # $OUT/session.tar.gz (the only file under $OUT), so a call cut short still brings back what
 # finished. About 7-9 minutes.
 #   carry [".gpu/base"]; source benchmarks/gpu_env.sh && OUT=$OUT bash benchmarks/gpu_launches.sh
@@ -26,18 +27,18 @@ set -u
 WORK=/tmp/hk_launches
 # shellcheck source=benchmarks/gpu_call.sh
 source benchmarks/gpu_call.sh
-timeout -k 5 120 python -m pytest -q -m gpu tests/test_linear_kernels.py -p no:cacheprovider \
+budgeted 120 60 python -m pytest -q -m gpu tests/test_linear_kernels.py -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -20 > "$WORK/linear_tests.txt"
 tail -2 "$WORK/linear_tests.txt"; pack
-timeout -k 5 300 python benchmarks/skinny_linear.py --sweep --out "$WORK/skinny_linear" \
+budgeted 300 60 python benchmarks/skinny_linear.py --sweep --out "$WORK/skinny_linear" \
   > "$WORK/skinny_linear.txt" 2>&1
 show "$WORK/skinny_linear.md" "$WORK/skinny_linear.txt"
 pack
-timeout -k 5 120 python -m pytest -q -m gpu tests/test_norm_kernels.py tests/test_mimo_output.py \
+budgeted 120 60 python -m pytest -q -m gpu tests/test_norm_kernels.py tests/test_mimo_output.py \
   -k launch -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -12 > "$WORK/norm_launch_tests.txt"
 tail -2 "$WORK/norm_launch_tests.txt"; pack
-timeout -k 5 200 ncu --clock-control none --profile-from-start off \
+budgeted 200 60 ncu --clock-control none --profile-from-start off \
   --kernel-name regex:'_(fwd|bwd)_[a-z]+_kernel' --section SpeedOfLight --section Occupancy \
   --section LaunchStats --section WarpStateStats --section SchedulerStats --csv --page raw \
   python benchmarks/siso_ncu.py --shape 0 --rank 4 > "$WORK/mimo_ncu.csv" 2> "$WORK/mimo_ncu.txt"
@@ -45,7 +46,7 @@ python benchmarks/siso_ncu.py --summarize "$WORK/mimo_ncu.csv" > "$WORK/mimo_ncu
   2>> "$WORK/mimo_ncu.txt"
 show "$WORK/mimo_ncu.md" "$WORK/mimo_ncu.txt"
 pack
-timeout -k 5 280 python benchmarks/train_throughput.py --out "$WORK/train_ab" --no-profile \
+budgeted 280 120 python benchmarks/train_throughput.py --out "$WORK/train_ab" --no-profile \
   --steps 8 --cases hybrid_compiled,hybrid_compiled_triton_elementwise > "$WORK/train_ab.txt" 2>&1
 show "$WORK/train_ab/train_throughput.md" "$WORK/train_ab.txt"
 pack

@@ -19,17 +19,6 @@
 set -u
 WORK=/tmp/hk_qk_heads
 source benchmarks/gpu_call.sh
-CALL=${CALL_S:-570}
-START=$(date +%s)
-left() { echo $(( CALL - ($(date +%s) - START) )); }
-# run "$@" under a timeout of at most $1 seconds and what is left of the call; skip it when
-# less than $2 seconds are left
-budgeted() {
-  local most=$1 need=$2; shift 2
-  local t; t=$(left); [ "$t" -lt "$need" ] && { echo "skipped (${t} s left): $*"; return 1; }
-  [ "$t" -gt "$most" ] && t=$most
-  timeout -k 5 "$t" "$@"
-}
 budgeted 200 60 python -m pytest -q -m gpu -n 8 tests/test_qk_heads.py -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -25 > "$WORK/qk_tests.txt"
 tail -3 "$WORK/qk_tests.txt"; pack
