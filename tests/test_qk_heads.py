@@ -25,6 +25,7 @@ from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked  # noqa: E402
 from hybridkit.kernels.mamba3.chunkscan import op as scan_op  # noqa: E402
 from hybridkit.kernels.mamba3.reference import mamba3_scan_sequential  # noqa: E402
 from tests import test_triton_mimo, test_triton_siso  # noqa: E402
+from tests.helpers import slow_params  # noqa: E402
 from tests.test_triton_siso import Case, check  # noqa: E402
 
 
@@ -62,7 +63,7 @@ CPU_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CPU_CASES))
+@pytest.mark.parametrize("name", slow_params(CPU_CASES, {"mimo_r4", "siso_h4_all"}))
 def test_heads_summed_in_the_kernels_match_the_reference_cpu(name: str, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("interpreter test; the GPU runs the gpu-marked cases")

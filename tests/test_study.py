@@ -316,6 +316,7 @@ def run_fake(todo: list, out: Path, jobs: int, status_of=lambda slot: "not start
     )  # fmt: skip
 
 
+@pytest.mark.slow  # ~8 s: three spawned workers, one of them twice
 def test_a_dead_worker_takes_only_its_own_run_and_is_started_once_more(tmp_path, capsys):
     """A worker process that dies (a crash, the OOM killer) costs only its own run: the run
     beside it goes on, the dead one is started once more (it would resume from its checkpoint)
@@ -331,6 +332,7 @@ def test_a_dead_worker_takes_only_its_own_run_and_is_started_once_more(tmp_path,
     assert "2/3 lost" not in printed and "3/3 lost" not in printed  # slow and ok went on
 
 
+@pytest.mark.slow  # ~4 s: three spawned workers
 def test_an_error_in_a_worker_is_reported_and_the_other_runs_finish(tmp_path, capsys):
     todo = [Slot("raise", 0, 1e-3), Slot("ok", 0, 1e-3), Slot("ok", 1, 1e-3)]
     with pytest.raises(
