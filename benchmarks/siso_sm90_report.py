@@ -9,7 +9,7 @@ lines with the most PTX instructions. It is how the fixes listed in ``docs/kerne
 found between GPU runs; numbers come from the local Triton, not the GPU machine's (3.6), so
 compare variants, not absolute values.
 
-    python benchmarks/siso_sm90_report.py [--warps 4] [--top 12] [kernel ...]
+    python benchmarks/siso_sm90_report.py [--warps 4] [--top 12] [--rank R] [--qk-heads N] [kernel ...]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ FLAGS = dict(C=64, P=64, N2=64, HAS_TRAP=True, HAS_ANG=True, VARLEN=False, FAST=
 FLAGS.update(HAS_D=True, HAS_DTOT=False, HAS_INIT=False)
 FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
 FLAGS.update(R=1, HALVES=False)  # --rank R: MIMO (C = 64 / R tokens, halves pairing)
+FLAGS.update(HS=1)  # --qk-heads: heads per program of the q / k kernels (``qk_heads``)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {
     "ADT",
@@ -109,10 +110,12 @@ def ptxas_summary(ptx: str) -> str:
             text=True,
         )
     regs = re.search(r"Used (\d+) registers", r.stderr)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     if regs is None:
         return "ptxas failed: " + r.stderr.strip().splitlines()[-1]
-    sp = f", spills {spill.group(1)} / {spill.group(2)} bytes" if spill else ""
+    sp = f", spills {spills[0][0]} / {spills[0][1]} bytes" if spills else ""
+    # a non-inlined device function (``qk_heads`` > 1) has its own spills
+    sp += "".join(f" + {a} / {b} in a called function" for a, b in spills[1:])
     return f"{regs.group(1)} registers{sp}"
 
 
@@ -143,8 +146,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=8, help="source lines to list per kernel")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
     ap.add_argument("--rank", type=int, default=1, help="MIMO rank (chunk 64 / rank tokens)")
+    ap.add_argument("--qk-heads", type=int, default=1, help="heads per q / k backward program")
     args = ap.parse_args()
-    FLAGS.update(R=args.rank, HALVES=args.rank > 1, C=64 // args.rank)
+    FLAGS.update(R=args.rank, HALVES=args.rank > 1, C=64 // args.rank, HS=args.qk_heads)
     for name in args.kernels:
         kern = compile_kernel(name, args.warps, args.maxnreg)
         ptx = kern.asm["ptx"]
