@@ -9,7 +9,8 @@ lines with the most PTX instructions. It is how the fixes listed in ``docs/kerne
 found between GPU runs; numbers come from the local Triton, not the GPU machine's (3.6), so
 compare variants, not absolute values.
 
-    python benchmarks/siso_sm90_report.py [--warps 4] [--top 12] [--rank R] [--qk-heads N] [kernel ...]
+    python benchmarks/siso_sm90_report.py [--warps 4] [--top 12] [--rank R] [--qk-heads N] \
+        [kernel ...]
 """
 
 from __future__ import annotations
