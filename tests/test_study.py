@@ -365,6 +365,19 @@ def test_workers_may_start_processes_and_an_interrupted_call_stops_its_workers(t
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.slow  # ~10 s: two spawned workers, each with its own prefetch process
+def test_jobs_with_batch_prefetch(tmp_path, capfd):
+    """On CUDA each run's trainer starts its batch-prefetch process from inside its worker
+    process (``train.prefetch`` auto), which a daemonic worker could not: two runs side by side
+    with prefetch forced on (here on the CPU) both finish, the worker making their batches."""
+    fast = ["train.warmup_steps=2", "train.steps=10", "train.prefetch=true"]
+    study = write_study(tmp_path, variants={"hybrid": []}, seeds=[0], lengths=[16], set=fast)
+    got = run_study(study, tmp_path / "jobs", device="cpu", progress=False, jobs=2)
+    printed = capfd.readouterr()
+    assert got["complete"] and got["runs_finished"] == 2, printed.out[-2000:]
+    assert "failed" not in printed.out and "train.prefetch:" not in printed.err  # no fallback
+
+
 def test_jobs_scheduler_holds_chosen_lr_runs_behind_their_sweep():
     from hybridkit.study_jobs import _blocked
 

@@ -236,6 +236,26 @@ def test_prefetch_falls_back_inline_when_the_worker_cannot_start(tmp_path):
     prefetcher.close()
 
 
+def test_prefetch_falls_back_inline_where_no_process_may_start(tmp_path, monkeypatch):
+    """Where the worker process cannot even be started (inside a daemonic process, which may
+    not have children) the prefetcher warns once at construction and makes every batch
+    inline, instead of failing the run."""
+    from hybridkit.recipe import recipe_to_dict
+    from hybridkit.train import prefetch
+
+    def refused(self, *args, **kwargs):
+        raise AssertionError("daemonic processes are not allowed to have children")
+
+    trainer = Trainer(make(steps=4), tmp_path / "a", resume=None, progress=False)
+    monkeypatch.setattr(prefetch.ProcessPoolExecutor, "submit", refused)
+    with pytest.warns(RuntimeWarning, match="no batch worker could start.*making batches inline"):
+        prefetcher = prefetch.BatchPrefetcher(
+            recipe_to_dict(make(steps=4)), 0, 8, trainer.batch_for, end=4
+        )
+    assert torch.equal(prefetcher.get(2).inputs, trainer.batch_for(2).inputs)
+    prefetcher.close()
+
+
 # --- exact resume ---------------------------------------------------------------------------------
 def test_resume_in_process_is_exact(tmp_path):
     recipe = make(steps=12, checkpoint_every=4)

@@ -81,7 +81,16 @@ class BatchPrefetcher:
             initargs=(recipe_data, seed, batch_size),
         )
         self._finalizer = weakref.finalize(self, _shutdown, self._pool)
-        self._pool.submit(_ready)  # start the worker now, not at the first step
+        try:
+            self._pool.submit(_ready)  # start the worker now, not at the first step
+        except Exception as error:  # noqa: BLE001 - no worker (e.g. inside a daemon): inline
+            warnings.warn(
+                f"train.prefetch: no batch worker could start ({type(error).__name__}: "
+                f"{error}); making batches inline",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.close()
 
     def get(self, step: int) -> Batch:
         if self._pool is None:
