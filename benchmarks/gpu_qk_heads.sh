@@ -22,22 +22,27 @@ source benchmarks/gpu_call.sh
 budgeted 200 60 python -m pytest -q -m gpu -n 8 tests/test_qk_heads.py -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -25 > "$WORK/qk_tests.txt"
 tail -3 "$WORK/qk_tests.txt"; pack
-best=1 best_ms=
 for qk in 1 32 4 8; do
   # keep ~230 s for the two model runs
   [ "$(left)" -lt 320 ] && { echo "no time for qk_heads=$qk"; continue; }
   HYBRIDKIT_KERNELS=qk_heads=$qk budgeted 100 60 python benchmarks/mamba3_mimo.py \
     --out "$WORK/mimo_qk$qk" --shapes 0 --reps 50 > "$WORK/mimo_qk$qk.txt" 2>&1
   show "$WORK/mimo_qk$qk.md" "$WORK/mimo_qk$qk.txt" 8; pack
-  # the MIMO forward + backward median of this setting, ms
-  ms=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['rows'][0]['mimo']['fwdbwd_ms'])" \
-    "$WORK/mimo_qk$qk.json" 2>/dev/null)
-  echo "qk_heads=$qk MIMO f+b: ${ms:-n/a} ms"
-  if [ -n "$ms" ] && { [ -z "$best_ms" ] || python -c "import sys; sys.exit(not $ms < $best_ms)"; }; then
-    best=$qk best_ms=$ms
-  fi
 done
-echo "fastest: qk_heads=$best (${best_ms:-n/a} ms)" | tee "$WORK/best.txt"
+# the setting with the fastest MIMO forward + backward (1 when none was timed)
+read -r best best_ms < <(python - "$WORK" <<'PY'
+import json, pathlib, sys
+times = {}
+for path in pathlib.Path(sys.argv[1]).glob("mimo_qk*.json"):
+    try:  # a run cut off may have left no row
+        times[int(path.stem[7:])] = json.loads(path.read_text())["rows"][0]["mimo"]["fwdbwd_ms"]
+    except (ValueError, LookupError):
+        pass
+best = min(times, key=times.get, default=1)
+print(best, times.get(best, "n/a"))
+PY
+)
+echo "fastest: qk_heads=$best ($best_ms ms)" | tee "$WORK/best.txt"
 for qk in $(printf '%s\n' "$best" 1 | awk '!seen[$0]++'); do
   HYBRIDKIT_KERNELS=qk_heads=$qk budgeted 170 90 python -m hybridkit bench train \
     benchmarks/recipes/hybrid_400m_mimo.yaml --batch 4 --seq-len 4096 --compile --steps 8 \

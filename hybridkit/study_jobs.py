@@ -32,7 +32,7 @@ import multiprocessing
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,7 @@ class _Running:
     slot: Any
     process: Any  # multiprocessing.process.BaseProcess
     conn: Connection
-    message: tuple[str, Any] | None = field(default=None)
+    message: tuple[str, Any] | None = None
 
 
 def _died(process) -> str:
