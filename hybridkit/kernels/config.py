@@ -17,7 +17,9 @@ Fields (defaults in :class:`KernelConfig`):
   400M MIMO model at 4 x 4,096 tokens, and 7.6 ms of its step on the H100 for the sums,
   ``benchmarks/results/train_mimo_output_h100.md``); above 1 a program adds its heads into
   one fp32 row per group slot, so the buffers shrink that many times (at 1 / 2 the bytes per
-  element) and the grid as well. Default 1 until timed on a GPU;
+  element) and the grid as well. Default 1: on the H100 n 4 / 8 / 32 were no faster
+  (forward + backward 17.8-18.8 ms against 16.97, ``benchmarks/results/qk_heads_h100.md``)
+  and saved only 1-2 GB of peak memory at that shape;
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
 * ``step_split``: programs per (sequence, head) of the fused decode step, each owning
