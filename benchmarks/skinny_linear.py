@@ -56,21 +56,22 @@ STEP_COUNTS = {
     "400M attention out": 4,
     "400M head": 1,
 }
-#: launches the sweep times, as the module constants they set ({} = the defaults); one row:
+#: launches the sweep times, as the module constants they set (the first of each: the defaults,
+#: the H100's best of 2026-12-06; the former ones 8 / 512 / 4 / 4 and 256 / 4 / 4); one row:
 #: (output columns, K per step, warps, stages) of ``_gemv_kernel``; 16 rows: (K per step, warps,
 #: stages, columns for narrow / wide outputs) of ``_skinny_linear_kernel``
 GEMV_SWEEP = tuple(
     dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=w, GEMV_STAGES=st)
     for bn, bk, w, st in (
-        (8, 512, 4, 4), (8, 512, 2, 4), (8, 512, 8, 4), (8, 256, 2, 4), (8, 256, 4, 4),
-        (8, 1024, 4, 4), (8, 1024, 8, 4), (4, 512, 2, 4), (4, 512, 4, 4), (4, 1024, 4, 4),
+        (4, 512, 4, 4), (8, 512, 2, 4), (8, 512, 8, 4), (8, 256, 2, 4), (8, 256, 4, 4),
+        (8, 1024, 4, 4), (8, 1024, 8, 4), (4, 512, 2, 4), (8, 512, 4, 4), (4, 1024, 4, 4),
         (16, 512, 4, 4), (16, 512, 8, 4), (8, 512, 4, 2), (8, 512, 4, 8), (16, 256, 4, 4),
     )
 )  # fmt: skip
 ROWS_SWEEP = tuple(
     dict(BLOCK_K=bk, WARPS=w, STAGES=st, NARROW_BLOCK_N=nb, WIDE_BLOCK_N=wb)
     for bk, w, st, nb, wb in (
-        (256, 4, 4, 16, 32), (256, 2, 4, 16, 32), (256, 8, 4, 16, 32), (128, 4, 4, 16, 32),
+        (256, 2, 4, 16, 32), (256, 4, 4, 16, 32), (256, 8, 4, 16, 32), (128, 4, 4, 16, 32),
         (128, 2, 4, 16, 32), (512, 4, 4, 16, 32), (512, 8, 4, 16, 32), (256, 4, 2, 16, 32),
         (256, 4, 6, 16, 32), (256, 4, 4, 32, 32), (256, 4, 4, 16, 64), (128, 4, 8, 16, 32),
     )

@@ -135,6 +135,7 @@ LAUNCHES = {
     "wide": dict(GEMV_BLOCK_N=16, GEMV_BLOCK_K=1024, GEMV_WARPS=8, GEMV_STAGES=2, STAGES=2,
                  NARROW_BLOCK_N=32, WIDE_BLOCK_N=64, WARPS=8),
     "deep": dict(GEMV_STAGES=8, BLOCK_K=512, STAGES=3, NARROW_BLOCK_N=32),
+    "former": dict(GEMV_BLOCK_N=8, WARPS=4),  # the defaults before the H100 sweep
 }  # fmt: skip
 
 

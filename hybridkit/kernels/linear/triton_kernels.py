@@ -49,14 +49,18 @@ MAX_ROWS = 16
 #: without a code change (each checked against ``F.linear`` first). 2-16 rows
 #: (``_skinny_linear_kernel``): K per step, pipeline depth of the K loop (W tiles in flight per
 #: program), warps, and output columns per program (``block_n``: wide outputs get more).
+#: Both sets are the best of ``--sweep`` on the H100 (2026-12-06,
+#: ``benchmarks/results/skinny_linear_h100.md``), scored by the 400M decode step's matmul time:
+#: 2 warps here (1,024 us against 1,093 at 4), 4 columns below (880 us against 923 at 8; every
+#: 4-column launch beat every 8-column one with the same warps).
 BLOCK_K = 256
 STAGES = 4
-WARPS = 4
+WARPS = 2
 NARROW_BLOCK_N = 16
 WIDE_BLOCK_N = 32
-#: One row (``_gemv_kernel``): 8 output columns x 512 of K per step (32 elements per thread at
+#: One row (``_gemv_kernel``): 4 output columns x 512 of K per step (16 elements per thread at
 #: 4 warps), the same pipeline depth.
-GEMV_BLOCK_N = 8
+GEMV_BLOCK_N = 4
 GEMV_BLOCK_K = 512
 GEMV_WARPS = 4
 GEMV_STAGES = 4
@@ -201,8 +205,9 @@ def _gemv_kernel(
     GLU: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr,
     LANES: tl.constexpr,
 ):  # fmt: skip
-    """One row (batch 1): no tensor-core tile to fill, so 8 output columns per program (four
-    times the programs of the 16-row kernel: the 1,024-wide projections back to d_model get 128)
+    """One row (batch 1): no tensor-core tile to fill, so ``GEMV_BLOCK_N`` (4) output columns
+    per program (four times the programs of the 16-row kernel: the 1,024-wide projections back
+    to d_model get 256; more programs in flight read the weight faster at this size)
     and plain multiply-adds into a (BLOCK_N, BLOCK_K) fp32 accumulator, summed once at the end.
     The K loop is pipelined like the 16-row kernel's (compiled for sm_90: cp.async loads)."""
     pid = tl.program_id(0)
