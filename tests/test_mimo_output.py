@@ -301,6 +301,7 @@ LAUNCHES = {  # (fwd elements, fwd warps, bwd elements, bwd warps, bwd programs 
     "small": (1024, 1, 256, 1, 24),
     "wide": (4096, 4, 1024, 4, 12),
     "one_warp": (2048, 1, 256, 1, 6),  # the fastest backward of the 2026-12-06 H100 sweep
+    "former": (2048, 2, 256, 2, 6),  # the defaults before that sweep
 }
 
 

@@ -86,6 +86,7 @@ LAUNCHES = {  # (fwd elements, fwd warps, bwd elements, bwd warps, bwd programs 
     "warps": (1024, 2, 512, 2, 16),
     "wide": (4096, 4, 1024, 4, 8),
     "one_warp": (1024, 1, 512, 1, 16),  # the fastest backward of the 2026-12-06 H100 sweep
+    "former": (2048, 8, 2048, 8, 4),  # the defaults before that sweep
 }
 
 
