@@ -782,7 +782,8 @@ def _add_study(sub) -> None:
         default=None,
         metavar="SECONDS",
         help="start no run that would end more than SECONDS after this command began, judged "
-        "by its slowest run so far (for machines with a hard time limit; the rest is listed)",
+        "by its slowest run so far and by the recorded times of the finished runs of the same "
+        "variant (for machines with a hard time limit; the rest is listed)",
     )
     p.add_argument(
         "--report",

@@ -526,18 +526,32 @@ def start_order(slots: Sequence[Slot], out: Path) -> list[Slot]:
     their variant), and within each group variants with no finished run yet come first (their
     length is unknown, and may be the longest), then the others by the mean wall time of their
     finished runs in ``out``, longest first. Ties keep the study's order."""
-    seconds: dict[str, float] = {}
+    seconds = {v: statistics.fmean(t) for v, t in recorded_seconds(slots, out).items()}
+    return sorted(slots, key=lambda s: (s.lr is None, -seconds.get(s.variant, math.inf)))
+
+
+def recorded_seconds(slots: Sequence[Slot], out: Path) -> dict[str, list[float]]:
+    """Per variant of ``slots``, the wall time (training + evaluation) of each of its finished
+    runs in ``out``, as their ``result.json`` recorded it; variants without one are left out."""
+    seconds: dict[str, list[float]] = {}
     for variant in {s.variant for s in slots}:
-        times = []
         for path in (out / variant).glob(f"*/{RESULT_FILE}"):
             try:
                 record = json.loads(path.read_text())
-                times.append(float(record["train_wall_time_s"]) + float(record["eval_wall_time_s"]))
+                t = float(record["train_wall_time_s"]) + float(record["eval_wall_time_s"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # an unreadable record tells nothing about the time
-        if times:
-            seconds[variant] = statistics.fmean(times)
-    return sorted(slots, key=lambda s: (s.lr is None, -seconds.get(s.variant, math.inf)))
+            seconds.setdefault(variant, []).append(t)
+    return seconds
+
+
+def expected_seconds(status: str, recorded: Mapping[str, list[float]], slot: Slot) -> float:
+    """What a run about to start is expected to take, before this call has timed any: the
+    longest finished run of its variant, or 0 (unknown) when it has none or is already part
+    trained (it resumes from a checkpoint and needs less)."""
+    if status.startswith("started"):
+        return 0.0
+    return max(recorded.get(slot.variant, ()), default=0.0)
 
 
 # --- run records -------------------------------------------------------------------------------
@@ -795,10 +809,13 @@ def run_study(
     start longest first, as far as the LR rule allows (:func:`start_order`).
 
     ``time_budget`` (seconds from the start of this call): no run is started that would end
-    past it, judged by the slowest run of this call so far (the first run always starts). Made
-    for machines lent with a hard time limit: a run cut off half-way keeps only its checkpoints,
-    often too large to carry to the next machine, so it is better never begun; the runs left
-    over are listed and a later call with the same selection picks them up.
+    past it, judged by the slowest run of this call so far and by the longest finished run of
+    its variant in ``out`` (the wall time its ``result.json`` recorded; a run with neither
+    always starts). Made for machines lent with a hard time limit: a run cut off half-way keeps
+    only its checkpoints, often too large to carry to the next machine, so it is better never
+    begun; the runs left over are listed and a later call with the same selection picks them
+    up. (A time recorded on a slower machine or with more runs beside it may defer a run that
+    would have fit; a larger budget, or none, starts it.)
 
     ``jobs`` > 1 trains that many runs at once, each in a worker process of its own
     (:mod:`hybridkit.study_jobs`: small models leave a GPU mostly idle)."""
@@ -816,21 +833,23 @@ def run_study(
     print(f"[study] {len(todo)} of the study's {len(plan.slots)} runs selected{where}")
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     start, slowest = time.monotonic(), 0.0
+    recorded = recorded_seconds(todo, out) if time_budget is not None else {}
     if jobs > 1 and len(todo) > 1:
         counts = run_parallel(
             todo, out, study_path=study_path, overrides=overrides, plugins=plugins,
             device=device, jobs=jobs, time_budget=time_budget, start=start,
             status_of=lambda slot: slot_status(plan, slot, out)[0], worker=_run_slot_in_worker,
+            expected=lambda status, slot: expected_seconds(status, recorded, slot),
         )  # fmt: skip
         todo = []
     for k, slot in enumerate(todo, 1):
-        late = deferral(k, len(todo), slot, start, slowest, time_budget)
-        if late is not None:
-            status = slot_status(plan, slot, out)[0]
-            if status != "finished" and not status.startswith("waiting"):
-                print(late)
-                counts["deferred"] += 1
-                continue
+        status = slot_status(plan, slot, out)[0] if time_budget is not None else ""
+        before = expected_seconds(status, recorded, slot)
+        late = deferral(k, len(todo), slot, start, slowest, time_budget, before)
+        if late is not None and status != "finished" and not status.startswith("waiting"):
+            print(late)
+            counts["deferred"] += 1
+            continue
         t0 = time.monotonic()
         status = run_slot(
             plan, slot, out, device=device, progress=progress, tag=f"{k}/{len(todo)} "

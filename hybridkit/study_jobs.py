@@ -19,7 +19,8 @@ locking. The scheduler keeps up to ``jobs`` runs going and
 * holds back a later seed's run while its variant's LR sweep is still queued or running (it
   would otherwise start, find no LR choice and be skipped as "waiting");
 * applies the same time budget as the serial loop: no run starts that would end past it, judged
-  by the slowest run finished so far;
+  by the slowest run finished so far and by the longest finished run of its variant recorded in
+  the study folder (``expected``);
 * starts a run whose process died once more (it resumes from its newest checkpoint: the death
   may have been the machine's, such as memory taken by the runs beside it), and reports it as
   failed when its process dies again;
@@ -52,17 +53,30 @@ def _blocked(slot, ahead: Sequence) -> bool:
 
 
 def deferral(
-    k: int, total: int, slot, start: float, slowest: float, time_budget: float | None
+    k: int,
+    total: int,
+    slot,
+    start: float,
+    slowest: float,
+    time_budget: float | None,
+    before: float = 0.0,
 ) -> str | None:
-    """The "deferred" line when the run ``k`` of ``total`` would end past ``time_budget``
-    (judged by the slowest run so far, none before the first has finished), else None: the
-    budget rule of both the serial loop and the scheduler here."""
+    """The "deferred" line when the run ``k`` of ``total`` would end past ``time_budget``, else
+    None: the budget rule of both the serial loop and the scheduler here. A run is expected to
+    take the longer of ``slowest`` (this call's slowest finished run) and ``before`` (what its
+    variant's finished runs took before this call); with neither known it starts."""
     elapsed = time.monotonic() - start
-    if time_budget is None or not slowest or elapsed + slowest <= time_budget:
+    expected = max(slowest, before)
+    if time_budget is None or not expected or elapsed + expected <= time_budget:
         return None
+    why = (
+        f"the slowest run took {slowest:.0f} s"
+        if slowest >= before
+        else f"its variant's finished runs took up to {before:.0f} s"
+    )
     return (
-        f"[study] {k}/{total} deferred: {slot.describe()} (the slowest run took {slowest:.0f} "
-        f"s, {time_budget - elapsed:.0f} s of the budget left)"
+        f"[study] {k}/{total} deferred: {slot.describe()} ({why}, "
+        f"{time_budget - elapsed:.0f} s of the budget left)"
     )
 
 
@@ -139,6 +153,7 @@ def run_parallel(
     start: float,
     status_of: Callable[[Any], str],
     worker: Callable[..., tuple[str, float]],
+    expected: Callable[[str, Any], float] | None = None,
 ) -> dict[str, int]:
     """Bring the ``todo`` runs to finished with up to ``jobs`` processes; returns the counts
     (``done``, ``ran``, ``waiting``, ``deferred``) the serial loop returns.
@@ -147,7 +162,8 @@ def run_parallel(
     counted here without a worker, and a run still waiting for its LR choice once nothing ahead
     of it can make that choice is reported as waiting. ``worker(study_path, overrides, plugins,
     slot, out, device, tag, threads)`` runs in the worker process (a module-level function, so
-    that it pickles) and returns ``(status, seconds)``."""
+    that it pickles) and returns ``(status, seconds)``. ``expected(status, slot)``: the seconds
+    a run is expected to take before this call has timed one (0: unknown)."""
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     pending = list(enumerate(todo, 1))
     running: list[_Running] = []
@@ -177,7 +193,8 @@ def run_parallel(
                     print(f"[study] {k}/{total} waiting: {slot.describe()} needs its LR choice")
                     counts["waiting"] += 1
                     continue
-                late = deferral(k, total, slot, start, slowest, time_budget)
+                before = expected(status, slot) if expected is not None else 0.0
+                late = deferral(k, total, slot, start, slowest, time_budget, before)
                 if late is not None:
                     print(late)
                     counts["deferred"] += 1

@@ -23,6 +23,7 @@ from hybridkit.recipe import dump_recipe, load_recipe
 from hybridkit.study import (
     RESULT_FILE,
     Slot,
+    expected_seconds,
     load_study,
     parse_only,
     plan_study,
@@ -240,7 +241,9 @@ def test_sharded_study_then_report_equals_unsharded(tmp_path, capsys):
 
 def test_time_budget_defers_runs_that_would_not_finish(tmp_path, capsys, cli_error):
     """A budget shorter than one run: the first run starts (nothing to judge by), the next is
-    deferred and listed; a later call picks it up and skips the finished one."""
+    deferred and listed; a later call with the same budget defers it again (its variant's
+    finished run says it cannot fit), one with a budget that fits runs it and skips the
+    finished one."""
     fast = ["train.warmup_steps=2", "train.steps=10"]
     study = write_study(tmp_path, variants={"hybrid": []}, lengths=[16], set=fast)
     out = tmp_path / "out"
@@ -248,10 +251,50 @@ def test_time_budget_defers_runs_that_would_not_finish(tmp_path, capsys, cli_err
     printed = capsys.readouterr().out
     assert trained(printed) == 1 and "deferred: hybrid seed=0 lr=0.003" in printed
     assert "1 deferred (time budget)" in printed and first["runs_finished"] == 1
-    second = run_study(study, out, device="cpu", progress=False, time_budget=1e-6)
+    again = run_study(study, out, device="cpu", progress=False, time_budget=1e-6)
+    printed = capsys.readouterr().out
+    assert trained(printed) == 0 and "finished runs took up to" in printed
+    assert not again["complete"]
+    second = run_study(study, out, device="cpu", progress=False, time_budget=3600)
     assert trained(capsys.readouterr().out) == 1 and second["complete"]
     message = cli_error("study", str(study), "-o", str(out), "--time-budget", "0")
     assert "--time-budget must be a positive" in message
+
+
+def test_time_budget_judges_a_run_by_its_variants_recorded_runs(tmp_path, capfd, monkeypatch):
+    """Before this call has timed a run, a run whose variant's finished runs took longer than
+    the budget left is deferred (serial and ``--jobs`` alike; a GPU call that started such runs
+    lost them at its end); a run that is already part trained is not judged by them, and a
+    budget that fits starts it."""
+    import hybridkit.study_jobs as study_jobs
+
+    fast = ["train.warmup_steps=2", "train.steps=10"]
+    study = write_study(tmp_path, variants={"hybrid": []}, seeds=[0, 1, 2], lrs=[1e-3],
+                        lengths=[16], set=fast)  # fmt: skip
+    out = tmp_path / "out"
+    run_study(study, out, device="cpu", progress=False, only=["seed=0"])
+    record_path = out / "hybrid" / run_name(1e-3, 0) / "result.json"
+    record = json.loads(record_path.read_text())
+    record["train_wall_time_s"], record["eval_wall_time_s"] = 900.0, 100.0
+    record_path.write_text(json.dumps(record))
+    capfd.readouterr()
+
+    def no_process(*a, **k):
+        raise AssertionError("a deferred run started a worker")
+
+    monkeypatch.setattr(study_jobs.multiprocessing, "get_context", lambda *_: no_process)
+    for jobs in (1, 2):
+        got = run_study(study, out, device="cpu", progress=False, time_budget=600, jobs=jobs)
+        printed = capfd.readouterr().out
+        assert trained(printed) == 0 and "2 deferred (time budget)" in printed, printed
+        assert "its variant's finished runs took up to 1000 s" in printed
+        assert got["runs_finished"] == 1
+    monkeypatch.undo()
+    assert expected_seconds("started (resumes from its checkpoint)", {"hybrid": [1e3]},
+                            Slot("hybrid", 1, None)) == 0.0  # fmt: skip
+    assert expected_seconds("not started", {"hybrid": [1e3, 5.0]}, Slot("hybrid", 2, None)) == 1e3
+    got = run_study(study, out, device="cpu", progress=False, time_budget=2000)
+    assert trained(capfd.readouterr().out) == 2 and got["complete"]
 
 
 @pytest.mark.slow  # ~25 s: seven runs in pools of spawned worker processes
