@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from launch_sweep import set_launches
 
 from hybridkit.decode_bench import (
     bench_decode,
@@ -188,7 +189,16 @@ def main() -> None:
     ap.add_argument(
         "--states", default="fp32,bf16", help="Mamba-3 state dtypes of the model runs (fp32,bf16)"
     )
+    ap.add_argument(
+        "--launch",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME=VALUE,...",
+        help="set kernel launch constants first (launch_sweep.set_launches), e.g. "
+        "linear:GEMV_BLOCK_N=8,WARPS=4 to time a former default; repeatable",
+    )
     args = ap.parse_args()
+    launches = set_launches(args.launch)
     states = args.states.split(",")
     if set(states) - {"fp32", "bf16"}:
         ap.error(f"--states {args.states!r}: allowed fp32, bf16 or fp32,bf16")
@@ -200,6 +210,7 @@ def main() -> None:
         "device": device_name(device),
         "versions": versions(),
         "kernels": changed_settings(),
+        "launches": launches,
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "layer": [],
         "model": {},
@@ -209,7 +220,8 @@ def main() -> None:
         md = [
             f"# Decoding benchmarks ({report['device']})",
             "",
-            f"Versions {report['versions']}; kernel settings {report['kernels']}; copy "
+            f"Versions {report['versions']}; kernel settings {report['kernels']}; launch "
+            f"constants {report['launches'] or 'the defaults'}; copy "
             f"bandwidth {report['copy_bandwidth_gbs']:,.0f} GB/s (measured in this run).",
             "",
         ]

@@ -64,6 +64,44 @@ def launch(module: ModuleType, **settings: int) -> Iterator[None]:
             setattr(module, name, value)
 
 
+#: the kernel modules whose launch constants ``--launch`` may set (``benchmarks/decode.py``,
+#: ``benchmarks/train_throughput.py``), by the short name a spec uses
+LAUNCH_MODULES = {
+    "linear": "hybridkit.kernels.linear.triton_kernels",
+    "norm": "hybridkit.kernels.norm.triton_kernels",
+    "mimo_output": "hybridkit.kernels.mamba3.output.triton_kernels",
+}
+
+
+def set_launches(specs: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Set launch constants from ``--launch`` specs, ``MODULE:NAME=VALUE[,NAME=VALUE...]``
+    (e.g. ``linear:GEMV_BLOCK_N=8,WARPS=4``: a former default timed against the current one in
+    the same GPU call, each in its own process); returns what was set, for the report. A bad
+    module, name or value is a ``SystemExit`` naming the allowed ones."""
+    import importlib
+
+    applied: dict[str, dict[str, int]] = {}
+    for spec in specs:
+        short, _, pairs = spec.partition(":")
+        if short not in LAUNCH_MODULES:
+            raise SystemExit(f"--launch {spec!r}: the module must be one of {list(LAUNCH_MODULES)}")
+        module = importlib.import_module(LAUNCH_MODULES[short])
+        allowed = sorted(
+            n
+            for n, v in vars(module).items()
+            if n.isupper() and type(v) is int and n[0] != "_" and not n.startswith("MAX_")
+        )
+        for pair in filter(None, pairs.split(",")):
+            name, _, value = pair.partition("=")
+            if name not in allowed or not value.lstrip("-").isdigit():
+                raise SystemExit(
+                    f"--launch {spec!r}: {pair!r} must be NAME=INTEGER with NAME one of {allowed}"
+                )
+            setattr(module, name, int(value))
+            applied.setdefault(short, {})[name] = int(value)
+    return applied
+
+
 def sweep_line(record: dict, prefix: str, head: str) -> str:
     """One report line: every ``record`` entry whose key starts with ``prefix`` (the rest of the
     key names the launch: ``tile2048_w2`` -> ``2048 / 2``), after ``head``."""

@@ -28,6 +28,8 @@ plot to ``OUT/loss_curve.{json,md,png}``.
     python benchmarks/train_throughput.py --out $OUT/lc --loss-curve
     python benchmarks/train_throughput.py --merge run1/train_throughput.json \\
         run2/train_throughput.json --out benchmarks/results   # one report from split runs
+    python benchmarks/train_throughput.py --out $OUT/former --cases hybrid_eager \\
+        --launch norm:BWD_TILE_ELEMENTS=2048,BWD_WARPS=8,BWD_PROGRAMS_PER_SM=4  # a former launch
     python benchmarks/train_throughput.py --loss-curve --merge lc/loss_curve.json --out DIR
         # the curve report again from its JSON (no GPU needed)
 """
@@ -157,7 +159,8 @@ def markdown(env: dict, results: list[dict], verdict: dict) -> str:
         "",
         f"torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, commit "
         f"{str(env['git_commit'])[:12]}{' (dirty)' if env.get('git_dirty') else ''}. "
-        "Command: `python benchmarks/train_throughput.py` (module docstring).",
+        "Command: `python benchmarks/train_throughput.py` (module docstring)."
+        + (f" Launch constants set: {env['launches']}." if env.get("launches") else ""),
         "",
         "| case | batch x len | step ms (median) | tokens/s | TFLOP/s | MFU (datasheet) | "
         "MFU (measured matmul) | peak memory | loss |",
@@ -207,6 +210,7 @@ def throughput(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; allowed: {[c.name for c in CASES]}")
     env = run_environment(torch.device(args.device))
+    env["launches"] = args.launches
     results: list[dict] = []
     for case in (c for c in CASES if c.name in wanted):
         print(f"== {case.name}", flush=True)
@@ -358,7 +362,18 @@ def main() -> None:
         metavar="JSON",
         help="write one report from several runs' train_throughput.json (no GPU needed)",
     )
+    p.add_argument(
+        "--launch",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME=VALUE,...",
+        help="set kernel launch constants first (launch_sweep.set_launches), e.g. "
+        "norm:BWD_TILE_ELEMENTS=2048,BWD_WARPS=8,BWD_PROGRAMS_PER_SM=4; repeatable",
+    )
     args = p.parse_args()
+    from launch_sweep import set_launches  # beside this script (run as one, not imported)
+
+    args.launches = set_launches(args.launch)
     if args.merge and args.loss_curve:  # rewrite a curve pair's report from its JSON
         write_loss_curve_report(Path(args.out), json.loads(Path(args.merge[0]).read_text()))
         return
