@@ -37,20 +37,18 @@ for side in former new; do
     --out "$WORK/decode_$side" "${launch[@]}" > "$WORK/decode_$side.txt" 2>&1
   show "$WORK/decode_$side.md" "$WORK/decode_$side.txt" 12; pack
 done
-FORMER_NORM="norm:BWD_TILE_ELEMENTS=2048,BWD_WARPS=8,BWD_PROGRAMS_PER_SM=4"
-for side in former new; do
-  step eager || break
-  launch=()
-  [ "$side" = former ] && launch=(--launch "$FORMER_NORM")
-  budgeted 120 80 python benchmarks/train_throughput.py --out "$WORK/eager_$side" --no-profile \
-    --steps 8 --cases hybrid_eager "${launch[@]}" > "$WORK/eager_$side.txt" 2>&1
-  show "$WORK/eager_$side/train_throughput.md" "$WORK/eager_$side.txt" 8; pack
-done
-for side in former new; do
-  step mimo || break
-  launch=()
-  [ "$side" = former ] && launch=(--launch "mimo_output:BWD_WARPS=2")
-  budgeted 180 120 python benchmarks/train_throughput.py --out "$WORK/mimo_$side" --no-profile \
-    --steps 8 --cases hybrid_mimo_compiled "${launch[@]}" > "$WORK/mimo_$side.txt" 2>&1
-  show "$WORK/mimo_$side/train_throughput.md" "$WORK/mimo_$side.txt" 8; pack
-done
+# train_ab NAME CASE FORMER MOST NEED: train_throughput.py's CASE with the FORMER launch, then
+# with the defaults -> NAME_{former,new}/
+train_ab() {
+  local side launch
+  for side in former new; do
+    launch=()
+    [ "$side" = former ] && launch=(--launch "$3")
+    budgeted "$4" "$5" python benchmarks/train_throughput.py --out "$WORK/$1_$side" --no-profile \
+      --steps 8 --cases "$2" "${launch[@]}" > "$WORK/$1_$side.txt" 2>&1
+    show "$WORK/$1_$side/train_throughput.md" "$WORK/$1_$side.txt" 8; pack
+  done
+}
+step eager && train_ab eager hybrid_eager \
+  norm:BWD_TILE_ELEMENTS=2048,BWD_WARPS=8,BWD_PROGRAMS_PER_SM=4 120 80
+step mimo && train_ab mimo hybrid_mimo_compiled mimo_output:BWD_WARPS=2 180 120
