@@ -5,7 +5,8 @@
 # e.g. bash benchmarks/study_call.sh state_tracking "--only seed=0" 540 6
 # STUDY names hybridkit/recipes/studies/STUDY.yaml; SELECTION is passed to `hybridkit study`
 # (--only / --shard); BUDGET_S (default 480), less 30 s for the imports, is the --time-budget: no
-# run starts that would not finish in it; the study is also killed at BUDGET_S, so the archive
+# run starts that would not finish in it, and a run whose first steps project it past the budget
+# stops early with a checkpoint; the study is also killed at BUDGET_S, so the archive
 # below is always written. JOBS (default 1) runs that many at once (`hybridkit study --jobs`):
 # the study models leave the GPU mostly idle. Several studies can share one call (each
 # study_call.sh in the background, then `wait`): each writes its own $OUT/STUDY.txt and archive.

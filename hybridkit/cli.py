@@ -783,7 +783,8 @@ def _add_study(sub) -> None:
         metavar="SECONDS",
         help="start no run that would end more than SECONDS after this command began, judged "
         "by its slowest run so far and by the recorded times of the finished runs of the same "
-        "variant (for machines with a hard time limit; the rest is listed)",
+        "variant; a run projected past it from its first steps stops with a checkpoint "
+        "(for machines with a hard time limit; the rest is listed)",
     )
     p.add_argument(
         "--report",

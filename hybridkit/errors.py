@@ -38,6 +38,16 @@ class CheckpointError(HybridkitError):
     """A checkpoint is missing, truncated, or belongs to a different model."""
 
 
+class RunWouldNotFinish(HybridkitError):
+    """A run given a deadline (``Trainer(deadline=...)``, a study's ``--time-budget``) was
+    projected, from its first timed steps, to end past it; it stopped with a checkpoint saved.
+    ``projected_s`` is the whole run's projected training time in seconds."""
+
+    def __init__(self, message: str, projected_s: float):
+        super().__init__(message)
+        self.projected_s = projected_s
+
+
 def describe_value(value: Any, limit: int = 60) -> str:
     """Short repr of a user value for error messages (long values are cut)."""
     try:

@@ -54,7 +54,7 @@ from typing import Annotated
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hybridkit.build import build_model
-from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
+from hybridkit.errors import CheckpointError, HybridkitError, RecipeError, RunWouldNotFinish
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
 from hybridkit.eval.report import binomial_stderr, evaluate_run, spread
@@ -676,9 +676,18 @@ def _set_aside(run_dir: Path) -> Path:
 
 
 def run_slot(
-    plan: StudyPlan, slot: Slot, out: Path, *, device: str, progress: bool, tag: str = ""
+    plan: StudyPlan,
+    slot: Slot,
+    out: Path,
+    *,
+    device: str,
+    progress: bool,
+    tag: str = "",
+    deadline: float | None = None,
 ) -> str:
-    """Bring one run to finished; returns ``done`` (already was), ``ran`` or ``waiting``."""
+    """Bring one run to finished; returns ``done`` (already was), ``ran`` or ``waiting``.
+    ``deadline`` (``time.time()``) goes to the trainer, which raises
+    :class:`~hybridkit.errors.RunWouldNotFinish` when the run would train past it."""
     spec = plan.spec
     lr = slot.lr
     if lr is None:
@@ -705,7 +714,7 @@ def run_slot(
         print(f"[study] {tag}training {slot.variant} lr={lr:g} seed={slot.seed} -> {run_dir}")
         if recipe.train.device == "auto" and device != "auto":
             recipe.train.device = device
-        Trainer(recipe, run_dir, resume="auto", progress=progress).fit()
+        Trainer(recipe, run_dir, resume="auto", progress=progress, deadline=deadline).fit()
     else:
         print(f"[study] {tag}evaluating {slot.variant} lr={lr:g} seed={slot.seed} ({run_dir})")
     t0 = time.time()
@@ -751,14 +760,22 @@ def _run_slot_in_worker(
     device: str,
     tag: str,
     threads: int,
+    deadline: float | None = None,
 ) -> tuple[str, float]:
-    """One run in a ``--jobs`` worker process: ``(run_slot's status, seconds)``."""
+    """One run in a ``--jobs`` worker process: ``(run_slot's status, seconds)``, or
+    ``("deferred", its projected seconds)`` when it stopped for the deadline."""
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.monotonic()
     plan = plan_study(study_path, overrides, plugins)
-    status = run_slot(plan, slot, Path(out), device=device, progress=False, tag=tag)
+    try:
+        status = run_slot(
+            plan, slot, Path(out), device=device, progress=False, tag=tag, deadline=deadline
+        )
+    except RunWouldNotFinish as stop:
+        print(f"[study] {tag}deferred: {slot.describe()}: {stop}")
+        return "deferred", stop.projected_s
     return status, time.monotonic() - t0
 
 
@@ -815,7 +832,10 @@ def run_study(
     only its checkpoints, often too large to carry to the next machine, so it is better never
     begun; the runs left over are listed and a later call with the same selection picks them
     up. (A time recorded on a slower machine or with more runs beside it may defer a run that
-    would have fit; a larger budget, or none, starts it.)
+    would have fit; a larger budget, or none, starts it.) A run that starts and is projected
+    from its first timed steps to train past the budget stops there, with a checkpoint saved
+    (the trainer's ``deadline``), and counts as deferred; its projected time then judges the
+    runs after it.
 
     ``jobs`` > 1 trains that many runs at once, each in a worker process of its own
     (:mod:`hybridkit.study_jobs`: small models leave a GPU mostly idle)."""
@@ -834,12 +854,14 @@ def run_study(
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     start, slowest = time.monotonic(), 0.0
     recorded = recorded_seconds(todo, out) if time_budget is not None else {}
+    deadline = time.time() + time_budget if time_budget is not None else None
     if jobs > 1 and len(todo) > 1:
         counts = run_parallel(
             todo, out, study_path=study_path, overrides=overrides, plugins=plugins,
             device=device, jobs=jobs, time_budget=time_budget, start=start,
             status_of=lambda slot: slot_status(plan, slot, out)[0], worker=_run_slot_in_worker,
             expected=lambda status, slot: expected_seconds(status, recorded, slot),
+            deadline=deadline,
         )  # fmt: skip
         todo = []
     for k, slot in enumerate(todo, 1):
@@ -851,9 +873,16 @@ def run_study(
             counts["deferred"] += 1
             continue
         t0 = time.monotonic()
-        status = run_slot(
-            plan, slot, out, device=device, progress=progress, tag=f"{k}/{len(todo)} "
-        )
+        try:
+            status = run_slot(
+                plan, slot, out, device=device, progress=progress, tag=f"{k}/{len(todo)} ",
+                deadline=deadline,
+            )  # fmt: skip
+        except RunWouldNotFinish as stop:
+            print(f"[study] {k}/{len(todo)} deferred: {slot.describe()}: {stop}")
+            slowest = max(slowest, stop.projected_s)
+            counts["deferred"] += 1
+            continue
         if status == "ran":
             slowest = max(slowest, time.monotonic() - t0)
         counts[status] += 1

@@ -20,7 +20,8 @@ locking. The scheduler keeps up to ``jobs`` runs going and
   would otherwise start, find no LR choice and be skipped as "waiting");
 * applies the same time budget as the serial loop: no run starts that would end past it, judged
   by the slowest run finished so far and by the longest finished run of its variant recorded in
-  the study folder (``expected``);
+  the study folder (``expected``), and a run projected to train past it stops early
+  (``deadline``);
 * starts a run whose process died once more (it resumes from its newest checkpoint: the death
   may have been the machine's, such as memory taken by the runs beside it), and reports it as
   failed when its process dies again;
@@ -154,6 +155,7 @@ def run_parallel(
     status_of: Callable[[Any], str],
     worker: Callable[..., tuple[str, float]],
     expected: Callable[[str, Any], float] | None = None,
+    deadline: float | None = None,
 ) -> dict[str, int]:
     """Bring the ``todo`` runs to finished with up to ``jobs`` processes; returns the counts
     (``done``, ``ran``, ``waiting``, ``deferred``) the serial loop returns.
@@ -161,9 +163,11 @@ def run_parallel(
     ``status_of(slot)`` is :func:`hybridkit.study.slot_status`'s status: finished runs are
     counted here without a worker, and a run still waiting for its LR choice once nothing ahead
     of it can make that choice is reported as waiting. ``worker(study_path, overrides, plugins,
-    slot, out, device, tag, threads)`` runs in the worker process (a module-level function, so
-    that it pickles) and returns ``(status, seconds)``. ``expected(status, slot)``: the seconds
-    a run is expected to take before this call has timed one (0: unknown)."""
+    slot, out, device, tag, threads, deadline)`` runs in the worker process (a module-level
+    function, so that it pickles) and returns ``(status, seconds)``. ``expected(status, slot)``:
+    the seconds a run is expected to take before this call has timed one (0: unknown).
+    ``deadline`` goes to every worker's trainer; a run stopped by it comes back as
+    ``("deferred", its projected seconds)``, which then judge the runs after it."""
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}
     pending = list(enumerate(todo, 1))
     running: list[_Running] = []
@@ -201,7 +205,7 @@ def run_parallel(
                     continue
                 receive, send = context.Pipe(duplex=False)
                 args = (str(study_path), list(overrides), list(plugins), slot, str(out), device,
-                        f"{k}/{total} ", threads)  # fmt: skip
+                        f"{k}/{total} ", threads, deadline)  # fmt: skip
                 # not a daemon: a run's trainer starts its own process (batch prefetch on CUDA)
                 process = context.Process(
                     target=_child, args=(worker, args, send), name=f"study-run-{k}", daemon=False
@@ -243,7 +247,7 @@ def run_parallel(
                     failed.append((slot, str(value)))
                     continue
                 status, seconds = value
-                if status == "ran":
+                if status in ("ran", "deferred"):  # deferred: its projected time
                     slowest = max(slowest, seconds)
                 counts[status] += 1
     finally:

@@ -86,12 +86,13 @@ def checkout_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, 
     return {**env, **extra}
 
 
-def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, threads):
+def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, threads, deadline):
     """A ``study --jobs`` worker for scheduler tests (module level, so a spawned process can
     import it): the variant ``crash`` kills its process the way a segfault or the OOM killer
     would, a second after it starts; ``raise`` raises one of our errors (which does not pickle
     as it is); ``slow`` takes three seconds, so that it is still running when the crash beside
-    it happens; ``parent`` starts a process of its own; every other run "runs" at once."""
+    it happens; ``parent`` starts a process of its own; ``late`` stops as a trainer does whose
+    run would pass the deadline (projected 1,000 s); every other run "runs" at once."""
     import os
     import time
 
@@ -104,6 +105,9 @@ def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, th
         raise RecipeError("x.yaml", [("model.d_model", "too big")])
     if slot.variant == "slow":
         time.sleep(3.0)
+    if slot.variant == "late":
+        assert deadline is not None
+        return "deferred", 1000.0
     if slot.variant == "parent":  # a worker may start processes of its own (batch prefetch)
         import multiprocessing
 

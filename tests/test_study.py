@@ -297,6 +297,21 @@ def test_time_budget_judges_a_run_by_its_variants_recorded_runs(tmp_path, capfd,
     assert trained(capfd.readouterr().out) == 2 and got["complete"]
 
 
+def test_a_run_that_would_train_past_the_budget_stops_early(tmp_path, capsys):
+    """The first run starts (nothing to judge it by); its trainer, timing its first steps,
+    finds it would train past the budget, stops with a checkpoint, and the run counts as
+    deferred; its projected time defers the next run before it starts."""
+    long = ["train.warmup_steps=2", "train.steps=100000", "train.log_every=1"]
+    study = write_study(tmp_path, variants={"hybrid": []}, lengths=[16], set=long)
+    out = tmp_path / "out"
+    got = run_study(study, out, device="cpu", progress=False, time_budget=0.5)
+    printed = capsys.readouterr().out
+    assert trained(printed) == 1 and "2 deferred (time budget)" in printed, printed
+    assert "checkpoint saved" in printed and "the slowest run took" in printed
+    assert got["runs_finished"] == 0
+    assert len(list(out.glob("hybrid/*/checkpoints/latest"))) == 1
+
+
 @pytest.mark.slow  # ~25 s: seven runs in pools of spawned worker processes
 def test_jobs_run_side_by_side_and_match_the_serial_study(tmp_path, capfd):
     """``jobs=3``: the three runs (an LR sweep of two, then seed 1 at the chosen LR) in worker
@@ -348,15 +363,32 @@ def test_jobs_skip_finished_runs_without_a_worker_and_report_a_failed_run(tmp_pa
     assert again["runs_finished"] == 1
 
 
-def run_fake(todo: list, out: Path, jobs: int, status_of=lambda slot: "not started") -> dict:
-    """The scheduler on ``tests.helpers.fake_study_worker``'s pretend runs."""
+def run_fake(
+    todo: list, out: Path, jobs: int, status_of=lambda slot: "not started", budget=None
+) -> dict:
+    """The scheduler on ``tests.helpers.fake_study_worker``'s pretend runs (``budget``: the
+    time budget in seconds from now, and the matching deadline)."""
     from hybridkit.study_jobs import run_parallel
     from tests.helpers import fake_study_worker
 
+    deadline = None if budget is None else time.time() + budget
     return run_parallel(
         todo, out, study_path="s.yaml", overrides=[], plugins=[], device="cpu", jobs=jobs,
-        time_budget=None, start=0.0, status_of=status_of, worker=fake_study_worker,
+        time_budget=budget, start=time.monotonic(), status_of=status_of,
+        worker=fake_study_worker, deadline=deadline,
     )  # fmt: skip
+
+
+@pytest.mark.slow  # ~3 s: one spawned worker
+def test_jobs_a_run_stopped_by_the_deadline_judges_the_runs_after_it(tmp_path, capsys):
+    """A worker whose trainer stopped for the deadline comes back deferred with its projected
+    time (1,000 s, past the 100 s budget), and the runs queued after it are deferred without a
+    worker."""
+    todo = [Slot("late", 0, 1e-3), Slot("ok", 0, 1e-3), Slot("ok", 1, 1e-3)]
+    counts = run_fake(todo, tmp_path, jobs=1, budget=100.0)
+    printed = capsys.readouterr().out
+    assert counts == {"done": 0, "ran": 0, "waiting": 0, "deferred": 3}, counts
+    assert printed.count("the slowest run took 1000 s") == 2
 
 
 @pytest.mark.slow  # ~8 s: three spawned workers, one of them twice

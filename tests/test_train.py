@@ -220,6 +220,28 @@ def test_prefetched_training_is_the_inline_training_and_resumes(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bitwise
 
 
+def test_a_run_projected_past_its_deadline_stops_with_a_checkpoint(tmp_path):
+    """``deadline``: after the first ``DEADLINE_SKIP_STEPS`` steps (compilation, warm-up) the
+    trainer times ``DEADLINE_TIMED_STEPS`` more and, when their rate puts the last step past
+    the deadline, saves a checkpoint and raises ``RunWouldNotFinish`` with the projected time;
+    the run resumes from that step. A deadline the run meets changes nothing."""
+    from hybridkit.errors import RunWouldNotFinish
+    from hybridkit.train.trainer import DEADLINE_SKIP_STEPS, DEADLINE_TIMED_STEPS, _projected_end
+
+    assert _projected_end((10, 100.0), 29, 119.0, 1029) is None  # 19 steps timed: too few
+    assert _projected_end((10, 100.0), 30, 120.0, 1030) == 120.0 + 1000.0
+    recipe = make(steps=100_000, checkpoint_every=0)
+    with pytest.raises(RunWouldNotFinish, match=r"past the deadline .*checkpoint saved") as info:
+        Trainer(recipe, tmp_path / "a", resume=None, progress=False, deadline=time.time()).fit()
+    stopped = DEADLINE_SKIP_STEPS + DEADLINE_TIMED_STEPS
+    assert f"at step {stopped} of 100000" in str(info.value)
+    assert info.value.projected_s > 100.0  # 100,000 steps of milliseconds each
+    assert Trainer(recipe, tmp_path / "a", resume="auto", progress=False).step == stopped
+    later = time.time() + 3600
+    done = Trainer(make(steps=40), tmp_path / "b", resume=None, progress=False, deadline=later)
+    assert done.fit()["step"] == 40
+
+
 def test_prefetch_falls_back_inline_when_the_worker_cannot_start(tmp_path):
     """A worker that fails (here: a plugin module it cannot import) costs speed, not the run:
     one warning, then every batch inline, the same batches."""

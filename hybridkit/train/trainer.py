@@ -22,7 +22,7 @@ from typing import NoReturn
 import torch
 
 from hybridkit.build import build_model
-from hybridkit.errors import CheckpointError, HybridkitError, RecipeError
+from hybridkit.errors import CheckpointError, HybridkitError, RecipeError, RunWouldNotFinish
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.fsutil import atomic_write_bytes
 from hybridkit.recipe import RecipeSpec, digest, dump_recipe, recipe_to_dict
@@ -105,6 +105,12 @@ class Trainer:
     checkpoints, ``model.safetensors`` and ``final.json``; ``trainer.model`` is the trained
     model. Problems with the recipe, the task or a checkpoint raise
     :class:`~hybridkit.errors.HybridkitError` subclasses with a message naming what is wrong.
+
+    ``deadline`` (a ``time.time()`` value; one process): a run whose first timed steps project
+    its training to end after it saves a checkpoint and raises
+    :class:`~hybridkit.errors.RunWouldNotFinish` (:meth:`_check_deadline`). Studies on machines
+    lent by the call use it, so a run that cannot finish stops within a minute instead of
+    holding the GPU until the call ends and losing the work anyway.
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class Trainer:
         resume: str | None = "auto",
         progress: bool = True,
         stop_after: int | None = None,
+        deadline: float | None = None,
     ):
         if recipe.task is None:
             raise RecipeError(
@@ -124,6 +131,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.stop_after = stop_after
+        self.deadline = deadline
         self.seed = self.spec.seed if self.spec.seed is not None else recipe.seed
         prepare_process(self.spec.deterministic)  # before anything touches cuBLAS
         probe = resolve_device(self.spec.device)
@@ -482,12 +490,40 @@ class Trainer:
             )
 
     # --- the loop -------------------------------------------------------------------------------
+    def _check_deadline(self, end: int) -> None:
+        """At a synchronised step: raise :class:`RunWouldNotFinish` (after saving a checkpoint,
+        which a later call on the same machine resumes from) when the run's rate since its
+        first ``DEADLINE_SKIP_STEPS`` steps projects its last step past ``self.deadline``. The
+        final evaluation is not in the projection: the caller's budget has to leave room for
+        it."""
+        if self.deadline is None:
+            return
+        now = time.time()
+        probe = self._deadline_probe
+        if probe is None:
+            if self.step - self._fit_first_step >= DEADLINE_SKIP_STEPS:
+                self._deadline_probe = (self.step, now)
+            return
+        finish = _projected_end(probe, self.step, now, end)
+        if finish is None or finish <= self.deadline:
+            return
+        self.save_checkpoint()
+        projected = self.elapsed + finish - self._t_start
+        raise RunWouldNotFinish(
+            f"{self.run_dir.name}: at step {self.step} of {end} its rate projects the last step "
+            f"{finish - self.deadline:.0f} s past the deadline ({projected:.0f} s of training "
+            f"in all); stopped, checkpoint saved",
+            projected,
+        )
+
     def fit(self) -> dict:
         """Train to ``train.steps`` (or ``stop_after``); returns the last metrics record."""
         spec = self.spec
         end = spec.steps if self.stop_after is None else min(spec.steps, self.stop_after)
         last: dict = {"step": self.step}
         self._t_start = time.time()
+        self._deadline_probe: tuple[int, float] | None = None
+        self._fit_first_step = self.step
         bar = _progress(
             self.progress and self.dist.is_main, spec.steps, self.step, self.run_dir.name
         )
@@ -503,6 +539,7 @@ class Trainer:
                 if log:
                     self.log.log(record)
                     self.history.append({"step": self.step, "loss": record["loss"]})
+                    self._check_deadline(end)
                 if evaluate:
                     res = self.evaluate()
                     self.log.log(_eval_record(self.step, res))
@@ -537,6 +574,20 @@ class Trainer:
                 self._batches.close()
                 self._batches = None
         return last
+
+
+#: steps a deadline ignores after ``fit()`` starts (compilation, autotuning, warm-up), then the
+#: fewest it times before it judges the run
+DEADLINE_SKIP_STEPS, DEADLINE_TIMED_STEPS = 10, 20
+
+
+def _projected_end(probe: tuple[int, float], step: int, now: float, end: int) -> float | None:
+    """When a run that was at ``probe`` = (step, time) and is at ``step`` now will reach
+    ``end`` at the same rate; None until ``DEADLINE_TIMED_STEPS`` steps were timed."""
+    timed = step - probe[0]
+    if timed < DEADLINE_TIMED_STEPS:
+        return None
+    return now + (now - probe[1]) / timed * (end - step)
 
 
 class _progress:
