@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridkit.build import build_model
+from hybridkit.errors import HybridkitError
 from hybridkit.spec import ModelSpec
 
 
@@ -58,6 +59,17 @@ def consistency_check(
     tolerance: float = 1e-8,
 ) -> CheckReport:
     """Compare full forward vs prefill + continued prefill + steps in float64."""
+    forced = sorted(
+        {i for i, b in enumerate(spec.layers()) for _, part in b.parts()
+         if getattr(part, "backend", None) == "triton"}
+    )  # fmt: skip
+    if forced:
+        raise HybridkitError(
+            f"hybridkit check runs the model in float64, which the Triton kernels do not; "
+            f"layer(s) {forced} set backend: triton. Check the recipe with backend auto (the "
+            "same math, float64 through the torch paths), e.g. --set "
+            "model.blocks.<name>.mixer.backend=auto"
+        )
     gen = torch.Generator().manual_seed(seed)
     model = build_model(spec, seed=seed, dtype=torch.float64).eval()
     _perturb_constant_params(model, gen)

@@ -899,6 +899,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.filename is None:
+            raise
+        # a path the command must write or read that the file system refuses (a folder where a
+        # file goes, a file where a folder goes, a read-only or missing place): checked up
+        # front where it can be, otherwise caught here so it reads as an error, not a traceback
+        where = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+        reason = err.strerror or type(err).__name__
+        print(f"hybridkit {args.command}: error: {where}: {reason}", file=sys.stderr)
+        return 2
     except (RuntimeError, MemoryError) as err:
         if not _out_of_memory(err):
             raise

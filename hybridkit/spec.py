@@ -89,6 +89,12 @@ def _layer_kind_error(value: Any) -> None:
         raise_problems("LayerSpec", [spec_problem(("kind",), LAYERS.kind_problem(kind), kind)])
 
 
+def _keeps_state(kind: str) -> bool:
+    """Whether layers of ``kind`` remember the past in decoding (``allocate_cache``): only the
+    mixer slot's layers get a cache, so such a kind in the mlp slot would decode wrong."""
+    return getattr(LAYERS.get(kind).module_cls, "allocate_cache", None) is not None
+
+
 class _AtomicAssignment(StrictModel):
     """Undo an attribute assignment that the model-level validator rejects.
 
@@ -127,6 +133,19 @@ class BlockSpec(_AtomicAssignment):
     def _not_empty(self) -> BlockSpec:
         if self.mixer is None and self.mlp is None:
             raise ValueError("a block needs a mixer, an mlp, or both; allowed keys: mixer, mlp")
+        if self.mlp is not None and _keeps_state(self.mlp.kind):
+            per_token = [k for k in LAYERS.names() if not _keeps_state(k)]
+            raise_problems(
+                "BlockSpec",
+                [
+                    spec_problem(
+                        ("mlp", "kind"),
+                        f"{self.mlp.kind!r} mixes tokens and keeps a decode state, so it belongs "
+                        f"in the mixer slot; the mlp slot takes per-token kinds: {per_token}",
+                        self.mlp.kind,
+                    )
+                ],
+            )
         return self
 
     def parts(self) -> Iterator[tuple[str, LayerSpec]]:

@@ -81,6 +81,8 @@ from hybridkit.weights import find_weights
 
 HELD_OUT_SEED_OFFSET = 7919
 RESULT_FILE = "result.json"
+#: what a study writes into its folder beside the variants' folders (no variant may take a name)
+REPORT_FILES = frozenset({"report.md", "results.json", "lengthgen.png", "sweep.png"})
 
 # Train keys that change how a run executes or what it logs, not what it learns: a finished run
 # stays finished when only these differ (another machine, more frequent logs, compile on,
@@ -247,6 +249,10 @@ def _folder_name_problem(name: str) -> str | None:
         return "'/' or a NUL character in it"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"longer than {MAX_NAME_BYTES} bytes"
+    if any(c in name for c in "\n\r\t"):
+        return "a line break or tab in it"
+    if name in REPORT_FILES:
+        return f"the name of a report file the study writes ({', '.join(sorted(REPORT_FILES))})"
     return None
 
 

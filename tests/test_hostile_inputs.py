@@ -748,3 +748,48 @@ def test_running_out_of_memory_is_an_error_naming_the_sizes(monkeypatch, cli_err
     monkeypatch.setattr(cli, "cmd_show", other)
     with pytest.raises(RuntimeError, match="a bug"):  # other errors still show their traceback
         cli.main(["show", recipe])
+
+
+def test_the_2026_12_06_fuzz_findings_read_clearly(tmp_path, cli_error, one_thread):
+    """Inputs a CLI fuzz found ending in tracebacks (exit status 1), each now a status-2 error
+    naming the key or the path: damaged metrics lines (a step that is not a number, nesting too
+    deep to decode) are dropped on resuming; a file where the next checkpoint folder goes, a
+    folder where ``eval`` writes its report and an output folder that cannot be made name the
+    path; ``backend: triton`` at a chunk / rank the kernels cannot run, length-mixture weights
+    without a finite sum, a stateful kind in the mlp slot and a variant named like a report
+    file are recipe / study errors naming the key; ``check`` refuses a forced Triton backend."""
+    import shutil
+
+    run = tmp_path / "run"
+    args = _tiny_train_args(run)
+    assert main([*args, "--set=train.steps=1"]) == 0
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": "x", "loss": "y"}\n' + "[" * 100000 + "]" * 100000 + "\n")
+    assert main([*args, "--set=train.steps=2"]) == 0  # both damaged lines dropped
+    blocker = run / "checkpoints" / "step_0000003"
+    blocker.write_text("x")
+    assert f"{blocker}: Not a directory" in cli_error(*args, "--set=train.steps=3")
+    blocker.unlink()
+    (run / "eval.json").mkdir()
+    assert f"{run / 'eval.json'}" in cli_error("eval", str(run), "--lengths", "32")
+    shutil.rmtree(run / "eval.json")
+    assert "/proc/hybridkit-x" in cli_error(*_tiny_train_args(Path("/proc/hybridkit-x")))
+
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    mixer = "model.blocks.m.mixer"  # induction_tiny's Mamba-3 template
+    err = cli_error("show", recipe, f"--set={mixer}.backend=triton", f"--set={mixer}.chunk_size=8")
+    assert f"{mixer}.chunk_size: backend triton: chunk_size 8" in err, err
+    err = cli_error("show", recipe, f"--set={mixer}.backend=triton", f"--set={mixer}.mimo_rank=3")
+    assert f"{mixer}.mimo_rank: backend triton runs ranks [1, 2, 4, 8]" in err, err
+    err = cli_error("check", recipe, f"--set={mixer}.backend=triton")
+    assert "runs the model in float64" in err and "backend auto" in err, err
+    mix = "task.length_mixture=[{length: 16, weight: 1.0e+308}, {length: 8, weight: 1.0e+308}]"
+    assert "task.length_mixture: the weights must have a finite sum" in cli_error(
+        "show", recipe, f"--set={mix}"
+    )
+    err = cli_error("show", recipe, "--set=model.blocks.m.mlp={kind: mamba3}")
+    assert "model.blocks.m.mlp.kind: 'mamba3' mixes tokens" in err, err
+    study = tmp_path / "s.yaml"
+    study.write_text(f"base: {recipe}\nvariants: {{report.md: []}}\nseeds: [0]\nlrs: [0.003]\n")
+    err = cli_error("study", str(study), "-o", str(tmp_path / "out"), "--list")
+    assert "report.md" in err and "report file" in err, err

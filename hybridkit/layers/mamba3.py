@@ -408,6 +408,26 @@ class Mamba3Spec(LayerSpec):
             problems.append(("d_state", f"d_state {self.d_state} leaves no rotary pair; use >= 4"))
         if self.dt_min > self.dt_max:
             problems.append(("dt_min", f"dt_min {self.dt_min} exceeds dt_max {self.dt_max}"))
+        if self.backend == "triton":
+            problems += self._triton_problems()
+        return problems
+
+    def _triton_problems(self) -> list[tuple[str, str]]:
+        """What ``backend: triton`` (the kernels, no fallback) cannot run, found when the recipe
+        is read rather than as a kernel error at the first forward; ``auto`` would fall back."""
+        from hybridkit.kernels.mamba3.chunkscan.scan import TRITON_RANKS, chunk_height_reason
+
+        hint = "; or backend auto, which falls back to torch where the kernels cannot run"
+        if self.mimo_rank not in TRITON_RANKS:
+            return [("mimo_rank", f"backend triton runs ranks {list(TRITON_RANKS)}{hint}")]
+        problems = []
+        why = chunk_height_reason(self.chunk_size, self.mimo_rank)
+        if why is not None:
+            problems.append(("chunk_size", f"backend triton: {why}{hint}"))
+        for key, value in (("d_state", self.d_state), ("headdim", self.headdim)):
+            if value < 4 or value & (value - 1):
+                why = f"backend triton needs a power of two >= 4, got {value}"
+                problems.append((key, why + hint))
         return problems
 
     def summary(self) -> str:

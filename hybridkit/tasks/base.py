@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,15 @@ class TaskSpec(StrictModel):
     def _not_empty(cls, value: list | None) -> list | None:
         if value is not None and not value:
             raise ValueError("must not be empty; leave it out (null) to train at seq_len")
+        return value
+
+    @field_validator("length_mixture")
+    @classmethod
+    def _weights_sum(cls, value: list | None) -> list | None:
+        """Each weight is positive; their sum must be a finite number too (1e308 twice is not),
+        or the sampling probabilities are not defined."""
+        if value is not None and not math.isfinite(sum(item.weight for item in value)):
+            raise ValueError("the weights must have a finite sum (they are relative: try 1, 2, 3)")
         return value
 
     @field_validator("eval_lengths")

@@ -58,12 +58,16 @@ class MetricsLog:
 
 
 def _parse(line: str) -> dict[str, Any] | None:
-    """A record, or None for a blank line or the torn last line of a killed process."""
+    """A record, or None for a blank line, the torn last line of a killed process or a damaged
+    line (nesting too deep to decode, a step that is not a number: nothing we wrote)."""
     try:
         record = json.loads(line) if line.strip() else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step", 0)
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
