@@ -228,6 +228,8 @@ class StudySpec(StrictModel):
     def _lrs(cls, value: list[float] | None) -> list[float] | None:
         if value is not None and not value:
             raise ValueError("lrs must be a non-empty list of positive learning rates")
+        if value is not None and len(set(value)) != len(value):  # two runs in one folder
+            raise ValueError(f"lrs must be distinct, got {value}")
         return value
 
     @field_validator("select_metric")

@@ -793,3 +793,6 @@ def test_the_2026_12_06_fuzz_findings_read_clearly(tmp_path, cli_error, one_thre
     study.write_text(f"base: {recipe}\nvariants: {{report.md: []}}\nseeds: [0]\nlrs: [0.003]\n")
     err = cli_error("study", str(study), "-o", str(tmp_path / "out"), "--list")
     assert "report.md" in err and "report file" in err, err
+    study.write_text(f"base: {recipe}\nvariants: {{a: []}}\nseeds: [0]\nlrs: [0.003, 0.003]\n")
+    err = cli_error("study", str(study), "-o", str(tmp_path / "out"), "--list")
+    assert "lrs must be distinct" in err, err
