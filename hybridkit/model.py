@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hybridkit.cache import InferenceCache
 from hybridkit.kernels.config import norm_linear_enabled
+from hybridkit.kernels.embedding import embedding_lookup
 from hybridkit.kernels.loss import cross_entropy_sum
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.layers.linear import Linear
@@ -196,7 +197,7 @@ class HybridLM(nn.Module):
             raise ValueError(
                 "targets (the training loss) cannot be combined with a cache or hidden"
             )
-        h = self.embedding(ids)
+        h = embedding_lookup(ids, self.embedding.weight)
         hidden = []
         if cache is not None and targets is None and not return_hidden:
             # inference: every residual add goes with the norm after it (Block.forward_pending)
