@@ -699,3 +699,20 @@ def test_triton_siso_matches_reference_gpu(name: str):
             loose={"dangles": 8e-2, "ddt": 4e-2, "dinit.angle": 4e-2},
         )
     print(f"\n{name}: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+
+def test_refusal_names_the_reason():
+    """A call the kernels cannot run is refused with the rule it breaks (not a generic list):
+    here a d_state that is not a power of two, and float64 inputs. The GPU's minimum (32: tl.dot
+    needs N / 2 >= 16, and headdim 16 gave wrong outputs in the GPU fuzz) is in the rule too."""
+    inp = _inputs(Case(N=12), torch.float32, "cpu", seed=5)
+    with pytest.raises(ValueError, match=r"d_state 12 / headdim 16: needs powers of two"):
+        mamba3_scan_triton(**inp, chunk_size=16, fast=False)
+    inp = _inputs(Case(), F64, "cpu", seed=6)
+    with pytest.raises(ValueError, match="float64 inputs"):
+        mamba3_scan_triton(**inp, chunk_size=16, fast=False)
+    from hybridkit.kernels.mamba3.chunkscan import unsupported_reason
+
+    gpu = unsupported_reason(1, 16, 16, torch.bfloat16, True, "interleaved")
+    assert gpu is not None and "both >= 32" in gpu
+    assert unsupported_reason(1, 16, 16, torch.bfloat16, False, "interleaved") is None

@@ -426,7 +426,10 @@ class Mamba3Spec(LayerSpec):
             problems.append(("chunk_size", f"backend triton: {why}{hint}"))
         for key, value in (("d_state", self.d_state), ("headdim", self.headdim)):
             if value < 4 or value & (value - 1):
-                why = f"backend triton needs a power of two >= 4, got {value}"
+                why = (
+                    f"backend triton needs a power of two >= 4 (>= 32 where it runs on a GPU), "
+                    f"got {value}"
+                )
                 problems.append((key, why + hint))
         return problems
 

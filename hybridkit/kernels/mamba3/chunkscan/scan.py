@@ -142,9 +142,15 @@ def mamba3_scan_triton(
     than ``chunk_size`` (:func:`hybridkit.kernels.config.triton_chunk`); the result is the same.
     """
     if not supports(q, v, mimo_x, pairing):
+        dtype = torch.float64 if torch.float64 in (q.dtype, v.dtype) else v.dtype
+        why = None
+        if q.dim() == 5:
+            rank, n, p = q.shape[2], q.shape[-1], v.shape[-1]
+            why = unsupported_reason(rank, n, p, dtype, q.is_cuda, pairing)
         raise ValueError(
-            f"mamba3_scan_triton: needs a rank in {TRITON_RANKS} (mimo_x only with rank > 1), "
-            "power-of-two N and P and no float64 inputs"
+            "mamba3_scan_triton (backend triton) cannot run this call: "
+            + (why or "needs q of shape (B, L, R, G, N) and mimo_x only with rank > 1")
+            + "; backend auto falls back to the torch path where the kernels cannot run"
         )
     B, L, R, G, N = q.shape
     why = chunk_height_reason(chunk_size, R)
