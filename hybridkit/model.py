@@ -197,6 +197,8 @@ class HybridLM(nn.Module):
             raise ValueError(
                 "targets (the training loss) cannot be combined with a cache or hidden"
             )
+        # the lookup reads the weight directly (hybridkit/kernels/embedding.py); the module
+        # keeps nn.Embedding's defaults (no padding_idx, max_norm or sparse gradient)
         h = embedding_lookup(ids, self.embedding.weight)
         hidden = []
         if cache is not None and targets is None and not return_hidden:

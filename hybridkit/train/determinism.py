@@ -24,10 +24,11 @@ implementation then stops the run; :func:`explain` turns torch's error into one 
 ``train.deterministic``. torch's filling of every ``torch.empty`` with NaN in this mode is
 turned off (our kernels write all of their outputs, and the fill would cost a pass over every
 buffer). It costs speed; ``benchmarks/determinism_check.sh`` measures it and checks that two
-runs agree. One cost was out of proportion: compiled, Inductor's deterministic fallback for the
-embedding's backward sums each repeated token id serially, 18 ms per MQAR step on the H100 (a
-5.5 ms step became 24 ms); :mod:`hybridkit.kernels.embedding` keeps ATen's segmented embedding
-backward there instead.
+runs agree. One cost was out of proportion: a compiled MQAR step on the H100 took 24 ms in the
+mode against 5.5 ms without it, which points at Inductor's deterministic fallback for the
+embedding's backward (it sums each repeated token id serially);
+:mod:`hybridkit.kernels.embedding` keeps ATen's segmented embedding backward there instead,
+which is expected to remove most of it (not yet re-timed on a GPU).
 
 Determinism here means one GPU model, one software stack and one GPU count; no promise across
 them.

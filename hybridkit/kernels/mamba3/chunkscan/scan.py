@@ -143,14 +143,17 @@ def mamba3_scan_triton(
     """
     if not supports(q, v, mimo_x, pairing):
         dtype = torch.float64 if torch.float64 in (q.dtype, v.dtype) else v.dtype
-        why = None
-        if q.dim() == 5:
-            rank, n, p = q.shape[2], q.shape[-1], v.shape[-1]
-            why = unsupported_reason(rank, n, p, dtype, q.is_cuda, pairing)
+        if q.dim() != 5:
+            why = f"q must be (B, L, R, G, N), got shape {tuple(q.shape)}"
+        else:
+            why = unsupported_reason(
+                q.shape[2], q.shape[-1], v.shape[-1], dtype, q.is_cuda, pairing
+            )
+            if why is None:  # the one rule supports() adds
+                why = "mimo_x scaling needs rank > 1"
         raise ValueError(
-            "mamba3_scan_triton (backend triton) cannot run this call: "
-            + (why or "needs q of shape (B, L, R, G, N) and mimo_x only with rank > 1")
-            + "; backend auto falls back to the torch path where the kernels cannot run"
+            f"mamba3_scan_triton (backend triton) cannot run this call: {why}; backend auto "
+            "falls back to the torch path where the kernels cannot run"
         )
     B, L, R, G, N = q.shape
     why = chunk_height_reason(chunk_size, R)
