@@ -4,6 +4,8 @@ under ``torch.compile``."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,6 +116,64 @@ def test_compiles_and_matches_eager(backend, fullgraph):
     assert abs(compiled.item() - eager.item()) < 1e-5 * abs(eager.item())
     for a, b in zip(g_comp, g_eager, strict=True):
         assert rel_err(a, b) < 1e-5
+
+
+def _saved_between_passes(fn, *args) -> list[tuple[int, ...]]:
+    """Shapes of what the compiled forward saves for the backward (min-cut partitioner, the
+    one Inductor uses), from the forward graph's outputs after the result."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    saved: list[tuple[int, ...]] = []
+
+    def forward(gm, _inputs):
+        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+        saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:] if hasattr(o, "meta"))
+        return make_boxed_func(gm.forward)
+
+    def backward(gm, _inputs):
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(
+        fw_compiler=forward,
+        bw_compiler=backward,
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args).backward()
+    torch._dynamo.reset()
+    return saved
+
+
+def test_compiled_loss_saves_no_logits_for_the_backward():
+    """Traced as an autograd.Function, the backward's recomputed chunk matmul was merged with
+    the forward's and every chunk's (rows x vocab) float32 buffer was saved between the passes:
+    the full logits. Compiled now, only the inputs and one log-sum-exp per row are saved."""
+    tokens, vocab, chunk = 64, 100, 16
+    hidden = torch.randn(tokens, 16, requires_grad=True)
+    weight = torch.randn(vocab, 16, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    saved = _saved_between_passes(
+        lambda h, w, t: linear_cross_entropy(h, w, t, chunk_tokens=chunk), hidden, weight, targets
+    )
+    assert saved and not any(
+        vocab in shape and len(shape) == 2 and shape[0] <= chunk for shape in saved
+    ), saved
+    assert sum(math.prod(s) for s in saved) <= tokens * 16 + vocab * 16 + 2 * tokens + 1, saved
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas, fake impls and the autograd registration of the compiled path's op pair."""
+    hidden, weight, targets = (
+        t.detach().float().requires_grad_() if t.is_floating_point() else t for t in _inputs()
+    )
+    torch.library.opcheck(
+        torch.ops.hybridkit.linear_ce_fwd.default, (hidden, weight, targets, 16, -100, 0.1)
+    )
+    total, lse = torch.ops.hybridkit.linear_ce_fwd(hidden, weight, targets, 16, -100, 0.1)
+    args = (torch.ones(()), hidden.detach(), weight.detach(), targets, lse.detach(), 16, -100, 0.1)
+    torch.library.opcheck(torch.ops.hybridkit.linear_ce_bwd.default, args)
 
 
 def test_model_training_path_matches_logits_then_cross_entropy():

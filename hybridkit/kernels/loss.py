@@ -49,6 +49,64 @@ def _chunk_stats(
     return torch.where(valid, loss, torch.zeros_like(loss)), lse, valid
 
 
+def _forward_impl(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_tokens: int,
+    ignore_index: int,
+    smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    """The summed loss and every row's float32 (float64) log-sum-exp, chunk by chunk."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    total = hidden.new_zeros((), dtype=acc)
+    lses = []
+    for h_c, t_c in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        loss, lse, _ = _chunk_stats(h_c @ weight.t(), t_c, ignore_index, smoothing)
+        total = total + loss.sum()
+        lses.append(lse)
+    if not lses:  # no rows: nothing to split
+        return total, hidden.new_empty((0,), dtype=acc)
+    return total, torch.cat(lses)
+
+
+def _backward_impl(
+    grad_total: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    chunk_tokens: int,
+    ignore_index: int,
+    smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    """Both gradients, recomputing each chunk's logits (the module docstring)."""
+    vocab, acc = weight.shape[0], lse.dtype
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    scale = grad_total.to(acc)
+    rows = zip(
+        hidden.split(chunk_tokens),
+        targets.split(chunk_tokens),
+        lse.split(chunk_tokens),
+        grad_hidden.split(chunk_tokens),
+    )
+    for h_c, t_c, lse_c, gh_c in rows:
+        # d loss / d logits = softmax - (1 - s) onehot(target) - s / V, zero on ignored
+        # rows; built in place in one float32 chunk buffer (no extra passes)
+        grad = (h_c @ weight.t()).to(acc)
+        grad.sub_(lse_c[:, None]).exp_()
+        valid = t_c != ignore_index
+        safe = torch.where(valid, t_c, torch.zeros_like(t_c))
+        grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], smoothing - 1.0))
+        if smoothing:
+            grad.sub_(smoothing / vocab)
+        grad = grad.mul_((valid.to(acc) * scale)[:, None]).to(hidden.dtype)
+        gh_c.copy_(grad @ weight)
+        grad_weight += (grad.t() @ h_c).to(acc)
+    return grad_hidden, grad_weight.to(weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` computed chunk by chunk (module docstring).
 
@@ -58,45 +116,95 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        total = hidden.new_zeros((), dtype=acc)
-        lses = []
-        for h_c, t_c in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-            loss, lse, _ = _chunk_stats(h_c @ weight.t(), t_c, ignore_index, smoothing)
-            total = total + loss.sum()
-            lses.append(lse)
-        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses))
+        total, lse = _forward_impl(hidden, weight, targets, chunk_tokens, ignore_index, smoothing)
+        ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_tokens, ctx.ignore_index, ctx.smoothing = chunk_tokens, ignore_index, smoothing
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         hidden, weight, targets, lse = ctx.saved_tensors
-        smoothing, vocab = ctx.smoothing, weight.shape[0]
-        acc = lse.dtype
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        scale = grad_total.to(acc)
-        rows = zip(
-            hidden.split(ctx.chunk_tokens),
-            targets.split(ctx.chunk_tokens),
-            lse.split(ctx.chunk_tokens),
-            grad_hidden.split(ctx.chunk_tokens),
+        grad_hidden, grad_weight = _backward_impl(
+            grad_total,
+            hidden,
+            weight,
+            targets,
+            lse,
+            ctx.chunk_tokens,
+            ctx.ignore_index,
+            ctx.smoothing,
         )
-        for h_c, t_c, lse_c, gh_c in rows:
-            # d loss / d logits = softmax - (1 - s) onehot(target) - s / V, zero on ignored
-            # rows; built in place in one float32 chunk buffer (eager mode: no extra passes)
-            grad = (h_c @ weight.t()).to(acc)
-            grad.sub_(lse_c[:, None]).exp_()
-            valid = t_c != ctx.ignore_index
-            safe = torch.where(valid, t_c, torch.zeros_like(t_c))
-            grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], smoothing - 1.0))
-            if smoothing:
-                grad.sub_(smoothing / vocab)
-            grad = grad.mul_((valid.to(acc) * scale)[:, None]).to(hidden.dtype)
-            gh_c.copy_(grad @ weight)
-            grad_weight += (grad.t() @ h_c).to(acc)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+# Under torch.compile the Function above is traced into the joint graph, where the backward's
+# `h_c @ weight.t()` is the forward's own matmul: common-subexpression elimination merges them,
+# and the partitioner, which never recomputes a matmul, then saves every chunk's float32
+# (tokens x vocab) buffer from the forward for the backward -- the full logits after all (seen in
+# the partitioned graph on the CPU, tests/test_loss.py). As a pair of opaque custom ops the
+# chunks stay chunks: the backward recomputes them, as designed.
+@torch.library.custom_op("hybridkit::linear_ce_fwd", mutates_args=())
+def _fwd_op(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_tokens: int,
+    ignore_index: int,
+    smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    return _forward_impl(hidden, weight, targets, chunk_tokens, ignore_index, smoothing)
+
+
+@_fwd_op.register_fake
+def _(hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return hidden.new_empty((), dtype=acc), hidden.new_empty((hidden.shape[0],), dtype=acc)
+
+
+@torch.library.custom_op("hybridkit::linear_ce_bwd", mutates_args=())
+def _bwd_op(
+    grad_total: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    chunk_tokens: int,
+    ignore_index: int,
+    smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    return _backward_impl(
+        grad_total, hidden, weight, targets, lse, chunk_tokens, ignore_index, smoothing
+    )
+
+
+@_bwd_op.register_fake
+def _(grad_total, hidden, weight, targets, lse, chunk_tokens, ignore_index, smoothing):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, targets, chunk_tokens, ignore_index, smoothing = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1])
+    ctx.chunk_tokens, ctx.ignore_index, ctx.smoothing = chunk_tokens, ignore_index, smoothing
+
+
+def _backward(ctx, grad_total, _grad_lse):
+    # lse is an auxiliary output for the backward; nothing downstream differentiates it
+    hidden, weight, targets, lse = ctx.saved_tensors
+    grad_hidden, grad_weight = torch.ops.hybridkit.linear_ce_bwd(
+        grad_total,
+        hidden,
+        weight,
+        targets,
+        lse,
+        ctx.chunk_tokens,
+        ctx.ignore_index,
+        ctx.smoothing,
+    )
+    return grad_hidden, grad_weight, None, None, None, None
+
+
+torch.library.register_autograd("hybridkit::linear_ce_fwd", _backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(
@@ -112,7 +220,8 @@ def linear_cross_entropy(
 
     ``hidden`` (..., D), ``weight`` (V, D), ``targets`` (...) integer; returns a float32 scalar
     (float64 for float64 inputs), the sum over rows whose target is not ``ignore_index``.
-    Traceable by ``torch.compile`` (a Python loop over a static number of chunks).
+    Eager: an autograd.Function; under ``torch.compile``: the same code as a pair of opaque
+    custom ops (``fullgraph`` holds), so the compiled graph cannot keep the chunks' logits.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -122,15 +231,18 @@ def linear_cross_entropy(
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     device_type = hidden.device.type
     # the Function casts explicitly; autocast inside it would only re-cast the same tensors
+    args = (
+        h,
+        weight.to(dtype),
+        targets.reshape(-1),
+        int(chunk_tokens),
+        int(ignore_index),
+        float(label_smoothing),
+    )
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(
-            h,
-            weight.to(dtype),
-            targets.reshape(-1),
-            int(chunk_tokens),
-            int(ignore_index),
-            float(label_smoothing),
-        )
+        if torch.compiler.is_compiling():
+            return torch.ops.hybridkit.linear_ce_fwd(*args)[0]
+        return _LinearCrossEntropy.apply(*args)
 
 
 def cross_entropy_sum(
