@@ -107,6 +107,20 @@ def _backward_impl(
     return grad_hidden, grad_weight.to(weight.dtype)
 
 
+def _save(ctx, inputs: tuple, lse: Tensor) -> None:
+    """What both the eager Function and the compiled op pair keep for the backward."""
+    hidden, weight, targets, chunk_tokens, ignore_index, smoothing = inputs
+    ctx.save_for_backward(hidden, weight, targets, lse)
+    ctx.settings = (chunk_tokens, ignore_index, smoothing)
+
+
+def _grads(ctx, grad_total: Tensor, backward) -> tuple:
+    """The autograd return of both paths: ``backward`` is :func:`_backward_impl` or its op."""
+    hidden, weight, targets, lse = ctx.saved_tensors
+    grad_hidden, grad_weight = backward(grad_total, hidden, weight, targets, lse, *ctx.settings)
+    return grad_hidden, grad_weight, None, None, None, None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` computed chunk by chunk (module docstring).
 
@@ -117,24 +131,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
         total, lse = _forward_impl(hidden, weight, targets, chunk_tokens, ignore_index, smoothing)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_tokens, ctx.ignore_index, ctx.smoothing = chunk_tokens, ignore_index, smoothing
+        _save(ctx, (hidden, weight, targets, chunk_tokens, ignore_index, smoothing), lse)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grad_hidden, grad_weight = _backward_impl(
-            grad_total,
-            hidden,
-            weight,
-            targets,
-            lse,
-            ctx.chunk_tokens,
-            ctx.ignore_index,
-            ctx.smoothing,
-        )
-        return grad_hidden, grad_weight, None, None, None, None
+        return _grads(ctx, grad_total, _backward_impl)
 
 
 # Under torch.compile the Function above is traced into the joint graph, where the backward's
@@ -183,25 +185,12 @@ def _(grad_total, hidden, weight, targets, lse, chunk_tokens, ignore_index, smoo
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, targets, chunk_tokens, ignore_index, smoothing = inputs
-    ctx.save_for_backward(hidden, weight, targets, output[1])
-    ctx.chunk_tokens, ctx.ignore_index, ctx.smoothing = chunk_tokens, ignore_index, smoothing
+    _save(ctx, inputs, output[1])
 
 
 def _backward(ctx, grad_total, _grad_lse):
     # lse is an auxiliary output for the backward; nothing downstream differentiates it
-    hidden, weight, targets, lse = ctx.saved_tensors
-    grad_hidden, grad_weight = torch.ops.hybridkit.linear_ce_bwd(
-        grad_total,
-        hidden,
-        weight,
-        targets,
-        lse,
-        ctx.chunk_tokens,
-        ctx.ignore_index,
-        ctx.smoothing,
-    )
-    return grad_hidden, grad_weight, None, None, None, None
+    return _grads(ctx, grad_total, torch.ops.hybridkit.linear_ce_bwd)
 
 
 torch.library.register_autograd("hybridkit::linear_ce_fwd", _backward, setup_context=_setup_context)
