@@ -1,5 +1,5 @@
 # Sourced by the one-call GPU scripts (gpu_mimo_output.sh, gpu_launches.sh, gpu_qk_heads.sh,
-# gpu_defaults_ab.sh)
+# gpu_defaults_ab.sh, gpu_compile_ops.sh)
 # after they set
 # WORK: results go to $WORK and are archived into $OUT/session.tar.gz, the only file under $OUT,
 # after every step (`pack`), so a call cut short still brings back what finished.

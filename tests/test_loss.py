@@ -146,21 +146,31 @@ def _saved_between_passes(fn, *args) -> list[tuple[int, ...]]:
     return saved
 
 
-def test_compiled_loss_saves_no_logits_for_the_backward():
-    """Traced as an autograd.Function, the backward's recomputed chunk matmul was merged with
-    the forward's and every chunk's (rows x vocab) float32 buffer was saved between the passes:
-    the full logits. Compiled now, only the inputs and one log-sum-exp per row are saved."""
+@pytest.mark.parametrize("loss_op", [True, False])
+def test_compiled_loss_saves_no_logits_for_the_backward(loss_op):
+    """Traced as an autograd.Function (``loss_op=0``, kept for timing), the backward's recomputed
+    chunk matmul is merged with the forward's and every chunk's (rows x vocab) float32 buffer is
+    saved between the passes: the full logits. With the op pair (the default) only the inputs
+    and one log-sum-exp per row are saved."""
+    from hybridkit.kernels.config import kernel_config
+
     tokens, vocab, chunk = 64, 100, 16
     hidden = torch.randn(tokens, 16, requires_grad=True)
     weight = torch.randn(vocab, 16, requires_grad=True)
     targets = torch.randint(0, vocab, (tokens,))
-    saved = _saved_between_passes(
-        lambda h, w, t: linear_cross_entropy(h, w, t, chunk_tokens=chunk), hidden, weight, targets
-    )
-    assert saved and not any(
-        vocab in shape and len(shape) == 2 and shape[0] <= chunk for shape in saved
-    ), saved
-    assert sum(math.prod(s) for s in saved) <= tokens * 16 + vocab * 16 + 2 * tokens + 1, saved
+    with kernel_config(loss_op=loss_op):
+        saved = _saved_between_passes(
+            lambda h, w, t: linear_cross_entropy(h, w, t, chunk_tokens=chunk),
+            hidden,
+            weight,
+            targets,
+        )
+    chunk_buffers = [s for s in saved if s == (chunk, vocab)]
+    if loss_op:
+        assert saved and not chunk_buffers, saved
+        assert sum(math.prod(s) for s in saved) <= tokens * 16 + vocab * 16 + 2 * tokens + 1
+    else:
+        assert len(chunk_buffers) == tokens // chunk, saved
 
 
 def test_custom_ops_pass_opcheck():

@@ -74,6 +74,11 @@ Fields (defaults in :class:`KernelConfig`):
   passed the GPU tests and took the compiled 400M MIMO model's step from 294.6 to 283.7 ms on
   the H100 (``benchmarks/results/train_mimo_output_h100.md``; at its first launch it had been
   about 2x slower than Inductor's fusion, ``mimo_output_h100.md``);
+* ``loss_op``: under ``torch.compile`` the fused chunked cross-entropy runs as a pair of opaque
+  custom ops (``hybridkit/kernels/loss.py``; on), not the autograd.Function traced into the
+  graph, where the backward's recomputed chunk matmul merged with the forward's and every
+  chunk's float32 (rows x vocab) gradient buffer was saved between the passes; off keeps the
+  traced Function, for timing the two against each other (not yet timed on a GPU);
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
@@ -137,6 +142,7 @@ class KernelConfig:
     pdl: bool = False
     attention_step: bool = True
     mimo_output: bool = True
+    loss_op: bool = True
 
     @property
     def tunes(self) -> bool:
@@ -300,6 +306,13 @@ def mimo_output_enabled() -> bool:
     read broke a compiled MIMO model's graph at every layer (a ``fullgraph=True`` compile
     failed; the H100 profile of 2026-12-06 found it)."""
     return current_config().mimo_output
+
+
+@torch.compiler.assume_constant_result
+def loss_op_enabled() -> bool:
+    """``current_config().loss_op``, a trace-time constant under ``torch.compile`` (the loss is
+    traced on every compiled step, like the MIMO output above)."""
+    return current_config().loss_op
 
 
 @torch.compiler.assume_constant_result

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridkit.kernels.config import loss_op_enabled
+
 __all__ = ["cross_entropy_sum", "linear_cross_entropy"]
 
 
@@ -229,7 +231,7 @@ def linear_cross_entropy(
         float(label_smoothing),
     )
     with torch.autocast(device_type, enabled=False):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and loss_op_enabled():
             return torch.ops.hybridkit.linear_ce_fwd(*args)[0]
         return _LinearCrossEntropy.apply(*args)
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU call for the two compile-path changes of 2026-12-06 that were made on the CPU:
+#   carry [".gpu/base"]; source benchmarks/gpu_env.sh && OUT=$OUT bash benchmarks/gpu_compile_ops.sh
+# Here: mkdir -p .gpu/co && tar -xzf FILES_AT/session.tar.gz -C .gpu/co
+# Steps, each only if the call (CALL_S, default 570 s) has time left for it; results under $WORK,
+# archived after each into $OUT/session.tar.gz:
+#   1. the GPU tests of the embedding lookup and the fused loss -> tests.txt;
+#   2. the compiled 400M SISO hybrid (train_throughput.py hybrid_compiled, 4 x 4,096 tokens)
+#      with the fused loss as the traced Function (HYBRIDKIT_KERNELS=loss_op=0, what ran before)
+#      and as the op pair (the default): step time and peak memory; expected about 1 % slower
+#      (one more head matmul) and up to ~2 GB less memory -> loss_{traced,op}/;
+# The embedding change's timing is benchmarks/mqar_step_time.sh, a call of its own (~5 min):
+# compiled deterministic MQAR steps, expected to fall from 24 / 30 ms to near the 5.5 / 11 ms of
+# the non-deterministic rows now that the embedding's backward is ATen's.
+set -u
+WORK=/tmp/hk_compile_ops
+# shellcheck source=benchmarks/gpu_call.sh
+source benchmarks/gpu_call.sh
+budgeted 150 60 python -m pytest -q -m gpu tests/test_embedding_lookup.py tests/test_loss.py \
+  -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -12 > "$WORK/tests.txt"
+tail -2 "$WORK/tests.txt"; pack
+for side in traced op; do
+  setting=loss_op=1
+  [ "$side" = traced ] && setting=loss_op=0
+  HYBRIDKIT_KERNELS=$setting budgeted 150 100 python benchmarks/train_throughput.py \
+    --out "$WORK/loss_$side" --no-profile --steps 8 --cases hybrid_compiled \
+    > "$WORK/loss_$side.txt" 2>&1
+  show "$WORK/loss_$side/train_throughput.md" "$WORK/loss_$side.txt" 8; pack
+done
