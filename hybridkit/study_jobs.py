@@ -22,6 +22,12 @@ locking. The scheduler keeps up to ``jobs`` runs going and
   by the slowest run finished so far and by the longest finished run of its variant recorded in
   the study folder (``expected``), and a run projected to train past it stops early
   (``deadline``);
+* runs fewer at once when runs side by side were too slow: a run stopped by the deadline while
+  others ran beside it was judged at a shared GPU's pace (five compiled MQAR runs on one H100
+  each took five times as long as one alone, `benchmarks/results/mqar_step_time_h100.md`), so
+  the number of runs at a time is halved (down to one) and the run goes back to its place in
+  the queue; it resumes from the checkpoint its trainer saved. Only a run stopped while running
+  alone is final, and only its projection judges the runs after it;
 * starts a run whose process died once more (it resumes from its newest checkpoint: the death
   may have been the machine's, such as memory taken by the runs beside it), and reports it as
   failed when its process dies again;
@@ -105,6 +111,7 @@ class _Running:
     process: Any  # multiprocessing.process.BaseProcess
     conn: Connection
     message: tuple[str, Any] | None = None
+    crowd: int = 1  # the most runs (itself included) that ran at once while it ran
 
 
 def _died(process) -> str:
@@ -174,12 +181,13 @@ def run_parallel(
     failed: list[tuple[object, str]] = []
     deaths: dict[int, int] = {}  # run number -> processes of it that died
     slowest = 0.0
+    limit = jobs  # runs at a time; halved when runs side by side miss the deadline
     threads = max(1, torch.get_num_threads() // min(jobs, len(todo)))
     context = multiprocessing.get_context("spawn")  # CUDA cannot fork
     total = len(todo)
     try:
         while pending or running:
-            while pending and len(running) < jobs:
+            while pending and len(running) < limit:
                 ahead = [run.slot for run in running]
                 pick = next(
                     (i for i, (_, slot) in enumerate(pending)
@@ -213,6 +221,8 @@ def run_parallel(
                 process.start()
                 send.close()  # the child holds the other end: its exit ends the pipe
                 running.append(_Running(k, slot, process, receive))
+                for other in running:
+                    other.crowd = max(other.crowd, len(running))
             if not running:
                 break  # every run left is blocked by nothing: cannot happen, but never spin
             ready = wait([run.conn for run in running] + [run.process.sentinel for run in running])
@@ -247,6 +257,17 @@ def run_parallel(
                     failed.append((slot, str(value)))
                     continue
                 status, seconds = value
+                if status == "deferred" and run.crowd > 1:
+                    # judged at a shared GPU's pace: try it with fewer runs beside it
+                    limit = max(1, min(limit, run.crowd // 2))
+                    print(
+                        f"[study] {k}/{total} would not finish beside {run.crowd - 1} other "
+                        f"run(s) (projected {seconds:.0f} s): {slot.describe()} goes back to "
+                        f"its place in the queue, to resume with at most {limit} run(s) at a time"
+                    )
+                    place = next((i for i, (j, _) in enumerate(pending) if j > k), len(pending))
+                    pending.insert(place, (k, slot))
+                    continue
                 if status in ("ran", "deferred"):  # deferred: its projected time
                     slowest = max(slowest, seconds)
                 counts[status] += 1

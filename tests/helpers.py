@@ -92,9 +92,12 @@ def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, th
     would, a second after it starts; ``raise`` raises one of our errors (which does not pickle
     as it is); ``slow`` takes three seconds, so that it is still running when the crash beside
     it happens; ``parent`` starts a process of its own; ``late`` stops as a trainer does whose
-    run would pass the deadline (projected 1,000 s); every other run "runs" at once."""
+    run would pass the deadline (projected 1,000 s); ``crowded`` does so the first time it runs
+    (as a run slowed by others beside it would) and finishes the next time, writing when it ran
+    to ``out``; every other run "runs" at once."""
     import os
     import time
+    from pathlib import Path
 
     from hybridkit.errors import RecipeError
 
@@ -108,6 +111,15 @@ def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, th
     if slot.variant == "late":
         assert deadline is not None
         return "deferred", 1000.0
+    if slot.variant == "crowded":
+        first = Path(out) / f"crowded-{slot.seed}-tried"
+        if not first.exists():
+            first.touch()
+            return "deferred", 1000.0
+        began = time.time()
+        time.sleep(0.3)
+        (Path(out) / f"crowded-{slot.seed}-ran").write_text(f"{began} {time.time()}")
+        return "ran", 0.3
     if slot.variant == "parent":  # a worker may start processes of its own (batch prefetch)
         import multiprocessing
 

@@ -391,6 +391,24 @@ def test_jobs_a_run_stopped_by_the_deadline_judges_the_runs_after_it(tmp_path, c
     assert printed.count("the slowest run took 1000 s") == 2
 
 
+@pytest.mark.slow  # ~12 s: three workers side by side, then each alone
+def test_runs_too_slow_side_by_side_go_back_and_run_fewer_at_once(tmp_path, capsys):
+    """Runs that miss the deadline beside others (a GPU shared three ways) are not deferred:
+    the runs at a time drop to one and each goes back to the queue. Alone, the two ``crowded``
+    runs finish; ``late``, stopped while alone too, stays deferred, and only that projection
+    judges the runs after it (none here)."""
+    todo = [Slot("crowded", 0, 1e-3), Slot("crowded", 1, 1e-3), Slot("late", 0, 1e-3)]
+    counts = run_fake(todo, tmp_path, jobs=3, budget=100.0)
+    printed = capsys.readouterr().out
+    assert counts == {"done": 0, "ran": 2, "waiting": 0, "deferred": 1}, (counts, printed)
+    assert printed.count("would not finish beside 2 other run(s)") == 3, printed
+    assert "at most 1 run(s) at a time" in printed and "slowest" not in printed
+    spans = sorted(
+        tuple(map(float, (tmp_path / f"crowded-{s}-ran").read_text().split())) for s in (0, 1)
+    )
+    assert spans[0][1] <= spans[1][0], spans  # the second tries ran one after the other
+
+
 @pytest.mark.slow  # ~8 s: three spawned workers, one of them twice
 def test_a_dead_worker_takes_only_its_own_run_and_is_started_once_more(tmp_path, capsys):
     """A worker process that dies (a crash, the OOM killer) costs only its own run: the run
