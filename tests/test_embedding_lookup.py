@@ -133,11 +133,11 @@ def test_switching_the_mode_recompiles_and_each_graph_is_right():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_compiled_deterministic_gradient_matches_eager():
     """On the GPU, the compiled deterministic lookup (Inductor) against eager autograd, float32,
-    MQAR-like ids (32K positions, 84 % one id); twice, bitwise equal (deterministic); the
+    MQAR-like ids (32K positions, 91 % one id); twice, bitwise equal (deterministic); the
     profiler shows no ``indexing_backward_kernel`` (index_put's serial sum) ran."""
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 8192, (128, 256), generator=gen)
-    ids = torch.where(torch.rand(128, 256, generator=gen) < 0.84, torch.zeros_like(ids), ids)
+    ids = torch.where(torch.rand(128, 256, generator=gen) < 0.91, torch.zeros_like(ids), ids)
     ids = ids.cuda()
     weight = torch.randn(8192, 128, generator=gen).cuda()
     dout = torch.randn(128, 256, 128, generator=gen).cuda()

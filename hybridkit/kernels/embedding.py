@@ -5,12 +5,12 @@ Why: Inductor lowers the embedding's backward to ``index_put_(accumulate=True)``
 ``torch.use_deterministic_algorithms(True)`` (``train.deterministic``) it hands that op to
 ATen's sort-based CUDA kernel, in which one warp adds up *every* occurrence of a token id one
 after the other. A batch in which one id dominates then serialises: MQAR's filler id 0 fills
-about 84 % of its 32,768 positions per step at D 8, and a compiled deterministic MQAR step took
-24 ms on the H100 against 5.5 ms without the mode, the same ~18 ms for the attention-only and
-the Mamba-3-only model (benchmarks/results/mqar_capacity/NOTES.md). Autograd's own
+91 % of its 32,768 positions per step at D 8 (29,696), and a compiled deterministic MQAR step
+took 24 ms on the H100 against 5.5 ms without the mode, the same ~18 ms for the attention-only
+and the Mamba-3-only model (benchmarks/results/mqar_capacity/NOTES.md). Autograd's own
 ``embedding_dense_backward`` (what eager mode runs) is deterministic by construction and splits a
 long run of one id into segments of a few rows summed in parallel; only the segments' partial
-sums are then added in turn (about 2,750 for MQAR's filler id instead of 27,500 rows), so it is
+sums are then added in turn (about 3,000 for MQAR's filler id instead of 29,696 rows), so it is
 expected to cost far less -- expected, not yet measured on a GPU with such ids.
 
 So under ``torch.compile`` *and* deterministic mode the lookup is an opaque custom op whose
