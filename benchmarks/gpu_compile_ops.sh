@@ -4,7 +4,8 @@
 # Here: mkdir -p .gpu/co && tar -xzf FILES_AT/session.tar.gz -C .gpu/co
 # Steps, each only if the call (CALL_S, default 570 s) has time left for it; results under $WORK,
 # archived after each into $OUT/session.tar.gz:
-#   1. the GPU tests of the embedding lookup and the fused loss -> tests.txt;
+#   1. the GPU tests of the embedding lookup and the fused loss (the compiled loss at the 400M
+#      head keeps eager's peak memory) -> tests.txt;
 #   2. the compiled 400M SISO hybrid (train_throughput.py hybrid_compiled, 4 x 4,096 tokens)
 #      with the fused loss as the traced Function (HYBRIDKIT_KERNELS=loss_op=0, what ran before)
 #      and as the op pair (the default): step time and peak memory; expected about 1 % slower
