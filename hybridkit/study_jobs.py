@@ -26,8 +26,11 @@ locking. The scheduler keeps up to ``jobs`` runs going and
   others ran beside it was judged at a shared GPU's pace (five compiled MQAR runs on one H100
   each took five times as long as one alone, `benchmarks/results/mqar_step_time_h100.md`), so
   the number of runs at a time is halved (down to one) and the run goes back to its place in
-  the queue; it resumes from the checkpoint its trainer saved. Only a run stopped while running
-  alone is final, and only its projection judges the runs after it;
+  the queue; it resumes from the checkpoint its trainer saved. That happens only while the
+  budget left could hold the run alone (its projected time divided by the runs it shared the
+  GPU with, the best case), and a run stopped while running alone is final. ``crowd`` is the
+  most runs that ran at once during the run's life, not only while it was timed, so a retry
+  may be spent on a run that was crowded only while compiling;
 * starts a run whose process died once more (it resumes from its newest checkpoint: the death
   may have been the machine's, such as memory taken by the runs beside it), and reports it as
   failed when its process dies again;
@@ -182,7 +185,6 @@ def run_parallel(
     deaths: dict[int, int] = {}  # run number -> processes of it that died
     slowest = 0.0
     limit = jobs  # runs at a time; halved when runs side by side miss the deadline
-    threads = max(1, torch.get_num_threads() // min(jobs, len(todo)))
     context = multiprocessing.get_context("spawn")  # CUDA cannot fork
     total = len(todo)
     try:
@@ -211,6 +213,8 @@ def run_parallel(
                     print(late)
                     counts["deferred"] += 1
                     continue
+                # host threads per run follow the runs at a time (fewer runs, more each)
+                threads = max(1, torch.get_num_threads() // min(limit, len(todo)))
                 receive, send = context.Pipe(duplex=False)
                 args = (str(study_path), list(overrides), list(plugins), slot, str(out), device,
                         f"{k}/{total} ", threads, deadline)  # fmt: skip
@@ -257,19 +261,25 @@ def run_parallel(
                     failed.append((slot, str(value)))
                     continue
                 status, seconds = value
-                if status == "deferred" and run.crowd > 1:
-                    # judged at a shared GPU's pace: try it with fewer runs beside it
+                # judged at a shared GPU's pace: try it with fewer runs beside it, if alone it
+                # could still fit (a run alone at best takes its share of the shared time)
+                left = None if time_budget is None else time_budget - (time.monotonic() - start)
+                alone = seconds / run.crowd
+                if status == "deferred" and run.crowd > 1 and (left is None or alone <= left):
                     limit = max(1, min(limit, run.crowd // 2))
                     print(
-                        f"[study] {k}/{total} would not finish beside {run.crowd - 1} other "
-                        f"run(s) (projected {seconds:.0f} s): {slot.describe()} goes back to "
-                        f"its place in the queue, to resume with at most {limit} run(s) at a time"
+                        f"[study] {k}/{total} not final: stopped beside {run.crowd - 1} other "
+                        f"run(s) (projected {seconds:.0f} s, at best {alone:.0f} s alone); "
+                        f"{slot.describe()} goes back to its place in the queue, to resume with "
+                        f"at most {limit} run(s) at a time"
                     )
                     place = next((i for i, (j, _) in enumerate(pending) if j > k), len(pending))
                     pending.insert(place, (k, slot))
                     continue
-                if status in ("ran", "deferred"):  # deferred: its projected time
+                if status == "ran":
                     slowest = max(slowest, seconds)
+                elif status == "deferred":  # its projected time, at best alone when crowded
+                    slowest = max(slowest, alone)
                 counts[status] += 1
     finally:
         _stop(running)

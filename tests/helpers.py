@@ -93,8 +93,8 @@ def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, th
     as it is); ``slow`` takes three seconds, so that it is still running when the crash beside
     it happens; ``parent`` starts a process of its own; ``late`` stops as a trainer does whose
     run would pass the deadline (projected 1,000 s); ``crowded`` does so the first time it runs
-    (as a run slowed by others beside it would) and finishes the next time, writing when it ran
-    to ``out``; every other run "runs" at once."""
+    (projected 150 s, as a run slowed by others beside it would) and finishes the next time,
+    writing when it ran to ``out``; every other run "runs" at once."""
     import os
     import time
     from pathlib import Path
@@ -115,7 +115,7 @@ def fake_study_worker(study_path, overrides, plugins, slot, out, device, tag, th
         first = Path(out) / f"crowded-{slot.seed}-tried"
         if not first.exists():
             first.touch()
-            return "deferred", 1000.0
+            return "deferred", 150.0
         began = time.time()
         time.sleep(0.3)
         (Path(out) / f"crowded-{slot.seed}-ran").write_text(f"{began} {time.time()}")

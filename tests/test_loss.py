@@ -169,8 +169,8 @@ def test_compiled_loss_saves_no_logits_for_the_backward(loss_op):
     if loss_op:
         assert saved and not chunk_buffers, saved
         assert sum(math.prod(s) for s in saved) <= tokens * 16 + vocab * 16 + 2 * tokens + 1
-    else:
-        assert len(chunk_buffers) == tokens // chunk, saved
+    else:  # how many the partitioner keeps is its business; that it keeps some is the bug
+        assert chunk_buffers, saved
 
 
 def test_custom_ops_pass_opcheck():
@@ -182,6 +182,7 @@ def test_custom_ops_pass_opcheck():
         torch.ops.hybridkit.linear_ce_fwd.default, (hidden, weight, targets, 16, -100, 0.1)
     )
     total, lse = torch.ops.hybridkit.linear_ce_fwd(hidden, weight, targets, 16, -100, 0.1)
+    assert total.requires_grad and not lse.requires_grad  # lse only feeds the backward
     args = (torch.ones(()), hidden.detach(), weight.detach(), targets, lse.detach(), 16, -100, 0.1)
     torch.library.opcheck(torch.ops.hybridkit.linear_ce_bwd.default, args)
 

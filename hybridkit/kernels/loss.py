@@ -187,11 +187,11 @@ def _(grad_total, hidden, weight, targets, lse, chunk_tokens, ignore_index, smoo
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output[1])  # the log-sum-exps only feed the backward
     _save(ctx, inputs, output[1])
 
 
 def _backward(ctx, grad_total, _grad_lse):
-    # lse is an auxiliary output for the backward; nothing downstream differentiates it
     return _grads(ctx, grad_total, torch.ops.hybridkit.linear_ce_bwd)
 
 
