@@ -10,6 +10,8 @@
 #      with the fused loss as the traced Function (HYBRIDKIT_KERNELS=loss_op=0, what ran before)
 #      and as the op pair (the default): step time and peak memory; expected about 1 % slower
 #      (one more head matmul) and up to ~2 GB less memory -> loss_{traced,op}/;
+#   3. #17's long-context case, never measured yet: the same model at 1 x 16,384 tokens with
+#      per-block activation checkpointing, compiled (hybrid_16k_ckpt): fits? MFU? -> ckpt16k/.
 # The embedding change's timing is benchmarks/mqar_step_time.sh, a call of its own (~5 min):
 # compiled deterministic MQAR steps, expected to fall from 24 / 30 ms to near the 5.5 / 11 ms of
 # the non-deterministic rows now that the embedding's backward is ATen's.
@@ -28,3 +30,6 @@ for side in traced op; do
     > "$WORK/loss_$side.txt" 2>&1
   show "$WORK/loss_$side/train_throughput.md" "$WORK/loss_$side.txt" 8; pack
 done
+budgeted 180 120 python benchmarks/train_throughput.py --out "$WORK/ckpt16k" --no-profile \
+  --steps 6 --cases hybrid_16k_ckpt > "$WORK/ckpt16k.txt" 2>&1
+show "$WORK/ckpt16k/train_throughput.md" "$WORK/ckpt16k.txt" 8; pack
