@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -888,6 +889,17 @@ def _add_bench_decode(what) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    kernels_env = os.environ.get("HYBRIDKIT_KERNELS")
+    if kernels_env:
+        # a bad kernel setting is otherwise found at the first launch, deep inside a compiled
+        # graph's trace (a Dynamo traceback); read it here, where it can be said plainly
+        from hybridkit.kernels.config import parse_env
+
+        try:
+            parse_env(kernels_env)
+        except ValueError as err:
+            print(f"hybridkit {args.command}: error: {err}", file=sys.stderr)
+            return 2
     try:
         # Imported before anything is read, so that every recipe (and a run directory's, which
         # names its own plugins too) can use the kinds they register.

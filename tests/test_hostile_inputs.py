@@ -796,3 +796,19 @@ def test_the_2026_12_06_fuzz_findings_read_clearly(tmp_path, cli_error, one_thre
     study.write_text(f"base: {recipe}\nvariants: {{a: []}}\nseeds: [0]\nlrs: [0.003, 0.003]\n")
     err = cli_error("study", str(study), "-o", str(tmp_path / "out"), "--list")
     assert "lrs must be distinct" in err, err
+
+
+def test_a_bad_kernel_setting_is_refused_before_anything_runs(cli_error, monkeypatch, tmp_path):
+    """``HYBRIDKIT_KERNELS`` is read at the first kernel launch, which under ``train.compile`` is
+    inside Dynamo's trace: a bad value ended in a Dynamo traceback. Every command now reads it
+    first and names the setting and the values allowed."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "mqar_tiny.yaml")
+    for value, expected in (
+        ("loss_op=maybe", "loss_op: 'maybe': allowed 0, 1, true, false"),
+        ("nonsense", "'nonsense' is not key=value with a key among"),
+        ("bwd_warps=3", "bwd_warps=3: allowed"),
+    ):
+        monkeypatch.setenv("HYBRIDKIT_KERNELS", value)
+        err = cli_error("train", recipe, "-o", str(tmp_path / "run"), "--set", "train.compile=true")
+        assert "HYBRIDKIT_KERNELS=" in err and expected in err, err
+    assert not (tmp_path / "run").exists()
