@@ -67,9 +67,7 @@ def _forward_impl(
         loss, lse, _ = _chunk_stats(h_c @ weight.t(), t_c, ignore_index, smoothing)
         total = total + loss.sum()
         lses.append(lse)
-    if not lses:  # no rows: nothing to split
-        return total, hidden.new_empty((0,), dtype=acc)
-    return total, torch.cat(lses)
+    return total, torch.cat(lses)  # split() gives one (empty) chunk even for no rows
 
 
 def _backward_impl(
@@ -147,16 +145,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # (tokens x vocab) buffer from the forward for the backward -- the full logits after all (seen in
 # the partitioned graph on the CPU, tests/test_loss.py). As a pair of opaque custom ops the
 # chunks stay chunks: the backward recomputes them, as designed.
-@torch.library.custom_op("hybridkit::linear_ce_fwd", mutates_args=())
-def _fwd_op(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    chunk_tokens: int,
-    ignore_index: int,
-    smoothing: float,
-) -> tuple[Tensor, Tensor]:
-    return _forward_impl(hidden, weight, targets, chunk_tokens, ignore_index, smoothing)
+_fwd_op = torch.library.custom_op("hybridkit::linear_ce_fwd", _forward_impl, mutates_args=())
 
 
 @_fwd_op.register_fake
@@ -165,20 +154,7 @@ def _(hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
     return hidden.new_empty((), dtype=acc), hidden.new_empty((hidden.shape[0],), dtype=acc)
 
 
-@torch.library.custom_op("hybridkit::linear_ce_bwd", mutates_args=())
-def _bwd_op(
-    grad_total: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    lse: Tensor,
-    chunk_tokens: int,
-    ignore_index: int,
-    smoothing: float,
-) -> tuple[Tensor, Tensor]:
-    return _backward_impl(
-        grad_total, hidden, weight, targets, lse, chunk_tokens, ignore_index, smoothing
-    )
+_bwd_op = torch.library.custom_op("hybridkit::linear_ce_bwd", _backward_impl, mutates_args=())
 
 
 @_bwd_op.register_fake
