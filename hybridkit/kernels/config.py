@@ -75,10 +75,13 @@ Fields (defaults in :class:`KernelConfig`):
   the H100 (``benchmarks/results/train_mimo_output_h100.md``; at its first launch it had been
   about 2x slower than Inductor's fusion, ``mimo_output_h100.md``);
 * ``loss_op``: under ``torch.compile`` the fused chunked cross-entropy runs as a pair of opaque
-  custom ops (``hybridkit/kernels/loss.py``; on), not the autograd.Function traced into the
-  graph, where the backward's recomputed chunk matmul merged with the forward's and every
-  chunk's float32 (rows x vocab) gradient buffer was saved between the passes; off keeps the
-  traced Function, for timing the two against each other (not yet timed on a GPU);
+  custom ops (``hybridkit/kernels/loss.py``) instead of the autograd.Function traced into the
+  graph; off: traced, the backward's recomputed chunk matmul merges with the forward's and every
+  chunk's float32 (rows x vocab) gradient buffer is saved between the passes, yet on the H100
+  the compiled 400M step took 135.1 ms against 148.6 with the ops (peak memory 27.6 vs 27.3 GB):
+  inside an opaque op the chunk's element-wise work runs as separate ATen kernels that Inductor
+  would fuse (``benchmarks/results/loss_op_ab_h100.md``). On saves memory where the saved
+  buffers matter (a lone head: ``tests/test_loss.py``'s GPU test);
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
@@ -142,7 +145,7 @@ class KernelConfig:
     pdl: bool = False
     attention_step: bool = True
     mimo_output: bool = True
-    loss_op: bool = True
+    loss_op: bool = False
 
     @property
     def tunes(self) -> bool:
