@@ -7,15 +7,15 @@
 #   1. the GPU tests of the embedding lookup and the fused loss (the compiled loss at the 400M
 #      head keeps eager's peak memory) -> tests.txt;
 #   2. the compiled 400M SISO hybrid (train_throughput.py hybrid_compiled, 4 x 4,096 tokens)
-#      with the fused loss as the traced Function (HYBRIDKIT_KERNELS=loss_op=0, what ran before)
-#      and as the op pair (the default): step time and peak memory; expected about 1 % slower
-#      (one more head matmul) and up to ~2 GB less memory; the op side with the per-kernel
-#      profile -> loss_{traced,op}/;
-#   3. #17's long-context case, never measured yet: the same model at 1 x 16,384 tokens with
-#      per-block activation checkpointing, compiled (hybrid_16k_ckpt): fits? MFU? -> ckpt16k/.
-# The embedding change's timing is benchmarks/mqar_step_time.sh, a call of its own (~5 min):
-# compiled deterministic MQAR steps, expected to fall from 24 / 30 ms to near the 5.5 / 11 ms of
-# the non-deterministic rows now that the embedding's backward is ATen's.
+#      with the fused loss as the traced Function (HYBRIDKIT_KERNELS=loss_op=0, the default)
+#      and as the op pair (loss_op=1): step time and peak memory (H100, 2026-12-06: 135.1 vs
+#      148.6 ms, 27.6 vs 27.3 GB; benchmarks/results/compile_ops_h100.md); the op side with the
+#      per-kernel profile -> loss_{traced,op}/;
+#   3. #17's long-context case: the same model at 1 x 16,384 tokens with per-block activation
+#      checkpointing, compiled (hybrid_16k_ckpt; H100 2026-12-06 with loss_op=1: 198.4 ms, 26.0 %
+#      MFU, 8.1 GB) -> ckpt16k/.
+# The embedding change's timing is benchmarks/mqar_step_time.sh (compiled deterministic MQAR
+# steps: 24 / 30 ms before, 12.5 / 15.0 ms after, H100).
 set -u
 WORK=/tmp/hk_compile_ops
 # shellcheck source=benchmarks/gpu_call.sh
