@@ -73,6 +73,7 @@ from hybridkit.rundir import load_run
 from hybridkit.runtime import resolve_device
 from hybridkit.schema import StrictModel, raise_problems, spec_problem
 from hybridkit.study_jobs import deferral, run_parallel
+from hybridkit.study_records import valid_eval, valid_heldout, valid_record
 from hybridkit.summary import human_bytes, human_count, summarize
 from hybridkit.tasks.base import MAX_LENGTH
 from hybridkit.train.determinism import deterministic_kernels
@@ -578,8 +579,8 @@ def read_record(run_dir: Path, spec: StudySpec, fingerprint: str) -> dict | None
     """A run's ``result.json`` if it exists, was trained with the recipe whose fingerprint is
     given and was made with the study's evaluation settings."""
     record = read_json(run_dir / RESULT_FILE)
-    if record is None:
-        return None
+    if record is None or not valid_record(record, spec.select_metric):
+        return None  # missing, damaged, or lacking a field the report reads: made again
     if record.get("recipe_fingerprint") != fingerprint:
         return None
     if record.get("select_examples") != spec.select_examples:
@@ -609,7 +610,11 @@ def held_out_eval(run_dir: Path, spec: StudySpec, device: str) -> dict:
     """Metrics at the training length on examples disjoint from the test sets (cached)."""
     cache = run_dir / "heldout.json"
     cached = read_json(cache)
-    if cached is not None and cached.get("select_examples") == spec.select_examples:
+    if (
+        cached is not None
+        and cached.get("select_examples") == spec.select_examples
+        and valid_heldout(cached, spec.select_metric)
+    ):
         return cached
     recipe, model = load_run(run_dir)
     task_spec = recipe.task.model_copy(
@@ -634,7 +639,7 @@ def held_out_eval(run_dir: Path, spec: StudySpec, device: str) -> dict:
 
 def _cached_eval(run_dir: Path, lengths: Sequence[int] | None) -> dict | None:
     payload = read_json(run_dir / "eval.json")
-    if payload is None:
+    if payload is None or not valid_eval(payload):
         return None
     if lengths is not None and [r["length"] for r in payload["results"]] != list(lengths):
         return None
@@ -976,11 +981,13 @@ def collect(plan: StudyPlan, out: Path) -> tuple[dict, dict, list[dict]]:
 def summarize_variant(records: list[dict]) -> dict:
     """Mean, spread over seeds and binomial standard error per length and metric."""
     first = records[0]
-    lengths = [r["length"] for r in first["results"]]
+    by_length = [{r["length"]: r for r in rec["results"]} for rec in records]
+    # the lengths every seed was evaluated at (the same list unless a record was edited)
+    lengths = [r["length"] for r in first["results"] if all(r["length"] in b for b in by_length)]
     chance = first["chance"]
     table = {}
-    for i, length in enumerate(lengths):
-        rows = [rec["results"][i] for rec in records]
+    for length in lengths:
+        rows = [b[length] for b in by_length]
         n = min(r["examples"] for r in rows)
         cell: dict = {"n": n, "tokens": rows[0]["tokens"]}
         for m in METRICS:

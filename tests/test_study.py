@@ -757,6 +757,50 @@ def test_report_cells_mean_spread_stderr_and_missing_runs(tmp_path, capsys):
     assert (out / "lengthgen.png").stat().st_size < 200_000
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: r.pop("heldout"),
+        lambda r: r["heldout"].pop("ex_match"),
+        lambda r: r.update(chance="0.5"),
+        lambda r: r.update(train_wall_time_s=None),
+        lambda r: r["results"][1].pop("tok_acc"),
+        lambda r: r["results"][0].update(examples=float("nan")),
+        lambda r: r.update(results=[]),
+        lambda r: r.update(params=True),
+    ],
+)
+def test_a_record_lacking_a_field_the_report_reads_counts_as_missing(tmp_path, capsys, damage):
+    """A result.json that parses but was cut, edited or written by another version: the report
+    lists the run as missing instead of failing with a KeyError / TypeError."""
+    study = write_study(tmp_path, seeds=[0])
+    out = tmp_path / "out"
+    for variant in ("hybrid", "mamba"):
+        for lr in (1e-3, 3e-3):
+            put(out, fake_record(variant, 0, lr, [0.9, 0.8], heldout=0.5 + lr), study)
+    path = out / "mamba" / run_name(3e-3, 0) / RESULT_FILE
+    record = json.loads(path.read_text())
+    damage(record)
+    path.write_text(json.dumps(record))
+    assert main(["study", str(study), "-o", str(out), "--report"]) == 0
+    assert "3 of 4 runs finished; 1 missing" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["variants"]) == ["hybrid"]  # mamba's LR sweep is not complete
+
+
+def test_damaged_eval_and_heldout_caches_are_made_again(tmp_path):
+    from hybridkit.study_records import valid_eval, valid_heldout
+
+    good = fake_record("hybrid", 0, 1e-3, [0.9, 0.8], heldout=0.5)
+    payload = {k: good[k] for k in ("task", "train_length", "chance", "results")}
+    assert valid_eval(payload) and valid_eval({**payload, "decode": {"x": 1}})
+    assert not valid_eval({}) and not valid_eval({**payload, "train_length": 0})
+    assert not valid_eval({**payload, "results": [{"length": 16}]})
+    heldout = {"select_examples": 16, **good["results"][0]}
+    assert valid_heldout(heldout, "ex_match") and not valid_heldout(heldout, "bits")
+    assert not valid_heldout({"select_examples": 16, "ex_match": 1.0}, "ex_match")
+
+
 def test_sweep_crosses_variants_and_reports_against_the_key(tmp_path):
     sweep = {"key": "task.num_kv_pairs", "values": [1, 2, 4], "name": "D", "label": "pairs"}
     study = write_study(tmp_path, sweep=sweep, lrs=[1e-3], seeds=[0, 1])
