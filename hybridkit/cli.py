@@ -99,6 +99,11 @@ def _output_dir(text: str, flag: str, *, prefix: bool = False) -> Path:
     if not text.strip():
         raise HybridkitError(f"{flag} needs a directory path, got an empty string")
     path = Path(text)
+    if prefix and (path.name in ("", ".", "..") or path.is_dir()):
+        raise HybridkitError(
+            f"{flag} {text}: names a directory, but {flag} is a file prefix (it writes "
+            f"{flag.lstrip('-').upper()}.json and .md); pass e.g. {Path(text) / 'bench'}"
+        )
     for part in (path.parent, *path.parent.parents) if prefix else (path, *path.parents):
         if part.exists() or part.is_symlink():
             if not part.is_dir():
@@ -511,7 +516,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from hybridkit.train.bench_parallel import bench_recipe, parallel_markdown
 
     recipe, _ = load_source(args.recipe, args.overrides, plugins=args.plugins)
-    if args.out:
+    if args.out is not None:
         _output_dir(args.out, "--out", prefix=True)
     if args.device != "auto":
         _device(args.device)  # a clear error for a bad name before any process group exists
@@ -550,7 +555,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     device = torch.device(_device(args.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(recipe, seed=0, dtype=dtype, device=device)
-    out = Path(args.out) if args.out else None
+    out = Path(args.out) if args.out is not None else None
     if out is not None:
         _output_dir(args.out, "--out", prefix=True)
     batches = _int_list(args.batch, "--batch", MAX_BATCH)

@@ -35,3 +35,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def user_path(text: str | os.PathLike, what: str) -> Path:
+    """``text`` with a leading ``~`` / ``~user`` expanded. ``Path.expanduser`` raises a bare
+    RuntimeError for an unknown user (or no home directory); this names the setting instead."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        from hybridkit.errors import HybridkitError
+
+        raise HybridkitError(
+            f"{what}: {str(text)!r} starts with '~' but that user's home directory is unknown; "
+            "write the path out in full"
+        ) from None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file (missing, a directory, a device or pipe), or None."""
+    if not path.exists():
+        return "does not exist"
+    if not path.is_file():
+        return "is not a regular file" + (" (a directory)" if path.is_dir() else "")
+    return None

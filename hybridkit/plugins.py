@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hybridkit.errors import HybridkitError
+from hybridkit.fsutil import file_problem, user_path
 
 __all__ = [
     "ENV_VAR",
@@ -123,9 +124,10 @@ def _load_module(name: str, base_dir: Path) -> str:
 
 
 def _load_file(ref: str, base_dir: Path) -> str:
-    path = (base_dir / Path(ref).expanduser()).resolve()
-    if not path.is_file():
-        raise PluginError(f"plugin file {ref!r} not found (looked at {path})")
+    path = (base_dir / user_path(ref, "plugin file")).resolve()
+    if problem := file_problem(path):
+        problem = "not found" if not path.exists() else problem
+        raise PluginError(f"plugin file {ref!r} {problem} (looked at {path})")
     if path.suffix != ".py":
         raise PluginError(f"plugin file {path} is not a Python file (.py)")
     canonical = str(path)

@@ -812,3 +812,28 @@ def test_a_bad_kernel_setting_is_refused_before_anything_runs(cli_error, monkeyp
         err = cli_error("train", recipe, "-o", str(tmp_path / "run"), "--set", "train.compile=true")
         assert "HYBRIDKIT_KERNELS=" in err and expected in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_file_prefixes_unknown_homes_and_special_files_are_clear(tmp_path, cli_error, monkeypatch):
+    """Found by the fuzz of 2026-12-06 (tracebacks): ``bench --out`` naming a directory failed
+    in ``Path.with_suffix`` after the benchmark had run; a ``~user`` path of an unknown user made
+    ``Path.expanduser`` raise a bare RuntimeError (plugins, ``task.path``); a device file or a
+    folder as ``task.path`` was said not to exist."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "..", str(tmp_path), ""):
+        err = cli_error("bench", "decode", recipe, "--device", "cpu", "--batch", "1", "--out", out)
+        assert "--out" in err and ("file prefix" in err or "needs a directory path" in err), err
+    nobody = "~hybridkit-no-such-user-xyz"
+    err = cli_error("show", recipe, "--plugin", f"{nobody}/p.py")
+    assert f"plugin file: '{nobody}/p.py'" in err and "home directory is unknown" in err, err
+    task = "task={kind: text, path: %s, seq_len: 16, eval_lengths: [16]}"
+    tiny = str(ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml")
+    for path, expected in (
+        (f"{nobody}/x.txt", "home directory is unknown"),
+        ("/dev/null", "is not a regular file"),
+        (str(tmp_path), "is not a regular file (a directory)"),
+    ):
+        err = cli_error("train", tiny, "-o", str(tmp_path / "run"), "--set", task % path)
+        assert "task.path" in err and expected in err, err
+    assert not (tmp_path / "run").exists()

@@ -21,7 +21,6 @@ Paths are taken as given (relative paths resolve against the working directory).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from pydantic import Field
 
 from hybridkit.errors import HybridkitError
+from hybridkit.fsutil import file_problem, user_path
 from hybridkit.registry import register_task
 from hybridkit.tasks.base import Batch, Task, TaskSpec, long_tensor
 
@@ -144,9 +144,9 @@ class TextTask(_WindowTask):
     spec: TextSpec
 
     def __init__(self, spec: TextSpec):
-        path = Path(spec.path).expanduser()
-        if not path.is_file():
-            raise HybridkitError(f"task.path: text file {str(path)!r} does not exist")
+        path = user_path(spec.path, "task.path")
+        if problem := file_problem(path):
+            raise HybridkitError(f"task.path: text file {str(path)!r} {problem}")
         raw = path.read_bytes()
         try:
             raw.decode("utf-8")
@@ -167,9 +167,9 @@ class TokensTask(_WindowTask):
     spec: TokensSpec
 
     def __init__(self, spec: TokensSpec):
-        path = Path(spec.path).expanduser()
-        if not path.is_file():
-            raise HybridkitError(f"task.path: token file {str(path)!r} does not exist")
+        path = user_path(spec.path, "task.path")
+        if problem := file_problem(path):
+            raise HybridkitError(f"task.path: token file {str(path)!r} {problem}")
         if path.suffix == ".npy":
             with path.open("rb") as f:
                 if f.read(6) != b"\x93NUMPY":  # else np.load would try to unpickle it
