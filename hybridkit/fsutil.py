@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash (or kill -9) never leaves a half-written file under its name."""
+"""Atomic file writes (a crash or kill -9 never leaves a half-written file under its name) and the
+checks of user-given paths that every reader shares."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from hybridkit.errors import HybridkitError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -43,8 +46,6 @@ def user_path(text: str | os.PathLike, what: str) -> Path:
     try:
         return Path(text).expanduser()
     except RuntimeError:
-        from hybridkit.errors import HybridkitError
-
         raise HybridkitError(
             f"{what}: {str(text)!r} starts with '~' but that user's home directory is unknown; "
             "write the path out in full"

@@ -54,7 +54,7 @@ LEVELS: list[tuple[int, str, tuple[str, ...]]] = [
     ),
     (11, "evaluation", ("hybridkit.eval",)),
     (12, "training", ("hybridkit.train",)),  # may use eval's metrics, never the reverse
-    (13, "studies", ("hybridkit.study", "hybridkit.study_jobs")),
+    (13, "studies", ("hybridkit.study", "hybridkit.study_jobs", "hybridkit.study_records")),
     (14, "entry points", ("hybridkit.cli", "hybridkit.__main__", "hybridkit")),
 ]
 """The agreed order (see the module docstring). A prefix covers the module of that name and
