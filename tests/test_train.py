@@ -1020,3 +1020,27 @@ def test_loss_chunk_tokens_auto_is_on_for_cuda_only():
     assert spec.loss_chunk_tokens == "auto"
     assert spec.resolved_loss_chunk("cuda") == AUTO_LOSS_CHUNK_TOKENS
     assert spec.resolved_loss_chunk("cpu") is None
+
+
+def test_a_run_folder_takes_one_trainer_at_a_time(tmp_path):
+    """Two trainers writing one folder interleaved their metrics and overwrote each other's
+    checkpoints (found by a CLI fuzz): the second is refused while the first holds the folder,
+    with a message naming it and the holder's pid, and is welcome once the first has finished."""
+    from hybridkit.errors import HybridkitError
+
+    run = tmp_path / "run"
+    first = Trainer(make(steps=4), run, resume=None, progress=False)
+    with pytest.raises(
+        HybridkitError, match=rf"{run} is in use: another process \(pid {os.getpid()}\)"
+    ):
+        Trainer(make(steps=4), run, resume="auto", progress=False)
+    first.fit()
+    again = Trainer(make(steps=8), run, resume="auto", progress=False)
+    assert again.step == 4
+    again.fit()
+    assert sorted(losses(run)) == list(range(1, 9))
+    # a trainer that fails while setting up lets the folder go at once
+    (run / "latest").write_text("step_9999999\n")
+    with pytest.raises(CheckpointError):
+        Trainer(make(steps=8), run, resume="latest", progress=False)
+    Trainer(make(steps=8), run, resume=None, progress=False).release()

@@ -24,7 +24,7 @@ import torch
 from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError, RunWouldNotFinish
 from hybridkit.eval.lengthgen import evaluate_lengths
-from hybridkit.fsutil import atomic_write_bytes
+from hybridkit.fsutil import DirLock, atomic_write_bytes
 from hybridkit.recipe import RecipeSpec, digest, dump_recipe, recipe_to_dict
 from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task
@@ -201,20 +201,33 @@ class Trainer:
         self._t_start = time.time()
         self.elapsed = 0.0  # training wall time of earlier (interrupted) sessions
         self.history: list[dict] = []
+        self._lock: DirLock | None = None
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _check_run_dir(self.run_dir)
-        dist_utils.barrier(self.dist)
-        self.log = MetricsLog(
-            self.run_dir, enabled=self.dist.is_main, tensorboard=self.spec.tensorboard
-        )
-        if resume is not None:
-            self._resume(resume)
-        # Records past the starting step come from an interrupted session (possibly killed
-        # before its first checkpoint) and are about to be replayed: drop them.
-        self.log.truncate_after(self.step)
-        if self.dist.is_main:
-            dump_recipe(recipe, self.run_dir / "recipe.yaml")
+            # held until fit() ends: a second trainer in this folder is refused, not interleaved
+            self._lock = DirLock(self.run_dir, "a training run")
+        try:
+            dist_utils.barrier(self.dist)
+            self.log = MetricsLog(
+                self.run_dir, enabled=self.dist.is_main, tensorboard=self.spec.tensorboard
+            )
+            if resume is not None:
+                self._resume(resume)
+            # Records past the starting step come from an interrupted session (possibly killed
+            # before its first checkpoint) and are about to be replayed: drop them.
+            self.log.truncate_after(self.step)
+            if self.dist.is_main:
+                dump_recipe(recipe, self.run_dir / "recipe.yaml")
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let another trainer use the run folder (fit() does this when it returns)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _state_dicts(self) -> tuple[dict, dict]:
@@ -520,6 +533,8 @@ class Trainer:
         """Train to ``train.steps`` (or ``stop_after``); returns the last metrics record."""
         spec = self.spec
         end = spec.steps if self.stop_after is None else min(spec.steps, self.stop_after)
+        if self.dist.is_main and self._lock is None:  # a second fit() of this trainer
+            self._lock = DirLock(self.run_dir, "a training run")
         last: dict = {"step": self.step}
         self._t_start = time.time()
         self._deadline_probe: tuple[int, float] | None = None
@@ -573,6 +588,7 @@ class Trainer:
             if self._batches is not None:
                 self._batches.close()
                 self._batches = None
+            self.release()
         return last
 
 
