@@ -953,9 +953,12 @@ def _out_of_memory(err: BaseException) -> bool:
 def _out_of_memory_message(err: BaseException, args: argparse.Namespace) -> str:
     """The allocation failure's first line and the size options this command was given."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    # check's --steps are decode steps, each growing the caches it compares
+    check = getattr(args, "command", None) == "check"
+    names = (*_SIZE_OPTIONS, "steps") if check else _SIZE_OPTIONS
     given = [
         f"--{name.replace('_', '-')} {getattr(args, name)}"
-        for name in _SIZE_OPTIONS
+        for name in names
         if getattr(args, name, None) not in (None, "", [])
     ]
     sizes = f"; lower one of: {', '.join(given)}" if given else ""

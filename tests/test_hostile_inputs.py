@@ -742,6 +742,10 @@ def test_running_out_of_memory_is_an_error_naming_the_sizes(monkeypatch, cli_err
     assert "out of memory (CUDA out of memory. Tried to allocate 52.00 GiB)" in err, err
     assert "lower one of: --batch 4096, --seq-len 65536" in err, err
 
+    monkeypatch.setattr(cli, "cmd_check", oom)  # check's decode steps grow its caches
+    err = cli_error("check", recipe, "--steps", "100000000")
+    assert "lower one of: --batch 2, --steps 100000000" in err, err
+
     def other(args):
         raise RuntimeError("a bug, not memory")
 
@@ -807,6 +811,7 @@ def test_a_bad_kernel_setting_is_refused_before_anything_runs(cli_error, monkeyp
         ("loss_op=maybe", "loss_op: 'maybe': allowed 0, 1, true, false"),
         ("nonsense", "'nonsense' is not key=value with a key among"),
         ("bwd_warps=3", "bwd_warps=3: allowed"),
+        ("chunk_sizes=a", "chunk_sizes: 'a': expected whole numbers joined by ':', e.g. 32:64"),
     ):
         monkeypatch.setenv("HYBRIDKIT_KERNELS", value)
         err = cli_error("train", recipe, "-o", str(tmp_path / "run"), "--set", "train.compile=true")

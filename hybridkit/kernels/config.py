@@ -212,7 +212,10 @@ def _parse_value(key: str, raw: str) -> object:
             raise ValueError(f"{raw!r}: allowed 0, 1, true, false")
         return raw in ("1", "true")
     if key == "chunk_sizes":
-        return tuple(int(c) for c in raw.split(":")) if raw else ()
+        parts = raw.split(":") if raw else []
+        if not all(c.isdigit() for c in parts):
+            raise ValueError(f"{raw!r}: expected whole numbers joined by ':', e.g. 32:64")
+        return tuple(int(c) for c in parts)
     optional = ("bwd_maxnreg", "step_maxnreg", "step_warps", "bwd_x_warps")
     if key in optional and raw in ("", "0", "none"):
         return None
