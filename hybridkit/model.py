@@ -178,6 +178,7 @@ class HybridLM(nn.Module):
         return_hidden: bool = False,
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
+        scored: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``ids`` (B, L) -> logits (B, L, vocab).
 
@@ -189,7 +190,9 @@ class HybridLM(nn.Module):
         positions whose target is not ``ignore_index`` instead of logits: the training path.
         The loss is computed inside ``forward`` so that a DDP / ``torch.compile`` wrapper
         covers it, and so that with ``loss_chunk_tokens`` set the full logits never exist
-        (:mod:`hybridkit.kernels.loss`).
+        (:mod:`hybridkit.kernels.loss`). ``scored`` (flat indices into the B x L positions, from
+        :func:`hybridkit.kernels.loss.scored_rows`) limits the final norm, the head and the loss
+        to those rows; it must hold every position whose target is not ``ignore_index``.
         """
         if ids.dim() != 2:
             raise ValueError(f"ids must be (batch, seqlen), got shape {tuple(ids.shape)}")
@@ -224,6 +227,9 @@ class HybridLM(nn.Module):
             if return_hidden:
                 hidden.append(h)
         if targets is not None:
+            if scored is not None:  # the rows the loss scores (and a few unscored ones)
+                h = h.reshape(-1, h.shape[-1]).index_select(0, scored)
+                targets = targets.reshape(-1).index_select(0, scored)
             return cross_entropy_sum(
                 self.norm_f(h),
                 self.lm_head.weight,

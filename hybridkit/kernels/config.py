@@ -80,8 +80,14 @@ Fields (defaults in :class:`KernelConfig`):
   chunk's float32 (rows x vocab) gradient buffer is saved between the passes, yet on the H100
   the compiled 400M step took 135.1 ms against 148.6 with the ops (peak memory 27.6 vs 27.3 GB):
   inside an opaque op the chunk's element-wise work runs as separate ATen kernels that Inductor
-  would fuse (``benchmarks/results/loss_op_ab_h100.md``). On saves memory where the saved
+  would fuse (``benchmarks/results/compile_ops_h100.md``). On saves memory where the saved
   buffers matter (a lone head: ``tests/test_loss.py``'s GPU test);
+* ``scored_rows``: training sends only the positions a task scores (targets other than the
+  ignore index) through the final norm, the head and the loss, when they are at most half of
+  the batch (``hybridkit.kernels.loss.scored_rows``): the synthetic tasks score a few answer
+  tokens per sequence (MQAR at D 8: 8 of 256), so the head's matmuls and the (rows x vocab)
+  float32 work shrink by that factor; on: the loss is the same sum; off: every position, as
+  before 2026-12-06;
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
@@ -146,6 +152,7 @@ class KernelConfig:
     attention_step: bool = True
     mimo_output: bool = True
     loss_op: bool = False
+    scored_rows: bool = True
 
     @property
     def tunes(self) -> bool:
@@ -312,6 +319,11 @@ def mimo_output_enabled() -> bool:
     read broke a compiled MIMO model's graph at every layer (a ``fullgraph=True`` compile
     failed; the H100 profile of 2026-12-06 found it)."""
     return current_config().mimo_output
+
+
+def scored_rows_enabled() -> bool:
+    """``current_config().scored_rows`` (read by the trainer, outside any compiled graph)."""
+    return current_config().scored_rows
 
 
 @torch.compiler.assume_constant_result

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from hybridkit.kernels.config import loss_op_enabled
 
-__all__ = ["cross_entropy_sum", "linear_cross_entropy"]
+__all__ = ["cross_entropy_sum", "linear_cross_entropy", "scored_rows"]
 
 
 def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -240,3 +240,30 @@ def cross_entropy_sum(
         reduction="sum",
         label_smoothing=label_smoothing,
     )
+
+
+def scored_rows(targets: Tensor, ignore_index: int = -100, multiple: int = 1024) -> Tensor | None:
+    """Flat indices of the positions of ``targets`` (any shape) that a loss scores, for
+    gathering those rows before the final norm, the head and the loss; None when more than half
+    of the positions are scored (then every row goes, as language modelling needs).
+
+    Why: the synthetic tasks score only their answers (MQAR at D 8: 8 of 256 tokens), yet the
+    head's matmuls and the (rows x vocab) float32 softmax work ran over every position. The
+    summed loss is the same; an unscored row contributes nothing to it or to any gradient.
+
+    The count is rounded up to a multiple of ``multiple`` (at most all positions) with further
+    *unscored* positions, each index once: a task that scores the same number of positions in
+    every batch (MQAR at one D) gives ``torch.compile`` one static shape, and distinct indices
+    keep the gather's backward free of repeated rows (which a deterministic scatter would add
+    up serially). Computed on the host from the batch's targets, before they move to the GPU.
+    """
+    flat = targets.reshape(-1)
+    keep = flat != ignore_index
+    n = int(keep.sum())
+    if 2 * n > flat.numel():
+        return None
+    rows = torch.nonzero(keep).squeeze(1)
+    size = min(-(-n // multiple) * multiple, flat.numel())
+    if size > n:
+        rows = torch.cat([rows, torch.nonzero(~keep).squeeze(1)[: size - n]])
+    return rows

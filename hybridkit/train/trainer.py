@@ -25,6 +25,8 @@ from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError, RunWouldNotFinish
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.fsutil import DirLock, atomic_write_bytes
+from hybridkit.kernels.config import scored_rows_enabled
+from hybridkit.kernels.loss import scored_rows
 from hybridkit.recipe import RecipeSpec, digest, dump_recipe, recipe_to_dict
 from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task
@@ -421,6 +423,9 @@ class Trainer:
         scale = self.dist.world_size / n_scored
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for micro, part in enumerate(rank_rows.split(self.micro_size)):
+            rows = scored_rows(part.targets, IGNORE_INDEX) if scored_rows_enabled() else None
+            if rows is not None:
+                rows = rows.to(self.device)
             inputs, targets = part.inputs.to(self.device), part.targets.to(self.device)
             last_micro = micro == spec.grad_accum - 1
             ctx = (
@@ -432,7 +437,9 @@ class Trainer:
                 if spec.compile:
                     begin_step(spec.compile_mode)
                 with autocast_for(self.device, spec.precision):
-                    loss = self.forward(inputs, targets=targets, ignore_index=IGNORE_INDEX)
+                    loss = self.forward(
+                        inputs, targets=targets, ignore_index=IGNORE_INDEX, scored=rows
+                    )
                 (loss * scale).backward()
             loss_sum += loss.detach().double()
         loss_sum = dist_utils.all_reduce_sum(loss_sum, self.dist)
