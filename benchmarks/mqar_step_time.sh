@@ -7,6 +7,8 @@
 # done) is printed per setting -> $OUT/mqar_step_time.{txt,md}; the GPU test of the embedding
 # lookup (hybridkit/kernels/embedding.py) first -> $OUT/embedding_tests.txt.
 #   carry [".gpu/base"]; source benchmarks/gpu_env.sh && OUT=$OUT bash benchmarks/mqar_step_time.sh
+# The scored-rows A/B (2026-12-06): ROWS=det OUT=$OUT bash benchmarks/mqar_step_time.sh; then
+# HYBRIDKIT_KERNELS=scored_rows=0 ROWS=det OUT=$OUT bash benchmarks/mqar_step_time.sh.
 # ROWS=det runs only the study's setting (compiled, deterministic) for each arm: the two rows the
 # embedding change is meant to bring down, ~2 min instead of ~5.
 set -u
@@ -20,11 +22,16 @@ mkdir -p "$OUT" "$WORK"
 timeout -k 5 120 python -m pytest -q -m gpu tests/test_embedding_lookup.py -p no:cacheprovider \
   -rfE 2>&1 | grep -v Warning | tail -5 > "$OUT/embedding_tests.txt"
 tail -n 1 "$OUT/embedding_tests.txt"
+# a second invocation into the same $OUT (e.g. with HYBRIDKIT_KERNELS=scored_rows=0) appends its
+# rows to the same table; the kernels column tells them apart
 md="$OUT/mqar_step_time.md"
-echo "| arm | compile | deterministic | median step s (steps 100+) | wall s |" > "$md"
-echo "|---|---|---|---|---|" >> "$md"
+if [ ! -f "$md" ]; then
+  echo "| arm | compile | deterministic | kernels | median step s (steps 100+) | wall s |" > "$md"
+  echo "|---|---|---|---|---|---|" >> "$md"
+fi
 run() {  # NAME LAYOUT COMPILE DETERMINISTIC [extra --set]
-  local dir="$WORK/$1-c$3-d$4" t0 t1
+  local kernels="${HYBRIDKIT_KERNELS:-defaults}" t0 t1
+  local dir="$WORK/$1-c$3-d$4-${kernels//[^a-z0-9]/_}"
   rm -rf "$dir"; t0=$(date +%s)
   timeout -k 5 "${RUN_S:-150}" python -m hybridkit train hybridkit/recipes/mqar_m.yaml -o "$dir" \
     --no-progress --set "model.layout=$2" --set "train.compile=$3" \
@@ -42,7 +49,7 @@ except OSError:
     print("no metrics")
 PY
 )
-  echo "| $1 | $3 | $4 | $med | $((t1 - t0)) |" | tee -a "$md"
+  echo "| $1 | $3 | $4 | $kernels | $med | $((t1 - t0)) |" | tee -a "$md"
   tail -n 3 "$dir.txt" >> "$OUT/mqar_step_time.txt"
 }
 run attention "a a" true true
