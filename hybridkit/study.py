@@ -579,10 +579,10 @@ def read_record(run_dir: Path, spec: StudySpec, fingerprint: str) -> dict | None
     """A run's ``result.json`` if it exists, was trained with the recipe whose fingerprint is
     given and was made with the study's evaluation settings."""
     record = read_json(run_dir / RESULT_FILE)
-    if record is None or not valid_record(record, spec.select_metric):
-        return None  # missing, damaged, or lacking a field the report reads: made again
-    if record.get("recipe_fingerprint") != fingerprint:
+    if record is None or record.get("recipe_fingerprint") != fingerprint:
         return None
+    if not valid_record(record, spec.select_metric):
+        return None  # damaged, or lacking a field the report reads: made again
     if record.get("select_examples") != spec.select_examples:
         return None
     if spec.lengths is not None and record.get("lengths_requested") != list(spec.lengths):

@@ -28,7 +28,7 @@ runs agree. One cost was out of proportion: a compiled MQAR step on the H100 too
 mode against 5.5 ms without it, which points at Inductor's deterministic fallback for the
 embedding's backward (it sums each repeated token id serially);
 :mod:`hybridkit.kernels.embedding` keeps ATen's segmented embedding backward there instead,
-which is expected to remove most of it (not yet re-timed on a GPU).
+which brought that step to 12.5 ms (``benchmarks/results/mqar_step_time_h100.md``).
 
 Determinism here means one GPU model, one software stack and one GPU count; no promise across
 them.

@@ -207,8 +207,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _check_run_dir(self.run_dir)
-            # held until fit() ends: a second trainer in this folder is refused, not interleaved
-            self._lock = DirLock(self.run_dir, "a training run")
+        self._hold_run_dir()
         try:
             dist_utils.barrier(self.dist)
             self.log = MetricsLog(
@@ -224,6 +223,12 @@ class Trainer:
         except BaseException:
             self.release()
             raise
+
+    def _hold_run_dir(self) -> None:
+        """Lock the run folder until fit() ends (main rank): a second trainer there is refused
+        instead of interleaving its metrics and checkpoints with this one's."""
+        if self.dist.is_main and self._lock is None:
+            self._lock = DirLock(self.run_dir, "a training run")
 
     def release(self) -> None:
         """Let another trainer use the run folder (fit() does this when it returns)."""
@@ -540,8 +545,7 @@ class Trainer:
         """Train to ``train.steps`` (or ``stop_after``); returns the last metrics record."""
         spec = self.spec
         end = spec.steps if self.stop_after is None else min(spec.steps, self.stop_after)
-        if self.dist.is_main and self._lock is None:  # a second fit() of this trainer
-            self._lock = DirLock(self.run_dir, "a training run")
+        self._hold_run_dir()  # again, for a second fit() of this trainer
         last: dict = {"step": self.step}
         self._t_start = time.time()
         self._deadline_probe: tuple[int, float] | None = None
