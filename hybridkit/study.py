@@ -58,6 +58,7 @@ from hybridkit.errors import CheckpointError, HybridkitError, RecipeError, RunWo
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
 from hybridkit.eval.report import binomial_stderr, evaluate_run, spread
+from hybridkit.footprint import check_eval_lengths, check_training
 from hybridkit.fsutil import atomic_write_text
 from hybridkit.plugins import env_plugins
 from hybridkit.recipe import (
@@ -444,6 +445,31 @@ def _check_lengths(spec: StudySpec, recipes: Mapping[str, RecipeSpec]) -> None:
                 break
     if problems:
         raise RecipeError(spec._source or "<study>", problems, "study")
+
+
+def _check_memory(plan: StudyPlan, variants: set[str], device: str) -> None:
+    """Each selected variant's training step and test lengths fit the free memory of
+    ``device`` (:mod:`hybridkit.footprint`): checked before the first run trains, not after
+    it (a length past the memory ended a process through the OOM killer, without a word)."""
+    target = resolve_device(device)
+    for variant in sorted(variants):
+        recipe = variant_recipe(plan.spec, plan.base, variant, None, plan.spec.seeds[0])
+        task, ev = recipe.task, recipe.eval
+        micro = recipe.train.batch_size // recipe.train.grad_accum
+        check_training(recipe.model, task, recipe.train.batch_size, micro, target)
+        lengths = plan.spec.lengths or ev.lengths or task.eval_lengths
+        key = (
+            "lengths"
+            if plan.spec.lengths
+            else "eval.lengths"
+            if ev.lengths
+            else "task.eval_lengths"
+        )
+        check_eval_lengths(
+            recipe.model, task, lengths, ev.batch_size, ev.examples or task.eval_examples, target,
+            lengths_key=f"{key} (variant {variant!r})",
+            examples_key="eval.examples" if ev.examples else "task.eval_examples",
+        )  # fmt: skip
 
 
 SHARD_FORM = "I/N with integers 0 <= I < N (e.g. --shard 0/4 ... --shard 3/4)"
@@ -862,6 +888,7 @@ def run_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     todo = start_order(select_slots(plan.slots, only, shard), out)
+    _check_memory(plan, {slot.variant for slot in todo}, device)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"[study] {len(todo)} of the study's {len(plan.slots)} runs selected{where}")
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}

@@ -24,6 +24,7 @@ import torch
 from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError, RunWouldNotFinish
 from hybridkit.eval.lengthgen import evaluate_lengths
+from hybridkit.footprint import check_eval_lengths, check_training
 from hybridkit.fsutil import DirLock, atomic_write_bytes
 from hybridkit.kernels.config import scored_rows_enabled
 from hybridkit.kernels.loss import scored_rows
@@ -166,6 +167,15 @@ class Trainer:
                 ],
             )
         self.micro_size = per_rank // self.dist.world_size
+        # Before the model exists: a step or the in-training evaluation past the free memory
+        # ends in the OOM killer's silence (on the CPU) or an opaque allocator error.
+        check_training(
+            recipe.model, recipe.task, self.spec.batch_size, self.micro_size, self.device
+        )
+        check_eval_lengths(
+            recipe.model, recipe.task, [recipe.task.seq_len], recipe.eval.batch_size,
+            recipe.task.eval_examples, self.device, lengths_key="task.seq_len",
+        )  # fmt: skip
         self.model = build_model(recipe, seed=self.seed).to(self.device)
         self.model.activation_checkpointing = self.spec.activation_checkpointing
         self.model.loss_chunk_tokens = self.spec.resolved_loss_chunk(self.device.type)

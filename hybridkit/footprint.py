@@ -1,0 +1,96 @@
+"""Lower bounds on the memory a training step and an evaluation length need, compared with the
+free memory of the device before anything large is allocated.
+
+Why: past the machine's memory the kernel's OOM killer ends the process with no message at all
+(a recipe with a 2^24-token ``task.eval_lengths`` entry trained for its whole budget and then
+vanished at the first evaluation). Both bounds count only what cannot be avoided -- the token
+tensors, the logits of one forward, one bf16 activation per layer and token -- so a refusal is
+certain to be right; work that passes may still need more (the real activations are several
+times the bound), which is the allocator's error to report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hybridkit.errors import HybridkitError
+from hybridkit.runtime import free_memory_bytes
+from hybridkit.spec import ModelSpec
+from hybridkit.summary import human_bytes
+from hybridkit.tasks.base import TaskSpec
+
+INT64 = 8
+LOW_PRECISION = 2  # bytes of a bf16 / fp16 activation: the smallest any layer stores
+
+
+def eval_bytes(model: ModelSpec, task: TaskSpec, length: int, batch: int, examples: int) -> int:
+    """Bytes evaluating ``examples`` sequences of natural length ``length`` in forward passes of
+    ``batch`` holds at least: the eval set's inputs and targets plus every prediction (int64
+    each, kept for the whole length), and one forward's logits and residual stream."""
+    tokens = task.token_length(length)
+    kept = examples * tokens * 3 * INT64
+    rows = min(batch, examples) * tokens
+    forward = rows * (model.vocab_size + 2 * model.d_model) * LOW_PRECISION
+    return kept + forward
+
+
+def train_bytes(model: ModelSpec, task: TaskSpec, batch: int, micro_batch: int) -> int:
+    """Bytes one training step at the task's longest length holds at least: the step's inputs
+    and targets (int64) and, for the backward, one low-precision activation per layer for every
+    token of a micro-batch."""
+    tokens = task.token_length(task.max_train_length())
+    data = batch * tokens * 2 * INT64
+    saved = micro_batch * tokens * model.n_layer * model.d_model * LOW_PRECISION
+    return data + saved
+
+
+def refuse_if_short(need: int, device: torch.device | str, what: str, advice: str) -> None:
+    """Raise :class:`HybridkitError` when ``need`` bytes exceed the free memory of ``device``:
+    "``what`` needs at least N, but DEVICE has M free; ``advice``"."""
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        raise HybridkitError(
+            f"{what} needs at least {human_bytes(need)}, but {device} has {human_bytes(free)} "
+            f"free; {advice}"
+        )
+
+
+def check_eval_lengths(
+    model: ModelSpec,
+    task: TaskSpec,
+    lengths: Sequence[int],
+    batch: int,
+    examples: int,
+    device: torch.device | str,
+    *,
+    lengths_key: str,
+    examples_key: str = "task.eval_examples",
+) -> None:
+    """Refuse the first of ``lengths`` whose evaluation cannot fit on ``device``, naming the
+    setting it came from (``lengths_key``: ``task.eval_lengths``, ``eval.lengths``, ``--lengths``
+    or a study's ``lengths``) and the two that shrink it."""
+    for length in lengths:
+        refuse_if_short(
+            eval_bytes(model, task, length, batch, examples),
+            device,
+            f"{lengths_key} {length}: evaluating {examples} examples of "
+            f"{task.token_length(length)} tokens, {min(batch, examples)} per forward,",
+            f"lower the length, {examples_key} or eval.batch_size",
+        )
+
+
+def check_training(
+    model: ModelSpec, task: TaskSpec, batch: int, micro_batch: int, device: torch.device | str
+) -> None:
+    """Refuse a training step that cannot fit on ``device``, naming the settings that shrink it."""
+    length = task.max_train_length()
+    refuse_if_short(
+        train_bytes(model, task, batch, micro_batch),
+        device,
+        f"a training step of {micro_batch} x {task.token_length(length)} tokens "
+        f"({model.n_layer} layers of width {model.d_model}; longest task length {length})",
+        "lower task.seq_len (or the longest length of task.length_mixture / task.curriculum), "
+        "train.batch_size, or raise train.grad_accum",
+    )

@@ -1,0 +1,64 @@
+"""Memory lower bounds (hybridkit.footprint): work that cannot fit is refused before anything
+large is allocated, naming the setting to change -- where it used to end in the OOM killer's
+silence (a 2^24-token evaluation length) -- and work that fits is not refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from hybridkit import footprint
+from hybridkit.cli import main
+from hybridkit.errors import HybridkitError
+from hybridkit.recipe import load_recipe
+from hybridkit.study import run_study
+from hybridkit.train.trainer import Trainer
+from tests.test_study import BASE, write_study
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bounds_count_the_unavoidable_tensors():
+    recipe = load_recipe(BASE)
+    model, task = recipe.model, recipe.task
+    # 16 examples x 16 tokens: inputs, targets, predictions (int64), and one forward of 8 rows
+    # x 16 tokens of bf16 logits (vocab 32) and two residual streams
+    want = 16 * 16 * 3 * 8 + 8 * 16 * (32 + 2 * model.d_model) * 2
+    assert footprint.eval_bytes(model, task, 16, 8, 16) == want
+    assert footprint.eval_bytes(model, task, 32, 8, 16) == 2 * want
+    step = footprint.train_bytes(model, task, 8, 4)
+    assert step == 8 * 16 * 16 + 4 * 16 * model.n_layer * model.d_model * 2
+    assert footprint.train_bytes(model, task, 8, 8) > step  # no accumulation: more saved
+
+
+def test_refusals_name_the_settings(monkeypatch, tmp_path):
+    recipe = load_recipe(BASE)
+    monkeypatch.setattr(footprint, "free_memory_bytes", lambda device: 10_000)
+    with pytest.raises(HybridkitError) as err:
+        Trainer(recipe, tmp_path / "run", progress=False)
+    assert "training step of 8 x 16 tokens" in str(err.value)
+    assert "train.batch_size" in str(err.value) and "needs at least 10.00 KiB" in str(err.value)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+    monkeypatch.setattr(footprint, "free_memory_bytes", lambda device: 10**6)  # the step fits
+    with pytest.raises(HybridkitError, match=r"task.seq_len 16: evaluating 4096 examples"):
+        recipe = load_recipe(BASE, ["task.eval_examples=4096", "eval.batch_size=4096"])
+        Trainer(recipe, tmp_path / "run", progress=False)
+
+
+def test_eval_and_study_refuse_a_length_past_memory(tmp_path, capsys):
+    recipe = load_recipe(BASE, ["train.steps=2"])
+    run = tmp_path / "run"
+    trainer = Trainer(recipe, run, progress=False)
+    trainer.fit()
+    trainer.release()
+    assert main(["eval", str(run), "--lengths", "16777216", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--lengths 16777216: evaluating 16 examples of 16777216 tokens" in err
+    assert "lower the length, task.eval_examples or eval.batch_size" in err
+    assert main(["eval", str(run), "--lengths", "16", "--device", "cpu"]) == 0
+
+    # a study refuses its lengths before any run trains
+    study = write_study(tmp_path, lengths=[16, 16777216], lrs=None)
+    with pytest.raises(HybridkitError, match=r"lengths \(variant '\w+'\) 16777216"):
+        run_study(study, tmp_path / "out", device="cpu", progress=False)
+    assert not list((tmp_path / "out").glob("*/*"))
