@@ -13,6 +13,7 @@
 # embedding change is meant to bring down, ~2 min instead of ~5.
 set -u
 ROWS=${ROWS:-all}
+ARMS=${ARMS:-attention mamba3}  # ARMS=attention: one arm (about half the device time)
 OUT=${OUT:-/tmp/mqar_step_time}
 STEPS=${STEPS:-400}
 WORK=/tmp/hk_mqar_step
@@ -52,9 +53,13 @@ PY
   echo "| $1 | $3 | $4 | $kernels | $med | $((t1 - t0)) |" | tee -a "$md"
   tail -n 3 "$dir.txt" >> "$OUT/mqar_step_time.txt"
 }
-run attention "a a" true true
-[ "$ROWS" = det ] || run attention "a a" true false
-[ "$ROWS" = det ] || run attention "a a" false false
-run mamba3 "m m" true true
-[ "$ROWS" = det ] || run mamba3 "m m" true false
+case " $ARMS " in *" attention "*)
+  run attention "a a" true true
+  [ "$ROWS" = det ] || run attention "a a" true false
+  [ "$ROWS" = det ] || run attention "a a" false false
+esac
+case " $ARMS " in *" mamba3 "*)
+  run mamba3 "m m" true true
+  [ "$ROWS" = det ] || run mamba3 "m m" true false
+esac
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader >> "$md"
