@@ -9,7 +9,14 @@
 # attention, Mamba-3 and the Mamba-3 -> attention hybrid at lr 3e-3 and 1e-2 (Zoology's LR grid
 # reaches 1e-2; on the CPU Mamba-3 arms at 3e-3 stayed at 1/D), at D 8 and D 32.
 #   source .gpu/base/env.sh && LIMIT_S=300 bash benchmarks/mqar_probe.sh   -> $OUT/mqar_probe.tar.gz
+# SET=attention (2026-12-06): what lets two RoPE attention layers leave the 1/D plateau at V 8,192?
+# Under the study's training mixture attention stayed at 1/D for 6,000 steps at every D, D 8
+# included, which it had learned on the cell alone (mqar_capacity/NOTES.md). Twelve runs, each
+# as the study trains (compiled, deterministic): the cell alone against the mixture, lr 1e-3
+# against 3e-3, at D 8 and 16, seeds 0 and 1 for the mixture at 3e-3, up to 20,000 steps,
+# evaluated every 1,000; give it LIMIT_S=540 in a call of its own.
 set -u
+SET=${SET:-capacity}
 OUT=${OUT:-/tmp/mqar_probe}
 LIMIT=${LIMIT_S:-300}
 # the runs live outside $OUT (the device tool would try to bring back every file under it)
@@ -24,13 +31,28 @@ probe() {  # name, then overrides
   shift
   timeout "$LIMIT" "${base[@]}" -o "$R/$name" "$@" > "$R/$name.log" 2>&1 &
 }
-for d in 8 32; do
-  probe "attention_d$d" --set "model.layout=a a" --set task.num_kv_pairs=$d
-  probe "mamba3_d$d" --set "model.layout=m m" --set task.num_kv_pairs=$d
-  probe "mamba3_lr1e-2_d$d" --set "model.layout=m m" --set task.num_kv_pairs=$d --set train.lr=1e-2
-  probe "hybrid_d$d" --set task.num_kv_pairs=$d
-  probe "hybrid_lr1e-2_d$d" --set task.num_kv_pairs=$d --set train.lr=1e-2
-done
+if [ "$SET" = attention ]; then
+  base+=(--set train.steps=20000 --set train.eval_every=1000 --set train.compile=true
+    --set train.deterministic=true --set "model.layout=a a")
+  mix=(--set "task.kv_pairs_by_length={64: 4, 128: 8}"
+    --set "task.length_mixture=[{length: 64, weight: 1}, {length: 128, weight: 1}, {length: 256, weight: 2}]")
+  for d in 8 16; do
+    for lr in 1e-3 3e-3; do
+      probe "cell_lr${lr}_d$d" --set task.num_kv_pairs=$d --set train.lr=$lr
+      probe "mix_lr${lr}_d$d" --set task.num_kv_pairs=$d --set train.lr=$lr "${mix[@]}"
+    done
+    probe "mix_lr3e-3_seed1_d$d" --set task.num_kv_pairs=$d --set train.lr=3e-3 --set seed=1 "${mix[@]}"
+    probe "cell_lr3e-3_seed1_d$d" --set task.num_kv_pairs=$d --set train.lr=3e-3 --set seed=1
+  done
+else
+  for d in 8 32; do
+    probe "attention_d$d" --set "model.layout=a a" --set task.num_kv_pairs=$d
+    probe "mamba3_d$d" --set "model.layout=m m" --set task.num_kv_pairs=$d
+    probe "mamba3_lr1e-2_d$d" --set "model.layout=m m" --set task.num_kv_pairs=$d --set train.lr=1e-2
+    probe "hybrid_d$d" --set task.num_kv_pairs=$d
+    probe "hybrid_lr1e-2_d$d" --set task.num_kv_pairs=$d --set train.lr=1e-2
+  done
+fi
 wait
 for d in "$R"/*/; do
   echo "$(basename "$d"): $(grep -h '"eval"' "$d/metrics.jsonl" | tr '\n' ' ')"
