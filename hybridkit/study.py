@@ -172,6 +172,13 @@ class StudySpec(StrictModel):
     select_examples: int = Field(
         default=200, gt=0, le=10**7, description="held-out examples for LR choice"
     )
+    learned_at: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="a run whose select_metric at the training length reaches this counts as "
+        "learned, and the report counts such runs per variant (default: no count)",
+    )
     plugins: list[str] = Field(
         default_factory=list,
         description="modules or .py files (relative to this file) imported before validation",
@@ -1050,6 +1057,10 @@ def write_study_report(plan: StudyPlan, out: Path) -> dict:
     spec = plan.spec
     records, selection, missing = collect(plan, out)
     variants = {v: summarize_variant(recs) for v, recs in records.items()}
+    if spec.learned_at is not None:
+        for summary in variants.values():
+            k, n = learned_runs(summary, spec.select_metric, spec.learned_at)
+            summary["learned"] = {"at": spec.learned_at, "runs": k, "of": n}
     statuses = [slot_status(plan, slot, out)[0] for slot in plan.slots]
     report = {
         "study": spec.name or plan.path.stem,
@@ -1179,6 +1190,8 @@ def write_report(report: dict, plan: StudyPlan, out: Path) -> None:
     images = ["![length generalisation](lengthgen.png)"] if variants else []
     if spec.sweep is not None and variants:
         lines += _sweep_section(report, plan, out, images)
+    if spec.learned_at is not None and variants:
+        lines += _learned_section(report, plan)
     lines += [
         "",
         f"## Learning-rate selection (held-out {metric} % of the seed-{plan.first_seed} runs)",
@@ -1227,6 +1240,52 @@ def write_report(report: dict, plan: StudyPlan, out: Path) -> None:
 def _legend_note(n_seeds: int) -> str:
     note = "bars: ±1 binomial standard error"
     return note + ("; shaded: range over seeds" if n_seeds > 1 else "")
+
+
+def learned_runs(variant: dict, metric: str, threshold: float) -> tuple[int, int]:
+    """(runs whose ``metric`` at the training length reaches ``threshold``, finished runs) of
+    one variant's summary (:func:`summarize_variant`)."""
+    cell = variant["by_length"].get(str(variant["train_length"]))
+    if cell is None:
+        return 0, 0
+    values = cell[metric]["per_seed"]
+    return sum(v >= threshold for v in values), len(values)
+
+
+def _learned_section(report: dict, plan: StudyPlan) -> list[str]:
+    """How many runs of each variant learned the training length (``learned_at``).
+
+    Why: where a run either crosses a plateau or stays at chance (MQAR's 1/D), a mean over
+    seeds of 52 % can be one run at 100 % and one at 4 %; the count says which."""
+    spec, metric = plan.spec, report["metric"]
+    counts = {
+        name: learned_runs(v, metric, spec.learned_at) for name, v in report["variants"].items()
+    }
+    lines = [
+        "",
+        f"## Runs that learned: {metric} >= {_pct(spec.learned_at)} % at the training length",
+        "",
+        "Learned / finished runs (seeds) of each variant at its chosen LR.",
+        "",
+    ]
+    if spec.sweep is None:
+        lines += ["| variant | learned |", "|---|---|"]
+        lines += [f"| {name} | {k} / {n} |" for name, (k, n) in counts.items()]
+        return lines
+    sw = spec.sweep
+    by_arm: dict[str, dict] = {}
+    for name, count in counts.items():
+        arm, value = plan.arm_of[name]
+        by_arm.setdefault(arm, {})[value] = count
+    lines += [
+        f"| arm ({sw.label or sw.key}) | " + " | ".join(str(x) for x in sw.values) + " |",
+        "|" + "---|" * (1 + len(sw.values)),
+    ]
+    for arm in spec.variants:
+        row = by_arm.get(arm, {})
+        cells = [f"{row[x][0]} / {row[x][1]}" if x in row else "-" for x in sw.values]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _sweep_section(report: dict, plan: StudyPlan, out: Path, images: list[str]) -> list[str]:

@@ -826,6 +826,32 @@ def test_sweep_crosses_variants_and_reports_against_the_key(tmp_path):
     assert only == {"variant": {"mamba-D1", "mamba-D2", "mamba-D4", "hybrid-D2"}, "seed": {1}}
 
 
+def test_learned_at_counts_the_runs_that_learned(tmp_path):
+    """``learned_at``: where runs either learn or stay at chance, the report counts them per
+    cell (a mean of 50 % is one run at 100 % and one at 0 % here)."""
+    sweep = {"key": "task.num_kv_pairs", "values": [1, 2], "name": "D", "label": "pairs"}
+    study = write_study(tmp_path, sweep=sweep, lrs=[1e-3], seeds=[0, 1], learned_at=0.9)
+    plan = plan_study(study)
+    out = tmp_path / "out"
+    for v in plan.variants:
+        for seed in (0, 1):
+            score = 1.0 if v.endswith("D1") or seed == 0 else 0.0
+            put(out, fake_record(v, seed, 1e-3, [score, score], heldout=0.0), study)
+    results = report_study(study, out)
+    assert results["variants"]["mamba-D2"]["learned"] == {"at": 0.9, "runs": 1, "of": 2}
+    assert results["variants"]["mamba-D1"]["learned"]["runs"] == 2
+    report = (out / "report.md").read_text()
+    assert "## Runs that learned: ex_match >= 90.0 % at the training length" in report
+    assert "| hybrid | 2 / 2 | 1 / 2 |" in report
+    with pytest.raises(RecipeError, match="learned_at"):
+        load_study(write_study(tmp_path, learned_at=1.5))
+    without = tmp_path / "without"
+    shutil.copytree(out, without)
+    write_study(tmp_path, sweep=sweep, lrs=[1e-3], seeds=[0, 1])  # no learned_at: no count
+    assert "learned" not in report_study(study, without)["variants"]["mamba-D2"]
+    assert "Runs that learned" not in (without / "report.md").read_text()
+
+
 # --- bad input ----------------------------------------------------------------------------------
 def test_bad_flags_exit_2(tmp_path, cli_error):
     study = write_study(tmp_path)
