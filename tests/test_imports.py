@@ -50,7 +50,13 @@ LEVELS: list[tuple[int, str, tuple[str, ...]]] = [
     (
         10,
         "tools on a built model",
-        ("hybridkit.summary", "hybridkit.check", "hybridkit.rundir", "hybridkit.decode_bench"),
+        (
+            "hybridkit.summary",
+            "hybridkit.check",
+            "hybridkit.rundir",
+            "hybridkit.decode_bench",
+            "hybridkit.footprint",
+        ),
     ),
     (11, "evaluation", ("hybridkit.eval",)),
     (12, "training", ("hybridkit.train",)),  # may use eval's metrics, never the reverse
