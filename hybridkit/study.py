@@ -1143,7 +1143,13 @@ def write_report(report: dict, plan: StudyPlan, out: Path) -> None:
         "| variant | seeds | params | state / seq | KV / token | lr | train len "
         "| train time / run | " + " | ".join(str(n) for n in lengths) + " | 2x / 1x |"
     )
-    lines += [header, "|" + "---|" * (9 + len(lengths))]
+    if variants:
+        lines += [header, "|" + "---|" * (9 + len(lengths))]
+    else:  # an empty table would have no length columns: say why there is nothing yet
+        lines.append(
+            "No variant has finished runs at a chosen LR yet (the LR sweep of the first seed "
+            "must finish first): see the learning-rate selection and the missing runs below."
+        )
     for name, v in variants.items():
         cells = []
         for n in lengths:

@@ -826,6 +826,20 @@ def test_sweep_crosses_variants_and_reports_against_the_key(tmp_path):
     assert only == {"variant": {"mamba-D1", "mamba-D2", "mamba-D4", "hybrid-D2"}, "seed": {1}}
 
 
+def test_report_before_any_sweep_finished_says_so(tmp_path):
+    """A new LR added to a study leaves every variant's sweep open: the report says why its
+    table is empty instead of printing a table without length columns."""
+    study = write_study(tmp_path)  # lrs 1e-3 and 3e-3
+    out = tmp_path / "out"
+    put(out, fake_record("hybrid", 0, 1e-3, [0.9, 0.5], heldout=0.8), study)
+    results = report_study(study, out)
+    assert results["variants"] == {} and results["runs_finished"] == 1
+    report = (out / "report.md").read_text()
+    assert "No variant has finished runs at a chosen LR yet" in report
+    assert "| variant | seeds |" not in report
+    assert "- hybrid: lr 0.001: 80.0" in report
+
+
 def test_learned_at_counts_the_runs_that_learned(tmp_path):
     """``learned_at``: where runs either learn or stay at chance, the report counts them per
     cell (a mean of 50 % is one run at 100 % and one at 0 % here)."""
