@@ -2,11 +2,12 @@
 free memory of the device before anything large is allocated.
 
 Why: past the machine's memory the kernel's OOM killer ends the process with no message at all
-(a recipe with a 2^24-token ``task.eval_lengths`` entry trained for its whole budget and then
-vanished at the first evaluation). Both bounds count only what cannot be avoided -- the token
-tensors, the logits of one forward, one bf16 activation per layer and token -- so a refusal is
-certain to be right; work that passes may still need more (the real activations are several
-times the bound), which is the allocator's error to report.
+(a fuzz of the command line found 2^24-token evaluation and training lengths ending that way).
+Both bounds count only what cannot be avoided -- the token tensors, the logits of one forward,
+one bf16 activation per layer and token -- so a refusal is certain to be right; work that passes
+may still need more (the real activations are several times the bound), which is the
+allocator's error to report. The token tensors of a whole evaluation set or batch live in host
+memory and are checked against it; what one forward holds is checked against the device's.
 """
 
 from __future__ import annotations
@@ -25,36 +26,49 @@ INT64 = 8
 LOW_PRECISION = 2  # bytes of a bf16 / fp16 activation: the smallest any layer stores
 
 
-def eval_bytes(model: ModelSpec, task: TaskSpec, length: int, batch: int, examples: int) -> int:
-    """Bytes evaluating ``examples`` sequences of natural length ``length`` in forward passes of
-    ``batch`` holds at least: the eval set's inputs and targets plus every prediction (int64
-    each, kept for the whole length), and one forward's logits and residual stream."""
+def eval_bytes(
+    model: ModelSpec, task: TaskSpec, length: int, batch: int, examples: int
+) -> tuple[int, int]:
+    """(host, device) bytes evaluating ``examples`` sequences of natural length ``length`` in
+    forward passes of ``batch`` holds at least: on the host the eval set's inputs and targets
+    plus every prediction (int64 each, kept for the whole length); on the device one forward's
+    logits and residual stream."""
     tokens = task.token_length(length)
     kept = examples * tokens * 3 * INT64
     rows = min(batch, examples) * tokens
     forward = rows * (model.vocab_size + 2 * model.d_model) * LOW_PRECISION
-    return kept + forward
+    return kept, forward
 
 
-def train_bytes(model: ModelSpec, task: TaskSpec, batch: int, micro_batch: int) -> int:
-    """Bytes one training step at the task's longest length holds at least: the step's inputs
-    and targets (int64) and, for the backward, one low-precision activation per layer for every
-    token of a micro-batch."""
+def train_bytes(model: ModelSpec, task: TaskSpec, batch: int, micro_batch: int) -> tuple[int, int]:
+    """(host, device) bytes one training step at the task's longest length holds at least: on
+    the host the step's inputs and targets (int64); on the device, for the backward, one
+    low-precision activation per layer for every token of a micro-batch."""
     tokens = task.token_length(task.max_train_length())
     data = batch * tokens * 2 * INT64
     saved = micro_batch * tokens * model.n_layer * model.d_model * LOW_PRECISION
-    return data + saved
+    return data, saved
 
 
-def refuse_if_short(need: int, device: torch.device | str, what: str, advice: str) -> None:
-    """Raise :class:`HybridkitError` when ``need`` bytes exceed the free memory of ``device``:
-    "``what`` needs at least N, but DEVICE has M free; ``advice``"."""
-    free = free_memory_bytes(device)
-    if free is not None and need > free:
-        raise HybridkitError(
-            f"{what} needs at least {human_bytes(need)}, but {device} has {human_bytes(free)} "
-            f"free; {advice}"
-        )
+def refuse_if_short(
+    need: tuple[int, int], device: torch.device | str, what: str, advice: str
+) -> None:
+    """Raise :class:`HybridkitError` when the (host, device) bytes ``need`` exceed the free
+    memory of the host or of ``device`` (their sum, when ``device`` is the CPU): "``what``
+    needs at least N, but DEVICE has M free; ``advice``"."""
+    host, on_device = need
+    device = torch.device(device)
+    parts = [("cpu", host + on_device)] if device.type == "cpu" else [("cpu", host)]
+    if device.type != "cpu":
+        parts.append((str(device), on_device))
+    for where, bytes_needed in parts:
+        free = free_memory_bytes(where)
+        if free is not None and bytes_needed > free:
+            raise HybridkitError(
+                f"{what} needs at least {human_bytes(bytes_needed)}"
+                + (" of host memory" if where == "cpu" and device.type != "cpu" else "")
+                + f", but {where} has {human_bytes(free)} free; {advice}"
+            )
 
 
 def check_eval_lengths(

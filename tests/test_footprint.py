@@ -22,12 +22,26 @@ def test_bounds_count_the_unavoidable_tensors():
     model, task = recipe.model, recipe.task
     # 16 examples x 16 tokens: inputs, targets, predictions (int64), and one forward of 8 rows
     # x 16 tokens of bf16 logits (vocab 32) and two residual streams
-    want = 16 * 16 * 3 * 8 + 8 * 16 * (32 + 2 * model.d_model) * 2
+    want = 16 * 16 * 3 * 8, 8 * 16 * (32 + 2 * model.d_model) * 2
     assert footprint.eval_bytes(model, task, 16, 8, 16) == want
-    assert footprint.eval_bytes(model, task, 32, 8, 16) == 2 * want
+    assert footprint.eval_bytes(model, task, 32, 8, 16) == (2 * want[0], 2 * want[1])
     step = footprint.train_bytes(model, task, 8, 4)
-    assert step == 8 * 16 * 16 + 4 * 16 * model.n_layer * model.d_model * 2
-    assert footprint.train_bytes(model, task, 8, 8) > step  # no accumulation: more saved
+    assert step == (8 * 16 * 16, 4 * 16 * model.n_layer * model.d_model * 2)
+    assert footprint.train_bytes(model, task, 8, 8)[1] > step[1]  # no accumulation: more saved
+
+
+def test_host_and_device_are_checked_apart(monkeypatch):
+    """On a GPU the evaluation set stays in host memory: a set larger than the GPU's free
+    memory but not the host's is not refused, and the host's own limit names host memory."""
+    free = {"cpu": 1000, "cuda:0": 100}
+    monkeypatch.setattr(footprint, "free_memory_bytes", lambda where: free[str(where)])
+    footprint.refuse_if_short((900, 90), "cuda:0", "x", "y")  # each fits its own memory
+    with pytest.raises(HybridkitError, match="needs at least 1.07 KiB of host memory"):
+        footprint.refuse_if_short((1100, 90), "cuda:0", "x", "y")
+    with pytest.raises(HybridkitError, match="needs at least 110 B, but cuda:0 has 100 B"):
+        footprint.refuse_if_short((900, 110), "cuda:0", "x", "y")
+    with pytest.raises(HybridkitError, match="needs at least 1010 B, but cpu has 1000 B"):
+        footprint.refuse_if_short((900, 110), "cpu", "x", "y")  # one memory holds both
 
 
 def test_refusals_name_the_settings(monkeypatch, tmp_path):
