@@ -14,7 +14,9 @@
 # included, which it had learned on the cell alone (mqar_capacity/NOTES.md). Twelve runs, each
 # as the study trains (compiled, deterministic): the cell alone against the mixture, lr 1e-3
 # against 3e-3, at D 8 and 16, seeds 0 and 1 for the mixture at 3e-3, up to 20,000 steps,
-# evaluated every 1,000; give it LIMIT_S=540 in a call of its own.
+# evaluated every 1,000; give it LIMIT_S=540 in a call of its own. (CPU replays of the study's
+# runs since found lr 1e-3 enough at D 8 and 16, NOTES.md: run this only if the study's 1e-3
+# runs still stay at 1/D.)
 set -u
 SET=${SET:-capacity}
 OUT=${OUT:-/tmp/mqar_probe}
