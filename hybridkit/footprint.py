@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from hybridkit.errors import HybridkitError
+from hybridkit.recipe import RecipeSpec
 from hybridkit.runtime import free_memory_bytes
 from hybridkit.spec import ModelSpec
 from hybridkit.summary import human_bytes
@@ -58,9 +59,10 @@ def refuse_if_short(
     needs at least N, but DEVICE has M free; ``advice``"."""
     host, on_device = need
     device = torch.device(device)
-    parts = [("cpu", host + on_device)] if device.type == "cpu" else [("cpu", host)]
-    if device.type != "cpu":
-        parts.append((str(device), on_device))
+    if device.type == "cpu":
+        parts = [("cpu", host + on_device)]
+    else:
+        parts = [("cpu", host), (str(device), on_device)]
     for where, bytes_needed in parts:
         free = free_memory_bytes(where)
         if free is not None and bytes_needed > free:
@@ -93,6 +95,32 @@ def check_eval_lengths(
             f"{task.token_length(length)} tokens, {min(batch, examples)} per forward,",
             f"lower the length, {examples_key} or eval.batch_size",
         )
+
+
+def check_recipe_eval(
+    recipe: RecipeSpec,
+    lengths: Sequence[int] | None,
+    device: torch.device | str,
+    *,
+    given_key: str,
+    where: str = "",
+) -> None:
+    """:func:`check_eval_lengths` for evaluating a run of ``recipe`` at ``lengths`` (None or
+    empty: its ``eval.lengths``, else ``task.eval_lengths``) with its ``eval`` settings, naming
+    ``given_key`` (``--lengths``, a study's ``lengths``) or the recipe key the lengths came from,
+    followed by ``where``."""
+    ev, task = recipe.eval, recipe.task
+    key = given_key if lengths else "eval.lengths" if ev.lengths else "task.eval_lengths"
+    check_eval_lengths(
+        recipe.model,
+        task,
+        list(lengths or ev.lengths or task.eval_lengths),
+        ev.batch_size,
+        ev.examples if ev.examples is not None else task.eval_examples,
+        device,
+        lengths_key=key + where,
+        examples_key="eval.examples" if ev.examples is not None else "task.eval_examples",
+    )
 
 
 def check_training(

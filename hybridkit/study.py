@@ -58,7 +58,7 @@ from hybridkit.errors import CheckpointError, HybridkitError, RecipeError, RunWo
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
 from hybridkit.eval.report import binomial_stderr, evaluate_run, spread
-from hybridkit.footprint import check_eval_lengths, check_training
+from hybridkit.footprint import check_recipe_eval, check_training
 from hybridkit.fsutil import atomic_write_text
 from hybridkit.plugins import env_plugins
 from hybridkit.recipe import (
@@ -461,22 +461,11 @@ def _check_memory(plan: StudyPlan, variants: set[str], device: str) -> None:
     target = resolve_device(device)
     for variant in sorted(variants):
         recipe = variant_recipe(plan.spec, plan.base, variant, None, plan.spec.seeds[0])
-        task, ev = recipe.task, recipe.eval
         micro = recipe.train.batch_size // recipe.train.grad_accum
-        check_training(recipe.model, task, recipe.train.batch_size, micro, target)
-        lengths = plan.spec.lengths or ev.lengths or task.eval_lengths
-        key = (
-            "lengths"
-            if plan.spec.lengths
-            else "eval.lengths"
-            if ev.lengths
-            else "task.eval_lengths"
+        check_training(recipe.model, recipe.task, recipe.train.batch_size, micro, target)
+        check_recipe_eval(
+            recipe, plan.spec.lengths, target, given_key="lengths", where=f" (variant {variant!r})"
         )
-        check_eval_lengths(
-            recipe.model, task, lengths, ev.batch_size, ev.examples or task.eval_examples, target,
-            lengths_key=f"{key} (variant {variant!r})",
-            examples_key="eval.examples" if ev.examples else "task.eval_examples",
-        )  # fmt: skip
 
 
 SHARD_FORM = "I/N with integers 0 <= I < N (e.g. --shard 0/4 ... --shard 3/4)"
@@ -1264,8 +1253,8 @@ def _learned_section(report: dict, plan: StudyPlan) -> list[str]:
     Why: where a run either crosses a plateau or stays at chance (MQAR's 1/D), a mean over
     seeds of 52 % can be one run at 100 % and one at 4 %; the count says which."""
     spec, metric = plan.spec, report["metric"]
-    counts = {
-        name: learned_runs(v, metric, spec.learned_at) for name, v in report["variants"].items()
+    counts = {  # counted once, by write_study_report
+        name: (v["learned"]["runs"], v["learned"]["of"]) for name, v in report["variants"].items()
     }
     lines = [
         "",

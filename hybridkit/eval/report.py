@@ -19,7 +19,7 @@ from pathlib import Path
 from hybridkit.errors import HybridkitError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_depth_heatmap, plot_lengthgen
-from hybridkit.footprint import check_eval_lengths
+from hybridkit.footprint import check_recipe_eval
 from hybridkit.rundir import load_run
 from hybridkit.runtime import resolve_device
 
@@ -95,18 +95,14 @@ def evaluate_run(
     if ev.examples is not None:
         task_spec = task_spec.model_copy(update={"eval_examples": ev.examples})
     task = task_spec.build()
-    given = bool(lengths)
+    given = lengths
     lengths = list(lengths or ev.lengths or task.eval_lengths)
     for n in lengths:
         problem = task_spec.length_problem(n)
         if problem is not None:
             raise HybridkitError(f"--lengths {n}: {problem}")
     target = resolve_device(device)
-    check_eval_lengths(
-        recipe.model, task_spec, lengths, ev.batch_size, task_spec.eval_examples, target,
-        lengths_key="--lengths" if given else "eval.lengths" if ev.lengths else "task.eval_lengths",
-        examples_key="eval.examples" if ev.examples is not None else "task.eval_examples",
-    )  # fmt: skip
+    check_recipe_eval(recipe, given, target, given_key="--lengths")
     model = model.to(target)
     results = evaluate_lengths(
         model,
