@@ -17,6 +17,12 @@
 # evaluated every 1,000; give it LIMIT_S=540 in a call of its own. (CPU replays of the study's
 # runs since found lr 1e-3 enough at D 8 and 16, NOTES.md: run this only if the study's 1e-3
 # runs still stay at 1/D.)
+# SET=hybrid (2026-12-06): the study's hybrid (`m a`) escaped the 1/D plateau in 1 of 9 runs
+# (D 32 only) at its chosen LRs, where attention learned every cell at 1e-3 and Mamba-3 most at
+# 3e-3 / 1e-2. Eight hybrid runs as the study trains them (compiled, deterministic, the mixture)
+# but for 12,000 steps, evaluated every 1,000: D 8 and 16 at lr 5e-4, 1e-3 and 2e-3 (seed 0), and
+# D 16 at 1e-3 and 2e-3 with seed 1; LIMIT_S=330 held all eight on an H100
+# (benchmarks/results/mqar_capacity/hybrid_probe_h100.md).
 set -u
 SET=${SET:-capacity}
 OUT=${OUT:-/tmp/mqar_probe}
@@ -45,6 +51,19 @@ if [ "$SET" = attention ]; then
     done
     probe "mix_lr3e-3_seed1_d$d" --set task.num_kv_pairs=$d --set train.lr=3e-3 --set seed=1 "${mix[@]}"
     probe "cell_lr3e-3_seed1_d$d" --set task.num_kv_pairs=$d --set train.lr=3e-3 --set seed=1
+  done
+elif [ "$SET" = hybrid ]; then
+  base+=(--set train.eval_every=1000 --set train.compile=true --set train.deterministic=true
+    --set "model.layout=m a")
+  mix=(--set "task.kv_pairs_by_length={64: 4, 128: 8}"
+    --set "task.length_mixture=[{length: 64, weight: 1}, {length: 128, weight: 1}, {length: 256, weight: 2}]")
+  for d in 8 16; do
+    for lr in 5e-4 1e-3 2e-3; do
+      probe "d${d}_lr$lr" --set task.num_kv_pairs=$d --set train.lr=$lr "${mix[@]}"
+    done
+  done
+  for lr in 1e-3 2e-3; do
+    probe "d16_lr${lr}_s1" --set task.num_kv_pairs=16 --set train.lr=$lr --set seed=1 "${mix[@]}"
   done
 else
   for d in 8 32; do
