@@ -13,6 +13,12 @@ runs eagerly, so the CPU tests exercise the code the GPU replays.
 
 The prompt is prefilled by the model's ordinary forward with the cache (chunked / Triton scan,
 FA4 or sdpa attention), which is why the static form starts only after it.
+
+With ``forced=True`` the same runner decodes teacher-forced: each step feeds the next token of a
+given sequence instead of a sampled one and records the argmax after it
+(:meth:`DecodeRunner.force`). Evaluation's decode-path subset runs through it, so the predictions
+it compares with the full forward come from the step that generation replays (static cache and,
+on CUDA, the graph).
 """
 
 from __future__ import annotations
@@ -104,7 +110,9 @@ class DecodeRunner:
     sampled tokens. ``use_graph=None`` captures when :func:`can_capture` allows it;
     ``compile_step`` runs ``model.step`` through ``torch.compile`` first (experimental). (The last
     step also runs the model on the last token, whose logits nobody reads: the price of keeping
-    sampling inside the captured step.)
+    sampling inside the captured step.) ``forced=True``: the step reads its token from a device
+    buffer that :meth:`force` fills, and ``tokens`` holds the argmax after each one (sampling
+    is not used).
     """
 
     def __init__(
@@ -120,6 +128,7 @@ class DecodeRunner:
         ssm_dtype: torch.dtype | None = None,
         eos_check_every: int = 32,
         compile_step: bool = False,
+        forced: bool = False,
     ):
         ref = model.embedding.weight
         self.model, self.sampling, self.seed = model, sampling, seed
@@ -133,6 +142,8 @@ class DecodeRunner:
         self.count = torch.zeros(1, dtype=torch.long, device=self.device)
         self.logits = torch.zeros(batch, model.spec.vocab_size, dtype=ref.dtype, device=self.device)
         self.tokens = torch.zeros(batch, max_new, dtype=torch.long, device=self.device)
+        # teacher forcing: the tokens the steps feed, written by force() before it decodes
+        self.forced = torch.zeros_like(self.tokens) if forced else None
         self.done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         self.produced = 0  # tokens since the last prefill (host side: the buffer's bound)
         self.generator = torch.Generator(device=self.device)
@@ -152,7 +163,14 @@ class DecodeRunner:
 
     # --- the step -------------------------------------------------------------------------
     def _step(self) -> None:
-        """Sample from ``logits``, record the token, run the model on it, store new logits."""
+        """Sample from ``logits``, record the token, run the model on it, store new logits
+        (forced: feed the next given token and record the argmax after it)."""
+        if self.forced is not None:
+            given = self.forced.index_select(1, self.count)[:, 0]
+            best = self.model_step(given, self.cache).argmax(dim=-1)
+            self.tokens.index_copy_(1, self.count, best[:, None])
+            self.count += 1
+            return
         nxt = sample(self.logits, self.sampling, self.generator)
         eos = self.sampling.eos_id
         if eos is not None:
@@ -192,9 +210,12 @@ class DecodeRunner:
     # --- running --------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> None:
-        """Reset the cache and run the prompts ``ids`` (batch, L) through the forward."""
+        """Reset the cache and run the prompts ``ids`` (batch, L) through the forward (a forced
+        runner may start from an empty prompt: its first step then sees no context)."""
         if ids.shape[0] != self.batch:
             raise ValueError(f"runner holds {self.batch} sequences, got {ids.shape[0]} prompts")
+        if ids.shape[1] == 0 and self.forced is None:
+            raise ValueError("the prompt is empty: sampling needs at least one token of context")
         if self.seed is None:
             self.generator.seed()
         else:
@@ -205,9 +226,26 @@ class DecodeRunner:
         self.cache.layers.update({i: copy.deepcopy(s) for i, s in self.fresh.items()})
         self._reset_counters()
         self.produced = 0
-        logits = self.model(ids, cache=self.cache)[:, -1]
-        self.logits.copy_(logits)
+        if ids.shape[1] > 0:
+            self.logits.copy_(self.model(ids, cache=self.cache)[:, -1])
         self.cache.make_static(self.position)
+
+    @torch.no_grad()
+    def force(self, ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoding after :meth:`prefill`: feed ``ids`` (batch, n) one token per
+        step; returns the argmax after each fed token, (batch, n) on the device."""
+        if self.forced is None:
+            raise ValueError("force() needs a runner built with forced=True")
+        n = ids.shape[1]
+        if ids.shape[0] != self.batch or self.produced + n > self.max_new:
+            raise ValueError(
+                f"runner holds {self.batch} sequences and {self.max_new - self.produced} more "
+                f"steps, got ids of shape {tuple(ids.shape)}"
+            )
+        first = self.produced
+        self.forced[:, first : first + n].copy_(ids)
+        self.decode(n)
+        return self.tokens[:, first : first + n]
 
     @torch.no_grad()
     def decode(self, n: int) -> int:

@@ -45,14 +45,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast_for(
+    device: torch.device, precision: str, *, cache: bool = True
+) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when ``precision`` is ``bf16`` or ``auto``; nothing otherwise.
 
     CPUs run fp32 under ``auto`` because bf16 matmuls there are slower and the tiny CPU recipes
     are meant to match a reference run closely; ``fp32`` forces full precision everywhere.
+    ``cache=False`` recasts weights at every use (needed around a CUDA-graph capture).
     """
     if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -136,6 +136,38 @@ def test_compiled_step_compiles_once():
     assert runner.cache.seqlen_offset == 5 and int(runner.position) == 12
 
 
+@pytest.mark.parametrize("start", [0, 1, 6])
+def test_forced_runner_is_the_forward_argmax_every_layer_kind(start, one_thread):
+    """Teacher-forced decoding (evaluation's decode subset) through the runner's static step:
+    after prefilling ``start`` tokens, the argmax after each fed token is the forward's, at
+    every position, for every layer kind; an empty prompt starts from no context."""
+    model = _model()
+    ids = torch.randint(0, 64, (3, 10))
+    with torch.no_grad():
+        want = model(ids).argmax(-1)
+    runner = DecodeRunner(model, 3, 10, 10 - start, Sampling(temperature=0.0), forced=True)
+    runner.tokens.fill_(-7)  # poison: every returned position must be written
+    runner.prefill(ids[:, :start])
+    got = runner.force(ids[:, start:])
+    assert torch.equal(got, want[:, start:])
+    assert int(runner.position) == 10
+
+
+def test_forced_runner_refuses_what_it_cannot_do(one_thread):
+    model = _model(layout="s a")
+    forced = DecodeRunner(model, 2, 6, 4, Sampling(temperature=0.0), forced=True)
+    forced.prefill(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="4 more steps, got ids of shape \\(2, 5\\)"):
+        forced.force(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="holds 2 sequences"):
+        forced.force(torch.zeros(3, 1, dtype=torch.long))
+    sampler = DecodeRunner(model, 2, 6, 4, Sampling(temperature=0.0))
+    with pytest.raises(ValueError, match="forced=True"):
+        sampler.force(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        sampler.prefill(torch.zeros(2, 0, dtype=torch.long))
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -147,6 +179,30 @@ def test_graph_equals_eager_tokens(temperature):
     graph = generate(model, ids, 512, sampling=sampling, seed=5, use_graph=True)
     eager = generate(model, ids, 512, sampling=sampling, seed=5, use_graph=False)
     assert torch.equal(graph, eager)
+
+
+@pytest.mark.gpu
+def test_eval_decode_subset_through_the_graph_under_autocast():
+    """Evaluation's decode subset on the GPU: an fp32 model under bf16 autocast, teacher-forced
+    through the captured step (autocast's weight-cast cache off, so the replays cast again):
+    equal to the same subset run eagerly, and the forward's argmax at nearly every position."""
+    from hybridkit.eval.lengthgen import predict_incremental
+
+    model = _model(dtype=torch.float32, device="cuda", layout="s a m w")
+    ids = torch.randint(0, 64, (8, 40), device="cuda")
+    got = predict_incremental(model, ids, 5, "bf16")
+    runner = DecodeRunner(model, 8, 40, 35, Sampling(temperature=0.0), forced=True)
+    assert runner.graph is not None
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        eager = DecodeRunner(
+            model, 8, 40, 35, Sampling(temperature=0.0), forced=True, use_graph=False
+        )
+        eager.prefill(ids[:, :5])
+        want = eager.force(ids[:, 5:]).cpu()
+        forward = model(ids).argmax(-1).cpu()
+    assert torch.equal(got[:, 5:], want)
+    assert (got[:, :5] == -100).all()
+    assert (got[:, 5:] == forward[:, 5:]).double().mean() > 0.95
 
 
 @pytest.mark.gpu

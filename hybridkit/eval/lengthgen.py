@@ -29,17 +29,26 @@ def predict(model: torch.nn.Module, inputs: torch.Tensor, precision: str) -> tor
 
 @torch.no_grad()
 def predict_incremental(model, inputs: torch.Tensor, start: int, precision: str) -> torch.Tensor:
-    """Argmax predictions at positions >= ``start`` via prefill(inputs[:, :start]) + steps."""
+    """Argmax predictions at positions >= ``start`` via prefill(inputs[:, :start]) + steps.
+
+    The steps are generation's (:class:`~hybridkit.generation.DecodeRunner`, teacher-forced):
+    static cache, and on CUDA one captured step replayed per token with no host sync, so this
+    subset checks the decode path that ``generate`` runs. Autocast keeps no cache of cast
+    weights here: a graph captured after the cache was filled would replay without the casts
+    and read cast copies freed when the context ends."""
+    from hybridkit.generation import DecodeRunner, Sampling
+
     device = next(model.parameters()).device
     inputs = inputs.to(device)
     b, length = inputs.shape
-    cache = model.allocate_cache(b, length)
     preds = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
-    with autocast_for(device, precision):
-        if start > 0:
-            model(inputs[:, :start], cache=cache)
-        for t in range(start, length):
-            preds[:, t] = model.step(inputs[:, t], cache).argmax(-1).cpu()
+    if start >= length:
+        return preds
+    with autocast_for(device, precision, cache=False):
+        greedy = Sampling(temperature=0.0)
+        runner = DecodeRunner(model, b, length, length - start, greedy, forced=True)
+        runner.prefill(inputs[:, :start])
+        preds[:, start:] = runner.force(inputs[:, start:]).cpu()
     return preds
 
 
