@@ -4,8 +4,11 @@ For each shape (B, L, H, P, N): forward (no saved states) and forward + backward
 ``triton.testing.do_bench`` (L2 cleared between repetitions, warm-up first so compilation and
 launch tuning stay out of the timed region), for MIMO rank R (chunk 64 / R, "halves" pairing,
 per-rank x scaling) and for SISO (chunk 64) on inputs of the same (B, L, H, P, N); bf16 inputs,
-G = 1, S = N / 4. Also achieved TFLOP/s (dense C R x C R tiles) and GB/s against the copy
-bandwidth and matmul rate measured in the same run.
+G = 1, S = N / 4. Also achieved TFLOP/s (dense C R x C R tiles; the backward counted as twice
+the forward) and GB/s (the fewest bytes: each input, output and gradient once per pass), each as
+a share of the matmul rate and copy bandwidth measured in the same run
+(``mamba3_siso.flops_bytes``). MIMO's roofline is the tensor core: it does R times SISO's chunk
+FLOPs for about the same bytes.
 
     python benchmarks/mamba3_mimo.py --out OUT [--rank 4] [--shapes 0,1,2]
 
@@ -22,7 +25,7 @@ import subprocess
 
 import torch
 import triton
-from mamba3_siso import copy_bandwidth, make_inputs
+from mamba3_siso import copy_bandwidth, flops_bytes, make_inputs
 from triton.testing import do_bench
 
 from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton
@@ -40,13 +43,6 @@ OFFICIAL_H100 = {
     (1, 16384, 32, 64, 128): (7.45, 37.1),
     (8, 2048, 32, 64, 128): (1.08, 8.61),
 }
-
-
-def mimo_flops(B, L, H, P, N, R, C):
-    """Forward FLOPs with dense (C R) x (C R) tiles: scores (N), scores x values (P), state in
-    and out (R rows of N x P per token)."""
-    rows = C * R
-    return B * L * R * H * (2 * rows * (N + P) + 4 * N * P)
 
 
 def matmul_tflops() -> float:
@@ -94,8 +90,20 @@ def time_scan(shape, R: int, reps: int) -> dict:
         fwdbwd, warmup=50, rep=reps, grad_to_none=leaves, return_mode="median"
     )
     res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    res["fwd_tflops"] = mimo_flops(B, L, H, P, N, R, C) / (res["fwd_ms"] * 1e-3) / 1e12
+    res.update(rates(flops_bytes(B, L, H, P, N, C=C, R=R), res["fwd_ms"], res["fwdbwd_ms"]))
     return res
+
+
+def rates(counts: tuple[int, int, int, int], fwd_ms: float, fwdbwd_ms: float) -> dict:
+    """Achieved TFLOP/s and GB/s of the forward and of forward + backward, from
+    ``flops_bytes``'s (fwd FLOPs, fwd bytes, f+b FLOPs, f+b bytes)."""
+    ff, fb, bf, bb = counts
+    return {
+        "fwd_tflops": ff / (fwd_ms * 1e-3) / 1e12,
+        "fwd_gbps": fb / (fwd_ms * 1e-3) / 1e9,
+        "fwdbwd_tflops": bf / (fwdbwd_ms * 1e-3) / 1e12,
+        "fwdbwd_gbps": bb / (fwdbwd_ms * 1e-3) / 1e9,
+    }
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -108,9 +116,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "measured in this run.",
         "",
         "| B, L, H, P, N | R (chunk) | fwd ms | f+b ms | SISO fwd / f+b ms | MIMO/SISO f+b | "
-        "target fwd / f+b | official H100 | fwd TFLOP/s | peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "target fwd / f+b | official H100 | fwd / f+b TFLOP/s (% matmul) | "
+        "fwd / f+b GB/s (% copy) | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    mm, bw = meta["matmul_tflops"], meta["copy_gbps"]
     for r in rows:
         m, s = r["mimo"], r["siso"]
         shape = tuple(r["shape"])
@@ -120,7 +130,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {', '.join(map(str, shape))} | {m['rank']} ({m['chunk']}) | {m['fwd_ms']:.3f} | "
             f"{m['fwdbwd_ms']:.3f} | {s['fwd_ms']:.3f} / {s['fwdbwd_ms']:.3f} | "
             f"{m['fwdbwd_ms'] / s['fwdbwd_ms']:.2f}x | {tgt[0]} / {tgt[1]} | {off[0]} / {off[1]} "
-            f"| {m['fwd_tflops']:.0f} | {m['peak_gb']:.1f} |"
+            f"| {m['fwd_tflops']:.0f} / {m['fwdbwd_tflops']:.0f} "
+            f"({m['fwd_tflops'] / mm:.0%} / {m['fwdbwd_tflops'] / mm:.0%}) "
+            f"| {m['fwd_gbps']:.0f} / {m['fwdbwd_gbps']:.0f} "
+            f"({m['fwd_gbps'] / bw:.0%} / {m['fwdbwd_gbps'] / bw:.0%}) | {m['peak_gb']:.1f} |"
         )
     return "\n".join(out) + "\n"
 

@@ -61,16 +61,21 @@ def make_inputs(B, L, H, P, N, C=64, G=1, seed=0, device="cuda", R=1):
     )
 
 
-def flops_bytes(B, L, H, P, N, C=64, G=1):
-    """Forward FLOPs (dense C x C tiles; docs/kernels.md, "Rooflines") and the fewest bytes
-    moved."""
+def flops_bytes(B, L, H, P, N, C=64, G=1, R=1):
+    """Forward FLOPs (dense C R x C R tiles; docs/kernels.md, "Rooflines"), the fewest bytes the
+    forward moves, and the same two for forward + backward (the backward counted as twice the
+    forward's FLOPs). MIMO rank R: R rows of q / k / y / dy per token (``R * C`` rows a chunk);
+    R = 1 is SISO."""
     S = N // 4
-    fwd_flops = B * L * H * (2 * C * (N + P) + 4 * N * P)
-    tok_in = B * L * (2 * G * N * 2 + H * P * 2 + H * (4 + 4 + 2) + S * 2)  # q,k,v,adt,dt,trap,ang
-    fwd_bytes = tok_in + B * L * H * P * 2  # + y
+    rows = C * R
+    fwd_flops = B * L * R * H * (2 * rows * (N + P) + 4 * N * P)
+    # q, k, v, adt, dt, trap, angles
+    tok_in = B * L * (2 * R * G * N * 2 + H * P * 2 + H * (4 + 4 + 2) + S * 2)
+    y = B * L * R * H * P * 2
+    fwd_bytes = tok_in + y
     # backward: reads inputs + dy (+ saved bf16 chunk states), writes every gradient once
     grads = tok_in + B * L * H * S * 2 - B * L * S * 2  # dangles are per head
-    bwd_bytes = tok_in + B * L * H * P * 2 + grads
+    bwd_bytes = tok_in + y + grads
     return fwd_flops, fwd_bytes, 3 * fwd_flops, fwd_bytes + bwd_bytes
 
 
