@@ -42,6 +42,39 @@ def test_bench_runs_real_optimizer_steps_and_reports():
     assert result.top_kernels and "longest kernels of that step" in text
 
 
+def test_compiled_bench_counts_graphs_and_breaks(monkeypatch):
+    """A compiled run reports Dynamo's graphs and graph breaks (``aot_eager`` here: the CPU
+    needs no C++ toolchain for it): the tiny hybrid compiles whole, and a forward that breaks
+    on purpose is counted, with its reason, in the JSON and the report."""
+    import hybridkit.train.bench as bench
+
+    monkeypatch.setattr(
+        bench, "compile_module", lambda m, mode: torch.compile(m, backend="aot_eager")
+    )
+    model = build_model(tiny_recipe("m a", d_model=16, vocab=64), seed=0)
+    optimizer = build_optimizer(model, TrainSpec(lr=1e-3))
+    run = dict(batch=2, seq_len=16, steps=2, warmup=2, compile_model=True, profile=False)
+    whole = bench_train(model, optimizer, **run).compile_stats
+    assert whole["graph_breaks"] == 0 and whole["graphs_warmup"] >= 1
+    assert whole["graphs_timed"] == 0
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids, targets=None):
+            loss = self.inner(ids, targets=targets)
+            torch._dynamo.graph_break()
+            return loss * 1.0
+
+    result = bench_train(model, optimizer, module=Broken(), **run)
+    assert result.compile_stats["graph_breaks"] >= 1
+    assert result.compile_stats["graphs_warmup"] >= 2
+    text = markdown(result)
+    assert "graph break(s), no recompilation." in text and "- graph break:" in text
+
+
 def test_kernel_names_fall_into_categories():
     assert categorize("_bwd_x_kernel") == "mamba3 scan"
     assert categorize("flash_fwd_kernel") == "attention"

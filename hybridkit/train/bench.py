@@ -9,7 +9,10 @@ The loss goes through the model's training path (``model(ids, targets=...)``), s
 chunked cross-entropy runs when ``model.loss_chunk_tokens`` is set, as in the trainer.
 
 FLOPs per token are counted by :mod:`hybridkit.train.flops` (the formula is printed with every
-result). MFU is reported against the dense bf16 datasheet peak and against a large bf16 matmul
+result). A compiled run also records what Dynamo did: graphs compiled during the warm-up and
+during the timed steps (a graph there is a recompilation inside the measurement) and the graph
+breaks with their reasons; a graph break splits the model into pieces Inductor cannot fuse
+across. MFU is reported against the dense bf16 datasheet peak and against a large bf16 matmul
 measured in the same run. Each result records its environment (date, versions, git commit).
 """
 
@@ -98,6 +101,8 @@ class TrainBench:
     compile_mode: str | None = None
     deterministic: bool = False
     environment: dict = field(default_factory=dict)
+    #: compiled runs: ``graphs_warmup``, ``graphs_timed``, ``graph_breaks``, ``break_reasons``
+    compile_stats: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,8 +151,10 @@ def bench_train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    dynamo = _DynamoCounts() if compile_model else None
     for _ in range(warmup):
         step()
+    warm = dynamo.read() if dynamo else {}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -157,6 +164,15 @@ def bench_train(
         step()
         times.append(elapsed_s(device, start))
     step_s = statistics.median(times)
+    stats = {}
+    if dynamo:
+        total = dynamo.read()
+        stats = {
+            "graphs_warmup": warm["graphs"],
+            "graphs_timed": total["graphs"] - warm["graphs"],
+            "graph_breaks": total["graph_breaks"],
+            "break_reasons": total["break_reasons"],
+        }
     prof = profile_step(step, device) if profile else profiling.KernelProfile()
     count = flops_per_token(model, seq_len)
     achieved = count.per_token * tokens / step_s / 1e12
@@ -186,7 +202,33 @@ def bench_train(
         activation_checkpointing=model.activation_checkpointing,
         deterministic=deterministic,
         environment=run_environment(device),
+        compile_stats=stats,
     )
+
+
+def _first_line(reason: object) -> str:
+    """A graph break's reason as one report line (Dynamo's run over several: explanation, hint)."""
+    lines = str(reason).strip().splitlines()
+    return lines[0][:200] if lines else "(no reason given)"
+
+
+class _DynamoCounts:
+    """Dynamo's own counters (``torch._dynamo.utils.counters``: the graphs it compiled and the
+    graph breaks by reason), cleared when made, so they cover this benchmark only."""
+
+    def __init__(self) -> None:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        self.counters = counters
+
+    def read(self) -> dict:
+        breaks = self.counters["graph_break"]
+        return {
+            "graphs": int(self.counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(breaks.values())),
+            "break_reasons": [_first_line(reason) for reason, _ in breaks.most_common(10)],
+        }
 
 
 def _loss_text(chunk: int | None) -> str:
@@ -223,6 +265,16 @@ def markdown(result: TrainBench) -> str:
         f"{'on' if result.activation_checkpointing else 'off'}"
         f"{'; deterministic kernels (train.deterministic)' if result.deterministic else ''}.",
     ]
+    stats = result.compile_stats
+    if stats:
+        timed = stats["graphs_timed"]
+        lines.append(
+            f"torch.compile: {stats['graphs_warmup']} graph(s) compiled in the warm-up, "
+            f"{stats['graph_breaks']} graph break(s), "
+            + (f"{timed} recompilation(s) in the timed steps" if timed else "no recompilation")
+            + "."
+        )
+        lines += [f"- graph break: {reason}" for reason in stats["break_reasons"]]
     env = result.environment
     if env:
         lines.append(
