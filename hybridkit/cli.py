@@ -237,12 +237,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_generation_memory(model, len(prompts), len(prompts[0]), args.max_new_tokens, device)
     ids = torch.tensor(prompts, device=device)
     out = model.generate(
-        ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        ssm_dtype=_ssm_dtype(args.ssm_dtype),
     )
     for i, row in enumerate(out.tolist()):
         prompt, new = row[: ids.shape[1]], row[ids.shape[1] :]
         print(f"[{i}] prompt {prompt} -> {new}")
     return 0
+
+
+def _ssm_dtype(name: str):
+    """``--ssm-dtype``'s torch dtype; None keeps the cache's default (float32)."""
+    import torch
+
+    return torch.bfloat16 if name == "bfloat16" else None
 
 
 def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str) -> int:
@@ -251,6 +263,7 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
     continued by the model for as many tokens as that answer has; prints the prompt's tail, the
     expected answer, the model's and whether they match. Raw ids mean little on a task model;
     this shows what it does with the inputs it was trained on."""
+    from hybridkit.generation import DecodeRunner, Sampling
     from hybridkit.tasks.base import IGNORE_INDEX, MAX_LENGTH
 
     if recipe.task is None:
@@ -266,7 +279,7 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
         batch = task.eval_set(length).select(slice(0, args.task_examples))
     except ValueError as err:
         raise HybridkitError(f"--length {length}: {err}") from None
-    right = 0
+    answers = {}  # example -> (first scored position, length of the first answer)
     for i in range(len(batch)):
         scored = (batch.targets[i] != IGNORE_INDEX).nonzero().flatten().tolist()
         if not scored:
@@ -275,9 +288,19 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
         run = 1  # the first answer: scored positions in a row from ``first``
         while run < len(scored) and scored[run] == first + run:
             run += 1
-        prompt = batch.inputs[i : i + 1, : first + 1].to(device)
-        out = model.generate(prompt, run, temperature=0.0, seed=args.seed)
-        got = out[0, first + 1 :].tolist()
+        answers[i] = (first, run)
+    # one runner (one static cache, one captured step on a GPU) for every example: a prompt of
+    # any length fits its cache, and a fresh prefill resets it in place
+    longest = max((run for _, run in answers.values()), default=1)
+    runner = DecodeRunner(
+        model, 1, length + longest, longest, Sampling(temperature=0.0),
+        seed=args.seed, ssm_dtype=_ssm_dtype(args.ssm_dtype),
+    )  # fmt: skip
+    right = 0
+    for i, (first, run) in answers.items():
+        runner.prefill(batch.inputs[i : i + 1, : first + 1].to(device))
+        runner.decode(run)
+        got = runner.tokens[0, :run].tolist()
         want = batch.targets[i, first : first + run].tolist()
         right += got == want
         tail = batch.inputs[i, max(0, first - 11) : first + 1].tolist()
@@ -678,6 +701,13 @@ def _add_generate(sub) -> None:
         help="sample among the k most likely tokens (default: all)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--ssm-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="Mamba-3 state storage while decoding (default float32; bfloat16 halves its bytes, "
+        "`bench decode --drift-tokens` measures its drift)",
+    )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     _add_set(p)
     p.set_defaults(func=cmd_generate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,22 @@ def test_generate_task_examples_continue_test_prompts_and_compare(capsys, cli_er
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and all(" -> model [" in line and ", answer [" in line for line in out[:3])
     assert out[3].endswith("first answers right (greedy, 32 tokens)")
+    # one runner serves every example: its answers are what a fresh generate() per prompt gives
+    from hybridkit.build import build_model
+    from hybridkit.recipe import load_recipe
+    from hybridkit.tasks.base import IGNORE_INDEX
+
+    rec = load_recipe(recipe)
+    model = build_model(rec, seed=rec.seed).eval()
+    examples = rec.task.build().eval_set(32).select(slice(0, 3))
+    for i, line in enumerate(out[:3]):
+        first = int((examples.targets[i] != IGNORE_INDEX).nonzero()[0])
+        answer = line.split("answer ")[1].split("]")[0] + "]"
+        run = len(json.loads(answer))  # the printed answer's length
+        alone = model.generate(examples.inputs[i : i + 1, : first + 1], run, temperature=0.0)
+        assert f"-> model {alone[0, first + 1 :].tolist()}, answer" in line
+    assert main([*args, "--ssm-dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.count(" -> model [") == 3
     assert "--length 7" in cli_error("generate", recipe, "--task-examples", "1", "--length", "7")
     model_only = str(ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml")
     assert "--prompt-ids" in cli_error("generate", model_only, "--task-examples", "1")
