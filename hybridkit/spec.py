@@ -314,6 +314,9 @@ class _PatternParser:
         self.tokens = _tokenize(text)
         self.i = 0
 
+    #: parentheses nested deeper than this are refused (the tree is walked recursively)
+    MAX_NESTING = 32
+
     def parse(self) -> _Group:
         seq = self._seq(top=True)
         return _Group(seq)
@@ -324,9 +327,12 @@ class _PatternParser:
 
     def _fail(self, message: str, pos: int | None) -> _SyntaxProblem:
         where = f"at position {pos}" if pos is not None else "at the end"
-        return _SyntaxProblem(f"{message} ({where} of layout {self.text!r})")
+        text = (
+            self.text if len(self.text) <= 120 else f"{self.text[:100]}... ({len(self.text)} chars)"
+        )
+        return _SyntaxProblem(f"{message} ({where} of layout {text!r})")
 
-    def _seq(self, top: bool) -> list[_Name | _Group]:
+    def _seq(self, top: bool, depth: int = 0) -> list[_Name | _Group]:
         items: list[_Name | _Group] = []
         while (tok := self._peek()) is not None:
             kind, text, pos = tok
@@ -335,8 +341,14 @@ class _PatternParser:
                     raise self._fail("unbalanced parentheses: ')' without a matching '('", pos)
                 return items
             if kind == "open":
+                if depth >= self.MAX_NESTING:
+                    raise self._fail(
+                        f"groups nested more than {self.MAX_NESTING} deep; allowed: at most "
+                        f"{self.MAX_NESTING} levels of '('",
+                        pos,
+                    )
                 self.i += 1
-                inner = self._seq(top=False)
+                inner = self._seq(top=False, depth=depth + 1)
                 if self._peek() is None:
                     raise self._fail(
                         f"unbalanced parentheses: '(' at position {pos} is never closed", None
@@ -401,7 +413,13 @@ class _PatternParser:
                     f"bad repetition count {count_text} ({what}); allowed: a positive integer",
                     count_pos,
                 )
-            atom = _Group([atom], int(count_text), pos)
+            if isinstance(atom, _Group):
+                # "m x 2 x 3" is "m x 6" and "(a b) x 2" repeats the group's items: counts
+                # multiply instead of nesting, so a long chain of repetitions cannot build a
+                # tree too deep to walk
+                atom = _Group(atom.items, atom.count * int(count_text), atom.pos)
+            else:
+                atom = _Group([atom], int(count_text), pos)
         return atom
 
 

@@ -232,6 +232,19 @@ def test_missing_required_keys() -> None:
     assert "required" in problem(err, "model.layout")
 
 
+def test_long_repetition_chains_multiply_instead_of_nesting() -> None:
+    """``m x 1 x 1 ...`` (a thousand times) used to nest a thousand groups and overflow the
+    recursion that walks them; counts now multiply, so it is one layer and ``(m a) x 2 x 3``
+    twelve."""
+    assert len(load_recipe(recipe("m" + " x 1" * 1000)).model.layer_names()) == 1
+    assert len(load_recipe(recipe("m" + "*1" * 1000)).model.layer_names()) == 1
+    assert load_recipe(recipe("(m a) x 2 x 3")).model.layer_names() == ["m", "a"] * 6
+    assert (
+        load_recipe(recipe("((m a) x 2 m) x 2")).model.layer_names()
+        == ["m", "a", "m", "a", "m"] * 2
+    )
+
+
 @pytest.mark.parametrize(
     ("layout", "needles"),
     [
@@ -250,6 +263,8 @@ def test_missing_required_keys() -> None:
         ("m + a", ["unexpected character '+'", "allowed"]),
         ("m 3", ["unexpected number 3"]),
         (["m", "zz"], ["unknown template 'zz'", "known templates"]),
+        ("(" * 33 + "m" + ")" * 33, ["nested more than 32 deep", "at most 32 levels"]),
+        ("(" * 5000 + "m" + ")" * 5000, ["nested more than 32 deep"]),  # was a RecursionError
     ],
 )
 def test_layout_errors(layout: Any, needles: list[str]) -> None:
