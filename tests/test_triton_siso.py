@@ -21,6 +21,7 @@ from torch import Tensor
 if not torch.cuda.is_available():  # the interpreter must be chosen before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hybridkit.errors import HybridkitError  # noqa: E402
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked  # noqa: E402
 from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton  # noqa: E402
@@ -404,7 +405,7 @@ def test_triton_chunk_narrows_what_is_not_validated():
     assert plan == ops.ScanPlan("triton", 32, "chunk 32") and plan.describe() == "triton (chunk 32)"
 
 
-def test_dispatch_rules():
+def test_dispatch_rules(monkeypatch):
     def plan(
         device="cuda", length=64, rank=1, dtype=torch.bfloat16, chunk=64, n=128, backend="auto"
     ):
@@ -424,7 +425,12 @@ def test_dispatch_rules():
         "auto", device="cuda", dtype=torch.bfloat16, length=9, rank=1, d_state=128,
         headdim=16, chunk_size=64,
     ).reason.startswith("d_state 128 / headdim 16")  # fmt: skip
-    assert plan(device="cpu", backend="triton") == "triton"
+    assert plan(device="cpu", backend="triton") == "triton"  # the interpreter runs it
+    with monkeypatch.context() as env:  # no interpreter: a clear error, not Triton's
+        env.setenv("TRITON_INTERPRET", "0")  # "0 active drivers" from the first launch
+        with pytest.raises(HybridkitError, match="'triton' runs on a CUDA device.*not on cpu"):
+            plan(device="cpu", backend="triton")
+        assert plan(device="cuda", backend="triton") == "triton"
     assert plan(backend="cute") == plan()  # cute is a decode-step backend; the scan is auto's
     with pytest.raises(ValueError, match="allowed: auto, reference, chunked, triton, cute"):
         plan(backend="tilelang")

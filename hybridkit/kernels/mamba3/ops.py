@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from hybridkit.errors import HybridkitError
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, mamba3_step_reference
@@ -75,7 +76,16 @@ def plan_scan(
     if backend == "cute":  # a decode-step backend only: the scan picks as for auto
         backend = "auto"
     if backend == "triton":
+        from hybridkit.kernels.config import interpreting
         from hybridkit.kernels.mamba3.chunkscan import kernel_chunk
+
+        where = torch.device(device).type if device is not None else None
+        if where not in (None, "cuda", "meta") and not interpreting():
+            raise HybridkitError(
+                f"mixer.backend 'triton' runs on a CUDA device (or on the CPU through the Triton "
+                f"interpreter, TRITON_INTERPRET=1), not on {where}; allowed here: auto, chunked, "
+                "reference"
+            )
 
         return ScanPlan(backend, kernel_chunk(chunk_size, rank, d_state, headdim, fast))
     if backend != "auto":
