@@ -52,6 +52,16 @@ def user_path(text: str | os.PathLike, what: str) -> Path:
         ) from None
 
 
+def resolved(path: Path, what: str) -> Path:
+    """``path.resolve()``, naming ``what`` when it cannot be: a symbolic link that points back at
+    itself is a bare RuntimeError (Python 3.11-3.12) or OSError (3.13) otherwise."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        why = "is a loop of symbolic links" if "link" in str(exc).lower() else f"({exc})"
+        raise HybridkitError(f"{what} {str(path)!r} cannot be resolved: it {why}") from None
+
+
 def file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be read as a file (missing, a directory, a device or pipe), or None."""
     if not path.exists():

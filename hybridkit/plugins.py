@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hybridkit.errors import HybridkitError
-from hybridkit.fsutil import file_problem, user_path
+from hybridkit.fsutil import file_problem, resolved, user_path
 
 __all__ = [
     "ENV_VAR",
@@ -124,7 +124,10 @@ def _load_module(name: str, base_dir: Path) -> str:
 
 
 def _load_file(ref: str, base_dir: Path) -> str:
-    path = (base_dir / user_path(ref, "plugin file")).resolve()
+    try:
+        path = resolved(base_dir / user_path(ref, "plugin file"), "plugin file")
+    except HybridkitError as exc:
+        raise PluginError(str(exc)) from None
     if problem := file_problem(path):
         problem = "not found" if not path.exists() else problem
         raise PluginError(f"plugin file {ref!r} {problem} (looked at {path})")

@@ -133,6 +133,19 @@ class _Loader(yaml.SafeLoader):
                 node.start_mark,
             ) from None
 
+    def construct_yaml_str(self, node: ScalarNode) -> str:
+        text = super().construct_yaml_str(node)
+        bad = next((ch for ch in text if "\ud800" <= ch <= "\udfff"), None)
+        if bad is not None:  # only an escape ("\ud800") makes one; nothing can print or save it
+            raise ConstructorError(
+                None,
+                None,
+                f"the escape \\u{ord(bad):04x} is a lone surrogate, not a character; allowed: "
+                "any Unicode character (a pair of surrogates is written as one \\U escape)",
+                node.start_mark,
+            )
+        return text
+
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict:
         seen: dict[tuple[str, str], Any] = {}
         for key_node, _ in node.value:
@@ -152,6 +165,7 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:str", _Loader.construct_yaml_str)
 for _tag in ("binary", "timestamp", "omap", "pairs", "set"):
     # add_constructor gave the class its own table; without these entries such tags reach the
     # fallback below and are refused by name.

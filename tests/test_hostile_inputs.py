@@ -381,6 +381,24 @@ def test_the_three_reported_inputs_read_clearly(tmp_path, cli_error):
     assert main(["show", str(reuse), "--device", "cpu"]) == 0
 
 
+def test_second_fuzz_findings_read_clearly(tmp_path, cli_error):
+    """From the second CLI fuzz: a lone surrogate escaped into a name (was a UnicodeEncodeError
+    when the name was printed), a symlink loop given as a plugin (was Python's RuntimeError)."""
+    text = (ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml").read_text()
+    lone = tmp_path / "lone.yaml"
+    lone.write_text('name: "\\ud800"\n' + "".join(
+        line + "\n" for line in text.splitlines() if not line.startswith("name:")
+    ))  # fmt: skip
+    msg = cli_error("show", str(lone))
+    assert "line 1, column 7: the escape \\ud800 is a lone surrogate" in msg
+    pair = tmp_path / "pair.yaml"
+    pair.write_text(lone.read_text().replace("\\ud800", "\\U0001F600"))
+    assert main(["show", str(pair), "--device", "cpu"]) == 0
+    loop = tmp_path / "loop.py"
+    loop.symlink_to(loop)
+    assert "loop.py" in cli_error("show", str(lone.with_name("pair.yaml")), "--plugin", str(loop))
+
+
 def test_show_of_the_largest_allowed_model_is_quick(capsys):
     """Sizes at their upper bounds are valid; ``show`` builds them on the meta device."""
     recipe = str(ROOT / "hybridkit" / "recipes" / "hybrid_l.yaml")
