@@ -182,7 +182,10 @@ class EvalSpec(StrictModel):
     )
     batch_size: int = Field(default=64, gt=0, description="examples per forward pass")
     examples: int | None = Field(
-        default=None, gt=0, description="examples per length; default: task.eval_examples"
+        default=None,
+        gt=0,
+        le=10**7,  # task.eval_examples' bound: one evaluation set is held in memory per length
+        description="examples per length; default: task.eval_examples",
     )
     decode_examples: int = Field(
         default=8, ge=0, description="examples per length also run through token-by-token decode"

@@ -197,7 +197,7 @@ class ModelSpec(_AtomicAssignment):
         description="Megatron-style symbol -> template name",
     )
     tie_embeddings: bool = True
-    norm_eps: float = Field(default=1e-5, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0, le=1.0)
     init_std: float = Field(default=0.02, gt=0)
 
     @field_validator("layout", mode="before")

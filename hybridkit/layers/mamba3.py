@@ -330,7 +330,7 @@ class Mamba3Spec(LayerSpec):
     dt_min: float = Field(default=1e-3, gt=0, le=MAX_RATE)
     dt_max: float = Field(default=0.1, gt=0, le=MAX_RATE)
     dt_init_floor: float = Field(default=1e-4, gt=0, le=MAX_RATE)
-    norm_eps: float = Field(default=1e-5, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0, le=1.0)
     chunk_size: int = Field(
         default=64, gt=0, le=4096, description="chunk length of the prefill scan"
     )
@@ -386,6 +386,17 @@ class Mamba3Spec(LayerSpec):
     def check(self, d_model: int) -> list[tuple[str, str]]:
         problems = []
         d_inner = self.d_inner(d_model)
+        if d_inner < self.headdim:  # 0 heads passes the check below and builds an empty layer
+            problems.append(
+                (
+                    "expand",
+                    f"d_inner = int(expand * d_model) = int({self.expand} * {d_model}) = "
+                    f"{d_inner} is below headdim {self.headdim}, which leaves no head; "
+                    f"allowed: expand >= headdim / d_model = {self.headdim / d_model:g} "
+                    "(or a smaller headdim)",
+                )
+            )
+            return problems
         if d_inner % self.headdim:
             problems.append(
                 (

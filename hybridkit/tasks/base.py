@@ -51,6 +51,10 @@ MAX_LENGTH = 2**24
 """Longest length any task may be asked for (16M tokens): past it a recipe is a typo, and the
 generators would allocate more memory than any machine has."""
 
+MAX_VOCAB = 2**24
+"""Largest vocabulary a task may ask for: the bound of ``model.vocab_size`` (``hybridkit/spec.py``),
+so a larger one could never be trained; vocabulary knobs are bounded to stay within it."""
+
 POSITION_META = ("answer_group",)
 """Meta keys holding one value per position ``(B, L)``; padded with -1 like the inputs."""
 

@@ -17,7 +17,15 @@ import numpy as np
 from pydantic import Field
 
 from hybridkit.registry import register_task
-from hybridkit.tasks.base import IGNORE_INDEX, Batch, Task, TaskSpec, long_tensor, make_batch
+from hybridkit.tasks.base import (
+    IGNORE_INDEX,
+    MAX_VOCAB,
+    Batch,
+    Task,
+    TaskSpec,
+    long_tensor,
+    make_batch,
+)
 
 
 @register_task
@@ -26,7 +34,9 @@ class InductionSpec(TaskSpec):
 
     kind: Literal["induction"] = "induction"
     seq_len: int = Field(default=256, gt=0, description="input tokens")
-    num_tokens: int = Field(default=16, ge=2, description="data vocabulary (trigger excluded)")
+    num_tokens: int = Field(
+        default=16, ge=2, le=MAX_VOCAB - 1, description="data vocabulary (trigger excluded)"
+    )
 
     def length_problem(self, length: int) -> str | None:
         if length < 3:

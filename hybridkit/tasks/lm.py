@@ -30,7 +30,7 @@ from pydantic import Field
 from hybridkit.errors import HybridkitError
 from hybridkit.fsutil import file_problem, user_path
 from hybridkit.registry import register_task
-from hybridkit.tasks.base import Batch, Task, TaskSpec, long_tensor
+from hybridkit.tasks.base import MAX_VOCAB, Batch, Task, TaskSpec, long_tensor
 
 BYTE_PAD, BYTE_BOS = 256, 257
 
@@ -64,7 +64,8 @@ class TokensSpec(_FileSpec):
     """Recipe keys of the ``tokens`` task (pre-tokenized ids in .npy or raw .bin)."""
 
     kind: Literal["tokens"] = "tokens"
-    vocab_size: int = Field(gt=0, description="ids in the file are below this")
+    # at least 2: with one id every next token is known (chance 1 / vocab_size = 1)
+    vocab_size: int = Field(ge=2, le=MAX_VOCAB, description="ids in the file are below this")
     dtype: Literal["uint8", "uint16", "int16", "uint32", "int32", "int64"] = Field(
         default="uint16", description="element type of a raw .bin file (ignored for .npy)"
     )

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from hybridkit.registry import register_task
-from hybridkit.tasks.base import IGNORE_INDEX, Batch, Task, TaskSpec, make_batch
+from hybridkit.tasks.base import IGNORE_INDEX, MAX_VOCAB, Batch, Task, TaskSpec, make_batch
 
 PAD, BOS, EQ, PLUS, MINUS, TIMES, LPAREN, RPAREN, DIGIT0 = range(9)
 OP_TOKENS = {"+": PLUS, "-": MINUS, "*": TIMES}
@@ -42,7 +42,8 @@ class ModArithSpec(TaskSpec):
     kind: Literal["modarith"] = "modarith"
     seq_len: int = Field(default=39, gt=0, description="expression tokens n")
     brackets: bool = Field(default=False, description="recursive bracketed expressions")
-    modulus: int = Field(default=5, ge=2, description="M; numbers are 0 .. M-1")
+    # vocabulary 8 + M; the bound also keeps products of two residues exact in int64
+    modulus: int = Field(default=5, ge=2, le=MAX_VOCAB - 8, description="M; numbers are 0 .. M-1")
     ops: str | None = Field(
         default=None, description="operator characters from '+-*'; default '+-*' / '+-' (brackets)"
     )

@@ -29,6 +29,7 @@ from pydantic import Field, PositiveInt
 from hybridkit.registry import register_task
 from hybridkit.tasks.base import (
     IGNORE_INDEX,
+    MAX_VOCAB,
     Batch,
     Task,
     TaskSpec,
@@ -44,7 +45,9 @@ class MQARSpec(TaskSpec):
 
     kind: Literal["mqar"] = "mqar"
     seq_len: int = Field(default=64, gt=0, description="input tokens N (even)")
-    vocab_size: int = Field(default=8192, ge=4, description="V; keys [1, V/2), values [V/2, V)")
+    vocab_size: int = Field(
+        default=8192, ge=4, le=MAX_VOCAB, description="V; keys [1, V/2), values [V/2, V)"
+    )
     num_kv_pairs: int = Field(default=4, gt=0, description="D key-value pairs per example")
     kv_pairs_by_length: dict[PositiveInt, PositiveInt] = Field(
         default_factory=dict,

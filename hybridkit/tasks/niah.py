@@ -62,13 +62,28 @@ import torch
 from pydantic import Field
 
 from hybridkit.registry import register_task
-from hybridkit.tasks.base import IGNORE_INDEX, Batch, Task, TaskSpec, long_tensor, sample_distinct
+from hybridkit.tasks.base import (
+    IGNORE_INDEX,
+    MAX_LENGTH,
+    MAX_VOCAB,
+    Batch,
+    Task,
+    TaskSpec,
+    long_tensor,
+    sample_distinct,
+)
 
 PAD, BOS, NEEDLE, QUERY, IS, DOT = range(6)
 DIGIT0, HEX0, ADJ0 = 6, 16, 32
 MIN_FILLER = 8  # haystack tokens an example must keep besides needles and questions
 MARKOV_BRANCHING = 64  # successors per Markov state (Zipf weights over them)
 SINGLES = ("single_1", "single_2", "single_3")
+MAX_HAYSTACK_VOCAB = 2**18
+"""Most haystack words: the essay's successor table is H x 64 int64 ids (128 MiB here, built
+when the task is); larger than the vocabularies of real tokenizers (32K-256K)."""
+MAX_KEY_WORDS = MAX_VOCAB // 4
+"""Most adjectives, and most nouns: 32 + A + N + H then stays within the bound of
+``model.vocab_size``."""
 
 Variant = Literal[
     "single_1", "single_2", "single_3", "multikey", "multivalue", "multiquery", "mixed"
@@ -122,17 +137,27 @@ class NIAHSpec(TaskSpec):
     value_type: Literal["auto", "number", "uuid"] = Field(
         default="auto", description="override the variant's value kind"
     )
-    haystack_vocab: int = Field(default=2048, ge=2, description="H haystack words")
-    num_adjectives: int = Field(default=256, ge=1, description="A key adjectives")
-    num_nouns: int = Field(default=256, ge=1, description="N key nouns")
+    haystack_vocab: int = Field(
+        default=2048, ge=2, le=MAX_HAYSTACK_VOCAB, description="H haystack words"
+    )
+    num_adjectives: int = Field(default=256, ge=1, le=MAX_KEY_WORDS, description="A key adjectives")
+    num_nouns: int = Field(default=256, ge=1, le=MAX_KEY_WORDS, description="N key nouns")
     value_digits: int = Field(default=7, ge=1, description="digits of a number value")
     uuid_length: int = Field(default=32, ge=1, description="hex tokens of a uuid value")
     num_needles: int = Field(default=4, ge=1, description="keys of multikey / multiquery")
     num_values: int = Field(default=4, ge=1, description="values of the multivalue key")
     num_queries: int = Field(default=4, ge=1, description="queries of multiquery")
-    num_depths: int = Field(default=40, ge=1, description="evenly spaced needle depths in [0, 1]")
-    sentence_len: int = Field(default=20, ge=2, description="mean essay sentence length")
-    noise_sentence_len: int = Field(default=24, ge=2, description="noise sentence length")
+    # Sizes along the sequence (the depth grid and the noise sentence are arrays built with the
+    # task): past the longest length a task may generate, they cannot change an example.
+    num_depths: int = Field(
+        default=40, ge=1, le=MAX_LENGTH, description="evenly spaced needle depths in [0, 1]"
+    )
+    sentence_len: int = Field(
+        default=20, ge=2, le=MAX_LENGTH, description="mean essay sentence length"
+    )
+    noise_sentence_len: int = Field(
+        default=24, ge=2, le=MAX_LENGTH, description="noise sentence length"
+    )
     haystack_seed: int = Field(default=0, ge=0, description="seed of the fixed haystack sources")
 
     def layouts(self) -> dict[str, Layout]:

@@ -22,7 +22,15 @@ import numpy as np
 from pydantic import Field
 
 from hybridkit.registry import register_task
-from hybridkit.tasks.base import IGNORE_INDEX, Batch, Task, TaskSpec, make_batch, sample_distinct
+from hybridkit.tasks.base import (
+    IGNORE_INDEX,
+    MAX_VOCAB,
+    Batch,
+    Task,
+    TaskSpec,
+    make_batch,
+    sample_distinct,
+)
 
 BLANK, COPY, FIRST_DATA = 0, 1, 2
 
@@ -33,7 +41,10 @@ class SelectiveCopySpec(TaskSpec):
 
     kind: Literal["selective_copy"] = "selective_copy"
     seq_len: int = Field(default=256, gt=0, description="input tokens")
-    vocab_size: int = Field(default=16, ge=3, description="blank + copy + data tokens")
+    # at least two data tokens: with one, every answer is known (chance 1 / (V - 2) = 1)
+    vocab_size: int = Field(
+        default=16, ge=4, le=MAX_VOCAB, description="blank + copy + data tokens (at least 2)"
+    )
     num_tokens: int = Field(default=16, gt=0, description="T tokens to copy")
 
     def length_problem(self, length: int) -> str | None:
