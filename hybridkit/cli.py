@@ -263,8 +263,9 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
     continued by the model for as many tokens as that answer has; prints the prompt's tail, the
     expected answer, the model's and whether they match. Raw ids mean little on a task model;
     this shows what it does with the inputs it was trained on."""
+    from hybridkit.footprint import check_prompt_examples
     from hybridkit.generation import DecodeRunner, Sampling
-    from hybridkit.tasks.base import IGNORE_INDEX, MAX_LENGTH
+    from hybridkit.tasks.base import IGNORE_INDEX, MAX_LENGTH, check_model_vocab
 
     if recipe.task is None:
         raise HybridkitError(
@@ -272,9 +273,11 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
             f"{args.source} has none (use --prompt-ids)"
         )
     task = recipe.task.build()
+    check_model_vocab(task, recipe.model.vocab_size, recipe.task.kind, args.source)
     length = args.length or recipe.task.max_train_length()
     if length > MAX_LENGTH:  # as eval --lengths: the test set would not fit in any memory
         raise HybridkitError(f"--length {length} is too long; allowed: at most {MAX_LENGTH}")
+    check_prompt_examples(recipe, length, device)
     try:
         batch = task.eval_set(length).select(slice(0, args.task_examples))
     except ValueError as err:

@@ -123,6 +123,22 @@ def check_recipe_eval(
     )
 
 
+def check_prompt_examples(recipe: RecipeSpec, length: int, device: torch.device | str) -> None:
+    """Refuse ``generate --task-examples`` at ``length`` when the task's test set (built whole,
+    inputs and targets) cannot fit on the host or one prompt's forward on ``device``."""
+    task = recipe.task
+    tokens = task.token_length(length)
+    host = task.eval_examples * tokens * 2 * INT64
+    forward = tokens * (recipe.model.vocab_size + 2 * recipe.model.d_model) * LOW_PRECISION
+    refuse_if_short(
+        (host, forward),
+        device,
+        f"--length {length}: the test set of {task.eval_examples} examples of {tokens} tokens "
+        "and one prompt's forward",
+        "lower --length or task.eval_examples",
+    )
+
+
 def check_training(
     model: ModelSpec, task: TaskSpec, batch: int, micro_batch: int, device: torch.device | str
 ) -> None:

@@ -59,7 +59,7 @@ def test_refusals_name_the_settings(monkeypatch, tmp_path):
         Trainer(recipe, tmp_path / "run", progress=False)
 
 
-def test_eval_and_study_refuse_a_length_past_memory(tmp_path, capsys):
+def test_eval_and_study_refuse_a_length_past_memory(tmp_path, capsys, monkeypatch):
     recipe = load_recipe(BASE, ["train.steps=2"])
     run = tmp_path / "run"
     trainer = Trainer(recipe, run, progress=False)
@@ -76,3 +76,19 @@ def test_eval_and_study_refuse_a_length_past_memory(tmp_path, capsys):
     with pytest.raises(HybridkitError, match=r"lengths \(variant '\w+'\) 16777216"):
         run_study(study, tmp_path / "out", device="cpu", progress=False)
     assert not list((tmp_path / "out").glob("*/*"))
+    # generate --task-examples builds the whole test set at --length: refused the same way
+    # (4.3 GB of test set and 2 GB of forward; this machine may hold it, so 1 GB is free here)
+    monkeypatch.setattr(footprint, "free_memory_bytes", lambda where: 10**9)
+    assert main(["generate", str(run), "--task-examples", "1", "--length", "16777216",
+                 "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--length 16777216: the test set of 16 examples of 16777216 tokens" in err
+    assert "lower --length or task.eval_examples" in err
+
+    monkeypatch.setattr(footprint, "free_memory_bytes", lambda where: None)  # unknown: no limit
+    # a task grown past the run's model (an override) is refused, not an index error in the
+    # embedding: eval, generate --task-examples
+    for cmd in (["eval", str(run)], ["generate", str(run), "--task-examples", "1"]):
+        assert main([*cmd, "--set", "task.vocab_size=100", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "model.vocab_size: 32 is smaller than the vocabulary of task 'mqar' (100)" in err

@@ -568,6 +568,10 @@ def test_checkpoint_state_with_damaged_values_is_clear(tmp_path, capsys, cli_err
     assert main([*args, "--set=train.steps=3"]) == 0
     captured = capsys.readouterr()
     assert "is corrupt (step: 'x')" in captured.err and "at step 1" in captured.out
+    # a step past train.steps (10^30 in the fuzz) was "resumed at step 1000...000", rc 0
+    (newest / "trainer.json").write_text(json.dumps({**state, "step": 10**30}))
+    msg = cli_error(*args, "--set=train.steps=3", "--resume", str(newest))
+    assert f"{newest} is at step {10**30}, past train.steps 3" in msg
 
 
 def test_a_damaged_latest_file_of_a_run_is_clear(tmp_path, cli_error):

@@ -22,6 +22,7 @@ from hybridkit.eval.plots import plot_depth_heatmap, plot_lengthgen
 from hybridkit.footprint import check_recipe_eval
 from hybridkit.rundir import load_run
 from hybridkit.runtime import resolve_device
+from hybridkit.tasks.base import check_model_vocab
 
 
 def binomial_stderr(p: float, n: float) -> float:
@@ -95,6 +96,7 @@ def evaluate_run(
     if ev.examples is not None:
         task_spec = task_spec.model_copy(update={"eval_examples": ev.examples})
     task = task_spec.build()
+    check_model_vocab(task, recipe.model.vocab_size, task_spec.kind, f"{run_dir}/recipe.yaml")
     given = lengths
     lengths = list(lengths or ev.lengths or task.eval_lengths)
     for n in lengths:

@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from hybridkit.errors import HybridkitError
+from hybridkit.errors import HybridkitError, RecipeError
 from hybridkit.registry import TASKS, dispatch_kind
 from hybridkit.schema import StrictModel, get_path, split_path
 
@@ -374,6 +374,23 @@ class TaskError(HybridkitError):
     """A task's generator broke the Task API contract (docs/tasks.md section 9): a bad batch or
     a missing attribute. Caught where batches are made, it names the task and what is wrong,
     instead of an ``IndexError`` from the embedding or a shape error from the loss."""
+
+
+def check_model_vocab(task: Task, model_vocab: int, kind: str, source: str = "<recipe>") -> None:
+    """Refuse a model whose embedding cannot hold every token ``task`` emits: training, ``eval``
+    and ``generate --task-examples`` would otherwise stop in the embedding with an index error
+    (a ``--set task...`` override can grow a trained run's task past its model)."""
+    if task.vocab_size > model_vocab:
+        raise RecipeError(
+            source,
+            [
+                (
+                    "model.vocab_size",
+                    f"{model_vocab} is smaller than the vocabulary of task {kind!r} "
+                    f"({task.vocab_size}); allowed: >= {task.vocab_size}",
+                )
+            ],
+        )
 
 
 class Task(ABC):

@@ -30,7 +30,7 @@ from hybridkit.kernels.config import scored_rows_enabled
 from hybridkit.kernels.loss import scored_rows
 from hybridkit.recipe import RecipeSpec, digest, dump_recipe, recipe_to_dict
 from hybridkit.runtime import autocast_for, resolve_device
-from hybridkit.tasks.base import IGNORE_INDEX, Task
+from hybridkit.tasks.base import IGNORE_INDEX, Task, check_model_vocab
 from hybridkit.train import distributed as dist_utils
 from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint, write_checkpoint
 from hybridkit.train.compile import begin_step, compile_module
@@ -142,18 +142,7 @@ class Trainer:
         self.device = resolve_device(self.spec.device, self.dist.local_rank)
         self.task: Task = recipe.task.build()
         self.task.check_attributes()
-        if self.task.vocab_size > recipe.model.vocab_size:
-            raise RecipeError(
-                "<recipe>",
-                [
-                    (
-                        "model.vocab_size",
-                        f"{recipe.model.vocab_size} is smaller than the vocabulary of "
-                        f"task {recipe.task.kind!r} ({self.task.vocab_size}); "
-                        f"allowed: >= {self.task.vocab_size}",
-                    )
-                ],
-            )
+        check_model_vocab(self.task, recipe.model.vocab_size, recipe.task.kind)
         per_rank = self.spec.batch_size // self.spec.grad_accum
         if per_rank % self.dist.world_size:
             raise RecipeError(
@@ -311,6 +300,12 @@ class Trainer:
         else:
             path = Path(resume)
             model_sd, optim_flat, state = read_checkpoint(path)
+        if int(state["step"]) > self.spec.steps:
+            raise CheckpointError(
+                f"{path} is at step {state['step']}, past train.steps {self.spec.steps}: there is "
+                "nothing left to train; raise train.steps to continue it, or use a new run "
+                "directory"
+            )
         if state.get("model_fingerprint") != model_fingerprint(self.recipe):
             raise CheckpointError(
                 f"{path} was written by a different model architecture; refusing to resume "
