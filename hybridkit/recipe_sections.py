@@ -46,12 +46,12 @@ class TrainSpec(StrictModel):
     decay_fraction: float = Field(
         default=0.2, gt=0, le=1, description="WSD: share of steps in decay"
     )
-    weight_decay: float = Field(default=0.1, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0, le=10)  # AdamW decays by lr x this per step
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
         0.9,
         0.95,
     )
-    eps: float = Field(default=1e-8, gt=0)
+    eps: float = Field(default=1e-8, gt=0, le=1)  # past ~1 it swamps every Adam update
     grad_clip: float | None = Field(default=1.0, gt=0, description="max grad norm; null = off")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
@@ -188,8 +188,14 @@ class EvalSpec(StrictModel):
         description="examples per length; default: task.eval_examples",
     )
     decode_examples: int = Field(
-        default=8, ge=0, description="examples per length also run through token-by-token decode"
+        default=8,
+        ge=0,
+        le=4096,  # one decode batch: the subset checks the path, it does not score the task
+        description="examples per length also run through token-by-token decode",
     )
     decode_max_length: int = Field(
-        default=1024, ge=0, description="skip the decode-path check above this many tokens"
+        default=1024,
+        ge=0,
+        le=2**24,  # the longest length a task may generate (tasks.base.MAX_LENGTH)
+        description="skip the decode-path check above this many tokens",
     )

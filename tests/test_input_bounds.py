@@ -197,3 +197,20 @@ def test_norm_eps_is_bounded(key, cli_error):
     assert f"{key}: must be greater than 0" in recipe_error(TINY, f"{key}=0")
     assert "must be" in cli_error("show", str(TINY), "--set", f"{key}=1e300")
     load_recipe(TINY, [f"{key}=1.0"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("train.eps", "1e300", "less than or equal to 1"),
+        ("train.weight_decay", "1e300", "less than or equal to 10"),
+        ("eval.decode_examples", "1000000", "less than or equal to 4096"),
+        ("eval.decode_max_length", "100000000", "less than or equal to 16777216"),
+    ],
+)
+def test_optimizer_and_decode_subset_bounds(key, value, needle):
+    """The rest of the fuzz's unbounded knobs: an Adam eps of 1e300 zeroes every update, a
+    weight decay of 1e300 every weight, and the decode subset is a check, not a second eval."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe(TINY, [f"{key}={value}"])
+    assert any(k == key and needle in msg for k, msg in info.value.problems), str(info.value)
