@@ -59,7 +59,7 @@ from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_lengthgen
 from hybridkit.eval.report import binomial_stderr, evaluate_run, spread
 from hybridkit.footprint import check_recipe_eval, check_training
-from hybridkit.fsutil import atomic_write_text
+from hybridkit.fsutil import atomic_write_text, resolved
 from hybridkit.plugins import env_plugins
 from hybridkit.recipe import (
     RecipeSpec,
@@ -76,7 +76,7 @@ from hybridkit.schema import StrictModel, raise_problems, spec_problem
 from hybridkit.study_jobs import deferral, run_parallel
 from hybridkit.study_records import valid_eval, valid_heldout, valid_record
 from hybridkit.summary import human_bytes, human_count, summarize
-from hybridkit.tasks.base import MAX_LENGTH
+from hybridkit.tasks.base import MAX_LENGTH, Task, check_model_vocab
 from hybridkit.train.determinism import deterministic_kernels
 from hybridkit.train.trainer import Trainer
 from hybridkit.weights import find_weights
@@ -111,6 +111,30 @@ def recipe_fingerprint(recipe: RecipeSpec) -> str:
 
 METRICS = ("ex_match", "tok_acc", "scaled_acc")
 
+# Size limits of one study, checked before any variant's recipe is loaded (validating a recipe
+# takes milliseconds, so 10,000 variants planned for over a minute without a word). The shipped
+# studies use at most 3 seeds, 3 lrs and 60 runs.
+MAX_SEEDS = 100
+MAX_LRS = 20
+MAX_RUNS = 1000
+MAX_VARIANTS = 200  # variants x sweep values: each variant's recipe is loaded when planning
+
+# Keys the study sets in every run's recipe itself (``variant_recipe``), which a sweep must not
+# take: a sweep over one was overwritten run by run (``train.lr`` by ``lrs``, ``seed`` by
+# ``seeds``), and ``train.seed`` overrides the study's seed (the trainer prefers it), so every
+# seed of a variant trained the same model. Key -> why, and what to use instead.
+STUDY_OWNED_KEYS = {
+    "train.lr": "the study sets every run's train.lr from `lrs`: give learning rates as `lrs`",
+    "seed": "the study sets every run's seed from `seeds`: give seeds as `seeds`",
+    "train.seed": "train.seed replaces the study's seed of every run (all seeds of a variant "
+    "would train the same model): give seeds as `seeds`",
+}
+
+
+def format_lr(lr: float) -> str:
+    """An LR as run folder names (``lr<lr>-seed<seed>``) and reports write it."""
+    return f"{lr:g}"
+
 
 class SweepSpec(StrictModel):
     """One recipe key crossed with every variant (e.g. ``task.num_kv_pairs`` for MQAR capacity)."""
@@ -127,6 +151,11 @@ class SweepSpec(StrictModel):
     def _key(cls, value: str) -> str:
         if not value or "=" in value or value.startswith(".") or value.endswith("."):
             raise ValueError(f"sweep.key must be a dotted recipe key, got {value!r}")
+        if value.strip() in STUDY_OWNED_KEYS:
+            raise ValueError(
+                f"sweep.key {value!r} cannot be swept: {STUDY_OWNED_KEYS[value.strip()]} (not "
+                f"allowed as sweep.key: {', '.join(STUDY_OWNED_KEYS)})"
+            )
         return value
 
     @field_validator("values")
@@ -199,6 +228,37 @@ class StudySpec(StrictModel):
         return value
 
     @model_validator(mode="after")
+    def _size(self) -> StudySpec:
+        """At most ``MAX_VARIANTS`` variants (with a sweep: each arm at each value) and
+        ``MAX_RUNS`` runs, counted as the planner lists them (every variant at each LR with the
+        first seed, then once per further seed): checked before any recipe is loaded."""
+        arms, values = len(self.variants), len(self.sweep.values) if self.sweep else 1
+        n_lrs, n_seeds = len(self.lrs or [None]), len(self.seeds)
+        runs = arms * values * (n_lrs + n_seeds - 1)
+        if arms * values > MAX_VARIANTS:
+            where, count = ("variants",), f"{arms} variants"
+            if self.sweep is not None:
+                where = ("sweep", "values")
+                count = f"variants x sweep.values = {arms} x {values} = {arms * values} variants"
+            message = (
+                f"too many variants: {count}; allowed: at most {MAX_VARIANTS} (split the study "
+                "into several study files)"
+            )
+            raise_problems(type(self).__name__, [spec_problem(where, message, None)])
+        if runs > MAX_RUNS:
+            keys, counts = "variants", f"{arms}"
+            if self.sweep is not None:
+                keys, counts = "variants x sweep.values", f"{arms} x {values}"
+            message = (
+                f"too many runs: {keys} x (lrs at the first seed + the other seeds) = "
+                f"{counts} x ({n_lrs} + {n_seeds - 1}) = {runs} runs; allowed: at most "
+                f"{MAX_RUNS} runs per study (split it into several study files, or use fewer "
+                "variants, sweep.values, lrs or seeds)"
+            )
+            raise_problems(type(self).__name__, [spec_problem((), message, None)])
+        return self
+
+    @model_validator(mode="after")
     def _sweep_names(self) -> StudySpec:
         """A sweep's variant names (``<arm>-<tag><value>``) are folders too: a value or tag
         with a '/' put its runs outside the study folder, a long one failed after training."""
@@ -228,6 +288,8 @@ class StudySpec(StrictModel):
     def _seeds(cls, value: list[int]) -> list[int]:
         if not value:
             raise ValueError("seeds must not be empty")
+        if len(value) > MAX_SEEDS:
+            raise ValueError(f"seeds has {len(value)} entries; allowed: at most {MAX_SEEDS}")
         if len(set(value)) != len(value):
             raise ValueError(f"seeds must be distinct, got {value}")
         return value
@@ -235,10 +297,26 @@ class StudySpec(StrictModel):
     @field_validator("lrs")
     @classmethod
     def _lrs(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and not value:
+        if value is None:
+            return value
+        if not value:
             raise ValueError("lrs must be a non-empty list of positive learning rates")
-        if value is not None and len(set(value)) != len(value):  # two runs in one folder
+        if len(value) > MAX_LRS:
+            raise ValueError(f"lrs has {len(value)} entries; allowed: at most {MAX_LRS}")
+        if len(set(value)) != len(value):  # two runs in one folder
             raise ValueError(f"lrs must be distinct, got {value}")
+        # Distinct as run folders name them (lr<lr>-seed<seed>): 0.0010000001 and 0.0010000002
+        # were two runs of one folder, each setting the other's run aside, forever.
+        seen: dict[str, float] = {}
+        for lr in value:
+            tag = format_lr(lr)
+            if tag in seen:
+                raise ValueError(
+                    f"lrs must be distinct as run folder names write them (6 significant "
+                    f"digits): {seen[tag]!r} and {lr!r} both make the run folder "
+                    f"'lr{tag}-seed<seed>'"
+                )
+            seen[tag] = lr
         return value
 
     @field_validator("select_metric")
@@ -288,9 +366,13 @@ def load_study(
         raise RecipeError(
             str(path), validation_problems(exc, data, root=StudySpec), "study"
         ) from None
-    base = (path.parent / spec.base).resolve()
+    try:
+        base = resolved(path.parent / spec.base, "recipe")
+    except HybridkitError as exc:  # a loop of symbolic links
+        raise RecipeError(str(path), [("base", str(exc))], "study") from None
     if not base.is_file():
-        problem = ("base", f"recipe {spec.base!r} not found (looked at {base})")
+        what = "is a directory, not a recipe file" if base.is_dir() else "not found"
+        problem = ("base", f"recipe {spec.base!r} {what} (looked at {base})")
         raise RecipeError(str(path), [problem], "study")
     spec._source, spec._file_set = str(path), len(spec.set)
     spec.set = list(spec.set) + list(overrides)
@@ -343,7 +425,7 @@ def study_variants(spec: StudySpec) -> dict[str, list[str]]:
 
 
 def run_name(lr: float, seed: int) -> str:
-    return f"lr{lr:g}-seed{seed}"
+    return f"lr{format_lr(lr)}-seed{seed}"
 
 
 def variant_recipe(
@@ -424,6 +506,7 @@ def plan_study(
     # A typo in the last variant should not surface after an hour of training the first ones.
     recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in variants}
     _check_lengths(spec, recipes)
+    _check_vocab(spec, base, recipes)
     lrs = {v: list(spec.lrs) if spec.lrs else [recipes[v].train.lr] for v in variants}
     first, rest = spec.seeds[0], spec.seeds[1:]
     slots = [Slot(v, first, lr) for v in variants for lr in lrs[v]]
@@ -452,6 +535,38 @@ def _check_lengths(spec: StudySpec, recipes: Mapping[str, RecipeSpec]) -> None:
                 break
     if problems:
         raise RecipeError(spec._source or "<study>", problems, "study")
+
+
+def _check_vocab(spec: StudySpec, base: Path, recipes: Mapping[str, RecipeSpec]) -> None:
+    """Every variant's model vocabulary holds its task's (the trainer's check, made here for all
+    variants before any run trains: a variant whose override grew the task's vocabulary was
+    refused only when its first run started, after the variants before it had trained, and the
+    message named neither the study nor the variant)."""
+    tasks: dict[str, Task | None] = {}  # task spec digest -> task (variants often share one)
+    for variant, recipe in recipes.items():
+        key = digest(recipe.task.model_dump(mode="json"))
+        if key not in tasks:
+            try:
+                tasks[key] = recipe.task.build()
+                tasks[key].check_attributes()
+            except HybridkitError:
+                # A task that cannot be built here (a text task's file that is on the training
+                # machine but not where ``--report`` merges the results) is left to the trainer.
+                tasks[key] = None
+        task = tasks[key]
+        try:
+            if task is not None:
+                check_model_vocab(task, recipe.model.vocab_size, recipe.task.kind)
+        except RecipeError as err:  # the trainer's sentence, placed in the study
+            at, message = err.problems[0]
+            # like variant_recipe's errors: the study file, the variant and the override that
+            # set the vocabulary or the task (the error is rare: origins are looked up only now)
+            origin = _override_origin(spec, variant, at) or _override_origin(spec, variant, "task")
+            overrides = ", ".join(study_variants(spec)[variant]) or "none"
+            message += f" (variant {variant!r} overrides: {overrides})"
+            source = f"{spec._source or '<study>'}: variant {variant!r} (base recipe {base})"
+            problem = (f"{origin}: {at}" if origin else at, message)
+            raise RecipeError(source, [problem], "study") from None
 
 
 def _check_memory(plan: StudyPlan, variants: set[str], device: str) -> None:

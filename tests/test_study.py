@@ -341,18 +341,21 @@ def test_jobs_run_side_by_side_and_match_the_serial_study(tmp_path, capfd):
 
 
 def test_jobs_skip_finished_runs_without_a_worker_and_report_a_failed_run(tmp_path, monkeypatch):
-    """A run that fails in its worker (here: a vocabulary smaller than the task's, which only the
-    trainer checks) is reported by name after the other run finished; a second call finds the
-    good run finished and starts no worker process for it."""
+    """A run that fails in its worker (here: a text task whose file is missing, which only the
+    trainer opens; the planner checks what it can, such as the vocabulary) is reported by name
+    after the other run finished; a second call finds the good run finished and starts no
+    worker process for it."""
     import hybridkit.study_jobs as jobs
 
     fast = ["train.warmup_steps=2", "train.steps=10"]
-    variants = {"good": [], "bad": ["model.vocab_size=8"]}
+    missing = tmp_path / "missing.txt"
+    text = f"task={{kind: text, path: '{missing}', seq_len: 16, eval_examples: 16}}"
+    variants = {"good": [], "bad": ["model.vocab_size=258", text]}
     study = write_study(tmp_path, variants=variants, lrs=[1e-3], lengths=[16], set=fast)
     out = tmp_path / "out"
     with pytest.raises(HybridkitError, match=r"1 study run\(s\) failed: bad seed=0") as info:
         run_study(study, out, device="cpu", progress=False, jobs=2)
-    assert "RecipeError" in str(info.value) and "model.vocab_size" in str(info.value)
+    assert "task.path" in str(info.value) and "missing.txt" in str(info.value)
     assert run_dirs(out) == ["good/" + run_name(1e-3, 0)]
 
     def no_process(*a, **k):
@@ -939,6 +942,87 @@ def test_bad_study_values(tmp_path, cli_error):
     assert "dotted recipe key" in study_error(
         tmp_path, cli_error, sweep={"key": "a=1", "values": [1]}
     )
+
+
+def test_lrs_that_name_the_same_run_folder_are_refused(tmp_path, cli_error):
+    """Two LRs equal in the run folder's format (``lr0.001-seed0`` for both) passed as distinct:
+    a real run trained one, set it aside as stale, trained the other, and so on forever."""
+    msg = study_error(tmp_path, cli_error, lrs=[0.0010000001, 0.0010000002])
+    assert msg.count("lrs: lrs must be distinct as run folder names write them") == 1, msg
+    assert "0.0010000001 and 0.0010000002" in msg and "'lr0.001-seed<seed>'" in msg
+    assert run_name(0.0010000001, 0) == run_name(0.0010000002, 0) == "lr0.001-seed0"
+    plan = plan_study(write_study(tmp_path, lrs=[1e-3, 1.001e-3]))  # apart in 6 digits: fine
+    assert [run_name(s.lr, s.seed) for s in plan.slots[:2]] == ["lr0.001-seed0", "lr0.001001-seed0"]
+
+
+def test_a_sweep_over_a_key_the_study_sets_per_run_is_refused(tmp_path, cli_error):
+    """``sweep.key: train.lr`` (with ``lrs``) or ``seed`` was accepted and overwritten in every
+    run's recipe; ``train.seed`` overrides the study's seed, so all seeds trained one model."""
+    for key, use in (("train.lr", "`lrs`"), ("seed", "`seeds`"), ("train.seed", "`seeds`")):
+        msg = study_error(tmp_path, cli_error, sweep={"key": key, "values": [1, 2]})
+        assert f"sweep.key: sweep.key {key!r} cannot be swept" in msg, msg
+        assert use in msg and "not allowed as sweep.key: train.lr, seed, train.seed" in msg
+    assert plan_study(write_study(tmp_path, sweep={"key": "train.steps", "values": [5, 10]}))
+
+
+def test_study_size_is_capped_before_any_recipe_is_loaded(tmp_path, cli_error, monkeypatch):
+    """100 variants x a 100-value sweep validated 10,000 recipes (over a minute without output)
+    and 5,000 seeds took 43 s: the caps refuse such studies before any recipe is loaded."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a recipe was loaded before the study's size was checked")
+
+    monkeypatch.setattr("hybridkit.study.load_recipe", refuse)
+    arms = {f"v{i}": [] for i in range(100)}
+    sweep = {"key": "task.num_kv_pairs", "values": list(range(1, 101))}
+    msg = study_error(tmp_path, cli_error, variants=arms, sweep=sweep)
+    assert "sweep.values: too many variants: variants x sweep.values = 100 x 100 = 10000" in msg
+    assert "allowed: at most 200" in msg
+    msg = study_error(tmp_path, cli_error, variants={f"v{i}": [] for i in range(201)})
+    assert "variants: too many variants: 201 variants; allowed: at most 200" in msg
+    msg = study_error(tmp_path, cli_error, seeds=list(range(5000)))
+    assert "seeds: seeds has 5000 entries; allowed: at most 100" in msg
+    msg = study_error(tmp_path, cli_error, lrs=[i * 1e-4 for i in range(1, 22)])
+    assert "lrs: lrs has 21 entries; allowed: at most 20" in msg
+    # 2 arms x 100 values x (2 lrs at seed 0 + 4 more seeds) = 1200 runs, counted as planned
+    msg = study_error(tmp_path, cli_error, sweep=sweep, seeds=[0, 1, 2, 3, 4])
+    assert (
+        "too many runs: variants x sweep.values x (lrs at the first seed + the other seeds)" in msg
+    )
+    assert "= 2 x 100 x (2 + 4) = 1200 runs; allowed: at most 1000 runs per study" in msg
+    msg = study_error(tmp_path, cli_error, lrs=None, seeds=list(range(100)), variants=arms)
+    assert "too many runs: variants x (lrs at the first seed + the other seeds)" in msg
+    assert "= 100 x (1 + 99) = 10000 runs" in msg
+
+
+def test_a_variant_whose_task_outgrows_the_model_vocabulary_fails_when_planned(tmp_path, cli_error):
+    """The model's vocabulary must hold the task's: the trainer checked it when the variant's
+    first run started (after the variants before it had trained), naming only ``<recipe>``."""
+    variants = {"hybrid": [], "big": ["model.layout=m m", "task.vocab_size=100"]}
+    msg = study_error(tmp_path, cli_error, variants=variants)
+    study = tmp_path / "study.yaml"
+    assert msg.startswith(f"invalid study {study}: variant 'big' (base recipe "), msg
+    assert (
+        "variants.big.1: model.vocab_size: 32 is smaller than the vocabulary of task 'mqar' "
+        "(100); allowed: >= 100 (variant 'big' overrides: model.layout=m m, task.vocab_size=100)"
+    ) in msg, msg
+    out = ["-o", str(tmp_path / "out"), "--list"]
+    assert "variant 'big'" in cli_error("study", str(study), *out)
+    sweep = {"key": "task.vocab_size", "values": [24, 64], "name": "V"}
+    msg = study_error(tmp_path, cli_error, sweep=sweep)
+    assert "variant 'hybrid-V64'" in msg and "sweep.values.1: model.vocab_size: 32 is" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_that_cannot_be_a_recipe_file_is_named(tmp_path):
+    """``base`` naming a loop of symbolic links (was Python's RuntimeError from ``resolve``) or
+    a directory (was reported as "not found")."""
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    for base, needle in (("loop.yaml", "a loop of symbolic links"), (".", "is a directory")):
+        study = write_study(tmp_path, base=base)
+        with pytest.raises(RecipeError) as err:
+            load_study(study)
+        assert err.value.problems[0][0] == "base" and needle in err.value.problems[0][1]
 
 
 def test_study_file_problems(tmp_path, capsys):
