@@ -259,6 +259,28 @@ class StudySpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _owned_overrides(self) -> StudySpec:
+        """``set`` and variant overrides may not set what the study sets per run: each run's
+        ``seed`` (and ``train.seed``, which would replace it) and, with ``lrs``, ``train.lr``;
+        the run's own value would silently win (or, for ``train.seed``, every seed would train
+        the same model)."""
+        owned = {"seed", "train.seed"} | ({"train.lr"} if self.lrs else set())
+        places = [(("set", i), text) for i, text in enumerate(self.set)]
+        places += [
+            (("variants", name, i), text)
+            for name, items in self.variants.items()
+            for i, text in enumerate(items)
+        ]
+        problems = []
+        for where, text in places:
+            key = text.split("=", 1)[0].strip() if isinstance(text, str) else ""
+            if key in owned:
+                message = f"{key!r} cannot be overridden here: {STUDY_OWNED_KEYS[key]}"
+                problems.append(spec_problem(where, message, text))
+        raise_problems(type(self).__name__, problems)
+        return self
+
+    @model_validator(mode="after")
     def _sweep_names(self) -> StudySpec:
         """A sweep's variant names (``<arm>-<tag><value>``) are folders too: a value or tag
         with a '/' put its runs outside the study folder, a long one failed after training."""

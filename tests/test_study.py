@@ -965,6 +965,19 @@ def test_a_sweep_over_a_key_the_study_sets_per_run_is_refused(tmp_path, cli_erro
     assert plan_study(write_study(tmp_path, sweep={"key": "train.steps", "values": [5, 10]}))
 
 
+def test_overrides_of_what_the_study_sets_per_run_are_refused(tmp_path, cli_error):
+    """``set`` / variant overrides of ``seed``, ``train.seed`` or (with ``lrs``) ``train.lr``
+    were replaced per run without a word (``train.seed``: every seed trained one model)."""
+    msg = study_error(tmp_path, cli_error, set=["train.warmup_steps=2", "train.lr=0.5"])
+    assert "set.1: 'train.lr' cannot be overridden here: the study sets every run's" in msg
+    variants = {"hybrid": ["seed=3"], "mamba": ["model.layout=m m", " train.seed = 4"]}
+    msg = study_error(tmp_path, cli_error, variants=variants)
+    assert "variants.hybrid.0: 'seed' cannot be overridden here" in msg, msg
+    assert "variants.mamba.1: 'train.seed' cannot be overridden here" in msg, msg
+    # without lrs, set's train.lr is every run's LR: allowed
+    assert plan_study(write_study(tmp_path, lrs=None, set=["train.lr=0.002"]))
+
+
 def test_study_size_is_capped_before_any_recipe_is_loaded(tmp_path, cli_error, monkeypatch):
     """100 variants x a 100-value sweep validated 10,000 recipes (over a minute without output)
     and 5,000 seeds took 43 s: the caps refuse such studies before any recipe is loaded."""
