@@ -119,16 +119,29 @@ MAX_LRS = 20
 MAX_RUNS = 1000
 MAX_VARIANTS = 200  # variants x sweep values: each variant's recipe is loaded when planning
 
-# Keys the study sets in every run's recipe itself (``variant_recipe``), which a sweep must not
-# take: a sweep over one was overwritten run by run (``train.lr`` by ``lrs``, ``seed`` by
-# ``seeds``), and ``train.seed`` overrides the study's seed (the trainer prefers it), so every
-# seed of a variant trained the same model. Key -> why, and what to use instead.
+# Keys the study sets in every run's recipe itself (``variant_recipe``), which a sweep, ``set``,
+# a variant or ``--set`` must not take: each run's value overwrote them without a word
+# (``train.lr`` by ``lrs``, ``seed`` by ``seeds``), and ``train.seed`` overrides the study's
+# seed (the trainer prefers it), so every seed of a variant trained the same model. Key -> why,
+# and what to use instead. ``train.lr`` is the study's only with ``lrs``.
 STUDY_OWNED_KEYS = {
     "train.lr": "the study sets every run's train.lr from `lrs`: give learning rates as `lrs`",
     "seed": "the study sets every run's seed from `seeds`: give seeds as `seeds`",
     "train.seed": "train.seed replaces the study's seed of every run (all seeds of a variant "
     "would train the same model): give seeds as `seeds`",
 }
+
+
+def owned_key_problem(key: str, value: str | None, has_lrs: bool) -> str | None:
+    """Why a study may not set ``key`` (to ``value``; None: a sweep's key) in its overrides, or
+    None. Keys are compared as the override parser reads them (spaces around the dots do not
+    matter); ``train.seed=null`` clears a base recipe's pinned seed and is allowed."""
+    key = ".".join(part.strip() for part in key.split("."))
+    if key not in STUDY_OWNED_KEYS or (key == "train.lr" and not has_lrs):
+        return None
+    if key == "train.seed" and value is not None and value.strip() in ("null", "~", ""):
+        return None
+    return STUDY_OWNED_KEYS[key]
 
 
 def format_lr(lr: float) -> str:
@@ -151,11 +164,8 @@ class SweepSpec(StrictModel):
     def _key(cls, value: str) -> str:
         if not value or "=" in value or value.startswith(".") or value.endswith("."):
             raise ValueError(f"sweep.key must be a dotted recipe key, got {value!r}")
-        if value.strip() in STUDY_OWNED_KEYS:
-            raise ValueError(
-                f"sweep.key {value!r} cannot be swept: {STUDY_OWNED_KEYS[value.strip()]} (not "
-                f"allowed as sweep.key: {', '.join(STUDY_OWNED_KEYS)})"
-            )
+        if why := owned_key_problem(value, None, has_lrs=False):  # train.lr: see StudySpec
+            raise ValueError(f"sweep.key {value!r} cannot be swept: {why}")
         return value
 
     @field_validator("values")
@@ -264,7 +274,6 @@ class StudySpec(StrictModel):
         ``seed`` (and ``train.seed``, which would replace it) and, with ``lrs``, ``train.lr``;
         the run's own value would silently win (or, for ``train.seed``, every seed would train
         the same model)."""
-        owned = {"seed", "train.seed"} | ({"train.lr"} if self.lrs else set())
         places = [(("set", i), text) for i, text in enumerate(self.set)]
         places += [
             (("variants", name, i), text)
@@ -273,10 +282,15 @@ class StudySpec(StrictModel):
         ]
         problems = []
         for where, text in places:
-            key = text.split("=", 1)[0].strip() if isinstance(text, str) else ""
-            if key in owned:
-                message = f"{key!r} cannot be overridden here: {STUDY_OWNED_KEYS[key]}"
+            key, _, value = text.partition("=")
+            if why := owned_key_problem(key, value, bool(self.lrs)):
+                message = f"{key.strip()!r} cannot be overridden here: {why}"
                 problems.append(spec_problem(where, message, text))
+        if self.sweep is not None and (
+            why := owned_key_problem(self.sweep.key, None, bool(self.lrs))
+        ):
+            message = f"sweep.key {self.sweep.key!r} cannot be swept: {why}"
+            problems.append(spec_problem(("sweep", "key"), message, self.sweep.key))
         raise_problems(type(self).__name__, problems)
         return self
 
@@ -396,6 +410,13 @@ def load_study(
         what = "is a directory, not a recipe file" if base.is_dir() else "not found"
         problem = ("base", f"recipe {spec.base!r} {what} (looked at {base})")
         raise RecipeError(str(path), [problem], "study")
+    problems = []
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if why := owned_key_problem(key, value, bool(spec.lrs)):
+            problems.append(("--set", f"{text!r}: {key.strip()!r} cannot be overridden: {why}"))
+    if problems:
+        raise RecipeError(str(path), problems, "study")
     spec._source, spec._file_set = str(path), len(spec.set)
     spec.set = list(spec.set) + list(overrides)
     return spec, base
@@ -529,6 +550,16 @@ def plan_study(
     recipes = {v: variant_recipe(spec, base, v, None, spec.seeds[0]) for v in variants}
     _check_lengths(spec, recipes)
     _check_vocab(spec, base, recipes)
+    pinned = sorted(v for v, r in recipes.items() if r.train.seed is not None)
+    if pinned:  # the trainer prefers train.seed to the study's seed of each run
+        message = (
+            f"train.seed is pinned ({recipes[pinned[0]].train.seed}) for variant(s) "
+            f"{', '.join(map(repr, pinned))}, so every seed of them would train the same model; "
+            "remove it from the base recipe or add train.seed=null to the study's set"
+        )
+        raise RecipeError(
+            f"{spec._source or '<study>'} (base recipe {base})", [("train.seed", message)], "study"
+        )
     lrs = {v: list(spec.lrs) if spec.lrs else [recipes[v].train.lr] for v in variants}
     first, rest = spec.seeds[0], spec.seeds[1:]
     slots = [Slot(v, first, lr) for v in variants for lr in lrs[v]]
@@ -897,7 +928,8 @@ def run_slot(
         )
     eval_time = time.time() - t0
     train_length = payload["train_length"]
-    s = summarize(build_model(recipe, seed=0), seq_len=train_length)
+    # on the meta device: sizes only (no weights, and no kernel plan for this machine's device)
+    s = summarize(build_model(recipe, device="meta"), seq_len=train_length, device="meta")
     final = read_json(run_dir / "final.json") or {}
     record = {
         "variant": slot.variant,

@@ -961,7 +961,7 @@ def test_a_sweep_over_a_key_the_study_sets_per_run_is_refused(tmp_path, cli_erro
     for key, use in (("train.lr", "`lrs`"), ("seed", "`seeds`"), ("train.seed", "`seeds`")):
         msg = study_error(tmp_path, cli_error, sweep={"key": key, "values": [1, 2]})
         assert f"sweep.key: sweep.key {key!r} cannot be swept" in msg, msg
-        assert use in msg and "not allowed as sweep.key: train.lr, seed, train.seed" in msg
+        assert use in msg
     assert plan_study(write_study(tmp_path, sweep={"key": "train.steps", "values": [5, 10]}))
 
 
@@ -974,8 +974,30 @@ def test_overrides_of_what_the_study_sets_per_run_are_refused(tmp_path, cli_erro
     msg = study_error(tmp_path, cli_error, variants=variants)
     assert "variants.hybrid.0: 'seed' cannot be overridden here" in msg, msg
     assert "variants.mamba.1: 'train.seed' cannot be overridden here" in msg, msg
-    # without lrs, set's train.lr is every run's LR: allowed
+    # without lrs, set's train.lr is every run's LR and a sweep over it is one folder per LR
     assert plan_study(write_study(tmp_path, lrs=None, set=["train.lr=0.002"]))
+    sweep = {"key": "train.lr", "values": [0.001, 0.003]}
+    assert len(plan_study(write_study(tmp_path, lrs=None, sweep=sweep)).slots) == 4
+    msg = study_error(tmp_path, cli_error, sweep=sweep)  # with lrs it is the study's
+    assert "sweep.key: sweep.key 'train.lr' cannot be swept" in msg, msg
+    # keys as the override parser reads them; --set is checked too (was a pydantic traceback)
+    msg = study_error(tmp_path, cli_error, set=["train . lr=0.5"])
+    assert "'train . lr' cannot be overridden here" in msg, msg
+    study = write_study(tmp_path)
+    with pytest.raises(RecipeError, match=r"--set: 'seed=3': 'seed' cannot be overridden"):
+        load_study(study, ["seed=3"])
+    assert "--set: 'seed=3'" in cli_error(
+        "study", str(study), "-o", str(tmp_path / "o"), "--set", "seed=3"
+    )
+    # a base recipe that pins train.seed would train one model per variant: refused at planning,
+    # unless the study clears it with train.seed=null
+    dump_recipe(load_recipe(BASE, ["train.seed=7"]), tmp_path / "recipes" / "base.yaml")
+    with pytest.raises(RecipeError, match="train.seed is pinned \\(7\\) for variant"):
+        plan_study(study)
+    cleared = tmp_path / "cleared.yaml"
+    cleared.write_text(study.read_text().replace("- train.warmup_steps=2", "- train.seed=null"))
+    assert "train.seed=null" in cleared.read_text()
+    assert plan_study(cleared)
 
 
 def test_study_size_is_capped_before_any_recipe_is_loaded(tmp_path, cli_error, monkeypatch):

@@ -431,6 +431,9 @@ def test_dispatch_rules(monkeypatch):
         with pytest.raises(HybridkitError, match="'triton' runs on a CUDA device.*not on cpu"):
             plan(device="cpu", backend="triton")
         assert plan(device="cuda", backend="triton") == "triton"
+        assert plan(device="meta", backend="triton") == "triton"  # show, study records: sizes
+        env.setenv("TRITON_INTERPRET", "Yes")  # Triton reads this as on, and so do we
+        assert plan(device="cpu", backend="triton") == "triton"
     assert plan(backend="cute") == plan()  # cute is a decode-step backend; the scan is auto's
     with pytest.raises(ValueError, match="allowed: auto, reference, chunked, triton, cute"):
         plan(backend="tilelang")

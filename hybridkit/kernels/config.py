@@ -287,8 +287,10 @@ def triton_chunk_sizes() -> tuple[int, ...]:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``; Triton also
+    reads ``true`` / ``on`` / ``yes`` / ``y`` in any case as on, and so does this)."""
+    value = os.environ.get("TRITON_INTERPRET", "").strip().lower()
+    return value in ("1", "true", "on", "yes", "y")
 
 
 def triton_chunk(chunk: int, d_state: int, headdim: int, fast: bool) -> int:
