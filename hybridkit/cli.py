@@ -609,7 +609,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         batches=batches,
         prompt=args.prompt,
         new=args.new,
-        ssm_dtype=torch.bfloat16 if args.ssm_dtype == "bfloat16" else None,
+        ssm_dtype=_ssm_dtype(args.ssm_dtype),
         drift_tokens=args.drift_tokens,
         use_graph=False if args.no_graph else None,
         compile_step=args.compile,

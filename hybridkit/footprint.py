@@ -28,14 +28,14 @@ LOW_PRECISION = 2  # bytes of a bf16 / fp16 activation: the smallest any layer s
 
 
 def eval_bytes(
-    model: ModelSpec, task: TaskSpec, length: int, batch: int, examples: int
+    model: ModelSpec, task: TaskSpec, length: int, batch: int, examples: int, kept_arrays: int = 3
 ) -> tuple[int, int]:
     """(host, device) bytes evaluating ``examples`` sequences of natural length ``length`` in
     forward passes of ``batch`` holds at least: on the host the eval set's inputs and targets
-    plus every prediction (int64 each, kept for the whole length); on the device one forward's
-    logits and residual stream."""
+    plus every prediction (``kept_arrays`` int64 arrays, kept for the whole length); on the
+    device one forward's logits and residual stream."""
     tokens = task.token_length(length)
-    kept = examples * tokens * 3 * INT64
+    kept = examples * tokens * kept_arrays * INT64
     rows = min(batch, examples) * tokens
     forward = rows * (model.vocab_size + 2 * model.d_model) * LOW_PRECISION
     return kept, forward
@@ -127,14 +127,13 @@ def check_prompt_examples(recipe: RecipeSpec, length: int, device: torch.device 
     """Refuse ``generate --task-examples`` at ``length`` when the task's test set (built whole,
     inputs and targets) cannot fit on the host or one prompt's forward on ``device``."""
     task = recipe.task
-    tokens = task.token_length(length)
-    host = task.eval_examples * tokens * 2 * INT64
-    forward = tokens * (recipe.model.vocab_size + 2 * recipe.model.d_model) * LOW_PRECISION
+    # inputs and targets (no predictions kept), one prompt per forward
+    need = eval_bytes(recipe.model, task, length, 1, task.eval_examples, kept_arrays=2)
     refuse_if_short(
-        (host, forward),
+        need,
         device,
-        f"--length {length}: the test set of {task.eval_examples} examples of {tokens} tokens "
-        "and one prompt's forward",
+        f"--length {length}: the test set of {task.eval_examples} examples of "
+        f"{task.token_length(length)} tokens and one prompt's forward",
         "lower --length or task.eval_examples",
     )
 

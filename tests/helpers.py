@@ -142,3 +142,53 @@ def set_launch(
         launch = dict(zip((*names, "BWD_PROGRAMS_PER_SM"), launch, strict=True))
     for name, value in launch.items():
         monkeypatch.setattr(module, name, value)
+
+
+# --- the model-level check of the Triton scan (CPU interpreter and GPU) -----------------------
+def spy_triton_scan(monkeypatch) -> list[bool]:
+    """Record ``return_state`` of every call into the Triton scan (the list is filled as the
+    model runs): which layers took the kernels, and whether they handed a state on."""
+    from hybridkit.kernels.mamba3 import chunkscan
+
+    calls: list[bool] = []
+    real = chunkscan.mamba3_scan_triton
+
+    def spy(*args, **kwargs):
+        calls.append(bool(kwargs.get("return_state", True)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunkscan, "mamba3_scan_triton", spy)
+    return calls
+
+
+def assert_same_loss_and_grads(a: torch.nn.Module, b: torch.nn.Module, ids: Tensor, tol_loss: float,
+                               tol_grad: float) -> None:  # fmt: skip
+    """Next-token cross-entropy of ``ids`` and every parameter's gradient: model ``a`` against
+    the reference ``b`` (the same weights on another path)."""
+    import torch.nn.functional as F
+
+    out = []
+    for net in (a, b):
+        logits = net(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad for n, p in net.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = out
+    assert rel_err(loss_a, loss_b) < tol_loss
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_b.items():
+        assert grads_a[name] is not None and torch.isfinite(grads_a[name]).all(), name
+        assert rel_err(grads_a[name], g) < tol_grad, name
+
+
+def prefill_then_steps(model: torch.nn.Module, ids: Tensor, first: int, second: int) -> Tensor:
+    """Logits of ``ids`` through a prefill of ``first`` tokens, a continued prefill of
+    ``second`` and one step per remaining token (to compare with the full forward)."""
+    with torch.no_grad():
+        cache = model.allocate_cache(ids.shape[0], ids.shape[1])
+        parts = [model(ids[:, :first], cache=cache)]
+        parts.append(model(ids[:, first : first + second], cache=cache))
+        parts += [
+            model.step(ids[:, t], cache)[:, None] for t in range(first + second, ids.shape[1])
+        ]
+    return torch.cat(parts, dim=1)

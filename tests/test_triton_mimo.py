@@ -50,20 +50,18 @@ def test_mimo_hybrid_through_the_interpreter_matches_chunked(rank: int, chunk: i
     MIMO layers (grouped pre-gate norm; ngroups 2) run the Triton kernels through the
     interpreter, fp32, has the chunked path's loss and every parameter gradient (21 tokens: a
     partial last chunk), and prefill -> continued prefill -> steps equal its full forward."""
-    import torch.nn.functional as F
-
     from hybridkit import build_model
-    from hybridkit.kernels.mamba3 import chunkscan
-    from tests.helpers import attn_block, mamba_block, rel_err, tiny_recipe
+    from tests.helpers import (
+        assert_same_loss_and_grads,
+        attn_block,
+        mamba_block,
+        prefill_then_steps,
+        rel_err,
+        spy_triton_scan,
+        tiny_recipe,
+    )
 
-    calls: list[bool] = []
-    real = chunkscan.mamba3_scan_triton
-
-    def spy(*args, **kwargs):
-        calls.append(bool(kwargs.get("return_state", True)))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(chunkscan, "mamba3_scan_triton", spy)
+    calls = spy_triton_scan(monkeypatch)
 
     def model(backend: str):
         m = dict(d_state=16, headdim=8, chunk_size=chunk, mimo_rank=rank, backend=backend)
@@ -75,29 +73,15 @@ def test_mimo_hybrid_through_the_interpreter_matches_chunked(rank: int, chunk: i
         return build_model(tiny_recipe("m a g", d_model=16, vocab=41, **blocks).model, seed=2)
 
     ids = torch.randint(0, 41, (2, 22), generator=torch.Generator().manual_seed(0))
-    out = {}
-    for backend in ("triton", "chunked"):
-        net = model(backend)
-        logits = net(ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        out[backend] = (loss.detach(), {n: p.grad for n, p in net.named_parameters()})
+    assert_same_loss_and_grads(model("triton"), model("chunked"), ids, 1e-5, 1e-4)
     assert calls == [False, False], "both MIMO layers must run the Triton kernels"
-    (loss_t, grads_t), (loss_c, grads_c) = out["triton"], out["chunked"]
-    assert rel_err(loss_t, loss_c) < 1e-5
-    assert grads_t.keys() == grads_c.keys()
-    for name, g in grads_c.items():
-        assert rel_err(grads_t[name], g) < 1e-4, name
 
     calls.clear()
     net = model("triton").eval()
     with torch.no_grad():
         full = net(ids)
-        cache = net.allocate_cache(2, ids.shape[1])
-        parts = [net(ids[:, :9], cache=cache), net(ids[:, 9:19], cache=cache)]
-        parts += [net.step(ids[:, t], cache)[:, None] for t in range(19, ids.shape[1])]
+    assert rel_err(prefill_then_steps(net, ids, 9, 10), full) < 1e-5
     assert calls == [False, False, True, True, True, True]
-    assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
 def test_mimo_dispatch():

@@ -10,14 +10,21 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hybridkit import build_model
-from hybridkit.kernels.mamba3 import chunkscan
 from hybridkit.recipe import load_recipe
 from hybridkit.train.metrics import read_metrics
 from hybridkit.train.trainer import Trainer
-from tests.helpers import attn_block, mamba_block, rel_err, tiny_model, tiny_recipe
+from tests.helpers import (
+    assert_same_loss_and_grads,
+    attn_block,
+    mamba_block,
+    prefill_then_steps,
+    rel_err,
+    spy_triton_scan,
+    tiny_model,
+    tiny_recipe,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -40,34 +47,17 @@ def _model_recipe(backend: str, rank: int = 1):
 @pytest.fixture
 def triton_calls(monkeypatch) -> Iterator[list[bool]]:
     """Records ``return_state`` of every call into the Triton scan."""
-    calls: list[bool] = []
-    real = chunkscan.mamba3_scan_triton
-
-    def spy(*args, **kwargs):
-        calls.append(bool(kwargs.get("return_state", True)))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(chunkscan, "mamba3_scan_triton", spy)
-    yield calls
+    yield spy_triton_scan(monkeypatch)
 
 
 @pytest.mark.parametrize("rank", [1, 4])
 def test_model_gradients_match_chunked_path(triton_calls, rank: int):
     ids = torch.randint(0, 97, (2, 300), device="cuda")  # 300: not a multiple of the chunk
-    out = {}
-    for backend in ("auto", "chunked"):
-        model = build_model(_model_recipe(backend, rank).model, seed=3).cuda()
-        logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        out[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    model = {
+        b: build_model(_model_recipe(b, rank).model, seed=3).cuda() for b in ("auto", "chunked")
+    }
+    assert_same_loss_and_grads(model["auto"], model["chunked"], ids, 1e-5, 1e-4)
     assert triton_calls == [False, False], "auto on CUDA must run both layers in Triton"
-    (loss_t, grads_t), (loss_c, grads_c) = out["auto"], out["chunked"]
-    assert rel_err(loss_t, loss_c) < 1e-5
-    assert grads_t.keys() == grads_c.keys()
-    for name, g in grads_c.items():
-        assert grads_t[name] is not None and torch.isfinite(grads_t[name]).all(), name
-        assert rel_err(grads_t[name], g) < 1e-4, name
 
 
 @pytest.mark.parametrize("rank", [1, 4])
@@ -79,16 +69,9 @@ def test_prefill_hands_over_to_decode(triton_calls, rank: int):
     ids = torch.randint(0, 97, (2, first + second + steps), device="cuda")
     with torch.no_grad():
         full = model(ids)
-        cache = model.allocate_cache(2, ids.shape[1])
-        parts = [
-            model(ids[:, :first], cache=cache),
-            model(ids[:, first : first + second], cache=cache),
-        ]
-        parts += [
-            model.step(ids[:, t], cache)[:, None] for t in range(first + second, ids.shape[1])
-        ]
+    parts = prefill_then_steps(model, ids, first, second)
     assert triton_calls == [False, False, True, True, True, True]
-    assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
+    assert rel_err(parts, full) < 1e-4
 
 
 def _mqar_recipe(name: str, **train):
