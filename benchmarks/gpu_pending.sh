@@ -1,27 +1,53 @@
 #!/usr/bin/env bash
-# One GPU call for what the CPU sessions of 2026-12-06 built but no GPU ran yet:
-#   carry [".gpu/base"]; source benchmarks/gpu_env.sh && OUT=$OUT bash benchmarks/gpu_pending.sh
+# GPU calls for what the CPU sessions of 2026-12-06 built but no GPU ran yet:
+#   carry [".gpu/base"]; source benchmarks/gpu_env.sh && OUT=$OUT bash benchmarks/gpu_pending.sh [PART]
 # Here: mkdir -p .gpu/pending && tar -xzf FILES_AT/session.tar.gz -C .gpu/pending
 # Steps, each only if the call (CALL_S, default 570 s) has time left for it; results under $WORK,
-# archived after each into $OUT/session.tar.gz:
+# archived after each into $OUT/session.tar.gz.
+# PART "split" (default):
+#   1. the GPU tests of the q / k kernels' pair split (tests/test_qk_split.py) -> split_tests.txt;
+#   2. only if they pass, benchmarks/mamba3_mimo.py at (8, 4096, 32, 64, 128) under each kernel
+#      setting of SETTINGS (unsplit first; qk_split 2 / 4, with and without a 168-register cap
+#      on the q / k kernels; the x kernel at 8 warps, which until 2026-12-06 never reached the
+#      kernel) -> split_<setting>/ (MIMO R 4 and SISO forward + backward in each process);
+#   3. the q / k kernels' registers and spills with this Triton (sm_90, SISO and R 4, split 1 /
+#      2 / 4) -> regs_r*.txt.
+# PART "rest":
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
-#   2. benchmarks/mamba3_mimo.py with its rate columns (TFLOP/s and GB/s of forward and forward +
-#      backward, as shares of the matmul rate and copy bandwidth measured in the same run) -> mimo/;
-#   3. the backward q / k kernels' registers and spills with this Triton (sm_90, SISO and R 4),
-#      the baseline for the pair split (``bwd_qk_split``) -> regs_*.txt.
+#   2. benchmarks/mamba3_mimo.py at its three shapes with its rate columns (TFLOP/s and GB/s of
+#      forward and forward + backward, as shares of the matmul rate and copy bandwidth measured
+#      in the same run) -> mimo/.
 set -u
 WORK=/tmp/hk_pending
 # shellcheck source=benchmarks/gpu_call.sh
 source benchmarks/gpu_call.sh
-budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
-  2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"
-tail -3 "$WORK/tests.txt"; pack
-budgeted 300 120 python benchmarks/mamba3_mimo.py --out "$WORK/mimo/mamba3_mimo" --reps 100 \
-  > "$WORK/mimo.txt" 2>&1
-show "$WORK/mimo/mamba3_mimo.md" "$WORK/mimo.txt" 12; pack
-for r in 1 4; do
-  budgeted 60 30 python benchmarks/siso_sm90_report.py --top 0 --rank "$r" _bwd_q _bwd_k _bwd_x \
-    2>&1 | grep -v "^ \|Warning\|warn" > "$WORK/regs_r$r.txt"
-  cat "$WORK/regs_r$r.txt"; pack
-done
+if [ "${1:-split}" = split ]; then
+  budgeted 200 60 python -m pytest -q -m gpu -n 8 tests/test_qk_split.py -p no:cacheprovider \
+    -rfE 2>&1 | grep -v Warning | tail -25 > "$WORK/split_tests.txt"
+  tail -3 "$WORK/split_tests.txt"; pack
+  if grep -q " passed" "$WORK/split_tests.txt" && ! grep -qE "[0-9]+ (failed|error)" \
+    "$WORK/split_tests.txt"; then
+    for setting in ${SETTINGS:-qk_split=1 qk_split=2 qk_split=4 qk_split=2,qk_maxnreg=168 \
+      qk_split=4,qk_maxnreg=168 bwd_x_warps=8}; do
+      HYBRIDKIT_KERNELS=$setting budgeted 120 60 python benchmarks/mamba3_mimo.py --shapes 0 \
+        --reps 60 --out "$WORK/split_$setting/mamba3_mimo" > "$WORK/split_$setting.txt" 2>&1
+      echo "$setting"; show "$WORK/split_$setting/mamba3_mimo.md" "$WORK/split_$setting.txt" 4
+      pack
+    done
+  fi
+  for r in 1 4; do
+    for js in 1 2 4; do
+      budgeted 40 20 python benchmarks/siso_sm90_report.py --top 0 --rank "$r" --qk-split "$js" \
+        _bwd_q _bwd_k 2>&1 | grep -v "^ \|Warning\|warn" >> "$WORK/regs_r$r.txt"
+    done
+    cat "$WORK/regs_r$r.txt"; pack
+  done
+else
+  budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
+    2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"
+  tail -3 "$WORK/tests.txt"; pack
+  budgeted 300 120 python benchmarks/mamba3_mimo.py --out "$WORK/mimo/mamba3_mimo" --reps 100 \
+    > "$WORK/mimo.txt" 2>&1
+  show "$WORK/mimo/mamba3_mimo.md" "$WORK/mimo.txt" 12; pack
+fi
