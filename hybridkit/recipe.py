@@ -10,6 +10,7 @@ a ``loc`` that already points at the key to edit, so no message parsing is neede
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -214,7 +215,7 @@ def read_yaml_mapping(
     try:
         if len(raw) > MAX_BYTES:
             raise YAMLProblem(f"larger than {MAX_BYTES // 1024} KiB; {what} files are small")
-        data = load_yaml(decode_text(raw))
+        data = _parsed(decode_text(raw))
     except YAMLProblem as exc:
         raise fail(exc.describe()) from None
     if not isinstance(data, dict):
@@ -222,6 +223,18 @@ def read_yaml_mapping(
         message = f"the top level must be a mapping of keys ({keys}); the file is {kind}"
         raise RecipeError(source, [("", message)], what)
     return data
+
+
+def _parsed(text: str) -> Any:
+    """``load_yaml(text)``, a fresh copy per call: a study plans each run from its base file,
+    so a 1,000-run study read the same base 1,100 times (9 of 11 s of ``study --list``).
+    Cached by content, so an edited file is parsed again."""
+    return copy.deepcopy(_parsed_once(text))
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed_once(text: str) -> Any:
+    return load_yaml(text)
 
 
 # --- overrides ------------------------------------------------------------------------------------

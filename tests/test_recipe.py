@@ -71,6 +71,23 @@ def test_example_recipe_loads_with_defaults_and_override() -> None:
     assert a5.window == 32 and a2.window is None and model.blocks["a"].mixer.window is None
 
 
+def test_a_file_read_again_is_a_fresh_copy_of_its_current_text(tmp_path: Path) -> None:
+    """Parsed files are cached by content (a study reads its base once per run): a caller that
+    changes what it got must not change the next read, and an edited file is read anew."""
+    from hybridkit.recipe import read_yaml_mapping
+
+    path = tmp_path / "r.yaml"
+    path.write_text(EXAMPLE.read_text())
+    first = read_yaml_mapping(path)
+    first["model"]["d_model"] = -1
+    first["model"].clear()
+    assert read_yaml_mapping(path) == yaml.safe_load(EXAMPLE.read_text())
+    path.write_text(EXAMPLE.read_text().replace("name:", "name: edited #", 1))
+    assert read_yaml_mapping(path)["name"].startswith("edited")
+    assert load_recipe(path, ["model.d_model=96"]).model.d_model == 96
+    assert load_recipe(path).model.d_model != 96
+
+
 def test_layers_are_independent_copies() -> None:
     model = load_recipe(EXAMPLE).model
     layers = model.layers()
