@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--qk-split", type=int, default=1, help="pair parts of the q / k programs")
     args = ap.parse_args()
     FLAGS.update(R=args.rank, HALVES=args.rank > 1, C=64 // args.rank, HS=args.qk_heads)
-    js = args.qk_split
+    js = 1 if args.qk_heads > 1 else args.qk_split  # as ``qk_split_parts``: one or the other
     FLAGS.update(JS=js, QKS=js, NAQ=FLAGS["NA"] if js == 1 else FLAGS["N2"] // js)
     for name in args.kernels:
         kern = compile_kernel(name, args.warps, args.maxnreg)

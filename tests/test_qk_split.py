@@ -98,8 +98,21 @@ GPU_CASES = {
 }  # fmt: skip
 GPU_CASES |= {
     "mimo_" + name: test_triton_mimo.GPU_CASES[name]
-    for name in ("r4_n128_p64_init", "r4_varlen", "bf16_r4_n128_p64_init", "bf16_r8_n64_p64")
+    for name in ("r4_n128_p64_init", "r4_varlen", "bf16_r4_n128_p64_init", "bf16_r8_n64_p64",
+                 "bf16_r4_full_rotation")
 }  # fmt: skip
+# 20 of 64 pairs rotate: parts of 32 pairs are mixed / unrotated, parts of 16 all / mixed / none
+GPU_CASES |= {
+    "siso_mixed_parts": (Case(B=2, L=1500, H=4, G=1, N=128, P=64, S=20, C=64, init=True), "fp32"),
+    "bf16_siso_mixed_parts": (
+        Case(B=2, L=1500, H=4, G=1, N=128, P=64, S=20, C=64, init=True),
+        "bf16",
+    ),
+    "bf16_mimo_mixed_parts": (
+        Case(B=2, L=999, R=4, H=4, N=128, P=64, S=20, C=16, halves=True, init=True),
+        "bf16",
+    ),
+}
 
 
 @pytest.mark.gpu

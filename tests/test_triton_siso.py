@@ -372,17 +372,60 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
 
 
 def test_backward_x_kernel_may_have_its_own_warps(monkeypatch):
-    """``bwd_x_warps`` sets the x kernel's warps alone; unset, every backward chunk kernel
-    runs ``bwd_warps``."""
+    """``bwd_x_warps`` sets the x kernel's warps alone and ``qk_maxnreg`` the q / k kernels'
+    register cap alone; unset, every backward chunk kernel runs ``bwd_warps`` / ``bwd_maxnreg``."""
     from hybridkit.kernels import config
     from hybridkit.kernels.mamba3.chunkscan.launch import backward_chunk_options
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv(config.ENV_VAR, "bwd_x_warps=8")
-    assert backward_chunk_options()["num_warps"] == 4
-    assert backward_chunk_options("x")["num_warps"] == 8
-    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=8,bwd_x_warps=none")
-    assert backward_chunk_options("x")["num_warps"] == 8
+    monkeypatch.setenv(config.ENV_VAR, "bwd_x_warps=8,qk_maxnreg=168")
+    assert backward_chunk_options("qk") == dict(num_warps=4, num_stages=1, maxnreg=168)
+    assert backward_chunk_options("x") == dict(num_warps=8, num_stages=1)
+    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=8,bwd_x_warps=none,bwd_maxnreg=200,qk_maxnreg=0")
+    assert backward_chunk_options("x") == dict(num_warps=8, num_stages=1, maxnreg=200)
+    assert backward_chunk_options("qk") == dict(num_warps=8, num_stages=1, maxnreg=200)
+    with pytest.raises(ValueError, match="'q': allowed 'qk' or 'x'"):
+        backward_chunk_options("q")
+
+
+def test_each_backward_chunk_kernel_launches_with_its_own_options(monkeypatch):
+    """What the launch passes each kernel: the x kernel its own warps (``bwd_x_warps``; from
+    2026-12-04 to 12-06 it silently got ``bwd_warps``), q and k the ``qk_maxnreg`` cap. The
+    forward runs (interpreter) under the settings; the backward's launches are recorded."""
+    from hybridkit.kernels import config
+    from hybridkit.kernels.mamba3.chunkscan import launch
+    from hybridkit.kernels.mamba3.chunkscan import op as scan_op
+
+    seen: dict[str, tuple] = {}
+
+    class Kernels:  # the backward module's kernels, by attribute
+        def __getattr__(self, name):
+            return Launcher(name)
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch_with(*args, **kw):
+                seen[self.name] = (kw.get("num_warps"), kw.get("maxnreg"))
+
+            return launch_with
+
+    leaves = {
+        k: v.requires_grad_()
+        for k, v in _inputs(Case(L=20, H=2), torch.float32, "cpu", 3).items()
+        if v is not None
+    }
+    settings = dict(bwd_warps=2, bwd_x_warps=8, bwd_maxnreg=200, qk_maxnreg=168)
+    with config.kernel_config(**settings):
+        out = ops.mamba3_scan(**leaves, chunk_size=16, backend="triton")[0]
+    monkeypatch.setattr(scan_op, "K_bwd", Kernels())
+    monkeypatch.setattr(scan_op, "BWD_DSTATE", Launcher("_bwd_dstate_kernel"))
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # real warp counts
+    out.sum().backward()
+    assert seen["_bwd_x_kernel"] == (8, 200)
+    assert seen["_bwd_q_kernel"] == seen["_bwd_k_kernel"] == (2, 168)
 
 
 def test_triton_chunk_narrows_what_is_not_validated():

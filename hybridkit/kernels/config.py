@@ -29,7 +29,8 @@ Fields (defaults in :class:`KernelConfig`):
   fit an SM, at the price of repeating the chunk's dy x^T product per part. The per-row sums
   over N (d cs and d u) go to per-part slots that the x kernel adds. Used where a part keeps at
   least 16 pairs (the smallest dot tile; 4 under the interpreter) and one head per program
-  (``qk_heads`` wins otherwise); default 1 until timed;
+  (``qk_heads`` wins where it sums more than one head: its gcd with the heads per group above
+  1); default 1 until timed;
 * ``qk_maxnreg``: a register cap for the q and k kernels alone (None: ``bwd_maxnreg``): with
   the pairs split they compile to 160-224 registers, and at most 168 lets three 4-warp programs
   share an SM (``docs/kernels.md``);
@@ -243,7 +244,7 @@ def _parse_value(key: str, raw: str) -> object:
         if not all(c.isdigit() for c in parts):
             raise ValueError(f"{raw!r}: expected whole numbers joined by ':', e.g. 32:64")
         return tuple(int(c) for c in parts)
-    optional = ("bwd_maxnreg", "step_maxnreg", "step_warps", "bwd_x_warps")
+    optional = ("bwd_maxnreg", "qk_maxnreg", "step_maxnreg", "step_warps", "bwd_x_warps")
     if key in optional and raw in ("", "0", "none"):
         return None
     if not raw.isdigit():

@@ -526,6 +526,7 @@ def _bwd_q_kernel(
 
     The q and k sides are separate kernels: merged, they were barely faster and made an
     illegal memory access at bf16, N 64, P 64 (docs/kernels.md, "Tried and dropped")."""
+    tl.static_assert(HS == 1 or JS == 1, "qk_split runs one head per program")
     pid = tl.program_id(0)
     if JS == 1:
         part = 0
@@ -671,6 +672,7 @@ def _bwd_k_kernel(
     to the q share in ``DTHETA``, and in ``DOMEGA`` the whole gradient every token of the chunk gets
     (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOTAL_ANGLE``;
     ``_bwd_x`` adds the share of the state S~)."""
+    tl.static_assert(HS == 1 or JS == 1, "qk_split runs one head per program")
     pid = tl.program_id(0)
     if JS == 1:
         part = 0

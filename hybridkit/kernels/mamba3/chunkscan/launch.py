@@ -123,7 +123,9 @@ def backward_chunk_options(kernel: str) -> dict:
     cfg = current_config()
     if kernel == "x":
         return launch_options(cfg.bwd_x_warps or cfg.bwd_warps, cfg.bwd_maxnreg)
-    return launch_options(cfg.bwd_warps, cfg.qk_maxnreg or cfg.bwd_maxnreg)
+    if kernel == "qk":
+        return launch_options(cfg.bwd_warps, cfg.qk_maxnreg or cfg.bwd_maxnreg)
+    raise ValueError(f"kernel {kernel!r}: allowed 'qk' or 'x'")
 
 
 def qk_heads_per_program(heads_per_group: int) -> int:
