@@ -12,6 +12,10 @@
 #      kernel) -> split_<setting>/ (MIMO R 4 and SISO forward + backward in each process);
 #   3. the q / k kernels' registers and spills with this Triton (sm_90, SISO and R 4, split 1 /
 #      2 / 4) -> regs_r*.txt.
+# PART "train": the compiled 400M SISO and MIMO (R 4) hybrids at 4 x 4,096 tokens
+#   (train_throughput.py hybrid_compiled, hybrid_mimo_compiled; 6 timed steps, no profile)
+#   unsplit and under HYBRIDKIT_KERNELS=$SETTING (default qk_split=2), each in its own
+#   process -> train_default/, train_setting/.
 # PART "rest":
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -42,6 +46,18 @@ if [ "${1:-split}" = split ]; then
         _bwd_q _bwd_k 2>&1 | grep -v "^ \|Warning\|warn" >> "$WORK/regs_r$r.txt"
     done
     cat "$WORK/regs_r$r.txt"; pack
+  done
+elif [ "$1" = train ]; then
+  for side in default setting; do
+    for case in hybrid_compiled hybrid_mimo_compiled; do
+      kernels=""
+      [ "$side" = setting ] && kernels=${SETTING:-qk_split=2}
+      HYBRIDKIT_KERNELS=$kernels budgeted 150 90 python benchmarks/train_throughput.py \
+        --out "$WORK/train_$side/$case" --no-profile --steps 6 --cases "$case" \
+        > "$WORK/train_${side}_$case.txt" 2>&1
+      echo "$side $kernels"
+      show "$WORK/train_$side/$case/train_throughput.md" "$WORK/train_${side}_$case.txt" 4; pack
+    done
   done
 else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
