@@ -48,8 +48,8 @@ if [ "${1:-split}" = split ]; then
     cat "$WORK/regs_r$r.txt"; pack
   done
 elif [ "$1" = train ]; then
-  for side in default setting; do
-    for case in hybrid_compiled hybrid_mimo_compiled; do
+  for case in hybrid_compiled hybrid_mimo_compiled; do
+    for side in default setting; do
       kernels=""
       [ "$side" = setting ] && kernels=${SETTING:-qk_split=2}
       HYBRIDKIT_KERNELS=$kernels budgeted 150 90 python benchmarks/train_throughput.py \
