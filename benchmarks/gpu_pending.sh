@@ -4,7 +4,9 @@
 # Here: mkdir -p .gpu/pending && tar -xzf FILES_AT/session.tar.gz -C .gpu/pending
 # Steps, each only if the call (CALL_S, default 570 s) has time left for it; results under $WORK,
 # archived after each into $OUT/session.tar.gz.
-# PART "split" (default):
+# PART "split" (default) ran once, at commit d10595e (benchmarks/results/qk_split_h200.md); the
+#   qk_split / qk_maxnreg settings and tests/test_qk_split.py were removed after it, so re-run it
+#   from that commit:
 #   1. the GPU tests of the q / k kernels' pair split (tests/test_qk_split.py) -> split_tests.txt;
 #   2. only if they pass, benchmarks/mamba3_mimo.py at (8, 4096, 32, 64, 128) under each kernel
 #      setting of SETTINGS (unsplit first; qk_split 2 / 4, with and without a 168-register cap
@@ -34,6 +36,7 @@ if [ "${1:-split}" = split ]; then
     "$WORK/split_tests.txt"; then
     for setting in ${SETTINGS:-qk_split=1 qk_split=2 qk_split=4 qk_split=2,qk_maxnreg=168 \
       qk_split=4,qk_maxnreg=168 bwd_x_warps=8}; do
+      mkdir -p "$WORK/split_$setting"
       HYBRIDKIT_KERNELS=$setting budgeted 120 60 python benchmarks/mamba3_mimo.py --shapes 0 \
         --reps 60 --out "$WORK/split_$setting/mamba3_mimo" > "$WORK/split_$setting.txt" 2>&1
       echo "$setting"; show "$WORK/split_$setting/mamba3_mimo.md" "$WORK/split_$setting.txt" 4
@@ -52,6 +55,7 @@ elif [ "$1" = train ]; then
     for side in default setting; do
       kernels=""
       [ "$side" = setting ] && kernels=${SETTING:-qk_split=2}
+      mkdir -p "$WORK/train_$side/$case"
       HYBRIDKIT_KERNELS=$kernels budgeted 150 90 python benchmarks/train_throughput.py \
         --out "$WORK/train_$side/$case" --no-profile --steps 6 --cases "$case" \
         > "$WORK/train_${side}_$case.txt" 2>&1
@@ -63,6 +67,7 @@ else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
     2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"
   tail -3 "$WORK/tests.txt"; pack
+  mkdir -p "$WORK/mimo"
   budgeted 300 120 python benchmarks/mamba3_mimo.py --out "$WORK/mimo/mamba3_mimo" --reps 100 \
     > "$WORK/mimo.txt" 2>&1
   show "$WORK/mimo/mamba3_mimo.md" "$WORK/mimo.txt" 12; pack

@@ -10,7 +10,7 @@ found between GPU runs; numbers come from the local Triton, not the GPU machine'
 compare variants, not absolute values.
 
     python benchmarks/siso_sm90_report.py [--warps 4] [--top 12] [--rank R] [--qk-heads N] \
-        [--qk-split N] [kernel ...]
+        [kernel ...]
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ FLAGS.update(HAS_D=True, HAS_DTOT=False, HAS_INIT=False)
 FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
 FLAGS.update(R=1, HALVES=False)  # --rank R: MIMO (C = 64 / R tokens, halves pairing)
 FLAGS.update(HS=1)  # --qk-heads: heads per program of the q / k kernels (``qk_heads``)
-FLAGS.update(JS=1, NAQ=32, QKS=1)  # --qk-split: pair parts of the q / k kernels (``qk_split``)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {
     "ADT",
@@ -149,11 +148,8 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
     ap.add_argument("--rank", type=int, default=1, help="MIMO rank (chunk 64 / rank tokens)")
     ap.add_argument("--qk-heads", type=int, default=1, help="heads per q / k backward program")
-    ap.add_argument("--qk-split", type=int, default=1, help="pair parts of the q / k programs")
     args = ap.parse_args()
     FLAGS.update(R=args.rank, HALVES=args.rank > 1, C=64 // args.rank, HS=args.qk_heads)
-    js = 1 if args.qk_heads > 1 else args.qk_split  # as ``qk_split_parts``: one or the other
-    FLAGS.update(JS=js, QKS=js, NAQ=FLAGS["NA"] if js == 1 else FLAGS["N2"] // js)
     for name in args.kernels:
         kern = compile_kernel(name, args.warps, args.maxnreg)
         ptx = kern.asm["ptx"]

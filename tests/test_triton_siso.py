@@ -372,16 +372,16 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
 
 
 def test_backward_x_kernel_may_have_its_own_warps(monkeypatch):
-    """``bwd_x_warps`` sets the x kernel's warps alone and ``qk_maxnreg`` the q / k kernels'
-    register cap alone; unset, every backward chunk kernel runs ``bwd_warps`` / ``bwd_maxnreg``."""
+    """``bwd_x_warps`` sets the x kernel's warps alone; unset, every backward chunk kernel
+    runs ``bwd_warps``; ``bwd_maxnreg`` caps all three."""
     from hybridkit.kernels import config
     from hybridkit.kernels.mamba3.chunkscan.launch import backward_chunk_options
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv(config.ENV_VAR, "bwd_x_warps=8,qk_maxnreg=168")
-    assert backward_chunk_options("qk") == dict(num_warps=4, num_stages=1, maxnreg=168)
+    monkeypatch.setenv(config.ENV_VAR, "bwd_x_warps=8")
+    assert backward_chunk_options("qk") == dict(num_warps=4, num_stages=1)
     assert backward_chunk_options("x") == dict(num_warps=8, num_stages=1)
-    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=8,bwd_x_warps=none,bwd_maxnreg=200,qk_maxnreg=0")
+    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=8,bwd_x_warps=none,bwd_maxnreg=200")
     assert backward_chunk_options("x") == dict(num_warps=8, num_stages=1, maxnreg=200)
     assert backward_chunk_options("qk") == dict(num_warps=8, num_stages=1, maxnreg=200)
     with pytest.raises(ValueError, match="'q': allowed 'qk' or 'x'"):
@@ -390,8 +390,8 @@ def test_backward_x_kernel_may_have_its_own_warps(monkeypatch):
 
 def test_each_backward_chunk_kernel_launches_with_its_own_options(monkeypatch):
     """What the launch passes each kernel: the x kernel its own warps (``bwd_x_warps``; from
-    2026-12-04 to 12-06 it silently got ``bwd_warps``), q and k the ``qk_maxnreg`` cap. The
-    forward runs (interpreter) under the settings; the backward's launches are recorded."""
+    2026-12-04 to 12-06 it silently got ``bwd_warps``). The forward runs (interpreter) under
+    the settings; the backward's launches are recorded."""
     from hybridkit.kernels import config
     from hybridkit.kernels.mamba3.chunkscan import launch
     from hybridkit.kernels.mamba3.chunkscan import op as scan_op
@@ -417,15 +417,14 @@ def test_each_backward_chunk_kernel_launches_with_its_own_options(monkeypatch):
         for k, v in _inputs(Case(L=20, H=2), torch.float32, "cpu", 3).items()
         if v is not None
     }
-    settings = dict(bwd_warps=2, bwd_x_warps=8, bwd_maxnreg=200, qk_maxnreg=168)
-    with config.kernel_config(**settings):
+    with config.kernel_config(bwd_warps=2, bwd_x_warps=8, bwd_maxnreg=200):
         out = ops.mamba3_scan(**leaves, chunk_size=16, backend="triton")[0]
     monkeypatch.setattr(scan_op, "K_bwd", Kernels())
     monkeypatch.setattr(scan_op, "BWD_DSTATE", Launcher("_bwd_dstate_kernel"))
     monkeypatch.setattr(launch, "interpreting", lambda: False)  # real warp counts
     out.sum().backward()
     assert seen["_bwd_x_kernel"] == (8, 200)
-    assert seen["_bwd_q_kernel"] == seen["_bwd_k_kernel"] == (2, 168)
+    assert seen["_bwd_q_kernel"] == seen["_bwd_k_kernel"] == (2, 200)
 
 
 def test_triton_chunk_narrows_what_is_not_validated():
@@ -532,7 +531,7 @@ def test_fake_impl_and_registration(rank: int):
     y, total, end, states = torch.ops.hybridkit.mamba3_scan_fwd(*args)
     bwd_args = (torch.randn_like(y), torch.randn_like(total), torch.randn_like(end))
     bwd_args += tuple(t.detach() if t is not None else None for t in tensors)
-    bwd_args += (states, c.C, False, c.halves, [8, 0, 168, 0, 2, 1, 0])  # qk_heads 2: both heads
+    bwd_args += (states, c.C, False, c.halves, [8, 0, 168, 0, 2])  # qk_heads 2: both heads
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_scan_bwd.default,
         bwd_args,
@@ -556,14 +555,11 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
 
     def spy(*args, **kwargs):
         cfg = config.current_config()
-        seen.append(
-            (cfg.bwd_warps, cfg.bwd_x_warps, cfg.bwd_maxnreg, cfg.autotune, cfg.qk_heads,
-             cfg.qk_split, cfg.qk_maxnreg)
-        )  # fmt: skip
+        seen.append((cfg.bwd_warps, cfg.bwd_x_warps, cfg.bwd_maxnreg, cfg.autotune, cfg.qk_heads))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(scan_op, "_launch_backward", spy)
-    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=2,autotune=1,qk_heads=1,qk_split=1")
+    monkeypatch.setenv(config.ENV_VAR, "bwd_warps=2,autotune=1,qk_heads=1")
     torch._dynamo.reset()
     c = Case(L=20, H=2)
     leaves = {
@@ -577,7 +573,6 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
 
     fn = torch.compile(loss, fullgraph=True, backend="aot_eager") if compiled else loss
     settings = dict(bwd_warps=8, bwd_x_warps=4, bwd_maxnreg=168, autotune=False, qk_heads=2)
-    settings |= dict(qk_split=2, qk_maxnreg=128)
     with config.kernel_config(**settings):
         out = fn(**leaves)
     errors: list[BaseException] = []
@@ -592,7 +587,7 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
     worker.start()
     worker.join()
     assert not errors, errors
-    assert seen == [(8, 4, 168, False, 2, 2, 128)]
+    assert seen == [(8, 4, 168, False, 2)]
     assert all(t.grad is not None for t in leaves.values())
 
 

@@ -7,11 +7,12 @@ Fields (defaults in :class:`KernelConfig`):
 * ``bwd_warps``: warps of the backward chunk kernels (q, k, x), which are never tuned;
 * ``bwd_x_warps``: warps of the x kernel alone (None: ``bwd_warps``): at MIMO rank 4 it is the
   one that spills at 4 warps (356 B per thread compiled for sm_90, 52 B at 8; the q and k
-  kernels 4 / 0 B at 4 warps, 100 / 240 B at 8); timed on the H100 it changed nothing at 8
-  (forward + backward 16.95 vs 16.93 ms), and all three at 8 took 27.95 ms;
-* ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice). (Until
-  2026-12-06 the x kernel launched with ``bwd_warps``: ``bwd_x_warps`` was read but not
-  passed, so the x-kernel timing quoted above measured nothing);
+  kernels 4 / 0 B at 4 warps, 100 / 240 B at 8). From 2026-12-04 to 12-06 the x kernel
+  launched with ``bwd_warps`` whatever this said, so an H100 timing of that time ("no change
+  at 8") measured nothing. Applied, at 8 on the H200 (2026-12-06, (8, 4096, 32, 64, 128)):
+  MIMO R 4 forward + backward 16.58 -> 19.82 ms, SISO 3.77 -> 4.33
+  (``benchmarks/results/qk_split_h200.md``); default None;
+* ``bwd_maxnreg``: a register cap for those kernels (None: the compiler's choice);
 * ``qk_heads``: heads per program of the backward's q and k kernels (a power of two; the
   greatest common divisor with the heads per group is used). Each head's dq / dk must be
   summed over the heads sharing its group's q / k: at 1 every (chunk, head) program writes its
@@ -22,18 +23,6 @@ Fields (defaults in :class:`KernelConfig`):
   element) and the grid as well. Default 1: on the H100 n 4 / 8 / 32 were no faster
   (forward + backward 17.8-18.8 ms against 16.97, ``benchmarks/results/qk_heads_h100.md``)
   and saved only 1-2 GB of peak memory at that shape;
-* ``qk_split``: programs per (chunk, head) of the backward's q and k kernels (1, 2 or 4), each
-  owning N / (2 qk_split) of the rotation pairs (their columns of q, k, the states and dq / dk).
-  Those kernels sit at 255 registers with two 4-warp programs per SM, latency-bound
-  (``docs/kernels.md``); a part holds 1 / qk_split of the q / k / state tiles, so more programs
-  fit an SM, at the price of repeating the chunk's dy x^T product per part. The per-row sums
-  over N (d cs and d u) go to per-part slots that the x kernel adds. Used where a part keeps at
-  least 16 pairs (the smallest dot tile; 4 under the interpreter) and one head per program
-  (``qk_heads`` wins where it sums more than one head: its gcd with the heads per group above
-  1); default 1 until timed;
-* ``qk_maxnreg``: a register cap for the q and k kernels alone (None: ``bwd_maxnreg``): with
-  the pairs split they compile to 160-224 registers, and at most 168 lets three 4-warp programs
-  share an SM (``docs/kernels.md``);
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
 * ``step_split``: programs per (sequence, head) of the fused decode step, each owning
@@ -133,7 +122,6 @@ ENV_VAR = "HYBRIDKIT_KERNELS"
 WARP_COUNTS = (1, 2, 4, 8, 16)
 STEP_SPLITS = (1, 2, 4, 8)
 QK_HEADS = (1, 2, 4, 8, 16, 32, 64)
-QK_SPLITS = (1, 2, 4)
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)
 
 # The widest chunk a SISO kernel may use is bounded by its largest register tiles,
@@ -155,8 +143,6 @@ class KernelConfig:
     bwd_x_warps: int | None = None
     bwd_maxnreg: int | None = None
     qk_heads: int = 1
-    qk_split: int = 1
-    qk_maxnreg: int | None = None
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
     step_warps: int | None = None
     step_maxnreg: int | None = None
@@ -187,15 +173,13 @@ class KernelConfig:
             raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
         if self.qk_heads not in QK_HEADS:
             raise ValueError(f"qk_heads={self.qk_heads}: allowed {QK_HEADS}")
-        if self.qk_split not in QK_SPLITS:
-            raise ValueError(f"qk_split={self.qk_split}: allowed {QK_SPLITS}")
         if not 1 <= self.skinny_rows <= 16:
             raise ValueError(f"skinny_rows={self.skinny_rows}: allowed 1..16")
         if not 0 <= self.norm_linear <= 16:
             raise ValueError(f"norm_linear={self.norm_linear}: allowed 0..16 (rows)")
         if self.step_split not in STEP_SPLITS:
             raise ValueError(f"step_split={self.step_split}: allowed {STEP_SPLITS}")
-        for name in ("bwd_maxnreg", "qk_maxnreg", "step_maxnreg"):
+        for name in ("bwd_maxnreg", "step_maxnreg"):
             value = getattr(self, name)
             if value is not None and not 24 <= value <= 255:
                 raise ValueError(f"{name}={value}: allowed None or 24..255")
@@ -244,7 +228,7 @@ def _parse_value(key: str, raw: str) -> object:
         if not all(c.isdigit() for c in parts):
             raise ValueError(f"{raw!r}: expected whole numbers joined by ':', e.g. 32:64")
         return tuple(int(c) for c in parts)
-    optional = ("bwd_maxnreg", "qk_maxnreg", "step_maxnreg", "step_warps", "bwd_x_warps")
+    optional = ("bwd_maxnreg", "step_maxnreg", "step_warps", "bwd_x_warps")
     if key in optional and raw in ("", "0", "none"):
         return None
     if not raw.isdigit():

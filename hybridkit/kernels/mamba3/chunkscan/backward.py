@@ -142,7 +142,7 @@ def _bwd_dstate_kernel(
         cosv = 0.0
         sinv = 0.0
     qe, qo = _load_qk(
-        Q, QB, bat, g, h, tt, rr, mc, 0, N2, N2, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
+        Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
         HALVES,
     )  # fmt: skip
     dy = tl.load(
@@ -248,25 +248,25 @@ def _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R: tl.constexpr):
 @triton.jit
 def _rotated_qk(
     Q, K, QB, KB, COS_SIN, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
-    s_qg, s_kb, s_kl, s_kr, s_kg, j0, NW: tl.constexpr, N2: tl.constexpr, NA: tl.constexpr,
-    HAS_ANG: tl.constexpr, FAST: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr,
+    s_qg, s_kb, s_kl, s_kr, s_kg, N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr,
+    FAST: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     """q~ and k~ of one chunk's rows (bias added, rotated by the in-chunk angles whose cos / sin
     ``_bwd_dstate`` stored in ``COS_SIN``) as pair-half dot operands (bf16 in fast mode: half the
-    registers of four C x N/2 tiles), for the NW pairs from ``j0`` (``qk_split``; NA: the
-    angle tile's width, ``_load_csn``)."""
+    registers of four C x N/2 tiles)."""
+    offs_j = tl.arange(0, N2)
     if HAS_ANG:
-        cosv, sinv = _load_csn(COS_SIN, bat, tok, mtok, h, L, H, NANG, j0, NW, NA, R)
+        cosv, sinv = _load_csn(COS_SIN, bat, tok, mtok, h, L, H, NANG, N2, NA, R)
     else:
         cosv = 0.0
         sinv = 0.0
     g = h // HPG
     qe, qo = _load_qk(
-        Q, QB, bat, g, h, tt, rr, mc, j0, NW, N2, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
+        Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
         HALVES,
     )  # fmt: skip
     ke, ko = _load_qk(
-        K, KB, bat, g, h, tt, rr, mc, j0, NW, N2, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+        K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
         HALVES,
     )  # fmt: skip
     return _operand(qe, FAST), _operand(qo, FAST), _operand(ke, FAST), _operand(ko, FAST)
@@ -284,85 +284,52 @@ def _dy_rows(DY, bat, tt, rr, mc, h, s_b, s_l, s_r, s_h, P: tl.constexpr, R: tl.
 
 @triton.jit
 def _store_qk_grad(
-    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc, i, j0,
-    NW: tl.constexpr, N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr,
-    R: tl.constexpr, HALVES: tl.constexpr, HS: tl.constexpr,
+    DHEADS, DBIAS_PART, de, do, COS_SIN, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc, i,
+    N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, R: tl.constexpr,
+    HALVES: tl.constexpr, HS: tl.constexpr,
 ):  # fmt: skip
-    """Rotate a q~ / k~ gradient (the NW pairs from ``j0``) back to the input frame (cos / sin
-    loaded again from ``COS_SIN``); store it per (row, head) in the input's pair order, and its
-    per-(chunk, head, rank) column sum (the bias gradient's partial sum).
+    """Rotate a q~ / k~ gradient back to the input frame (cos / sin loaded again from
+    ``COS_SIN``); store it per (row, head) in the input's pair order, and its per-(chunk, head,
+    rank) column sum (the bias gradient's partial sum).
 
     With ``HS`` > 1 heads per program, ``DHEADS`` has one fp32 slot per ``HS`` heads (head
     ``h`` goes to slot ``h // HS``) and the program's ``i``-th head adds to what its earlier
-    heads stored there: the partial group sum the caller finishes. (The pair split, NW < N2,
-    runs with one head per program.)"""
+    heads stored there: the partial group sum the caller finishes."""
     if HAS_ANG:
-        cosv, sinv = _load_csn(COS_SIN, bat, tok, mtok, h, L, H, NANG, j0, NW, NA, R)
+        cosv, sinv = _load_csn(COS_SIN, bat, tok, mtok, h, L, H, NANG, N2, NA, R)
         ue = de * cosv + do * sinv
         uo = do * cosv - de * sinv
     else:
         ue = de
         uo = do
+    if HALVES:  # [first half, second half]
+        u = tl.reshape(tl.permute(tl.join(ue, uo), (0, 2, 1)), (tt.shape[0], 2 * N2))
+    else:  # interleaved pairs again: whole contiguous rows
+        u = tl.reshape(tl.join(ue, uo), (tt.shape[0], 2 * N2))
+    offs_n = tl.arange(0, 2 * N2)
     slots = H // HS
     slot = h // HS
     if R == 1:
-        hb = ((bat * L + tt[:, None]) * slots + slot) * (2 * N2)
+        hb = ((bat * L + tt[:, None]) * slots + slot) * (2 * N2) + offs_n[None, :]
     else:  # (B, L, R, slots, N)
-        hb = (((bat * L + tt[:, None]) * R + rr[:, None]) * slots + slot) * (2 * N2)
-    if NW != N2:  # one part of the pairs: its columns of the row, and of the bias sums
-        _store_pairs(DHEADS, hb, ue, uo, j0, NW, N2, HALVES, mc[:, None])
-        if R == 1:
-            pb = (gc * H + h) * (2 * N2)
-            _store_pairs(
-                DBIAS_PART, pb, tl.sum(ue, 0)[None, :], tl.sum(uo, 0)[None, :], j0, NW, N2,
-                HALVES, None,
-            )  # fmt: skip
-        else:  # (chunks, H, R, N) partial sums
-            offs_r = tl.arange(0, R)
-            pb = ((gc * H + h) * R + offs_r[:, None]) * (2 * N2)
-            se = tl.sum(tl.reshape(ue, (tt.shape[0] // R, R, NW)), 0)
-            so = tl.sum(tl.reshape(uo, (tt.shape[0] // R, R, NW)), 0)
-            _store_pairs(DBIAS_PART, pb, se, so, j0, NW, N2, HALVES, None)
+        hb = ((bat * L + tt[:, None]) * R + rr[:, None]) * slots + slot
+        hb = hb * (2 * N2) + offs_n[None, :]
+    if HS == 1:
+        tl.store(DHEADS + hb, u.to(DHEADS.dtype.element_ty), mask=mc[:, None])
     else:
-        if HALVES:  # [first half, second half]
-            u = tl.reshape(tl.permute(tl.join(ue, uo), (0, 2, 1)), (tt.shape[0], 2 * N2))
-        else:  # interleaved pairs again: whole contiguous rows
-            u = tl.reshape(tl.join(ue, uo), (tt.shape[0], 2 * N2))
-        offs_n = tl.arange(0, 2 * N2)
-        hb = hb + offs_n[None, :]
-        if HS == 1:
-            tl.store(DHEADS + hb, u.to(DHEADS.dtype.element_ty), mask=mc[:, None])
-        else:
-            # the earlier heads' stores to these addresses were made by other threads of this
-            # program: the barrier makes them visible (global memory, one CTA)
-            tl.debug_barrier()
-            before = tl.load(DHEADS + hb, mask=mc[:, None] & (i > 0), other=0.0)
-            tl.store(DHEADS + hb, before + u, mask=mc[:, None])
-        if R == 1:
-            tl.store(DBIAS_PART + (gc * H + h) * (2 * N2) + offs_n, tl.sum(u, 0))
-        else:  # (chunks, H, R, N) partial sums
-            part = tl.sum(tl.reshape(u, (tt.shape[0] // R, R, 2 * N2)), 0)
-            offs_r = tl.arange(0, R)
-            tl.store(
-                DBIAS_PART + ((gc * H + h) * R + offs_r[:, None]) * (2 * N2) + offs_n[None, :],
-                part,
-            )
-
-
-@triton.jit
-def _store_pairs(PTR, base, ue, uo, j0, NW: tl.constexpr, N2: tl.constexpr,
-                 HALVES: tl.constexpr, mask):  # fmt: skip
-    """Store the pair halves ``ue`` / ``uo`` (M x NW, the pairs from ``j0``) into rows of N
-    values at offsets ``base`` (M x 1, or a scalar for one row) in the input's pair order: two
-    contiguous runs (``HALVES``) or one run of interleaved pairs."""
-    if HALVES:
-        offs = j0 + tl.arange(0, NW)[None, :]
-        tl.store(PTR + base + offs, ue.to(PTR.dtype.element_ty), mask=mask)
-        tl.store(PTR + base + N2 + offs, uo.to(PTR.dtype.element_ty), mask=mask)
-    else:
-        u = tl.reshape(tl.join(ue, uo), (ue.shape[0], 2 * NW))
-        offs = 2 * j0 + tl.arange(0, 2 * NW)[None, :]
-        tl.store(PTR + base + offs, u.to(PTR.dtype.element_ty), mask=mask)
+        # the earlier heads' stores to these addresses were made by other threads of this
+        # program: the barrier makes them visible (global memory, one CTA)
+        tl.debug_barrier()
+        before = tl.load(DHEADS + hb, mask=mc[:, None] & (i > 0), other=0.0)
+        tl.store(DHEADS + hb, before + u, mask=mc[:, None])
+    if R == 1:
+        tl.store(DBIAS_PART + (gc * H + h) * (2 * N2) + offs_n, tl.sum(u, 0))
+    else:  # (chunks, H, R, N) partial sums
+        part = tl.sum(tl.reshape(u, (tt.shape[0] // R, R, 2 * N2)), 0)
+        offs_r = tl.arange(0, R)
+        tl.store(
+            DBIAS_PART + ((gc * H + h) * R + offs_r[:, None]) * (2 * N2) + offs_n[None, :], part
+        )
 
 
 @triton.jit
@@ -375,22 +342,22 @@ def _pw(dy, x, cs, gamma, kappa, CR: tl.constexpr, R: tl.constexpr, FAST: tl.con
 @triton.jit
 def _head_rows(
     Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl,
-    s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, h, j0,
-    NW: tl.constexpr, C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr, NA: tl.constexpr,
+    s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, h,
+    C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr, NA: tl.constexpr,
     HAS_ANG: tl.constexpr, VARLEN: tl.constexpr, FAST: tl.constexpr, R: tl.constexpr,
     HALVES: tl.constexpr,
 ):  # fmt: skip
     """What the q and k sides load for head ``h`` of chunk slot ``gc``: the chunk's rows and
-    tokens, the saved gates, the rotated q~ / k~ (even and odd halves of the NW pairs from
-    ``j0``), the x~ and dy rows as dot operands, and the offsets of the per-token and per-row
-    buffers (the compiler drops what a side does not use). One function for the three sides, in
-    one order: their kernels compile as when each loaded these itself."""
+    tokens, the saved gates, the rotated q~ / k~ (even and odd halves), the x~ and dy rows as
+    dot operands, and the offsets of the per-token and per-row buffers (the compiler drops what
+    a side does not use). One function for the three sides, in one order: their kernels compile
+    as when each loaded these itself."""
     bat, seq, tt, rr, mc, tok, mtok = _chunk_tokens(CHTAB, gc, L, NC, C, R, VARLEN)
     gamma, kappa, cs, a_c = _saved_gates(GATES, DECAY, bat, gc, h, H, L, tok, mtok, R)
     u = tl.exp(a_c - cs) * kappa  # the k and x sides' weight of the end state (q drops it)
     qe, qo, ke, ko = _rotated_qk(
         Q, K, QB, KB, ANG, bat, h, HPG, tt, rr, mc, tok, mtok, L, H, NANG, s_qb, s_ql, s_qr,
-        s_qg, s_kb, s_kl, s_kr, s_kg, j0, NW, N2, NA, HAS_ANG, FAST, R, HALVES,
+        s_qg, s_kb, s_kl, s_kr, s_kg, N2, NA, HAS_ANG, FAST, R, HALVES,
     )  # fmt: skip
     x_t, _x = _x_rows(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, P, R)
     x = _operand(x_t, FAST)
@@ -404,24 +371,20 @@ def _head_rows(
 def _bwd_q_head(
     Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, STATES, DQ_HEADS, DQ_BIAS_PART, DTHETA,
     DCS_STATE, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr,
-    s_yh, L, H, HPG, NANG, NC, gc, h, i, part, C: tl.constexpr, P: tl.constexpr,
-    N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, HAS_D: tl.constexpr,
-    VARLEN: tl.constexpr, FAST: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr,
-    HS: tl.constexpr, JS: tl.constexpr, NAQ: tl.constexpr,
+    s_yh, L, H, HPG, NANG, NC, gc, h, i, C: tl.constexpr, P: tl.constexpr, N2: tl.constexpr,
+    NA: tl.constexpr, HAS_ANG: tl.constexpr, HAS_D: tl.constexpr, VARLEN: tl.constexpr,
+    FAST: tl.constexpr, R: tl.constexpr, HALVES: tl.constexpr, HS: tl.constexpr,
 ):  # fmt: skip
-    """One head of ``_bwd_q_kernel``'s program (the ``i``-th of its ``HS``), pairs of part
-    ``part`` of ``JS`` (NAQ: the part's angle tile width)."""
-    NW: tl.constexpr = N2 // JS
-    j0 = part * NW
+    """One head of ``_bwd_q_kernel``'s program (the ``i``-th of its ``HS``)."""
     bat, seq, tt, rr, mc, tok, mtok, gamma, kappa, cs, a_c, u, qe, qo, ke, ko, x, dy, bo, bw = (
         _head_rows(
             Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, s_qb, s_ql, s_qr, s_qg, s_kb,
             s_kl, s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc,
-            h, j0, NW, C, P, N2, NAQ, HAS_ANG, VARLEN, FAST, R, HALVES,
+            h, C, P, N2, NA, HAS_ANG, VARLEN, FAST, R, HALVES,
         )
     )  # fmt: skip
     offs_p = tl.arange(0, P)
-    offs_j = j0 + tl.arange(0, NW)
+    offs_j = tl.arange(0, N2)
     eq = tl.exp(cs)
     pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
     se = _operand(tl.load(pe), FAST)
@@ -429,35 +392,20 @@ def _bwd_q_head(
     pw = _operand(_pw(dy, x, cs, gamma, kappa, C * R, R, FAST), FAST)
     ie = _dot(dy, se, FAST)
     io = _dot(dy, so, FAST)
-    tl.store(
-        DCS_STATE + _part_rows(bw, bat, h, H, L, R, part, JS),
-        eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)),
-        mask=mc,
-    )
+    tl.store(DCS_STATE + bw, eq * (tl.sum(ie * qe, 1) + tl.sum(io * qo, 1)), mask=mc)
     dqe = _dot(pw, ke, FAST) + eq[:, None] * ie
     dqo = _dot(pw, ko, FAST) + eq[:, None] * io
     if HAS_ANG:  # the q share of d theta per token (scanned by ``_bwd_gates``), tokens last
-        offs_a = j0 + tl.arange(0, NAQ)
+        offs_a = tl.arange(0, NA)
         tl.store(
             DTHETA + ((bat * H + h) * NANG + offs_a[None, :]) * L + tok[:, None],
-            _rank_sum2(_narrow(dqo * qe - dqe * qo, NAQ), R),
+            _rank_sum2(_narrow(dqo * qe - dqe * qo, NA), R),
             mask=mtok[:, None] & (offs_a < NANG)[None, :],
         )
     _store_qk_grad(
         DQ_HEADS, DQ_BIAS_PART, dqe, dqo, ANG, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc, i,
-        j0, NW, N2, NAQ, HAS_ANG, R, HALVES, HS,
+        N2, NA, HAS_ANG, R, HALVES, HS,
     )  # fmt: skip
-
-
-@triton.jit
-def _part_rows(bw, bat, h, H, L, R: tl.constexpr, part, JS: tl.constexpr):
-    """Offsets of the per-row partial sums (``DCS_STATE``, ``DU``) of pair part ``part``: a
-    (B, H, JS, L * R) buffer, whose part slots ``_bwd_x`` adds (``bw``: the (B, H, L * R)
-    offsets, used as they are when the pairs are not split)."""
-    if JS == 1:
-        return bw
-    else:
-        return bw + ((bat * H + h) * (JS - 1) + part) * (L * R)
 
 
 _bwd_q_head_call = triton.jit(noinline=True)(_bwd_q_head.fn)
@@ -512,35 +460,25 @@ def _bwd_q_kernel(
     R: tl.constexpr,
     HALVES: tl.constexpr,
     HS: tl.constexpr,
-    JS: tl.constexpr,
-    NAQ: tl.constexpr,
 ):
     """Per (chunk, ``HS`` heads of one group), q side: dq per head, or with ``HS`` > 1 added
     over the program's heads (summed over the group by the caller), its bias partial sum, the
     per-token q share of d theta (``DTHETA``, tokens last), and ``DCS_STATE`` (d cs through
-    exp(cs) q~ S~) for ``_bwd_x``. (d A_c and the state's share of d Omega_c, which pair S~
-    with the end-state gradient, are computed at the end of ``_bwd_x``.) With ``JS`` > 1
-    (``qk_split``, one head a program) a program owns N / (2 JS) of the rotation pairs: the
-    chunk's dy / x products are repeated per part, and the per-row sums go to per-part slots
-    that ``_bwd_x`` adds.
+    exp(cs) q~ S~) for ``_bwd_x``. (d A_c and the state's share of
+    d Omega_c, which pair S~ with the end-state gradient, are computed at the end of
+    ``_bwd_x``.)
 
     The q and k sides are separate kernels: merged, they were barely faster and made an
     illegal memory access at bf16, N 64, P 64 (docs/kernels.md, "Tried and dropped")."""
-    tl.static_assert(HS == 1 or JS == 1, "qk_split runs one head per program")
     pid = tl.program_id(0)
-    if JS == 1:
-        part = 0
-    else:  # the parts of one (chunk, head) are neighbours: they share its dy / x rows in L2
-        part = pid % JS
-        pid = pid // JS
     first = (pid % (H // HS)).to(tl.int64) * HS  # this program's first head (of HS, one group)
     gc = (pid // (H // HS)).to(tl.int64)
     if HS == 1:
         _bwd_q_head(
             Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, STATES, DQ_HEADS, DQ_BIAS_PART,
             DTHETA, DCS_STATE, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg, s_vb, s_vl, s_vh,
-            s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first, 0, part, C, P, N2, NA, HAS_ANG,
-            HAS_D, VARLEN, FAST, R, HALVES, HS, JS, NAQ,
+            s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first, 0, C, P, N2, NA, HAS_ANG, HAS_D,
+            VARLEN, FAST, R, HALVES, HS,
         )  # fmt: skip
     else:  # a call per head, not inlined: the body inlined in a loop (or unrolled) spilled
         # 550-3,300 bytes for sm_90, called 20 + 92 (ptxas; it serializes the callee's wgmma)
@@ -548,8 +486,8 @@ def _bwd_q_kernel(
             _bwd_q_head_call(
                 Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, STATES, DQ_HEADS, DQ_BIAS_PART,
                 DTHETA, DCS_STATE, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg, s_vb, s_vl, s_vh,
-                s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first + i, i, 0, C, P, N2, NA,
-                HAS_ANG, HAS_D, VARLEN, FAST, R, HALVES, HS, 1, NA,
+                s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first + i, i, C, P, N2, NA,
+                HAS_ANG, HAS_D, VARLEN, FAST, R, HALVES, HS,
             )  # fmt: skip
 
 
@@ -557,36 +495,28 @@ def _bwd_q_kernel(
 def _bwd_k_head(
     Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, DSTATES, DTOTAL_ANGLE, DTHETA, DOMEGA,
     DK_HEADS, DK_BIAS_PART, DU, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg, s_vb, s_vl, s_vh,
-    s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, h, i, part, C: tl.constexpr,
-    P: tl.constexpr, N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr,
-    HAS_D: tl.constexpr, VARLEN: tl.constexpr, FAST: tl.constexpr, HAS_DTOT: tl.constexpr,
-    R: tl.constexpr, HALVES: tl.constexpr, HS: tl.constexpr, JS: tl.constexpr,
-    NAQ: tl.constexpr,
+    s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, h, i, C: tl.constexpr, P: tl.constexpr,
+    N2: tl.constexpr, NA: tl.constexpr, HAS_ANG: tl.constexpr, HAS_D: tl.constexpr,
+    VARLEN: tl.constexpr, FAST: tl.constexpr, HAS_DTOT: tl.constexpr, R: tl.constexpr,
+    HALVES: tl.constexpr, HS: tl.constexpr,
 ):  # fmt: skip
-    """One head of ``_bwd_k_kernel``'s program (the ``i``-th of its ``HS``), pairs of part
-    ``part`` of ``JS`` (NAQ: the part's angle tile width)."""
-    NW: tl.constexpr = N2 // JS
-    j0 = part * NW
+    """One head of ``_bwd_k_kernel``'s program (the ``i``-th of its ``HS``)."""
     bat, seq, tt, rr, mc, tok, mtok, gamma, kappa, cs, a_c, u, qe, qo, ke, ko, x, dy, bo, bw = (
         _head_rows(
             Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, s_qb, s_ql, s_qr, s_qg, s_kb,
             s_kl, s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc,
-            h, j0, NW, C, P, N2, NAQ, HAS_ANG, VARLEN, FAST, R, HALVES,
+            h, C, P, N2, NA, HAS_ANG, VARLEN, FAST, R, HALVES,
         )
     )  # fmt: skip
     offs_p = tl.arange(0, P)
-    offs_j = j0 + tl.arange(0, NW)
+    offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
     pe, po = _state_tile(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
     ge = _operand(tl.load(pe), FAST)
     go = _operand(tl.load(po), FAST)
     ve = _dot(x, ge, FAST)
     vv = _dot(x, go, FAST)
-    tl.store(
-        DU + _part_rows(bw, bat, h, H, L, R, part, JS),
-        tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1),
-        mask=mc,
-    )
+    tl.store(DU + bw, tl.sum(ve * ke, 1) + tl.sum(vv * ko, 1), mask=mc)
     pw = _operand(_pw(dy, x, cs, gamma, kappa, C * R, R, FAST), FAST)
     dke = _dot(tl.trans(pw), qe, FAST) + u[:, None] * ve
     dko = _dot(tl.trans(pw), qo, FAST) + u[:, None] * vv
@@ -597,14 +527,14 @@ def _bwd_k_head(
         if HAS_DTOT:  # the sequence's total angle was used
             d_om += tl.load(DTOTAL_ANGLE + (seq * H + h) * NANG + offs_j, mask=mj, other=0.0)
         tl.store(DOMEGA + (gc * H + h) * NANG + offs_j, d_om, mask=mj)  # ``_bwd_x`` completes it
-        offs_a = j0 + tl.arange(0, NAQ)
+        offs_a = tl.arange(0, NA)
         am = mtok[:, None] & (offs_a < NANG)[None, :]
         ao = ((bat * H + h) * NANG + offs_a[None, :]) * L + tok[:, None]
-        r = _rank_sum2(_narrow(dko * ke - dke * ko, NAQ), R)
+        r = _rank_sum2(_narrow(dko * ke - dke * ko, NA), R)
         tl.store(DTHETA + ao, r + tl.load(DTHETA + ao, mask=am, other=0.0), mask=am)
     _store_qk_grad(
         DK_HEADS, DK_BIAS_PART, dke, dko, ANG, NANG, bat, L, tt, rr, mc, tok, mtok, H, h, gc, i,
-        j0, NW, N2, NAQ, HAS_ANG, R, HALVES, HS,
+        N2, NA, HAS_ANG, R, HALVES, HS,
     )  # fmt: skip
 
 
@@ -663,8 +593,6 @@ def _bwd_k_kernel(
     R: tl.constexpr,
     HALVES: tl.constexpr,
     HS: tl.constexpr,
-    JS: tl.constexpr,
-    NAQ: tl.constexpr,
 ):
     """Per (chunk, ``HS`` heads of one group), k side: dk as the q side's dq, its bias
     partial sum, ``DU`` (d u per token)
@@ -672,21 +600,15 @@ def _bwd_k_kernel(
     to the q share in ``DTHETA``, and in ``DOMEGA`` the whole gradient every token of the chunk gets
     (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOTAL_ANGLE``;
     ``_bwd_x`` adds the share of the state S~)."""
-    tl.static_assert(HS == 1 or JS == 1, "qk_split runs one head per program")
     pid = tl.program_id(0)
-    if JS == 1:
-        part = 0
-    else:  # the parts of one (chunk, head) are neighbours: they share its dy / x rows in L2
-        part = pid % JS
-        pid = pid // JS
     first = (pid % (H // HS)).to(tl.int64) * HS  # this program's first head (of HS, one group)
     gc = (pid // (H // HS)).to(tl.int64)
     if HS == 1:
         _bwd_k_head(
             Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, DSTATES, DTOTAL_ANGLE, DTHETA,
             DOMEGA, DK_HEADS, DK_BIAS_PART, DU, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg,
-            s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first, 0, part, C, P,
-            N2, NA, HAS_ANG, HAS_D, VARLEN, FAST, HAS_DTOT, R, HALVES, HS, JS, NAQ,
+            s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first, 0, C, P, N2,
+            NA, HAS_ANG, HAS_D, VARLEN, FAST, HAS_DTOT, R, HALVES, HS,
         )  # fmt: skip
     else:  # a call per head, not inlined: the body inlined in a loop (or unrolled) spilled
         # 550-3,300 bytes for sm_90, called 20 + 92 (ptxas; it serializes the callee's wgmma)
@@ -694,8 +616,8 @@ def _bwd_k_kernel(
             _bwd_k_head_call(
                 Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, DSTATES, DTOTAL_ANGLE, DTHETA,
                 DOMEGA, DK_HEADS, DK_BIAS_PART, DU, s_qb, s_ql, s_qr, s_qg, s_kb, s_kl, s_kr, s_kg,
-                s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first + i, i, 0,
-                C, P, N2, NA, HAS_ANG, HAS_D, VARLEN, FAST, HAS_DTOT, R, HALVES, HS, 1, NA,
+                s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc, first + i, i, C,
+                P, N2, NA, HAS_ANG, HAS_D, VARLEN, FAST, HAS_DTOT, R, HALVES, HS,
             )  # fmt: skip
 
 
@@ -852,11 +774,10 @@ def _bwd_x_kernel(
     FAST: tl.constexpr,
     R: tl.constexpr,
     HALVES: tl.constexpr,
-    QKS: tl.constexpr,
 ):
     """Per (chunk, head): dx (intra-chunk, through the end state, D skip), D's partial sum and
     the gradients of the per-token gates (d adt, d kappa, d gamma), using the per-token terms
-    ``_bwd_q`` and ``_bwd_k`` stored (``QKS`` slots each when they split the pairs)."""
+    ``_bwd_q`` and ``_bwd_k`` stored."""
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)
@@ -864,7 +785,7 @@ def _bwd_x_kernel(
         _head_rows(
             Q, K, V, PSI, GATES, DECAY, QB, KB, ANG, DY, CHTAB, s_qb, s_ql, s_qr, s_qg, s_kb,
             s_kl, s_kr, s_kg, s_vb, s_vl, s_vh, s_yb, s_yl, s_yr, s_yh, L, H, HPG, NANG, NC, gc,
-            h, 0, N2, C, P, N2, NA, HAS_ANG, VARLEN, FAST, R, HALVES,
+            h, C, P, N2, NA, HAS_ANG, VARLEN, FAST, R, HALVES,
         )
     )  # fmt: skip
     offs_p = tl.arange(0, P)
@@ -893,13 +814,13 @@ def _bwd_x_kernel(
         offs_r = tl.arange(0, R)
         tl.store(DPSI_PART + ((gc * H + h) * R + offs_r[:, None]) * P + offs_p[None, :], dpsi)
     dwt = _dot(dy, tl.trans(x), FAST) * sc
-    du = _part_sum(DU, bw, mc, L, R, QKS)
+    du = tl.load(DU + bw, mask=mc, other=0.0)
     wd = dwt * dec
     # column sums cross warps (shared memory): sum_i wd_ij kappa_j is kappa_j times the one
     # column sum that d kappa needs too, so one such reduction serves both
     cd = tl.sum(wd, 0)
     tl.store(DKAPPA + bo, _rank_sum(tl.exp(a_c - cs) * du + cd, R), mask=mtok)
-    dcs = _part_sum(DCS_STATE, bw, mc, L, R, QKS) + tl.sum(wd * kappa[None, :], 1)
+    dcs = tl.load(DCS_STATE + bw, mask=mc, other=0.0) + tl.sum(wd * kappa[None, :], 1)
     dcs -= kappa * cd + u * du
     # d adt_t: every row of a token at or after t
     dadt = tl.cumsum(_rank_sum(dcs, R), 0, reverse=True)
@@ -917,17 +838,3 @@ def _bwd_x_kernel(
         om = DOMEGA + (gc * H + h) * NANG + offs_j
         d_om = ea * tl.sum(ge * so - go * se, 0)
         tl.store(om, tl.load(om, mask=mj, other=0.0) + d_om, mask=mj)
-
-
-@triton.jit
-def _part_sum(BUF, bw, mc, L, R: tl.constexpr, QKS: tl.constexpr):
-    """A per-row sum the q / k kernels stored in ``QKS`` part slots (``_part_rows``), added up
-    (``bw``: the (B, H, L * R) offsets of the rows)."""
-    if QKS == 1:
-        return tl.load(BUF + bw, mask=mc, other=0.0)
-    else:
-        base = bw + (bw // (L * R)) * ((QKS - 1) * (L * R))  # (B H) * QKS * L R + row
-        total = tl.load(BUF + base, mask=mc, other=0.0)
-        for p in tl.static_range(1, QKS):
-            total += tl.load(BUF + base + p * (L * R), mask=mc, other=0.0)
-        return total

@@ -318,70 +318,56 @@ def _csn_offsets(bat, tt, h, L, H, offs_j, NANG):
 
 @triton.jit
 def _load_csn(
-    COS_SIN, bat, tok, mtok, h, L, H, NANG, j0, NW: tl.constexpr, NA: tl.constexpr,
-    R: tl.constexpr,
+    COS_SIN, bat, tok, mtok, h, L, H, NANG, N2: tl.constexpr, NA: tl.constexpr, R: tl.constexpr
 ):  # fmt: skip
-    """cos / sin of the in-chunk angles as (C * R) x NW row tiles for the NW pairs from ``j0``
-    (all N/2 of them unless the q / k kernels split the pairs, ``qk_split``), as
-    ``_bwd_dstate`` stored them: loaded per token (``tok``), NA wide (the rotated pairs; padded
-    pairs and tokens: cos 1, sin 0), repeated for the R rows of each token and widened
-    (``_widen``). Loaded where used, so the two C x N/2 fp32 tiles (64 registers per thread at 4
-    warps, C 64, N 128) need not stay live through a kernel. (Loading the R-fold repeated tokens
-    directly was scalar 2-byte loads: addresses that repeat cannot be vectorised.)"""
-    offs_a = j0 + tl.arange(0, NA)
+    """cos / sin of the in-chunk angles as (C * R) x N/2 row tiles, as ``_bwd_dstate`` stored
+    them: loaded per token (``tok``), NA wide (the rotated pairs; padded pairs and tokens: cos 1,
+    sin 0), repeated for the R rows of each token and widened (``_widen``). Loaded where used,
+    so the two C x N/2 fp32 tiles (64 registers per thread at 4 warps, C 64, N 128) need not stay
+    live through a kernel. (Loading the R-fold repeated tokens directly was scalar 2-byte
+    loads: addresses that repeat cannot be vectorised.)"""
+    offs_a = tl.arange(0, NA)
     o = _csn_offsets(bat, tok, h, L, H, offs_a, NANG)
     m = (offs_a < NANG)[:, None] & mtok[None, :]
     cosv = tl.trans(tl.load(COS_SIN + o, mask=m, other=1.0).to(tl.float32))
     sinv = tl.trans(tl.load(COS_SIN + o + NANG * L, mask=m, other=0.0).to(tl.float32))
-    return _widen(_expand_rows2(cosv, R), 1.0, NW), _widen(_expand_rows2(sinv, R), 0.0, NW)
+    return _widen(_expand_rows2(cosv, R), 1.0, N2), _widen(_expand_rows2(sinv, R), 0.0, N2)
 
 
 @triton.jit
 def _load_qk(
-    Qp, QB, bat, g, h, tt, rr, mc, j0, NW: tl.constexpr, N2: tl.constexpr, s_b, s_l, s_r, s_g,
-    HAS_ANG: tl.constexpr, cosv, sinv, R: tl.constexpr, HALVES: tl.constexpr,
+    Qp, QB, bat, g, h, tt, rr, mc, offs_j, s_b, s_l, s_r, s_g, HAS_ANG: tl.constexpr, cosv, sinv,
+    R: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
-    """The two pair halves of q (or k) + per-head bias, rotated by the in-chunk angles, for the
-    NW pairs from ``j0`` (all N2 = N/2 of them, or one part of the q / k kernels' pair split).
+    """The two pair halves of q (or k) + per-head bias, rotated by the in-chunk angles.
 
     Rows are the chunk's (token, rank) rows (``_rows``). Pairs are (2j, 2j + 1) (SISO) or
     (j, j + N/2) (``HALVES``, MIMO). Rows are loaded whole (16-byte vectors) and split into the
     pair halves in registers: two stride-2 loads issued one 2-byte load per element and kept the
-    load unit saturated. A part of a ``HALVES`` row is two contiguous runs, loaded one each."""
-    rows = bat * s_b + tt[:, None] * s_l + g * s_g
+    load unit saturated."""
+    offs_n = tl.arange(0, 2 * offs_j.shape[0])
+    rows = bat * s_b + tt[:, None] * s_l + g * s_g + offs_n[None, :]
     if R > 1:
         rows += rr[:, None] * s_r
+    qv = tl.load(Qp + rows, mask=mc[:, None], other=0.0).to(tl.float32)
     if R == 1:
-        brow = h * (2 * N2)
+        bv = tl.load(QB + h * offs_n.shape[0] + offs_n).to(tl.float32)[None, :]
     else:  # one bias per (head, rank): loaded R x N, repeated over the chunk's tokens
-        brow = (h * R + tl.arange(0, R)[:, None]) * (2 * N2)
-    if HALVES and NW != N2:
-        offs = j0 + tl.arange(0, NW)[None, :]
-        qe = _qk_run(Qp, QB, rows, brow, offs, mc, tt.shape[0], R)
-        qo = _qk_run(Qp, QB, rows, brow, offs + N2, mc, tt.shape[0], R)
+        offs_r = tl.arange(0, R)
+        bv = tl.load(QB + (h * R + offs_r[:, None]) * offs_n.shape[0] + offs_n[None, :])
+        bv = tl.reshape(
+            tl.broadcast_to(bv.to(tl.float32)[None, :, :], (tt.shape[0] // R, R, offs_n.shape[0])),
+            (tt.shape[0], offs_n.shape[0]),
+        )
+    qv = tl.where(mc[:, None], qv + bv, 0.0)
+    if HALVES:
+        qe, qo = tl.split(tl.permute(tl.reshape(qv, (tt.shape[0], 2, offs_j.shape[0])), (0, 2, 1)))
     else:
-        qv = _qk_run(Qp, QB, rows, brow, 2 * j0 + tl.arange(0, 2 * NW)[None, :], mc, tt.shape[0], R)
-        if HALVES:
-            qe, qo = tl.split(tl.permute(tl.reshape(qv, (tt.shape[0], 2, NW)), (0, 2, 1)))
-        else:
-            qe, qo = tl.split(tl.reshape(qv, (tt.shape[0], NW, 2)))
+        qe, qo = tl.split(tl.reshape(qv, (tt.shape[0], offs_j.shape[0], 2)))
     if HAS_ANG:
         return qe * cosv - qo * sinv, qe * sinv + qo * cosv
     else:
         return qe, qo
-
-
-@triton.jit
-def _qk_run(Qp, QB, rows, brow, cols, mc, CR: tl.constexpr, R: tl.constexpr):
-    """fp32 (C * R) x K tile of q (or k) at columns ``cols`` (1 x K) plus its bias (``brow``: the
-    head's bias row offset, or R x 1 per-(head, rank) row offsets), zero on padded rows."""
-    qv = tl.load(Qp + rows + cols, mask=mc[:, None], other=0.0).to(tl.float32)
-    bv = tl.load(QB + brow + cols).to(tl.float32)
-    if R > 1:  # R x K -> (C * R) x K: rank r's bias on every row of rank r
-        bv = tl.reshape(
-            tl.broadcast_to(bv[None, :, :], (CR // R, R, cols.shape[1])), (CR, cols.shape[1])
-        )
-    return tl.where(mc[:, None], qv + bv, 0.0)
 
 
 @triton.jit

@@ -117,7 +117,7 @@ def _fwd_state_kernel(
         cosv = 0.0
         sinv = 0.0
     ke, ko = _load_qk(
-        K, KB, bat, g, h, tt, rr, mc, 0, N2, N2, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+        K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
         HALVES,
     )  # fmt: skip
     ke = _operand(ke, FAST)
@@ -281,13 +281,13 @@ def _fwd_out_kernel(
         sinv = 0.0
     # rotate q and k right away (cos / sin die), keep them as dot operands only
     qe, qo = _load_qk(
-        Q, QB, bat, g, h, tt, rr, mc, 0, N2, N2, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
+        Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
         HALVES,
     )  # fmt: skip
     qe = _operand(qe, FAST)
     qo = _operand(qo, FAST)
     ke, ko = _load_qk(
-        K, KB, bat, g, h, tt, rr, mc, 0, N2, N2, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+        K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
         HALVES,
     )  # fmt: skip
     ke = _operand(ke, FAST)

@@ -117,14 +117,13 @@ def launch_options(warps: int, maxnreg: int | None = None, stages: int = 1) -> d
 def backward_chunk_options(kernel: str) -> dict:
     """Launch options of the backward chunk kernels, ``kernel`` "qk" (the q and k kernels) or
     "x": a fixed warp count (``bwd_x_warps`` for the x kernel when set, else ``bwd_warps``) and
-    an optional register cap (``qk_maxnreg`` for q and k when set, else ``bwd_maxnreg``). Four
-    warps beat eight for SISO: both fill the 255 registers, and two 4-warp programs per SM
-    overlap each other's load latency."""
+    an optional register cap (``bwd_maxnreg``). Four warps beat eight for SISO: both fill the
+    255 registers, and two 4-warp programs per SM overlap each other's load latency."""
     cfg = current_config()
     if kernel == "x":
         return launch_options(cfg.bwd_x_warps or cfg.bwd_warps, cfg.bwd_maxnreg)
     if kernel == "qk":
-        return launch_options(cfg.bwd_warps, cfg.qk_maxnreg or cfg.bwd_maxnreg)
+        return launch_options(cfg.bwd_warps, cfg.bwd_maxnreg)
     raise ValueError(f"kernel {kernel!r}: allowed 'qk' or 'x'")
 
 
@@ -132,18 +131,6 @@ def qk_heads_per_program(heads_per_group: int) -> int:
     """Heads each program of the q and k backward kernels sums (``qk_heads``, as far as it
     divides the heads per group: a program's heads must share their group's q / k)."""
     return math.gcd(current_config().qk_heads, heads_per_group)
-
-
-def qk_split_parts(n2: int, hs: int) -> int:
-    """Programs per (chunk, head) of the q and k backward kernels (``qk_split``), each owning
-    ``n2 / parts`` of the ``n2`` rotation pairs: the setting as far as a part keeps at least 16
-    pairs (the smallest dot tile on the GPU; 4 under the interpreter, so that the CPU tests
-    split their small states) and the kernels run one head per program (``hs`` 1)."""
-    parts = current_config().qk_split
-    least = 4 if interpreting() else 16
-    while parts > 1 and (hs > 1 or n2 % parts or n2 // parts < least):
-        parts //= 2
-    return parts
 
 
 _GATE_FLAGS = ["C", "P", "N2", "NA", "HAS_TRAP", "HAS_ANG", "VARLEN", "FAST", "R", "HALVES"]

@@ -39,7 +39,6 @@ from hybridkit.kernels.mamba3.chunkscan.launch import (
     backward_chunk_options,
     launch_options,
     qk_heads_per_program,
-    qk_split_parts,
     state_slots,
     strides,
 )
@@ -207,15 +206,11 @@ def _grad_buffers(
 
 def backward_settings() -> list[int]:
     """The kernel settings the backward launches with, read when the forward runs:
-    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes, qk_heads, qk_split,
-    qk_maxnreg or 0]`` (ints, so
-    that they pass through the backward op's schema and are constants of a compiled graph;
-    ``tunes`` is ``autotune`` unless ``deterministic`` turns the timing off)."""
+    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes, qk_heads]`` (ints, so that they pass
+    through the backward op's schema and are constants of a compiled graph; ``tunes`` is
+    ``autotune`` unless ``deterministic`` turns the timing off)."""
     cfg = current_config()
-    return [
-        cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.tunes), cfg.qk_heads,
-        cfg.qk_split, cfg.qk_maxnreg or 0,
-    ]  # fmt: skip
+    return [cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.tunes), cfg.qk_heads]
 
 
 def scan_backward(
@@ -242,10 +237,9 @@ def scan_backward(
     elif plan.nchunks == 0:
         dsend = torch.zeros(plan.nseq, z.H, z.P, z.N, dtype=torch.float32, device=dev)
     dtotal = dtotal.float().contiguous() if dtotal is not None else None
-    warps, x_warps, maxnreg, autotune, qk_heads, qk_split, qk_maxnreg = settings
+    warps, x_warps, maxnreg, autotune, qk_heads = settings
     launch = dict(bwd_warps=warps, bwd_x_warps=x_warps or None, bwd_maxnreg=maxnreg or None)
-    launch.update(qk_heads=qk_heads, qk_split=qk_split, qk_maxnreg=qk_maxnreg or None)
-    with kernel_config(**launch, autotune=bool(autotune)):
+    with kernel_config(**launch, autotune=bool(autotune), qk_heads=qk_heads):
         hs = qk_heads_per_program(z.H // z.G)
         g = _grad_buffers(x, plan, dsend, fast, hs)
         if plan.nchunks > 0:
@@ -293,10 +287,9 @@ def _launch_backward(
         plan.chunks_per_seq, nt, P=z.P, N2=z.N // 2, PB=z.P // nt, HAS_ANG=x.angles is not None,
         HAS_DSEND=dsend is not None, VARLEN=plan.varlen, **launch_options(4),
     )  # fmt: skip
-    # d cs through exp(cs) q~ S~ (``_bwd_q`` -> ``_bwd_x``) and d u per token (k -> x), per
-    # (token, rank); with the pairs split, a partial sum per part that ``_bwd_x`` adds
-    js = qk_split_parts(z.N // 2, hs)
-    dcs_state, du = _part_slots(z, js, dev)
+    # d cs through exp(cs) q~ S~ (``_bwd_q`` -> ``_bwd_x``) and d u per token (k -> x)
+    dcs_state = torch.empty(z.B, z.H, z.L * z.R, dtype=f32, device=dev)  # per (token, rank)
+    du = torch.empty_like(dcs_state)
     # per-token d theta (q and k shares, tokens last) and each chunk's d Omega_c, finished by
     # ``_bwd_gates``
     dtheta = (
@@ -312,21 +305,19 @@ def _launch_backward(
     flags = dict(C=C, P=z.P, N2=z.N // 2, NA=na, HAS_ANG=x.angles is not None)
     flags.update(HAS_D=x.D is not None, VARLEN=plan.varlen, FAST=fast, **rank)
     inputs = (x.q, x.k, x.v, opt(x.psi), token_gates, chunk_decay, x.q_bias, x.k_bias, cos_sin)
-    # a program per (chunk, hs heads of one group), or per (chunk, head, part of the pairs)
-    qk_grid = (plan.nchunks * z.H // hs * js,)
-    split = dict(HS=hs, JS=js, NAQ=na if js == 1 else z.N // 2 // js)
+    qk_grid = (plan.nchunks * z.H // hs,)  # a program per (chunk, hs heads of one group)
     K_bwd._bwd_q_kernel[qk_grid](
         *inputs, dout, chunk_table, chunk_states, g.dq_heads, g.dq_bias_part, dtheta, dcs_state,
-        *common, **split, **flags, **backward_chunk_options("qk"),
+        *common, HS=hs, **flags, **backward_chunk_options("qk"),
     )  # fmt: skip
     K_bwd._bwd_k_kernel[qk_grid](
         *inputs, dout, chunk_table, dstate, opt(dtotal), dtheta, domega, g.dk_heads,
-        g.dk_bias_part, du, *common, HAS_DTOT=dtotal is not None, **split, **flags,
+        g.dk_bias_part, du, *common, HAS_DTOT=dtotal is not None, HS=hs, **flags,
         **backward_chunk_options("qk"),
     )  # fmt: skip
     K_bwd._bwd_x_kernel[grid](
         *inputs, opt(x.D), dout, chunk_table, dstate, dcs_state, du, chunk_states, domega, g.dx,
-        g.dadt, g.dkappa, g.dgamma, g.dD_part, opt(g.dpsi_part), *common, QKS=js, **flags,
+        g.dadt, g.dkappa, g.dgamma, g.dD_part, opt(g.dpsi_part), *common, **flags,
         **backward_chunk_options("x"),
     )  # fmt: skip
     K_bwd._bwd_gates_kernel[grid](
@@ -335,14 +326,6 @@ def _launch_backward(
         *strides(x.trap), z.L, z.H, z.S, plan.chunks_per_seq,
         C=C, NA=na, VARLEN=plan.varlen, FAST=fast, **has, **launch_options(4),
     )  # fmt: skip
-
-
-def _part_slots(z: _Sizes, parts: int, dev: torch.device) -> tuple[Tensor, Tensor]:
-    """The (B, H, parts, L R) fp32 per-row sums of d cs (q kernel) and d u (k kernel), one slot
-    per part of the rotation pairs (``qk_split``), added up by the x kernel."""
-    return tuple(
-        torch.empty(z.B, z.H, parts, z.L * z.R, dtype=torch.float32, device=dev) for _ in "qk"
-    )
 
 
 def _reduce(x: ScanInputs, g: _Grads, z: _Sizes, hs: int) -> list[Tensor]:
