@@ -307,3 +307,158 @@ def _fwd_out_kernel(
         y.to(OUT.dtype.element_ty),
         mask=mc[:, None],
     )
+
+
+@triton.jit
+def _fwd_state_pass_kernel(
+    K,
+    V,
+    PSI,
+    ADT,
+    DT,
+    TRAP,
+    KB,
+    ANG,
+    CHTAB,
+    SEQTAB,
+    INIT,
+    STATES,
+    DECAY,
+    OMEGA,
+    GATES,
+    END_STATE,
+    TOTAL_ANGLE,
+    s_kb,
+    s_kl,
+    s_kr,
+    s_kg,
+    s_vb,
+    s_vl,
+    s_vh,
+    s_ab,
+    s_ah,
+    s_al,
+    s_db,
+    s_dh,
+    s_dl,
+    s_tb,
+    s_th,
+    s_tl,
+    s_gb,
+    s_gs,
+    s_gh,
+    L,
+    H,
+    HPG,
+    NANG,
+    NC,
+    NT,
+    C: tl.constexpr,
+    P: tl.constexpr,
+    N2: tl.constexpr,
+    NA: tl.constexpr,
+    PB: tl.constexpr,
+    HAS_TRAP: tl.constexpr,
+    HAS_ANG: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    FAST: tl.constexpr,
+    R: tl.constexpr,
+    HALVES: tl.constexpr,
+):
+    """``_fwd_state`` and ``_fwd_pass`` as one launch (the ``fused_pass`` setting): per
+    (sequence, head, PB state rows), walk the sequence's chunks, computing each chunk's own
+    contribution for these rows (as ``_fwd_state`` does, its x rows narrowed to the tile) and
+    adding it to the running state kept in registers; only the start states are written. Row
+    tile 0 also stores what the later kernels read per chunk (gates, A_c, Omega_c).
+
+    Why: per MIMO 16-token chunk and head the two launches move 66 KB (the contribution is
+    written, read back, and the start state written) where this moves 34 KB (docs/kernels.md,
+    "MIMO on the same kernels"). The price: the walk is serial, and every row tile repeats the
+    chunk's gates, rotation and k tile."""
+    seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
+    g = h // HPG
+    offs_j = tl.arange(0, N2)
+    ie, io = _state_tile(INIT, seq, h, H, offs_p, offs_j, N2, P)
+    if HAS_INIT:
+        se = tl.load(ie)
+        so = tl.load(io)
+    else:
+        se = tl.zeros((PB, N2), dtype=tl.float32)
+        so = tl.zeros((PB, N2), dtype=tl.float32)
+    tot = tl.zeros((N2,), dtype=tl.float32)
+    for c in range(0, nch):
+        gc = c0 + c
+        bat, _seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
+        tt, rr, mc = _rows(tok_start, tok_end, C, R)
+        tok, mtok = _tokens(tok_start, tok_end, C)
+        adt, dt, gamma, kappa = _gates(
+            ADT, DT, TRAP, bat, h, tok, mtok, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb,
+            s_th, s_tl, HAS_TRAP, FAST,
+        )  # fmt: skip
+        cs = tl.cumsum(adt, 0)
+        a_c = tl.sum(adt, 0)
+        if HAS_ANG:
+            om_a, _c, _s, cosv, sinv = _rotation(
+                ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
+            )  # fmt: skip
+            om = _widen1(om_a, N2)
+        else:
+            cosv = 0.0
+            sinv = 0.0
+            om = tl.zeros((N2,), dtype=tl.float32)
+        if tile == 0:  # what ``_fwd_out`` and the backward read per chunk
+            _store_gates(GATES, bat, h, H, L, tok, mtok, gamma, kappa, cs)
+            tl.store(DECAY + gc * H + h, a_c)
+            if HAS_ANG:
+                offs_a = tl.arange(0, NA)
+                tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om_a, mask=offs_a < NANG)
+        ke, ko = _load_qk(
+            K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
+            HALVES,
+        )  # fmt: skip
+        x = tl.load(
+            V + bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :],
+            mask=mc[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        if R > 1:  # MIMO's per-rank x scaling, on this tile's rows of the state
+            x *= tl.load(PSI + (h * R + rr[:, None]) * P + offs_p[None, :]).to(tl.float32)
+        u = tl.exp(a_c - _expand_rows(cs, R)) * _expand_rows(kappa, R)
+        xu = _operand(x * u[:, None], FAST)
+        de = _dot(tl.trans(xu), _operand(ke, FAST), FAST)
+        do = _dot(tl.trans(xu), _operand(ko, FAST), FAST)
+        pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
+        tl.store(pe, se.to(STATES.dtype.element_ty))
+        tl.store(po, so.to(STATES.dtype.element_ty))
+        ea = tl.exp(a_c)
+        te = ea * se + de
+        to = ea * so + do
+        if HAS_ANG:
+            cw = tl.cos(om)[None, :]
+            sw = tl.sin(om)[None, :]
+            se = cw * te + sw * to
+            so = cw * to - sw * te
+            tot = _mod2pi(tot + om)
+        else:
+            se = te
+            so = to
+    fe, fo = _state_tile(END_STATE, seq, h, H, offs_p, offs_j, N2, P)
+    tl.store(fe, se)
+    tl.store(fo, so)
+    if HAS_ANG:
+        tl.store(
+            TOTAL_ANGLE + (seq * H + h) * NANG + offs_j,
+            tot,
+            mask=(offs_j < NANG) & ((offs_j * 0 + tile) == 0),
+        )
+
+
+@triton.jit
+def _widen1(a, N2: tl.constexpr):
+    """A per-pair vector of the rotated pairs (NA = N2 or N2 / 2) as N2, zeros after."""
+    if a.shape[0] == N2:
+        return a
+    else:
+        b = tl.join(a, tl.zeros(a.shape, a.dtype))  # NA x 2
+        return tl.reshape(tl.permute(b, (1, 0)), (N2,))

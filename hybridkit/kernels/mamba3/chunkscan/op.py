@@ -119,20 +119,32 @@ def scan_forward(
     flags.update(HALVES=halves)
     sizes = (z.L, z.H, z.H // z.G, z.S, plan.chunks_per_seq)
     grid = (plan.nchunks * z.H,)
-    FWD_STATE[grid](
-        x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
-        chunk_states, chunk_decay, chunk_angle, token_gates,
-        *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
-        *strides(x.trap), *angle_strides, *sizes,
-        HAS_TRAP=x.trap is not None, **flags,
-    )  # fmt: skip
     nt = plan.row_tiles(z.H, z.N, z.P, dev)
-    K_fwd._fwd_pass_kernel[(plan.nseq * z.H * nt,)](
-        chunk_states, chunk_decay, chunk_angle, opt(x.init_state), end_state, total_angle,
-        plan.seq_table if plan.varlen else out, z.H, z.S, plan.chunks_per_seq, nt,
-        P=z.P, N2=z.N // 2, PB=z.P // nt, HAS_INIT=x.init_state is not None,
-        HAS_ANG=x.angles is not None, VARLEN=plan.varlen, **launch_options(4),
-    )  # fmt: skip
+    seq_table = plan.seq_table if plan.varlen else out
+    if current_config().fused_pass:  # the two launches below as one (a candidate, off)
+        K_fwd._fwd_state_pass_kernel[(plan.nseq * z.H * nt,)](
+            x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
+            seq_table, opt(x.init_state), chunk_states, chunk_decay, chunk_angle, token_gates,
+            end_state, total_angle,
+            *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
+            *strides(x.trap), *angle_strides, *sizes, nt, PB=z.P // nt,
+            HAS_TRAP=x.trap is not None, HAS_INIT=x.init_state is not None, **flags,
+            **launch_options(4),
+        )  # fmt: skip
+    else:
+        FWD_STATE[grid](
+            x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
+            chunk_states, chunk_decay, chunk_angle, token_gates,
+            *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
+            *strides(x.trap), *angle_strides, *sizes,
+            HAS_TRAP=x.trap is not None, **flags,
+        )  # fmt: skip
+        K_fwd._fwd_pass_kernel[(plan.nseq * z.H * nt,)](
+            chunk_states, chunk_decay, chunk_angle, opt(x.init_state), end_state, total_angle,
+            seq_table, z.H, z.S, plan.chunks_per_seq, nt,
+            P=z.P, N2=z.N // 2, PB=z.P // nt, HAS_INIT=x.init_state is not None,
+            HAS_ANG=x.angles is not None, VARLEN=plan.varlen, **launch_options(4),
+        )  # fmt: skip
     FWD_OUT[grid](
         x.q, x.k, x.v, opt(x.psi), token_gates, x.dt, x.q_bias, x.k_bias, opt(angt), opt(x.D),
         out, chunk_table, chunk_states,
