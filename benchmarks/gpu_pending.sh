@@ -32,12 +32,13 @@ set -u
 WORK=/tmp/hk_pending
 # shellcheck source=benchmarks/gpu_call.sh
 source benchmarks/gpu_call.sh
+# a pytest summary with passes and no failure or error
+all_passed() { grep -q " passed" "$1" && ! grep -qE "[0-9]+ (failed|error)" "$1"; }
 if [ "${1:-split}" = split ]; then
   budgeted 200 60 python -m pytest -q -m gpu -n 8 tests/test_qk_split.py -p no:cacheprovider \
     -rfE 2>&1 | grep -v Warning | tail -25 > "$WORK/split_tests.txt"
   tail -3 "$WORK/split_tests.txt"; pack
-  if grep -q " passed" "$WORK/split_tests.txt" && ! grep -qE "[0-9]+ (failed|error)" \
-    "$WORK/split_tests.txt"; then
+  if all_passed "$WORK/split_tests.txt"; then
     for setting in ${SETTINGS:-qk_split=1 qk_split=2 qk_split=4 qk_split=2,qk_maxnreg=168 \
       qk_split=4,qk_maxnreg=168 bwd_x_warps=8}; do
       mkdir -p "$WORK/split_$setting"
@@ -58,8 +59,7 @@ elif [ "$1" = fused ]; then
   budgeted 150 60 python -m pytest -q -m gpu -n 8 tests/test_fused_pass.py -p no:cacheprovider \
     -rfE 2>&1 | grep -v Warning | tail -25 > "$WORK/fused_tests.txt"
   tail -3 "$WORK/fused_tests.txt"; pack
-  if grep -q " passed" "$WORK/fused_tests.txt" && ! grep -qE "[0-9]+ (failed|error)" \
-    "$WORK/fused_tests.txt"; then
+  if all_passed "$WORK/fused_tests.txt"; then
     for f in 0 1; do
       mkdir -p "$WORK/fused_$f"
       HYBRIDKIT_KERNELS=fused_pass=$f budgeted 200 90 python benchmarks/mamba3_mimo.py \

@@ -21,12 +21,10 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hybridkit.kernels.config import kernel_config  # noqa: E402
-from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked  # noqa: E402
 from hybridkit.kernels.mamba3.chunkscan import op as scan_op  # noqa: E402
-from hybridkit.kernels.mamba3.reference import mamba3_scan_sequential  # noqa: E402
 from tests import test_triton_mimo, test_triton_siso  # noqa: E402
 from tests.helpers import slow_params  # noqa: E402
-from tests.test_triton_siso import Case, check  # noqa: E402
+from tests.test_triton_siso import Case, check, check_gpu_case  # noqa: E402
 
 
 def spy_slots(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -107,14 +105,6 @@ GPU_CASES |= {
 def test_heads_summed_in_the_kernels_match_the_reference_gpu(name: str, qk_heads: int, monkeypatch):
     case, prec = GPU_CASES[name]
     seen = spy_slots(monkeypatch)
-    torch.full((64 << 20,), float("nan"), device="cuda")  # poison the caching allocator
-    ref = mamba3_scan_chunked if case.L > 1 else mamba3_scan_sequential
     with kernel_config(qk_heads=qk_heads):
-        if prec == "fp32":
-            check(case, torch.float32, "cuda", fast=False, tol_f=1e-5, tol_b=1e-5, reference=ref)
-        else:  # the grids' bf16 tolerances
-            check(
-                case, torch.bfloat16, "cuda", fast=True, tol_f=1e-2, tol_b=2e-2, reference=ref,
-                loose={"dangles": 8e-2, "ddt": 4e-2, "dinit.angle": 4e-2},
-            )  # fmt: skip
+        check_gpu_case(case, prec)
     assert seen == [case.H // min(qk_heads, case.H // case.G)]

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from tests.helpers import slow_params  # noqa: E402
-from tests.test_triton_siso import Case, _inputs, check  # noqa: E402
+from tests.test_triton_siso import Case, _inputs, check, check_gpu_case  # noqa: E402
 
 # C x R = 16 rows per chunk (the smallest tile), unless a case says otherwise
 CPU_CASES = {
@@ -144,19 +144,8 @@ GPU_CASES = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_triton_mimo_matches_reference_gpu(name: str):
-    from hybridkit.kernels.mamba3.chunked import mamba3_scan_chunked
-    from hybridkit.kernels.mamba3.reference import mamba3_scan_sequential
-
     c, prec = GPU_CASES[name]
-    torch.full((64 << 20,), float("nan"), device="cuda")  # poison the caching allocator
-    ref = mamba3_scan_chunked if c.L > 1 else mamba3_scan_sequential
-    if prec == "fp32":
-        errs = check(c, torch.float32, "cuda", fast=False, tol_f=1e-5, tol_b=1e-5, reference=ref)
-    else:  # bf16 operands: the tolerances of the SISO grid (test_triton_siso.py)
-        errs = check(
-            c, torch.bfloat16, "cuda", fast=True, tol_f=1e-2, tol_b=2e-2, reference=ref,
-            loose={"dangles": 8e-2, "ddt": 4e-2, "dinit.angle": 4e-2},
-        )  # fmt: skip
+    errs = check_gpu_case(c, prec)  # the SISO grid's tolerances
     print(f"\n{name}: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
 
