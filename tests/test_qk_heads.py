@@ -22,7 +22,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 
 from hybridkit.kernels.config import kernel_config  # noqa: E402
 from hybridkit.kernels.mamba3.chunkscan import op as scan_op  # noqa: E402
-from tests import test_triton_mimo, test_triton_siso  # noqa: E402
+from tests import test_triton_mimo  # noqa: E402
 from tests.helpers import slow_params  # noqa: E402
 from tests.test_triton_siso import Case, check, check_gpu_case  # noqa: E402
 
@@ -87,16 +87,11 @@ def test_one_head_per_program_keeps_the_per_head_bf16_rows(monkeypatch):
 
 
 # grid cases of the SISO and MIMO GPU tests (fp32 and bf16, grouped, packed, length 1)
-GPU_CASES = {
-    "siso_" + name: test_triton_siso.GPU_CASES[name]
-    for name in ("n128_p64_init", "n64_p32_g2_split", "varlen_n64_p64", "len1",
-                 "bf16_n128_p64_init", "bf16_n64_p64_c64")
-}  # fmt: skip
-GPU_CASES |= {
-    "mimo_" + name: test_triton_mimo.GPU_CASES[name]
-    for name in ("r4_n128_p64_init", "r2_n64_p32_g2", "r4_varlen", "bf16_r4_n128_p64_init",
-                 "bf16_r8_n64_p64")
-}  # fmt: skip
+GPU_CASES = test_triton_mimo.grid_cases(
+    ("n128_p64_init", "n64_p32_g2_split", "varlen_n64_p64", "len1", "bf16_n128_p64_init",
+     "bf16_n64_p64_c64"),
+    ("r4_n128_p64_init", "r2_n64_p32_g2", "r4_varlen", "bf16_r4_n128_p64_init", "bf16_r8_n64_p64"),
+)  # fmt: skip
 
 
 @pytest.mark.gpu

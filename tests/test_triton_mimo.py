@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
+from tests import test_triton_siso  # noqa: E402
 from tests.helpers import slow_params  # noqa: E402
 from tests.test_triton_siso import Case, _inputs, check, check_gpu_case  # noqa: E402
 
@@ -139,6 +140,13 @@ GPU_CASES = {
         "bf16",
     ),  # fmt: skip
 }
+
+
+def grid_cases(siso: tuple[str, ...], mimo: tuple[str, ...]) -> dict:
+    """A subset of the SISO and MIMO GPU grids, named ``siso_<case>`` / ``mimo_<case>``: what
+    the tests of a kernel setting run (``qk_heads``, ``fused_pass``)."""
+    cases = {"siso_" + name: test_triton_siso.GPU_CASES[name] for name in siso}
+    return cases | {"mimo_" + name: GPU_CASES[name] for name in mimo}
 
 
 @pytest.mark.gpu

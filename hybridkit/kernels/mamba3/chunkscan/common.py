@@ -393,7 +393,12 @@ def _decay_mask(cs, CR: tl.constexpr, R: tl.constexpr):
 def _x_rows(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, P: tl.constexpr, R: tl.constexpr):
     """fp32 (C * R, P) rows of x~ = x[token] * psi[h, rank] (MIMO's per-rank input scaling;
     SISO: x itself) and of the raw x (for the gradient of psi)."""
-    offs_p = tl.arange(0, P)
+    return _x_cols(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, tl.arange(0, P), P, R)
+
+
+@triton.jit
+def _x_cols(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, offs_p, P: tl.constexpr, R: tl.constexpr):
+    """``_x_rows`` on the columns ``offs_p`` of x only (a row tile of the state)."""
     x = tl.load(
         V + bat * s_b + tt[:, None] * s_l + h * s_h + offs_p[None, :], mask=mc[:, None], other=0.0
     ).to(tl.float32)

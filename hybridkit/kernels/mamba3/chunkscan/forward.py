@@ -30,9 +30,11 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _row_offsets,
     _rows,
     _scores,
+    _state_load,
     _state_tile,
     _store_gates,
     _tokens,
+    _x_cols,
     _x_rows,
 )
 
@@ -131,6 +133,58 @@ def _fwd_state_kernel(
 
 
 @triton.jit
+def _walk_begin(INIT, seq, h, H, offs_p, offs_j, N2: tl.constexpr, P: tl.constexpr,
+                PB: tl.constexpr, HAS_INIT: tl.constexpr):  # fmt: skip
+    """A chunk walk's running state (rows ``offs_p``: the initial state or zeros) and total
+    angle (zeros)."""
+    if HAS_INIT:
+        se, so = _state_load(INIT, seq, h, H, offs_p, offs_j, N2, P)
+    else:
+        se = tl.zeros((PB, N2), dtype=tl.float32)
+        so = tl.zeros((PB, N2), dtype=tl.float32)
+    return se, so, tl.zeros((N2,), dtype=tl.float32)
+
+
+@triton.jit
+def _walk_step(
+    STATES, slot, h, H, offs_p, offs_j, se, so, tot, de, do, a, om, N2: tl.constexpr,
+    P: tl.constexpr, HAS_ANG: tl.constexpr,
+):  # fmt: skip
+    """One chunk of the walk: store the running state as chunk ``slot``'s start state, then
+    decay it by exp(A_c), add the chunk's own contribution (de, do) and rotate by its total
+    angle ``om`` (per pair, zero past the rotated ones), adding that to the total angle."""
+    pe, po = _state_tile(STATES, slot, h, H, offs_p, offs_j, N2, P)
+    tl.store(pe, se.to(STATES.dtype.element_ty))
+    tl.store(po, so.to(STATES.dtype.element_ty))
+    ea = tl.exp(a)
+    te = ea * se + de
+    to = ea * so + do
+    if HAS_ANG:
+        cw = tl.cos(om)[None, :]
+        sw = tl.sin(om)[None, :]
+        return cw * te + sw * to, cw * to - sw * te, _mod2pi(tot + om)
+    else:
+        return te, to, tot
+
+
+@triton.jit
+def _walk_end(
+    END_STATE, TOTAL_ANGLE, seq, h, H, NANG, tile, offs_p, offs_j, se, so, tot, N2: tl.constexpr,
+    P: tl.constexpr, HAS_ANG: tl.constexpr,
+):  # fmt: skip
+    """The sequence's end state (these rows) and, from row tile 0, its total angle."""
+    fe, fo = _state_tile(END_STATE, seq, h, H, offs_p, offs_j, N2, P)
+    tl.store(fe, se)
+    tl.store(fo, so)
+    if HAS_ANG:
+        tl.store(
+            TOTAL_ANGLE + (seq * H + h) * NANG + offs_j,
+            tot,
+            mask=(offs_j < NANG) & ((offs_j * 0 + tile) == 0),
+        )
+
+
+@triton.jit
 def _fwd_pass_kernel(
     STATES,
     DECAY,
@@ -157,14 +211,7 @@ def _fwd_pass_kernel(
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
-    ie, io = _state_tile(INIT, seq, h, H, offs_p, offs_j, N2, P)
-    if HAS_INIT:
-        se = tl.load(ie)
-        so = tl.load(io)
-    else:
-        se = tl.zeros((PB, N2), dtype=tl.float32)
-        so = tl.zeros((PB, N2), dtype=tl.float32)
-    tot = tl.zeros((N2,), dtype=tl.float32)
+    se, so, tot = _walk_begin(INIT, seq, h, H, offs_p, offs_j, N2, P, PB, HAS_INIT)
     last = tl.maximum(nch - 1, 0)
     de, do, a, om = _pass_load(STATES, DECAY, OMEGA, c0, h, H, NANG, offs_p, offs_j, mj, N2, P)
     for c in range(0, nch):
@@ -183,29 +230,12 @@ def _fwd_pass_kernel(
             N2,
             P,
         )
-        pe, po = _state_tile(STATES, slot, h, H, offs_p, offs_j, N2, P)
-        tl.store(pe, se.to(STATES.dtype.element_ty))
-        tl.store(po, so.to(STATES.dtype.element_ty))
-        ea = tl.exp(a)
-        te = ea * se + de
-        to = ea * so + do
-        if HAS_ANG:
-            cw = tl.cos(om)[None, :]
-            sw = tl.sin(om)[None, :]
-            se = cw * te + sw * to
-            so = cw * to - sw * te
-            tot = _mod2pi(tot + om)
-        else:
-            se = te
-            so = to
+        se, so, tot = _walk_step(
+            STATES, slot, h, H, offs_p, offs_j, se, so, tot, de, do, a, om, N2, P, HAS_ANG
+        )  # fmt: skip
         de, do, a, om = ne, no, na, nom
-    fe, fo = _state_tile(END_STATE, seq, h, H, offs_p, offs_j, N2, P)
-    tl.store(fe, se)
-    tl.store(fo, so)
-    if HAS_ANG:
-        tl.store(
-            TOTAL_ANGLE + (seq * H + h) * NANG + offs_j, tot, mask=mj & ((offs_j * 0 + tile) == 0)
-        )
+    _walk_end(END_STATE, TOTAL_ANGLE, seq, h, H, NANG, tile, offs_p, offs_j, se, so, tot, N2, P,
+              HAS_ANG)  # fmt: skip
 
 
 @triton.jit
@@ -379,14 +409,7 @@ def _fwd_state_pass_kernel(
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     g = h // HPG
     offs_j = tl.arange(0, N2)
-    ie, io = _state_tile(INIT, seq, h, H, offs_p, offs_j, N2, P)
-    if HAS_INIT:
-        se = tl.load(ie)
-        so = tl.load(io)
-    else:
-        se = tl.zeros((PB, N2), dtype=tl.float32)
-        so = tl.zeros((PB, N2), dtype=tl.float32)
-    tot = tl.zeros((N2,), dtype=tl.float32)
+    se, so, tot = _walk_begin(INIT, seq, h, H, offs_p, offs_j, N2, P, PB, HAS_INIT)
     for c in range(0, nch):
         gc = c0 + c
         bat, _seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
@@ -417,41 +440,16 @@ def _fwd_state_pass_kernel(
             K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
             HALVES,
         )  # fmt: skip
-        x = tl.load(
-            V + bat * s_vb + tt[:, None] * s_vl + h * s_vh + offs_p[None, :],
-            mask=mc[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        if R > 1:  # MIMO's per-rank x scaling, on this tile's rows of the state
-            x *= tl.load(PSI + (h * R + rr[:, None]) * P + offs_p[None, :]).to(tl.float32)
+        x, _x = _x_cols(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, offs_p, P, R)
         u = tl.exp(a_c - _expand_rows(cs, R)) * _expand_rows(kappa, R)
         xu = _operand(x * u[:, None], FAST)
         de = _dot(tl.trans(xu), _operand(ke, FAST), FAST)
         do = _dot(tl.trans(xu), _operand(ko, FAST), FAST)
-        pe, po = _state_tile(STATES, gc, h, H, offs_p, offs_j, N2, P)
-        tl.store(pe, se.to(STATES.dtype.element_ty))
-        tl.store(po, so.to(STATES.dtype.element_ty))
-        ea = tl.exp(a_c)
-        te = ea * se + de
-        to = ea * so + do
-        if HAS_ANG:
-            cw = tl.cos(om)[None, :]
-            sw = tl.sin(om)[None, :]
-            se = cw * te + sw * to
-            so = cw * to - sw * te
-            tot = _mod2pi(tot + om)
-        else:
-            se = te
-            so = to
-    fe, fo = _state_tile(END_STATE, seq, h, H, offs_p, offs_j, N2, P)
-    tl.store(fe, se)
-    tl.store(fo, so)
-    if HAS_ANG:
-        tl.store(
-            TOTAL_ANGLE + (seq * H + h) * NANG + offs_j,
-            tot,
-            mask=(offs_j < NANG) & ((offs_j * 0 + tile) == 0),
-        )
+        se, so, tot = _walk_step(
+            STATES, gc, h, H, offs_p, offs_j, se, so, tot, de, do, a_c, om, N2, P, HAS_ANG
+        )  # fmt: skip
+    _walk_end(END_STATE, TOTAL_ANGLE, seq, h, H, NANG, tile, offs_p, offs_j, se, so, tot, N2, P,
+              HAS_ANG)  # fmt: skip
 
 
 @triton.jit
