@@ -18,10 +18,12 @@
 #   (train_throughput.py hybrid_compiled, hybrid_mimo_compiled; 6 timed steps, no profile)
 #   unsplit and under HYBRIDKIT_KERNELS=$SETTING (default qk_split=2), each in its own
 #   process -> train_default/, train_setting/.
-# PART "fused" (the next GPU session; `fused_pass`, built 2026-12-06 on the CPU):
-#   1. the GPU tests of the fused state + pass forward (tests/test_fused_pass.py) -> fused_tests.txt;
-#   2. only if they pass, benchmarks/mamba3_mimo.py at its three shapes, two-launch and fused
-#      (HYBRIDKIT_KERNELS=fused_pass=1), each in its own process -> fused_{0,1}/.
+# PART "fused" (the next GPU session; `fused_pass` and `fused_bwd_pass`, built 2026-12-06 on
+#   the CPU):
+#   1. the GPU tests of the fused state + pass kernels (tests/test_fused_pass.py) -> fused_tests.txt;
+#   2. only if they pass, benchmarks/mamba3_mimo.py at SHAPES (default 0,1: (8, 4096) and
+#      (1, 16384)) under each of SETTINGS (two launches, the fused forward, the fused backward,
+#      both), each in its own process -> fused_<setting>/.
 # PART "rest":
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -60,11 +62,14 @@ elif [ "$1" = fused ]; then
     -rfE 2>&1 | grep -v Warning | tail -25 > "$WORK/fused_tests.txt"
   tail -3 "$WORK/fused_tests.txt"; pack
   if all_passed "$WORK/fused_tests.txt"; then
-    for f in 0 1; do
-      mkdir -p "$WORK/fused_$f"
-      HYBRIDKIT_KERNELS=fused_pass=$f budgeted 200 90 python benchmarks/mamba3_mimo.py \
-        --reps 60 --out "$WORK/fused_$f/mamba3_mimo" > "$WORK/fused_$f.txt" 2>&1
-      echo "fused_pass=$f"; show "$WORK/fused_$f/mamba3_mimo.md" "$WORK/fused_$f.txt" 6; pack
+    for setting in ${SETTINGS:-fused_pass=0 fused_pass=1 fused_bwd_pass=1 \
+      fused_pass=1,fused_bwd_pass=1}; do
+      mkdir -p "$WORK/fused_$setting"
+      HYBRIDKIT_KERNELS=$setting budgeted 110 60 python benchmarks/mamba3_mimo.py \
+        --shapes "${SHAPES:-0,1}" --reps 60 --out "$WORK/fused_$setting/mamba3_mimo" \
+        > "$WORK/fused_$setting.txt" 2>&1
+      echo "$setting"; show "$WORK/fused_$setting/mamba3_mimo.md" "$WORK/fused_$setting.txt" 6
+      pack
     done
   fi
 elif [ "$1" = train ]; then

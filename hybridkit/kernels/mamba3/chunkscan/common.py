@@ -412,7 +412,13 @@ def _x_cols(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, offs_p, P: tl.constexpr, 
 @triton.jit
 def _row_offsets(bat, tt, rr, h, s_b, s_l, s_r, s_h, P: tl.constexpr, R: tl.constexpr):
     """Offsets of the (C * R, P) rows of a (B, L, R, H, P) tensor (y, dy)."""
-    o = bat * s_b + tt[:, None] * s_l + h * s_h + tl.arange(0, P)[None, :]
+    return _row_cols(bat, tt, rr, h, s_b, s_l, s_r, s_h, tl.arange(0, P), R)
+
+
+@triton.jit
+def _row_cols(bat, tt, rr, h, s_b, s_l, s_r, s_h, cols, R: tl.constexpr):
+    """``_row_offsets`` on the columns ``cols`` only (a row tile of the state)."""
+    o = bat * s_b + tt[:, None] * s_l + h * s_h + cols[None, :]
     if R > 1:
         o += rr[:, None] * s_r
     return o
@@ -476,3 +482,13 @@ def _pass_load(
     a = tl.load(DECAY + slot * H + h)
     om = tl.load(OMEGA + (slot * H + h) * NANG + offs_j, mask=mj, other=0.0)
     return de, do, a, om
+
+
+@triton.jit
+def _widen1(a, N2: tl.constexpr):
+    """A per-pair vector of the rotated pairs (NA = N2 or N2 / 2) as N2, zeros after."""
+    if a.shape[0] == N2:
+        return a
+    else:
+        b = tl.join(a, tl.zeros(a.shape, a.dtype))  # NA x 2
+        return tl.reshape(tl.permute(b, (1, 0)), (N2,))

@@ -34,6 +34,7 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _state_tile,
     _store_gates,
     _tokens,
+    _widen1,
     _x_cols,
     _x_rows,
 )
@@ -450,13 +451,3 @@ def _fwd_state_pass_kernel(
         )  # fmt: skip
     _walk_end(END_STATE, TOTAL_ANGLE, seq, h, H, NANG, tile, offs_p, offs_j, se, so, tot, N2, P,
               HAS_ANG)  # fmt: skip
-
-
-@triton.jit
-def _widen1(a, N2: tl.constexpr):
-    """A per-pair vector of the rotated pairs (NA = N2 or N2 / 2) as N2, zeros after."""
-    if a.shape[0] == N2:
-        return a
-    else:
-        b = tl.join(a, tl.zeros(a.shape, a.dtype))  # NA x 2
-        return tl.reshape(tl.permute(b, (1, 0)), (N2,))
