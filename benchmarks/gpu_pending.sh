@@ -18,8 +18,9 @@
 #   (train_throughput.py hybrid_compiled, hybrid_mimo_compiled; 6 timed steps, no profile)
 #   unsplit and under HYBRIDKIT_KERNELS=$SETTING (default qk_split=2), each in its own
 #   process -> train_default/, train_setting/.
-# PART "fused" (the next GPU session; `fused_pass` and `fused_bwd_pass`, built 2026-12-06 on
-#   the CPU):
+# PART "fused" ran once, at commit 0c4a4f8 (benchmarks/results/fused_pass_h100.md); the
+#   fused_pass / fused_bwd_pass settings and tests/test_fused_pass.py were removed after it, so
+#   re-run it from that commit:
 #   1. the GPU tests of the fused state + pass kernels (tests/test_fused_pass.py) -> fused_tests.txt;
 #   2. only if they pass, benchmarks/mamba3_mimo.py at SHAPES (default 0,1: (8, 4096) and
 #      (1, 16384)) under each of SETTINGS (two launches, the fused forward, the fused backward,

@@ -144,7 +144,7 @@ GPU_CASES = {
 
 def grid_cases(siso: tuple[str, ...], mimo: tuple[str, ...]) -> dict:
     """A subset of the SISO and MIMO GPU grids, named ``siso_<case>`` / ``mimo_<case>``: what
-    the tests of a kernel setting run (``qk_heads``, ``fused_pass``)."""
+    the tests of a kernel setting run (``qk_heads``)."""
     cases = {"siso_" + name: test_triton_siso.GPU_CASES[name] for name in siso}
     return cases | {"mimo_" + name: GPU_CASES[name] for name in mimo}
 

@@ -93,16 +93,6 @@ Fields (defaults in :class:`KernelConfig`):
   deterministic MQAR step (D 8, V 8,192, batch 128 x 256) took 7.7 ms against 12.4 ms on the
   H100 (``benchmarks/results/mqar_step_time_h100.md``); off: every position, as before
   2026-12-06;
-* ``fused_pass``: the scan forward's ``_fwd_state`` and ``_fwd_pass`` as one launch
-  (``_fwd_state_pass_kernel``: per sequence, head and row tile, a walk over the chunks that
-  keeps the running state in registers and writes only the start states), for fewer bytes per
-  chunk (MIMO R 4: 34 KB instead of 66 KB per 16-token chunk and head) at the price of a
-  serial walk; off: a candidate, correct against the float64 reference on the CPU, not yet
-  timed on a GPU (docs/kernels.md, "MIMO on the same kernels");
-* ``fused_bwd_pass``: the backward twin of ``fused_pass``, ``_bwd_dstate`` and ``_bwd_pass`` as
-  one launch (``_bwd_dstate_pass_kernel``: per sequence, head and row tile, last chunk first,
-  the running end-state gradient in registers, each chunk's own gradient never written); off:
-  a candidate, correct against the float64 reference on the CPU, not yet timed on a GPU;
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
   next start early and reads its weights before waiting for its predecessor
@@ -168,8 +158,6 @@ class KernelConfig:
     mimo_output: bool = True
     loss_op: bool = False
     scored_rows: bool = True
-    fused_pass: bool = False
-    fused_bwd_pass: bool = False
 
     @property
     def tunes(self) -> bool:

@@ -37,7 +37,6 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _rank_sum,
     _rank_sum2,
     _rotation,
-    _row_cols,
     _row_index,
     _row_offsets,
     _rows,
@@ -49,7 +48,6 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _tanh,
     _token_pairs,
     _tokens,
-    _widen1,
     _x_rows,
 )
 
@@ -221,145 +219,6 @@ def _bwd_pass_kernel(
         ge = ea * re + de
         go = ea * ro + do
         de, do, a, om = ne, no, na, nom
-    ie, io = _state_tile(DINIT, seq, h, H, offs_p, offs_j, N2, P)
-    tl.store(ie, ge)
-    tl.store(io, go)
-
-
-@triton.jit
-def _bwd_dstate_pass_kernel(
-    Q,
-    ADT,
-    DT,
-    TRAP,
-    QB,
-    ANG,
-    DOUT,
-    CHTAB,
-    SEQTAB,
-    DEND_STATE,
-    DSTATES,
-    DECAY,
-    OMEGA,
-    COS_SIN,
-    GATES,
-    DINIT,
-    s_qb,
-    s_ql,
-    s_qr,
-    s_qg,
-    s_ab,
-    s_ah,
-    s_al,
-    s_db,
-    s_dh,
-    s_dl,
-    s_tb,
-    s_th,
-    s_tl,
-    s_gb,
-    s_gs,
-    s_gh,
-    s_ob,
-    s_ol,
-    s_or,
-    s_oh,
-    L,
-    H,
-    HPG,
-    NANG,
-    NC,
-    NT,
-    C: tl.constexpr,
-    P: tl.constexpr,
-    N2: tl.constexpr,
-    NA: tl.constexpr,
-    PB: tl.constexpr,
-    HAS_TRAP: tl.constexpr,
-    HAS_ANG: tl.constexpr,
-    HAS_DSEND: tl.constexpr,
-    VARLEN: tl.constexpr,
-    FAST: tl.constexpr,
-    R: tl.constexpr,
-    HALVES: tl.constexpr,
-):
-    """``_bwd_dstate`` and ``_bwd_pass`` as one launch (the ``fused_bwd_pass`` setting): per
-    (sequence, head, PB state rows), last chunk first, compute the chunk's own state gradient
-    for these rows (``_bwd_dstate`` with dy narrowed to the tile's columns) and fold it into
-    the running end-state gradient kept in registers; only the end-state gradients are
-    written. Row tile 0 also stores what the later kernels read per chunk (gates, A_c,
-    Omega_c, the cos / sin of the in-chunk angles).
-
-    Why: the backward twin of ``_fwd_state_pass`` (forward.py): the chunk's own gradient is
-    never written and read back. The price is the same: a serial walk, and every row tile
-    repeats the chunk's gates, rotation and q tile."""
-    seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
-    g = h // HPG
-    offs_j = tl.arange(0, N2)
-    if HAS_DSEND:
-        fe, fo = _state_tile(DEND_STATE, seq, h, H, offs_p, offs_j, N2, P)
-        ge = tl.load(fe)
-        go = tl.load(fo)
-    else:  # the end state was not used
-        ge = tl.zeros((PB, N2), dtype=tl.float32)
-        go = tl.zeros((PB, N2), dtype=tl.float32)
-    top = c0 + tl.maximum(nch - 1, 0)
-    for it in range(0, nch):
-        gc = top - it
-        bat, _seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
-        tt, rr, mc = _rows(tok_start, tok_end, C, R)
-        tok, mtok = _tokens(tok_start, tok_end, C)
-        adt, dt, gamma, kappa = _gates(
-            ADT, DT, TRAP, bat, h, tok, mtok, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb,
-            s_th, s_tl, HAS_TRAP, FAST,
-        )  # fmt: skip
-        cs = tl.cumsum(adt, 0)
-        a_c = tl.sum(adt, 0)
-        if HAS_ANG:
-            om_a, cos_a, sin_a, cosv, sinv = _rotation(
-                ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
-            )  # fmt: skip
-        else:
-            cosv = 0.0
-            sinv = 0.0
-        if tile == 0:  # what the q / k / x and gates kernels read per chunk
-            tl.store(DECAY + gc * H + h, a_c)
-            _store_gates(GATES, bat, h, H, L, tok, mtok, gamma, kappa, cs)
-            if HAS_ANG:
-                offs_a = tl.arange(0, NA)
-                ma = offs_a < NANG
-                tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om_a, mask=ma)
-                o = _csn_offsets(bat, tok, h, L, H, offs_a, NANG)
-                m = ma[:, None] & mtok[None, :]
-                tl.store(COS_SIN + o, cos_a.to(COS_SIN.dtype.element_ty), mask=m)
-                tl.store(COS_SIN + o + NANG * L, sin_a.to(COS_SIN.dtype.element_ty), mask=m)
-        qe, qo = _load_qk(
-            Q, QB, bat, g, h, tt, rr, mc, offs_j, s_qb, s_ql, s_qr, s_qg, HAS_ANG, cosv, sinv, R,
-            HALVES,
-        )  # fmt: skip
-        dy = tl.load(
-            DOUT + _row_cols(bat, tt, rr, h, s_ob, s_ol, s_or, s_oh, offs_p, R),
-            mask=mc[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        dye = _operand(dy * tl.exp(_expand_rows(cs, R))[:, None], FAST)
-        de = _dot(tl.trans(dye), _operand(qe, FAST), FAST)
-        do = _dot(tl.trans(dye), _operand(qo, FAST), FAST)
-        if HAS_ANG:  # into the chunk's frame, before its rotation by Omega_c
-            om = _widen1(om_a, N2)
-            cw = tl.cos(om)[None, :]
-            sw = tl.sin(om)[None, :]
-            re = cw * ge - sw * go
-            ro = sw * ge + cw * go
-        else:
-            re = ge
-            ro = go
-        pe, po = _state_tile(DSTATES, gc, h, H, offs_p, offs_j, N2, P)
-        tl.store(pe, re.to(DSTATES.dtype.element_ty))
-        tl.store(po, ro.to(DSTATES.dtype.element_ty))
-        ea = tl.exp(a_c)
-        ge = ea * re + de
-        go = ea * ro + do
     ie, io = _state_tile(DINIT, seq, h, H, offs_p, offs_j, N2, P)
     tl.store(ie, ge)
     tl.store(io, go)

@@ -393,12 +393,7 @@ def _decay_mask(cs, CR: tl.constexpr, R: tl.constexpr):
 def _x_rows(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, P: tl.constexpr, R: tl.constexpr):
     """fp32 (C * R, P) rows of x~ = x[token] * psi[h, rank] (MIMO's per-rank input scaling;
     SISO: x itself) and of the raw x (for the gradient of psi)."""
-    return _x_cols(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, tl.arange(0, P), P, R)
-
-
-@triton.jit
-def _x_cols(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, offs_p, P: tl.constexpr, R: tl.constexpr):
-    """``_x_rows`` on the columns ``offs_p`` of x only (a row tile of the state)."""
+    offs_p = tl.arange(0, P)
     x = tl.load(
         V + bat * s_b + tt[:, None] * s_l + h * s_h + offs_p[None, :], mask=mc[:, None], other=0.0
     ).to(tl.float32)
@@ -412,13 +407,7 @@ def _x_cols(V, PSI, bat, tt, rr, mc, h, s_b, s_l, s_h, offs_p, P: tl.constexpr, 
 @triton.jit
 def _row_offsets(bat, tt, rr, h, s_b, s_l, s_r, s_h, P: tl.constexpr, R: tl.constexpr):
     """Offsets of the (C * R, P) rows of a (B, L, R, H, P) tensor (y, dy)."""
-    return _row_cols(bat, tt, rr, h, s_b, s_l, s_r, s_h, tl.arange(0, P), R)
-
-
-@triton.jit
-def _row_cols(bat, tt, rr, h, s_b, s_l, s_r, s_h, cols, R: tl.constexpr):
-    """``_row_offsets`` on the columns ``cols`` only (a row tile of the state)."""
-    o = bat * s_b + tt[:, None] * s_l + h * s_h + cols[None, :]
+    o = bat * s_b + tt[:, None] * s_l + h * s_h + tl.arange(0, P)[None, :]
     if R > 1:
         o += rr[:, None] * s_r
     return o
@@ -482,13 +471,3 @@ def _pass_load(
     a = tl.load(DECAY + slot * H + h)
     om = tl.load(OMEGA + (slot * H + h) * NANG + offs_j, mask=mj, other=0.0)
     return de, do, a, om
-
-
-@triton.jit
-def _widen1(a, N2: tl.constexpr):
-    """A per-pair vector of the rotated pairs (NA = N2 or N2 / 2) as N2, zeros after."""
-    if a.shape[0] == N2:
-        return a
-    else:
-        b = tl.join(a, tl.zeros(a.shape, a.dtype))  # NA x 2
-        return tl.reshape(tl.permute(b, (1, 0)), (N2,))

@@ -30,12 +30,9 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _row_offsets,
     _rows,
     _scores,
-    _state_load,
     _state_tile,
     _store_gates,
     _tokens,
-    _widen1,
-    _x_cols,
     _x_rows,
 )
 
@@ -134,58 +131,6 @@ def _fwd_state_kernel(
 
 
 @triton.jit
-def _walk_begin(INIT, seq, h, H, offs_p, offs_j, N2: tl.constexpr, P: tl.constexpr,
-                PB: tl.constexpr, HAS_INIT: tl.constexpr):  # fmt: skip
-    """A chunk walk's running state (rows ``offs_p``: the initial state or zeros) and total
-    angle (zeros)."""
-    if HAS_INIT:
-        se, so = _state_load(INIT, seq, h, H, offs_p, offs_j, N2, P)
-    else:
-        se = tl.zeros((PB, N2), dtype=tl.float32)
-        so = tl.zeros((PB, N2), dtype=tl.float32)
-    return se, so, tl.zeros((N2,), dtype=tl.float32)
-
-
-@triton.jit
-def _walk_step(
-    STATES, slot, h, H, offs_p, offs_j, se, so, tot, de, do, a, om, N2: tl.constexpr,
-    P: tl.constexpr, HAS_ANG: tl.constexpr,
-):  # fmt: skip
-    """One chunk of the walk: store the running state as chunk ``slot``'s start state, then
-    decay it by exp(A_c), add the chunk's own contribution (de, do) and rotate by its total
-    angle ``om`` (per pair, zero past the rotated ones), adding that to the total angle."""
-    pe, po = _state_tile(STATES, slot, h, H, offs_p, offs_j, N2, P)
-    tl.store(pe, se.to(STATES.dtype.element_ty))
-    tl.store(po, so.to(STATES.dtype.element_ty))
-    ea = tl.exp(a)
-    te = ea * se + de
-    to = ea * so + do
-    if HAS_ANG:
-        cw = tl.cos(om)[None, :]
-        sw = tl.sin(om)[None, :]
-        return cw * te + sw * to, cw * to - sw * te, _mod2pi(tot + om)
-    else:
-        return te, to, tot
-
-
-@triton.jit
-def _walk_end(
-    END_STATE, TOTAL_ANGLE, seq, h, H, NANG, tile, offs_p, offs_j, se, so, tot, N2: tl.constexpr,
-    P: tl.constexpr, HAS_ANG: tl.constexpr,
-):  # fmt: skip
-    """The sequence's end state (these rows) and, from row tile 0, its total angle."""
-    fe, fo = _state_tile(END_STATE, seq, h, H, offs_p, offs_j, N2, P)
-    tl.store(fe, se)
-    tl.store(fo, so)
-    if HAS_ANG:
-        tl.store(
-            TOTAL_ANGLE + (seq * H + h) * NANG + offs_j,
-            tot,
-            mask=(offs_j < NANG) & ((offs_j * 0 + tile) == 0),
-        )
-
-
-@triton.jit
 def _fwd_pass_kernel(
     STATES,
     DECAY,
@@ -212,7 +157,14 @@ def _fwd_pass_kernel(
     seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
     offs_j = tl.arange(0, N2)
     mj = offs_j < NANG
-    se, so, tot = _walk_begin(INIT, seq, h, H, offs_p, offs_j, N2, P, PB, HAS_INIT)
+    ie, io = _state_tile(INIT, seq, h, H, offs_p, offs_j, N2, P)
+    if HAS_INIT:
+        se = tl.load(ie)
+        so = tl.load(io)
+    else:
+        se = tl.zeros((PB, N2), dtype=tl.float32)
+        so = tl.zeros((PB, N2), dtype=tl.float32)
+    tot = tl.zeros((N2,), dtype=tl.float32)
     last = tl.maximum(nch - 1, 0)
     de, do, a, om = _pass_load(STATES, DECAY, OMEGA, c0, h, H, NANG, offs_p, offs_j, mj, N2, P)
     for c in range(0, nch):
@@ -231,12 +183,29 @@ def _fwd_pass_kernel(
             N2,
             P,
         )
-        se, so, tot = _walk_step(
-            STATES, slot, h, H, offs_p, offs_j, se, so, tot, de, do, a, om, N2, P, HAS_ANG
-        )  # fmt: skip
+        pe, po = _state_tile(STATES, slot, h, H, offs_p, offs_j, N2, P)
+        tl.store(pe, se.to(STATES.dtype.element_ty))
+        tl.store(po, so.to(STATES.dtype.element_ty))
+        ea = tl.exp(a)
+        te = ea * se + de
+        to = ea * so + do
+        if HAS_ANG:
+            cw = tl.cos(om)[None, :]
+            sw = tl.sin(om)[None, :]
+            se = cw * te + sw * to
+            so = cw * to - sw * te
+            tot = _mod2pi(tot + om)
+        else:
+            se = te
+            so = to
         de, do, a, om = ne, no, na, nom
-    _walk_end(END_STATE, TOTAL_ANGLE, seq, h, H, NANG, tile, offs_p, offs_j, se, so, tot, N2, P,
-              HAS_ANG)  # fmt: skip
+    fe, fo = _state_tile(END_STATE, seq, h, H, offs_p, offs_j, N2, P)
+    tl.store(fe, se)
+    tl.store(fo, so)
+    if HAS_ANG:
+        tl.store(
+            TOTAL_ANGLE + (seq * H + h) * NANG + offs_j, tot, mask=mj & ((offs_j * 0 + tile) == 0)
+        )
 
 
 @triton.jit
@@ -338,116 +307,3 @@ def _fwd_out_kernel(
         y.to(OUT.dtype.element_ty),
         mask=mc[:, None],
     )
-
-
-@triton.jit
-def _fwd_state_pass_kernel(
-    K,
-    V,
-    PSI,
-    ADT,
-    DT,
-    TRAP,
-    KB,
-    ANG,
-    CHTAB,
-    SEQTAB,
-    INIT,
-    STATES,
-    DECAY,
-    OMEGA,
-    GATES,
-    END_STATE,
-    TOTAL_ANGLE,
-    s_kb,
-    s_kl,
-    s_kr,
-    s_kg,
-    s_vb,
-    s_vl,
-    s_vh,
-    s_ab,
-    s_ah,
-    s_al,
-    s_db,
-    s_dh,
-    s_dl,
-    s_tb,
-    s_th,
-    s_tl,
-    s_gb,
-    s_gs,
-    s_gh,
-    L,
-    H,
-    HPG,
-    NANG,
-    NC,
-    NT,
-    C: tl.constexpr,
-    P: tl.constexpr,
-    N2: tl.constexpr,
-    NA: tl.constexpr,
-    PB: tl.constexpr,
-    HAS_TRAP: tl.constexpr,
-    HAS_ANG: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    FAST: tl.constexpr,
-    R: tl.constexpr,
-    HALVES: tl.constexpr,
-):
-    """``_fwd_state`` and ``_fwd_pass`` as one launch (the ``fused_pass`` setting): per
-    (sequence, head, PB state rows), walk the sequence's chunks, computing each chunk's own
-    contribution for these rows (as ``_fwd_state`` does, its x rows narrowed to the tile) and
-    adding it to the running state kept in registers; only the start states are written. Row
-    tile 0 also stores what the later kernels read per chunk (gates, A_c, Omega_c).
-
-    Why: per MIMO 16-token chunk and head the two launches move 66 KB (the contribution is
-    written, read back, and the start state written) where this moves 34 KB (docs/kernels.md,
-    "MIMO on the same kernels"). The price: the walk is serial, and every row tile repeats the
-    chunk's gates, rotation and k tile."""
-    seq, h, c0, nch, tile, offs_p = _pass_setup(SEQTAB, NC, NT, H, P, PB, VARLEN)
-    g = h // HPG
-    offs_j = tl.arange(0, N2)
-    se, so, tot = _walk_begin(INIT, seq, h, H, offs_p, offs_j, N2, P, PB, HAS_INIT)
-    for c in range(0, nch):
-        gc = c0 + c
-        bat, _seq, tok_start, tok_end, seq_end = _chunk(gc, CHTAB, L, NC, C, VARLEN)
-        tt, rr, mc = _rows(tok_start, tok_end, C, R)
-        tok, mtok = _tokens(tok_start, tok_end, C)
-        adt, dt, gamma, kappa = _gates(
-            ADT, DT, TRAP, bat, h, tok, mtok, seq_end, s_ab, s_ah, s_al, s_db, s_dh, s_dl, s_tb,
-            s_th, s_tl, HAS_TRAP, FAST,
-        )  # fmt: skip
-        cs = tl.cumsum(adt, 0)
-        a_c = tl.sum(adt, 0)
-        if HAS_ANG:
-            om_a, _c, _s, cosv, sinv = _rotation(
-                ANG, bat, h, tok, mtok, dt, NANG, s_gb, s_gs, s_gh, N2, NA, R, FAST
-            )  # fmt: skip
-            om = _widen1(om_a, N2)
-        else:
-            cosv = 0.0
-            sinv = 0.0
-            om = tl.zeros((N2,), dtype=tl.float32)
-        if tile == 0:  # what ``_fwd_out`` and the backward read per chunk
-            _store_gates(GATES, bat, h, H, L, tok, mtok, gamma, kappa, cs)
-            tl.store(DECAY + gc * H + h, a_c)
-            if HAS_ANG:
-                offs_a = tl.arange(0, NA)
-                tl.store(OMEGA + (gc * H + h) * NANG + offs_a, om_a, mask=offs_a < NANG)
-        ke, ko = _load_qk(
-            K, KB, bat, g, h, tt, rr, mc, offs_j, s_kb, s_kl, s_kr, s_kg, HAS_ANG, cosv, sinv, R,
-            HALVES,
-        )  # fmt: skip
-        x, _x = _x_cols(V, PSI, bat, tt, rr, mc, h, s_vb, s_vl, s_vh, offs_p, P, R)
-        u = tl.exp(a_c - _expand_rows(cs, R)) * _expand_rows(kappa, R)
-        xu = _operand(x * u[:, None], FAST)
-        de = _dot(tl.trans(xu), _operand(ke, FAST), FAST)
-        do = _dot(tl.trans(xu), _operand(ko, FAST), FAST)
-        se, so, tot = _walk_step(
-            STATES, gc, h, H, offs_p, offs_j, se, so, tot, de, do, a_c, om, N2, P, HAS_ANG
-        )  # fmt: skip
-    _walk_end(END_STATE, TOTAL_ANGLE, seq, h, H, NANG, tile, offs_p, offs_j, se, so, tot, N2, P,
-              HAS_ANG)  # fmt: skip

@@ -119,32 +119,20 @@ def scan_forward(
     flags.update(HALVES=halves)
     sizes = (z.L, z.H, z.H // z.G, z.S, plan.chunks_per_seq)
     grid = (plan.nchunks * z.H,)
+    FWD_STATE[grid](
+        x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
+        chunk_states, chunk_decay, chunk_angle, token_gates,
+        *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
+        *strides(x.trap), *angle_strides, *sizes,
+        HAS_TRAP=x.trap is not None, **flags,
+    )  # fmt: skip
     nt = plan.row_tiles(z.H, z.N, z.P, dev)
-    seq_table = plan.seq_table if plan.varlen else out
-    if current_config().fused_pass:  # the two launches below as one (a candidate, off)
-        K_fwd._fwd_state_pass_kernel[(plan.nseq * z.H * nt,)](
-            x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
-            seq_table, opt(x.init_state), chunk_states, chunk_decay, chunk_angle, token_gates,
-            end_state, total_angle,
-            *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
-            *strides(x.trap), *angle_strides, *sizes, nt, PB=z.P // nt,
-            HAS_TRAP=x.trap is not None, HAS_INIT=x.init_state is not None, **flags,
-            **launch_options(4),
-        )  # fmt: skip
-    else:
-        FWD_STATE[grid](
-            x.k, x.v, opt(x.psi), x.adt, x.dt, opt(x.trap), x.k_bias, opt(angt), chunk_table,
-            chunk_states, chunk_decay, chunk_angle, token_gates,
-            *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.adt), *strides(x.dt),
-            *strides(x.trap), *angle_strides, *sizes,
-            HAS_TRAP=x.trap is not None, **flags,
-        )  # fmt: skip
-        K_fwd._fwd_pass_kernel[(plan.nseq * z.H * nt,)](
-            chunk_states, chunk_decay, chunk_angle, opt(x.init_state), end_state, total_angle,
-            seq_table, z.H, z.S, plan.chunks_per_seq, nt,
-            P=z.P, N2=z.N // 2, PB=z.P // nt, HAS_INIT=x.init_state is not None,
-            HAS_ANG=x.angles is not None, VARLEN=plan.varlen, **launch_options(4),
-        )  # fmt: skip
+    K_fwd._fwd_pass_kernel[(plan.nseq * z.H * nt,)](
+        chunk_states, chunk_decay, chunk_angle, opt(x.init_state), end_state, total_angle,
+        plan.seq_table if plan.varlen else out, z.H, z.S, plan.chunks_per_seq, nt,
+        P=z.P, N2=z.N // 2, PB=z.P // nt, HAS_INIT=x.init_state is not None,
+        HAS_ANG=x.angles is not None, VARLEN=plan.varlen, **launch_options(4),
+    )  # fmt: skip
     FWD_OUT[grid](
         x.q, x.k, x.v, opt(x.psi), token_gates, x.dt, x.q_bias, x.k_bias, opt(angt), opt(x.D),
         out, chunk_table, chunk_states,
@@ -218,19 +206,11 @@ def _grad_buffers(
 
 def backward_settings() -> list[int]:
     """The kernel settings the backward launches with, read when the forward runs:
-    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes, qk_heads, fused_bwd_pass]`` (ints,
-    so that they pass
+    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes, qk_heads]`` (ints, so that they pass
     through the backward op's schema and are constants of a compiled graph; ``tunes`` is
     ``autotune`` unless ``deterministic`` turns the timing off)."""
     cfg = current_config()
-    return [
-        cfg.bwd_warps,
-        cfg.bwd_x_warps or 0,
-        cfg.bwd_maxnreg or 0,
-        int(cfg.tunes),
-        cfg.qk_heads,
-        int(cfg.fused_bwd_pass),
-    ]
+    return [cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.tunes), cfg.qk_heads]
 
 
 def scan_backward(
@@ -257,10 +237,9 @@ def scan_backward(
     elif plan.nchunks == 0:
         dsend = torch.zeros(plan.nseq, z.H, z.P, z.N, dtype=torch.float32, device=dev)
     dtotal = dtotal.float().contiguous() if dtotal is not None else None
-    warps, x_warps, maxnreg, autotune, qk_heads, fused = settings
+    warps, x_warps, maxnreg, autotune, qk_heads = settings
     launch = dict(bwd_warps=warps, bwd_x_warps=x_warps or None, bwd_maxnreg=maxnreg or None)
-    launch.update(autotune=bool(autotune), qk_heads=qk_heads, fused_bwd_pass=bool(fused))
-    with kernel_config(**launch):
+    with kernel_config(**launch, autotune=bool(autotune), qk_heads=qk_heads):
         hs = qk_heads_per_program(z.H // z.G)
         g = _grad_buffers(x, plan, dsend, fast, hs)
         if plan.nchunks > 0:
@@ -295,29 +274,19 @@ def _launch_backward(
     has = dict(HAS_TRAP=x.trap is not None, HAS_ANG=x.angles is not None)
     rank = dict(R=z.R, HALVES=halves)
     dout_strides = strides(dout, (0, 1, 2, 3))
+    BWD_DSTATE[grid](
+        x.q, x.adt, x.dt, opt(x.trap), x.q_bias, opt(angt), dout, chunk_table, dstate,
+        chunk_decay, chunk_angle, cos_sin, token_gates,
+        *strides(x.q, (0, 1, 2, 3)), *strides(x.adt), *strides(x.dt), *strides(x.trap),
+        *angle_strides, *dout_strides, *sizes,
+        C=C, P=z.P, N2=z.N // 2, NA=na, VARLEN=plan.varlen, FAST=fast, **has, **rank,
+    )  # fmt: skip
     nt = plan.row_tiles(z.H, z.N, z.P, dev)
-    gate_strides = (*strides(x.adt), *strides(x.dt), *strides(x.trap), *angle_strides)
-    if current_config().fused_bwd_pass:  # the two launches below as one (a candidate, off)
-        K_bwd._bwd_dstate_pass_kernel[(plan.nseq * z.H * nt,)](
-            x.q, x.adt, x.dt, opt(x.trap), x.q_bias, opt(angt), dout, chunk_table, seq_table,
-            opt(dsend), dstate, chunk_decay, chunk_angle, cos_sin, token_gates, g.dinit,
-            *strides(x.q, (0, 1, 2, 3)), *gate_strides, *dout_strides, *sizes, nt,
-            C=C, P=z.P, N2=z.N // 2, NA=na, PB=z.P // nt, HAS_DSEND=dsend is not None,
-            VARLEN=plan.varlen, FAST=fast, **has, **rank, **launch_options(4),
-        )  # fmt: skip
-    else:
-        BWD_DSTATE[grid](
-            x.q, x.adt, x.dt, opt(x.trap), x.q_bias, opt(angt), dout, chunk_table, dstate,
-            chunk_decay, chunk_angle, cos_sin, token_gates,
-            *strides(x.q, (0, 1, 2, 3)), *gate_strides, *dout_strides, *sizes,
-            C=C, P=z.P, N2=z.N // 2, NA=na, VARLEN=plan.varlen, FAST=fast, **has, **rank,
-        )  # fmt: skip
-        K_bwd._bwd_pass_kernel[(plan.nseq * z.H * nt,)](
-            dstate, chunk_decay, chunk_angle, opt(dsend), g.dinit, seq_table, z.H, z.S,
-            plan.chunks_per_seq, nt, P=z.P, N2=z.N // 2, PB=z.P // nt,
-            HAS_ANG=x.angles is not None, HAS_DSEND=dsend is not None, VARLEN=plan.varlen,
-            **launch_options(4),
-        )  # fmt: skip
+    K_bwd._bwd_pass_kernel[(plan.nseq * z.H * nt,)](
+        dstate, chunk_decay, chunk_angle, opt(dsend), g.dinit, seq_table, z.H, z.S,
+        plan.chunks_per_seq, nt, P=z.P, N2=z.N // 2, PB=z.P // nt, HAS_ANG=x.angles is not None,
+        HAS_DSEND=dsend is not None, VARLEN=plan.varlen, **launch_options(4),
+    )  # fmt: skip
     # d cs through exp(cs) q~ S~ (``_bwd_q`` -> ``_bwd_x``) and d u per token (k -> x)
     dcs_state = torch.empty(z.B, z.H, z.L * z.R, dtype=f32, device=dev)  # per (token, rank)
     du = torch.empty_like(dcs_state)
