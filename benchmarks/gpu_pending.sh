@@ -25,6 +25,11 @@
 #   2. only if they pass, benchmarks/mamba3_mimo.py at SHAPES (default 0,1: (8, 4096) and
 #      (1, 16384)) under each of SETTINGS (two launches, the fused forward, the fused backward,
 #      both), each in its own process -> fused_<setting>/.
+# PART "chunk": the SISO scan's chunk width, 32 against 64 (the default), for #17:
+#   1. benchmarks/mamba3_mimo.py --shapes 0 at 32 and 64 rows per chunk -> chunk_rows<N>/;
+#   2. the compiled 400M hybrid at 4 x 4,096 tokens with its Mamba-3 layers at chunk_size 32, then
+#      at the default, then the Transformer (train_throughput.py, 6 timed steps, no profile),
+#      each in its own process -> train_c32/, train_c64/, train_transformer/.
 # PART "rest":
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -73,6 +78,25 @@ elif [ "$1" = fused ]; then
       pack
     done
   fi
+elif [ "$1" = chunk ]; then
+  for rows in 32 64; do
+    mkdir -p "$WORK/chunk_rows$rows"
+    budgeted 90 40 python benchmarks/mamba3_mimo.py --shapes 0 --reps 60 --chunk-rows $rows \
+      --out "$WORK/chunk_rows$rows/mamba3_mimo" > "$WORK/chunk_rows$rows.txt" 2>&1
+    echo "rows $rows"; show "$WORK/chunk_rows$rows/mamba3_mimo.md" "$WORK/chunk_rows$rows.txt" 4
+    pack
+  done
+  for run in c32 c64 transformer; do
+    case $run in
+      c32) args=(--cases hybrid_compiled --set model.blocks.m.mixer.chunk_size=32) ;;
+      c64) args=(--cases hybrid_compiled) ;;
+      *) args=(--cases transformer_compiled) ;;
+    esac
+    mkdir -p "$WORK/train_$run"
+    budgeted 150 80 python benchmarks/train_throughput.py --out "$WORK/train_$run" --no-profile \
+      --steps 6 "${args[@]}" > "$WORK/train_$run.txt" 2>&1
+    echo "$run"; show "$WORK/train_$run/train_throughput.md" "$WORK/train_$run.txt" 4; pack
+  done
 elif [ "$1" = train ]; then
   for case in hybrid_compiled hybrid_mimo_compiled; do
     for side in default setting; do

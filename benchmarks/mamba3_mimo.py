@@ -2,15 +2,18 @@
 
 For each shape (B, L, H, P, N): forward (no saved states) and forward + backward medians with
 ``triton.testing.do_bench`` (L2 cleared between repetitions, warm-up first so compilation and
-launch tuning stay out of the timed region), for MIMO rank R (chunk 64 / R, "halves" pairing,
-per-rank x scaling) and for SISO (chunk 64) on inputs of the same (B, L, H, P, N); bf16 inputs,
-G = 1, S = N / 4. Also achieved TFLOP/s (dense C R x C R tiles; the backward counted as twice
-the forward) and GB/s (the fewest bytes: each input, output and gradient once per pass), each as
-a share of the matmul rate and copy bandwidth measured in the same run
-(``mamba3_siso.flops_bytes``). MIMO's roofline is the tensor core: it does R times SISO's chunk
-FLOPs for about the same bytes.
+launch tuning stay out of the timed region), for MIMO rank R (chunk ROWS / R, at least 16,
+"halves" pairing, per-rank x scaling) and for SISO (chunk ROWS) on inputs of the same
+(B, L, H, P, N); bf16 inputs, G = 1, S = N / 4. Also achieved TFLOP/s (dense C R x C R
+tiles; the backward counted as twice the forward) and GB/s (the fewest bytes: each input,
+output and gradient once per pass), each as a share of the matmul rate and copy bandwidth
+measured in the same run (``mamba3_siso.flops_bytes``). MIMO's roofline is the tensor core: it
+does R times SISO's chunk FLOPs for about the same bytes.
 
-    python benchmarks/mamba3_mimo.py --out OUT [--rank 4] [--shapes 0,1,2]
+    python benchmarks/mamba3_mimo.py --out OUT [--rank 4] [--shapes 0,1,2] [--chunk-rows 64]
+
+``--chunk-rows`` (ROWS, default 64, the dispatch point's width at N 128): (token, rank) rows per
+chunk, to time other chunk widths than the layers' default.
 
 Writes ``OUT.json`` and ``OUT.md`` incrementally (one shape at a time).
 """
@@ -51,9 +54,9 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
-def time_scan(shape, R: int, reps: int) -> dict:
+def time_scan(shape, R: int, reps: int, rows: int = 64) -> dict:
     B, L, H, P, N = shape
-    C = 64 // R
+    C = max(rows // R, 16)
     pairing = "halves" if R > 1 else "interleaved"
     sets = [make_inputs(B, L, H, P, N, seed=s, R=R) for s in range(2)]
     for inp in sets:
@@ -111,7 +114,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"# Mamba-3 MIMO scan (Triton), {meta['device']}, {meta['date']}",
         "",
         f"torch {meta['torch']}, Triton {meta['triton']}, commit {meta['commit']}; bf16 inputs, "
-        f"G 1, S = N/4, halves pairing; do_bench medians (L2 cleared). Copy bandwidth "
+        f"G 1, S = N/4, halves pairing, {meta.get('chunk_rows', 64)} rows per chunk (SISO chunk "
+        f"{meta.get('chunk_rows', 64)}); do_bench medians (L2 cleared). Copy bandwidth "
         f"{meta['copy_gbps']:.0f} GB/s, bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s "
         "measured in this run.",
         "",
@@ -144,6 +148,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--chunk-rows", type=int, default=64, choices=(32, 64, 128))
     args = ap.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -157,13 +162,14 @@ def main() -> None:
         commit=commit or "unknown",
         copy_gbps=copy_bandwidth() / 1e9,
         matmul_tflops=matmul_tflops(),
+        chunk_rows=args.chunk_rows,
     )
     rows = []
     for i in (int(s) for s in args.shapes.split(",")):
         shape = SHAPES[i]
         row = {"shape": shape}
-        row["mimo"] = time_scan(shape, args.rank, args.reps)
-        row["siso"] = time_scan(shape, 1, args.reps)
+        row["mimo"] = time_scan(shape, args.rank, args.reps, args.chunk_rows)
+        row["siso"] = time_scan(shape, 1, args.reps, args.chunk_rows)
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(f"{args.out}.json", "w") as f:
