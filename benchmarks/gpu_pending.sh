@@ -30,6 +30,9 @@
 #   2. the compiled 400M hybrid at 4 x 4,096 tokens with its Mamba-3 layers at chunk_size 32, then
 #      at the default, then the Transformer (train_throughput.py, 6 timed steps, no profile),
 #      each in its own process -> train_c32/, train_c64/, train_transformer/.
+# PART "decode": the 400M model's generation (hybridkit bench decode, batch 1 / 16 / 128, prompt
+#   128, 64 new tokens) at the defaults and under each of SETTINGS (default: step_split 1, which
+#   has no finish launch, step_split 8, pdl), each in its own process -> decode_<setting>/.
 # PART "rest":
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -96,6 +99,16 @@ elif [ "$1" = chunk ]; then
     budgeted 150 80 python benchmarks/train_throughput.py --out "$WORK/train_$run" --no-profile \
       --steps 6 "${args[@]}" > "$WORK/train_$run.txt" 2>&1
     echo "$run"; show "$WORK/train_$run/train_throughput.md" "$WORK/train_$run.txt" 4; pack
+  done
+elif [ "$1" = decode ]; then
+  for setting in defaults ${SETTINGS:-step_split=1 step_split=8 pdl=1}; do
+    kernels=$setting
+    [ "$setting" = defaults ] && kernels=""
+    mkdir -p "$WORK/decode_$setting"
+    HYBRIDKIT_KERNELS=$kernels budgeted 120 45 python -m hybridkit bench decode \
+      benchmarks/recipes/hybrid_400m.yaml --batch 1,16,128 --prompt 128 --new 64 \
+      --out "$WORK/decode_$setting/decode" > "$WORK/decode_$setting.txt" 2>&1
+    echo "$setting"; show "$WORK/decode_$setting/decode.md" "$WORK/decode_$setting.txt" 5; pack
   done
 elif [ "$1" = train ]; then
   for case in hybrid_compiled hybrid_mimo_compiled; do
