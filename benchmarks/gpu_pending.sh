@@ -33,6 +33,12 @@
 # PART "decode": the 400M model's generation (hybridkit bench decode, batch 1 / 16 / 128, prompt
 #   128, 64 new tokens) at the defaults and under each of SETTINGS (default: step_split 1, which
 #   has no finish launch, step_split 8, pdl), each in its own process -> decode_<setting>/.
+# PART "tall": the few-row linear kernel's tall tile (17-128 rows, built 2026-12-06 on the CPU):
+#   1. its GPU tests (tests/test_linear_kernels.py -m gpu, 128 rows included) -> tall_tests.txt;
+#   2. only if they pass, benchmarks/skinny_linear.py --rows 128 --sweep (against cuBLAS, then
+#      the tall launches) -> tall/skinny_linear;
+#   3. the 400M model's generation at batch 16 / 128 at the defaults, with skinny_rows 128 and
+#      with norm_linear 128 too, one process each -> tall_decode_<setting>/.
 # PART "rest":
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -110,6 +116,26 @@ elif [ "$1" = decode ]; then
       --out "$WORK/decode_$setting/decode" > "$WORK/decode_$setting.txt" 2>&1
     echo "$setting"; show "$WORK/decode_$setting/decode.md" "$WORK/decode_$setting.txt" 5; pack
   done
+elif [ "$1" = tall ]; then
+  budgeted 150 60 python -m pytest -q -m gpu -n 4 tests/test_linear_kernels.py \
+    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -25 > "$WORK/tall_tests.txt"
+  tail -3 "$WORK/tall_tests.txt"; pack
+  if all_passed "$WORK/tall_tests.txt"; then
+    mkdir -p "$WORK/tall"
+    budgeted 200 60 python benchmarks/skinny_linear.py --rows 128 --sweep \
+      --out "$WORK/tall/skinny_linear" > "$WORK/tall.txt" 2>&1
+    show "$WORK/tall/skinny_linear.md" "$WORK/tall.txt" 40; pack
+    for setting in defaults skinny_rows=128 skinny_rows=128,norm_linear=128; do
+      kernels=$setting
+      [ "$setting" = defaults ] && kernels=""
+      mkdir -p "$WORK/tall_decode_$setting"
+      HYBRIDKIT_KERNELS=$kernels budgeted 100 45 python -m hybridkit bench decode \
+        benchmarks/recipes/hybrid_400m.yaml --batch 16,128 --prompt 128 --new 64 \
+        --out "$WORK/tall_decode_$setting/decode" > "$WORK/tall_decode_$setting.txt" 2>&1
+      echo "$setting"
+      show "$WORK/tall_decode_$setting/decode.md" "$WORK/tall_decode_$setting.txt" 4; pack
+    done
+  fi
 elif [ "$1" = train ]; then
   for case in hybrid_compiled hybrid_mimo_compiled; do
     for side in default setting; do
