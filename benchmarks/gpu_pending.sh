@@ -30,6 +30,7 @@
 #   2. the compiled 400M hybrid at 4 x 4,096 tokens with its Mamba-3 layers at chunk_size 32, then
 #      at the default, then the Transformer (train_throughput.py, 6 timed steps, no profile),
 #      each in its own process -> train_c32/, train_c64/, train_transformer/.
+#   ROWS (default "32 64"; empty: no scan step) and RUNS (default "c32 c64 transformer") choose.
 # PART "decode": the 400M model's generation (hybridkit bench decode, batch 1 / 16 / 128, prompt
 #   128, 64 new tokens) at the defaults and under each of SETTINGS (default: step_split 1, which
 #   has no finish launch, step_split 8, pdl), each in its own process -> decode_<setting>/.
@@ -88,14 +89,14 @@ elif [ "$1" = fused ]; then
     done
   fi
 elif [ "$1" = chunk ]; then
-  for rows in 32 64; do
+  for rows in ${ROWS-32 64}; do
     mkdir -p "$WORK/chunk_rows$rows"
     budgeted 90 40 python benchmarks/mamba3_mimo.py --shapes 0 --reps 60 --chunk-rows $rows \
       --out "$WORK/chunk_rows$rows/mamba3_mimo" > "$WORK/chunk_rows$rows.txt" 2>&1
     echo "rows $rows"; show "$WORK/chunk_rows$rows/mamba3_mimo.md" "$WORK/chunk_rows$rows.txt" 4
     pack
   done
-  for run in c32 c64 transformer; do
+  for run in ${RUNS:-c32 c64 transformer}; do
     case $run in
       c32) args=(--cases hybrid_compiled --set model.blocks.m.mixer.chunk_size=32) ;;
       c64) args=(--cases hybrid_compiled) ;;
