@@ -39,7 +39,8 @@
 #   2. only if they pass, benchmarks/skinny_linear.py --rows 128 --sweep (against cuBLAS, then
 #      the tall launches) -> tall/skinny_linear;
 #   3. the 400M model's generation at batch 16 / 128 at the defaults, with skinny_rows 128 and
-#      with norm_linear 128 too, one process each -> tall_decode_<setting>/.
+#      with norm_linear 128 too, one process each -> tall_decode_<setting>/ (TALL_SETTINGS and
+#      BATCH choose).
 # PART "rest":
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -126,12 +127,12 @@ elif [ "$1" = tall ]; then
     budgeted 200 60 python benchmarks/skinny_linear.py --rows 128 --sweep \
       --out "$WORK/tall/skinny_linear" > "$WORK/tall.txt" 2>&1
     show "$WORK/tall/skinny_linear.md" "$WORK/tall.txt" 40; pack
-    for setting in defaults skinny_rows=128 skinny_rows=128,norm_linear=128; do
+    for setting in ${TALL_SETTINGS:-defaults skinny_rows=128 skinny_rows=128,norm_linear=128}; do
       kernels=$setting
       [ "$setting" = defaults ] && kernels=""
       mkdir -p "$WORK/tall_decode_$setting"
       HYBRIDKIT_KERNELS=$kernels budgeted 100 45 python -m hybridkit bench decode \
-        benchmarks/recipes/hybrid_400m.yaml --batch 16,128 --prompt 128 --new 64 \
+        benchmarks/recipes/hybrid_400m.yaml --batch "${BATCH:-16,128}" --prompt 128 --new 64 \
         --out "$WORK/tall_decode_$setting/decode" > "$WORK/tall_decode_$setting.txt" 2>&1
       echo "$setting"
       show "$WORK/tall_decode_$setting/decode.md" "$WORK/tall_decode_$setting.txt" 4; pack
