@@ -119,7 +119,7 @@ elif [ "$1" = decode ]; then
     echo "$setting"; show "$WORK/decode_$setting/decode.md" "$WORK/decode_$setting.txt" 5; pack
   done
 elif [ "$1" = tall ]; then
-  budgeted 150 60 python -m pytest -q -m gpu -n 4 tests/test_linear_kernels.py \
+  budgeted 150 60 python -m pytest -q -m gpu -n 4 tests/test_linear_kernels.py -k "${TESTS_K:-}" \
     -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -25 > "$WORK/tall_tests.txt"
   tail -3 "$WORK/tall_tests.txt"; pack
   if all_passed "$WORK/tall_tests.txt"; then
