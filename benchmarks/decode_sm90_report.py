@@ -1,8 +1,7 @@
 """Resource report of the decode step's Triton kernels for sm_90, with and without PDL, built on
 a machine with no GPU.
 
-Compiles the few-row linears (one row; 16 rows; 128 rows, the tall tile; each with the SwiGLU
-epilogue), the fused
+Compiles the few-row linears (one row; 16 rows; each with the SwiGLU epilogue), the fused
 residual add + RMSNorm and the fused Mamba-3 step (SISO and MIMO R 4, grouped pre-gate norm;
 SISO split over two programs per head, ``step_split``, with its finish launch, which has no PDL)
 for an H100 target, ``USE_PDL`` off and on, and prints per kernel: registers and spills
@@ -50,9 +49,6 @@ ATTN = dict(H=16, HK=4, REP=4, D=64, BLOCK_R=16, BLOCK_D=64, BLOCK_S=attn_step.B
 ATTN.update(HAS_ROPE=True, HAS_NORM=False, FP32=False, CDT=tl.float32)
 ROWS16 = dict(LINEAR, BLOCK_M=16, BLOCK_N=16, FP32=False)
 PRE16 = dict(ROWS16, PRENORM=True)
-#: the tall tile (17-128 rows: the batch-128 step) at 128 rows
-ROWS128 = dict(LINEAR, BLOCK_M=128, BLOCK_N=lin.TALL_BLOCK_N, BLOCK_K=lin.TALL_BLOCK_K)
-ROWS128.update(STAGES=lin.TALL_STAGES, LANES=32 * lin.TALL_WARPS, FP32=False)
 SISO = dict(STEP, R=1, HALVES=False, HAS_MX=False, HAS_MZ=False, HAS_MO=False)
 MIMO = dict(STEP, R=4, HALVES=True, HAS_MX=True, HAS_MZ=True, HAS_MO=True)
 #: (label, kernel, constexprs, fp32 pointer args, warps)
@@ -62,20 +58,11 @@ CASES = [
     ("16-row", lin._skinny_linear_kernel, dict(ROWS16, GLU=False), set(), 4),
     ("16-row glu", lin._skinny_linear_kernel, dict(ROWS16, GLU=True), set(), 4),
     ("16-row N>=8192", lin._skinny_linear_kernel, dict(ROWS16, BLOCK_N=32, GLU=False), set(), 4),
-    ("128-row", lin._skinny_linear_kernel, dict(ROWS128, GLU=False), set(), lin.TALL_WARPS),
-    ("128-row glu", lin._skinny_linear_kernel, dict(ROWS128, GLU=True), set(), lin.TALL_WARPS),
     # norm_linear: the block's add + pre-norm folded into the projection
     ("gemv prenorm", lin._gemv_kernel, dict(GEMV, GLU=False, PRENORM=True), set(), 4),
     ("gemv glu prenorm", lin._gemv_kernel, dict(GEMV, GLU=True, PRENORM=True), set(), 4),
     ("16-row prenorm", lin._skinny_linear_kernel, dict(PRE16, GLU=False), set(), 4),
     ("16-row glu prenorm", lin._skinny_linear_kernel, dict(PRE16, GLU=True), set(), 4),
-    (
-        "128-row prenorm",
-        lin._skinny_linear_kernel,
-        dict(ROWS128, GLU=False, PRENORM=True),
-        set(),
-        lin.TALL_WARPS,
-    ),  # fmt: skip
     ("add+norm", norm._add_norm_fwd_kernel, dict(D=1024, BLOCK_M=2, BLOCK_N=1024), set(), 8),
     ("step SISO", step.mamba3_step_kernel, SISO, STEP_FP32, 8),
     ("step MIMO R4", step.mamba3_step_kernel, MIMO, STEP_FP32, 8),
@@ -155,7 +142,7 @@ def violations(label: str, ptx_on: str, ptx_off: str) -> list[str]:
     loads, prefetches, stores = _before_wait(before)
     if stores:
         found.append(f"{label}: {stores} global stores before the wait")
-    linear = label.startswith(("gemv", "16-row", "128-row"))
+    linear = label.startswith(("gemv", "16-row"))
     if linear and (loads or prefetches != 1):
         found.append(f"{label}: {loads} loads and {prefetches} prefetches before the wait")
     if not linear and (prefetches or loads > 12):

@@ -25,7 +25,8 @@
 #   2. only if they pass, benchmarks/mamba3_mimo.py at SHAPES (default 0,1: (8, 4096) and
 #      (1, 16384)) under each of SETTINGS (two launches, the fused forward, the fused backward,
 #      both), each in its own process -> fused_<setting>/.
-# PART "chunk": the SISO scan's chunk width, 32 against 64 (the default), for #17:
+# PART "chunk": the SISO scan's chunk width, 32 against 64 (the default), for #17 (run once with
+#   ROWS="" RUNS="c32 c64" at commit 3038247: benchmarks/results/chunk32_train_h100.md):
 #   1. benchmarks/mamba3_mimo.py --shapes 0 at 32 and 64 rows per chunk -> chunk_rows<N>/;
 #   2. the compiled 400M hybrid at 4 x 4,096 tokens with its Mamba-3 layers at chunk_size 32, then
 #      at the default, then the Transformer (train_throughput.py, 6 timed steps, no profile),
@@ -34,7 +35,8 @@
 # PART "decode": the 400M model's generation (hybridkit bench decode, batch 1 / 16 / 128, prompt
 #   128, 64 new tokens) at the defaults and under each of SETTINGS (default: step_split 1, which
 #   has no finish launch, step_split 8, pdl), each in its own process -> decode_<setting>/.
-# PART "tall": the few-row linear kernel's tall tile (17-128 rows, built 2026-12-06 on the CPU):
+# PART "tall" ran once, at commit 3038247 (benchmarks/results/skinny_linear_tall_h100.md); the tall
+#   tile was removed after it (slower than cuBLAS), so re-run it from that commit:
 #   1. its GPU tests (tests/test_linear_kernels.py -m gpu, 128 rows included) -> tall_tests.txt;
 #   2. only if they pass, benchmarks/skinny_linear.py --rows 128 --sweep (against cuBLAS, then
 #      the tall launches) -> tall/skinny_linear;

@@ -1,6 +1,5 @@
 """Few-row linears on the GPU: our Triton kernel (``hybridkit/kernels/linear``) against
-``F.linear`` (cuBLAS) at the decode step's shapes, bf16, 1 and 16 rows (``--rows``; up to 128,
-the batch-128 decode step, which runs a taller tile).
+``F.linear`` (cuBLAS) at the decode step's shapes, bf16, 1 and 16 rows.
 
 Every product reads its weight once, so the measure is the weight's bytes over the time, against
 the copy bandwidth measured in the same run. Medians of ``triton.testing.do_bench`` (L2 cleared
@@ -10,14 +9,12 @@ Mamba-3 in / out, MLP in / out, attention qkv / out, the head) and the one-layer
 benchmark's Mamba-3 projections (d_model 2048).
 
 With ``--sweep`` the kernels' launches (``hybridkit/kernels/linear/triton_kernels.py``'s module
-constants) are timed too at each of ``--rows``: one row on the one-row kernel, 2-16 on the
-16-row tile, more on the tall tile, each launch checked
+constants) are timed too, one row on the one-row kernel and 16 on the other, each launch checked
 against ``F.linear`` at every shape before it is timed (``launch_sweep.py``); a launch's score is
 the 400M decode step's matmul time it implies (each projection's time times its count per
 token), since the step, not one shape, is what a default must serve.
 
     python benchmarks/skinny_linear.py --out benchmarks/results/skinny_linear_h200 [--sweep]
-    python benchmarks/skinny_linear.py --rows 128 --sweep --out OUT   # the tall tile
 """
 
 from __future__ import annotations
@@ -81,21 +78,6 @@ ROWS_SWEEP = tuple(
 )  # fmt: skip
 
 
-#: 17-128 rows: (K per step, stages, warps, columns) of the tall tile (``TALL_*``; untimed first)
-TALL_SWEEP = tuple(
-    dict(TALL_BLOCK_K=bk, TALL_STAGES=st, TALL_WARPS=w, TALL_BLOCK_N=bn)
-    for bk, st, w, bn in (
-        (64, 4, 4, 64), (64, 4, 4, 32), (64, 4, 8, 64), (128, 3, 4, 32), (128, 3, 8, 64),
-        (64, 6, 4, 32), (32, 8, 4, 32), (64, 4, 8, 128), (128, 4, 4, 16), (64, 3, 4, 16),
-    )
-)  # fmt: skip
-
-
-def _sweep_launches(rows: int) -> tuple[dict, ...]:
-    """The launches ``--sweep`` times at ``rows``: the kernel (tile) those rows run."""
-    return GEMV_SWEEP if rows == 1 else ROWS_SWEEP if rows <= 16 else TALL_SWEEP
-
-
 def _label(settings: dict) -> str:
     return " / ".join(str(v) for v in settings.values())
 
@@ -132,14 +114,14 @@ def _sweep(cases: list, rows: int, launches: tuple[dict, ...], dev) -> list[dict
 
 def _sweep_lines(sweeps: list[dict]) -> list[str]:
     lines = []
-    for rows in sorted({r["rows"] for r in sweeps}):
+    heads = {
+        1: "one row: columns / K step / warps / stages",
+        16: "16 rows: K step / warps / stages / narrow / wide columns",
+    }
+    for rows, head in heads.items():
         recs = [r for r in sweeps if r["rows"] == rows]
-        if rows == 1:
-            head = "one row: columns / K step / warps / stages"
-        elif rows <= 16:
-            head = f"{rows} rows: K step / warps / stages / narrow / wide columns"
-        else:
-            head = f"{rows} rows (tall tile): K step / stages / warps / columns"
+        if not recs:
+            continue
         names = list(recs[0]["us"])
         lines += [
             "",
@@ -194,8 +176,7 @@ def main() -> None:
             print(json.dumps(rec))
     sweeps: list[dict] = []
     if args.sweep:
-        for rows in rows_list:
-            sweeps += _sweep(cases, rows, _sweep_launches(rows), dev)
+        sweeps = _sweep(cases, 1, GEMV_SWEEP, dev) + _sweep(cases, 16, ROWS_SWEEP, dev)
     lines = [
         "# Few-row linears, bf16: our Triton kernel vs F.linear (cuBLAS)",
         "",

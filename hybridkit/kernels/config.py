@@ -51,13 +51,12 @@ Fields (defaults in :class:`KernelConfig`):
   of cuBLAS (``hybridkit/kernels/linear``; on: with the next two it took the 400M model's
   decode step from 1.172 to 0.654 ms at batch 1 on the H200,
   ``benchmarks/results/decode_settings_h200.md``);
-* ``skinny_rows``: the most rows a plain linear sends to that kernel (1..128; default 1: at 16
+* ``skinny_rows``: the most rows a plain linear sends to that kernel (1..16; default 1: at 16
   rows it was slower than cuBLAS on most 400M shapes; the MLP's fc1 + SwiGLU, one launch of
-  ours instead of two, goes to it up to 16 rows, or up to this many if more; 17-128 rows run
-  a taller tile, untimed);
+  ours instead of two, goes to it up to 16 rows whatever this says);
 * ``norm_linear``: at inference with a cache, a block's residual add and pre-norm folded into
   its first projection when that runs the few-row kernel (``in_proj``, ``wqkv``, fc1 + SwiGLU,
-  the head after the final norm) and the call has at most this many rows (0: never; 1..128): one
+  the head after the final norm) and the call has at most this many rows (0: never; 1..16): one
   launch instead of two per block part (``hybridkit/kernels/linear``, ``PRENORM``; default 1:
   on the H100 folding took the 400M model from 1,257 to 1,382 tokens/s at batch 1, while at
   batch 16, where the 16-row kernel normalises in a second pass, it went from 12,037 to 11,851,
@@ -174,10 +173,10 @@ class KernelConfig:
             raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
         if self.qk_heads not in QK_HEADS:
             raise ValueError(f"qk_heads={self.qk_heads}: allowed {QK_HEADS}")
-        if not 1 <= self.skinny_rows <= 128:
-            raise ValueError(f"skinny_rows={self.skinny_rows}: allowed 1..128")
-        if not 0 <= self.norm_linear <= 128:
-            raise ValueError(f"norm_linear={self.norm_linear}: allowed 0..128 (rows)")
+        if not 1 <= self.skinny_rows <= 16:
+            raise ValueError(f"skinny_rows={self.skinny_rows}: allowed 1..16")
+        if not 0 <= self.norm_linear <= 16:
+            raise ValueError(f"norm_linear={self.norm_linear}: allowed 0..16 (rows)")
         if self.step_split not in STEP_SPLITS:
             raise ValueError(f"step_split={self.step_split}: allowed {STEP_SPLITS}")
         for name in ("bwd_maxnreg", "step_maxnreg"):

@@ -35,7 +35,7 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton")
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
-_GLU_ROWS = 16  # fc1 + SwiGLU: our one launch beat cuBLAS + the SwiGLU kernel up to 16 rows
+_MAX_ROWS = 16  # mirrors triton_kernels.MAX_ROWS (importing it needs Triton)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -61,7 +61,7 @@ def resolve_backend(
     )
     cfg = current_config()
     usable = (
-        0 < rows <= (max(_GLU_ROWS, cfg.skinny_rows) if glu else cfg.skinny_rows)
+        0 < rows <= (_MAX_ROWS if glu else cfg.skinny_rows)
         and not grad
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype

@@ -1,5 +1,5 @@
 """A Triton kernel for linears with few rows (decoding): ``y = x W^T (+ b)`` for x (M, K) with
-M <= 128, W (N, K).
+M <= 16, W (N, K).
 
 Why: at one token per sequence every projection is a matrix-vector product (or, at batch 16,
 a 16-row one) whose time is reading W once. On the H200 one Mamba-3 layer's two projections at
@@ -13,10 +13,7 @@ one row takes 0.40-0.94x cuBLAS's time on the 400M model's shapes and fc1 + SwiG
 launch instead of two); at 16 rows it is 0.95-1.53x (the narrow qkv projection worst), so
 ``skinny_linear`` is on by default and the 16-row tile is the place to improve. The 16 rows
 pad one tensor-core tile (rows past M are masked); the wasted arithmetic is free next to the
-bytes. 17-128 rows (batch 128) run the same kernel with a tile of the next power of two rows
-and its own launch (``TALL_*``): cuBLAS reads the 400M model's weights at about a third of the
-copy bandwidth there (its matmuls took 0.74 ms of a 3.12 ms step against 0.26 ms for their
-bytes on the H100, ``benchmarks/results/decode_profile_h100.md``). No split over K: it would need
+bytes. No split over K: it would need
 atomics (results differing run to run) or a second launch.
 
 fp32 inputs multiply in full fp32 (``ieee``), so the CPU interpreter's tests compare against
@@ -46,10 +43,7 @@ from hybridkit.kernels.config import interpreting
 from hybridkit.kernels.pdl import launch_options, use_pdl
 
 #: the most rows a call may have (one tensor-core tile tall)
-MAX_ROWS = 128
-#: rows up to which the 16-row tile (``BLOCK_K`` ... ``WIDE_BLOCK_N``) runs; more rows run a
-#: taller tile (``TALL_*``)
-SHORT_ROWS = 16
+MAX_ROWS = 16
 
 #: The launches, module-level so that ``benchmarks/skinny_linear.py --sweep`` can time others
 #: without a code change (each checked against ``F.linear`` first). 2-16 rows
@@ -70,14 +64,6 @@ GEMV_BLOCK_N = 4
 GEMV_BLOCK_K = 512
 GEMV_WARPS = 4
 GEMV_STAGES = 4
-#: 17-128 rows (``_skinny_linear_kernel`` with a 32-128-row tile: the decode step at batch 128,
-#: where cuBLAS picks small tiles and reads the weights at a fraction of the copy bandwidth,
-#: ``benchmarks/results/decode_profile_h100.md``): K per step, pipeline depth, warps, columns.
-#: Untimed defaults; ``benchmarks/skinny_linear.py --sweep --rows 128`` times others.
-TALL_BLOCK_K = 64
-TALL_STAGES = 4
-TALL_WARPS = 4
-TALL_BLOCK_N = 64
 
 
 @triton.jit
@@ -285,7 +271,7 @@ def skinny_linear(
     glu: bool = False,
     prenorm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``x @ weight.T (+ bias)`` for 2-D ``x`` (M <= 128, K) with a unit column stride and a
+    """``x @ weight.T (+ bias)`` for 2-D ``x`` (M <= 16, K) with a unit column stride and a
     contiguous ``weight`` (N, K); a fresh contiguous (M, N) result in x's dtype. With ``glu``
     the product's two halves ``[value | gate]`` (2F columns) leave as ``value * silu(gate)``
     (M, F): the SwiGLU MLP's first projection and activation in one launch, the (M, 2F)
@@ -327,16 +313,11 @@ def skinny_linear(
             **launch_options(pdl),
         )  # fmt: skip
     else:
-        if m <= SHORT_ROWS:
-            bm, bn, bk, warps, stages = SHORT_ROWS, block_n(n), BLOCK_K, WARPS, STAGES
-        else:
-            bm, bn, bk = triton.next_power_of_2(m), TALL_BLOCK_N, TALL_BLOCK_K
-            warps, stages = TALL_WARPS, TALL_STAGES
-        warps, stages = (1, 1) if interp else (warps, stages)
+        bn, warps = block_n(n), 1 if interp else WARPS
         _skinny_linear_kernel[(triton.cdiv(n, bn),)](
             x, weight, b, y, hres, nw, s,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), hres.stride(0), float(eps),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
+            BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
             HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu, USE_PDL=pdl,
             PREFETCH=prefetch, PRENORM=prenorm is not None, LANES=_lanes(warps, bn),
             num_warps=warps, **launch_options(pdl),
