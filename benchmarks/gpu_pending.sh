@@ -43,6 +43,12 @@
 #   3. the 400M model's generation at batch 16 / 128 at the defaults, with skinny_rows 128 and
 #      with norm_linear 128 too, one process each -> tall_decode_<setting>/ (TALL_SETTINGS and
 #      BATCH choose).
+# PART "steplaunch" (#16: the state kernel at batch 128 is 1.27x its byte floor on the H200, 1.6x
+#   with a bf16 state; the split step's launch, 2 warps a program at step_split 4, was never
+#   swept): under each of SETTINGS, the step's GPU tests at batch 128 (tests/test_mamba3_step.py
+#   -k b128) and, only if they pass, the one-layer step benchmark (benchmarks/decode.py
+#   --skip-model: kernel and layer at batch 1 / 16 / 128, fp32 and bf16 state) ->
+#   step_<setting>/, each in its own process.
 # PART "rest":
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -140,6 +146,23 @@ elif [ "$1" = tall ]; then
       show "$WORK/tall_decode_$setting/decode.md" "$WORK/tall_decode_$setting.txt" 4; pack
     done
   fi
+elif [ "$1" = steplaunch ]; then
+  for setting in ${SETTINGS:-defaults step_warps=1 step_warps=4 step_warps=8 step_maxnreg=64 \
+    step_split=2,step_warps=4}; do
+    kernels=$setting
+    [ "$setting" = defaults ] && kernels=""
+    mkdir -p "$WORK/step_$setting"
+    HYBRIDKIT_KERNELS=$kernels budgeted 70 40 python -m pytest -q -m gpu tests/test_mamba3_step.py \
+      -k b128 -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 \
+      > "$WORK/step_$setting/tests.txt"
+    echo "$setting"; tail -1 "$WORK/step_$setting/tests.txt"
+    if all_passed "$WORK/step_$setting/tests.txt"; then
+      HYBRIDKIT_KERNELS=$kernels budgeted 90 40 python benchmarks/decode.py --skip-model \
+        --out "$WORK/step_$setting/decode" > "$WORK/step_$setting.txt" 2>&1
+      show "$WORK/step_$setting/decode.md" "$WORK/step_$setting.txt" 9
+    fi
+    pack
+  done
 elif [ "$1" = train ]; then
   for case in hybrid_compiled hybrid_mimo_compiled; do
     for side in default setting; do
