@@ -114,8 +114,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"# Mamba-3 MIMO scan (Triton), {meta['device']}, {meta['date']}",
         "",
         f"torch {meta['torch']}, Triton {meta['triton']}, commit {meta['commit']}; bf16 inputs, "
-        f"G 1, S = N/4, halves pairing, {meta.get('chunk_rows', 64)} rows per chunk (SISO chunk "
-        f"{meta.get('chunk_rows', 64)}); do_bench medians (L2 cleared). Copy bandwidth "
+        f"G 1, S = N/4, halves pairing, SISO chunk {meta.get('chunk_rows', 64)} (MIMO's in the "
+        f"table); do_bench medians (L2 cleared). Copy bandwidth "
         f"{meta['copy_gbps']:.0f} GB/s, bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s "
         "measured in this run.",
         "",
