@@ -28,6 +28,9 @@
 #   -k b128) and, only if they pass, the one-layer step benchmark (benchmarks/decode.py
 #   --skip-model: kernel and layer at batch 1 / 16 / 128, fp32 and bf16 state) ->
 #   step_<setting>/, each in its own process.
+# PART "trainprof" (#17: where the 24-26 ms of Inductor element-wise kernels of the compiled 400M
+#   SISO step go): hybridkit bench train at 4 x 4,096 tokens, compiled, with every kernel of the
+#   profiled step by name (--top-kernels 1000) -> trainprof/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -36,8 +39,8 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rest" >&2; exit 2 ;;
+  chunk | decode | steplaunch | train | trainprof | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, trainprof, rest" >&2; exit 2 ;;
 esac
 WORK=/tmp/hk_pending
 # shellcheck source=benchmarks/gpu_call.sh
@@ -104,6 +107,12 @@ elif [ "$1" = train ]; then
       show "$WORK/train_$side/$case/train_throughput.md" "$WORK/train_${side}_$case.txt" 4; pack
     done
   done
+elif [ "$1" = trainprof ]; then
+  mkdir -p "$WORK/trainprof"
+  budgeted 240 120 python -m hybridkit bench train benchmarks/recipes/hybrid_400m.yaml --batch 4 \
+    --seq-len 4096 --compile --steps 6 --top-kernels 1000 --out "$WORK/trainprof/train" \
+    > "$WORK/trainprof.txt" 2>&1
+  show "$WORK/trainprof/train.md" "$WORK/trainprof.txt" 40; pack
 else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
     2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"

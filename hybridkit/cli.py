@@ -555,6 +555,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         compile_model=args.compile or recipe.train.compile,
         profile=not args.no_profile,
+        top_kernels=args.top_kernels,
     )
     if info.is_main:
         text = parallel_markdown(job, rank0)
@@ -868,6 +869,13 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown step")
+    p.add_argument(
+        "--top-kernels",
+        type=_positive_int,
+        default=None,
+        help="longest kernels of the profiled step kept by name in the JSON (default 25; the "
+        "report shows 15)",
+    )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default: train.device)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md as well")
     _add_set(p)

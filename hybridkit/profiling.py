@@ -43,7 +43,7 @@ def categorize(name: str, categories: Categories) -> str:
     return "other"
 
 
-#: how many of the longest kernels a profile keeps by name (:attr:`KernelProfile.top`)
+#: how many of the longest kernels a profile keeps by name by default (:attr:`KernelProfile.top`)
 TOP_KERNELS = 25
 
 
@@ -61,10 +61,14 @@ class KernelProfile:
 
 
 def profile_kernels(
-    fn: Callable[[], object], device: torch.device, categories: Categories
+    fn: Callable[[], object],
+    device: torch.device,
+    categories: Categories,
+    *,
+    top: int = TOP_KERNELS,
 ) -> KernelProfile:
     """Run ``fn`` once under the torch profiler; its time and kernel count per category,
-    largest first."""
+    largest first, and its ``top`` longest kernels by name."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -74,10 +78,12 @@ def profile_kernels(
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return sum_events(list(prof.key_averages()), device, categories)
+    return sum_events(list(prof.key_averages()), device, categories, top=top)
 
 
-def sum_events(events: Sequence, device: torch.device, categories: Categories) -> KernelProfile:
+def sum_events(
+    events: Sequence, device: torch.device, categories: Categories, *, top: int = TOP_KERNELS
+) -> KernelProfile:
     """Per-category time and count of profiler events (``prof.key_averages()``), each kernel
     once: on a GPU only the device's kernel events, never the CPU ops that launched them nor
     the GPU-side spans of ``record_function`` ranges (user annotations: torch.compile's
@@ -110,9 +116,9 @@ def sum_events(events: Sequence, device: torch.device, categories: Categories) -
             entry[1] += us / 1e3
             entry[2] += int(event.count)
     order = sorted(ms, key=lambda c: -ms[c])
-    longest = sorted(by_name.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
-    top = [{"name": k, "category": c, "ms": t, "count": n} for k, (c, t, n) in longest]
-    return KernelProfile({c: ms[c] for c in order}, {c: count[c] for c in order}, top)
+    longest = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
+    named = [{"name": k, "category": c, "ms": t, "count": n} for k, (c, t, n) in longest]
+    return KernelProfile({c: ms[c] for c in order}, {c: count[c] for c in order}, named)
 
 
 def top_kernels_table(top: Sequence[dict], total_ms: float, *, rows: int = 15) -> list[str]:

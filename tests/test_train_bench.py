@@ -128,6 +128,8 @@ def test_gpu_breakdown_counts_each_kernel_once():
         ("multi_tensor_apply_kernel", 1),
     ]
     assert prof.top[0]["ms"] == pytest.approx(0.35) and prof.top[0]["category"] == "mamba3 scan"
+    short = sum_events(events, torch.device("cuda"), CATEGORIES, top=2)
+    assert [k["name"] for k in short.top] == ["_bwd_x_kernel", "sm90_xmma_gemm_bf16"]
     cpu = sum_events(events, torch.device("cpu"), CATEGORIES)
     assert sum(cpu.count.values()) == len(events)  # ops' own time on a CPU, each counted
 
@@ -150,12 +152,15 @@ def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):
 
     out = tmp_path / "bench" / "tiny"
     argv = ["bench", "train", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "2"]
-    argv += ["--seq-len", "32", "--steps", "2", "--warmup", "1", "--no-profile", "--out", str(out)]
-    assert main(argv) == 0
+    argv += ["--seq-len", "32", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    assert main([*argv, "--top-kernels", "3"]) == 0
     assert "tokens/s" in capsys.readouterr().out
     data = __import__("json").loads(out.with_suffix(".json").read_text())
     assert data["batch"] == 2 and data["seq_len"] == 32 and data["tokens_per_s"] > 0
+    assert len(data["rank0"]["top_kernels"]) == 3  # the profiled step's ops, by name
     assert out.with_suffix(".md").is_file()
+    with pytest.raises(SystemExit):  # a count below 1 is a usage error
+        main([*argv, "--top-kernels", "0"])
 
 
 def _benchmark_script():

@@ -121,6 +121,7 @@ def bench_train(
     compile_mode: str | None = None,
     deterministic: bool = False,
     profile: bool = True,
+    top_kernels: int | None = None,
     # what a step calls when it is not ``model`` (a DDP wrapper, whose hooks reduce the
     # gradients); ``model`` still gives the spec and the FLOP count
     module: torch.nn.Module | None = None,
@@ -130,7 +131,10 @@ def bench_train(
     The model and optimizer are used as given (built from a recipe by the caller), so what is
     measured is exactly what training runs. ``compile_mode`` is ``torch.compile``'s ``mode``
     (e.g. ``max-autotune-no-cudagraphs``: Inductor times GEMM configurations for our shapes).
-    ``deterministic`` runs every step as ``train.deterministic`` does (its cost is measured)."""
+    ``deterministic`` runs every step as ``train.deterministic`` does (its cost is measured).
+    ``top_kernels``: how many of the profiled step's longest kernels the result keeps by name
+    (default :data:`hybridkit.profiling.TOP_KERNELS`; all of them tell where every millisecond
+    of the element-wise categories goes)."""
     device = next(model.parameters()).device
     vocab = model.spec.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -173,7 +177,8 @@ def bench_train(
             "graph_breaks": total["graph_breaks"],
             "break_reasons": total["break_reasons"],
         }
-    prof = profile_step(step, device) if profile else profiling.KernelProfile()
+    top = profiling.TOP_KERNELS if top_kernels is None else top_kernels
+    prof = profile_step(step, device, top) if profile else profiling.KernelProfile()
     count = flops_per_token(model, seq_len)
     achieved = count.per_token * tokens / step_s / 1e12
     matmul = measured_matmul_tflops(device)
@@ -240,10 +245,12 @@ def categorize(kernel_name: str) -> str:
     return profiling.categorize(kernel_name, CATEGORIES)
 
 
-def profile_step(step, device: torch.device) -> profiling.KernelProfile:
-    """Milliseconds per category and the longest kernels of one profiled training step
+def profile_step(
+    step, device: torch.device, top: int = profiling.TOP_KERNELS
+) -> profiling.KernelProfile:
+    """Milliseconds per category and the ``top`` longest kernels of one profiled training step
     (:func:`hybridkit.profiling.profile_kernels`; device kernels on a GPU, ops on a CPU)."""
-    return profiling.profile_kernels(step, device, CATEGORIES)
+    return profiling.profile_kernels(step, device, CATEGORIES, top=top)
 
 
 def markdown(result: TrainBench) -> str:

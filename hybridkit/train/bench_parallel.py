@@ -81,6 +81,7 @@ def bench_recipe(
     warmup: int = 3,
     compile_model: bool = False,
     profile: bool = True,
+    top_kernels: int | None = None,
 ) -> tuple[dist_utils.DistInfo, ParallelBench, TrainBench]:
     """Benchmark ``recipe``'s model on this process, or on every rank of a ``torchrun`` job
     (every rank calls this and gets the same combined result; rank 0 reports it).
@@ -112,6 +113,7 @@ def bench_recipe(
         compile_mode=spec.compile_mode,
         deterministic=spec.deterministic,
         profile=profile,
+        top_kernels=top_kernels,
         module=None if wrapped is model else wrapped,
     )
     mine = {
