@@ -28,6 +28,10 @@
 #   -k b128) and, only if they pass, the one-layer step benchmark (benchmarks/decode.py
 #   --skip-model: kernel and layer at batch 1 / 16 / 128, fp32 and bf16 state) ->
 #   step_<setting>/, each in its own process.
+# PART "modes" (#17: train.compile_mode was never timed on the 400M model; a compiled step ran
+#   ~7 ms longer than its kernels, host time that CUDA graphs remove): the compiled 400M hybrid and
+#   the Transformer at 4 x 4,096 tokens (train_throughput.py, 6 timed steps, no profile) in each
+#   of MODES (default "default reduce-overhead"), one process per mode -> modes_<mode>/.
 # PART "trainprof" (#17: where the 24-26 ms of Inductor element-wise kernels of the compiled 400M
 #   SISO step go): hybridkit bench train at 4 x 4,096 tokens, compiled, with every kernel of the
 #   profiled step by name (--top-kernels 1000) -> trainprof/.
@@ -39,8 +43,11 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | trainprof | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, trainprof, rest" >&2; exit 2 ;;
+  chunk | decode | modes | steplaunch | train | trainprof | rest) ;;
+  *)
+    echo "unknown part $1: allowed chunk, decode, modes, steplaunch, train, trainprof, rest" >&2
+    exit 2
+    ;;
 esac
 WORK=/tmp/hk_pending
 # shellcheck source=benchmarks/gpu_call.sh
@@ -106,6 +113,14 @@ elif [ "$1" = train ]; then
       echo "$side $kernels"
       show "$WORK/train_$side/$case/train_throughput.md" "$WORK/train_${side}_$case.txt" 4; pack
     done
+  done
+elif [ "$1" = modes ]; then
+  for mode in ${MODES:-default reduce-overhead}; do
+    mkdir -p "$WORK/modes_$mode"
+    budgeted 330 150 python benchmarks/train_throughput.py --out "$WORK/modes_$mode" --no-profile \
+      --steps 6 --cases hybrid_compiled,transformer_compiled --compile-mode "$mode" \
+      > "$WORK/modes_$mode.txt" 2>&1
+    echo "$mode"; show "$WORK/modes_$mode/train_throughput.md" "$WORK/modes_$mode.txt" 8; pack
   done
 elif [ "$1" = trainprof ]; then
   mkdir -p "$WORK/trainprof"

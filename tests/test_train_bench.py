@@ -57,6 +57,7 @@ def test_compiled_bench_counts_graphs_and_breaks(monkeypatch):
     whole = bench_train(model, optimizer, **run).compile_stats
     assert whole["graph_breaks"] == 0 and whole["graphs_warmup"] >= 1
     assert whole["graphs_timed"] == 0
+    assert whole["cudagraph_skips"] == 0  # default mode: no CUDA graphs asked for, none skipped
 
     class Broken(torch.nn.Module):
         def __init__(self) -> None:
@@ -73,6 +74,9 @@ def test_compiled_bench_counts_graphs_and_breaks(monkeypatch):
     assert result.compile_stats["graphs_warmup"] >= 2
     text = markdown(result)
     assert "graph break(s), no recompilation." in text and "- graph break:" in text
+    assert "CUDA graphs" not in text  # only reduce-overhead reports them
+    result.compile_mode, result.compile_stats["cudagraph_skips"] = "reduce-overhead", 2
+    assert "CUDA graphs: 2 compiled graph(s) skipped them" in markdown(result)
 
 
 def test_kernel_names_fall_into_categories():

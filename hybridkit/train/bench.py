@@ -176,6 +176,7 @@ def bench_train(
             "graphs_timed": total["graphs"] - warm["graphs"],
             "graph_breaks": total["graph_breaks"],
             "break_reasons": total["break_reasons"],
+            "cudagraph_skips": total["cudagraph_skips"],
         }
     top = profiling.TOP_KERNELS if top_kernels is None else top_kernels
     prof = profile_step(step, device, top) if profile else profiling.KernelProfile()
@@ -233,6 +234,9 @@ class _DynamoCounts:
             "graphs": int(self.counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(breaks.values())),
             "break_reasons": [_first_line(reason) for reason, _ in breaks.most_common(10)],
+            # graphs Inductor ran without CUDA graphs although the mode asked for them (the
+            # reason is in its log): reduce-overhead then measures the default mode's launches
+            "cudagraph_skips": int(self.counters["inductor"]["cudagraph_skips"]),
         }
 
 
@@ -282,6 +286,13 @@ def markdown(result: TrainBench) -> str:
             + "."
         )
         lines += [f"- graph break: {reason}" for reason in stats["break_reasons"]]
+        if result.compile_mode == "reduce-overhead":
+            skips = stats.get("cudagraph_skips", 0)
+            lines.append(
+                f"CUDA graphs: {skips} compiled graph(s) skipped them (the reason is in the log)"
+                if skips
+                else "CUDA graphs: every compiled graph replayed through them."
+            )
     env = result.environment
     if env:
         lines.append(
