@@ -54,7 +54,9 @@ class KVCache:
         n, cap = k.shape[1], self.k.shape[1]
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if self.length + n > cap:
-            if self.window is None:
+            # a sliding layer slides only when its buffer holds the whole window: a smaller
+            # one (max_seqlen < window) could not keep the keys the next queries see
+            if self.window is None or cap < self.window - 1:
                 raise ValueError(
                     f"KV cache holds {cap} tokens, asked for {self.length + n}; "
                     "allocate the InferenceCache with a larger max_seqlen"

@@ -209,6 +209,34 @@ def _parse_prompts(text: str, batch: int) -> list[list[int]]:
     return prompts
 
 
+#: ``generate`` options of free sampling, and their defaults (None in the parser, so that
+#: ``--task-examples``, which decodes its own prompts greedily, can refuse them when given)
+_SAMPLING_DEFAULTS = {
+    "prompt_ids": "1",
+    "batch": 1,
+    "max_new_tokens": 32,
+    "temperature": 1.0,
+    "top_k": None,
+}
+
+
+def _generate_options(args: argparse.Namespace) -> None:
+    """Refuse options the chosen mode ignores (naming them), then fill in the defaults."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.task_examples:
+        given = [flag(k) for k in _SAMPLING_DEFAULTS if getattr(args, k) is not None]
+        if given:
+            raise HybridkitError(
+                f"--task-examples decodes the task's own prompts greedily; it does not take "
+                f"{', '.join(given)} (drop them, or drop --task-examples to sample)"
+            )
+    elif args.length is not None:
+        raise HybridkitError("--length applies to --task-examples only")
+    for name, default in _SAMPLING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -216,6 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hybridkit.rundir import load_source
     from hybridkit.weights import load_weights
 
+    _generate_options(args)
     recipe, weights = load_source(args.source, args.overrides, plugins=args.plugins)
     device = _device(args.device)
     model = build_model(recipe, seed=recipe.seed)
@@ -292,11 +321,13 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
         while run < len(scored) and scored[run] == first + run:
             run += 1
         answers[i] = (first, run)
-    # one runner (one static cache, one captured step on a GPU) for every example: a prompt of
-    # any length fits its cache, and a fresh prefill resets it in place
+    # one runner (one static cache, one captured step on a GPU) for every example: sized for
+    # the longest prompt plus the longest answer (a task's sequences may be longer than
+    # ``length``: BOS and separators), and a fresh prefill resets it in place
     longest = max((run for _, run in answers.values()), default=1)
+    prompt = max((first + 1 for first, _ in answers.values()), default=1)
     runner = DecodeRunner(
-        model, 1, length + longest, longest, Sampling(temperature=0.0),
+        model, 1, prompt + longest, longest, Sampling(temperature=0.0),
         seed=args.seed, ssm_dtype=_ssm_dtype(args.ssm_dtype),
     )  # fmt: skip
     right = 0
@@ -311,7 +342,7 @@ def _generate_task_examples(model, recipe, args: argparse.Namespace, device: str
             f"[{i}] ...{tail} -> model {got}, answer {want} "
             f"{'(right)' if got == want else '(wrong)'}"
         )
-    print(f"{right} of {len(batch)} first answers right (greedy, {length} tokens)")
+    print(f"{right} of {len(answers)} first answers right (greedy, task length {length})")
     return 0
 
 
@@ -675,17 +706,20 @@ def _add_generate(sub) -> None:
     )
     p.add_argument(
         "--prompt-ids",
-        default="1",
+        default=None,
         help="comma-separated token ids; ';' separates prompts of equal length (default '1')",
     )
     p.add_argument(
         "--batch",
         type=_int_arg(1, MAX_BATCH),
-        default=1,
+        default=None,
         help="copies of a single prompt to sample in parallel (default 1)",
     )
     p.add_argument(
-        "--max-new-tokens", type=_nonnegative_int, default=32, help="tokens to sample (default 32)"
+        "--max-new-tokens",
+        type=_nonnegative_int,
+        default=None,
+        help="tokens to sample (default 32)",
     )
     task_help = "instead of --prompt-ids: the task's first N test examples, cut before their "
     task_help += "first answer, continued greedily and compared with it"
@@ -695,7 +729,7 @@ def _add_generate(sub) -> None:
     p.add_argument(
         "--temperature",
         type=_float_arg(0.0, inclusive=True),
-        default=1.0,
+        default=None,
         help="0 = greedy (default 1.0)",
     )
     p.add_argument(

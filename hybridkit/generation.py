@@ -24,6 +24,8 @@ on CUDA, the graph).
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,10 +46,18 @@ class Sampling:
     eos_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        for name in ("top_k", "eos_id"):
+            value, low = getattr(self, name), 1 if name == "top_k" else 0
+            if value is not None and (not _is_int(value) or value < low):
+                raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    """A plain integer (Python or NumPy-like, not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
 def sample(
@@ -61,7 +71,12 @@ def sample(
     graph as it is."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    scores = logits.float() / sampling.temperature
+    # relative to the row's best logit, so that a tiny temperature sends the others to -inf
+    # (not the best one to +inf, which ties with every other overflow), and never below
+    # float32's smallest normal number (a temperature that rounds to 0 would make 0 / 0)
+    scores = logits.float()
+    best = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    scores = (scores - best) / max(sampling.temperature, torch.finfo(torch.float32).tiny)
     if sampling.top_k is not None and sampling.top_k < scores.shape[-1]:
         kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -130,6 +145,8 @@ class DecodeRunner:
         compile_step: bool = False,
         forced: bool = False,
     ):
+        if eos_check_every < 1:
+            raise ValueError(f"eos_check_every must be >= 1, got {eos_check_every}")
         ref = model.embedding.weight
         self.model, self.sampling, self.seed = model, sampling, seed
         # opt-in: torch.compile fuses the norms' and MLP's element-wise ops (hundreds of small
@@ -216,6 +233,13 @@ class DecodeRunner:
             raise ValueError(f"runner holds {self.batch} sequences, got {ids.shape[0]} prompts")
         if ids.shape[1] == 0 and self.forced is None:
             raise ValueError("the prompt is empty: sampling needs at least one token of context")
+        if ids.shape[1] + self.max_new > self.cache.max_seqlen:
+            # the static rings would wrap: full attention would silently become a window
+            raise ValueError(
+                f"a prompt of {ids.shape[1]} tokens and {self.max_new} new ones need "
+                f"{ids.shape[1] + self.max_new} positions; the runner's cache holds "
+                f"{self.cache.max_seqlen} (build it with a larger max_seqlen)"
+            )
         if self.seed is None:
             self.generator.seed()
         else:
@@ -288,6 +312,12 @@ def generate(
     The batch is padded to its bucket (:func:`batch_bucket`) with copies of the last prompt so
     that the captured graph's shapes repeat across calls of similar sizes. Sequences that emitted
     ``eos_id`` keep emitting it (also after an early stop)."""
+    if ids.dim() != 2 or ids.shape[0] == 0:
+        raise ValueError(
+            f"ids must be (batch, length) with batch >= 1, got shape {tuple(ids.shape)}"
+        )
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     batch, length = ids.shape
     if max_new_tokens == 0:
         return ids

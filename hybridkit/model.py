@@ -314,8 +314,6 @@ class HybridLM(nn.Module):
         """
         from hybridkit.generation import Sampling, generate
 
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         sampling = Sampling(temperature=temperature, top_k=top_k, eos_id=eos_id)
         was_training = self.training
         self.eval()

@@ -175,7 +175,7 @@ def test_generate_task_examples_continue_test_prompts_and_compare(capsys, cli_er
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and all(" -> model [" in line and ", answer [" in line for line in out[:3])
-    assert out[3].endswith("first answers right (greedy, 32 tokens)")
+    assert out[3].endswith("first answers right (greedy, task length 32)")
     # one runner serves every example: its answers are what a fresh generate() per prompt gives
     from hybridkit.build import build_model
     from hybridkit.recipe import load_recipe
@@ -195,3 +195,21 @@ def test_generate_task_examples_continue_test_prompts_and_compare(capsys, cli_er
     assert "--length 7" in cli_error("generate", recipe, "--task-examples", "1", "--length", "7")
     model_only = str(ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml")
     assert "--prompt-ids" in cli_error("generate", model_only, "--task-examples", "1")
+    # options of free sampling are refused with --task-examples, --length without it
+    err = cli_error("generate", recipe, "--task-examples", "1", "--temperature", "1.5",
+                    "--top-k", "3", "--batch", "4")  # fmt: skip
+    assert "it does not take --batch, --temperature, --top-k" in err
+    assert "--task-examples only" in cli_error("generate", model_only, "--length", "8")
+
+
+def test_generate_task_examples_whose_sequences_outgrow_the_length(tmp_path, capsys):
+    """Parity adds BOS and a separator to its --length bits: the runner's cache must hold the
+    longest prompt plus its answer (an attention layer's KV cache overflowed before)."""
+    text = (ROOT / "hybridkit" / "recipes" / "parity_tiny.yaml").read_text()
+    attention = "    a: {mixer: {kind: attention, n_heads: 2, head_dim: 16, position: nope}}\n"
+    text = text.replace('  layout: "m"', attention + '  layout: "m a"')
+    recipe = tmp_path / "parity_attention.yaml"
+    recipe.write_text(text)
+    args = ["generate", str(recipe), "--task-examples", "2", "--length", "8", "--device", "cpu"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count(" -> model [") == 2

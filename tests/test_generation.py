@@ -106,6 +106,74 @@ def test_gumbel_sampling_follows_the_distribution():
     assert torch.equal(sample(logits[:3], Sampling(temperature=0)), torch.tensor([2, 2, 2]))
 
 
+def test_tiny_temperatures_sample_the_argmax():
+    """Scores are taken relative to each row's best logit and the temperature floored at
+    float32's smallest normal: 1e-40 (subnormal) and 1e-50 (0 in float32) gave ties of inf
+    or 0 / 0 before, and argmax then picked the first of them."""
+    logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 5
+    gen = torch.Generator().manual_seed(1)
+    for t in (1e-6, 1e-30, 1e-40, 1e-50):
+        assert torch.equal(sample(logits, Sampling(temperature=t), gen), logits.argmax(-1)), t
+    # a row of -inf logits (nothing to sample) leaves the other rows' draws unchanged
+    masked = logits.clone()
+    masked[0] = float("-inf")
+    warm = Sampling(temperature=0.5)
+    a = sample(masked, warm, torch.Generator().manual_seed(2))
+    b = sample(logits, warm, torch.Generator().manual_seed(2))
+    assert torch.equal(a[1:], b[1:])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(temperature=float("nan")), "temperature must be a finite number"),
+        (dict(temperature=float("inf")), "temperature must be a finite number"),
+        (dict(temperature=-1.0), "temperature must be a finite number"),
+        (dict(temperature=True), "temperature must be a finite number"),
+        (dict(top_k=2.5), "top_k must be None or an integer >= 1"),
+        (dict(top_k=True), "top_k must be None or an integer >= 1"),
+        (dict(top_k=0), "top_k must be None or an integer >= 1"),
+        (dict(eos_id=-1), "eos_id must be None or an integer >= 0"),
+    ],
+)
+def test_sampling_rejects_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**options)
+
+
+def test_generate_and_runner_refuse_what_they_cannot_do(one_thread):
+    model = _model(layout="s a")
+    ids = torch.randint(0, 64, (2, 3))
+    greedy = Sampling(temperature=0)
+    with pytest.raises(ValueError, match="ids must be \\(batch, length\\)"):
+        generate(model, ids[0], 2, sampling=greedy)
+    with pytest.raises(ValueError, match="batch >= 1, got shape \\(0, 3\\)"):
+        generate(model, ids[:0], 2, sampling=greedy)
+    for bad in (2.0, -1, True):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+            model.generate(ids, bad)
+    with pytest.raises(ValueError, match="eos_check_every must be >= 1"):
+        DecodeRunner(model, 2, 8, 4, Sampling(temperature=0, eos_id=1), eos_check_every=0)
+    # a prompt and new tokens past the cache would wrap full attention's ring: refused
+    runner = DecodeRunner(model, 2, 10, 4, greedy)
+    runner.prefill(ids.repeat(1, 2))  # 6 + 4 = 10: fits
+    with pytest.raises(ValueError, match="need 11 positions; the runner's cache holds 10"):
+        runner.prefill(torch.randint(0, 64, (2, 7)))
+
+
+def test_sliding_cache_smaller_than_its_window_says_so(one_thread):
+    """A window layer's buffer shorter than its window cannot slide: the same clear error as a
+    full-attention cache (a shape mismatch inside the cache before)."""
+    model = _model(layout="w")  # window 3
+    model_w = build_model(
+        tiny_recipe("w", w=attn_block(window=10, position="rope")), seed=0, dtype=torch.float64
+    ).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="allocate the InferenceCache"):
+        model_w(torch.randint(0, 64, (1, 7)), cache=model_w.allocate_cache(1, 5))
+    with torch.no_grad():  # a window shorter than the cache slides as before
+        model(torch.randint(0, 64, (1, 7)), cache=model.allocate_cache(1, 5))
+
+
 def test_bf16_state_runs_and_stays_close():
     """The opt-in bf16 Mamba-3 state: same tokens' logits within bf16 rounding of fp32's."""
     model = _model(dtype=torch.float32, layout="s m")
