@@ -11,6 +11,27 @@ from pathlib import Path
 from hybridkit.errors import HybridkitError
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS shows it (``os.umask`` can
+    only be read by setting it, which another thread could observe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publishable(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """Give a temporary file (``mkstemp``: 0600) or directory (``mkdtemp``: 0700) the mode a
+    plain ``open`` / ``mkdir`` would have, before it is renamed into place: the run's files
+    stay readable by whoever the umask lets read them (others on a shared machine)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Let ``write`` fill a temporary file in the same directory, fsync it, then ``os.replace``.
 
@@ -24,6 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     os.close(fd)
     try:
         write(Path(tmp))
+        publishable(tmp)  # after: a writer may replace the file (safetensors makes it 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -557,6 +557,7 @@ def test_checkpoint_state_with_damaged_values_is_clear(tmp_path, capsys, cli_err
     assert main([*args, "--set=train.steps=2"]) == 0
     newest = run / "checkpoints" / "step_0000002"
     damaged = [("step", "x", "'x'"), ("torch_rng", None, "None"), ("torch_rng", [300], "[300]")]
+    damaged += [("history", 5, "5"), ("history", [1], "[1]"), ("elapsed_s", "nan", "'nan'")]
     for key, value, shown in damaged:
         state = json.loads((newest / "trainer.json").read_text())
         (newest / "trainer.json").write_text(json.dumps({**state, key: value}))

@@ -352,15 +352,29 @@ def test_fresh_run_drops_metrics_of_a_run_killed_before_its_first_checkpoint(tmp
 
 
 def test_restart_over_an_old_run_keeps_its_own_checkpoints(run_copy):
-    """--resume none in a directory of a longer run: the old, later checkpoints are dropped, not
-    the new one that `latest` names."""
+    """--resume none in a directory of a longer run: the old run moves to ``earlier-1`` (nothing
+    deleted), so neither its checkpoints nor its final weights mix with the new run's -- also
+    when the new run is stopped before its first checkpoint, where ``--resume auto`` then
+    starts from scratch instead of from the old run's last step."""
     assert sorted(p.name for p in (run_copy / "checkpoints").glob("step_*")) == [
         "step_0000004",
         "step_0000008",
     ]
+    old_losses = losses(run_copy)
+    restart = dict(resume=None, progress=False)
+    Trainer(make(steps=8, checkpoint_every=5), run_copy, **restart, stop_after=3).fit()
+    earlier = run_copy / "earlier-1"
+    assert sorted(p.name for p in (earlier / "checkpoints").glob("step_*")) == [
+        "step_0000004",
+        "step_0000008",
+    ]
+    assert (earlier / "final.json").is_file() and losses(earlier) == old_losses
+    assert not (run_copy / "final.json").exists() and not (run_copy / "checkpoints").exists()
+    assert Trainer(make(steps=8), run_copy, resume="auto", progress=False).step == 0
     Trainer(
         make(steps=8, checkpoint_every=2), run_copy, resume=None, progress=False, stop_after=3
     ).fit()
+    assert (run_copy / "earlier-1").is_dir() and not (run_copy / "earlier-2").exists()
     assert [p.name for p in (run_copy / "checkpoints").glob("step_*")] == ["step_0000002"]
     assert sorted(losses(run_copy)) == [1, 2, 3]
     resumed = Trainer(make(steps=8, checkpoint_every=2), run_copy, resume="auto", progress=False)
@@ -379,6 +393,85 @@ def test_restart_over_an_old_run_keeps_its_own_checkpoints(run_copy):
     assert latest_checkpoint(run_copy).name == "step_0000006"
     Trainer(make(steps=8, checkpoint_every=2), run_copy, resume="auto", progress=False).fit()
     assert sorted(losses(run_copy)) == list(range(1, 9))
+
+
+def test_a_finished_run_run_again_evaluates_once_and_keeps_its_summary(run_copy):
+    """Run again (or killed after its final evaluation but before final.json), a finished run
+    logged a second final evaluation and wrote a final.json without its loss."""
+    summary = json.loads((run_copy / "final.json").read_text())
+    (run_copy / "final.json").unlink()
+    Trainer(make(steps=8), run_copy, resume="auto", progress=False).fit()
+    again = json.loads((run_copy / "final.json").read_text())
+    for key in ("step", "loss", "lr", "grad_norm", "final_eval"):
+        assert again[key] == summary[key], key
+    evals = [r["step"] for r in read_metrics(run_copy) if "eval" in r]
+    assert evals == [8]
+
+
+def test_training_a_finished_run_further_drops_its_final_weights(run_copy):
+    """train.steps raised: until the longer run finishes, final.json and model.safetensors
+    (which evaluation prefers) would stand for the old end."""
+    from hybridkit.weights import find_weights
+
+    Trainer(make(steps=16), run_copy, resume="auto", progress=False, stop_after=13).fit()
+    assert not (run_copy / "final.json").exists()
+    assert find_weights(run_copy) == run_copy / "checkpoints" / "step_0000012" / "model.safetensors"
+
+
+def test_a_deadline_stop_keeps_the_evaluation_of_its_step(tmp_path, monkeypatch):
+    """The deadline is checked after the step's evaluation: a stop at an evaluation step used
+    to save the checkpoint first and lose that evaluation (the resume starts after it)."""
+    import hybridkit.train.trainer as trainer_module
+    from hybridkit.errors import RunWouldNotFinish
+
+    recipe = make(steps=24, log_every=4, eval_every=8, checkpoint_every=0)
+    Trainer(recipe, tmp_path / "a", resume=None, progress=False).fit()
+    late = lambda probe, step, now, end: now + 1e9 if step >= 16 else None  # noqa: E731
+    monkeypatch.setattr(trainer_module, "_projected_end", late)
+    b = tmp_path / "b"
+    with pytest.raises(RunWouldNotFinish, match="at step 16 of 24"):
+        Trainer(recipe, b, resume=None, progress=False, deadline=time.time()).fit()
+    monkeypatch.undo()
+    Trainer(recipe, b, resume="auto", progress=False).fit()
+    evals = lambda run: [(r["step"], r["eval"]) for r in read_metrics(run) if "eval" in r]  # noqa: E731
+    assert [step for step, _ in evals(b)] == [8, 16, 24]
+    assert evals(b) == evals(tmp_path / "a") and losses(b) == losses(tmp_path / "a")
+
+
+def test_checkpoints_past_ten_million_steps_keep_their_order(tmp_path):
+    """Step folders compare as numbers: step_10000000 sorts after step_9999999 (by name it came
+    first, so the two older ones were pruned and the wrong one counted as newest)."""
+    from hybridkit.train.checkpoint import newest_valid_checkpoint, write_checkpoint
+
+    state = {"format": "hybridkit-1", "torch_rng": torch.get_rng_state().tolist()}
+    tensors = {"w": torch.ones(2)}
+    for step in (9_999_998, 9_999_999, 10_000_000):
+        write_checkpoint(tmp_path, step, tensors, tensors, {**state, "step": step}, keep=3)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_10000000", "step_9999998", "step_9999999"]
+    path, _ = newest_valid_checkpoint(tmp_path)
+    assert path.name == "step_10000000"
+    (tmp_path / "checkpoints" / "latest").unlink()  # the fallback orders the same way
+    assert newest_valid_checkpoint(tmp_path, warn=False)[0].name == "step_10000000"
+
+
+def test_run_files_are_readable_as_the_umask_allows(tmp_path):
+    """Atomic writes go through temporary files (mkstemp: 0600, mkdtemp: 0700); published,
+    they get the mode a plain open / mkdir would give them, and killed writes' temporary
+    checkpoint folders are cleared at the next checkpoint."""
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        (run / "checkpoints" / ".step_0000001.dead").mkdir(parents=True)
+        Trainer(make(steps=4, checkpoint_every=2), run, resume=None, progress=False).fit()
+    finally:
+        os.umask(old)
+    for name in ("recipe.yaml", "final.json", "model.safetensors", "checkpoints/latest"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name
+    step = run / "checkpoints" / "step_0000004"
+    assert step.stat().st_mode & 0o777 == 0o755
+    assert (step / "trainer.json").stat().st_mode & 0o777 == 0o644
+    assert not list((run / "checkpoints").glob(".step_*")) and not (run / "earlier-1").exists()
 
 
 def _ckpt_steps(run: Path) -> list[int]:

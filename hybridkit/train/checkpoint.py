@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from hybridkit.errors import CheckpointError, describe_value
-from hybridkit.fsutil import atomic_write_bytes
+from hybridkit.fsutil import atomic_write_bytes, publishable
 from hybridkit.weights import read_safetensors, untie
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "FULL_FORMAT",
     "SHARDED_FORMAT",
     "SHARD_DIR",
+    "checkpoint_step",
     "describe_file",
     "fsync_path",
     "publish_checkpoint",
@@ -86,12 +88,14 @@ def write_checkpoint(
     name = f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
+        publishable(tmp, directory=True)
         files = {}
         for file, tensors in (
             ("model.safetensors", model_state),
             ("optimizer.safetensors", optim_state),
         ):
             save_tensors(tensors, tmp / file)
+            publishable(tmp / file)
             files[file] = describe_file(tmp / file)
         state = {**trainer_state, "files": files}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
@@ -116,14 +120,26 @@ def publish_checkpoint(tmp: Path, root: Path, name: str, keep: int) -> Path:
     fsync_path(root)
     atomic_write_bytes(root / "latest", name.encode())
     # Keep the newest `keep` checkpoints up to this one. Later steps belong to an abandoned
-    # trajectory (a restart with --resume none, or a resume from an older checkpoint): drop them
-    # rather than this one, which `latest` now names.
-    others = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
-    older = [p for p in others if p.name < name]
-    stale = [p for p in others if p.name > name] + older[: max(0, len(older) - (keep - 1))]
+    # trajectory (a resume from an older checkpoint): drop them rather than this one, which
+    # `latest` now names. Steps compare as numbers: past 9,999,999 the names grow a digit.
+    step = checkpoint_step(final)
+    others = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and p.name != name), key=checkpoint_step
+    )
+    older = [p for p in others if checkpoint_step(p) < step]
+    stale = [p for p in others if checkpoint_step(p) > step]
+    stale += older[: max(0, len(older) - (keep - 1))]
+    # and what killed writers left (one trainer per run folder: none is still being written)
+    stale += [p for p in root.glob(".step_*") if p.is_dir()]
     for old in stale:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a ``step_N`` checkpoint directory holds (-1 for a name that is not one)."""
+    digits = path.name.removeprefix("step_")
+    return int(digits) if path.name.startswith("step_") and digits.isdigit() else -1
 
 
 def describe_file(path: Path) -> dict:
@@ -184,10 +200,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict | None, dict | None, 
     for key, ok in (
         ("step", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
         ("torch_rng", _rng_state_ok),
-        ("elapsed_s", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+        ("elapsed_s", _finite_seconds),
+        ("history", _history_ok),
     ):
         # read by the trainer when it resumes; a damaged value would be a traceback there
-        if not ok(state.get(key, 0.0 if key == "elapsed_s" else None)):
+        if not ok(state.get(key, _ABSENT_OK.get(key))):
             value = describe_value(state.get(key))
             raise CheckpointError(f"{path / 'trainer.json'} is corrupt ({key}: {value})")
     files = state.get("files", {})
@@ -202,6 +219,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict | None, dict | None, 
         read_safetensors(path / "optimizer.safetensors", "checkpoint file"),
         state,
     )
+
+
+#: what a ``trainer.json`` key may be absent as (older checkpoints lack it)
+_ABSENT_OK = {"elapsed_s": 0.0, "history": []}
+
+
+def _finite_seconds(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _history_ok(value: object) -> bool:
+    """The loss history the trainer keeps: a list of records (dicts)."""
+    return isinstance(value, list) and all(isinstance(r, dict) for r in value)
 
 
 def _rng_state_ok(value: object) -> bool:
@@ -257,7 +287,11 @@ def newest_valid_checkpoint(
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    steps = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and checkpoint_step(p) >= 0),
+        key=checkpoint_step,
+        reverse=True,
+    )
     latest = root / "latest"
     problems: list[str] = []
     if latest.is_file():
@@ -268,7 +302,7 @@ def newest_valid_checkpoint(
         if not (named.startswith("step_") and (root / named).is_dir()):
             problems.append(f"{latest} names {named!r}, which is not a checkpoint directory")
         else:
-            steps = [p for p in steps if p.name <= named]
+            steps = [p for p in steps if checkpoint_step(p) <= checkpoint_step(root / named)]
     for candidate in steps:
         try:
             contents = read_checkpoint(candidate)

@@ -29,14 +29,24 @@ class MetricsLog:
                 self.writer = None
 
     def truncate_after(self, step: int) -> None:
+        self._keep(lambda record: record.get("step", 0) <= step)
+
+    def drop_evals_at(self, step: int) -> None:
+        """Drop the evaluation records of ``step`` (a finished run run again evaluates anew)."""
+        self._keep(lambda record: not (record.get("step", 0) == step and "eval" in record))
+
+    def last_train_record(self, step: int) -> dict[str, Any] | None:
+        """The training record of ``step`` (one with a loss), or None."""
+        if not self.path.is_file():
+            return None
+        found = [r for r in _records(self.path) if r.get("step") == step and "loss" in r]
+        return found[-1] if found else None
+
+    def _keep(self, wanted) -> None:
+        """Rewrite the file atomically with the records ``wanted`` accepts."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [
-            line
-            # bytes that are not UTF-8 (a damaged file) make lines that do not parse: dropped
-            for line in self.path.read_bytes().decode("utf-8", "replace").splitlines()
-            if (record := _parse(line)) is not None and record.get("step", 0) <= step
-        ]
+        kept = [json.dumps(record) for record in _records(self.path) if wanted(record)]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -70,11 +80,16 @@ def _parse(line: str) -> dict[str, Any] | None:
     return record if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The file's records; bytes that are not UTF-8 (a damaged file) make lines that do not
+    parse, which are dropped like torn ones."""
+    text = path.read_bytes().decode("utf-8", "replace")
+    return [r for line in text.splitlines() if (r := _parse(line)) is not None]
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [r for line in path.read_text().splitlines() if (r := _parse(line)) is not None]
+    return _records(path) if path.is_file() else []
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -56,6 +57,38 @@ RUN_DIR_LAYOUT = {
     "model.safetensors": False,
     "final.json": False,
 }
+
+
+#: what a run leaves in its folder, moved aside together when a run starts over there
+EARLIER_RUN = (
+    "checkpoints",
+    "metrics.jsonl",
+    "final.json",
+    "model.safetensors",
+    "recipe.yaml",
+    "tb",
+)
+
+
+def _set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """Starting over (``--resume none``) where a run trained before: move its checkpoints,
+    metrics, weights and recipe to ``run_dir/earlier-<k>`` (nothing is deleted), so that a later
+    ``--resume auto`` can never pick up the earlier run's checkpoints (the new run's first
+    checkpoint may be far off) and nothing of the two runs mixes. None if there was no run."""
+    checkpoints = run_dir / "checkpoints"
+    trained = any((run_dir / n).exists() for n in ("final.json", "model.safetensors")) or any(
+        p.name == "latest" or p.name.startswith("step_") for p in checkpoints.glob("*")
+    )
+    if not trained:  # at most the torn records or temporary folders of a killed start
+        return None
+    k = 1
+    while (aside := run_dir / f"earlier-{k}").exists():
+        k += 1
+    aside.mkdir()
+    for name in EARLIER_RUN:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, aside / name)
+    return aside
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -208,6 +241,10 @@ class Trainer:
             _check_run_dir(self.run_dir)
         self._hold_run_dir()
         try:
+            if resume is None and self.dist.is_main:
+                aside = _set_aside_earlier_run(self.run_dir)
+                if aside is not None:
+                    print(f"starting over: the earlier run in {self.run_dir} moved to {aside}")
             dist_utils.barrier(self.dist)
             self.log = MetricsLog(
                 self.run_dir, enabled=self.dist.is_main, tensorboard=self.spec.tensorboard
@@ -555,6 +592,11 @@ class Trainer:
         self._t_start = time.time()
         self._deadline_probe: tuple[int, float] | None = None
         self._fit_first_step = self.step
+        if self.step < spec.steps and self.dist.is_main:
+            # a finished run trained further (train.steps raised) is unfinished again: its final
+            # weights and summary would otherwise stand for a run that has moved on
+            for name in ("final.json", "model.safetensors"):
+                (self.run_dir / name).unlink(missing_ok=True)
         bar = _progress(
             self.progress and self.dist.is_main, spec.steps, self.step, self.run_dir.name
         )
@@ -570,21 +612,25 @@ class Trainer:
                 if log:
                     self.log.log(record)
                     self.history.append({"step": self.step, "loss": record["loss"]})
-                    self._check_deadline(end)
                 if evaluate:
                     res = self.evaluate()
                     self.log.log(_eval_record(self.step, res))
                 if checkpoint:
                     self.save_checkpoint()
+                if log:  # after this step's evaluation: a stop here keeps it
+                    self._check_deadline(end)
                 bar.update(self.step, record)
             if self.step >= spec.steps:
                 self.save_checkpoint()
                 res = self.evaluate()
+                if "loss" not in last:  # a finished run run again: its last logged step
+                    last = self.log.last_train_record(self.step) or last
                 last = {
                     **last,
                     "final_eval": res,
                     "wall_time_s": self.elapsed + time.time() - self._t_start,
                 }
+                self.log.drop_evals_at(self.step)  # the earlier final evaluation, if any
                 self.log.log(_eval_record(self.step, res))
                 if self.dist.enabled and self.spec.parallel == "fsdp":
                     # model.state_dict() holds shards (DTensors): gather the full weights first.
