@@ -362,9 +362,25 @@ def dump_recipe(spec: RecipeSpec, path: str | os.PathLike[str] | None = None) ->
     """YAML of the fully resolved recipe; with ``path``, also written there atomically.
 
     The run directory keeps this file so a run can be reproduced even if defaults change later;
-    ``load_recipe`` of it gives back an equal spec.
+    ``load_recipe`` of it gives back an equal spec. A recipe whose resolved form the reader
+    would refuse (YAML aliases expand: a 3 KB file can resolve past the reader's 64 KiB) is a
+    :class:`RecipeError` here, before a run writes a folder it could not be read back from.
     """
     text = yaml.safe_dump(recipe_to_dict(spec), sort_keys=False, allow_unicode=True)
+    try:
+        load_yaml(text)
+    except YAMLProblem as problem:
+        raise RecipeError(
+            spec.name,
+            [
+                (
+                    "",
+                    f"resolved (aliases expanded, defaults filled in) it is {len(text):,} bytes "
+                    f"of YAML that could not be read back ({problem}); write fewer blocks or "
+                    "overrides, or shorter texts",
+                )
+            ],
+        ) from None
     if path is not None:
         atomic_write_text(path, text)
     return text

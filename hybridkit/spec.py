@@ -235,6 +235,32 @@ class ModelSpec(_AtomicAssignment):
         )
         return [inline.get(i, item) for i, item in enumerate(value)]
 
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _one_key_per_layer(cls, value: Any) -> Any:
+        """Keys that name the same layer once read as integers (``1``, ``"1"``, ``01``,
+        ``+1``) are an error: the YAML reader refuses a repeated key, but these differ as
+        text, and the last one silently won."""
+        if not isinstance(value, dict):
+            return value
+        seen: dict[int, list[Any]] = {}
+        for key in value:
+            index = _layer_index(key)
+            if index is not None:
+                seen.setdefault(index, []).append(key)
+        bad = [
+            spec_problem(
+                (),
+                f"layer {index} is named more than once ({', '.join(map(repr, keys))}); give "
+                "each layer one entry",
+                value,
+            )
+            for index, keys in seen.items()
+            if len(keys) > 1
+        ]
+        raise_problems("ModelSpec", bad)
+        return value
+
     @model_validator(mode="after")
     def _resolve_all(self) -> ModelSpec:
         raise_problems("ModelSpec", _Resolver(self).run().problems)
@@ -436,6 +462,20 @@ def _expand(node: _Name | _Group) -> Iterator[_Name]:
     for _ in range(node.count):
         for item in node.items:
             yield from _expand(item)
+
+
+def _layer_index(key: Any) -> int | None:
+    """The layer an ``overrides`` key names, as pydantic will read it (None: not an index)."""
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, int):
+        return key
+    if isinstance(key, str):
+        try:
+            return int(key.strip())
+        except ValueError:
+            return None
+    return None
 
 
 # --- resolution: layout -> slots -> overrides -> checks ----------------------------------------

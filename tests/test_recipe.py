@@ -313,6 +313,17 @@ def test_layout_errors(layout: Any, needles: list[str]) -> None:
         ({2: {"mixer.n_kv_heads": 3}}, "model.overrides.2.mixer.n_kv_heads", ["divisors of 4"]),
         ({0: {"mixer.headdim": 48}}, "model.overrides.0.mixer.headdim", ["divisors of 128"]),
         ({2: {"mixer.causal": True}}, "model.overrides.2.mixer.causal", ["always causal"]),
+        # one layer named twice in different spellings: the last one silently won
+        (
+            {1: {"mixer.window": 8}, "1": {"mixer.window": 4}},
+            "model.overrides",
+            ["layer 1 is named more than once (1, '1')"],
+        ),
+        (
+            {"+2": {"mixer.window": 8}, " 2": {"mixer.window": 4}},
+            "model.overrides",
+            ["layer 2 is named more than once ('+2', ' 2')"],
+        ),
     ],
 )
 def test_override_errors(overrides: dict[int, Any], key: str, needles: list[str]) -> None:

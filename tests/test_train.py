@@ -474,6 +474,18 @@ def test_run_files_are_readable_as_the_umask_allows(tmp_path):
     assert not list((run / "checkpoints").glob(".step_*")) and not (run / "earlier-1").exists()
 
 
+def test_a_recipe_its_run_folder_could_not_read_back_is_refused(tmp_path):
+    """Resolved, a recipe can outgrow what the reader accepts (aliases of a block reused a
+    hundred times; a long description): the run used to train and leave a recipe.yaml that
+    ``show`` / ``train RUN`` then refused."""
+    data = recipe_dict()
+    data["description"] = "x" * 70_000
+    recipe = load_recipe(data)
+    with pytest.raises(RecipeError, match="could not be read back .*longer than 64 KiB"):
+        Trainer(recipe, tmp_path / "run", resume=None, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def _ckpt_steps(run: Path) -> list[int]:
     latest = latest_checkpoint(run) if (run / "checkpoints" / "latest").is_file() else None
     return [] if latest is None else [int(latest.name.split("_")[1])]

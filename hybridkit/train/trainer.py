@@ -163,6 +163,7 @@ class Trainer:
             raise RecipeError(
                 "<recipe>", [("task", "training needs a task section (e.g. kind: mqar)")]
             )
+        dump_recipe(recipe)  # a recipe the run folder could not be read back from: refused now
         self.recipe, self.spec = recipe, recipe.train
         self.run_dir = Path(run_dir)
         self.progress = progress
