@@ -112,7 +112,7 @@ def _load_module(name: str, base_dir: Path) -> str:
         if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
             hint = ""
             candidate = base_dir / (name.replace(".", "/") + ".py")
-            if candidate.is_file():
+            if _is_file(candidate):
                 hint = f"; to load the file {candidate}, pass its path ({candidate.name})"
             raise PluginError(
                 f"plugin {name!r}: no module named {exc.name!r} on Python's path{hint}"
@@ -123,12 +123,23 @@ def _load_module(name: str, base_dir: Path) -> str:
     return name
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the OS refuses the name itself (too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _load_file(ref: str, base_dir: Path) -> str:
     try:
         path = resolved(base_dir / user_path(ref, "plugin file"), "plugin file")
+        problem = file_problem(path)
     except HybridkitError as exc:
         raise PluginError(str(exc)) from None
-    if problem := file_problem(path):
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise PluginError(f"plugin file {ref[:80]!r}: {exc.strerror or exc}") from None
+    if problem:
         problem = "not found" if not path.exists() else problem
         raise PluginError(f"plugin file {ref!r} {problem} (looked at {path})")
     if path.suffix != ".py":

@@ -180,5 +180,12 @@ def test_bad_plugins_key_in_a_recipe(tmp_path, clean_env):
     with pytest.raises(RecipeError) as err:
         load_recipe({**data, "plugins": ["ok_but/missing.py"]})
     assert err.value.problems[0][0] == "plugins.0" and "not found" in str(err.value)
+    # names the file system refuses (too long) were a bare OSError without the key
+    with pytest.raises(RecipeError) as err:
+        load_recipe({**data, "plugins": ["a" * 300 + ".py"]})
+    assert err.value.problems[0][0] == "plugins.0" and "File name too long" in str(err.value)
+    with pytest.raises(RecipeError) as err:
+        load_recipe({**data, "plugins": ["a" * 300]})
+    assert err.value.problems[0][0] == "plugins.0" and "no module named" in str(err.value)
     with pytest.raises(PluginError, match="module name or a .py file"):
         load_plugin("  ")
