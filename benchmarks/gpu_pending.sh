@@ -7,7 +7,9 @@
 # Parts that ran once and whose code was removed with what they timed (run them from the commit
 # named, where this script still has them): "split" (the q / k pair split, d10595e:
 # benchmarks/results/qk_split_h200.md), "fused" (the fused state kernel and pass, 0c4a4f8:
-# fused_pass_h100.md), "tall" (the few-row linears' tall tile, 3038247: skinny_linear_tall_h100.md).
+# fused_pass_h100.md), "tall" (the few-row linears' tall tile, 3038247: skinny_linear_tall_h100.md),
+# "modes" (train.compile_mode on the 400M models, e3ec666:
+# compile_modes_h100.md), "trainprof" (every kernel of the compiled step: train_kernels_h100.md).
 # PART "train": the compiled 400M SISO and MIMO (R 4) hybrids at 4 x 4,096 tokens
 #   (train_throughput.py hybrid_compiled, hybrid_mimo_compiled; 6 timed steps, no profile)
 #   at the defaults and under HYBRIDKIT_KERNELS=$SETTING (required), each in its own process ->
@@ -20,21 +22,16 @@
 #      each in its own process -> train_c32/, train_c64/, train_transformer/.
 #   ROWS (default "32 64"; empty: no scan step) and RUNS (default "c32 c64 transformer") choose.
 # PART "decode": the 400M model's generation (hybridkit bench decode, batch 1 / 16 / 128, prompt
-#   128, 64 new tokens) at the defaults and under each of SETTINGS (default: step_split 1, which
-#   has no finish launch, step_split 8, pdl), each in its own process -> decode_<setting>/.
+#   128, 64 new tokens) at the defaults and under each of SETTINGS (default: step_split 8, pdl;
+#   step_split 1 ran on 2026-12-07, decode_step_launch_h100.md), each in its own process ->
+#   decode_<setting>/.
 # PART "steplaunch" (#16: the state kernel at batch 128 is 1.27x its byte floor on the H200, 1.6x
-#   with a bf16 state; the split step's launch, 2 warps a program at step_split 4, was never
-#   swept): under each of SETTINGS, the step's GPU tests at batch 128 (tests/test_mamba3_step.py
+#   with a bf16 state; 4 warps at step_split 4 and 2 were slower, decode_step_launch_h100.md; the
+#   default SETTINGS are what that run left out): under each of SETTINGS, the step's GPU tests at
+#   batch 128 (tests/test_mamba3_step.py
 #   -k b128) and, only if they pass, the one-layer step benchmark (benchmarks/decode.py
 #   --skip-model: kernel and layer at batch 1 / 16 / 128, fp32 and bf16 state) ->
 #   step_<setting>/, each in its own process.
-# PART "modes" (#17: train.compile_mode was never timed on the 400M model; a compiled step ran
-#   ~7 ms longer than its kernels, host time that CUDA graphs remove): the compiled 400M hybrid and
-#   the Transformer at 4 x 4,096 tokens (train_throughput.py, 6 timed steps, no profile) in each
-#   of MODES (default "default reduce-overhead"), one process per mode -> modes_<mode>/.
-# PART "trainprof" (#17: where the 24-26 ms of Inductor element-wise kernels of the compiled 400M
-#   SISO step go): hybridkit bench train at 4 x 4,096 tokens, compiled, with every kernel of the
-#   profiled step by name (--top-kernels 1000) -> trainprof/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -43,11 +40,8 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | modes | steplaunch | train | trainprof | rest) ;;
-  *)
-    echo "unknown part $1: allowed chunk, decode, modes, steplaunch, train, trainprof, rest" >&2
-    exit 2
-    ;;
+  chunk | decode | steplaunch | train | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rest" >&2; exit 2 ;;
 esac
 WORK=/tmp/hk_pending
 # shellcheck source=benchmarks/gpu_call.sh
@@ -76,7 +70,7 @@ if [ "${1:-rest}" = chunk ]; then
     echo "$run"; show "$WORK/train_$run/train_throughput.md" "$WORK/train_$run.txt" 4; pack
   done
 elif [ "$1" = decode ]; then
-  for setting in defaults ${SETTINGS:-step_split=1 step_split=8 pdl=1}; do
+  for setting in defaults ${SETTINGS:-step_split=8 pdl=1}; do
     kernels=$(kernels_of "$setting")
     mkdir -p "$WORK/decode_$setting"
     HYBRIDKIT_KERNELS=$kernels budgeted 120 45 python -m hybridkit bench decode \
@@ -85,8 +79,7 @@ elif [ "$1" = decode ]; then
     echo "$setting"; show "$WORK/decode_$setting/decode.md" "$WORK/decode_$setting.txt" 5; pack
   done
 elif [ "$1" = steplaunch ]; then
-  for setting in ${SETTINGS:-defaults step_warps=1 step_warps=4 step_warps=8 step_maxnreg=64 \
-    step_split=2,step_warps=4}; do
+  for setting in ${SETTINGS:-defaults step_warps=1 step_warps=8 step_maxnreg=64}; do
     kernels=$(kernels_of "$setting")
     mkdir -p "$WORK/step_$setting"
     HYBRIDKIT_KERNELS=$kernels budgeted 70 40 python -m pytest -q -m gpu tests/test_mamba3_step.py \
@@ -114,20 +107,6 @@ elif [ "$1" = train ]; then
       show "$WORK/train_$side/$case/train_throughput.md" "$WORK/train_${side}_$case.txt" 4; pack
     done
   done
-elif [ "$1" = modes ]; then
-  for mode in ${MODES:-default reduce-overhead}; do
-    mkdir -p "$WORK/modes_$mode"
-    budgeted 330 150 python benchmarks/train_throughput.py --out "$WORK/modes_$mode" --no-profile \
-      --steps 6 --cases hybrid_compiled,transformer_compiled --compile-mode "$mode" \
-      > "$WORK/modes_$mode.txt" 2>&1
-    echo "$mode"; show "$WORK/modes_$mode/train_throughput.md" "$WORK/modes_$mode.txt" 8; pack
-  done
-elif [ "$1" = trainprof ]; then
-  mkdir -p "$WORK/trainprof"
-  budgeted 240 120 python -m hybridkit bench train benchmarks/recipes/hybrid_400m.yaml --batch 4 \
-    --seq-len 4096 --compile --steps 6 --top-kernels 1000 --out "$WORK/trainprof/train" \
-    > "$WORK/trainprof.txt" 2>&1
-  show "$WORK/trainprof/train.md" "$WORK/trainprof.txt" 40; pack
 else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
     2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"
