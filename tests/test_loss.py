@@ -110,8 +110,8 @@ def test_compiles_and_matches_eager(backend, fullgraph, loss_op):
         t.detach().float().requires_grad_() if t.is_floating_point() else t for t in _inputs()
     )
 
-    def fn(h, w, t):
-        return linear_cross_entropy(h, w, t, chunk_tokens=16)
+    def fn(h, w, t):  # with label smoothing: the compiled gradient's branch has its own term
+        return linear_cross_entropy(h, w, t, chunk_tokens=16, label_smoothing=0.1)
 
     eager = fn(hidden, weight, targets)
     g_eager = torch.autograd.grad(eager, (hidden, weight))
@@ -177,6 +177,37 @@ def test_compiled_loss_saves_no_logits_for_the_backward(loss_op):
         assert sum(math.prod(s) for s in saved) <= tokens * 16 + vocab * 16 + 2 * tokens + 1
     else:  # how many the partitioner keeps is its business; that it keeps some is the bug
         assert chunk_buffers, saved
+
+
+@pytest.mark.slow
+def test_compiled_backward_builds_each_chunk_gradient_in_one_pass():
+    """Under Inductor the softmax gradient is one element-wise expression (the one-hot a
+    comparison, not the eager path's in-place ``scatter_add_``), fused from the logits to the
+    gradient in the matmul dtype: no float32 (chunk x vocab) buffer in the backward's code.
+    With the scatter it was written in float32 and read back to cast it, two full passes per
+    chunk on the GPU (benchmarks/results/train_kernels_h100.md). Values: test above."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    chunk, vocab = 32, 1000
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 32, generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(vocab, 32, generator=gen).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (64,), generator=gen)
+    step = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_tokens=chunk))
+
+    def run():
+        loss = step(hidden, weight, targets)
+        loss.backward()
+        return loss
+
+    _, codes = run_and_get_code(run)
+    torch._dynamo.reset()
+    backward = codes[-1]
+    fp32_chunks = re.findall(rf"\(\({chunk}, {vocab}\), \({vocab}, 1\)\), torch\.float32", backward)
+    assert "scatter" not in backward and not fp32_chunks, backward
 
 
 def test_custom_ops_pass_opcheck():

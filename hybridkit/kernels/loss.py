@@ -92,16 +92,30 @@ def _backward_impl(
         grad_hidden.split(chunk_tokens),
     )
     for h_c, t_c, lse_c, gh_c in rows:
-        # d loss / d logits = softmax - (1 - s) onehot(target) - s / V, zero on ignored
-        # rows; built in place in one float32 chunk buffer (no extra passes)
-        grad = (h_c @ weight.t()).to(acc)
-        grad.sub_(lse_c[:, None]).exp_()
+        # d loss / d logits = softmax - (1 - s) onehot(target) - s / V, zero on ignored rows
         valid = t_c != ignore_index
         safe = torch.where(valid, t_c, torch.zeros_like(t_c))
-        grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], smoothing - 1.0))
-        if smoothing:
-            grad.sub_(smoothing / vocab)
-        grad = grad.mul_((valid.to(acc) * scale)[:, None]).to(hidden.dtype)
+        row_scale = (valid.to(acc) * scale)[:, None]
+        logits = h_c @ weight.t()
+        if torch.compiler.is_compiling():
+            # one element-wise expression: Inductor fuses it into one pass from the logits to
+            # the gradient in the matmul dtype. The eager form's in-place scatter_add_ is a
+            # mutation it does not fuse, so the float32 gradient was written and read back
+            # (two 786 MB passes per 4,096-token chunk of a 32k vocabulary,
+            # benchmarks/results/train_kernels_h100.md)
+            cols = torch.arange(vocab, device=logits.device)
+            onehot = torch.where(cols[None, :] == safe[:, None], smoothing - 1.0, 0.0)
+            grad = torch.exp(logits.to(acc) - lse_c[:, None]) + onehot.to(acc)
+            if smoothing:
+                grad = grad - smoothing / vocab
+            grad = (grad * row_scale).to(hidden.dtype)
+        else:  # in place in one float32 chunk buffer: no temporaries of its size
+            grad = logits.to(acc)
+            grad.sub_(lse_c[:, None]).exp_()
+            grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], smoothing - 1.0))
+            if smoothing:
+                grad.sub_(smoothing / vocab)
+            grad = grad.mul_(row_scale).to(hidden.dtype)
         gh_c.copy_(grad @ weight)
         grad_weight += (grad.t() @ h_c).to(acc)
     return grad_hidden, grad_weight.to(weight.dtype)
