@@ -173,7 +173,13 @@ class SweepSpec(StrictModel):
     def _values(cls, value: list) -> list:
         if not value:
             raise ValueError("sweep.values must not be empty")
-        if len({str(v) for v in value}) != len(value):
+        # distinct as text (the run names) and as values (the report's table keys: 2 == 2.0)
+        as_text = {str(v) for v in value}
+        try:
+            as_values = {(type(v) is bool, v) for v in value}
+        except TypeError:  # unhashable values (lists, mappings): the text must do
+            as_values = as_text
+        if len(as_text) != len(value) or len(as_values) != len(value):
             raise ValueError(f"sweep.values must be distinct, got {value}")
         return value
 
@@ -520,6 +526,7 @@ class StudyPlan:
     slots: list[Slot]
     arm_of: dict[str, tuple[str, object]]  # sweep only: variant -> (arm, sweep value)
     _fingerprints: dict[tuple[str, float, int], str] = field(default_factory=dict, repr=False)
+    _evaluations: dict[tuple[str, float, int], dict] = field(default_factory=dict, repr=False)
 
     @property
     def first_seed(self) -> int:
@@ -530,6 +537,19 @@ class StudyPlan:
         # variant's own recipe otherwise.
         given = lr if self.spec.lrs is not None else None
         return variant_recipe(self.spec, self.base, variant, given, seed)
+
+    def evaluation(self, variant: str, lr: float, seed: int) -> dict:
+        """What the run's evaluation covers: its lengths and examples per length, resolved
+        from the study and the run's recipe. Not part of the fingerprint (evaluating differently
+        changes nothing the run learned), so a record or ``eval.json`` made with other settings
+        is evaluated again, not retrained."""
+        key = (variant, lr, seed)
+        if key not in self._evaluations:
+            recipe = self.recipe(variant, lr, seed)
+            lengths = self.spec.lengths or recipe.eval.lengths or recipe.task.eval_lengths
+            examples = recipe.eval.examples or recipe.task.eval_examples
+            self._evaluations[key] = {"lengths": [int(n) for n in lengths], "examples": examples}
+        return dict(self._evaluations[key], lengths=list(self._evaluations[key]["lengths"]))
 
     def fingerprint(self, variant: str, lr: float, seed: int) -> str:
         """:func:`recipe_fingerprint` of the run's recipe (cached: reports ask for every run)."""
@@ -765,9 +785,10 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def read_record(run_dir: Path, spec: StudySpec, fingerprint: str) -> dict | None:
+def read_record(run_dir: Path, spec: StudySpec, fingerprint: str, evaluation: dict) -> dict | None:
     """A run's ``result.json`` if it exists, was trained with the recipe whose fingerprint is
-    given and was made with the study's evaluation settings."""
+    given and was made with the study's evaluation settings (``evaluation``:
+    :meth:`StudyPlan.evaluation`)."""
     record = read_json(run_dir / RESULT_FILE)
     if record is None or record.get("recipe_fingerprint") != fingerprint:
         return None
@@ -775,7 +796,7 @@ def read_record(run_dir: Path, spec: StudySpec, fingerprint: str) -> dict | None
         return None  # damaged, or lacking a field the report reads: made again
     if record.get("select_examples") != spec.select_examples:
         return None
-    if spec.lengths is not None and record.get("lengths_requested") != list(spec.lengths):
+    if record.get("evaluation") != evaluation:
         return None
     return record
 
@@ -786,7 +807,8 @@ def chosen_lr(plan: StudyPlan, variant: str, out: Path) -> tuple[float | None, d
     scores: dict[float, float] = {}
     for lr in lrs:
         run_dir = out / variant / run_name(lr, plan.first_seed)
-        rec = read_record(run_dir, plan.spec, plan.fingerprint(variant, lr, plan.first_seed))
+        key = (variant, lr, plan.first_seed)
+        rec = read_record(run_dir, plan.spec, plan.fingerprint(*key), plan.evaluation(*key))
         if rec is not None:
             scores[lr] = rec["heldout"][plan.spec.select_metric]
     if len(lrs) == 1:
@@ -827,11 +849,16 @@ def held_out_eval(run_dir: Path, spec: StudySpec, device: str) -> dict:
     return res
 
 
-def _cached_eval(run_dir: Path, lengths: Sequence[int] | None) -> dict | None:
+def _cached_eval(run_dir: Path, evaluation: dict) -> dict | None:
+    """The run's ``eval.json`` if it covers exactly ``evaluation``'s lengths and examples (one
+    written by ``hybridkit eval --lengths ...`` at other lengths is not the study's)."""
     payload = read_json(run_dir / "eval.json")
     if payload is None or not valid_eval(payload):
         return None
-    if lengths is not None and [r["length"] for r in payload["results"]] != list(lengths):
+    results = payload["results"]
+    if [r["length"] for r in results] != evaluation["lengths"]:
+        return None
+    if any(r.get("examples") != evaluation["examples"] for r in results):
         return None
     return payload
 
@@ -858,8 +885,9 @@ def _trained_with_other_recipe(run_dir: Path, fingerprint: str) -> bool:
     """The folder holds a run (finished or not) of a recipe other than ``fingerprint``'s: its
     ``result.json`` says so, else the ``recipe.yaml`` the trainer wrote when it started."""
     record = read_json(run_dir / RESULT_FILE)
-    if record is not None:
-        return record.get("recipe_fingerprint") != fingerprint
+    if record is not None and isinstance(record.get("recipe_fingerprint"), str):
+        return record["recipe_fingerprint"] != fingerprint
+    # no record, or one without a fingerprint (damaged): the recipe the trainer wrote decides
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         return False
@@ -904,7 +932,8 @@ def run_slot(
             return "waiting"
     run_dir = out / slot.variant / run_name(lr, slot.seed)
     fingerprint = plan.fingerprint(slot.variant, lr, slot.seed)
-    if read_record(run_dir, spec, fingerprint) is not None:
+    evaluation = plan.evaluation(slot.variant, lr, slot.seed)
+    if read_record(run_dir, spec, fingerprint, evaluation) is not None:
         return "done"
     recipe = plan.recipe(slot.variant, lr, slot.seed)
     if _trained_with_other_recipe(run_dir, fingerprint):
@@ -923,8 +952,12 @@ def run_slot(
     t0 = time.time()
     with deterministic_kernels(recipe.train.deterministic):
         heldout = held_out_eval(run_dir, spec, device)
-        payload = _cached_eval(run_dir, spec.lengths) or evaluate_run(
-            run_dir, lengths=spec.lengths, device=device
+        # the study's settings, not the run folder's recipe.yaml: its eval section may be older
+        payload = _cached_eval(run_dir, evaluation) or evaluate_run(
+            run_dir,
+            lengths=evaluation["lengths"],
+            overrides=[f"eval.examples={evaluation['examples']}"],
+            device=device,
         )
     eval_time = time.time() - t0
     train_length = payload["train_length"]
@@ -939,6 +972,7 @@ def run_slot(
         "recipe_fingerprint": fingerprint,
         "select_examples": spec.select_examples,
         "lengths_requested": list(spec.lengths) if spec.lengths is not None else None,
+        "evaluation": evaluation,
         "heldout": {k: v for k, v in heldout.items() if k != "select_examples"},
         "task": payload["task"],
         "train_length": train_length,
@@ -994,7 +1028,8 @@ def slot_status(plan: StudyPlan, slot: Slot, out: Path) -> tuple[str, str | None
     run_dir = out / slot.variant / run_name(lr, slot.seed)
     rel = _rel(run_dir, out)
     fingerprint = plan.fingerprint(slot.variant, lr, slot.seed)
-    if read_record(run_dir, plan.spec, fingerprint) is not None:
+    evaluation = plan.evaluation(slot.variant, lr, slot.seed)
+    if read_record(run_dir, plan.spec, fingerprint, evaluation) is not None:
         return "finished", rel
     if _trained_with_other_recipe(run_dir, fingerprint):
         return "trained with another recipe (re-run sets it aside and trains again)", rel
@@ -1145,7 +1180,9 @@ def collect(plan: StudyPlan, out: Path) -> tuple[dict, dict, list[dict]]:
     for v in plan.variants:
         lr, scores = chosen_lr(plan, v, out)
         selection[v] = {
-            "scores": {f"{x:g}": s for x, s in scores.items()},
+            # each LR exactly (shortest round-trip text): "%g" made 1.2345678e-3 "0.00123457",
+            # which the report's "(chosen)" test no longer matched (and two LRs could collide)
+            "scores": {str(x): s for x, s in scores.items()},
             "chosen": lr,
             "seed": plan.first_seed,
         }
@@ -1160,7 +1197,9 @@ def collect(plan: StudyPlan, out: Path) -> tuple[dict, dict, list[dict]]:
         records = []
         for seed in spec.seeds:
             run_dir = out / v / run_name(lr, seed)
-            rec = read_record(run_dir, spec, plan.fingerprint(v, lr, seed))
+            rec = read_record(
+                run_dir, spec, plan.fingerprint(v, lr, seed), plan.evaluation(v, lr, seed)
+            )
             if rec is None:
                 miss(v, seed, lr, slot_status(plan, Slot(v, seed, lr), out)[0])
             else:
@@ -1219,7 +1258,15 @@ def write_study_report(plan: StudyPlan, out: Path) -> dict:
         for summary in variants.values():
             k, n = learned_runs(summary, spec.select_metric, spec.learned_at)
             summary["learned"] = {"at": spec.learned_at, "runs": k, "of": n}
-    statuses = [slot_status(plan, slot, out)[0] for slot in plan.slots]
+    states = [slot_status(plan, slot, out) for slot in plan.slots]
+    statuses = [status for status, _ in states]
+    # every finished run's time, the LR sweep's runs that were not chosen included
+    finished_seconds = 0.0
+    for status, rel in states:
+        record = read_json(out / rel / RESULT_FILE) if status == "finished" and rel else None
+        if record is not None:
+            finished_seconds += float(record.get("train_wall_time_s", 0.0))
+            finished_seconds += float(record.get("eval_wall_time_s", 0.0))
     report = {
         "study": spec.name or plan.path.stem,
         "study_file": plan.path.name,
@@ -1242,9 +1289,7 @@ def write_study_report(plan: StudyPlan, out: Path) -> dict:
         "variants": variants,
         "missing": missing,
         "sweep": spec.sweep.model_dump() if spec.sweep else None,
-        "device_time_s": sum(
-            v["train_wall_time_s"] + v["eval_wall_time_s"] for v in variants.values()
-        ),
+        "device_time_s": finished_seconds,
     }
     atomic_write_text(out / "results.json", json.dumps(report, indent=1))
     write_report(report, plan, out)
@@ -1284,6 +1329,8 @@ def write_report(report: dict, plan: StudyPlan, out: Path) -> None:
             f"Trained at length {train_len}."
             if train_len
             else "Training lengths differ per variant (column `train len`)."
+            if len(train_lens) > 1
+            else ""
         ),
         "",
         f"Runs finished: {report['runs_finished']} of {report['runs_total']}"

@@ -21,6 +21,13 @@ def test_plots_write_pngs(tmp_path):
     out = plot_lengthgen(curves, tmp_path / "err.png", errors=errors, bands=bands, xlabel="pairs")
     assert out.read_bytes().startswith(PNG_MAGIC) and out.stat().st_size < 200_000
     assert not list(tmp_path.glob(".*.tmp")), "the atomic write left its temporary file"
+    # a swept value of 0 (weight decay) gets a linear axis, where every point has a place
+    from hybridkit.eval.plots import x_scale
+
+    assert x_scale([16, 32, 64]) == "log" and x_scale([0.0, 0.1, 0.2]) == "linear"
+    sweep = {"a": [(0.0, 0.5), (0.1, 0.6), (0.2, 0.7)]}
+    fig_path = plot_lengthgen(sweep, tmp_path / "wd.png", xlabel="weight decay")
+    assert fig_path.read_bytes().startswith(PNG_MAGIC)
     heat = plot_depth_heatmap([32, 64], [[1.0, None], [0.5, 0.25]], tmp_path / "heat.png")
     assert heat.read_bytes().startswith(PNG_MAGIC)
 
@@ -42,3 +49,14 @@ def test_importing_and_plotting_leave_the_backend_and_pyplot_alone(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_niah_depths_fall_into_their_own_bins():
+    """Depths arrive as float32: 0.7 is 0.69999999 and fell into bin 6 with 0.6 (bin 7 empty);
+    each of the eleven depths 0, 0.1, ..., 1.0 now lands in its own bin (1.0 in the last)."""
+    import torch
+
+    from hybridkit.eval.lengthgen import depth_bins
+
+    depths = torch.linspace(0, 1, 11, dtype=torch.float64).float()
+    assert depth_bins(depths).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]

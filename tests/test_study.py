@@ -658,6 +658,68 @@ def test_run_copied_back_without_weights_trains_again(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [5, 10, 15, 20]
 
 
+def test_evaluation_settings_and_stale_caches_decide_what_is_evaluated_again(
+    tmp_path, capsys, monkeypatch
+):
+    """Changing the evaluation (lengths from the recipe, examples per length) re-evaluates a
+    finished run without training it; an ``eval.json`` of other lengths (``hybridkit eval
+    --lengths``) or of a checkpoint the study then trained past is never reused; a record
+    without a fingerprint is damaged, not another recipe's run."""
+    from hybridkit.eval.report import evaluate_run
+
+    kw = dict(variants={"hybrid": []}, lrs=[3e-3], lengths=None, description=None)
+    study = write_study(tmp_path, set=["train.warmup_steps=2", "train.steps=10"], **kw)
+    out = tmp_path / "out"
+    run_study(study, out, device="cpu", progress=False)
+    run = out / "hybrid" / "lr0.003-seed0"
+    record = json.loads((run / RESULT_FILE).read_text())
+    default = [8, 16, 32, 64, 128]  # the task's eval_lengths
+    assert record["evaluation"] == {"lengths": default, "examples": 16}
+
+    # the recipe's eval section changes what is evaluated, not what the run learned
+    more = write_study(
+        tmp_path, set=["train.warmup_steps=2", "train.steps=10", "eval.examples=8"], **kw
+    )
+    monkeypatch.setattr("hybridkit.study.Trainer", refuse_training)
+    run_study(more, out, device="cpu", progress=False)
+    record = json.loads((run / RESULT_FILE).read_text())
+    assert {r["examples"] for r in record["results"]} == {8.0}
+    monkeypatch.undo()
+
+    # an eval.json at other lengths is not the study's
+    evaluate_run(run, lengths=[64], device="cpu")
+    (run / RESULT_FILE).unlink()
+    run_study(more, out, device="cpu", progress=False)
+    results = json.loads((run / RESULT_FILE).read_text())["results"]
+    assert [r["length"] for r in results] == default
+
+    # a record without a fingerprint: evaluated again, not set aside and retrained
+    (run / RESULT_FILE).write_text(json.dumps({"variant": "hybrid", "seed": 0}))
+    capsys.readouterr()
+    monkeypatch.setattr("hybridkit.study.Trainer", refuse_training)
+    run_study(more, out, device="cpu", progress=False)
+    assert "another recipe" not in capsys.readouterr().out
+    monkeypatch.undo()
+
+    # an eval.json of a half-trained run's checkpoint (``hybridkit eval RUN``), then the study
+    # resumes it: the final weights are evaluated, not that checkpoint
+    from hybridkit.study import plan_study
+    from hybridkit.train.trainer import Trainer
+
+    out2 = tmp_path / "out2"
+    run2 = out2 / "hybrid" / "lr0.003-seed0"
+    recipe = plan_study(more).recipe("hybrid", 3e-3, 0)
+    recipe.train.checkpoint_every = 5  # the cadence is no part of the run's fingerprint
+    Trainer(recipe, run2, resume=None, progress=False, stop_after=5).fit()
+    assert (run2 / "checkpoints" / "latest").is_file() and not (run2 / "final.json").exists()
+    early = evaluate_run(run2, device="cpu")["results"]
+    run_study(more, out2, device="cpu", progress=False)
+    final = evaluate_run(run2, device="cpu", out_dir=tmp_path / "fresh")["results"]
+    record = json.loads((run2 / RESULT_FILE).read_text())["results"]
+    assert [r["tok_acc"] for r in record] == [r["tok_acc"] for r in final]
+    assert [r["tok_acc"] for r in record] != [r["tok_acc"] for r in early]
+
+
 def refuse_training(*a, **k):
     raise AssertionError("a trained run was trained again")
 
@@ -707,7 +769,9 @@ def fake_record(variant: str, seed: int, lr: float, acc: list[float], heldout: f
 def put(out: Path, record: dict, study: Path) -> None:
     """Write ``record`` as a finished run of ``study`` (its recipe's fingerprint included)."""
     plan = plan_study(study)
-    record["recipe_fingerprint"] = plan.fingerprint(record["variant"], record["lr"], record["seed"])
+    key = (record["variant"], record["lr"], record["seed"])
+    record["recipe_fingerprint"] = plan.fingerprint(*key)
+    record["evaluation"] = plan.evaluation(*key)
     path = out / record["run"] / RESULT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
@@ -757,6 +821,9 @@ def test_report_cells_mean_spread_stderr_and_missing_runs(tmp_path, capsys):
     assert "- mamba seed 0 lr 0.003 (`mamba/lr0.003-seed0`): not started" in report
     assert "- mamba seed 1 chosen lr: waiting for the LR choice" in report
     assert "lr 0.003: 30.0 (chosen)" in report and "- mamba: lr 0.001: 50.0" in report
+    # every finished run's time, the unchosen sweep runs included (1.5 s each; the record
+    # outside the study's runs is not one of them)
+    assert results["device_time_s"] == pytest.approx(5 * 1.5)
     assert (out / "lengthgen.png").stat().st_size < 200_000
 
 
@@ -841,6 +908,20 @@ def test_report_before_any_sweep_finished_says_so(tmp_path):
     assert "No variant has finished runs at a chosen LR yet" in report
     assert "| variant | seeds |" not in report
     assert "- hybrid: lr 0.001: 80.0" in report
+    assert "Training lengths differ" not in report  # there is no table with that column
+    assert results["device_time_s"] == pytest.approx(1.5)  # the sweep run counts, unchosen
+
+
+def test_the_chosen_lr_is_marked_at_any_precision(tmp_path):
+    """LRs with more than six significant digits: the selection's keys were "%g"-rounded, so
+    the "(chosen)" mark compared unequal (and two such LRs could share a key)."""
+    study = write_study(tmp_path, lrs=[1.2345678e-3, 2e-3], variants={"hybrid": []})
+    out = tmp_path / "out"
+    put(out, fake_record("hybrid", 0, 1.2345678e-3, [0.9, 0.5], heldout=0.8), study)
+    put(out, fake_record("hybrid", 0, 2e-3, [0.9, 0.5], heldout=0.1), study)
+    results = report_study(study, out)
+    assert results["lr_selection"]["hybrid"]["chosen"] == 1.2345678e-3
+    assert "lr 0.0012345678: 80.0 (chosen), lr 0.002: 10.0" in (out / "report.md").read_text()
 
 
 def test_learned_at_counts_the_runs_that_learned(tmp_path):
@@ -939,6 +1020,9 @@ def test_bad_study_values(tmp_path, cli_error):
     assert "plain folder name" in study_error(tmp_path, cli_error, variants={"a/b": []})
     assert "set" in study_error(tmp_path, cli_error, set="train.lr=1")
     assert "sweep.values" in study_error(tmp_path, cli_error, sweep={"key": "a.b", "values": []})
+    for same in ([2, 2.0, 4], [1, True]):  # equal as values, so one cell of the report
+        err = study_error(tmp_path, cli_error, sweep={"key": "train.steps", "values": same})
+        assert "sweep.values must be distinct" in err
     assert "dotted recipe key" in study_error(
         tmp_path, cli_error, sweep={"key": "a=1", "values": [1]}
     )

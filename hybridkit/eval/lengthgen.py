@@ -57,6 +57,14 @@ def _row_exact(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((preds == targets) | ~scored).all(dim=1) & scored.any(dim=1)
 
 
+def depth_bins(depth) -> torch.Tensor:
+    """Each needle depth's bin of ``DEPTH_BINS`` equal ones (1.0 in the last). The depths come
+    as float32: 0.7 is 0.69999999, which fell into bin 6 with 0.6 and left bin 7 empty, so a
+    depth within 1e-6 below a bin edge counts as on it."""
+    depth = torch.as_tensor(depth, dtype=torch.float64)
+    return torch.clamp((depth * DEPTH_BINS + 1e-6).floor().long(), min=0, max=DEPTH_BINS - 1)
+
+
 def evaluate_length(
     model: torch.nn.Module,
     task: Task,
@@ -83,8 +91,7 @@ def evaluate_length(
     }
     if "depth" in data.meta:
         exact = _row_exact(preds, data.targets)
-        depth = torch.as_tensor(data.meta["depth"], dtype=torch.float64)
-        bins = torch.clamp((depth * DEPTH_BINS).long(), max=DEPTH_BINS - 1)
+        bins = depth_bins(data.meta["depth"])
         result["depth_ex_match"] = [
             float(exact[bins == i].double().mean()) if (bins == i).any() else None
             for i in range(DEPTH_BINS)

@@ -36,6 +36,13 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def x_scale(xs: Sequence[float]) -> str:
+    """``log`` (base 2: lengths and counts grow by doublings) unless a value is 0 or below,
+    which has no place on a log axis (0, 0.1, 0.2 of a weight-decay sweep drew as one corner):
+    then ``linear``."""
+    return "log" if xs and min(xs) > 0 else "linear"
+
+
 def plot_lengthgen(
     curves: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -47,7 +54,8 @@ def plot_lengthgen(
     bands: Mapping[str, Sequence[tuple[float, float]]] | None = None,
     xlabel: str = "evaluation length",
 ) -> Path:
-    """One line per arm: ``metric`` vs evaluation length on a log2 axis, train length marked.
+    """One line per arm: ``metric`` vs evaluation length on a log2 axis (linear when a value is
+    0 or below, as a swept weight decay can be), train length marked.
 
     ``errors`` (optional, per arm, one value per point, as a fraction like the curve) draws
     symmetric error bars -- the studies pass the binomial standard error of the test set.
@@ -81,9 +89,10 @@ def plot_lengthgen(
             lo = [100 * a for a, _ in bands[name]]
             hi = [100 * b for _, b in bands[name]]
             ax.fill_between(xs, lo, hi, color=line.lines[0].get_color(), alpha=0.15, linewidth=0)
-    ax.set_xscale("log", base=2)
     # Label the measured points with their values (256, not 2^8): that is what readers look up.
     ticks = sorted({x for points in curves.values() for x, _ in points})
+    if x_scale(ticks) == "log":
+        ax.set_xscale("log", base=2)
     if 0 < len(ticks) <= 12:
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()

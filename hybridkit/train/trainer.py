@@ -59,6 +59,11 @@ RUN_DIR_LAYOUT = {
 }
 
 
+#: files in a run folder that describe the weights it had: the final weights and summary (the
+#: trainer), ``eval.json`` / ``eval.md`` (``hybridkit eval`` of the run, possibly of a checkpoint)
+#: and ``heldout.json`` (a study's held-out score); removed when the run trains on
+STALE_WHEN_TRAINING = ("final.json", "model.safetensors", "eval.json", "eval.md", "heldout.json")
+
 #: what a run leaves in its folder, moved aside together when a run starts over there
 EARLIER_RUN = (
     "checkpoints",
@@ -594,9 +599,9 @@ class Trainer:
         self._deadline_probe: tuple[int, float] | None = None
         self._fit_first_step = self.step
         if self.step < spec.steps and self.dist.is_main:
-            # a finished run trained further (train.steps raised) is unfinished again: its final
-            # weights and summary would otherwise stand for a run that has moved on
-            for name in ("final.json", "model.safetensors"):
+            # a run that trains on is unfinished: what describes its final (or an earlier
+            # checkpoint's) weights would otherwise stand for a run that has moved on
+            for name in STALE_WHEN_TRAINING:
                 (self.run_dir / name).unlink(missing_ok=True)
         bar = _progress(
             self.progress and self.dist.is_main, spec.steps, self.step, self.run_dir.name
