@@ -71,6 +71,25 @@ class RecipeSpec(StrictModel):
     )
 
     @model_validator(mode="after")
+    def _data_apart_from_eval(self) -> RecipeSpec:
+        """The training batch of step s and the evaluation set at length L are drawn from
+        ``SeedSequence([data seed, s])`` and ``SeedSequence([eval_seed, L])``: with the two
+        seeds equal, the batch of step L would be the first examples of the eval set at L."""
+        if self.task is None:
+            return self
+        given = [("task.seed", self.task.seed), ("train.seed", self.train.seed)]
+        where, value = next(((k, v) for k, v in given if v is not None), ("seed", self.seed))
+        if value == self.task.eval_seed:
+            message = (
+                f"equals the training data's seed ({where} = {value}): the training batch of "
+                "step L would copy the evaluation set at length L; choose another eval_seed"
+            )
+            raise_problems(
+                type(self).__name__, [spec_problem(("task", "eval_seed"), message, value)]
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_eval_lengths(self) -> RecipeSpec:
         """``eval.lengths`` are lengths of the task, checked like ``task.eval_lengths`` (a bad
         one used to surface only at evaluation: a numpy traceback, or an error naming

@@ -103,6 +103,13 @@ class StrictModel(BaseModel):
                 problems.append(((key,), value))
             elif isinstance(value, (list, tuple)) and _numbers_only(annotation):
                 problems += [((key, i), v) for i, v in enumerate(value) if isinstance(v, bool)]
+            elif isinstance(value, dict):  # dict[int, ...] keys (layer overrides), values
+                numeric_keys, numeric_values = _dict_numbers(annotation)
+                for k, v in value.items():
+                    if numeric_keys and isinstance(k, bool):
+                        problems.append(((key, str(k).lower()), k))
+                    elif numeric_values and isinstance(v, bool):
+                        problems.append(((key, k), v))
         message = "must be a number; got a boolean ({})"
         raise_problems(
             cls.__name__,
@@ -170,6 +177,16 @@ def _numbers_only(annotation: Any) -> bool:
         elif tp is not type(None):
             return False
     return found
+
+
+def _dict_numbers(annotation: Any) -> tuple[bool, bool]:
+    """Whether a dict field's keys, and its values, take numbers alone (``dict[int, ...]``,
+    ``dict[PositiveInt, PositiveInt]``, optionally ``| None``)."""
+    for tp in _leaf_types(annotation):
+        if typing.get_origin(tp) is dict:
+            key, value = typing.get_args(tp) or (Any, Any)
+            return _number_only(key), _number_only(value)
+    return False, False
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -433,6 +433,15 @@ class _PatternParser:
                     )
                 self.i += 1
                 count_text, count_pos = nxt[1], nxt[2]
+            if count_text.isdigit() and len(count_text.lstrip("0")) > len(str(MAX_LAYERS)):
+                # before int(): past 4,300 digits Python refuses the conversion itself
+                shown = count_text if len(count_text) <= 12 else count_text[:12] + "..."
+                raise self._fail(
+                    f"repetition count {shown} ({len(count_text.lstrip('0'))} digits) is too "
+                    "large; "
+                    f"allowed: at most {MAX_LAYERS} layers in all",
+                    count_pos,
+                )
             if not count_text.isdigit() or int(count_text) < 1:
                 what = "makes the layout empty" if count_text == "0" else "is not an integer"
                 raise self._fail(
@@ -789,7 +798,7 @@ def _override_loc(index: int, keys: list[str], err_loc: Loc) -> Loc:
         split = key.split(".")
         if path[: len(split)] == split and (best is None or len(split) > len(best)):
             best = split
-    if best is None:
-        return ("overrides", index, ".".join(path))
+    if best is None:  # the whole block (no key of it): the override itself
+        return ("overrides", index, ".".join(path)) if path else ("overrides", index)
     rest = tuple(err_loc[len(best) :])
     return ("overrides", index, ".".join(best), *rest)

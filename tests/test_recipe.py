@@ -319,6 +319,8 @@ def test_layout_errors(layout: Any, needles: list[str]) -> None:
             "model.overrides",
             ["layer 1 is named more than once (1, '1')"],
         ),
+        # a boolean key (YAML's on / true) was read as layer 1
+        ({True: {"mixer.window": 8}}, "model.overrides.true", ["got a boolean (true)"]),
         (
             {"+2": {"mixer.window": 8}, " 2": {"mixer.window": 4}},
             "model.overrides",
@@ -504,3 +506,33 @@ def test_rejected_assignment_leaves_the_spec_unchanged() -> None:
     assert model.layout == "m m a"
     model.layout = "m x 2"
     assert model.layer_names() == ["m", "m"]
+
+
+def test_the_training_data_seed_must_differ_from_the_eval_seed() -> None:
+    """Training batch of step s: SeedSequence([data seed, s]); eval set at length L:
+    SeedSequence([eval_seed, L]). With equal seeds the batch of step L copied the eval set."""
+    data = recipe()
+    data["task"] = {"kind": "parity", "seq_len": 16}
+    for overrides, named in (
+        (("task.seed=1234",), "task.seed = 1234"),
+        (("train.seed=1234",), "train.seed = 1234"),
+        (("seed=1234",), "seed = 1234"),
+        (("seed=7", "task.eval_seed=7"), "seed = 7"),
+    ):
+        msg = problem(error_of(data, overrides), "task.eval_seed")
+        assert f"equals the training data's seed ({named})" in msg, msg
+    # the most specific data seed decides: a task seed apart from eval_seed is fine
+    load_recipe(data, ("seed=1234", "task.seed=5"))
+
+
+def test_layout_counts_past_python_int_limits_and_whole_block_overrides_are_named() -> None:
+    """A repetition count of 5,000 digits hit Python's int-conversion limit (a message about
+    sys.set_int_max_str_digits, reported at ``model``); an override that empties a whole block
+    was reported at ``model.overrides.1.`` (a trailing dot)."""
+    err = error_of(recipe(layout="m x " + "9" * 5000))
+    msg = problem(err, "model.layout")
+    assert "(5000 digits) is too large; allowed: at most 1024 layers" in msg
+    assert "set_int_max_str_digits" not in str(err)
+    assert len(load_recipe(recipe(layout="m x 0002")).model.layers()) == 2  # leading zeros: fine
+    err = error_of(recipe(overrides={1: {"mixer": None, "mlp": None}}))
+    assert "a block needs a mixer, an mlp, or both" in problem(err, "model.overrides.1")

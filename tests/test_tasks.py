@@ -636,6 +636,14 @@ def test_spec_roundtrip_and_assignment():
     assert spec.model_dump()["eval_lengths"] is None  # derived, so not frozen into dumps
     spec.seq_len = 128
     assert spec.eval_lengths == [64, 128, 256, 512, 1024]
+    # a boolean among a dict's numbers was read as 1
+    with pytest.raises(ValidationError, match="got a boolean"):
+        TaskSpec.model_validate(
+            {"kind": "mqar", "vocab_size": 64, "seq_len": 16, "kv_pairs_by_length": {16: True}}
+        )
+    # derived lengths stop at MAX_LENGTH (2**24), as one the user writes must
+    long = TaskSpec.model_validate({"kind": "parity", "seq_len": 2**23})
+    assert long.eval_lengths == [2**22, 2**23, 2**24]
     with pytest.raises(ValidationError):
         spec.seq_len = 63
     assert spec.seq_len == 128  # a rejected assignment leaves the spec unchanged

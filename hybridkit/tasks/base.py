@@ -225,7 +225,8 @@ class TaskSpec(StrictModel):
         # MQAR queries) are dropped rather than reported: the user never wrote them.
         raw = [max(1, self.seq_len // 2), self.seq_len] + [f * self.seq_len for f in (2, 4, 8)]
         snapped = dict.fromkeys(self.snap_length(n) for n in raw)
-        valid = [n for n in snapped if n > 0 and self.length_problem(n) is None]
+        # ... as are those past MAX_LENGTH, which an eval length the user wrote may not be
+        valid = [n for n in snapped if 0 < n <= MAX_LENGTH and self.length_problem(n) is None]
         return valid or [self.seq_len]
 
     def _lengths_to_check(self) -> list[tuple[str, int]]:
