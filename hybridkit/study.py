@@ -28,7 +28,11 @@ trained with (model, task, training hyperparameters and seed; not the device, lo
 checkpoint cadence, compile settings or other ways of running the same training). When the
 study's recipe for that run has changed since -- more steps, another base, a new override -- the
 old run is not counted as finished and is not resumed either: its folder is moved aside to
-``<run>.stale-<k>`` (nothing is deleted) and the run trains again from scratch.
+``<run>.stale-<k>`` (nothing is deleted) and the run trains again from scratch. What a run is
+evaluated on (its lengths and examples per length, from the study and the recipe's ``eval`` and
+``task`` sections) is recorded beside the fingerprint: when that changes, a finished run is
+evaluated again from its weights, not retrained, and an ``eval.json`` of other lengths or
+examples (a ``hybridkit eval --lengths`` of the run) is never taken for the study's.
 
 **Order and shards.** The runs are listed seed-major: the first seed's runs (the LR sweep) for
 every variant, then each further seed for every variant. Shard ``i/n`` takes every n-th run of

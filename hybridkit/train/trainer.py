@@ -60,19 +60,20 @@ RUN_DIR_LAYOUT = {
 
 
 #: files in a run folder that describe the weights it had: the final weights and summary (the
-#: trainer), ``eval.json`` / ``eval.md`` (``hybridkit eval`` of the run, possibly of a checkpoint)
-#: and ``heldout.json`` (a study's held-out score); removed when the run trains on
-STALE_WHEN_TRAINING = ("final.json", "model.safetensors", "eval.json", "eval.md", "heldout.json")
-
-#: what a run leaves in its folder, moved aside together when a run starts over there
-EARLIER_RUN = (
-    "checkpoints",
-    "metrics.jsonl",
+#: trainer), ``eval.*`` and the NIAH heat map (``hybridkit eval`` of the run, possibly of a
+#: checkpoint) and ``heldout.json`` (a study's held-out score); removed when the run trains on
+STALE_WHEN_TRAINING = (
     "final.json",
     "model.safetensors",
-    "recipe.yaml",
-    "tb",
+    "eval.json",
+    "eval.md",
+    "eval.png",
+    "niah_heatmap.png",
+    "heldout.json",
 )
+
+#: what a run leaves in its folder, moved aside together when a run starts over there
+EARLIER_RUN = ("checkpoints", "metrics.jsonl", "recipe.yaml", "tb", *STALE_WHEN_TRAINING)
 
 
 def _set_aside_earlier_run(run_dir: Path) -> Path | None:
