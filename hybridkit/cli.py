@@ -425,14 +425,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 # --- train / eval / study ---------------------------------------------------------------------
 def _int_list(text: str, flag: str, high: int, too: str = "too large") -> list[int]:
     """A comma-separated list of positive integers up to ``high`` (clean errors)."""
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise HybridkitError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
+    parts = [t.strip() for t in text.split(",")]
+    if parts == [""]:
+        raise HybridkitError(f"{flag} needs at least one positive value")
+    # an empty part ("1,,2") was skipped, a repeated value measured twice: both refused
+    if not all(t.isascii() and t.isdigit() and len(t) <= 18 for t in parts):
+        raise HybridkitError(
+            f"{flag} must be comma-separated positive integers (no empty parts), got {text!r}"
+        )
+    values = [int(t) for t in parts]
+    if min(values) <= 0:
         raise HybridkitError(f"{flag} needs at least one positive value")
     if max(values) > high:
         raise HybridkitError(f"{flag}: {max(values)} is {too}; allowed: at most {high}")
+    if len(set(values)) != len(values):
+        raise HybridkitError(f"{flag} lists a value twice, got {text!r}")
     return values
 
 

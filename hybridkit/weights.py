@@ -80,6 +80,20 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         for k, v in state.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    # integer or boolean tensors would be cast to the model's float dtype without a word
+    wrong += [
+        f"{k}: file dtype {v.dtype} (allowed: a floating-point dtype)"
+        for k, v in state.items()
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
+    ]
+    # a tied model has one embedding matrix: a file with its own head would overwrite it
+    tied = getattr(getattr(model, "spec", None), "tie_embeddings", False)
+    both = tied and "lm_head.weight" in state and "embedding.weight" in state
+    if both and not torch.equal(state["lm_head.weight"], state["embedding.weight"]):
+        wrong.append(
+            "lm_head.weight: the file holds a head of its own, but the recipe ties it to the "
+            "embedding (model.tie_embeddings: true)"
+        )
     if missing or unexpected or wrong:
         parts = []
         if missing:

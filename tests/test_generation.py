@@ -413,6 +413,10 @@ def test_cli_bench_decode_rejects_bad_batches(cli_error):
     assert "--batch" in cli_error(
         "bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "0"
     )
+    # an empty part was skipped and a repeated batch measured twice
+    for batches, needle in (("1,,2", "no empty parts"), ("1,1", "lists a value twice")):
+        err = cli_error("bench", "decode", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", batches)
+        assert needle in err, err
 
 
 @pytest.mark.slow

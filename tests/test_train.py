@@ -1047,7 +1047,9 @@ def test_eval_writes_its_files(run_copy, tmp_path, capsys):
 def test_eval_errors_are_clear(run_copy, tmp_path, capsys, cli_error):
     for args, text in (
         (["--lengths", "15"], "MQAR length must be even"),
-        (["--lengths", "a,b"], "comma-separated integers"),
+        (["--lengths", "a,b"], "comma-separated positive integers"),
+        (["--lengths", "16,,32"], "no empty parts"),
+        (["--lengths", "16,16"], "lists a value twice"),
     ):
         assert text in cli_error("eval", str(run_copy), "--device", "cpu", *args)
     assert main(["eval", str(tmp_path), "--device", "cpu"]) == 2

@@ -381,6 +381,14 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
         ("warps=8", r"HYBRIDKIT_KERNELS=.*'warps=8'.*autotune, bwd_maxnreg"),
         ("bwd_x_warps=6", r"HYBRIDKIT_KERNELS=.*bwd_x_warps=6: allowed None or \(1, 2, 4"),
         ("qk_heads=3", r"HYBRIDKIT_KERNELS=.*qk_heads=3: allowed \(1, 2, 4, 8, 16, 32, 64\)"),
+        # the last of two silently won; the dispatch takes the last size as the tallest
+        ("bwd_warps=4,bwd_warps=8", r"HYBRIDKIT_KERNELS=.*bwd_warps is given twice"),
+        ("chunk_sizes=64:16", r"HYBRIDKIT_KERNELS=.*ascending order \(e\.g\. 16:64\)"),
+        ("chunk_sizes=32:32", r"HYBRIDKIT_KERNELS=.*list each size once"),
+        # digits of other scripts ('٨' was read as 8), superscripts, huge numbers
+        ("bwd_warps=\u0668", r"HYBRIDKIT_KERNELS=.*bwd_warps: '\u0668': expected a whole"),
+        ("bwd_warps=\u00b2", r"HYBRIDKIT_KERNELS=.*bwd_warps: '\u00b2': expected a whole"),
+        ("bwd_warps=" + "9" * 5000, r"HYBRIDKIT_KERNELS=.*bwd_warps: '9+': expected a whole"),
     ):
         monkeypatch.setenv(config.ENV_VAR, bad)
         with pytest.raises(ValueError, match=match):

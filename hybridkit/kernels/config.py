@@ -189,6 +189,13 @@ class KernelConfig:
                 f"chunk_sizes={self.chunk_sizes}: allowed a non-empty subset of "
                 f"{TRITON_CHUNK_SIZES}"
             )
+        # ascending, each once: the dispatch takes the last as the tallest (64:16 ran MIMO
+        # rank 4 at 4 tokens per chunk instead of 16)
+        if list(self.chunk_sizes) != sorted(set(self.chunk_sizes)):
+            raise ValueError(
+                f"chunk_sizes={self.chunk_sizes}: list each size once, in ascending order "
+                f"(e.g. {':'.join(map(str, sorted(set(self.chunk_sizes))))})"
+            )
 
 
 _OVERRIDE: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar(
@@ -208,6 +215,8 @@ def parse_env(text: str) -> KernelConfig:
                 f"{ENV_VAR}={text!r}: {item!r} is not key=value with a key among "
                 f"{', '.join(sorted(fields))}"
             )
+        if key in values:  # the last one silently won
+            raise ValueError(f"{ENV_VAR}={text!r}: {key} is given twice; give it once")
         try:
             values[key] = _parse_value(key, raw.strip())
         except ValueError as err:
@@ -225,15 +234,21 @@ def _parse_value(key: str, raw: str) -> object:
         return raw in ("1", "true")
     if key == "chunk_sizes":
         parts = raw.split(":") if raw else []
-        if not all(c.isdigit() for c in parts):
+        if not all(_whole_number(c) for c in parts):
             raise ValueError(f"{raw!r}: expected whole numbers joined by ':', e.g. 32:64")
         return tuple(int(c) for c in parts)
     optional = ("bwd_maxnreg", "step_maxnreg", "step_warps", "bwd_x_warps")
     if key in optional and raw in ("", "0", "none"):
         return None
-    if not raw.isdigit():
+    if not _whole_number(raw):
         raise ValueError(f"{raw!r}: expected a whole number")
     return int(raw)
+
+
+def _whole_number(raw: str) -> bool:
+    """ASCII digits, at most 9 of them: ``str.isdigit`` also takes '²' (which ``int`` refuses)
+    and other scripts' digits ('٨' read as 8), and no setting needs a number that long."""
+    return raw.isascii() and raw.isdigit() and len(raw) <= 9
 
 
 def current_config() -> KernelConfig:
