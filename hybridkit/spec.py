@@ -433,13 +433,13 @@ class _PatternParser:
                     )
                 self.i += 1
                 count_text, count_pos = nxt[1], nxt[2]
-            if count_text.isdigit() and len(count_text.lstrip("0")) > len(str(MAX_LAYERS)):
+            digits = len(count_text.lstrip("0"))
+            if count_text.isdigit() and digits > len(str(MAX_LAYERS)):
                 # before int(): past 4,300 digits Python refuses the conversion itself
                 shown = count_text if len(count_text) <= 12 else count_text[:12] + "..."
                 raise self._fail(
-                    f"repetition count {shown} ({len(count_text.lstrip('0'))} digits) is too "
-                    "large; "
-                    f"allowed: at most {MAX_LAYERS} layers in all",
+                    f"repetition count {shown} ({digits} digits) is too large; allowed: at "
+                    f"most {MAX_LAYERS} layers in all",
                     count_pos,
                 )
             if not count_text.isdigit() or int(count_text) < 1:

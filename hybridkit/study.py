@@ -553,7 +553,7 @@ class StudyPlan:
             lengths = self.spec.lengths or recipe.eval.lengths or recipe.task.eval_lengths
             examples = recipe.eval.examples or recipe.task.eval_examples
             self._evaluations[key] = {"lengths": [int(n) for n in lengths], "examples": examples}
-        return dict(self._evaluations[key], lengths=list(self._evaluations[key]["lengths"]))
+        return self._evaluations[key]
 
     def fingerprint(self, variant: str, lr: float, seed: int) -> str:
         """:func:`recipe_fingerprint` of the run's recipe (cached: reports ask for every run)."""

@@ -302,7 +302,8 @@ def newest_valid_checkpoint(
         if not (named.startswith("step_") and (root / named).is_dir()):
             problems.append(f"{latest} names {named!r}, which is not a checkpoint directory")
         else:
-            steps = [p for p in steps if checkpoint_step(p) <= checkpoint_step(root / named)]
+            newest = checkpoint_step(root / named)
+            steps = [p for p in steps if checkpoint_step(p) <= newest]
     for candidate in steps:
         try:
             contents = read_checkpoint(candidate)

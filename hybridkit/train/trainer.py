@@ -26,7 +26,7 @@ from hybridkit.build import build_model
 from hybridkit.errors import CheckpointError, HybridkitError, RecipeError, RunWouldNotFinish
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.footprint import check_eval_lengths, check_training
-from hybridkit.fsutil import DirLock, atomic_write_bytes
+from hybridkit.fsutil import DirLock, atomic_write_bytes, atomic_write_text
 from hybridkit.kernels.config import scored_rows_enabled
 from hybridkit.kernels.loss import scored_rows
 from hybridkit.recipe import RecipeSpec, digest, dump_recipe, recipe_to_dict
@@ -169,7 +169,8 @@ class Trainer:
             raise RecipeError(
                 "<recipe>", [("task", "training needs a task section (e.g. kind: mqar)")]
             )
-        dump_recipe(recipe)  # a recipe the run folder could not be read back from: refused now
+        # resolved once: refused now if the run folder could not read it back, written below
+        recipe_text = dump_recipe(recipe)
         self.recipe, self.spec = recipe, recipe.train
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -262,7 +263,7 @@ class Trainer:
             # before its first checkpoint) and are about to be replayed: drop them.
             self.log.truncate_after(self.step)
             if self.dist.is_main:
-                dump_recipe(recipe, self.run_dir / "recipe.yaml")
+                atomic_write_text(self.run_dir / "recipe.yaml", recipe_text)
         except BaseException:
             self.release()
             raise
