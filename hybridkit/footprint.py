@@ -151,3 +151,21 @@ def check_training(
         "lower task.seq_len (or the longest length of task.length_mixture / task.curriculum), "
         "train.batch_size, or raise train.grad_accum",
     )
+
+
+def check_bench_step(
+    model: ModelSpec, batch: int, seq_len: int, device: torch.device | str
+) -> None:
+    """``hybridkit bench train``'s step (random ids of ``batch`` x ``seq_len`` tokens, made on
+    the host, then one forward and backward on ``device``), refused before the model is built
+    when even the lower bound of :func:`train_bytes` cannot fit: a huge ``--batch`` was ended
+    by the OOM killer with no message."""
+    host = batch * (seq_len + 1) * INT64
+    saved = batch * seq_len * model.n_layer * model.d_model * LOW_PRECISION
+    refuse_if_short(
+        (host, saved),
+        device,
+        f"a benchmark step of {batch} x {seq_len} tokens ({model.n_layer} layers of width "
+        f"{model.d_model})",
+        "lower --batch or --seq-len",
+    )

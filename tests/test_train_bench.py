@@ -167,6 +167,23 @@ def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):
         main([*argv, "--top-kernels", "0"])
 
 
+def test_cli_bench_train_refuses_a_step_past_the_free_memory(monkeypatch, capsys):
+    """A huge ``--batch`` is refused before the model is built, naming the flags that shrink
+    it (it was ended by the OOM killer with no message)."""
+    from hybridkit import footprint
+    from hybridkit.cli import main
+    from hybridkit.train import bench_parallel
+
+    built = []
+    monkeypatch.setattr(bench_parallel, "build_model", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(footprint, "free_memory_bytes", lambda where: 10**6)
+    argv = ["bench", "train", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "4096"]
+    assert main([*argv, "--seq-len", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "a benchmark step of 4096 x 4096 tokens" in err and "lower --batch or --seq-len" in err
+    assert not built
+
+
 def _benchmark_script():
     import importlib.util
     import sys

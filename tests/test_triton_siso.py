@@ -395,6 +395,29 @@ def test_kernel_config_from_code_and_environment(monkeypatch):
             config.current_config()
 
 
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(step_split=4.0), r"step_split=4\.0: expected an int$"),  # passed as 4.0 == 4
+        (dict(pdl="0"), r"pdl='0': expected True or False"),  # a truthy string
+        (dict(autotune=1), r"autotune=1: expected True or False"),
+        (dict(step_warps=True), r"step_warps=True: expected an int or None"),
+        (dict(bwd_warps=None), r"bwd_warps=None: expected an int$"),
+        (dict(chunk_sizes=[16, 64]), r"chunk_sizes=\[16, 64\]: expected a tuple of ints"),
+        (dict(chunk_sizes=(16.0, 64)), r"expected a tuple of ints"),
+    ],
+)
+def test_kernel_config_in_code_checks_each_value_kind(changes, match):
+    """``kernel_config(...)`` from Python gets the checks ``HYBRIDKIT_KERNELS`` gets (the
+    variable's parser only ever builds ints, bools and int tuples)."""
+    from hybridkit.kernels import config
+
+    with pytest.raises(ValueError, match=match), config.kernel_config(**changes):
+        pass
+    with config.kernel_config(step_maxnreg=None, step_split=2, pdl=True) as cfg:
+        assert cfg.step_split == 2 and cfg.pdl
+
+
 def test_backward_x_kernel_may_have_its_own_warps(monkeypatch):
     """``bwd_x_warps`` sets the x kernel's warps alone; unset, every backward chunk kernel
     runs ``bwd_warps``; ``bwd_maxnreg`` caps all three."""

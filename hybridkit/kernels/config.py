@@ -165,6 +165,7 @@ class KernelConfig:
         return self.autotune and not self.deterministic
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.bwd_warps not in WARP_COUNTS:
             raise ValueError(f"bwd_warps={self.bwd_warps}: allowed {WARP_COUNTS}")
         if self.bwd_x_warps is not None and self.bwd_x_warps not in WARP_COUNTS:
@@ -196,6 +197,28 @@ class KernelConfig:
                 f"chunk_sizes={self.chunk_sizes}: list each size once, in ascending order "
                 f"(e.g. {':'.join(map(str, sorted(set(self.chunk_sizes))))})"
             )
+
+    def _check_types(self) -> None:
+        """Each value of the default's kind: ``kernel_config(step_split=4.0)`` passed the range
+        checks (4.0 == 4) and reached a kernel as a float constexpr, ``pdl="0"`` was truthy.
+        Booleans are not numbers here, nor numbers booleans."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "chunk_sizes":
+                ok = isinstance(value, tuple) and all(
+                    isinstance(c, int) and not isinstance(c, bool) for c in value
+                )
+                kind = "a tuple of ints"
+            elif isinstance(f.default, bool):
+                ok, kind = isinstance(value, bool), "True or False"
+            else:
+                optional = "None" in str(f.type)
+                ok = (value is None and optional) or (
+                    isinstance(value, int) and not isinstance(value, bool)
+                )
+                kind = "an int or None" if optional else "an int"
+            if not ok:
+                raise ValueError(f"{f.name}={value!r}: expected {kind}")
 
 
 _OVERRIDE: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar(

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from hybridkit.build import build_model
 from hybridkit.errors import RecipeError
+from hybridkit.footprint import check_bench_step
 from hybridkit.recipe import RecipeSpec
 from hybridkit.runtime import resolve_device
 from hybridkit.train import distributed as dist_utils
@@ -95,6 +96,7 @@ def bench_recipe(
     info = dist_utils.init_distributed(resolve_device(name).type)
     where = resolve_device(name, info.local_rank)
     per_rank = _per_rank_batch(recipe, batch, info.world_size)
+    check_bench_step(recipe.model, per_rank, seq_len, where)
     model = build_model(recipe, seed=0).to(where)
     model.activation_checkpointing = spec.activation_checkpointing
     model.loss_chunk_tokens = spec.resolved_loss_chunk(where.type)
