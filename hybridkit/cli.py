@@ -114,6 +114,16 @@ def _output_dir(text: str, flag: str, *, prefix: bool = False) -> Path:
     return path
 
 
+def _result_paths(prefix: Path) -> tuple[Path, Path]:
+    """(PREFIX.json, PREFIX.md) of a ``bench --out PREFIX``: the name is kept whole (``r.yaml``
+    -> ``r.yaml.json``; ``with_suffix`` dropped the extension, so ``--out notes.txt`` replaced
+    an unrelated ``notes.md``), except that a name ending in ``.json`` or ``.md`` stands for
+    that pair (``--out results.json`` -> ``results.json`` and ``results.md``)."""
+    if prefix.suffix in (".json", ".md"):
+        prefix = prefix.with_suffix("")
+    return prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")
+
+
 _positive_int = _int_arg(1)
 _nonnegative_int = _int_arg(0)
 _seed = _int_arg(0, 2**63 - 1)
@@ -599,10 +609,10 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         text = parallel_markdown(job, rank0)
         print(text)
         if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(job.to_dict(), indent=1))
-            out.with_suffix(".md").write_text(text)
+            out_json, out_md = _result_paths(Path(args.out))
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(job.to_dict(), indent=1))
+            out_md.write_text(text)
     dist_utils.shutdown(info)
     return 0
 
@@ -639,9 +649,10 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
     def write(result) -> None:  # after every batch size: a cut-off run keeps what it measured
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=1))
-            out.with_suffix(".md").write_text(markdown(result))
+            out_json, out_md = _result_paths(out)
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(result.to_dict(), indent=1))
+            out_md.write_text(markdown(result))
 
     result = bench_decode(
         model,
@@ -918,7 +929,9 @@ def _add_bench(sub) -> None:
         "report shows 15)",
     )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default: train.device)")
-    p.add_argument("--out", default=None, help="write OUT.json and OUT.md as well")
+    p.add_argument(
+        "--out", default=None, help="write OUT.json and OUT.md as well (OUT may end in .json)"
+    )
     _add_set(p)
     p.set_defaults(func=cmd_bench_train)
     _add_bench_decode(what)
@@ -968,7 +981,11 @@ def _add_bench_decode(what) -> None:
         "kernel category, and the time between kernels",
     )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
-    p.add_argument("--out", default=None, help="write OUT.json and OUT.md (after every batch)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write OUT.json and OUT.md after every batch (OUT may end in .json)",
+    )
     _add_set(p)
     p.set_defaults(func=cmd_bench_decode)
 

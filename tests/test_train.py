@@ -770,6 +770,30 @@ def test_other_architecture_refuses_to_resume(run_copy, cli_error):
     assert Trainer(make(steps=10), run_copy, resume="auto", progress=False).step == 8
 
 
+def test_resuming_under_a_changed_data_or_optimisation_is_refused(run_copy, cli_error):
+    """A run's checkpoint continues only under the recipe it was trained with, give or take
+    the step count and execution settings: ``--resume auto`` with another learning rate or task
+    length carried on silently and rewrote recipe.yaml, so the folder described training that
+    never happened. An explicit checkpoint of another run stays free (fine-tuning)."""
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.003 -> 0\.01.*--resume none"):
+        Trainer(make(steps=10, lr=1e-2), run_copy, resume="auto", progress=False)
+    task = {**MQAR, "seq_len": MQAR["seq_len"] + 8}
+    with pytest.raises(CheckpointError, match=r"task\.seq_len"):
+        Trainer(make(task, steps=10), run_copy, resume="auto", progress=False)
+    recipe = write_recipe(run_copy.parent / "other.yaml", steps=10)
+    err = cli_error("train", str(recipe), "-o", str(run_copy), "--set", "train.batch_size=4")
+    assert "train.batch_size: 8 -> 4" in err and "--resume none" in err
+    assert "lr: 0.003" in (run_copy / "recipe.yaml").read_text()  # left as it was
+    # more steps, other execution settings and evaluation: the same trajectory, continued
+    same = make(steps=10, log_every=2, checkpoint_every=5, keep_checkpoints=3)
+    same.eval.batch_size = 7
+    assert Trainer(same, run_copy, resume="auto", progress=False).step == 8
+    # another run's checkpoint under another recipe: a deliberate start from its weights
+    other = run_copy.parent / "finetune"
+    start = str(run_copy / "checkpoints" / "step_0000008")
+    assert Trainer(make(steps=10, lr=1e-2), other, resume=start, progress=False).step == 8
+
+
 def test_bad_task_and_train_keys_give_clear_errors(tmp_path, cli_error):
     recipe = write_recipe(tmp_path / "r.yaml")
     for override, key in (

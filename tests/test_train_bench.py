@@ -167,6 +167,22 @@ def test_cli_bench_train_writes_json_and_markdown(tmp_path, capsys):
         main([*argv, "--top-kernels", "0"])
 
 
+def test_bench_out_keeps_the_whole_name(tmp_path):
+    """``--out`` is a prefix kept whole: ``with_suffix`` dropped any extension, so ``--out
+    notes.txt`` replaced an unrelated ``notes.md``; a name ending in .json / .md stands for the
+    pair it names."""
+    from hybridkit.cli import _result_paths, main
+
+    (tmp_path / "notes.md").write_text("mine")
+    argv = ["bench", "train", "hybridkit/recipes/tiny_hybrid.yaml", "--batch", "1"]
+    argv += ["--seq-len", "8", "--steps", "1", "--warmup", "0", "--no-profile"]
+    assert main([*argv, "--out", str(tmp_path / "notes.txt")]) == 0
+    assert (tmp_path / "notes.md").read_text() == "mine"
+    assert (tmp_path / "notes.txt.json").is_file() and (tmp_path / "notes.txt.md").is_file()
+    assert _result_paths(tmp_path / "r.json") == (tmp_path / "r.json", tmp_path / "r.md")
+    assert _result_paths(tmp_path / "r.md") == (tmp_path / "r.json", tmp_path / "r.md")
+    assert _result_paths(tmp_path / "v1.2") == (tmp_path / "v1.2.json", tmp_path / "v1.2.md")
+
 def test_cli_bench_train_refuses_a_step_past_the_free_memory(monkeypatch, capsys):
     """A huge ``--batch`` is refused before the model is built, naming the flags that shrink
     it (it was ended by the OOM killer with no message)."""

@@ -45,6 +45,7 @@ from hybridkit.train.flops import FlopCount, datasheet_peak, flops_per_token, th
 from hybridkit.train.metrics import MetricsLog
 from hybridkit.train.optim import build_optimizer, lr_at
 from hybridkit.train.prefetch import BatchPrefetcher
+from hybridkit.train.resume_check import trajectory_changes
 from hybridkit.train.sharded_checkpoint import load_sharded, write_sharded_checkpoint
 from hybridkit.weights import latest_checkpoint, save_weights
 
@@ -170,7 +171,7 @@ class Trainer:
                 "<recipe>", [("task", "training needs a task section (e.g. kind: mqar)")]
             )
         # resolved once: refused now if the run folder could not read it back, written below
-        recipe_text = dump_recipe(recipe)
+        recipe_text = self._recipe_text = dump_recipe(recipe)
         self.recipe, self.spec = recipe, recipe.train
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -354,14 +355,18 @@ class Trainer:
         if state.get("model_fingerprint") != model_fingerprint(self.recipe):
             raise CheckpointError(
                 f"{path} was written by a different model architecture; refusing to resume "
-                "(use a new run directory or the same recipe)"
+                "(use the same recipe, --resume none to start this run over, or a new run "
+                "directory)"
             )
+        own = path.resolve().parent == (self.run_dir / "checkpoints").resolve()
+        if own:
+            self._refuse_changed_trajectory(path)
         if model_sd is None:  # a sharded checkpoint: loaded straight into the (sharded) model
             load_sharded(path, self.model, self.optimizer)
         else:
             self._load_state_dicts(model_sd, optim_flat)
         self.step = int(state["step"])
-        if path.resolve().parent == (self.run_dir / "checkpoints").resolve():
+        if own:
             self._saved_step = self.step
             latest = self.run_dir / "checkpoints" / "latest"
             named = latest.read_bytes() if latest.is_file() else None
@@ -375,6 +380,25 @@ class Trainer:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}")
+
+    def _refuse_changed_trajectory(self, path: Path) -> None:
+        """Refuse to continue this run's checkpoint under a recipe that changes its data, model
+        or optimisation (``hybridkit/train/resume_check.py``): the run folder would describe
+        training that never happened. Raising ``train.steps`` and execution settings may
+        change."""
+        try:
+            earlier = (self.run_dir / "recipe.yaml").read_text()
+        except (OSError, UnicodeDecodeError):
+            return  # nothing recorded to compare against
+        changes = trajectory_changes(earlier, self._recipe_text)
+        if changes:
+            listed = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+            raise CheckpointError(
+                f"{path} belongs to a run trained with another recipe ({listed}); resuming "
+                "may change only train.steps and execution settings (device, compile, "
+                "parallel, checkpoint / log / eval cadence, eval). Use --resume none to start "
+                "this run over (the earlier run is moved aside) or a new run directory"
+            )
 
     def _diverged(self, what: str) -> NoReturn:
         last = latest_checkpoint(self.run_dir)
