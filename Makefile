@@ -18,7 +18,7 @@ $(BIN)/hybridkit: pyproject.toml
 	@touch $@
 
 # The main job: train four architectures on a retrieval task and compare them at 1x-8x the
-# training length (report + plot in runs/quickstart; a few minutes on 2 CPU cores).
+# training length (report + plot in runs/quickstart; under a minute on 2 CPU cores).
 demo: $(BIN)/hybridkit
 	$(BIN)/hybridkit study $(STUDY) -o runs/quickstart
 

@@ -445,7 +445,7 @@ def _int_list(text: str, flag: str, high: int, too: str = "too large") -> list[i
         )
     values = [int(t) for t in parts]
     if min(values) <= 0:
-        raise HybridkitError(f"{flag} needs at least one positive value")
+        raise HybridkitError(f"{flag}: {min(values)} is not allowed; every value must be >= 1")
     if max(values) > high:
         raise HybridkitError(f"{flag}: {max(values)} is {too}; allowed: at most {high}")
     if len(set(values)) != len(values):

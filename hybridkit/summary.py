@@ -8,6 +8,7 @@ kernels' dispatch points through the layers, so nothing here re-implements eithe
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -38,6 +39,14 @@ class ModelSummary:
     backends: dict[str, str] = field(default_factory=dict)
 
 
+def _spec_summary(spec, d_model: int) -> str:
+    """The layer spec's table text, given the model width where its ``summary`` takes it (a
+    plugin's may not)."""
+    if "d_model" in inspect.signature(spec.summary).parameters:
+        return spec.summary(d_model=d_model)
+    return spec.summary()
+
+
 def summarize(
     model: HybridLM, *, seq_len: int, act_dtype: str = "bfloat16", device: str = "cpu"
 ) -> ModelSummary:
@@ -54,8 +63,9 @@ def summarize(
             if layer is None:
                 continue
             kinds.append(layer.spec.kind)
-            if layer.spec.summary():
-                options.append(layer.spec.summary())
+            text = _spec_summary(layer.spec, model.spec.d_model)
+            if text:
+                options.append(text)
             state = ask(layer, "decode_state_bytes", dtype)
             state_bytes += state
             kv_per_token += ask(layer, "kv_bytes_per_token", dtype)

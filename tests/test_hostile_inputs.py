@@ -742,6 +742,22 @@ def test_damaged_run_directory_layout_is_clear(tmp_path, cli_error, one_thread):
         shutil.move(saved, path)
 
 
+def test_a_folder_of_other_files_is_no_run_directory(tmp_path, cli_error, one_thread):
+    """``train -o docs`` wrote checkpoints, metrics and weights among the documents there; a
+    non-empty folder without a run is refused (hidden files such as a stale lock do not
+    count), an empty one is used."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.md").write_text("mine")
+    err = cli_error(*_tiny_train_args(docs), "--set=train.steps=1")
+    assert f"{docs} holds files but no training run (notes.md;" in err, err
+    assert sorted(p.name for p in docs.iterdir()) == ["notes.md"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".hidden").write_text("")
+    assert main([*_tiny_train_args(empty), "--set=train.steps=1"]) == 0
+    assert (empty / "recipe.yaml").is_file()
+
 def test_rate_options_beyond_float32_are_recipe_errors(cli_error):
     """``a_floor`` / ``dt_*`` of 1e300 failed at the first float32 conversion (a RuntimeError
     traceback); they are bounded like every other number of the recipe."""

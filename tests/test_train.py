@@ -1066,6 +1066,20 @@ def test_eval_writes_its_files(run_copy, tmp_path, capsys):
     assert {p.name for p in (tmp_path / "ev").iterdir()} == {"eval.json", "eval.md", "eval.png"}
     results = json.loads((tmp_path / "ev" / "eval.json").read_text())["results"]
     assert [r["length"] for r in results] == [16]
+    assert payload["checkpoint_step"] is None and payload["weights"] == "model.safetensors"
+
+
+def test_eval_of_an_unfinished_run_says_which_checkpoint_it_scored(run_copy, capsys):
+    """No model.safetensors yet: the newest checkpoint is evaluated, which was silent and left
+    no trace in eval.json."""
+    (run_copy / "model.safetensors").unlink()
+    assert main(["eval", str(run_copy), "--lengths", "16", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "no model.safetensors" in err and "step_0000008" in err
+    payload = json.loads((run_copy / "eval.json").read_text())
+    assert payload["checkpoint_step"] == 8
+    assert payload["weights"] == "checkpoints/step_0000008/model.safetensors"
+    assert "checkpoint step_0000008" in (run_copy / "eval.md").read_text()
 
 
 def test_eval_errors_are_clear(run_copy, tmp_path, capsys, cli_error):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hybridkit.footprint import check_recipe_eval
 from hybridkit.rundir import load_run
 from hybridkit.runtime import resolve_device
 from hybridkit.tasks.base import check_model_vocab
+from hybridkit.weights import find_weights
 
 
 def binomial_stderr(p: float, n: float) -> float:
@@ -89,6 +91,18 @@ def evaluate_run(
     """Evaluate a run at ``lengths`` (default: eval.lengths, else the task's eval_lengths)."""
     run_dir = Path(run_dir)
     recipe, model = load_run(run_dir, overrides)
+    # an unfinished run (no model.safetensors yet) is scored at its newest checkpoint: say so,
+    # and record which weights the numbers belong to
+    weights = find_weights(run_dir)
+    step = None  # None: the finished run's weights
+    if weights.parent != run_dir:
+        number = weights.parent.name.removeprefix("step_")
+        step = int(number) if number.isascii() and number.isdigit() else -1
+        print(
+            f"note: {run_dir} has no model.safetensors (the run has not finished); evaluating "
+            f"its newest checkpoint, {weights.parent.name}",
+            file=sys.stderr,
+        )
     if recipe.task is None:
         raise HybridkitError(f"{run_dir}/recipe.yaml has no task section to evaluate on")
     ev = recipe.eval
@@ -123,6 +137,8 @@ def evaluate_run(
         # Relative to the folder holding eval.json, so results stay valid when the folder is
         # copied off the machine that produced it (GPU runs come back as archives).
         "run": os.path.relpath(run_dir, out),
+        "weights": os.path.relpath(weights, out),
+        "checkpoint_step": step,
         "task": task_spec.kind,
         "train_length": train_length,
         "chance": task.chance,
@@ -131,6 +147,11 @@ def evaluate_run(
     (out / "eval.json").write_text(json.dumps(payload, indent=1))
     (out / "eval.md").write_text(
         f"# {recipe.name or run_dir.name}: {task_spec.kind}, trained at {train_length}\n\n"
+        + (
+            f"Weights of the checkpoint {weights.parent.name} (the run has not finished).\n\n"
+            if step is not None
+            else ""
+        )
         + markdown_table(results, train_length)
     )
     name = recipe.name or run_dir.name

@@ -213,8 +213,9 @@ class AttentionSpec(LayerSpec):
             problems.append(("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}"))
         return problems
 
-    def summary(self) -> str:
-        parts = [f"heads={self.n_heads or 'd/hd'}"]
+    def summary(self, d_model: int | None = None) -> str:
+        heads = self.n_heads or (d_model // self.head_dim if d_model else "d_model/head_dim")
+        parts = [f"heads={heads}"]
         if self.n_kv_heads:
             parts.append(f"kv={self.n_kv_heads}")
         parts += [f"hd={self.head_dim}", self.position]

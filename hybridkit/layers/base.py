@@ -33,8 +33,10 @@ class LayerSpec(StrictModel):
         """Cross-field checks that need the model width: ``[(key, message), ...]``."""
         return []
 
-    def summary(self) -> str:
-        """Short description of the key options for the layer table."""
+    def summary(self, d_model: int | None = None) -> str:
+        """Short description of the key options for the layer table (``d_model``: the model
+        width, to show values that default to a multiple of it; plugin kinds may leave the
+        parameter out)."""
         return ""
 
     def build(self, d_model: int, layer_idx: int) -> nn.Module:

@@ -444,7 +444,7 @@ class Mamba3Spec(LayerSpec):
                 problems.append((key, why + hint))
         return problems
 
-    def summary(self) -> str:
+    def summary(self, d_model: int | None = None) -> str:
         parts = [f"N={self.d_state}", f"P={self.headdim}"]
         parts.append("SISO" if self.mimo_rank == 1 else f"MIMO R={self.mimo_rank}")
         if self.ngroups != 1:

@@ -69,5 +69,7 @@ class MLPSpec(LayerSpec):
         d_ff = self.d_ff if self.d_ff is not None else 2 * d_model
         return -(-d_ff // self.multiple_of) * self.multiple_of
 
-    def summary(self) -> str:
-        return f"d_ff={self.d_ff if self.d_ff is not None else '2*d'}"
+    def summary(self, d_model: int | None = None) -> str:
+        if d_model is None and self.d_ff is None:
+            return "d_ff=2*d_model"
+        return f"d_ff={self.resolved_d_ff(d_model or 0)}"

@@ -73,6 +73,9 @@ STALE_WHEN_TRAINING = (
     "heldout.json",
 )
 
+#: the folder an earlier run is moved to when a run starts over: ``RUN_DIR/earlier-<k>``
+EARLIER_PREFIX = "earlier"
+
 #: what a run leaves in its folder, moved aside together when a run starts over there
 EARLIER_RUN = ("checkpoints", "metrics.jsonl", "recipe.yaml", "tb", *STALE_WHEN_TRAINING)
 
@@ -89,7 +92,7 @@ def _set_aside_earlier_run(run_dir: Path) -> Path | None:
     if not trained:  # at most the torn records or temporary folders of a killed start
         return None
     k = 1
-    while (aside := run_dir / f"earlier-{k}").exists():
+    while (aside := run_dir / f"{EARLIER_PREFIX}-{k}").exists():
         k += 1
     aside.mkdir()
     for name in EARLIER_RUN:
@@ -101,7 +104,17 @@ def _set_aside_earlier_run(run_dir: Path) -> Path | None:
 def _check_run_dir(run_dir: Path) -> None:
     """A folder where the trainer writes a file (or a file where it makes a folder) is refused
     before any work: it used to surface as an ``IsADirectoryError`` / ``FileExistsError``
-    traceback, for ``model.safetensors`` only after the whole run had trained."""
+    traceback, for ``model.safetensors`` only after the whole run had trained. So is a
+    non-empty folder that holds no run (``-o docs`` dropped checkpoints and weights among the
+    documents)."""
+    entries = [p.name for p in run_dir.iterdir() if not p.name.startswith(".")]
+    is_run = any(n in EARLIER_RUN or n.startswith(f"{EARLIER_PREFIX}-") for n in entries)
+    if entries and not is_run:
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise HybridkitError(
+            f"{run_dir} holds files but no training run ({shown}; a run folder has recipe.yaml, "
+            "metrics.jsonl or checkpoints); pass a new or empty folder as -o/--out"
+        )
     for name, is_dir in RUN_DIR_LAYOUT.items():
         path = run_dir / name
         if path.exists() and path.is_dir() != is_dir:
