@@ -758,6 +758,7 @@ def test_a_folder_of_other_files_is_no_run_directory(tmp_path, cli_error, one_th
     assert main([*_tiny_train_args(empty), "--set=train.steps=1"]) == 0
     assert (empty / "recipe.yaml").is_file()
 
+
 def test_rate_options_beyond_float32_are_recipe_errors(cli_error):
     """``a_floor`` / ``dt_*`` of 1e300 failed at the first float32 conversion (a RuntimeError
     traceback); they are bounded like every other number of the recipe."""

@@ -183,6 +183,7 @@ def test_bench_out_keeps_the_whole_name(tmp_path):
     assert _result_paths(tmp_path / "r.md") == (tmp_path / "r.json", tmp_path / "r.md")
     assert _result_paths(tmp_path / "v1.2") == (tmp_path / "v1.2.json", tmp_path / "v1.2.md")
 
+
 def test_cli_bench_train_refuses_a_step_past_the_free_memory(monkeypatch, capsys):
     """A huge ``--batch`` is refused before the model is built, naming the flags that shrink
     it (it was ended by the OOM killer with no message)."""
