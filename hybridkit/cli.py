@@ -188,7 +188,13 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
     console.print(mem)
     if s.backends:
-        be = Table(title=f"kernel backends on this machine ({device})")
+        import torch
+
+        here = device == "cpu" or torch.cuda.is_available()
+        title = f"kernel backends on this machine ({device})"
+        if not here:
+            title = f"kernel backends a CUDA GPU would run ({device}; this machine has none)"
+        be = Table(title=title)
         be.add_column("op")
         be.add_column("backend")
         for op, name in s.backends.items():

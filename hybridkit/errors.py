@@ -28,10 +28,27 @@ class RecipeError(HybridkitError):
         self.source = source
         self.problems = list(problems)
         lines = [f"invalid {what} {source}:"]
+        hint = _other_kind_hint(what, self.problems)
+        if hint:
+            lines.append(f"  {hint}")
         for key, msg in self.problems:
             # A problem of the whole file (bad YAML, not a mapping) has no key to name.
             lines.append(f"  {key}: {msg}" if key else f"  {msg}")
         super().__init__("\n".join(lines))
+
+
+def _other_kind_hint(what: str, problems: list[tuple[str, str]]) -> str | None:
+    """One line when the file is the other kind (a recipe given to ``study``, a study file to
+    ``train``): otherwise the report is a screen of "unknown key" lines with no word of it."""
+    unknown = {key for key, msg in problems if msg.startswith("unknown key")}
+    if what == "study" and "model" in unknown:
+        return (
+            "this file is a recipe (it has a model section), not a study: train it with "
+            "`hybridkit train`, or name it as a study's `base:`"
+        )
+    if what == "recipe" and unknown & {"base", "variants", "sweep"}:
+        return "this file is a study (it has base / variants), not a recipe: run `hybridkit study`"
+    return None
 
 
 class CheckpointError(HybridkitError):

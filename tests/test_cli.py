@@ -26,6 +26,20 @@ def test_show_every_recipe(recipe, capsys):
     assert "params" in out and "recurrent state" in out and "KV cache at 4,096 tokens" in out
 
 
+def test_show_for_cuda_says_when_this_machine_has_no_gpu(capsys, monkeypatch):
+    """``show --device cuda`` lists what a GPU would run; on a machine without one the title
+    said "on this machine"."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = str(ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml")
+    assert main(["show", recipe, "--device", "cuda"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "kernel backends a CUDA GPU would run (cuda; this machine has none)" in out
+    assert main(["show", recipe, "--device", "cpu"]) == 0
+    assert "kernel backends on this machine (cpu)" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_check_every_recipe(recipe, capsys):
     assert main(["check", str(recipe), "--batch", "1", "--steps", "3"]) == 0

@@ -759,6 +759,17 @@ def test_a_folder_of_other_files_is_no_run_directory(tmp_path, cli_error, one_th
     assert (empty / "recipe.yaml").is_file()
 
 
+def test_a_recipe_given_to_study_and_a_study_to_train_are_named(tmp_path, cli_error):
+    """Each got a screen of "unknown key" lines with no word that the file is the other kind."""
+    recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
+    study = str(ROOT / "hybridkit" / "recipes" / "studies" / "lengthgen_quickstart.yaml")
+    err = cli_error("study", recipe, "-o", str(tmp_path / "s"))
+    assert err.splitlines()[1].strip().startswith("this file is a recipe")
+    err = cli_error("train", study, "-o", str(tmp_path / "r"))
+    assert err.splitlines()[1].strip().startswith("this file is a study")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
 def test_rate_options_beyond_float32_are_recipe_errors(cli_error):
     """``a_floor`` / ``dt_*`` of 1e300 failed at the first float32 conversion (a RuntimeError
     traceback); they are bounded like every other number of the recipe."""
