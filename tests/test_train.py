@@ -788,6 +788,11 @@ def test_resuming_under_a_changed_data_or_optimisation_is_refused(run_copy, cli_
     same = make(steps=10, log_every=2, checkpoint_every=5, keep_checkpoints=3)
     same.eval.batch_size = 7
     assert Trainer(same, run_copy, resume="auto", progress=False).step == 8
+    # a recipe.yaml written before a key existed: that key compares as its default
+    text = (run_copy / "recipe.yaml").read_text()
+    (run_copy / "recipe.yaml").write_text(text.replace("  min_lr_ratio: 0.1\n", ""))
+    assert "min_lr_ratio" not in (run_copy / "recipe.yaml").read_text()
+    assert Trainer(make(steps=10), run_copy, resume="auto", progress=False).step == 8
     # another run's checkpoint under another recipe: a deliberate start from its weights
     other = run_copy.parent / "finetune"
     start = str(run_copy / "checkpoints" / "step_0000008")

@@ -29,7 +29,7 @@ from hybridkit.footprint import check_eval_lengths, check_training
 from hybridkit.fsutil import DirLock, atomic_write_bytes, atomic_write_text
 from hybridkit.kernels.config import scored_rows_enabled
 from hybridkit.kernels.loss import scored_rows
-from hybridkit.recipe import RecipeSpec, digest, dump_recipe, recipe_to_dict
+from hybridkit.recipe import RecipeSpec, digest, dump_recipe, load_recipe, recipe_to_dict
 from hybridkit.runtime import autocast_for, resolve_device
 from hybridkit.tasks.base import IGNORE_INDEX, Task, check_model_vocab
 from hybridkit.train import distributed as dist_utils
@@ -400,9 +400,11 @@ class Trainer:
         training that never happened. Raising ``train.steps`` and execution settings may
         change."""
         try:
-            earlier = (self.run_dir / "recipe.yaml").read_text()
-        except (OSError, UnicodeDecodeError):
-            return  # nothing recorded to compare against
+            # resolved again by this version, so that keys added since it was written compare
+            # as their defaults instead of as changes
+            earlier = dump_recipe(load_recipe(self.run_dir / "recipe.yaml"))
+        except (OSError, UnicodeDecodeError, HybridkitError):
+            return  # nothing this version can read to compare against
         changes = trajectory_changes(earlier, self._recipe_text)
         if changes:
             listed = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
