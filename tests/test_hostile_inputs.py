@@ -752,6 +752,11 @@ def test_a_folder_of_other_files_is_no_run_directory(tmp_path, cli_error, one_th
     err = cli_error(*_tiny_train_args(docs), "--set=train.steps=1")
     assert f"{docs} holds files but no training run (notes.md;" in err, err
     assert sorted(p.name for p in docs.iterdir()) == ["notes.md"]
+    # a folder of study records alone (copied from other machines) is a run folder to train in
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "result.json").write_text("{}")
+    assert main([*_tiny_train_args(records), "--set=train.steps=1"]) == 0
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / ".hidden").write_text("")

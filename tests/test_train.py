@@ -785,7 +785,7 @@ def test_resuming_under_a_changed_data_or_optimisation_is_refused(run_copy, cli_
     assert "train.batch_size: 8 -> 4" in err and "--resume none" in err
     assert "lr: 0.003" in (run_copy / "recipe.yaml").read_text()  # left as it was
     # more steps, other execution settings and evaluation: the same trajectory, continued
-    same = make(steps=10, log_every=2, checkpoint_every=5, keep_checkpoints=3)
+    same = make({**MQAR, "eval_examples": 16}, steps=10, log_every=2, checkpoint_every=5)
     same.eval.batch_size = 7
     assert Trainer(same, run_copy, resume="auto", progress=False).step == 8
     # a recipe.yaml written before a key existed: that key compares as its default

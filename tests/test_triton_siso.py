@@ -587,16 +587,18 @@ def test_fake_impl_and_registration(rank: int):
 
 
 @pytest.mark.parametrize(
-    "case, fast, qk_heads",
+    "case, fast, qk_heads, shared_angles",
     [
-        (Case(H=4, init=True), True, 1),  # bf16 per-head dq / dk
-        (Case(H=4, G=2), False, 2),  # fp32 slots, no initial state
-        (Case(B=1, L=30, H=4, cu=(0, 7, 7, 30), init=True), True, 4),  # packed: slot bound
-        (Case(H=2, R=4, C=4, halves=True), True, 1),  # MIMO: psi partials
-        (Case(L=0, H=2, init=True), False, 1),  # no chunk at all
+        (Case(H=4, init=True), True, 1, False),  # bf16 per-head dq / dk
+        (Case(H=4, G=2), False, 2, True),  # fp32 slots, no initial state, (B, L, 1, S) angles
+        (Case(B=1, L=30, H=4, cu=(0, 7, 7, 30), init=True), True, 4, False),  # packed
+        (Case(H=2, R=4, C=4, halves=True), True, 1, False),  # MIMO: psi partials
+        (Case(L=0, H=2, init=True), False, 1, False),  # no chunk at all
     ],
 )
-def test_fake_backward_allocates_what_the_real_one_returns(case: Case, fast: bool, qk_heads: int):
+def test_fake_backward_allocates_what_the_real_one_returns(
+    case: Case, fast: bool, qk_heads: int, shared_angles: bool
+):
     """The backward op returns the kernels' raw buffers (per-head dq / dk, per-chunk partial
     sums) for torch to finish outside it; its fake implementation must give each one's shape
     and dtype for every setting that changes them (``fast`` and ``qk_heads`` the dq / dk
@@ -606,6 +608,8 @@ def test_fake_backward_allocates_what_the_real_one_returns(case: Case, fast: boo
     from hybridkit.kernels.mamba3.chunkscan.launch import ChunkPlan, qk_heads_per_program
 
     inp = _inputs(case, torch.bfloat16 if fast else torch.float32, "cpu", 0)
+    if shared_angles:  # one angle set for every head: the gradient is still per head
+        inp["angles"] = inp["angles"][:, :, :1]
     cu = None if case.cu is None else torch.tensor(case.cu)
     nseq = case.B if cu is None else len(case.cu) - 1
     init = torch.randn(nseq, case.H, case.P, case.N) if case.init else None

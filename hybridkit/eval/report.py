@@ -99,8 +99,8 @@ def evaluate_run(
         number = weights.parent.name.removeprefix("step_")
         step = int(number) if number.isascii() and number.isdigit() else -1
         print(
-            f"note: {run_dir} has no model.safetensors (the run has not finished); evaluating "
-            f"its newest checkpoint, {weights.parent.name}",
+            f"note: {run_dir} has no model.safetensors; evaluating its newest checkpoint, "
+            f"{weights.parent.name}",
             file=sys.stderr,
         )
     if recipe.task is None:
@@ -148,7 +148,8 @@ def evaluate_run(
     (out / "eval.md").write_text(
         f"# {recipe.name or run_dir.name}: {task_spec.kind}, trained at {train_length}\n\n"
         + (
-            f"Weights of the checkpoint {weights.parent.name} (the run has not finished).\n\n"
+            f"Weights of the checkpoint {weights.parent.name} (no model.safetensors in the "
+            "run folder).\n\n"
             if step is not None
             else ""
         )

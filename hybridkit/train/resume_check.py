@@ -23,6 +23,9 @@ MAY_CHANGE = frozenset(
         "description",
         "plugins",
         "eval",
+        "task.eval_lengths",  # the task's test sets: the training data depends on neither
+        "task.eval_examples",
+        "task.eval_seed",
         "train.steps",
         "train.grad_accum",  # the same examples per step, in other micro-batches
         "train.compile",

@@ -73,11 +73,24 @@ STALE_WHEN_TRAINING = (
     "heldout.json",
 )
 
+#: a study's record of a run in its folder (``hybridkit/study.py``: ``RESULT_FILE``); collected
+#: records alone may sit in a folder the study then trains in
+STUDY_RECORD = "result.json"
+
 #: the folder an earlier run is moved to when a run starts over: ``RUN_DIR/earlier-<k>``
 EARLIER_PREFIX = "earlier"
 
 #: what a run leaves in its folder, moved aside together when a run starts over there
-EARLIER_RUN = ("checkpoints", "metrics.jsonl", "recipe.yaml", "tb", *STALE_WHEN_TRAINING)
+EARLIER_RUN: tuple[str, ...] = (
+    "checkpoints",
+    "metrics.jsonl",
+    "recipe.yaml",
+    "tb",
+    *STALE_WHEN_TRAINING,
+)
+
+#: names that make a folder a run folder (anything else non-hidden in it: refused as -o)
+RUN_MARKERS = frozenset((*EARLIER_RUN, STUDY_RECORD))
 
 
 def _set_aside_earlier_run(run_dir: Path) -> Path | None:
@@ -108,7 +121,7 @@ def _check_run_dir(run_dir: Path) -> None:
     non-empty folder that holds no run (``-o docs`` dropped checkpoints and weights among the
     documents)."""
     entries = [p.name for p in run_dir.iterdir() if not p.name.startswith(".")]
-    is_run = any(n in EARLIER_RUN or n.startswith(f"{EARLIER_PREFIX}-") for n in entries)
+    is_run = any(n in RUN_MARKERS or n.startswith(f"{EARLIER_PREFIX}-") for n in entries)
     if entries and not is_run:
         shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
         raise HybridkitError(

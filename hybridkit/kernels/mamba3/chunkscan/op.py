@@ -475,9 +475,6 @@ def _(dout, d_total_angle, d_end_state, q, k, v, adt, dt, trap, q_bias, k_bias, 
     def absent() -> Tensor:  # an absent input's place, as the real op fills it (no aliases)
         return new(0)
 
-    def like(t: Tensor | None) -> Tensor:
-        return absent() if t is None else t.new_empty(t.shape)
-
     return [
         new(z.B, z.L, z.R, z.H // hs, z.N, dtype=heads),
         new(z.B, z.L, z.R, z.H // hs, z.N, dtype=heads),
@@ -487,7 +484,7 @@ def _(dout, d_total_angle, d_end_state, q, k, v, adt, dt, trap, q_bias, k_bias, 
         absent() if trap is None else new(z.B, z.H, z.L, dtype=trap.dtype),
         new(nparts, z.H, z.R, z.N),
         new(nparts, z.H, z.R, z.N),
-        like(angles),
+        absent() if angles is None else new(z.B, z.L, z.H, z.S, dtype=angles.dtype),
         new(nparts, z.H),
         absent() if psi is None else new(nparts, z.H, z.R, z.P),
         absent() if init_state is None else new(nseq, z.H, z.P, z.N),
