@@ -8,7 +8,8 @@
 # as carried; "transformer" the Transformer at the carried tree. Each run:
 # benchmarks/train_throughput.py --cases $CASE (default hybrid_compiled), 6 timed steps, no
 # profile -> $WORK/<run>/train_throughput.{json,md}, archived into $OUT/session.tar.gz after
-# each (benchmarks/gpu_call.sh).
+# each (benchmarks/gpu_call.sh). TESTS (optional): pytest arguments run after the runs, with the
+# time left, at the carried tree -> $WORK/tests.txt (e.g. the GPU tests of the changed code).
 set -u
 WORK=/tmp/hk_ab_train
 # shellcheck source=benchmarks/gpu_call.sh
@@ -33,3 +34,9 @@ for run in ${RUNS:-current transformer}; do
     > "$WORK/$run.txt" 2>&1
   echo "$run ($case)"; show "$WORK/$run/train_throughput.md" "$WORK/$run.txt" 4; pack
 done
+if [ -n "${TESTS:-}" ]; then
+  # shellcheck disable=SC2086  # TESTS is a list of pytest arguments
+  budgeted 300 45 python -m pytest -q -m gpu -p no:cacheprovider -rfE $TESTS 2>&1 \
+    | grep -v Warning | tail -12 > "$WORK/tests.txt"
+  echo "tests: $(tail -1 "$WORK/tests.txt")"; pack
+fi
