@@ -28,16 +28,16 @@ from tests.test_triton_siso import Case, check, check_gpu_case  # noqa: E402
 
 
 def spy_slots(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Poison the dq / dk slot buffers and the partial sums each backward makes (unless packed:
-    tokens outside every sequence and slots past its chunks must stay zero there) and record
-    the slot counts."""
+    """Poison the dq / dk slot buffers and the per-chunk partial sums each backward makes
+    (unless packed: tokens outside every sequence must stay zero there) and record the slot
+    counts."""
     slots: list[int] = []
     real = scan_op._grad_buffers
 
-    def poisoned(x, plan, dsend, fast, hs, C):
-        g = real(x, plan, dsend, fast, hs, C)
-        if not plan.varlen:  # and the per-chunk partial sums, which every chunk writes
-            for t in (g.dq_heads, g.dk_heads, g.dq_bias_part, g.dk_bias_part, g.dD_part):
+    def poisoned(x, plan, dsend, fast, hs):
+        g = real(x, plan, dsend, fast, hs)
+        if not plan.varlen and plan.nchunks > 0:  # every chunk writes its partial sums
+            for t in (g.dq_bias_part, g.dk_bias_part, g.dD_part, g.dq_heads, g.dk_heads):
                 t.fill_(float("nan"))
         slots.append(g.dq_heads.shape[3])
         return g

@@ -21,8 +21,6 @@ calls is not in force (a ``ContextVar`` does not follow work into another thread
 
 from __future__ import annotations
 
-import math
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -167,15 +165,8 @@ class _Grads(NamedTuple):
     dinit: Tensor  # (seqs, H, P, N) gradient of the initial state (relative frame)
 
 
-#: the :class:`_Grads` fields the backward op returns, in this order (the rest are scratch)
-RAW_FIELDS = (
-    "dq_heads", "dk_heads", "dx", "dadt", "ddt", "dtrap", "dq_bias_part", "dk_bias_part",
-    "dangles", "dD_part", "dpsi_part", "dinit",
-)  # fmt: skip
-
-
 def _grad_buffers(
-    x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bool, hs: int, C: int
+    x: ScanInputs, plan: ChunkPlan, dsend: Tensor | None, fast: bool, hs: int
 ) -> _Grads:
     """``hs``: heads per program of the q / k kernels (:func:`.launch.qk_heads_per_program`),
     which share one fp32 slot of the dq / dk buffers."""
@@ -187,11 +178,9 @@ def _grad_buffers(
     heads = torch.bfloat16 if fast and hs == 1 else f32
     # written by ``_bwd_gates`` (zeros where there is no chunk)
     gnew = new if plan.nchunks > 0 else torch.zeros
-    # per-(chunk, head) partial sums, one slot per state slot (the static bound of packed
-    # calls, so that the fake implementation knows the shape): a dense call with chunks
-    # writes every slot, a packed one leaves the slots past its chunks at zero
-    nparts = _part_slots(z, C, x.cu_seqlens)
-    part = torch.empty if plan.nchunks == nparts else torch.zeros
+    # per-(chunk, head) partial sums: every slot is written when there is a chunk
+    nparts = max(plan.nchunks, 1)
+    part = torch.empty if plan.nchunks > 0 else torch.zeros
     return _Grads(
         dq_heads=new(z.B, z.L, z.R, z.H // hs, z.N, dtype=heads, device=dev),
         dk_heads=new(z.B, z.L, z.R, z.H // hs, z.N, dtype=heads, device=dev),
@@ -215,12 +204,6 @@ def _grad_buffers(
     )
 
 
-def _part_slots(z: _Sizes, C: int, cu_seqlens: Tensor | None) -> int:
-    """Rows of the per-chunk partial-sum buffers: :func:`.launch.state_slots`, at least 1."""
-    nseq = z.B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return max(state_slots(z.B, z.L, C, nseq, cu_seqlens is not None), 1)
-
-
 def backward_settings() -> list[int]:
     """The kernel settings the backward launches with, read when the forward runs:
     ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes, qk_heads]`` (ints, so that they pass
@@ -241,9 +224,8 @@ def scan_backward(
     halves: bool,
     settings: list[int],
 ) -> list[Tensor]:
-    """What the kernels leave of the gradients of ``x``'s inputs (:func:`finish_gradients`
-    sums it to the gradients); kernels launched with ``settings`` (:func:`backward_settings`
-    of the forward)."""
+    """Gradients of every input of ``x`` (empty tensors for absent ones), in its order;
+    kernels launched with ``settings`` (:func:`backward_settings` of the forward)."""
     z = _Sizes.of(x)
     dev = x.q.device
     plan = ChunkPlan(z.B, z.L, C, x.cu_seqlens, dev)
@@ -259,13 +241,10 @@ def scan_backward(
     launch = dict(bwd_warps=warps, bwd_x_warps=x_warps or None, bwd_maxnreg=maxnreg or None)
     with kernel_config(**launch, autotune=bool(autotune), qk_heads=qk_heads):
         hs = qk_heads_per_program(z.H // z.G)
-        g = _grad_buffers(x, plan, dsend, fast, hs, C)
+        g = _grad_buffers(x, plan, dsend, fast, hs)
         if plan.nchunks > 0:
             _launch_backward(dout, dtotal, dsend, x, chunk_states, g, plan, z, C, fast, halves, hs)
-    raw = {f: getattr(g, f) for f in RAW_FIELDS}
-    if x.init_state is None:
-        raw["dinit"] = None
-    return [torch.empty(0, device=dev) if t is None else t for t in raw.values()]
+    return _reduce(x, g, z, hs)
 
 
 def _launch_backward(
@@ -349,34 +328,24 @@ def _launch_backward(
     )  # fmt: skip
 
 
-def finish_gradients(raw: list[Tensor], x: ScanInputs) -> list[Tensor]:
-    """The gradients of ``x``'s inputs, in its order (empty tensors for absent ones), from what
-    :func:`scan_backward` returns (:data:`RAW_FIELDS`): the per-head (or
-    per-slot) dq / dk summed over each group, the per-chunk partial sums summed over chunks,
-    casts to the inputs' dtypes.
-
-    Plain torch outside the op, so that under ``torch.compile`` Inductor fuses these reductions
-    (and their casts) instead of ~5 eager ATen reductions per layer: in the profiled compiled
-    400M step on the H100 the eager float32 partial sums alone were 109 launches of ~9 us
-    (``benchmarks/results/train_kernels_h100.md``)."""
-    g = SimpleNamespace(**dict(zip(RAW_FIELDS, raw, strict=True)))
-    G = x.q.shape[3]
-    B, L, R, slots_all, N = g.dq_heads.shape
-    slots = slots_all // G  # per group
+def _reduce(x: ScanInputs, g: _Grads, z: _Sizes, hs: int) -> list[Tensor]:
+    """Sum the per-head (or per-slot of ``hs`` heads) and per-chunk partials and cast to the
+    inputs' dtypes."""
+    slots = z.H // z.G // hs  # per group
     # sums over the group's heads accumulate in fp32 also for bf16 buffers (torch's reduction
     # accumulator), so the result is rounded once, as with an fp32 sum and a cast
-    dq = g.dq_heads.view(B, L, R, G, slots, N).sum(4).to(x.q.dtype)
-    dk = g.dk_heads.view(B, L, R, G, slots, N).sum(4).to(x.k.dtype)
+    dq = g.dq_heads.view(z.B, z.L, z.R, z.G, slots, z.N).sum(4).to(x.q.dtype)
+    dk = g.dk_heads.view(z.B, z.L, z.R, z.G, slots, z.N).sum(4).to(x.k.dtype)
     grads = [
         dq,
         dk,
         g.dx,
         g.dadt.to(x.adt.dtype),
         g.ddt,
-        g.dtrap if x.trap is not None else None,
+        g.dtrap,
         g.dq_bias_part.sum(0).to(x.q_bias.dtype),
         g.dk_bias_part.sum(0).to(x.k_bias.dtype),
-        g.dangles if x.angles is not None else None,
+        g.dangles,
         g.dD_part.sum(0).to(x.D.dtype) if x.D is not None else None,
         g.dpsi_part.sum(0).to(x.psi.dtype) if x.psi is not None else None,
         g.dinit if x.init_state is not None else None,
@@ -459,36 +428,17 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _(dout, d_total_angle, d_end_state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi,
       init_state, cu_seqlens, chunk_states, chunk_size, fast, halves, settings):  # fmt: skip
-    # what :func:`scan_backward` allocates (:data:`RAW_FIELDS`): fresh contiguous tensors
-    # whatever the inputs' strides (a transposed dt / adt view included)
-    x = ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state, cu_seqlens)
-    z = _Sizes.of(x)
-    f32 = torch.float32
-    hs = math.gcd(settings[4], z.H // z.G)  # :func:`.launch.qk_heads_per_program`
-    heads = torch.bfloat16 if fast and hs == 1 else f32
-    nparts = _part_slots(z, chunk_size, cu_seqlens)
-    nseq = z.B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    # the real gradients are fresh contiguous tensors whatever the inputs' strides (a
+    # transposed dt / adt view included), so the fake ones are too; an absent input's place
+    # is an empty float32 tensor, as the real op returns there
+    def like(t: Tensor | None) -> Tensor:
+        return q.new_empty(0, dtype=torch.float32) if t is None else t.new_empty(t.shape)
 
-    def new(*shape, dtype=f32):
-        return q.new_empty(shape, dtype=dtype)
-
-    def absent() -> Tensor:  # an absent input's place, as the real op fills it (no aliases)
-        return new(0)
-
-    return [
-        new(z.B, z.L, z.R, z.H // hs, z.N, dtype=heads),
-        new(z.B, z.L, z.R, z.H // hs, z.N, dtype=heads),
-        new(z.B, z.L, z.H, z.P, dtype=v.dtype),
-        new(z.B, z.H, z.L),
-        new(z.B, z.H, z.L, dtype=dt.dtype),
-        absent() if trap is None else new(z.B, z.H, z.L, dtype=trap.dtype),
-        new(nparts, z.H, z.R, z.N),
-        new(nparts, z.H, z.R, z.N),
-        absent() if angles is None else new(z.B, z.L, z.H, z.S, dtype=angles.dtype),
-        new(nparts, z.H),
-        absent() if psi is None else new(nparts, z.H, z.R, z.P),
-        absent() if init_state is None else new(nseq, z.H, z.P, z.N),
-    ]
+    inputs = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state)
+    grads = [like(t) for t in inputs]
+    if angles is not None:  # angles shared over heads (B, L, 1, S) get a gradient per head
+        grads[8] = angles.new_empty(*angles.shape[:2], v.shape[2], angles.shape[3])
+    return grads
 
 
 _N_INPUTS = len(ScanInputs._fields)
@@ -509,10 +459,9 @@ def _run_backward(ctx, dy, d_total, d_end, backward_fn):
     saved = ctx.saved_tensors  # read exactly once (activation checkpointing)
     if dy is None:  # only the final state was used
         dy = saved[2].new_zeros(saved[2].shape)
-    raw = backward_fn(
+    grads = backward_fn(
         dy, d_total, d_end, *saved, ctx.chunk_size, ctx.fast, ctx.halves, ctx.settings
     )
-    grads = finish_gradients(raw, ScanInputs(*saved[:-1]))
     out = [g if present else None for g, present in zip(grads, ctx.present, strict=True)]
     return (*out, None, None, None, None)
 
