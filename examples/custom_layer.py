@@ -45,8 +45,8 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(d_model, spec.width) / spec.width)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def allocate_cache(self, batch, max_seqlen, dtype, device) -> torch.Tensor:
-        # The state is the last (width - 1) inputs; kept as a tensor with an nbytes() helper.
+    def allocate_cache(self, batch, max_seqlen, dtype, device) -> ConvState:
+        # The state is the last (width - 1) inputs, in a small holder with an nbytes() helper.
         return ConvState(
             torch.zeros(batch, self.width - 1, self.weight.shape[0], dtype=dtype, device=device)
         )

@@ -60,6 +60,7 @@ class ReverseTask(Task):
         self.pad_id = PAD
 
     def sample(self, n: int, length: int, rng: np.random.Generator) -> Batch:
+        self.check_length(length)  # the task contract: refuse a length it cannot generate
         items = rng.integers(FIRST, self.vocab_size, size=(n, length))
         full = np.concatenate([items, np.full((n, 1), SEP), items[:, ::-1]], axis=1)
         inputs, targets = full[:, :-1], full[:, 1:].copy()

@@ -799,6 +799,24 @@ def test_resuming_under_a_changed_data_or_optimisation_is_refused(run_copy, cli_
     assert Trainer(make(steps=10, lr=1e-2), other, resume=start, progress=False).step == 8
 
 
+def test_a_run_that_ends_before_its_last_curriculum_stage_says_so(tmp_path, capsys):
+    """``examples/state_tracking.py --steps 400`` on a 1,200-step curriculum stopped at 8 bits
+    and was evaluated at 16-64 with no word of it (the arms then read the opposite of the
+    paper). Allowed, but the trainer warns; a run reaching every stage does not."""
+    stages = [
+        {"steps": 3, "min_len": 2, "max_len": 3},
+        {"steps": 3, "min_len": 2, "max_len": 4},
+        {"steps": 3, "min_len": 2, "max_len": 6},
+    ]
+    task = {"kind": "parity", "seq_len": 4, "eval_examples": 8, "curriculum": stages}
+    Trainer(make(task, steps=3, layout="m"), tmp_path / "short", resume=None, progress=False)
+    err = capsys.readouterr().err
+    assert "warning: train.steps 3 ends before task.curriculum.1 (from step 3): stages 1..2" in err
+    assert "stops at length 3, not 6; at least 7 steps reach every stage" in err
+    Trainer(make(task, steps=7, layout="m"), tmp_path / "full", resume=None, progress=False)
+    assert "curriculum" not in capsys.readouterr().err
+
+
 def test_bad_task_and_train_keys_give_clear_errors(tmp_path, cli_error):
     recipe = write_recipe(tmp_path / "r.yaml")
     for override, key in (

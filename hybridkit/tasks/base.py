@@ -265,6 +265,27 @@ class TaskSpec(StrictModel):
             return max(stage.max_len for stage in self.curriculum)
         return self.seq_len
 
+    def unreached_curriculum(self, steps: int) -> str | None:
+        """Why a run of ``steps`` optimizer steps never reaches the last curriculum stages (None
+        when it reaches every stage or has no curriculum): such a run stops at shorter lengths
+        than the recipe reads as its training length."""
+        stages = self.curriculum or []
+        start = 0
+        for i, stage in enumerate(stages):
+            if start >= steps:
+                longest = max(s.max_len for s in stages[:i])
+                total = sum(s.steps for s in stages[:-1]) + 1
+                last = len(stages) - 1
+                never = f"stage {i} never runs" if i == last else f"stages {i}..{last} never run"
+                return (
+                    f"train.steps {steps} ends before task.curriculum.{i} (from step {start}): "
+                    f"{never}, so training stops at length "
+                    f"{longest}, not {self.max_train_length()}; at least {total} steps reach "
+                    "every stage"
+                )
+            start += stage.steps
+        return None
+
     # --- hooks for task kinds -----------------------------------------------------------------
     def check(self) -> list[tuple[str, str]]:
         """Cross-field problems of the knobs as ``[(dotted key, message), ...]`` (the

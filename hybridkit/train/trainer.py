@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -233,6 +234,9 @@ class Trainer:
             recipe.model, recipe.task, [recipe.task.seq_len], recipe.eval.batch_size,
             recipe.task.eval_examples, self.device, lengths_key="task.seq_len",
         )  # fmt: skip
+        unreached = recipe.task.unreached_curriculum(self.spec.steps)
+        if unreached and self.dist.is_main:  # allowed (a short trial), but never silent
+            print(f"warning: {unreached}", file=sys.stderr)
         self.model = build_model(recipe, seed=self.seed).to(self.device)
         self.model.activation_checkpointing = self.spec.activation_checkpointing
         self.model.loss_chunk_tokens = self.spec.resolved_loss_chunk(self.device.type)
