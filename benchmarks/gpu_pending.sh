@@ -27,8 +27,8 @@
 #   decode_<setting>/.
 # PART "steplaunch" (#16: the state kernel at batch 128 is 1.27x its byte floor on the H200, 1.6x
 #   with a bf16 state; 4 warps at step_split 4 and 2 were slower, decode_step_launch_h100.md;
-#   step_warps=1 and step_maxnreg=64 ran on 2026-12-07, decode_step_warps_h100.md, so the default
-#   SETTINGS are now what is left): under each of SETTINGS, the step's GPU tests at
+#   step_warps=1 / 8 and step_maxnreg=64 ran on 2026-12-07, decode_step_warps_h100.md: the
+#   default SETTINGS are the defaults alone): under each of SETTINGS, the step's GPU tests at
 #   batch 128 (tests/test_mamba3_step.py
 #   -k b128) and, only if they pass, the one-layer step benchmark (benchmarks/decode.py
 #   --skip-model: kernel and layer at batch 1 / 16 / 128, fp32 and bf16 state) ->
@@ -80,7 +80,7 @@ elif [ "$1" = decode ]; then
     echo "$setting"; show "$WORK/decode_$setting/decode.md" "$WORK/decode_$setting.txt" 5; pack
   done
 elif [ "$1" = steplaunch ]; then
-  for setting in ${SETTINGS:-defaults step_warps=8}; do
+  for setting in ${SETTINGS:-defaults}; do
     kernels=$(kernels_of "$setting")
     mkdir -p "$WORK/step_$setting"
     HYBRIDKIT_KERNELS=$kernels budgeted 70 40 python -m pytest -q -m gpu tests/test_mamba3_step.py \
