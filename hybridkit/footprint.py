@@ -46,9 +46,12 @@ def train_bytes(model: ModelSpec, task: TaskSpec, batch: int, micro_batch: int) 
     the host the step's inputs and targets (int64); on the device, for the backward, one
     low-precision activation per layer for every token of a micro-batch."""
     tokens = task.token_length(task.max_train_length())
-    data = batch * tokens * 2 * INT64
-    saved = micro_batch * tokens * model.n_layer * model.d_model * LOW_PRECISION
-    return data, saved
+    return batch * tokens * 2 * INT64, saved_activation_bytes(model, micro_batch, tokens)
+
+
+def saved_activation_bytes(model: ModelSpec, rows: int, tokens: int) -> int:
+    """What a backward needs at least: one low-precision activation per layer and token."""
+    return rows * tokens * model.n_layer * model.d_model * LOW_PRECISION
 
 
 def refuse_if_short(
@@ -161,9 +164,8 @@ def check_bench_step(
     when even the lower bound of :func:`train_bytes` cannot fit: a huge ``--batch`` was ended
     by the OOM killer with no message."""
     host = batch * (seq_len + 1) * INT64
-    saved = batch * seq_len * model.n_layer * model.d_model * LOW_PRECISION
     refuse_if_short(
-        (host, saved),
+        (host, saved_activation_bytes(model, batch, seq_len)),
         device,
         f"a benchmark step of {batch} x {seq_len} tokens ({model.n_layer} layers of width "
         f"{model.d_model})",

@@ -51,7 +51,16 @@ def load_source(
 
 def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[RecipeSpec, HybridLM]:
     """The recipe and trained model of a run directory (weights of its newest checkpoint)."""
+    recipe, model, _weights = load_run_weights(run_dir, overrides)
+    return recipe, model
+
+
+def load_run_weights(
+    run_dir: str | Path, overrides: Sequence[str] = ()
+) -> tuple[RecipeSpec, HybridLM, Path]:
+    """:func:`load_run` and the weights file it loaded (``model.safetensors`` of the run, or of
+    its newest checkpoint when the run has not written its own)."""
     recipe, weights = load_source(run_dir, overrides, run_only=True)
     model = build_model(recipe, seed=recipe.seed)
     load_weights(model, weights)
-    return recipe, model
+    return recipe, model, weights

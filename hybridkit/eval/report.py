@@ -21,10 +21,9 @@ from hybridkit.errors import HybridkitError
 from hybridkit.eval.lengthgen import evaluate_lengths
 from hybridkit.eval.plots import plot_depth_heatmap, plot_lengthgen
 from hybridkit.footprint import check_recipe_eval
-from hybridkit.rundir import load_run
+from hybridkit.rundir import load_run_weights
 from hybridkit.runtime import resolve_device
 from hybridkit.tasks.base import check_model_vocab
-from hybridkit.weights import find_weights
 
 
 def binomial_stderr(p: float, n: float) -> float:
@@ -90,10 +89,9 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a run at ``lengths`` (default: eval.lengths, else the task's eval_lengths)."""
     run_dir = Path(run_dir)
-    recipe, model = load_run(run_dir, overrides)
+    recipe, model, weights = load_run_weights(run_dir, overrides)
     # an unfinished run (no model.safetensors yet) is scored at its newest checkpoint: say so,
     # and record which weights the numbers belong to
-    weights = find_weights(run_dir)
     step = None  # None: the finished run's weights
     if weights.parent != run_dir:
         number = weights.parent.name.removeprefix("step_")

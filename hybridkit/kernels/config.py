@@ -212,7 +212,7 @@ class KernelConfig:
             elif isinstance(f.default, bool):
                 ok, kind = isinstance(value, bool), "True or False"
             else:
-                optional = "None" in str(f.type)
+                optional = f.name in _OPTIONAL
                 ok = (value is None and optional) or (
                     isinstance(value, int) and not isinstance(value, bool)
                 )
@@ -220,6 +220,10 @@ class KernelConfig:
             if not ok:
                 raise ValueError(f"{f.name}={value!r}: expected {kind}")
 
+
+#: the settings that may be None (no cap, the default launch): ``none``, ``0`` or empty in the
+#: variable
+_OPTIONAL = frozenset(f.name for f in dataclasses.fields(KernelConfig) if "None" in str(f.type))
 
 _OVERRIDE: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar(
     "hybridkit_kernel_config", default=None
@@ -260,8 +264,7 @@ def _parse_value(key: str, raw: str) -> object:
         if not all(_whole_number(c) for c in parts):
             raise ValueError(f"{raw!r}: expected whole numbers joined by ':', e.g. 32:64")
         return tuple(int(c) for c in parts)
-    optional = ("bwd_maxnreg", "step_maxnreg", "step_warps", "bwd_x_warps")
-    if key in optional and raw in ("", "0", "none"):
+    if key in _OPTIONAL and raw in ("", "0", "none"):
         return None
     if not _whole_number(raw):
         raise ValueError(f"{raw!r}: expected a whole number")

@@ -12,9 +12,8 @@ parallelism, checkpoint and log cadence) and the evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
-
-import yaml
 
 #: recipe keys (dotted; a section name covers everything under it) a resume may change
 MAY_CHANGE = frozenset(
@@ -61,18 +60,10 @@ def _may_change(key: str) -> bool:
     return any(".".join(parts[:i]) in MAY_CHANGE for i in range(1, len(parts) + 1))
 
 
-def trajectory_changes(old_text: str, new_text: str) -> list[str]:
+def trajectory_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``"key: old -> new"`` for every recipe value outside :data:`MAY_CHANGE` that differs
-    between two resolved recipes (YAML as ``dump_recipe`` writes it); empty when they agree
-    or when the old text is not a readable recipe (nothing to compare against)."""
-    try:
-        old = yaml.safe_load(old_text)
-    except yaml.YAMLError:
-        return []
-    new = yaml.safe_load(new_text)
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return []
-    before, after = _flatten(old), _flatten(new)
+    between two resolved recipes (``recipe_to_dict``); empty when they agree."""
+    before, after = _flatten(dict(old)), _flatten(dict(new))
     missing = object()
     changes = []
     for key in sorted(set(before) | set(after)):

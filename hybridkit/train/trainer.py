@@ -198,7 +198,7 @@ class Trainer:
                 "<recipe>", [("task", "training needs a task section (e.g. kind: mqar)")]
             )
         # resolved once: refused now if the run folder could not read it back, written below
-        recipe_text = self._recipe_text = dump_recipe(recipe)
+        recipe_text = dump_recipe(recipe)
         self.recipe, self.spec = recipe, recipe.train
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -419,10 +419,10 @@ class Trainer:
         try:
             # resolved again by this version, so that keys added since it was written compare
             # as their defaults instead of as changes
-            earlier = dump_recipe(load_recipe(self.run_dir / "recipe.yaml"))
+            earlier = load_recipe(self.run_dir / "recipe.yaml")
         except (OSError, UnicodeDecodeError, HybridkitError):
             return  # nothing this version can read to compare against
-        changes = trajectory_changes(earlier, self._recipe_text)
+        changes = trajectory_changes(recipe_to_dict(earlier), recipe_to_dict(self.recipe))
         if changes:
             listed = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
             raise CheckpointError(
