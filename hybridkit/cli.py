@@ -997,6 +997,21 @@ def _add_bench_decode(what) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if _torchrun_rank():
+        from hybridkit.train.distributed import exit_rank
+
+        exit_rank(code)  # why not a plain return: exit_rank's docstring
+    return code
+
+
+def _torchrun_rank() -> bool:
+    """Whether this process is a rank under torchrun (read from the environment, so that a
+    command that never needed torch does not import it to ask)."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     kernels_env = os.environ.get("HYBRIDKIT_KERNELS")

@@ -1,7 +1,8 @@
 """Worker for the multi-process tests: ``torchrun ... tests/_ddp_worker.py RECIPE OUT [STOP]``.
 
 Trains ``RECIPE`` into ``OUT`` (resuming from its newest checkpoint), stopping after step ``STOP``
-if given, then leaves the process group cleanly. The CLI cannot stop early, which the resume
+if given, then leaves the process group cleanly and ends the rank as the CLI does
+(:func:`hybridkit.train.distributed.exit_rank`). The CLI cannot stop early, which the resume
 tests under FSDP need.
 """
 
@@ -20,6 +21,7 @@ def main(argv: list[str]) -> None:
     trainer = Trainer(load_recipe(recipe_path), out, resume="auto", progress=False, stop_after=stop)
     trainer.fit()
     dist_utils.shutdown(trainer.dist)
+    dist_utils.exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -960,13 +960,38 @@ def test_metrics_records(trained_run):
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node", str(nproc), *args]
-    env = checkout_env(OMP_NUM_THREADS="1")
+    # faulthandler: a rank that aborts (SIGABRT) prints every thread's Python stack
+    env = checkout_env(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return res
 
 
 DP_TRAIN = {"steps": 6, "batch_size": 8, "checkpoint_every": 2, "keep_checkpoints": 5}
+
+
+def test_exit_rank_flushes_and_keeps_the_code():
+    """A rank ends without finalizing: what it printed to a pipe (block-buffered) still arrives."""
+    code = "from hybridkit.train.distributed import exit_rank; print('done', end=''); exit_rank(3)"
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=checkout_env(), capture_output=True, text=True
+    )
+    assert (res.returncode, res.stdout) == (3, "done")
+
+
+def test_cli_ends_a_torchrun_rank_through_exit_rank(tmp_path, monkeypatch):
+    import hybridkit.train.distributed as dist_utils
+
+    ended: list[int] = []
+    monkeypatch.setattr(dist_utils, "exit_rank", ended.append)
+    recipe = str(write_recipe(tmp_path / "r.yaml"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert main(["show", recipe]) == 0 and ended == []  # one process: a plain return
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main(["show", recipe])
+    main(["show", str(tmp_path / "missing.yaml")])
+    assert ended == [0, 2]
 
 
 @pytest.mark.slow

@@ -7,10 +7,13 @@ the data of a single-process run with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -164,6 +167,25 @@ def shutdown(info: DistInfo) -> None:
 
 
 _LEFT_KEY = "hybridkit/ranks_torn_down"
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a torchrun rank now, with ``code``, skipping the interpreter's finalization.
+
+    Call it last, after :func:`shutdown` and after every file is written and closed. Why: gloo's
+    threads outlive ``destroy_process_group`` (on torch 2.13 CPU a rank still has its three gloo
+    threads after it, even once the FSDP model is deleted), so they still run while the
+    interpreter finalizes; a native thread that asks for the GIL then is ended by
+    ``pthread_exit``, which aborts the process if it unwinds through C++ code that may not throw
+    ("terminate called without an active exception", SIGABRT). The CPU CI still saw that abort
+    now and then with the barrier and the teardown count of :func:`shutdown` in place; where in
+    the rank it came from was not recorded (the test launches now enable ``faulthandler``).
+    ``os._exit`` leaves without finalizing, which closes that window; the standard streams are
+    flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing reaches it
+            stream.flush()
+    os._exit(code)
 
 
 def _default_store() -> dist.Store | None:
