@@ -280,7 +280,7 @@ def main():
         device=dev,
         torch=torch.__version__,
         triton=triton.__version__,
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         python=platform.python_version(),
         copy_bandwidth_GBps=bw / 1e9,
         peak_bf16_TFLOPs=989.0,

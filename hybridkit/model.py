@@ -41,6 +41,11 @@ class Block(nn.Module):
         if spec.mlp is not None:
             self.norm2 = RMSNorm(d_model, eps)
             self.mlp = spec.mlp.build(d_model, layer_idx)
+        # asked once here, not per forward: torch 2.5's Dynamo cannot trace ``vars`` of a class
+        self.takes_pending = (
+            self.mixer is not None and takes_pending_norm(self.mixer),
+            self.mlp is not None and takes_pending_norm(self.mlp),
+        )
 
     def forward_pending(
         self,
@@ -59,12 +64,13 @@ class Block(nn.Module):
         norm still pending (:class:`PendingNorm`), which its first projection folds into its own
         launch."""
         fold = norm_linear_enabled()
-        for norm, layer in ((self.norm1, self.mixer), (self.norm2, self.mlp)):
+        parts = ((self.norm1, self.mixer), (self.norm2, self.mlp))
+        for (norm, layer), takes_pending in zip(parts, self.takes_pending, strict=True):
             if layer is None:
                 continue
             if pending is None:
                 pending = layer(norm(h), cache=cache, cu_seqlens=cu_seqlens)
-            elif fold and takes_pending_norm(layer):
+            elif fold and takes_pending:
                 x = PendingNorm(h, pending, norm)
                 pending = layer(x, cache=cache, cu_seqlens=cu_seqlens)
                 h = x.finish()

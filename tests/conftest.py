@@ -1,6 +1,7 @@
-"""Shared fixtures: GPU tests skip on machines without CUDA; every test starts from a fixed seed;
-``one_thread`` for tiny training runs; ``cli_error`` for the command line's clean errors.
-(Shared plain helpers live in ``helpers.py``.)"""
+"""Shared fixtures: GPU tests skip on machines without CUDA, Triton tests where our kernels
+cannot run (no Triton, or one older than ``hybridkit.compat.MIN_TRITON``); every test starts
+from a fixed seed; ``one_thread`` for tiny training runs; ``cli_error`` for the command line's
+clean errors. (Shared plain helpers live in ``helpers.py``.)"""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ import hybridkit.layers  # noqa: F401  (register built-in layer kinds)
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    from hybridkit.compat import TRITON_UNUSABLE
+
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU")
+    if TRITON_UNUSABLE:  # e.g. torch 2.5, which pins Triton 3.1
+        skips["triton"] = pytest.mark.skip(reason=f"needs our Triton kernels: {TRITON_UNUSABLE}")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,18 @@ import pytest
 import torch
 from torch import Tensor
 
+from hybridkit.compat import TORCH_VERSION, fsdp_on_cpu_problem
 from hybridkit.recipe import load_recipe
+
+#: FSDP2 on the CPU (gloo): torch 2.5's fully_shard needs CUDA (the trainer then says so)
+needs_fsdp_on_cpu = pytest.mark.skipif(
+    fsdp_on_cpu_problem() is not None, reason=str(fsdp_on_cpu_problem())
+)
+#: what only torch >= 2.6's Dynamo traces (2.5 breaks the graph at ``.tolist()`` of packed
+#: batches and fails inlining the deterministic embedding's mode check)
+needs_torch_2_6_compile = pytest.mark.skipif(
+    TORCH_VERSION < (2, 6), reason="torch.compile behaviour of torch >= 2.6"
+)
 
 
 def slow_params(values: Iterable[str], slow: set[str]) -> list:

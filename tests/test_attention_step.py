@@ -57,6 +57,7 @@ def forced(monkeypatch):
     return calls
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("prefill", [1, 4])
 def test_kernel_step_equals_forward_float64(prefill, forced, one_thread):
     model = _model(torch.float64)
@@ -68,6 +69,7 @@ def test_kernel_step_equals_forward_float64(prefill, forced, one_thread):
     assert rel_err(got, want) < 1e-10
 
 
+@pytest.mark.triton
 def test_kernel_step_equals_torch_step_float32_and_writes_the_ring(forced, monkeypatch):
     """fp32 (full-precision products): logits and every ring within fp32 rounding of the torch
     static step's, over enough steps that both windowed rings wrap."""
@@ -84,6 +86,7 @@ def test_kernel_step_equals_torch_step_float32_and_writes_the_ring(forced, monke
             torch.testing.assert_close(cache.layers[idx].v[:, :ring], kv.v[:, :ring])
 
 
+@pytest.mark.triton
 def test_dispatch_needs_the_setting_cuda_a_dtype_and_an_even_head_dim(monkeypatch):
     """On by default; it needs CUDA, bf16 / fp16 / fp32 and an even head_dim <= 256, and
     ``hybridkit show`` names it as the decode step's attention."""

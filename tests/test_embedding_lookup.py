@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from hybridkit.kernels.embedding import embedding_lookup
 from hybridkit.train.determinism import CUBLAS_WORKSPACE, deterministic_mode
+from tests.helpers import needs_torch_2_6_compile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,6 +85,7 @@ def _inductor_code(fn, deterministic: bool) -> str:
     return "\n".join(code)
 
 
+@needs_torch_2_6_compile
 def test_compiled_deterministic_backward_is_the_eager_kernel():
     """What Inductor really emits: in deterministic mode plain F.embedding's backward becomes
     the ``aten.index_put_`` fallback (the serial kernel on a GPU; if a torch release drops that

@@ -22,9 +22,12 @@ from hybridkit.runtime import autocast_for
 from hybridkit.train.distributed import DistInfo, shard_model
 from hybridkit.train.optim import build_optimizer
 from hybridkit.train.sharded_checkpoint import load_sharded, write_sharded_checkpoint
-from tests.helpers import attn_block, mamba_block, tiny_recipe
+from tests.helpers import attn_block, mamba_block, needs_fsdp_on_cpu, tiny_recipe
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICES = [
+    pytest.param("cpu", marks=needs_fsdp_on_cpu),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
 
 
 @pytest.fixture
@@ -115,3 +118,15 @@ def _step_once(model, optimizer, device: torch.device) -> None:
     F.cross_entropy(logits.float().reshape(-1, 97), ids[:, 1:].reshape(-1)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def test_fsdp_on_the_cpu_with_torch_2_5_is_a_clear_error(monkeypatch):
+    """torch 2.5's fully_shard needs CUDA streams: the trainer names the setting instead of
+    failing inside FSDP."""
+    import hybridkit.compat
+    from hybridkit.errors import HybridkitError
+
+    monkeypatch.setattr(hybridkit.compat, "TORCH_VERSION", (2, 5))
+    model = build_model(tiny_recipe("m a", d_model=16, vocab=32).model)
+    with pytest.raises(HybridkitError, match="train.parallel 'fsdp': FSDP2 on the CPU needs torch"):
+        shard_model(model)

@@ -37,7 +37,11 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "hybridkit"
 
 LEVELS: list[tuple[int, str, tuple[str, ...]]] = [
     # (level, name, module prefixes) -- bottom to top; a module may import its own level or below.
-    (0, "base utilities", ("hybridkit.errors", "hybridkit.fsutil", "hybridkit.safeyaml")),
+    (
+        0,
+        "base utilities",
+        ("hybridkit.errors", "hybridkit.fsutil", "hybridkit.safeyaml", "hybridkit.compat"),
+    ),  # fmt: skip
     (1, "schema and registries", ("hybridkit.schema", "hybridkit.registry", "hybridkit.plugins")),
     (2, "runtime helpers", ("hybridkit.runtime", "hybridkit.weights", "hybridkit.profiling")),
     (3, "kernels", ("hybridkit.kernels",)),

@@ -18,6 +18,7 @@ from tests.helpers import set_launch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize(
     "m,k,n,bias",
     [
@@ -45,6 +46,7 @@ def test_kernel_matches_f_linear(m, k, n, bias):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("m", [1, 5])
 def test_kernel_in_half_precision(m):
     """fp16 through the interpreter (its bf16 dot is not exact, fp16's is): the tensor-core
@@ -61,6 +63,7 @@ def test_kernel_in_half_precision(m):
     torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize(
     "m,bias,dtype",
     [
@@ -90,6 +93,7 @@ def test_glu_kernel_matches_linear_then_swiglu(m, bias, dtype):
         skinny_linear(x, w[:73], None, glu=True)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize(
     "m,k,n,glu,dtype",
     [
@@ -139,6 +143,7 @@ LAUNCHES = {
 }  # fmt: skip
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("launch", sorted(LAUNCHES))
 def test_other_launches_match_f_linear(launch, monkeypatch):
     """The one-row and 16-row kernels at the sweep's other tile sizes, fp32 through the
@@ -187,6 +192,7 @@ def test_kernel_refuses_too_many_rows():
         skinny_linear(torch.randn(17, 8), torch.randn(4, 8), None)
 
 
+@pytest.mark.triton
 def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
     """As if on CUDA: on by default for one row (plain linears; ``skinny_rows`` raises that to
     at most 16) and for up to 16 rows of the fused fc1 + SwiGLU; no autograd, matching dtypes,
@@ -216,6 +222,7 @@ def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
         resolve_backend("cublas", x1, w)
 
 
+@pytest.mark.triton
 def test_linear_keeps_leading_axes_and_the_module_is_an_nn_linear():
     layer = Linear(6, 10, bias=True)
     assert isinstance(layer, torch.nn.Linear)
@@ -227,6 +234,7 @@ def test_linear_keeps_leading_axes_and_the_module_is_an_nn_linear():
     assert got.shape == (2, 3, 10)
 
 
+@pytest.mark.triton
 def test_decode_through_the_kernel_equals_decode_without(monkeypatch):
     """A tiny hybrid's generation (Mamba-3, attention, MLP, head: every projection at one row
     per sequence) through the kernel, in the interpreter, gives the logits of the same steps
@@ -283,6 +291,7 @@ def test_bf16_kernel_at_model_shapes(rows):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("m", [1, 4])
 def test_prenorm_kernel_stays_finite_where_the_norm_does_in_fp16(m):
     """fp16 with a residual channel of 20,000 and a norm weight of 4: ``s * w`` is past fp16's
@@ -328,6 +337,7 @@ def test_bf16_prenorm_kernel_at_model_shapes(rows):
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.triton
 def test_show_reports_the_decode_linears(monkeypatch):
     """``hybridkit show`` lists what a decode step's linears run, with how to change it."""
     from hybridkit.kernels.linear import describe_decode
@@ -347,6 +357,7 @@ def test_show_reports_the_decode_linears(monkeypatch):
         assert "folded" not in describe_decode("cuda", torch.bfloat16)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("batch,rows", [(1, 1), (2, 16)])
 def test_decode_with_norm_linear_equals_decode_without(monkeypatch, batch, rows):
     """``norm_linear``: a tiny hybrid (Mamba-3 with the grouped norm, attention, MLP, tied head)

@@ -174,6 +174,7 @@ CPU_CASES = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", list(CPU_CASES))
 def test_step_interpreter(name):
     if torch.cuda.is_available():
@@ -181,6 +182,7 @@ def test_step_interpreter(name):
     _check(CPU_CASES[name], "cpu", seed=zlib.crc32(name.encode()) % 1000)
 
 
+@pytest.mark.triton
 def test_dispatch_plans():
     def plan(backend, device, dtype=torch.float32, rank=1):
         return ops.plan_step(backend, device=device, dtype=dtype, rank=rank).describe()
@@ -197,6 +199,7 @@ def test_dispatch_plans():
         plan("cuda-magic", "cpu")
 
 
+@pytest.mark.triton
 def test_show_names_the_split_step():
     """``hybridkit show``'s decode row says when the step runs split (``step_split``)."""
     from hybridkit.layers.mamba3 import Mamba3, Mamba3Spec
@@ -281,6 +284,7 @@ LAYER_VARIANTS = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", list(LAYER_VARIANTS))
 def test_layer_decode_through_the_kernel(name, monkeypatch):
     """Prefill 3 tokens, then decode 3 through the fused kernel: equals the full forward."""

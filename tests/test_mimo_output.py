@@ -93,6 +93,7 @@ def _check(shape, group, mode, dtype=torch.float32, device="cpu", tol=1e-5, seed
         assert torch.isfinite(a).all() and rel_err(a, b) < tol, (name, rel_err(a, b))
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("mode", ["none", "pregate", "postgate"])
 @pytest.mark.parametrize(
     ("shape", "group"),
@@ -105,6 +106,7 @@ def test_matches_float64(shape, group, mode, poisoned_empty):
     _check(shape, group, mode)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("rank", [2, 4, 8])
 def test_the_model_group_width(rank, poisoned_empty):
     """Groups of 64 channels (the 400M model's heads): the tiles the GPU runs, (16 / 8 / 4)
@@ -112,6 +114,7 @@ def test_the_model_group_width(rank, poisoned_empty):
     _check((1, 37, rank, 2, 64), 64, "postgate")
 
 
+@pytest.mark.triton
 def test_bf16_inputs_return_bf16_within_its_precision(poisoned_empty):
     _check((2, 6, 4, 2, 8), 8, "pregate", dtype=torch.bfloat16, tol=2e-2)
 
@@ -124,6 +127,7 @@ def test_empty_sequence():
     assert all(torch.all(t.grad == 0) for t in leaves)
 
 
+@pytest.mark.triton
 def test_dispatch_rules_and_errors():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert plan_mimo_output("auto", device=cpu, dtype=torch.float32, rank=4, group_size=64)[0] == (
@@ -170,6 +174,7 @@ def test_dispatch_rules_and_errors():
         mimo_output(y, z, mz, mo, w, group_size=4, eps=0.0, mode="pregate")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("on", [False, True])
 def test_the_dispatch_on_cuda_traces_fullgraph(on):
     """A MIMO layer plans its output on every forward; on CUDA that reads the ``mimo_output``
@@ -189,6 +194,7 @@ def test_the_dispatch_on_cuda_traces_fullgraph(on):
     assert out.tolist() == ([1.0, 1.0] if on else [2.0, 2.0])
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("group", [3, 5, 16, 2048])
 def test_without_a_norm_the_group_is_ignored(group, poisoned_empty):
     """``mode="none"`` has no group: whatever the caller passes, the kernels tile by heads (a
@@ -200,6 +206,7 @@ def test_without_a_norm_the_group_is_ignored(group, poisoned_empty):
     assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
 
 
+@pytest.mark.triton
 def test_custom_op_fake_impls_match_the_real_ones():
     """``torch.library.opcheck``: fake shapes / strides / dtypes, autograd registration, schema;
     z a strided slice as the layer passes it."""
@@ -216,6 +223,7 @@ def test_custom_op_fake_impls_match_the_real_ones():
         torch.library.opcheck(torch.ops.hybridkit.mimo_output_fwd.default, args, test_utils=checks)
 
 
+@pytest.mark.triton
 def test_compiles_fullgraph_with_the_custom_op():
     torch._dynamo.reset()
     leaves = [t.float().requires_grad_() for t in _inputs(1, 3, 4, 2, 4)]
@@ -235,6 +243,7 @@ def test_compiles_fullgraph_with_the_custom_op():
         assert rel_err(a, b) < 1e-6
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("norm", ["none", "grouped_pregate", "postgate"])
 def test_layer_with_the_kernels_matches_the_torch_output(norm, monkeypatch):
     """A MIMO layer's output and every parameter gradient, with its output through the kernels
@@ -268,6 +277,7 @@ def test_layer_with_the_kernels_matches_the_torch_output(norm, monkeypatch):
     [("none", 4, True), ("postgate", 4, False), ("grouped_pregate", 3, False),
      ("grouped_postgate", 2, True)],
 )  # fmt: skip
+@pytest.mark.triton
 def test_layers_asking_for_triton_run_the_kernels_where_they_fit(norm, rank, kernels):
     """A layer whose ``backend`` is ``triton``: its output through the kernels when they fit it
     (no norm: tiles of a head), else the torch formula (a whole-width norm wider than a tile,
@@ -305,6 +315,7 @@ LAUNCHES = {  # (fwd elements, fwd warps, bwd elements, bwd warps, bwd programs 
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("launch", sorted(LAUNCHES))
 @pytest.mark.parametrize("mode", ["pregate", "postgate"])
 def test_other_launches_match_float64(launch, mode, monkeypatch, poisoned_empty):

@@ -61,6 +61,7 @@ def _leaf(t, dtype=torch.float32):
     return t.to(DEVICE, dtype).requires_grad_()
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("shape", [(3, 5, 24), (1, 1, 7), (2, 33)])
 def test_rms_norm_matches_float64(shape, poisoned_empty):
     x64, w64 = torch.randn(shape, dtype=F64), 1 + 0.1 * torch.randn(shape[-1], dtype=F64)
@@ -73,6 +74,7 @@ def test_rms_norm_matches_float64(shape, poisoned_empty):
         assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("pre_gate", [True, False])
 @pytest.mark.parametrize(("dim", "group"), [(24, 8), (24, 24), (20, 5)])
 def test_gated_norm_matches_float64(pre_gate, dim, group, poisoned_empty):
@@ -107,6 +109,7 @@ def _check_gated(rows, dim, group, pre_gate, dtype, tol, out_tol=None):
         assert torch.isfinite(got.float()).all() and rel_err(got, want) < tol
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("launch", sorted(LAUNCHES))
 @pytest.mark.parametrize("pre_gate", [True, False])
 def test_other_launches_match_float64(launch, pre_gate, monkeypatch, poisoned_empty):
@@ -129,6 +132,7 @@ def test_gpu_other_launches(launch, pre_gate, monkeypatch):
     _check_gated(1000, 2048, 2048, pre_gate, torch.float32, 1e-5)
 
 
+@pytest.mark.triton
 def test_strided_views_and_low_precision_inputs():
     """The Mamba-3 layer hands in ``z`` as a strided slice of ``in_proj``'s output, in bf16."""
     packed = torch.randn(2, 5, 3 * 16, dtype=F64)
@@ -161,6 +165,7 @@ def test_empty_input_and_dispatch_rules():
         norm_ops.gated_rms_norm(cpu, cpu, w, group_size=3, eps=1e-5, norm_before_gate=True)
 
 
+@pytest.mark.triton
 def test_custom_op_fake_impls_match_the_real_ones():
     """``torch.library.opcheck``: fake shapes/strides/dtypes, autograd registration, schema."""
     y = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
@@ -171,6 +176,7 @@ def test_custom_op_fake_impls_match_the_real_ones():
         torch.library.opcheck(torch.ops.hybridkit.fused_norm_fwd.default, args, test_utils=checks)
 
 
+@pytest.mark.triton
 def test_compiles_fullgraph_with_the_custom_op():
     torch._dynamo.reset()
     y = torch.randn(2, 3, 16, device=DEVICE, dtype=F64).float().requires_grad_()
@@ -198,6 +204,7 @@ def _set_norm_backend(model: torch.nn.Module, backend: str) -> None:
             module.backend = backend
 
 
+@pytest.mark.triton
 def test_model_with_triton_norms_matches_torch_norms():
     """Every norm of a tiny hybrid (block norms, BCNorm, the grouped pre-gate output norm) through
     the kernels: same loss and gradients as through torch."""
@@ -270,6 +277,7 @@ def test_gpu_model_compiles_fullgraph_with_triton_norms():
 
 
 # --- the residual add and the next pre-norm in one launch (inference) ------------------------
+@pytest.mark.triton
 @pytest.mark.parametrize("shape", [(2, 1, 24), (5, 33), (1, 1, 7)])
 def test_add_norm_matches_the_two_ops(shape):
     """``add_rms_norm`` through its kernel (forced on, no autograd): the sum exactly as torch's
@@ -290,6 +298,7 @@ def test_add_norm_matches_the_two_ops(shape):
     assert rel_err(out, want) < 1e-6
 
 
+@pytest.mark.triton
 def test_add_norm_runs_the_two_ops_unless_inference_with_the_setting_on(monkeypatch):
     """Off by default, under autograd and on the torch backend: h + delta, then rms_norm."""
     from hybridkit.kernels.config import kernel_config
@@ -311,6 +320,7 @@ def test_add_norm_runs_the_two_ops_unless_inference_with_the_setting_on(monkeypa
         norm_ops.add_rms_norm(h, delta, w, 1e-5, backend="triton")
 
 
+@pytest.mark.triton
 def test_decode_with_the_fused_add_norm_equals_decode_without(monkeypatch):
     """A tiny hybrid's prefill and decode steps with every residual add fused into the norm after
     it (norms forced to the Triton backend, interpreter): the logits of the unfused steps.

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hybridkit import build_model
-from tests.helpers import attn_block, mamba_block, rel_err, tiny_recipe
+from tests.helpers import attn_block, mamba_block, needs_torch_2_6_compile, rel_err, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,6 +27,7 @@ def _packed(vocab: int, device: str = "cpu"):
     return ids, cu
 
 
+@needs_torch_2_6_compile
 def test_packed_attention_model_compiles_fullgraph_without_breaks():
     torch._dynamo.reset()
     recipe = tiny_recipe(
@@ -45,6 +46,7 @@ def test_packed_attention_model_compiles_fullgraph_without_breaks():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@needs_torch_2_6_compile
 def test_packed_hybrid_breaks_only_at_the_chunked_scans_sequence_split():
     torch._dynamo.reset()
     recipe = tiny_recipe("m a m", d_model=16, vocab=32, m=mamba_block(), a=attn_block())

@@ -33,6 +33,7 @@ def test_setting_parses_and_stays_off_where_it_cannot_run(monkeypatch):
     assert pdl.launch_options(False) == {} and pdl.launch_options(True) == {"launch_pdl": True}
 
 
+@pytest.mark.triton
 def test_show_and_benchmarks_name_the_setting(monkeypatch):
     """``hybridkit show``'s decode-linears row says PDL is on; the decode benchmarks record the
     non-default kernel settings they ran with."""
@@ -49,6 +50,7 @@ def test_show_and_benchmarks_name_the_setting(monkeypatch):
     assert config.changed_settings() == "bwd_warps=8,pdl=1"
 
 
+@pytest.mark.triton
 def test_ptx_waits_before_every_store_and_activation_load():
     """Every decode kernel compiled for sm_90 (no GPU needed; a fresh process, since the suite's
     interpreter cannot compile): with ``USE_PDL`` it triggers its successor and waits, and before

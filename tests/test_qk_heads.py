@@ -62,6 +62,7 @@ CPU_CASES = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", slow_params(CPU_CASES, {"mimo_r4", "siso_h4_all"}))
 def test_heads_summed_in_the_kernels_match_the_reference_cpu(name: str, monkeypatch):
     if torch.cuda.is_available():
@@ -73,6 +74,7 @@ def test_heads_summed_in_the_kernels_match_the_reference_cpu(name: str, monkeypa
     assert seen == [slots]
 
 
+@pytest.mark.triton
 def test_one_head_per_program_keeps_the_per_head_bf16_rows(monkeypatch):
     """The default writes one row per head (bf16 in fast mode): the setting changes nothing
     until it is asked for."""

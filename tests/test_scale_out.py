@@ -18,6 +18,7 @@ from hybridkit.train.bench import TrainBench
 from hybridkit.train.bench_parallel import _combine, parallel_markdown
 from hybridkit.train.checkpoint import newest_valid_checkpoint, read_checkpoint
 from hybridkit.train.trainer import Trainer
+from tests.helpers import needs_fsdp_on_cpu
 from tests.test_train import assert_losses_close, losses, make, torchrun, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +97,7 @@ def test_combined_numbers_follow_the_slowest_rank():
 
 # --- torchrun, gloo ------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+@pytest.mark.parametrize("mode", [pytest.param("fsdp", marks=needs_fsdp_on_cpu), "ddp"])
 def test_bench_train_under_torchrun(mode, tmp_path):
     out = tmp_path / "bench"
     res = torchrun(
@@ -114,6 +115,7 @@ def test_bench_train_under_torchrun(mode, tmp_path):
     assert out.with_suffix(".md").is_file()
 
 
+@needs_fsdp_on_cpu
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path):
     """Written by FSDP2 on 2 ranks, resumed in 1 process; written in 1, resumed on 2 ranks: the
@@ -138,6 +140,7 @@ def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path):
     assert_losses_close(losses(one), want, rtol=1e-5)
 
 
+@needs_fsdp_on_cpu
 @pytest.mark.slow
 def test_fsdp2_bf16_parameters_with_activation_checkpointing(tmp_path):
     """bf16 gathered weights (fp32 master weights and reduction) with per-block activation

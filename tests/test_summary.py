@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from hybridkit import build_model, load_recipe
@@ -15,6 +16,7 @@ from tests.helpers import attn_block, mamba_block, tiny_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.triton
 def test_mimo_recipe_reports_the_triton_path_on_cuda():
     """MIMO prefill runs the Triton scan for ranks 2 / 4 / 8; decode the fused step (any R)."""
     recipe = load_recipe(ROOT / "hybridkit/recipes/mamba3_mimo_s.yaml")
@@ -29,6 +31,7 @@ def test_mimo_recipe_reports_the_triton_path_on_cuda():
     assert cpu["mamba3 step (decode)"] == "reference"
 
 
+@pytest.mark.triton
 def test_backends_listed_per_layer_when_layers_differ():
     blocks = {
         "m": mamba_block(d_state=32, headdim=32, chunk_size=64),

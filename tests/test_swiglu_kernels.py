@@ -46,6 +46,7 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(op, "swiglu_backward", backward)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("shape", [(2, 3, 2 * 20), (1, 2 * 130), (17, 2 * 7)])
 def test_matches_float64_forward_and_backward(shape, poisoned):
     h64 = torch.randn(shape, dtype=F64)
@@ -59,6 +60,7 @@ def test_matches_float64_forward_and_backward(shape, poisoned):
     assert torch.isfinite(got).all() and rel_err(got, want) < 1e-6
 
 
+@pytest.mark.triton
 def test_strided_bf16_input_and_dispatch():
     base = torch.randn(4, 3 * 16, dtype=F64).to(DEVICE, torch.bfloat16).requires_grad_()
     h = base[:, 8:40]  # row stride 48, as a slice of a wider projection would be
@@ -74,6 +76,7 @@ def test_strided_bf16_input_and_dispatch():
         swiglu(torch.randn(2, 5))
 
 
+@pytest.mark.triton
 def test_custom_ops_and_fullgraph_compile():
     h = torch.randn(3, 2 * 12, device=DEVICE, requires_grad=True)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
@@ -90,6 +93,7 @@ def test_custom_ops_and_fullgraph_compile():
     assert rel_err(g1, g2) < 1e-7
 
 
+@pytest.mark.triton
 def test_mlp_layer_with_the_kernels_matches_torch():
     from hybridkit import build_model
     from hybridkit.layers.mlp import SwiGLU

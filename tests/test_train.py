@@ -28,7 +28,7 @@ from hybridkit.train.metrics import read_metrics
 from hybridkit.train.optim import build_optimizer, lr_at, param_groups
 from hybridkit.train.trainer import Trainer, TrainingDiverged
 from hybridkit.weights import latest_checkpoint
-from tests.helpers import checkout_env
+from tests.helpers import checkout_env, needs_fsdp_on_cpu
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -1015,6 +1015,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-5)
 
 
+@needs_fsdp_on_cpu
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_and_resume(tmp_path):
     """FSDP2 (fully_shard) on the CPU with gloo, interrupted after step 3 and resumed."""

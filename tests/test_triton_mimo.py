@@ -37,6 +37,7 @@ CPU_CASES = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", slow_params(CPU_CASES, {"r4_init_grouped", "r2_varlen_init"}))
 def test_triton_mimo_matches_reference_cpu(name: str):
     if torch.cuda.is_available():
@@ -85,6 +86,7 @@ def test_mimo_hybrid_through_the_interpreter_matches_chunked(rank: int, chunk: i
     assert calls == [False, False, True, True, True, True]
 
 
+@pytest.mark.triton
 def test_mimo_dispatch():
     """``auto`` sends MIMO on CUDA to Triton with C x R rows per chunk; ranks without a kernel
     and chunk heights outside the configured sizes go to the chunked path, with the reason."""

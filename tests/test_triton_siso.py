@@ -194,6 +194,7 @@ CPU_CASES = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize(
     "name", slow_params(CPU_CASES, {"init_split_grouped", "varlen_init_split"})
 )
@@ -217,6 +218,7 @@ def test_empty_input_returns_initial_state(init: bool):
         assert a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("backend", ["triton", "chunked", "reference"])
 def test_return_state_false_skips_the_state(backend: str):
     """``return_state=False`` (what training layers pass): same output and gradients, no state."""
@@ -234,6 +236,7 @@ def test_return_state_false_skips_the_state(backend: str):
         assert rel_err(a, b) < 1e-6
 
 
+@pytest.mark.triton
 def test_state_only_loss_matches_the_reference():
     """Only the final state feeds the loss (y unused): the backward gets no output gradient
     (autograd does not materialize zeros for it) and must still match the reference."""
@@ -435,6 +438,7 @@ def test_backward_x_kernel_may_have_its_own_warps(monkeypatch):
         backward_chunk_options("q")
 
 
+@pytest.mark.triton
 def test_each_backward_chunk_kernel_launches_with_its_own_options(monkeypatch):
     """What the launch passes each kernel: the x kernel its own warps (``bwd_x_warps``; from
     2026-12-04 to 12-06 it silently got ``bwd_warps``). The forward runs (interpreter) under
@@ -474,6 +478,7 @@ def test_each_backward_chunk_kernel_launches_with_its_own_options(monkeypatch):
     assert seen["_bwd_q_kernel"] == seen["_bwd_k_kernel"] == (2, 200)
 
 
+@pytest.mark.triton
 def test_triton_chunk_narrows_what_is_not_validated():
     """fp32 (precise) kernels keep C x max(N, P) <= 4096, bf16 ones <= 8192 (and C <= 32 when
     P < N / 2); the dispatch point reports the narrower chunk; the result does not depend on
@@ -494,6 +499,7 @@ def test_triton_chunk_narrows_what_is_not_validated():
     assert plan == ops.ScanPlan("triton", 32, "chunk 32") and plan.describe() == "triton (chunk 32)"
 
 
+@pytest.mark.triton
 def test_dispatch_rules(monkeypatch):
     def plan(
         device="cuda", length=64, rank=1, dtype=torch.bfloat16, chunk=64, n=128, backend="auto"
@@ -528,6 +534,7 @@ def test_dispatch_rules(monkeypatch):
         plan(backend="tilelang")
 
 
+@pytest.mark.triton
 def test_checkpointing_reads_saved_tensors_once():
     """Non-reentrant activation checkpointing around the op gives the same gradients."""
     c = Case(L=20, H=2, init=False)
@@ -554,6 +561,7 @@ def test_checkpointing_reads_saved_tensors_once():
         assert rel_err(a, b) < 1e-6
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("rank, shared_angles", [(1, False), (2, False), (1, True)])
 def test_fake_impl_and_registration(rank: int, shared_angles: bool):
     """Schema, fake (meta) implementation and autograd registration via opcheck, with the
@@ -590,6 +598,7 @@ def test_fake_impl_and_registration(rank: int, shared_angles: bool):
     )
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("compiled", [False, True])
 def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compiled: bool):
     """On a GPU autograd runs the backward in a worker thread of its own, where a

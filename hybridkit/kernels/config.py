@@ -116,7 +116,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
+from hybridkit.compat import trace_constant
 
 ENV_VAR = "HYBRIDKIT_KERNELS"
 WARP_COUNTS = (1, 2, 4, 8, 16)
@@ -323,18 +323,11 @@ def kernel_config(**changes: object) -> Iterator[KernelConfig]:
         _OVERRIDE.reset(token)
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def triton_chunk_sizes() -> tuple[int, ...]:
     """``current_config().chunk_sizes``, read once at trace time under ``torch.compile``
     (Dynamo cannot trace a ``ContextVar`` read; the value is a constant of the graph)."""
     return current_config().chunk_sizes
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``; Triton also
-    reads ``true`` / ``on`` / ``yes`` / ``y`` in any case as on, and so does this)."""
-    value = os.environ.get("TRITON_INTERPRET", "").strip().lower()
-    return value in ("1", "true", "on", "yes", "y")
 
 
 def triton_chunk(chunk: int, d_state: int, headdim: int, fast: bool) -> int:
@@ -351,7 +344,7 @@ def triton_chunk(chunk: int, d_state: int, headdim: int, fast: bool) -> int:
     return chunk
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def step_launch() -> tuple[int, int, int]:
     """(``step_warps``, ``step_maxnreg``, ``step_split``) with 0 for None, read once at trace
     time under ``torch.compile`` like :func:`triton_chunk_sizes` (a compiled decode step
@@ -360,7 +353,7 @@ def step_launch() -> tuple[int, int, int]:
     return cfg.step_warps or 0, cfg.step_maxnreg or 0, cfg.step_split
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def mimo_output_enabled() -> bool:
     """``current_config().mimo_output``, a trace-time constant under ``torch.compile``: Dynamo
     cannot trace the ``ContextVar`` read, and a MIMO layer asks on every forward, so a direct
@@ -374,20 +367,20 @@ def scored_rows_enabled() -> bool:
     return current_config().scored_rows
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def loss_op_enabled() -> bool:
     """``current_config().loss_op``, a trace-time constant under ``torch.compile`` (the loss is
     traced on every compiled step, like the MIMO output above)."""
     return current_config().loss_op
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def fa4_decode_enabled() -> bool:
     """``current_config().fa4_decode``, a trace-time constant under ``torch.compile``."""
     return current_config().fa4_decode
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def norm_linear_enabled() -> bool:
     """Whether ``current_config().norm_linear`` folds any rows, a trace-time constant under
     ``torch.compile`` (the model's blocks ask it on every decode step; whether a given call's

@@ -30,7 +30,8 @@ import functools
 
 import torch
 
-from hybridkit.kernels.config import current_config, interpreting
+from hybridkit.compat import interpreting
+from hybridkit.kernels.config import current_config
 
 
 @functools.cache

@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hybridkit.compat import fsdp_on_cpu_problem
+from hybridkit.errors import HybridkitError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -112,6 +115,9 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.
     """FSDP2 over the default process group, in place (see :func:`wrap_model`); also usable on
     a one-rank group, which is how the GPU tests exercise the mixed-precision policy on a
     machine with a single GPU."""
+    problem = fsdp_on_cpu_problem()
+    if problem and next(model.parameters()).device.type == "cpu":
+        raise HybridkitError(f"train.parallel 'fsdp': {problem}; allowed here: ddp")
     fully_shard, policy_cls = fsdp_api()
     policy = policy_cls(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # fully_shard swaps every parameter for a new (DTensor) one, which drops attributes such

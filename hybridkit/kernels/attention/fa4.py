@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from hybridkit.compat import trace_constant
 from hybridkit.kernels.attention.reference import (
     attention_mask,
     expand_kv,
@@ -411,7 +412,7 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _capability_major(index: int) -> int:
     return _capability(index if index >= 0 else None)[0]
 

@@ -6,13 +6,13 @@ Layout and contract are in :mod:`hybridkit.kernels.attention`.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import math
 from collections.abc import Callable
 
 import torch
 
+from hybridkit.compat import HAVE_TRITON, trace_constant
 from hybridkit.kernels.attention import fa4
 from hybridkit.kernels.attention.reference import packed_attention_mask, reference_attention
 from hybridkit.kernels.attention.sdpa import sdpa_attention
@@ -34,14 +34,14 @@ def _log_once_cached(level: int, message: str) -> None:
     logger.log(level, message)
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _log_once(level: int, message: str) -> bool:
     """Log ``message`` the first time only; run at trace time under ``torch.compile``."""
     _log_once_cached(level, message)
     return True
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _resolve(backend: str, device_type: str, device_index: int, dtype: torch.dtype | None) -> str:
     """``resolve_backend`` on plain constants, so Dynamo runs it once at trace time."""
     if backend in ("reference", "sdpa"):
@@ -76,7 +76,7 @@ def resolve_backend(
     return _resolve_cached(backend, device, dtype, head_dim)
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _capability_major(index: int) -> int:
     return fa4._capability(index if index >= 0 else None)[0]
 
@@ -112,8 +112,6 @@ def clear_backend_caches() -> None:
 
 
 _STEP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-#: whether Triton can be imported at all (fixed per process; asked on every decode step)
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def static_step_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
@@ -125,7 +123,7 @@ def static_step_kernel(device: torch.device | str, dtype: torch.dtype, head_dim:
         return False
     usable = torch.device(device).type == "cuda" and dtype in _STEP_DTYPES
     usable = usable and head_dim % 2 == 0 and head_dim <= 256
-    return usable and _HAVE_TRITON
+    return usable and HAVE_TRITON
 
 
 def attention_step(qkv: torch.Tensor, k_ring, v_ring, ring: int, position, **options):

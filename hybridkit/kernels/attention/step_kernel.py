@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.config import interpreting
+from hybridkit.compat import interpreting
 from hybridkit.kernels.pdl import launch_options, use_pdl
 
 #: ring slots per block of the key loop

@@ -16,11 +16,10 @@ as at 16 (ours pads the rows to one 16-row tile).
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
+from hybridkit.compat import HAVE_TRITON, TRITON_UNUSABLE
 from hybridkit.kernels.config import current_config
 from hybridkit.kernels.layout import as_rows
 
@@ -34,7 +33,6 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton")
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _MAX_ROWS = 16  # mirrors triton_kernels.MAX_ROWS (importing it needs Triton)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -53,7 +51,7 @@ def resolve_backend(
         raise ValueError(f"unknown linear backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    if torch.compiler.is_compiling() or not (_HAVE_TRITON and _on_cuda(x)) or _autocast():
+    if torch.compiler.is_compiling() or not (HAVE_TRITON and _on_cuda(x)) or _autocast():
         return "torch"
     rows = x.numel() // max(x.shape[-1], 1)
     grad = torch.is_grad_enabled() and (
@@ -77,8 +75,8 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
     ``hybridkit show``: the same rules as :func:`resolve_backend`, with the reason."""
     if torch.device(device).type != "cuda":
         return "torch (F.linear)"
-    if not _HAVE_TRITON:
-        return "torch (F.linear; Triton is not installed)"
+    if TRITON_UNUSABLE:
+        return f"torch (F.linear; {TRITON_UNUSABLE})"
     if dtype not in _DTYPES:
         return f"torch (F.linear; the kernel runs {', '.join(str(d)[6:] for d in _DTYPES)})"
     cfg = current_config()

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.config import interpreting
+from hybridkit.compat import interpreting
 from hybridkit.kernels.pdl import launch_options, use_pdl
 
 #: the most rows a call may have (one tensor-core tile tall)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from hybridkit.compat import HAVE_TRITON, TRITON_UNUSABLE, interpreting
 from hybridkit.errors import HybridkitError
 from hybridkit.kernels.mamba3 import chunked, reference
 from hybridkit.kernels.mamba3.state import Mamba3State
@@ -76,7 +77,6 @@ def plan_scan(
     if backend == "cute":  # a decode-step backend only: the scan picks as for auto
         backend = "auto"
     if backend == "triton":
-        from hybridkit.kernels.config import interpreting
         from hybridkit.kernels.mamba3.chunkscan import kernel_chunk
 
         where = torch.device(device).type if device is not None else None
@@ -85,6 +85,10 @@ def plan_scan(
                 f"mixer.backend 'triton' runs on a CUDA device (or on the CPU through the Triton "
                 f"interpreter, TRITON_INTERPRET=1), not on {where}; allowed here: auto, chunked, "
                 "reference"
+            )
+        if TRITON_UNUSABLE:
+            raise HybridkitError(
+                f"mixer.backend 'triton': {TRITON_UNUSABLE}; allowed here: auto, chunked, reference"
             )
 
         return ScanPlan(backend, kernel_chunk(chunk_size, rank, d_state, headdim, fast))
@@ -95,6 +99,8 @@ def plan_scan(
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if not on_cuda:
         return ScanPlan("chunked", chunk_size)
+    if TRITON_UNUSABLE:
+        return ScanPlan("chunked", chunk_size, TRITON_UNUSABLE)
     from hybridkit.kernels.mamba3.chunkscan import (
         chunk_height_reason,
         kernel_chunk,
@@ -176,15 +182,6 @@ class StepPlan(NamedTuple):
 
 
 @functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
 def cute_unavailable() -> str | None:
     """Why the CuTe DSL step cannot be imported here (None when it can). Imports ``cutlass``
     only when asked, so CPU CI and ``hybridkit show`` never pay for it."""
@@ -210,9 +207,13 @@ def plan_step(
     if backend in ("reference", "chunked") or dtype == torch.float64:
         return StepPlan("reference")
     if backend == "triton":
+        if TRITON_UNUSABLE:
+            raise HybridkitError(
+                f"mixer.backend 'triton': {TRITON_UNUSABLE}; allowed here: auto, chunked, reference"
+            )
         return StepPlan("triton")
     on_cuda = device is not None and torch.device(device).type == "cuda"
-    if not (on_cuda and _triton_importable()):
+    if not (on_cuda and HAVE_TRITON):
         return StepPlan("reference")
     if backend == "cute":
         why = "cute step is SISO only" if rank != 1 else cute_unavailable()

@@ -370,7 +370,8 @@ def run_scan(
             states.append(state_i)
         y = torch.cat(ys, dim=1)
         state = Mamba3State(*(torch.cat(parts, dim=0) for parts in zip(*states, strict=True)))
-    return y, state._replace(v=state.v.to(v.dtype))
+    # a new tuple, not ``_replace``: torch 2.5's Dynamo does not trace into collections
+    return y, Mamba3State(state.angle, state.ssm, state.k, state.v.to(v.dtype))
 
 
 def _rank_outer(x: Tensor, k: Tensor) -> Tensor:

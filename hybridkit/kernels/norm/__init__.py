@@ -20,10 +20,9 @@ returns the input dtype, the gated norm returns float32 (float64).
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
+from hybridkit.compat import HAVE_TRITON
 from hybridkit.kernels.config import current_config
 from hybridkit.kernels.norm.reference import gated_rms_norm_reference, rms_norm_reference
 
@@ -31,8 +30,6 @@ __all__ = ["BACKENDS", "add_rms_norm", "gated_rms_norm", "resolve_backend", "rms
 
 BACKENDS = ("auto", "torch", "triton")
 
-#: whether Triton can be imported at all (CPU-only installs may lack it); fixed per process
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 #: widest normalised group the Triton tile holds (mirrors triton_kernels.MAX_GROUP, which
 #: cannot be imported without Triton)
@@ -46,7 +43,7 @@ def resolve_backend(backend: str, x: torch.Tensor, group_size: int) -> str:
     if backend != "auto":
         return backend
     usable = (
-        _HAVE_TRITON
+        HAVE_TRITON
         and x.is_cuda
         and x.dtype != torch.float64
         and group_size <= _MAX_GROUP

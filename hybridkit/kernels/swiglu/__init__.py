@@ -8,17 +8,14 @@ two ops itself, together with their neighbours), as for :mod:`hybridkit.kernels.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
+
+from hybridkit.compat import HAVE_TRITON
 
 __all__ = ["BACKENDS", "resolve_backend", "swiglu"]
 
 BACKENDS = ("auto", "torch", "triton")
-
-#: whether Triton can be imported at all (CPU-only installs may lack it); fixed per process
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str, h: torch.Tensor) -> str:
@@ -27,7 +24,7 @@ def resolve_backend(backend: str, h: torch.Tensor) -> str:
         raise ValueError(f"unknown SwiGLU backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    usable = _HAVE_TRITON and h.is_cuda and h.dtype != torch.float64
+    usable = HAVE_TRITON and h.is_cuda and h.dtype != torch.float64
     return "triton" if usable and not torch.compiler.is_compiling() else "torch"
 
 

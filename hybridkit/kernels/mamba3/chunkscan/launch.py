@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hybridkit.kernels.config import current_config, interpreting
+from hybridkit.compat import interpreting
+from hybridkit.kernels.config import current_config
 from hybridkit.kernels.mamba3.chunkscan import backward as bwd_kernels
 from hybridkit.kernels.mamba3.chunkscan import forward as fwd_kernels
 

@@ -21,6 +21,7 @@ calls is not in force (a ``ContextVar`` does not follow work into another thread
 
 from __future__ import annotations
 
+import typing
 from typing import NamedTuple
 
 import torch
@@ -222,8 +223,8 @@ def scan_backward(
     C: int,
     fast: bool,
     halves: bool,
-    settings: list[int],
-) -> list[Tensor]:
+    settings: typing.List[int],  # noqa: UP006 - torch 2.5's schema inference knows no list[int]
+) -> typing.List[Tensor]:  # noqa: UP006 - nor list[Tensor]
     """Gradients of every input of ``x`` (empty tensors for absent ones), in its order;
     kernels launched with ``settings`` (:func:`backward_settings` of the forward)."""
     z = _Sizes.of(x)
@@ -417,8 +418,8 @@ def _bwd_op(
     chunk_size: int,
     fast: bool,
     halves: bool,
-    settings: list[int],
-) -> list[Tensor]:
+    settings: typing.List[int],  # noqa: UP006 - torch 2.5's schema inference knows no list[int]
+) -> typing.List[Tensor]:  # noqa: UP006 - nor list[Tensor]
     x = ScanInputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, psi, init_state, cu_seqlens)
     return scan_backward(
         dout, d_total_angle, d_end_state, x, chunk_states, chunk_size, fast, halves, settings

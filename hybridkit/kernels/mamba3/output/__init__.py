@@ -21,10 +21,9 @@ SISO layers do not come here: their gate and norm are the gated norm's (``kernel
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
+from hybridkit.compat import HAVE_TRITON
 from hybridkit.kernels.config import mimo_output_enabled
 from hybridkit.kernels.mamba3.output.reference import MODES, mimo_output_reference
 from hybridkit.kernels.mamba3.output.tiles import TILE_ELEMENTS, tile
@@ -32,7 +31,6 @@ from hybridkit.kernels.mamba3.output.tiles import TILE_ELEMENTS, tile
 __all__ = ["BACKENDS", "MODES", "TILE_ELEMENTS", "mimo_output", "plan_mimo_output", "tile"]
 
 BACKENDS = ("auto", "torch", "triton")
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def plan_mimo_output(
@@ -56,7 +54,7 @@ def plan_mimo_output(
             raise ValueError(f"mimo output: the Triton kernels cannot run this call: {unfit}")
         return "triton", ""
     on_cuda = device is not None and torch.device(device).type == "cuda"
-    if not (on_cuda and _HAVE_TRITON):
+    if not (on_cuda and HAVE_TRITON):
         return "torch", ""
     if not mimo_output_enabled():
         return "torch", "kernel setting mimo_output=0"

@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkit.kernels.config import interpreting, step_launch
+from hybridkit.compat import interpreting
+from hybridkit.kernels.config import step_launch
 from hybridkit.kernels.mamba3.chunkscan.common import _mod2pi
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step.weights import StepInputs, StepWeights
