@@ -853,11 +853,22 @@ def held_out_eval(run_dir: Path, spec: StudySpec, device: str) -> dict:
     return res
 
 
+def _eval_overrides(evaluation: dict) -> list[str]:
+    """The overrides the study evaluates a run with (its examples per length)."""
+    return [f"eval.examples={evaluation['examples']}"]
+
+
 def _cached_eval(run_dir: Path, evaluation: dict) -> dict | None:
-    """The run's ``eval.json`` if it covers exactly ``evaluation``'s lengths and examples (one
-    written by ``hybridkit eval --lengths ...`` at other lengths is not the study's)."""
+    """The run's ``eval.json`` if it covers exactly ``evaluation``'s lengths and examples with
+    the run's final weights and no other overrides (one written by ``hybridkit eval --lengths
+    ...`` at other lengths, of a checkpoint, or with ``--set`` of another window is not the
+    study's; one written before the overrides were recorded is evaluated again)."""
     payload = read_json(run_dir / "eval.json")
     if payload is None or not valid_eval(payload):
+        return None
+    if payload.get("checkpoint_step") is not None:
+        return None
+    if payload.get("overrides") != _eval_overrides(evaluation):
         return None
     results = payload["results"]
     if [r["length"] for r in results] != evaluation["lengths"]:
@@ -960,7 +971,7 @@ def run_slot(
         payload = _cached_eval(run_dir, evaluation) or evaluate_run(
             run_dir,
             lengths=evaluation["lengths"],
-            overrides=[f"eval.examples={evaluation['examples']}"],
+            overrides=_eval_overrides(evaluation),
             device=device,
         )
     eval_time = time.time() - t0
@@ -1093,6 +1104,10 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     todo = start_order(select_slots(plan.slots, only, shard), out)
     _check_memory(plan, {slot.variant for slot in todo}, device)
+    # The report first describes what is finished for the study as it is now: a report left by
+    # an earlier invocation may count runs this one will set aside (the study changed), and if
+    # this invocation is killed, that old report must not stand as "complete".
+    write_study_report(plan, out)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"[study] {len(todo)} of the study's {len(plan.slots)} runs selected{where}")
     counts = {"done": 0, "ran": 0, "waiting": 0, "deferred": 0}

@@ -637,6 +637,27 @@ def test_a_changed_recipe_sets_the_old_run_aside_and_trains_again(tmp_path, caps
     assert json.loads((run / "final.json").read_text())["step"] == 10
 
 
+def test_a_killed_rerun_of_a_changed_study_leaves_no_complete_report(tmp_path, monkeypatch):
+    """The re-run of a changed study sets its old run aside and is killed while training the
+    new one: the report on disk no longer says the study is complete with the old run's
+    numbers (it was rewritten when the invocation started)."""
+    kw = dict(variants={"hybrid": []}, lrs=[3e-3], lengths=[16], description=None)
+    study = write_study(tmp_path, set=["train.warmup_steps=2", "train.steps=10"], **kw)
+    out = tmp_path / "out"
+    assert run_study(study, out, device="cpu", progress=False)["complete"]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hybridkit.study.Trainer", killed)
+    longer = write_study(tmp_path, set=["train.warmup_steps=2", "train.steps=12"], **kw)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(longer, out, device="cpu", progress=False)
+    report = json.loads((out / "results.json").read_text())
+    assert not report["complete"] and report["runs_finished"] == 0
+    assert "this report is partial" in (out / "report.md").read_text()
+
+
 def test_run_copied_back_without_weights_trains_again(tmp_path, capsys):
     """A GPU call brings a run's small files back (final.json, metrics) but not its weights or
     checkpoints: the study trains it again instead of failing in its evaluation."""
@@ -663,7 +684,8 @@ def test_evaluation_settings_and_stale_caches_decide_what_is_evaluated_again(
 ):
     """Changing the evaluation (lengths from the recipe, examples per length) re-evaluates a
     finished run without training it; an ``eval.json`` of other lengths (``hybridkit eval
-    --lengths``) or of a checkpoint the study then trained past is never reused; a record
+    --lengths``), with other overrides (``--set``) or of a checkpoint the study then trained past
+    is never reused; a record
     without a fingerprint is damaged, not another recipe's run."""
     from hybridkit.eval.report import evaluate_run
 
@@ -692,6 +714,17 @@ def test_evaluation_settings_and_stale_caches_decide_what_is_evaluated_again(
     run_study(more, out, device="cpu", progress=False)
     results = json.loads((run / RESULT_FILE).read_text())["results"]
     assert [r["length"] for r in results] == default
+
+    # nor one of the study's lengths and examples with other overrides (an ablation through
+    # ``hybridkit eval --set``), which eval.json and eval.md record
+    ablation = ["eval.examples=8", "eval.batch_size=3"]
+    assert evaluate_run(run, lengths=default, overrides=ablation, device="cpu")["overrides"] == (
+        ablation
+    )
+    assert "`eval.batch_size=3`" in (run / "eval.md").read_text()
+    (run / RESULT_FILE).unlink()
+    run_study(more, out, device="cpu", progress=False)
+    assert json.loads((run / "eval.json").read_text())["overrides"] == ["eval.examples=8"]
 
     # a record without a fingerprint: evaluated again, not set aside and retrained
     (run / RESULT_FILE).write_text(json.dumps({"variant": "hybrid", "seed": 0}))
@@ -1177,6 +1210,7 @@ def test_shipped_studies_validate(path):
         assert len(plan.spec.seeds) >= 3
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize(
     "path", [p for p in STUDIES if p.stem not in CPU_STUDIES], ids=lambda p: p.stem
 )

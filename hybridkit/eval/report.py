@@ -137,6 +137,9 @@ def evaluate_run(
         "run": os.path.relpath(run_dir, out),
         "weights": os.path.relpath(weights, out),
         "checkpoint_step": step,
+        # ``--set`` changes (an ablation: another window, another eval size); recipe.yaml in the
+        # run folder does not have them
+        "overrides": list(overrides),
         "task": task_spec.kind,
         "train_length": train_length,
         "chance": task.chance,
@@ -149,6 +152,13 @@ def evaluate_run(
             f"Weights of the checkpoint {weights.parent.name} (no model.safetensors in the "
             "run folder).\n\n"
             if step is not None
+            else ""
+        )
+        + (
+            "With the recipe overrides "
+            + ", ".join(f"`{o}`" for o in overrides)
+            + " (not in the run's recipe.yaml).\n\n"
+            if overrides
             else ""
         )
         + markdown_table(results, train_length)
