@@ -1290,6 +1290,11 @@ def write_study_report(plan: StudyPlan, out: Path) -> dict:
         "study": spec.name or plan.path.stem,
         "study_file": plan.path.name,
         "base": spec.base,
+        # the study's ``set`` with the command line's ``--set`` appended: what every run got
+        "set": list(spec.set),
+        "train_steps": sorted(
+            {r["steps"] for recs in records.values() for r in recs if r.get("steps")}
+        ),
         "seeds": list(spec.seeds),
         "lrs": spec.lrs,
         "metric": spec.select_metric,
@@ -1350,6 +1355,14 @@ def write_report(report: dict, plan: StudyPlan, out: Path) -> None:
             else "Training lengths differ per variant (column `train len`)."
             if len(train_lens) > 1
             else ""
+        ),
+        "",
+        "Overrides of every run: "
+        + (", ".join(f"`{o}`" for o in report["set"]) if report["set"] else "none")
+        + (
+            "; trained for " + " / ".join(map(str, report["train_steps"])) + " steps."
+            if report["train_steps"]
+            else "."
         ),
         "",
         f"Runs finished: {report['runs_finished']} of {report['runs_total']}"

@@ -126,9 +126,17 @@ def test_study_end_to_end_lr_rule_seeds_and_rerun(tmp_path, capsys, monkeypatch)
     study = write_study(tmp_path, seeds=[0, 1])
     out = tmp_path / "out"
     args = ["study", str(study), "-o", str(out), "--no-progress", "--device", "cpu"]
-    assert main(args) == 0
+    assert main([*args, "--set", "train.steps=12"]) == 0
     printed = capsys.readouterr().out
     assert trained(printed) == 6 and "# Study: tiny-study" in printed
+    # what every run was given, the command line's --set included, and how long they trained
+    results = json.loads((out / "results.json").read_text())
+    assert results["set"] == ["train.warmup_steps=2", "train.steps=12"]
+    assert results["train_steps"] == [12]
+    assert (
+        "`train.warmup_steps=2`, `train.steps=12`; trained for 12 steps."
+        in (out / "report.md").read_text()
+    )
 
     # The LR rule: both LRs at the first seed, the held-out choice at seed 0, seed 1 at it only.
     results = json.loads((out / "results.json").read_text())
@@ -190,7 +198,7 @@ def test_study_end_to_end_lr_rule_seeds_and_rerun(tmp_path, capsys, monkeypatch)
     # Re-running trains and evaluates nothing: finished runs are skipped, files untouched.
     mtimes = {d: (out / d / "model.safetensors").stat().st_mtime_ns for d in expected}
     refuse_work(monkeypatch)
-    again = run_study(study, out, device="cpu", progress=False)
+    again = run_study(study, out, overrides=["train.steps=12"], device="cpu", progress=False)
     assert trained(capsys.readouterr().out) == 0
     assert again == results
     assert {d: (out / d / "model.safetensors").stat().st_mtime_ns for d in expected} == mtimes
