@@ -68,7 +68,8 @@ def describe_error(err: Any, allowed_keys: list[str] | None = None) -> str:
         allowed = ", ".join(allowed_keys) if allowed_keys else "(none)"
         return f"unknown key (value {got}); allowed keys: {allowed}"
     if kind == "literal_error":
-        return f"got {got}; allowed values: {err.get('ctx', {}).get('expected', '?')}"
+        expected = err.get("ctx", {}).get("expected", "?")
+        return f"got {got}{_yaml_bool_hint(value)}; allowed values: {expected}"
     if kind in ("value_error", "assertion_error"):
         text = re.sub(r"^(Value|Assertion) error, ", "", msg)
         return text if got in text else f"{text} (got {got})"
@@ -79,7 +80,16 @@ def describe_error(err: Any, allowed_keys: list[str] | None = None) -> str:
     # "a valid dictionary or instance of BlockSpec": a YAML user writes a mapping.
     msg = re.sub(r"a valid dictionary or instance of \w+", "a mapping (key: value, ...)", msg)
     msg = msg.replace("a valid dictionary", "a mapping (key: value, ...)")
-    return f"{msg}; got {got}"
+    return f"{msg}; got {got}{_yaml_bool_hint(value)}"
+
+
+def _yaml_bool_hint(value: Any) -> str:
+    """For a boolean where something else was expected: YAML (and ``--set``, which parses its
+    value as YAML) reads ``yes`` / ``no`` / ``on`` / ``off`` as booleans, so ``position=no``
+    arrives as False and the user never wrote one."""
+    if isinstance(value, bool):
+        return " (YAML reads yes / no / on / off / true / false as a boolean: quote the value)"
+    return ""
 
 
 def _layer_kind_error(value: Any) -> None:

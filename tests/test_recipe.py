@@ -473,6 +473,12 @@ def test_set_override_errors() -> None:
     assert "allowed keys" in problem(err, "model.dmodel")
     err = error_of(recipe(), ("model.d_model=abc",))
     assert "valid integer" in problem(err, "model.d_model")
+    # YAML reads no / yes as booleans: the message says so where a boolean was not expected
+    hint = "YAML reads yes / no / on / off / true / false as a boolean: quote the value"
+    assert hint in problem(error_of(recipe(), ("name=yes",)), "name")
+    err = error_of(recipe(["m", "a"]), ("model.blocks.a.mixer.position=no",))
+    assert hint in problem(err, "model.blocks.a.mixer.position") and "'rope'" in str(err)
+    assert hint not in str(error_of(recipe(), ("model.tie_embeddings=maybe",)))
 
 
 # --- files -----------------------------------------------------------------------------------
