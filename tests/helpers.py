@@ -18,8 +18,10 @@ from hybridkit.recipe import load_recipe
 needs_fsdp_on_cpu = pytest.mark.skipif(
     fsdp_on_cpu_problem() is not None, reason=str(fsdp_on_cpu_problem())
 )
-#: what only torch >= 2.6's Dynamo traces (2.5 breaks the graph at ``.tolist()`` of packed
-#: batches and fails inlining the deterministic embedding's mode check)
+#: what only torch >= 2.6's compiler handles: 2.5's Dynamo breaks the graph at ``.tolist()`` of
+#: packed batches and fails inlining the deterministic embedding's mode check, and its Inductor
+#: fails lowering a ``cat`` of the reduce-overhead training step ('View' object has no attribute
+#: 'is_input_buffer')
 needs_torch_2_6_compile = pytest.mark.skipif(
     TORCH_VERSION < (2, 6), reason="torch.compile behaviour of torch >= 2.6"
 )

@@ -28,7 +28,7 @@ from hybridkit.train.metrics import read_metrics
 from hybridkit.train.optim import build_optimizer, lr_at, param_groups
 from hybridkit.train.trainer import Trainer, TrainingDiverged
 from hybridkit.weights import latest_checkpoint
-from tests.helpers import checkout_env, needs_fsdp_on_cpu
+from tests.helpers import checkout_env, needs_fsdp_on_cpu, needs_torch_2_6_compile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -891,6 +891,7 @@ def test_unlogged_steps_train_the_same_and_divergence_is_still_caught(tmp_path):
     assert sorted(losses(run)) == [4]
 
 
+@needs_torch_2_6_compile
 @pytest.mark.slow
 def test_compiled_training_with_cuda_graph_mode_matches_eager(tmp_path):
     """train.compile with compile_mode reduce-overhead (CUDA graphs on a GPU; on the CPU torch

@@ -45,6 +45,7 @@ def test_triton_mimo_matches_reference_cpu(name: str):
     check(CPU_CASES[name], torch.float32, "cpu", fast=False, tol_f=1e-5, tol_b=1e-5)
 
 
+@pytest.mark.triton
 @pytest.mark.slow  # ~30 s each: two layers forward and backward through the interpreter
 @pytest.mark.parametrize("rank, chunk", [(2, 8), (4, 4)])
 def test_mimo_hybrid_through_the_interpreter_matches_chunked(rank: int, chunk: int, monkeypatch):

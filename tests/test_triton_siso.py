@@ -651,6 +651,7 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
     assert all(t.grad is not None for t in leaves.values())
 
 
+@pytest.mark.triton
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 4])
 def test_compiles_fullgraph_through_the_dispatch_point(rank: int):
