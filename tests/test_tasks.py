@@ -464,6 +464,17 @@ def test_curriculum_draws_only_valid_lengths():
         assert n % 2 == 1 and batch.targets[row, n + 1] >= 8  # answer after BOS + n + EQ
 
 
+def test_reports_name_every_training_length():
+    spec = TaskSpec.model_validate
+    mixture = [{"length": 8, "weight": 3}, {"length": 16}]
+    assert spec({"kind": "parity", "seq_len": 16}).train_lengths_text() == "16"
+    text = spec({"kind": "parity", "seq_len": 16, "length_mixture": mixture}).train_lengths_text()
+    assert text == "8, 16 (mixture)"
+    stages = [{"min_len": 4, "max_len": 8, "steps": 10}, {"min_len": 8, "max_len": 32, "steps": 5}]
+    curriculum = spec({"kind": "parity", "seq_len": 32, "curriculum": stages})
+    assert curriculum.train_lengths_text() == "4-32 (curriculum)"
+
+
 def test_mixture_lengths_and_padding():
     task = build(
         kind="parity",

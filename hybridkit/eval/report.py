@@ -147,7 +147,8 @@ def evaluate_run(
     }
     (out / "eval.json").write_text(json.dumps(payload, indent=1))
     (out / "eval.md").write_text(
-        f"# {recipe.name or run_dir.name}: {task_spec.kind}, trained at {train_length}\n\n"
+        f"# {recipe.name or run_dir.name}: {task_spec.kind}, trained at "
+        f"{task_spec.train_lengths_text()}\n\n"
         + (
             f"Weights of the checkpoint {weights.parent.name} (no model.safetensors in the "
             "run folder).\n\n"

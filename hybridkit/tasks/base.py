@@ -265,6 +265,16 @@ class TaskSpec(StrictModel):
             return max(stage.max_len for stage in self.curriculum)
         return self.seq_len
 
+    def train_lengths_text(self) -> str:
+        """The lengths training draws, for reports: ``64``, ``32, 64 (mixture)``, ``8-64
+        (curriculum)`` (``seq_len`` alone says only the longest of a mixture)."""
+        if self.length_mixture is not None:
+            return ", ".join(str(item.length) for item in self.length_mixture) + " (mixture)"
+        if self.curriculum is not None:
+            lo = min(stage.min_len for stage in self.curriculum)
+            return f"{lo}-{self.max_train_length()} (curriculum)"
+        return str(self.seq_len)
+
     def unreached_curriculum(self, steps: int) -> str | None:
         """Why a run of ``steps`` optimizer steps never reaches the last curriculum stages (None
         when it reaches every stage or has no curriculum): such a run stops at shorter lengths
