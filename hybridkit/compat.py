@@ -21,9 +21,9 @@ MIN_TRITON = (3, 6)
 #: the oldest Triton whose interpreter (``TRITON_INTERPRET=1``, the CPU tests) runs them: 3.7.1
 #: passes every Triton test on the CPU; 3.6 and 3.4 fail in most kernels ("only 0-dimensional
 #: arrays can be converted to Python scalars", first seen at a loop whose bound is a loaded
-#: value), 3.2 also lacks the PDL
-#: intrinsics and dots under 16 rows, and 3.1 (the one torch 2.5 pins) fails at every kernel's
-#: first ``tl.arange`` ("arange's arguments must be of type tl.constexpr")
+#: value), 3.2 also lacks the PDL intrinsics and dots under 16 rows, and 3.1 (the one torch 2.5
+#: pins) fails at every kernel's first ``tl.arange`` ("arange's arguments must be of type
+#: tl.constexpr")
 MIN_TRITON_INTERPRETER = (3, 7)
 
 

@@ -40,3 +40,22 @@ def test_trace_constant_is_read_once_and_leaves_the_module_alone():
     assert callable(FLAG) and callable(globals()["_flag"]) and FLAG() is True
     assert FLAG.__code__.co_name == "_hybridkit_constant__flag"
     torch._dynamo.reset()
+
+
+def test_triton_dispatch_without_a_usable_triton(monkeypatch):
+    """auto runs the chunked scan and says why; an explicit ``triton`` is a clear error."""
+    import pytest
+
+    from hybridkit.errors import HybridkitError
+    from hybridkit.kernels.mamba3 import ops
+
+    why = "Triton 3.1 is older than 3.6, the oldest the kernels run on"
+    monkeypatch.setattr(ops, "TRITON_UNUSABLE", why)
+    monkeypatch.setattr(ops, "HAVE_TRITON", False)
+    sizes = dict(dtype=torch.bfloat16, length=64, rank=1, d_state=16, headdim=8, chunk_size=16)
+    assert ops.plan_scan("auto", device="cuda", **sizes) == ops.ScanPlan("chunked", 16, why)
+    with pytest.raises(HybridkitError, match=f"mixer.backend 'triton': {why}; allowed"):
+        ops.plan_scan("triton", device="cuda", **sizes)
+    with pytest.raises(HybridkitError, match="mixer.backend 'triton'"):
+        ops.plan_step("triton", device="cuda", dtype=torch.bfloat16)
+    assert ops.plan_step("auto", device="cuda", dtype=torch.bfloat16).backend == "reference"

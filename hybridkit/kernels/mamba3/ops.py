@@ -51,6 +51,14 @@ class ScanPlan(NamedTuple):
         return text
 
 
+def _require_triton() -> None:
+    """An explicit ``mixer.backend: triton`` where the kernels cannot run: say why, by name."""
+    if TRITON_UNUSABLE:
+        raise HybridkitError(
+            f"mixer.backend 'triton': {TRITON_UNUSABLE}; allowed here: auto, chunked, reference"
+        )
+
+
 def plan_scan(
     backend: str,
     *,
@@ -86,10 +94,7 @@ def plan_scan(
                 f"interpreter, TRITON_INTERPRET=1), not on {where}; allowed here: auto, chunked, "
                 "reference"
             )
-        if TRITON_UNUSABLE:
-            raise HybridkitError(
-                f"mixer.backend 'triton': {TRITON_UNUSABLE}; allowed here: auto, chunked, reference"
-            )
+        _require_triton()
 
         return ScanPlan(backend, kernel_chunk(chunk_size, rank, d_state, headdim, fast))
     if backend != "auto":
@@ -207,10 +212,7 @@ def plan_step(
     if backend in ("reference", "chunked") or dtype == torch.float64:
         return StepPlan("reference")
     if backend == "triton":
-        if TRITON_UNUSABLE:
-            raise HybridkitError(
-                f"mixer.backend 'triton': {TRITON_UNUSABLE}; allowed here: auto, chunked, reference"
-            )
+        _require_triton()
         return StepPlan("triton")
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if not (on_cuda and HAVE_TRITON):
