@@ -533,6 +533,14 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     out = str(Path("runs") / Path(args.study).stem) if args.out is None else args.out
     _output_dir(out, "-o/--out")
+    from hybridkit.train.trainer import training_run_at
+
+    owner = training_run_at(Path(out))
+    if owner is not None:
+        raise HybridkitError(
+            f"-o/--out {out}: {owner} is the folder of a training run; a study needs its own "
+            "folder (pass a new one)"
+        )
     if args.report and (args.shard is not None or args.only or args.list):
         raise HybridkitError(
             "--report merges every finished run into the report and trains nothing; "

@@ -907,6 +907,20 @@ def test_compiled_training_with_cuda_graph_mode_matches_eager(tmp_path):
     assert_losses_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-4)
 
 
+def test_a_run_or_a_study_inside_a_run_folder_is_refused(run_copy, tmp_path, cli_error):
+    """A run's folder holds that run alone: a new run under it, or a study in it, is refused
+    before anything is written."""
+    recipe = write_recipe(tmp_path / "r.yaml", steps=2)
+    err = cli_error("train", str(recipe), "-o", str(run_copy / "nested"), "--no-progress")
+    assert "lies inside the folder of the training run" in err
+    assert not (run_copy / "nested").exists()
+    study = "hybridkit/recipes/studies/lengthgen_quickstart.yaml"
+    for out in (run_copy, run_copy / "checkpoints" / "study"):
+        err = cli_error("study", study, "-o", str(out), "--device", "cpu")
+        assert "is the folder of a training run" in err
+    assert not (run_copy / "checkpoints" / "study").exists()
+
+
 def test_huge_lr_diverges_with_a_clear_message(tmp_path, cli_error):
     recipe = write_recipe(
         tmp_path / "r.yaml", steps=20, lr=1e6, schedule="constant", warmup_steps=0, grad_clip=None

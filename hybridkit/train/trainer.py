@@ -115,6 +115,18 @@ def _set_aside_earlier_run(run_dir: Path) -> Path | None:
     return aside
 
 
+def training_run_at(path: Path) -> Path | None:
+    """The training run folder that is ``path`` or holds it, if any: a folder with its
+    recipe.yaml and its metrics.jsonl or checkpoints. A run's folder belongs to that run, so no
+    other run or study is written into it (``-o runs/ref/x`` mixed a new run's files into the
+    tree of runs/ref, and a study's ``-o runs/ref`` its variants)."""
+    for folder in (path, *path.resolve().parents):
+        has_record = (folder / "metrics.jsonl").is_file() or (folder / "checkpoints").is_dir()
+        if (folder / "recipe.yaml").is_file() and has_record:
+            return folder
+    return None
+
+
 def _check_run_dir(run_dir: Path) -> None:
     """A folder where the trainer writes a file (or a file where it makes a folder) is refused
     before any work: it used to surface as an ``IsADirectoryError`` / ``FileExistsError``
@@ -276,6 +288,12 @@ class Trainer:
         self.history: list[dict] = []
         self._lock: DirLock | None = None
         if self.dist.is_main:
+            owner = training_run_at(self.run_dir.parent)
+            if owner is not None:
+                raise HybridkitError(
+                    f"{self.run_dir} lies inside the folder of the training run {owner}; pass a "
+                    "-o/--out outside it"
+                )
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _check_run_dir(self.run_dir)
         self._hold_run_dir()
