@@ -61,7 +61,9 @@ def _triton_version() -> tuple[int, int] | None:
     try:
         text = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:  # a build installed under another name
-        return MIN_TRITON
+        import triton
+
+        text = triton.__version__
     major, minor = (text.split(".") + ["0"])[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 

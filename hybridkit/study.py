@@ -860,13 +860,12 @@ def _eval_overrides(evaluation: dict) -> list[str]:
 
 def _cached_eval(run_dir: Path, evaluation: dict) -> dict | None:
     """The run's ``eval.json`` if it covers exactly ``evaluation``'s lengths and examples with
-    the run's final weights and no other overrides (one written by ``hybridkit eval --lengths
-    ...`` at other lengths, of a checkpoint, or with ``--set`` of another window is not the
-    study's; one written before the overrides were recorded is evaluated again)."""
+    no other overrides (one written by ``hybridkit eval --lengths ...`` at other lengths, or with
+    ``--set`` of another window, is not the study's; one written before the overrides were
+    recorded is evaluated again). One of a checkpoint never reaches here: training removes
+    eval.json (``STALE_WHEN_TRAINING``)."""
     payload = read_json(run_dir / "eval.json")
     if payload is None or not valid_eval(payload):
-        return None
-    if payload.get("checkpoint_step") is not None:
         return None
     if payload.get("overrides") != _eval_overrides(evaluation):
         return None
