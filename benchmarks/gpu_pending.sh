@@ -8,6 +8,7 @@
 # named, where this script still has them): "split" (the q / k pair split, d10595e:
 # benchmarks/results/qk_split_h200.md), "fused" (the fused state kernel and pass, 0c4a4f8:
 # fused_pass_h100.md), "tall" (the few-row linears' tall tile, 3038247: skinny_linear_tall_h100.md),
+# "prefetch" (the scan chunk kernels' L2 prefetch, 469bba6: scan_prefetch_h100.md),
 # "modes" (train.compile_mode on the 400M models, e3ec666:
 # compile_modes_h100.md), "trainprof" (every kernel of the compiled step: train_kernels_h100.md).
 # PART "train": the compiled 400M SISO and MIMO (R 4) hybrids at 4 x 4,096 tokens
@@ -33,12 +34,6 @@
 #   -k b128) and, only if they pass, the one-layer step benchmark (benchmarks/decode.py
 #   --skip-model: kernel and layer at batch 1 / 16 / 128, fp32 and bf16 state) ->
 #   step_<setting>/, each in its own process.
-# PART "prefetch" (#15 / #17: the scan chunk kernels' L2 prefetch, ``scan_prefetch``):
-#   1. tests/test_scan_prefetch.py -m gpu (bitwise equal without it; the reference grid) ->
-#      prefetch_tests.txt;
-#   2. only if they pass: benchmarks/mamba3_mimo.py at SHAPES (default 0,1) under the defaults
-#      and each of SETTINGS (default: scan_prefetch=1, and with scan_prefetch_ahead=264, about
-#      the programs resident at once on 132 SMs), each in its own process -> pf_<setting>/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -47,8 +42,8 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | prefetch | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, prefetch, rest" >&2; exit 2 ;;
+  chunk | decode | steplaunch | train | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rest" >&2; exit 2 ;;
 esac
 WORK=/tmp/hk_pending
 # shellcheck source=benchmarks/gpu_call.sh
@@ -100,20 +95,6 @@ elif [ "$1" = steplaunch ]; then
     fi
     pack
   done
-elif [ "$1" = prefetch ]; then
-  budgeted 160 60 python -m pytest -q -m gpu tests/test_scan_prefetch.py -p no:cacheprovider \
-    -rfE 2>&1 | grep -v Warning | tail -8 > "$WORK/prefetch_tests.txt"
-  tail -2 "$WORK/prefetch_tests.txt"; pack
-  if all_passed "$WORK/prefetch_tests.txt"; then
-    for setting in defaults ${SETTINGS:-scan_prefetch=1 scan_prefetch=1,scan_prefetch_ahead=264}; do
-      kernels=$(kernels_of "$setting")
-      mkdir -p "$WORK/pf_$setting"
-      HYBRIDKIT_KERNELS=$kernels budgeted 130 50 python benchmarks/mamba3_mimo.py \
-        --shapes "${SHAPES:-0,1}" --reps 60 --out "$WORK/pf_$setting/mamba3_mimo" \
-        > "$WORK/pf_$setting.txt" 2>&1
-      echo "$setting"; show "$WORK/pf_$setting/mamba3_mimo.md" "$WORK/pf_$setting.txt" 8; pack
-    done
-  fi
 elif [ "$1" = train ]; then
   : "${SETTING:?set SETTING, the HYBRIDKIT_KERNELS value to compare with the defaults}"
   for case in hybrid_compiled hybrid_mimo_compiled; do

@@ -10,7 +10,7 @@ found between GPU runs; numbers come from the local Triton, not the GPU machine'
 compare variants, not absolute values.
 
     python benchmarks/siso_sm90_report.py [--warps 4] [--top 12] [--rank R] [--qk-heads N] \
-        [--prefetch] [kernel ...]
+        [kernel ...]
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ FLAGS.update(HAS_D=True, HAS_DTOT=False, HAS_INIT=False)
 FLAGS.update(HAS_DSEND=False, PB=16, NA=32)  # NA: S = N / 4 angles
 FLAGS.update(R=1, HALVES=False)  # --rank R: MIMO (C = 64 / R tokens, halves pairing)
 FLAGS.update(HS=1)  # --qk-heads: heads per program of the q / k kernels (``qk_heads``)
-FLAGS.update(PREFETCH=False)  # --prefetch: the L2 prefetch (``scan_prefetch``)
 # fp32 pointers (gates, biases, D, per-chunk scalars, backward scratch); everything else bf16
 FP32 = {
     "ADT",
@@ -67,7 +66,7 @@ FP32 |= {
     "DPSI_PART",
 }
 UNIT_STRIDES = {"s_al", "s_dl", "s_tl"}  # (B, H, L) gates: specialised to 1 at launch
-SIZES = {"L", "H", "HPG", "NANG", "NC", "NT", "AHEAD"}
+SIZES = {"L", "H", "HPG", "NANG", "NC", "NT"}
 
 
 def compile_kernel(name: str, warps: int, maxnreg: int | None = None):
@@ -149,10 +148,8 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
     ap.add_argument("--rank", type=int, default=1, help="MIMO rank (chunk 64 / rank tokens)")
     ap.add_argument("--qk-heads", type=int, default=1, help="heads per q / k backward program")
-    ap.add_argument("--prefetch", action="store_true", help="with the L2 prefetch compiled in")
     args = ap.parse_args()
     FLAGS.update(R=args.rank, HALVES=args.rank > 1, C=64 // args.rank, HS=args.qk_heads)
-    FLAGS.update(PREFETCH=args.prefetch)
     for name in args.kernels:
         kern = compile_kernel(name, args.warps, args.maxnreg)
         ptx = kern.asm["ptx"]

@@ -590,7 +590,7 @@ def test_fake_impl_and_registration(rank: int, shared_angles: bool):
     y, total, end, states = torch.ops.hybridkit.mamba3_scan_fwd(*args)
     bwd_args = (torch.randn_like(y), torch.randn_like(total), torch.randn_like(end))
     bwd_args += tuple(t.detach() if t is not None else None for t in tensors)
-    bwd_args += (states, c.C, False, c.halves, [8, 0, 168, 0, 2, 0])  # qk_heads 2: both heads
+    bwd_args += (states, c.C, False, c.halves, [8, 0, 168, 0, 2])  # qk_heads 2: both heads
     torch.library.opcheck(
         torch.ops.hybridkit.mamba3_scan_bwd.default,
         bwd_args,
@@ -615,10 +615,7 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
 
     def spy(*args, **kwargs):
         cfg = config.current_config()
-        seen.append(
-            (cfg.bwd_warps, cfg.bwd_x_warps, cfg.bwd_maxnreg, cfg.autotune, cfg.qk_heads,
-             cfg.scan_prefetch, cfg.scan_prefetch_ahead)
-        )  # fmt: skip
+        seen.append((cfg.bwd_warps, cfg.bwd_x_warps, cfg.bwd_maxnreg, cfg.autotune, cfg.qk_heads))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(scan_op, "_launch_backward", spy)
@@ -636,7 +633,6 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
 
     fn = torch.compile(loss, fullgraph=True, backend="aot_eager") if compiled else loss
     settings = dict(bwd_warps=8, bwd_x_warps=4, bwd_maxnreg=168, autotune=False, qk_heads=2)
-    settings.update(scan_prefetch=True, scan_prefetch_ahead=7)
     with config.kernel_config(**settings):
         out = fn(**leaves)
     errors: list[BaseException] = []
@@ -651,7 +647,7 @@ def test_backward_launches_with_the_settings_of_its_forward(monkeypatch, compile
     worker.start()
     worker.join()
     assert not errors, errors
-    assert seen == [(8, 4, 168, False, 2, True, 7)]
+    assert seen == [(8, 4, 168, False, 2)]
     assert all(t.grad is not None for t in leaves.values())
 
 

@@ -23,13 +23,6 @@ Fields (defaults in :class:`KernelConfig`):
   element) and the grid as well. Default 1: on the H100 n 4 / 8 / 32 were no faster
   (forward + backward 17.8-18.8 ms against 16.97, ``benchmarks/results/qk_heads_h100.md``)
   and saved only 1-2 GB of peak memory at that shape;
-* ``scan_prefetch``: the scan's chunk kernels (forward output, backward q / k / x) ask L2 for
-  the lines of x, dy, the saved gates, cos / sin, their chunk states and per-row buffers before
-  their first load (``chunkscan/prefetch.py``): the backward chunk kernels are latency-bound at
-  two programs per SM, waiting on loads issued in rounds; results are bitwise the same;
-* ``scan_prefetch_ahead``: with ``scan_prefetch``, prefetch for the program this many grid
-  places later instead of the program's own loads (0: its own; about the programs resident at
-  once, e.g. 2 x SMs, makes a program find even its first round of loads in L2);
 * ``chunk_sizes``: the chunk sizes the Triton scan compiles for; a layer asking for another
   one runs the torch chunked path (``hybridkit show`` says so);
 * ``step_split``: programs per (sequence, head) of the fused decode step, each owning
@@ -150,8 +143,6 @@ class KernelConfig:
     bwd_x_warps: int | None = None
     bwd_maxnreg: int | None = None
     qk_heads: int = 1
-    scan_prefetch: bool = False
-    scan_prefetch_ahead: int = 0
     chunk_sizes: tuple[int, ...] = TRITON_CHUNK_SIZES
     step_warps: int | None = None
     step_maxnreg: int | None = None
@@ -183,8 +174,6 @@ class KernelConfig:
             raise ValueError(f"step_warps={self.step_warps}: allowed None or {WARP_COUNTS}")
         if self.qk_heads not in QK_HEADS:
             raise ValueError(f"qk_heads={self.qk_heads}: allowed {QK_HEADS}")
-        if not 0 <= self.scan_prefetch_ahead <= 1 << 20:
-            raise ValueError(f"scan_prefetch_ahead={self.scan_prefetch_ahead}: allowed 0..{1 << 20}")
         if not 1 <= self.skinny_rows <= 16:
             raise ValueError(f"skinny_rows={self.skinny_rows}: allowed 1..16")
         if not 0 <= self.norm_linear <= 16:

@@ -50,7 +50,6 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _tokens,
     _x_rows,
 )
-from hybridkit.kernels.mamba3.chunkscan.prefetch import prefetch_chunk
 
 
 @triton.jit
@@ -461,8 +460,6 @@ def _bwd_q_kernel(
     R: tl.constexpr,
     HALVES: tl.constexpr,
     HS: tl.constexpr,
-    AHEAD,
-    PREFETCH: tl.constexpr,
 ):
     """Per (chunk, ``HS`` heads of one group), q side: dq per head, or with ``HS`` > 1 added
     over the program's heads (summed over the group by the caller), its bias partial sum, the
@@ -473,11 +470,6 @@ def _bwd_q_kernel(
 
     The q and k sides are separate kernels: merged, they were barely faster and made an
     illegal memory access at bf16, N 64, P 64 (docs/kernels.md, "Tried and dropped")."""
-    if PREFETCH and HS == 1:
-        prefetch_chunk(
-            AHEAD, H, CHTAB, L, NC, V, s_vb, s_vl, s_vh, DY, s_yb, s_yl, s_yr, s_yh, GATES, ANG,
-            NANG, STATES, STATES, DCS_STATE, DCS_STATE, C, P, N2, NA, R, VARLEN, True, HAS_ANG, True, False, False,
-        )  # fmt: skip
     pid = tl.program_id(0)
     first = (pid % (H // HS)).to(tl.int64) * HS  # this program's first head (of HS, one group)
     gc = (pid // (H // HS)).to(tl.int64)
@@ -601,8 +593,6 @@ def _bwd_k_kernel(
     R: tl.constexpr,
     HALVES: tl.constexpr,
     HS: tl.constexpr,
-    AHEAD,
-    PREFETCH: tl.constexpr,
 ):
     """Per (chunk, ``HS`` heads of one group), k side: dk as the q side's dq, its bias
     partial sum, ``DU`` (d u per token)
@@ -610,11 +600,6 @@ def _bwd_k_kernel(
     to the q share in ``DTHETA``, and in ``DOMEGA`` the whole gradient every token of the chunk gets
     (d Omega_c through the rotation of the end state, plus the sequence total's ``DTOTAL_ANGLE``;
     ``_bwd_x`` adds the share of the state S~)."""
-    if PREFETCH and HS == 1:
-        prefetch_chunk(
-            AHEAD, H, CHTAB, L, NC, V, s_vb, s_vl, s_vh, DY, s_yb, s_yl, s_yr, s_yh, GATES, ANG,
-            NANG, DSTATES, DSTATES, DU, DU, C, P, N2, NA, R, VARLEN, True, HAS_ANG, True, False, False,
-        )  # fmt: skip
     pid = tl.program_id(0)
     first = (pid % (H // HS)).to(tl.int64) * HS  # this program's first head (of HS, one group)
     gc = (pid // (H // HS)).to(tl.int64)
@@ -789,18 +774,10 @@ def _bwd_x_kernel(
     FAST: tl.constexpr,
     R: tl.constexpr,
     HALVES: tl.constexpr,
-    AHEAD,
-    PREFETCH: tl.constexpr,
 ):
     """Per (chunk, head): dx (intra-chunk, through the end state, D skip), D's partial sum and
     the gradients of the per-token gates (d adt, d kappa, d gamma), using the per-token terms
     ``_bwd_q`` and ``_bwd_k`` stored."""
-    if PREFETCH:
-        prefetch_chunk(
-            AHEAD, H, CHTAB, L, NC, V, s_vb, s_vl, s_vh, DY, s_yb, s_yl, s_yr, s_yh, GATES, ANG,
-            NANG, DSTATES, STATES, DCS_STATE, DU, C, P, N2, NA, R, VARLEN, True, HAS_ANG, True,
-            True, True,
-        )  # fmt: skip
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)

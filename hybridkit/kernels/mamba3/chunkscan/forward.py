@@ -35,7 +35,6 @@ from hybridkit.kernels.mamba3.chunkscan.common import (
     _tokens,
     _x_rows,
 )
-from hybridkit.kernels.mamba3.chunkscan.prefetch import prefetch_chunk
 
 
 @triton.jit
@@ -260,16 +259,8 @@ def _fwd_out_kernel(
     FAST: tl.constexpr,
     R: tl.constexpr,
     HALVES: tl.constexpr,
-    AHEAD,
-    PREFETCH: tl.constexpr,
 ):
     """Per (chunk, head): y = (q~k~^T * W) x~ + exp(cs) q~ S~_c^T + D x~ on the chunk's rows."""
-    if PREFETCH:  # x rows, saved gates, start state (no dy, no saved cos / sin here)
-        prefetch_chunk(
-            AHEAD, H, CHTAB, L, NC, V, s_vb, s_vl, s_vh, V, s_vb, s_vl, 0, s_vh, GATES, GATES,
-            NANG, STATES, STATES, GATES, GATES, C, P, N2, NA, R, VARLEN, False, False, True,
-            False, False,
-        )  # fmt: skip
     pid = tl.program_id(0)
     h = (pid % H).to(tl.int64)
     gc = (pid // H).to(tl.int64)

@@ -128,13 +128,6 @@ def backward_chunk_options(kernel: str) -> dict:
     raise ValueError(f"kernel {kernel!r}: allowed 'qk' or 'x'")
 
 
-def prefetch_args() -> dict:
-    """``PREFETCH`` / ``AHEAD`` of the chunk kernels that can prefetch (``scan_prefetch``,
-    ``scan_prefetch_ahead``; off under the interpreter, which runs no PTX)."""
-    cfg = current_config()
-    return dict(PREFETCH=cfg.scan_prefetch and not interpreting(), AHEAD=cfg.scan_prefetch_ahead)
-
-
 def qk_heads_per_program(heads_per_group: int) -> int:
     """Heads each program of the q and k backward kernels sums (``qk_heads``, as far as it
     divides the heads per group: a program's heads must share their group's q / k)."""
@@ -147,7 +140,7 @@ FWD_STATE = TunedKernel(
 )
 FWD_OUT = TunedKernel(
     fwd_kernels._fwd_out_kernel,
-    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES", "PREFETCH"],
+    ["C", "P", "N2", "NA", "HAS_ANG", "VARLEN", "FAST", "HAS_D", "R", "HALVES"],
     (4, (4, 168), 8),
     (4, 168),
 )

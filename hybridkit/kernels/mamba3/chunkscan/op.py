@@ -38,7 +38,6 @@ from hybridkit.kernels.mamba3.chunkscan.launch import (
     angle_width,
     angles_tokens_last,
     backward_chunk_options,
-    prefetch_args,
     launch_options,
     qk_heads_per_program,
     state_slots,
@@ -140,7 +139,7 @@ def scan_forward(
         out, chunk_table, chunk_states,
         *strides(x.q, (0, 1, 2, 3)), *strides(x.k, (0, 1, 2, 3)), *strides(x.v), *strides(x.dt),
         *angle_strides, *strides(out, (0, 1, 2, 3)), *sizes,
-        HAS_D=x.D is not None, **flags, **prefetch_args(),
+        HAS_D=x.D is not None, **flags,
     )  # fmt: skip
     return out, total_angle, end_state, chunk_states
 
@@ -208,15 +207,11 @@ def _grad_buffers(
 
 def backward_settings() -> list[int]:
     """The kernel settings the backward launches with, read when the forward runs:
-    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes, qk_heads, prefetch ahead + 1 or 0]``
-    (ints, so that they pass through the backward op's schema and are constants of a compiled
-    graph; ``tunes`` is ``autotune`` unless ``deterministic`` turns the timing off)."""
+    ``[bwd_warps, bwd_x_warps or 0, bwd_maxnreg or 0, tunes, qk_heads]`` (ints, so that they pass
+    through the backward op's schema and are constants of a compiled graph; ``tunes`` is
+    ``autotune`` unless ``deterministic`` turns the timing off)."""
     cfg = current_config()
-    prefetch = cfg.scan_prefetch_ahead + 1 if cfg.scan_prefetch else 0
-    return [
-        cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.tunes), cfg.qk_heads,
-        prefetch,
-    ]  # fmt: skip
+    return [cfg.bwd_warps, cfg.bwd_x_warps or 0, cfg.bwd_maxnreg or 0, int(cfg.tunes), cfg.qk_heads]
 
 
 def scan_backward(
@@ -243,9 +238,8 @@ def scan_backward(
     elif plan.nchunks == 0:
         dsend = torch.zeros(plan.nseq, z.H, z.P, z.N, dtype=torch.float32, device=dev)
     dtotal = dtotal.float().contiguous() if dtotal is not None else None
-    warps, x_warps, maxnreg, autotune, qk_heads, prefetch = settings
+    warps, x_warps, maxnreg, autotune, qk_heads = settings
     launch = dict(bwd_warps=warps, bwd_x_warps=x_warps or None, bwd_maxnreg=maxnreg or None)
-    launch.update(scan_prefetch=prefetch > 0, scan_prefetch_ahead=max(prefetch - 1, 0))
     with kernel_config(**launch, autotune=bool(autotune), qk_heads=qk_heads):
         hs = qk_heads_per_program(z.H // z.G)
         g = _grad_buffers(x, plan, dsend, fast, hs)
@@ -310,7 +304,7 @@ def _launch_backward(
         *sizes,
     )  # fmt: skip
     flags = dict(C=C, P=z.P, N2=z.N // 2, NA=na, HAS_ANG=x.angles is not None)
-    flags.update(HAS_D=x.D is not None, VARLEN=plan.varlen, FAST=fast, **rank, **prefetch_args())
+    flags.update(HAS_D=x.D is not None, VARLEN=plan.varlen, FAST=fast, **rank)
     inputs = (x.q, x.k, x.v, opt(x.psi), token_gates, chunk_decay, x.q_bias, x.k_bias, cos_sin)
     qk_grid = (plan.nchunks * z.H // hs,)  # a program per (chunk, hs heads of one group)
     K_bwd._bwd_q_kernel[qk_grid](
