@@ -34,6 +34,13 @@
 #   -k b128) and, only if they pass, the one-layer step benchmark (benchmarks/decode.py
 #   --skip-model: kernel and layer at batch 1 / 16 / 128, fp32 and bf16 state) ->
 #   step_<setting>/, each in its own process.
+# PART "rows128" (#15: MIMO R 4 at 32-token chunks, 128 rows, forced past the tile rule, with
+#   the backward chunk kernels at 8 warps, where a thread holds what it holds at 64 rows and 4
+#   warps; the probes' "8 warps" rows of 2026-12-03/04 ran 4 warps, so this was never timed):
+#   benchmarks/mamba3_mimo.py --shapes SHAPES (default 0,1) at the defaults, then with
+#   --chunk-rows 128 --siso-rows 64 --force-rows (which first checks the forced chunk's outputs
+#   and gradients against the default's) under each of SETTINGS (default bwd_warps=8) ->
+#   rows_<setting>/. A setting siso:K runs SISO at 128-token chunks (--rank 1) under K instead.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -94,6 +101,20 @@ elif [ "$1" = steplaunch ]; then
       show "$WORK/step_$setting/decode.md" "$WORK/step_$setting.txt" 9
     fi
     pack
+  done
+elif [ "$1" = rows128 ]; then
+  for setting in base ${SETTINGS:-bwd_warps=8 siso:bwd_warps=8}; do
+    args=(--chunk-rows 128 --siso-rows 64 --force-rows)
+    kernels=$setting
+    [ "$setting" = base ] && args=() && kernels=""
+    # siso:K: SISO at 128-token chunks (the "MIMO" column, --rank 1) under K, the first shape
+    case $setting in siso:*) kernels=${setting#siso:}; args+=(--rank 1) ;; esac
+    mkdir -p "$WORK/rows_$setting"
+    HYBRIDKIT_KERNELS=$kernels budgeted 200 60 python benchmarks/mamba3_mimo.py \
+      --shapes "${SHAPES:-0,1}" --reps 60 "${args[@]}" --out "$WORK/rows_$setting/mamba3_mimo" \
+      > "$WORK/rows_$setting.txt" 2>&1
+    echo "$setting"; grep "relative error" "$WORK/rows_$setting.txt" | tr '\n' ';' | head -c 900
+    echo; show "$WORK/rows_$setting/mamba3_mimo.md" "$WORK/rows_$setting.txt" 8; pack
   done
 elif [ "$1" = train ]; then
   : "${SETTING:?set SETTING, the HYBRIDKIT_KERNELS value to compare with the defaults}"

@@ -11,9 +11,14 @@ measured in the same run (``mamba3_siso.flops_bytes``). MIMO's roofline is the t
 does R times SISO's chunk FLOPs for about the same bytes.
 
     python benchmarks/mamba3_mimo.py --out OUT [--rank 4] [--shapes 0,1,2] [--chunk-rows 64]
+        [--siso-rows ROWS]
 
 ``--chunk-rows`` (ROWS, default 64, the dispatch point's width at N 128): (token, rank) rows per
-chunk, to time other chunk widths than the layers' default.
+chunk, to time other chunk widths than the layers' default; the SISO reference runs at
+``--siso-rows`` (default: ROWS too), e.g. 64 to compare a wider MIMO chunk with SISO's default.
+The scan narrows chunks whose register tiles pass its rule (C x max(N, P) <= 8,192 in bf16:
+64 rows at N 128); ``--force-rows`` runs ROWS anyway, to time what the rule excludes (the
+table says so), after checking the forced chunk's outputs and gradients against the default's.
 
 Writes ``OUT.json`` and ``OUT.md`` incrementally (one shape at a time).
 """
@@ -32,6 +37,7 @@ from mamba3_siso import copy_bandwidth, flops_bytes, make_inputs
 from triton.testing import do_bench
 
 from hybridkit.kernels.mamba3.chunkscan import mamba3_scan_triton
+from hybridkit.kernels.mamba3.chunkscan import scan as scan_module
 
 SHAPES = [(8, 4096, 32, 64, 128), (1, 16384, 32, 64, 128), (8, 2048, 32, 64, 128)]
 # the issue's targets at R = 4 (ms): forward, forward + backward
@@ -109,13 +115,46 @@ def rates(counts: tuple[int, int, int, int], fwd_ms: float, fwdbwd_ms: float) ->
     }
 
 
+def check_forced(R: int, rows: int, shape=(2, 1000, 8, 64, 128), device="cuda") -> None:
+    """The forced chunk's output and every gradient against the default chunk's (bf16): both
+    are the same scan, so they agree to bf16 rounding, or the run stops before timing
+    anything."""
+    B, L, H, P, N = shape
+    inp = make_inputs(B, L, H, P, N, seed=5, R=R, device=device)
+    dy = torch.randn(B, L, R, H, P, device=device, dtype=torch.bfloat16)
+    pairing = "halves" if R > 1 else "interleaved"
+    results = []
+    for forced in (False, True):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+        saved = scan_module.kernel_chunk
+        if forced:
+            scan_module.kernel_chunk = lambda chunk, rank, *_: max(chunk, 1)
+        try:
+            y = mamba3_scan_triton(
+                **leaves, pairing=pairing, chunk_size=max(rows // R, 1) if forced else 64 // R,
+                return_state=False,
+            )[0]  # fmt: skip
+            (y.float() * dy.float()).sum().backward()
+        finally:
+            scan_module.kernel_chunk = saved
+        results.append([y.detach(), *(leaves[k].grad for k in sorted(leaves))])
+    names = ["y", *(f"d{k}" for k in sorted(inp))]
+    for name, a, b in zip(names, *results, strict=True):
+        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+        print(f"forced {rows} rows vs default: {name} relative error {err:.1e}", flush=True)
+        if not err <= 3e-2:
+            raise SystemExit(f"forced {rows}-row chunk disagrees with the default on {name}")
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
+    siso = meta.get("siso_rows", meta.get("chunk_rows", 64))
+    forced = ", forced past the tile rule" if meta.get("forced") else ""
     out = [
         f"# Mamba-3 MIMO scan (Triton), {meta['device']}, {meta['date']}",
         "",
         f"torch {meta['torch']}, Triton {meta['triton']}, commit {meta['commit']}; bf16 inputs, "
-        f"G 1, S = N/4, halves pairing, SISO chunk {meta.get('chunk_rows', 64)} (MIMO's in the "
-        f"table); do_bench medians (L2 cleared). Copy bandwidth "
+        f"G 1, S = N/4, halves pairing, SISO chunk {siso} (MIMO's in the table"
+        f"{forced}); do_bench medians (L2 cleared). Copy bandwidth "
         f"{meta['copy_gbps']:.0f} GB/s, bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s "
         "measured in this run.",
         "",
@@ -149,7 +188,13 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--chunk-rows", type=int, default=64, choices=(32, 64, 128))
+    ap.add_argument("--siso-rows", type=int, default=None, choices=(32, 64, 128))
+    ap.add_argument("--force-rows", action="store_true", help="run ROWS past the tile rule")
     args = ap.parse_args()
+    siso_rows = args.siso_rows or args.chunk_rows
+    if args.force_rows:
+        check_forced(args.rank, args.chunk_rows)
+        scan_module.kernel_chunk = lambda chunk, rank, *_: max(chunk, 1)  # past the tile rule
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -163,13 +208,15 @@ def main() -> None:
         copy_gbps=copy_bandwidth() / 1e9,
         matmul_tflops=matmul_tflops(),
         chunk_rows=args.chunk_rows,
+        siso_rows=siso_rows,
+        forced=args.force_rows,
     )
     rows = []
     for i in (int(s) for s in args.shapes.split(",")):
         shape = SHAPES[i]
         row = {"shape": shape}
         row["mimo"] = time_scan(shape, args.rank, args.reps, args.chunk_rows)
-        row["siso"] = time_scan(shape, 1, args.reps, args.chunk_rows)
+        row["siso"] = time_scan(shape, 1, args.reps, siso_rows)
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(f"{args.out}.json", "w") as f:
