@@ -49,8 +49,8 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rest" >&2; exit 2 ;;
+  chunk | decode | steplaunch | train | rows128 | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, rest" >&2; exit 2 ;;
 esac
 WORK=/tmp/hk_pending
 # shellcheck source=benchmarks/gpu_call.sh
