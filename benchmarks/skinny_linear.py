@@ -58,14 +58,17 @@ STEP_COUNTS = {
 }
 #: launches the sweep times, as the module constants they set (the first of each: the defaults,
 #: the H100's best of 2026-12-06; the former ones 8 / 512 / 4 / 4 and 256 / 4 / 4); one row:
-#: (output columns, K per step, warps, stages) of ``_gemv_kernel``; 16 rows: (K per step, warps,
+#: (most output columns, K per step, warps, stages, fewest programs before the columns are halved:
+#: ``gemv_block_n``; 0 never, the launch before 2026-12-07) of ``_gemv_kernel``; the sweep of
+#: columns, K step, warps and stages at a fixed 4 columns is in ``skinny_linear_h100.md``); 16
+#: rows: (K per step, warps,
 #: stages, columns for narrow / wide outputs) of ``_skinny_linear_kernel``
 GEMV_SWEEP = tuple(
-    dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=w, GEMV_STAGES=st)
-    for bn, bk, w, st in (
-        (4, 512, 4, 4), (8, 512, 2, 4), (8, 512, 8, 4), (8, 256, 2, 4), (8, 256, 4, 4),
-        (8, 1024, 4, 4), (8, 1024, 8, 4), (4, 512, 2, 4), (8, 512, 4, 4), (4, 1024, 4, 4),
-        (16, 512, 4, 4), (16, 512, 8, 4), (8, 512, 4, 2), (8, 512, 4, 8), (16, 256, 4, 4),
+    dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=w, GEMV_STAGES=st, GEMV_MIN_PROGRAMS=mp)
+    for bn, bk, w, st, mp in (
+        (4, 512, 4, 4, 1024), (4, 512, 4, 4, 0), (4, 512, 4, 4, 512), (4, 512, 4, 4, 2048),
+        (4, 1024, 4, 4, 1024), (4, 256, 4, 4, 1024), (4, 512, 2, 4, 1024), (4, 512, 8, 4, 1024),
+        (4, 1024, 8, 4, 1024), (4, 512, 4, 8, 1024),
     )
 )  # fmt: skip
 ROWS_SWEEP = tuple(
@@ -115,7 +118,7 @@ def _sweep(cases: list, rows: int, launches: tuple[dict, ...], dev) -> list[dict
 def _sweep_lines(sweeps: list[dict]) -> list[str]:
     lines = []
     heads = {
-        1: "one row: columns / K step / warps / stages",
+        1: "one row: most columns / K step / warps / stages / fewest programs",
         16: "16 rows: K step / warps / stages / narrow / wide columns",
     }
     for rows, head in heads.items():
@@ -146,6 +149,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     ap.add_argument("--sweep", action="store_true", help="time the kernels' launches too")
+    ap.add_argument("--sweep-rows", default="1,16", help="the row counts --sweep times")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)  # bytes / s
@@ -176,7 +180,11 @@ def main() -> None:
             print(json.dumps(rec))
     sweeps: list[dict] = []
     if args.sweep:
-        sweeps = _sweep(cases, 1, GEMV_SWEEP, dev) + _sweep(cases, 16, ROWS_SWEEP, dev)
+        sweep_rows = [int(r) for r in args.sweep_rows.split(",")]
+        if 1 in sweep_rows:
+            sweeps += _sweep(cases, 1, GEMV_SWEEP, dev)
+        if 16 in sweep_rows:
+            sweeps += _sweep(cases, 16, ROWS_SWEEP, dev)
     lines = [
         "# Few-row linears, bf16: our Triton kernel vs F.linear (cuBLAS)",
         "",
