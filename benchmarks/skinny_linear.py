@@ -58,17 +58,14 @@ STEP_COUNTS = {
 }
 #: launches the sweep times, as the module constants they set (the first of each: the defaults,
 #: the H100's best of 2026-12-06; the former ones 8 / 512 / 4 / 4 and 256 / 4 / 4); one row:
-#: (most output columns, K per step, warps, stages, fewest programs before the columns are halved:
-#: ``gemv_block_n``; 0 never, the launch before 2026-12-07) of ``_gemv_kernel``; the sweep of
-#: columns, K step, warps and stages at a fixed 4 columns is in ``skinny_linear_h100.md``); 16
-#: rows: (K per step, warps,
+#: (output columns, K per step, warps, stages) of ``_gemv_kernel``; 16 rows: (K per step, warps,
 #: stages, columns for narrow / wide outputs) of ``_skinny_linear_kernel``
 GEMV_SWEEP = tuple(
-    dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=w, GEMV_STAGES=st, GEMV_MIN_PROGRAMS=mp)
-    for bn, bk, w, st, mp in (
-        (4, 512, 4, 4, 1024), (4, 512, 4, 4, 0), (4, 512, 4, 4, 512), (4, 512, 4, 4, 2048),
-        (4, 1024, 4, 4, 1024), (4, 256, 4, 4, 1024), (4, 512, 2, 4, 1024), (4, 512, 8, 4, 1024),
-        (4, 1024, 8, 4, 1024), (4, 512, 4, 8, 1024),
+    dict(GEMV_BLOCK_N=bn, GEMV_BLOCK_K=bk, GEMV_WARPS=w, GEMV_STAGES=st)
+    for bn, bk, w, st in (
+        (4, 512, 4, 4), (8, 512, 2, 4), (8, 512, 8, 4), (8, 256, 2, 4), (8, 256, 4, 4),
+        (8, 1024, 4, 4), (8, 1024, 8, 4), (4, 512, 2, 4), (8, 512, 4, 4), (4, 1024, 4, 4),
+        (16, 512, 4, 4), (16, 512, 8, 4), (8, 512, 4, 2), (8, 512, 4, 8), (16, 256, 4, 4),
     )
 )  # fmt: skip
 ROWS_SWEEP = tuple(
@@ -118,7 +115,7 @@ def _sweep(cases: list, rows: int, launches: tuple[dict, ...], dev) -> list[dict
 def _sweep_lines(sweeps: list[dict]) -> list[str]:
     lines = []
     heads = {
-        1: "one row: most columns / K step / warps / stages / fewest programs",
+        1: "one row: columns / K step / warps / stages",
         16: "16 rows: K step / warps / stages / narrow / wide columns",
     }
     for rows, head in heads.items():

@@ -139,8 +139,7 @@ LAUNCHES = {
     "wide": dict(GEMV_BLOCK_N=16, GEMV_BLOCK_K=1024, GEMV_WARPS=8, GEMV_STAGES=2, STAGES=2,
                  NARROW_BLOCK_N=32, WIDE_BLOCK_N=64, WARPS=8),
     "deep": dict(GEMV_STAGES=8, BLOCK_K=512, STAGES=3, NARROW_BLOCK_N=32),
-    "former": dict(GEMV_BLOCK_N=8, WARPS=4, GEMV_MIN_PROGRAMS=0),  # before the H100 sweep
-    "four_columns": dict(GEMV_MIN_PROGRAMS=0),  # the one-row launch before 2026-12-07
+    "former": dict(GEMV_BLOCK_N=8, WARPS=4),  # the defaults before the H100 sweep
 }  # fmt: skip
 
 
@@ -455,16 +454,3 @@ def test_only_a_layer_whose_own_forward_says_so_gets_a_pending_norm():
     assert takes_pending_norm(Renamed.__new__(Renamed))
     assert not takes_pending_norm(Scaled.__new__(Scaled))
     assert not takes_pending_norm(torch.nn.Linear(2, 2))
-
-
-def test_one_row_columns_keep_enough_programs(monkeypatch):
-    """The one-row kernel halves its columns per program (4 -> 2 -> 1) until the grid has
-    ``GEMV_MIN_PROGRAMS`` programs: the 400M decode step's 1,024-wide projections get 1,024
-    programs of one column, in_proj (4,480) and the head keep 4; 0 keeps 4 everywhere."""
-    from hybridkit.kernels.linear import triton_kernels
-
-    monkeypatch.setattr(triton_kernels, "GEMV_MIN_PROGRAMS", 1024)
-    got = {n: triton_kernels.gemv_block_n(n) for n in (8, 1024, 1536, 2816, 4480, 32000)}
-    assert got == {8: 1, 1024: 1, 1536: 1, 2816: 2, 4480: 4, 32000: 4}
-    monkeypatch.setattr(triton_kernels, "GEMV_MIN_PROGRAMS", 0)
-    assert {triton_kernels.gemv_block_n(n) for n in (8, 1024, 32000)} == {4}

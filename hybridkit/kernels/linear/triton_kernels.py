@@ -58,18 +58,12 @@ STAGES = 4
 WARPS = 2
 NARROW_BLOCK_N = 16
 WIDE_BLOCK_N = 32
-#: One row (``_gemv_kernel``): up to 4 output columns x 512 of K per step (16 elements per
-#: thread at 4 warps), the same pipeline depth; fewer columns (down to 1) where 4 would launch
-#: fewer than ``GEMV_MIN_PROGRAMS`` programs (:func:`gemv_block_n`; 0: always 4). Why: Nsight
-#: Compute on the 400M decode step (H100, 2026-12-07, ``benchmarks/results/decode_ncu_h100.md``)
-#: found the 1,024-wide projections at 4 columns (256 programs, 8 warps an SM) at 11.7 %
-#: achieved occupancy and 28 % of DRAM bandwidth, waiting on their loads: too few warps in
-#: flight, where the 1,120-program in_proj reached 45 % occupancy.
+#: One row (``_gemv_kernel``): 4 output columns x 512 of K per step (16 elements per thread at
+#: 4 warps), the same pipeline depth.
 GEMV_BLOCK_N = 4
 GEMV_BLOCK_K = 512
 GEMV_WARPS = 4
 GEMV_STAGES = 4
-GEMV_MIN_PROGRAMS = 1024
 
 
 @triton.jit
@@ -211,9 +205,9 @@ def _gemv_kernel(
     GLU: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr,
     LANES: tl.constexpr,
 ):  # fmt: skip
-    """One row (batch 1): no tensor-core tile to fill, so ``BLOCK_N`` (1-4, :func:`gemv_block_n`)
-    output columns per program (the 1,024-wide projections back to d_model get 1,024 programs
-    of one column; more programs in flight read the weight faster at this size)
+    """One row (batch 1): no tensor-core tile to fill, so ``GEMV_BLOCK_N`` (4) output columns
+    per program (four times the programs of the 16-row kernel: the 1,024-wide projections back
+    to d_model get 256; more programs in flight read the weight faster at this size)
     and plain multiply-adds into a (BLOCK_N, BLOCK_K) fp32 accumulator, summed once at the end.
     The K loop is pipelined like the 16-row kernel's (compiled for sm_90: cp.async loads)."""
     pid = tl.program_id(0)
@@ -253,16 +247,6 @@ def block_n(n: int) -> int:
     outputs, else ``NARROW_BLOCK_N`` (16: more programs for the narrow projections back to
     d_model, which have the fewest columns)."""
     return WIDE_BLOCK_N if n >= 8192 else NARROW_BLOCK_N
-
-
-def gemv_block_n(n: int) -> int:
-    """Output columns per program of the one-row kernel for ``n`` outputs: ``GEMV_BLOCK_N``,
-    halved (down to 1) while the grid would have fewer than ``GEMV_MIN_PROGRAMS`` programs
-    (a 1,024-wide projection gets 1 column a program: 1,024 programs instead of 256)."""
-    bn = GEMV_BLOCK_N
-    while bn > 1 and triton.cdiv(n, bn) < GEMV_MIN_PROGRAMS:
-        bn //= 2
-    return bn
 
 
 def _lanes(warps: int, columns: int) -> int:
@@ -320,12 +304,12 @@ def skinny_linear(
             )
         s = torch.empty(m, k, dtype=x.dtype, device=x.device)
     if m == 1:
-        warps, bn = 1 if interp else GEMV_WARPS, gemv_block_n(n)
-        _gemv_kernel[(triton.cdiv(n, bn),)](
+        warps = 1 if interp else GEMV_WARPS
+        _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
             x, weight, b, y, hres, nw, s, n, k, weight.stride(0), float(eps),
-            BLOCK_N=bn, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else GEMV_STAGES,
+            BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else GEMV_STAGES,
             HAS_BIAS=bias is not None, GLU=glu, USE_PDL=pdl, PREFETCH=prefetch,
-            PRENORM=prenorm is not None, LANES=_lanes(warps, bn), num_warps=warps,
+            PRENORM=prenorm is not None, LANES=_lanes(warps, GEMV_BLOCK_N), num_warps=warps,
             **launch_options(pdl),
         )  # fmt: skip
     else:
