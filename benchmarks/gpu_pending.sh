@@ -41,6 +41,7 @@
 #   --chunk-rows 128 --siso-rows 64 --force-rows (which first checks the forced chunk's outputs
 #   and gradients against the default's) under each of SETTINGS (default bwd_warps=8) ->
 #   rows_<setting>/. A setting siso:K runs SISO at 128-token chunks (--rank 1) under K instead.
+#   Ran on an H100 on 2026-12-07 (benchmarks/results/mamba3_mimo_rows128_h100.md): slower.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -107,7 +108,7 @@ elif [ "$1" = rows128 ]; then
     args=(--chunk-rows 128 --siso-rows 64 --force-rows)
     kernels=$setting
     [ "$setting" = base ] && args=() && kernels=""
-    # siso:K: SISO at 128-token chunks (the "MIMO" column, --rank 1) under K, the first shape
+    # siso:K: SISO at 128-token chunks (the "MIMO" column, --rank 1) under K
     case $setting in siso:*) kernels=${setting#siso:}; args+=(--rank 1) ;; esac
     mkdir -p "$WORK/rows_$setting"
     HYBRIDKIT_KERNELS=$kernels budgeted 200 60 python benchmarks/mamba3_mimo.py \
