@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hybridkit import build_model
+from hybridkit.recipe import load_recipe
 from hybridkit.recipe_sections import TrainSpec
 from hybridkit.train.bench import bench_train, categorize, flops_per_token, markdown
 from hybridkit.train.optim import build_optimizer
@@ -229,10 +230,14 @@ def test_benchmark_summary_and_report_from_partial_results(tmp_path):
         "case": "transformer_compiled",
         "tokens_per_s": hybrid["tokens_per_s"] / 2,
     }
+    matched = {**hybrid, "case": "transformer_matched_compiled"}
+    matched["tokens_per_s"] = hybrid["tokens_per_s"] / 0.8
     failed = {"case": "hybrid_16k_ckpt", "error": "OutOfMemoryError: CUDA out of memory"}
-    results = [hybrid, failed, transformer]
+    results = [hybrid, failed, transformer, matched]
     verdict = script.summary(results)
     assert abs(verdict["ratio_hybrid_vs_transformer"] - 2.0) < 1e-9 and verdict["target_ratio_met"]
+    assert abs(verdict["ratio_hybrid_vs_matched_transformer"] - 0.8) < 1e-9
+    assert verdict["target_ratio_met_matched_transformer"] is False
     env = result.environment
     assert env["date"] and env["torch"] == torch.__version__ and "git_commit" in env
     text = script.markdown(env, results, verdict)
@@ -247,8 +252,24 @@ def test_benchmark_summary_and_report_from_partial_results(tmp_path):
     args.out = tmp_path / "merged"
     script.merge(args)
     merged = __import__("json").loads((args.out / "train_throughput.json").read_text())
-    assert [c["run"] for c in merged["cases"]] == [0, 0, 1]  # hybrid, failed 16k; transformer
+    # hybrid, failed 16k, the Transformer now from b.json, the matched one
+    assert [c["run"] for c in merged["cases"]] == [0, 0, 1, 0]
     assert "ratio_hybrid_vs_transformer" not in merged["summary"]
     names = [c.name for c in script.CASES]
     wanted = {"hybrid_eager", "hybrid_compiled", "hybrid_16k_ckpt", "transformer_compiled"}
+    wanted.add("transformer_matched_compiled")
     assert wanted <= set(names) and names[0] == "hybrid_eager"
+
+
+def test_matched_transformer_has_the_hybrids_parameter_count():
+    """``transformer_400m_matched.yaml`` is the 24-layer Transformer's layers 31 deep: within 1 %
+    of the 400M hybrid's parameters, where the 24-layer one is 21 % smaller."""
+    script = _benchmark_script()
+
+    def count(path):
+        model = build_model(load_recipe(path), seed=0, device="meta")
+        return sum(p.numel() for p in model.parameters())
+
+    hybrid, matched = count(script.HYBRID), count(script.TRANSFORMER_MATCHED)
+    assert abs(matched / hybrid - 1) < 0.01
+    assert count(script.TRANSFORMER) < 0.8 * hybrid
