@@ -42,6 +42,11 @@
 #   and gradients against the default's) under each of SETTINGS (default bwd_warps=8) ->
 #   rows_<setting>/. A setting siso:K runs SISO at 128-token chunks (--rank 1) under K instead.
 #   Ran on an H100 on 2026-12-07 (benchmarks/results/mamba3_mimo_rows128_h100.md): slower.
+# PART "ratio" (#17): the compiled 400M hybrid, the Transformer of its depth and width
+#   (transformer_400m.yaml, 303M) and the one of its parameter count
+#   (transformer_400m_matched.yaml, 382M) in one process (train_throughput.py, 5 timed steps, no
+#   profile) -> ratio/. On an H100 on 2026-12-07 only the hybrid and the matched one ran
+#   (train_throughput_matched_h100.md: 1.112x).
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -50,8 +55,9 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, rest" >&2; exit 2 ;;
+  chunk | decode | steplaunch | train | rows128 | ratio | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, rest" >&2
+    exit 2 ;;
 esac
 WORK=/tmp/hk_pending
 # shellcheck source=benchmarks/gpu_call.sh
@@ -117,6 +123,13 @@ elif [ "$1" = rows128 ]; then
     echo "$setting"; grep "relative error" "$WORK/rows_$setting.txt" | tr '\n' ';' | head -c 900
     echo; show "$WORK/rows_$setting/mamba3_mimo.md" "$WORK/rows_$setting.txt" 8; pack
   done
+elif [ "$1" = ratio ]; then
+  mkdir -p "$WORK/ratio"
+  budgeted 400 200 python benchmarks/train_throughput.py --out "$WORK/ratio" --no-profile \
+    --steps 5 --warmup 2 \
+    --cases hybrid_compiled,transformer_compiled,transformer_matched_compiled \
+    > "$WORK/ratio.txt" 2>&1
+  show "$WORK/ratio/train_throughput.md" "$WORK/ratio.txt" 14; pack
 elif [ "$1" = train ]; then
   : "${SETTING:?set SETTING, the HYBRIDKIT_KERNELS value to compare with the defaults}"
   for case in hybrid_compiled hybrid_mimo_compiled; do
