@@ -1,0 +1,320 @@
+"""Does a grid barrier cost less than a kernel launch? One-row MLP chains on the GPU.
+
+Why (issue #16): the 400M hybrid's batch-1 decode step is ~150 kernels of a few microseconds
+each, and Nsight Compute (``benchmarks/results/decode_ncu_h100.md``) shows the one-row linears
+at 19-40 % of DRAM bandwidth whatever their size: the step is bound by the number of launches,
+not by bytes. A persistent kernel can run several dependent projections in one launch if its
+programs wait for each other between them (a grid barrier: every program adds one to a counter
+in global memory and spins until the counter reaches the phase's target), and it can ask L2
+for the next projection's weights before it waits, as PDL was meant to. Before building the
+decode step that way, this measures whether it pays on the shape that dominates the step: the
+24 SwiGLU MLPs of the 400M model, ``x <- (silu(x W1g^T) * x W1v^T) W2^T`` at batch 1
+(d_model 1,024, d_ff 2,816, bf16 weights, 415 MB per chain: more than L2, as in a real step).
+
+Compared, each captured in a CUDA graph and replayed (median of CUDA-event timings):
+
+* ``launches``: our production one-row kernel (``skinny_linear``, fc1 with ``glu``, then fc2):
+  48 launches;
+* ``persistent per MLP``: one launch per MLP (two phases, one barrier): 24 launches;
+* ``persistent whole chain``: one launch for all 24 MLPs: 47 barriers;
+
+each persistent variant with the L2 prefetch of a phase's weights issued before the barrier
+that precedes it (``ahead`` 0), one phase earlier (``ahead`` 1), or not at all. Every variant's
+output is first checked against a float32 torch chain (poisoned outputs, fresh random inputs).
+
+The barrier needs every program resident at once (one program per SM, launched alone): a
+persistent kernel is never run by the Triton interpreter, where programs run one after another
+and the first would spin forever. GPU only.
+
+    python benchmarks/persistent_chain.py --out benchmarks/results/persistent_chain_h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridkit.decode_bench import copy_bandwidth
+from hybridkit.kernels.linear.triton_kernels import skinny_linear
+from hybridkit.train.provenance import run_environment
+
+D_MODEL, D_FF, BLOCKS = 1024, 2816, 24
+
+
+@triton.jit
+def _prefetch_rows(W, pid, NPROG: tl.constexpr, N, K, BLOCK_N: tl.constexpr,
+                   GLU: tl.constexpr, LANES: tl.constexpr):  # fmt: skip
+    """Ask L2 for every weight row this program will read in a phase (its column tiles
+    ``pid, pid + NPROG, ...``; with ``GLU`` also the gate half's rows, N further on), one bulk
+    prefetch per row."""
+    lane = tl.arange(0, LANES)
+    per_tile = 2 * BLOCK_N if GLU else BLOCK_N
+    tile = pid + (lane // per_tile) * NPROG
+    within = lane % per_tile
+    gate = within >= BLOCK_N
+    row = tile * BLOCK_N + tl.where(gate, within - BLOCK_N, within)
+    active = row < N
+    row = tl.minimum(row, N - 1) + tl.where(gate, N, 0)
+    nbytes = tl.zeros_like(lane) + K * 2
+    tl.inline_asm_elementwise(
+        "{\n\t.reg .pred p;\n\tsetp.ne.u32 p, $3, 0;\n\t"
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
+        "=r,l,r,r",
+        [W + row.to(tl.int64) * K, nbytes, active.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _arrive(BAR):
+    """This program's writes of the phase are done: publish them and count it in."""
+    tl.debug_barrier()
+    tl.atomic_add(BAR, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(BAR, target):
+    """Spin until ``target`` arrivals are counted, then let every thread of the program go on
+    (the acquire makes the other programs' writes visible; activations are then loaded from L2,
+    ``.cg``, never from a stale L1 line)."""
+    seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _gemv_phase(X, W, Y, pid, NPROG: tl.constexpr, N, K, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GLU: tl.constexpr):  # fmt: skip
+    """``Y = X W^T`` for one row (GLU: ``silu(X Wg^T) * X Wv^T``, value rows first, each half
+    rounded to bf16 first as the production kernel does), this program's column tiles."""
+    for n0 in range(pid * BLOCK_N, N, NPROG * BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        rows = W + offs_n.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        gacc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            m = n_ok[:, None] & k_ok[None, :]
+            x = tl.load(X + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            acc += tl.load(rows + offs_k[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :]
+            if GLU:
+                wg = tl.load(rows + N * K + offs_k[None, :], mask=m, other=0.0)
+                gacc += wg.to(tl.float32) * x[None, :]
+        out = tl.sum(acc, axis=1)
+        if GLU:
+            v = out.to(tl.bfloat16).to(tl.float32)
+            g = tl.sum(gacc, axis=1).to(tl.bfloat16).to(tl.float32)
+            out = v * g / (1.0 + tl.exp(-g))
+        tl.store(Y + offs_n, out.to(tl.bfloat16), mask=n_ok)
+
+
+@triton.jit
+def _chain_kernel(
+    X, H, W1, W2, BAR, first, count, D, F,
+    NPROG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr, AHEAD: tl.constexpr, LANES1: tl.constexpr, LANES2: tl.constexpr,
+):  # fmt: skip
+    """MLPs ``first .. first + count - 1``: phase 2j is fc1 + SwiGLU (X -> H), phase 2j + 1
+    fc2 (H -> X), a grid barrier between phases. ``BAR[0]`` counts arrivals, ``BAR[1]``
+    finished programs; the last program to finish zeroes both for the next launch."""
+    pid = tl.program_id(0)
+    if PREFETCH and AHEAD == 1:
+        _prefetch_rows(W1 + first * 2 * F * D, pid, NPROG, F, D, BLOCK_N, True, LANES1)
+    for j in range(first, first + count):
+        w1 = W1 + j.to(tl.int64) * 2 * F * D
+        w2 = W2 + j.to(tl.int64) * D * F
+        phase = 2 * (j - first)
+        if PREFETCH:
+            if AHEAD == 0:
+                _prefetch_rows(w1, pid, NPROG, F, D, BLOCK_N, True, LANES1)
+            else:
+                _prefetch_rows(w2, pid, NPROG, D, F, BLOCK_N, False, LANES2)
+        if phase > 0:
+            _wait(BAR, phase * NPROG)
+        _gemv_phase(X, w1, H, pid, NPROG, F, D, BLOCK_N, BLOCK_K, True)
+        _arrive(BAR)
+        if PREFETCH:
+            if AHEAD == 0:
+                _prefetch_rows(w2, pid, NPROG, D, F, BLOCK_N, False, LANES2)
+            elif j + 1 < first + count:
+                _prefetch_rows(w1 + 2 * F * D, pid, NPROG, F, D, BLOCK_N, True, LANES1)
+        _wait(BAR, (phase + 1) * NPROG)
+        _gemv_phase(H, w2, X, pid, NPROG, D, F, BLOCK_N, BLOCK_K, False)
+        if j + 1 < first + count:
+            _arrive(BAR)
+    done = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
+    if done == NPROG - 1:  # every program has passed its last wait: reset for the next launch
+        tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(BAR + 1, 0, sem="relaxed", scope="gpu")
+
+
+def _lanes(tiles: int, per_tile: int, nprog: int) -> int:
+    return max(128, triton.next_power_of_2(triton.cdiv(tiles, nprog) * per_tile))
+
+
+def persistent_chain(x, h, w1, w2, bar, nprog, per_launch, block_n, block_k, prefetch, ahead):
+    """Run the chain in place on ``x`` (1, D), ``per_launch`` MLPs per launch."""
+    d, f = x.shape[1], h.shape[1]
+    lanes1 = _lanes(triton.cdiv(f, block_n), 2 * block_n, nprog)
+    lanes2 = _lanes(triton.cdiv(d, block_n), block_n, nprog)
+    for first in range(0, w1.shape[0], per_launch):
+        _chain_kernel[(nprog,)](
+            x, h, w1, w2, bar, first, per_launch, d, f, NPROG=nprog, BLOCK_N=block_n,
+            BLOCK_K=block_k, PREFETCH=prefetch, AHEAD=ahead, LANES1=lanes1, LANES2=lanes2,
+            num_warps=4,
+        )  # fmt: skip
+
+
+def launch_chain(x, w1, w2):
+    """The production path: 48 launches of the one-row kernel (and one copy into ``x``)."""
+    y = x
+    for j in range(w1.shape[0]):
+        y = skinny_linear(skinny_linear(y, w1[j], None, glu=True), w2[j], None)
+    x.copy_(y)
+
+
+def reference(x, w1, w2):
+    """float32 chain with the kernels' bf16 roundings (each product's halves, the activation,
+    each output)."""
+    x = x.float()
+    f = w1.shape[1] // 2
+    for j in range(w1.shape[0]):
+        p = x @ w1[j].float().T
+        v = p[:, :f].bfloat16().float()
+        g = p[:, f:].bfloat16().float()
+        hh = (v * torch.sigmoid(g) * g).bfloat16().float()
+        x = (hh @ w2[j].float().T).bfloat16().float()
+    return x
+
+
+def graphed(fn):
+    """Capture ``fn`` once (after a warm-up call on a side stream) and return its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def time_us(replay, reps: int = 200, warmup: int = 20) -> float:
+    for _ in range(warmup):
+        replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="path stem for the .json and .md")
+    ap.add_argument("--block-k", type=int, default=512)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w1 = torch.randn(BLOCKS, 2 * D_FF, D_MODEL, device=dev, generator=gen) / D_MODEL**0.5
+    w2 = torch.randn(BLOCKS, D_MODEL, D_FF, device=dev, generator=gen) / D_FF**0.5
+    w1, w2 = w1.bfloat16(), w2.bfloat16()
+    x0 = torch.randn(1, D_MODEL, device=dev, generator=gen).bfloat16()
+    ref = reference(x0, w1, w2)
+    weight_bytes = (w1.numel() + w2.numel()) * 2
+    bw = copy_bandwidth(dev)
+    floor_us = weight_bytes / bw * 1e6
+
+    x = torch.empty_like(x0)
+    h = torch.empty(1, D_FF, device=dev, dtype=torch.bfloat16)
+    bar = torch.zeros(2, device=dev, dtype=torch.int32)
+    variants = [("launches (production one-row kernel)", lambda: launch_chain(x, w1, w2), 48)]
+    for nprog_mult in (1, 2):
+        nprog = nprog_mult * sms
+        for per_launch in (1, BLOCKS):
+            for prefetch, ahead in ((False, 0), (True, 0), (True, 1)):
+                name = (
+                    f"persistent, {'per MLP' if per_launch == 1 else 'whole chain'}, "
+                    f"{nprog} programs, prefetch {'off' if not prefetch else f'ahead {ahead}'}"
+                )
+
+                def fn(nprog=nprog, per_launch=per_launch, prefetch=prefetch, ahead=ahead):
+                    persistent_chain(x, h, w1, w2, bar, nprog, per_launch, 4, args.block_k,
+                                     prefetch, ahead)  # fmt: skip
+
+                variants.append((name, fn, BLOCKS // per_launch))
+    rows = []
+    for name, fn, launches in variants:
+        x.fill_(float("nan"))
+        x.copy_(x0)
+        h.fill_(float("nan"))
+        fn()
+        torch.cuda.synchronize()
+        err = ((x.float() - ref).norm() / ref.norm()).item()
+        ok = bool(torch.isfinite(x).all()) and err < 2e-2
+        row = {"variant": name, "launches": launches, "rel_err": err, "correct": ok}
+        if ok:
+            replay = graphed(fn)
+            x.copy_(x0)
+            replay()
+            torch.cuda.synchronize()
+            row["graph_rel_err"] = ((x.float() - ref).norm() / ref.norm()).item()
+            row["us"] = time_us(replay)
+            row["x_floor"] = row["us"] / floor_us
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {
+        "environment": run_environment(),
+        "device": torch.cuda.get_device_name(dev),
+        "sms": sms,
+        "shape": {"d_model": D_MODEL, "d_ff": D_FF, "blocks": BLOCKS, "rows": 1},
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "floor_us": floor_us,
+        "rows": rows,
+    }
+    with open(args.out + ".json", "w") as fh:
+        json.dump(result, fh, indent=1)
+    lines = [
+        f"# One-row MLP chains: launches against grid barriers ({result['device']})",
+        "",
+        f"24 SwiGLU MLPs of the 400M model at batch 1 (d_model {D_MODEL}, d_ff {D_FF}, bf16), "
+        f"{weight_bytes / 1e6:.0f} MB of weights; byte floor {floor_us:.1f} us at the "
+        f"{bw / 1e9:.0f} GB/s copy bandwidth measured in the same run. CUDA graphs, median of "
+        "200 replays.",
+        "",
+        "| variant | launches | us per chain | x floor | us per MLP | rel. error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "us" in r:
+            lines.append(
+                f"| {r['variant']} | {r['launches']} | {r['us']:.1f} | {r['x_floor']:.2f} | "
+                f"{r['us'] / BLOCKS:.2f} | {r['rel_err']:.1e} |"
+            )
+        else:
+            lines.append(f"| {r['variant']} | {r['launches']} | wrong | | | {r['rel_err']:.1e} |")
+    with open(args.out + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
