@@ -45,6 +45,16 @@ from hybridkit.kernels.linear.triton_kernels import skinny_linear
 from hybridkit.train.provenance import run_environment
 
 D_MODEL, D_FF, BLOCKS = 1024, 2816, 24
+#: persistent launches: (programs per SM, fc1 / fc2 columns per tile, K per step, K loop
+#: unrolled, warps). The first is the best of the first run (H100, 2026-12-07: a loop over 4-column
+#: tiles, K loop not unrolled); the others give each program one tile per phase where they can
+#: (fc1: 2,816 columns, fc2: 1,024), its loads all issued before its first product.
+LAUNCHES = (
+    (2, 4, 4, 512, False, 4),
+    (2, 16, 4, 256, True, 8),
+    (4, 8, 2, 256, True, 4),
+    (2, 16, 4, 256, False, 8),
+)
 
 
 @triton.jit
@@ -92,26 +102,39 @@ def _wait(BAR, target):
 
 
 @triton.jit
-def _gemv_phase(X, W, Y, Y2, pid, NPROG: tl.constexpr, N, K, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GLU: tl.constexpr, COPY: tl.constexpr):  # fmt: skip
+def _k_step(acc, gacc, X, rows, k0, n_ok, N, K, BLOCK_K: tl.constexpr, GLU: tl.constexpr):
+    """One BLOCK_K slice of the products (the input read from L2: other programs wrote it)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    m = n_ok[:, None] & k_ok[None, :]
+    x = tl.load(X + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+    acc += tl.load(rows + offs_k[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :]
+    if GLU:
+        wg = tl.load(rows + N * K + offs_k[None, :], mask=m, other=0.0)
+        gacc += wg.to(tl.float32) * x[None, :]
+    return acc, gacc
+
+
+@triton.jit
+def _gemv_phase(X, W, Y, Y2, pid, NPROG: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr,
+                COPY: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
     """``Y = X W^T`` for one row (GLU: ``silu(X Wg^T) * X Wv^T``, value rows first, each half
     rounded to bf16 first as the production kernel does), this program's column tiles; with
-    ``COPY`` stored to ``Y2`` as well."""
+    ``COPY`` stored to ``Y2`` as well. ``UNROLL``: the K loop unrolled, so that every load of a
+    tile can be issued before the first product (one trip to memory per tile, not K / BLOCK_K)."""
     for n0 in range(pid * BLOCK_N, N, NPROG * BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         rows = W + offs_n.to(tl.int64)[:, None] * K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         gacc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            m = n_ok[:, None] & k_ok[None, :]
-            x = tl.load(X + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            acc += tl.load(rows + offs_k[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :]
-            if GLU:
-                wg = tl.load(rows + N * K + offs_k[None, :], mask=m, other=0.0)
-                gacc += wg.to(tl.float32) * x[None, :]
+        if UNROLL:
+            for k0 in tl.static_range(0, K, BLOCK_K):
+                acc, gacc = _k_step(acc, gacc, X, rows, k0, n_ok, N, K, BLOCK_K, GLU)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                acc, gacc = _k_step(acc, gacc, X, rows, k0, n_ok, N, K, BLOCK_K, GLU)
         out = tl.sum(acc, axis=1)
         if GLU:
             v = out.to(tl.bfloat16).to(tl.float32)
@@ -124,38 +147,40 @@ def _gemv_phase(X, W, Y, Y2, pid, NPROG: tl.constexpr, N, K, BLOCK_N: tl.constex
 
 @triton.jit
 def _chain_kernel(
-    X, H, W1, W2, BAR, XS, first, count, D, F,
-    NPROG: tl.constexpr, RECORD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, AHEAD: tl.constexpr, LANES1: tl.constexpr, LANES2: tl.constexpr,
+    X, H, W1, W2, BAR, XS, first, count, D: tl.constexpr, F: tl.constexpr,
+    NPROG: tl.constexpr, RECORD: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr,
+    BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr,
+    LANES1: tl.constexpr, LANES2: tl.constexpr,
 ):  # fmt: skip
-    """MLPs ``first .. first + count - 1``: phase 2j is fc1 + SwiGLU (X -> H), phase 2j + 1
-    fc2 (H -> X), a grid barrier between phases; with ``RECORD`` fc2 of MLP j also writes row
-    j + 1 of ``XS`` (the check's per-MLP outputs). ``BAR[0]`` counts arrivals, ``BAR[1]``
-    finished programs; the last program to finish zeroes both for the next launch."""
+    """MLPs ``first .. first + count - 1``: phase 2j is fc1 + SwiGLU (X -> H, ``BN1`` columns
+    per tile), phase 2j + 1 fc2 (H -> X, ``BN2``), a grid barrier between phases; with
+    ``RECORD`` fc2 of MLP j also writes row j + 1 of ``XS`` (the check's per-MLP outputs).
+    ``BAR[0]`` counts arrivals, ``BAR[1]`` finished programs; the last program to finish zeroes
+    both for the next launch."""
     pid = tl.program_id(0)
     if PREFETCH and AHEAD == 1:
-        _prefetch_rows(W1 + first * 2 * F * D, pid, NPROG, F, D, BLOCK_N, True, LANES1)
+        _prefetch_rows(W1 + first * 2 * F * D, pid, NPROG, F, D, BN1, True, LANES1)
     for j in range(first, first + count):
         w1 = W1 + j.to(tl.int64) * 2 * F * D
         w2 = W2 + j.to(tl.int64) * D * F
         phase = 2 * (j - first)
         if PREFETCH:
             if AHEAD == 0:
-                _prefetch_rows(w1, pid, NPROG, F, D, BLOCK_N, True, LANES1)
+                _prefetch_rows(w1, pid, NPROG, F, D, BN1, True, LANES1)
             else:
-                _prefetch_rows(w2, pid, NPROG, D, F, BLOCK_N, False, LANES2)
+                _prefetch_rows(w2, pid, NPROG, D, F, BN2, False, LANES2)
         if phase > 0:
             _wait(BAR, phase * NPROG)
-        _gemv_phase(X, w1, H, H, pid, NPROG, F, D, BLOCK_N, BLOCK_K, True, False)
+        _gemv_phase(X, w1, H, H, pid, NPROG, F, D, BN1, BLOCK_K, True, False, UNROLL)
         _arrive(BAR)
         if PREFETCH:
             if AHEAD == 0:
-                _prefetch_rows(w2, pid, NPROG, D, F, BLOCK_N, False, LANES2)
+                _prefetch_rows(w2, pid, NPROG, D, F, BN2, False, LANES2)
             elif j + 1 < first + count:
-                _prefetch_rows(w1 + 2 * F * D, pid, NPROG, F, D, BLOCK_N, True, LANES1)
+                _prefetch_rows(w1 + 2 * F * D, pid, NPROG, F, D, BN1, True, LANES1)
         _wait(BAR, (phase + 1) * NPROG)
         xs = XS + (j + 1).to(tl.int64) * D
-        _gemv_phase(H, w2, X, xs, pid, NPROG, D, F, BLOCK_N, BLOCK_K, False, RECORD)
+        _gemv_phase(H, w2, X, xs, pid, NPROG, D, F, BN2, BLOCK_K, False, RECORD, UNROLL)
         if j + 1 < first + count:
             _arrive(BAR)
     done = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
@@ -168,20 +193,19 @@ def _lanes(tiles: int, per_tile: int, nprog: int) -> int:
     return max(128, triton.next_power_of_2(triton.cdiv(tiles, nprog) * per_tile))
 
 
-def persistent_chain(
-    x, h, w1, w2, bar, nprog, per_launch, block_n, block_k, prefetch, ahead, xs=None
-):  # fmt: skip
-    """Run the chain in place on ``x`` (1, D), ``per_launch`` MLPs per launch; ``xs``
+def persistent_chain(x, h, w1, w2, bar, v: dict, xs=None) -> None:
+    """Run the chain in place on ``x`` (1, D) with the launch ``v`` (programs, MLPs per launch,
+    columns per tile of each phase, K per step, unrolled or not, prefetch, warps); ``xs``
     (MLPs + 1, D): where to record every MLP's output (row j + 1)."""
-    d, f = x.shape[1], h.shape[1]
-    lanes1 = _lanes(triton.cdiv(f, block_n), 2 * block_n, nprog)
-    lanes2 = _lanes(triton.cdiv(d, block_n), block_n, nprog)
-    for first in range(0, w1.shape[0], per_launch):
+    d, f, nprog = x.shape[1], h.shape[1], v["nprog"]
+    lanes1 = _lanes(triton.cdiv(f, v["bn1"]), 2 * v["bn1"], nprog)
+    lanes2 = _lanes(triton.cdiv(d, v["bn2"]), v["bn2"], nprog)
+    for first in range(0, w1.shape[0], v["per_launch"]):
         _chain_kernel[(nprog,)](
-            x, h, w1, w2, bar, x if xs is None else xs, first, per_launch, d, f, NPROG=nprog,
-            RECORD=xs is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, PREFETCH=prefetch, AHEAD=ahead, LANES1=lanes1, LANES2=lanes2,
-            num_warps=4,
+            x, h, w1, w2, bar, x if xs is None else xs, first, v["per_launch"], d, f,
+            NPROG=nprog, RECORD=xs is not None, BN1=v["bn1"], BN2=v["bn2"],
+            BLOCK_K=v["block_k"], UNROLL=v["unroll"], PREFETCH=v["prefetch"], AHEAD=0,
+            LANES1=lanes1, LANES2=lanes2, num_warps=v["warps"],
         )  # fmt: skip
 
 
@@ -254,7 +278,6 @@ def time_us(replay, reps: int = 200, warmup: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="path stem for the .json and .md")
-    ap.add_argument("--block-k", type=int, default=512)
     args = ap.parse_args()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -275,18 +298,20 @@ def main() -> None:
     variants = [
         ("launches (production one-row kernel)", lambda xs=None: launch_chain(x, w1, w2, xs), 48)
     ]
-    for nprog_mult in (1, 2):
-        nprog = nprog_mult * sms
+    for mult, bn1, bn2, block_k, unroll, warps in LAUNCHES:
         for per_launch in (1, BLOCKS):
-            for prefetch, ahead in ((False, 0), (True, 0), (True, 1)):
+            for prefetch in (False, True):
+                v = dict(nprog=mult * sms, per_launch=per_launch, bn1=bn1, bn2=bn2)
+                v.update(block_k=block_k, unroll=unroll, prefetch=prefetch, warps=warps)
                 name = (
                     f"persistent, {'per MLP' if per_launch == 1 else 'whole chain'}, "
-                    f"{nprog} programs, prefetch {'off' if not prefetch else f'ahead {ahead}'}"
+                    f"{mult * sms} programs x {warps} warps, columns {bn1} / {bn2}, K step "
+                    f"{block_k}{' unrolled' if unroll else ''}, "
+                    f"prefetch {'on' if prefetch else 'off'}"
                 )
 
-                def fn(xs=None, nprog=nprog, per_launch=per_launch, prefetch=prefetch, ahead=ahead):
-                    persistent_chain(x, h, w1, w2, bar, nprog, per_launch, 4, args.block_k,
-                                     prefetch, ahead, xs)  # fmt: skip
+                def fn(xs=None, v=v):
+                    persistent_chain(x, h, w1, w2, bar, v, xs)
 
                 variants.append((name, fn, BLOCKS // per_launch))
     rows = []
