@@ -51,9 +51,7 @@ D_MODEL, D_FF, BLOCKS = 1024, 2816, 24
 #: (fc1: 2,816 columns, fc2: 1,024), its loads all issued before its first product.
 LAUNCHES = (
     (2, 4, 4, 512, False, 4),
-    (2, 16, 4, 256, True, 8),
     (4, 8, 2, 256, True, 4),
-    (2, 16, 4, 256, False, 8),
 )
 
 
@@ -91,12 +89,17 @@ def _arrive(BAR):
 
 
 @triton.jit
-def _wait(BAR, target):
+def _wait(BAR, target, SLEEP: tl.constexpr = 0):
     """Spin until ``target`` arrivals are counted, then let every thread of the program go on
     (the acquire makes the other programs' writes visible; activations are then loaded from L2,
-    ``.cg``, never from a stale L1 line)."""
+    ``.cg``, never from a stale L1 line). ``SLEEP``: nanoseconds to back off between polls."""
     seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
     while seen < target:
+        if SLEEP > 0:
+            tl.inline_asm_elementwise(
+                f"nanosleep.u32 {SLEEP}; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                is_pure=False, pack=1,
+            )  # fmt: skip
         seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
@@ -189,6 +192,74 @@ def _chain_kernel(
         tl.atomic_xchg(BAR + 1, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def _tile_weights(W, pid, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  KP: tl.constexpr, GLU: tl.constexpr):  # fmt: skip
+    """This program's one tile of weights, whole K (padded to ``KP``), into registers: issued
+    before the barrier, so the DRAM reads overlap the wait (programs past the last tile load
+    nothing)."""
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, KP)
+    m = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    rows = W + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    w = tl.load(rows, mask=m, other=0.0)
+    wg = w
+    if GLU:
+        wg = tl.load(rows + N * K, mask=m, other=0.0)
+    return w, wg
+
+
+@triton.jit
+def _tile_product(w, wg, X, Y, Y2, pid, N: tl.constexpr, K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, KP: tl.constexpr, GLU: tl.constexpr,
+                  COPY: tl.constexpr):  # fmt: skip
+    """The tile's products with the input (read after the barrier, from L2), as
+    :func:`_gemv_phase` computes them."""
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, KP)
+    x = tl.load(X + offs_k, mask=offs_k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+    out = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if GLU:
+        v = out.to(tl.bfloat16).to(tl.float32)
+        g = tl.sum(wg.to(tl.float32) * x[None, :], axis=1).to(tl.bfloat16).to(tl.float32)
+        out = v * g / (1.0 + tl.exp(-g))
+    n_ok = offs_n < N
+    tl.store(Y + offs_n, out.to(tl.bfloat16), mask=n_ok)
+    if COPY:
+        tl.store(Y2 + offs_n, out.to(tl.bfloat16), mask=n_ok)
+
+
+@triton.jit
+def _chain_kernel_regs(
+    X, H, W1, W2, BAR, XS, first, count, D: tl.constexpr, F: tl.constexpr,
+    NPROG: tl.constexpr, RECORD: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr,
+    DP: tl.constexpr, FP: tl.constexpr, SLEEP: tl.constexpr,
+):  # fmt: skip
+    """:func:`_chain_kernel` with one tile per program per phase (``BN1`` / ``BN2`` columns
+    such that the tiles are at most the programs) whose weights are loaded into registers
+    before the barrier that precedes the phase."""
+    pid = tl.program_id(0)
+    for j in range(first, first + count):
+        w1 = W1 + j.to(tl.int64) * 2 * F * D
+        w2 = W2 + j.to(tl.int64) * D * F
+        phase = 2 * (j - first)
+        wv, wg = _tile_weights(w1, pid, F, D, BN1, DP, True)
+        if phase > 0:
+            _wait(BAR, phase * NPROG, SLEEP)
+        _tile_product(wv, wg, X, H, H, pid, F, D, BN1, DP, True, False)
+        _arrive(BAR)
+        w, _ = _tile_weights(w2, pid, D, F, BN2, FP, False)
+        _wait(BAR, (phase + 1) * NPROG, SLEEP)
+        xs = XS + (j + 1).to(tl.int64) * D
+        _tile_product(w, w, H, X, xs, pid, D, F, BN2, FP, False, RECORD)
+        if j + 1 < first + count:
+            _arrive(BAR)
+    done = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
+    if done == NPROG - 1:
+        tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(BAR + 1, 0, sem="relaxed", scope="gpu")
+
+
 def _lanes(tiles: int, per_tile: int, nprog: int) -> int:
     return max(128, triton.next_power_of_2(triton.cdiv(tiles, nprog) * per_tile))
 
@@ -198,6 +269,17 @@ def persistent_chain(x, h, w1, w2, bar, v: dict, xs=None) -> None:
     columns per tile of each phase, K per step, unrolled or not, prefetch, warps); ``xs``
     (MLPs + 1, D): where to record every MLP's output (row j + 1)."""
     d, f, nprog = x.shape[1], h.shape[1], v["nprog"]
+    if v.get("regs"):
+        if triton.cdiv(f, v["bn1"]) > nprog or triton.cdiv(d, v["bn2"]) > nprog:
+            raise ValueError("one tile per program: more tiles than programs")
+        for first in range(0, w1.shape[0], v["per_launch"]):
+            _chain_kernel_regs[(nprog,)](
+                x, h, w1, w2, bar, x if xs is None else xs, first, v["per_launch"], d, f,
+                NPROG=nprog, RECORD=xs is not None, BN1=v["bn1"], BN2=v["bn2"],
+                DP=triton.next_power_of_2(d), FP=triton.next_power_of_2(f), SLEEP=v["sleep"],
+                num_warps=v["warps"],
+            )  # fmt: skip
+        return
     lanes1 = _lanes(triton.cdiv(f, v["bn1"]), 2 * v["bn1"], nprog)
     lanes2 = _lanes(triton.cdiv(d, v["bn2"]), v["bn2"], nprog)
     for first in range(0, w1.shape[0], v["per_launch"]):
@@ -314,6 +396,19 @@ def main() -> None:
                     persistent_chain(x, h, w1, w2, bar, v, xs)
 
                 variants.append((name, fn, BLOCKS // per_launch))
+    for per_launch, sleep in ((1, 0), (BLOCKS, 0), (BLOCKS, 100), (BLOCKS, 500)):
+        v = dict(nprog=2 * sms, per_launch=per_launch, bn1=16, bn2=4, warps=8, regs=True)
+        v["sleep"] = sleep
+        name = (
+            f"persistent, {'per MLP' if per_launch == 1 else 'whole chain'}, {2 * sms} programs"
+            f" x 8 warps, columns 16 / 4, weights into registers before the barrier, "
+            f"{sleep} ns between polls"
+        )
+
+        def fn(xs=None, v=v):
+            persistent_chain(x, h, w1, w2, bar, v, xs)
+
+        variants.append((name, fn, BLOCKS // per_launch))
     rows = []
     for name, fn, launches in variants:
         xs.fill_(float("nan"))
