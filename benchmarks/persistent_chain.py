@@ -53,6 +53,17 @@ LAUNCHES = (
     (2, 4, 4, 512, False, 4),
     (4, 8, 2, 256, True, 4),
 )
+#: one tile per program per phase, its weights loaded into registers before the barrier:
+#: (programs per SM, fc1 / fc2 columns, warps, MLPs per launch, back-off between polls in ns).
+#: The first call with such launches (264 programs x 8 warps, columns 16 / 4) hung: more
+#: registers than two 8-warp programs per SM allow, so half the grid never started; launches
+#: are now refused unless the compiled kernel's grid fits at once (``_launch``).
+REG_LAUNCHES = (
+    (4, 8, 2, 4, 1, 0),
+    (4, 8, 2, 4, 24, 0),
+    (4, 8, 2, 4, 24, 200),
+    (2, 16, 4, 8, 24, 0),
+)
 
 
 @triton.jit
@@ -264,31 +275,51 @@ def _lanes(tiles: int, per_tile: int, nprog: int) -> int:
     return max(128, triton.next_power_of_2(triton.cdiv(tiles, nprog) * per_tile))
 
 
+class NotResident(RuntimeError):
+    """A persistent launch whose programs would not all fit on the GPU at once: its barrier
+    would wait forever for programs that cannot start, so it is refused, not run."""
+
+
+def resident_per_sm(regs: int, shared: int, warps: int) -> int:
+    """How many programs of a kernel one SM holds at once (sm_90: 64K registers, allocated per
+    warp in units of 256, 2,048 threads, 227 KB of shared memory, 32 blocks)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 2048 // (32 * warps), 227 * 1024 // max(shared, 1), 32)
+
+
+def _launch(kernel, nprog: int, args: tuple, kw: dict) -> None:
+    """Compile (cached), refuse a grid that cannot be resident at once, launch."""
+    compiled = kernel.warmup(*args, grid=(nprog,), **kw)
+    compiled._init_handles()
+    sms = torch.cuda.get_device_properties(args[0].device).multi_processor_count
+    fits = resident_per_sm(compiled.n_regs, compiled.metadata.shared, kw["num_warps"]) * sms
+    if nprog > fits:
+        raise NotResident(
+            f"{nprog} programs at {compiled.n_regs} registers x {kw['num_warps']} warps: "
+            f"only {fits} fit at once"
+        )
+    kernel[(nprog,)](*args, **kw)
+
+
 def persistent_chain(x, h, w1, w2, bar, v: dict, xs=None) -> None:
     """Run the chain in place on ``x`` (1, D) with the launch ``v`` (programs, MLPs per launch,
     columns per tile of each phase, K per step, unrolled or not, prefetch, warps); ``xs``
     (MLPs + 1, D): where to record every MLP's output (row j + 1)."""
     d, f, nprog = x.shape[1], h.shape[1], v["nprog"]
+    kw = dict(NPROG=nprog, RECORD=xs is not None, BN1=v["bn1"], BN2=v["bn2"], num_warps=v["warps"])
     if v.get("regs"):
         if triton.cdiv(f, v["bn1"]) > nprog or triton.cdiv(d, v["bn2"]) > nprog:
             raise ValueError("one tile per program: more tiles than programs")
-        for first in range(0, w1.shape[0], v["per_launch"]):
-            _chain_kernel_regs[(nprog,)](
-                x, h, w1, w2, bar, x if xs is None else xs, first, v["per_launch"], d, f,
-                NPROG=nprog, RECORD=xs is not None, BN1=v["bn1"], BN2=v["bn2"],
-                DP=triton.next_power_of_2(d), FP=triton.next_power_of_2(f), SLEEP=v["sleep"],
-                num_warps=v["warps"],
-            )  # fmt: skip
-        return
-    lanes1 = _lanes(triton.cdiv(f, v["bn1"]), 2 * v["bn1"], nprog)
-    lanes2 = _lanes(triton.cdiv(d, v["bn2"]), v["bn2"], nprog)
+        kernel = _chain_kernel_regs
+        kw.update(DP=triton.next_power_of_2(d), FP=triton.next_power_of_2(f), SLEEP=v["sleep"])
+    else:
+        kernel = _chain_kernel
+        kw.update(BLOCK_K=v["block_k"], UNROLL=v["unroll"], PREFETCH=v["prefetch"], AHEAD=0)
+        kw.update(LANES1=_lanes(triton.cdiv(f, v["bn1"]), 2 * v["bn1"], nprog))
+        kw.update(LANES2=_lanes(triton.cdiv(d, v["bn2"]), v["bn2"], nprog))
     for first in range(0, w1.shape[0], v["per_launch"]):
-        _chain_kernel[(nprog,)](
-            x, h, w1, w2, bar, x if xs is None else xs, first, v["per_launch"], d, f,
-            NPROG=nprog, RECORD=xs is not None, BN1=v["bn1"], BN2=v["bn2"],
-            BLOCK_K=v["block_k"], UNROLL=v["unroll"], PREFETCH=v["prefetch"], AHEAD=0,
-            LANES1=lanes1, LANES2=lanes2, num_warps=v["warps"],
-        )  # fmt: skip
+        args = (x, h, w1, w2, bar, x if xs is None else xs, first, v["per_launch"], d, f)
+        _launch(kernel, nprog, args, kw)
 
 
 def launch_chain(x, w1, w2, xs=None):
@@ -396,13 +427,13 @@ def main() -> None:
                     persistent_chain(x, h, w1, w2, bar, v, xs)
 
                 variants.append((name, fn, BLOCKS // per_launch))
-    for per_launch, sleep in ((1, 0), (BLOCKS, 0), (BLOCKS, 100), (BLOCKS, 500)):
-        v = dict(nprog=2 * sms, per_launch=per_launch, bn1=16, bn2=4, warps=8, regs=True)
-        v["sleep"] = sleep
+    for mult, bn1, bn2, warps, per_launch, sleep in REG_LAUNCHES:
+        v = dict(nprog=mult * sms, per_launch=per_launch, bn1=bn1, bn2=bn2, warps=warps)
+        v.update(regs=True, sleep=sleep)
         name = (
-            f"persistent, {'per MLP' if per_launch == 1 else 'whole chain'}, {2 * sms} programs"
-            f" x 8 warps, columns 16 / 4, weights into registers before the barrier, "
-            f"{sleep} ns between polls"
+            f"persistent, {'per MLP' if per_launch == 1 else 'whole chain'}, {mult * sms} "
+            f"programs x {warps} warps, columns {bn1} / {bn2}, weights into registers before "
+            f"the barrier, {sleep} ns between polls"
         )
 
         def fn(xs=None, v=v):
@@ -415,7 +446,12 @@ def main() -> None:
         h.fill_(float("nan"))
         x.copy_(x0)
         xs[0].copy_(x0[0])
-        fn(xs)
+        try:
+            fn(xs)
+        except NotResident as e:
+            rows.append({"variant": name, "launches": launches, "refused": str(e)})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         torch.cuda.synchronize()
         err, checked = check(xs, w1, w2)
         ok = err < 2e-2 and checked >= 5
@@ -460,7 +496,9 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if "us" in r:
+        if "refused" in r:
+            lines.append(f"| {r['variant']} | {r['launches']} | refused: {r['refused']} | | | |")
+        elif "us" in r:
             lines.append(
                 f"| {r['variant']} | {r['launches']} | {r['us']:.1f} | {r['x_floor']:.2f} | "
                 f"{r['us'] / BLOCKS:.2f} | {r['rel_err']:.1e} |"
