@@ -37,16 +37,12 @@ GEMV = dict(BLOCK_N=lin.GEMV_BLOCK_N, BLOCK_K=lin.GEMV_BLOCK_K, STAGES=lin.GEMV_
 GEMV.update(HAS_BIAS=False, PREFETCH=True, PRENORM=False, LANES=32 * lin.GEMV_WARPS)
 STEP = dict(H=32, G=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32, HEAVY_TAIL=True)
 STEP.update(HAS_TRAP=True, HAS_ANG=True, HAS_D=True, GATED=True, NORM=1, SPLIT=1)
-STEP.update(FUSED=False, FIN_GATED=False, FIN_NORM=0, BLOCK_PF=64)
 STEP_FP32 = {"ANGLE", "SSM", "DT_BIAS", "B_BIAS", "C_BIAS", "B_NORM", "C_NORM", "DSKIP", "MX"}
 STEP_FP32 |= {"MZ", "MO", "OUT_NORM", "THNEW", "Y"}
 #: the split step's first launch: half the rows per program, y per rank out (the gate and norm
 #: move to the finish launch)
 SPLIT2 = dict(STEP, R=1, HALVES=False, HAS_MX=False, HAS_MZ=False, HAS_MO=False, SPLIT=2)
 SPLIT2.update(BLOCK_P=32, GATED=False, NORM=0)
-#: the default split (4 programs per head, 2 warps each) with the finish in the head's last
-#: program (``step_fused_finish``)
-FUSED4 = dict(SPLIT2, SPLIT=4, BLOCK_P=16, FUSED=True, FIN_GATED=True, FIN_NORM=1)
 FINISH = dict(H=32, R=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32, GATED=True)
 FINISH.update(HAS_MZ=False, HAS_MO=False, NORM=1, HAS_ANG=True)
 ATTN = dict(H=16, HK=4, REP=4, D=64, BLOCK_R=16, BLOCK_D=64, BLOCK_S=attn_step.BLOCK_S)
@@ -71,7 +67,6 @@ CASES = [
     ("step SISO", step.mamba3_step_kernel, SISO, STEP_FP32, 8),
     ("step MIMO R4", step.mamba3_step_kernel, MIMO, STEP_FP32, 8),
     ("step SISO split2", step.mamba3_step_kernel, SPLIT2, STEP_FP32 | {"OUT"}, 4),  # y fp32
-    ("step SISO split4 fused", step.mamba3_step_kernel, FUSED4, STEP_FP32 | {"OUT"}, 2),
     ("attention step", attn_step._attention_step_kernel, ATTN, set(), 4),
     # head_dim 8 pads to 16 columns: the GPU's 16-bit dot needs an inner size >= 16
     (
@@ -101,8 +96,6 @@ def compile_case(fn, consts: dict, fp32: set[str], warps: int, pdl: bool, maxnre
             sig[a] = "fp32"
         elif a == "POS":
             sig[a] = "*i64"
-        elif a == "SYNC":
-            sig[a] = "*i32"
         elif a.startswith(("s_", "stride")) or a in ("M", "N", "K", "ring"):
             sig[a] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]

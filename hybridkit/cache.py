@@ -129,9 +129,6 @@ class InferenceCache:
     layers: dict[int, Any] = field(default_factory=dict)
     #: static decoding only: the next token's absolute position, (1,) int64 on the device
     position: torch.Tensor | None = None
-    #: per Mamba-3 layer, (B H,) int32 counters for the split decode step's fused finish (kernel
-    #: setting ``step_fused_finish``): made by :meth:`make_static`, 0 between steps
-    step_sync: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         """Bytes held by all layer states."""
@@ -142,17 +139,9 @@ class InferenceCache:
 
         ``position`` is the caller's (1,) int64 tensor, filled here with ``seqlen_offset``; a
         caller that replays a captured graph passes the same tensor every time."""
-        for idx, state in self.layers.items():
+        for state in self.layers.values():
             if isinstance(state, KVCache):
                 state.make_ring(self.seqlen_offset)
-            elif isinstance(state, Mamba3State):
-                # kept across calls (a captured graph reads them at their address), zeroed
-                count = state.ssm.shape[0] * state.ssm.shape[1]
-                sync = self.step_sync.get(idx)
-                if sync is None or sync.numel() != count or sync.device != state.ssm.device:
-                    sync = torch.zeros(count, dtype=torch.int32, device=state.ssm.device)
-                    self.step_sync[idx] = sync
-                sync.zero_()
         position.fill_(self.seqlen_offset)
         self.position = position
 

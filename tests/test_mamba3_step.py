@@ -23,12 +23,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 from hybridkit.kernels.config import kernel_config  # noqa: E402
 from hybridkit.kernels.mamba3 import ops  # noqa: E402
 from hybridkit.kernels.mamba3.state import Mamba3State  # noqa: E402
-from hybridkit.kernels.mamba3.step import (  # noqa: E402
-    StepInputs,
-    StepWeights,
-    mamba3_step_reference,
-    triton_step,
-)
+from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, mamba3_step_reference  # noqa: E402
 from hybridkit.kernels.mamba3.step.triton_step import mamba3_step_triton  # noqa: E402
 from tests.helpers import angle_err, rel_err  # noqa: E402
 
@@ -53,7 +48,6 @@ class Case:
     state_dtype: torch.dtype = torch.float32  # of the ssm state
     io_dtype: torch.dtype = torch.float32  # of the projections and the k / v state
     split: int = 1  # the kernel setting step_split: programs per (sequence, head)
-    fused: bool = False  # step_fused_finish: the head's last program finishes it (no 2nd launch)
 
     @property
     def pairing(self) -> str:
@@ -137,13 +131,9 @@ def _check(c: Case, device: str, seed: int = 0, tol: float = 1e-5, step=None) ->
     odt = c.io_dtype if c.gated else torch.float32
     if step is None:
         out = torch.full(shape, float("nan"), dtype=odt, device=device)
-        # the fused finish's counters start at 0 and must be left at 0 for the next step
-        sync = torch.zeros(c.B * c.H, dtype=torch.int32, device=device) if c.fused else None
-        with kernel_config(step_split=c.split, step_fused_finish=c.fused):
-            got = mamba3_step_triton(StepInputs(**kin), kstate, kw, out=out, sync=sync)
+        with kernel_config(step_split=c.split):
+            got = mamba3_step_triton(StepInputs(**kin), kstate, kw, out=out)
         assert got.data_ptr() == out.data_ptr()
-        if sync is not None:
-            assert int(sync.abs().sum()) == 0, sync
     else:  # a backend that allocates its output
         got = step(StepInputs(**kin), kstate, kw)
     assert torch.isfinite(got).all()
@@ -181,27 +171,14 @@ CPU_CASES = {
     "split2_mimo_postgate": Case(split=2, R=2, out_norm="grouped_postgate"),
     "split4_mimo_groups_ungated_norope": Case(split=4, R=3, G=2, gated=False, rope=False),
     "split2_bf16_state": Case(split=2, state_dtype=torch.bfloat16, trap=False, D=False),
-    # step_fused_finish: the same work in the head's last program, counted in atomically
-    "fused2_siso": Case(split=2, fused=True),
-    "fused4_siso_pregate_odd": Case(
-        split=4, fused=True, out_norm="grouped_pregate", P=6, N=12, S=3, B=3
-    ),  # fmt: skip
-    "fused8_siso_ungated": Case(split=8, fused=True, gated=False),
-    "fused2_mimo_postgate": Case(split=2, fused=True, R=2, out_norm="grouped_postgate"),
-    "fused4_mimo_groups_ungated_norope": Case(
-        split=4, fused=True, R=3, G=2, gated=False, rope=False
-    ),  # fmt: skip
-    "fused2_bf16_state": Case(split=2, fused=True, state_dtype=torch.bfloat16, D=False),
 }
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("name", list(CPU_CASES))
-def test_step_interpreter(name, monkeypatch):
+def test_step_interpreter(name):
     if torch.cuda.is_available():
         pytest.skip("interpreter test; the GPU runs the gpu-marked cases")
-    if CPU_CASES[name].fused:  # no second launch: the finish kernel must not be called
-        monkeypatch.setattr(triton_step, "mamba3_step_finish_kernel", None)
     _check(CPU_CASES[name], "cpu", seed=zlib.crc32(name.encode()) % 1000)
 
 
@@ -286,20 +263,6 @@ GPU_CASES = {
             H=64, P=64, N=128, S=32, state_dtype=torch.bfloat16, split=4
         ),  # fmt: skip
         "split2_mimo4": Case(H=64, P=64, N=128, S=32, R=4, G=2, split=2),
-        "fused4_siso_pregate_bf16": Case(
-            H=64,
-            P=64,
-            N=128,
-            S=32,
-            out_norm="grouped_pregate",
-            split=4,
-            fused=True,
-            io_dtype=torch.bfloat16,
-        ),  # fmt: skip
-        "fused4_siso_bf16_state": Case(
-            H=64, P=64, N=128, S=32, state_dtype=torch.bfloat16, split=4, fused=True
-        ),  # fmt: skip
-        "fused2_mimo4": Case(H=64, P=64, N=128, S=32, R=4, G=2, split=2, fused=True),
     }.items()
 }
 
@@ -322,16 +285,11 @@ LAYER_VARIANTS = {
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("fused", [False, True], ids=["two_launches", "fused_finish"])
 @pytest.mark.parametrize("name", list(LAYER_VARIANTS))
-def test_layer_decode_through_the_kernel(name, fused, monkeypatch):
-    """Prefill 3 tokens, then decode 3 through the fused kernel: equals the full forward. With
-    ``step_fused_finish`` and a static cache (whose ``make_static`` gives the layer its
-    counters) the split step finishes every head itself: no finish launch at all."""
+def test_layer_decode_through_the_kernel(name, monkeypatch):
+    """Prefill 3 tokens, then decode 3 through the fused kernel: equals the full forward."""
     if torch.cuda.is_available():
         pytest.skip("interpreter test")
-    if fused:
-        monkeypatch.setattr(triton_step, "mamba3_step_finish_kernel", None)
     from hybridkit.cache import InferenceCache
     from hybridkit.layers.mamba3 import Mamba3, Mamba3Spec
 
@@ -349,14 +307,8 @@ def test_layer_decode_through_the_kernel(name, fused, monkeypatch):
         cache.layers[0] = layer.allocate_cache(2, 6, torch.float32, None)
         state = cache.layers[0]
         parts = [layer(u[:, :3], cache=cache)]
-        if fused:
-            cache.make_static(torch.zeros(1, dtype=torch.int64))
-            assert cache.step_sync[0].shape == (2 * layer.nheads,)
-        with kernel_config(step_split=2, step_fused_finish=fused):
-            parts += [layer(u[:, t : t + 1], cache=cache) for t in range(3, 6)]
+        parts += [layer(u[:, t : t + 1], cache=cache) for t in range(3, 6)]
     assert len(calls) == 3  # every decode token went through the kernel
-    if fused:
-        assert int(cache.step_sync[0].abs().sum()) == 0
     assert all(a is b for a, b in zip(cache.layers[0], state, strict=True))  # in place
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
 

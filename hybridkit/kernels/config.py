@@ -32,10 +32,6 @@ Fields (defaults in :class:`KernelConfig`):
   59.6 us at batch 16 and 275.5 to 240.8 us at 128 with an fp32 state, 225.2 to 158.2 us at 128
   with a bf16 one, and left batch 1 at 31.4 us; 2 and 8 were between,
   ``benchmarks/results/decode_step_split_h100.md``);
-* ``step_fused_finish``: with ``step_split`` above 1 and counters to count with (static
-  decoding: ``InferenceCache.step_sync``), no second launch: the last of a head's programs to
-  finish (an atomic counter per head) applies the gate and norm and writes the keys and angles
-  (20 launches fewer per 400M token). Default off until timed on a GPU;
 * ``step_warps`` / ``step_maxnreg``: warps and a register cap of the fused decode step (None:
   about 32 state elements per thread; registers capped at 128 for the SISO step at 8 warps
   with interleaved pairs, so two programs share an SM, else the compiler's choice; 255 lifts
@@ -151,7 +147,6 @@ class KernelConfig:
     step_warps: int | None = None
     step_maxnreg: int | None = None
     step_split: int = 4
-    step_fused_finish: bool = False
     fa4_decode: bool = False
     deterministic: bool = False
     skinny_linear: bool = True
@@ -356,13 +351,6 @@ def step_launch() -> tuple[int, int, int]:
     launches it)."""
     cfg = current_config()
     return cfg.step_warps or 0, cfg.step_maxnreg or 0, cfg.step_split
-
-
-@trace_constant
-def step_fused_finish_enabled() -> bool:
-    """``current_config().step_fused_finish``, a trace-time constant under ``torch.compile``
-    (as :func:`step_launch`)."""
-    return current_config().step_fused_finish
 
 
 @trace_constant

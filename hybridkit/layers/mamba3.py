@@ -173,8 +173,7 @@ class Mamba3(Layer):
             state = cache.layers.get(self.layer_idx)
         proj = self.in_proj(u)
         if state is not None and length == 1:
-            sync = cache.step_sync.get(self.layer_idx)
-            return self.out_proj(self._step(proj[:, 0], state, sync).reshape(b, 1, h * p))
+            return self.out_proj(self._step(proj[:, 0], state).reshape(b, 1, h * p))
         z, x, bk, cq, dd_dt, dd_a, trap, ang = proj.split(self.split_sizes, dim=-1)
         z, x = z.reshape(b, length, h, p), x.reshape(b, length, h, p)
         k = self.B_norm(bk.reshape(b, length, r, g, n))
@@ -236,11 +235,8 @@ class Mamba3(Layer):
         """Whether the decode step applies the output norm itself (a per-head one)."""
         return self.norm is not None and self.spec.outproj_norm.startswith("grouped")
 
-    def _step(
-        self, proj: torch.Tensor, state: Mamba3State, sync: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One token per sequence, ``proj`` (B, width) from ``in_proj`` -> (B, H, P) gated;
-        ``sync``: the cache's counters for the split step's fused finish.
+    def _step(self, proj: torch.Tensor, state: Mamba3State) -> torch.Tensor:
+        """One token per sequence, ``proj`` (B, width) from ``in_proj`` -> (B, H, P) gated.
 
         The split stays a set of views (no copies, no dtype changes) and the fused step updates
         ``state`` in place and applies the gate and a per-head output norm; only a norm over
@@ -266,9 +262,7 @@ class Mamba3(Layer):
             trap=trap if self.spec.trapezoid else None,
             angles=ang if self.n_angles else None,
         )
-        out = ops.mamba3_step(
-            inputs, state, self.step_weights(), backend=self.spec.backend, sync=sync
-        )
+        out = ops.mamba3_step(inputs, state, self.step_weights(), backend=self.spec.backend)
         if gated:
             return out
         return self.output(out[:, None], z[:, None]).to(proj.dtype)[:, 0]

@@ -224,26 +224,19 @@ def plan_step(
 
 
 def mamba3_step(
-    inputs: StepInputs,
-    state: Mamba3State,
-    weights: StepWeights,
-    *,
-    backend: str = "auto",
-    sync: torch.Tensor | None = None,
+    inputs: StepInputs, state: Mamba3State, weights: StepWeights, *, backend: str = "auto"
 ) -> torch.Tensor:
     """One decode step of a Mamba-3 layer, ``state`` updated in place.
 
     Shapes and outputs are those of :func:`.step.reference.mamba3_step_reference`: the gated
-    (B, H, P) output, or y per rank (B, R, H, P) when ``inputs.z`` is None. ``sync``: the
-    layer's counters for the Triton step's fused finish (``InferenceCache.step_sync``), if
-    any."""
+    (B, H, P) output, or y per rank (B, R, H, P) when ``inputs.z`` is None."""
     x = inputs.x
     dtype = torch.float64 if torch.float64 in (x.dtype, state.ssm.dtype) else x.dtype
     plan = plan_step(backend, device=x.device, dtype=dtype, rank=inputs.bk.shape[1])
     if plan.backend == "triton":
         from hybridkit.kernels.mamba3.step.triton_step import mamba3_step_triton
 
-        return mamba3_step_triton(inputs, state, weights, sync=sync)
+        return mamba3_step_triton(inputs, state, weights)
     if plan.backend == "cute":
         from hybridkit.kernels.mamba3.step.cute_step import mamba3_step_cute
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from hybridkit.compat import interpreting
-from hybridkit.kernels.config import step_fused_finish_enabled, step_launch
+from hybridkit.kernels.config import step_launch
 from hybridkit.kernels.mamba3.chunkscan.common import _mod2pi
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step.weights import StepInputs, StepWeights
@@ -147,15 +147,14 @@ def mamba3_step_kernel(
     s_dtb, s_dtn, s_dab, s_dan, s_trb, s_trn, s_ab, s_as,
     ANGLE, SSM, KST, VST, KNEW, THNEW,
     DT_BIAS, B_BIAS, C_BIAS, B_NORM, C_NORM, DSKIP, MX, MZ, MO, OUT_NORM,
-    OUT, SYNC, FOUT,
+    OUT,
     a_floor, eps,
     H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAVY_TAIL: tl.constexpr, HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr,
     HALVES: tl.constexpr, HAS_D: tl.constexpr, HAS_MX: tl.constexpr, GATED: tl.constexpr,
     HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED: tl.constexpr, FIN_GATED: tl.constexpr, FIN_NORM: tl.constexpr,
-    BLOCK_PF: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)  # int64: B * H * P * N exceeds 2**31 at large batch
     b = pid // H
@@ -336,37 +335,6 @@ def mamba3_step_kernel(
             tl.store(OUT + ((b * R + r) * H + h) * P + offs_p, y, mask=mask_p)
     if GATED:
         tl.store(OUT + (b * H + h) * P + offs_p, acc.to(OUT.dtype.element_ty), mask=mask_p)
-    if FUSED:  # split, no second launch: the head's last program to get here finishes it
-        _last_finishes(
-            SYNC, b, h, OUT, Z, s_zb, s_zh, MZ, MO, OUT_NORM, FOUT, KNEW, KST, THNEW, ANGLE, eps,
-            H, R, P, N, S, SPLIT, BLOCK_PF, BLOCK_N, BLOCK_S, FIN_GATED, HAS_MZ, HAS_MO,
-            FIN_NORM, HAS_ANG,
-        )  # fmt: skip
-
-
-@triton.jit
-def _last_finishes(
-    SYNC, b, h, Y, Z, s_zb, s_zh, MZ, MO, OUT_NORM, OUT, KNEW, KST, THNEW, ANGLE, eps,
-    H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, S: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    GATED: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr,
-    HAS_ANG: tl.constexpr,
-):  # fmt: skip
-    """The finish launch's work for head (b, h), done by whichever of its ``SPLIT`` programs
-    arrives last (``step_fused_finish``): each program counts itself in at ``SYNC[b H + h]``
-    once its y rows, its scratch keys / angles and every read of the old ones are done (the
-    block barrier makes all its threads' accesses precede the one thread's release); the program
-    that sees ``SPLIT - 1`` arrivals before its own has acquired all of them, so it reads the
-    other programs' y and the scratch from L2 (``.cg``: nothing of them is in its L1), copies the
-    keys and angles into the state, gates, and sets the counter back to 0 for the next token."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(SYNC + b * H + h, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT - 1:
-        _finish_head(
-            b, h, Y, Z, s_zb, s_zh, MZ, MO, OUT_NORM, OUT, KNEW, KST, THNEW, ANGLE, eps, H, R, P,
-            N, S, BLOCK_P, BLOCK_N, BLOCK_S, GATED, HAS_MZ, HAS_MO, NORM, HAS_ANG, ".cg",
-        )  # fmt: skip
-        tl.atomic_xchg(SYNC + b * H + h, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -389,36 +357,19 @@ def mamba3_step_finish_kernel(
     angles into the state, and (``GATED``) the gate, output norm and sum over ranks of the
     split step's y per rank (B, R, H, P) fp32, as :func:`mamba3_step_kernel` does unsplit."""
     pid = tl.program_id(0).to(tl.int64)
-    _finish_head(
-        pid // H, pid % H, Y, Z, s_zb, s_zh, MZ, MO, OUT_NORM, OUT, KNEW, KST, THNEW, ANGLE, eps,
-        H, R, P, N, S, BLOCK_P, BLOCK_N, BLOCK_S, GATED, HAS_MZ, HAS_MO, NORM, HAS_ANG, "",
-    )  # fmt: skip
-
-
-@triton.jit
-def _finish_head(
-    b, h, Y, Z, s_zb, s_zh, MZ, MO, OUT_NORM, OUT, KNEW, KST, THNEW, ANGLE, eps,
-    H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, S: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GATED: tl.constexpr,
-    HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr, HAS_ANG: tl.constexpr,
-    CACHE: tl.constexpr,
-):  # fmt: skip
-    """Head (b, h)'s keys and angles from scratch into the state, and (``GATED``) its gated,
-    normed, rank-summed output; ``CACHE``: the load cache modifier for what other programs of
-    the same launch wrote (y, the scratch)."""
+    b = pid // H
+    h = pid % H
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
     mask_n = offs_n < N
     mask_p = offs_p < P
     for r in tl.static_range(R):
         k_off = ((b * R + r) * H + h) * N + offs_n
-        k_new = tl.load(KNEW + k_off, mask=mask_n, cache_modifier=CACHE)
-        tl.store(KST + k_off, k_new, mask=mask_n)
+        tl.store(KST + k_off, tl.load(KNEW + k_off, mask=mask_n), mask=mask_n)
     if HAS_ANG:
         offs_s = tl.arange(0, BLOCK_S)
         s_off = (b * H + h) * S + offs_s
-        theta = tl.load(THNEW + s_off, mask=offs_s < S, cache_modifier=CACHE)
-        tl.store(ANGLE + s_off, theta, mask=offs_s < S)
+        tl.store(ANGLE + s_off, tl.load(THNEW + s_off, mask=offs_s < S), mask=offs_s < S)
     if GATED:
         z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         norm_w = 1.0
@@ -426,8 +377,7 @@ def _finish_head(
             norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for r in tl.static_range(R):
-            y_off = ((b * R + r) * H + h) * P + offs_p
-            y = tl.load(Y + y_off, mask=mask_p, other=0.0, cache_modifier=CACHE)
+            y = tl.load(Y + ((b * R + r) * H + h) * P + offs_p, mask=mask_p, other=0.0)
             zr = z
             if HAS_MZ:
                 zr = z * tl.load(MZ + (h * R + r) * P + offs_p, mask=mask_p, other=0.0).to(
@@ -468,17 +418,12 @@ def mamba3_step_triton(
     weights: StepWeights,
     *,
     out: torch.Tensor | None = None,
-    sync: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused step; same contract as :func:`.reference.mamba3_step_reference`.
 
     Inputs may be strided views of ``in_proj``'s output (their last axis contiguous), so the
     layer passes its split without copies. ``out`` (optional, for tests that poison it) must have
     the output's shape: (B, H, P) in x's dtype with ``z``, else (B, R, H, P) float32.
-    ``sync``: (B H,) int32 counters, all 0, that the caller keeps for the next step (static
-    decoding: ``InferenceCache.step_sync``); with them and the kernel setting
-    ``step_fused_finish`` a split step finishes each head in its last program instead of a
-    second launch, and leaves them at 0 again.
     """
     w = weights
     x, z, bk, cq, dd_dt, dd_a, trap, angles = inputs
@@ -510,14 +455,6 @@ def mamba3_step_triton(
     if norm and not gated:
         raise ValueError("mamba3 decode step: an output norm needs z (the gate)")
     warps, maxnreg, split = step_launch()
-    fused = split > 1 and sync is not None and step_fused_finish_enabled()
-    if fused and (
-        sync.shape != (batch * nheads,) or sync.dtype != torch.int32 or not sync.is_contiguous()
-    ):
-        raise ValueError(
-            f"mamba3 decode step: sync must be contiguous ({batch * nheads},) int32 counters, "
-            f"got {tuple(sync.shape)} {sync.dtype}"
-        )
     # no more programs than rows rounded up to a power of two (a P of 6 split 8 ways: 6 of
     # them own a row, 2 are masked out entirely)
     split = min(split, triton.next_power_of_2(headdim))
@@ -546,17 +483,16 @@ def mamba3_step_triton(
         dd_dt.stride(0), dd_dt.stride(1), dd_a.stride(0), dd_a.stride(1),
         tr.stride(0), tr.stride(1), an.stride(0), an.stride(-1),
         angle_arg, state.ssm, state.k, state.v, knew, thnew, *params, y,
-        sync if fused else y, out, float(w.a_floor), float(w.norm_eps),
+        float(w.a_floor), float(w.norm_eps),
         H=nheads, G=ngroups, R=rank, P=headdim, N=dstate, S=max(n_angles, 1),
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_S=block_s,
         HEAVY_TAIL=w.a_activation == "heavy_tail", HAS_TRAP=trap is not None,
         HAS_ANG=angles is not None, HALVES=w.pairing == "halves", HAS_D=w.D is not None,
         HAS_MX=w.mimo_x is not None, GATED=gated and split == 1, HAS_MZ=w.mimo_z is not None,
         HAS_MO=w.mimo_o is not None, NORM=norm if split == 1 else 0, USE_PDL=pdl, SPLIT=split,
-        FUSED=fused, FIN_GATED=gated, FIN_NORM=norm, BLOCK_PF=triton.next_power_of_2(headdim),
         **launch, **launch_options(pdl),
     )  # fmt: skip
-    if split > 1 and not fused:
+    if split > 1:
         mamba3_step_finish_kernel[(batch * nheads,)](
             y, zz, zz.stride(0), zz.stride(1), mimo_z, mimo_o, out_norm, out,
             knew, state.k, thnew, angle_arg, float(w.norm_eps),
