@@ -35,6 +35,10 @@ LINEAR = dict(BLOCK_K=lin.BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False, PREFETCH=T
 LINEAR.update(PRENORM=False, LANES=32 * lin.WARPS)
 GEMV = dict(BLOCK_N=lin.GEMV_BLOCK_N, BLOCK_K=lin.GEMV_BLOCK_K, STAGES=lin.GEMV_STAGES)
 GEMV.update(HAS_BIAS=False, PREFETCH=True, PRENORM=False, LANES=32 * lin.GEMV_WARPS)
+GEMV.update(PRELOAD=False, KP=1)
+#: whole-K weight tiles loaded before the wait (PDL's default): fc2's (4 x 4,096, K 2,816) and
+#: fc1 + SwiGLU's with the folded add + norm (2 x 4 x 1,024)
+PRELOAD = dict(GEMV, PRELOAD=True, PREFETCH=False)
 STEP = dict(H=32, G=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32, HEAVY_TAIL=True)
 STEP.update(HAS_TRAP=True, HAS_ANG=True, HAS_D=True, GATED=True, NORM=1, SPLIT=1)
 STEP_FP32 = {"ANGLE", "SSM", "DT_BIAS", "B_BIAS", "C_BIAS", "B_NORM", "C_NORM", "DSKIP", "MX"}
@@ -61,6 +65,14 @@ CASES = [
     # norm_linear: the block's add + pre-norm folded into the projection
     ("gemv prenorm", lin._gemv_kernel, dict(GEMV, GLU=False, PRENORM=True), set(), 4),
     ("gemv glu prenorm", lin._gemv_kernel, dict(GEMV, GLU=True, PRENORM=True), set(), 4),
+    ("gemv preload K4096", lin._gemv_kernel, dict(PRELOAD, KP=4096, GLU=False), set(), 4),
+    (
+        "gemv preload glu prenorm",
+        lin._gemv_kernel,
+        dict(PRELOAD, KP=1024, GLU=True, PRENORM=True),
+        set(),
+        4,
+    ),  # fmt: skip
     ("16-row prenorm", lin._skinny_linear_kernel, dict(PRE16, GLU=False), set(), 4),
     ("16-row glu prenorm", lin._skinny_linear_kernel, dict(PRE16, GLU=True), set(), 4),
     ("add+norm", norm._add_norm_fwd_kernel, dict(D=1024, BLOCK_M=2, BLOCK_N=1024), set(), 8),
@@ -132,9 +144,9 @@ def _before_wait(before: str) -> tuple[int, int, int]:
 def violations(label: str, ptx_on: str, ptx_off: str) -> list[str]:
     """PDL's safety rule broken by one kernel's PTX (empty: kept): with ``USE_PDL`` it triggers
     its successor and waits, and before the wait stores nothing and reads only weights: the
-    linears only bulk-prefetch them (no load), the add + norm and the step load at most their
-    per-head / per-channel parameters (a handful of loads), the attention step nothing; without
-    it, no PDL instruction."""
+    linears only bulk-prefetch them (no load) or, preloading whole tiles, only load them (no
+    prefetch), the add + norm and the step load at most their per-head / per-channel parameters
+    (a handful of loads), the attention step nothing; without it, no PDL instruction."""
     found = []
     before, sep, _ = ptx_on.partition("griddepcontrol.wait")
     if not sep or "griddepcontrol.launch_dependents" not in ptx_on:
@@ -143,7 +155,10 @@ def violations(label: str, ptx_on: str, ptx_off: str) -> list[str]:
     if stores:
         found.append(f"{label}: {stores} global stores before the wait")
     linear = label.startswith(("gemv", "16-row"))
-    if linear and (loads or prefetches != 1):
+    preload = "preload" in label  # loads its weight tile itself (the weight's loads only)
+    if linear and not preload and (loads or prefetches != 1):
+        found.append(f"{label}: {loads} loads and {prefetches} prefetches before the wait")
+    if preload and (prefetches or not loads):
         found.append(f"{label}: {loads} loads and {prefetches} prefetches before the wait")
     if not linear and (prefetches or loads > 12):
         found.append(f"{label}: {loads} loads before the wait (expected its parameters only)")

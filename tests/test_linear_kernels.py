@@ -140,6 +140,9 @@ LAUNCHES = {
                  NARROW_BLOCK_N=32, WIDE_BLOCK_N=64, WARPS=8),
     "deep": dict(GEMV_STAGES=8, BLOCK_K=512, STAGES=3, NARROW_BLOCK_N=32),
     "former": dict(GEMV_BLOCK_N=8, WARPS=4),  # the defaults before the H100 sweep
+    # the one-row kernel's whole-K tiles (PDL's default), here without PDL; the larger cap
+    # lets the K 1,100 x 70 case of the tests below take it too
+    "preload": dict(GEMV_PRELOAD=2, GEMV_PRELOAD_MAX=1 << 15),
 }  # fmt: skip
 
 
@@ -183,6 +186,21 @@ def test_gpu_other_launches(launch, monkeypatch):
     for rows in (1, 16):
         test_bf16_kernel_at_model_shapes(rows)
         test_bf16_prenorm_kernel_at_model_shapes(rows)
+
+
+def test_whole_tile_loads_only_where_they_fit(monkeypatch):
+    """``GEMV_PRELOAD``: by default only under PDL, and only where a program's tile (K padded to
+    a power of two, both halves with the gate) is at most ``GEMV_PRELOAD_MAX`` elements."""
+    from hybridkit.kernels.linear import triton_kernels as tk
+
+    assert not tk.gemv_preload(1024, glu=False, pdl=False)
+    assert tk.gemv_preload(1024, glu=True, pdl=True)  # fc1 + SwiGLU: 2 x 4 x 1,024
+    assert tk.gemv_preload(2816, glu=False, pdl=True)  # fc2: 4 x 4,096
+    assert not tk.gemv_preload(2816, glu=True, pdl=True)  # 2 x 4 x 4,096: past the cap
+    monkeypatch.setattr(tk, "GEMV_PRELOAD", 2)
+    assert tk.gemv_preload(1024, glu=False, pdl=False)
+    monkeypatch.setattr(tk, "GEMV_PRELOAD", 0)
+    assert not tk.gemv_preload(1024, glu=False, pdl=True)
 
 
 def test_kernel_refuses_too_many_rows():

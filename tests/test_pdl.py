@@ -74,20 +74,40 @@ def test_pdl_decode_equals_decode_without_through_the_graph():
     """The 5-kind tiny model in bf16 with the few-row linears and the fused add + norm: 512
     greedy tokens through the CUDA graph with PDL equal those without, and each static step's
     logits are bitwise the same (PDL moves no arithmetic, only when kernels start)."""
-    from hybridkit.generation import Sampling, generate
-    from tests.test_generation import _model
+    reason = pdl.unavailable(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    _pdl_against_none(batch=4)
+
+
+@pytest.mark.gpu
+def test_pdl_decode_at_batch_one_with_whole_tile_loads(monkeypatch):
+    """Batch 1, where the linears run the one-row kernel: under PDL it loads whole weight
+    tiles before the wait (``GEMV_PRELOAD`` 1), which sums K in another order than the
+    pipelined loop, so both runs load whole tiles here (``GEMV_PRELOAD`` 2) and PDL must again
+    change nothing, bitwise."""
+    from hybridkit.kernels.linear import triton_kernels
+    from tests.helpers import set_launch
 
     reason = pdl.unavailable(torch.device("cuda"))
     if reason:
         pytest.skip(reason)
+    set_launch(monkeypatch, triton_kernels, {"GEMV_PRELOAD": 2})
+    _pdl_against_none(batch=1)
+
+
+def _pdl_against_none(batch: int) -> None:
+    from hybridkit.generation import Sampling, generate
+    from tests.test_generation import _model
+
     model = _model(dtype=torch.bfloat16, device="cuda", layout="s a m w r")
-    ids = torch.randint(0, 64, (4, 16), device="cuda")
+    ids = torch.randint(0, 64, (batch, 16), device="cuda")
     runs, logits = {}, {}
     for on in (False, True):
         with config.kernel_config(skinny_linear=True, fused_add_norm=True, pdl=on):
             runs[on] = generate(model, ids, 512, sampling=Sampling(temperature=0), use_graph=True)
             with torch.no_grad():
-                cache = model.allocate_cache(4, 64)
+                cache = model.allocate_cache(batch, 64)
                 model(ids, cache=cache)
                 cache.make_static(torch.zeros(1, dtype=torch.long, device="cuda"))
                 steps = [model.step(runs[False][:, t], cache) for t in range(16, 48)]

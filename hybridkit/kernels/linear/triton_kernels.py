@@ -64,6 +64,13 @@ GEMV_BLOCK_N = 4
 GEMV_BLOCK_K = 512
 GEMV_WARPS = 4
 GEMV_STAGES = 4
+#: One row, whole-K weight tiles in registers (``PRELOAD``): 0 never, 1 under PDL (the default:
+#: the tile is read before ``gdc_wait``, so it streams in while the previous kernel still runs),
+#: 2 always (the CPU tests run that code without PDL). Only where a program's tile, K padded to
+#: a power of two, is at most ``GEMV_PRELOAD_MAX`` elements (value and gate halves together):
+#: 16K at 4 columns covers every 400M projection (fc2: 4 x 4,096), 128 bf16 values a thread.
+GEMV_PRELOAD = 1
+GEMV_PRELOAD_MAX = 16384
 
 
 @triton.jit
@@ -203,43 +210,81 @@ def _gemv_kernel(
     X, W, B, Y, HRES, NW, SOUT, N, K, stride_wn, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
     GLU: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr,
-    LANES: tl.constexpr,
+    LANES: tl.constexpr, PRELOAD: tl.constexpr, KP: tl.constexpr,
 ):  # fmt: skip
     """One row (batch 1): no tensor-core tile to fill, so ``GEMV_BLOCK_N`` (4) output columns
     per program (four times the programs of the 16-row kernel: the 1,024-wide projections back
     to d_model get 256; more programs in flight read the weight faster at this size)
     and plain multiply-adds into a (BLOCK_N, BLOCK_K) fp32 accumulator, summed once at the end.
-    The K loop is pipelined like the 16-row kernel's (compiled for sm_90: cp.async loads)."""
+    The K loop is pipelined like the 16-row kernel's (compiled for sm_90: cp.async loads).
+
+    ``PRELOAD``: the program's whole weight tile (K padded to ``KP``) is loaded at once, before
+    the PDL wait when there is one, and the products are one (BLOCK_N, KP) multiply and sum: in
+    a persistent kernel, loading the next projection's weights into registers before the grid
+    barrier made a 24-MLP chain 18 % faster than its launches, where an L2 prefetch did not
+    (``benchmarks/results/persistent_chain_h100.md``); under PDL the previous kernel plays the
+    barrier's part."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    gacc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # GLU: the gate half's columns
-    sumsq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # PRENORM: of s = h + delta, summed at the end
-    if USE_PDL:
-        _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH, LANES)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    if PRELOAD:
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        offs_k = tl.arange(0, KP)
         k_ok = offs_k < K
         wmask = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
-        x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        if PRENORM:  # fp32 throughout: 1 / rms scales the sums at the end
-            sf = _residual(x, HRES, SOUT, offs_k, k_ok)
-            _store_residual(SOUT, offs_k, sf, k_ok, offs_k, pid)
-            sumsq += sf * sf
-            x = sf * tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
+        wg = w
         if GLU:
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
-            gacc += wg.to(tl.float32) * x[None, :]
-    out, gout = tl.sum(acc, axis=1), tl.sum(gacc, axis=1)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        sumsq = tl.zeros((KP,), dtype=tl.float32)
+        if PRENORM:
+            sf = _residual(x, HRES, SOUT, offs_k, k_ok)
+            _store_residual(SOUT, offs_k, sf, k_ok, offs_k, pid)
+            sumsq = sf * sf
+            x = sf * tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        out = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        gout = out
+        if GLU:
+            gout = tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        gacc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # GLU: the gate half's columns
+        sumsq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # PRENORM: of s = h + delta
+        if USE_PDL:
+            _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH, LANES)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            wmask = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
+            x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            if PRENORM:  # fp32 throughout: 1 / rms scales the sums at the end
+                sf = _residual(x, HRES, SOUT, offs_k, k_ok)
+                _store_residual(SOUT, offs_k, sf, k_ok, offs_k, pid)
+                sumsq += sf * sf
+                x = sf * tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            if GLU:
+                wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
+                gacc += wg.to(tl.float32) * x[None, :]
+        out, gout = tl.sum(acc, axis=1), tl.sum(gacc, axis=1)
     if PRENORM:  # the norm's 1 / rms, after the product (it commutes with it)
         rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / K + eps)
         out, gout = out * rstd, gout * rstd
     y = _epilogue(out, gout, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, False)
     tl.store(Y + offs_n, y, mask=n_ok)
+
+
+def gemv_preload(k: int, glu: bool, pdl: bool) -> bool:
+    """Whether a one-row call with K ``k`` loads its weight tiles whole (``GEMV_PRELOAD``)."""
+    if GEMV_PRELOAD == 0 or (GEMV_PRELOAD == 1 and not pdl):
+        return False
+    return GEMV_BLOCK_N * triton.next_power_of_2(k) * (2 if glu else 1) <= GEMV_PRELOAD_MAX
 
 
 def block_n(n: int) -> int:
@@ -305,11 +350,13 @@ def skinny_linear(
         s = torch.empty(m, k, dtype=x.dtype, device=x.device)
     if m == 1:
         warps = 1 if interp else GEMV_WARPS
+        preload = gemv_preload(k, glu, pdl)
         _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
             x, weight, b, y, hres, nw, s, n, k, weight.stride(0), float(eps),
             BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, STAGES=1 if interp else GEMV_STAGES,
-            HAS_BIAS=bias is not None, GLU=glu, USE_PDL=pdl, PREFETCH=prefetch,
-            PRENORM=prenorm is not None, LANES=_lanes(warps, GEMV_BLOCK_N), num_warps=warps,
+            HAS_BIAS=bias is not None, GLU=glu, USE_PDL=pdl, PREFETCH=prefetch and not preload,
+            PRENORM=prenorm is not None, LANES=_lanes(warps, GEMV_BLOCK_N), PRELOAD=preload,
+            KP=triton.next_power_of_2(k) if preload else 1, num_warps=warps,
             **launch_options(pdl),
         )  # fmt: skip
     else:
