@@ -23,7 +23,8 @@
 #      each in its own process -> train_c32/, train_c64/, train_transformer/.
 #   ROWS (default "32 64"; empty: no scan step) and RUNS (default "c32 c64 transformer") choose.
 # PART "decode": the 400M model's generation (hybridkit bench decode, batch 1 / 16 / 128, prompt
-#   128, 64 new tokens) at the defaults and under each of SETTINGS (default: step_split 8, pdl;
+#   128, 64 new tokens) at the defaults and under each of SETTINGS (default: step_split 8, pdl
+#   off (on by default since 2026-12-07);
 #   step_split 1 ran on 2026-12-07, decode_step_launch_h100.md), each in its own process ->
 #   decode_<setting>/.
 # PART "steplaunch" (#16: the state kernel at batch 128 is 1.27x its byte floor on the H200, 1.6x
@@ -86,7 +87,7 @@ if [ "${1:-rest}" = chunk ]; then
     echo "$run"; show "$WORK/train_$run/train_throughput.md" "$WORK/train_$run.txt" 4; pack
   done
 elif [ "$1" = decode ]; then
-  for setting in defaults ${SETTINGS:-step_split=8 pdl=1}; do
+  for setting in defaults ${SETTINGS:-step_split=8 pdl=0}; do
     kernels=$(kernels_of "$setting")
     mkdir -p "$WORK/decode_$setting"
     HYBRIDKIT_KERNELS=$kernels budgeted 120 45 python -m hybridkit bench decode \

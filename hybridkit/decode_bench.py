@@ -456,12 +456,13 @@ def markdown(result: DecodeBench) -> str:
         if r.top_kernels_per_token:
             lines += ["", "Its longest kernels (ms and launches per token, share of the step):", ""]
             lines += profiling.top_kernels_table(r.top_kernels_per_token, r.ms_per_step)
-        if "pdl=1" in result.kernels.split(","):
+        if "pdl=0" not in result.kernels.split(","):
             lines += [
                 "",
-                "With `pdl=1` a kernel starts before its predecessor ends and its profiled "
-                "duration includes the wait for it: these per-category times overlap, so "
-                "read the kernel counts, not the times or shares.",
+                "With PDL (kernel setting `pdl`, on by default; used on Hopper and later) a "
+                "kernel starts before its predecessor ends and its profiled duration includes "
+                "the wait for it: these per-category times overlap, so read the kernel counts, "
+                "not the times or shares (`HYBRIDKIT_KERNELS=pdl=0` for shares).",
             ]
     if result.layer_rows:
         first = result.layer_rows[0]

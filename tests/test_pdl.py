@@ -23,7 +23,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_setting_parses_and_stays_off_where_it_cannot_run(monkeypatch):
-    assert config.parse_env("pdl=1").pdl and not config.KernelConfig().pdl
+    assert not config.parse_env("pdl=0").pdl and config.KernelConfig().pdl  # on by default
     x = torch.zeros(2)
     with config.kernel_config(pdl=True):
         assert not pdl.use_pdl(x)  # a CPU tensor
@@ -35,19 +35,20 @@ def test_setting_parses_and_stays_off_where_it_cannot_run(monkeypatch):
 
 @pytest.mark.triton
 def test_show_and_benchmarks_name_the_setting(monkeypatch):
-    """``hybridkit show``'s decode-linears row says PDL is on; the decode benchmarks record the
-    non-default kernel settings they ran with."""
+    """``hybridkit show``'s decode-linears row says when PDL is on; the decode benchmarks
+    record the non-default kernel settings they ran with."""
     from hybridkit.kernels.linear import describe_decode
 
     monkeypatch.delenv(config.ENV_VAR, raising=False)
     assert config.changed_settings() == "defaults"
-    with config.kernel_config(pdl=True, chunk_sizes=(32, 64)):
-        assert "with PDL" in describe_decode("cuda", torch.bfloat16)
-        assert config.changed_settings() == "chunk_sizes=32:64,pdl=1"
+    assert "with PDL" in describe_decode("cuda", torch.bfloat16)
+    with config.kernel_config(pdl=False, chunk_sizes=(32, 64)):
+        assert "with PDL" not in describe_decode("cuda", torch.bfloat16)
+        assert config.changed_settings() == "chunk_sizes=32:64,pdl=0"
     with config.kernel_config(skinny_linear=False, attention_step=False):
         assert config.changed_settings() == "skinny_linear=0,attention_step=0"
-    monkeypatch.setenv(config.ENV_VAR, "pdl=1,bwd_warps=8")
-    assert config.changed_settings() == "bwd_warps=8,pdl=1"
+    monkeypatch.setenv(config.ENV_VAR, "pdl=0,bwd_warps=8")
+    assert config.changed_settings() == "bwd_warps=8,pdl=0"
 
 
 @pytest.mark.triton

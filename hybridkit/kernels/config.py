@@ -95,9 +95,13 @@ Fields (defaults in :class:`KernelConfig`):
   2026-12-06;
 * ``pdl``: the decode step's Triton kernels (few-row linears, fused add + norm, the fused
   Mamba-3 step) launch with programmatic dependent launch on Hopper and later: each lets the
-  next start early and reads its weights before waiting for its predecessor
-  (``hybridkit/kernels/pdl.py``; off: on the H200 it changed nothing at batch 1 and was
-  4 % slower at batch 16, ``benchmarks/results/decode_settings_h200.md``).
+  next start early and reads its weights before waiting for its predecessor, the one-row
+  linears their whole weight tiles into registers (``hybridkit/kernels/pdl.py``; on: with those
+  loads the 400M model's step went from 0.730 to 0.549 ms at batch 1 and 1.234 to 1.132 ms at
+  batch 16 on the H100, batch 128 unchanged, ``benchmarks/results/decode_pdl_preload_h100.md``;
+  with only an L2 prefetch of the weights, on the H200 on 2026-12-05, it had changed nothing at
+  batch 1 and been 4 % slower at 16, ``decode_settings_h200.md``). Where PDL cannot run (no
+  Hopper GPU, an older Triton, the interpreter, ``torch.compile``) it is simply not used.
 
 In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local; the scan's
 backward, which autograd runs in another thread on a GPU, launches with the settings in force at
@@ -153,7 +157,7 @@ class KernelConfig:
     skinny_rows: int = 1
     norm_linear: int = 1
     fused_add_norm: bool = True
-    pdl: bool = False
+    pdl: bool = True
     attention_step: bool = True
     mimo_output: bool = True
     loss_op: bool = False
