@@ -22,9 +22,9 @@ Why it is safe (docs/kernels.md, "Programmatic dependent launch"):
   it completed: waiting on the predecessor covers the whole chain. A kernel launched without
   PDL (a torch op, cuBLAS, attention) starts after its predecessor completes, as always.
 
-Used while the kernel setting ``pdl`` is on (the default), and then only where it can work: a CUDA device of
-compute capability 9.0 or later, a Triton with the ``launch_pdl`` option, not the interpreter,
-not while ``torch.compile`` traces (Inductor launches the kernels itself).
+Used while the kernel setting ``pdl`` is on (the default), and then only where it can work: a
+CUDA device of compute capability 9.0 or later, a Triton with the ``launch_pdl`` option, not the
+interpreter, not while ``torch.compile`` traces (Inductor launches the kernels itself).
 """
 
 from __future__ import annotations
