@@ -48,6 +48,11 @@
 #   (transformer_400m_matched.yaml, 382M) in one process (train_throughput.py, 5 timed steps, no
 #   profile) -> ratio/. On an H100 on 2026-12-07 only the hybrid and the matched one ran
 #   (train_throughput_matched_h100.md: 1.112x).
+# PART "pdl" (#16: PDL on by default since 2026-12-07, with the one-row linears' whole weight tiles
+#   loaded before each wait; measured only on an H100, decode_pdl_preload_h100.md): the GPU tests
+#   of PDL, generation, the linears and the decode step (batch 1) at the defaults, then, only if
+#   they pass, benchmarks/decode.py (the d_model 2048 layer step and the 400M model at batch 1 /
+#   16 / 128, fp32 state) at the defaults and with pdl=0 -> pdl/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -56,8 +61,8 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | ratio | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, rest" >&2
+  chunk | decode | steplaunch | train | rows128 | ratio | pdl | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, pdl, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -124,6 +129,21 @@ elif [ "$1" = rows128 ]; then
     echo "$setting"; grep "relative error" "$WORK/rows_$setting.txt" | tr '\n' ';' | head -c 900
     echo; show "$WORK/rows_$setting/mamba3_mimo.md" "$WORK/rows_$setting.txt" 8; pack
   done
+elif [ "$1" = pdl ]; then
+  mkdir -p "$WORK/pdl"
+  budgeted 170 60 python -m pytest -q -m gpu tests/test_pdl.py tests/test_generation.py \
+    tests/test_linear_kernels.py tests/test_mamba3_step.py -k "not b128 and not b16" \
+    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 > "$WORK/pdl/tests.txt"
+  tail -3 "$WORK/pdl/tests.txt"; pack
+  if all_passed "$WORK/pdl/tests.txt"; then
+    for setting in defaults pdl=0; do
+      kernels=$(kernels_of "$setting")
+      mkdir -p "$WORK/pdl/$setting"
+      HYBRIDKIT_KERNELS=$kernels budgeted 150 60 python benchmarks/decode.py --states fp32 \
+        --new 64 --out "$WORK/pdl/$setting/decode" > "$WORK/pdl/$setting.txt" 2>&1
+      echo "$setting"; show "$WORK/pdl/$setting/decode.md" "$WORK/pdl/$setting.txt" 14; pack
+    done
+  fi
 elif [ "$1" = ratio ]; then
   mkdir -p "$WORK/ratio"
   budgeted 400 200 python benchmarks/train_throughput.py --out "$WORK/ratio" --no-profile \
