@@ -3,11 +3,13 @@ a machine with no GPU.
 
 Compiles the few-row linears (one row; 16 rows; each with the SwiGLU epilogue), the fused
 residual add + RMSNorm and the fused Mamba-3 step (SISO and MIMO R 4, grouped pre-gate norm;
-SISO split over two programs per head, ``step_split``, with its finish launch, which has no PDL)
+SISO split over two programs per head, ``step_split``, and its finish launch, with PDL only
+under ``FINISH_PDL``)
 for an H100 target, ``USE_PDL`` off and on, and prints per kernel: registers and spills
 (``ptxas -v``), the PDL instructions found, and the global loads and L2 prefetches the PTX
 issues before ``griddepcontrol.wait`` (the weights a PDL launch asks for while its predecessor
-still runs: the linears must prefetch, and no store may come before the wait).
+still runs: the linears must prefetch or load only weights, and no store may come before the
+wait).
 
     python benchmarks/decode_sm90_report.py [--check]
 
@@ -79,6 +81,7 @@ CASES = [
     ("step SISO", step.mamba3_step_kernel, SISO, STEP_FP32, 8),
     ("step MIMO R4", step.mamba3_step_kernel, MIMO, STEP_FP32, 8),
     ("step SISO split2", step.mamba3_step_kernel, SPLIT2, STEP_FP32 | {"OUT"}, 4),  # y fp32
+    ("step finish", step.mamba3_step_finish_kernel, FINISH, STEP_FP32, 4),  # FINISH_PDL
     ("attention step", attn_step._attention_step_kernel, ATTN, set(), 4),
     # head_dim 8 pads to 16 columns: the GPU's 16-bit dot needs an inner size >= 16
     (
@@ -90,9 +93,6 @@ CASES = [
     ),  # fmt: skip
 ]
 
-
-#: kernels launched without PDL (no ``USE_PDL``): their resources only
-PLAIN = [("step finish", step.mamba3_step_finish_kernel, FINISH, STEP_FP32, 4)]
 
 #: register caps the launches apply by default (the SISO step's, ``_default_maxnreg``)
 CAPS = {"step SISO": step._default_maxnreg(8, 1, "interleaved")}
@@ -179,9 +179,6 @@ def main() -> None:
             extra = "; " + pdl_profile(ptx[pdl]) if pdl else ""
             print(f"{label:16s} pdl={int(pdl)} ({warps} warps): {ptxas_summary(ptx[pdl])}{extra}")
         broken += violations(label, ptx[True], ptx[False])
-    for label, fn, consts, fp32, warps in PLAIN:
-        ptx_plain = compile_case(fn, consts, fp32, warps, False).asm["ptx"]
-        print(f"{label:16s} no PDL ({warps} warps): {ptxas_summary(ptx_plain)}")
     for line in broken:
         print("VIOLATION", line)
     if args.check and broken:

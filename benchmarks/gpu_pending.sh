@@ -52,7 +52,8 @@
 #   loaded before each wait; measured only on an H100, decode_pdl_preload_h100.md): the GPU tests
 #   of PDL, generation, the linears and the decode step (batch 1) at the defaults, then, only if
 #   they pass, benchmarks/decode.py (the d_model 2048 layer step and the 400M model at batch 1 /
-#   16 / 128, fp32 state) at the defaults and with pdl=0 -> pdl/.
+#   16 / 128, fp32 state) at the defaults, with pdl=0, and with the split step's finish kernel
+#   launched with PDL too (--launch step:FINISH_PDL=1, untimed so far) -> pdl/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -136,11 +137,12 @@ elif [ "$1" = pdl ]; then
     -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 > "$WORK/pdl/tests.txt"
   tail -3 "$WORK/pdl/tests.txt"; pack
   if all_passed "$WORK/pdl/tests.txt"; then
-    for setting in defaults pdl=0; do
-      kernels=$(kernels_of "$setting")
+    for setting in defaults pdl=0 finish_pdl; do
+      kernels=$(kernels_of "$setting") launch=()
+      [ "$setting" = finish_pdl ] && kernels="" launch=(--launch step:FINISH_PDL=1)
       mkdir -p "$WORK/pdl/$setting"
       HYBRIDKIT_KERNELS=$kernels budgeted 150 60 python benchmarks/decode.py --states fp32 \
-        --new 64 --out "$WORK/pdl/$setting/decode" > "$WORK/pdl/$setting.txt" 2>&1
+        --new 64 "${launch[@]}" --out "$WORK/pdl/$setting/decode" > "$WORK/pdl/$setting.txt" 2>&1
       echo "$setting"; show "$WORK/pdl/$setting/decode.md" "$WORK/pdl/$setting.txt" 14; pack
     done
   fi

@@ -70,6 +70,7 @@ LAUNCH_MODULES = {
     "linear": "hybridkit.kernels.linear.triton_kernels",
     "norm": "hybridkit.kernels.norm.triton_kernels",
     "mimo_output": "hybridkit.kernels.mamba3.output.triton_kernels",
+    "step": "hybridkit.kernels.mamba3.step.triton_step",
 }
 
 

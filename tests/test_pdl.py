@@ -97,6 +97,20 @@ def test_pdl_decode_at_batch_one_with_whole_tile_loads(monkeypatch):
     _pdl_against_none(batch=1)
 
 
+@pytest.mark.gpu
+def test_pdl_decode_with_the_finish_kernel_in_the_chain(monkeypatch):
+    """``FINISH_PDL`` 1: the split Mamba-3 step's finish kernel launches with PDL as well; PDL
+    must still change nothing, bitwise (batch 4, as the first test)."""
+    from hybridkit.kernels.mamba3.step import triton_step
+    from tests.helpers import set_launch
+
+    reason = pdl.unavailable(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    set_launch(monkeypatch, triton_step, {"FINISH_PDL": 1})
+    _pdl_against_none(batch=4)
+
+
 def _pdl_against_none(batch: int) -> None:
     from hybridkit.generation import Sampling, generate
     from tests.test_generation import _model

@@ -49,6 +49,11 @@ from hybridkit.kernels.pdl import launch_options, use_pdl
 
 PI = tl.constexpr(3.141592653589793)
 NORM_MODES = {"none": 0, "grouped_pregate": 1, "grouped_postgate": 2}
+#: 1: the split step's finish kernel launches with PDL too (when the step does), so the kernel
+#: after it (``out_proj``) may start and load its weights while it runs; 0 (the default until
+#: timed on a GPU): the finish starts and ends the chain of PDL launches as a plain kernel.
+#: ``benchmarks/decode.py --launch step:FINISH_PDL=1`` compares them.
+FINISH_PDL = 0
 
 
 @triton.jit
@@ -352,10 +357,15 @@ def mamba3_step_finish_kernel(
     H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, N: tl.constexpr, S: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GATED: tl.constexpr,
     HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr, HAS_ANG: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """The split step's second launch, one program per (sequence, head): the new keys and
     angles into the state, and (``GATED``) the gate, output norm and sum over ranks of the
-    split step's y per rank (B, R, H, P) fp32, as :func:`mamba3_step_kernel` does unsplit."""
+    split step's y per rank (B, R, H, P) fp32, as :func:`mamba3_step_kernel` does unsplit.
+    With PDL (``FINISH_PDL``) it lets its successor launch and reads nothing before the wait."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
     h = pid % H
@@ -493,12 +503,14 @@ def mamba3_step_triton(
         **launch, **launch_options(pdl),
     )  # fmt: skip
     if split > 1:
+        finish_pdl = pdl and bool(FINISH_PDL)
         mamba3_step_finish_kernel[(batch * nheads,)](
             y, zz, zz.stride(0), zz.stride(1), mimo_z, mimo_o, out_norm, out,
             knew, state.k, thnew, angle_arg, float(w.norm_eps),
             H=nheads, R=rank, P=headdim, N=dstate, S=max(n_angles, 1),
             BLOCK_P=triton.next_power_of_2(headdim), BLOCK_N=block_n, BLOCK_S=block_s,
             GATED=gated, HAS_MZ=w.mimo_z is not None, HAS_MO=w.mimo_o is not None, NORM=norm,
-            HAS_ANG=angles is not None, num_warps=1 if interpreting() else 4,
+            HAS_ANG=angles is not None, USE_PDL=finish_pdl,
+            num_warps=1 if interpreting() else 4, **launch_options(finish_pdl),
         )  # fmt: skip
     return out
