@@ -53,7 +53,9 @@
 #   of PDL, generation, the linears and the decode step (batch 1) at the defaults, then, only if
 #   they pass, benchmarks/decode.py (the d_model 2048 layer step and the 400M model at batch 1 /
 #   16 / 128, fp32 state) at the defaults, with pdl=0, and with the split step's finish kernel
-#   launched with PDL too (--launch step:FINISH_PDL=1, untimed so far) -> pdl/.
+#   launched with PDL too (--launch step:FINISH_PDL=1, untimed so far), and with every linear
+#   of 2-16 rows on our PDL kernel instead of cuBLAS, which breaks the PDL chain at batch 16
+#   (skinny_rows=16; slower than cuBLAS shape by shape without PDL) -> pdl/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -137,7 +139,7 @@ elif [ "$1" = pdl ]; then
     -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 > "$WORK/pdl/tests.txt"
   tail -3 "$WORK/pdl/tests.txt"; pack
   if all_passed "$WORK/pdl/tests.txt"; then
-    for setting in defaults pdl=0 finish_pdl; do
+    for setting in defaults pdl=0 finish_pdl skinny_rows=16; do
       kernels=$(kernels_of "$setting") launch=()
       [ "$setting" = finish_pdl ] && kernels="" launch=(--launch step:FINISH_PDL=1)
       mkdir -p "$WORK/pdl/$setting"
