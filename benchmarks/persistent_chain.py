@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from hybridkit.decode_bench import copy_bandwidth
-from hybridkit.kernels.linear.triton_kernels import skinny_linear
+from hybridkit.kernels.linear.triton_kernels import bulk_prefetch_l2, skinny_linear
 from hybridkit.train.provenance import run_environment
 
 D_MODEL, D_FF, BLOCKS = 1024, 2816, 24
@@ -83,16 +83,7 @@ def _prefetch_rows(W, pid, NPROG: tl.constexpr, N, K, BLOCK_N: tl.constexpr,
     row = tile * BLOCK_N + tl.where(gate, within - BLOCK_N, within)
     active = row < N
     row = tl.minimum(row, N - 1) + tl.where(gate, N, 0)
-    nbytes = tl.zeros_like(lane) + K * 2
-    tl.inline_asm_elementwise(
-        "{\n\t.reg .pred p;\n\tsetp.ne.u32 p, $3, 0;\n\t"
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
-        "=r,l,r,r",
-        [W + row.to(tl.int64) * K, nbytes, active.to(tl.int32)],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
+    bulk_prefetch_l2(W + row.to(tl.int64) * K, tl.zeros_like(lane) + K * 2, active)
 
 
 @triton.jit
@@ -100,6 +91,16 @@ def _arrive(BAR):
     """This program's writes of the phase are done: publish them and count it in."""
     tl.debug_barrier()
     tl.atomic_add(BAR, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _retire(BAR, NPROG: tl.constexpr):
+    """Count this program out (``BAR[1]``); the last one, when every program has passed its
+    last wait, zeroes both counters for the next launch."""
+    done = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
+    if done == NPROG - 1:
+        tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(BAR + 1, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -133,6 +134,19 @@ def _k_step(acc, gacc, X, rows, k0, n_ok, N, K, BLOCK_K: tl.constexpr, GLU: tl.c
 
 
 @triton.jit
+def _store_tile(out, gout, Y, Y2, offs_n, n_ok, GLU: tl.constexpr, COPY: tl.constexpr):
+    """A tile's sums out in bf16 (GLU: ``value * silu(gate)``, each half first rounded to bf16
+    as the production kernel does); with ``COPY`` to ``Y2`` as well."""
+    if GLU:
+        v = out.to(tl.bfloat16).to(tl.float32)
+        g = gout.to(tl.bfloat16).to(tl.float32)
+        out = v * g / (1.0 + tl.exp(-g))
+    tl.store(Y + offs_n, out.to(tl.bfloat16), mask=n_ok)
+    if COPY:
+        tl.store(Y2 + offs_n, out.to(tl.bfloat16), mask=n_ok)
+
+
+@triton.jit
 def _gemv_phase(X, W, Y, Y2, pid, NPROG: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr,
                 COPY: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
@@ -152,14 +166,7 @@ def _gemv_phase(X, W, Y, Y2, pid, NPROG: tl.constexpr, N: tl.constexpr, K: tl.co
         else:
             for k0 in range(0, K, BLOCK_K):
                 acc, gacc = _k_step(acc, gacc, X, rows, k0, n_ok, N, K, BLOCK_K, GLU)
-        out = tl.sum(acc, axis=1)
-        if GLU:
-            v = out.to(tl.bfloat16).to(tl.float32)
-            g = tl.sum(gacc, axis=1).to(tl.bfloat16).to(tl.float32)
-            out = v * g / (1.0 + tl.exp(-g))
-        tl.store(Y + offs_n, out.to(tl.bfloat16), mask=n_ok)
-        if COPY:
-            tl.store(Y2 + offs_n, out.to(tl.bfloat16), mask=n_ok)
+        _store_tile(tl.sum(acc, axis=1), tl.sum(gacc, axis=1), Y, Y2, offs_n, n_ok, GLU, COPY)
 
 
 @triton.jit
@@ -200,10 +207,7 @@ def _chain_kernel(
         _gemv_phase(H, w2, X, xs, pid, NPROG, D, F, BN2, BLOCK_K, False, RECORD, UNROLL)
         if j + 1 < first + count:
             _arrive(BAR)
-    done = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
-    if done == NPROG - 1:  # every program has passed its last wait: reset for the next launch
-        tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(BAR + 1, 0, sem="relaxed", scope="gpu")
+    _retire(BAR, NPROG)
 
 
 @triton.jit
@@ -233,14 +237,10 @@ def _tile_product(w, wg, X, Y, Y2, pid, N: tl.constexpr, K: tl.constexpr,
     offs_k = tl.arange(0, KP)
     x = tl.load(X + offs_k, mask=offs_k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
     out = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    gout = out
     if GLU:
-        v = out.to(tl.bfloat16).to(tl.float32)
-        g = tl.sum(wg.to(tl.float32) * x[None, :], axis=1).to(tl.bfloat16).to(tl.float32)
-        out = v * g / (1.0 + tl.exp(-g))
-    n_ok = offs_n < N
-    tl.store(Y + offs_n, out.to(tl.bfloat16), mask=n_ok)
-    if COPY:
-        tl.store(Y2 + offs_n, out.to(tl.bfloat16), mask=n_ok)
+        gout = tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
+    _store_tile(out, gout, Y, Y2, offs_n, offs_n < N, GLU, COPY)
 
 
 @triton.jit
@@ -268,10 +268,7 @@ def _chain_kernel_regs(
         _tile_product(w, w, H, X, xs, pid, D, F, BN2, FP, False, RECORD)
         if j + 1 < first + count:
             _arrive(BAR)
-    done = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
-    if done == NPROG - 1:
-        tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(BAR + 1, 0, sem="relaxed", scope="gpu")
+    _retire(BAR, NPROG)
 
 
 def _lanes(tiles: int, per_tile: int, nprog: int) -> int:

@@ -75,9 +75,6 @@ def test_pdl_decode_equals_decode_without_through_the_graph():
     """The 5-kind tiny model in bf16 with the few-row linears and the fused add + norm: 512
     greedy tokens through the CUDA graph with PDL equal those without, and each static step's
     logits are bitwise the same (PDL moves no arithmetic, only when kernels start)."""
-    reason = pdl.unavailable(torch.device("cuda"))
-    if reason:
-        pytest.skip(reason)
     _pdl_against_none(batch=4)
 
 
@@ -90,9 +87,6 @@ def test_pdl_decode_at_batch_one_with_whole_tile_loads(monkeypatch):
     from hybridkit.kernels.linear import triton_kernels
     from tests.helpers import set_launch
 
-    reason = pdl.unavailable(torch.device("cuda"))
-    if reason:
-        pytest.skip(reason)
     set_launch(monkeypatch, triton_kernels, {"GEMV_PRELOAD": 2})
     _pdl_against_none(batch=1)
 
@@ -104,16 +98,19 @@ def test_pdl_decode_with_the_finish_kernel_in_the_chain(monkeypatch):
     from hybridkit.kernels.mamba3.step import triton_step
     from tests.helpers import set_launch
 
-    reason = pdl.unavailable(torch.device("cuda"))
-    if reason:
-        pytest.skip(reason)
     set_launch(monkeypatch, triton_step, {"FINISH_PDL": 1})
     _pdl_against_none(batch=4)
 
 
 def _pdl_against_none(batch: int) -> None:
+    """Greedy tokens and static-step logits of the tiny bf16 model with and without PDL, equal
+    bitwise (skips where PDL cannot run)."""
     from hybridkit.generation import Sampling, generate
     from tests.test_generation import _model
+
+    reason = pdl.unavailable(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
 
     model = _model(dtype=torch.bfloat16, device="cuda", layout="s a m w r")
     ids = torch.randint(0, 64, (batch, 16), device="cuda")

@@ -127,16 +127,23 @@ def _pdl_prologue(
         active = (row < N) & (lane < (2 * BLOCK_N if GLU else BLOCK_N))
         row = tl.minimum(row, N - 1) + tl.where(gate, N, 0)
         nbytes = tl.zeros_like(lane) + K * W.dtype.element_ty.primitive_bitwidth // 8
-        tl.inline_asm_elementwise(
-            "{\n\t.reg .pred p;\n\tsetp.ne.u32 p, $3, 0;\n\t"
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
-            "=r,l,r,r",
-            [W + row.to(tl.int64) * stride_wn, nbytes, active.to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
+        bulk_prefetch_l2(W + row.to(tl.int64) * stride_wn, nbytes, active)
     tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def bulk_prefetch_l2(ptrs, nbytes, active):
+    """One ``cp.async.bulk.prefetch.L2`` per lane where ``active``: ``nbytes`` from ``ptrs``
+    into L2 (both 16-byte aligned; sm_90 and later)."""
+    tl.inline_asm_elementwise(
+        "{\n\t.reg .pred p;\n\tsetp.ne.u32 p, $3, 0;\n\t"
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
+        "=r,l,r,r",
+        [ptrs, nbytes, active.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit
