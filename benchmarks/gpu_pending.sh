@@ -49,13 +49,13 @@
 #   profile) -> ratio/. On an H100 on 2026-12-07 only the hybrid and the matched one ran
 #   (train_throughput_matched_h100.md: 1.112x).
 # PART "pdl" (#16: PDL on by default since 2026-12-07, with the one-row linears' whole weight tiles
-#   loaded before each wait; measured only on an H100, decode_pdl_preload_h100.md): the GPU tests
-#   of PDL, generation, the linears and the decode step (batch 1) at the defaults, then, only if
-#   they pass, benchmarks/decode.py (the d_model 2048 layer step and the 400M model at batch 1 /
-#   16 / 128, fp32 state) at the defaults, with pdl=0, and with the split step's finish kernel
-#   launched with PDL too (--launch step:FINISH_PDL=1, untimed so far), and with every linear
-#   of 2-16 rows on our PDL kernel instead of cuBLAS, which breaks the PDL chain at batch 16
-#   (skinny_rows=16; slower than cuBLAS shape by shape without PDL) -> pdl/.
+#   loaded before each wait, decode_pdl_preload_h100.md; and the 16-row kernel's head of K
+#   loaded before the wait, ROWS_PRELOAD, never timed): the GPU tests of PDL, generation, the
+#   linears and the step (not b16 / b128), then benchmarks/decode.py (400M, fp32 state,
+#   64 new tokens), each in its own process: batch 16 at the defaults (cuBLAS but fc1), with
+#   every linear on the 16-row kernel and the norm folded (skinny_rows / norm_linear 16) at
+#   ROWS_PRELOAD 1 (default), 0 (the L2 prefetch) and ROWS_PRELOAD_MAX 32768, and pdl=0;
+#   then the defaults at batch 1 / 16 / 128 with the one-layer step -> pdl/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -139,13 +139,23 @@ elif [ "$1" = pdl ]; then
     -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 > "$WORK/pdl/tests.txt"
   tail -3 "$WORK/pdl/tests.txt"; pack
   if all_passed "$WORK/pdl/tests.txt"; then
-    for setting in defaults pdl=0 finish_pdl skinny_rows=16; do
-      kernels=$(kernels_of "$setting") launch=()
-      [ "$setting" = finish_pdl ] && kernels="" launch=(--launch step:FINISH_PDL=1)
-      mkdir -p "$WORK/pdl/$setting"
-      HYBRIDKIT_KERNELS=$kernels budgeted 150 60 python benchmarks/decode.py --states fp32 \
-        --new 64 "${launch[@]}" --out "$WORK/pdl/$setting/decode" > "$WORK/pdl/$setting.txt" 2>&1
-      echo "$setting"; show "$WORK/pdl/$setting/decode.md" "$WORK/pdl/$setting.txt" 14; pack
+    # batch 16 first (the 16-row preload A/B), then the defaults at every batch with the layer
+    rows16=skinny_rows=16,norm_linear=16
+    for run in defaults rows16 rows16_l2 rows16_cap32k rows16_pdl0 full; do
+      kernels="" launch=() batch=(--batch 16 --skip-layer)
+      case $run in
+        rows16) kernels=$rows16 ;;
+        rows16_l2) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD=0) ;;
+        rows16_cap32k) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD_MAX=32768) ;;
+        rows16_pdl0) kernels=$rows16,pdl=0 ;;
+        full) batch=() ;;
+      esac
+      mkdir -p "$WORK/pdl/$run"
+      HYBRIDKIT_KERNELS=$kernels budgeted 150 50 python benchmarks/decode.py --states fp32 \
+        --new 64 "${batch[@]}" "${launch[@]}" --out "$WORK/pdl/$run/decode" \
+        > "$WORK/pdl/$run.txt" 2>&1
+      echo "$run $kernels ${launch[*]}"; show "$WORK/pdl/$run/decode.md" "$WORK/pdl/$run.txt" 14
+      pack
     done
   fi
 elif [ "$1" = ratio ]; then
