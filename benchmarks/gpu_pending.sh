@@ -54,8 +54,9 @@
 #   linears and the step (not b16 / b128), then benchmarks/decode.py (400M, fp32 state,
 #   64 new tokens), each in its own process: batch 16 at the defaults (cuBLAS but fc1), with
 #   every linear on the 16-row kernel and the norm folded (skinny_rows / norm_linear 16) at
-#   ROWS_PRELOAD 1 (default), 0 (the L2 prefetch) and ROWS_PRELOAD_MAX 32768, and pdl=0;
-#   then the defaults at batch 1 / 16 / 128 with the one-layer step -> pdl/.
+#   ROWS_PRELOAD 1 (default) and 0 (the L2 prefetch); the defaults at batch 1 / 16 / 128 with
+#   the one-layer step; then, as time allows, ROWS_PRELOAD_MAX 32768, the split step's finish
+#   kernel under PDL (FINISH_PDL, batch 1 and 16) and the 16-row kernel with pdl=0 -> pdl/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -141,13 +142,14 @@ elif [ "$1" = pdl ]; then
   if all_passed "$WORK/pdl/tests.txt"; then
     # batch 16 first (the 16-row preload A/B), then the defaults at every batch with the layer
     rows16=skinny_rows=16,norm_linear=16
-    for run in defaults rows16 rows16_l2 rows16_cap32k rows16_pdl0 full; do
+    for run in defaults rows16 rows16_l2 full rows16_cap32k finish_pdl rows16_pdl0; do
       kernels="" launch=() batch=(--batch 16 --skip-layer)
       case $run in
         rows16) kernels=$rows16 ;;
         rows16_l2) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD=0) ;;
         rows16_cap32k) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD_MAX=32768) ;;
         rows16_pdl0) kernels=$rows16,pdl=0 ;;
+        finish_pdl) launch=(--launch step:FINISH_PDL=1) batch=(--batch 1,16 --skip-layer) ;;
         full) batch=() ;;
       esac
       mkdir -p "$WORK/pdl/$run"
