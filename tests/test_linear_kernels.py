@@ -213,6 +213,7 @@ def test_rows_preload_sizes(monkeypatch):
     folded norm), whole K where that fits, and its warps grow with the tile."""
     from hybridkit.kernels.linear import triton_kernels as tk
 
+    monkeypatch.setattr(tk, "ROWS_PRELOAD", 1)
     monkeypatch.setattr(tk, "ROWS_PRELOAD_MAX", 16384)
     assert tk.rows_preload(1024, 16, glu=False, pdl=False, itemsize=2) == 0
     assert tk.rows_preload(1024, 16, glu=False, pdl=True, itemsize=4) == 0

@@ -394,7 +394,8 @@ def rows_preload_warps(kp: int, bn: int, glu: bool) -> int:
 
 def rows_split(kp: int, warps: int) -> int:
     """K slices of a preloaded head of ``kp``: one per warp, each at least 16 wide (the
-    tensor cores' inner size)."""
+    tensor cores' inner size). The interpreter runs the GPU's slices (its one warp does not
+    change them), so the CPU tests cover the batched product."""
     return max(1, min(warps, kp // 16))
 
 
@@ -473,14 +474,15 @@ def skinny_linear(
     else:
         bn = block_n(n)
         kp = rows_preload(k, bn, glu, pdl, weight.element_size(), prenorm is not None)
-        warps = 1 if interp else (rows_preload_warps(kp, bn, glu) if kp else WARPS)
+        gpu_warps = rows_preload_warps(kp, bn, glu) if kp else WARPS
+        warps = 1 if interp else gpu_warps
         _skinny_linear_kernel[(triton.cdiv(n, bn),)](
             x, weight, b, y, hres, nw, s,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), hres.stride(0), float(eps),
             BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
             HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu, USE_PDL=pdl,
             PREFETCH=prefetch and not kp, PRENORM=prenorm is not None, LANES=_lanes(warps, bn),
-            PRELOAD=kp > 0, KP=max(kp, 1), SPLIT=rows_split(kp, warps), num_warps=warps,
+            PRELOAD=kp > 0, KP=max(kp, 1), SPLIT=rows_split(kp, gpu_warps), num_warps=warps,
             **launch_options(pdl),
         )  # fmt: skip
     return y if prenorm is None else (s, y)
