@@ -61,7 +61,7 @@ ROWS_PRE = dict(ROWS16, PRELOAD=True, PREFETCH=False)
 
 def rows_preload_case(label: str, k: int, bn: int, glu: bool, prenorm: bool = False) -> tuple:
     """A 16-row preload launch as ``skinny_linear`` makes it for K ``k`` under PDL in bf16."""
-    kp = lin.rows_preload(k, bn, glu, True, 2, prenorm)
+    kp = lin.rows_preload(k, bn, glu, True, 2, prenorm, mode=1)
     warps = lin.rows_preload_warps(kp, bn, glu)
     consts = dict(ROWS_PRE, BLOCK_N=bn, KP=kp, GLU=glu, PRENORM=prenorm)
     consts.update(SPLIT=lin.rows_split(kp, warps))

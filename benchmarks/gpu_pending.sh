@@ -54,7 +54,7 @@
 #   linears and the step (not b16 / b128), then benchmarks/decode.py (400M, fp32 state,
 #   64 new tokens), each in its own process: batch 16 at the defaults (cuBLAS but fc1), with
 #   every linear on the 16-row kernel and the norm folded (skinny_rows / norm_linear 16) at
-#   ROWS_PRELOAD 1 (default) and 0 (the L2 prefetch); the defaults at batch 1 / 16 / 128 with
+#   ROWS_PRELOAD 1 and 0 (the default: the L2 prefetch); the defaults at batch 1 / 16 / 128 with
 #   the one-layer step; then, as time allows, ROWS_PRELOAD_MAX 32768, the split step's finish
 #   kernel under PDL (FINISH_PDL, batch 1 and 16) and the 16-row kernel with pdl=0 -> pdl/.
 # PART "rest" (the default):
@@ -145,9 +145,9 @@ elif [ "$1" = pdl ]; then
     for run in defaults rows16 rows16_l2 full rows16_cap32k finish_pdl rows16_pdl0; do
       kernels="" launch=() batch=(--batch 16 --skip-layer)
       case $run in
-        rows16) kernels=$rows16 ;;
-        rows16_l2) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD=0) ;;
-        rows16_cap32k) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD_MAX=32768) ;;
+        rows16) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD=1) ;;
+        rows16_l2) kernels=$rows16 ;;
+        rows16_cap32k) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD=1,ROWS_PRELOAD_MAX=32768) ;;
         rows16_pdl0) kernels=$rows16,pdl=0 ;;
         finish_pdl) launch=(--launch step:FINISH_PDL=1) batch=(--batch 1,16 --skip-layer) ;;
         full) batch=() ;;

@@ -71,7 +71,8 @@ GEMV_STAGES = 4
 #: 16K at 4 columns covers every 400M projection (fc2: 4 x 4,096), 128 bf16 values a thread.
 GEMV_PRELOAD = 1
 GEMV_PRELOAD_MAX = 16384
-#: 2-16 rows, the same idea (``ROWS_PRELOAD``: 0 never, 1 under PDL, 2 always): the program's
+#: 2-16 rows, the same idea (``ROWS_PRELOAD``: 0 never, the default until a GPU has timed it;
+#: 1 under PDL; 2 always): the program's
 #: weight tile over the first ``KP`` of K (a power of two) is loaded before ``gdc_wait`` and
 #: multiplied in one tensor-core product; the rest of K, if any, runs the pipelined loop.
 #: ``KP`` is the largest power of two with BLOCK_N x KP (x 2 with the gate) at most
@@ -80,7 +81,7 @@ GEMV_PRELOAD_MAX = 16384
 #: 2,816 / 1,024 first, in_proj and fc1 + SwiGLU (norm folded) 512 / 256 of 1,024. Warps: one
 #: per 4,096 elements (128 weight values a thread, as the one-row kernel's cap), at least 4:
 #: no launch spills (sm_90 compile, ``benchmarks/decode_sm90_report.py``).
-ROWS_PRELOAD = 1
+ROWS_PRELOAD = 0
 ROWS_PRELOAD_MAX = 16384
 
 
@@ -371,14 +372,17 @@ def gemv_preload(k: int, glu: bool, pdl: bool) -> bool:
 
 
 def rows_preload(
-    k: int, bn: int, glu: bool, pdl: bool, itemsize: int, prenorm: bool = False
-) -> int:
+    k: int, bn: int, glu: bool, pdl: bool, itemsize: int, prenorm: bool = False,
+    mode: int | None = None,
+) -> int:  # fmt: skip
     """``KP`` of a 2-16-row call (``ROWS_PRELOAD``): how much of K its programs load before the
-    wait, 0 for none. By default (1) only under PDL and for 2-byte weights (fp32 tiles would
-    take twice the registers); 2 forces it, fp32 included (the CPU tests). With ``prenorm``
+    wait, 0 for none. At 1 only under PDL and for 2-byte weights (fp32 tiles would take twice
+    the registers); 2 forces it, fp32 included (the CPU tests). With ``prenorm``
     half the cap: the normed input is formed in fp32 next to the held weights (at the full cap
-    in_proj's launch spilled, sm_90 compile, ``benchmarks/decode_sm90_report.py``)."""
-    if ROWS_PRELOAD == 0 or (ROWS_PRELOAD == 1 and (not pdl or itemsize != 2)):
+    in_proj's launch spilled, sm_90 compile, ``benchmarks/decode_sm90_report.py``). ``mode``:
+    this instead of ``ROWS_PRELOAD``."""
+    mode = ROWS_PRELOAD if mode is None else mode
+    if mode == 0 or (mode == 1 and (not pdl or itemsize != 2)):
         return 0
     cap = ROWS_PRELOAD_MAX // (2 if prenorm else 1)
     kp = min(triton.next_power_of_2(k), cap // (bn * (2 if glu else 1)))
