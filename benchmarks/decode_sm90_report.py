@@ -34,7 +34,7 @@ from hybridkit.kernels.mamba3.step import triton_step as step
 from hybridkit.kernels.norm import triton_kernels as norm
 
 LINEAR = dict(BLOCK_K=lin.BLOCK_K, STAGES=lin.STAGES, HAS_BIAS=False, PREFETCH=True)
-LINEAR.update(PRENORM=False, LANES=32 * lin.WARPS, PRELOAD=False, KP=1, SPLIT=1)
+LINEAR.update(PRENORM=False, LANES=32 * lin.WARPS)
 GEMV = dict(BLOCK_N=lin.GEMV_BLOCK_N, BLOCK_K=lin.GEMV_BLOCK_K, STAGES=lin.GEMV_STAGES)
 GEMV.update(HAS_BIAS=False, PREFETCH=True, PRENORM=False, LANES=32 * lin.GEMV_WARPS)
 GEMV.update(PRELOAD=False, KP=1)
@@ -55,19 +55,6 @@ ATTN = dict(H=16, HK=4, REP=4, D=64, BLOCK_R=16, BLOCK_D=64, BLOCK_S=attn_step.B
 ATTN.update(HAS_ROPE=True, HAS_NORM=False, FP32=False, CDT=tl.float32)
 ROWS16 = dict(LINEAR, BLOCK_M=16, BLOCK_N=16, FP32=False)
 PRE16 = dict(ROWS16, PRENORM=True)
-#: the 16-row kernel's preloaded head of K (``ROWS_PRELOAD``, PDL's default for bf16)
-ROWS_PRE = dict(ROWS16, PRELOAD=True, PREFETCH=False)
-
-
-def rows_preload_case(label: str, k: int, bn: int, glu: bool, prenorm: bool = False) -> tuple:
-    """A 16-row preload launch as ``skinny_linear`` makes it for K ``k`` under PDL in bf16."""
-    kp = lin.rows_preload(k, bn, glu, True, 2, prenorm, mode=1)
-    warps = lin.rows_preload_warps(kp, bn, glu)
-    consts = dict(ROWS_PRE, BLOCK_N=bn, KP=kp, GLU=glu, PRENORM=prenorm)
-    consts.update(SPLIT=lin.rows_split(kp, warps))
-    return (f"16-row preload {label} KP{kp}", lin._skinny_linear_kernel, consts, set(), warps)
-
-
 SISO = dict(STEP, R=1, HALVES=False, HAS_MX=False, HAS_MZ=False, HAS_MO=False)
 MIMO = dict(STEP, R=4, HALVES=True, HAS_MX=True, HAS_MZ=True, HAS_MO=True)
 #: (label, kernel, constexprs, fp32 pointer args, warps)
@@ -88,11 +75,6 @@ CASES = [
         set(),
         4,
     ),  # fmt: skip
-    rows_preload_case("in_proj", 1024, 16, False, prenorm=True),
-    rows_preload_case("fc1 glu", 1024, 16, True, prenorm=True),
-    rows_preload_case("out_proj", 2048, 16, False),
-    rows_preload_case("fc2", 2816, 16, False),
-    rows_preload_case("N>=8192", 1024, 32, False),
     ("16-row prenorm", lin._skinny_linear_kernel, dict(PRE16, GLU=False), set(), 4),
     ("16-row glu prenorm", lin._skinny_linear_kernel, dict(PRE16, GLU=True), set(), 4),
     ("add+norm", norm._add_norm_fwd_kernel, dict(D=1024, BLOCK_M=2, BLOCK_N=1024), set(), 8),

@@ -10,7 +10,9 @@
 # fused_pass_h100.md), "tall" (the few-row linears' tall tile, 3038247: skinny_linear_tall_h100.md),
 # "prefetch" (the scan chunk kernels' L2 prefetch, 469bba6: scan_prefetch_h100.md),
 # "modes" (train.compile_mode on the 400M models, e3ec666:
-# compile_modes_h100.md), "trainprof" (every kernel of the compiled step: train_kernels_h100.md).
+# compile_modes_h100.md), "trainprof" (every kernel of the compiled step: train_kernels_h100.md),
+# "pdl" (the 16-row kernel's head of K before the PDL wait, FINISH_PDL, the defaults at batch
+# 1 / 16 / 128, e2fb5e8: decode_rows_preload_h100.md).
 # PART "train": the compiled 400M SISO and MIMO (R 4) hybrids at 4 x 4,096 tokens
 #   (train_throughput.py hybrid_compiled, hybrid_mimo_compiled; 6 timed steps, no profile)
 #   at the defaults and under HYBRIDKIT_KERNELS=$SETTING (required), each in its own process ->
@@ -48,15 +50,6 @@
 #   (transformer_400m_matched.yaml, 382M) in one process (train_throughput.py, 5 timed steps, no
 #   profile) -> ratio/. On an H100 on 2026-12-07 only the hybrid and the matched one ran
 #   (train_throughput_matched_h100.md: 1.112x).
-# PART "pdl" (#16: PDL on by default since 2026-12-07, with the one-row linears' whole weight tiles
-#   loaded before each wait, decode_pdl_preload_h100.md; and the 16-row kernel's head of K
-#   loaded before the wait, ROWS_PRELOAD, never timed): the GPU tests of PDL, generation, the
-#   linears and the step (not b16 / b128), then benchmarks/decode.py (400M, fp32 state,
-#   64 new tokens), each in its own process: batch 16 at the defaults (cuBLAS but fc1), with
-#   every linear on the 16-row kernel and the norm folded (skinny_rows / norm_linear 16) at
-#   ROWS_PRELOAD 1 and 0 (the default: the L2 prefetch); the defaults at batch 1 / 16 / 128 with
-#   the one-layer step; then, as time allows, ROWS_PRELOAD_MAX 32768, the split step's finish
-#   kernel under PDL (FINISH_PDL, batch 1 and 16) and the 16-row kernel with pdl=0 -> pdl/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -65,8 +58,8 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | ratio | pdl | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, pdl, rest" >&2
+  chunk | decode | steplaunch | train | rows128 | ratio | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -133,35 +126,6 @@ elif [ "$1" = rows128 ]; then
     echo "$setting"; grep "relative error" "$WORK/rows_$setting.txt" | tr '\n' ';' | head -c 900
     echo; show "$WORK/rows_$setting/mamba3_mimo.md" "$WORK/rows_$setting.txt" 8; pack
   done
-elif [ "$1" = pdl ]; then
-  mkdir -p "$WORK/pdl"
-  # shellcheck disable=SC2086  # PDL_TESTS: a list of test files (a short call: fewer)
-  budgeted 170 60 python -m pytest -q -m gpu ${PDL_TESTS:-tests/test_pdl.py \
-    tests/test_generation.py tests/test_linear_kernels.py tests/test_mamba3_step.py} \
-    -k "not b128 and not b16" -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -8 \
-    > "$WORK/pdl/tests.txt"
-  tail -3 "$WORK/pdl/tests.txt"; pack
-  if all_passed "$WORK/pdl/tests.txt"; then
-    # batch 16 first (the 16-row preload A/B), then the defaults at every batch with the layer
-    rows16=skinny_rows=16,norm_linear=16
-    for run in defaults rows16 rows16_l2 full rows16_cap32k finish_pdl rows16_pdl0; do
-      kernels="" launch=() batch=(--batch 16 --skip-layer)
-      case $run in
-        rows16) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD=1) ;;
-        rows16_l2) kernels=$rows16 ;;
-        rows16_cap32k) kernels=$rows16 launch=(--launch linear:ROWS_PRELOAD=1,ROWS_PRELOAD_MAX=32768) ;;
-        rows16_pdl0) kernels=$rows16,pdl=0 ;;
-        finish_pdl) launch=(--launch step:FINISH_PDL=1) batch=(--batch 1,16 --skip-layer) ;;
-        full) batch=() ;;
-      esac
-      mkdir -p "$WORK/pdl/$run"
-      HYBRIDKIT_KERNELS=$kernels budgeted 150 50 python benchmarks/decode.py --states fp32 \
-        --new 64 "${batch[@]}" "${launch[@]}" --out "$WORK/pdl/$run/decode" \
-        > "$WORK/pdl/$run.txt" 2>&1
-      echo "$run $kernels ${launch[*]}"; show "$WORK/pdl/$run/decode.md" "$WORK/pdl/$run.txt" 14
-      pack
-    done
-  fi
 elif [ "$1" = ratio ]; then
   mkdir -p "$WORK/ratio"
   budgeted 400 200 python benchmarks/train_throughput.py --out "$WORK/ratio" --no-profile \

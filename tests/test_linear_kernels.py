@@ -143,10 +143,6 @@ LAUNCHES = {
     # the one-row kernel's whole-K tiles (PDL's default), here without PDL; the larger cap
     # lets the K 1,100 x 70 case of the tests below take it too
     "preload": dict(GEMV_PRELOAD=2, GEMV_PRELOAD_MAX=1 << 15),
-    # the 2-16-row kernel's preloaded head of K (PDL's default for bf16), here without PDL:
-    # whole K, then with a small cap so a pipelined tail follows the preloaded head
-    "rows_preload": dict(ROWS_PRELOAD=2),
-    "rows_preload_tail": dict(ROWS_PRELOAD=2, ROWS_PRELOAD_MAX=4096),
 }  # fmt: skip
 
 
@@ -205,33 +201,6 @@ def test_whole_tile_loads_only_where_they_fit(monkeypatch):
     assert tk.gemv_preload(1024, glu=False, pdl=False)
     monkeypatch.setattr(tk, "GEMV_PRELOAD", 0)
     assert not tk.gemv_preload(1024, glu=False, pdl=True)
-
-
-def test_rows_preload_sizes(monkeypatch):
-    """``ROWS_PRELOAD``: by default only under PDL with 2-byte weights; the head of K it loads
-    is a power of two within ``ROWS_PRELOAD_MAX`` (the gate half counted, half the cap with the
-    folded norm), whole K where that fits, and its warps grow with the tile."""
-    from hybridkit.kernels.linear import triton_kernels as tk
-
-    monkeypatch.setattr(tk, "ROWS_PRELOAD", 1)
-    monkeypatch.setattr(tk, "ROWS_PRELOAD_MAX", 16384)
-    assert tk.rows_preload(1024, 16, glu=False, pdl=False, itemsize=2) == 0
-    assert tk.rows_preload(1024, 16, glu=False, pdl=True, itemsize=4) == 0
-    assert tk.rows_preload(1024, 16, glu=False, pdl=True, itemsize=2) == 1024  # attention o
-    assert tk.rows_preload(1024, 16, False, True, 2, prenorm=True) == 512  # in_proj
-    assert tk.rows_preload(1024, 16, True, True, 2, prenorm=True) == 256  # fc1 + SwiGLU
-    assert tk.rows_preload(2816, 16, glu=False, pdl=True, itemsize=2) == 1024  # fc2: a head
-    assert tk.rows_preload(1024, 32, glu=False, pdl=True, itemsize=2) == 512  # lm head
-    assert tk.rows_preload(20, 16, glu=False, pdl=True, itemsize=2) == 32
-    assert tk.rows_preload_warps(512, 16, glu=False) == 4
-    assert tk.rows_preload_warps(1024, 16, glu=True) == 8
-    assert tk.rows_split(1024, 4) == 4 and tk.rows_split(32, 4) == 2
-    monkeypatch.setattr(tk, "ROWS_PRELOAD", 2)
-    assert tk.rows_preload(1024, 16, glu=False, pdl=False, itemsize=4) == 1024
-    monkeypatch.setattr(tk, "ROWS_PRELOAD_MAX", 3000)
-    assert tk.rows_preload(1024, 16, glu=False, pdl=False, itemsize=2) == 128
-    monkeypatch.setattr(tk, "ROWS_PRELOAD", 0)
-    assert tk.rows_preload(1024, 16, glu=False, pdl=True, itemsize=2) == 0
 
 
 def test_kernel_refuses_too_many_rows():

@@ -71,30 +71,11 @@ def test_ptx_waits_before_every_store_and_activation_load():
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_pdl_decode_equals_decode_without_through_the_graph(monkeypatch):
+def test_pdl_decode_equals_decode_without_through_the_graph():
     """The 5-kind tiny model in bf16 with the few-row linears and the fused add + norm: 512
     greedy tokens through the CUDA graph with PDL equal those without, and each static step's
-    logits are bitwise the same (PDL moves no arithmetic, only when kernels start). Under PDL
-    the 16-row kernel loads the head of K before the wait (``ROWS_PRELOAD`` 1) and sums it in
-    another order than its loop, so both runs do that here (``ROWS_PRELOAD`` 2)."""
-    _rows_preload_both_sides(monkeypatch)
+    logits are bitwise the same (PDL moves no arithmetic, only when kernels start)."""
     _pdl_against_none(batch=4)
-
-
-@pytest.mark.gpu
-def test_pdl_decode_with_every_linear_on_the_16_row_kernel(monkeypatch):
-    """As above with every linear of the batch-4 step on the 16-row kernel and each block's
-    add + norm folded into it (``skinny_rows`` / ``norm_linear`` 16): the preloaded head of K
-    with the folded norm."""
-    _rows_preload_both_sides(monkeypatch)
-    _pdl_against_none(batch=4, skinny_rows=16, norm_linear=16)
-
-
-def _rows_preload_both_sides(monkeypatch) -> None:
-    from hybridkit.kernels.linear import triton_kernels
-    from tests.helpers import set_launch
-
-    set_launch(monkeypatch, triton_kernels, {"ROWS_PRELOAD": 2})
 
 
 @pytest.mark.gpu
@@ -118,11 +99,10 @@ def test_pdl_decode_with_the_finish_kernel_in_the_chain(monkeypatch):
     from tests.helpers import set_launch
 
     set_launch(monkeypatch, triton_step, {"FINISH_PDL": 1})
-    _rows_preload_both_sides(monkeypatch)
     _pdl_against_none(batch=4)
 
 
-def _pdl_against_none(batch: int, **settings) -> None:
+def _pdl_against_none(batch: int) -> None:
     """Greedy tokens and static-step logits of the tiny bf16 model with and without PDL, equal
     bitwise (skips where PDL cannot run)."""
     from hybridkit.generation import Sampling, generate
@@ -136,7 +116,7 @@ def _pdl_against_none(batch: int, **settings) -> None:
     ids = torch.randint(0, 64, (batch, 16), device="cuda")
     runs, logits = {}, {}
     for on in (False, True):
-        with config.kernel_config(skinny_linear=True, fused_add_norm=True, pdl=on, **settings):
+        with config.kernel_config(skinny_linear=True, fused_add_norm=True, pdl=on):
             runs[on] = generate(model, ids, 512, sampling=Sampling(temperature=0), use_graph=True)
             with torch.no_grad():
                 cache = model.allocate_cache(batch, 64)

@@ -71,18 +71,6 @@ GEMV_STAGES = 4
 #: 16K at 4 columns covers every 400M projection (fc2: 4 x 4,096), 128 bf16 values a thread.
 GEMV_PRELOAD = 1
 GEMV_PRELOAD_MAX = 16384
-#: 2-16 rows, the same idea (``ROWS_PRELOAD``: 0 never, the default until a GPU has timed it;
-#: 1 under PDL; 2 always): the program's
-#: weight tile over the first ``KP`` of K (a power of two) is loaded before ``gdc_wait`` and
-#: multiplied in one tensor-core product; the rest of K, if any, runs the pipelined loop.
-#: ``KP`` is the largest power of two with BLOCK_N x KP (x 2 with the gate) at most
-#: ``ROWS_PRELOAD_MAX`` elements (half that with the folded add + norm) and at most K padded;
-#: at 16K the 400M model's out_proj, fc2 and lm head load 1,024 / 1,024 / 512 of K 2,048 /
-#: 2,816 / 1,024 first, in_proj and fc1 + SwiGLU (norm folded) 512 / 256 of 1,024. Warps: one
-#: per 4,096 elements (128 weight values a thread, as the one-row kernel's cap), at least 4:
-#: no launch spills (sm_90 compile, ``benchmarks/decode_sm90_report.py``).
-ROWS_PRELOAD = 0
-ROWS_PRELOAD_MAX = 16384
 
 
 @triton.jit
@@ -175,56 +163,13 @@ def _store_residual(SOUT, s_off, sf, mask, offs_k, pid):
 
 
 @triton.jit
-def _rows_tile(X, x_rows, HRES, NW, SOUT, h_rows, offs_k, m_ok, k_ok, rstd,
-               PRENORM: tl.constexpr):  # fmt: skip
-    """The 16-row kernel's input over columns ``offs_k``: x, or with ``PRENORM`` the normed
-    ``rms_norm(h + x) * w`` rounded to x's dtype as the norm kernel rounds its output."""
-    xmask = m_ok[:, None] & k_ok[None, :]
-    x = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0)
-    if PRENORM:
-        sf = _residual(x, HRES, SOUT, h_rows + offs_k[None, :], xmask)
-        nw = tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        x = (sf * rstd * nw[None, :]).to(X.dtype.element_ty)
-    return x
-
-
-@triton.jit
-def _rows_split(X, HRES, NW, SOUT, stride_xm, stride_hm, M, K, rstd, BLOCK_M: tl.constexpr,
-                KP: tl.constexpr, SPLIT: tl.constexpr, PRENORM: tl.constexpr):  # fmt: skip
-    """The input over the first ``KP`` of K as (SPLIT, BLOCK_M, KP / SPLIT), the preloaded
-    weights' K slices (``_rows_tile``'s x or normed input, per slice)."""
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)[None, :, None]
-    slices = tl.arange(0, SPLIT) * (KP // SPLIT)
-    offs_k = slices[:, None, None] + tl.arange(0, KP // SPLIT)[None, None, :]
-    mask = (offs_m < M) & (offs_k < K)
-    x = tl.load(X + offs_m * stride_xm + offs_k, mask=mask, other=0.0)
-    if PRENORM:
-        sf = _residual(x, HRES, SOUT, offs_m * stride_hm + offs_k, mask)
-        nw = tl.load(NW + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        x = (sf * rstd[None, :, :] * nw).to(X.dtype.element_ty)
-    return x
-
-
-@triton.jit
-def _xw_split(x, w, FP32: tl.constexpr):
-    """Per K slice: (SPLIT, M, KS) x (SPLIT, KS, N) -> (SPLIT, M, N), as ``_x_wt``."""
-    if FP32:
-        return tl.dot(x, w, input_precision="ieee")
-    return tl.dot(x, w)
-
-
-@triton.jit
 def _skinny_linear_kernel(
     X, W, B, Y, HRES, NW, SOUT,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_hm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, GLU: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr, LANES: tl.constexpr,
-    PRELOAD: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """2-16 rows, padded to one 16-row tensor-core tile. ``PRELOAD``: the weight tile over the
-    first ``KP`` of K is loaded before the PDL wait (the one-row kernel's ``PRELOAD``, here
-    multiplied on the tensor cores), the rest of K pipelined after it."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -235,26 +180,8 @@ def _skinny_linear_kernel(
     x_rows = X + r64 * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU: the gate half's columns
-    if PRELOAD:
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        # (SPLIT, KP / SPLIT, BLOCK_N): K cut into one slice per warp, so that the batched
-        # product below gives each warp its own slice (a 2-D product over all of K held the
-        # whole x tile in every warp: 230 registers at K 1,024)
-        slices = tl.arange(0, SPLIT) * (KP // SPLIT)
-        offs_kw = slices[:, None, None] + tl.arange(0, KP // SPLIT)[None, :, None]
-        kp_ok = offs_kw < K
-        pmask = n_ok[None, None, :] & kp_ok
-        w_ptr = W + offs_n.to(tl.int64)[None, None, :] * stride_wn + offs_kw
-        w_pre = tl.load(w_ptr, mask=pmask, other=0.0)
-        wg_pre = w_pre
-        if GLU:
-            wg_pre = tl.load(w_ptr + N * stride_wn, mask=pmask, other=0.0)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-    elif USE_PDL:
+    if USE_PDL:
         _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH, LANES)
-    rstd = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
     if PRENORM:  # first pass over K: the new residual (stored by program 0), 1 / rms per row
         sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -265,21 +192,17 @@ def _skinny_linear_kernel(
             _store_residual(SOUT, r64 * K + offs_k[None, :], sf, xmask, offs_k[None, :], pid)
             sumsq += tl.sum(sf * sf, axis=1)
         rstd = (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
-    k_start = 0
-    if PRELOAD:
-        x_pre = _rows_split(X, HRES, NW, SOUT, stride_xm, stride_hm, M, K, rstd, BLOCK_M, KP,
-                            SPLIT, PRENORM)  # fmt: skip
-        acc = tl.sum(_xw_split(x_pre, w_pre, FP32), axis=0)
-        if GLU:
-            gacc = tl.sum(_xw_split(x_pre, wg_pre, FP32), axis=0)
-        k_start = KP
-    for k0 in tl.range(k_start, K, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         wmask = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
-        x = _rows_tile(X, x_rows, HRES, NW, SOUT, r64 * stride_hm, offs_k, m_ok, k_ok, rstd,
-                       PRENORM)  # fmt: skip
+        xmask = m_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0)
+        if PRENORM:  # the normed input tile, rounded as the norm kernel rounds its output
+            sf = _residual(x, HRES, SOUT, r64 * stride_hm + offs_k[None, :], xmask)
+            nw = tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            x = (sf * rstd * nw[None, :]).to(X.dtype.element_ty)
         acc += _x_wt(x, w, FP32)
         if GLU:
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
@@ -371,38 +294,6 @@ def gemv_preload(k: int, glu: bool, pdl: bool) -> bool:
     return GEMV_BLOCK_N * triton.next_power_of_2(k) * (2 if glu else 1) <= GEMV_PRELOAD_MAX
 
 
-def rows_preload(
-    k: int, bn: int, glu: bool, pdl: bool, itemsize: int, prenorm: bool = False,
-    mode: int | None = None,
-) -> int:  # fmt: skip
-    """``KP`` of a 2-16-row call (``ROWS_PRELOAD``): how much of K its programs load before the
-    wait, 0 for none. At 1 only under PDL and for 2-byte weights (fp32 tiles would take twice
-    the registers); 2 forces it, fp32 included (the CPU tests). With ``prenorm``
-    half the cap: the normed input is formed in fp32 next to the held weights (at the full cap
-    in_proj's launch spilled, sm_90 compile, ``benchmarks/decode_sm90_report.py``). ``mode``:
-    this instead of ``ROWS_PRELOAD``."""
-    mode = ROWS_PRELOAD if mode is None else mode
-    if mode == 0 or (mode == 1 and (not pdl or itemsize != 2)):
-        return 0
-    cap = ROWS_PRELOAD_MAX // (2 if prenorm else 1)
-    kp = min(triton.next_power_of_2(k), cap // (bn * (2 if glu else 1)))
-    kp = 1 << (kp.bit_length() - 1) if kp > 0 else 0  # a power of two at most the cap
-    return kp if kp >= 16 else 0
-
-
-def rows_preload_warps(kp: int, bn: int, glu: bool) -> int:
-    """Warps of a 2-16-row launch that preloads ``kp`` of K: one per 4,096 weight elements,
-    at least 4 (the 16-row input tile of the head is held too), at most 8."""
-    return min(8, max(4, bn * kp * (2 if glu else 1) // 4096))
-
-
-def rows_split(kp: int, warps: int) -> int:
-    """K slices of a preloaded head of ``kp``: one per warp, each at least 16 wide (the
-    tensor cores' inner size). The interpreter runs the GPU's slices (its one warp does not
-    change them), so the CPU tests cover the batched product."""
-    return max(1, min(warps, kp // 16))
-
-
 def block_n(n: int) -> int:
     """Output columns per program of the 2-16-row kernel: ``WIDE_BLOCK_N`` (32) for wide
     outputs, else ``NARROW_BLOCK_N`` (16: more programs for the narrow projections back to
@@ -476,17 +367,13 @@ def skinny_linear(
             **launch_options(pdl),
         )  # fmt: skip
     else:
-        bn = block_n(n)
-        kp = rows_preload(k, bn, glu, pdl, weight.element_size(), prenorm is not None)
-        gpu_warps = rows_preload_warps(kp, bn, glu) if kp else WARPS
-        warps = 1 if interp else gpu_warps
+        bn, warps = block_n(n), 1 if interp else WARPS
         _skinny_linear_kernel[(triton.cdiv(n, bn),)](
             x, weight, b, y, hres, nw, s,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), hres.stride(0), float(eps),
             BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
             HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu, USE_PDL=pdl,
-            PREFETCH=prefetch and not kp, PRENORM=prenorm is not None, LANES=_lanes(warps, bn),
-            PRELOAD=kp > 0, KP=max(kp, 1), SPLIT=rows_split(kp, gpu_warps), num_warps=warps,
-            **launch_options(pdl),
+            PREFETCH=prefetch, PRENORM=prenorm is not None, LANES=_lanes(warps, bn),
+            num_warps=warps, **launch_options(pdl),
         )  # fmt: skip
     return y if prenorm is None else (s, y)

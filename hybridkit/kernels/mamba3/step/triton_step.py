@@ -50,9 +50,11 @@ from hybridkit.kernels.pdl import launch_options, use_pdl
 PI = tl.constexpr(3.141592653589793)
 NORM_MODES = {"none": 0, "grouped_pregate": 1, "grouped_postgate": 2}
 #: 1: the split step's finish kernel launches with PDL too (when the step does), so the kernel
-#: after it (``out_proj``) may start and load its weights while it runs; 0 (the default until
-#: timed on a GPU): the finish starts and ends the chain of PDL launches as a plain kernel.
-#: ``benchmarks/decode.py --launch step:FINISH_PDL=1`` compares them.
+#: after it (``out_proj``) may start and load its weights while it runs; 0 (the default): the
+#: finish starts and ends the chain of PDL launches as a plain kernel. Timed on the H100 the two
+#: were equal (400M, batch 1: 0.550 against 0.553 ms; 16: 1.139 against 1.140,
+#: ``benchmarks/results/decode_rows_preload_h100.md``); ``benchmarks/decode.py --launch
+#: step:FINISH_PDL=1`` compares them.
 FINISH_PDL = 0
 
 
