@@ -411,35 +411,34 @@ def main() -> None:
     variants = [
         ("launches (production one-row kernel)", lambda xs=None: launch_chain(x, w1, w2, xs), 48)
     ]
-    for mult, bn1, bn2, block_k, unroll, warps in LAUNCHES:
-        for per_launch in (1, BLOCKS):
-            for prefetch in (False, True):
-                v = dict(nprog=mult * sms, per_launch=per_launch, bn1=bn1, bn2=bn2)
-                v.update(block_k=block_k, unroll=unroll, prefetch=prefetch, warps=warps)
-                name = (
-                    f"persistent, {'per MLP' if per_launch == 1 else 'whole chain'}, "
-                    f"{mult * sms} programs x {warps} warps, columns {bn1} / {bn2}, K step "
-                    f"{block_k}{' unrolled' if unroll else ''}, "
-                    f"prefetch {'on' if prefetch else 'off'}"
-                )
 
-                def fn(xs=None, v=v):
-                    persistent_chain(x, h, w1, w2, bar, v, xs)
-
-                variants.append((name, fn, BLOCKS // per_launch))
-    for mult, bn1, bn2, warps, per_launch, sleep in REG_LAUNCHES:
-        v = dict(nprog=mult * sms, per_launch=per_launch, bn1=bn1, bn2=bn2, warps=warps)
-        v.update(regs=True, sleep=sleep)
+    def add(v: dict, detail: str) -> None:
+        """A persistent variant: its name (layout, then ``detail``), runner and launches."""
+        scope = "per MLP" if v["per_launch"] == 1 else "whole chain"
         name = (
-            f"persistent, {'per MLP' if per_launch == 1 else 'whole chain'}, {mult * sms} "
-            f"programs x {warps} warps, columns {bn1} / {bn2}, weights into registers before "
-            f"the barrier, {sleep} ns between polls"
+            f"persistent, {scope}, {v['nprog']} programs x {v['warps']} warps, columns "
+            f"{v['bn1']} / {v['bn2']}, {detail}"
         )
 
         def fn(xs=None, v=v):
             persistent_chain(x, h, w1, w2, bar, v, xs)
 
-        variants.append((name, fn, BLOCKS // per_launch))
+        variants.append((name, fn, BLOCKS // v["per_launch"]))
+
+    for mult, bn1, bn2, block_k, unroll, warps in LAUNCHES:
+        for per_launch in (1, BLOCKS):
+            for prefetch in (False, True):
+                v = dict(nprog=mult * sms, per_launch=per_launch, bn1=bn1, bn2=bn2)
+                v.update(block_k=block_k, unroll=unroll, prefetch=prefetch, warps=warps)
+                add(
+                    v,
+                    f"K step {block_k}{' unrolled' if unroll else ''}, "
+                    f"prefetch {'on' if prefetch else 'off'}",
+                )
+    for mult, bn1, bn2, warps, per_launch, sleep in REG_LAUNCHES:
+        v = dict(nprog=mult * sms, per_launch=per_launch, bn1=bn1, bn2=bn2, warps=warps)
+        v.update(regs=True, sleep=sleep)
+        add(v, f"weights into registers before the barrier, {sleep} ns between polls")
     rows = []
     for name, fn, launches in variants:
         xs.fill_(float("nan"))
