@@ -50,6 +50,12 @@
 #   (transformer_400m_matched.yaml, 382M) in one process (train_throughput.py, 5 timed steps, no
 #   profile) -> ratio/. On an H100 on 2026-12-07 only the hybrid and the matched one ran
 #   (train_throughput_matched_h100.md: 1.112x).
+# PART "early" (#16: the split step's state read before the PDL wait, EARLY_STATE, on by
+#   default): 1. the PDL and step GPU tests (tests/test_pdl.py, tests/test_mamba3_step.py) ->
+#   early_tests.txt; 2. only if they pass, the 400M model's decoding at batch 1 / 16 / 128 (fp32
+#   state, prompt 128, 64 new tokens; benchmarks/decode.py --skip-layer) with EARLY_STATE on,
+#   off, on again, each in its own process -> early_<on|off><i>/; 3. the one-layer step
+#   benchmark at the defaults (benchmarks/decode.py --skip-model) -> early_layer/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -58,8 +64,9 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | ratio | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, rest" >&2
+  chunk | decode | steplaunch | train | rows128 | ratio | early | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, early," \
+    "rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -147,6 +154,28 @@ elif [ "$1" = train ]; then
       show "$WORK/train_$side/$case/train_throughput.md" "$WORK/train_${side}_$case.txt" 4; pack
     done
   done
+elif [ "$1" = early ]; then
+  budgeted 150 60 python -m pytest -q -m gpu tests/test_pdl.py tests/test_mamba3_step.py \
+    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -10 > "$WORK/early_tests.txt"
+  tail -3 "$WORK/early_tests.txt"; pack
+  if all_passed "$WORK/early_tests.txt"; then
+    i=0
+    for side in on off on; do
+      i=$((i + 1))
+      launch=()
+      [ "$side" = off ] && launch=(--launch step:EARLY_STATE=0)
+      mkdir -p "$WORK/early_$side$i"
+      budgeted 110 45 python benchmarks/decode.py --skip-layer --states fp32 --batch 1,16,128 \
+        --prompt 128 --new 64 "${launch[@]}" --out "$WORK/early_$side$i/decode" \
+        > "$WORK/early_$side$i.txt" 2>&1
+      echo "EARLY_STATE $side ($i)"; show "$WORK/early_$side$i/decode.md" "$WORK/early_$side$i.txt" 6
+      pack
+    done
+  fi
+  mkdir -p "$WORK/early_layer"
+  budgeted 120 50 python benchmarks/decode.py --skip-model --out "$WORK/early_layer/decode" \
+    > "$WORK/early_layer.txt" 2>&1
+  show "$WORK/early_layer/decode.md" "$WORK/early_layer.txt" 16; pack
 else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
     2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"

@@ -183,6 +183,24 @@ def test_step_interpreter(name):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("name", [n for n, c in CPU_CASES.items() if c.split > 1])
+def test_split_step_reading_its_state_early(name, monkeypatch):
+    """The split step's ``EARLY_STATE`` path (the state, previous v and key read before the PDL
+    wait; on a GPU with PDL the default) computes what the reference does. Without PDL it is
+    never chosen, so it is forced here."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test; on the GPU the split cases take this path under PDL")
+    from hybridkit.kernels.mamba3.step import triton_step
+
+    assert not triton_step._early_state(False, 4, False)  # no PDL: never
+    assert not triton_step._early_state(True, 1, False)  # unsplit: nothing in between
+    assert not triton_step._early_state(True, 4, True)  # a PDL finish: nothing in between
+    assert triton_step._early_state(True, 4, False)
+    monkeypatch.setattr(triton_step, "_early_state", lambda *args: True)
+    _check(CPU_CASES[name], "cpu", seed=zlib.crc32(name.encode()) % 1000 + 1)
+
+
+@pytest.mark.triton
 def test_dispatch_plans():
     def plan(backend, device, dtype=torch.float32, rank=1):
         return ops.plan_step(backend, device=device, dtype=dtype, rank=rank).describe()

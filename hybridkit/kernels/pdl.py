@@ -16,7 +16,10 @@ Why it is safe (docs/kernels.md, "Programmatic dependent launch"):
 
 * nothing before the wait writes memory, and nothing before it reads memory that any kernel of
   the decode step writes: weights only, which no kernel writes during inference (the kernels
-  that use this are inference-only);
+  that use this are inference-only). One exception, argued where it is made: the split Mamba-3
+  step reads its layer's state early, which only that layer's previous step writes, and a
+  kernel launched without PDL always lies between the two
+  (``mamba3/step/triton_step.py:_early_state``);
 * the wait returns once the predecessor grid has completed and its writes are visible; every
   PDL kernel waits before it completes, so a kernel that completed implies all kernels before
   it completed: waiting on the predecessor covers the whole chain. A kernel launched without

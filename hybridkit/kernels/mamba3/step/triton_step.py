@@ -56,6 +56,25 @@ NORM_MODES = {"none": 0, "grouped_pregate": 1, "grouped_postgate": 2}
 #: ``benchmarks/results/decode_rows_preload_h100.md``); ``benchmarks/decode.py --launch
 #: step:FINISH_PDL=1`` compares them.
 FINISH_PDL = 0
+#: 1 (the default): under PDL the split step also reads its state (its rows, the previous v and
+#: key) before waiting for ``in_proj``, so the state's trip to DRAM overlaps ``in_proj``'s tail;
+#: 0: after the wait, as before. Only where that is safe (:func:`_early_state`).
+EARLY_STATE = 1
+
+
+def _early_state(pdl: bool, split: int, finish_pdl: bool) -> bool:
+    """Whether the step kernel may read the layer's state before ``griddepcontrol.wait``.
+
+    The state is written by nothing but this layer's previous step (its step kernel and, split,
+    its finish kernel), so the read is safe when that step has completed whenever this kernel
+    starts. A PDL kernel may start while earlier PDL kernels still run, but not before a kernel
+    launched *without* PDL has completed, and that one starts only after everything before it
+    has completed (kernels/pdl.py). The split step's finish kernel is such a kernel while
+    ``FINISH_PDL`` is 0: between two steps of a layer there is always one, after the earlier
+    step's last write. Unsplit, a layer's steps can follow each other through PDL kernels alone
+    (a loop of in_proj, step, out_proj with nothing else), so the state is read after the wait
+    there."""
+    return pdl and split > 1 and not finish_pdl and bool(EARLY_STATE)
 
 
 @triton.jit
@@ -161,7 +180,7 @@ def mamba3_step_kernel(
     HEAVY_TAIL: tl.constexpr, HAS_TRAP: tl.constexpr, HAS_ANG: tl.constexpr,
     HALVES: tl.constexpr, HAS_D: tl.constexpr, HAS_MX: tl.constexpr, GATED: tl.constexpr,
     HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, EARLY_STATE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)  # int64: B * H * P * N exceeds 2**31 at large batch
     b = pid // H
@@ -191,6 +210,15 @@ def mamba3_step_kernel(
     if GATED:  # noqa: SIM102
         if NORM != 0:
             norm_w = tl.load(OUT_NORM + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    tile = (b * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
+    mask_t = mask_p[:, None] & mask_n[None, :]
+    v_ptr = VST + (b * H + h) * P + offs_p
+    k_off0 = (b * H + h) * N + offs_n  # SISO's key slot
+    if EARLY_STATE:  # the state too (its rows, previous v and key): see _early_state
+        state = tl.load(SSM + tile, mask=mask_t, other=0.0).to(tl.float32)
+        v_prev = tl.load(v_ptr, mask=mask_p, other=0.0).to(tl.float32)
+        if R == 1:
+            k_prev0 = tl.load(KST + k_off0, mask=mask_n, other=0.0).to(tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
 
@@ -212,9 +240,8 @@ def mamba3_step_kernel(
     # the state tile is loaded before the gates and keys (safe: only this program touches it);
     # on the H200 this measured the same as loading it after them (the compiler issues every
     # load before the first barrier either way; docs/kernels.md, "The fused decode step")
-    tile = (b * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :]
-    mask_t = mask_p[:, None] & mask_n[None, :]
-    state = tl.load(SSM + tile, mask=mask_t, other=0.0).to(tl.float32)
+    if not EARLY_STATE:
+        state = tl.load(SSM + tile, mask=mask_t, other=0.0).to(tl.float32)
 
     # 2. rotation factors, and the new angles (stored after the barrier)
     if HAS_ANG:
@@ -234,16 +261,16 @@ def mamba3_step_kernel(
         cos, ssin, partner = 1.0, 0.0, offs_n
 
     x = tl.load(X + b * s_xb + h * s_xh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    v_ptr = VST + (b * H + h) * P + offs_p
-    v_prev = tl.load(v_ptr, mask=mask_p, other=0.0).to(tl.float32)
+    if not EARLY_STATE:
+        v_prev = tl.load(v_ptr, mask=mask_p, other=0.0).to(tl.float32)
     # the token's other inputs too, so they share the first round trip to memory: at small
     # batch the step is a chain of dependent loads, and each round costs about a microsecond
     if GATED:
         z = tl.load(Z + b * s_zb + h * s_zh + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     if R == 1:  # SISO: key, previous key and query before the one barrier, every load of
         # both ahead of the first reduction (one round trip to memory instead of three)
-        k_off0 = (b * H + h) * N + offs_n
-        k_prev0 = tl.load(KST + k_off0, mask=mask_n, other=0.0).to(tl.float32)
+        if not EARLY_STATE:
+            k_prev0 = tl.load(KST + k_off0, mask=mask_n, other=0.0).to(tl.float32)
         kr, ks, kb, krp, ksp, kbp = _key_inputs(
             BK, s_bkb, s_bkr, s_bkg, b, 0, g, B_BIAS, B_NORM, h, offs_n, partner, N, R, HAS_ANG
         )
@@ -474,6 +501,7 @@ def mamba3_step_triton(
     block_n = triton.next_power_of_2(dstate)
     block_s = triton.next_power_of_2(max(n_angles, 1))
     pdl = use_pdl(x)
+    finish_pdl = pdl and bool(FINISH_PDL)
     launch = dict(num_warps=warps or _warps(block_p, block_n), num_stages=1)
     maxnreg = maxnreg or _default_maxnreg(launch["num_warps"], rank, w.pairing)
     if maxnreg and not interpreting():
@@ -502,10 +530,9 @@ def mamba3_step_triton(
         HAS_ANG=angles is not None, HALVES=w.pairing == "halves", HAS_D=w.D is not None,
         HAS_MX=w.mimo_x is not None, GATED=gated and split == 1, HAS_MZ=w.mimo_z is not None,
         HAS_MO=w.mimo_o is not None, NORM=norm if split == 1 else 0, USE_PDL=pdl, SPLIT=split,
-        **launch, **launch_options(pdl),
+        EARLY_STATE=_early_state(pdl, split, finish_pdl), **launch, **launch_options(pdl),
     )  # fmt: skip
     if split > 1:
-        finish_pdl = pdl and bool(FINISH_PDL)
         mamba3_step_finish_kernel[(batch * nheads,)](
             y, zz, zz.stride(0), zz.stride(1), mimo_z, mimo_o, out_norm, out,
             knew, state.k, thnew, angle_arg, float(w.norm_eps),
