@@ -56,6 +56,10 @@
 #   state, prompt 128, 64 new tokens; benchmarks/decode.py --skip-layer) with EARLY_STATE on,
 #   off, on again, each in its own process -> early_<on|off><i>/; 3. the one-layer step
 #   benchmark at the defaults (benchmarks/decode.py --skip-model) -> early_layer/.
+# PART "measure" (the defaults' numbers for #15 and #17 on whatever GPU the call got): 1.
+#   benchmarks/mamba3_mimo.py at its three shapes -> mimo/; 2. the compiled 400M SISO and MIMO
+#   (R 4) hybrids at 4 x 4,096 tokens in one process (train_throughput.py hybrid_compiled,
+#   hybrid_mimo_compiled; 6 timed steps, no profile) -> train/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -64,9 +68,9 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | ratio | early | rest) ;;
+  chunk | decode | steplaunch | train | rows128 | ratio | early | measure | rest) ;;
   *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, early," \
-    "rest" >&2
+    "measure, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -176,6 +180,14 @@ elif [ "$1" = early ]; then
   budgeted 120 50 python benchmarks/decode.py --skip-model --out "$WORK/early_layer/decode" \
     > "$WORK/early_layer.txt" 2>&1
   show "$WORK/early_layer/decode.md" "$WORK/early_layer.txt" 16; pack
+elif [ "$1" = measure ]; then
+  mkdir -p "$WORK/mimo" "$WORK/train"
+  budgeted 200 120 python benchmarks/mamba3_mimo.py --out "$WORK/mimo/mamba3_mimo" --reps 100 \
+    > "$WORK/mimo.txt" 2>&1
+  show "$WORK/mimo/mamba3_mimo.md" "$WORK/mimo.txt" 12; pack
+  budgeted 400 200 python benchmarks/train_throughput.py --out "$WORK/train" --no-profile \
+    --steps 6 --cases hybrid_compiled,hybrid_mimo_compiled > "$WORK/train.txt" 2>&1
+  show "$WORK/train/train_throughput.md" "$WORK/train.txt" 14; pack
 else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
     2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"
