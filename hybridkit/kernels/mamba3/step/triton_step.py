@@ -58,7 +58,9 @@ NORM_MODES = {"none": 0, "grouped_pregate": 1, "grouped_postgate": 2}
 FINISH_PDL = 0
 #: 1 (the default): under PDL the split step also reads its state (its rows, the previous v and
 #: key) before waiting for ``in_proj``, so the state's trip to DRAM overlaps ``in_proj``'s tail;
-#: 0: after the wait, as before. Only where that is safe (:func:`_early_state`).
+#: 0: after the wait, as before. Only where that is safe (:func:`_early_state`). On the H100 the
+#: 400M model's batch-1 token took 0.546-0.548 ms against 0.558 (batch 16 / 128 unchanged: cuBLAS
+#: ``in_proj`` takes no PDL; ``benchmarks/results/decode_early_state_h100.md``).
 EARLY_STATE = 1
 
 
