@@ -50,12 +50,14 @@
 #   (transformer_400m_matched.yaml, 382M) in one process (train_throughput.py, 5 timed steps, no
 #   profile) -> ratio/. On an H100 on 2026-12-07 only the hybrid and the matched one ran
 #   (train_throughput_matched_h100.md: 1.112x).
-# PART "early" (#16: the split step's state read before the PDL wait, EARLY_STATE, on by
-#   default): 1. the PDL and step GPU tests (tests/test_pdl.py, tests/test_mamba3_step.py) ->
-#   early_tests.txt; 2. only if they pass, the 400M model's decoding at batch 1 / 16 / 128 (fp32
-#   state, prompt 128, 64 new tokens; benchmarks/decode.py --skip-layer) with EARLY_STATE on,
-#   off, on again, each in its own process -> early_<on|off><i>/; 3. the one-layer step
-#   benchmark at the defaults (benchmarks/decode.py --skip-model) -> early_layer/.
+# PART "ab" (a decode launch constant against its default; ran as "early" for EARLY_STATE on
+#   2026-12-07 with TESTS="tests/test_pdl.py tests/test_mamba3_step.py"
+#   LAUNCH=step:EARLY_STATE=0 LAYER=1, decode_early_state_h100.md): 1. the GPU tests of TESTS
+#   -> ab_tests.txt; 2. only if they pass, the 400M model's decoding at batch 1 / 16 / 128 (fp32
+#   state, prompt 128, 64 new tokens; benchmarks/decode.py --skip-layer) at the defaults, with
+#   --launch LAUNCH (required), at the defaults again, each in its own process ->
+#   ab_<on|off><i>/; 3. with LAYER=1, the one-layer step benchmark at the defaults
+#   (benchmarks/decode.py --skip-model) -> ab_layer/.
 # PART "measure" (the defaults' numbers for #15 and #17 on whatever GPU the call got): 1.
 #   benchmarks/mamba3_mimo.py at its three shapes -> mimo/; 2. the compiled 400M SISO and MIMO
 #   (R 4) hybrids at 4 x 4,096 tokens in one process (train_throughput.py hybrid_compiled,
@@ -68,8 +70,8 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | ratio | early | measure | rest) ;;
-  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, early," \
+  chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | rest) ;;
+  *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, ab," \
     "measure, rest" >&2
     exit 2 ;;
 esac
@@ -158,28 +160,32 @@ elif [ "$1" = train ]; then
       show "$WORK/train_$side/$case/train_throughput.md" "$WORK/train_${side}_$case.txt" 4; pack
     done
   done
-elif [ "$1" = early ]; then
-  budgeted 150 60 python -m pytest -q -m gpu tests/test_pdl.py tests/test_mamba3_step.py \
-    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -10 > "$WORK/early_tests.txt"
-  tail -3 "$WORK/early_tests.txt"; pack
-  if all_passed "$WORK/early_tests.txt"; then
+elif [ "$1" = ab ]; then
+  : "${LAUNCH:?set LAUNCH, the --launch spec to time against the defaults}"
+  # shellcheck disable=SC2086  # TESTS is a list of files
+  budgeted 150 60 python -m pytest -q -m gpu ${TESTS:?set TESTS, the GPU test files} \
+    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -10 > "$WORK/ab_tests.txt"
+  tail -3 "$WORK/ab_tests.txt"; pack
+  if all_passed "$WORK/ab_tests.txt"; then
     i=0
     for side in on off on; do
       i=$((i + 1))
       launch=()
-      [ "$side" = off ] && launch=(--launch step:EARLY_STATE=0)
-      mkdir -p "$WORK/early_$side$i"
+      [ "$side" = off ] && launch=(--launch "$LAUNCH")
+      mkdir -p "$WORK/ab_$side$i"
       budgeted 110 45 python benchmarks/decode.py --skip-layer --states fp32 --batch 1,16,128 \
-        --prompt 128 --new 64 "${launch[@]}" --out "$WORK/early_$side$i/decode" \
-        > "$WORK/early_$side$i.txt" 2>&1
-      echo "EARLY_STATE $side ($i)"; show "$WORK/early_$side$i/decode.md" "$WORK/early_$side$i.txt" 6
+        --prompt 128 --new 64 "${launch[@]}" --out "$WORK/ab_$side$i/decode" \
+        > "$WORK/ab_$side$i.txt" 2>&1
+      echo "$side ($i) ${launch[*]}"; show "$WORK/ab_$side$i/decode.md" "$WORK/ab_$side$i.txt" 6
       pack
     done
   fi
-  mkdir -p "$WORK/early_layer"
-  budgeted 120 50 python benchmarks/decode.py --skip-model --out "$WORK/early_layer/decode" \
-    > "$WORK/early_layer.txt" 2>&1
-  show "$WORK/early_layer/decode.md" "$WORK/early_layer.txt" 16; pack
+  if [ "${LAYER:-0}" = 1 ]; then
+    mkdir -p "$WORK/ab_layer"
+    budgeted 120 50 python benchmarks/decode.py --skip-model --out "$WORK/ab_layer/decode" \
+      > "$WORK/ab_layer.txt" 2>&1
+    show "$WORK/ab_layer/decode.md" "$WORK/ab_layer.txt" 16; pack
+  fi
 elif [ "$1" = measure ]; then
   mkdir -p "$WORK/mimo" "$WORK/train"
   budgeted 200 120 python benchmarks/mamba3_mimo.py --out "$WORK/mimo/mamba3_mimo" --reps 100 \

@@ -71,6 +71,7 @@ LAUNCH_MODULES = {
     "norm": "hybridkit.kernels.norm.triton_kernels",
     "mimo_output": "hybridkit.kernels.mamba3.output.triton_kernels",
     "step": "hybridkit.kernels.mamba3.step.triton_step",
+    "sampling": "hybridkit.kernels.sampling",
 }
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hybridkit.cache import in_place_state
+from hybridkit.kernels.sampling import greedy_record
 
 if TYPE_CHECKING:
     from hybridkit.model import HybridLM
@@ -184,16 +185,19 @@ class DecodeRunner:
         (forced: feed the next given token and record the argmax after it)."""
         if self.forced is not None:
             given = self.forced.index_select(1, self.count)[:, 0]
-            best = self.model_step(given, self.cache).argmax(dim=-1)
-            self.tokens.index_copy_(1, self.count, best[:, None])
+            greedy_record(self.model_step(given, self.cache), self.tokens, self.count)
             self.count += 1
             return
-        nxt = sample(self.logits, self.sampling, self.generator)
         eos = self.sampling.eos_id
-        if eos is not None:
-            nxt = torch.where(self.done, torch.full_like(nxt, eos), nxt)
-            self.done |= nxt == eos
-        self.tokens.index_copy_(1, self.count, nxt[:, None])
+        if self.sampling.temperature == 0:  # argmax, EOS rule and record in one launch
+            done = None if eos is None else self.done
+            nxt = greedy_record(self.logits, self.tokens, self.count, done, eos)
+        else:
+            nxt = sample(self.logits, self.sampling, self.generator)
+            if eos is not None:
+                nxt = torch.where(self.done, torch.full_like(nxt, eos), nxt)
+                self.done |= nxt == eos
+            self.tokens.index_copy_(1, self.count, nxt[:, None])
         self.count += 1
         self.logits.copy_(self.model_step(nxt, self.cache))
 
