@@ -25,7 +25,8 @@ from hybridkit.compat import interpreting
 __all__ = ["greedy_record"]
 
 #: 1 (the default): :func:`greedy_record` runs the Triton kernel on CUDA tensors; 0: the torch
-#: ops (``benchmarks/decode.py --launch sampling:GREEDY_KERNEL=0`` times the two).
+#: ops (``benchmarks/decode.py --launch sampling:GREEDY_KERNEL=0`` times the two; on the H100 the
+#: 400M model's batch-1 token took 0.541 against 0.544 ms, ``decode_greedy_kernel_h100.md``).
 GREEDY_KERNEL = 1
 #: the widest tile one program loads at once, over 1,024 values per warp (32K: 32 warps, 32
 #: values per thread; sm_90 compile: 64 registers, no spills, fp32 or bf16 logits; at 16 warps
