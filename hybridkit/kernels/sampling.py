@@ -1,8 +1,8 @@
 """Greedy token selection for the decode step: the argmax of each row of logits, the EOS
 rule, and the token written into the output buffer, in one launch.
 
-Why: in a CUDA-graph decode step at batch 1 the torch version is three small kernels after the
-head (``argmax``, the EOS ``where`` / ``|=``, ``index_copy_``), and ATen's argmax reduces a
+Why: in a CUDA-graph decode step the torch version is two to four small kernels after the
+head (``argmax``, with EOS its ``where`` / ``|=``, ``index_copy_``), and ATen's argmax reduces a
 32,000-wide row in a single block of threads that walks it serially: 10.8 us of a 0.74 ms token
 on the H100 (``benchmarks/results/decode_profile_h100.md``), about what a whole projection of
 the layer takes. Here one program per row loads its logits in one or a few wide tiles and
@@ -113,9 +113,7 @@ def greedy_record(
         raise ValueError(
             "greedy_record: the triton backend needs CUDA tensors or TRITON_INTERPRET=1"
         )
-    if backend == "torch" or logits.shape[1] == 0:
-        return _torch_greedy(logits, tokens, count, done, eos_id)
-    if tokens.stride(1) != 1:
+    if backend == "torch" or logits.shape[1] == 0 or tokens.stride(1) != 1:
         return _torch_greedy(logits, tokens, count, done, eos_id)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
