@@ -80,6 +80,13 @@ WORK=/tmp/hk_pending
 source benchmarks/gpu_call.sh
 # a pytest summary with passes and no failure or error
 all_passed() { grep -q " passed" "$1" && ! grep -qE "[0-9]+ (failed|error)" "$1"; }
+# the MIMO scan benchmark at its three shapes, at most $1 seconds -> mimo/
+mimo_bench() {
+  mkdir -p "$WORK/mimo"
+  budgeted "$1" 120 python benchmarks/mamba3_mimo.py --out "$WORK/mimo/mamba3_mimo" --reps 100 \
+    > "$WORK/mimo.txt" 2>&1
+  show "$WORK/mimo/mamba3_mimo.md" "$WORK/mimo.txt" 12; pack
+}
 # HYBRIDKIT_KERNELS for a setting name ("defaults": none)
 kernels_of() { [ "$1" = defaults ] || echo "$1"; }
 if [ "${1:-rest}" = chunk ]; then
@@ -187,10 +194,8 @@ elif [ "$1" = ab ]; then
     show "$WORK/ab_layer/decode.md" "$WORK/ab_layer.txt" 16; pack
   fi
 elif [ "$1" = measure ]; then
-  mkdir -p "$WORK/mimo" "$WORK/train"
-  budgeted 200 120 python benchmarks/mamba3_mimo.py --out "$WORK/mimo/mamba3_mimo" --reps 100 \
-    > "$WORK/mimo.txt" 2>&1
-  show "$WORK/mimo/mamba3_mimo.md" "$WORK/mimo.txt" 12; pack
+  mimo_bench 200
+  mkdir -p "$WORK/train"
   budgeted 400 200 python benchmarks/train_throughput.py --out "$WORK/train" --no-profile \
     --steps 6 --cases hybrid_compiled,hybrid_mimo_compiled > "$WORK/train.txt" 2>&1
   show "$WORK/train/train_throughput.md" "$WORK/train.txt" 14; pack
@@ -198,8 +203,5 @@ else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
     2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"
   tail -3 "$WORK/tests.txt"; pack
-  mkdir -p "$WORK/mimo"
-  budgeted 300 120 python benchmarks/mamba3_mimo.py --out "$WORK/mimo/mamba3_mimo" --reps 100 \
-    > "$WORK/mimo.txt" 2>&1
-  show "$WORK/mimo/mamba3_mimo.md" "$WORK/mimo.txt" 12; pack
+  mimo_bench 300
 fi
