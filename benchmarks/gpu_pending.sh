@@ -62,6 +62,12 @@
 #   benchmarks/mamba3_mimo.py at its three shapes -> mimo/; 2. the compiled 400M SISO and MIMO
 #   (R 4) hybrids at 4 x 4,096 tokens in one process (train_throughput.py hybrid_compiled,
 #   hybrid_mimo_compiled; 6 timed steps, no profile) -> train/.
+# PART "fold" (#17: fold_norm_weight, new 2026-12-07, and Triton SwiGLU under compile): 1. the
+#   GPU tests of tests/test_fold_norm_weight.py and tests/test_swiglu_kernels.py -> fold_tests.txt;
+#   2. only if they pass, the compiled 400M SISO hybrid at 4 x 4,096 tokens (train_throughput.py,
+#   8 timed steps, no profile) at the defaults, under fold_norm_weight=0, as
+#   hybrid_compiled_triton_swiglu, and at the defaults again, each in its own process ->
+#   fold_<run><i>/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -70,9 +76,9 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | rest) ;;
+  chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | fold | rest) ;;
   *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, ab," \
-    "measure, rest" >&2
+    "measure, fold, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -199,6 +205,26 @@ elif [ "$1" = measure ]; then
   budgeted 400 200 python benchmarks/train_throughput.py --out "$WORK/train" --no-profile \
     --steps 6 --cases hybrid_compiled,hybrid_mimo_compiled > "$WORK/train.txt" 2>&1
   show "$WORK/train/train_throughput.md" "$WORK/train.txt" 14; pack
+elif [ "$1" = fold ]; then
+  budgeted 150 60 python -m pytest -q -m gpu tests/test_fold_norm_weight.py \
+    tests/test_swiglu_kernels.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -10 \
+    > "$WORK/fold_tests.txt"
+  tail -3 "$WORK/fold_tests.txt"; pack
+  if all_passed "$WORK/fold_tests.txt"; then
+    i=0
+    for run in on off swiglu on; do
+      i=$((i + 1))
+      kernels="" cases=hybrid_compiled
+      [ "$run" = off ] && kernels=fold_norm_weight=0
+      [ "$run" = swiglu ] && cases=hybrid_compiled_triton_swiglu
+      mkdir -p "$WORK/fold_$run$i"
+      HYBRIDKIT_KERNELS=$kernels budgeted 150 80 python benchmarks/train_throughput.py \
+        --out "$WORK/fold_$run$i" --no-profile --steps 8 --cases "$cases" \
+        > "$WORK/fold_$run$i.txt" 2>&1
+      echo "$run ($i) $kernels $cases"
+      show "$WORK/fold_$run$i/train_throughput.md" "$WORK/fold_$run$i.txt" 4; pack
+    done
+  fi
 else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \
     2>&1 | grep -v Warning | tail -15 > "$WORK/tests.txt"

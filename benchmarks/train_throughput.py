@@ -9,6 +9,9 @@ Cases (``--cases``, default all, in this order):
 * ``hybrid_compiled``: 4 x 4096, ``torch.compile`` (norms and SwiGLU left to Inductor);
 * ``hybrid_compiled_triton_elementwise``: compiled, norms and SwiGLU forced through our
   kernels (custom ops), the A/B of the dispatch points' choice under compile;
+* ``hybrid_compiled_triton_swiglu``: compiled, only the SwiGLU activations forced through our
+  kernels: their neighbours are matmuls, so there is no fusion to lose, and Inductor's SwiGLU
+  backward ran at 1.28x its byte floor (``results/train_kernels_h100.md``);
 * ``hybrid_16k_ckpt``: 1 x 16384 with per-block activation checkpointing, compiled;
 * ``transformer_compiled``: ``recipes/transformer_400m.yaml`` at 4 x 4096, compiled: 24
   attention layers of the hybrid's width and MLP (its depth; 303.4M parameters);
@@ -81,6 +84,7 @@ class Case:
     compiled: bool
     checkpointing: bool = False
     elementwise: str | None = None  # norms' and SwiGLU's backend; None: the dispatch points' auto
+    swiglu_only: bool = False  # ``elementwise`` for the SwiGLU activations only
 
 
 CASES = (
@@ -89,6 +93,15 @@ CASES = (
     Case("hybrid_compiled", HYBRID, 4, 4096, compiled=True),
     Case(
         "hybrid_compiled_triton_elementwise", HYBRID, 4, 4096, compiled=True, elementwise="triton"
+    ),
+    Case(
+        "hybrid_compiled_triton_swiglu",
+        HYBRID,
+        4,
+        4096,
+        compiled=True,
+        elementwise="triton",
+        swiglu_only=True,
     ),
     Case("hybrid_16k_ckpt", HYBRID, 1, 16384, compiled=True, checkpointing=True),
     Case("transformer_compiled", TRANSFORMER, 4, 4096, compiled=True),
@@ -107,7 +120,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
     model.loss_chunk_tokens = recipe.train.resolved_loss_chunk(device.type)
     if case.elementwise is not None:
         for module in model.modules():
-            if isinstance(module, (RMSNorm, GatedRMSNorm)):
+            if isinstance(module, (RMSNorm, GatedRMSNorm)) and not case.swiglu_only:
                 module.backend = case.elementwise
             elif isinstance(module, SwiGLU):
                 module.act_backend = case.elementwise

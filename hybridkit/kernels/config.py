@@ -102,6 +102,15 @@ Fields (defaults in :class:`KernelConfig`):
   with only an L2 prefetch of the weights, on the H200 on 2026-12-05, it had changed nothing at
   batch 1 and been 4 % slower at 16, ``decode_settings_h200.md``). Where PDL cannot run (no
   Hopper GPU, an older Triton, the interpreter, ``torch.compile``) it is simply not used.
+* ``fold_norm_weight``: where the gated output norm of a SISO Mamba-3 layer runs as the torch
+  formula (under ``torch.compile``, on the CPU), its weight ``w`` multiplies ``out_proj``'s
+  weight columns instead of the activations: ``W (w * o) = (W diag(w)) o``. The weight's
+  gradient is then a sum over ``out_proj``'s d_model rows of a product of two small matrices
+  instead of a reduction over every token, which Inductor ran as a second pass over y, z and the
+  output gradient (1.7 ms of the compiled 400M step on the H100,
+  ``benchmarks/results/train_kernels_h100.md``). Where the Triton norm runs (eager on CUDA) its
+  backward sums the weight gradient in registers in the same pass, so nothing is folded there,
+  and neither in a decode step, whose kernel applies the norm itself;
 
 In code: ``with kernel_config(autotune=False): ...`` (nests, thread- and task-local; the scan's
 backward, which autograd runs in another thread on a GPU, launches with the settings in force at
@@ -162,6 +171,7 @@ class KernelConfig:
     mimo_output: bool = True
     loss_op: bool = False
     scored_rows: bool = True
+    fold_norm_weight: bool = True
 
     @property
     def tunes(self) -> bool:
@@ -376,6 +386,13 @@ def loss_op_enabled() -> bool:
     """``current_config().loss_op``, a trace-time constant under ``torch.compile`` (the loss is
     traced on every compiled step, like the MIMO output above)."""
     return current_config().loss_op
+
+
+@trace_constant
+def fold_norm_weight_enabled() -> bool:
+    """``current_config().fold_norm_weight``, a trace-time constant under ``torch.compile``
+    (every SISO layer with an output norm asks on every forward)."""
+    return current_config().fold_norm_weight
 
 
 @trace_constant

@@ -16,11 +16,12 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
 from hybridkit.cache import InferenceCache
-from hybridkit.kernels.config import current_config
+from hybridkit.kernels.config import current_config, fold_norm_weight_enabled
 from hybridkit.kernels.mamba3 import ops
 from hybridkit.kernels.mamba3.gates import heavy_tail, scalar_gates  # noqa: F401 (re-export)
 from hybridkit.kernels.mamba3.output import mimo_output, plan_mimo_output, tile
@@ -209,7 +210,30 @@ class Mamba3(Layer):
             else:  # in place: the cache's tensors stay the ones a captured decode graph reads
                 for dst, src in zip(state, final, strict=True):
                     dst.copy_(src)
-        return self.out_proj(self.output(y, z).to(u.dtype))
+        return self.project_out(y, z, u.dtype)
+
+    def project_out(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``out_proj`` of :meth:`output` (y (B, L, R, H, P), z (B, L, H, P)), in ``dtype``.
+
+        Under the kernel setting ``fold_norm_weight``, where a SISO layer's gated norm runs as
+        the torch formula (``torch.compile``, CPU), the norm's weight scales ``out_proj``'s
+        columns instead of the activations, ``W (w * o) = (W diag(w)) o``: autograd then forms
+        the weight's gradient from the two (d_model, d_inner) matrices rather than by a
+        reduction over every token, which Inductor ran as an extra pass over y, z and the
+        gradient (``docs/kernels.md``, "Norms")."""
+        norm, proj = self.norm, self.out_proj
+        fold = (
+            self.mimo_o is None
+            and norm is not None
+            and fold_norm_weight_enabled()
+            and norm.runs_formula(y)
+        )
+        if not fold:
+            return proj(self.output(y, z).to(dtype))
+        b, length, _, h, p = y.shape
+        o = norm.unweighted(y[:, :, 0].reshape(b, length, h * p), z.reshape(b, length, h * p))
+        weight = proj.weight * norm.weight.to(proj.weight.dtype)
+        return F.linear(o.to(dtype), weight, proj.bias)
 
     def step_weights(self) -> StepWeights:
         """This layer's parameters and options as the decode step reads them."""

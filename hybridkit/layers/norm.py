@@ -135,6 +135,22 @@ class GatedRMSNorm(nn.Module):
             backend=self.backend,
         )
 
+    def unweighted(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The norm with ``w = 1``, as the torch formula: for a caller that multiplies the
+        weight into its next projection (the Mamba-3 layer's ``out_proj``)."""
+        return norm_ops.gated_rms_norm(
+            y,
+            z,
+            None,
+            group_size=self.group_size,
+            eps=self.eps,
+            norm_before_gate=self.norm_before_gate,
+        )
+
+    def runs_formula(self, y: torch.Tensor) -> bool:
+        """Whether :meth:`forward` on ``y`` runs the torch formula (not the Triton kernels)."""
+        return norm_ops.resolve_backend(self.backend, y, self.group_size) == "torch"
+
     def extra_repr(self) -> str:
         where = "pre-gate" if self.norm_before_gate else "post-gate"
         return f"{self.dim}, group_size={self.group_size}, {where}, eps={self.eps}"

@@ -101,7 +101,7 @@ def add_rms_norm(
 def gated_rms_norm(
     y: torch.Tensor,
     z: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     *,
     group_size: int,
     eps: float,
@@ -109,12 +109,13 @@ def gated_rms_norm(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Gated RMSNorm over groups of ``group_size`` channels (:mod:`.reference` has the formula);
-    float32 (float64) out."""
+    float32 (float64) out. ``weight`` None: no weight (the torch formula; what a layer that folds
+    the weight into its next projection asks for)."""
     if y.shape != z.shape:
         raise ValueError(f"gated norm: y {tuple(y.shape)} and z {tuple(z.shape)} differ")
     if y.shape[-1] % group_size:
         raise ValueError(f"gated norm: {y.shape[-1]} channels do not split into {group_size}s")
-    if resolve_backend(backend, y, group_size) == "torch":
+    if weight is None or resolve_backend(backend, y, group_size) == "torch":
         return gated_rms_norm_reference(y, z, weight, group_size, eps, norm_before_gate)
     from hybridkit.kernels.norm.op import fused_norm
 

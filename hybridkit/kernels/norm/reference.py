@@ -28,10 +28,16 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
 
 
 def gated_rms_norm_reference(
-    y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float, norm_before_gate: bool
+    y: Tensor,
+    z: Tensor,
+    weight: Tensor | None,
+    group_size: int,
+    eps: float,
+    norm_before_gate: bool,
 ) -> Tensor:
     """Pre-gate ``w * y / rms_g(y) * silu(z)`` or post-gate ``w * g / rms_g(g)``, ``g = y *
-    silu(z)``, with the rms over groups of ``group_size`` channels; float32/64 out."""
+    silu(z)``, with the rms over groups of ``group_size`` channels (``weight`` None: w = 1);
+    float32/64 out."""
     ct = compute_dtype(y, z)
     y, z = y.to(ct), z.to(ct)
     if not norm_before_gate:
@@ -39,7 +45,9 @@ def gated_rms_norm_reference(
     shape = y.shape
     yg = y.reshape(*shape[:-1], shape[-1] // group_size, group_size)
     yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + eps)
-    out = yg.reshape(shape) * weight.to(ct)
+    out = yg.reshape(shape)
+    if weight is not None:
+        out = out * weight.to(ct)
     if norm_before_gate:
         out = out * F.silu(z)
     return out
