@@ -97,27 +97,38 @@ def test_fold_compiles_fullgraph():
         torch.testing.assert_close(got[2][key], eager[2][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _scaled_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|."""
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+
+
 @pytest.mark.gpu
 def test_fold_compiled_bf16_on_gpu():
-    """The training configuration: CUDA, bf16 autocast, ``torch.compile`` (Inductor), fold on
-    against off; equal up to bf16 rounding (the two round the product at different places)."""
+    """The training configuration: CUDA, bf16 autocast, ``torch.compile`` (Inductor). The two
+    round at different places (the weight product against the activation product), so each is
+    compared with the float32 eager layer: folding may not make the bf16 error grow beyond what
+    the unfolded layer has (output, input gradient, every parameter gradient)."""
     torch.manual_seed(0)
     layer = make_layer(d_model=256, outproj_norm="grouped_pregate", dtype=torch.float32,
                        d_state=64, headdim=32, chunk_size=64).cuda()  # fmt: skip
     u = torch.randn(2, 512, 256, device="cuda")
-    results = {}
+
+    def run(model, autocast: bool):
+        layer.zero_grad(set_to_none=True)
+        x = u.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.float().pow(2).mean().backward()
+        grads = {n: p.grad.float().clone() for n, p in layer.named_parameters()}
+        return {"out": out.float().detach(), "input": x.grad.float(), **grads}
+
+    ref = run(layer, autocast=False)
+    errors = {}
     for on in (False, True):
         with kernel_config(fold_norm_weight=on):
             torch._dynamo.reset()
-            compiled = torch.compile(layer, fullgraph=True)
-            layer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = compiled(u)
-            loss = out.float().pow(2).mean()
-            loss.backward()
-            results[on] = (out.float(), {n: p.grad.float() for n, p in layer.named_parameters()})
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=2e-2, atol=2e-2)
-    for name, g in results[False][1].items():
-        scale = g.abs().max().clamp_min(1e-6)
-        err = (results[True][1][name] - g).abs().max() / scale
-        assert err < 3e-2, (name, float(err))
+            got = run(torch.compile(layer, fullgraph=True), autocast=True)
+        errors[on] = {name: _scaled_error(got[name], ref[name]) for name in ref}
+    for name in ref:
+        off, on = errors[False][name], errors[True][name]
+        assert on < 1e-1 and on <= 2.0 * off + 2e-3, (name, on, off)
