@@ -107,7 +107,9 @@ def test_fold_compiled_bf16_on_gpu():
     """The training configuration: CUDA, bf16 autocast, ``torch.compile`` (Inductor). The two
     round at different places (the weight product against the activation product), so each is
     compared with the float32 eager layer: folding may not make the bf16 error grow beyond what
-    the unfolded layer has (output, input gradient, every parameter gradient)."""
+    the unfolded layer has (output, input gradient, every parameter gradient). Both are far
+    from the float32 layer at these random parameters (output 0.119 / 0.120 of its largest
+    value with / without the fold, H100): bf16 scan and projections, not the fold."""
     torch.manual_seed(0)
     layer = make_layer(d_model=256, outproj_norm="grouped_pregate", dtype=torch.float32,
                        d_state=64, headdim=32, chunk_size=64).cuda()  # fmt: skip
@@ -131,4 +133,4 @@ def test_fold_compiled_bf16_on_gpu():
         errors[on] = {name: _scaled_error(got[name], ref[name]) for name in ref}
     for name in ref:
         off, on = errors[False][name], errors[True][name]
-        assert on < 1e-1 and on <= 2.0 * off + 2e-3, (name, on, off)
+        assert on <= 1.5 * off + 2e-3, (name, on, off)
