@@ -62,12 +62,14 @@
 #   benchmarks/mamba3_mimo.py at its three shapes -> mimo/; 2. the compiled 400M SISO and MIMO
 #   (R 4) hybrids at 4 x 4,096 tokens in one process (train_throughput.py hybrid_compiled,
 #   hybrid_mimo_compiled; 6 timed steps, no profile) -> train/.
-# PART "fold" (#17: fold_norm_weight, new 2026-12-07, and Triton SwiGLU under compile): 1. the
-#   GPU tests of tests/test_fold_norm_weight.py and tests/test_swiglu_kernels.py -> fold_tests.txt;
-#   2. only if they pass, the compiled 400M SISO hybrid at 4 x 4,096 tokens (train_throughput.py,
-#   8 timed steps, no profile) at the defaults, under fold_norm_weight=0, as
-#   hybrid_compiled_triton_swiglu, and at the defaults again, each in its own process ->
-#   fold_<run><i>/.
+# PART "fold" (#17: fold_norm_weight and the SwiGLU kernels under compile, both 2026-12-07): 1.
+#   the GPU tests of tests/test_fold_norm_weight.py and tests/test_swiglu_kernels.py ->
+#   fold_tests.txt; 2. only if they pass, the compiled 400M SISO hybrid at 4 x 4,096 tokens
+#   (train_throughput.py, 8 timed steps, no profile) for each of RUNS (default "on swiglu on"):
+#   on the defaults, off under fold_norm_weight=0, swiglu as hybrid_compiled_torch_swiglu
+#   (Inductor's SwiGLU), each in its own process -> fold_<run><i>/. Ran first with RUNS "on off
+#   swiglu on" when the swiglu run was the kernels against Inductor's default then
+#   (benchmarks/results/train_fold_swiglu_h100.md).
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -212,11 +214,11 @@ elif [ "$1" = fold ]; then
   tail -3 "$WORK/fold_tests.txt"; pack
   if all_passed "$WORK/fold_tests.txt"; then
     i=0
-    for run in on off swiglu on; do
+    for run in ${RUNS:-on swiglu on}; do
       i=$((i + 1))
       kernels="" cases=hybrid_compiled
       [ "$run" = off ] && kernels=fold_norm_weight=0
-      [ "$run" = swiglu ] && cases=hybrid_compiled_triton_swiglu
+      [ "$run" = swiglu ] && cases=hybrid_compiled_torch_swiglu
       mkdir -p "$WORK/fold_$run$i"
       HYBRIDKIT_KERNELS=$kernels budgeted 150 80 python benchmarks/train_throughput.py \
         --out "$WORK/fold_$run$i" --no-profile --steps 8 --cases "$cases" \

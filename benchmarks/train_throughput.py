@@ -6,12 +6,13 @@ Cases (``--cases``, default all, in this order):
   the fused Triton kernels, the dispatch points' eager choice);
 * ``hybrid_eager_torch_elementwise``: the same with norms and SwiGLU in plain torch (what the
   fused kernels bring in eager mode);
-* ``hybrid_compiled``: 4 x 4096, ``torch.compile`` (norms and SwiGLU left to Inductor);
+* ``hybrid_compiled``: 4 x 4096, ``torch.compile`` (norms left to Inductor, SwiGLU through our
+  kernels: the dispatch points' compiled choices);
 * ``hybrid_compiled_triton_elementwise``: compiled, norms and SwiGLU forced through our
   kernels (custom ops), the A/B of the dispatch points' choice under compile;
-* ``hybrid_compiled_triton_swiglu``: compiled, only the SwiGLU activations forced through our
-  kernels: their neighbours are matmuls, so there is no fusion to lose, and Inductor's SwiGLU
-  backward ran at 1.28x its byte floor (``results/train_kernels_h100.md``);
+* ``hybrid_compiled_torch_swiglu``: compiled, only the SwiGLU activations left to Inductor
+  (the torch formula), the A/B of that dispatch point's compiled choice, our kernels since
+  2026-12-07 (``results/train_fold_swiglu_h100.md``);
 * ``hybrid_16k_ckpt``: 1 x 16384 with per-block activation checkpointing, compiled;
 * ``transformer_compiled``: ``recipes/transformer_400m.yaml`` at 4 x 4096, compiled: 24
   attention layers of the hybrid's width and MLP (its depth; 303.4M parameters);
@@ -95,12 +96,12 @@ CASES = (
         "hybrid_compiled_triton_elementwise", HYBRID, 4, 4096, compiled=True, elementwise="triton"
     ),
     Case(
-        "hybrid_compiled_triton_swiglu",
+        "hybrid_compiled_torch_swiglu",
         HYBRID,
         4,
         4096,
         compiled=True,
-        elementwise="triton",
+        elementwise="torch",
         swiglu_only=True,
     ),
     Case("hybrid_16k_ckpt", HYBRID, 1, 16384, compiled=True, checkpointing=True),

@@ -1,9 +1,15 @@
 """The one dispatch point for the SwiGLU activation ``value * silu(gate)`` of ``[value | gate]``.
 
 ``backend``: ``torch`` (two torch ops), ``triton`` (:mod:`.triton_kernels`, forward and
-backward fused; custom ops under ``torch.compile``), or ``auto``: ``triton`` for CUDA tensors
-in eager mode, ``torch`` on CPU, for float64 and under ``torch.compile`` (Inductor fuses the
-two ops itself, together with their neighbours), as for :mod:`hybridkit.kernels.norm`.
+backward fused; custom ops under ``torch.compile``), or ``auto``: ``triton`` for CUDA tensors,
+eager or compiled; ``torch`` on CPU and for float64.
+
+Unlike the norms (:mod:`hybridkit.kernels.norm`), the kernels run under ``torch.compile`` too:
+the activation sits between two matmuls, so an opaque op costs Inductor no fusion, and
+Inductor's own backward of the formula ran at 1.28x its byte floor
+(``benchmarks/results/train_kernels_h100.md``). On the H100 the compiled 400M hybrid's step took
+131.8 ms with the kernels against 132.7 / 133.1 ms with Inductor's fusion, one process each
+(``benchmarks/results/train_fold_swiglu_h100.md``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ def resolve_backend(backend: str, h: torch.Tensor) -> str:
     if backend != "auto":
         return backend
     usable = HAVE_TRITON and h.is_cuda and h.dtype != torch.float64
-    return "triton" if usable and not torch.compiler.is_compiling() else "torch"
+    return "triton" if usable else "torch"
 
 
 def swiglu(h: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
