@@ -54,7 +54,7 @@ FINISH = dict(H=32, R=1, P=64, N=128, S=32, BLOCK_P=64, BLOCK_N=128, BLOCK_S=32,
 FINISH.update(HAS_MZ=False, HAS_MO=False, NORM=1, HAS_ANG=True)
 ATTN = dict(H=16, HK=4, REP=4, D=64, BLOCK_R=16, BLOCK_D=64, BLOCK_S=attn_step.BLOCK_S)
 ATTN.update(HAS_ROPE=True, HAS_NORM=False, FP32=False, CDT=tl.float32)
-ROWS16 = dict(LINEAR, BLOCK_M=16, BLOCK_N=16, FP32=False)
+ROWS16 = dict(LINEAR, BLOCK_M=16, BLOCK_N=16, FP32=False, SPLIT=1)
 PRE16 = dict(ROWS16, PRENORM=True)
 SISO = dict(STEP, R=1, HALVES=False, HAS_MX=False, HAS_MZ=False, HAS_MO=False)
 MIMO = dict(STEP, R=4, HALVES=True, HAS_MX=True, HAS_MZ=True, HAS_MO=True)
@@ -65,6 +65,8 @@ CASES = [
     ("16-row", lin._skinny_linear_kernel, dict(ROWS16, GLU=False), set(), 4),
     ("16-row glu", lin._skinny_linear_kernel, dict(ROWS16, GLU=True), set(), 4),
     ("16-row N>=8192", lin._skinny_linear_kernel, dict(ROWS16, BLOCK_N=32, GLU=False), set(), 4),
+    # K in 4 slices, the partials added by each tile's last program (SPLIT_K_MAX)
+    ("16-row split 4", lin._skinny_linear_kernel, dict(ROWS16, GLU=False, SPLIT=4), {"WS"}, 4),
     # norm_linear: the block's add + pre-norm folded into the projection
     ("gemv prenorm", lin._gemv_kernel, dict(GEMV, GLU=False, PRENORM=True), set(), 4),
     ("gemv glu prenorm", lin._gemv_kernel, dict(GEMV, GLU=True, PRENORM=True), set(), 4),
@@ -124,7 +126,9 @@ def compile_case(fn, consts: dict, fp32: set[str], warps: int, pdl: bool, maxnre
             sig[a] = "fp32"
         elif a == "POS":
             sig[a] = "*i64"
-        elif a.startswith(("s_", "stride")) or a in ("M", "N", "K", "ring"):
+        elif a == "COUNT":
+            sig[a] = "*i32"
+        elif a.startswith(("s_", "stride")) or a in ("M", "N", "K", "ring", "k_slice"):
             sig[a] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:

@@ -70,6 +70,13 @@
 #   (Inductor's SwiGLU), each in its own process -> fold_<run><i>/. Ran first with RUNS "on off
 #   swiglu on" when the swiglu run was the kernels against Inductor's default then
 #   (benchmarks/results/train_fold_swiglu_h100.md).
+# PART "split" (#16: the 16-row linear kernel's split over K, SPLIT_K_MAX, new 2026-12-07): 1.
+#   the GPU tests of tests/test_linear_kernels.py and tests/test_pdl.py -> split_tests.txt; 2.
+#   only if they pass, benchmarks/skinny_linear.py at 16 rows -> split_linear/; 3. the 400M
+#   model's decoding at BATCHES (default 16; fp32 state, prompt 128, 64 new tokens;
+#   benchmarks/decode.py --skip-layer) at the defaults (cuBLAS at 16 rows), with every linear on
+#   the 16-row kernel (skinny_rows=16), the same without the split (--launch
+#   linear:SPLIT_K_MAX=1), and at the defaults again, each in its own process -> split_<run><i>/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -78,9 +85,9 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | fold | rest) ;;
+  chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | fold | split | rest) ;;
   *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, ab," \
-    "measure, fold, rest" >&2
+    "measure, fold, split, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -225,6 +232,29 @@ elif [ "$1" = fold ]; then
         > "$WORK/fold_$run$i.txt" 2>&1
       echo "$run ($i) $kernels $cases"
       show "$WORK/fold_$run$i/train_throughput.md" "$WORK/fold_$run$i.txt" 4; pack
+    done
+  fi
+elif [ "$1" = split ]; then
+  budgeted 150 60 python -m pytest -q -m gpu tests/test_linear_kernels.py tests/test_pdl.py \
+    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -10 > "$WORK/split_tests.txt"
+  tail -3 "$WORK/split_tests.txt"; pack
+  if all_passed "$WORK/split_tests.txt"; then
+    mkdir -p "$WORK/split_linear"
+    budgeted 90 40 python benchmarks/skinny_linear.py --rows 16 \
+      --out "$WORK/split_linear/skinny_linear" > "$WORK/split_linear.txt" 2>&1
+    show "$WORK/split_linear/skinny_linear.md" "$WORK/split_linear.txt" 14; pack
+    i=0
+    for run in defaults rows16 nosplit defaults; do
+      i=$((i + 1))
+      kernels="" launch=()
+      [ "$run" != defaults ] && kernels=skinny_rows=16
+      [ "$run" = nosplit ] && launch=(--launch linear:SPLIT_K_MAX=1)
+      mkdir -p "$WORK/split_$run$i"
+      HYBRIDKIT_KERNELS=$kernels budgeted 90 40 python benchmarks/decode.py --skip-layer \
+        --states fp32 --batch "${BATCHES:-16}" --prompt 128 --new 64 "${launch[@]}" \
+        --out "$WORK/split_$run$i/decode" > "$WORK/split_$run$i.txt" 2>&1
+      echo "$run ($i) $kernels ${launch[*]}"
+      show "$WORK/split_$run$i/decode.md" "$WORK/split_$run$i.txt" 6; pack
     done
   fi
 else

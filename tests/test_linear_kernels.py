@@ -472,3 +472,87 @@ def test_only_a_layer_whose_own_forward_says_so_gets_a_pending_norm():
     assert takes_pending_norm(Renamed.__new__(Renamed))
     assert not takes_pending_norm(Scaled.__new__(Scaled))
     assert not takes_pending_norm(torch.nn.Linear(2, 2))
+
+
+def test_split_k_rule():
+    """Slices per column tile: a power of two up to SPLIT_K_MAX, within the programs-per-SM
+    budget, each slice at least BLOCK_K deep."""
+    from hybridkit.kernels.linear.triton_kernels import BLOCK_K, SPLIT_K_MAX, split_k
+
+    assert SPLIT_K_MAX == 4 and BLOCK_K == 256  # the cases below assume these
+    assert split_k(64, 2048, 132) == 4  # out_proj back to d_model 1,024: 256 programs
+    assert split_k(96, 1024, 132) == 2  # qkv (1,536 columns): 4 would be 384 > 264
+    assert split_k(280, 1024, 132) == 1  # in_proj fills the GPU alone
+    assert split_k(64, 300, 132) == 1  # K too short for two slices of BLOCK_K
+    assert split_k(64, 600, 132) == 2
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "m,k,n,bias",
+    [(16, 1024, 40, True), (5, 1100, 33, False), (2, 700, 16, True)],
+)
+def test_split_k_matches_f_linear(m, k, n, bias):
+    """K in slices whose partials the last program of each tile adds (``SPLIT_K_MAX``), fp32
+    through the interpreter: K 1,024 in four slices, K 1,100 in three (no empty slice), K 700
+    in two; the workspace poisoned with NaN first (every partial must be written before it is
+    read), the counters back at zero afterwards, and a second call bitwise equal."""
+    from hybridkit.kernels.linear import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(k + n)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    ws, count = tk._WORKSPACE.get(x.device, 4 * 3 * 16 * 16, 3)
+    ws.fill_(float("nan"))
+    got = tk.skinny_linear(x, w, b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert tk._WORKSPACE.get(x.device, 0, 0)[1].eq(0).all()
+    assert torch.equal(tk.skinny_linear(x, w, b), got)
+
+
+@pytest.mark.triton
+def test_split_k_is_taken_for_narrow_outputs(monkeypatch):
+    """The split path runs where the rule says so (a split that silently never ran would pass
+    the equality test above): its workspace's partials are written."""
+    from hybridkit.kernels.linear import triton_kernels as tk
+
+    x, w = torch.randn(4, 1024), torch.randn(16, 1024)
+    ws, _ = tk._WORKSPACE.get(x.device, 4 * 16 * 16, 1)
+    ws.fill_(float("nan"))
+    tk.skinny_linear(x, w, None)
+    assert not torch.isnan(ws[: 4 * 16 * 16]).any()  # all four slices stored their partials
+    monkeypatch.setattr(tk, "SPLIT_K_MAX", 1)
+    ws.fill_(float("nan"))
+    tk.skinny_linear(x, w, None)
+    assert torch.isnan(ws).all()  # no split: the workspace is not touched
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_in_a_cuda_graph_replayed():
+    """The split path on the GPU (bf16, out_proj's 2,048 -> 1,024 at 16 rows: 64 tiles in four
+    slices, and the qkv projection's 1,024 -> 1,536 in two), captured in a CUDA graph and
+    replayed with new inputs: every replay equals the eager call bitwise (slices added in a
+    fixed order whichever program finishes last; the counters reset for the next launch), and
+    both are within bf16 rounding of F.linear."""
+    from hybridkit.kernels.linear import triton_kernels as tk
+
+    for k, n, split in ((2048, 1024, 4), (1024, 1536, 2)):
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert tk.split_k(n // 16, k, sms) == split or sms != 132
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+        tk.skinny_linear(x, w, None)  # warm-up: compiles, sizes the workspace
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = tk.skinny_linear(x, w, None)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            y.fill_(float("nan"))
+            graph.replay()
+            eager = tk.skinny_linear(x, w, None)
+            assert torch.equal(y, eager)
+            want = F.linear(x.float(), w.float())
+            torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+        assert tk._WORKSPACE.get(x.device, 0, 0)[1].eq(0).all()

@@ -13,8 +13,11 @@ one row takes 0.40-0.94x cuBLAS's time on the 400M model's shapes and fc1 + SwiG
 launch instead of two); at 16 rows it is 0.95-1.53x (the narrow qkv projection worst), so
 ``skinny_linear`` is on by default and the 16-row tile is the place to improve. The 16 rows
 pad one tensor-core tile (rows past M are masked); the wasted arithmetic is free next to the
-bytes. No split over K: it would need
-atomics (results differing run to run) or a second launch.
+bytes. Plain linears with few column tiles (the projections back to d_model: 64 tiles of 16)
+split K over up to ``SPLIT_K_MAX`` programs per tile so that every SM streams weights; the
+slices' fp32 partials meet in a workspace and the tile's last program (an atomic counter)
+adds them in slice order, so results do not depend on which program finishes last, with no
+second launch (``_split_k_finish``).
 
 fp32 inputs multiply in full fp32 (``ieee``), so the CPU interpreter's tests compare against
 ``torch.nn.functional.linear`` tightly; bf16 / fp16 use the tensor cores with fp32 accumulation.
@@ -58,6 +61,15 @@ STAGES = 4
 WARPS = 2
 NARROW_BLOCK_N = 16
 WIDE_BLOCK_N = 32
+#: Split over K for the 2-16-row kernel (plain linears only, not ``GLU`` / ``PRENORM``): a
+#: projection back to d_model has 1,024 / 16 = 64 column tiles, so 64 programs stream its weight
+#: on half the H100's SMs. With ``SPLIT_K_MAX`` > 1 each tile's K is cut into up to that many
+#: slices (a power of two, each at least ``BLOCK_K``), so that tiles x slices stays within
+#: ``SPLIT_K_PROGRAMS_PER_SM`` programs per SM; the slices' fp32 partial sums meet in a
+#: workspace, where the tile's last program (a counter per tile) adds them in slice order, so
+#: the result does not depend on which program finishes last. 1: no split.
+SPLIT_K_MAX = 4
+SPLIT_K_PROGRAMS_PER_SM = 2
 #: One row (``_gemv_kernel``): 4 output columns x 512 of K per step (16 elements per thread at
 #: 4 warps), the same pipeline depth.
 GEMV_BLOCK_N = 4
@@ -164,13 +176,19 @@ def _store_residual(SOUT, s_off, sf, mask, offs_k, pid):
 
 @triton.jit
 def _skinny_linear_kernel(
-    X, W, B, Y, HRES, NW, SOUT,
-    M, N, K, stride_xm, stride_wn, stride_ym, stride_hm, eps,
+    X, W, B, Y, HRES, NW, SOUT, WS, COUNT,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_hm, eps, k_slice,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, GLU: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PRENORM: tl.constexpr, LANES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    # SPLIT > 1: program (tile, slice) = divmod(program id, SPLIT) sums K in [slice * k_slice,
+    # + k_slice) (``SPLIT_K_MAX``); the last program of a tile adds the slices' partials
+    pid = tl.program_id(0) // SPLIT
+    part = tl.program_id(0) % SPLIT
+    k_lo = part * k_slice
+    k_hi = tl.minimum(K, k_lo + k_slice) if SPLIT > 1 else K
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
@@ -181,7 +199,7 @@ def _skinny_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GLU: the gate half's columns
     if USE_PDL:
-        _pdl_prologue(W, pid, N, K, stride_wn, BLOCK_N, GLU, PREFETCH, LANES)
+        _pdl_prologue(W + k_lo, pid, N, k_hi - k_lo, stride_wn, BLOCK_N, GLU, PREFETCH, LANES)
     if PRENORM:  # first pass over K: the new residual (stored by program 0), 1 / rms per row
         sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -192,9 +210,9 @@ def _skinny_linear_kernel(
             _store_residual(SOUT, r64 * K + offs_k[None, :], sf, xmask, offs_k[None, :], pid)
             sumsq += tl.sum(sf * sf, axis=1)
         rstd = (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
+        k_ok = offs_k < k_hi
         wmask = n_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
         xmask = m_ok[:, None] & k_ok[None, :]
@@ -207,9 +225,37 @@ def _skinny_linear_kernel(
         if GLU:
             wg = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
             gacc += _x_wt(x, wg, FP32)
-    y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, True)
     out = Y + r64 * stride_ym + offs_n[None, :]
-    tl.store(out, y, mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT == 1:
+        y = _epilogue(acc, gacc, B, offs_n, n_ok, N, Y.dtype.element_ty, HAS_BIAS, GLU, True)
+        tl.store(out, y, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        _split_k_finish(acc, WS, COUNT, pid, part, B, out, offs_m, offs_n, m_ok, n_ok, N,
+                        Y.dtype.element_ty, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT)  # fmt: skip
+
+
+@triton.jit
+def _split_k_finish(acc, WS, COUNT, tile, part, B, out, offs_m, offs_n, m_ok, n_ok, N,
+                    dtype: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+    """Store this slice's fp32 partial (BLOCK_M x BLOCK_N) in the workspace, then count the
+    tile's finished slices; the program that finishes last adds all of them in slice order
+    (loads through L2, ``.cg``: an earlier launch may have left the lines in this SM's L1),
+    applies the bias, stores the result and resets the counter for the next launch. The block
+    barrier orders every thread's partial store before the counter's release."""
+    tile_ws = WS + tile.to(tl.int64) * (SPLIT * BLOCK_M * BLOCK_N)
+    cell = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(tile_ws + part * (BLOCK_M * BLOCK_N) + cell, acc)
+    tl.debug_barrier()
+    done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel", scope="gpu")
+    if done == SPLIT - 1:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(SPLIT):
+            total += tl.load(tile_ws + j * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += _bias(B, offs_n, n_ok, True)
+        tl.store(out, total.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+        tl.atomic_xchg(COUNT + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -307,6 +353,59 @@ def _lanes(warps: int, columns: int) -> int:
     return max(32 * warps, triton.next_power_of_2(2 * columns))
 
 
+def split_k(tiles: int, k: int, sms: int) -> int:
+    """Slices of K per column tile of the 2-16-row kernel (``SPLIT_K_MAX``): the largest power
+    of two up to ``SPLIT_K_MAX`` whose grid stays within ``SPLIT_K_PROGRAMS_PER_SM`` programs
+    per SM and whose slices hold at least ``BLOCK_K`` of K; 1 when the tiles alone fill that."""
+    split = 1
+    while (
+        2 * split <= SPLIT_K_MAX
+        and tiles * 2 * split <= SPLIT_K_PROGRAMS_PER_SM * sms
+        and k >= 2 * split * BLOCK_K
+    ):
+        split *= 2
+    return split
+
+
+class _SplitWorkspace:
+    """Per-device scratch of the split-K path: fp32 partials and one int32 counter per column
+    tile, zero whenever no launch runs (each tile's last program resets its counter), so a
+    launch needs no memset and a CUDA graph captures none. Every launch on the device reuses
+    it: its partials and counters are touched only after the PDL wait, when the previous kernel
+    of the stream has completed. (Two streams running split launches at the same time would
+    share it; decoding runs one stream.) It grows outside CUDA-graph capture only: the decode
+    runner's eager warm-up steps size it first."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, floats: int, tiles: int):
+        ws, count = self._bufs.get(device, (None, None))
+        if ws is not None and ws.numel() >= floats and count.numel() >= tiles:
+            return ws, count
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "skinny_linear: the split-K workspace must exist before a CUDA graph is "
+                "captured (run the step once eagerly first, as the decode runner does)"
+            )
+        if ws is not None:
+            floats, tiles = max(floats, ws.numel()), max(tiles, count.numel())
+        ws = torch.empty(floats, dtype=torch.float32, device=device)
+        count = torch.zeros(tiles, dtype=torch.int32, device=device)
+        self._bufs[device] = (ws, count)
+        return ws, count
+
+
+_WORKSPACE = _SplitWorkspace()
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the interpreter: an H100's 132)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _rows_aligned(weight: torch.Tensor) -> bool:
     """Whether every row of ``weight`` starts on 16 bytes and spans a multiple of 16 bytes
     (what the bulk L2 prefetch needs)."""
@@ -368,12 +467,20 @@ def skinny_linear(
         )  # fmt: skip
     else:
         bn, warps = block_n(n), 1 if interp else WARPS
-        _skinny_linear_kernel[(triton.cdiv(n, bn),)](
-            x, weight, b, y, hres, nw, s,
+        tiles = triton.cdiv(n, bn)
+        split = 1 if glu or prenorm is not None else split_k(tiles, k, _sm_count(x.device))
+        k_slice = triton.cdiv(triton.cdiv(k, split), BLOCK_K) * BLOCK_K
+        split = triton.cdiv(k, k_slice)  # no empty slice (K 1,100 at 4: three of 512)
+        ws, count = y, y  # unused pointers
+        if split > 1:
+            ws, count = _WORKSPACE.get(x.device, tiles * split * MAX_ROWS * bn, tiles)
+        _skinny_linear_kernel[(tiles * split,)](
+            x, weight, b, y, hres, nw, s, ws, count,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), hres.stride(0), float(eps),
+            k_slice,
             BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K, STAGES=1 if interp else STAGES,
             HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32, GLU=glu, USE_PDL=pdl,
-            PREFETCH=prefetch, PRENORM=prenorm is not None, LANES=_lanes(warps, bn),
-            num_warps=warps, **launch_options(pdl),
+            PREFETCH=prefetch, PRENORM=prenorm is not None,
+            LANES=_lanes(warps, bn), SPLIT=split, num_warps=warps, **launch_options(pdl),
         )  # fmt: skip
     return y if prenorm is None else (s, y)
