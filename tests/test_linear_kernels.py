@@ -212,17 +212,21 @@ def test_kernel_refuses_too_many_rows():
 
 @pytest.mark.triton
 def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
-    """As if on CUDA: on by default for one row (plain linears; ``skinny_rows`` raises that to
-    at most 16) and for up to 16 rows of the fused fc1 + SwiGLU; no autograd, matching dtypes,
-    not under autocast; a bad backend name is an error naming the allowed ones."""
+    """As if on CUDA: on by default for up to 16 rows (``skinny_rows`` lowers that for plain
+    linears) and for up to 16 rows of the fused fc1 + SwiGLU whatever it says; no autograd,
+    matching dtypes, not under autocast; a bad backend name is an error naming the allowed
+    ones."""
     monkeypatch.delenv(config.ENV_VAR, raising=False)  # the defaults, whatever the shell sets
     monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
     w = torch.randn(8, 4)
     x1, x17 = torch.randn(2, 1, 4), torch.randn(17, 4)
     assert resolve_backend("auto", x1[:1], w) == "triton"  # one row: the defaults
-    assert resolve_backend("auto", x1, w) == "torch"  # two rows: cuBLAS ...
-    assert resolve_backend("auto", x1, w, glu=True) == "triton"  # ... unless fused with SwiGLU
+    assert resolve_backend("auto", x1, w) == "triton"  # two rows too (skinny_rows 16) ...
+    assert resolve_backend("auto", x17, w) == "torch"  # ... but not 17
     assert resolve_backend("auto", x17, w, glu=True) == "torch"
+    with config.kernel_config(skinny_rows=1):
+        assert resolve_backend("auto", x1, w) == "torch"  # two rows: cuBLAS ...
+        assert resolve_backend("auto", x1, w, glu=True) == "triton"  # ... unless with SwiGLU
     with config.kernel_config(skinny_linear=False):
         assert resolve_backend("auto", x1[:1], w) == "torch"
         assert resolve_backend("auto", x1, w, glu=True) == "torch"

@@ -51,9 +51,13 @@ Fields (defaults in :class:`KernelConfig`):
   of cuBLAS (``hybridkit/kernels/linear``; on: with the next two it took the 400M model's
   decode step from 1.172 to 0.654 ms at batch 1 on the H200,
   ``benchmarks/results/decode_settings_h200.md``);
-* ``skinny_rows``: the most rows a plain linear sends to that kernel (1..16; default 1: at 16
-  rows it was slower than cuBLAS on most 400M shapes; the MLP's fc1 + SwiGLU, one launch of
-  ours instead of two, goes to it up to 16 rows whatever this says);
+* ``skinny_rows``: the most rows a plain linear sends to that kernel (1..16; the MLP's fc1 +
+  SwiGLU, one launch of ours instead of two, goes to it up to 16 rows whatever this says).
+  Default 16 since 2026-12-07: with PDL and the kernel's split over K the 400M model's batch-16
+  step took 1.051-1.054 ms against 1.137 on cuBLAS (H100,
+  ``benchmarks/results/decode_split_k_h100.md``); shape by shape, timed alone, the kernel is
+  0.92-1.20x cuBLAS's time, so the gain is the launches' overlap under PDL, which cuBLAS does
+  not take (1 until then);
 * ``norm_linear``: at inference with a cache, a block's residual add and pre-norm folded into
   its first projection when that runs the few-row kernel (``in_proj``, ``wqkv``, fc1 + SwiGLU,
   the head after the final norm) and the call has at most this many rows (0: never; 1..16): one
@@ -165,7 +169,7 @@ class KernelConfig:
     fa4_decode: bool = False
     deterministic: bool = False
     skinny_linear: bool = True
-    skinny_rows: int = 1
+    skinny_rows: int = 16
     norm_linear: int = 1
     fused_add_norm: bool = True
     pdl: bool = True

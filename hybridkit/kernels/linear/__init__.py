@@ -4,14 +4,15 @@ Triton kernel for calls with few rows (decoding, :mod:`.triton_kernels`).
 ``backend``: ``torch``; ``triton`` (forced, also on the CPU through the interpreter, for tests);
 ``auto``: ``triton`` when the kernel setting ``skinny_linear`` is on (the default: it beat
 cuBLAS at one row on every 400M shape, ``benchmarks/results/skinny_linear_h200.md``) and the call
-is an inference-time product of at most ``skinny_rows`` rows (default 1; the MLP's fc1 with its
-SwiGLU: at most 16) of a bf16 / fp16 / fp32 CUDA tensor, outside ``torch.compile`` (Inductor
-plans its own matmuls), without autograd (the kernel has no backward) and outside autocast;
-``torch`` otherwise, so training never runs it. Why the row limit: on the H200 the kernel beat
-cuBLAS at one row on every 400M shape, but at 16 rows it took 0.95-1.53x cuBLAS's time except
-fused with the SwiGLU (0.22x: one launch instead of two;
-``benchmarks/results/skinny_linear_h200.md``); between 2 and 15 rows both run the same kernels
-as at 16 (ours pads the rows to one 16-row tile).
+is an inference-time product of at most ``skinny_rows`` rows (default 16, the kernel's tile;
+the MLP's fc1 with its SwiGLU: at most 16 whatever it says) of a bf16 / fp16 / fp32 CUDA tensor,
+outside ``torch.compile`` (Inductor plans its own matmuls), without autograd (the kernel has no
+backward) and outside autocast; ``torch`` otherwise, so training never runs it. At 16 rows,
+timed alone, the kernel takes 0.92-1.20x cuBLAS's time per 400M shape, yet in a decode step it
+wins: it launches with PDL, so each projection's launch and weight reads overlap the kernel
+before it, which cuBLAS's kernels do not (400M model at batch 16 on the H100: 1.051-1.054 ms
+per step against 1.137, ``benchmarks/results/decode_split_k_h100.md``; ``skinny_rows`` was 1
+until then).
 """
 
 from __future__ import annotations
