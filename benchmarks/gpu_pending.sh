@@ -77,6 +77,9 @@
 #   benchmarks/decode.py --skip-layer) at the defaults (cuBLAS at 16 rows), with every linear on
 #   the 16-row kernel (skinny_rows=16), the same without the split (--launch
 #   linear:SPLIT_K_MAX=1), and at the defaults again, each in its own process -> split_<run><i>/.
+#   RUNS chooses the runs (defaults, rows16, nosplit, normlin16: norm_linear=16, each block's
+#   add + norm folded into its 16-row projections); it ran with the default RUNS at commit
+#   dff34ef (decode_split_k_h100.md), when skinny_rows was still 1.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -244,11 +247,14 @@ elif [ "$1" = split ]; then
       --out "$WORK/split_linear/skinny_linear" > "$WORK/split_linear.txt" 2>&1
     show "$WORK/split_linear/skinny_linear.md" "$WORK/split_linear.txt" 14; pack
     i=0
-    for run in defaults rows16 nosplit defaults; do
+    for run in ${RUNS:-defaults rows16 nosplit defaults}; do
       i=$((i + 1))
       kernels="" launch=()
-      [ "$run" != defaults ] && kernels=skinny_rows=16
-      [ "$run" = nosplit ] && launch=(--launch linear:SPLIT_K_MAX=1)
+      case $run in
+        rows16) kernels=skinny_rows=16 ;;
+        nosplit) kernels=skinny_rows=16 launch=(--launch linear:SPLIT_K_MAX=1) ;;
+        normlin16) kernels=norm_linear=16 ;;
+      esac
       mkdir -p "$WORK/split_$run$i"
       HYBRIDKIT_KERNELS=$kernels budgeted 90 40 python benchmarks/decode.py --skip-layer \
         --states fp32 --batch "${BATCHES:-16}" --prompt 128 --new 64 "${launch[@]}" \

@@ -202,7 +202,7 @@ def _skinny_linear_kernel(
         _pdl_prologue(W + k_lo, pid, N, k_hi - k_lo, stride_wn, BLOCK_N, GLU, PREFETCH, LANES)
     if PRENORM:  # first pass over K: the new residual (stored by program 0), 1 / rms per row
         sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # loads in flight
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xmask = m_ok[:, None] & (offs_k < K)[None, :]
             x = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0)
