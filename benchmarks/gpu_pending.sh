@@ -80,6 +80,11 @@
 #   RUNS chooses the runs (defaults, rows16, nosplit, normlin16: norm_linear=16, each block's
 #   add + norm folded into its 16-row projections); it ran with the default RUNS at commit
 #   dff34ef (decode_split_k_h100.md), when skinny_rows was still 1.
+# PART "targets" (every issue's target numbers at the defaults, for the next H200 call; no H200
+#   was lent on 2026-12-07): 1. benchmarks/decode.py (the 400M model at batch 1 / 16 / 128 with
+#   fp32 and bf16 states, 128 new tokens, the bf16 state's drift over 1,000 tokens, and the
+#   one-layer step) -> decode/; 2. then what PART "measure" does (MIMO scan -> mimo/, the
+#   compiled SISO and MIMO models -> train/). About 6 minutes in all.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -88,9 +93,10 @@
 #      in the same run) -> mimo/.
 set -u
 case "${1:-rest}" in
-  chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | fold | split | rest) ;;
+  chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | fold | split | targets \
+    | rest) ;;
   *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, ab," \
-    "measure, fold, split, rest" >&2
+    "measure, fold, split, targets, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -211,10 +217,16 @@ elif [ "$1" = ab ]; then
       > "$WORK/ab_layer.txt" 2>&1
     show "$WORK/ab_layer/decode.md" "$WORK/ab_layer.txt" 16; pack
   fi
-elif [ "$1" = measure ]; then
+elif [ "$1" = measure ] || [ "$1" = targets ]; then
+  if [ "$1" = targets ]; then
+    mkdir -p "$WORK/decode"
+    budgeted 200 90 python benchmarks/decode.py --new 128 --out "$WORK/decode/decode" \
+      > "$WORK/decode.txt" 2>&1
+    show "$WORK/decode/decode.md" "$WORK/decode.txt" 20; pack
+  fi
   mimo_bench 200
   mkdir -p "$WORK/train"
-  budgeted 400 200 python benchmarks/train_throughput.py --out "$WORK/train" --no-profile \
+  budgeted 400 120 python benchmarks/train_throughput.py --out "$WORK/train" --no-profile \
     --steps 6 --cases hybrid_compiled,hybrid_mimo_compiled > "$WORK/train.txt" 2>&1
   show "$WORK/train/train_throughput.md" "$WORK/train.txt" 14; pack
 elif [ "$1" = fold ]; then
