@@ -218,7 +218,6 @@ def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
     ones."""
     monkeypatch.delenv(config.ENV_VAR, raising=False)  # the defaults, whatever the shell sets
     monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
-    monkeypatch.setattr(kernels.linear, "_chained", lambda x: True)  # as with PDL on Hopper
     w = torch.randn(8, 4)
     x1, x17 = torch.randn(2, 1, 4), torch.randn(17, 4)
     assert resolve_backend("auto", x1[:1], w) == "triton"  # one row: the defaults
@@ -228,11 +227,6 @@ def test_dispatch_runs_the_kernel_only_for_few_row_inference(monkeypatch):
     with config.kernel_config(skinny_rows=1):
         assert resolve_backend("auto", x1, w) == "torch"  # two rows: cuBLAS ...
         assert resolve_backend("auto", x1, w, glu=True) == "triton"  # ... unless with SwiGLU
-    monkeypatch.setattr(kernels.linear, "_chained", lambda x: False)  # no PDL: cuBLAS again
-    assert resolve_backend("auto", x1, w) == "torch"
-    assert resolve_backend("auto", x1[:1], w) == "triton"
-    assert resolve_backend("auto", x1, w, glu=True) == "triton"
-    monkeypatch.setattr(kernels.linear, "_chained", lambda x: True)
     with config.kernel_config(skinny_linear=False):
         assert resolve_backend("auto", x1[:1], w) == "torch"
         assert resolve_backend("auto", x1, w, glu=True) == "torch"
@@ -289,7 +283,6 @@ def test_decode_through_the_kernel_equals_decode_without(monkeypatch):
         return calls[-1]
 
     monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
-    monkeypatch.setattr(kernels.linear, "_chained", lambda x: True)  # as with PDL on Hopper
     monkeypatch.setattr(kernels.linear, "resolve_backend", spy)
     with config.kernel_config(skinny_rows=16):  # two sequences: two rows per projection
         fused = step_logits()
@@ -401,7 +394,6 @@ def test_decode_with_norm_linear_equals_decode_without(monkeypatch, batch, rows)
     model = build_model(tiny_recipe("m a", d_model=16, vocab=32, m=m, a=a), seed=0).eval()
     ids = torch.randint(0, 32, (batch, 5), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(kernels.linear, "_on_cuda", lambda x: True)
-    monkeypatch.setattr(kernels.linear, "_chained", lambda x: True)  # as with PDL on Hopper
     folds = []
     real = triton_kernels.skinny_linear
 

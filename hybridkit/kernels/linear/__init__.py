@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from hybridkit.compat import HAVE_TRITON, TRITON_UNUSABLE
 from hybridkit.kernels.config import current_config
 from hybridkit.kernels.layout import as_rows
-from hybridkit.kernels.pdl import use_pdl
 
 __all__ = [
     "BACKENDS",
@@ -61,7 +60,7 @@ def resolve_backend(
     )
     cfg = current_config()
     usable = (
-        0 < rows <= (_MAX_ROWS if glu else _plain_row_limit(x, cfg.skinny_rows))
+        0 < rows <= (_MAX_ROWS if glu else cfg.skinny_rows)
         and not grad
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
@@ -88,9 +87,7 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
     if cfg.norm_linear:
         fold = "1 row" if cfg.norm_linear == 1 else f"<= {cfg.norm_linear} rows"
         extras += f"; each block's add + pre-norm folded into its first projection at {fold}"
-    rows = "1 row"
-    if cfg.skinny_rows > 1 and cfg.pdl:  # more rows only where the launches chain under PDL
-        rows = f"<= {cfg.skinny_rows} rows on sm_90+, 1 row elsewhere"
+    rows = "1 row" if cfg.skinny_rows == 1 else f"<= {cfg.skinny_rows} rows"
     return (
         f"triton (few-row kernels for {rows}, the MLP's fc1 with its SwiGLU for <= 16; eager / "
         f"CUDA-graph steps; more rows: cuBLAS{extras})"
@@ -99,20 +96,6 @@ def describe_decode(device: torch.device | str, dtype: torch.dtype) -> str:
 
 def _on_cuda(x: torch.Tensor) -> bool:
     return x.is_cuda
-
-
-def _plain_row_limit(x: torch.Tensor, skinny_rows: int) -> int:
-    """The most rows a plain linear sends to the kernel: ``skinny_rows`` where the kernel
-    launches with PDL (:func:`_chained`), else one. Timed alone, at 2-16 rows, the kernel takes
-    0.92-1.20x cuBLAS's time per 400M shape; what made it faster in a decode step is PDL, each
-    launch overlapping the kernel before it (``benchmarks/results/decode_split_k_h100.md``).
-    Without PDL there is no measured gain, so those rows stay on cuBLAS as before 2026-12-07."""
-    return skinny_rows if _chained(x) else 1
-
-
-def _chained(x: torch.Tensor) -> bool:
-    """Whether the kernel launches with PDL on ``x`` now (a function the CPU tests replace)."""
-    return use_pdl(x)
 
 
 def _autocast() -> bool:
