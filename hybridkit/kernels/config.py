@@ -57,7 +57,7 @@ Fields (defaults in :class:`KernelConfig`):
   step took 1.051-1.054 ms against 1.137 on cuBLAS (H100,
   ``benchmarks/results/decode_split_k_h100.md``); shape by shape, timed alone, the kernel is
   0.92-1.20x cuBLAS's time, so the gain is the launches' overlap under PDL, which cuBLAS does
-  not take (1 until then);
+  not take; without PDL (``pdl`` off, GPUs before Hopper) 16 is not measured (1 until then);
 * ``norm_linear``: at inference with a cache, a block's residual add and pre-norm folded into
   its first projection when that runs the few-row kernel (``in_proj``, ``wqkv``, fc1 + SwiGLU,
   the head after the final norm) and the call has at most this many rows (0: never; 1..16): one
