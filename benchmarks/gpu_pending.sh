@@ -111,6 +111,22 @@ mimo_bench() {
     > "$WORK/mimo.txt" 2>&1
   show "$WORK/mimo/mamba3_mimo.md" "$WORK/mimo.txt" 12; pack
 }
+# the GPU tests of the files $2... -> $WORK/$1 (the summary's last lines), shown and packed
+gpu_tests() {
+  local out=$WORK/$1
+  shift
+  budgeted 150 60 python -m pytest -q -m gpu "$@" -p no:cacheprovider -rfE 2>&1 \
+    | grep -v Warning | tail -10 > "$out"
+  tail -3 "$out"; pack
+}
+# one process of train_throughput.py (no profile): $1 the run's folder under $WORK, $2 its
+# HYBRIDKIT_KERNELS, $3 the case, $4 timed steps, $5 the seconds it needs left
+train_case() {
+  mkdir -p "$WORK/$1"
+  HYBRIDKIT_KERNELS=$2 budgeted 150 "$5" python benchmarks/train_throughput.py \
+    --out "$WORK/$1" --no-profile --steps "$4" --cases "$3" > "$WORK/$1.txt" 2>&1
+  show "$WORK/$1/train_throughput.md" "$WORK/$1.txt" 4; pack
+}
 # HYBRIDKIT_KERNELS for a setting name ("defaults": none)
 kernels_of() { [ "$1" = defaults ] || echo "$1"; }
 if [ "${1:-rest}" = chunk ]; then
@@ -183,20 +199,14 @@ elif [ "$1" = train ]; then
     for side in default setting; do
       kernels=""
       [ "$side" = setting ] && kernels=$SETTING
-      mkdir -p "$WORK/train_$side/$case"
-      HYBRIDKIT_KERNELS=$kernels budgeted 150 90 python benchmarks/train_throughput.py \
-        --out "$WORK/train_$side/$case" --no-profile --steps 6 --cases "$case" \
-        > "$WORK/train_${side}_$case.txt" 2>&1
       echo "$side $kernels"
-      show "$WORK/train_$side/$case/train_throughput.md" "$WORK/train_${side}_$case.txt" 4; pack
+      train_case "train_$side/$case" "$kernels" "$case" 6 90
     done
   done
 elif [ "$1" = ab ]; then
   : "${LAUNCH:?set LAUNCH, the --launch spec to time against the defaults}"
   # shellcheck disable=SC2086  # TESTS is a list of files
-  budgeted 150 60 python -m pytest -q -m gpu ${TESTS:?set TESTS, the GPU test files} \
-    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -10 > "$WORK/ab_tests.txt"
-  tail -3 "$WORK/ab_tests.txt"; pack
+  gpu_tests ab_tests.txt ${TESTS:?set TESTS, the GPU test files}
   if all_passed "$WORK/ab_tests.txt"; then
     i=0
     for side in on off on; do
@@ -230,10 +240,7 @@ elif [ "$1" = measure ] || [ "$1" = targets ]; then
     --steps 6 --cases hybrid_compiled,hybrid_mimo_compiled > "$WORK/train.txt" 2>&1
   show "$WORK/train/train_throughput.md" "$WORK/train.txt" 14; pack
 elif [ "$1" = fold ]; then
-  budgeted 150 60 python -m pytest -q -m gpu tests/test_fold_norm_weight.py \
-    tests/test_swiglu_kernels.py -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -10 \
-    > "$WORK/fold_tests.txt"
-  tail -3 "$WORK/fold_tests.txt"; pack
+  gpu_tests fold_tests.txt tests/test_fold_norm_weight.py tests/test_swiglu_kernels.py
   if all_passed "$WORK/fold_tests.txt"; then
     i=0
     for run in ${RUNS:-on swiglu on}; do
@@ -241,18 +248,12 @@ elif [ "$1" = fold ]; then
       kernels="" cases=hybrid_compiled
       [ "$run" = off ] && kernels=fold_norm_weight=0
       [ "$run" = swiglu ] && cases=hybrid_compiled_torch_swiglu
-      mkdir -p "$WORK/fold_$run$i"
-      HYBRIDKIT_KERNELS=$kernels budgeted 150 80 python benchmarks/train_throughput.py \
-        --out "$WORK/fold_$run$i" --no-profile --steps 8 --cases "$cases" \
-        > "$WORK/fold_$run$i.txt" 2>&1
       echo "$run ($i) $kernels $cases"
-      show "$WORK/fold_$run$i/train_throughput.md" "$WORK/fold_$run$i.txt" 4; pack
+      train_case "fold_$run$i" "$kernels" "$cases" 8 80
     done
   fi
 elif [ "$1" = split ]; then
-  budgeted 150 60 python -m pytest -q -m gpu tests/test_linear_kernels.py tests/test_pdl.py \
-    -p no:cacheprovider -rfE 2>&1 | grep -v Warning | tail -10 > "$WORK/split_tests.txt"
-  tail -3 "$WORK/split_tests.txt"; pack
+  gpu_tests split_tests.txt tests/test_linear_kernels.py tests/test_pdl.py
   if all_passed "$WORK/split_tests.txt"; then
     mkdir -p "$WORK/split_linear"
     budgeted 90 40 python benchmarks/skinny_linear.py --rows 16 \

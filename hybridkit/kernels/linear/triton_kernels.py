@@ -401,17 +401,13 @@ class _SplitWorkspace:
 _WORKSPACE = _SplitWorkspace()
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (the interpreter: an H100's 132)."""
+    """Streaming multiprocessors of ``device`` (the interpreter: an H100's 132); cached, since
+    every eager 16-row call asks."""
     if device.type != "cuda":
         return 132
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    # asked on every eager 16-row call: the property query is host work
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _rows_aligned(weight: torch.Tensor) -> bool:
