@@ -85,6 +85,13 @@
 #   fp32 and bf16 states, 128 new tokens, the bf16 state's drift over 1,000 tokens, and the
 #   one-layer step) -> decode/; 2. then what PART "measure" does (MIMO scan -> mimo/, the
 #   compiled SISO and MIMO models -> train/). About 6 minutes in all.
+# PART "loss" (#17: the fused cross-entropy's chunk kernels, loss_kernels, new 2026-12-07 evening):
+#   1. the GPU tests of tests/test_loss_kernels.py and tests/test_loss.py -> loss_tests.txt; 2.
+#   only if they pass, benchmarks/loss.py (chunk level and whole loss) -> loss/; 3. the eager
+#   400M hybrid (train_throughput.py hybrid_eager, 6 timed steps, no profile) with the kernels
+#   (the default), with loss_kernels=0, with the kernels again, each in its own process ->
+#   loss_eager_<run><i>/; 4. the compiled one (hybrid_compiled) at the default (the traced
+#   Function) and with loss_op=1 (the op pair, now running the kernels) -> loss_compiled_<run>/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -94,9 +101,9 @@
 set -u
 case "${1:-rest}" in
   chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | fold | split | targets \
-    | rest) ;;
+    | loss | rest) ;;
   *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, ab," \
-    "measure, fold, split, targets, rest" >&2
+    "measure, fold, split, targets, loss, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -274,6 +281,27 @@ elif [ "$1" = split ]; then
         --out "$WORK/split_$run$i/decode" > "$WORK/split_$run$i.txt" 2>&1
       echo "$run ($i) $kernels ${launch[*]}"
       show "$WORK/split_$run$i/decode.md" "$WORK/split_$run$i.txt" 6; pack
+    done
+  fi
+elif [ "$1" = loss ]; then
+  gpu_tests loss_tests.txt tests/test_loss_kernels.py tests/test_loss.py
+  if all_passed "$WORK/loss_tests.txt"; then
+    mkdir -p "$WORK/loss"
+    budgeted 120 60 python benchmarks/loss.py --out "$WORK/loss/loss" > "$WORK/loss.txt" 2>&1
+    show "$WORK/loss/loss.md" "$WORK/loss.txt" 24; pack
+    i=0
+    for run in ${RUNS:-on off on}; do
+      i=$((i + 1))
+      kernels=""
+      [ "$run" = off ] && kernels=loss_kernels=0
+      echo "eager $run ($i) $kernels"
+      train_case "loss_eager_$run$i" "$kernels" hybrid_eager 6 70
+    done
+    for run in traced ops; do
+      kernels=""
+      [ "$run" = ops ] && kernels=loss_op=1
+      echo "compiled $run $kernels"
+      train_case "loss_compiled_$run" "$kernels" hybrid_compiled 6 80
     done
   fi
 else

@@ -216,11 +216,15 @@ def test_custom_ops_pass_opcheck():
         t.detach().float().requires_grad_() if t.is_floating_point() else t for t in _inputs()
     )
     torch.library.opcheck(
-        torch.ops.hybridkit.linear_ce_fwd.default, (hidden, weight, targets, 16, -100, 0.1)
+        torch.ops.hybridkit.linear_ce_fwd.default,
+        (hidden, weight, targets, 16, -100, 0.1, "torch"),
     )
-    total, lse = torch.ops.hybridkit.linear_ce_fwd(hidden, weight, targets, 16, -100, 0.1)
+    total, lse = torch.ops.hybridkit.linear_ce_fwd(hidden, weight, targets, 16, -100, 0.1, "torch")
     assert total.requires_grad and not lse.requires_grad  # lse only feeds the backward
-    args = (torch.ones(()), hidden.detach(), weight.detach(), targets, lse.detach(), 16, -100, 0.1)
+    args = (
+        torch.ones(()), hidden.detach(), weight.detach(), targets, lse.detach(), 16, -100, 0.1,
+        "torch",
+    )  # fmt: skip
     torch.library.opcheck(torch.ops.hybridkit.linear_ce_bwd.default, args)
 
 

@@ -89,6 +89,12 @@ Fields (defaults in :class:`KernelConfig`):
   inside an opaque op the chunk's element-wise work runs as separate ATen kernels that Inductor
   would fuse (``benchmarks/results/compile_ops_h100.md``). On saves memory where the saved
   buffers matter (a lone head: ``tests/test_loss.py``'s GPU test);
+* ``loss_kernels``: the fused cross-entropy's per-chunk element-wise work (log-sum-exp and
+  loss forward, the softmax gradient backward) through two Triton kernels on CUDA
+  (``hybridkit/kernels/loss/triton_kernels.py``: one pass over a chunk's logits each way, the
+  gradient written in place in their dtype) instead of ATen ops over a float32 copy of the
+  chunk; eager and inside the ``loss_op`` custom ops (the traced Function leaves it to
+  Inductor); on;
 * ``scored_rows``: training sends only the positions a task scores (targets other than the
   ignore index) through the final norm, the head and the loss, when they are at most half of
   the batch (``hybridkit.kernels.loss.scored_rows``): the synthetic tasks score a few answer
@@ -176,6 +182,7 @@ class KernelConfig:
     attention_step: bool = True
     mimo_output: bool = True
     loss_op: bool = False
+    loss_kernels: bool = True
     scored_rows: bool = True
     fold_norm_weight: bool = True
 
@@ -392,6 +399,13 @@ def loss_op_enabled() -> bool:
     """``current_config().loss_op``, a trace-time constant under ``torch.compile`` (the loss is
     traced on every compiled step, like the MIMO output above)."""
     return current_config().loss_op
+
+
+@trace_constant
+def loss_kernels_enabled() -> bool:
+    """``current_config().loss_kernels``, a trace-time constant under ``torch.compile`` (read
+    where the loss resolves its backend, inside the compiled step with ``loss_op``)."""
+    return current_config().loss_kernels
 
 
 @trace_constant

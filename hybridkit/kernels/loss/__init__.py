@@ -14,6 +14,13 @@ Numerics match ``F.cross_entropy((hidden @ weight.T).float(), ...)`` with ``redu
 (``ignore_index`` rows contribute nothing; ``label_smoothing`` as torch defines it); the
 precision of the logits is the caller's: under CUDA autocast the chunks are computed in the
 autocast dtype, exactly as ``lm_head`` would have produced them.
+
+``backend`` decides who does each chunk's element-wise work between its matmuls: ``torch``
+(ATen ops over a float32 copy of the chunk, or, traced by ``torch.compile``, an expression
+Inductor fuses), ``triton`` (:mod:`.triton_kernels`: one pass over the chunk's logits forward,
+one in place backward), or ``auto``: ``triton`` for CUDA tensors in eager mode and inside the
+``loss_op`` custom ops (unless the kernel setting ``loss_kernels`` is off), ``torch`` on the CPU,
+for float64 and where the Function is traced.
 """
 
 from __future__ import annotations
@@ -22,9 +29,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybridkit.kernels.config import loss_op_enabled
+from hybridkit.compat import HAVE_TRITON, interpreting, trace_constant
+from hybridkit.kernels.config import loss_kernels_enabled, loss_op_enabled
 
-__all__ = ["cross_entropy_sum", "linear_cross_entropy", "scored_rows"]
+__all__ = [
+    "BACKENDS",
+    "cross_entropy_sum",
+    "linear_cross_entropy",
+    "resolve_backend",
+    "scored_rows",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@trace_constant
+def _interpreting() -> bool:
+    """:func:`interpreting`, a trace-time constant under ``torch.compile``."""
+    return interpreting()
+
+
+def resolve_backend(backend: str, hidden: Tensor, dtype: torch.dtype) -> str:
+    """The backend that runs for ``backend`` on ``hidden`` with logits of ``dtype`` (module
+    docstring); ``triton`` where Triton cannot run is an error, not a silent fallback."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown loss backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    runs = HAVE_TRITON and (hidden.is_cuda or _interpreting()) and dtype != torch.float64
+    if backend == "auto":
+        return "triton" if runs and hidden.is_cuda and loss_kernels_enabled() else "torch"
+    if backend == "triton" and not runs:
+        raise ValueError(
+            "loss backend 'triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1) and "
+            f"logits other than float64; got {hidden.device.type} / {dtype}"
+        )
+    return backend
 
 
 def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -36,9 +74,16 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 
 def _chunk_stats(
-    logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (loss, log-sum-exp, valid mask) of one chunk's logits, in float32 (or float64)."""
+    logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, log-sum-exp) of one chunk's logits, in float32 (or float64)."""
+    if backend == "triton":
+        from hybridkit.kernels.loss.triton_kernels import ce_forward
+
+        loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(loss)
+        ce_forward(logits, targets, loss, lse, ignore_index, smoothing)
+        return loss, lse
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     lf = logits.to(acc)
     lse = torch.logsumexp(lf, dim=-1)
@@ -48,7 +93,7 @@ def _chunk_stats(
     loss = lse - target_logit
     if smoothing:
         loss = (1.0 - smoothing) * loss + smoothing * (lse - lf.mean(dim=-1))
-    return torch.where(valid, loss, torch.zeros_like(loss)), lse, valid
+    return torch.where(valid, loss, torch.zeros_like(loss)), lse
 
 
 def _forward_impl(
@@ -58,16 +103,57 @@ def _forward_impl(
     chunk_tokens: int,
     ignore_index: int,
     smoothing: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """The summed loss and every row's float32 (float64) log-sum-exp, chunk by chunk."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     total = hidden.new_zeros((), dtype=acc)
     lses = []
     for h_c, t_c in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        loss, lse, _ = _chunk_stats(h_c @ weight.t(), t_c, ignore_index, smoothing)
+        loss, lse = _chunk_stats(h_c @ weight.t(), t_c, ignore_index, smoothing, backend)
         total = total + loss.sum()
         lses.append(lse)
     return total, torch.cat(lses)  # split() gives one (empty) chunk even for no rows
+
+
+def _chunk_grad(
+    logits: Tensor,
+    t_c: Tensor,
+    lse_c: Tensor,
+    scale: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    backend: str,
+) -> Tensor:
+    """d loss / d logits of one chunk = scale * (softmax - (1 - s) onehot(target) - s / V),
+    zero on ignored rows, in the logits' dtype (``logits`` may be overwritten)."""
+    if backend == "triton":  # in place, one pass
+        from hybridkit.kernels.loss.triton_kernels import ce_backward_
+
+        return ce_backward_(logits, t_c, lse_c, scale.reshape(1), ignore_index, smoothing)
+    vocab, acc = logits.shape[1], lse_c.dtype
+    valid = t_c != ignore_index
+    safe = torch.where(valid, t_c, torch.zeros_like(t_c))
+    row_scale = (valid.to(acc) * scale)[:, None]
+    if torch.compiler.is_compiling():
+        # one element-wise expression: Inductor fuses it into one pass from the logits to
+        # the gradient in the matmul dtype. The eager form's in-place scatter_add_ is a
+        # mutation it does not fuse, so the float32 gradient was written and read back
+        # (two 786 MB passes per 4,096-token chunk of a 32k vocabulary,
+        # benchmarks/results/train_kernels_h100.md)
+        cols = torch.arange(vocab, device=logits.device)
+        onehot = torch.where(cols[None, :] == safe[:, None], smoothing - 1.0, 0.0)
+        grad = torch.exp(logits.to(acc) - lse_c[:, None]) + onehot.to(acc)
+        if smoothing:
+            grad = grad - smoothing / vocab
+        return (grad * row_scale).to(logits.dtype)
+    # in place in one float32 chunk buffer: no temporaries of its size
+    grad = logits.to(acc)
+    grad.sub_(lse_c[:, None]).exp_()
+    grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], smoothing - 1.0))
+    if smoothing:
+        grad.sub_(smoothing / vocab)
+    return grad.mul_(row_scale).to(logits.dtype)
 
 
 def _backward_impl(
@@ -79,9 +165,10 @@ def _backward_impl(
     chunk_tokens: int,
     ignore_index: int,
     smoothing: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Both gradients, recomputing each chunk's logits (the module docstring)."""
-    vocab, acc = weight.shape[0], lse.dtype
+    acc = lse.dtype
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     scale = grad_total.to(acc)
@@ -92,30 +179,7 @@ def _backward_impl(
         grad_hidden.split(chunk_tokens),
     )
     for h_c, t_c, lse_c, gh_c in rows:
-        # d loss / d logits = softmax - (1 - s) onehot(target) - s / V, zero on ignored rows
-        valid = t_c != ignore_index
-        safe = torch.where(valid, t_c, torch.zeros_like(t_c))
-        row_scale = (valid.to(acc) * scale)[:, None]
-        logits = h_c @ weight.t()
-        if torch.compiler.is_compiling():
-            # one element-wise expression: Inductor fuses it into one pass from the logits to
-            # the gradient in the matmul dtype. The eager form's in-place scatter_add_ is a
-            # mutation it does not fuse, so the float32 gradient was written and read back
-            # (two 786 MB passes per 4,096-token chunk of a 32k vocabulary,
-            # benchmarks/results/train_kernels_h100.md)
-            cols = torch.arange(vocab, device=logits.device)
-            onehot = torch.where(cols[None, :] == safe[:, None], smoothing - 1.0, 0.0)
-            grad = torch.exp(logits.to(acc) - lse_c[:, None]) + onehot.to(acc)
-            if smoothing:
-                grad = grad - smoothing / vocab
-            grad = (grad * row_scale).to(hidden.dtype)
-        else:  # in place in one float32 chunk buffer: no temporaries of its size
-            grad = logits.to(acc)
-            grad.sub_(lse_c[:, None]).exp_()
-            grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], smoothing - 1.0))
-            if smoothing:
-                grad.sub_(smoothing / vocab)
-            grad = grad.mul_(row_scale).to(hidden.dtype)
+        grad = _chunk_grad(h_c @ weight.t(), t_c, lse_c, scale, ignore_index, smoothing, backend)
         gh_c.copy_(grad @ weight)
         grad_weight += (grad.t() @ h_c).to(acc)
     return grad_hidden, grad_weight.to(weight.dtype)
@@ -123,16 +187,16 @@ def _backward_impl(
 
 def _save(ctx, inputs: tuple, lse: Tensor) -> None:
     """What both the eager Function and the compiled op pair keep for the backward."""
-    hidden, weight, targets, chunk_tokens, ignore_index, smoothing = inputs
+    hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend = inputs
     ctx.save_for_backward(hidden, weight, targets, lse)
-    ctx.settings = (chunk_tokens, ignore_index, smoothing)
+    ctx.settings = (chunk_tokens, ignore_index, smoothing, backend)
 
 
 def _grads(ctx, grad_total: Tensor, backward) -> tuple:
     """The autograd return of both paths: ``backward`` is :func:`_backward_impl` or its op."""
     hidden, weight, targets, lse = ctx.saved_tensors
     grad_hidden, grad_weight = backward(grad_total, hidden, weight, targets, lse, *ctx.settings)
-    return grad_hidden, grad_weight, None, None, None, None
+    return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -143,9 +207,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
-        total, lse = _forward_impl(hidden, weight, targets, chunk_tokens, ignore_index, smoothing)
-        _save(ctx, (hidden, weight, targets, chunk_tokens, ignore_index, smoothing), lse)
+    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend):
+        args = (hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend)
+        total, lse = _forward_impl(*args)
+        _save(ctx, args, lse)
         return total
 
     @staticmethod
@@ -163,7 +228,7 @@ _fwd_op = torch.library.custom_op("hybridkit::linear_ce_fwd", _forward_impl, mut
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
+def _(hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return hidden.new_empty((), dtype=acc), hidden.new_empty((hidden.shape[0],), dtype=acc)
 
@@ -172,7 +237,7 @@ _bwd_op = torch.library.custom_op("hybridkit::linear_ce_bwd", _backward_impl, mu
 
 
 @_bwd_op.register_fake
-def _(grad_total, hidden, weight, targets, lse, chunk_tokens, ignore_index, smoothing):
+def _(grad_total, hidden, weight, targets, lse, chunk_tokens, ignore_index, smoothing, backend):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
@@ -196,19 +261,27 @@ def linear_cross_entropy(
     chunk_tokens: int,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    backend: str = "auto",
 ) -> Tensor:
     """Summed cross-entropy of the logits ``hidden @ weight.T`` (never materialised in full).
 
     ``hidden`` (..., D), ``weight`` (V, D), ``targets`` (...) integer; returns a float32 scalar
     (float64 for float64 inputs), the sum over rows whose target is not ``ignore_index``.
-    Eager: an autograd.Function; under ``torch.compile``: the same code as a pair of opaque
-    custom ops (``fullgraph`` holds), so the compiled graph cannot keep the chunks' logits.
+    Eager: an autograd.Function; under ``torch.compile``: that Function traced into the graph
+    (its chunks' element-wise work then always in torch, for Inductor to fuse), or with the
+    kernel setting ``loss_op`` the same code as a pair of opaque custom ops (``fullgraph``
+    holds), so the compiled graph cannot keep the chunks' logits. ``backend``: the module
+    docstring.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     dtype = _matmul_dtype(hidden, weight)
+    backend = resolve_backend(backend, hidden, dtype)
+    ops = torch.compiler.is_compiling() and loss_op_enabled()
+    if torch.compiler.is_compiling() and not ops:
+        backend = "torch"  # traced: Inductor fuses the torch expression
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     device_type = hidden.device.type
     # the Function casts explicitly; autocast inside it would only re-cast the same tensors
@@ -219,9 +292,10 @@ def linear_cross_entropy(
         int(chunk_tokens),
         int(ignore_index),
         float(label_smoothing),
+        backend,
     )
     with torch.autocast(device_type, enabled=False):
-        if torch.compiler.is_compiling() and loss_op_enabled():
+        if ops:
             return torch.ops.hybridkit.linear_ce_fwd(*args)[0]
         return _LinearCrossEntropy.apply(*args)
 
