@@ -91,7 +91,9 @@
 #   400M hybrid (train_throughput.py hybrid_eager, 6 timed steps, no profile) with the kernels
 #   (the default), with loss_kernels=0, with the kernels again, each in its own process ->
 #   loss_eager_<run><i>/; 4. the compiled one (hybrid_compiled) at the default (the traced
-#   Function) and with loss_op=1 (the op pair, now running the kernels) -> loss_compiled_<run>/.
+#   Function) and with loss_op=1 (the custom op, now running the kernels) -> loss_compiled_<run>/.
+#   Ran at commit 75dfc5a (benchmarks/results/loss_kernels_h100.md), then again when the forward
+#   began to form the gradients (no recomputed head matmul).
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;

@@ -7,8 +7,9 @@ Two levels, each checked against the ATen path before it is timed:
 * one chunk's element-wise work alone (forward: log-sum-exp and loss from the bf16 logits;
   backward: the softmax gradient from them), against its byte floor at the copy bandwidth
   measured in the same run;
-* the whole loss, forward and forward + backward (both head matmuls and the recomputed one
-  included): ATen eager, ours eager, Inductor (traced Function), and the op pair with ours.
+* the whole loss, forward and forward + backward: ATen eager, ours eager, Inductor (traced
+  Function), and the custom op (``loss_op``) with ours. Since 2026-12-07 the forward forms both
+  gradients (its head matmul and the two gradient matmuls), and the backward only scales them.
 
     python benchmarks/loss.py --out benchmarks/results/loss_kernels_h100
 """
@@ -126,12 +127,12 @@ def main() -> None:
         lines.append(f"| {r['case']} | " + " | ".join(_cell(r[c]) for c in chunk_cols) + " |")
     lines += [
         "",
-        "The whole loss (head matmuls included; f+b includes the forward): ATen eager, ours "
-        "eager, the compiled default (the Function traced, Inductor's fusion) and the compiled "
-        "op pair (`loss_op`) running ours:",
+        "The whole loss (head matmuls included; the forward forms the gradients, f+b adds their "
+        "scaling): ATen eager, ours eager, the compiled default (the Function traced, Inductor's "
+        "fusion) and the compiled custom op (`loss_op`) running ours:",
         "",
-        "| case | torch fwd | ours fwd | inductor fwd | op pair fwd | torch f+b | ours f+b "
-        "| inductor f+b | op pair f+b |",
+        "| case | torch fwd | ours fwd | inductor fwd | op fwd | torch f+b | ours f+b "
+        "| inductor f+b | op f+b |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     names = ("torch", "ours", "inductor", "ops_ours")

@@ -56,6 +56,30 @@ def test_ignored_rows_get_no_gradient_and_all_ignored_gives_zero():
     assert zero.item() == 0.0
 
 
+def test_forward_without_gradients_skips_them_and_a_frozen_head_gets_none(monkeypatch):
+    """The forward forms the gradients only where they are needed: not under ``no_grad`` (the
+    gradient function is never called), only the hidden one for a frozen head."""
+    from hybridkit.kernels import loss as loss_mod
+
+    hidden, weight, targets = _inputs()
+    ref = _reference(hidden, weight, targets).item()
+    real = loss_mod._chunk_grad
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("gradient formed without need")
+
+    monkeypatch.setattr(loss_mod, "_chunk_grad", refuse)
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, targets, chunk_tokens=8)
+    assert abs(got.item() - ref) < 1e-10 * abs(ref)
+    monkeypatch.setattr(loss_mod, "_chunk_grad", real)
+    frozen = weight.detach()
+    loss = linear_cross_entropy(hidden, frozen, targets, chunk_tokens=8)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    (want,) = torch.autograd.grad(_reference(hidden, frozen, targets), hidden)
+    assert rel_err(grad, want) < 1e-12
+
+
 def test_tied_embedding_gradients_add_up():
     """A tied head: the weight gets the embedding's gradient plus the head's, as with logits."""
     vocab, dim = 23, 6
@@ -154,10 +178,11 @@ def _saved_between_passes(fn, *args) -> list[tuple[int, ...]]:
 
 @pytest.mark.parametrize("loss_op", [True, False])
 def test_compiled_loss_saves_no_logits_for_the_backward(loss_op):
-    """Traced as an autograd.Function (``loss_op=0``, the default: faster in the compiled 400M
-    step), the backward's recomputed chunk matmul is merged with the forward's and every chunk's
-    (rows x vocab) float32 buffer is saved between the passes: the full logits. With the op pair
-    (``loss_op=1``) only the inputs and one log-sum-exp per row are saved."""
+    """Traced as an autograd.Function (``loss_op=0``, the default) or as the custom op, the
+    forward forms both gradients while it has each chunk's logits, so only those two are saved
+    between the passes: no (rows x vocab) buffer. (When the backward recomputed the logits, the
+    traced Function's recompute merged with the forward's matmul and every chunk's float32
+    buffer was saved: the full logits after all.)"""
     from hybridkit.kernels.config import kernel_config
 
     tokens, vocab, chunk = 64, 100, 16
@@ -171,19 +196,15 @@ def test_compiled_loss_saves_no_logits_for_the_backward(loss_op):
             weight,
             targets,
         )
-    chunk_buffers = [s for s in saved if s == (chunk, vocab)]
-    if loss_op:
-        assert saved and not chunk_buffers, saved
-        assert sum(math.prod(s) for s in saved) <= tokens * 16 + vocab * 16 + 2 * tokens + 1
-    else:  # how many the partitioner keeps is its business; that it keeps some is the bug
-        assert chunk_buffers, saved
+    assert saved and not [s for s in saved if s == (chunk, vocab)], saved
+    assert sum(math.prod(s) for s in saved) <= tokens * 16 + vocab * 16 + 2 * tokens + 1
 
 
 @pytest.mark.slow
-def test_compiled_backward_builds_each_chunk_gradient_in_one_pass():
+def test_compiled_loss_builds_each_chunk_gradient_in_one_pass():
     """Under Inductor the softmax gradient is one element-wise expression (the one-hot a
     comparison, not the eager path's in-place ``scatter_add_``), fused from the logits to the
-    gradient in the matmul dtype: no float32 (chunk x vocab) buffer in the backward's code.
+    gradient in the matmul dtype: no float32 (chunk x vocab) buffer in the compiled code.
     With the scatter it was written in float32 and read back to cast it, two full passes per
     chunk on the GPU (benchmarks/results/train_kernels_h100.md). Values: test above."""
     import re
@@ -205,27 +226,25 @@ def test_compiled_backward_builds_each_chunk_gradient_in_one_pass():
 
     _, codes = run_and_get_code(run)
     torch._dynamo.reset()
-    backward = codes[-1]
-    fp32_chunks = re.findall(rf"\(\({chunk}, {vocab}\), \({vocab}, 1\)\), torch\.float32", backward)
-    assert "scatter" not in backward and not fp32_chunks, backward
+    for code in codes:
+        fp32_chunks = re.findall(rf"\(\({chunk}, {vocab}\), \({vocab}, 1\)\), torch\.float32", code)
+        assert "scatter" not in code and not fp32_chunks, code
 
 
 def test_custom_ops_pass_opcheck():
-    """Schemas, fake impls and the autograd registration of the compiled path's op pair."""
+    """Schema, fake impl and autograd registration of the compiled path's op, with and without
+    the gradients it forms (a frozen head needs only the hidden one)."""
     hidden, weight, targets = (
         t.detach().float().requires_grad_() if t.is_floating_point() else t for t in _inputs()
     )
-    torch.library.opcheck(
-        torch.ops.hybridkit.linear_ce_fwd.default,
-        (hidden, weight, targets, 16, -100, 0.1, "torch"),
+    for need in ((True, True), (True, False), (False, False)):
+        args = (hidden, weight, targets, 16, -100, 0.1, "torch", *need)
+        torch.library.opcheck(torch.ops.hybridkit.linear_ce_fwd.default, args)
+    total, grad_hidden, grad_weight = torch.ops.hybridkit.linear_ce_fwd(
+        hidden, weight, targets, 16, -100, 0.1, "torch", True, True
     )
-    total, lse = torch.ops.hybridkit.linear_ce_fwd(hidden, weight, targets, 16, -100, 0.1, "torch")
-    assert total.requires_grad and not lse.requires_grad  # lse only feeds the backward
-    args = (
-        torch.ones(()), hidden.detach(), weight.detach(), targets, lse.detach(), 16, -100, 0.1,
-        "torch",
-    )  # fmt: skip
-    torch.library.opcheck(torch.ops.hybridkit.linear_ce_bwd.default, args)
+    assert total.requires_grad and not grad_hidden.requires_grad and not grad_weight.requires_grad
+    assert grad_hidden.shape == hidden.shape and grad_weight.shape == weight.shape
 
 
 def test_model_training_path_matches_logits_then_cross_entropy():

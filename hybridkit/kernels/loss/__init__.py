@@ -5,10 +5,14 @@ fp32 copy (2 GB) and the fp32 gradient of the logits (2 GB) alive around the bac
 most of the difference between the measured 33 GB and the 35 GB target, and their reads and
 writes are pure memory traffic. :func:`linear_cross_entropy` computes the same loss from the
 final hidden states and the head weight, ``chunk_tokens`` rows at a time: each chunk's logits
-live only inside the chunk (in the matmul dtype, their log-sum-exp in float32), the forward
-keeps one float32 log-sum-exp per token, and the backward recomputes each chunk's logits to
-form ``softmax - target`` and both gradients (hidden and weight). The recompute costs one extra
-head matmul (about 1% of a step at the 400M hybrid's sizes) for gigabytes of memory.
+live only inside the chunk (in the matmul dtype, their log-sum-exp in float32), and while they
+exist the forward also forms the chunk's ``softmax - target`` and adds its products with the
+weight and the hidden rows to the two gradients of the summed loss. The backward scales those
+by the incoming gradient: no head matmul is recomputed and no (tokens x vocab) tensor outlives
+its chunk. (Until 2026-12-07 the backward recomputed each chunk's logits, one extra head
+matmul; under ``torch.compile`` that recompute merged with the forward's matmul and the chunks'
+buffers were saved between the passes instead.) A forward without gradients (``no_grad``, or
+inputs that do not require them) skips the gradient work.
 
 Numerics match ``F.cross_entropy((hidden @ weight.T).float(), ...)`` with ``reduction="sum"``
 (``ignore_index`` rows contribute nothing; ``label_smoothing`` as torch defines it); the
@@ -96,26 +100,6 @@ def _chunk_stats(
     return torch.where(valid, loss, torch.zeros_like(loss)), lse
 
 
-def _forward_impl(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    chunk_tokens: int,
-    ignore_index: int,
-    smoothing: float,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """The summed loss and every row's float32 (float64) log-sum-exp, chunk by chunk."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    total = hidden.new_zeros((), dtype=acc)
-    lses = []
-    for h_c, t_c in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        loss, lse = _chunk_stats(h_c @ weight.t(), t_c, ignore_index, smoothing, backend)
-        total = total + loss.sum()
-        lses.append(lse)
-    return total, torch.cat(lses)  # split() gives one (empty) chunk even for no rows
-
-
 def _chunk_grad(
     logits: Tensor,
     t_c: Tensor,
@@ -156,98 +140,110 @@ def _chunk_grad(
     return grad.mul_(row_scale).to(logits.dtype)
 
 
-def _backward_impl(
-    grad_total: Tensor,
+def _forward_impl(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    lse: Tensor,
     chunk_tokens: int,
     ignore_index: int,
     smoothing: float,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Both gradients, recomputing each chunk's logits (the module docstring)."""
-    acc = lse.dtype
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    scale = grad_total.to(acc)
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The summed loss and the gradients of that sum with respect to ``hidden`` (in its dtype)
+    and ``weight`` (float32, float64 for float64), chunk by chunk; a gradient not needed is an
+    empty tensor. Why the gradients here: the loss is the graph's last node, so its backward
+    always runs with the logits the forward just had, and each chunk's gradient needs nothing
+    but them and the chunk's log-sum-exp. Formed while the logits exist, there is no second head
+    matmul to recompute them and nothing of (tokens x vocab) size outlives its chunk; the
+    backward only scales the two sums by the incoming gradient."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    total = hidden.new_zeros((), dtype=acc)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    if need_weight:
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    else:
+        grad_weight = weight.new_empty(0, dtype=acc)
+    one = hidden.new_ones((), dtype=acc)
     rows = zip(
         hidden.split(chunk_tokens),
         targets.split(chunk_tokens),
-        lse.split(chunk_tokens),
-        grad_hidden.split(chunk_tokens),
+        grad_hidden.split(chunk_tokens) if need_hidden else hidden.split(chunk_tokens),
     )
-    for h_c, t_c, lse_c, gh_c in rows:
-        grad = _chunk_grad(h_c @ weight.t(), t_c, lse_c, scale, ignore_index, smoothing, backend)
-        gh_c.copy_(grad @ weight)
-        grad_weight += (grad.t() @ h_c).to(acc)
-    return grad_hidden, grad_weight.to(weight.dtype)
+    for h_c, t_c, gh_c in rows:
+        logits = h_c @ weight.t()
+        loss, lse = _chunk_stats(logits, t_c, ignore_index, smoothing, backend)
+        total = total + loss.sum()
+        if need_hidden or need_weight:
+            grad = _chunk_grad(logits, t_c, lse, one, ignore_index, smoothing, backend)
+            if need_hidden:
+                gh_c.copy_(grad @ weight)
+            if need_weight:
+                grad_weight += (grad.t() @ h_c).to(acc)
+    return total, grad_hidden, grad_weight
 
 
-def _save(ctx, inputs: tuple, lse: Tensor) -> None:
-    """What both the eager Function and the compiled op pair keep for the backward."""
-    hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend = inputs
-    ctx.save_for_backward(hidden, weight, targets, lse)
-    ctx.settings = (chunk_tokens, ignore_index, smoothing, backend)
-
-
-def _grads(ctx, grad_total: Tensor, backward) -> tuple:
-    """The autograd return of both paths: ``backward`` is :func:`_backward_impl` or its op."""
-    hidden, weight, targets, lse = ctx.saved_tensors
-    grad_hidden, grad_weight = backward(grad_total, hidden, weight, targets, lse, *ctx.settings)
-    return grad_hidden, grad_weight, None, None, None, None, None
+def _scaled(grad_total: Tensor, grad: Tensor, dtype: torch.dtype, needed: bool) -> Tensor | None:
+    """``grad_total * grad`` in ``dtype`` (computed in ``grad``'s precision or float32)."""
+    if not needed:
+        return None
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    return (grad.to(acc) * grad_total.to(acc)).to(dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` computed chunk by chunk (module docstring).
 
-    ``hidden`` (T, D) and ``weight`` (V, D) arrive already in the matmul dtype, so forward and
-    backward run the same matmuls whether or not autocast is active when the backward runs.
+    ``hidden`` (T, D) and ``weight`` (V, D) arrive already in the matmul dtype, so the forward
+    runs the matmuls autocast would; it also forms both gradients (:func:`_forward_impl`).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend):
-        args = (hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend)
-        total, lse = _forward_impl(*args)
-        _save(ctx, args, lse)
+    def forward(
+        ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend, nh, nw
+    ):  # fmt: skip
+        total, grad_hidden, grad_weight = _forward_impl(
+            hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend, nh, nw
+        )
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.out = (hidden.dtype, weight.dtype, nh, nw)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        return _grads(ctx, grad_total, _backward_impl)
+        grad_hidden, grad_weight = ctx.saved_tensors
+        h_dtype, w_dtype, nh, nw = ctx.out
+        return (
+            _scaled(grad_total, grad_hidden, h_dtype, nh),
+            _scaled(grad_total, grad_weight, w_dtype, nw),
+            *([None] * 7),
+        )
 
 
-# Under torch.compile the Function above is traced into the joint graph, where the backward's
-# `h_c @ weight.t()` is the forward's own matmul: common-subexpression elimination merges them,
-# and the partitioner, which never recomputes a matmul, then saves every chunk's float32
-# (tokens x vocab) buffer from the forward for the backward -- the full logits after all (seen in
-# the partitioned graph on the CPU, tests/test_loss.py). As a pair of opaque custom ops the
-# chunks stay chunks: the backward recomputes them, as designed.
+# Under torch.compile the Function above is traced into the joint graph (the default), where
+# Inductor fuses each chunk's element-wise work in torch. With the kernel setting ``loss_op``
+# the same forward runs as one opaque custom op instead (the chunk kernels inside it, and a
+# graph that cannot reorganise the chunks); its outputs' gradients are plain torch products.
 _fwd_op = torch.library.custom_op("hybridkit::linear_ce_fwd", _forward_impl, mutates_args=())
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend):
+def _(hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend, nh, nw):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return hidden.new_empty((), dtype=acc), hidden.new_empty((hidden.shape[0],), dtype=acc)
-
-
-_bwd_op = torch.library.custom_op("hybridkit::linear_ce_bwd", _backward_impl, mutates_args=())
-
-
-@_bwd_op.register_fake
-def _(grad_total, hidden, weight, targets, lse, chunk_tokens, ignore_index, smoothing, backend):
-    return torch.empty_like(hidden), torch.empty_like(weight)
+    grad_hidden = torch.empty_like(hidden) if nh else hidden.new_empty(0)
+    grad_weight = torch.empty(weight.shape if nw else (0,), dtype=acc, device=weight.device)
+    return hidden.new_empty((), dtype=acc), grad_hidden, grad_weight
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.mark_non_differentiable(output[1])  # the log-sum-exps only feed the backward
-    _save(ctx, inputs, output[1])
+    ctx.mark_non_differentiable(output[1], output[2])  # the gradients only feed the backward
+    ctx.save_for_backward(output[1], output[2])
+    ctx.out = (inputs[0].dtype, inputs[1].dtype, inputs[7], inputs[8])
 
 
-def _backward(ctx, grad_total, _grad_lse):
-    return _grads(ctx, grad_total, torch.ops.hybridkit.linear_ce_bwd)
+def _backward(ctx, grad_total, _grad_hidden, _grad_weight):
+    return _LinearCrossEntropy.backward(ctx, grad_total)
 
 
 torch.library.register_autograd("hybridkit::linear_ce_fwd", _backward, setup_context=_setup_context)
@@ -293,6 +289,8 @@ def linear_cross_entropy(
         int(ignore_index),
         float(label_smoothing),
         backend,
+        torch.is_grad_enabled() and h.requires_grad,
+        torch.is_grad_enabled() and weight.requires_grad,
     )
     with torch.autocast(device_type, enabled=False):
         if ops:
