@@ -81,20 +81,21 @@ Fields (defaults in :class:`KernelConfig`):
   passed the GPU tests and took the compiled 400M MIMO model's step from 294.6 to 283.7 ms on
   the H100 (``benchmarks/results/train_mimo_output_h100.md``; at its first launch it had been
   about 2x slower than Inductor's fusion, ``mimo_output_h100.md``);
-* ``loss_op``: under ``torch.compile`` the fused chunked cross-entropy runs as a pair of opaque
-  custom ops (``hybridkit/kernels/loss.py``) instead of the autograd.Function traced into the
-  graph; off: traced, the backward's recomputed chunk matmul merges with the forward's and every
-  chunk's float32 (rows x vocab) gradient buffer is saved between the passes, yet on the H100
-  the compiled 400M step took 135.1 ms against 148.6 with the ops (peak memory 27.6 vs 27.3 GB):
-  inside an opaque op the chunk's element-wise work runs as separate ATen kernels that Inductor
-  would fuse (``benchmarks/results/compile_ops_h100.md``). On saves memory where the saved
-  buffers matter (a lone head: ``tests/test_loss.py``'s GPU test);
+* ``loss_op``: under ``torch.compile`` the fused chunked cross-entropy runs as an opaque custom
+  op (``hybridkit/kernels/loss``) instead of the autograd.Function traced into the graph; off:
+  on the H100 the compiled 400M step took 131.7 ms traced against 133.4 with the op (running
+  the ``loss_kernels``; 27.3 vs 26.7 GB peak memory, ``benchmarks/results/loss_kernels_h100.md``;
+  with ATen inside the op it had been 135.1 against 148.6, ``compile_ops_h100.md``). Both
+  measured while the backward still recomputed each chunk's logits, when the traced graph
+  saved the chunks' buffers between the passes (a lone head: ``tests/test_loss.py``'s GPU
+  test);
 * ``loss_kernels``: the fused cross-entropy's per-chunk element-wise work (log-sum-exp and
   loss forward, the softmax gradient backward) through two Triton kernels on CUDA
   (``hybridkit/kernels/loss/triton_kernels.py``: one pass over a chunk's logits each way, the
   gradient written in place in their dtype) instead of ATen ops over a float32 copy of the
-  chunk; eager and inside the ``loss_op`` custom ops (the traced Function leaves it to
-  Inductor); on;
+  chunk; eager and inside the ``loss_op`` custom op (the traced Function leaves it to
+  Inductor); on: the eager 400M step took 155.2 ms against 167.8 on the H100
+  (``benchmarks/results/loss_kernels_h100.md``);
 * ``scored_rows``: training sends only the positions a task scores (targets other than the
   ignore index) through the final norm, the head and the loss, when they are at most half of
   the batch (``hybridkit.kernels.loss.scored_rows``): the synthetic tasks score a few answer
