@@ -91,7 +91,8 @@
 #   400M hybrid (train_throughput.py hybrid_eager, 6 timed steps, no profile) with the kernels
 #   (the default), with loss_kernels=0, with the kernels again, each in its own process ->
 #   loss_eager_<run><i>/; 4. the compiled one (hybrid_compiled) at the default (the traced
-#   Function) and with loss_op=1 (the custom op, now running the kernels) -> loss_compiled_<run>/.
+#   Function) and with loss_op=1 (the custom op, now running the kernels) -> loss_compiled_<run>/
+#   (COMPILED_RUNS, default "traced ops", chooses).
 #   Ran at commit 75dfc5a (benchmarks/results/loss_kernels_h100.md), then again when the forward
 #   began to form the gradients (no recomputed head matmul).
 # PART "rest" (the default):
@@ -299,7 +300,7 @@ elif [ "$1" = loss ]; then
       echo "eager $run ($i) $kernels"
       train_case "loss_eager_$run$i" "$kernels" hybrid_eager 6 70
     done
-    for run in traced ops; do
+    for run in ${COMPILED_RUNS-traced ops}; do
       kernels=""
       [ "$run" = ops ] && kernels=loss_op=1
       echo "compiled $run $kernels"
