@@ -86,9 +86,9 @@ Fields (defaults in :class:`KernelConfig`):
   on the H100 the compiled 400M step took 131.7 ms traced against 133.4 with the op (running
   the ``loss_kernels``; 27.3 vs 26.7 GB peak memory, ``benchmarks/results/loss_kernels_h100.md``;
   with ATen inside the op it had been 135.1 against 148.6, ``compile_ops_h100.md``). Both
-  measured while the backward still recomputed each chunk's logits, when the traced graph
-  saved the chunks' buffers between the passes (a lone head: ``tests/test_loss.py``'s GPU
-  test);
+  were measured while the backward still recomputed each chunk's logits and the traced graph
+  saved the chunks' buffers between the passes; since the forward forms the gradients neither
+  path saves them (not yet timed on a GPU);
 * ``loss_kernels``: the fused cross-entropy's per-chunk element-wise work (log-sum-exp and
   loss forward, the softmax gradient backward) through two Triton kernels on CUDA
   (``hybridkit/kernels/loss/triton_kernels.py``: one pass over a chunk's logits each way, the
