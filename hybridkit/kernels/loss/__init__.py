@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from hybridkit.compat import HAVE_TRITON, interpreting, trace_constant
 from hybridkit.kernels.config import loss_kernels_enabled, loss_op_enabled
@@ -207,13 +208,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend, nh, nw
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.out = (hidden.dtype, weight.dtype, nh, nw)
+        ctx.grad_info = (hidden.dtype, weight.dtype, nh, nw)
         return total
 
     @staticmethod
+    @once_differentiable  # the saved gradients are constants: a second derivative is an error
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        h_dtype, w_dtype, nh, nw = ctx.out
+        h_dtype, w_dtype, nh, nw = ctx.grad_info
         return (
             _scaled(grad_total, grad_hidden, h_dtype, nh),
             _scaled(grad_total, grad_weight, w_dtype, nw),
@@ -239,7 +241,7 @@ def _(hidden, weight, targets, chunk_tokens, ignore_index, smoothing, backend, n
 def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1], output[2])  # the gradients only feed the backward
     ctx.save_for_backward(output[1], output[2])
-    ctx.out = (inputs[0].dtype, inputs[1].dtype, inputs[7], inputs[8])
+    ctx.grad_info = (inputs[0].dtype, inputs[1].dtype, inputs[7], inputs[8])
 
 
 def _backward(ctx, grad_total, _grad_hidden, _grad_weight):
