@@ -80,6 +80,17 @@ def test_forward_without_gradients_skips_them_and_a_frozen_head_gets_none(monkey
     assert rel_err(grad, want) < 1e-12
 
 
+def test_second_derivative_is_refused():
+    """The backward scales gradients the forward formed: constants to autograd, so a second
+    derivative through them would be silently wrong; ``once_differentiable`` makes it an
+    error instead."""
+    hidden, weight, targets = _inputs()
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens=8)
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_tied_embedding_gradients_add_up():
     """A tied head: the weight gets the embedding's gradient plus the head's, as with logits."""
     vocab, dim = 23, 6
