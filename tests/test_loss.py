@@ -83,11 +83,11 @@ def test_forward_without_gradients_skips_them_and_a_frozen_head_gets_none(monkey
 def test_second_derivative_is_refused():
     """The backward scales gradients the forward formed: constants to autograd, so a second
     derivative through them would be silently wrong; ``once_differentiable`` makes it an
-    error instead."""
+    error instead (the gradient carries no graph, or a delayed error where it does)."""
     hidden, weight, targets = _inputs()
     loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens=8)
     (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
         grad.sum().backward()
 
 
