@@ -90,7 +90,7 @@ Fields (defaults in :class:`KernelConfig`):
   saved the chunks' buffers between the passes; since the forward forms the gradients neither
   path saves them (not yet timed on a GPU);
 * ``loss_kernels``: the fused cross-entropy's per-chunk element-wise work (log-sum-exp and
-  loss forward, the softmax gradient backward) through two Triton kernels on CUDA
+  loss, and the softmax gradient the forward forms) through two Triton kernels on CUDA
   (``hybridkit/kernels/loss/triton_kernels.py``: one pass over a chunk's logits each way, the
   gradient written in place in their dtype) instead of ATen ops over a float32 copy of the
   chunk; eager and inside the ``loss_op`` custom op (the traced Function leaves it to

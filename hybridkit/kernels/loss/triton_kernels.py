@@ -1,20 +1,21 @@
 """Triton kernels of one chunk of the fused cross-entropy (:mod:`hybridkit.kernels.loss`).
 
-Why: between a chunk's two matmuls the loss is pure element-wise work over (rows x vocab)
-logits. As ATen ops in eager mode (and inside the ``loss_op`` custom ops) it took about ten
-kernels per chunk over a float32 copy of the logits: a cast, ``logsumexp`` (max, subtract,
-exp, sum, log), the target gather, and backward a subtract, an exp, a scatter, a multiply and a
-cast back, each a pass over 4 or 8 bytes per logit. Here the forward reads the bf16 logits
-once and writes two floats per row (loss, log-sum-exp); the backward reads them once and
+Why: between a chunk's matmuls the loss is pure element-wise work over (rows x vocab) logits.
+As ATen ops in eager mode (and inside the ``loss_op`` custom op) it took about ten kernels per
+chunk over a float32 copy of the logits: a cast, ``logsumexp`` (max, subtract, exp, sum, log),
+the target gather, and for the gradient a subtract, an exp, a scatter, a multiply and a cast
+back, each a pass over 4 or 8 bytes per logit. Here the loss kernel reads the bf16 logits once
+and writes two floats per row (loss, log-sum-exp); the gradient kernel reads them once and
 overwrites them with the gradient in their own dtype. Bytes per 4,096 x 32,000 chunk in bf16:
-262 MB forward, 524 MB backward.
+262 MB for the loss, 524 MB for the gradient.
 
-Numerics are the torch path's (``_chunk_stats`` and the eager backward in the package): float32
-arithmetic on the logits as stored, ``softmax - (1 - s) onehot(target) - s / V`` scaled by the
-loss's gradient and rounded once to the logits' dtype. The log-sum-exp is an online one (a
-running maximum and sum per lane, combined at the end), so it may differ from ``logsumexp`` in
-the last bits. A target outside ``[0, V)`` that is not the ignore index gives a NaN loss (torch
-raises there; a kernel cannot, and a NaN is what the trainer's non-finite check reports).
+Numerics are the torch path's (``_chunk_stats`` and ``_chunk_grad`` in the package): float32
+arithmetic on the logits as stored, ``softmax - (1 - s) onehot(target) - s / V`` times a scale
+(1 where the forward forms the gradient) and rounded once to the logits' dtype. The
+log-sum-exp is an online one (a running maximum and sum per lane, combined at the end), so it
+may differ from ``logsumexp`` in the last bits. A target outside ``[0, V)`` that is not the
+ignore index gives a NaN loss (torch raises there; a kernel cannot, and a NaN is what the
+trainer's non-finite check reports).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from hybridkit.compat import interpreting
 
-#: widest vocabulary tile of the forward's walk over a row and of a backward program; 8 warps
+#: widest vocabulary tile of the loss kernel's walk over a row and of a gradient program; 8 warps
 #: (16 bf16 logits per thread per tile)
 FWD_BLOCK = 4096
 BWD_BLOCK = 4096
@@ -123,8 +124,9 @@ def ce_backward_(
     smoothing: float,
 ) -> torch.Tensor:
     """``logits`` (rows, V) overwritten by ``scale * (softmax - (1 - s) onehot - s / V)`` per
-    valid row (0 on ignored rows); ``scale`` a one-element tensor (the loss's gradient), read
-    on the device so the backward needs no host sync. Returns ``logits``."""
+    valid row (0 on ignored rows); ``scale`` a one-element tensor (1 where the forward forms the
+    gradient), read
+    on the device, so no host sync is needed. Returns ``logits``."""
     rows, vocab = logits.shape
     block = _block(BWD_BLOCK, vocab)
     if rows:
