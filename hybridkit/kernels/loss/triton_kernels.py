@@ -125,8 +125,7 @@ def ce_backward_(
 ) -> torch.Tensor:
     """``logits`` (rows, V) overwritten by ``scale * (softmax - (1 - s) onehot - s / V)`` per
     valid row (0 on ignored rows); ``scale`` a one-element tensor (1 where the forward forms the
-    gradient), read
-    on the device, so no host sync is needed. Returns ``logits``."""
+    gradient), read on the device, so no host sync is needed. Returns ``logits``."""
     rows, vocab = logits.shape
     block = _block(BWD_BLOCK, vocab)
     if rows:
