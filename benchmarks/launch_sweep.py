@@ -104,13 +104,18 @@ def set_launches(specs: Sequence[str]) -> dict[str, dict[str, int]]:
     return applied
 
 
+def cell(v: object) -> str:
+    """A report cell: a time to three decimals, anything else (a "wrong ..." note) as is."""
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 def sweep_line(record: dict, prefix: str, head: str) -> str:
     """One report line: every ``record`` entry whose key starts with ``prefix`` (the rest of the
     key names the launch: ``tile2048_w2`` -> ``2048 / 2``), after ``head``."""
     cells = [
         k[len(prefix) :].replace("tile", "").replace("_w", " / ").replace("_p", " / ")
         + ": "
-        + (f"{v:.3f}" if isinstance(v, float) else str(v))
+        + cell(v)
         for k, v in record.items()
         if k.startswith(prefix)
     ]

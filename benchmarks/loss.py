@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from launch_sweep import measure_cases, timed_if_right, write_results
+from launch_sweep import cell, measure_cases, timed_if_right, write_results
 
 from hybridkit.kernels.config import kernel_config
 from hybridkit.kernels.loss import _chunk_grad, _chunk_stats, linear_cross_entropy
@@ -31,9 +31,9 @@ CASES = ((16384, 1024, 32000, 4096, 0.0), (16384, 1024, 32000, 4096, 0.1))
 
 def _chunk_level(rec: dict, logits: torch.Tensor, targets: torch.Tensor, s: float, bw: float):
     """One chunk's forward and backward element-wise work, torch against ours."""
-    lse = _chunk_stats(logits, targets, -100, s, "torch")[1]
-    scale = torch.ones((), device=logits.device)
     ref_f = _chunk_stats(logits, targets, -100, s, "torch")
+    lse = ref_f[1]
+    scale = torch.ones((), device=logits.device)
     ref_b = (_chunk_grad(logits.clone(), targets, lse, scale, -100, s, "torch"),)
     work = logits.clone()  # ours overwrites its input: time it on a scratch copy
 
@@ -97,10 +97,6 @@ def _measure(tokens: int, dim: int, vocab: int, chunk: int, s: float, *, bw: flo
     return rec
 
 
-def _cell(v: object) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
@@ -124,7 +120,7 @@ def main() -> None:
     chunk_cols = ("chunk_torch_fwd_ms", "chunk_triton_fwd_ms", "chunk_fwd_floor_ms")
     chunk_cols += ("chunk_torch_bwd_ms", "chunk_triton_bwd_ms", "chunk_bwd_floor_ms")
     for r in records:
-        lines.append(f"| {r['case']} | " + " | ".join(_cell(r[c]) for c in chunk_cols) + " |")
+        lines.append(f"| {r['case']} | " + " | ".join(cell(r[c]) for c in chunk_cols) + " |")
     lines += [
         "",
         "The whole loss (head matmuls included; the forward forms the gradients, f+b adds their "
@@ -138,7 +134,7 @@ def main() -> None:
     names = ("torch", "ours", "inductor", "ops_ours")
     cols = tuple(f"{n}_fwd_ms" for n in names) + tuple(f"{n}_fb_ms" for n in names)
     for r in records:
-        lines.append(f"| {r['case']} | " + " | ".join(_cell(r[c]) for c in cols) + " |")
+        lines.append(f"| {r['case']} | " + " | ".join(cell(r[c]) for c in cols) + " |")
     write_results(args.out, lines, run_environment(dev), bw, records)
 
 

@@ -15,7 +15,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from launch_sweep import measure_cases, sweep_launches, sweep_lines, timed_if_right, write_results
+from launch_sweep import (
+    cell,
+    measure_cases,
+    sweep_launches,
+    sweep_lines,
+    timed_if_right,
+    write_results,
+)
 
 from hybridkit.kernels.norm import gated_rms_norm, rms_norm
 from hybridkit.kernels.norm import triton_kernels as norm_kernels
@@ -88,10 +95,6 @@ def _measure(
     return rec
 
 
-def _cell(v: object) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
@@ -116,7 +119,7 @@ def main() -> None:
     for r in records:
         cols = ("torch_fwd_ms", "inductor_fwd_ms", "ours_fwd_ms", "fwd_floor_ms", "torch_fb_ms")
         cols += ("inductor_fb_ms", "ours_fb_ms", "fb_floor_ms")
-        lines.append(f"| {r['case']} | " + " | ".join(_cell(r[c]) for c in cols) + " |")
+        lines.append(f"| {r['case']} | " + " | ".join(cell(r[c]) for c in cols) + " |")
     if args.sweep and records:
         lines += sweep_lines(records[0])
     write_results(args.out, lines, run_environment(dev), bw, records)
