@@ -95,6 +95,13 @@
 #   (COMPILED_RUNS, default "traced ops", chooses).
 #   Ran at commit 75dfc5a (benchmarks/results/loss_kernels_h100.md), then again when the forward
 #   began to form the gradients (no recomputed head matmul).
+# PART "norms" (#17, eager training: train_norms, new 2026-12-07 night; with the loss forming its
+#   gradients in the forward, commit a770b6d, not yet run on a GPU): 1. the GPU tests of
+#   tests/test_norm_kernels.py, tests/test_loss_kernels.py and tests/test_loss.py -> norms_tests.txt;
+#   2. only if they pass, the eager 400M hybrid (hybrid_eager, 6 timed steps, no profile) under
+#   each of SETTINGS (default: the defaults, train_norms=0, loss_kernels=0, the defaults again),
+#   each in its own process -> norms_eager<i>/; 3. the compiled one under each of COMPILED
+#   (default: the defaults, loss_op=1) -> norms_compiled<i>/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -104,9 +111,9 @@
 set -u
 case "${1:-rest}" in
   chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | fold | split | targets \
-    | loss | rest) ;;
+    | loss | norms | rest) ;;
   *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, ab," \
-    "measure, fold, split, targets, loss, rest" >&2
+    "measure, fold, split, targets, loss, norms, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -305,6 +312,22 @@ elif [ "$1" = loss ]; then
       [ "$run" = ops ] && kernels=loss_op=1
       echo "compiled $run $kernels"
       train_case "loss_compiled_$run" "$kernels" hybrid_compiled 6 80
+    done
+  fi
+elif [ "$1" = norms ]; then
+  gpu_tests norms_tests.txt tests/test_norm_kernels.py tests/test_loss_kernels.py tests/test_loss.py
+  if all_passed "$WORK/norms_tests.txt"; then
+    i=0
+    for setting in ${SETTINGS:-defaults train_norms=0 loss_kernels=0 defaults}; do
+      i=$((i + 1))
+      echo "eager ($i) $setting"
+      train_case "norms_eager$i" "$(kernels_of "$setting")" hybrid_eager 6 70
+    done
+    i=0
+    for setting in ${COMPILED:-defaults loss_op=1}; do
+      i=$((i + 1))
+      echo "compiled ($i) $setting"
+      train_case "norms_compiled$i" "$(kernels_of "$setting")" hybrid_compiled 6 80
     done
   fi
 else

@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hybridkit.cache import InferenceCache
-from hybridkit.kernels.config import norm_linear_enabled
+from hybridkit.kernels.config import norm_linear_enabled, train_norms_enabled
 from hybridkit.kernels.embedding import embedding_lookup
 from hybridkit.kernels.loss import cross_entropy_sum
 from hybridkit.kernels.mamba3.state import Mamba3State
+from hybridkit.kernels.norm import projection_dtype
 from hybridkit.layers.linear import Linear
 from hybridkit.layers.norm import PendingNorm, RMSNorm
 
@@ -62,18 +63,21 @@ class Block(nn.Module):
         carries ``pending`` from block to block (``HybridLM.forward``). With the kernel setting
         ``norm_linear`` a layer that takes it (``accepts_pending_norm``) is given the add and
         norm still pending (:class:`PendingNorm`), which its first projection folds into its own
-        launch."""
-        fold = norm_linear_enabled()
+        launch; with ``train_norms`` too, so that the normed input is stored in the projection's
+        dtype while the layer still sees the residual stream's. Training without activation
+        checkpointing carries ``pending`` from block to block as well (``HybridLM.forward``),
+        so that every add meets the norm after it."""
+        fold = norm_linear_enabled() or train_norms_enabled()
         parts = ((self.norm1, self.mixer), (self.norm2, self.mlp))
         for (norm, layer), takes_pending in zip(parts, self.takes_pending, strict=True):
             if layer is None:
                 continue
-            if pending is None:
-                pending = layer(norm(h), cache=cache, cu_seqlens=cu_seqlens)
-            elif fold and takes_pending:
+            if fold and takes_pending:
                 x = PendingNorm(h, pending, norm)
                 pending = layer(x, cache=cache, cu_seqlens=cu_seqlens)
                 h = x.finish()
+            elif pending is None:
+                pending = layer(norm(h), cache=cache, cu_seqlens=cu_seqlens)
             else:
                 h, x = norm.add_forward(h, pending)
                 pending = layer(x, cache=cache, cu_seqlens=cu_seqlens)
@@ -85,8 +89,16 @@ class Block(nn.Module):
         *,
         cache: InferenceCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        h, pending = self.forward_pending(h, None, cache=cache, cu_seqlens=cu_seqlens)
+        pending: torch.Tensor | None = None,
+        carry: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """``h`` -> the block's output; with ``carry`` :meth:`forward_pending`'s pair instead
+        (``pending``: the previous block's last output, not yet added). Through here rather
+        than ``forward_pending`` directly, a wrapper's hooks run (FSDP gathers the block's
+        parameters in one)."""
+        h, pending = self.forward_pending(h, pending, cache=cache, cu_seqlens=cu_seqlens)
+        if carry:
+            return h, pending
         return h if pending is None else h + pending
 
     def part_params(self) -> list[tuple[str, int]]:
@@ -223,7 +235,14 @@ class HybridLM(nn.Module):
                 x = self.norm_f.add_forward(h, pending)[1]
             return self._logits(x, cache, ids.shape[1])
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
-        for block in self.blocks:
+        pending = None
+        chained = not (recompute or return_hidden or cache is not None)
+        if chained:
+            # each block's last output is added together with the next norm (one kernel pair
+            # per add in eager training, Block.forward_pending)
+            for block in self.blocks:
+                h, pending = block(h, cu_seqlens=cu_seqlens, pending=pending, carry=True)
+        for block in () if chained else self.blocks:
             if recompute:
                 # non-reentrant: works with kwargs, under torch.compile, and with the Triton
                 # scan op (its backward reads the saved tensors exactly once)
@@ -235,16 +254,26 @@ class HybridLM(nn.Module):
         if targets is not None:
             if scored is not None:  # the rows the loss scores (and a few unscored ones)
                 h = h.reshape(-1, h.shape[-1]).index_select(0, scored)
+                if pending is not None:
+                    pending = pending.reshape(-1, h.shape[-1]).index_select(0, scored)
                 targets = targets.reshape(-1).index_select(0, scored)
             return cross_entropy_sum(
-                self.norm_f(h),
+                self._final_norm(h, pending),
                 self.lm_head.weight,
                 targets,
                 chunk_tokens=self.loss_chunk_tokens,
                 ignore_index=ignore_index,
             )
-        logits = self._logits(self.norm_f(h), cache, ids.shape[1])
+        logits = self._logits(self._final_norm(h, pending), cache, ids.shape[1])
         return (logits, hidden) if return_hidden else logits
+
+    def _final_norm(self, h: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """``norm_f(h + pending)`` (``norm_f(h)`` without ``pending``) in the dtype of the head
+        that reads it (``projection_dtype``), the add and the norm as one op where they can."""
+        dtype = projection_dtype(h)
+        if pending is None:
+            return self.norm_f(h, dtype)
+        return self.norm_f.add_forward(h, pending, dtype)[1]
 
     def _logits(self, x: torch.Tensor, cache: InferenceCache | None, tokens: int) -> torch.Tensor:
         """The head on the final-normed stream, and the cache advanced by ``tokens``."""

@@ -67,6 +67,11 @@ Fields (defaults in :class:`KernelConfig`):
   ``benchmarks/results/decode_model_settings_h100.md``);
 * ``fused_add_norm``: at inference with a cache, every residual add and the pre-norm after it as
   one Triton launch (``kernels/norm``: ``add_rms_norm``; on, GPU-checked and timed);
+* ``train_norms``: eager training on CUDA: every residual add and the pre-norm after it as one
+  Triton kernel forward and one backward (which also adds the residual stream's gradient and
+  writes the block output's in its dtype), and every norm whose output only feeds a projection
+  (the pre-norms, the final norm, the Mamba-3 output norm) stores it in the autocast dtype
+  the projection computes in (``kernels/norm``: ``add_rms_norm``, ``projection_dtype``);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``);
@@ -179,6 +184,7 @@ class KernelConfig:
     skinny_rows: int = 16
     norm_linear: int = 1
     fused_add_norm: bool = True
+    train_norms: bool = True
     pdl: bool = True
     attention_step: bool = True
     mimo_output: bool = True
@@ -414,6 +420,13 @@ def fold_norm_weight_enabled() -> bool:
     """``current_config().fold_norm_weight``, a trace-time constant under ``torch.compile``
     (every SISO layer with an output norm asks on every forward)."""
     return current_config().fold_norm_weight
+
+
+@trace_constant
+def train_norms_enabled() -> bool:
+    """``current_config().train_norms``, a trace-time constant under ``torch.compile`` (every
+    norm asks it on every forward)."""
+    return current_config().train_norms
 
 
 @trace_constant

@@ -27,6 +27,7 @@ from hybridkit.kernels.mamba3.gates import heavy_tail, scalar_gates  # noqa: F40
 from hybridkit.kernels.mamba3.output import mimo_output, plan_mimo_output, tile
 from hybridkit.kernels.mamba3.state import Mamba3State
 from hybridkit.kernels.mamba3.step import StepInputs, StepWeights, gated_output
+from hybridkit.kernels.norm import projection_dtype
 from hybridkit.layers.base import Layer, LayerSpec
 from hybridkit.layers.linear import Linear
 from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
@@ -222,6 +223,9 @@ class Mamba3(Layer):
         reduction over every token, which Inductor ran as an extra pass over y, z and the
         gradient (``docs/kernels.md``, "Norms")."""
         norm, proj = self.norm, self.out_proj
+        # the dtype out_proj computes in (under autocast not ``dtype``): the output is stored
+        # in it once instead of in float32 and cast again (``projection_dtype``)
+        dtype = projection_dtype(y, dtype)
         fold = (
             self.mimo_o is None
             and norm is not None
@@ -229,7 +233,7 @@ class Mamba3(Layer):
             and norm.runs_formula(y)
         )
         if not fold:
-            return proj(self.output(y, z).to(dtype))
+            return proj(self.output(y, z, dtype))
         b, length, _, h, p = y.shape
         o = norm.unweighted(y[:, :, 0].reshape(b, length, h * p), z.reshape(b, length, h * p))
         weight = proj.weight * norm.weight.to(proj.weight.dtype)
@@ -291,14 +295,17 @@ class Mamba3(Layer):
             return out
         return self.output(out[:, None], z[:, None]).to(proj.dtype)[:, 0]
 
-    def output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Gate / norm / MIMO down-projection: y (B, L, R, H, P), z (B, L, H, P) -> (B, L, H*P).
+    def output(
+        self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Gate / norm / MIMO down-projection: y (B, L, R, H, P), z (B, L, H, P) -> (B, L, H*P),
+        in ``dtype`` (default: as computed, float32 for the norm).
 
         MIMO goes through its own dispatch point (one fused kernel pair on CUDA); SISO is the
-        plain gate or the gated norm."""
+        plain gate or the gated norm (which stores ``dtype`` itself)."""
         b, length, r, h, p = y.shape
         if self.mimo_o is not None:
-            return mimo_output(
+            out = mimo_output(
                 y,
                 z,
                 self.mimo_z,
@@ -306,9 +313,12 @@ class Mamba3(Layer):
                 None if self.norm is None else self.norm.weight,
                 **self._mimo_output_options(),
             )
-        if self.norm is None:
-            return gated_output(y, z, None, None).reshape(b, length, h * p)
-        return self.norm(y[:, :, 0].reshape(b, length, h * p), z.reshape(b, length, h * p))
+        elif self.norm is None:
+            out = gated_output(y, z, None, None).reshape(b, length, h * p)
+        else:
+            y2, z2 = y[:, :, 0].reshape(b, length, h * p), z.reshape(b, length, h * p)
+            return self.norm(y2, z2, dtype)
+        return out if dtype is None else out.to(dtype)
 
     def _mimo_output_options(self) -> dict:
         """Norm mode, group, eps and backend of :func:`~hybridkit.kernels.mamba3.output.

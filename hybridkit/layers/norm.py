@@ -3,7 +3,8 @@
 The modules hold the weights; the math lives behind one dispatch point,
 :mod:`hybridkit.kernels.norm` (plain torch, or fused Triton kernels on CUDA). Both compute in
 float32 (or float64 when the input is float64): the mean of squares in bf16 loses the precision
-the norm exists to provide. RMSNorm returns the input dtype, the gated norm float32/64.
+the norm exists to provide. RMSNorm returns the input dtype, the gated norm float32/64, unless
+the caller asks for another (the dtype of the projection the output feeds).
 """
 
 from __future__ import annotations
@@ -26,40 +27,51 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm over the last axis with a learnable scale (init 1).
 
     ``backend`` is the norm dispatch point's (``auto | torch | triton``); a plain attribute so
-    a benchmark or test can switch every norm of a model without rebuilding it."""
+    a benchmark or test can switch every norm of a model without rebuilding it. ``out_dtype``
+    (default: the input's): for a caller that feeds the output to a projection computing in
+    another dtype (:func:`hybridkit.kernels.norm.projection_dtype`)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, *, backend: str = "auto"):
         super().__init__()
         self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return norm_ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return norm_ops.rms_norm(
+            x, self.weight, self.eps, backend=self.backend, out_dtype=out_dtype
+        )
 
     def add_forward(
-        self, h: torch.Tensor, delta: torch.Tensor
+        self, h: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h + delta, self(h + delta))``: a residual add and this pre-norm, fused into one
-        launch when decoding (``kernels.norm.add_rms_norm``)."""
-        return norm_ops.add_rms_norm(h, delta, self.weight, self.eps, backend=self.backend)
+        launch where ``kernels.norm.add_rms_norm`` can (decoding, and eager training)."""
+        return norm_ops.add_rms_norm(
+            h, delta, self.weight, self.eps, backend=self.backend, out_dtype=out_dtype
+        )
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"
 
 
 class PendingNorm:
-    """``norm(h + delta)``, the input of a block part, not computed yet.
+    """``norm(h + delta)`` (``norm(h)`` when ``delta`` is None), the input of a block part, not
+    computed yet.
 
-    At inference a block hands this to a layer whose first use of its input is one projection
+    A block hands this to a layer whose first use of its input is one projection
     (``Layer.accepts_pending_norm``); the projection (:class:`~hybridkit.layers.linear.Linear`,
-    or the MLP's fused fc1 + SwiGLU) calls :meth:`project`, which folds the residual add and
-    the norm into its own launch when the kernel setting ``norm_linear`` allows it
-    (:func:`hybridkit.kernels.linear.add_norm_linear`) and otherwise runs them as
-    ``norm.add_forward`` does. Either way :attr:`residual` then holds ``h + delta``, which the
-    block carries on. ``shape`` / ``dtype`` / ``device`` are those of the input it stands for.
+    or the MLP's fc1 + SwiGLU) calls :meth:`project`. At inference that folds the residual add
+    and the norm into the projection's own launch when the kernel setting ``norm_linear``
+    allows it (:func:`hybridkit.kernels.linear.add_norm_linear`); otherwise the add and the
+    norm run as ``norm.add_forward`` does (one kernel pair in eager training), with the normed
+    input stored in the dtype the projection computes in
+    (:func:`hybridkit.kernels.norm.projection_dtype`), since nothing else reads it. Either way
+    :attr:`residual` then holds ``h + delta``, which the block carries on. ``shape`` / ``dtype``
+    / ``device`` are those of the residual stream it stands for, so the layer sees the same
+    dtype whichever way its input is computed.
     """
 
-    def __init__(self, h: torch.Tensor, delta: torch.Tensor, norm: RMSNorm):
+    def __init__(self, h: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm):
         self.h, self.delta, self.norm = h, delta, norm
         self.residual: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
@@ -69,10 +81,13 @@ class PendingNorm:
     device = property(lambda self: self.h.device)
 
     def materialize(self) -> torch.Tensor:
-        """The normed input as a tensor (the add and the norm, fused into one launch where
-        ``fused_add_norm`` allows)."""
+        """The normed input as a tensor, in the projection's dtype."""
         if self._x is None:
-            self.residual, self._x = self.norm.add_forward(self.h, self.delta)
+            dtype = norm_ops.projection_dtype(self.h)
+            if self.delta is None:
+                self.residual, self._x = self.h, self.norm(self.h, dtype)
+            else:
+                self.residual, self._x = self.norm.add_forward(self.h, self.delta, dtype)
         return self._x
 
     def project(
@@ -80,7 +95,7 @@ class PendingNorm:
     ) -> torch.Tensor:
         """``linear(norm(h + delta), weight, bias)`` (``glu``: fc1 + SwiGLU, which the caller
         has checked runs the few-row kernel)."""
-        if self._x is None and self.norm.backend != "torch":
+        if self._x is None and self.delta is not None and self.norm.backend != "torch":
             fused = linear_ops.add_norm_linear(
                 self.h, self.delta, self.norm.weight, self.norm.eps, weight, bias, glu=glu
             )
@@ -123,8 +138,10 @@ class GatedRMSNorm(nn.Module):
         self.norm_before_gate, self.backend = norm_before_gate, backend
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``y``, ``z``: (..., dim) -> (..., dim) in float32/64."""
+    def forward(
+        self, y: torch.Tensor, z: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """``y``, ``z``: (..., dim) -> (..., dim) in ``out_dtype`` (default float32/64)."""
         return norm_ops.gated_rms_norm(
             y,
             z,
@@ -133,6 +150,7 @@ class GatedRMSNorm(nn.Module):
             eps=self.eps,
             norm_before_gate=self.norm_before_gate,
             backend=self.backend,
+            out_dtype=out_dtype,
         )
 
     def unweighted(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,17 @@ from __future__ import annotations
 import torch
 
 from hybridkit.compat import HAVE_TRITON
-from hybridkit.kernels.config import current_config
+from hybridkit.kernels.config import current_config, train_norms_enabled
 from hybridkit.kernels.norm.reference import gated_rms_norm_reference, rms_norm_reference
 
-__all__ = ["BACKENDS", "add_rms_norm", "gated_rms_norm", "resolve_backend", "rms_norm"]
+__all__ = [
+    "BACKENDS",
+    "add_rms_norm",
+    "gated_rms_norm",
+    "projection_dtype",
+    "resolve_backend",
+    "rms_norm",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -52,15 +59,38 @@ def resolve_backend(backend: str, x: torch.Tensor, group_size: int) -> str:
     return "triton" if usable else "torch"
 
 
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, backend: str = "auto"
-) -> torch.Tensor:
-    """``x / sqrt(mean(x^2, -1) + eps) * weight`` (statistics in float32/64), x's dtype out."""
-    if weight is None or resolve_backend(backend, x, x.shape[-1]) == "torch":
-        return rms_norm_reference(x, weight, eps)
-    from hybridkit.kernels.norm.op import fused_norm
+def projection_dtype(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a linear layer computes an input ``x`` of ``dtype`` (default x's) in at this
+    point: the autocast dtype where autocast is on for x's device (float64 excepted), else
+    ``dtype``. A norm whose output only feeds a projection stores it in this dtype (with the
+    kernel setting ``train_norms``): the projection would cast it there anyway, so the
+    rounding is the same, and the float32 output, its cast and the cast of its gradient back
+    are three passes over the activations saved."""
+    dtype = dtype or x.dtype
+    device_type = x.device.type
+    if dtype == torch.float64 or not train_norms_enabled():
+        return dtype
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
 
-    return fused_norm(x, None, weight, x.shape[-1], eps, False, False)
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    *,
+    backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x / sqrt(mean(x^2, -1) + eps) * weight`` (statistics in float32/64), in ``out_dtype``
+    (default x's dtype)."""
+    if weight is None or resolve_backend(backend, x, x.shape[-1]) == "torch":
+        out = rms_norm_reference(x, weight, eps)
+        return out if out_dtype is None else out.to(out_dtype)
+    from hybridkit.kernels.norm.op import fused_norm, out_dtype_name
+
+    return fused_norm(x, None, weight, x.shape[-1], eps, False, out_dtype_name(out_dtype))
 
 
 def add_rms_norm(
@@ -70,31 +100,39 @@ def add_rms_norm(
     eps: float,
     *,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = h + delta`` and ``rms_norm(s, weight, eps)``: a residual add and the pre-norm after
-    it. One Triton launch (``add_norm_forward``) when the kernel setting
-    ``fused_add_norm`` is on, the norm would run the Triton kernel, and no gradient is needed
-    (decoding: it saves a launch and a pass over the residual stream per block); otherwise the
-    two ops as they are, so training and ``torch.compile`` (which fuses them itself) see no
-    change."""
-    fused = (
+    """``s = h + delta`` and ``rms_norm(s, weight, eps)`` (in ``out_dtype``, default s's): a
+    residual add and the pre-norm after it. Where the norm runs the Triton kernels (CUDA, eager)
+    the two are one launch: at inference with the kernel setting ``fused_add_norm``
+    (``add_norm_forward``: a launch and a pass over the residual stream saved per block part),
+    in training with ``train_norms`` (:class:`~.op.FusedAddNormFunction`, whose backward also
+    adds the residual stream's gradient). Otherwise the two ops as they are; ``torch.compile``
+    fuses those itself."""
+    kernels = (
         backend != "torch"
         and h.shape == delta.shape
-        and h.dtype == delta.dtype
         and resolve_backend(backend, h, h.shape[-1]) == "triton"
-        and not (
-            torch.is_grad_enabled()
-            and (h.requires_grad or delta.requires_grad or weight.requires_grad)
-        )
-        and current_config().fused_add_norm
+        and not torch.compiler.is_compiling()
     )
-    if not fused:
+    # (the settings only when the kernels may run: Dynamo cannot trace their ContextVar)
+    cfg = current_config() if kernels else None
+    grad = torch.is_grad_enabled() and (
+        h.requires_grad or delta.requires_grad or weight.requires_grad
+    )
+    # the sum is stored in h's dtype, which must be what torch's add would give
+    promotes = torch.promote_types(h.dtype, delta.dtype) == h.dtype
+    if cfg is not None and grad and promotes and cfg.train_norms:
+        from hybridkit.kernels.norm.op import FusedAddNormFunction, out_dtype_name
+
+        return FusedAddNormFunction.apply(h, delta, weight, eps, out_dtype_name(out_dtype))
+    if not (cfg is not None and not grad and h.dtype == delta.dtype and cfg.fused_add_norm):
         s = h + delta
-        return s, rms_norm(s, weight, eps, backend=backend)
+        return s, rms_norm(s, weight, eps, backend=backend, out_dtype=out_dtype)
     from hybridkit.kernels.layout import as_rows
     from hybridkit.kernels.norm.triton_kernels import add_norm_forward
 
-    s, out = add_norm_forward(as_rows(h), as_rows(delta), weight, eps)
+    s, out = add_norm_forward(as_rows(h), as_rows(delta), weight, eps, out_dtype)
     return s.view(h.shape), out.view(h.shape)
 
 
@@ -107,17 +145,20 @@ def gated_rms_norm(
     eps: float,
     norm_before_gate: bool,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Gated RMSNorm over groups of ``group_size`` channels (:mod:`.reference` has the formula);
-    float32 (float64) out. ``weight`` None: no weight (the torch formula; what a layer that folds
-    the weight into its next projection asks for)."""
+    """Gated RMSNorm over groups of ``group_size`` channels (:mod:`.reference` has the formula),
+    in ``out_dtype`` (default float32, float64 for float64 inputs). ``weight`` None: no weight
+    (the torch formula; what a layer that folds the weight into its next projection asks for)."""
     if y.shape != z.shape:
         raise ValueError(f"gated norm: y {tuple(y.shape)} and z {tuple(z.shape)} differ")
     if y.shape[-1] % group_size:
         raise ValueError(f"gated norm: {y.shape[-1]} channels do not split into {group_size}s")
     if weight is None or resolve_backend(backend, y, group_size) == "torch":
-        return gated_rms_norm_reference(y, z, weight, group_size, eps, norm_before_gate)
-    from hybridkit.kernels.norm.op import fused_norm
+        out = gated_rms_norm_reference(y, z, weight, group_size, eps, norm_before_gate)
+        return out if out_dtype is None else out.to(out_dtype)
+    from hybridkit.kernels.norm.op import fused_norm, out_dtype_name
 
-    # float32 out, as the reference (float64 inputs never reach the kernels)
-    return fused_norm(y, z, weight, group_size, eps, norm_before_gate, True)
+    # float32 out by default, as the reference (float64 inputs never reach the kernels)
+    name = out_dtype_name(out_dtype or torch.float32)
+    return fused_norm(y, z, weight, group_size, eps, norm_before_gate, name)

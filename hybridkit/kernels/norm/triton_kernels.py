@@ -83,11 +83,16 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    X, Z, W, DO, RSTD, DX, DZ, DW,
-    M, stride_x, stride_z, stride_do, stride_dx, stride_dz,
+    X, Z, W, DO, RSTD, DX, DZ, DW, DRES, DX2,
+    M, stride_x, stride_z, stride_do, stride_dx, stride_dz, stride_dres, stride_dx2,
     D: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr, PRE_GATE: tl.constexpr,
+    HAS_DRES: tl.constexpr, HAS_DX2: tl.constexpr,
 ):  # fmt: skip
+    """``HAS_DRES``: x is a residual sum whose other use's gradient ``DRES`` is added to dx
+    (the residual stream's gradient, one pass instead of an add kernel); ``HAS_DX2``: the same
+    dx stored a second time into ``DX2`` in its own dtype (the gradient of the add's other
+    operand, a bf16 block output, without a cast kernel)."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     programs = tl.num_programs(0)
@@ -129,7 +134,12 @@ def _norm_bwd_kernel(
             if not PRE_GATE:
                 dx = dg * gate
                 dz = dg * x * dgate
+        if HAS_DRES:
+            dres = tl.load(DRES + r64 * stride_dres + ch[None, :], mask=mask, other=0.0)
+            dx = dx + dres.to(tl.float32)
         tl.store(DX + r64 * stride_dx + ch[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:
+            tl.store(DX2 + r64 * stride_dx2 + ch[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
         if HAS_Z:
             tl.store(DZ + r64 * stride_dz + ch[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
     tl.store(DW + pid.to(tl.int64) * D + ch, dw, mask=col_ok)
@@ -137,12 +147,14 @@ def _norm_bwd_kernel(
 
 @triton.jit
 def _add_norm_fwd_kernel(
-    H, DELTA, W, S, O,
+    H, DELTA, W, S, O, RSTD,
     M, stride_h, stride_d, stride_s, stride_o, eps,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
+    STORE_RSTD: tl.constexpr,
 ):  # fmt: skip
-    """Inference only: s = h + delta rounded to s's dtype (as torch's add rounds it), stored,
-    and RMSNorm(s) * w; the residual stream is read once and the launch of the add is saved.
+    """s = h + delta rounded to s's dtype (as torch's add rounds it), stored, and
+    RMSNorm(s) * w in O's dtype; the residual stream is read once and the launch of the add is
+    saved. ``STORE_RSTD``: also the float32 rstd per row, for the backward (training).
     ``USE_PDL``: the norm weight is read before waiting for the previous kernel
     (``hybridkit/kernels/pdl.py``)."""
     if USE_PDL:
@@ -162,25 +174,34 @@ def _add_norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
     out = x * rstd[:, None] * w[None, :]
     tl.store(O + r64 * stride_o + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
+    if STORE_RSTD:
+        tl.store(RSTD + rows.to(tl.int64), rstd, mask=rows < M)
 
 
 def add_norm_forward(
-    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+    rstd: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h + delta, rms_norm(h + delta) * weight)`` for 2-D (M, D) inputs with unit column
-    stride, both results fresh, contiguous, in h's dtype."""
+    stride, both results fresh and contiguous: the sum in h's dtype, the norm in ``out_dtype``
+    (default h's). ``rstd`` (M,) float32: filled for a backward (training; then without PDL,
+    as the other training kernels)."""
     m, d = h.shape
     s, out = (
         torch.empty_like(h, memory_format=torch.contiguous_format),
-        torch.empty(m, d, dtype=h.dtype, device=h.device),
+        torch.empty(m, d, dtype=out_dtype or h.dtype, device=h.device),
     )
     block_m, block_n, warps = _tile(d, _TILE_ELEMENTS, 8)
-    pdl = use_pdl(h)
+    pdl = rstd is None and use_pdl(h)
     _add_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-        h, delta, weight, s, out,
+        h, delta, weight, s, out, out if rstd is None else rstd,
         m, h.stride(0), delta.stride(0), s.stride(0), out.stride(0), eps,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=pdl, num_warps=warps,
-        **launch_options(pdl),
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=pdl, STORE_RSTD=rstd is not None,
+        num_warps=warps, **launch_options(pdl),
     )  # fmt: skip
     return s, out
 
@@ -229,8 +250,11 @@ def norm_backward(
     dz: torch.Tensor | None,
     group_size: int,
     pre_gate: bool,
+    dres: torch.Tensor | None = None,
+    dx2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fill ``dx`` (and ``dz``) and return the weight gradient (D,) in float32."""
+    """Fill ``dx`` (and ``dz``) and return the weight gradient (D,) in float32. ``dres``: a
+    gradient added to dx (x was a residual sum); ``dx2``: dx stored again in its dtype."""
     M, D = x.shape
     groups = D // group_size
     block_m, block_n, warps = _tile(group_size, BWD_TILE_ELEMENTS, BWD_WARPS)
@@ -238,9 +262,12 @@ def norm_backward(
     dw = torch.empty(programs, D, dtype=torch.float32, device=x.device)
     _norm_bwd_kernel[(programs, groups)](
         x, x if z is None else z, weight, dout, rstd, dx, dx if dz is None else dz, dw,
+        dx if dres is None else dres, dx if dx2 is None else dx2,
         M, x.stride(0), 0 if z is None else z.stride(0), dout.stride(0), dx.stride(0),
-        0 if dz is None else dz.stride(0),
+        0 if dz is None else dz.stride(0), 0 if dres is None else dres.stride(0),
+        0 if dx2 is None else dx2.stride(0),
         D=D, NG=groups, GS=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_Z=z is not None, PRE_GATE=pre_gate, num_warps=warps,
+        HAS_Z=z is not None, PRE_GATE=pre_gate, HAS_DRES=dres is not None,
+        HAS_DX2=dx2 is not None, num_warps=warps,
     )  # fmt: skip
     return dw.sum(0)
