@@ -569,3 +569,28 @@ def test_gpu_training_add_norm_at_model_shapes(rows):
     want = torch.autograd.grad((s64, out64), leaves, (ds.double(), dout.double()))
     assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[2], want[2]) < 1e-4
     assert torch.equal(got[1], got[0].bfloat16())
+
+
+@pytest.mark.gpu
+def test_gpu_model_training_with_train_norms_matches_without():
+    """A small hybrid's eager bf16-autocast training step with ``train_norms`` on and off: the
+    same loss and gradients within bf16 noise (the kernels differ only in what they fuse)."""
+    from hybridkit import build_model
+    from hybridkit.kernels.config import kernel_config
+    from tests.helpers import attn_block, mamba_block, tiny_recipe
+
+    m = mamba_block(outproj_norm="grouped_pregate", d_state=32, headdim=32, chunk_size=64)
+    recipe = tiny_recipe("m a m", d_model=128, vocab=256, m=m, a=attn_block(qk_norm=True))
+    model = build_model(recipe, seed=0).cuda()
+    ids = torch.randint(0, 256, (2, 512), device="cuda")
+    results = []
+    for on in (False, True):
+        model.zero_grad()
+        with kernel_config(train_norms=on), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, targets=ids)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l_off, g_off), (l_on, g_on) = results
+    assert rel_err(l_on, l_off) < 1e-3
+    for got, want in zip(g_on, g_off, strict=True):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 2e-2
