@@ -99,7 +99,7 @@
 #   gradients in the forward, commit a770b6d, not yet run on a GPU): 1. the GPU tests of
 #   tests/test_norm_kernels.py, tests/test_loss_kernels.py and tests/test_loss.py -> norms_tests.txt;
 #   2. only if they pass, the eager 400M hybrid (hybrid_eager, 6 timed steps, no profile) under
-#   each of SETTINGS (default: the defaults, train_norms=0, loss_kernels=0, the defaults again),
+#   each of SETTINGS (default: train_norms=1, the defaults (off), loss_kernels=0, train_norms=1),
 #   each in its own process -> norms_eager<i>/; 3. the compiled one under each of COMPILED
 #   (default: the defaults, loss_op=1) -> norms_compiled<i>/.
 # PART "rest" (the default):
@@ -318,7 +318,7 @@ elif [ "$1" = norms ]; then
   gpu_tests norms_tests.txt tests/test_norm_kernels.py tests/test_loss_kernels.py tests/test_loss.py
   if all_passed "$WORK/norms_tests.txt"; then
     i=0
-    for setting in ${SETTINGS:-defaults train_norms=0 loss_kernels=0 defaults}; do
+    for setting in ${SETTINGS:-train_norms=1 defaults loss_kernels=0 train_norms=1}; do
       i=$((i + 1))
       echo "eager ($i) $setting"
       train_case "norms_eager$i" "$(kernels_of "$setting")" hybrid_eager 6 70

@@ -460,11 +460,12 @@ def test_training_add_norm_dispatch_rules(monkeypatch):
     monkeypatch.setattr(op.FusedAddNormFunction, "apply", lambda *a: calls.append(a) or a[:2])
     h = torch.randn(2, 8, device=DEVICE, requires_grad=True)
     w = torch.ones(8, device=DEVICE)
+    on = {"train_norms": True}
     cases = [  # (delta, settings, backend, fused)
-        (torch.randn(2, 8, device=DEVICE), {}, "triton", True),
-        (torch.randn(2, 8, device=DEVICE), {"train_norms": False}, "triton", False),
-        (torch.randn(2, 8, device=DEVICE), {}, "torch", False),
-        (torch.randn(1, 8, device=DEVICE), {}, "triton", False),
+        (torch.randn(2, 8, device=DEVICE), on, "triton", True),
+        (torch.randn(2, 8, device=DEVICE), {}, "triton", False),  # off by default
+        (torch.randn(2, 8, device=DEVICE), on, "torch", False),
+        (torch.randn(1, 8, device=DEVICE), on, "triton", False),
     ]
     for delta, settings, backend, fused in cases:
         calls.clear()
@@ -473,7 +474,9 @@ def test_training_add_norm_dispatch_rules(monkeypatch):
         assert bool(calls) == fused, (settings, backend, delta.shape)
     calls.clear()
     hb = h.detach().bfloat16().requires_grad_()
-    s, _ = norm_ops.add_rms_norm(hb, torch.randn(2, 8, device=DEVICE), w, 1e-5, backend="triton")
+    with kernel_config(**on):
+        delta = torch.randn(2, 8, device=DEVICE)
+        s, _ = norm_ops.add_rms_norm(hb, delta, w, 1e-5, backend="triton")
     assert not calls and s.dtype == torch.float32
 
 
@@ -483,11 +486,13 @@ def test_projection_dtype_follows_autocast_and_the_setting():
     x = torch.randn(2, 4)
     assert norm_ops.projection_dtype(x) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert norm_ops.projection_dtype(x) == torch.bfloat16
-        assert norm_ops.projection_dtype(x, torch.float16) == torch.bfloat16
-        assert norm_ops.projection_dtype(x.double()) == torch.float64
-        with kernel_config(train_norms=False):
-            assert norm_ops.projection_dtype(x) == torch.float32
+        assert norm_ops.projection_dtype(x) == torch.float32  # the setting is off by default
+        with kernel_config(train_norms=True):
+            assert norm_ops.projection_dtype(x) == torch.bfloat16
+            assert norm_ops.projection_dtype(x, torch.float16) == torch.bfloat16
+            assert norm_ops.projection_dtype(x.double()) == torch.float64
+    with kernel_config(train_norms=True):
+        assert norm_ops.projection_dtype(x) == torch.float32  # no autocast
 
 
 def _train_step(model, ids, settings, autocast):

@@ -71,7 +71,10 @@ Fields (defaults in :class:`KernelConfig`):
   Triton kernel forward and one backward (which also adds the residual stream's gradient and
   writes the block output's in its dtype), and every norm whose output only feeds a projection
   (the pre-norms, the final norm, the Mamba-3 output norm) stores it in the autocast dtype
-  the projection computes in (``kernels/norm``: ``add_rms_norm``, ``projection_dtype``);
+  the projection computes in (``kernels/norm``: ``add_rms_norm``, ``projection_dtype``); off
+  until it has passed the GPU tests and been timed (``bash benchmarks/gpu_pending.sh norms``:
+  no GPU was lent the session that wrote it; the interpreter tests pass and every kernel
+  compiles for sm_90 without spills);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``);
@@ -184,7 +187,7 @@ class KernelConfig:
     skinny_rows: int = 16
     norm_linear: int = 1
     fused_add_norm: bool = True
-    train_norms: bool = True
+    train_norms: bool = False
     pdl: bool = True
     attention_step: bool = True
     mimo_output: bool = True
