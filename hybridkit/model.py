@@ -238,8 +238,8 @@ class HybridLM(nn.Module):
         pending = None
         chained = not (recompute or return_hidden or cache is not None)
         if chained:
-            # each block's last output is added together with the next norm (one kernel pair
-            # per add in eager training, Block.forward_pending)
+            # each block's last output is added together with the next norm (Block.
+            # forward_pending; with train_norms one kernel pair per add in eager training)
             for block in self.blocks:
                 h, pending = block(h, cu_seqlens=cu_seqlens, pending=pending, carry=True)
         for block in () if chained else self.blocks:
