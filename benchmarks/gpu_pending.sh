@@ -101,7 +101,8 @@
 #   2. only if they pass, the eager 400M hybrid (hybrid_eager, 6 timed steps, no profile) under
 #   each of SETTINGS (default: train_norms=1, the defaults (off), loss_kernels=0, train_norms=1),
 #   each in its own process -> norms_eager<i>/; 3. the compiled one under each of COMPILED
-#   (default: the defaults, loss_op=1) -> norms_compiled<i>/.
+#   (default: the defaults, loss_op=1) -> norms_compiled<i>/; 4. one table of them all
+#   (train_throughput.py --compare) -> norms_compare/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -329,6 +330,11 @@ elif [ "$1" = norms ]; then
       echo "compiled ($i) $setting"
       train_case "norms_compiled$i" "$(kernels_of "$setting")" hybrid_compiled 6 80
     done
+    # one table of every run, each row with the settings it recorded (no GPU needed)
+    python benchmarks/train_throughput.py --compare "$WORK"/norms_eager*/train_throughput.json \
+      "$WORK"/norms_compiled*/train_throughput.json --out "$WORK/norms_compare" \
+      > "$WORK/norms_compare.txt" 2>&1
+    show "$WORK/norms_compare/train_compare.md" "$WORK/norms_compare.txt" 14; pack
   fi
 else
   budgeted 150 60 python -m pytest -q -m gpu tests/test_generation.py -p no:cacheprovider -rfE \

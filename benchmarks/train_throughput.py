@@ -43,6 +43,8 @@ plot to ``OUT/loss_curve.{json,md,png}``.
         --launch norm:BWD_TILE_ELEMENTS=2048,BWD_WARPS=8,BWD_PROGRAMS_PER_SM=4  # a former launch
     python benchmarks/train_throughput.py --loss-curve --merge lc/loss_curve.json --out DIR
         # the curve report again from its JSON (no GPU needed)
+    python benchmarks/train_throughput.py --compare on/train_throughput.json \
+        off/train_throughput.json --out DIR   # the same cases under several kernel settings
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import torch
 
 from hybridkit import profiling
 from hybridkit.build import build_model
+from hybridkit.kernels.config import changed_settings
 from hybridkit.layers.mlp import SwiGLU
 from hybridkit.layers.norm import GatedRMSNorm, RMSNorm
 from hybridkit.recipe import load_recipe
@@ -188,7 +191,8 @@ def markdown(env: dict, results: list[dict], verdict: dict) -> str:
         f"torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, commit "
         f"{str(env['git_commit'])[:12]}{' (dirty)' if env.get('git_dirty') else ''}. "
         "Command: `python benchmarks/train_throughput.py` (module docstring)."
-        + (f" Launch constants set: {env['launches']}." if env.get("launches") else ""),
+        + (f" Launch constants set: {env['launches']}." if env.get("launches") else "")
+        + f" Kernel settings: {env.get('kernels', 'defaults')}.",
         "",
         "| case | batch x len | step ms (median) | tokens/s | TFLOP/s | MFU (datasheet) | "
         "MFU (measured matmul) | peak memory | loss |",
@@ -239,6 +243,7 @@ def throughput(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown cases {unknown}; allowed: {[c.name for c in CASES]}")
     env = run_environment(torch.device(args.device))
     env["launches"] = args.launches
+    env["kernels"] = changed_settings()  # HYBRIDKIT_KERNELS, as the cases record it too
     results: list[dict] = []
     for case in (c for c in CASES if c.name in wanted):
         print(f"== {case.name}", flush=True)
@@ -275,6 +280,61 @@ def merge(args: argparse.Namespace) -> None:
     environments = [r["environment"] for r in runs]
     payload = {"environment": env, "runs": environments, "cases": results, "summary": verdict}
     write(Path(args.out), "train_throughput", payload, text)
+    print(text)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """One table from the same cases run under several kernel settings (``--compare A.json
+    B.json ...``, each a run's train_throughput.json, e.g. one process per setting of
+    ``benchmarks/gpu_pending.sh``): per case and run, the settings it ran with, the step's
+    median and spread, tokens/s, MFU, peak memory, and the step time against the first run of
+    the same case. -> ``OUT/train_compare.{json,md}``."""
+    rows, first = [], {}
+    for path in args.compare:
+        run = json.loads(Path(path).read_text())
+        for case in run["cases"]:
+            row = {"file": str(path), "case": case["case"]}
+            if "error" in case:
+                rows.append({**row, "error": case["error"]})
+                continue
+            times = case.get("step_ms_all") or [case["step_ms"]]
+            row.update(
+                kernels=case.get("kernels", "unrecorded"),  # files before 2026-12-07
+                step_ms=case["step_ms"],
+                step_ms_min=min(times),
+                step_ms_max=max(times),
+                tokens_per_s=case["tokens_per_s"],
+                mfu_datasheet=case.get("mfu_datasheet"),
+                peak_memory_gb=case.get("peak_memory_gb"),
+                commit=str(case.get("environment", run["environment"]).get("git_commit"))[:12],
+            )
+            base = first.setdefault(row["case"], row)
+            row["vs_first"] = row["step_ms"] / base["step_ms"]
+            rows.append(row)
+    env = json.loads(Path(args.compare[0]).read_text())["environment"]
+    lines = [
+        f"# Training step by kernel settings ({env['device']}, {env['date']})",
+        "",
+        "Each row one process (`python benchmarks/train_throughput.py --compare ...`); "
+        "`vs first`: the step against the first row of the same case.",
+        "",
+        "| case | settings | step ms (median) | min / max | tokens/s | MFU (datasheet) | "
+        "peak GB | vs first | run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | | failed: {r['error'][:100]} | | | | | | {r['file']} |")
+            continue
+        mfu = "n/a" if r["mfu_datasheet"] is None else f"{r['mfu_datasheet']:.1%}"
+        mem = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
+        lines.append(
+            f"| {r['case']} | {r['kernels']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} / "
+            f"{r['step_ms_max']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | "
+            f"{r['vs_first']:.3f}x | {r['file']} (commit {r['commit']}) |"
+        )
+    text = "\n".join(lines) + "\n"
+    write(Path(args.out), "train_compare", {"environment": env, "rows": rows}, text)
     print(text)
 
 
@@ -391,6 +451,14 @@ def main() -> None:
         help="write one report from several runs' train_throughput.json (no GPU needed)",
     )
     p.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="one table of the same cases under several kernel settings, from each run's "
+        "train_throughput.json (no GPU needed) -> OUT/train_compare.{json,md}",
+    )
+    p.add_argument(
         "--launch",
         action="append",
         default=[],
@@ -407,6 +475,9 @@ def main() -> None:
         return
     if args.merge:
         merge(args)
+        return
+    if args.compare:
+        compare(args)
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: pass --device cpu --smoke to check the script")

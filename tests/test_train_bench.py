@@ -273,3 +273,40 @@ def test_matched_transformer_has_the_hybrids_parameter_count():
     hybrid, matched = count(script.HYBRID), count(script.TRANSFORMER_MATCHED)
     assert abs(matched / hybrid - 1) < 0.01
     assert count(script.TRANSFORMER) < 0.8 * hybrid
+
+
+def test_benchmark_compares_runs_by_kernel_settings(tmp_path, capsys):
+    """``train_throughput.py --compare``: one row per (run, case) with the settings each case
+    recorded (``bench_train`` reads them from the kernel configuration), its step against the
+    first run of the same case, and failed cases listed."""
+    import json
+
+    from hybridkit.kernels.config import kernel_config
+
+    script = _benchmark_script()
+    model = build_model(tiny_recipe("m a", d_model=16, vocab=64), seed=0)
+    opt = build_optimizer(model, TrainSpec())
+    runs = []
+    for name, settings, scale in (("on", {"train_norms": True}, 1.0), ("off", {}, 1.25)):
+        with kernel_config(**settings):
+            result = bench_train(model, opt, batch=1, seq_len=8, steps=1, warmup=0, profile=False)
+        assert f"Kernel settings: {result.kernels}." in markdown(result)
+        case = {"case": "hybrid_eager", **result.to_dict()}
+        case["step_ms"] = 100.0 * scale
+        case["step_ms_all"] = [100.0 * scale, 110.0 * scale]
+        cases = [case] + ([{"case": "hybrid_compiled", "error": "boom"}] if name == "off" else [])
+        path = tmp_path / name / "train_throughput.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"environment": result.environment, "cases": cases}))
+        runs.append(path)
+    args = type("Args", (), {"compare": runs, "out": tmp_path / "cmp"})
+    script.compare(args)
+    out = json.loads((tmp_path / "cmp" / "train_compare.json").read_text())
+    on, off, failed = out["rows"]
+    assert on["kernels"] == "train_norms=1" and off["kernels"] == "defaults"
+    assert on["vs_first"] == 1.0 and abs(off["vs_first"] - 1.25) < 1e-12
+    assert (off["step_ms_min"], off["step_ms_max"]) == (125.0, 137.5)
+    assert failed == {"file": str(runs[1]), "case": "hybrid_compiled", "error": "boom"}
+    text = (tmp_path / "cmp" / "train_compare.md").read_text()
+    assert "| hybrid_eager | train_norms=1 | 100.0 | 100.0 / 110.0 |" in text
+    assert "1.250x" in text and "failed: boom" in text and text in capsys.readouterr().out

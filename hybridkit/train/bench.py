@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hybridkit import profiling
+from hybridkit.kernels.config import changed_settings
 from hybridkit.model import HybridLM
 from hybridkit.runtime import autocast_for, elapsed_s, timer_start
 from hybridkit.train.compile import begin_step, compile_module
@@ -103,6 +104,9 @@ class TrainBench:
     environment: dict = field(default_factory=dict)
     #: compiled runs: ``graphs_warmup``, ``graphs_timed``, ``graph_breaks``, ``break_reasons``
     compile_stats: dict = field(default_factory=dict)
+    #: the kernel settings that differ from the defaults (``HYBRIDKIT_KERNELS`` form), so that
+    #: results of an A/B run say which side they are
+    kernels: str = "defaults"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,6 +217,7 @@ def bench_train(
         deterministic=deterministic,
         environment=run_environment(device),
         compile_stats=stats,
+        kernels=changed_settings(),
     )
 
 
@@ -279,6 +284,7 @@ def markdown(result: TrainBench) -> str:
         f"Loss: {_loss_text(result.loss_chunk_tokens)}; activation checkpointing "
         f"{'on' if result.activation_checkpointing else 'off'}"
         f"{'; deterministic kernels (train.deterministic)' if result.deterministic else ''}.",
+        f"Kernel settings: {result.kernels}.",
     ]
     stats = result.compile_stats
     if stats:
