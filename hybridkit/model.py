@@ -21,7 +21,6 @@ from hybridkit.kernels.config import norm_linear_enabled, train_norms_enabled
 from hybridkit.kernels.embedding import embedding_lookup
 from hybridkit.kernels.loss import cross_entropy_sum
 from hybridkit.kernels.mamba3.state import Mamba3State
-from hybridkit.kernels.norm import projection_dtype
 from hybridkit.layers.linear import Linear
 from hybridkit.layers.norm import PendingNorm, RMSNorm
 
@@ -237,13 +236,12 @@ class HybridLM(nn.Module):
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         pending = None
         chained = not (recompute or return_hidden or cache is not None)
-        if chained:
-            # each block's last output is added together with the next norm (Block.
-            # forward_pending; with train_norms one kernel pair per add in eager training)
-            for block in self.blocks:
+        for block in self.blocks:
+            if chained:
+                # each block's last output is added together with the next norm (Block.
+                # forward_pending; with train_norms one kernel pair per add in eager training)
                 h, pending = block(h, cu_seqlens=cu_seqlens, pending=pending, carry=True)
-        for block in () if chained else self.blocks:
-            if recompute:
+            elif recompute:
                 # non-reentrant: works with kwargs, under torch.compile, and with the Triton
                 # scan op (its backward reads the saved tensors exactly once)
                 h = checkpoint(block, h, cu_seqlens=cu_seqlens, use_reentrant=False)
@@ -269,11 +267,8 @@ class HybridLM(nn.Module):
 
     def _final_norm(self, h: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
         """``norm_f(h + pending)`` (``norm_f(h)`` without ``pending``) in the dtype of the head
-        that reads it (``projection_dtype``), the add and the norm as one op where they can."""
-        dtype = projection_dtype(h)
-        if pending is None:
-            return self.norm_f(h, dtype)
-        return self.norm_f.add_forward(h, pending, dtype)[1]
+        that reads it, the add and the norm as one op where they can (``PendingNorm``)."""
+        return PendingNorm(h, pending, self.norm_f).materialize()
 
     def _logits(self, x: torch.Tensor, cache: InferenceCache | None, tokens: int) -> torch.Tensor:
         """The head on the final-normed stream, and the cache advanced by ``tokens``."""

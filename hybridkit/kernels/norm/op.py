@@ -174,7 +174,6 @@ class FusedAddNormFunction(torch.autograd.Function):
         s, out = add_norm_forward(h2, d2, weight, eps, _out_dtype(h, out_dtype), rstd)
         ctx.save_for_backward(s, weight, rstd)
         ctx.shapes = (h.shape, h.dtype, delta.dtype)
-        ctx.mark_non_differentiable(rstd)
         return s.view(h.shape), out.view(h.shape)
 
     @staticmethod
