@@ -89,6 +89,11 @@ def test_kernel_names_fall_into_categories():
     assert categorize("_norm_bwd_kernel") == "norms"  # not the scan's "_bwd_"
     assert categorize("triton_poi_fused_add_mul_silu_3") == "element-wise (Inductor)"
     assert categorize("void at::native::direct_copy_kernel_cuda") == "copies and casts"
+    # kernel families whose names hold the scan's "_bwd_"
+    assert categorize("_swiglu_bwd_kernel") == "SwiGLU"
+    assert categorize("_ce_bwd_kernel") == "loss"
+    fa4_bwd = "kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90"
+    assert categorize(fa4_bwd) == "attention"
 
 
 def test_gpu_breakdown_counts_each_kernel_once():
@@ -287,7 +292,7 @@ def test_benchmark_compares_runs_by_kernel_settings(tmp_path, capsys):
     model = build_model(tiny_recipe("m a", d_model=16, vocab=64), seed=0)
     opt = build_optimizer(model, TrainSpec())
     runs = []
-    for name, settings, scale in (("on", {"train_norms": True}, 1.0), ("off", {}, 1.25)):
+    for name, settings, scale in (("on", {}, 1.0), ("off", {"train_norms": False}, 1.25)):
         with kernel_config(**settings):
             result = bench_train(model, opt, batch=1, seq_len=8, steps=1, warmup=0, profile=False)
         assert f"Kernel settings: {result.kernels}." in markdown(result)
@@ -303,10 +308,10 @@ def test_benchmark_compares_runs_by_kernel_settings(tmp_path, capsys):
     script.compare(args)
     out = json.loads((tmp_path / "cmp" / "train_compare.json").read_text())
     on, off, failed = out["rows"]
-    assert on["kernels"] == "train_norms=1" and off["kernels"] == "defaults"
+    assert on["kernels"] == "defaults" and off["kernels"] == "train_norms=0"
     assert on["vs_first"] == 1.0 and abs(off["vs_first"] - 1.25) < 1e-12
     assert (off["step_ms_min"], off["step_ms_max"]) == (125.0, 137.5)
     assert failed == {"file": str(runs[1]), "case": "hybrid_compiled", "error": "boom"}
     text = (tmp_path / "cmp" / "train_compare.md").read_text()
-    assert "| hybrid_eager | train_norms=1 | 100.0 | 100.0 / 110.0 |" in text
+    assert "| hybrid_eager | defaults | 100.0 | 100.0 / 110.0 |" in text
     assert "1.250x" in text and "failed: boom" in text and text in capsys.readouterr().out

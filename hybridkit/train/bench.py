@@ -42,16 +42,20 @@ __all__ = [
 ]
 
 #: Breakdown categories, matched in order against the lower-cased names of profiled kernels.
-#: Norms come first: the fused norm kernels are ``_norm_fwd_kernel`` / ``_norm_bwd_kernel``, and
-#: ``_bwd_`` alone would file the backward under the scan. The last three split what used to be
-#: "other": copies and casts (``.to()``, ``.contiguous()``, ``cat``), Inductor's generated
-#: kernels (everything element-wise under ``torch.compile``) and eager element-wise kernels.
+#: The scan's kernels are matched by ``_bwd_`` among others, so every other kernel family whose
+#: names hold it comes first: the norms (``_norm_bwd_kernel``), the SwiGLU and loss kernels
+#: (``_swiglu_bwd_kernel``, ``_ce_bwd_kernel``) and FlashAttention's backward (``flash_bwd``);
+#: before 2026-12-08 the last three were filed under the scan. The last three categories split
+#: what used to be "other": copies and casts (``.to()``, ``.contiguous()``, ``cat``), Inductor's
+#: generated kernels (everything element-wise under ``torch.compile``) and eager element-wise
+#: kernels.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norms", ("rms", "norm")),
-    ("mamba3 scan", ("_fwd_state", "_fwd_pass", "_fwd_out", "_bwd_", "mamba3")),
+    ("SwiGLU", ("swiglu",)),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp", "_ce_fwd", "_ce_bwd")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax_warp")),
+    ("mamba3 scan", ("_fwd_state", "_fwd_pass", "_fwd_out", "_bwd_", "mamba3")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp")),
     (
         "matmuls (projections, MLP, head)",
         ("gemm", "matmul", "cutlass", "xmma", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
