@@ -95,13 +95,13 @@
 #   (COMPILED_RUNS, default "traced ops", chooses).
 #   Ran at commit 75dfc5a (benchmarks/results/loss_kernels_h100.md), then again when the forward
 #   began to form the gradients (no recomputed head matmul).
-# PART "norms" (#17, eager training: train_norms, new 2026-12-07 night; with the loss forming its
-#   gradients in the forward, commit a770b6d, not yet run on a GPU): 1. the GPU tests of
-#   tests/test_norm_kernels.py, tests/test_loss_kernels.py and tests/test_loss.py -> norms_tests.txt;
+# PART "norms" (#17, eager training: train_norms, on by default since its first run,
+#   benchmarks/results/train_norms_h100.md): 1. the GPU tests of tests/test_norm_kernels.py,
+#   tests/test_loss_kernels.py and tests/test_loss.py -> norms_tests.txt;
 #   2. only if they pass, the eager 400M hybrid (hybrid_eager, 6 timed steps, no profile) under
-#   each of SETTINGS (default: train_norms=1, the defaults (off), loss_kernels=0, train_norms=1),
-#   each in its own process -> norms_eager<i>/; 3. the compiled one under each of COMPILED
-#   (default: the defaults, loss_op=1) -> norms_compiled<i>/; 4. one table of them all
+#   each of SETTINGS (default: the defaults, train_norms=0, the defaults), each in its own
+#   process -> norms_eager<i>/; 3. the compiled one under each of COMPILED (default: the
+#   defaults; set it empty for none) -> norms_compiled<i>/; 4. one table of them all
 #   (train_throughput.py --compare) -> norms_compare/.
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
@@ -319,20 +319,21 @@ elif [ "$1" = norms ]; then
   gpu_tests norms_tests.txt tests/test_norm_kernels.py tests/test_loss_kernels.py tests/test_loss.py
   if all_passed "$WORK/norms_tests.txt"; then
     i=0
-    for setting in ${SETTINGS:-train_norms=1 defaults loss_kernels=0 train_norms=1}; do
+    for setting in ${SETTINGS:-defaults train_norms=0 defaults}; do
       i=$((i + 1))
       echo "eager ($i) $setting"
       train_case "norms_eager$i" "$(kernels_of "$setting")" hybrid_eager 6 70
     done
     i=0
-    for setting in ${COMPILED:-defaults loss_op=1}; do
+    for setting in ${COMPILED-defaults}; do
       i=$((i + 1))
       echo "compiled ($i) $setting"
       train_case "norms_compiled$i" "$(kernels_of "$setting")" hybrid_compiled 6 80
     done
     # one table of every run, each row with the settings it recorded (no GPU needed)
-    python benchmarks/train_throughput.py --compare "$WORK"/norms_eager*/train_throughput.json \
-      "$WORK"/norms_compiled*/train_throughput.json --out "$WORK/norms_compare" \
+    # shellcheck disable=SC2046  # one argument per run's file (paths without spaces)
+    python benchmarks/train_throughput.py --compare $(ls "$WORK"/norms_eager*/train_throughput.json \
+      "$WORK"/norms_compiled*/train_throughput.json 2>/dev/null) --out "$WORK/norms_compare" \
       > "$WORK/norms_compare.txt" 2>&1
     show "$WORK/norms_compare/train_compare.md" "$WORK/norms_compare.txt" 14; pack
   fi

@@ -463,7 +463,8 @@ def test_training_add_norm_dispatch_rules(monkeypatch):
     on = {"train_norms": True}
     cases = [  # (delta, settings, backend, fused)
         (torch.randn(2, 8, device=DEVICE), on, "triton", True),
-        (torch.randn(2, 8, device=DEVICE), {}, "triton", False),  # off by default
+        (torch.randn(2, 8, device=DEVICE), {}, "triton", True),  # on by default
+        (torch.randn(2, 8, device=DEVICE), {"train_norms": False}, "triton", False),
         (torch.randn(2, 8, device=DEVICE), on, "torch", False),
         (torch.randn(1, 8, device=DEVICE), on, "triton", False),
     ]
@@ -486,13 +487,26 @@ def test_projection_dtype_follows_autocast_and_the_setting():
     x = torch.randn(2, 4)
     assert norm_ops.projection_dtype(x) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert norm_ops.projection_dtype(x) == torch.float32  # the setting is off by default
-        with kernel_config(train_norms=True):
-            assert norm_ops.projection_dtype(x) == torch.bfloat16
-            assert norm_ops.projection_dtype(x, torch.float16) == torch.bfloat16
-            assert norm_ops.projection_dtype(x.double()) == torch.float64
-    with kernel_config(train_norms=True):
-        assert norm_ops.projection_dtype(x) == torch.float32  # no autocast
+        assert norm_ops.projection_dtype(x) == torch.bfloat16  # on by default
+        assert norm_ops.projection_dtype(x, torch.float16) == torch.bfloat16
+        assert norm_ops.projection_dtype(x.double()) == torch.float64
+        with torch.no_grad():  # inference keeps the dtype it was timed with
+            assert norm_ops.projection_dtype(x) == torch.float32
+        with kernel_config(train_norms=False):
+            assert norm_ops.projection_dtype(x) == torch.float32
+
+
+def test_projection_dtype_keeps_the_dtype_under_compile():
+    """Compiled, the norms keep their dtype (Inductor fuses the cast into the norm itself, and
+    the compiled step stays the graph that was timed)."""
+
+    def fn(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return x * 2, norm_ops.projection_dtype(x) == torch.bfloat16
+
+    _, narrowed = torch.compile(fn, fullgraph=True, backend="eager")(torch.randn(2, 4))
+    assert not narrowed
+    assert fn(torch.randn(2, 4))[1]  # eager: the autocast dtype
 
 
 def _train_step(model, ids, settings, autocast):

@@ -71,10 +71,10 @@ Fields (defaults in :class:`KernelConfig`):
   Triton kernel forward and one backward (which also adds the residual stream's gradient and
   writes the block output's in its dtype), and every norm whose output only feeds a projection
   (the pre-norms, the final norm, the Mamba-3 output norm) stores it in the autocast dtype
-  the projection computes in (``kernels/norm``: ``add_rms_norm``, ``projection_dtype``); off
-  until it has passed the GPU tests and been timed (``bash benchmarks/gpu_pending.sh norms``:
-  no GPU was lent the session that wrote it; the interpreter tests pass and every kernel
-  compiles for sm_90 without spills);
+  the projection computes in (``kernels/norm``: ``add_rms_norm``, ``projection_dtype``); on:
+  the eager 400M step took 142.0 ms against 155.2 without it on the H100
+  (``benchmarks/results/train_norms_h100.md``; GPU tests ``bash benchmarks/gpu_pending.sh
+  norms``);
 * ``fa4_decode``: static (CUDA-graph) decode steps of attention layers that run FlashAttention-4
   read the KV ring through FA4's ``seqused_k`` path (one FA4 call) instead of masked SDPA (off
   until it has passed the GPU tests: ``tests/test_generation.py -m gpu -k fa4``);
@@ -95,8 +95,9 @@ Fields (defaults in :class:`KernelConfig`):
   the ``loss_kernels``; 27.3 vs 26.7 GB peak memory, ``benchmarks/results/loss_kernels_h100.md``;
   with ATen inside the op it had been 135.1 against 148.6, ``compile_ops_h100.md``). Both
   were measured while the backward still recomputed each chunk's logits and the traced graph
-  saved the chunks' buffers between the passes; since the forward forms the gradients neither
-  path saves them (not yet timed on a GPU);
+  saved the chunks' buffers between the passes. Since the forward forms the gradients neither
+  path saves them; the op was then 134.6 ms against 133.8 traced
+  (``benchmarks/results/train_norms_h100.md``);
 * ``loss_kernels``: the fused cross-entropy's per-chunk element-wise work (log-sum-exp and
   loss, and the softmax gradient the forward forms) through two Triton kernels on CUDA
   (``hybridkit/kernels/loss/triton_kernels.py``: one pass over a chunk's logits each way, the
@@ -187,7 +188,7 @@ class KernelConfig:
     skinny_rows: int = 16
     norm_linear: int = 1
     fused_add_norm: bool = True
-    train_norms: bool = False
+    train_norms: bool = True
     pdl: bool = True
     attention_step: bool = True
     mimo_output: bool = True

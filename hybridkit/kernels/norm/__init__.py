@@ -65,10 +65,16 @@ def projection_dtype(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     ``dtype``. A norm whose output only feeds a projection stores it in this dtype (with the
     kernel setting ``train_norms``): the projection would cast it there anyway, so the
     rounding is the same, and the float32 output, its cast and the cast of its gradient back
-    are three passes over the activations saved."""
+    are three passes over the activations saved.
+
+    Eager training only (autograd on, not compiling): Inductor fuses the cast into the norm
+    itself, and inference (the CUDA-graph decode step included) keeps the paths it was timed
+    and GPU-tested on; ``dtype`` there."""
     dtype = dtype or x.dtype
     device_type = x.device.type
     if dtype == torch.float64 or not train_norms_enabled():
+        return dtype
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return dtype
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
