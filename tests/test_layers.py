@@ -193,3 +193,27 @@ def test_attention_errors():
         attn_ops.attention(q, k, k)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attn_ops.attention(q, q, q, backend="nope")
+
+
+@pytest.mark.parametrize("backend", ["chunked", pytest.param("triton", marks=pytest.mark.triton)])
+def test_in_proj_gradient_pieces_are_contiguous(backend):
+    """Autograd assembles ``in_proj``'s output gradient with one ``cat`` of the split's pieces;
+    every piece reaches it contiguous (the scan hands dt's and trap's back transposed), which
+    keeps CUDA's ``cat`` on its vectorized path (``_ContiguousGrad``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer = make_layer(d_model=32, dtype=torch.float32, backend=backend, chunk_size=16)
+    u = torch.randn(2, 8, 32)
+    pieces = []
+
+    class Cats(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.cat:
+                pieces.append([t.is_contiguous() for t in args[0]])
+            return func(*args, **(kwargs or {}))
+
+    out = layer(u)
+    with Cats():
+        out.square().sum().backward()
+    in_proj = [p for p in pieces if len(p) == len(layer.split_sizes)]
+    assert in_proj and all(all(p) for p in in_proj), pieces

@@ -36,6 +36,26 @@ from hybridkit.registry import register_layer
 OutprojNorm = Literal["none", "grouped_pregate", "pregate", "postgate", "grouped_postgate"]
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    Autograd assembles ``in_proj``'s output gradient with one ``cat`` of the split's pieces.
+    The gradients of the per-head gate columns (dt, and trap) come back from the scan in its
+    (B, H, L) layout, transposed views in (B, L, H); one such piece sends the whole ``cat``,
+    some 290 MB per layer at 4 x 4,096 tokens, down CUDA's unvectorized path (0.21 ms a layer
+    on an H100 in ``benchmarks/results/train_norms_h100.md``). Copying the small pieces first
+    (1 MB each) keeps it vectorized. Eager only: under ``torch.compile`` Inductor writes the
+    ``cat`` itself."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 (autograd's signature)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return grad.contiguous()
+
+
 def _no_decay(p: nn.Parameter) -> nn.Parameter:
     p._no_weight_decay = True  # read by the optimizer builder
     return p
@@ -177,6 +197,8 @@ class Mamba3(Layer):
         if state is not None and length == 1:
             return self.out_proj(self._step(proj[:, 0], state).reshape(b, 1, h * p))
         z, x, bk, cq, dd_dt, dd_a, trap, ang = proj.split(self.split_sizes, dim=-1)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            dd_dt, dd_a, trap, ang = (_ContiguousGrad.apply(t) for t in (dd_dt, dd_a, trap, ang))
         z, x = z.reshape(b, length, h, p), x.reshape(b, length, h, p)
         k = self.B_norm(bk.reshape(b, length, r, g, n))
         q = self.C_norm(cq.reshape(b, length, r, g, n))
