@@ -41,11 +41,12 @@ class _ContiguousGrad(torch.autograd.Function):
 
     Autograd assembles ``in_proj``'s output gradient with one ``cat`` of the split's pieces.
     The gradients of the per-head gate columns (dt, and trap) come back from the scan in its
-    (B, H, L) layout, transposed views in (B, L, H); one such piece sends the whole ``cat``,
-    some 290 MB per layer at 4 x 4,096 tokens, down CUDA's unvectorized path (0.21 ms a layer
-    on an H100 in ``benchmarks/results/train_norms_h100.md``). Copying the small pieces first
-    (1 MB each) keeps it vectorized. Eager only: under ``torch.compile`` Inductor writes the
-    ``cat`` itself."""
+    (B, H, L) layout, transposed views in (B, L, H). CUDA's ``cat`` takes its vectorized
+    kernel only when every input is contiguous (and each row piece a multiple of 16 bytes), so
+    one such piece sent the whole ``cat``, some 290 MB per layer at 4 x 4,096 tokens, down the
+    strided one (0.21 ms a layer on an H100, ``benchmarks/results/train_norms_h100.md``).
+    Copying the small pieces first (1 MB each at that size) keeps every input contiguous.
+    Eager only: under ``torch.compile`` Inductor writes the ``cat`` itself."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 (autograd's signature)
