@@ -103,6 +103,11 @@
 #   process -> norms_eager<i>/; 3. the compiled one under each of COMPILED (default: the
 #   defaults; set it empty for none) -> norms_compiled<i>/; 4. one table of them all
 #   (train_throughput.py --compare) -> norms_compare/.
+# PART "eagerprof" (#17, eager training at the defaults): the GPU tests of tests/test_layers.py and
+#   tests/test_triton_model_gpu.py (the model's gradients), the eager 400M step (hybrid_eager,
+#   6 timed steps, its own process) -> eager/, then one profiled step (`bench train
+#   --top-kernels 60`) -> eagerprof/, with its copy and cat kernels listed (in_proj's gradient
+#   cat: strided `CatArrayBatchedCopy` before 9bb45bb, vectorized expected after).
 # PART "rest" (the default):
 #   1. the eval decode subset through the captured graph under bf16 autocast (graph == eager),
 #      and the other generation GPU tests -> tests.txt;
@@ -112,9 +117,9 @@
 set -u
 case "${1:-rest}" in
   chunk | decode | steplaunch | train | rows128 | ratio | ab | measure | fold | split | targets \
-    | loss | norms | rest) ;;
+    | loss | norms | eagerprof | rest) ;;
   *) echo "unknown part $1: allowed chunk, decode, steplaunch, train, rows128, ratio, ab," \
-    "measure, fold, split, targets, loss, norms, rest" >&2
+    "measure, fold, split, targets, loss, norms, eagerprof, rest" >&2
     exit 2 ;;
 esac
 WORK=/tmp/hk_pending
@@ -315,6 +320,23 @@ elif [ "$1" = loss ]; then
       train_case "loss_compiled_$run" "$kernels" hybrid_compiled 6 80
     done
   fi
+elif [ "$1" = eagerprof ]; then
+  gpu_tests eagerprof_tests.txt tests/test_layers.py tests/test_triton_model_gpu.py \
+    -k "not cuda_graph_compile"
+  train_case eager "" hybrid_eager 6 70
+  mkdir -p "$WORK/eagerprof"
+  budgeted 150 40 python -m hybridkit bench train benchmarks/recipes/hybrid_400m.yaml --batch 4 \
+    --seq-len 4096 --steps 6 --top-kernels 60 --out "$WORK/eagerprof/eager_profile" \
+    > "$WORK/eagerprof.txt" 2>&1
+  python - "$WORK/eagerprof/eager_profile.json" <<'EOF' | tee -a "$WORK/eagerprof.txt"
+import json, sys
+run = json.load(open(sys.argv[1]))["rank0"]
+print("timed steps (ms):", [round(t, 1) for t in run["step_ms_all"]])
+for k in run["top_kernels"]:
+    if "cat" in k["name"].lower() or "copy" in k["name"].lower():
+        print(f"{k['ms']:.3f} ms {k['count']} launches {k['name'][:100]}")
+EOF
+  pack
 elif [ "$1" = norms ]; then
   gpu_tests norms_tests.txt tests/test_norm_kernels.py tests/test_loss_kernels.py tests/test_loss.py
   if all_passed "$WORK/norms_tests.txt"; then
