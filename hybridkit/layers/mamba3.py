@@ -258,7 +258,7 @@ class Mamba3(Layer):
         if not fold:
             return proj(self.output(y, z, dtype))
         b, length, _, h, p = y.shape
-        o = norm.unweighted(y[:, :, 0].reshape(b, length, h * p), z.reshape(b, length, h * p))
+        o = norm.unweighted(y.reshape(b, length, h * p), z.reshape(b, length, h * p))  # R is 1
         weight = proj.weight * norm.weight.to(proj.weight.dtype)
         return F.linear(o.to(dtype), weight, proj.bias)
 
@@ -339,7 +339,9 @@ class Mamba3(Layer):
         elif self.norm is None:
             out = gated_output(y, z, None, None).reshape(b, length, h * p)
         else:
-            y2, z2 = y[:, :, 0].reshape(b, length, h * p), z.reshape(b, length, h * p)
+            # R is 1: a view of y (indexing y[:, :, 0] instead made autograd zero-fill a
+            # buffer of y's size and copy the gradient into it, per layer and step)
+            y2, z2 = y.reshape(b, length, h * p), z.reshape(b, length, h * p)
             return self.norm(y2, z2, dtype)
         return out if dtype is None else out.to(dtype)
 
