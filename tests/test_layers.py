@@ -198,16 +198,19 @@ def test_attention_errors():
 
 @pytest.mark.parametrize("backend", ["chunked", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("norm", ["grouped_pregate", "none"])
-def test_backward_copies_nothing_it_can_avoid(backend, norm, monkeypatch):
+@pytest.mark.parametrize("fold", [True, False])
+def test_backward_copies_nothing_it_can_avoid(backend, norm, fold, monkeypatch):
     """Two copies of a whole activation that eager autograd made per layer and step:
 
     * ``in_proj``'s output gradient is one ``cat`` of the split's pieces; every piece reaches
       it contiguous (the scan hands dt's and trap's back transposed), which keeps CUDA's
       ``cat`` on its vectorized path (``_ContiguousGrad``);
     * the SISO output reads y (B, L, 1, H, P) through a view: indexing ``y[:, :, 0]`` made
-      autograd zero-fill a buffer of y's size and copy the gradient into it."""
+      autograd zero-fill a buffer of y's size and copy the gradient into it (the norm folded
+      into ``out_proj`` or not, as on CUDA in eager mode)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from hybridkit.kernels.config import kernel_config
     from hybridkit.kernels.mamba3 import chunkscan
 
     pieces, ops = [], []
@@ -225,7 +228,7 @@ def test_backward_copies_nothing_it_can_avoid(backend, norm, monkeypatch):
     # bf16 autocast as in training; the interpreter runs the scan's exact (not fast) variant
     scan = chunkscan.mamba3_scan_triton
     monkeypatch.setattr(chunkscan, "mamba3_scan_triton", functools.partial(scan, fast=False))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with kernel_config(fold_norm_weight=fold), torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(2, 32, 32))
     with Record():
         out.square().sum().backward()

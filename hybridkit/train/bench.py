@@ -45,7 +45,7 @@ __all__ = [
 #: The scan's kernels are matched by ``_bwd_`` among others, so every other kernel family whose
 #: names hold it comes first: the norms (``_norm_bwd_kernel``), the SwiGLU and loss kernels
 #: (``_swiglu_bwd_kernel``, ``_ce_bwd_kernel``) and FlashAttention's backward (``flash_bwd``);
-#: before 2026-12-08 the last three were filed under the scan. The last three categories split
+#: until 2026-12-07 the last three were filed under the scan. The last three categories split
 #: what used to be "other": copies and casts (``.to()``, ``.contiguous()``, ``cat``), Inductor's
 #: generated kernels (everything element-wise under ``torch.compile``) and eager element-wise
 #: kernels.
