@@ -72,13 +72,15 @@ def projection_dtype(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     and GPU-tested on; ``dtype`` there."""
     dtype = dtype or x.dtype
     device_type = x.device.type
-    if dtype == torch.float64 or not train_norms_enabled():
+    if (
+        dtype == torch.float64
+        or torch.compiler.is_compiling()
+        or not torch.is_grad_enabled()
+        or not train_norms_enabled()
+        or not torch.is_autocast_enabled(device_type)
+    ):
         return dtype
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return dtype
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
+    return torch.get_autocast_dtype(device_type)
 
 
 def rms_norm(
