@@ -749,7 +749,7 @@ def _add_generate(sub) -> None:
     )
     p.add_argument(
         "--max-new-tokens",
-        type=_nonnegative_int,
+        type=_int_arg(0, MAX_SEQ_LEN),
         default=None,
         help="tokens to sample (default 32)",
     )
@@ -789,17 +789,17 @@ def _add_check(sub) -> None:
         help="check that prefill + token-by-token decode reproduces the full forward (float64)",
     )
     p.add_argument("recipe", help="recipe YAML file or run directory")
-    p.add_argument("--batch", type=_positive_int, default=2, help="sequences (default 2)")
+    p.add_argument("--batch", type=_int_arg(1, MAX_BATCH), default=2, help="sequences (default 2)")
     p.add_argument(
         "--prefill",
-        type=_positive_int,
+        type=_int_arg(1, MAX_SEQ_LEN),
         default=None,
         help="tokens of the first prefill (default: the smallest Mamba-3 chunk + 3, so that the "
         "prefill ends inside a chunk); a continued prefill of chunk/2 + 1 tokens follows",
     )
     p.add_argument(
         "--steps",
-        type=_nonnegative_int,
+        type=_int_arg(0, MAX_SEQ_LEN),
         default=6,
         help="decode steps after the prefills (default 6)",
     )
@@ -972,7 +972,7 @@ def _add_bench_decode(what) -> None:
     )
     p.add_argument(
         "--drift-tokens",
-        type=_nonnegative_int,
+        type=_int_arg(0, MAX_SEQ_LEN),
         default=0,
         help="also measure the bf16 state's drift from fp32 over this many tokens (default 0)",
     )

@@ -424,6 +424,11 @@ BAD_OPTIONS = [
     ("check", "--tol", "inf"),
     ("check", "--prefill", "0"),
     ("check", "--steps", "x"),
+    # beyond 64 bits: an OverflowError traceback from torch when the ids or caches were made
+    ("check", "--batch", str(10**23)),
+    ("check", "--prefill", str(10**23)),
+    ("check", "--steps", str(10**23)),
+    ("generate", "--max-new-tokens", str(10**23)),
 ]
 
 
@@ -645,8 +650,11 @@ def test_generate_sizes_beyond_any_memory_are_clear(cli_error, capsys):
     bench = ["bench", "decode", recipe, "--device", "cpu", "--batch", "1"]
     err = cli_error(*bench, "--prompt", str(2**32), "--new", "2")
     assert "--prompt 4294967296" in err and "lower --batch, --prompt or --new" in err
-    err = cli_error(*bench, "--prompt", "4", "--new", "2", "--drift-tokens", str(2**40))
+    err = cli_error(*bench, "--prompt", "4", "--new", "2", "--drift-tokens", str(2**32))
     assert "--drift-tokens" in err and "free" in err
+    with pytest.raises(SystemExit):  # past 64 bits it was an OverflowError traceback
+        main([*bench, "--prompt", "4", "--new", "2", "--drift-tokens", str(10**23)])
+    assert "argument --drift-tokens: must be from 0 to" in capsys.readouterr().err
 
 
 def test_a_name_too_long_for_the_file_system_is_clear(cli_error):
@@ -705,12 +713,28 @@ def test_study_lengths_and_sizes_are_checked_before_training(tmp_path, cli_error
         ({"lengths": [10**11]}, "lengths.0: variant 'v': length 100000000000 is too long"),
         ({"select_examples": 10**12}, "select_examples: must be less than or equal to"),
         ({"lrs": [1e38]}, "lrs.0: must be less than or equal to 1000000"),
+        ({"lengths": []}, "lengths: lengths must be a non-empty list"),  # was: the task's, silently
     ]
     for changes, message in cases:
         assert message in cli_error("study", _study(tmp_path, **changes), *out), changes
     recipe = str(ROOT / "hybridkit" / "recipes" / "induction_tiny.yaml")
     err = cli_error("show", recipe, "--set", "train.lr=1e38")
     assert "train.lr: must be less than or equal to 1000000" in err
+
+
+def test_a_nul_character_in_a_file_path_is_clear(tmp_path, cli_error):
+    """A NUL character (``"a\\0b"`` in YAML) in a study's ``base`` or a ``plugins`` entry was a
+    bare ValueError traceback ("embedded null byte") from ``Path.resolve``."""
+    err = cli_error("study", _study(tmp_path, base="a\0b.yaml"), "--list")
+    assert "base: recipe " in err and "holds a NUL character" in err, err
+    err = cli_error("study", _study(tmp_path, plugins=["p\0.py"]), "--list")
+    assert "plugins.0: plugin file " in err and "holds a NUL character" in err, err
+    recipe = tmp_path / "recipe.yaml"
+    text = (ROOT / "hybridkit" / "recipes" / "tiny_hybrid.yaml").read_text()
+    recipe.write_text('plugins: ["p\\0.py"]\n' + text)
+    err = cli_error("show", str(recipe))
+    assert "plugins.0: plugin file " in err and "holds a NUL character" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "study.yaml"]
 
 
 def test_damaged_run_directory_layout_is_clear(tmp_path, cli_error, one_thread):
