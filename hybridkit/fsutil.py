@@ -76,7 +76,13 @@ def user_path(text: str | os.PathLike, what: str) -> Path:
 
 def resolved(path: Path, what: str) -> Path:
     """``path.resolve()``, naming ``what`` when it cannot be: a symbolic link that points back at
-    itself is a bare RuntimeError (Python 3.11-3.12) or OSError (3.13) otherwise."""
+    itself is a bare RuntimeError (Python 3.11-3.12) or OSError (3.13) otherwise, and a NUL
+    character (``"a\\0b"`` in a YAML file) a bare ValueError."""
+    if "\0" in str(path):
+        raise HybridkitError(
+            f"{what} {str(path)!r} cannot be resolved: it holds a NUL character, which no file "
+            "name may contain"
+        )
     try:
         return path.resolve()
     except (RuntimeError, OSError) as exc:
