@@ -365,6 +365,17 @@ class StudySpec(StrictModel):
             seen[tag] = lr
         return value
 
+    @field_validator("lengths")
+    @classmethod
+    def _lengths(cls, value: list[int] | None) -> list[int] | None:
+        """``lengths: []`` silently meant the task's lengths (``eval.lengths: []`` is refused)."""
+        if value is not None and not value:
+            raise ValueError(
+                "lengths must be a non-empty list of test lengths; leave it out (null) for the "
+                "task's"
+            )
+        return value
+
     @field_validator("select_metric")
     @classmethod
     def _metric(cls, value: str) -> str:
