@@ -306,8 +306,14 @@ def validation_problems(
         allowed = None
         if err["type"] == "extra_forbidden":
             allowed = allowed_keys(root or RecipeSpec, data, loc[:-1])
-        problems.append((".".join(str(p) for p in loc), describe_error(err, allowed)))
+        problems.append((".".join(_key_part(p) for p in loc), describe_error(err, allowed)))
     return problems
+
+
+def _key_part(part: Any) -> str:
+    """One part of a dotted key as the message shows it: an empty key (``'': 1``) as ``''``,
+    else the report's line had no key at all, as if the whole file were at fault."""
+    return "''" if part == "" else str(part)
 
 
 def allowed_keys(root: type[BaseModel], data: Any, loc: Sequence[Any]) -> list[str] | None:

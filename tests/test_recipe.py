@@ -173,6 +173,13 @@ def test_unknown_keys_list_the_allowed_keys() -> None:
     assert "d_ff" in msg and "multiple_of" in msg
 
 
+def test_an_empty_unknown_key_is_named() -> None:
+    """``'': 1`` was reported with no key at all, like a problem of the whole file."""
+    err = error_of({"": 1, "model": recipe(**{"": 2})["model"]})
+    assert "allowed keys" in problem(err, "''") and "d_model" in problem(err, "model.''")
+    assert "\n  '': unknown key (value 1)" in str(err)
+
+
 def test_error_text_names_file_key_value_and_allowed(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(with_block("mixer", "m", outproj_norm="grouped")))
