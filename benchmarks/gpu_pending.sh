@@ -334,6 +334,7 @@ elif [ "$1" = eagerprof ]; then
 import json, sys
 run = json.load(open(sys.argv[1]))["rank0"]
 print("timed steps (ms):", [round(t, 1) for t in run["step_ms_all"]])
+print("host time to issue them (ms):", [round(t, 1) for t in run.get("host_ms_all") or []])
 for k in run["top_kernels"]:
     if "cat" in k["name"].lower() or "copy" in k["name"].lower():
         print(f"{k['ms']:.3f} ms {k['count']} launches {k['name'][:100]}")

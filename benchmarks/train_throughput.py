@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,15 @@ def summary(results: list[dict]) -> dict:
     return out
 
 
+def _host_ms(row: dict) -> str:
+    """The median host time to issue a step (a result's ``host_ms_all`` or a compare row's
+    ``host_ms``), "n/a" where none was recorded (a CPU, or a file from before 2026-12-08)."""
+    ms = row.get("host_ms")
+    if ms is None and row.get("host_ms_all"):
+        ms = statistics.median(row["host_ms_all"])
+    return "n/a" if ms is None else f"{ms:.1f}"
+
+
 def markdown(env: dict, results: list[dict], verdict: dict) -> str:
     """One table over the cases, the ratio and the targets, and where the numbers came from."""
     lines = [
@@ -194,13 +204,13 @@ def markdown(env: dict, results: list[dict], verdict: dict) -> str:
         + (f" Launch constants set: {env['launches']}." if env.get("launches") else "")
         + f" Kernel settings: {env.get('kernels', 'defaults')}.",
         "",
-        "| case | batch x len | step ms (median) | tokens/s | TFLOP/s | MFU (datasheet) | "
-        "MFU (measured matmul) | peak memory | loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | batch x len | step ms (median) | host ms (median) | tokens/s | TFLOP/s | "
+        "MFU (datasheet) | MFU (measured matmul) | peak memory | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | | failed: {r['error'][:120]} | | | | | | |")
+            lines.append(f"| {r['case']} | | failed: {r['error'][:120]} | | | | | | | |")
             continue
         mfu = f"{r['mfu_datasheet']:.1%}" if r["mfu_datasheet"] is not None else "n/a"
         mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "n/a"
@@ -208,8 +218,8 @@ def markdown(env: dict, results: list[dict], verdict: dict) -> str:
         mode = f" ({r['compile_mode']})" if r.get("compile_mode") else ""
         lines.append(
             f"| {r['case']}{mode} | {r['batch']} x {r['seq_len']} | {r['step_ms']:.1f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['mfu_measured']:.1%} | "
-            f"{mem} | {loss} |"
+            f"{_host_ms(r)} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | "
+            f"{r['mfu_measured']:.1%} | {mem} | {loss} |"
         )
     if verdict:
         lines += ["", "| check | value |", "|---|---|"]
@@ -303,6 +313,7 @@ def compare(args: argparse.Namespace) -> None:
                 step_ms=case["step_ms"],
                 step_ms_min=min(times),
                 step_ms_max=max(times),
+                host_ms=statistics.median(case["host_ms_all"]) if case.get("host_ms_all") else None,
                 tokens_per_s=case["tokens_per_s"],
                 mfu_datasheet=case.get("mfu_datasheet"),
                 peak_memory_gb=case.get("peak_memory_gb"),
@@ -318,19 +329,21 @@ def compare(args: argparse.Namespace) -> None:
         "Each row one process (`python benchmarks/train_throughput.py --compare ...`); "
         "`vs first`: the step against the first row of the same case.",
         "",
-        "| case | settings | step ms (median) | min / max | tokens/s | MFU (datasheet) | "
+        "| case | settings | step ms (median) | min / max | host ms | tokens/s | MFU (datasheet) | "
         "peak GB | vs first | run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | | failed: {r['error'][:100]} | | | | | | {r['file']} |")
+            lines.append(
+                f"| {r['case']} | | failed: {r['error'][:100]} | | | | | | | {r['file']} |"
+            )
             continue
         mfu = "n/a" if r["mfu_datasheet"] is None else f"{r['mfu_datasheet']:.1%}"
         mem = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
         lines.append(
             f"| {r['case']} | {r['kernels']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} / "
-            f"{r['step_ms_max']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | "
+            f"{r['step_ms_max']:.1f} | {_host_ms(r)} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | "
             f"{r['vs_first']:.3f}x | {r['file']} (commit {r['commit']}) |"
         )
     text = "\n".join(lines) + "\n"

@@ -36,6 +36,7 @@ def test_bench_runs_real_optimizer_steps_and_reports():
     moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert moved, "the benchmark must take real optimizer steps"
     assert result.tokens_per_s > 0 and result.step_ms > 0 and len(result.step_ms_all) == 3
+    assert result.host_ms_all is None  # the host runs the kernels itself on a CPU
     assert result.mfu_measured > 0 and result.mfu_datasheet is None  # no GPU here
     assert result.breakdown_ms and all(v >= 0 for v in result.breakdown_ms.values())
     text = markdown(result)
@@ -299,6 +300,7 @@ def test_benchmark_compares_runs_by_kernel_settings(tmp_path, capsys):
         case = {"case": "hybrid_eager", **result.to_dict()}
         case["step_ms"] = 100.0 * scale
         case["step_ms_all"] = [100.0 * scale, 110.0 * scale]
+        case["host_ms_all"] = [90.0 * scale, 80.0 * scale, 95.0 * scale] if name == "on" else None
         cases = [case] + ([{"case": "hybrid_compiled", "error": "boom"}] if name == "off" else [])
         path = tmp_path / name / "train_throughput.json"
         path.parent.mkdir()
@@ -313,5 +315,21 @@ def test_benchmark_compares_runs_by_kernel_settings(tmp_path, capsys):
     assert (off["step_ms_min"], off["step_ms_max"]) == (125.0, 137.5)
     assert failed == {"file": str(runs[1]), "case": "hybrid_compiled", "error": "boom"}
     text = (tmp_path / "cmp" / "train_compare.md").read_text()
-    assert "| hybrid_eager | defaults | 100.0 | 100.0 / 110.0 |" in text
+    assert on["host_ms"] == 90.0 and off["host_ms"] is None
+    assert "| hybrid_eager | defaults | 100.0 | 100.0 / 110.0 | 90.0 |" in text
+    assert "| hybrid_eager | train_norms=0 | 125.0 | 125.0 / 137.5 | n/a |" in text
     assert "1.250x" in text and "failed: boom" in text and text in capsys.readouterr().out
+
+
+def test_report_states_the_host_time_to_issue_a_step():
+    """On a GPU the report gives the host's median time to issue a step next to the step, so an
+    eager step that waits on its launches shows as such (``host_ms_all``)."""
+    recipe = tiny_recipe("m", d_model=16, vocab=64)
+    model = build_model(recipe, seed=0)
+    result = bench_train(
+        model, build_optimizer(model, TrainSpec()), batch=1, seq_len=8, steps=1, warmup=0,
+        profile=False,
+    )  # fmt: skip
+    assert "Host time" not in markdown(result)
+    result.host_ms_all = [30.0, 10.0, 20.0]
+    assert "Host time to issue a step (median): 20.0 ms" in markdown(result)

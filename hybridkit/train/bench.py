@@ -19,6 +19,7 @@ measured in the same run. Each result records its environment (date, versions, g
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -101,6 +102,10 @@ class TrainBench:
     breakdown_ms: dict = field(default_factory=dict)
     top_kernels: list = field(default_factory=list)
     step_ms_all: list = field(default_factory=list)
+    #: on a GPU, the host's time to issue each timed step (``step_ms_all``'s steps: from the
+    #: start to the last launch, before the synchronisation); where it nears the step, the GPU
+    #: waited for launches. None on a CPU, where the host runs the kernels itself.
+    host_ms_all: list | None = None
     loss_chunk_tokens: int | None = None
     activation_checkpointing: bool = False
     compile_mode: str | None = None
@@ -174,10 +179,12 @@ def bench_train(
             # take their memory pool, which a reset here would leave out (it reported 5 GB for
             # a step that holds 28, benchmarks/results/compile_modes_h100.md)
             torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, host = [], []
     for _ in range(steps):
         start = timer_start(device)
+        issued = time.perf_counter()
         step()
+        host.append(time.perf_counter() - issued)
         times.append(elapsed_s(device, start))
     step_s = statistics.median(times)
     stats = {}
@@ -215,6 +222,7 @@ def bench_train(
         breakdown_ms=prof.ms,
         top_kernels=prof.top,
         step_ms_all=[t * 1e3 for t in times],
+        host_ms_all=[t * 1e3 for t in host] if device.type == "cuda" else None,
         loss_chunk_tokens=model.loss_chunk_tokens,
         compile_mode=compile_mode if compile_model else None,
         activation_checkpointing=model.activation_checkpointing,
@@ -290,6 +298,12 @@ def markdown(result: TrainBench) -> str:
         f"{'; deterministic kernels (train.deterministic)' if result.deterministic else ''}.",
         f"Kernel settings: {result.kernels}.",
     ]
+    if result.host_ms_all:
+        lines.append(
+            f"Host time to issue a step (median): {statistics.median(result.host_ms_all):.1f} ms "
+            "(near the step time: the GPU waited on the host's launches or a synchronisation; "
+            "well below it: the GPU had work queued)."
+        )
     stats = result.compile_stats
     if stats:
         timed = stats["graphs_timed"]
