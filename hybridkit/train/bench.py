@@ -103,8 +103,10 @@ class TrainBench:
     top_kernels: list = field(default_factory=list)
     step_ms_all: list = field(default_factory=list)
     #: on a GPU, the host's time to issue each timed step (``step_ms_all``'s steps: from the
-    #: start to the last launch, before the synchronisation); where it nears the step, the GPU
-    #: waited for launches. None on a CPU, where the host runs the kernels itself.
+    #: start to the last launch, before the synchronisation). The host runs ahead of the GPU by
+    #: at most the launch queue's depth, so a kernel-bound step ends that queue's worth of
+    #: kernels after its host time; a step close to its host time waited on the host. None on a
+    #: CPU, where the host runs the kernels itself.
     host_ms_all: list | None = None
     loss_chunk_tokens: int | None = None
     activation_checkpointing: bool = False
