@@ -184,12 +184,16 @@ def summary(results: list[dict]) -> dict:
     return out
 
 
+def _median_host_ms(case: dict) -> float | None:
+    """A result's median host time to issue a step; None where none was recorded (a CPU, or a
+    file from before 2026-12-08)."""
+    return statistics.median(case["host_ms_all"]) if case.get("host_ms_all") else None
+
+
 def _host_ms(row: dict) -> str:
-    """The median host time to issue a step (a result's ``host_ms_all`` or a compare row's
-    ``host_ms``), "n/a" where none was recorded (a CPU, or a file from before 2026-12-08)."""
-    ms = row.get("host_ms")
-    if ms is None and row.get("host_ms_all"):
-        ms = statistics.median(row["host_ms_all"])
+    """A table cell for the median host time (a result's ``host_ms_all`` or a compare row's
+    ``host_ms``)."""
+    ms = row["host_ms"] if "host_ms" in row else _median_host_ms(row)
     return "n/a" if ms is None else f"{ms:.1f}"
 
 
@@ -313,7 +317,7 @@ def compare(args: argparse.Namespace) -> None:
                 step_ms=case["step_ms"],
                 step_ms_min=min(times),
                 step_ms_max=max(times),
-                host_ms=statistics.median(case["host_ms_all"]) if case.get("host_ms_all") else None,
+                host_ms=_median_host_ms(case),
                 tokens_per_s=case["tokens_per_s"],
                 mfu_datasheet=case.get("mfu_datasheet"),
                 peak_memory_gb=case.get("peak_memory_gb"),

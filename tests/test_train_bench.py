@@ -221,15 +221,19 @@ def _benchmark_script():
     return module
 
 
-def test_benchmark_summary_and_report_from_partial_results(tmp_path):
-    """The #17 benchmark's report works from whatever cases finished (one failed here)."""
-    script = _benchmark_script()
-    recipe = tiny_recipe("m a", d_model=16, vocab=64)
-    model = build_model(recipe, seed=0)
-    result = bench_train(
+def _one_step_bench(layout: str):
+    """One unprofiled timed step of a tiny model of ``layout`` (no warm-up)."""
+    model = build_model(tiny_recipe(layout, d_model=16, vocab=64), seed=0)
+    return bench_train(
         model, build_optimizer(model, TrainSpec()), batch=1, seq_len=8, steps=1, warmup=0,
         profile=False,
     )  # fmt: skip
+
+
+def test_benchmark_summary_and_report_from_partial_results(tmp_path):
+    """The #17 benchmark's report works from whatever cases finished (one failed here)."""
+    script = _benchmark_script()
+    result = _one_step_bench("m a")
     hybrid = {"case": "hybrid_compiled", **result.to_dict()}
     transformer = {
         **hybrid,
@@ -324,12 +328,7 @@ def test_benchmark_compares_runs_by_kernel_settings(tmp_path, capsys):
 def test_report_states_the_host_time_to_issue_a_step():
     """On a GPU the report gives the host's median time to issue a step next to the step, so an
     eager step that waits on its launches shows as such (``host_ms_all``)."""
-    recipe = tiny_recipe("m", d_model=16, vocab=64)
-    model = build_model(recipe, seed=0)
-    result = bench_train(
-        model, build_optimizer(model, TrainSpec()), batch=1, seq_len=8, steps=1, warmup=0,
-        profile=False,
-    )  # fmt: skip
+    result = _one_step_bench("m")
     assert "Host time" not in markdown(result)
     result.host_ms_all = [30.0, 10.0, 20.0]
     assert "Host time to issue a step (median): 20.0 ms" in markdown(result)
